@@ -1,0 +1,2 @@
+//! mqtt-im: offline messaging for MQTT.
+pub mod store;

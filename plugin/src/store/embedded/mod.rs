@@ -1,0 +1,249 @@
+//! The embedded backend: one SQLite file in WAL mode with `synchronous = FULL`, so a commit
+//! is on disk before anyone is told. Writes go through one group-committing thread; reads use
+//! a small pool of read connections, which only ever see committed transactions.
+
+mod queries;
+mod writer;
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use rusqlite::Connection;
+use tokio::sync::mpsc;
+
+use super::migrate;
+use super::{
+    Appended, Device, DigestSnapshot, NewMessage, Page, SeqRange, Store, StoreError,
+};
+use queries::unavailable;
+use writer::{Call, Job};
+
+/// Bounded queue of writes waiting for the writer thread.
+const WRITE_QUEUE: usize = 16_384;
+
+/// SQLite store; see the module docs for its durability and batching.
+#[derive(Debug)]
+pub struct EmbeddedStore {
+    path: PathBuf,
+    writer: Mutex<Option<mpsc::Sender<Box<dyn Job>>>>,
+    writer_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    readers: Arc<Mutex<Vec<Connection>>>,
+}
+
+impl EmbeddedStore {
+    /// Opens (creating if needed) the database at `path`, applies migrations and starts the
+    /// writer thread, which commits up to `max_batch` writes per transaction.
+    ///
+    /// # Errors
+    /// The file cannot be opened, a migration fails, or the schema is newer than this binary.
+    pub fn open(path: &Path, max_batch: usize) -> Result<Self, StoreError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| {
+                StoreError::Unavailable(format!("cannot create {}: {e}", dir.display()))
+            })?;
+        }
+        let mut conn = open_connection(path)?;
+        migrate::apply_sqlite(&mut conn)?;
+        let (tx, rx) = mpsc::channel(WRITE_QUEUE);
+        let thread = std::thread::Builder::new()
+            .name("mqtt-im-sqlite-writer".into())
+            .spawn(move || writer::run(conn, rx, max_batch.max(1)))
+            .map_err(|e| StoreError::Unavailable(format!("cannot start writer: {e}")))?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            writer: Mutex::new(Some(tx)),
+            writer_thread: Mutex::new(Some(thread)),
+            readers: Arc::new(Mutex::new(Vec::new())),
+        })
+    }
+
+    /// Applies migrations and returns the schema version, without starting a store.
+    ///
+    /// # Errors
+    /// As [`EmbeddedStore::open`].
+    pub fn migrate(path: &Path) -> Result<u32, StoreError> {
+        let mut conn = open_connection(path)?;
+        migrate::apply_sqlite(&mut conn)
+    }
+
+    async fn write<T, F>(&self, work: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        let sender = self
+            .writer
+            .lock()
+            .map_err(|_| StoreError::Unavailable("writer lock poisoned".into()))?
+            .clone()
+            .ok_or_else(|| StoreError::Unavailable("store is closed".into()))?;
+        let (job, done) = Call::new(work);
+        sender
+            .send(job)
+            .await
+            .map_err(|_| StoreError::Unavailable("writer stopped".into()))?;
+        done.await
+            .map_err(|_| StoreError::Unavailable("writer stopped".into()))?
+    }
+
+    async fn read<T, F>(&self, work: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        let pool = Arc::clone(&self.readers);
+        let path = self.path.clone();
+        tokio::task::spawn_blocking(move || {
+            let pooled = pool.lock().ok().and_then(|mut idle| idle.pop());
+            let conn = match pooled {
+                Some(conn) => conn,
+                None => open_connection(&path)?,
+            };
+            let result = work(&conn);
+            if let Ok(mut idle) = pool.lock() {
+                idle.push(conn);
+            }
+            result
+        })
+        .await
+        .map_err(|e| StoreError::Unavailable(format!("read task failed: {e}")))?
+    }
+}
+
+fn open_connection(path: &Path) -> Result<Connection, StoreError> {
+    let conn = Connection::open(path).map_err(|e| {
+        StoreError::Unavailable(format!("cannot open {}: {e}", path.display()))
+    })?;
+    conn.execute_batch(
+        "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA busy_timeout = 5000;",
+    )
+    .map_err(unavailable)?;
+    Ok(conn)
+}
+
+#[async_trait]
+impl Store for EmbeddedStore {
+    async fn append(&self, message: NewMessage) -> Result<Appended, StoreError> {
+        self.write(move |conn| queries::append(conn, &message)).await
+    }
+
+    async fn register_device(&self, device: &Device) -> Result<(), StoreError> {
+        let device = device.clone();
+        self.write(move |conn| queries::register_device(conn, &device))
+            .await
+    }
+
+    async fn digest(&self, device: &Device, last_n: usize) -> Result<DigestSnapshot, StoreError> {
+        let reader_device = device.clone();
+        let conversations = self
+            .read(move |conn| {
+                let mut states = Vec::new();
+                for member in queries::memberships(conn, &reader_device.uid)? {
+                    if let Some(state) =
+                        queries::conversation_state(conn, &reader_device, &member, last_n)?
+                    {
+                        states.push(state);
+                    }
+                }
+                Ok(states)
+            })
+            .await?;
+        let entries: Vec<(String, u64)> = conversations
+            .iter()
+            .map(|c| (c.conversation.clone(), c.max_seq))
+            .collect();
+        let device = device.clone();
+        let version = self
+            .write(move |conn| queries::record_digest(conn, &device, &entries))
+            .await?;
+        Ok(DigestSnapshot {
+            version,
+            conversations,
+        })
+    }
+
+    async fn clear_counters(&self, device: &Device, version: u64) -> Result<(), StoreError> {
+        let device = device.clone();
+        self.write(move |conn| queries::clear_counters(conn, &device, version))
+            .await
+    }
+
+    async fn pull(
+        &self,
+        device: &Device,
+        conversation: &str,
+        ack: Option<SeqRange>,
+        limit: usize,
+    ) -> Result<Page, StoreError> {
+        let (device, key) = (device.clone(), conversation.to_owned());
+        self.write(move |conn| queries::pull(conn, &device, &key, ack, limit))
+            .await
+    }
+
+    async fn ack(
+        &self,
+        device: &Device,
+        conversation: &str,
+        range: SeqRange,
+    ) -> Result<(), StoreError> {
+        let (device, key) = (device.clone(), conversation.to_owned());
+        self.write(move |conn| queries::ack(conn, &device, &key, range))
+            .await
+    }
+
+    async fn history(
+        &self,
+        conversation: &str,
+        before: Option<u64>,
+        limit: usize,
+    ) -> Result<Page, StoreError> {
+        let key = conversation.to_owned();
+        self.read(move |conn| queries::history(conn, &key, before, limit))
+            .await
+    }
+
+    async fn mark_read(&self, uid: &str, conversation: &str, seq: u64) -> Result<u64, StoreError> {
+        let (uid, key) = (uid.to_owned(), conversation.to_owned());
+        self.write(move |conn| queries::mark_read(conn, &uid, &key, seq))
+            .await
+    }
+
+    async fn close(&self) {
+        if let Ok(mut writer) = self.writer.lock() {
+            writer.take();
+        }
+        let thread = self.writer_thread.lock().ok().and_then(|mut t| t.take());
+        if let Some(thread) = thread {
+            // The writer drains its queue and commits before it returns.
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::conformance;
+
+    fn open(dir: &tempfile::TempDir) -> EmbeddedStore {
+        EmbeddedStore::open(&dir.path().join("im.db"), 64).unwrap()
+    }
+
+    #[tokio::test]
+    async fn conformance_suite() {
+        let dir = tempfile::tempdir().unwrap();
+        conformance::run_all(&open(&dir)).await;
+    }
+
+    #[tokio::test]
+    async fn reopening_keeps_every_committed_message() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir);
+        conformance::append_n(&store, "dm:a:b", "a", 10).await;
+        store.close().await;
+        let store = open(&dir);
+        let page = store.history("dm:a:b", None, 100).await.unwrap();
+        assert_eq!(page.messages.len(), 10);
+    }
+}

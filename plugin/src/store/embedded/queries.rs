@@ -1,0 +1,476 @@
+//! The SQL of the embedded backend: plain functions over a connection, called inside the
+//! writer's transaction or on a read connection.
+
+use rusqlite::{params, Connection, OptionalExtension, Row};
+
+use crate::store::ranges::{self, SeqRange};
+use crate::store::{
+    Appended, ConversationState, Device, NewMessage, Page, StoreError, StoredMessage,
+};
+
+pub(super) type Result<T> = std::result::Result<T, StoreError>;
+
+pub(super) fn unavailable(e: rusqlite::Error) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+/// A conversation row.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Conversation {
+    id: i64,
+    max_seq: u64,
+    last_time: i64,
+}
+
+pub(super) fn conversation(conn: &Connection, key: &str) -> Result<Option<Conversation>> {
+    conn.prepare_cached("SELECT id, max_seq, last_time FROM conversations WHERE key = ?1")
+        .and_then(|mut stmt| {
+            stmt.query_row([key], |row| {
+                Ok(Conversation {
+                    id: row.get(0)?,
+                    max_seq: row.get(1)?,
+                    last_time: row.get(2)?,
+                })
+            })
+            .optional()
+        })
+        .map_err(unavailable)
+}
+
+pub(super) fn append(conn: &Connection, message: &NewMessage) -> Result<Appended> {
+    let existing = conn
+        .prepare_cached("SELECT seq, server_time FROM messages WHERE sender = ?1 AND msg_id = ?2")
+        .and_then(|mut stmt| {
+            stmt.query_row(params![message.sender, message.msg_id], |row| {
+                Ok(Appended {
+                    seq: row.get(0)?,
+                    server_time: row.get(1)?,
+                    duplicate: true,
+                })
+            })
+            .optional()
+        })
+        .map_err(unavailable)?;
+    if let Some(first) = existing {
+        return Ok(first);
+    }
+    let conv = create_conversation(conn, &message.conversation, &message.members)?;
+    let seq = conv.max_seq + 1;
+    conn.prepare_cached("UPDATE conversations SET max_seq = ?2, last_time = ?3 WHERE id = ?1")
+        .and_then(|mut stmt| stmt.execute(params![conv.id, seq, message.server_time]))
+        .map_err(unavailable)?;
+    conn.prepare_cached(
+        "INSERT INTO messages (conv_id, seq, sender, sender_device, msg_id, server_time, body)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    )
+    .and_then(|mut stmt| {
+        stmt.execute(params![
+            conv.id,
+            seq,
+            message.sender,
+            message.sender_device,
+            message.msg_id,
+            message.server_time,
+            message.body
+        ])
+    })
+    .map_err(unavailable)?;
+    Ok(Appended {
+        seq,
+        server_time: message.server_time,
+        duplicate: false,
+    })
+}
+
+fn create_conversation(conn: &Connection, key: &str, members: &[String]) -> Result<Conversation> {
+    if let Some(conv) = conversation(conn, key)? {
+        return Ok(conv);
+    }
+    conn.prepare_cached("INSERT INTO conversations (key) VALUES (?1)")
+        .and_then(|mut stmt| stmt.execute([key]))
+        .map_err(unavailable)?;
+    let id = conn.last_insert_rowid();
+    let mut add = conn
+        .prepare_cached("INSERT OR IGNORE INTO members (uid, conv_id) VALUES (?1, ?2)")
+        .map_err(unavailable)?;
+    for uid in members {
+        add.execute(params![uid, id]).map_err(unavailable)?;
+    }
+    Ok(Conversation {
+        id,
+        max_seq: 0,
+        last_time: 0,
+    })
+}
+
+pub(super) fn register_device(conn: &Connection, device: &Device) -> Result<()> {
+    let inserted = conn
+        .prepare_cached("INSERT OR IGNORE INTO devices (uid, client_id) VALUES (?1, ?2)")
+        .and_then(|mut stmt| stmt.execute(params![device.uid, device.client_id]))
+        .map_err(unavailable)?;
+    if inserted == 0 {
+        return Ok(());
+    }
+    // First sight: start from the union of what the user's other devices acknowledged.
+    let mut stmt = conn
+        .prepare_cached(
+            "SELECT conv_id, lo, hi FROM acked WHERE uid = ?1 AND client_id != ?2
+             ORDER BY conv_id, lo",
+        )
+        .map_err(unavailable)?;
+    let rows = stmt
+        .query_map(params![device.uid, device.client_id], |row| {
+            Ok((row.get::<_, i64>(0)?, row.get(1)?, row.get(2)?))
+        })
+        .map_err(unavailable)?;
+    let mut union: Vec<(i64, Vec<SeqRange>)> = Vec::new();
+    for row in rows {
+        let (conv_id, lo, hi) = row.map_err(unavailable)?;
+        let range = SeqRange { lo, hi };
+        match union.last_mut() {
+            Some((id, ranges)) if *id == conv_id => *ranges = ranges::insert(ranges, range),
+            _ => union.push((conv_id, vec![range])),
+        }
+    }
+    for (conv_id, ranges) in union {
+        save_acked(conn, device, conv_id, &ranges)?;
+    }
+    Ok(())
+}
+
+fn acked(conn: &Connection, device: &Device, conv_id: i64) -> Result<Vec<SeqRange>> {
+    let mut stmt = conn
+        .prepare_cached(
+            "SELECT lo, hi FROM acked WHERE uid = ?1 AND client_id = ?2 AND conv_id = ?3
+             ORDER BY lo",
+        )
+        .map_err(unavailable)?;
+    let rows = stmt
+        .query_map(params![device.uid, device.client_id, conv_id], |row| {
+            Ok(SeqRange {
+                lo: row.get(0)?,
+                hi: row.get(1)?,
+            })
+        })
+        .map_err(unavailable)?;
+    rows.collect::<rusqlite::Result<Vec<_>>>()
+        .map_err(unavailable)
+}
+
+fn save_acked(conn: &Connection, device: &Device, conv_id: i64, ranges: &[SeqRange]) -> Result<()> {
+    conn.prepare_cached("DELETE FROM acked WHERE uid = ?1 AND client_id = ?2 AND conv_id = ?3")
+        .and_then(|mut stmt| stmt.execute(params![device.uid, device.client_id, conv_id]))
+        .map_err(unavailable)?;
+    let mut insert = conn
+        .prepare_cached(
+            "INSERT INTO acked (uid, client_id, conv_id, lo, hi) VALUES (?1, ?2, ?3, ?4, ?5)",
+        )
+        .map_err(unavailable)?;
+    for range in ranges {
+        insert
+            .execute(params![
+                device.uid,
+                device.client_id,
+                conv_id,
+                range.lo,
+                range.hi
+            ])
+            .map_err(unavailable)?;
+    }
+    Ok(())
+}
+
+pub(super) fn ack(conn: &Connection, device: &Device, key: &str, range: SeqRange) -> Result<()> {
+    let conv = conversation(conn, key)?.ok_or_else(|| past_end(range.lo, 0))?;
+    ack_in(conn, device, conv, range)
+}
+
+fn ack_in(conn: &Connection, device: &Device, conv: Conversation, range: SeqRange) -> Result<()> {
+    if range.lo > conv.max_seq {
+        return Err(past_end(range.lo, conv.max_seq));
+    }
+    let clamped = SeqRange {
+        lo: range.lo,
+        hi: range.hi.min(conv.max_seq),
+    };
+    let ranges = ranges::insert(&acked(conn, device, conv.id)?, clamped);
+    save_acked(conn, device, conv.id, &ranges)
+}
+
+fn past_end(seq: u64, max_seq: u64) -> StoreError {
+    StoreError::Invalid(format!(
+        "seq {seq} is past the conversation's last seq {max_seq}"
+    ))
+}
+
+fn stored(row: &Row<'_>) -> rusqlite::Result<StoredMessage> {
+    Ok(StoredMessage {
+        seq: row.get(0)?,
+        sender: row.get(1)?,
+        server_time: row.get(2)?,
+        body: row.get(3)?,
+    })
+}
+
+pub(super) fn pull(
+    conn: &Connection,
+    device: &Device,
+    key: &str,
+    ack: Option<SeqRange>,
+    limit: usize,
+) -> Result<Page> {
+    let Some(conv) = conversation(conn, key)? else {
+        return match ack {
+            Some(range) => Err(past_end(range.lo, 0)),
+            None => Ok(Page {
+                messages: Vec::new(),
+                end: true,
+            }),
+        };
+    };
+    if let Some(range) = ack {
+        ack_in(conn, device, conv, range)?;
+    }
+    let mut stmt = conn
+        .prepare_cached(
+            "SELECT seq, sender, server_time, body FROM messages
+             WHERE conv_id = ?1 AND seq BETWEEN ?2 AND ?3
+               AND NOT (sender = ?4 AND sender_device = ?5)
+             ORDER BY seq DESC LIMIT ?6",
+        )
+        .map_err(unavailable)?;
+    // One more than asked tells whether anything is left after this page.
+    let mut messages = Vec::with_capacity(limit + 1);
+    for gap in ranges::gaps_newest_first(&acked(conn, device, conv.id)?, conv.max_seq) {
+        let wanted = limit + 1 - messages.len();
+        let rows = stmt
+            .query_map(
+                params![
+                    conv.id,
+                    gap.lo,
+                    gap.hi,
+                    device.uid,
+                    device.client_id,
+                    wanted
+                ],
+                stored,
+            )
+            .map_err(unavailable)?;
+        for row in rows {
+            messages.push(row.map_err(unavailable)?);
+        }
+        if messages.len() > limit {
+            break;
+        }
+    }
+    let end = messages.len() <= limit;
+    messages.truncate(limit);
+    Ok(Page { messages, end })
+}
+
+pub(super) fn history(
+    conn: &Connection,
+    key: &str,
+    before: Option<u64>,
+    limit: usize,
+) -> Result<Page> {
+    let Some(conv) = conversation(conn, key)? else {
+        return Ok(Page {
+            messages: Vec::new(),
+            end: true,
+        });
+    };
+    let before = before.unwrap_or(u64::MAX).min(conv.max_seq + 1);
+    let mut stmt = conn
+        .prepare_cached(
+            "SELECT seq, sender, server_time, body FROM messages
+             WHERE conv_id = ?1 AND seq < ?2 ORDER BY seq DESC LIMIT ?3",
+        )
+        .map_err(unavailable)?;
+    let mut messages = stmt
+        .query_map(params![conv.id, before, limit + 1], stored)
+        .map_err(unavailable)?
+        .collect::<rusqlite::Result<Vec<_>>>()
+        .map_err(unavailable)?;
+    let end = messages.len() <= limit;
+    messages.truncate(limit);
+    Ok(Page { messages, end })
+}
+
+pub(super) fn mark_read(conn: &Connection, uid: &str, key: &str, seq: u64) -> Result<u64> {
+    let conv = conversation(conn, key)?.ok_or_else(|| past_end(seq, 0))?;
+    if seq > conv.max_seq {
+        return Err(past_end(seq, conv.max_seq));
+    }
+    conn.prepare_cached(
+        "UPDATE members SET read_seq = MAX(read_seq, ?3) WHERE uid = ?1 AND conv_id = ?2
+         RETURNING read_seq",
+    )
+    .and_then(|mut stmt| stmt.query_row(params![uid, conv.id, seq], |row| row.get(0)))
+    .optional()
+    .map_err(unavailable)?
+    .ok_or_else(|| StoreError::NotFound(format!("{uid} is not a member of {key}")))
+}
+
+/// A conversation the device's user belongs to, as the digest needs it.
+#[derive(Debug)]
+pub(super) struct Membership {
+    conv: Conversation,
+    key: String,
+    read_seq: u64,
+}
+
+pub(super) fn memberships(conn: &Connection, uid: &str) -> Result<Vec<Membership>> {
+    let mut stmt = conn
+        .prepare_cached(
+            "SELECT c.id, c.max_seq, c.last_time, c.key, m.read_seq
+             FROM members m JOIN conversations c ON c.id = m.conv_id WHERE m.uid = ?1",
+        )
+        .map_err(unavailable)?;
+    let rows = stmt
+        .query_map([uid], |row| {
+            Ok(Membership {
+                conv: Conversation {
+                    id: row.get(0)?,
+                    max_seq: row.get(1)?,
+                    last_time: row.get(2)?,
+                },
+                key: row.get(3)?,
+                read_seq: row.get(4)?,
+            })
+        })
+        .map_err(unavailable)?;
+    rows.collect::<rusqlite::Result<Vec<_>>>()
+        .map_err(unavailable)
+}
+
+/// The digest entry of one conversation, or `None` when nothing is unacked or counted.
+pub(super) fn conversation_state(
+    conn: &Connection,
+    device: &Device,
+    member: &Membership,
+    last_n: usize,
+) -> Result<Option<ConversationState>> {
+    let conv = member.conv;
+    let acked = acked(conn, device, conv.id)?;
+    let cleared: u64 = conn
+        .prepare_cached(
+            "SELECT cleared_seq FROM cleared WHERE uid = ?1 AND client_id = ?2 AND conv_id = ?3",
+        )
+        .and_then(|mut stmt| {
+            stmt.query_row(params![device.uid, device.client_id, conv.id], |row| {
+                row.get(0)
+            })
+            .optional()
+        })
+        .map_err(unavailable)?
+        .unwrap_or(0);
+    let mut count_stmt = conn
+        .prepare_cached(
+            "SELECT COALESCE(SUM(NOT (sender = ?4 AND sender_device = ?5)), 0),
+                    COALESCE(SUM(sender != ?4 AND seq > ?6), 0)
+             FROM messages WHERE conv_id = ?1 AND seq BETWEEN ?2 AND ?3",
+        )
+        .map_err(unavailable)?;
+    let (mut unacked, mut count) = (0u64, 0u64);
+    for gap in ranges::gaps_newest_first(&acked, conv.max_seq) {
+        let (u, c): (u64, u64) = count_stmt
+            .query_row(
+                params![
+                    conv.id,
+                    gap.lo,
+                    gap.hi,
+                    device.uid,
+                    device.client_id,
+                    cleared
+                ],
+                |row| Ok((row.get(0)?, row.get(1)?)),
+            )
+            .map_err(unavailable)?;
+        unacked += u;
+        count += c;
+    }
+    if unacked == 0 && count == 0 {
+        return Ok(None);
+    }
+    Ok(Some(ConversationState {
+        conversation: member.key.clone(),
+        count,
+        unacked,
+        max_seq: conv.max_seq,
+        last_time: conv.last_time,
+        acked_seq: ranges::watermark(&acked),
+        read_seq: member.read_seq,
+        peer_read_seq: peer_read_seq(conn, &device.uid, conv.id)?,
+        last: history(conn, &member.key, None, last_n)?.messages,
+    }))
+}
+
+fn peer_read_seq(conn: &Connection, uid: &str, conv_id: i64) -> Result<u64> {
+    conn.prepare_cached(
+        "SELECT COALESCE(MAX(read_seq), 0) FROM members WHERE conv_id = ?1 AND uid != ?2",
+    )
+    .and_then(|mut stmt| stmt.query_row(params![conv_id, uid], |row| row.get(0)))
+    .map_err(unavailable)
+}
+
+/// Records digest `version`'s entries (conversation → max seq it covered) and returns it.
+pub(super) fn record_digest(
+    conn: &Connection,
+    device: &Device,
+    entries: &[(String, u64)],
+) -> Result<u64> {
+    let version: u64 = conn
+        .prepare_cached(
+            "INSERT INTO devices (uid, client_id, digest_version) VALUES (?1, ?2, 1)
+             ON CONFLICT (uid, client_id) DO UPDATE SET digest_version = digest_version + 1
+             RETURNING digest_version",
+        )
+        .and_then(|mut stmt| {
+            stmt.query_row(params![device.uid, device.client_id], |row| row.get(0))
+        })
+        .map_err(unavailable)?;
+    let mut insert = conn
+        .prepare_cached(
+            "INSERT INTO digest_entries (uid, client_id, version, conv_id, max_seq)
+             SELECT ?1, ?2, ?3, id, ?5 FROM conversations WHERE key = ?4",
+        )
+        .map_err(unavailable)?;
+    for (key, max_seq) in entries {
+        insert
+            .execute(params![device.uid, device.client_id, version, key, max_seq])
+            .map_err(unavailable)?;
+    }
+    // A client confirms the digest it just got; older versions are kept only briefly.
+    conn.prepare_cached(
+        "DELETE FROM digest_entries WHERE uid = ?1 AND client_id = ?2 AND version + 8 < ?3",
+    )
+    .and_then(|mut stmt| stmt.execute(params![device.uid, device.client_id, version]))
+    .map_err(unavailable)?;
+    Ok(version)
+}
+
+pub(super) fn clear_counters(conn: &Connection, device: &Device, version: u64) -> Result<()> {
+    let handed_out: Option<u64> = conn
+        .prepare_cached("SELECT digest_version FROM devices WHERE uid = ?1 AND client_id = ?2")
+        .and_then(|mut stmt| {
+            stmt.query_row(params![device.uid, device.client_id], |row| row.get(0))
+                .optional()
+        })
+        .map_err(unavailable)?;
+    if version == 0 || handed_out.is_none_or(|latest| version > latest) {
+        return Err(StoreError::NotFound(format!(
+            "digest version {version} was never sent to this device"
+        )));
+    }
+    conn.prepare_cached(
+        "INSERT INTO cleared (uid, client_id, conv_id, cleared_seq)
+         SELECT uid, client_id, conv_id, max_seq FROM digest_entries
+         WHERE uid = ?1 AND client_id = ?2 AND version = ?3
+         ON CONFLICT (uid, client_id, conv_id)
+         DO UPDATE SET cleared_seq = MAX(cleared_seq, excluded.cleared_seq)",
+    )
+    .and_then(|mut stmt| stmt.execute(params![device.uid, device.client_id, version]))
+    .map_err(unavailable)?;
+    Ok(())
+}

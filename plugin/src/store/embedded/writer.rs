@@ -1,0 +1,112 @@
+//! Group commit: one thread owns the write connection and runs every write waiting at that
+//! moment in one transaction (one fsync), each in its own savepoint so one failure does not
+//! undo the others. Callers hear back only after the commit returned.
+
+use rusqlite::Connection;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::store::StoreError;
+
+/// A unit of work for the writer thread.
+pub(super) trait Job: Send {
+    /// Runs inside the batch transaction.
+    fn run(&mut self, conn: &Connection);
+    /// Reports the outcome once the batch committed (or failed to).
+    fn finish(self: Box<Self>, committed: Result<(), String>);
+}
+
+/// A closure and the channel its result goes back on.
+pub(super) struct Call<T, F> {
+    work: Option<F>,
+    outcome: Option<Result<T, StoreError>>,
+    reply: oneshot::Sender<Result<T, StoreError>>,
+}
+
+impl<T, F> Call<T, F>
+where
+    T: Send + 'static,
+    F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+{
+    /// Wraps `work`; the receiver yields its result after commit.
+    pub(super) fn new(work: F) -> (Box<dyn Job>, oneshot::Receiver<Result<T, StoreError>>) {
+        let (reply, rx) = oneshot::channel();
+        let call = Call {
+            work: Some(work),
+            outcome: None,
+            reply,
+        };
+        (Box::new(call), rx)
+    }
+}
+
+impl<T, F> Job for Call<T, F>
+where
+    T: Send,
+    F: FnOnce(&Connection) -> Result<T, StoreError> + Send,
+{
+    fn run(&mut self, conn: &Connection) {
+        let Some(work) = self.work.take() else {
+            return;
+        };
+        if let Err(e) = conn.execute_batch("SAVEPOINT job") {
+            self.outcome = Some(Err(StoreError::Unavailable(e.to_string())));
+            return;
+        }
+        let outcome = work(conn);
+        let end = if outcome.is_ok() {
+            "RELEASE job"
+        } else {
+            "ROLLBACK TO job; RELEASE job"
+        };
+        self.outcome = Some(match conn.execute_batch(end) {
+            Ok(()) => outcome,
+            Err(e) => Err(StoreError::Unavailable(e.to_string())),
+        });
+    }
+
+    fn finish(self: Box<Self>, committed: Result<(), String>) {
+        let result = match committed {
+            Ok(()) => self
+                .outcome
+                .unwrap_or_else(|| Err(StoreError::Unavailable("write did not run".into()))),
+            Err(e) => Err(StoreError::Unavailable(e)),
+        };
+        // The caller may have gone away (client disconnected); the write stands regardless.
+        let _ = self.reply.send(result);
+    }
+}
+
+/// Runs batches until every sender is dropped, then returns after the last commit.
+pub(super) fn run(conn: Connection, mut jobs: mpsc::Receiver<Box<dyn Job>>, max_batch: usize) {
+    let mut batch: Vec<Box<dyn Job>> = Vec::with_capacity(max_batch);
+    while let Some(first) = jobs.blocking_recv() {
+        batch.push(first);
+        while batch.len() < max_batch {
+            match jobs.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        let committed = commit_batch(&conn, &mut batch);
+        if let Err(e) = &committed {
+            tracing::error!(error = %e, jobs = batch.len(), "store batch failed");
+        }
+        for job in batch.drain(..) {
+            job.finish(committed.clone());
+        }
+    }
+}
+
+fn commit_batch(conn: &Connection, batch: &mut [Box<dyn Job>]) -> Result<(), String> {
+    conn.execute_batch("BEGIN IMMEDIATE")
+        .map_err(|e| e.to_string())?;
+    for job in batch.iter_mut() {
+        job.run(conn);
+    }
+    if let Err(e) = conn.execute_batch("COMMIT") {
+        // The transaction may still be open; leave the connection usable for the next batch.
+        let _ = conn.execute_batch("ROLLBACK");
+        return Err(e.to_string());
+    }
+    Ok(())
+}

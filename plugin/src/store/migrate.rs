@@ -1,0 +1,66 @@
+//! Versioned schema migrations, embedded in the binary and applied in order at start-up.
+
+use rusqlite::Connection;
+
+use super::StoreError;
+
+/// One numbered migration of one backend.
+#[derive(Debug)]
+pub(crate) struct Migration {
+    pub(crate) version: u32,
+    pub(crate) sql: &'static str,
+}
+
+/// The SQLite migrations, `migrations/sqlite/NNNN_*.sql`.
+pub(crate) const SQLITE: &[Migration] = &[Migration {
+    version: 1,
+    sql: include_str!("../../../migrations/sqlite/0001_init.sql"),
+}];
+
+/// Newest schema version a list of migrations reaches.
+fn latest(migrations: &[Migration]) -> u32 {
+    migrations.iter().map(|m| m.version).max().unwrap_or(0)
+}
+
+/// Applies the SQLite migrations the database lacks, each in its own transaction, and
+/// returns the resulting version. A database newer than this binary is refused.
+pub(crate) fn apply_sqlite(conn: &mut Connection) -> Result<u32, StoreError> {
+    let unavailable = |e: rusqlite::Error| StoreError::Unavailable(e.to_string());
+    let current: u32 = conn
+        .query_row("PRAGMA user_version", [], |row| row.get(0))
+        .map_err(unavailable)?;
+    let supported = latest(SQLITE);
+    if current > supported {
+        return Err(StoreError::SchemaTooNew {
+            found: current,
+            supported,
+        });
+    }
+    for migration in SQLITE.iter().filter(|m| m.version > current) {
+        let failed = |e: rusqlite::Error| StoreError::Migration {
+            version: migration.version,
+            reason: e.to_string(),
+        };
+        let tx = conn.transaction().map_err(failed)?;
+        tx.execute_batch(migration.sql).map_err(failed)?;
+        tx.pragma_update(None, "user_version", migration.version)
+            .map_err(failed)?;
+        tx.commit().map_err(failed)?;
+    }
+    Ok(supported)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn applies_once_and_refuses_a_newer_schema() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        assert_eq!(apply_sqlite(&mut conn).unwrap(), 1);
+        assert_eq!(apply_sqlite(&mut conn).unwrap(), 1);
+        conn.pragma_update(None, "user_version", 99).unwrap();
+        let err = apply_sqlite(&mut conn).unwrap_err();
+        assert!(matches!(err, StoreError::SchemaTooNew { found: 99, .. }));
+    }
+}
