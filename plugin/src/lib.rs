@@ -1,2 +1,33 @@
-//! mqtt-im: offline messaging for MQTT.
+//! mqtt-im: offline messaging for MQTT, as a library around an embedded rumqttd.
+//!
+//! # Layout
+//! - [`server`]: wiring — store, IM service, rumqttd on a private loopback listener, and the
+//!   public listeners.
+//! - `edge`: the hook layer; the only code that sees MQTT packets. It authenticates, relays
+//!   clients to rumqttd in MQTT 5 and serves IM topics itself.
+//! - [`im`]: users, devices, conversations, digests and pulls; no packets, no SQL.
+//! - [`store`]: persistence behind one trait; knows nothing of MQTT.
+//! - [`policy`]: the message policy hook point.
+//! - [`wire`]: protobuf wire types.
+//! - [`config`]: the configuration tree.
+//!
+//! Dependencies point one way: edge → im → store.
+pub mod config;
+mod edge;
+pub mod im;
+pub mod policy;
+pub mod server;
 pub mod store;
+pub mod wire;
+
+pub use config::Config;
+pub use server::Server;
+
+/// Uids and client ids become topic levels and conversation keys, so they are restricted to
+/// 1–64 characters of letters, digits, `_`, `-`, `.` and `@`.
+pub fn valid_uid(uid: &str) -> bool {
+    (1..=64).contains(&uid.len())
+        && uid
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | '@'))
+}

@@ -71,7 +71,10 @@ async fn pages_walk_holes_and_end(store: &dyn Store) {
         .ack(&reader, "dm:p1:p2", SeqRange { lo: 81, hi: 100 })
         .await
         .unwrap();
-    store.append(message("dm:p1:p2", "p1", "late")).await.unwrap();
+    store
+        .append(message("dm:p1:p2", "p1", "late"))
+        .await
+        .unwrap();
     let next = store.pull(&reader, "dm:p1:p2", None, 20).await.unwrap();
     assert_eq!(seqs(&next)[..2], [101, 80]);
     let mut seen = seqs(&next);
@@ -93,7 +96,9 @@ async fn pages_walk_holes_and_end(store: &dyn Store) {
     store.register_device(&sender).await.unwrap();
     let own = store.pull(&sender, "dm:p1:p2", None, 10).await.unwrap();
     assert!(own.messages.is_empty() && own.end);
-    let past = store.ack(&reader, "dm:p1:p2", SeqRange { lo: 500, hi: 501 }).await;
+    let past = store
+        .ack(&reader, "dm:p1:p2", SeqRange { lo: 500, hi: 501 })
+        .await;
     assert!(matches!(past, Err(StoreError::Invalid(_))));
 }
 
@@ -125,8 +130,14 @@ async fn digest_counts_and_clear_by_version(store: &dyn Store) {
     let first = store.digest(&reader, 2).await.unwrap();
     let entry = &first.conversations[0];
     assert_eq!((entry.count, entry.unacked, entry.max_seq), (3, 3, 3));
-    assert_eq!(entry.last.iter().map(|m| m.seq).collect::<Vec<_>>(), vec![3, 2]);
-    store.append(message("dm:d1:d2", "d1", "after")).await.unwrap();
+    assert_eq!(
+        entry.last.iter().map(|m| m.seq).collect::<Vec<_>>(),
+        vec![3, 2]
+    );
+    store
+        .append(message("dm:d1:d2", "d1", "after"))
+        .await
+        .unwrap();
     store.clear_counters(&reader, first.version).await.unwrap();
     let second = store.digest(&reader, 2).await.unwrap();
     assert!(second.version > first.version);

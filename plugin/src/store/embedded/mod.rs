@@ -13,9 +13,7 @@ use rusqlite::Connection;
 use tokio::sync::mpsc;
 
 use super::migrate;
-use super::{
-    Appended, Device, DigestSnapshot, NewMessage, Page, SeqRange, Store, StoreError,
-};
+use super::{Appended, Device, DigestSnapshot, NewMessage, Page, SeqRange, Store, StoreError};
 use queries::unavailable;
 use writer::{Call, Job};
 
@@ -78,7 +76,7 @@ impl EmbeddedStore {
             .map_err(|_| StoreError::Unavailable("writer lock poisoned".into()))?
             .clone()
             .ok_or_else(|| StoreError::Unavailable("store is closed".into()))?;
-        let (job, done) = Call::new(work);
+        let (job, done) = Call::job(work);
         sender
             .send(job)
             .await
@@ -112,9 +110,8 @@ impl EmbeddedStore {
 }
 
 fn open_connection(path: &Path) -> Result<Connection, StoreError> {
-    let conn = Connection::open(path).map_err(|e| {
-        StoreError::Unavailable(format!("cannot open {}: {e}", path.display()))
-    })?;
+    let conn = Connection::open(path)
+        .map_err(|e| StoreError::Unavailable(format!("cannot open {}: {e}", path.display())))?;
     conn.execute_batch(
         "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA busy_timeout = 5000;",
     )
@@ -125,7 +122,8 @@ fn open_connection(path: &Path) -> Result<Connection, StoreError> {
 #[async_trait]
 impl Store for EmbeddedStore {
     async fn append(&self, message: NewMessage) -> Result<Appended, StoreError> {
-        self.write(move |conn| queries::append(conn, &message)).await
+        self.write(move |conn| queries::append(conn, &message))
+            .await
     }
 
     async fn register_device(&self, device: &Device) -> Result<(), StoreError> {

@@ -1,0 +1,317 @@
+//! One configuration tree: built-in defaults, then an optional TOML file, then environment
+//! variables `MQTT_IM__SECTION__KEY`. Problems are reported all at once, one line per key.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+
+/// The built-in defaults, also the reference for every key.
+const DEFAULTS: &str = r#"
+[listeners]
+mqtt = "127.0.0.1:1883"
+
+[broker]
+max_connections = 10000
+max_segment_size = 1048576
+max_segment_count = 2
+max_inflight_count = 100
+max_packet_size = 1048576
+connect_timeout_ms = 5000
+
+[auth]
+allow_anonymous = false
+uid_from = "username"
+
+[auth.users]
+
+[store]
+backend = "embedded"
+path = "data/mqtt-im.db"
+max_batch = 512
+
+[im]
+prefix = "im"
+digest_last_n = 3
+page_size_default = 20
+page_size_max = 200
+max_message_bytes = 65536
+"#;
+
+/// Everything mqtt-im reads at start-up.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Config {
+    /// Public listeners owned by the hook layer.
+    pub listeners: Listeners,
+    /// Settings of the embedded rumqttd.
+    pub broker: BrokerSettings,
+    /// Who may connect.
+    pub auth: AuthSettings,
+    /// Where messages are kept.
+    pub store: StoreSettings,
+    /// IM behaviour.
+    pub im: ImSettings,
+}
+
+/// Public listeners; one port serves MQTT 3.1.1 and MQTT 5 (the CONNECT tells them apart).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Listeners {
+    /// Plain TCP address; port 0 picks a free port.
+    pub mqtt: SocketAddr,
+}
+
+/// Bounded router settings for rumqttd: IM traffic never enters its router, so small
+/// commit logs are enough for pass-through topics.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BrokerSettings {
+    /// Connections rumqttd accepts.
+    pub max_connections: usize,
+    /// Bytes per commit-log segment of each topic filter.
+    pub max_segment_size: usize,
+    /// Segments kept per filter.
+    pub max_segment_count: usize,
+    /// Unacknowledged QoS 1/2 publishes per connection.
+    pub max_inflight_count: usize,
+    /// Largest packet a client may send, in bytes.
+    pub max_packet_size: usize,
+    /// Time a new connection has to send CONNECT.
+    pub connect_timeout_ms: u64,
+}
+
+/// Where a connection's uid comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UidSource {
+    /// The authenticated username.
+    Username,
+    /// The MQTT client id.
+    ClientId,
+}
+
+/// The broker's own authentication: a users table, as rumqttd's `auth`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthSettings {
+    /// username → password.
+    pub users: BTreeMap<String, String>,
+    /// Accept clients without credentials (their uid is then the client id).
+    pub allow_anonymous: bool,
+    /// Where the uid comes from.
+    pub uid_from: UidSource,
+}
+
+/// Storage backend selection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Backend {
+    /// SQLite file, no server needed.
+    Embedded,
+}
+
+/// Storage settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreSettings {
+    /// Which backend.
+    pub backend: Backend,
+    /// SQLite file of the embedded backend.
+    pub path: PathBuf,
+    /// Most writes committed in one transaction.
+    pub max_batch: usize,
+}
+
+/// IM behaviour.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImSettings {
+    /// First topic level of every IM topic.
+    pub prefix: String,
+    /// Newest messages per conversation in a digest.
+    pub digest_last_n: usize,
+    /// Page size of a Pull or History that asks for none.
+    pub page_size_default: usize,
+    /// Largest page; bigger requests are capped.
+    pub page_size_max: usize,
+    /// Largest chat payload, in bytes.
+    pub max_message_bytes: usize,
+}
+
+/// A configuration that cannot be used; one line per problem, each naming its key.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration:\n{}", .problems.join("\n"))]
+pub struct ConfigError {
+    /// `key: what is wrong`.
+    pub problems: Vec<String>,
+}
+
+impl Config {
+    /// Loads defaults, then `file` (if any), then the environment, and validates the result.
+    ///
+    /// # Errors
+    /// Every unreadable, unknown, mistyped or out-of-range key, one line each.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        let mut builder = config::Config::builder()
+            .add_source(config::File::from_str(DEFAULTS, config::FileFormat::Toml));
+        if let Some(path) = file {
+            builder = builder.add_source(config::File::from(path).required(true));
+        }
+        let env = config::Environment::with_prefix("MQTT_IM")
+            .prefix_separator("__")
+            .separator("__")
+            .try_parsing(true);
+        let raw = builder.add_source(env).build().map_err(|e| ConfigError {
+            problems: vec![e.to_string()],
+        })?;
+        let mut problems = Vec::new();
+        let listeners = section(&raw, "listeners", &mut problems);
+        let broker = section(&raw, "broker", &mut problems);
+        let auth = section(&raw, "auth", &mut problems);
+        let store = section(&raw, "store", &mut problems);
+        let im = section(&raw, "im", &mut problems);
+        if let Ok(table) = raw.get_table("") {
+            for key in table.keys().filter(|k| !SECTIONS.contains(&k.as_str())) {
+                problems.push(format!("{key}: unknown section"));
+            }
+        }
+        match (listeners, broker, auth, store, im) {
+            (Some(listeners), Some(broker), Some(auth), Some(store), Some(im))
+                if problems.is_empty() =>
+            {
+                let config = Config {
+                    listeners,
+                    broker,
+                    auth,
+                    store,
+                    im,
+                };
+                config.validate()?;
+                Ok(config)
+            }
+            _ => Err(ConfigError { problems }),
+        }
+    }
+
+    /// Checks values that parse but cannot work.
+    ///
+    /// # Errors
+    /// Every problem found, each naming its key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut problems = Vec::new();
+        let mut check = |ok: bool, problem: &str| {
+            if !ok {
+                problems.push(problem.to_owned());
+            }
+        };
+        let prefix = &self.im.prefix;
+        check(
+            !prefix.is_empty() && !prefix.contains(['/', '+', '#', '$']),
+            "im.prefix: must be one topic level without '/', '+', '#' or '$'",
+        );
+        check(
+            self.im.page_size_max >= 1,
+            "im.page_size_max: must be at least 1",
+        );
+        check(
+            (1..=self.im.page_size_max).contains(&self.im.page_size_default),
+            "im.page_size_default: must be between 1 and im.page_size_max",
+        );
+        check(self.im.digest_last_n <= 50, "im.digest_last_n: at most 50");
+        check(
+            self.im.max_message_bytes >= 64
+                && self.im.max_message_bytes <= self.broker.max_packet_size,
+            "im.max_message_bytes: must be between 64 and broker.max_packet_size",
+        );
+        check(
+            self.broker.max_segment_size >= 1024,
+            "broker.max_segment_size: at least 1024",
+        );
+        check(
+            self.broker.max_segment_count >= 1,
+            "broker.max_segment_count: at least 1",
+        );
+        check(
+            self.broker.max_connections >= 1,
+            "broker.max_connections: at least 1",
+        );
+        check(
+            (1..=u16::MAX as usize).contains(&self.broker.max_inflight_count),
+            "broker.max_inflight_count: between 1 and 65535",
+        );
+        check(
+            self.broker.max_packet_size >= 1024,
+            "broker.max_packet_size: at least 1024",
+        );
+        check(self.store.max_batch >= 1, "store.max_batch: at least 1");
+        for user in self.auth.users.keys() {
+            check(
+                crate::valid_uid(user),
+                &format!("auth.users.{user}: a username must be 1-64 characters of letters, digits, '_', '-', '.', '@'"),
+            );
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError { problems })
+        }
+    }
+}
+
+const SECTIONS: [&str; 5] = ["listeners", "broker", "auth", "store", "im"];
+
+fn section<T: DeserializeOwned>(
+    raw: &config::Config,
+    key: &str,
+    problems: &mut Vec<String>,
+) -> Option<T> {
+    match raw.get::<T>(key) {
+        Ok(value) => Some(value),
+        Err(e) => {
+            problems.push(format!("{key}: {e}"));
+            None
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        // The embedded defaults are part of the binary and covered by a unit test.
+        #[allow(clippy::expect_used)]
+        Self::load(None).expect("built-in defaults are valid")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn defaults_are_valid() {
+        let config = Config::default();
+        assert_eq!(config.im.prefix, "im");
+        assert_eq!(config.store.backend, Backend::Embedded);
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_key() {
+        let mut file = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+        writeln!(
+            file,
+            "[im]\nprefix = \"a/b\"\npage_size_default = 500\n[store]\nbogus = 1\n[nope]\nx = 1"
+        )
+        .unwrap();
+        let err = Config::load(Some(file.path())).unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("store:"), "{text}");
+        assert!(text.contains("nope: unknown section"), "{text}");
+        let mut file = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+        writeln!(file, "[im]\nprefix = \"a/b\"\npage_size_default = 500").unwrap();
+        let err = Config::load(Some(file.path())).unwrap_err();
+        assert_eq!(err.problems.len(), 2, "{err}");
+        assert!(err.problems[0].starts_with("im.prefix:"));
+        assert!(err.problems[1].starts_with("im.page_size_default:"));
+    }
+}

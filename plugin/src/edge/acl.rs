@@ -1,0 +1,108 @@
+//! Who may subscribe and publish where under the IM prefix: pure functions.
+
+use super::topics::{Route, Topics};
+
+/// What to do with one subscription filter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum FilterAccess {
+    /// Not IM: relay to rumqttd.
+    PassThrough,
+    /// Inside the user's own IM tree: served by the hook layer.
+    Im,
+    /// Refused.
+    Denied,
+}
+
+/// A user may subscribe only inside its own `{prefix}/u/{uid}` tree (never to `req`).
+pub(crate) fn subscribe(topics: &Topics, uid: &str, filter: &str) -> FilterAccess {
+    let Some(rest) = topics.strip_prefix(filter) else {
+        return FilterAccess::PassThrough;
+    };
+    let mut levels = rest.split('/');
+    if levels.next() != Some("u") || levels.next() != Some(uid) {
+        return FilterAccess::Denied;
+    }
+    let tail: Vec<&str> = levels.collect();
+    match tail.as_slice() {
+        [] | ["#"] | ["+"] | ["digest"] | ["resp"] => FilterAccess::Im,
+        _ => FilterAccess::Denied,
+    }
+}
+
+/// What a publish under the IM prefix may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PublishAccess<'a> {
+    /// Not IM: relay to rumqttd.
+    PassThrough,
+    /// A chat message to this user's inbox.
+    Chat(&'a str),
+    /// A request on the publisher's own `req`.
+    Request,
+    /// Refused, with the reason the client is told.
+    Denied(&'static str),
+}
+
+/// Any user may send to any inbox; only the owner may publish on its `req`; nobody may
+/// publish on `digest`, `resp` or an unknown IM topic.
+pub(crate) fn publish<'a>(topics: &Topics, uid: &str, topic: &'a str) -> PublishAccess<'a> {
+    match topics.route(topic) {
+        Route::PassThrough => PublishAccess::PassThrough,
+        Route::Inbox(to) => PublishAccess::Chat(to),
+        Route::Request(owner) if owner == uid => PublishAccess::Request,
+        Route::Request(_) => {
+            PublishAccess::Denied("requests may only be published on your own req topic")
+        }
+        Route::Digest(_) | Route::Response(_) => {
+            PublishAccess::Denied("digest and resp topics are written by the server only")
+        }
+        Route::Unknown => PublishAccess::Denied("not an IM topic this server serves"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subscriptions_stay_in_the_own_tree() {
+        let t = Topics::new("im");
+        assert_eq!(subscribe(&t, "alice", "im/u/alice/#"), FilterAccess::Im);
+        assert_eq!(subscribe(&t, "alice", "im/u/alice"), FilterAccess::Im);
+        assert_eq!(subscribe(&t, "alice", "im/u/alice/resp"), FilterAccess::Im);
+        assert_eq!(subscribe(&t, "alice", "im/u/bob/#"), FilterAccess::Denied);
+        assert_eq!(subscribe(&t, "alice", "im/u/+/#"), FilterAccess::Denied);
+        assert_eq!(subscribe(&t, "alice", "im/#"), FilterAccess::Denied);
+        assert_eq!(
+            subscribe(&t, "alice", "im/u/alice/req"),
+            FilterAccess::Denied
+        );
+        assert_eq!(
+            subscribe(&t, "alice", "sensors/#"),
+            FilterAccess::PassThrough
+        );
+        assert_eq!(subscribe(&t, "alice", "#"), FilterAccess::PassThrough);
+    }
+
+    #[test]
+    fn publishes() {
+        let t = Topics::new("im");
+        assert_eq!(publish(&t, "alice", "im/u/bob"), PublishAccess::Chat("bob"));
+        assert_eq!(
+            publish(&t, "alice", "im/u/alice/req"),
+            PublishAccess::Request
+        );
+        assert!(matches!(
+            publish(&t, "alice", "im/u/bob/req"),
+            PublishAccess::Denied(_)
+        ));
+        assert!(matches!(
+            publish(&t, "alice", "im/u/bob/resp"),
+            PublishAccess::Denied(_)
+        ));
+        assert!(matches!(
+            publish(&t, "alice", "im/other"),
+            PublishAccess::Denied(_)
+        ));
+        assert_eq!(publish(&t, "alice", "a/b"), PublishAccess::PassThrough);
+    }
+}

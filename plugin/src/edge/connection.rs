@@ -1,0 +1,495 @@
+//! One client connection: CONNECT handshake (auth, upstream link to rumqttd), then a loop
+//! relaying packets both ways and serving IM topics at packet boundaries.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use futures::future::BoxFuture;
+use futures::stream::{FuturesOrdered, StreamExt};
+use rumqttd::protocol::{ConnAck, ConnAckProperties, Connect, ConnectReturnCode, Login, Packet};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio::time::{timeout, Instant};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use super::codec::{self, kind, Frame, Version};
+use super::packet_ids::PacketIds;
+use super::reply::Outcome;
+use super::{auth, ConnectionSink, EdgeContext, EdgeError, EDGE_USER};
+use crate::im::DeviceEvent;
+use crate::store::Device;
+
+/// Keep-alive of the private link to rumqttd; the hook layer pings it itself, so clients
+/// may use any keep-alive, including 0.
+const UPSTREAM_KEEP_ALIVE: u16 = 60;
+/// How often the link to rumqttd is pinged when idle.
+const UPSTREAM_PING: Duration = Duration::from_secs(20);
+/// Live deliveries queued per connection before the device counts as busy.
+const EVENT_QUEUE: usize = 1024;
+
+/// A subscribe or unsubscribe split between the hook layer and rumqttd, waiting for
+/// rumqttd's half of the answer.
+#[derive(Debug)]
+pub(super) struct PendingAck {
+    /// One entry per filter: the hook layer's code, or `None` for rumqttd's.
+    pub(super) codes: Vec<Option<u8>>,
+}
+
+/// A live connection after a successful CONNECT.
+pub(super) struct Connection {
+    pub(super) ctx: Arc<EdgeContext>,
+    pub(super) id: u64,
+    pub(super) version: Version,
+    pub(super) device: Device,
+    keep_alive: Option<Duration>,
+    client_rd: OwnedReadHalf,
+    client_wr: OwnedWriteHalf,
+    client_in: BytesMut,
+    pub(super) client_out: BytesMut,
+    up_rd: OwnedReadHalf,
+    up_wr: OwnedWriteHalf,
+    up_in: BytesMut,
+    pub(super) up_out: BytesMut,
+    pub(super) ids: PacketIds,
+    /// IM subscriptions of this connection: filter → granted QoS.
+    pub(super) im_filters: HashMap<String, u8>,
+    pub(super) pending: HashMap<u16, PendingAck>,
+    /// Client QoS 2 publishes the hook layer answered, awaiting PUBREL.
+    pub(super) im_qos2: HashSet<u16>,
+    pub(super) ops: FuturesOrdered<BoxFuture<'static, Outcome>>,
+    events_tx: mpsc::Sender<DeviceEvent>,
+    events_rx: mpsc::Receiver<DeviceEvent>,
+    pub(super) online: bool,
+    pub(super) digest_sent: bool,
+    pub(super) client_disconnected: bool,
+    last_seen: Instant,
+    last_upstream_write: Instant,
+}
+
+/// Serves one accepted socket to its end.
+pub(super) async fn serve(
+    stream: TcpStream,
+    peer: SocketAddr,
+    ctx: Arc<EdgeContext>,
+    id: u64,
+    shutdown: CancellationToken,
+) {
+    let span = tracing::info_span!("connection", id, %peer, client_id = tracing::field::Empty, uid = tracing::field::Empty);
+    async move {
+        match handshake(stream, ctx, id).await {
+            Ok(connection) => {
+                let span = tracing::Span::current();
+                span.record("client_id", connection.device.client_id.as_str());
+                span.record("uid", connection.device.uid.as_str());
+                connection.run(shutdown).await;
+            }
+            Err(e) => tracing::debug!(error = %e, "connect failed"),
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+async fn read_frame(
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+    max: usize,
+) -> Result<Frame, EdgeError> {
+    loop {
+        if let Some(frame) = codec::next_frame(buf, max)? {
+            return Ok(frame);
+        }
+        if stream.read_buf(buf).await? == 0 {
+            return Err(EdgeError::Protocol("closed during handshake"));
+        }
+    }
+}
+
+async fn refuse(stream: &mut TcpStream, version: Version, code: ConnectReturnCode) {
+    let mut out = BytesMut::new();
+    if write_connack(&mut out, version, false, code, None).is_ok() {
+        let _ = stream.write_all(&out).await;
+    }
+}
+
+fn write_connack(
+    out: &mut BytesMut,
+    version: Version,
+    session_present: bool,
+    code: ConnectReturnCode,
+    assigned: Option<String>,
+) -> Result<(), EdgeError> {
+    let (code, properties) = match version {
+        Version::V4 => (v4_connack_code(code), None),
+        Version::V5 => (
+            code,
+            assigned.map(|id| ConnAckProperties {
+                assigned_client_identifier: Some(id),
+                ..Default::default()
+            }),
+        ),
+    };
+    let ack = ConnAck {
+        session_present,
+        code,
+    };
+    codec::write_packet(out, version, Packet::ConnAck(ack, properties))?;
+    Ok(())
+}
+
+/// rumqttd's 3.1.1 encoder only knows the six 3.1.1 codes.
+fn v4_connack_code(code: ConnectReturnCode) -> ConnectReturnCode {
+    use ConnectReturnCode as C;
+    match code {
+        C::Success => C::Success,
+        C::BadUserNamePassword => C::BadUserNamePassword,
+        C::NotAuthorized | C::Banned => C::NotAuthorized,
+        C::ClientIdentifierNotValid => C::ClientIdentifierNotValid,
+        C::RefusedProtocolVersion | C::UnsupportedProtocolVersion => C::RefusedProtocolVersion,
+        _ => C::ServiceUnavailable,
+    }
+}
+
+async fn handshake(
+    mut stream: TcpStream,
+    ctx: Arc<EdgeContext>,
+    id: u64,
+) -> Result<Connection, EdgeError> {
+    let mut client_in = BytesMut::with_capacity(4096);
+    let frame = timeout(
+        ctx.connect_timeout,
+        read_frame(&mut stream, &mut client_in, ctx.max_packet),
+    )
+    .await
+    .map_err(|_| EdgeError::Timeout("CONNECT"))??;
+    if frame.kind() != kind::CONNECT {
+        return Err(EdgeError::Protocol("first packet is not CONNECT"));
+    }
+    let version = codec::connect_version(&frame)?;
+    let Packet::Connect(connect, props, will, will_props, login) =
+        frame.decode(version, ctx.max_packet)?
+    else {
+        return Err(EdgeError::Protocol("first packet is not CONNECT"));
+    };
+    let mut assigned = None;
+    let client_id = if connect.client_id.is_empty() {
+        if !connect.clean_session {
+            refuse(
+                &mut stream,
+                version,
+                ConnectReturnCode::ClientIdentifierNotValid,
+            )
+            .await;
+            return Err(EdgeError::Refused(
+                "empty client id with a persistent session",
+            ));
+        }
+        let generated = format!("mqtt-im-{:016x}", rand::random::<u64>());
+        assigned = Some(generated.clone());
+        generated
+    } else {
+        connect.client_id.clone()
+    };
+    if client_id.len() > 128 {
+        refuse(
+            &mut stream,
+            version,
+            ConnectReturnCode::ClientIdentifierNotValid,
+        )
+        .await;
+        return Err(EdgeError::Refused("client id longer than 128 bytes"));
+    }
+    let uid = match auth::authenticate(&ctx.auth, login.as_ref(), &client_id) {
+        Ok(uid) => uid,
+        Err(code) => {
+            refuse(&mut stream, version, code).await;
+            return Err(EdgeError::Refused("authentication failed"));
+        }
+    };
+    let will_topic_is_im = will.as_ref().is_some_and(|w| {
+        std::str::from_utf8(&w.topic).map_or(true, |t| ctx.topics.strip_prefix(t).is_some())
+    });
+    if will_topic_is_im {
+        refuse(&mut stream, version, ConnectReturnCode::NotAuthorized).await;
+        return Err(EdgeError::Refused("will message on an IM topic"));
+    }
+    let device = Device { uid, client_id };
+
+    let mut upstream = TcpStream::connect(ctx.broker).await?;
+    upstream.set_nodelay(true)?;
+    let upstream_connect = Connect {
+        keep_alive: UPSTREAM_KEEP_ALIVE,
+        client_id: device.client_id.clone(),
+        clean_session: connect.clean_session,
+    };
+    let (props, will_props) = match version {
+        Version::V5 => (props, will_props),
+        Version::V4 => (None, None),
+    };
+    let login = Login {
+        username: EDGE_USER.into(),
+        password: ctx.secret.clone(),
+    };
+    let mut out = BytesMut::new();
+    codec::write_packet(
+        &mut out,
+        Version::V5,
+        Packet::Connect(upstream_connect, props, will, will_props, Some(login)),
+    )?;
+    upstream.write_all(&out).await?;
+    let mut up_in = BytesMut::with_capacity(4096);
+    let ack = timeout(
+        ctx.connect_timeout,
+        read_frame(&mut upstream, &mut up_in, usize::MAX >> 4),
+    )
+    .await
+    .map_err(|_| EdgeError::Timeout("CONNACK from rumqttd"))??;
+    let Packet::ConnAck(ack, _) = ack.decode_upstream()? else {
+        return Err(EdgeError::Protocol(
+            "rumqttd did not answer CONNECT with CONNACK",
+        ));
+    };
+    if ack.code != ConnectReturnCode::Success {
+        refuse(&mut stream, version, ack.code).await;
+        return Err(EdgeError::Refused("rumqttd refused the connection"));
+    }
+    if let Err(e) = ctx.im.connected(&device).await {
+        tracing::error!(error = %e, "cannot record device");
+        refuse(&mut stream, version, ConnectReturnCode::ServerUnavailable).await;
+        return Err(EdgeError::Refused("store unavailable"));
+    }
+    let mut client_out = BytesMut::with_capacity(4096);
+    write_connack(
+        &mut client_out,
+        version,
+        ack.session_present,
+        ConnectReturnCode::Success,
+        assigned,
+    )?;
+    let keep_alive = (connect.keep_alive > 0)
+        .then(|| Duration::from_millis(u64::from(connect.keep_alive) * 1500));
+    let (client_rd, client_wr) = stream.into_split();
+    let (up_rd, up_wr) = upstream.into_split();
+    let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
+    tracing::debug!(?version, keep_alive = connect.keep_alive, "connected");
+    Ok(Connection {
+        ctx,
+        id,
+        version,
+        device,
+        keep_alive,
+        client_rd,
+        client_wr,
+        client_in,
+        client_out,
+        up_rd,
+        up_wr,
+        up_in,
+        up_out: BytesMut::with_capacity(4096),
+        ids: PacketIds::default(),
+        im_filters: HashMap::new(),
+        pending: HashMap::new(),
+        im_qos2: HashSet::new(),
+        ops: FuturesOrdered::new(),
+        events_tx,
+        events_rx,
+        online: false,
+        digest_sent: false,
+        client_disconnected: false,
+        last_seen: Instant::now(),
+        last_upstream_write: Instant::now(),
+    })
+}
+
+/// Why the loop stopped.
+#[derive(Debug)]
+enum End {
+    ClientDisconnected,
+    ClientGone,
+    UpstreamGone,
+    KeepAliveExpired,
+    Shutdown,
+    Failed(EdgeError),
+}
+
+impl Connection {
+    async fn run(mut self, shutdown: CancellationToken) {
+        let tick = self.keep_alive.map_or(UPSTREAM_PING, |k| {
+            (k / 3).clamp(Duration::from_millis(250), UPSTREAM_PING)
+        });
+        let mut ticker = tokio::time::interval(tick);
+        // Packets that arrived with the CONNECT.
+        let mut end = self.on_client_bytes().err().map(End::Failed);
+        while end.is_none() {
+            let step = tokio::select! {
+                read = self.client_rd.read_buf(&mut self.client_in) => match read {
+                    Ok(0) | Err(_) => Err(End::ClientGone),
+                    Ok(_) => {
+                        self.last_seen = Instant::now();
+                        self.on_client_bytes().map_err(End::Failed)
+                    }
+                },
+                read = self.up_rd.read_buf(&mut self.up_in) => match read {
+                    Ok(0) | Err(_) => Err(End::UpstreamGone),
+                    Ok(_) => self.on_upstream_bytes().map_err(End::Failed),
+                },
+                Some(outcome) = self.ops.next(), if !self.ops.is_empty() => {
+                    self.on_outcome(outcome).map_err(End::Failed)
+                }
+                Some(event) = self.events_rx.recv() => self.on_event(event).map_err(End::Failed),
+                _ = ticker.tick() => self.on_tick(),
+                () = shutdown.cancelled() => Err(End::Shutdown),
+            };
+            if let Err(stop) = step {
+                end = Some(stop);
+            }
+            if let Err(e) = self.flush().await {
+                end.get_or_insert(End::Failed(e));
+            }
+            if self.client_disconnected {
+                end.get_or_insert(End::ClientDisconnected);
+            }
+        }
+        self.finish(end.unwrap_or(End::ClientGone)).await;
+    }
+
+    fn on_tick(&mut self) -> Result<(), End> {
+        if let Some(keep_alive) = self.keep_alive {
+            if self.last_seen.elapsed() > keep_alive {
+                return Err(End::KeepAliveExpired);
+            }
+        }
+        if self.last_upstream_write.elapsed() >= UPSTREAM_PING {
+            self.up_out.extend_from_slice(&[kind::PINGREQ << 4, 0]);
+        }
+        Ok(())
+    }
+
+    fn on_client_bytes(&mut self) -> Result<(), EdgeError> {
+        while let Some(frame) = codec::next_frame(&mut self.client_in, self.ctx.max_packet)? {
+            self.on_client_frame(frame)?;
+            if self.client_disconnected {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    fn on_upstream_bytes(&mut self) -> Result<(), EdgeError> {
+        while let Some(frame) = codec::next_frame(&mut self.up_in, usize::MAX >> 4)? {
+            self.on_upstream_frame(frame)?;
+        }
+        Ok(())
+    }
+
+    async fn flush(&mut self) -> Result<(), EdgeError> {
+        if !self.up_out.is_empty() {
+            self.up_wr.write_all(&self.up_out).await?;
+            self.up_out.clear();
+            self.last_upstream_write = Instant::now();
+        }
+        if !self.client_out.is_empty() {
+            self.client_wr.write_all(&self.client_out).await?;
+            self.client_out.clear();
+        }
+        Ok(())
+    }
+
+    /// Marks the device online for live delivery.
+    pub(super) fn go_online(&mut self) {
+        if !self.online {
+            self.online = true;
+            let sink = Arc::new(ConnectionSink(self.events_tx.clone()));
+            self.ctx.im.online(&self.device, self.id, sink);
+        }
+    }
+
+    /// Marks the device offline (unsubscribed or gone).
+    pub(super) fn go_offline(&mut self) {
+        if self.online {
+            self.online = false;
+            self.ctx.im.offline(&self.device, self.id);
+        }
+    }
+
+    async fn finish(mut self, end: End) {
+        self.go_offline();
+        // Answer what was already accepted before the socket goes (e.g. on shutdown).
+        while let Some(outcome) = self.ops.next().await {
+            if self.on_outcome(outcome).is_err() {
+                break;
+            }
+        }
+        let _ = self.flush().await;
+        match &end {
+            End::Failed(e) => tracing::info!(error = %e, "connection closed on error"),
+            other => tracing::debug!(reason = ?other, "connection closed"),
+        }
+        if matches!(end, End::ClientDisconnected) {
+            let _ = self.up_wr.shutdown().await;
+        }
+        // Otherwise dropping the link lets rumqttd publish the client's will.
+        let _ = self.client_wr.shutdown().await;
+    }
+
+    /// Writes a hook-layer publish (digest, reply, live delivery) into the client connection.
+    pub(super) fn write_own_publish(
+        &mut self,
+        topic: &str,
+        qos: u8,
+        origin: super::packet_ids::Origin,
+        properties: &[u8],
+        payload: &[u8],
+    ) {
+        let pkid = if qos > 0 {
+            match self.ids.allocate(origin) {
+                Some(pkid) => pkid,
+                None => {
+                    tracing::warn!(topic, "no free packet id; message left in the backlog");
+                    return;
+                }
+            }
+        } else {
+            0
+        };
+        codec::write_publish(
+            &mut self.client_out,
+            self.version,
+            qos << 1,
+            topic.as_bytes(),
+            pkid,
+            properties,
+            payload,
+        );
+    }
+
+    fn on_event(&mut self, event: DeviceEvent) -> Result<(), EdgeError> {
+        let DeviceEvent::Chat {
+            conversation,
+            seq,
+            payload,
+        } = event;
+        let inbox = self.ctx.topics.inbox(&self.device.uid);
+        let Some(qos) = self.granted_qos(&inbox) else {
+            return Ok(());
+        };
+        let origin = super::packet_ids::Origin::Chat { conversation, seq };
+        self.write_own_publish(&inbox, qos.min(1), origin, &[], &payload);
+        Ok(())
+    }
+
+    /// Highest QoS among this connection's IM filters matching `topic`.
+    pub(super) fn granted_qos(&self, topic: &str) -> Option<u8> {
+        self.im_filters
+            .iter()
+            .filter(|(filter, _)| rumqttd::protocol::matches(topic, filter))
+            .map(|(_, qos)| *qos)
+            .max()
+    }
+}

@@ -1,0 +1,249 @@
+//! What the client sees of IM outcomes: PUBACK/PUBREC (with MQTT 5 reason codes and
+//! strings), replies on the response topic (with Correlation Data), error frames on `resp`
+//! for 3.1.1 clients, and digests.
+
+use bytes::Bytes;
+use prost::Message;
+use rumqttd::protocol::{
+    Packet, PubAck, PubAckProperties, PubAckReason, PubRec, PubRecProperties, PubRecReason,
+};
+
+use super::codec::{self, kind, Version};
+use super::connection::Connection;
+use super::packet_ids::Origin;
+use super::EdgeError;
+use crate::im::{Accepted, ImError};
+use crate::store::StoreError;
+use crate::wire::pb;
+
+/// Where a reply goes.
+#[derive(Debug, Clone)]
+pub(super) struct ReplyTarget {
+    pub(super) topic: String,
+    pub(super) correlation: Option<Bytes>,
+}
+
+/// A finished IM operation, applied to the connection in arrival order.
+#[derive(Debug)]
+pub(super) enum Outcome {
+    /// A chat publish was stored, or refused.
+    Chat {
+        pkid: u16,
+        qos: u8,
+        topic: String,
+        result: Result<Accepted, ImError>,
+    },
+    /// A request was answered.
+    Reply {
+        pkid: u16,
+        qos: u8,
+        target: ReplyTarget,
+        response: pb::Response,
+    },
+    /// The digest for this connection.
+    Digest(Result<pb::Digest, ImError>),
+}
+
+/// Why a publish was refused, in both protocol versions' terms.
+#[derive(Debug, Clone)]
+pub(super) struct Refusal {
+    pub(super) reason: PubAckReason,
+    pub(super) code: pb::ErrorCode,
+    pub(super) message: String,
+}
+
+impl Refusal {
+    pub(super) fn not_authorized(message: &str) -> Self {
+        Self {
+            reason: PubAckReason::NotAuthorized,
+            code: pb::ErrorCode::NotAuthorized,
+            message: message.to_owned(),
+        }
+    }
+
+    fn from_im(error: &ImError) -> Self {
+        let reason = match error {
+            ImError::Wire(crate::wire::WireError::TooLarge { .. }) => PubAckReason::QuotaExceeded,
+            ImError::Wire(_) | ImError::Invalid(_) => PubAckReason::PayloadFormatInvalid,
+            ImError::Denied(_) | ImError::NotAuthorized(_) => PubAckReason::NotAuthorized,
+            ImError::Store(_) => PubAckReason::UnspecifiedError,
+        };
+        Self {
+            reason,
+            code: crate::im::error_code(error),
+            message: error.to_string(),
+        }
+    }
+}
+
+fn pubrec_reason(reason: PubAckReason) -> PubRecReason {
+    match reason {
+        PubAckReason::NotAuthorized => PubRecReason::NotAuthorized,
+        PubAckReason::QuotaExceeded => PubRecReason::QuotaExceeded,
+        PubAckReason::PayloadFormatInvalid => PubRecReason::PayloadFormatInvalid,
+        _ => PubRecReason::UnspecifiedError,
+    }
+}
+
+impl Connection {
+    pub(super) fn on_outcome(&mut self, outcome: Outcome) -> Result<(), EdgeError> {
+        match outcome {
+            Outcome::Chat {
+                pkid,
+                qos,
+                topic,
+                result: Ok(accepted),
+            } => {
+                self.acknowledge(qos, pkid);
+                if accepted.ack_flg {
+                    let response = pb::Response {
+                        request_id: accepted.msg_id.clone(),
+                        status: pb::Status::Ok as i32,
+                        error: None,
+                        result: Some(pb::response::Result::SendResult(accepted.send_result())),
+                    };
+                    let target = self.default_target();
+                    self.write_reply(&target, &response);
+                }
+                tracing::trace!(topic, seq = accepted.seq, "chat acknowledged");
+                Ok(())
+            }
+            Outcome::Chat {
+                pkid,
+                qos,
+                topic,
+                result: Err(error),
+            } => {
+                tracing::debug!(topic, %error, "chat refused");
+                // A 3.1.1 client whose message could not be stored gets no PUBACK, so it
+                // retransmits; everything else is answered now.
+                let unstored = matches!(error, ImError::Store(StoreError::Unavailable(_)));
+                if unstored && self.version == Version::V4 {
+                    self.write_error_frame(&topic, &Refusal::from_im(&error));
+                    return Ok(());
+                }
+                self.refuse(qos, pkid, &topic, &Refusal::from_im(&error));
+                Ok(())
+            }
+            Outcome::Reply {
+                pkid,
+                qos,
+                target,
+                response,
+            } => {
+                self.acknowledge(qos, pkid);
+                self.write_reply(&target, &response);
+                Ok(())
+            }
+            Outcome::Digest(Ok(digest)) => {
+                let topic = self.ctx.topics.digest(&self.device.uid);
+                self.write_own_publish(&topic, 1, Origin::Own, &[], &digest.encode_to_vec());
+                Ok(())
+            }
+            Outcome::Digest(Err(error)) => {
+                tracing::warn!(%error, "digest failed");
+                let topic = self.ctx.topics.digest(&self.device.uid);
+                self.write_error_frame(&topic, &Refusal::from_im(&error));
+                Ok(())
+            }
+        }
+    }
+
+    /// PUBACK (QoS 1) or PUBREC (QoS 2) for a publish the hook layer handled.
+    pub(super) fn acknowledge(&mut self, qos: u8, pkid: u16) {
+        match qos {
+            1 => codec::write_ack(&mut self.client_out, kind::PUBACK, pkid),
+            2 => {
+                self.im_qos2.insert(pkid);
+                codec::write_ack(&mut self.client_out, kind::PUBREC, pkid);
+            }
+            _ => {}
+        }
+    }
+
+    /// Refuses a publish: MQTT 5 gets a reason code and string on its PUBACK/PUBREC;
+    /// 3.1.1 (and any QoS 0 publish) also gets an error frame on `resp`.
+    pub(super) fn refuse(&mut self, qos: u8, pkid: u16, topic: &str, refusal: &Refusal) {
+        let properties = Some(refusal.message.clone());
+        let written = match (self.version, qos) {
+            (Version::V5, 1) => codec::write_packet(
+                &mut self.client_out,
+                Version::V5,
+                Packet::PubAck(
+                    PubAck {
+                        pkid,
+                        reason: refusal.reason,
+                    },
+                    Some(PubAckProperties {
+                        reason_string: properties,
+                        user_properties: Vec::new(),
+                    }),
+                ),
+            )
+            .is_ok(),
+            (Version::V5, 2) => codec::write_packet(
+                &mut self.client_out,
+                Version::V5,
+                Packet::PubRec(
+                    PubRec {
+                        pkid,
+                        reason: pubrec_reason(refusal.reason),
+                    },
+                    Some(PubRecProperties {
+                        reason_string: properties,
+                        user_properties: Vec::new(),
+                    }),
+                ),
+            )
+            .is_ok(),
+            _ => {
+                self.acknowledge(qos, pkid);
+                false
+            }
+        };
+        if qos == 2 && self.version == Version::V5 {
+            // An error PUBREC ends the exchange; a PUBREL may still come and gets PUBCOMP.
+            self.im_qos2.insert(pkid);
+        }
+        if !written {
+            self.write_error_frame(topic, refusal);
+        }
+    }
+
+    fn write_error_frame(&mut self, topic: &str, refusal: &Refusal) {
+        let response = pb::Response {
+            request_id: String::new(),
+            status: pb::Status::Error as i32,
+            error: Some(pb::Error {
+                code: refusal.code as i32,
+                message: refusal.message.clone(),
+                topic: topic.to_owned(),
+            }),
+            result: None,
+        };
+        let target = self.default_target();
+        self.write_reply(&target, &response);
+    }
+
+    /// The 3.1.1 reply target: the user's own `resp`.
+    pub(super) fn default_target(&self) -> ReplyTarget {
+        ReplyTarget {
+            topic: self.ctx.topics.response(&self.device.uid),
+            correlation: None,
+        }
+    }
+
+    fn write_reply(&mut self, target: &ReplyTarget, response: &pb::Response) {
+        let properties = match (&target.correlation, self.version) {
+            (Some(data), Version::V5) => codec::correlation_property(data),
+            _ => Vec::new(),
+        };
+        self.write_own_publish(
+            &target.topic,
+            1,
+            Origin::Own,
+            &properties,
+            &response.encode_to_vec(),
+        );
+    }
+}

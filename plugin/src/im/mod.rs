@@ -1,0 +1,146 @@
+//! The IM service: users, devices, conversations and seqs. It sees no MQTT packets and no
+//! SQL: the edge calls it with identities and payloads, and it reaches devices only through
+//! [`DeviceSink`].
+
+mod digest;
+mod inbox;
+mod presence;
+mod pull;
+mod sink;
+
+use std::sync::Arc;
+
+pub use inbox::Accepted;
+pub(crate) use pull::error_code;
+pub use sink::{DeviceEvent, DeviceSink};
+
+use crate::config::ImSettings;
+use crate::policy::Policy;
+use crate::store::{Device, SeqRange, Store, StoreError};
+use crate::wire::WireError;
+use presence::Presence;
+
+/// Why an IM operation was refused or failed; the edge turns it into what the client sees.
+#[derive(Debug, thiserror::Error)]
+pub enum ImError {
+    /// The payload could not be decoded.
+    #[error(transparent)]
+    Wire(#[from] WireError),
+    /// A field is missing or invalid.
+    #[error("invalid message: {0}")]
+    Invalid(String),
+    /// The policy refused the message.
+    #[error("denied by policy: {0}")]
+    Denied(String),
+    /// The user may not touch that conversation.
+    #[error("not authorized: {0}")]
+    NotAuthorized(String),
+    /// The store failed; the client may retry.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+#[derive(Debug)]
+struct Inner {
+    store: Arc<dyn Store>,
+    policy: Arc<dyn Policy>,
+    presence: Presence,
+    settings: ImSettings,
+}
+
+/// Cheap-to-clone handle on the IM service.
+#[derive(Debug, Clone)]
+pub struct ImService {
+    inner: Arc<Inner>,
+}
+
+impl ImService {
+    /// A service over `store`, checking every message with `policy`.
+    pub fn new(store: Arc<dyn Store>, policy: Arc<dyn Policy>, settings: ImSettings) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                store,
+                policy,
+                presence: Presence::default(),
+                settings,
+            }),
+        }
+    }
+
+    /// Records a device when it connects (first sight inherits its user's acks).
+    ///
+    /// # Errors
+    /// The store failed.
+    pub async fn connected(&self, device: &Device) -> Result<(), ImError> {
+        Ok(self.inner.store.register_device(device).await?)
+    }
+
+    /// The device now holds an inbox subscription on `connection`: deliver live to `sink`.
+    pub fn online(&self, device: &Device, connection: u64, sink: Arc<dyn DeviceSink>) {
+        self.inner.presence.online(device, connection, sink);
+    }
+
+    /// The device's `connection` ended or dropped its inbox subscription.
+    pub fn offline(&self, device: &Device, connection: u64) {
+        self.inner.presence.offline(device, connection);
+    }
+
+    /// Client ids of a user's devices that are online on this node.
+    pub fn online_devices(&self, uid: &str) -> Vec<String> {
+        self.inner.presence.devices(uid)
+    }
+
+    /// A device acknowledged a live message: it will not come back in its pulls.
+    pub async fn delivered(&self, device: &Device, conversation: &str, seq: u64) {
+        let Some(range) = SeqRange::new(seq, seq) else {
+            return;
+        };
+        if let Err(e) = self.inner.store.ack(device, conversation, range).await {
+            // Harmless: the message stays in the device's backlog and is deduplicated by id.
+            tracing::warn!(error = %e, conversation, seq, "recording a live delivery failed");
+        }
+    }
+}
+
+/// Conversation key of a 1:1 chat: the same for both members.
+pub(crate) fn direct_key(a: &str, b: &str) -> String {
+    let (lo, hi) = if a <= b { (a, b) } else { (b, a) };
+    format!("dm:{lo}:{hi}")
+}
+
+/// The name a member uses for a conversation: `u/{peer}` for 1:1 chats.
+pub(crate) fn conversation_name(key: &str, me: &str) -> String {
+    match key
+        .strip_prefix("dm:")
+        .and_then(|rest| rest.split_once(':'))
+    {
+        Some((a, b)) => format!("u/{}", if a == me { b } else { a }),
+        None => key.to_owned(),
+    }
+}
+
+/// The key of a conversation named by member `me`, if `me` may use it.
+pub(crate) fn conversation_key(name: &str, me: &str) -> Result<String, ImError> {
+    match name.split_once('/') {
+        Some(("u", peer)) if crate::valid_uid(peer) => Ok(direct_key(me, peer)),
+        _ => Err(ImError::Invalid(format!(
+            "unknown conversation {name:?}: expected \"u/{{uid}}\""
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn direct_conversations_are_named_after_the_peer() {
+        let key = direct_key("bob", "alice");
+        assert_eq!(key, "dm:alice:bob");
+        assert_eq!(conversation_name(&key, "alice"), "u/bob");
+        assert_eq!(conversation_name(&key, "bob"), "u/alice");
+        assert_eq!(conversation_key("u/bob", "alice").unwrap(), key);
+        assert!(conversation_key("u/b:c", "alice").is_err());
+        assert!(conversation_key("x/bob", "alice").is_err());
+    }
+}

@@ -1,0 +1,106 @@
+//! Which devices are online on this node: a device is online while a connection of it holds
+//! a subscription covering its inbox.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use super::sink::DeviceSink;
+use crate::store::Device;
+
+#[derive(Debug)]
+struct OnlineDevice {
+    client_id: String,
+    connection: u64,
+    sink: Arc<dyn DeviceSink>,
+}
+
+/// The online devices of every user on this node.
+#[derive(Debug, Default)]
+pub(crate) struct Presence {
+    users: Mutex<HashMap<String, Vec<OnlineDevice>>>,
+}
+
+impl Presence {
+    /// Marks a device online through `connection`; a newer connection of the same device
+    /// (session take-over) replaces the older one.
+    pub(crate) fn online(&self, device: &Device, connection: u64, sink: Arc<dyn DeviceSink>) {
+        let Ok(mut users) = self.users.lock() else {
+            return;
+        };
+        let devices = users.entry(device.uid.clone()).or_default();
+        devices.retain(|d| d.client_id != device.client_id);
+        devices.push(OnlineDevice {
+            client_id: device.client_id.clone(),
+            connection,
+            sink,
+        });
+    }
+
+    /// Marks a device offline, unless a newer connection already took it over.
+    pub(crate) fn offline(&self, device: &Device, connection: u64) {
+        let Ok(mut users) = self.users.lock() else {
+            return;
+        };
+        if let Some(devices) = users.get_mut(&device.uid) {
+            devices.retain(|d| !(d.client_id == device.client_id && d.connection == connection));
+            if devices.is_empty() {
+                users.remove(&device.uid);
+            }
+        }
+    }
+
+    /// The connections of a user's online devices.
+    pub(crate) fn sinks(&self, uid: &str) -> Vec<Arc<dyn DeviceSink>> {
+        self.users
+            .lock()
+            .map(|users| {
+                users
+                    .get(uid)
+                    .map(|devices| devices.iter().map(|d| Arc::clone(&d.sink)).collect())
+                    .unwrap_or_default()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Client ids of a user's online devices.
+    pub(crate) fn devices(&self, uid: &str) -> Vec<String> {
+        self.users
+            .lock()
+            .map(|users| {
+                users
+                    .get(uid)
+                    .map(|devices| devices.iter().map(|d| d.client_id.clone()).collect())
+                    .unwrap_or_default()
+            })
+            .unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::im::sink::DeviceEvent;
+
+    #[derive(Debug)]
+    struct Nowhere;
+    impl DeviceSink for Nowhere {
+        fn push(&self, _: DeviceEvent) -> bool {
+            true
+        }
+    }
+
+    #[test]
+    fn takeover_survives_the_old_connection_closing() {
+        let presence = Presence::default();
+        let phone = Device {
+            uid: "a".into(),
+            client_id: "phone".into(),
+        };
+        presence.online(&phone, 1, Arc::new(Nowhere));
+        presence.online(&phone, 2, Arc::new(Nowhere));
+        presence.offline(&phone, 1);
+        assert_eq!(presence.devices("a"), vec!["phone".to_string()]);
+        presence.offline(&phone, 2);
+        assert!(presence.devices("a").is_empty());
+    }
+}

@@ -1,0 +1,146 @@
+//! Requests on `req`: Pull (newest unacked page, the previous page's cursor acknowledges it),
+//! Ack, ClearCounters, MarkRead and History. Every request gets exactly one Response.
+
+use super::inbox::rehydrate;
+use super::{conversation_key, ImError, ImService};
+use crate::store::{self, Device, SeqRange};
+use crate::wire::{self, pb};
+
+/// Largest request payload; requests are small.
+const MAX_REQUEST_BYTES: usize = 4096;
+
+impl ImService {
+    /// Answers one encoded `Request` from `device`. Failures become an error Response.
+    #[tracing::instrument(skip(self, payload), fields(uid = %device.uid, client_id = %device.client_id))]
+    pub async fn request(&self, device: &Device, payload: &[u8]) -> pb::Response {
+        let request: pb::Request = match wire::decode(payload, MAX_REQUEST_BYTES, "Request") {
+            Ok(request) => request,
+            Err(e) => return error_response(String::new(), &ImError::from(e)),
+        };
+        let request_id = request.request_id.clone();
+        match self.dispatch(device, request).await {
+            Ok(result) => pb::Response {
+                request_id,
+                status: pb::Status::Ok as i32,
+                error: None,
+                result: Some(result),
+            },
+            Err(e) => {
+                tracing::debug!(error = %e, "request failed");
+                error_response(request_id, &e)
+            }
+        }
+    }
+
+    async fn dispatch(
+        &self,
+        device: &Device,
+        request: pb::Request,
+    ) -> Result<pb::response::Result, ImError> {
+        use pb::request::Kind;
+        use pb::response::Result as Reply;
+        let store = &self.inner.store;
+        match request.kind {
+            Some(Kind::Pull(pull)) => {
+                let key = conversation_key(&pull.conversation, &device.uid)?;
+                let ack = pull.ack.map(cursor_range).transpose()?;
+                let size = self.page_size(pull.page_size);
+                let page = store.pull(device, &key, ack, size).await?;
+                Ok(Reply::Page(page_reply(pull.conversation, page)))
+            }
+            Some(Kind::Ack(ack)) => {
+                let key = conversation_key(&ack.conversation, &device.uid)?;
+                let range = SeqRange::new(1, ack.up_to)
+                    .ok_or_else(|| ImError::Invalid("up_to must be at least 1".into()))?;
+                store.ack(device, &key, range).await?;
+                Ok(Reply::Acked(pb::Acked {
+                    conversation: ack.conversation,
+                    seq: ack.up_to,
+                }))
+            }
+            Some(Kind::ClearCounters(clear)) => {
+                store.clear_counters(device, clear.version).await?;
+                Ok(Reply::Cleared(pb::Cleared {
+                    version: clear.version,
+                }))
+            }
+            Some(Kind::MarkRead(read)) => {
+                let key = conversation_key(&read.conversation, &device.uid)?;
+                let read_seq = store.mark_read(&device.uid, &key, read.seq).await?;
+                Ok(Reply::Read(pb::ReadCursor {
+                    conversation: read.conversation,
+                    read_seq,
+                }))
+            }
+            Some(Kind::History(history)) => {
+                let key = conversation_key(&history.conversation, &device.uid)?;
+                let before = (history.before_seq > 0).then_some(history.before_seq);
+                let size = self.page_size(history.page_size);
+                let page = store.history(&key, before, size).await?;
+                Ok(Reply::Page(page_reply(history.conversation, page)))
+            }
+            None => Err(ImError::Invalid("request has no kind".into())),
+        }
+    }
+
+    /// The requested page size, defaulted and capped by configuration.
+    fn page_size(&self, asked: u32) -> usize {
+        let settings = &self.inner.settings;
+        match usize::try_from(asked) {
+            Ok(0) | Err(_) => settings.page_size_default,
+            Ok(n) => n.min(settings.page_size_max),
+        }
+    }
+}
+
+fn cursor_range(cursor: pb::Cursor) -> Result<SeqRange, ImError> {
+    SeqRange::new(cursor.from_seq, cursor.to_seq).ok_or_else(|| {
+        ImError::Invalid(format!(
+            "ack cursor [{}, {}] is empty or starts at 0",
+            cursor.from_seq, cursor.to_seq
+        ))
+    })
+}
+
+fn page_reply(conversation: String, page: store::Page) -> pb::Page {
+    let cursor = match (page.messages.last(), page.messages.first()) {
+        (Some(oldest), Some(newest)) => Some(pb::Cursor {
+            from_seq: oldest.seq,
+            to_seq: newest.seq,
+        }),
+        _ => None,
+    };
+    pb::Page {
+        conversation,
+        messages: page.messages.iter().map(rehydrate).collect(),
+        cursor,
+        end: page.end,
+    }
+}
+
+/// The error Response for a failed request.
+fn error_response(request_id: String, error: &ImError) -> pb::Response {
+    pb::Response {
+        request_id,
+        status: pb::Status::Error as i32,
+        error: Some(pb::Error {
+            code: error_code(error) as i32,
+            message: error.to_string(),
+            topic: String::new(),
+        }),
+        result: None,
+    }
+}
+
+/// The wire code of an error.
+pub(crate) fn error_code(error: &ImError) -> pb::ErrorCode {
+    match error {
+        ImError::Wire(wire::WireError::TooLarge { .. }) => pb::ErrorCode::TooLarge,
+        ImError::Wire(_) | ImError::Invalid(_) => pb::ErrorCode::BadRequest,
+        ImError::Denied(_) => pb::ErrorCode::Denied,
+        ImError::NotAuthorized(_) => pb::ErrorCode::NotAuthorized,
+        ImError::Store(store::StoreError::Invalid(_)) => pb::ErrorCode::BadRequest,
+        ImError::Store(store::StoreError::NotFound(_)) => pb::ErrorCode::NotFound,
+        ImError::Store(_) => pb::ErrorCode::Unavailable,
+    }
+}

@@ -1,0 +1,26 @@
+//! How the IM service reaches a device without knowing MQTT: the edge implements this for
+//! each connection it owns.
+
+use bytes::Bytes;
+
+/// Something the IM service wants written into one device's connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeviceEvent {
+    /// A live chat message for the device's inbox; once the device acknowledges it, the
+    /// edge reports it through `ImService::delivered`.
+    Chat {
+        /// Conversation key, for the acknowledgement.
+        conversation: String,
+        /// Seq, for the acknowledgement.
+        seq: u64,
+        /// Encoded `Envelope`.
+        payload: Bytes,
+    },
+}
+
+/// One device connection, as seen from the IM service.
+pub trait DeviceSink: Send + Sync + std::fmt::Debug {
+    /// Queues an event without waiting; `false` if the connection is gone or saturated, in
+    /// which case the message simply stays in the device's backlog.
+    fn push(&self, event: DeviceEvent) -> bool;
+}

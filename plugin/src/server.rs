@@ -1,0 +1,155 @@
+//! Wiring: the store, the IM service, the embedded rumqttd on a private loopback listener,
+//! and the public listeners of the hook layer.
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, TcpListener as StdListener};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+pub use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{Backend, Config};
+use crate::edge::{self, EdgeContext, EDGE_USER};
+use crate::im::ImService;
+use crate::policy::AllowAll;
+use crate::store::{EmbeddedStore, Store, StoreError};
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The store could not be opened or migrated.
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The configured address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The embedded rumqttd did not come up.
+    #[error("embedded broker: {0}")]
+    Broker(String),
+}
+
+/// A bound, ready-to-run mqtt-im.
+#[derive(Debug)]
+pub struct Server {
+    listener: TcpListener,
+    context: Arc<EdgeContext>,
+    store: Arc<dyn Store>,
+    im: ImService,
+}
+
+impl Server {
+    /// Opens the store, starts rumqttd and binds the public listener.
+    ///
+    /// # Errors
+    /// The store, rumqttd or a listener could not be started.
+    pub async fn bind(config: Config) -> Result<Self, ServerError> {
+        let store: Arc<dyn Store> = match config.store.backend {
+            Backend::Embedded => Arc::new(EmbeddedStore::open(
+                &config.store.path,
+                config.store.max_batch,
+            )?),
+        };
+        let im = ImService::new(Arc::clone(&store), Arc::new(AllowAll), config.im.clone());
+        let secret = format!("{:032x}", rand::random::<u128>());
+        let broker = start_broker(&config, &secret).await?;
+        let listener = TcpListener::bind(config.listeners.mqtt)
+            .await
+            .map_err(|source| ServerError::Bind {
+                addr: config.listeners.mqtt,
+                source,
+            })?;
+        let context = Arc::new(EdgeContext::new(&config, im.clone(), broker, secret));
+        Ok(Self {
+            listener,
+            context,
+            store,
+            im,
+        })
+    }
+
+    /// The public MQTT address (with the real port when 0 was configured).
+    ///
+    /// # Errors
+    /// The socket has no local address.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// The IM service, for embedding programs and tests (presence, direct sends).
+    pub fn im(&self) -> ImService {
+        self.im.clone()
+    }
+
+    /// Serves clients until `shutdown` is cancelled, then waits for every connection to
+    /// finish its in-flight stores and closes the store.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let tasks = TaskTracker::new();
+        edge::serve(self.listener, self.context, tasks.clone(), shutdown).await;
+        tasks.close();
+        tasks.wait().await;
+        self.store.close().await;
+    }
+}
+
+/// Starts rumqttd with one MQTT 5 listener on loopback that only the hook layer can use
+/// (it requires the per-process secret), and waits until it accepts connections.
+async fn start_broker(config: &Config, secret: &str) -> Result<SocketAddr, ServerError> {
+    let addr = free_loopback_port().map_err(|e| ServerError::Broker(e.to_string()))?;
+    let settings = &config.broker;
+    let connections = rumqttd::ConnectionSettings {
+        connection_timeout_ms: u16::try_from(settings.connect_timeout_ms).unwrap_or(u16::MAX),
+        max_payload_size: settings.max_packet_size,
+        max_inflight_count: settings.max_inflight_count,
+        auth: Some(HashMap::from([(EDGE_USER.to_owned(), secret.to_owned())])),
+        external_auth: None,
+        dynamic_filters: true,
+    };
+    let server = rumqttd::ServerSettings {
+        name: "mqtt-im-private".into(),
+        listen: addr,
+        tls: None,
+        next_connection_delay_ms: 0,
+        connections,
+    };
+    let broker_config = rumqttd::Config {
+        id: 0,
+        router: rumqttd::RouterConfig {
+            max_connections: settings.max_connections,
+            max_outgoing_packet_count: settings.max_inflight_count as u64,
+            max_segment_size: settings.max_segment_size,
+            max_segment_count: settings.max_segment_count,
+            ..Default::default()
+        },
+        v5: Some(HashMap::from([("private".to_owned(), server)])),
+        ..Default::default()
+    };
+    std::thread::Builder::new()
+        .name("rumqttd".into())
+        .spawn(move || {
+            let mut broker = rumqttd::Broker::new(broker_config);
+            if let Err(e) = broker.start() {
+                tracing::error!(error = %e, "embedded rumqttd stopped");
+            }
+        })
+        .map_err(|e| ServerError::Broker(e.to_string()))?;
+    for _ in 0..200 {
+        if TcpStream::connect(addr).await.is_ok() {
+            return Ok(addr);
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    Err(ServerError::Broker(format!(
+        "rumqttd did not listen on {addr}"
+    )))
+}
+
+fn free_loopback_port() -> std::io::Result<SocketAddr> {
+    StdListener::bind("127.0.0.1:0")?.local_addr()
+}

@@ -1,0 +1,374 @@
+//! Shared helpers: an in-process broker on port 0 with its own data folder, real rumqttc
+//! clients (3.1.1 and 5), and payload builders.
+#![allow(dead_code, unreachable_pub, clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use mqtt_im::server::CancellationToken;
+use mqtt_im::wire::pb;
+use mqtt_im::{Config, Server};
+use prost::Message;
+use tokio::sync::mpsc;
+
+pub const WAIT: Duration = Duration::from_secs(10);
+
+/// A running mqtt-im with users alice, bob, carol (password "pw").
+pub struct TestBroker {
+    pub addr: SocketAddr,
+    pub im: mqtt_im::im::ImService,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+    pub dir: tempfile::TempDir,
+}
+
+pub fn config(dir: &std::path::Path) -> Config {
+    let mut config = Config::default();
+    config.listeners.mqtt = "127.0.0.1:0".parse().unwrap();
+    config.store.path = dir.join("im.db");
+    for user in ["alice", "bob", "carol"] {
+        config.auth.users.insert(user.into(), "pw".into());
+    }
+    config
+}
+
+impl TestBroker {
+    pub async fn start() -> Self {
+        Self::start_in(tempfile::tempdir().unwrap()).await
+    }
+
+    pub async fn start_in(dir: tempfile::TempDir) -> Self {
+        let server = Server::bind(config(dir.path())).await.unwrap();
+        let addr = server.local_addr().unwrap();
+        let im = server.im();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(server.run(shutdown.clone()));
+        Self {
+            addr,
+            im,
+            shutdown,
+            task,
+            dir,
+        }
+    }
+
+    /// Stops the server (every in-flight store finishes) and returns its data folder.
+    pub async fn stop(self) -> tempfile::TempDir {
+        self.shutdown.cancel();
+        self.task.await.unwrap();
+        self.dir
+    }
+}
+
+/// An envelope with one text chat message.
+pub fn chat(msg_id: &str, to: &str, text: &str, ack_flg: bool) -> Vec<u8> {
+    pb::Envelope {
+        cmd: pb::Cmd::Chat as i32,
+        time: 1,
+        uid: String::new(),
+        client_info: None,
+        body: Some(pb::envelope::Body::Chat(pb::ChatMessage {
+            msg_id: msg_id.into(),
+            to: to.into(),
+            ack_flg,
+            from: "mallory".into(),
+            msg: Some(pb::Content {
+                kind: Some(pb::content::Kind::Text(text.into())),
+            }),
+            ..Default::default()
+        })),
+    }
+    .encode_to_vec()
+}
+
+pub fn pull(id: &str, conversation: &str, page_size: u32, ack: Option<pb::Cursor>) -> Vec<u8> {
+    request(
+        id,
+        pb::request::Kind::Pull(pb::Pull {
+            conversation: conversation.into(),
+            page_size,
+            ack,
+        }),
+    )
+}
+
+pub fn request(id: &str, kind: pb::request::Kind) -> Vec<u8> {
+    pb::Request {
+        request_id: id.into(),
+        kind: Some(kind),
+    }
+    .encode_to_vec()
+}
+
+pub fn text_of(message: &pb::ChatMessage) -> &str {
+    match message.msg.as_ref().and_then(|c| c.kind.as_ref()) {
+        Some(pb::content::Kind::Text(text)) => text,
+        _ => "",
+    }
+}
+
+/// What a client saw.
+#[derive(Debug, Clone)]
+pub enum Seen {
+    Publish { topic: String, payload: Vec<u8> },
+    PubAck { pkid: u16, reason: u8 },
+    SubAck { codes: Vec<u8> },
+}
+
+/// A 3.1.1 client (rumqttc) whose events arrive on a channel.
+pub struct Client {
+    pub v4: Option<rumqttc::AsyncClient>,
+    pub v5: Option<rumqttc::v5::AsyncClient>,
+    pub seen: mpsc::UnboundedReceiver<Seen>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Client {
+    /// Connects with MQTT 3.1.1 and waits for the CONNACK.
+    pub async fn v4(addr: SocketAddr, client_id: &str, user: &str, keep_alive: u64) -> Self {
+        let mut options = rumqttc::MqttOptions::new(client_id, addr.ip().to_string(), addr.port());
+        options.set_credentials(user, "pw");
+        options.set_keep_alive(Duration::from_secs(keep_alive));
+        options.set_clean_session(true);
+        let (client, mut events) = rumqttc::AsyncClient::new(options, 100);
+        let (tx, seen) = mpsc::unbounded_channel();
+        let (ready_tx, ready) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(async move {
+            let mut ready_tx = Some(ready_tx);
+            loop {
+                match events.poll().await {
+                    Ok(rumqttc::Event::Incoming(packet)) => {
+                        use rumqttc::Packet;
+                        let event = match packet {
+                            Packet::ConnAck(ack) => {
+                                if let Some(r) = ready_tx.take() {
+                                    let _ = r.send(ack.code == rumqttc::ConnectReturnCode::Success);
+                                }
+                                continue;
+                            }
+                            Packet::Publish(p) => Seen::Publish {
+                                topic: p.topic,
+                                payload: p.payload.to_vec(),
+                            },
+                            Packet::PubAck(a) => Seen::PubAck {
+                                pkid: a.pkid,
+                                reason: 0,
+                            },
+                            Packet::SubAck(s) => Seen::SubAck {
+                                codes: s
+                                    .return_codes
+                                    .iter()
+                                    .map(|c| match c {
+                                        rumqttc::SubscribeReasonCode::Success(q) => *q as u8,
+                                        rumqttc::SubscribeReasonCode::Failure => 0x80,
+                                    })
+                                    .collect(),
+                            },
+                            _ => continue,
+                        };
+                        let _ = tx.send(event);
+                    }
+                    Ok(_) => {}
+                    Err(_) => {
+                        if let Some(r) = ready_tx.take() {
+                            let _ = r.send(false);
+                        }
+                        return;
+                    }
+                }
+            }
+        });
+        assert!(
+            tokio::time::timeout(WAIT, ready).await.unwrap().unwrap(),
+            "connect failed"
+        );
+        Self {
+            v4: Some(client),
+            v5: None,
+            seen,
+            task,
+        }
+    }
+
+    /// Connects with MQTT 5 and waits for the CONNACK.
+    pub async fn v5(addr: SocketAddr, client_id: &str, user: &str) -> Self {
+        use rumqttc::v5;
+        let mut options = v5::MqttOptions::new(client_id, addr.ip().to_string(), addr.port());
+        options.set_credentials(user, "pw");
+        options.set_keep_alive(Duration::from_secs(30));
+        let (client, mut events) = v5::AsyncClient::new(options, 100);
+        let (tx, seen) = mpsc::unbounded_channel();
+        let (ready_tx, ready) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(async move {
+            let mut ready_tx = Some(ready_tx);
+            loop {
+                match events.poll().await {
+                    Ok(v5::Event::Incoming(packet)) => {
+                        use v5::mqttbytes::v5::Packet;
+                        let event = match packet {
+                            Packet::ConnAck(_) => {
+                                if let Some(r) = ready_tx.take() {
+                                    let _ = r.send(true);
+                                }
+                                continue;
+                            }
+                            Packet::Publish(p) => Seen::Publish {
+                                topic: String::from_utf8_lossy(&p.topic).into_owned(),
+                                payload: p.payload.to_vec(),
+                            },
+                            Packet::PubAck(a) => Seen::PubAck {
+                                pkid: a.pkid,
+                                reason: a.reason as u8,
+                            },
+                            Packet::SubAck(s) => Seen::SubAck {
+                                codes: s.return_codes.iter().map(v5_code).collect(),
+                            },
+                            _ => continue,
+                        };
+                        let _ = tx.send(event);
+                    }
+                    Ok(_) => {}
+                    Err(_) => {
+                        if let Some(r) = ready_tx.take() {
+                            let _ = r.send(false);
+                        }
+                        return;
+                    }
+                }
+            }
+        });
+        assert!(
+            tokio::time::timeout(WAIT, ready).await.unwrap().unwrap(),
+            "connect failed"
+        );
+        Self {
+            v4: None,
+            v5: Some(client),
+            seen,
+            task,
+        }
+    }
+
+    pub async fn subscribe(&mut self, filter: &str, qos: u8) -> Vec<u8> {
+        if let Some(c) = &self.v4 {
+            c.subscribe(filter, rumqttc::qos(qos).unwrap())
+                .await
+                .unwrap();
+        } else if let Some(c) = &self.v5 {
+            c.subscribe(filter, rumqttc::v5::mqttbytes::qos(qos).unwrap())
+                .await
+                .unwrap();
+        }
+        loop {
+            if let Seen::SubAck { codes } = self.next().await {
+                return codes;
+            }
+        }
+    }
+
+    pub async fn publish(&self, topic: &str, qos: u8, payload: Vec<u8>) {
+        if let Some(c) = &self.v4 {
+            c.publish(topic, rumqttc::qos(qos).unwrap(), false, payload)
+                .await
+                .unwrap();
+        } else if let Some(c) = &self.v5 {
+            c.publish(
+                topic,
+                rumqttc::v5::mqttbytes::qos(qos).unwrap(),
+                false,
+                payload,
+            )
+            .await
+            .unwrap();
+        }
+    }
+
+    /// Publishes at QoS 1 and returns the PUBACK reason code.
+    pub async fn publish_acked(&mut self, topic: &str, payload: Vec<u8>) -> u8 {
+        self.publish(topic, 1, payload).await;
+        loop {
+            if let Seen::PubAck { reason, .. } = self.next().await {
+                return reason;
+            }
+        }
+    }
+
+    pub async fn next(&mut self) -> Seen {
+        tokio::time::timeout(WAIT, self.seen.recv())
+            .await
+            .expect("timed out waiting for a packet")
+            .expect("connection ended")
+    }
+
+    /// The next publish on `topic`, skipping other packets.
+    pub async fn next_on(&mut self, topic: &str) -> Vec<u8> {
+        loop {
+            if let Seen::Publish { topic: t, payload } = self.next().await {
+                if t == topic {
+                    return payload;
+                }
+            }
+        }
+    }
+
+    /// Nothing at all arrives within `wait`.
+    pub async fn quiet_for(&mut self, wait: Duration) -> Option<Seen> {
+        tokio::time::timeout(wait, self.seen.recv())
+            .await
+            .ok()
+            .flatten()
+    }
+
+    pub async fn digest(&mut self, uid: &str) -> pb::Digest {
+        let bytes = self.next_on(&format!("im/u/{uid}/digest")).await;
+        pb::Digest::decode(bytes.as_slice()).unwrap()
+    }
+
+    pub async fn response(&mut self, uid: &str) -> pb::Response {
+        let bytes = self.next_on(&format!("im/u/{uid}/resp")).await;
+        pb::Response::decode(bytes.as_slice()).unwrap()
+    }
+
+    /// Sends a request on `req` and returns the response.
+    pub async fn ask(&mut self, uid: &str, request: Vec<u8>) -> pb::Response {
+        self.publish(&format!("im/u/{uid}/req"), 1, request).await;
+        self.response(uid).await
+    }
+
+    pub async fn disconnect(self) {
+        if let Some(c) = &self.v4 {
+            let _ = c.disconnect().await;
+        } else if let Some(c) = &self.v5 {
+            let _ = c.disconnect().await;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The page of a Pull/History response.
+pub fn page(response: &pb::Response) -> pb::Page {
+    match &response.result {
+        Some(pb::response::Result::Page(page)) => page.clone(),
+        other => panic!("expected a page, got {other:?} ({:?})", response.error),
+    }
+}
+
+pub fn seqs(page: &pb::Page) -> Vec<u64> {
+    page.messages.iter().map(|m| m.seq).collect()
+}
+
+fn v5_code(code: &rumqttc::v5::mqttbytes::v5::SubscribeReasonCode) -> u8 {
+    use rumqttc::v5::mqttbytes::v5::SubscribeReasonCode as C;
+    match code {
+        C::Success(qos) => *qos as u8,
+        C::NotAuthorized => 0x87,
+        C::TopicFilterInvalid => 0x8f,
+        _ => 0x80,
+    }
+}
