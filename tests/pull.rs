@@ -1,0 +1,151 @@
+//! Digest counters and paged pull-and-ack.
+mod common;
+
+use common::*;
+use mqtt_im::wire::pb;
+
+async fn send_n(broker: &TestBroker, n: usize, prefix: &str) {
+    let mut alice = Client::v4(broker.addr, &format!("alice-{prefix}"), "alice", 30).await;
+    for i in 0..n {
+        let id = format!("{prefix}-{i}");
+        assert_eq!(alice.publish_acked("im/u/bob", chat(&id, "bob", &id, false)).await, 0);
+    }
+    alice.disconnect().await;
+}
+
+fn cursor(page: &pb::Page) -> Option<pb::Cursor> {
+    page.cursor
+}
+
+/// ClearCounters clears what the confirmed digest carried; later increments stay.
+#[tokio::test]
+async fn clear_counters_keeps_later_increments() {
+    let broker = TestBroker::start().await;
+    send_n(&broker, 3, "a").await;
+    let mut bob = Client::v4(broker.addr, "bob-phone", "bob", 30).await;
+    bob.subscribe("im/u/bob/#", 1).await;
+    let digest = bob.digest("bob").await;
+    assert_eq!(digest.sessions["u/alice"].count, 3);
+    bob.disconnect().await;
+    send_n(&broker, 2, "b").await;
+    let mut bob = Client::v4(broker.addr, "bob-phone", "bob", 30).await;
+    bob.subscribe("im/u/bob/#", 1).await;
+    let second = bob.digest("bob").await;
+    assert_eq!(second.sessions["u/alice"].count, 5);
+    let clear = pb::request::Kind::ClearCounters(pb::ClearCounters {
+        version: digest.version,
+    });
+    let response = bob.ask("bob", request("c1", clear)).await;
+    assert_eq!(response.status, pb::Status::Ok as i32, "{response:?}");
+    bob.disconnect().await;
+    let mut bob = Client::v4(broker.addr, "bob-phone", "bob", 30).await;
+    bob.subscribe("im/u/bob/#", 1).await;
+    let third = bob.digest("bob").await;
+    let session = &third.sessions["u/alice"];
+    assert_eq!((session.count, session.unacked, session.max_seq), (2, 5, 5));
+}
+
+/// Three pages with acks while new messages arrive: no skip, no repeat, then `end`; a second
+/// device of the same user still gets everything.
+#[tokio::test]
+async fn pages_with_acks_while_messages_arrive() {
+    let broker = TestBroker::start().await;
+    send_n(&broker, 25, "old").await;
+    let mut phone = Client::v5(broker.addr, "bob-phone", "bob").await;
+    let first = page(&phone.ask("bob", pull("1", "u/alice", 10, None)).await);
+    assert_eq!(seqs(&first), (16..=25).rev().collect::<Vec<_>>());
+    send_n(&broker, 3, "new").await;
+    let second = page(&phone.ask("bob", pull("2", "u/alice", 10, cursor(&first))).await);
+    assert_eq!(seqs(&second)[..3], [28, 27, 26]);
+    let mut seen = [seqs(&first), seqs(&second)].concat();
+    let mut last = second;
+    while !last.end {
+        last = page(&phone.ask("bob", pull("n", "u/alice", 10, cursor(&last))).await);
+        seen.extend(seqs(&last));
+    }
+    let done = page(&phone.ask("bob", pull("f", "u/alice", 10, cursor(&last))).await);
+    assert!(done.messages.is_empty() && done.end);
+    seen.sort_unstable();
+    assert_eq!(seen, (1..=28).collect::<Vec<_>>(), "every message exactly once");
+
+    let mut laptop = Client::v4(broker.addr, "bob-laptop", "bob", 30).await;
+    let all = page(&laptop.ask("bob", pull("l", "u/alice", 50, None)).await);
+    assert_eq!(all.messages.len(), 0, "the laptop was first seen after the phone acked all");
+    drop(laptop);
+    // A device that existed before the acks keeps its own backlog.
+    let mut tablet = Client::v4(broker.addr, "bob-tablet", "bob", 30).await;
+    let _ = page(&tablet.ask("bob", pull("t", "u/alice", 1, None)).await);
+    send_n(&broker, 2, "later").await;
+    let from_phone = page(&phone.ask("bob", pull("p", "u/alice", 50, None)).await);
+    assert_eq!(seqs(&from_phone), vec![30, 29]);
+    let from_tablet = page(&tablet.ask("bob", pull("t2", "u/alice", 50, None)).await);
+    assert_eq!(seqs(&from_tablet), vec![30, 29]);
+}
+
+/// A device that pulled the newest 20 of 100 and stopped gets the older 80 next time.
+#[tokio::test]
+async fn pull_twenty_of_hundred_then_stop_keeps_the_hole() {
+    let broker = TestBroker::start().await;
+    send_n(&broker, 100, "m").await;
+    let mut bob = Client::v4(broker.addr, "bob-phone", "bob", 30).await;
+    let newest = page(&bob.ask("bob", pull("1", "u/alice", 20, None)).await);
+    let ack = pb::request::Kind::Ack(pb::Ack {
+        conversation: "u/alice".into(),
+        up_to: 0,
+    });
+    let bad = bob.ask("bob", request("bad", ack)).await;
+    assert_eq!(bad.status, pb::Status::Error as i32);
+    // Acknowledge the newest page through the next pull, then stop (disconnect).
+    let _ = page(&bob.ask("bob", pull("2", "u/alice", 1, cursor(&newest))).await);
+    bob.disconnect().await;
+    let mut bob = Client::v4(broker.addr, "bob-phone", "bob", 30).await;
+    bob.subscribe("im/u/bob/#", 1).await;
+    assert_eq!(bob.digest("bob").await.sessions["u/alice"].unacked, 80);
+    let rest = page(&bob.ask("bob", pull("3", "u/alice", 200, None)).await);
+    assert_eq!(seqs(&rest), (1..=80).rev().collect::<Vec<_>>());
+    assert!(rest.end);
+    let history = page(&bob.ask(
+        "bob",
+        request(
+            "h",
+            pb::request::Kind::History(pb::History {
+                conversation: "u/alice".into(),
+                before_seq: 0,
+                page_size: 5,
+            }),
+        ),
+    )
+    .await);
+    assert_eq!(seqs(&history), vec![100, 99, 98, 97, 96]);
+}
+
+/// MQTT 5 Response Topic and Correlation Data are honoured.
+#[tokio::test]
+async fn v5_response_topic_and_correlation_data() {
+    use rumqttc::v5::mqttbytes::v5::PublishProperties;
+    let broker = TestBroker::start().await;
+    send_n(&broker, 1, "x").await;
+    let mut bob = Client::v5(broker.addr, "bob-phone", "bob").await;
+    bob.subscribe("im/u/bob/#", 1).await;
+    let _ = bob.digest("bob").await;
+    let properties = PublishProperties {
+        response_topic: Some("im/u/bob/replies".into()),
+        correlation_data: Some(bytes::Bytes::from_static(b"corr-1")),
+        ..Default::default()
+    };
+    bob.v5
+        .as_ref()
+        .unwrap()
+        .publish_with_properties(
+            "im/u/bob/req",
+            rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+            false,
+            pull("r", "u/alice", 5, None),
+            properties,
+        )
+        .await
+        .unwrap();
+    let reply = bob.next_on("im/u/bob/replies").await;
+    let response = <pb::Response as prost::Message>::decode(reply.as_slice()).unwrap();
+    assert_eq!(page(&response).messages.len(), 1);
+}
