@@ -224,7 +224,7 @@ impl Client {
                             },
                             Packet::PubAck(a) => Seen::PubAck {
                                 pkid: a.pkid,
-                                reason: a.reason as u8,
+                                reason: v5_ack_code(a.reason),
                             },
                             Packet::SubAck(s) => Seen::SubAck {
                                 codes: s.return_codes.iter().map(v5_code).collect(),
@@ -370,5 +370,20 @@ fn v5_code(code: &rumqttc::v5::mqttbytes::v5::SubscribeReasonCode) -> u8 {
         C::NotAuthorized => 0x87,
         C::TopicFilterInvalid => 0x8f,
         _ => 0x80,
+    }
+}
+
+fn v5_ack_code(reason: rumqttc::v5::mqttbytes::v5::PubAckReason) -> u8 {
+    use rumqttc::v5::mqttbytes::v5::PubAckReason as R;
+    match reason {
+        R::Success => 0,
+        R::NoMatchingSubscribers => 0x10,
+        R::UnspecifiedError => 0x80,
+        R::ImplementationSpecificError => 0x83,
+        R::NotAuthorized => 0x87,
+        R::TopicNameInvalid => 0x90,
+        R::PacketIdentifierInUse => 0x91,
+        R::QuotaExceeded => 0x97,
+        R::PayloadFormatInvalid => 0x99,
     }
 }

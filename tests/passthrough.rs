@@ -1,0 +1,83 @@
+//! Non-IM topics behave as on bare rumqttd, shielded from its known defects.
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+/// QoS 0/1/2 between mixed 3.1.1 and 5 clients, and retained messages.
+#[tokio::test]
+async fn mixed_versions_pub_sub_all_qos_and_retain() {
+    let broker = TestBroker::start().await;
+    let mut sub4 = Client::v4(broker.addr, "dev-4", "alice", 30).await;
+    let mut sub5 = Client::v5(broker.addr, "dev-5", "bob").await;
+    assert_eq!(sub4.subscribe("sensors/#", 2).await, vec![2]);
+    assert_eq!(sub5.subscribe("sensors/#", 2).await, vec![2]);
+    let publisher = Client::v5(broker.addr, "pub-5", "carol").await;
+    for qos in 0..=2u8 {
+        let topic = format!("sensors/q{qos}");
+        publisher.publish(&topic, qos, vec![qos]).await;
+        assert_eq!(sub4.next_on(&topic).await, vec![qos]);
+        assert_eq!(sub5.next_on(&topic).await, vec![qos]);
+    }
+    let publisher4 = Client::v4(broker.addr, "pub-4", "carol", 30).await;
+    publisher4
+        .v4
+        .as_ref()
+        .unwrap()
+        .publish("state/door", rumqttc::QoS::AtLeastOnce, true, "open")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut late = Client::v4(broker.addr, "late", "alice", 30).await;
+    late.subscribe("state/#", 1).await;
+    assert_eq!(late.next_on("state/door").await, b"open".to_vec());
+}
+
+/// rumqtt#943: keep-alive 0 is legal MQTT and is accepted.
+#[tokio::test]
+async fn keep_alive_zero_is_accepted() {
+    let broker = TestBroker::start().await;
+    let mut idle = Client::v4(broker.addr, "idle", "alice", 0).await;
+    assert_eq!(idle.subscribe("t/#", 1).await, vec![1]);
+    let publisher = Client::v4(broker.addr, "p", "bob", 30).await;
+    publisher.publish("t/x", 1, b"x".to_vec()).await;
+    assert_eq!(idle.next_on("t/x").await, b"x".to_vec());
+}
+
+/// The DESIGN §2 repro: an MQTT 5 publish with a user property reaching a 3.1.1 subscriber,
+/// then that subscriber reconnecting, must neither crash it nor lock out 3.1.1 clients.
+#[tokio::test]
+async fn v5_properties_to_v311_subscriber_then_reconnect() {
+    use rumqttc::v5::mqttbytes::v5::PublishProperties;
+    let broker = TestBroker::start().await;
+    let mut sub = Client::v4(broker.addr, "repro-sub", "alice", 30).await;
+    sub.subscribe("repro/#", 1).await;
+    let publisher = Client::v5(broker.addr, "repro-pub", "bob").await;
+    let properties = PublishProperties {
+        user_properties: vec![("k".into(), "v".into())],
+        ..Default::default()
+    };
+    publisher
+        .v5
+        .as_ref()
+        .unwrap()
+        .publish_with_properties(
+            "repro/props",
+            rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+            false,
+            "x",
+            properties,
+        )
+        .await
+        .unwrap();
+    assert_eq!(sub.next_on("repro/props").await, b"x".to_vec());
+    sub.disconnect().await;
+    let mut again = Client::v4(broker.addr, "repro-sub", "alice", 30).await;
+    again.subscribe("repro/#", 1).await;
+    let mut other = Client::v4(broker.addr, "another-311", "carol", 30).await;
+    other.subscribe("repro/#", 1).await;
+    publisher.publish("repro/after", 1, b"y".to_vec()).await;
+    assert_eq!(again.next_on("repro/after").await, b"y".to_vec());
+    assert_eq!(other.next_on("repro/after").await, b"y".to_vec());
+}
