@@ -24,7 +24,11 @@ async fn foreign_subscriptions_are_refused() {
 async fn foreign_publishes_are_refused_with_a_reason() {
     let broker = TestBroker::start().await;
     let mut v5 = Client::v5(broker.addr, "alice-5", "alice").await;
-    assert_eq!(v5.publish_acked("im/u/bob/req", pull("x", "u/alice", 1, None)).await, 0x87);
+    assert_eq!(
+        v5.publish_acked("im/u/bob/req", pull("x", "u/alice", 1, None))
+            .await,
+        0x87
+    );
     assert_eq!(v5.publish_acked("im/u/bob/resp", vec![1]).await, 0x87);
     let mut v4 = Client::v4(broker.addr, "alice-4", "alice", 30).await;
     v4.subscribe("im/u/alice/#", 1).await;
@@ -42,16 +46,23 @@ async fn foreign_publishes_are_refused_with_a_reason() {
 async fn malformed_protobuf_is_answered_and_not_stored() {
     let broker = TestBroker::start().await;
     let mut v5 = Client::v5(broker.addr, "alice-5", "alice").await;
-    assert_eq!(v5.publish_acked("im/u/bob", vec![0xff, 0xff, 0xff]).await, 0x99);
+    assert_eq!(
+        v5.publish_acked("im/u/bob", vec![0xff, 0xff, 0xff]).await,
+        0x99
+    );
     let mut v4 = Client::v4(broker.addr, "alice-4", "alice", 30).await;
     v4.subscribe("im/u/alice/#", 1).await;
     let _ = v4.digest("alice").await;
-    v4.publish("im/u/bob", 1, b"not protobuf at all".to_vec()).await;
+    v4.publish("im/u/bob", 1, b"not protobuf at all".to_vec())
+        .await;
     let error = v4.response("alice").await.error.unwrap();
     assert_eq!(error.code, pb::ErrorCode::BadRequest as i32);
     assert!(error.message.contains("Envelope"), "{}", error.message);
     let bad_request = v4.ask("alice", vec![0xff, 0x01]).await;
-    assert_eq!(bad_request.error.unwrap().code, pb::ErrorCode::BadRequest as i32);
+    assert_eq!(
+        bad_request.error.unwrap().code,
+        pb::ErrorCode::BadRequest as i32
+    );
     let mut bob = Client::v4(broker.addr, "bob-phone", "bob", 30).await;
     bob.subscribe("im/u/bob/#", 1).await;
     assert!(bob.digest("bob").await.sessions.is_empty());

@@ -8,7 +8,12 @@ async fn send_n(broker: &TestBroker, n: usize, prefix: &str) {
     let mut alice = Client::v4(broker.addr, &format!("alice-{prefix}"), "alice", 30).await;
     for i in 0..n {
         let id = format!("{prefix}-{i}");
-        assert_eq!(alice.publish_acked("im/u/bob", chat(&id, "bob", &id, false)).await, 0);
+        assert_eq!(
+            alice
+                .publish_acked("im/u/bob", chat(&id, "bob", &id, false))
+                .await,
+            0
+        );
     }
     alice.disconnect().await;
 }
@@ -55,22 +60,42 @@ async fn pages_with_acks_while_messages_arrive() {
     let first = page(&phone.ask("bob", pull("1", "u/alice", 10, None)).await);
     assert_eq!(seqs(&first), (16..=25).rev().collect::<Vec<_>>());
     send_n(&broker, 3, "new").await;
-    let second = page(&phone.ask("bob", pull("2", "u/alice", 10, cursor(&first))).await);
+    let second = page(
+        &phone
+            .ask("bob", pull("2", "u/alice", 10, cursor(&first)))
+            .await,
+    );
     assert_eq!(seqs(&second)[..3], [28, 27, 26]);
     let mut seen = [seqs(&first), seqs(&second)].concat();
     let mut last = second;
     while !last.end {
-        last = page(&phone.ask("bob", pull("n", "u/alice", 10, cursor(&last))).await);
+        last = page(
+            &phone
+                .ask("bob", pull("n", "u/alice", 10, cursor(&last)))
+                .await,
+        );
         seen.extend(seqs(&last));
     }
-    let done = page(&phone.ask("bob", pull("f", "u/alice", 10, cursor(&last))).await);
+    let done = page(
+        &phone
+            .ask("bob", pull("f", "u/alice", 10, cursor(&last)))
+            .await,
+    );
     assert!(done.messages.is_empty() && done.end);
     seen.sort_unstable();
-    assert_eq!(seen, (1..=28).collect::<Vec<_>>(), "every message exactly once");
+    assert_eq!(
+        seen,
+        (1..=28).collect::<Vec<_>>(),
+        "every message exactly once"
+    );
 
     let mut laptop = Client::v4(broker.addr, "bob-laptop", "bob", 30).await;
     let all = page(&laptop.ask("bob", pull("l", "u/alice", 50, None)).await);
-    assert_eq!(all.messages.len(), 0, "the laptop was first seen after the phone acked all");
+    assert_eq!(
+        all.messages.len(),
+        0,
+        "the laptop was first seen after the phone acked all"
+    );
     drop(laptop);
     // A device that existed before the acks keeps its own backlog.
     let mut tablet = Client::v4(broker.addr, "bob-tablet", "bob", 30).await;
@@ -96,7 +121,10 @@ async fn pull_twenty_of_hundred_then_stop_keeps_the_hole() {
     let bad = bob.ask("bob", request("bad", ack)).await;
     assert_eq!(bad.status, pb::Status::Error as i32);
     // Acknowledge the newest page through the next pull, then stop (disconnect).
-    let _ = page(&bob.ask("bob", pull("2", "u/alice", 1, cursor(&newest))).await);
+    let _ = page(
+        &bob.ask("bob", pull("2", "u/alice", 1, cursor(&newest)))
+            .await,
+    );
     bob.disconnect().await;
     let mut bob = Client::v4(broker.addr, "bob-phone", "bob", 30).await;
     bob.subscribe("im/u/bob/#", 1).await;
@@ -104,18 +132,20 @@ async fn pull_twenty_of_hundred_then_stop_keeps_the_hole() {
     let rest = page(&bob.ask("bob", pull("3", "u/alice", 200, None)).await);
     assert_eq!(seqs(&rest), (1..=80).rev().collect::<Vec<_>>());
     assert!(rest.end);
-    let history = page(&bob.ask(
-        "bob",
-        request(
-            "h",
-            pb::request::Kind::History(pb::History {
-                conversation: "u/alice".into(),
-                before_seq: 0,
-                page_size: 5,
-            }),
-        ),
-    )
-    .await);
+    let history = page(
+        &bob.ask(
+            "bob",
+            request(
+                "h",
+                pb::request::Kind::History(pb::History {
+                    conversation: "u/alice".into(),
+                    before_seq: 0,
+                    page_size: 5,
+                }),
+            ),
+        )
+        .await,
+    );
     assert_eq!(seqs(&history), vec![100, 99, 98, 97, 96]);
 }
 

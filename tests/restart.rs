@@ -38,7 +38,12 @@ async fn acknowledged_messages_survive_kill_and_restart() {
     let mut alice = Client::v4(addr, "alice-phone", "alice", 30).await;
     for i in 0..50 {
         let id = format!("m{i}");
-        assert_eq!(alice.publish_acked("im/u/bob", chat(&id, "bob", &id, false)).await, 0);
+        assert_eq!(
+            alice
+                .publish_acked("im/u/bob", chat(&id, "bob", &id, false))
+                .await,
+            0
+        );
     }
     child.kill().unwrap();
     child.wait().unwrap();
@@ -65,7 +70,12 @@ async fn graceful_restart_keeps_messages() {
     let mut alice = Client::v5(broker.addr, "alice-phone", "alice").await;
     for i in 0..5 {
         let id = format!("g{i}");
-        assert_eq!(alice.publish_acked("im/u/bob", chat(&id, "bob", &id, false)).await, 0);
+        assert_eq!(
+            alice
+                .publish_acked("im/u/bob", chat(&id, "bob", &id, false))
+                .await,
+            0
+        );
     }
     drop(alice);
     let dir = broker.stop().await;
