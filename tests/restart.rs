@@ -1,5 +1,6 @@
 //! The binary, killed with SIGKILL and restarted on the same data folder, loses no
 //! acknowledged message.
+#![allow(clippy::unwrap_used)] // the spawn helper is test support
 mod common;
 
 use std::io::{BufRead, BufReader};
