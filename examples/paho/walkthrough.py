@@ -1,9 +1,9 @@
 """Walk-through with paho-mqtt against a running mqtt-im (see README).
 
-pip install paho-mqtt protobuf; the wire types are generated from proto/ with
-`python -m grpc_tools.protoc` or protoc into im_pb2.py next to this file:
-    python -m grpc_tools.protoc -I proto --python_out=examples/paho proto/mqtt_im/v1/im.proto
-Run: python3 examples/paho/walkthrough.py  (address from MQTT_IM_ADDR, default 127.0.0.1:11883)
+pip install paho-mqtt protobuf grpcio-tools
+python3 examples/paho/walkthrough.py   (address from MQTT_IM_ADDR, default 127.0.0.1:11883)
+
+The wire types are generated from proto/ next to this file on first run.
 """
 import os
 import queue
@@ -12,7 +12,13 @@ import time
 
 import paho.mqtt.client as mqtt
 
-sys.path.insert(0, os.path.dirname(__file__))
+HERE = os.path.dirname(os.path.abspath(__file__))
+PROTO = os.path.join(HERE, "..", "..", "proto")
+if not os.path.exists(os.path.join(HERE, "mqtt_im", "v1", "im_pb2.py")):
+    from grpc_tools import protoc
+
+    protoc.main(["protoc", f"-I{PROTO}", f"--python_out={HERE}", "mqtt_im/v1/im.proto"])
+sys.path.insert(0, HERE)
 from mqtt_im.v1 import im_pb2 as pb  # noqa: E402
 
 HOST, PORT = os.environ.get("MQTT_IM_ADDR", "127.0.0.1:11883").rsplit(":", 1)
