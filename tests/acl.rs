@@ -78,3 +78,34 @@ async fn bad_password_is_refused() {
     let refused = events.poll().await;
     assert!(refused.is_err(), "{refused:?}");
 }
+
+/// A request whose MQTT 5 Response Topic points outside the requester's tree is refused.
+#[tokio::test]
+async fn response_topic_outside_own_tree_is_refused() {
+    use rumqttc::v5::mqttbytes::v5::PublishProperties;
+    let broker = TestBroker::start().await;
+    let mut alice = Client::v5(broker.addr, "alice-5", "alice").await;
+    let properties = PublishProperties {
+        response_topic: Some("im/u/bob/resp".into()),
+        ..Default::default()
+    };
+    alice
+        .v5
+        .as_ref()
+        .unwrap()
+        .publish_with_properties(
+            "im/u/alice/req",
+            rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+            false,
+            pull("x", "u/bob", 1, None),
+            properties,
+        )
+        .await
+        .unwrap();
+    loop {
+        if let Seen::PubAck { reason, .. } = alice.next().await {
+            assert_eq!(reason, 0x87);
+            break;
+        }
+    }
+}

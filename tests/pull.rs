@@ -175,7 +175,41 @@ async fn v5_response_topic_and_correlation_data() {
         )
         .await
         .unwrap();
-    let reply = bob.next_on("im/u/bob/replies").await;
+    let (reply, correlation) = bob.next_with_correlation("im/u/bob/replies").await;
+    assert_eq!(correlation.as_deref(), Some(&b"corr-1"[..]));
     let response = <pb::Response as prost::Message>::decode(reply.as_slice()).unwrap();
     assert_eq!(page(&response).messages.len(), 1);
+}
+
+/// MarkRead moves the user's read cursor: the user's other devices see it as `read_seq`, the
+/// peer's devices as `peer_read_seq`.
+#[tokio::test]
+async fn mark_read_shows_in_digests() {
+    let broker = TestBroker::start().await;
+    send_n(&broker, 3, "r").await;
+    let mut phone = Client::v4(broker.addr, "bob-phone", "bob", 30).await;
+    let mark = pb::request::Kind::MarkRead(pb::MarkRead {
+        conversation: "u/alice".into(),
+        seq: 2,
+    });
+    let response = phone.ask("bob", request("m", mark)).await;
+    match response.result {
+        Some(pb::response::Result::Read(read)) => assert_eq!(read.read_seq, 2),
+        other => panic!("expected a read cursor, got {other:?}"),
+    }
+    let beyond = pb::request::Kind::MarkRead(pb::MarkRead {
+        conversation: "u/alice".into(),
+        seq: 99,
+    });
+    assert_eq!(
+        phone.ask("bob", request("b", beyond)).await.status,
+        pb::Status::Error as i32
+    );
+    let mut laptop = Client::v4(broker.addr, "bob-laptop", "bob", 30).await;
+    laptop.subscribe("im/u/bob/#", 1).await;
+    assert_eq!(laptop.digest("bob").await.sessions["u/alice"].read_seq, 2);
+    let mut alice = Client::v4(broker.addr, "alice-laptop", "alice", 30).await;
+    alice.subscribe("im/u/alice/#", 1).await;
+    let session = &alice.digest("alice").await.sessions["u/bob"];
+    assert_eq!((session.peer_read_seq, session.count), (2, 0));
 }

@@ -171,7 +171,10 @@ impl Config {
         let auth = section(&raw, "auth", &mut problems);
         let store = section(&raw, "store", &mut problems);
         let im = section(&raw, "im", &mut problems);
-        if let Ok(table) = raw.clone().try_deserialize::<BTreeMap<String, config::Value>>() {
+        if let Ok(table) = raw
+            .clone()
+            .try_deserialize::<BTreeMap<String, config::Value>>()
+        {
             for key in table.keys().filter(|k| !SECTIONS.contains(&k.as_str())) {
                 problems.push(format!("{key}: unknown section"));
             }

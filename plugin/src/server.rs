@@ -6,7 +6,7 @@ use std::net::{SocketAddr, TcpListener as StdListener};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 pub use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -140,7 +140,7 @@ async fn start_broker(config: &Config, secret: &str) -> Result<SocketAddr, Serve
         })
         .map_err(|e| ServerError::Broker(e.to_string()))?;
     for _ in 0..200 {
-        if TcpStream::connect(addr).await.is_ok() {
+        if edge::broker_ready(addr, secret).await {
             return Ok(addr);
         }
         tokio::time::sleep(Duration::from_millis(25)).await;

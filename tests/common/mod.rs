@@ -110,9 +110,19 @@ pub fn text_of(message: &pb::ChatMessage) -> &str {
 /// What a client saw.
 #[derive(Debug, Clone)]
 pub enum Seen {
-    Publish { topic: String, payload: Vec<u8> },
-    PubAck { pkid: u16, reason: u8 },
-    SubAck { codes: Vec<u8> },
+    Publish {
+        topic: String,
+        payload: Vec<u8>,
+        /// MQTT 5 Correlation Data, if any.
+        correlation: Option<Vec<u8>>,
+    },
+    PubAck {
+        pkid: u16,
+        reason: u8,
+    },
+    SubAck {
+        codes: Vec<u8>,
+    },
 }
 
 /// A 3.1.1 client (rumqttc) whose events arrive on a channel.
@@ -132,10 +142,21 @@ impl Drop for Client {
 impl Client {
     /// Connects with MQTT 3.1.1 and waits for the CONNACK.
     pub async fn v4(addr: SocketAddr, client_id: &str, user: &str, keep_alive: u64) -> Self {
+        Self::v4_session(addr, client_id, user, keep_alive, true).await
+    }
+
+    /// Connects with MQTT 3.1.1 and the given clean-session flag.
+    pub async fn v4_session(
+        addr: SocketAddr,
+        client_id: &str,
+        user: &str,
+        keep_alive: u64,
+        clean: bool,
+    ) -> Self {
         let mut options = rumqttc::MqttOptions::new(client_id, addr.ip().to_string(), addr.port());
         options.set_credentials(user, "pw");
         options.set_keep_alive(Duration::from_secs(keep_alive));
-        options.set_clean_session(true);
+        options.set_clean_session(clean);
         let (client, mut events) = rumqttc::AsyncClient::new(options, 100);
         let (tx, seen) = mpsc::unbounded_channel();
         let (ready_tx, ready) = tokio::sync::oneshot::channel();
@@ -155,6 +176,7 @@ impl Client {
                             Packet::Publish(p) => Seen::Publish {
                                 topic: p.topic,
                                 payload: p.payload.to_vec(),
+                                correlation: None,
                             },
                             Packet::PubAck(a) => Seen::PubAck {
                                 pkid: a.pkid,
@@ -221,6 +243,10 @@ impl Client {
                             Packet::Publish(p) => Seen::Publish {
                                 topic: String::from_utf8_lossy(&p.topic).into_owned(),
                                 payload: p.payload.to_vec(),
+                                correlation: p
+                                    .properties
+                                    .and_then(|props| props.correlation_data)
+                                    .map(|data| data.to_vec()),
                             },
                             Packet::PubAck(a) => Seen::PubAck {
                                 pkid: a.pkid,
@@ -308,10 +334,20 @@ impl Client {
 
     /// The next publish on `topic`, skipping other packets.
     pub async fn next_on(&mut self, topic: &str) -> Vec<u8> {
+        self.next_with_correlation(topic).await.0
+    }
+
+    /// The next publish on `topic` with its Correlation Data.
+    pub async fn next_with_correlation(&mut self, topic: &str) -> (Vec<u8>, Option<Vec<u8>>) {
         loop {
-            if let Seen::Publish { topic: t, payload } = self.next().await {
+            if let Seen::Publish {
+                topic: t,
+                payload,
+                correlation,
+            } = self.next().await
+            {
                 if t == topic {
-                    return payload;
+                    return (payload, correlation);
                 }
             }
         }
@@ -356,6 +392,23 @@ pub fn page(response: &pb::Response) -> pb::Page {
     match &response.result {
         Some(pb::response::Result::Page(page)) => page.clone(),
         other => panic!("expected a page, got {other:?} ({:?})", response.error),
+    }
+}
+
+/// Waits until `uid`'s online devices on this node are exactly `expected`.
+pub async fn wait_presence(broker: &TestBroker, uid: &str, expected: &[&str]) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let mut online = broker.im.online_devices(uid);
+        online.sort();
+        if online == expected {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{uid} online on {online:?}, expected {expected:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 

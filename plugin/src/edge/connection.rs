@@ -32,6 +32,9 @@ const UPSTREAM_KEEP_ALIVE: u16 = 60;
 const UPSTREAM_PING: Duration = Duration::from_secs(20);
 /// Live deliveries queued per connection before the device counts as busy.
 const EVENT_QUEUE: usize = 1024;
+/// IM publishes and requests of one connection waiting for the store; beyond this the
+/// connection stops reading from the client until some complete (backpressure).
+const MAX_PENDING_OPS: usize = 1024;
 
 /// A subscribe or unsubscribe split between the hook layer and rumqttd, waiting for
 /// rumqttd's half of the answer.
@@ -48,6 +51,7 @@ pub(super) struct Connection {
     pub(super) version: Version,
     pub(super) device: Device,
     keep_alive: Option<Duration>,
+    clean_session: bool,
     client_rd: OwnedReadHalf,
     client_wr: OwnedWriteHalf,
     client_in: BytesMut,
@@ -277,6 +281,12 @@ async fn handshake(
     let (client_rd, client_wr) = stream.into_split();
     let (up_rd, up_wr) = upstream.into_split();
     let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
+    let im_filters = if connect.clean_session {
+        ctx.keep_session(&device, HashMap::new());
+        HashMap::new()
+    } else {
+        ctx.restore_session(&device)
+    };
     tracing::debug!(?version, keep_alive = connect.keep_alive, "connected");
     Ok(Connection {
         ctx,
@@ -284,6 +294,7 @@ async fn handshake(
         version,
         device,
         keep_alive,
+        clean_session: connect.clean_session,
         client_rd,
         client_wr,
         client_in,
@@ -293,7 +304,7 @@ async fn handshake(
         up_in,
         up_out: BytesMut::with_capacity(4096),
         ids: PacketIds::default(),
-        im_filters: HashMap::new(),
+        im_filters,
         pending: HashMap::new(),
         im_qos2: HashSet::new(),
         ops: FuturesOrdered::new(),
@@ -324,11 +335,16 @@ impl Connection {
             (k / 3).clamp(Duration::from_millis(250), UPSTREAM_PING)
         });
         let mut ticker = tokio::time::interval(tick);
+        if !self.im_filters.is_empty() {
+            // A resumed persistent session: online again, and a fresh digest.
+            self.after_subscribe();
+        }
         // Packets that arrived with the CONNECT.
         let mut end = self.on_client_bytes().err().map(End::Failed);
         while end.is_none() {
             let step = tokio::select! {
-                read = self.client_rd.read_buf(&mut self.client_in) => match read {
+                read = self.client_rd.read_buf(&mut self.client_in),
+                    if self.ops.len() < MAX_PENDING_OPS => match read {
                     Ok(0) | Err(_) => Err(End::ClientGone),
                     Ok(_) => {
                         self.last_seen = Instant::now();
@@ -420,6 +436,10 @@ impl Connection {
 
     async fn finish(mut self, end: End) {
         self.go_offline();
+        if !self.clean_session {
+            let filters = std::mem::take(&mut self.im_filters);
+            self.ctx.keep_session(&self.device, filters);
+        }
         // Answer what was already accepted before the socket goes (e.g. on shutdown).
         while let Some(outcome) = self.ops.next().await {
             if self.on_outcome(outcome).is_err() {

@@ -10,9 +10,10 @@ mod relay;
 mod reply;
 mod topics;
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::net::TcpListener;
@@ -22,6 +23,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::{AuthSettings, Config};
 use crate::im::{DeviceEvent, DeviceSink, ImService};
+use crate::store::Device;
 pub(crate) use codec::CodecError;
 use topics::Topics;
 
@@ -54,9 +56,34 @@ pub(crate) struct EdgeContext {
     pub(crate) max_packet: usize,
     pub(crate) connect_timeout: Duration,
     next_connection: AtomicU64,
+    /// IM subscriptions of persistent sessions, by (uid, client id), restored when the
+    /// device reconnects without a clean session (rumqttd keeps only the non-IM ones).
+    persistent: Mutex<HashMap<(String, String), HashMap<String, u8>>>,
 }
 
 impl EdgeContext {
+    /// Takes the IM subscriptions a persistent session of `device` left behind.
+    pub(crate) fn restore_session(&self, device: &Device) -> HashMap<String, u8> {
+        let key = (device.uid.clone(), device.client_id.clone());
+        self.persistent
+            .lock()
+            .ok()
+            .and_then(|mut sessions| sessions.remove(&key))
+            .unwrap_or_default()
+    }
+
+    /// Keeps the IM subscriptions of a persistent session for its next connection.
+    pub(crate) fn keep_session(&self, device: &Device, filters: HashMap<String, u8>) {
+        if let Ok(mut sessions) = self.persistent.lock() {
+            let key = (device.uid.clone(), device.client_id.clone());
+            if filters.is_empty() {
+                sessions.remove(&key);
+            } else {
+                sessions.insert(key, filters);
+            }
+        }
+    }
+
     pub(crate) fn new(config: &Config, im: ImService, broker: SocketAddr, secret: String) -> Self {
         Self {
             im,
@@ -67,6 +94,7 @@ impl EdgeContext {
             max_packet: config.broker.max_packet_size,
             connect_timeout: Duration::from_millis(config.broker.connect_timeout_ms),
             next_connection: AtomicU64::new(1),
+            persistent: Mutex::new(HashMap::new()),
         }
     }
 }
@@ -113,4 +141,50 @@ impl DeviceSink for ConnectionSink {
     fn push(&self, event: DeviceEvent) -> bool {
         self.0.try_send(event).is_ok()
     }
+}
+
+/// Whether rumqttd at `addr` is up and accepts the hook layer's credentials: a real
+/// CONNECT/CONNACK/DISCONNECT, so the probe never looks like a broken client to rumqttd.
+pub(crate) async fn broker_ready(addr: SocketAddr, secret: &str) -> bool {
+    use rumqttd::protocol::{Connect, ConnectReturnCode, Login, Packet};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let Ok(mut stream) = tokio::net::TcpStream::connect(addr).await else {
+        return false;
+    };
+    let connect = Connect {
+        keep_alive: 10,
+        client_id: format!("mqtt-im-probe-{:016x}", rand::random::<u64>()),
+        clean_session: true,
+    };
+    let login = Login {
+        username: EDGE_USER.into(),
+        password: secret.into(),
+    };
+    let mut out = bytes::BytesMut::new();
+    let packet = Packet::Connect(connect, None, None, None, Some(login));
+    if codec::write_packet(&mut out, codec::Version::V5, packet).is_err()
+        || stream.write_all(&out).await.is_err()
+    {
+        return false;
+    }
+    let mut input = bytes::BytesMut::with_capacity(64);
+    let answer = tokio::time::timeout(Duration::from_secs(1), async {
+        loop {
+            if let Ok(Some(frame)) = codec::next_frame(&mut input, 1024) {
+                return frame.decode_upstream().ok();
+            }
+            match stream.read_buf(&mut input).await {
+                Ok(0) | Err(_) => return None,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    let ready = matches!(
+        answer,
+        Ok(Some(Packet::ConnAck(ack, _))) if ack.code == ConnectReturnCode::Success
+    );
+    let _ = stream.write_all(&[codec::kind::DISCONNECT << 4, 0]).await;
+    ready
 }

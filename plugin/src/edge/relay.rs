@@ -244,7 +244,7 @@ impl Connection {
     }
 
     /// Presence and the once-per-connection digest follow the SUBACK.
-    fn after_subscribe(&mut self) {
+    pub(super) fn after_subscribe(&mut self) {
         let inbox = self.ctx.topics.inbox(&self.device.uid);
         if self.granted_qos(&inbox).is_some() {
             self.go_online();

@@ -1,0 +1,39 @@
+//! An invalid configuration stops the binary with one line per problem naming the key.
+use std::process::Command;
+
+/// Two bad keys: two lines, each naming its key, and a non-zero exit.
+#[test]
+fn invalid_config_lists_every_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_mqtt-im"))
+        .args(["check-config"])
+        .env("MQTT_IM__IM__PREFIX", "a/b")
+        .env("MQTT_IM__IM__PAGE_SIZE_DEFAULT", "1000")
+        .env("MQTT_IM__STORE__PATH", dir.path().join("x.db"))
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let lines: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("config error"))
+        .collect();
+    assert_eq!(lines.len(), 2, "{stderr}");
+    assert!(lines[0].contains("im.prefix"), "{stderr}");
+    assert!(lines[1].contains("im.page_size_default"), "{stderr}");
+}
+
+/// `check-config` accepts the shipped example configuration.
+#[test]
+fn example_config_is_valid() {
+    let output = Command::new(env!("CARGO_BIN_EXE_mqtt-im"))
+        .args(["check-config", "--config", "examples/mqtt-im.toml"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
