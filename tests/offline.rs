@@ -97,3 +97,22 @@ async fn online_receiver_gets_it_live() {
     bob.disconnect().await;
     assert!(broker.im.online_devices("bob").is_empty());
 }
+
+/// A QoS 2 chat publish completes its PUBREC/PUBREL/PUBCOMP exchange with the hook layer
+/// and is stored exactly once.
+#[tokio::test]
+async fn qos2_chat_is_stored_once() {
+    let broker = TestBroker::start().await;
+    let mut alice = Client::v4(broker.addr, "alice-phone", "alice", 30).await;
+    alice
+        .publish("im/u/bob", 2, chat("q2", "bob", "exactly once", false))
+        .await;
+    loop {
+        if let Seen::PubComp { .. } = alice.next().await {
+            break;
+        }
+    }
+    let mut bob = Client::v4(broker.addr, "bob-phone", "bob", 30).await;
+    let page = page(&bob.ask("bob", pull("p", "u/alice", 10, None)).await);
+    assert_eq!(seqs(&page), vec![1]);
+}

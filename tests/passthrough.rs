@@ -81,3 +81,87 @@ async fn v5_properties_to_v311_subscriber_then_reconnect() {
     assert_eq!(again.next_on("repro/after").await, b"y".to_vec());
     assert_eq!(other.next_on("repro/after").await, b"y".to_vec());
 }
+
+/// Live IM deliveries and rumqttd's own QoS 1 publishes share one connection's packet ids:
+/// with hundreds of each in flight, every one arrives and every ack reaches its owner
+/// (rumqttd would stall at its inflight limit otherwise, and IM deliveries would be pulled
+/// again).
+#[tokio::test]
+async fn im_and_broker_packet_ids_never_collide() {
+    let broker = TestBroker::start().await;
+    let mut bob = Client::v5(broker.addr, "bob-phone", "bob").await;
+    bob.subscribe("im/u/bob/#", 1).await;
+    bob.subscribe("sensors/#", 1).await;
+    let _ = bob.digest("bob").await;
+    let sensors = Client::v4(broker.addr, "sensor", "carol", 30).await;
+    let alice = Client::v4(broker.addr, "alice-phone", "alice", 30).await;
+    let n = 300;
+    for i in 0..n {
+        sensors
+            .publish("sensors/t", 1, format!("{i}").into_bytes())
+            .await;
+        let id = format!("c{i}");
+        alice
+            .publish("im/u/bob", 1, chat(&id, "bob", &id, false))
+            .await;
+    }
+    let (mut chats, mut readings) = (0, 0);
+    while chats < n || readings < n {
+        if let Seen::Publish { topic, .. } = bob.next().await {
+            match topic.as_str() {
+                "im/u/bob" => chats += 1,
+                "sensors/t" => readings += 1,
+                _ => {}
+            }
+        }
+    }
+    assert_eq!((chats, readings), (n, n));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let left = page(&bob.ask("bob", pull("p", "u/alice", 10, None)).await);
+    assert!(
+        left.messages.is_empty(),
+        "live deliveries were all acknowledged"
+    );
+}
+
+/// A will on a normal topic is published by rumqttd when the client vanishes; a will on
+/// an IM topic is refused at CONNECT.
+#[tokio::test]
+async fn wills_pass_through_but_not_into_im() {
+    let broker = TestBroker::start().await;
+    let mut watcher = Client::v4(broker.addr, "watcher", "alice", 30).await;
+    watcher.subscribe("status/#", 1).await;
+    let mut options = rumqttc::MqttOptions::new("dying", "127.0.0.1", broker.addr.port());
+    options.set_credentials("bob", "pw");
+    options.set_last_will(rumqttc::LastWill::new(
+        "status/bob",
+        "gone",
+        rumqttc::QoS::AtLeastOnce,
+        false,
+    ));
+    let (_client, mut events) = rumqttc::AsyncClient::new(options, 10);
+    let dying = tokio::spawn(async move {
+        loop {
+            if let Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))) = events.poll().await {
+                break;
+            }
+        }
+        events
+    });
+    drop(dying.await.unwrap());
+    assert_eq!(watcher.next_on("status/bob").await, b"gone".to_vec());
+
+    let mut options = rumqttc::MqttOptions::new("sneaky", "127.0.0.1", broker.addr.port());
+    options.set_credentials("bob", "pw");
+    options.set_last_will(rumqttc::LastWill::new(
+        "im/u/alice",
+        "x",
+        rumqttc::QoS::AtLeastOnce,
+        false,
+    ));
+    let (_client, mut events) = rumqttc::AsyncClient::new(options, 10);
+    assert!(
+        events.poll().await.is_err(),
+        "will on an IM topic must be refused"
+    );
+}

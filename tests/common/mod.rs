@@ -123,6 +123,9 @@ pub enum Seen {
     SubAck {
         codes: Vec<u8>,
     },
+    PubComp {
+        pkid: u16,
+    },
 }
 
 /// A 3.1.1 client (rumqttc) whose events arrive on a channel.
@@ -182,6 +185,7 @@ impl Client {
                                 pkid: a.pkid,
                                 reason: 0,
                             },
+                            Packet::PubComp(c) => Seen::PubComp { pkid: c.pkid },
                             Packet::SubAck(s) => Seen::SubAck {
                                 codes: s
                                     .return_codes

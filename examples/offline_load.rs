@@ -1,0 +1,142 @@
+//! Quick load run on the embedded store: C senders put N chat messages into one offline
+//! user's inbox (QoS 1, each counted when its PUBACK — i.e. the commit — arrives), then the
+//! user connects and the time from SUBSCRIBE to the digest is measured.
+//!
+//! `cargo run --release --example offline_load -- --messages 100000 --conversations 1000`
+//! Starts its own mqtt-im in-process on a free port with a temporary data folder.
+
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use mqtt_im::server::CancellationToken;
+use mqtt_im::wire::pb;
+use mqtt_im::{Config, Server};
+use prost::Message;
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+
+type Error = Box<dyn std::error::Error + Send + Sync>;
+
+/// Offline store throughput and digest latency.
+#[derive(Debug, Parser)]
+struct Args {
+    /// Messages in all.
+    #[arg(long, default_value_t = 100_000)]
+    messages: usize,
+    /// Senders, one conversation each.
+    #[arg(long, default_value_t = 1_000)]
+    conversations: usize,
+    /// Text size of each message in bytes.
+    #[arg(long, default_value_t = 64)]
+    size: usize,
+}
+
+fn options(addr: std::net::SocketAddr, client_id: &str) -> MqttOptions {
+    let mut options = MqttOptions::new(client_id, addr.ip().to_string(), addr.port());
+    options.set_keep_alive(Duration::from_secs(60));
+    options.set_inflight(100);
+    options.set_max_packet_size(16 << 20, 16 << 20);
+    options
+}
+
+fn chat(msg_id: String, text: &str) -> Vec<u8> {
+    let message = pb::ChatMessage {
+        msg_id,
+        msg: Some(pb::Content {
+            kind: Some(pb::content::Kind::Text(text.into())),
+        }),
+        ..Default::default()
+    };
+    pb::Envelope {
+        cmd: pb::Cmd::Chat as i32,
+        body: Some(pb::envelope::Body::Chat(message)),
+        ..Default::default()
+    }
+    .encode_to_vec()
+}
+
+/// One sender: publishes `count` messages to bob and waits for every PUBACK.
+async fn sender(
+    addr: std::net::SocketAddr,
+    id: usize,
+    count: usize,
+    text: String,
+) -> Result<(), Error> {
+    let (client, mut events) = AsyncClient::new(options(addr, &format!("sender{id}")), 200);
+    let publisher = tokio::spawn(async move {
+        for i in 0..count {
+            let payload = chat(format!("{id}-{i}"), &text);
+            client
+                .publish("im/u/bob", QoS::AtLeastOnce, false, payload)
+                .await?;
+        }
+        Ok::<_, rumqttc::ClientError>(client)
+    });
+    let mut acked = 0;
+    while acked < count {
+        if let Event::Incoming(Packet::PubAck(_)) = events.poll().await? {
+            acked += 1;
+        }
+    }
+    let client = publisher.await??;
+    client.disconnect().await?;
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Error> {
+    let args = Args::parse();
+    let dir = tempfile::tempdir()?;
+    let mut config = Config::default();
+    config.listeners.mqtt = "127.0.0.1:0".parse()?;
+    config.store.path = dir.path().join("im.db");
+    config.auth.allow_anonymous = true;
+    config.auth.uid_from = mqtt_im::config::UidSource::ClientId;
+    let server = Server::bind(config).await?;
+    let addr = server.local_addr()?;
+    let shutdown = CancellationToken::new();
+    let running = tokio::spawn(server.run(shutdown.clone()));
+
+    let per_sender = args.messages / args.conversations.max(1);
+    let text = "x".repeat(args.size);
+    let started = Instant::now();
+    let senders: Vec<_> = (0..args.conversations)
+        .map(|id| tokio::spawn(sender(addr, id, per_sender, text.clone())))
+        .collect();
+    for sender in senders {
+        sender.await??;
+    }
+    let elapsed = started.elapsed();
+    let stored = per_sender * args.conversations;
+    println!(
+        "stored {stored} messages in {:.2}s: {:.0} msg/s (PUBACK after commit)",
+        elapsed.as_secs_f64(),
+        stored as f64 / elapsed.as_secs_f64()
+    );
+
+    let (bob, mut events) = AsyncClient::new(options(addr, "bob"), 10);
+    loop {
+        if let Event::Incoming(Packet::ConnAck(_)) = events.poll().await? {
+            break;
+        }
+    }
+    let subscribed = Instant::now();
+    bob.subscribe("im/u/bob/#", QoS::AtLeastOnce).await?;
+    loop {
+        if let Event::Incoming(Packet::Publish(publish)) = events.poll().await? {
+            if publish.topic == "im/u/bob/digest" {
+                let digest = pb::Digest::decode(publish.payload.as_ref())?;
+                let unread: u64 = digest.sessions.values().map(|s| s.count).sum();
+                println!(
+                    "digest after {:.1} ms: {} conversations, {unread} unread, {} bytes",
+                    subscribed.elapsed().as_secs_f64() * 1e3,
+                    digest.sessions.len(),
+                    publish.payload.len()
+                );
+                break;
+            }
+        }
+    }
+    shutdown.cancel();
+    running.await?;
+    Ok(())
+}
