@@ -38,22 +38,6 @@ fn options(addr: std::net::SocketAddr, client_id: &str) -> MqttOptions {
     options
 }
 
-fn chat(msg_id: String, text: &str) -> Vec<u8> {
-    let message = pb::ChatMessage {
-        msg_id,
-        msg: Some(pb::Content {
-            kind: Some(pb::content::Kind::Text(text.into())),
-        }),
-        ..Default::default()
-    };
-    pb::Envelope {
-        cmd: pb::Cmd::Chat as i32,
-        body: Some(pb::envelope::Body::Chat(message)),
-        ..Default::default()
-    }
-    .encode_to_vec()
-}
-
 /// One sender: publishes `count` messages to bob and waits for every PUBACK.
 async fn sender(
     addr: std::net::SocketAddr,
@@ -64,7 +48,8 @@ async fn sender(
     let (client, mut events) = AsyncClient::new(options(addr, &format!("sender{id}")), 200);
     let publisher = tokio::spawn(async move {
         for i in 0..count {
-            let payload = chat(format!("{id}-{i}"), &text);
+            let payload =
+                pb::Envelope::text(format!("{id}-{i}"), "bob", text.as_str()).encode_to_vec();
             client
                 .publish("im/u/bob", QoS::AtLeastOnce, false, payload)
                 .await?;

@@ -46,23 +46,6 @@ async fn acks(events: &mut EventLoop, mut n: usize) -> Result<(), Error> {
     Ok(())
 }
 
-fn chat(msg_id: &str, text: &str) -> Vec<u8> {
-    let message = pb::ChatMessage {
-        msg_id: msg_id.into(),
-        to: "bob".into(),
-        msg: Some(pb::Content {
-            kind: Some(pb::content::Kind::Text(text.into())),
-        }),
-        ..Default::default()
-    };
-    pb::Envelope {
-        cmd: pb::Cmd::Chat as i32,
-        body: Some(pb::envelope::Body::Chat(message)),
-        ..Default::default()
-    }
-    .encode_to_vec()
-}
-
 async fn ask(
     client: &AsyncClient,
     events: &mut EventLoop,
@@ -96,7 +79,7 @@ async fn main() -> Result<(), Error> {
                 "im/u/bob",
                 QoS::AtLeastOnce,
                 false,
-                chat(&format!("{run}-{i}"), &text),
+                pb::Envelope::text(format!("{run}-{i}"), "bob", text).encode_to_vec(),
             )
             .await?;
     }

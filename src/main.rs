@@ -35,8 +35,12 @@ async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,rumqttd=warn".into()),
+                // rumqttd's server module logs the hook layer's private loopback links (it
+                // calls every clean DISCONNECT an error); the edge logs clients itself, and a
+                // broker that fails to listen is reported by `Server::bind`.
+                .unwrap_or_else(|_| "info,rumqttd=warn,rumqttd::server::broker=off".into()),
         )
+        .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
     let config = match Config::load(cli.config.as_deref()) {

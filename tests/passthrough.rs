@@ -165,3 +165,21 @@ async fn wills_pass_through_but_not_into_im() {
         "will on an IM topic must be refused"
     );
 }
+
+/// rumqttd 0.20 frees a connection id twice when a client sends DISCONNECT and then closes
+/// its socket; a client that got the id in between was dropped. Connecting right after a
+/// clean disconnect, many times over, must keep working.
+#[tokio::test]
+async fn connect_right_after_clean_disconnect_survives() {
+    let broker = TestBroker::start().await;
+    for i in 0..100 {
+        let leaving = Client::v4(broker.addr, &format!("leaving-{i}"), "alice", 30).await;
+        leaving.v4.as_ref().unwrap().disconnect().await.unwrap();
+        // Vary the gap so the new CONNECT lands anywhere in the old link's teardown.
+        tokio::time::sleep(std::time::Duration::from_micros(200 * (i % 10))).await;
+        let mut arriving = Client::v4(broker.addr, &format!("arriving-{i}"), "bob", 30).await;
+        assert_eq!(arriving.subscribe("t/#", 1).await, vec![1]);
+        arriving.publish("t/x", 1, b"x".to_vec()).await;
+        assert_eq!(arriving.next_on("t/x").await, b"x".to_vec());
+    }
+}

@@ -15,13 +15,16 @@ fn spawn(dir: &std::path::Path) -> (Child, SocketAddr) {
         .env("MQTT_IM__STORE__PATH", dir.join("im.db"))
         .env("MQTT_IM__AUTH__USERS__ALICE", "pw")
         .env("MQTT_IM__AUTH__USERS__BOB", "pw")
-        .env("RUST_LOG", "warn")
+        .env_remove("RUST_LOG")
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
     let stdout = child.stdout.take().unwrap();
     let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line).unwrap();
+    let mut stdout = BufReader::new(stdout);
+    stdout.read_line(&mut line).unwrap();
+    // Keep the pipe open and drained for as long as the child lives.
+    std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
     let addr = line
         .trim()
         .strip_prefix("mqtt-im listening on ")

@@ -8,6 +8,27 @@ pub mod pb {
     include!(concat!(env!("OUT_DIR"), "/mqtt_im.v1.rs"));
 }
 
+impl pb::Envelope {
+    /// A chat envelope carrying one text message to `to`: what a client publishes to
+    /// `im/u/{to}`.
+    pub fn text(msg_id: impl Into<String>, to: impl Into<String>, text: impl Into<String>) -> Self {
+        let message = pb::ChatMessage {
+            msg_id: msg_id.into(),
+            to: to.into(),
+            chat_type: pb::ChatType::Single as i32,
+            msg: Some(pb::Content {
+                kind: Some(pb::content::Kind::Text(text.into())),
+            }),
+            ..Default::default()
+        };
+        Self {
+            cmd: pb::Cmd::Chat as i32,
+            body: Some(pb::envelope::Body::Chat(message)),
+            ..Default::default()
+        }
+    }
+}
+
 /// Why a payload was not accepted.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum WireError {

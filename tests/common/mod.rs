@@ -38,6 +38,11 @@ impl TestBroker {
     }
 
     pub async fn start_in(dir: tempfile::TempDir) -> Self {
+        // RUST_LOG=mqtt_im=debug shows the server's side of a failing test.
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
         let server = Server::bind(config(dir.path())).await.unwrap();
         let addr = server.local_addr().unwrap();
         let im = server.im();
@@ -62,23 +67,13 @@ impl TestBroker {
 
 /// An envelope with one text chat message.
 pub fn chat(msg_id: &str, to: &str, text: &str, ack_flg: bool) -> Vec<u8> {
-    pb::Envelope {
-        cmd: pb::Cmd::Chat as i32,
-        time: 1,
-        uid: String::new(),
-        client_info: None,
-        body: Some(pb::envelope::Body::Chat(pb::ChatMessage {
-            msg_id: msg_id.into(),
-            to: to.into(),
-            ack_flg,
-            from: "mallory".into(),
-            msg: Some(pb::Content {
-                kind: Some(pb::content::Kind::Text(text.into())),
-            }),
-            ..Default::default()
-        })),
+    let mut envelope = pb::Envelope::text(msg_id, to, text);
+    if let Some(pb::envelope::Body::Chat(message)) = envelope.body.as_mut() {
+        message.ack_flg = ack_flg;
+        // Spoofed: the server must replace it with the authenticated sender.
+        message.from = "mallory".into();
     }
-    .encode_to_vec()
+    envelope.encode_to_vec()
 }
 
 pub fn pull(id: &str, conversation: &str, page_size: u32, ack: Option<pb::Cursor>) -> Vec<u8> {
@@ -142,6 +137,116 @@ impl Drop for Client {
     }
 }
 
+/// One step of a client's event loop, as the tests see it.
+enum Step {
+    Connected(bool),
+    Seen(Seen),
+    Skip,
+}
+
+/// The two rumqttc event loops, driven the same way.
+trait EventSource: Send + 'static {
+    /// `None` when the connection ended.
+    fn step(&mut self) -> impl std::future::Future<Output = Option<Step>> + Send;
+}
+
+impl EventSource for rumqttc::EventLoop {
+    async fn step(&mut self) -> Option<Step> {
+        use rumqttc::{Event, Packet, SubscribeReasonCode as C};
+        let Event::Incoming(packet) = self.poll().await.ok()? else {
+            return Some(Step::Skip);
+        };
+        Some(match packet {
+            Packet::ConnAck(ack) => {
+                Step::Connected(ack.code == rumqttc::ConnectReturnCode::Success)
+            }
+            Packet::Publish(p) => Step::Seen(Seen::Publish {
+                topic: p.topic,
+                payload: p.payload.to_vec(),
+                correlation: None,
+            }),
+            Packet::PubAck(a) => Step::Seen(Seen::PubAck {
+                pkid: a.pkid,
+                reason: 0,
+            }),
+            Packet::PubComp(c) => Step::Seen(Seen::PubComp { pkid: c.pkid }),
+            Packet::SubAck(s) => Step::Seen(Seen::SubAck {
+                codes: s
+                    .return_codes
+                    .iter()
+                    .map(|c| match c {
+                        C::Success(q) => *q as u8,
+                        C::Failure => 0x80,
+                    })
+                    .collect(),
+            }),
+            _ => Step::Skip,
+        })
+    }
+}
+
+impl EventSource for rumqttc::v5::EventLoop {
+    async fn step(&mut self) -> Option<Step> {
+        use rumqttc::v5::mqttbytes::v5::Packet;
+        use rumqttc::v5::Event;
+        let Event::Incoming(packet) = self.poll().await.ok()? else {
+            return Some(Step::Skip);
+        };
+        Some(match packet {
+            Packet::ConnAck(_) => Step::Connected(true),
+            Packet::Publish(p) => Step::Seen(Seen::Publish {
+                topic: String::from_utf8_lossy(&p.topic).into_owned(),
+                payload: p.payload.to_vec(),
+                correlation: p
+                    .properties
+                    .and_then(|props| props.correlation_data)
+                    .map(|data| data.to_vec()),
+            }),
+            Packet::PubAck(a) => Step::Seen(Seen::PubAck {
+                pkid: a.pkid,
+                reason: v5_ack_code(a.reason),
+            }),
+            Packet::PubComp(c) => Step::Seen(Seen::PubComp { pkid: c.pkid }),
+            Packet::SubAck(s) => Step::Seen(Seen::SubAck {
+                codes: s.return_codes.iter().map(v5_code).collect(),
+            }),
+            _ => Step::Skip,
+        })
+    }
+}
+
+/// Drives `events` in a task until the CONNACK, then forwards what the client sees.
+async fn pump(
+    mut events: impl EventSource,
+) -> (mpsc::UnboundedReceiver<Seen>, tokio::task::JoinHandle<()>) {
+    let (tx, seen) = mpsc::unbounded_channel();
+    let (ready_tx, ready) = tokio::sync::oneshot::channel();
+    let task = tokio::spawn(async move {
+        let mut ready_tx = Some(ready_tx);
+        while let Some(step) = events.step().await {
+            match step {
+                Step::Connected(ok) => {
+                    if let Some(r) = ready_tx.take() {
+                        let _ = r.send(ok);
+                    }
+                }
+                Step::Seen(event) => {
+                    let _ = tx.send(event);
+                }
+                Step::Skip => {}
+            }
+        }
+        if let Some(r) = ready_tx.take() {
+            let _ = r.send(false);
+        }
+    });
+    assert!(
+        tokio::time::timeout(WAIT, ready).await.unwrap().unwrap(),
+        "connect failed"
+    );
+    (seen, task)
+}
+
 impl Client {
     /// Connects with MQTT 3.1.1 and waits for the CONNACK.
     pub async fn v4(addr: SocketAddr, client_id: &str, user: &str, keep_alive: u64) -> Self {
@@ -160,60 +265,8 @@ impl Client {
         options.set_credentials(user, "pw");
         options.set_keep_alive(Duration::from_secs(keep_alive));
         options.set_clean_session(clean);
-        let (client, mut events) = rumqttc::AsyncClient::new(options, 100);
-        let (tx, seen) = mpsc::unbounded_channel();
-        let (ready_tx, ready) = tokio::sync::oneshot::channel();
-        let task = tokio::spawn(async move {
-            let mut ready_tx = Some(ready_tx);
-            loop {
-                match events.poll().await {
-                    Ok(rumqttc::Event::Incoming(packet)) => {
-                        use rumqttc::Packet;
-                        let event = match packet {
-                            Packet::ConnAck(ack) => {
-                                if let Some(r) = ready_tx.take() {
-                                    let _ = r.send(ack.code == rumqttc::ConnectReturnCode::Success);
-                                }
-                                continue;
-                            }
-                            Packet::Publish(p) => Seen::Publish {
-                                topic: p.topic,
-                                payload: p.payload.to_vec(),
-                                correlation: None,
-                            },
-                            Packet::PubAck(a) => Seen::PubAck {
-                                pkid: a.pkid,
-                                reason: 0,
-                            },
-                            Packet::PubComp(c) => Seen::PubComp { pkid: c.pkid },
-                            Packet::SubAck(s) => Seen::SubAck {
-                                codes: s
-                                    .return_codes
-                                    .iter()
-                                    .map(|c| match c {
-                                        rumqttc::SubscribeReasonCode::Success(q) => *q as u8,
-                                        rumqttc::SubscribeReasonCode::Failure => 0x80,
-                                    })
-                                    .collect(),
-                            },
-                            _ => continue,
-                        };
-                        let _ = tx.send(event);
-                    }
-                    Ok(_) => {}
-                    Err(_) => {
-                        if let Some(r) = ready_tx.take() {
-                            let _ = r.send(false);
-                        }
-                        return;
-                    }
-                }
-            }
-        });
-        assert!(
-            tokio::time::timeout(WAIT, ready).await.unwrap().unwrap(),
-            "connect failed"
-        );
+        let (client, events) = rumqttc::AsyncClient::new(options, 100);
+        let (seen, task) = pump(events).await;
         Self {
             v4: Some(client),
             v5: None,
@@ -228,55 +281,8 @@ impl Client {
         let mut options = v5::MqttOptions::new(client_id, addr.ip().to_string(), addr.port());
         options.set_credentials(user, "pw");
         options.set_keep_alive(Duration::from_secs(30));
-        let (client, mut events) = v5::AsyncClient::new(options, 100);
-        let (tx, seen) = mpsc::unbounded_channel();
-        let (ready_tx, ready) = tokio::sync::oneshot::channel();
-        let task = tokio::spawn(async move {
-            let mut ready_tx = Some(ready_tx);
-            loop {
-                match events.poll().await {
-                    Ok(v5::Event::Incoming(packet)) => {
-                        use v5::mqttbytes::v5::Packet;
-                        let event = match packet {
-                            Packet::ConnAck(_) => {
-                                if let Some(r) = ready_tx.take() {
-                                    let _ = r.send(true);
-                                }
-                                continue;
-                            }
-                            Packet::Publish(p) => Seen::Publish {
-                                topic: String::from_utf8_lossy(&p.topic).into_owned(),
-                                payload: p.payload.to_vec(),
-                                correlation: p
-                                    .properties
-                                    .and_then(|props| props.correlation_data)
-                                    .map(|data| data.to_vec()),
-                            },
-                            Packet::PubAck(a) => Seen::PubAck {
-                                pkid: a.pkid,
-                                reason: v5_ack_code(a.reason),
-                            },
-                            Packet::SubAck(s) => Seen::SubAck {
-                                codes: s.return_codes.iter().map(v5_code).collect(),
-                            },
-                            _ => continue,
-                        };
-                        let _ = tx.send(event);
-                    }
-                    Ok(_) => {}
-                    Err(_) => {
-                        if let Some(r) = ready_tx.take() {
-                            let _ = r.send(false);
-                        }
-                        return;
-                    }
-                }
-            }
-        });
-        assert!(
-            tokio::time::timeout(WAIT, ready).await.unwrap().unwrap(),
-            "connect failed"
-        );
+        let (client, events) = v5::AsyncClient::new(options, 100);
+        let (seen, task) = pump(events).await;
         Self {
             v4: None,
             v5: Some(client),

@@ -30,6 +30,8 @@ use crate::store::Device;
 const UPSTREAM_KEEP_ALIVE: u16 = 60;
 /// How often the link to rumqttd is pinged when idle.
 const UPSTREAM_PING: Duration = Duration::from_secs(20);
+/// How long a cleanly disconnecting client's link waits for rumqttd to close it.
+const DISCONNECT_GRACE: Duration = Duration::from_secs(5);
 /// Live deliveries queued per connection before the device counts as busy.
 const EVENT_QUEUE: usize = 1024;
 /// IM publishes and requests of one connection waiting for the store; beyond this the
@@ -452,7 +454,14 @@ impl Connection {
             other => tracing::debug!(reason = ?other, "connection closed"),
         }
         if matches!(end, End::ClientDisconnected) {
-            let _ = self.up_wr.shutdown().await;
+            // rumqttd 0.20 frees the connection id when it handles DISCONNECT and again when
+            // the socket closes; if another client got the id in between, the second free
+            // drops that client. Waiting for rumqttd to close the link avoids the second one.
+            let mut rest = [0u8; 256];
+            let _ = timeout(DISCONNECT_GRACE, async {
+                while matches!(self.up_rd.read(&mut rest).await, Ok(n) if n > 0) {}
+            })
+            .await;
         }
         // Otherwise dropping the link lets rumqttd publish the client's will.
         let _ = self.client_wr.shutdown().await;

@@ -186,5 +186,11 @@ pub(crate) async fn broker_ready(addr: SocketAddr, secret: &str) -> bool {
         Ok(Some(Packet::ConnAck(ack, _))) if ack.code == ConnectReturnCode::Success
     );
     let _ = stream.write_all(&[codec::kind::DISCONNECT << 4, 0]).await;
+    // Let rumqttd close the link (see `Connection::finish` for why).
+    let mut rest = [0u8; 64];
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        while matches!(stream.read(&mut rest).await, Ok(n) if n > 0) {}
+    })
+    .await;
     ready
 }

@@ -222,10 +222,7 @@ pub(super) fn pull(
     let Some(conv) = conversation(conn, key)? else {
         return match ack {
             Some(range) => Err(past_end(range.lo, 0)),
-            None => Ok(Page {
-                messages: Vec::new(),
-                end: true,
-            }),
+            None => Ok(nothing_left()),
         };
     };
     if let Some(range) = ack {
@@ -268,6 +265,14 @@ pub(super) fn pull(
     Ok(Page { messages, end })
 }
 
+/// The answer for a conversation that does not exist yet.
+fn nothing_left() -> Page {
+    Page {
+        messages: Vec::new(),
+        end: true,
+    }
+}
+
 pub(super) fn history(
     conn: &Connection,
     key: &str,
@@ -275,10 +280,7 @@ pub(super) fn history(
     limit: usize,
 ) -> Result<Page> {
     let Some(conv) = conversation(conn, key)? else {
-        return Ok(Page {
-            messages: Vec::new(),
-            end: true,
-        });
+        return Ok(nothing_left());
     };
     let before = before.unwrap_or(u64::MAX).min(conv.max_seq + 1);
     let mut stmt = conn
