@@ -90,6 +90,9 @@ impl Connection {
             // Topic aliases are not offered (CONNACK advertises a maximum of 0).
             return Err(EdgeError::Protocol("publish without topic"));
         }
+        if !protocol::valid_topic(publish.topic_str()) {
+            return Err(EdgeError::Protocol("wildcard in a publish topic"));
+        }
         let (qos, pkid) = (publish.qos(), publish.pkid);
         match acl::publish(&self.ctx.topics, &self.device.uid, publish.topic_str()) {
             PublishAccess::PassThrough => {
