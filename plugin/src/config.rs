@@ -37,6 +37,18 @@ digest_last_n = 3
 page_size_default = 20
 page_size_max = 200
 max_message_bytes = 65536
+
+[policy]
+scripts = []
+on_error = "deny"
+states = 2
+memory_limit = 8388608
+instruction_limit = 1000000
+reload_interval_ms = 1000
+
+[policy.words]
+
+[policy.config]
 "#;
 
 /// Everything mqtt-im reads at start-up.
@@ -52,6 +64,8 @@ pub struct Config {
     pub store: StoreSettings,
     /// IM behaviour.
     pub im: ImSettings,
+    /// Lua policy scripts.
+    pub policy: PolicySettings,
 }
 
 /// Public listeners; one port serves MQTT 3.1.1 and MQTT 5 (the CONNECT tells them apart).
@@ -139,6 +153,56 @@ pub struct ImSettings {
     pub max_message_bytes: usize,
 }
 
+/// What a failing or misbehaving script means for the message it was judging.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnError {
+    /// Refuse the message (the default: a broken filter must not let everything through).
+    Deny,
+    /// Let the message through.
+    Allow,
+}
+
+/// A value of the free-form `policy.config` table, handed read-only to scripts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum ConfigValue {
+    /// `true` / `false`.
+    Bool(bool),
+    /// An integer.
+    Int(i64),
+    /// A float.
+    Float(f64),
+    /// A string.
+    Str(String),
+    /// An array.
+    List(Vec<ConfigValue>),
+    /// A table.
+    Table(BTreeMap<String, ConfigValue>),
+}
+
+/// The Lua policy host.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicySettings {
+    /// Scripts, run in this order; none means every message is allowed.
+    pub scripts: Vec<PathBuf>,
+    /// What a script error, a limit hit or a bad return value means.
+    pub on_error: OnError,
+    /// Lua states in the pool: how many policy calls may run at once.
+    pub states: usize,
+    /// Bytes of memory per Lua state.
+    pub memory_limit: usize,
+    /// Lua VM instructions per hook call.
+    pub instruction_limit: u64,
+    /// How often script and word-list files are checked for changes (0: only on SIGHUP).
+    pub reload_interval_ms: u64,
+    /// Word lists for `words.find` / `words.mask`: name → file with one word per line.
+    pub words: BTreeMap<String, PathBuf>,
+    /// A read-only table scripts see as `config`.
+    pub config: BTreeMap<String, ConfigValue>,
+}
+
 /// A configuration that cannot be used; one line per problem, each naming its key.
 #[derive(Debug, thiserror::Error)]
 #[error("invalid configuration:\n{}", .problems.join("\n"))]
@@ -171,6 +235,7 @@ impl Config {
         let auth = section(&raw, "auth", &mut problems);
         let store = section(&raw, "store", &mut problems);
         let im = section(&raw, "im", &mut problems);
+        let policy = section(&raw, "policy", &mut problems);
         if let Ok(table) = raw
             .clone()
             .try_deserialize::<BTreeMap<String, config::Value>>()
@@ -179,8 +244,8 @@ impl Config {
                 problems.push(format!("{key}: unknown section"));
             }
         }
-        match (listeners, broker, auth, store, im) {
-            (Some(listeners), Some(broker), Some(auth), Some(store), Some(im))
+        match (listeners, broker, auth, store, im, policy) {
+            (Some(listeners), Some(broker), Some(auth), Some(store), Some(im), Some(policy))
                 if problems.is_empty() =>
             {
                 let config = Config {
@@ -189,6 +254,7 @@ impl Config {
                     auth,
                     store,
                     im,
+                    policy,
                 };
                 config.validate()?;
                 Ok(config)
@@ -248,6 +314,36 @@ impl Config {
             "broker.max_packet_size: at least 1024",
         );
         check(self.store.max_batch >= 1, "store.max_batch: at least 1");
+        check(
+            (1..=64).contains(&self.policy.states),
+            "policy.states: between 1 and 64",
+        );
+        check(
+            self.policy.memory_limit >= 1 << 20,
+            "policy.memory_limit: at least 1048576 bytes",
+        );
+        check(
+            self.policy.instruction_limit >= 1000,
+            "policy.instruction_limit: at least 1000",
+        );
+        for script in &self.policy.scripts {
+            check(
+                script.is_file(),
+                &format!(
+                    "policy.scripts: {} is not a readable file",
+                    script.display()
+                ),
+            );
+        }
+        for (name, file) in &self.policy.words {
+            check(
+                file.is_file(),
+                &format!(
+                    "policy.words.{name}: {} is not a readable file",
+                    file.display()
+                ),
+            );
+        }
         for user in self.auth.users.keys() {
             check(
                 crate::valid_uid(user),
@@ -262,7 +358,7 @@ impl Config {
     }
 }
 
-const SECTIONS: [&str; 5] = ["listeners", "broker", "auth", "store", "im"];
+const SECTIONS: [&str; 6] = ["listeners", "broker", "auth", "store", "im", "policy"];
 
 fn section<T: DeserializeOwned>(
     raw: &config::Config,

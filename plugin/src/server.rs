@@ -13,7 +13,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::{Backend, Config};
 use crate::edge::{self, EdgeContext, EDGE_USER};
 use crate::im::ImService;
-use crate::policy::AllowAll;
+use crate::policy::{self, LuaPolicy, PolicyError};
 use crate::store::{EmbeddedStore, Store, StoreError};
 
 /// Why the server could not start.
@@ -30,6 +30,9 @@ pub enum ServerError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// The policy scripts could not be read.
+    #[error("policy: {0}")]
+    Policy(#[from] PolicyError),
     /// The embedded rumqttd did not come up.
     #[error("embedded broker: {0}")]
     Broker(String),
@@ -42,6 +45,7 @@ pub struct Server {
     context: Arc<EdgeContext>,
     store: Arc<dyn Store>,
     im: ImService,
+    policy: Arc<LuaPolicy>,
 }
 
 impl Server {
@@ -56,7 +60,8 @@ impl Server {
                 config.store.max_batch,
             )?),
         };
-        let im = ImService::new(Arc::clone(&store), Arc::new(AllowAll), config.im.clone());
+        let policy = Arc::new(LuaPolicy::load(config.policy.clone())?);
+        let im = ImService::new(Arc::clone(&store), policy.clone(), config.im.clone());
         let secret = format!("{:032x}", rand::random::<u128>());
         let broker = start_broker(&config, &secret).await?;
         let listener = TcpListener::bind(config.listeners.mqtt)
@@ -65,12 +70,19 @@ impl Server {
                 addr: config.listeners.mqtt,
                 source,
             })?;
-        let context = Arc::new(EdgeContext::new(&config, im.clone(), broker, secret));
+        let context = Arc::new(EdgeContext::new(
+            &config,
+            im.clone(),
+            policy.clone(),
+            broker,
+            secret,
+        ));
         Ok(Self {
             listener,
             context,
             store,
             im,
+            policy,
         })
     }
 
@@ -87,10 +99,16 @@ impl Server {
         self.im.clone()
     }
 
+    /// The policy, for embedding programs and tests (stats, reload).
+    pub fn policy(&self) -> Arc<LuaPolicy> {
+        Arc::clone(&self.policy)
+    }
+
     /// Serves clients until `shutdown` is cancelled, then waits for every connection to
     /// finish its in-flight stores and closes the store.
     pub async fn run(self, shutdown: CancellationToken) {
         let tasks = TaskTracker::new();
+        tasks.spawn(policy::watch(self.policy, shutdown.clone()));
         edge::serve(self.listener, self.context, tasks.clone(), shutdown).await;
         tasks.close();
         tasks.wait().await;

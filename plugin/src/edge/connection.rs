@@ -23,6 +23,7 @@ use super::packet_ids::PacketIds;
 use super::reply::Outcome;
 use super::{auth, ConnectionSink, EdgeContext, EdgeError, EDGE_USER};
 use crate::im::DeviceEvent;
+use crate::policy::{ClientView, Decision};
 use crate::store::Device;
 
 /// Keep-alive of the private link to rumqttd; the hook layer pings it itself, so clients
@@ -118,8 +119,21 @@ async fn read_frame(
 }
 
 async fn refuse(stream: &mut TcpStream, version: Version, code: ConnectReturnCode) {
+    refuse_because(stream, version, code, None).await;
+}
+
+async fn refuse_because(
+    stream: &mut TcpStream,
+    version: Version,
+    code: ConnectReturnCode,
+    reason: Option<String>,
+) {
     let mut out = BytesMut::new();
-    if write_connack(&mut out, version, false, code, None).is_ok() {
+    let properties = reason.map(|reason| ConnAckProperties {
+        reason_string: Some(reason),
+        ..Default::default()
+    });
+    if write_connack(&mut out, version, false, code, properties).is_ok() {
         let _ = stream.write_all(&out).await;
     }
 }
@@ -129,17 +143,11 @@ fn write_connack(
     version: Version,
     session_present: bool,
     code: ConnectReturnCode,
-    assigned: Option<String>,
+    properties: Option<ConnAckProperties>,
 ) -> Result<(), EdgeError> {
     let (code, properties) = match version {
         Version::V4 => (v4_connack_code(code), None),
-        Version::V5 => (
-            code,
-            assigned.map(|id| ConnAckProperties {
-                assigned_client_identifier: Some(id),
-                ..Default::default()
-            }),
-        ),
+        Version::V5 => (code, properties),
     };
     let ack = ConnAck {
         session_present,
@@ -225,7 +233,32 @@ async fn handshake(
         refuse(&mut stream, version, ConnectReturnCode::NotAuthorized).await;
         return Err(EdgeError::Refused("will message on an IM topic"));
     }
-    let device = Device { uid, client_id };
+    let client = ClientView {
+        uid,
+        client_id,
+        username: login.as_ref().map(|l| l.username.clone()),
+        protocol: match version {
+            Version::V4 => "3.1.1",
+            Version::V5 => "5",
+        },
+        clean_session: connect.clean_session,
+        keep_alive: connect.keep_alive,
+    };
+    if let Decision::Deny(reason) = ctx.policy.on_connect(&client).await {
+        tracing::debug!(%reason, "connect denied by policy");
+        refuse_because(
+            &mut stream,
+            version,
+            ConnectReturnCode::NotAuthorized,
+            Some(reason),
+        )
+        .await;
+        return Err(EdgeError::Refused("denied by policy"));
+    }
+    let device = Device {
+        uid: client.uid,
+        client_id: client.client_id,
+    };
 
     let mut upstream = TcpStream::connect(ctx.broker).await?;
     upstream.set_nodelay(true)?;
@@ -271,12 +304,16 @@ async fn handshake(
         return Err(EdgeError::Refused("store unavailable"));
     }
     let mut client_out = BytesMut::with_capacity(4096);
+    let properties = assigned.map(|id| ConnAckProperties {
+        assigned_client_identifier: Some(id),
+        ..Default::default()
+    });
     write_connack(
         &mut client_out,
         version,
         ack.session_present,
         ConnectReturnCode::Success,
-        assigned,
+        properties,
     )?;
     let keep_alive = (connect.keep_alive > 0)
         .then(|| Duration::from_millis(u64::from(connect.keep_alive) * 1500));
@@ -342,7 +379,7 @@ impl Connection {
             self.after_subscribe();
         }
         // Packets that arrived with the CONNECT.
-        let mut end = self.on_client_bytes().err().map(End::Failed);
+        let mut end = self.on_client_bytes().await.err().map(End::Failed);
         while end.is_none() {
             let step = tokio::select! {
                 read = self.client_rd.read_buf(&mut self.client_in),
@@ -350,7 +387,7 @@ impl Connection {
                     Ok(0) | Err(_) => Err(End::ClientGone),
                     Ok(_) => {
                         self.last_seen = Instant::now();
-                        self.on_client_bytes().map_err(End::Failed)
+                        self.on_client_bytes().await.map_err(End::Failed)
                     }
                 },
                 read = self.up_rd.read_buf(&mut self.up_in) => match read {
@@ -389,9 +426,9 @@ impl Connection {
         Ok(())
     }
 
-    fn on_client_bytes(&mut self) -> Result<(), EdgeError> {
+    async fn on_client_bytes(&mut self) -> Result<(), EdgeError> {
         while let Some(frame) = codec::next_frame(&mut self.client_in, self.ctx.max_packet)? {
-            self.on_client_frame(frame)?;
+            self.on_client_frame(frame).await?;
             if self.client_disconnected {
                 break;
             }

@@ -23,6 +23,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::{AuthSettings, Config};
 use crate::im::{DeviceEvent, DeviceSink, ImService};
+use crate::policy::Policy;
 use crate::store::Device;
 pub(crate) use codec::CodecError;
 use topics::Topics;
@@ -49,6 +50,7 @@ pub(crate) enum EdgeError {
 #[derive(Debug)]
 pub(crate) struct EdgeContext {
     pub(crate) im: ImService,
+    pub(crate) policy: Arc<dyn Policy>,
     pub(crate) topics: Topics,
     pub(crate) auth: AuthSettings,
     pub(crate) broker: SocketAddr,
@@ -84,9 +86,16 @@ impl EdgeContext {
         }
     }
 
-    pub(crate) fn new(config: &Config, im: ImService, broker: SocketAddr, secret: String) -> Self {
+    pub(crate) fn new(
+        config: &Config,
+        im: ImService,
+        policy: Arc<dyn Policy>,
+        broker: SocketAddr,
+        secret: String,
+    ) -> Self {
         Self {
             im,
+            policy,
             topics: Topics::new(&config.im.prefix),
             auth: config.auth.clone(),
             broker,

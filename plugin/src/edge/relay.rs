@@ -11,13 +11,14 @@ use super::connection::{Connection, PendingAck};
 use super::packet_ids::Origin;
 use super::reply::{Outcome, Refusal, ReplyTarget};
 use super::EdgeError;
+use crate::policy::{Decision, SubscribeView};
 
 /// SUBACK code the hook layer uses for a refused filter (0x87 in MQTT 5, 0x80 in 3.1.1).
 const NOT_AUTHORIZED: u8 = 0x87;
 const FILTER_INVALID: u8 = 0x8f;
 
 impl Connection {
-    pub(super) fn on_client_frame(&mut self, frame: Frame) -> Result<(), EdgeError> {
+    pub(super) async fn on_client_frame(&mut self, frame: Frame) -> Result<(), EdgeError> {
         match frame.kind() {
             kind::PUBLISH => self.on_client_publish(&frame),
             kind::PUBACK => {
@@ -58,7 +59,7 @@ impl Connection {
             }
             kind::SUBSCRIBE => match frame.decode(self.version, self.ctx.max_packet)? {
                 Packet::Subscribe(subscribe, properties) => {
-                    self.on_subscribe(subscribe, properties)
+                    self.on_subscribe(subscribe, properties).await
                 }
                 _ => Err(EdgeError::Protocol("malformed SUBSCRIBE")),
             },
@@ -177,7 +178,7 @@ impl Connection {
         Ok(Ok(target))
     }
 
-    fn on_subscribe(
+    async fn on_subscribe(
         &mut self,
         subscribe: Subscribe,
         properties: Option<protocol::SubscribeProperties>,
@@ -191,8 +192,19 @@ impl Connection {
             }
             match acl::subscribe(&self.ctx.topics, &self.device.uid, &filter.path) {
                 FilterAccess::PassThrough => {
-                    codes.push(None);
-                    relayed.push(filter);
+                    let view = SubscribeView {
+                        uid: self.device.uid.clone(),
+                        client_id: self.device.client_id.clone(),
+                        filter: filter.path.clone(),
+                        qos: filter.qos as u8,
+                    };
+                    if let Decision::Deny(reason) = self.ctx.policy.on_subscribe(&view).await {
+                        tracing::debug!(filter = filter.path, %reason, "subscribe denied by policy");
+                        codes.push(Some(NOT_AUTHORIZED));
+                    } else {
+                        codes.push(None);
+                        relayed.push(filter);
+                    }
                 }
                 FilterAccess::Im => {
                     let qos = (filter.qos as u8).min(1);

@@ -67,7 +67,7 @@ impl ImService {
         chat.to = to.to_owned();
         chat.chat_type = pb::ChatType::Single as i32;
         let conversation = direct_key(&sender.uid, to);
-        self.apply_policy(sender, &conversation, &mut chat)?;
+        self.apply_policy(sender, &conversation, &mut chat).await?;
         let msg_id = chat.msg_id.clone();
         let ack_flg = chat.ack_flg;
         let appended = self
@@ -99,25 +99,28 @@ impl ImService {
         })
     }
 
-    fn apply_policy(
+    async fn apply_policy(
         &self,
         sender: &Device,
         conversation: &str,
         chat: &mut pb::ChatMessage,
     ) -> Result<(), ImError> {
-        let text = match chat.msg.as_ref().and_then(|c| c.kind.as_ref()) {
-            Some(pb::content::Kind::Text(text)) => Some(text.clone()),
-            _ => None,
+        let (text, media_url) = match chat.msg.as_ref().and_then(|c| c.kind.as_ref()) {
+            Some(pb::content::Kind::Text(text)) => (Some(text.clone()), None),
+            Some(pb::content::Kind::Media(media)) => (None, Some(media.url.clone())),
+            None => (None, None),
         };
         let view = MessageView {
             from: chat.from.clone(),
             to: chat.to.clone(),
             chat_type: "single",
             text,
+            media_url,
+            msg_id: chat.msg_id.clone(),
             client_id: sender.client_id.clone(),
-            conversation: conversation.to_owned(),
+            conversation: conversation_name(conversation, &sender.uid),
         };
-        match self.inner.policy.check(&view) {
+        match self.inner.policy.on_message(&view).await {
             Decision::Deny(reason) => Err(ImError::Denied(reason)),
             Decision::Allow(rewritten) => {
                 if let (Some(text), Some(content)) = (rewritten, chat.msg.as_mut()) {

@@ -1,7 +1,23 @@
-//! The policy hook point: every intercepted chat message is checked before it gets a seq.
-//! The Lua host plugs in here; until then [`AllowAll`] lets everything through.
+//! The policy host: every intercepted chat message, every CONNECT and every subscription to a
+//! non-IM topic is checked by the team's Lua scripts (see `scripts/README.md`).
+//!
+//! Each script returns a verdict — allow now, deny with a reason, rewrite and pass on, or pass
+//! — in the shape of tower's `Predicate`. Scripts run sandboxed with a memory limit and an
+//! instruction budget in a pool of Lua states; a failing script follows `policy.on_error`.
 
-/// What the policy sees of a message.
+mod api;
+mod pool;
+mod reload;
+mod sandbox;
+mod words;
+
+use async_trait::async_trait;
+
+pub use pool::{LuaPolicy, PolicyStats};
+pub(crate) use reload::watch;
+pub use words::WordList;
+
+/// What the policy sees of a chat message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MessageView {
     /// The authenticated sender.
@@ -12,33 +28,94 @@ pub struct MessageView {
     pub chat_type: &'static str,
     /// Text content, if the message is text.
     pub text: Option<String>,
+    /// URL of media content, if the message is media.
+    pub media_url: Option<String>,
+    /// The client's message id.
+    pub msg_id: String,
     /// The sender's client id.
     pub client_id: String,
-    /// Conversation key.
+    /// The conversation as the sender names it (`u/{peer}`).
     pub conversation: String,
+}
+
+/// What the policy sees of a connecting client, after the broker's own authentication.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientView {
+    /// The resolved uid.
+    pub uid: String,
+    /// The MQTT client id.
+    pub client_id: String,
+    /// The username, if the client sent one.
+    pub username: Option<String>,
+    /// `"3.1.1"` or `"5"`.
+    pub protocol: &'static str,
+    /// The CONNECT's clean-session flag.
+    pub clean_session: bool,
+    /// The CONNECT's keep-alive, seconds.
+    pub keep_alive: u16,
+}
+
+/// A subscription to a non-IM topic filter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubscribeView {
+    /// The subscriber's uid.
+    pub uid: String,
+    /// The subscriber's client id.
+    pub client_id: String,
+    /// The topic filter.
+    pub filter: String,
+    /// Requested QoS.
+    pub qos: u8,
 }
 
 /// The policy's answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
-    /// Store and deliver `text` (possibly rewritten) in place of the original.
+    /// Go ahead; for a message, `Some(text)` replaces its text.
     Allow(Option<String>),
-    /// Refuse; the reason goes back to the sender.
+    /// Refuse; the reason goes back to the client.
     Deny(String),
 }
 
-/// A message policy; implementations must be cheap to call concurrently.
-pub trait Policy: Send + Sync + std::fmt::Debug {
-    /// Decides on one message.
-    fn check(&self, message: &MessageView) -> Decision;
+/// Why the policy could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    /// A script or word list could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// A script failed to compile or its top-level code failed.
+    #[error("script {script}: {message}")]
+    Script {
+        /// The script's path.
+        script: String,
+        /// Lua's message, with the line.
+        message: String,
+    },
+    /// A word list could not be compiled.
+    #[error("word list {name}: {message}")]
+    Words {
+        /// The list's name.
+        name: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// The Lua runtime itself failed (allocation of a state, a limit that cannot be set).
+    #[error("lua: {0}")]
+    Lua(String),
 }
 
-/// Accepts every message unchanged.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct AllowAll;
-
-impl Policy for AllowAll {
-    fn check(&self, message: &MessageView) -> Decision {
-        Decision::Allow(message.text.clone())
-    }
+/// A message, connection and subscription policy; implementations are called concurrently.
+#[async_trait]
+pub trait Policy: Send + Sync + std::fmt::Debug {
+    /// Decides on one chat message before it gets a seq.
+    async fn on_message(&self, message: &MessageView) -> Decision;
+    /// Decides on a client after the broker's own authentication succeeded.
+    async fn on_connect(&self, client: &ClientView) -> Decision;
+    /// Decides on a subscription to a non-IM topic filter.
+    async fn on_subscribe(&self, subscription: &SubscribeView) -> Decision;
 }
