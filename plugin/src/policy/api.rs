@@ -53,6 +53,11 @@ fn list(lists: &BTreeMap<String, WordList>, name: Option<String>) -> mlua::Resul
 
 fn words_table(lua: &Lua, lists: Arc<BTreeMap<String, WordList>>) -> mlua::Result<Table> {
     let words = lua.create_table()?;
+    let known = Arc::clone(&lists);
+    words.set(
+        "has",
+        lua.create_function(move |_, name: String| Ok(known.contains_key(&name)))?,
+    )?;
     let find_lists = Arc::clone(&lists);
     words.set(
         "find",

@@ -11,6 +11,9 @@ mod reload;
 mod sandbox;
 mod words;
 
+#[cfg(test)]
+mod tests;
+
 use async_trait::async_trait;
 
 pub use pool::{LuaPolicy, PolicyStats};
