@@ -17,6 +17,7 @@ pub const WAIT: Duration = Duration::from_secs(10);
 pub struct TestBroker {
     pub addr: SocketAddr,
     pub im: mqtt_im::im::ImService,
+    pub policy: std::sync::Arc<mqtt_im::policy::LuaPolicy>,
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<()>,
     pub dir: tempfile::TempDir,
@@ -37,20 +38,35 @@ impl TestBroker {
         Self::start_in(tempfile::tempdir().unwrap()).await
     }
 
+    /// Starts with a configuration adjusted by `adjust`.
+    pub async fn start_with(adjust: impl FnOnce(&mut Config)) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = config(dir.path());
+        adjust(&mut config);
+        Self::launch(config, dir).await
+    }
+
     pub async fn start_in(dir: tempfile::TempDir) -> Self {
         // RUST_LOG=mqtt_im=debug shows the server's side of a failing test.
         let _ = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
             .with_test_writer()
             .try_init();
-        let server = Server::bind(config(dir.path())).await.unwrap();
+        let config = config(dir.path());
+        Self::launch(config, dir).await
+    }
+
+    async fn launch(config: Config, dir: tempfile::TempDir) -> Self {
+        let server = Server::bind(config).await.unwrap();
         let addr = server.local_addr().unwrap();
         let im = server.im();
+        let policy = server.policy();
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(server.run(shutdown.clone()));
         Self {
             addr,
             im,
+            policy,
             shutdown,
             task,
             dir,
@@ -114,6 +130,8 @@ pub enum Seen {
     PubAck {
         pkid: u16,
         reason: u8,
+        /// MQTT 5 reason string, if any.
+        reason_string: Option<String>,
     },
     SubAck {
         codes: Vec<u8>,
@@ -168,6 +186,7 @@ impl EventSource for rumqttc::EventLoop {
             Packet::PubAck(a) => Step::Seen(Seen::PubAck {
                 pkid: a.pkid,
                 reason: 0,
+                reason_string: None,
             }),
             Packet::PubComp(c) => Step::Seen(Seen::PubComp { pkid: c.pkid }),
             Packet::SubAck(s) => Step::Seen(Seen::SubAck {
@@ -205,6 +224,7 @@ impl EventSource for rumqttc::v5::EventLoop {
             Packet::PubAck(a) => Step::Seen(Seen::PubAck {
                 pkid: a.pkid,
                 reason: v5_ack_code(a.reason),
+                reason_string: a.properties.and_then(|p| p.reason_string),
             }),
             Packet::PubComp(c) => Step::Seen(Seen::PubComp { pkid: c.pkid }),
             Packet::SubAck(s) => Step::Seen(Seen::SubAck {
@@ -327,10 +347,24 @@ impl Client {
 
     /// Publishes at QoS 1 and returns the PUBACK reason code.
     pub async fn publish_acked(&mut self, topic: &str, payload: Vec<u8>) -> u8 {
+        self.publish_answered(topic, payload).await.0
+    }
+
+    /// Publishes at QoS 1 and returns the PUBACK reason code and reason string.
+    pub async fn publish_answered(
+        &mut self,
+        topic: &str,
+        payload: Vec<u8>,
+    ) -> (u8, Option<String>) {
         self.publish(topic, 1, payload).await;
         loop {
-            if let Seen::PubAck { reason, .. } = self.next().await {
-                return reason;
+            if let Seen::PubAck {
+                reason,
+                reason_string,
+                ..
+            } = self.next().await
+            {
+                return (reason, reason_string);
             }
         }
     }
@@ -448,5 +482,24 @@ fn v5_ack_code(reason: rumqttc::v5::mqttbytes::v5::PubAckReason) -> u8 {
         R::PacketIdentifierInUse => 0x91,
         R::QuotaExceeded => 0x97,
         R::PayloadFormatInvalid => 0x99,
+    }
+}
+
+/// Writes `source` as a script in `dir` and returns its path.
+pub fn script(dir: &std::path::Path, name: &str, source: &str) -> std::path::PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, source).unwrap();
+    path
+}
+
+/// Waits until `condition` holds.
+pub async fn wait_for(condition: impl Fn() -> bool) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !condition() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "condition not reached"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
