@@ -10,7 +10,12 @@ use std::process::{Child, Command, Stdio};
 use common::*;
 
 fn spawn(dir: &std::path::Path) -> (Child, SocketAddr) {
+    spawn_with(dir, &[])
+}
+
+fn spawn_with(dir: &std::path::Path, env: &[(&str, String)]) -> (Child, SocketAddr) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_mqtt-im"))
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
         .env("MQTT_IM__LISTENERS__MQTT", "127.0.0.1:0")
         .env("MQTT_IM__STORE__PATH", dir.join("im.db"))
         .env("MQTT_IM__AUTH__USERS__ALICE", "pw")
@@ -87,4 +92,60 @@ async fn graceful_restart_keeps_messages() {
     let mut bob = Client::v5(broker.addr, "bob-phone", "bob").await;
     let page = page(&bob.ask("bob", pull("p", "u/alice", 10, None)).await);
     assert_eq!(page.messages.len(), 5);
+}
+
+/// SIGHUP reloads the policy scripts of a running binary (file polling is off here).
+#[tokio::test]
+async fn sighup_reloads_the_policy() {
+    let dir = tempfile::tempdir().unwrap();
+    let gate = script(
+        dir.path(),
+        "gate.lua",
+        "hooks = { on_message = function() return false, 'closed' end }",
+    );
+    let (mut child, addr) = spawn_with(
+        dir.path(),
+        &[
+            ("MQTT_IM__POLICY__SCRIPTS", gate.display().to_string()),
+            ("MQTT_IM__POLICY__RELOAD_INTERVAL_MS", "0".into()),
+        ],
+    );
+    let mut alice = Client::v5(addr, "alice-phone", "alice").await;
+    assert_eq!(
+        alice
+            .publish_acked("im/u/bob", chat("1", "bob", "a", false))
+            .await,
+        0x87
+    );
+    std::fs::write(&gate, "hooks = { on_message = function() return true end }").unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert_eq!(
+        alice
+            .publish_acked("im/u/bob", chat("2", "bob", "b", false))
+            .await,
+        0x87
+    );
+    let status = Command::new("kill")
+        .args(["-HUP", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let id = format!("try-{}", deadline.elapsed().as_nanos());
+        if alice
+            .publish_acked("im/u/bob", chat(&id, "bob", "c", false))
+            .await
+            == 0
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "SIGHUP did not reload"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
 }

@@ -225,7 +225,10 @@ impl Config {
         let env = config::Environment::with_prefix("MQTT_IM")
             .prefix_separator("__")
             .separator("__")
-            .try_parsing(true);
+            .try_parsing(true)
+            // MQTT_IM__POLICY__SCRIPTS=a.lua,b.lua
+            .list_separator(",")
+            .with_list_parse_key("policy.scripts");
         let raw = builder.add_source(env).build().map_err(|e| ConfigError {
             problems: vec![e.to_string()],
         })?;

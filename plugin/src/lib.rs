@@ -7,7 +7,7 @@
 //!   clients to rumqttd in MQTT 5 and serves IM topics itself.
 //! - [`im`]: users, devices, conversations, digests and pulls; no packets, no SQL.
 //! - [`store`]: persistence behind one trait; knows nothing of MQTT.
-//! - [`policy`]: the message policy hook point.
+//! - [`policy`]: the Lua policy host (sandboxed scripts for messages, connects, subscribes).
 //! - [`wire`]: protobuf wire types.
 //! - [`config`]: the configuration tree.
 //!
