@@ -161,9 +161,17 @@ impl LuaPolicy {
         tracing::warn!(%script, ?hook, %error, on_error = ?self.settings.on_error, "policy script failed");
         match self.settings.on_error {
             OnError::Allow => Decision::Allow(None),
-            OnError::Deny => Decision::Deny(format!("policy error in {script}")),
+            // The client learns which script failed, not where the server keeps it.
+            OnError::Deny => Decision::Deny(format!("policy error in {}", file_name(&script))),
         }
     }
+}
+
+fn file_name(path: &str) -> &str {
+    std::path::Path::new(path)
+        .file_name()
+        .and_then(|name| name.to_str())
+        .unwrap_or(path)
 }
 
 fn build(settings: &PolicySettings, strict: bool) -> Result<Pool, PolicyError> {
