@@ -47,16 +47,16 @@ impl TestBroker {
     }
 
     pub async fn start_in(dir: tempfile::TempDir) -> Self {
-        // RUST_LOG=mqtt_im=debug shows the server's side of a failing test.
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-            .with_test_writer()
-            .try_init();
         let config = config(dir.path());
         Self::launch(config, dir).await
     }
 
     async fn launch(config: Config, dir: tempfile::TempDir) -> Self {
+        // RUST_LOG=mqtt_im=debug shows the server's side of a failing test.
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
         let server = Server::bind(config).await.unwrap();
         let addr = server.local_addr().unwrap();
         let im = server.im();

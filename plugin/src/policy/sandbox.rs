@@ -110,11 +110,14 @@ impl State {
         let counter = Arc::clone(&spent);
         lua.set_hook(
             HookTriggers::new().every_nth_instruction(BUDGET_STEP),
-            move |_, _| {
+            move |_, debug| {
                 let used = counter.fetch_add(u64::from(BUDGET_STEP), Ordering::Relaxed);
                 if used + u64::from(BUDGET_STEP) > limit {
+                    let line = debug.current_line().unwrap_or(0);
+                    let source = debug.source().short_src.map(|s| s.into_owned());
                     Err(mlua::Error::RuntimeError(format!(
-                        "instruction budget of {limit} exceeded"
+                        "{}:{line}: instruction budget of {limit} exceeded",
+                        source.unwrap_or_default()
                     )))
                 } else {
                     Ok(VmState::Continue)
