@@ -4,8 +4,9 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use mqtt_im::config::Backend;
 use mqtt_im::server::CancellationToken;
-use mqtt_im::store::EmbeddedStore;
+use mqtt_im::store::{EmbeddedStore, PostgresStore};
 use mqtt_im::{Config, Server};
 
 /// Offline messaging for MQTT.
@@ -55,8 +56,13 @@ async fn main() -> anyhow::Result<()> {
     match cli.command.unwrap_or(Command::Run) {
         Command::Run => run(config).await,
         Command::Migrate => {
-            let version = EmbeddedStore::migrate(&config.store.path)
-                .with_context(|| format!("migrating {}", config.store.path.display()))?;
+            let version = match config.store.backend {
+                Backend::Embedded => EmbeddedStore::migrate(&config.store.path)
+                    .with_context(|| format!("migrating {}", config.store.path.display()))?,
+                Backend::Postgres => PostgresStore::migrate(&config.store.postgres)
+                    .await
+                    .context("migrating PostgreSQL")?,
+            };
             println!("schema at version {version}");
             Ok(())
         }

@@ -31,6 +31,12 @@ backend = "embedded"
 path = "data/mqtt-im.db"
 max_batch = 512
 
+[store.postgres]
+url = "postgres://postgres@127.0.0.1:5432/postgres"
+schema = "public"
+pool_size = 16
+connect_timeout_ms = 3000
+
 [im]
 prefix = "im"
 digest_last_n = 3
@@ -123,6 +129,22 @@ pub struct AuthSettings {
 pub enum Backend {
     /// SQLite file, no server needed.
     Embedded,
+    /// PostgreSQL (messages, members, cursors).
+    Postgres,
+}
+
+/// The PostgreSQL backend.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresSettings {
+    /// Connection URL (`postgres://user[:password]@host:port/database`).
+    pub url: String,
+    /// Schema holding mqtt-im's tables (created if missing).
+    pub schema: String,
+    /// Connections in the pool.
+    pub pool_size: usize,
+    /// Time to get a connection before a store call fails as unavailable.
+    pub connect_timeout_ms: u64,
 }
 
 /// Storage settings.
@@ -135,6 +157,8 @@ pub struct StoreSettings {
     pub path: PathBuf,
     /// Most writes committed in one transaction.
     pub max_batch: usize,
+    /// The PostgreSQL backend, used when `backend = "postgres"`.
+    pub postgres: PostgresSettings,
 }
 
 /// IM behaviour.
@@ -317,6 +341,19 @@ impl Config {
             "broker.max_packet_size: at least 1024",
         );
         check(self.store.max_batch >= 1, "store.max_batch: at least 1");
+        check(
+            self.store.postgres.pool_size >= 1,
+            "store.postgres.pool_size: at least 1",
+        );
+        let schema = &self.store.postgres.schema;
+        check(
+            !schema.is_empty()
+                && schema.len() <= 63
+                && schema
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_'),
+            "store.postgres.schema: 1-63 characters of letters, digits and '_'",
+        );
         check(
             (1..=64).contains(&self.policy.states),
             "policy.states: between 1 and 64",

@@ -14,7 +14,7 @@ use crate::config::{Backend, Config};
 use crate::edge::{self, EdgeContext, EDGE_USER};
 use crate::im::ImService;
 use crate::policy::{self, LuaPolicy, PolicyError};
-use crate::store::{EmbeddedStore, Store, StoreError};
+use crate::store::{EmbeddedStore, PostgresStore, Store, StoreError};
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -59,6 +59,9 @@ impl Server {
                 &config.store.path,
                 config.store.max_batch,
             )?),
+            Backend::Postgres => {
+                Arc::new(PostgresStore::open(&config.store.postgres, config.store.max_batch).await?)
+            }
         };
         let policy = Arc::new(LuaPolicy::load(config.policy.clone())?);
         let im = ImService::new(Arc::clone(&store), policy.clone(), config.im.clone());

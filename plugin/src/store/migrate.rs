@@ -17,6 +17,54 @@ pub(crate) const SQLITE: &[Migration] = &[Migration {
     sql: include_str!("../../../migrations/sqlite/0001_init.sql"),
 }];
 
+/// The PostgreSQL migrations, `migrations/postgres/NNNN_*.sql` (same numbering).
+pub(crate) const POSTGRES: &[Migration] = &[Migration {
+    version: 1,
+    sql: include_str!("../../../migrations/postgres/0001_init.sql"),
+}];
+
+/// Applies the PostgreSQL migrations the schema lacks, under an advisory lock so that nodes
+/// starting together migrate once, and returns the resulting version.
+pub(crate) async fn apply_postgres(client: &mut tokio_postgres::Client) -> Result<u32, StoreError> {
+    let unavailable = |e: tokio_postgres::Error| StoreError::Unavailable(e.to_string());
+    let tx = client.transaction().await.map_err(unavailable)?;
+    tx.batch_execute(
+        "SELECT pg_advisory_xact_lock(7283401);
+         CREATE TABLE IF NOT EXISTS mqtt_im_schema (version INTEGER NOT NULL)",
+    )
+    .await
+    .map_err(unavailable)?;
+    let current: i32 = tx
+        .query_one("SELECT COALESCE(MAX(version), 0) FROM mqtt_im_schema", &[])
+        .await
+        .map_err(unavailable)?
+        .get(0);
+    let current = u32::try_from(current).unwrap_or(0);
+    let supported = latest(POSTGRES);
+    if current > supported {
+        return Err(StoreError::SchemaTooNew {
+            found: current,
+            supported,
+        });
+    }
+    for migration in POSTGRES.iter().filter(|m| m.version > current) {
+        let failed = |e: tokio_postgres::Error| StoreError::Migration {
+            version: migration.version,
+            reason: e.to_string(),
+        };
+        tx.batch_execute(migration.sql).await.map_err(failed)?;
+        let version = i32::try_from(migration.version).unwrap_or(i32::MAX);
+        tx.execute(
+            "INSERT INTO mqtt_im_schema (version) VALUES ($1)",
+            &[&version],
+        )
+        .await
+        .map_err(failed)?;
+    }
+    tx.commit().await.map_err(unavailable)?;
+    Ok(supported)
+}
+
 /// Newest schema version a list of migrations reaches.
 fn latest(migrations: &[Migration]) -> u32 {
     migrations.iter().map(|m| m.version).max().unwrap_or(0)

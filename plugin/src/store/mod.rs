@@ -6,6 +6,7 @@
 
 mod embedded;
 mod migrate;
+mod postgres;
 mod ranges;
 
 #[cfg(test)]
@@ -14,6 +15,7 @@ pub(crate) mod conformance;
 use async_trait::async_trait;
 
 pub use embedded::EmbeddedStore;
+pub use postgres::PostgresStore;
 pub use ranges::SeqRange;
 
 /// A device is one client id of one user; offline state (acks, counters) is kept per device.

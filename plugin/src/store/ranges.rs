@@ -31,6 +31,21 @@ pub(crate) fn insert(ranges: &[SeqRange], new: SeqRange) -> Vec<SeqRange> {
     out
 }
 
+/// Merges `(conversation, range)` rows sorted by conversation into one merged range list per
+/// conversation: what a new device inherits from its user's other devices.
+pub(crate) fn union_by_conversation(
+    rows: impl IntoIterator<Item = (i64, SeqRange)>,
+) -> Vec<(i64, Vec<SeqRange>)> {
+    let mut union: Vec<(i64, Vec<SeqRange>)> = Vec::new();
+    for (conversation, range) in rows {
+        match union.last_mut() {
+            Some((id, ranges)) if *id == conversation => *ranges = insert(ranges, range),
+            _ => union.push((conversation, vec![range])),
+        }
+    }
+    union
+}
+
 /// The unacknowledged gaps of `1..=max`, newest first.
 pub(crate) fn gaps_newest_first(ranges: &[SeqRange], max: u64) -> Vec<SeqRange> {
     let mut gaps = Vec::new();

@@ -120,18 +120,18 @@ pub(super) fn register_device(conn: &Connection, device: &Device) -> Result<()> 
         .map_err(unavailable)?;
     let rows = stmt
         .query_map(params![device.uid, device.client_id], |row| {
-            Ok((row.get::<_, i64>(0)?, row.get(1)?, row.get(2)?))
+            Ok((
+                row.get::<_, i64>(0)?,
+                SeqRange {
+                    lo: row.get(1)?,
+                    hi: row.get(2)?,
+                },
+            ))
         })
+        .map_err(unavailable)?
+        .collect::<rusqlite::Result<Vec<_>>>()
         .map_err(unavailable)?;
-    let mut union: Vec<(i64, Vec<SeqRange>)> = Vec::new();
-    for row in rows {
-        let (conv_id, lo, hi) = row.map_err(unavailable)?;
-        let range = SeqRange { lo, hi };
-        match union.last_mut() {
-            Some((id, ranges)) if *id == conv_id => *ranges = ranges::insert(ranges, range),
-            _ => union.push((conv_id, vec![range])),
-        }
-    }
+    let union = ranges::union_by_conversation(rows);
     for (conv_id, ranges) in union {
         save_acked(conn, device, conv_id, &ranges)?;
     }

@@ -1,0 +1,245 @@
+//! Group-committed appends: every append waiting at that moment goes into one transaction of
+//! a handful of set-based statements (dedup lookup, conversation upsert, seq reservation,
+//! one multi-row insert), whatever the batch size.
+
+use std::collections::HashMap;
+
+use deadpool_postgres::{GenericClient, Pool};
+use tokio::sync::{mpsc, oneshot};
+
+use super::{pg_error, uint};
+use crate::store::{Appended, NewMessage, StoreError};
+
+/// One waiting append.
+pub(super) type Request = (NewMessage, oneshot::Sender<Result<Appended, StoreError>>);
+
+/// Runs batches until every sender is dropped.
+pub(super) async fn run(pool: Pool, mut requests: mpsc::Receiver<Request>, max_batch: usize) {
+    let mut batch = Vec::with_capacity(max_batch);
+    while let Some(first) = requests.recv().await {
+        batch.push(first);
+        while batch.len() < max_batch {
+            match requests.try_recv() {
+                Ok(request) => batch.push(request),
+                Err(_) => break,
+            }
+        }
+        let messages: Vec<&NewMessage> = batch.iter().map(|(m, _)| m).collect();
+        let outcome = commit(&pool, &messages).await;
+        if let Err(e) = &outcome {
+            tracing::error!(error = %e, messages = batch.len(), "append batch failed");
+        }
+        for (index, (_, reply)) in batch.drain(..).enumerate() {
+            let result = match &outcome {
+                Ok(appended) => Ok(appended[index]),
+                Err(e) => Err(StoreError::Unavailable(e.to_string())),
+            };
+            let _ = reply.send(result);
+        }
+    }
+}
+
+/// What each message of a batch turned out to be before seqs are known.
+enum Slot {
+    Stored(Appended),
+    /// The n-th new message of its conversation in this batch.
+    New {
+        key: usize,
+        nth: i64,
+    },
+    /// Same (sender, msg_id) as an earlier message of this batch.
+    SameAs(usize),
+}
+
+async fn commit(pool: &Pool, batch: &[&NewMessage]) -> Result<Vec<Appended>, StoreError> {
+    let mut client = pool
+        .get()
+        .await
+        .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+    let tx = client.transaction().await.map_err(pg_error)?;
+    let senders: Vec<&str> = batch.iter().map(|m| m.sender.as_str()).collect();
+    let ids: Vec<&str> = batch.iter().map(|m| m.msg_id.as_str()).collect();
+    let existing: HashMap<(String, String), Appended> = tx
+        .query(
+            "SELECT m.sender, m.msg_id, m.seq, m.server_time FROM messages m
+             JOIN unnest($1::text[], $2::text[]) AS b(sender, msg_id)
+               ON m.sender = b.sender AND m.msg_id = b.msg_id",
+            &[&senders, &ids],
+        )
+        .await
+        .map_err(pg_error)?
+        .iter()
+        .map(|row| {
+            let appended = Appended {
+                seq: uint(row.get(2)),
+                server_time: row.get(3),
+                duplicate: true,
+            };
+            ((row.get(0), row.get(1)), appended)
+        })
+        .collect();
+
+    let mut keys: Vec<&str> = Vec::new();
+    let mut counts: Vec<i64> = Vec::new();
+    let mut times: Vec<i64> = Vec::new();
+    let mut first_seen: HashMap<(&str, &str), usize> = HashMap::new();
+    let mut slots = Vec::with_capacity(batch.len());
+    for (index, message) in batch.iter().enumerate() {
+        let id = (message.sender.as_str(), message.msg_id.as_str());
+        if let Some(stored) = existing.get(&(id.0.to_owned(), id.1.to_owned())) {
+            slots.push(Slot::Stored(*stored));
+            continue;
+        }
+        if let Some(first) = first_seen.get(&id) {
+            slots.push(Slot::SameAs(*first));
+            continue;
+        }
+        first_seen.insert(id, index);
+        let key = match keys.iter().position(|k| *k == message.conversation) {
+            Some(key) => key,
+            None => {
+                keys.push(&message.conversation);
+                counts.push(0);
+                times.push(0);
+                keys.len() - 1
+            }
+        };
+        counts[key] += 1;
+        times[key] = times[key].max(message.server_time);
+        slots.push(Slot::New {
+            key,
+            nth: counts[key],
+        });
+    }
+
+    let mut first_seq: HashMap<usize, (i64, i64)> = HashMap::new();
+    if !keys.is_empty() {
+        create_conversations(&tx, batch, &keys).await?;
+        let rows = tx
+            .query(
+                "UPDATE conversations c
+                 SET max_seq = c.max_seq + b.n, last_time = GREATEST(c.last_time, b.t)
+                 FROM unnest($1::text[], $2::bigint[], $3::bigint[]) AS b(key, n, t)
+                 WHERE c.key = b.key
+                 RETURNING c.key, c.id, c.max_seq",
+                &[&keys, &counts, &times],
+            )
+            .await
+            .map_err(pg_error)?;
+        for row in rows {
+            let key: String = row.get(0);
+            if let Some(index) = keys.iter().position(|k| *k == key) {
+                let max_seq: i64 = row.get(2);
+                first_seq.insert(index, (row.get(1), max_seq - counts[index]));
+            }
+        }
+    }
+
+    let mut appended = Vec::with_capacity(batch.len());
+    let mut rows = InsertRows::default();
+    for (index, slot) in slots.iter().enumerate() {
+        let result = match slot {
+            Slot::Stored(stored) => *stored,
+            Slot::SameAs(first) => Appended {
+                duplicate: true,
+                ..appended[*first]
+            },
+            Slot::New { key, nth } => {
+                let (conv_id, base) = first_seq
+                    .get(key)
+                    .copied()
+                    .ok_or_else(|| StoreError::Unavailable("conversation vanished".into()))?;
+                let message = batch[index];
+                rows.push(conv_id, base + nth, message);
+                Appended {
+                    seq: uint(base + nth),
+                    server_time: message.server_time,
+                    duplicate: false,
+                }
+            }
+        };
+        appended.push(result);
+    }
+    rows.insert(&tx).await?;
+    tx.commit().await.map_err(pg_error)?;
+    Ok(appended)
+}
+
+async fn create_conversations(
+    tx: &impl GenericClient,
+    batch: &[&NewMessage],
+    keys: &[&str],
+) -> Result<(), StoreError> {
+    tx.execute(
+        "INSERT INTO conversations (key) SELECT unnest($1::text[]) ON CONFLICT (key) DO NOTHING",
+        &[&keys],
+    )
+    .await
+    .map_err(pg_error)?;
+    let (mut member_keys, mut uids): (Vec<&str>, Vec<&str>) = (Vec::new(), Vec::new());
+    for message in batch {
+        if keys.contains(&message.conversation.as_str()) {
+            for uid in &message.members {
+                member_keys.push(&message.conversation);
+                uids.push(uid);
+            }
+        }
+    }
+    tx.execute(
+        "INSERT INTO members (uid, conv_id)
+         SELECT b.uid, c.id FROM unnest($1::text[], $2::text[]) AS b(key, uid)
+         JOIN conversations c ON c.key = b.key
+         ON CONFLICT DO NOTHING",
+        &[&member_keys, &uids],
+    )
+    .await
+    .map_err(pg_error)?;
+    Ok(())
+}
+
+/// Columns of the one multi-row insert.
+#[derive(Default)]
+struct InsertRows<'a> {
+    conv_ids: Vec<i64>,
+    seqs: Vec<i64>,
+    senders: Vec<&'a str>,
+    devices: Vec<&'a str>,
+    msg_ids: Vec<&'a str>,
+    times: Vec<i64>,
+    bodies: Vec<&'a [u8]>,
+}
+
+impl<'a> InsertRows<'a> {
+    fn push(&mut self, conv_id: i64, seq: i64, message: &'a NewMessage) {
+        self.conv_ids.push(conv_id);
+        self.seqs.push(seq);
+        self.senders.push(&message.sender);
+        self.devices.push(&message.sender_device);
+        self.msg_ids.push(&message.msg_id);
+        self.times.push(message.server_time);
+        self.bodies.push(&message.body);
+    }
+
+    async fn insert(&self, tx: &impl GenericClient) -> Result<(), StoreError> {
+        if self.seqs.is_empty() {
+            return Ok(());
+        }
+        tx.execute(
+            "INSERT INTO messages (conv_id, seq, sender, sender_device, msg_id, server_time, body)
+             SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::text[],
+                                  $6::bigint[], $7::bytea[])",
+            &[
+                &self.conv_ids,
+                &self.seqs,
+                &self.senders,
+                &self.devices,
+                &self.msg_ids,
+                &self.times,
+                &self.bodies,
+            ],
+        )
+        .await
+        .map_err(pg_error)?;
+        Ok(())
+    }
+}

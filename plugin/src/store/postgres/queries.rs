@@ -1,0 +1,413 @@
+//! The SQL of the PostgreSQL backend other than appends, mirroring the embedded backend.
+
+use deadpool_postgres::GenericClient;
+use tokio_postgres::Row;
+
+use super::{int, pg_error, uint};
+use crate::store::ranges::{self, SeqRange};
+use crate::store::{ConversationState, Device, Page, StoreError, StoredMessage};
+
+type Result<T> = std::result::Result<T, StoreError>;
+
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Conversation {
+    id: i64,
+    max_seq: u64,
+    last_time: i64,
+}
+
+pub(super) async fn conversation(
+    c: &impl GenericClient,
+    key: &str,
+) -> Result<Option<Conversation>> {
+    let row = c
+        .query_opt(
+            "SELECT id, max_seq, last_time FROM conversations WHERE key = $1",
+            &[&key],
+        )
+        .await
+        .map_err(pg_error)?;
+    Ok(row.map(|row| Conversation {
+        id: row.get(0),
+        max_seq: uint(row.get(1)),
+        last_time: row.get(2),
+    }))
+}
+
+pub(super) async fn register_device(c: &impl GenericClient, device: &Device) -> Result<()> {
+    let inserted = c
+        .execute(
+            "INSERT INTO devices (uid, client_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+            &[&device.uid, &device.client_id],
+        )
+        .await
+        .map_err(pg_error)?;
+    if inserted == 0 {
+        return Ok(());
+    }
+    let rows = c
+        .query(
+            "SELECT conv_id, lo, hi FROM acked WHERE uid = $1 AND client_id != $2
+             ORDER BY conv_id, lo",
+            &[&device.uid, &device.client_id],
+        )
+        .await
+        .map_err(pg_error)?;
+    let rows = rows.iter().map(|row| {
+        let range = SeqRange {
+            lo: uint(row.get(1)),
+            hi: uint(row.get(2)),
+        };
+        (row.get::<_, i64>(0), range)
+    });
+    for (conv_id, ranges) in ranges::union_by_conversation(rows) {
+        save_acked(c, device, conv_id, &ranges).await?;
+    }
+    Ok(())
+}
+
+async fn acked(c: &impl GenericClient, device: &Device, conv_id: i64) -> Result<Vec<SeqRange>> {
+    let rows = c
+        .query(
+            "SELECT lo, hi FROM acked WHERE uid = $1 AND client_id = $2 AND conv_id = $3
+             ORDER BY lo",
+            &[&device.uid, &device.client_id, &conv_id],
+        )
+        .await
+        .map_err(pg_error)?;
+    Ok(rows
+        .iter()
+        .map(|row| SeqRange {
+            lo: uint(row.get(0)),
+            hi: uint(row.get(1)),
+        })
+        .collect())
+}
+
+async fn save_acked(
+    c: &impl GenericClient,
+    device: &Device,
+    conv_id: i64,
+    ranges: &[SeqRange],
+) -> Result<()> {
+    c.execute(
+        "DELETE FROM acked WHERE uid = $1 AND client_id = $2 AND conv_id = $3",
+        &[&device.uid, &device.client_id, &conv_id],
+    )
+    .await
+    .map_err(pg_error)?;
+    let los: Vec<i64> = ranges.iter().map(|r| int(r.lo)).collect();
+    let his: Vec<i64> = ranges.iter().map(|r| int(r.hi)).collect();
+    c.execute(
+        "INSERT INTO acked (uid, client_id, conv_id, lo, hi)
+         SELECT $1, $2, $3, lo, hi FROM unnest($4::bigint[], $5::bigint[]) AS r(lo, hi)",
+        &[&device.uid, &device.client_id, &conv_id, &los, &his],
+    )
+    .await
+    .map_err(pg_error)?;
+    Ok(())
+}
+
+fn past_end(seq: u64, max_seq: u64) -> StoreError {
+    StoreError::Invalid(format!(
+        "seq {seq} is past the conversation's last seq {max_seq}"
+    ))
+}
+
+pub(super) async fn ack(
+    c: &impl GenericClient,
+    device: &Device,
+    key: &str,
+    range: SeqRange,
+) -> Result<()> {
+    let conv = conversation(c, key)
+        .await?
+        .ok_or_else(|| past_end(range.lo, 0))?;
+    ack_in(c, device, conv, range).await
+}
+
+async fn ack_in(
+    c: &impl GenericClient,
+    device: &Device,
+    conv: Conversation,
+    range: SeqRange,
+) -> Result<()> {
+    if range.lo > conv.max_seq {
+        return Err(past_end(range.lo, conv.max_seq));
+    }
+    let clamped = SeqRange {
+        lo: range.lo,
+        hi: range.hi.min(conv.max_seq),
+    };
+    let merged = ranges::insert(&acked(c, device, conv.id).await?, clamped);
+    save_acked(c, device, conv.id, &merged).await
+}
+
+fn stored(row: &Row) -> StoredMessage {
+    StoredMessage {
+        seq: uint(row.get(0)),
+        sender: row.get(1),
+        server_time: row.get(2),
+        body: row.get(3),
+    }
+}
+
+fn nothing_left() -> Page {
+    Page {
+        messages: Vec::new(),
+        end: true,
+    }
+}
+
+pub(super) async fn pull(
+    c: &impl GenericClient,
+    device: &Device,
+    key: &str,
+    ack: Option<SeqRange>,
+    limit: usize,
+) -> Result<Page> {
+    let Some(conv) = conversation(c, key).await? else {
+        return match ack {
+            Some(range) => Err(past_end(range.lo, 0)),
+            None => Ok(nothing_left()),
+        };
+    };
+    if let Some(range) = ack {
+        ack_in(c, device, conv, range).await?;
+    }
+    let mut messages = Vec::with_capacity(limit + 1);
+    for gap in ranges::gaps_newest_first(&acked(c, device, conv.id).await?, conv.max_seq) {
+        let wanted = int((limit + 1 - messages.len()) as u64);
+        let rows = c
+            .query(
+                "SELECT seq, sender, server_time, body FROM messages
+                 WHERE conv_id = $1 AND seq BETWEEN $2 AND $3
+                   AND NOT (sender = $4 AND sender_device = $5)
+                 ORDER BY seq DESC LIMIT $6",
+                &[
+                    &conv.id,
+                    &int(gap.lo),
+                    &int(gap.hi),
+                    &device.uid,
+                    &device.client_id,
+                    &wanted,
+                ],
+            )
+            .await
+            .map_err(pg_error)?;
+        messages.extend(rows.iter().map(stored));
+        if messages.len() > limit {
+            break;
+        }
+    }
+    let end = messages.len() <= limit;
+    messages.truncate(limit);
+    Ok(Page { messages, end })
+}
+
+pub(super) async fn history(
+    c: &impl GenericClient,
+    key: &str,
+    before: Option<u64>,
+    limit: usize,
+) -> Result<Page> {
+    let Some(conv) = conversation(c, key).await? else {
+        return Ok(nothing_left());
+    };
+    let before = before.unwrap_or(u64::MAX).min(conv.max_seq + 1);
+    let rows = c
+        .query(
+            "SELECT seq, sender, server_time, body FROM messages
+             WHERE conv_id = $1 AND seq < $2 ORDER BY seq DESC LIMIT $3",
+            &[&conv.id, &int(before), &int(limit as u64 + 1)],
+        )
+        .await
+        .map_err(pg_error)?;
+    let mut messages: Vec<StoredMessage> = rows.iter().map(stored).collect();
+    let end = messages.len() <= limit;
+    messages.truncate(limit);
+    Ok(Page { messages, end })
+}
+
+pub(super) async fn mark_read(
+    c: &impl GenericClient,
+    uid: &str,
+    key: &str,
+    seq: u64,
+) -> Result<u64> {
+    let conv = conversation(c, key)
+        .await?
+        .ok_or_else(|| past_end(seq, 0))?;
+    if seq > conv.max_seq {
+        return Err(past_end(seq, conv.max_seq));
+    }
+    let row = c
+        .query_opt(
+            "UPDATE members SET read_seq = GREATEST(read_seq, $3) WHERE uid = $1 AND conv_id = $2
+             RETURNING read_seq",
+            &[&uid, &conv.id, &int(seq)],
+        )
+        .await
+        .map_err(pg_error)?;
+    row.map(|row| uint(row.get(0)))
+        .ok_or_else(|| StoreError::NotFound(format!("{uid} is not a member of {key}")))
+}
+
+/// A conversation the device's user belongs to.
+#[derive(Debug)]
+pub(super) struct Membership {
+    conv: Conversation,
+    key: String,
+    read_seq: u64,
+}
+
+pub(super) async fn memberships(c: &impl GenericClient, uid: &str) -> Result<Vec<Membership>> {
+    let rows = c
+        .query(
+            "SELECT c.id, c.max_seq, c.last_time, c.key, m.read_seq
+             FROM members m JOIN conversations c ON c.id = m.conv_id WHERE m.uid = $1",
+            &[&uid],
+        )
+        .await
+        .map_err(pg_error)?;
+    Ok(rows
+        .iter()
+        .map(|row| Membership {
+            conv: Conversation {
+                id: row.get(0),
+                max_seq: uint(row.get(1)),
+                last_time: row.get(2),
+            },
+            key: row.get(3),
+            read_seq: uint(row.get(4)),
+        })
+        .collect())
+}
+
+pub(super) async fn conversation_state(
+    c: &impl GenericClient,
+    device: &Device,
+    member: &Membership,
+    last_n: usize,
+) -> Result<Option<ConversationState>> {
+    let conv = member.conv;
+    let acked = acked(c, device, conv.id).await?;
+    let cleared = c
+        .query_opt(
+            "SELECT cleared_seq FROM cleared WHERE uid = $1 AND client_id = $2 AND conv_id = $3",
+            &[&device.uid, &device.client_id, &conv.id],
+        )
+        .await
+        .map_err(pg_error)?
+        .map_or(0, |row| row.get::<_, i64>(0));
+    let (mut unacked, mut count) = (0u64, 0u64);
+    for gap in ranges::gaps_newest_first(&acked, conv.max_seq) {
+        let row = c
+            .query_one(
+                "SELECT COUNT(*) FILTER (WHERE NOT (sender = $4 AND sender_device = $5)),
+                        COUNT(*) FILTER (WHERE sender != $4 AND seq > $6)
+                 FROM messages WHERE conv_id = $1 AND seq BETWEEN $2 AND $3",
+                &[
+                    &conv.id,
+                    &int(gap.lo),
+                    &int(gap.hi),
+                    &device.uid,
+                    &device.client_id,
+                    &cleared,
+                ],
+            )
+            .await
+            .map_err(pg_error)?;
+        unacked += uint(row.get(0));
+        count += uint(row.get(1));
+    }
+    if unacked == 0 && count == 0 {
+        return Ok(None);
+    }
+    let peer_read_seq = c
+        .query_one(
+            "SELECT COALESCE(MAX(read_seq), 0) FROM members WHERE conv_id = $1 AND uid != $2",
+            &[&conv.id, &device.uid],
+        )
+        .await
+        .map_err(pg_error)?
+        .get::<_, i64>(0);
+    Ok(Some(ConversationState {
+        conversation: member.key.clone(),
+        count,
+        unacked,
+        max_seq: conv.max_seq,
+        last_time: conv.last_time,
+        acked_seq: ranges::watermark(&acked),
+        read_seq: member.read_seq,
+        peer_read_seq: uint(peer_read_seq),
+        last: history(c, &member.key, None, last_n).await?.messages,
+    }))
+}
+
+pub(super) async fn record_digest(
+    c: &impl GenericClient,
+    device: &Device,
+    entries: &[(String, u64)],
+) -> Result<u64> {
+    let version: i64 = c
+        .query_one(
+            "INSERT INTO devices (uid, client_id, digest_version) VALUES ($1, $2, 1)
+             ON CONFLICT (uid, client_id)
+             DO UPDATE SET digest_version = devices.digest_version + 1
+             RETURNING digest_version",
+            &[&device.uid, &device.client_id],
+        )
+        .await
+        .map_err(pg_error)?
+        .get(0);
+    let keys: Vec<&str> = entries.iter().map(|(k, _)| k.as_str()).collect();
+    let seqs: Vec<i64> = entries.iter().map(|(_, s)| int(*s)).collect();
+    c.execute(
+        "INSERT INTO digest_entries (uid, client_id, version, conv_id, max_seq)
+         SELECT $1, $2, $3, c.id, e.max_seq
+         FROM unnest($4::text[], $5::bigint[]) AS e(key, max_seq)
+         JOIN conversations c ON c.key = e.key",
+        &[&device.uid, &device.client_id, &version, &keys, &seqs],
+    )
+    .await
+    .map_err(pg_error)?;
+    c.execute(
+        "DELETE FROM digest_entries WHERE uid = $1 AND client_id = $2 AND version + 8 < $3",
+        &[&device.uid, &device.client_id, &version],
+    )
+    .await
+    .map_err(pg_error)?;
+    Ok(uint(version))
+}
+
+pub(super) async fn clear_counters(
+    c: &impl GenericClient,
+    device: &Device,
+    version: u64,
+) -> Result<()> {
+    let latest = c
+        .query_opt(
+            "SELECT digest_version FROM devices WHERE uid = $1 AND client_id = $2",
+            &[&device.uid, &device.client_id],
+        )
+        .await
+        .map_err(pg_error)?
+        .map(|row| uint(row.get(0)));
+    if version == 0 || latest.is_none_or(|latest| version > latest) {
+        return Err(StoreError::NotFound(format!(
+            "digest version {version} was never sent to this device"
+        )));
+    }
+    c.execute(
+        "INSERT INTO cleared (uid, client_id, conv_id, cleared_seq)
+         SELECT uid, client_id, conv_id, max_seq FROM digest_entries
+         WHERE uid = $1 AND client_id = $2 AND version = $3
+         ON CONFLICT (uid, client_id, conv_id)
+         DO UPDATE SET cleared_seq = GREATEST(cleared.cleared_seq, excluded.cleared_seq)",
+        &[&device.uid, &device.client_id, &int(version)],
+    )
+    .await
+    .map_err(pg_error)?;
+    Ok(())
+}
