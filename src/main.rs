@@ -39,7 +39,9 @@ async fn main() -> anyhow::Result<()> {
                 // rumqttd's server module logs the hook layer's private loopback links (it
                 // calls every clean DISCONNECT an error); the edge logs clients itself, and a
                 // broker that fails to listen is reported by `Server::bind`.
-                .unwrap_or_else(|_| "info,rumqttd=warn,rumqttd::server::broker=off".into()),
+                .unwrap_or_else(|_| {
+                    "info,tokio_postgres=warn,rumqttd=warn,rumqttd::server::broker=off".into()
+                }),
         )
         .with_writer(std::io::stderr)
         .init();

@@ -4,10 +4,10 @@ mod common;
 use common::*;
 use mqtt_im::wire::pb;
 
+backend_tests! {
 /// Subscribing outside one's own tree fails with 0x87 (MQTT 5) / 0x80 (3.1.1).
-#[tokio::test]
-async fn foreign_subscriptions_are_refused() {
-    let broker = TestBroker::start().await;
+async fn foreign_subscriptions_are_refused(backend: TestBackend) {
+    let broker = TestBroker::start_on(backend.clone()).await;
     let mut v5 = Client::v5(broker.addr, "alice-5", "alice").await;
     assert_eq!(v5.subscribe("im/u/bob/#", 1).await, vec![0x87]);
     assert_eq!(v5.subscribe("im/u/alice/req", 1).await, vec![0x87]);
@@ -17,12 +17,13 @@ async fn foreign_subscriptions_are_refused() {
     assert_eq!(v4.subscribe("im/u/alice/#", 2).await, vec![1]);
     assert!(broker.im.online_devices("bob").is_empty());
 }
+}
 
+backend_tests! {
 /// Publishing on someone else's req or on resp is refused: MQTT 5 reason code, 3.1.1
 /// error frame on the publisher's resp.
-#[tokio::test]
-async fn foreign_publishes_are_refused_with_a_reason() {
-    let broker = TestBroker::start().await;
+async fn foreign_publishes_are_refused_with_a_reason(backend: TestBackend) {
+    let broker = TestBroker::start_on(backend.clone()).await;
     let mut v5 = Client::v5(broker.addr, "alice-5", "alice").await;
     assert_eq!(
         v5.publish_acked("im/u/bob/req", pull("x", "u/alice", 1, None))
@@ -40,11 +41,12 @@ async fn foreign_publishes_are_refused_with_a_reason() {
     assert_eq!(error.code, pb::ErrorCode::NotAuthorized as i32);
     assert_eq!(error.topic, "im/u/bob/digest");
 }
+}
 
+backend_tests! {
 /// A malformed payload is answered with a clear error and nothing is stored.
-#[tokio::test]
-async fn malformed_protobuf_is_answered_and_not_stored() {
-    let broker = TestBroker::start().await;
+async fn malformed_protobuf_is_answered_and_not_stored(backend: TestBackend) {
+    let broker = TestBroker::start_on(backend.clone()).await;
     let mut v5 = Client::v5(broker.addr, "alice-5", "alice").await;
     assert_eq!(
         v5.publish_acked("im/u/bob", vec![0xff, 0xff, 0xff]).await,
@@ -67,23 +69,25 @@ async fn malformed_protobuf_is_answered_and_not_stored() {
     bob.subscribe("im/u/bob/#", 1).await;
     assert!(bob.digest("bob").await.sessions.is_empty());
 }
+}
 
+backend_tests! {
 /// Wrong credentials are refused at CONNECT.
-#[tokio::test]
-async fn bad_password_is_refused() {
-    let broker = TestBroker::start().await;
+async fn bad_password_is_refused(backend: TestBackend) {
+    let broker = TestBroker::start_on(backend.clone()).await;
     let mut options = rumqttc::MqttOptions::new("x", "127.0.0.1", broker.addr.port());
     options.set_credentials("alice", "wrong");
     let (_client, mut events) = rumqttc::AsyncClient::new(options, 10);
     let refused = events.poll().await;
     assert!(refused.is_err(), "{refused:?}");
 }
+}
 
+backend_tests! {
 /// A request whose MQTT 5 Response Topic points outside the requester's tree is refused.
-#[tokio::test]
-async fn response_topic_outside_own_tree_is_refused() {
+async fn response_topic_outside_own_tree_is_refused(backend: TestBackend) {
     use rumqttc::v5::mqttbytes::v5::PublishProperties;
-    let broker = TestBroker::start().await;
+    let broker = TestBroker::start_on(backend.clone()).await;
     let mut alice = Client::v5(broker.addr, "alice-5", "alice").await;
     let properties = PublishProperties {
         response_topic: Some("im/u/bob/resp".into()),
@@ -108,4 +112,5 @@ async fn response_topic_outside_own_tree_is_refused() {
             break;
         }
     }
+}
 }

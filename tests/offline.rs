@@ -7,11 +7,11 @@ use common::*;
 use mqtt_im::wire::pb;
 use prost::Message;
 
+backend_tests! {
 /// A message to an offline user is PUBACKed, then shows up in its digest and pull — and the
 /// spoofed `from` is replaced by the sender's identity.
-#[tokio::test]
-async fn offline_message_is_counted_not_pushed() {
-    let broker = TestBroker::start().await;
+async fn offline_message_is_counted_not_pushed(backend: TestBackend) {
+    let broker = TestBroker::start_on(backend.clone()).await;
     let mut alice = Client::v4(broker.addr, "alice-phone", "alice", 30).await;
     assert_eq!(
         alice
@@ -40,11 +40,12 @@ async fn offline_message_is_counted_not_pushed() {
     assert!(page.messages.iter().all(|m| m.from == "alice"));
     assert!(page.end);
 }
+}
 
+backend_tests! {
 /// A retransmit with the same msg_id is stored once and gets the same seq back.
-#[tokio::test]
-async fn duplicate_msg_id_is_absorbed() {
-    let broker = TestBroker::start().await;
+async fn duplicate_msg_id_is_absorbed(backend: TestBackend) {
+    let broker = TestBroker::start_on(backend.clone()).await;
     let mut alice = Client::v4(broker.addr, "alice-phone", "alice", 30).await;
     alice.subscribe("im/u/alice/#", 1).await;
     let _ = alice.digest("alice").await;
@@ -66,11 +67,12 @@ async fn duplicate_msg_id_is_absorbed() {
     bob.subscribe("im/u/bob/#", 1).await;
     assert_eq!(bob.digest("bob").await.sessions["u/alice"].max_seq, 1);
 }
+}
 
+backend_tests! {
 /// An online receiver gets the message live, with its seq and the real sender.
-#[tokio::test]
-async fn online_receiver_gets_it_live() {
-    let broker = TestBroker::start().await;
+async fn online_receiver_gets_it_live(backend: TestBackend) {
+    let broker = TestBroker::start_on(backend.clone()).await;
     let mut bob = Client::v4(broker.addr, "bob-phone", "bob", 30).await;
     bob.subscribe("im/u/bob/#", 1).await;
     let _ = bob.digest("bob").await;
@@ -97,12 +99,13 @@ async fn online_receiver_gets_it_live() {
     bob.disconnect().await;
     assert!(broker.im.online_devices("bob").is_empty());
 }
+}
 
+backend_tests! {
 /// A QoS 2 chat publish completes its PUBREC/PUBREL/PUBCOMP exchange with the hook layer
 /// and is stored exactly once.
-#[tokio::test]
-async fn qos2_chat_is_stored_once() {
-    let broker = TestBroker::start().await;
+async fn qos2_chat_is_stored_once(backend: TestBackend) {
+    let broker = TestBroker::start_on(backend.clone()).await;
     let mut alice = Client::v4(broker.addr, "alice-phone", "alice", 30).await;
     alice
         .publish("im/u/bob", 2, chat("q2", "bob", "exactly once", false))
@@ -115,4 +118,5 @@ async fn qos2_chat_is_stored_once() {
     let mut bob = Client::v4(broker.addr, "bob-phone", "bob", 30).await;
     let page = page(&bob.ask("bob", pull("p", "u/alice", 10, None)).await);
     assert_eq!(seqs(&page), vec![1]);
+}
 }

@@ -31,11 +31,11 @@ async fn received_text(broker: &TestBroker) -> Vec<String> {
         .collect()
 }
 
+backend_tests! {
 /// A sensitive word arrives masked; a blocked one is denied with its reason (MQTT 5 PUBACK
 /// reason string; 3.1.1 error frame); a validation failure is denied; nothing denied is stored.
-#[tokio::test]
-async fn shipped_scripts_mask_deny_and_validate() {
-    let broker = TestBroker::start_with(shipped).await;
+async fn shipped_scripts_mask_deny_and_validate(backend: TestBackend) {
+    let broker = TestBroker::start_with_on(backend.clone(), shipped).await;
     let mut v5 = Client::v5(broker.addr, "alice-5", "alice").await;
     assert_eq!(
         v5.publish_acked("im/u/bob", chat("m1", "bob", "Oh heck, 坏蛋", false))
@@ -66,10 +66,11 @@ async fn shipped_scripts_mask_deny_and_validate() {
     let stats = broker.policy.stats();
     assert_eq!((stats.denied, stats.rewritten, stats.errors), (3, 1, 0));
 }
+}
 
+backend_tests! {
 /// A rewrite is not approval: the next script judges the rewritten text.
-#[tokio::test]
-async fn rewrite_then_next_script_decides() {
+async fn rewrite_then_next_script_decides(backend: TestBackend) {
     let dir = tempfile::tempdir().unwrap();
     let upper = script(
         dir.path(),
@@ -82,7 +83,7 @@ async fn rewrite_then_next_script_decides() {
         r#"hooks = { on_message = function(m)
              if m.text:find("SHOUT") then return false, "saw " .. m.text end end }"#,
     );
-    let broker = TestBroker::start_with(|c| c.policy.scripts = vec![upper, judge]).await;
+    let broker = TestBroker::start_with_on(backend.clone(), |c| c.policy.scripts = vec![upper, judge]).await;
     let mut alice = Client::v5(broker.addr, "alice-5", "alice").await;
     let (code, reason) = alice
         .publish_answered("im/u/bob", chat("a", "bob", "shout", false))
@@ -97,11 +98,12 @@ async fn rewrite_then_next_script_decides() {
     );
     assert_eq!(received_text(&broker).await, vec!["QUIET".to_string()]);
 }
+}
 
+backend_tests! {
 /// Infinite loops, unbounded allocation, sandbox escapes and syntax errors follow on_error
 /// (deny here): the message is refused, nothing is stored, the broker keeps serving.
-#[tokio::test]
-async fn misbehaving_scripts_follow_on_error() {
+async fn misbehaving_scripts_follow_on_error(backend: TestBackend) {
     let cases = [
         ("loop.lua", "hooks = { on_message = function() while true do end end }"),
         (
@@ -115,7 +117,7 @@ async fn misbehaving_scripts_follow_on_error() {
     for (name, source) in cases {
         let dir = tempfile::tempdir().unwrap();
         let path = script(dir.path(), name, source);
-        let broker = TestBroker::start_with(|c| c.policy.scripts = vec![path]).await;
+        let broker = TestBroker::start_with_on(backend.clone(), |c| c.policy.scripts = vec![path]).await;
         let mut alice = Client::v5(broker.addr, "alice-5", "alice").await;
         let (code, reason) = alice
             .publish_answered("im/u/bob", chat("x", "bob", "hi", false))
@@ -132,17 +134,18 @@ async fn misbehaving_scripts_follow_on_error() {
         assert_eq!(alice.next_on("t/x").await, b"ok".to_vec(), "{name}");
     }
 }
+}
 
+backend_tests! {
 /// With on_error = allow, a failing script lets the message through (and is counted).
-#[tokio::test]
-async fn on_error_allow_lets_messages_through() {
+async fn on_error_allow_lets_messages_through(backend: TestBackend) {
     let dir = tempfile::tempdir().unwrap();
     let path = script(
         dir.path(),
         "boom.lua",
         "hooks = { on_message = function() error('boom') end }",
     );
-    let broker = TestBroker::start_with(|c| {
+    let broker = TestBroker::start_with_on(backend.clone(), |c| {
         c.policy.scripts = vec![path];
         c.policy.on_error = OnError::Allow;
     })
@@ -157,11 +160,12 @@ async fn on_error_allow_lets_messages_through() {
     assert_eq!(received_text(&broker).await, vec!["hi".to_string()]);
     assert_eq!(broker.policy.stats().errors, 1);
 }
+}
 
+backend_tests! {
 /// on_connect can refuse a client after the broker's own auth; on_subscribe guards non-IM
 /// topic filters.
-#[tokio::test]
-async fn connect_and_subscribe_hooks_over_mqtt() {
+async fn connect_and_subscribe_hooks_over_mqtt(backend: TestBackend) {
     let dir = tempfile::tempdir().unwrap();
     let path = script(
         dir.path(),
@@ -171,7 +175,7 @@ async fn connect_and_subscribe_hooks_over_mqtt() {
              on_subscribe = function(s) if s.filter:find("^secret") then return false, "hidden" end end,
            }"#,
     );
-    let broker = TestBroker::start_with(|c| c.policy.scripts = vec![path]).await;
+    let broker = TestBroker::start_with_on(backend.clone(), |c| c.policy.scripts = vec![path]).await;
     let mut options = rumqttc::MqttOptions::new("carol-1", "127.0.0.1", broker.addr.port());
     options.set_credentials("carol", "pw");
     let (_client, mut events) = rumqttc::AsyncClient::new(options, 10);
@@ -182,10 +186,11 @@ async fn connect_and_subscribe_hooks_over_mqtt() {
     let mut bob5 = Client::v5(broker.addr, "bob-5", "bob").await;
     assert_eq!(bob5.subscribe("secret/x", 1).await, vec![0x87]);
 }
+}
 
+backend_tests! {
 /// Editing a script switches behaviour without a restart; a broken edit keeps the old one.
-#[tokio::test]
-async fn hot_reload_switches_and_survives_a_broken_edit() {
+async fn hot_reload_switches_and_survives_a_broken_edit(backend: TestBackend) {
     let dir = tempfile::tempdir().unwrap();
     let path = script(
         dir.path(),
@@ -193,7 +198,7 @@ async fn hot_reload_switches_and_survives_a_broken_edit() {
         "hooks = { on_message = function() return false, 'closed' end }",
     );
     let watched = path.clone();
-    let broker = TestBroker::start_with(|c| {
+    let broker = TestBroker::start_with_on(backend.clone(), |c| {
         c.policy.scripts = vec![watched];
         c.policy.reload_interval_ms = 50;
     })
@@ -225,4 +230,5 @@ async fn hot_reload_switches_and_survives_a_broken_edit() {
         received_text(&broker).await,
         vec!["c".to_string(), "b".to_string()]
     );
+}
 }

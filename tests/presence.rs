@@ -33,10 +33,10 @@ fn connect_and_subscribe(client_id: &str, user: &str, keep_alive: u16, filter: &
     packets
 }
 
+backend_tests! {
 /// Several devices of one user each come and go on their own.
-#[tokio::test]
-async fn devices_are_online_independently() {
-    let broker = TestBroker::start().await;
+async fn devices_are_online_independently(backend: TestBackend) {
+    let broker = TestBroker::start_on(backend.clone()).await;
     let mut phone = Client::v4(broker.addr, "bob-phone", "bob", 30).await;
     phone.subscribe("im/u/bob/#", 1).await;
     let mut laptop = Client::v5(broker.addr, "bob-laptop", "bob").await;
@@ -57,11 +57,12 @@ async fn devices_are_online_independently() {
     drop(laptop);
     wait_presence(&broker, "bob", &[]).await;
 }
+}
 
+backend_tests! {
 /// A device that goes silent past 1.5 × its keep-alive is dropped and counts as offline.
-#[tokio::test]
-async fn keep_alive_expiry_ends_presence() {
-    let broker = TestBroker::start().await;
+async fn keep_alive_expiry_ends_presence(backend: TestBackend) {
+    let broker = TestBroker::start_on(backend.clone()).await;
     let mut socket = tokio::net::TcpStream::connect(broker.addr).await.unwrap();
     let packets = connect_and_subscribe("bob-silent", "bob", 1, "im/u/bob/#");
     socket.write_all(&packets).await.unwrap();
@@ -71,12 +72,13 @@ async fn keep_alive_expiry_ends_presence() {
     assert!(closed.is_ok(), "the silent connection was not closed");
     wait_presence(&broker, "bob", &[]).await;
 }
+}
 
+backend_tests! {
 /// A second connection with the same client id takes the session over; the device stays
 /// online through the new connection and live messages go there.
-#[tokio::test]
-async fn session_takeover_moves_the_device() {
-    let broker = TestBroker::start().await;
+async fn session_takeover_moves_the_device(backend: TestBackend) {
+    let broker = TestBroker::start_on(backend.clone()).await;
     let mut old = Client::v4(broker.addr, "bob-phone", "bob", 30).await;
     old.subscribe("im/u/bob/#", 1).await;
     let mut new = Client::v4(broker.addr, "bob-phone", "bob", 30).await;
@@ -96,12 +98,13 @@ async fn session_takeover_moves_the_device() {
     let envelope = pb::Envelope::decode(new.next_on("im/u/bob").await.as_slice()).unwrap();
     assert!(envelope.body.is_some());
 }
+}
 
+backend_tests! {
 /// A persistent session keeps its IM subscriptions: on reconnect without subscribing, the
 /// device is online again and gets its digest.
-#[tokio::test]
-async fn persistent_session_resumes_im_subscriptions() {
-    let broker = TestBroker::start().await;
+async fn persistent_session_resumes_im_subscriptions(backend: TestBackend) {
+    let broker = TestBroker::start_on(backend.clone()).await;
     let mut tablet = Client::v4_session(broker.addr, "bob-tablet", "bob", 30, false).await;
     tablet.subscribe("im/u/bob/#", 1).await;
     let _ = tablet.digest("bob").await;
@@ -130,4 +133,5 @@ async fn persistent_session_resumes_im_subscriptions() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(broker.im.online_devices("carol").is_empty());
     assert!(broker.im.online_devices("bob").is_empty());
+}
 }

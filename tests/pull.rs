@@ -22,10 +22,10 @@ fn cursor(page: &pb::Page) -> Option<pb::Cursor> {
     page.cursor
 }
 
+backend_tests! {
 /// ClearCounters clears what the confirmed digest carried; later increments stay.
-#[tokio::test]
-async fn clear_counters_keeps_later_increments() {
-    let broker = TestBroker::start().await;
+async fn clear_counters_keeps_later_increments(backend: TestBackend) {
+    let broker = TestBroker::start_on(backend.clone()).await;
     send_n(&broker, 3, "a").await;
     let mut bob = Client::v4(broker.addr, "bob-phone", "bob", 30).await;
     bob.subscribe("im/u/bob/#", 1).await;
@@ -49,12 +49,13 @@ async fn clear_counters_keeps_later_increments() {
     let session = &third.sessions["u/alice"];
     assert_eq!((session.count, session.unacked, session.max_seq), (2, 5, 5));
 }
+}
 
+backend_tests! {
 /// Three pages with acks while new messages arrive: no skip, no repeat, then `end`; a second
 /// device of the same user still gets everything.
-#[tokio::test]
-async fn pages_with_acks_while_messages_arrive() {
-    let broker = TestBroker::start().await;
+async fn pages_with_acks_while_messages_arrive(backend: TestBackend) {
+    let broker = TestBroker::start_on(backend.clone()).await;
     send_n(&broker, 25, "old").await;
     let mut phone = Client::v5(broker.addr, "bob-phone", "bob").await;
     let first = page(&phone.ask("bob", pull("1", "u/alice", 10, None)).await);
@@ -106,11 +107,12 @@ async fn pages_with_acks_while_messages_arrive() {
     let from_tablet = page(&tablet.ask("bob", pull("t2", "u/alice", 50, None)).await);
     assert_eq!(seqs(&from_tablet), vec![30, 29]);
 }
+}
 
+backend_tests! {
 /// A device that pulled the newest 20 of 100 and stopped gets the older 80 next time.
-#[tokio::test]
-async fn pull_twenty_of_hundred_then_stop_keeps_the_hole() {
-    let broker = TestBroker::start().await;
+async fn pull_twenty_of_hundred_then_stop_keeps_the_hole(backend: TestBackend) {
+    let broker = TestBroker::start_on(backend.clone()).await;
     send_n(&broker, 100, "m").await;
     let mut bob = Client::v4(broker.addr, "bob-phone", "bob", 30).await;
     let newest = page(&bob.ask("bob", pull("1", "u/alice", 20, None)).await);
@@ -148,12 +150,13 @@ async fn pull_twenty_of_hundred_then_stop_keeps_the_hole() {
     );
     assert_eq!(seqs(&history), vec![100, 99, 98, 97, 96]);
 }
+}
 
+backend_tests! {
 /// MQTT 5 Response Topic and Correlation Data are honoured.
-#[tokio::test]
-async fn v5_response_topic_and_correlation_data() {
+async fn v5_response_topic_and_correlation_data(backend: TestBackend) {
     use rumqttc::v5::mqttbytes::v5::PublishProperties;
-    let broker = TestBroker::start().await;
+    let broker = TestBroker::start_on(backend.clone()).await;
     send_n(&broker, 1, "x").await;
     let mut bob = Client::v5(broker.addr, "bob-phone", "bob").await;
     bob.subscribe("im/u/bob/#", 1).await;
@@ -180,12 +183,13 @@ async fn v5_response_topic_and_correlation_data() {
     let response = <pb::Response as prost::Message>::decode(reply.as_slice()).unwrap();
     assert_eq!(page(&response).messages.len(), 1);
 }
+}
 
+backend_tests! {
 /// MarkRead moves the user's read cursor: the user's other devices see it as `read_seq`, the
 /// peer's devices as `peer_read_seq`.
-#[tokio::test]
-async fn mark_read_shows_in_digests() {
-    let broker = TestBroker::start().await;
+async fn mark_read_shows_in_digests(backend: TestBackend) {
+    let broker = TestBroker::start_on(backend.clone()).await;
     send_n(&broker, 3, "r").await;
     let mut phone = Client::v4(broker.addr, "bob-phone", "bob", 30).await;
     let mark = pb::request::Kind::MarkRead(pb::MarkRead {
@@ -212,4 +216,5 @@ async fn mark_read_shows_in_digests() {
     alice.subscribe("im/u/alice/#", 1).await;
     let session = &alice.digest("alice").await.sessions["u/bob"];
     assert_eq!((session.peer_read_seq, session.count), (2, 0));
+}
 }

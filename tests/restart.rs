@@ -9,8 +9,16 @@ use std::process::{Child, Command, Stdio};
 
 use common::*;
 
-fn spawn(dir: &std::path::Path) -> (Child, SocketAddr) {
-    spawn_with(dir, &[])
+/// The environment that puts the binary on `backend`.
+fn backend_env(backend: &TestBackend) -> Vec<(&'static str, String)> {
+    match backend {
+        TestBackend::Embedded => Vec::new(),
+        TestBackend::Postgres(settings) => vec![
+            ("MQTT_IM__STORE__BACKEND", "postgres".into()),
+            ("MQTT_IM__STORE__POSTGRES__URL", settings.url.clone()),
+            ("MQTT_IM__STORE__POSTGRES__SCHEMA", settings.schema.clone()),
+        ],
+    }
 }
 
 fn spawn_with(dir: &std::path::Path, env: &[(&str, String)]) -> (Child, SocketAddr) {
@@ -39,11 +47,12 @@ fn spawn_with(dir: &std::path::Path, env: &[(&str, String)]) -> (Child, SocketAd
     (child, addr)
 }
 
+backend_tests! {
 /// Every PUBACKed message survives kill -9 and is pulled exactly once after restart.
-#[tokio::test]
-async fn acknowledged_messages_survive_kill_and_restart() {
+async fn acknowledged_messages_survive_kill_and_restart(backend: TestBackend) {
     let dir = tempfile::tempdir().unwrap();
-    let (mut child, addr) = spawn(dir.path());
+    let env = backend_env(&backend);
+    let (mut child, addr) = spawn_with(dir.path(), &env);
     let mut alice = Client::v4(addr, "alice-phone", "alice", 30).await;
     for i in 0..50 {
         let id = format!("m{i}");
@@ -58,7 +67,7 @@ async fn acknowledged_messages_survive_kill_and_restart() {
     child.wait().unwrap();
     drop(alice);
 
-    let (mut child, addr) = spawn(dir.path());
+    let (mut child, addr) = spawn_with(dir.path(), &env);
     let mut bob = Client::v4(addr, "bob-phone", "bob", 30).await;
     bob.subscribe("im/u/bob/#", 1).await;
     assert_eq!(bob.digest("bob").await.sessions["u/alice"].count, 50);
@@ -73,9 +82,8 @@ async fn acknowledged_messages_survive_kill_and_restart() {
 }
 
 /// A clean in-process stop (shutdown token) followed by a start keeps everything too.
-#[tokio::test]
-async fn graceful_restart_keeps_messages() {
-    let broker = TestBroker::start().await;
+async fn graceful_restart_keeps_messages(backend: TestBackend) {
+    let broker = TestBroker::start_on(backend).await;
     let mut alice = Client::v5(broker.addr, "alice-phone", "alice").await;
     for i in 0..5 {
         let id = format!("g{i}");
@@ -87,11 +95,13 @@ async fn graceful_restart_keeps_messages() {
         );
     }
     drop(alice);
-    let dir = broker.stop().await;
-    let broker = TestBroker::start_in(dir).await;
+    let (dir, backend) = broker.stop().await;
+    let broker = TestBroker::start_in(dir, backend).await;
     let mut bob = Client::v5(broker.addr, "bob-phone", "bob").await;
     let page = page(&bob.ask("bob", pull("p", "u/alice", 10, None)).await);
     assert_eq!(page.messages.len(), 5);
+}
+
 }
 
 /// SIGHUP reloads the policy scripts of a running binary (file polling is off here).

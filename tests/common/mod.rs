@@ -21,12 +21,86 @@ pub struct TestBroker {
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<()>,
     pub dir: tempfile::TempDir,
+    pub backend: TestBackend,
 }
 
-pub fn config(dir: &std::path::Path) -> Config {
+/// Which store a test broker runs on.
+#[derive(Debug, Clone)]
+pub enum TestBackend {
+    Embedded,
+    /// A PostgreSQL schema of its own.
+    Postgres(mqtt_im::config::PostgresSettings),
+}
+
+impl TestBackend {
+    /// PostgreSQL from MQTT_IM_TEST_POSTGRES_URL (the local CI service when
+    /// MQTT_IM_REQUIRE_SERVICES=1), in a fresh schema; `None` when not configured.
+    pub fn postgres() -> Option<Self> {
+        let required = std::env::var("MQTT_IM_REQUIRE_SERVICES").as_deref() == Ok("1");
+        let url = match std::env::var("MQTT_IM_TEST_POSTGRES_URL") {
+            Ok(url) => url,
+            Err(_) if required => "postgres://postgres@127.0.0.1:5432/test".into(),
+            Err(_) => return None,
+        };
+        Some(Self::Postgres(mqtt_im::config::PostgresSettings {
+            url,
+            schema: format!("t_{:016x}", rand_u64()),
+            pool_size: 8,
+            connect_timeout_ms: 3000,
+        }))
+    }
+}
+
+fn rand_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos(),
+    );
+    hasher.finish()
+}
+
+/// Runs each test body once per backend: `embedded` always, `postgres` when configured.
+#[macro_export]
+macro_rules! backend_tests {
+    ($($(#[$meta:meta])* async fn $name:ident($backend:ident: TestBackend) $body:block)*) => {
+        $(
+            $(#[$meta])*
+            #[allow(clippy::unwrap_used, clippy::expect_used)]
+            mod $name {
+                #[allow(unused_imports)]
+                use super::*;
+
+                async fn run($backend: $crate::common::TestBackend) $body
+
+                #[tokio::test]
+                async fn embedded() {
+                    run($crate::common::TestBackend::Embedded).await
+                }
+
+                #[tokio::test]
+                async fn postgres() {
+                    match $crate::common::TestBackend::postgres() {
+                        Some(backend) => run(backend).await,
+                        None => eprintln!("skipped: MQTT_IM_TEST_POSTGRES_URL is not set"),
+                    }
+                }
+            }
+        )*
+    };
+}
+
+pub fn config(dir: &std::path::Path, backend: &TestBackend) -> Config {
     let mut config = Config::default();
     config.listeners.mqtt = "127.0.0.1:0".parse().unwrap();
     config.store.path = dir.join("im.db");
+    if let TestBackend::Postgres(settings) = backend {
+        config.store.backend = mqtt_im::config::Backend::Postgres;
+        config.store.postgres = settings.clone();
+    }
     for user in ["alice", "bob", "carol"] {
         config.auth.users.insert(user.into(), "pw".into());
     }
@@ -34,24 +108,34 @@ pub fn config(dir: &std::path::Path) -> Config {
 }
 
 impl TestBroker {
+    /// A broker on the embedded store.
     pub async fn start() -> Self {
-        Self::start_in(tempfile::tempdir().unwrap()).await
+        Self::start_on(TestBackend::Embedded).await
+    }
+
+    pub async fn start_on(backend: TestBackend) -> Self {
+        Self::start_in(tempfile::tempdir().unwrap(), backend).await
     }
 
     /// Starts with a configuration adjusted by `adjust`.
     pub async fn start_with(adjust: impl FnOnce(&mut Config)) -> Self {
+        Self::start_with_on(TestBackend::Embedded, adjust).await
+    }
+
+    pub async fn start_with_on(backend: TestBackend, adjust: impl FnOnce(&mut Config)) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let mut config = config(dir.path());
+        let mut config = config(dir.path(), &backend);
         adjust(&mut config);
-        Self::launch(config, dir).await
+        Self::launch(config, dir, backend).await
     }
 
-    pub async fn start_in(dir: tempfile::TempDir) -> Self {
-        let config = config(dir.path());
-        Self::launch(config, dir).await
+    /// Starts on an existing data folder / schema (a restart).
+    pub async fn start_in(dir: tempfile::TempDir, backend: TestBackend) -> Self {
+        let config = config(dir.path(), &backend);
+        Self::launch(config, dir, backend).await
     }
 
-    async fn launch(config: Config, dir: tempfile::TempDir) -> Self {
+    async fn launch(config: Config, dir: tempfile::TempDir, backend: TestBackend) -> Self {
         // RUST_LOG=mqtt_im=debug shows the server's side of a failing test.
         let _ = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
@@ -70,14 +154,15 @@ impl TestBroker {
             shutdown,
             task,
             dir,
+            backend,
         }
     }
 
     /// Stops the server (every in-flight store finishes) and returns its data folder.
-    pub async fn stop(self) -> tempfile::TempDir {
+    pub async fn stop(self) -> (tempfile::TempDir, TestBackend) {
         self.shutdown.cancel();
         self.task.await.unwrap();
-        self.dir
+        (self.dir, self.backend)
     }
 }
 
