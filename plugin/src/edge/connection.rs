@@ -299,9 +299,8 @@ async fn handshake(
         return Err(EdgeError::Refused("rumqttd refused the connection"));
     }
     if let Err(e) = ctx.im.connected(&device).await {
-        tracing::error!(error = %e, "cannot record device");
-        refuse(&mut stream, version, ConnectReturnCode::ServerUnavailable).await;
-        return Err(EdgeError::Refused("store unavailable"));
+        // Non-IM traffic does not need the store; the digest registers the device again.
+        tracing::warn!(error = %e, "cannot record device; continuing");
     }
     let mut client_out = BytesMut::with_capacity(4096);
     let properties = assigned.map(|id| ConnAckProperties {
