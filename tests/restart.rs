@@ -3,9 +3,7 @@
 #![allow(clippy::unwrap_used)] // the spawn helper is test support
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 
 use common::*;
 
@@ -19,32 +17,6 @@ fn backend_env(backend: &TestBackend) -> Vec<(&'static str, String)> {
             ("MQTT_IM__STORE__POSTGRES__SCHEMA", settings.schema.clone()),
         ],
     }
-}
-
-fn spawn_with(dir: &std::path::Path, env: &[(&str, String)]) -> (Child, SocketAddr) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_mqtt-im"))
-        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-        .env("MQTT_IM__LISTENERS__MQTT", "127.0.0.1:0")
-        .env("MQTT_IM__STORE__PATH", dir.join("im.db"))
-        .env("MQTT_IM__AUTH__USERS__ALICE", "pw")
-        .env("MQTT_IM__AUTH__USERS__BOB", "pw")
-        .env_remove("RUST_LOG")
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let mut line = String::new();
-    let mut stdout = BufReader::new(stdout);
-    stdout.read_line(&mut line).unwrap();
-    // Keep the pipe open and drained for as long as the child lives.
-    std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
-    let addr = line
-        .trim()
-        .strip_prefix("mqtt-im listening on ")
-        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-        .parse()
-        .unwrap();
-    (child, addr)
 }
 
 backend_tests! {

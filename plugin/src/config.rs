@@ -44,6 +44,13 @@ page_size_default = 20
 page_size_max = 200
 max_message_bytes = 65536
 
+[cluster]
+redis_url = ""
+node_id = ""
+key_prefix = "mqtt-im"
+heartbeat_ms = 1000
+node_ttl_ms = 5000
+
 [policy]
 scripts = []
 on_error = "deny"
@@ -72,6 +79,24 @@ pub struct Config {
     pub im: ImSettings,
     /// Lua policy scripts.
     pub policy: PolicySettings,
+    /// Several nodes sharing one PostgreSQL and one Redis.
+    pub cluster: ClusterSettings,
+}
+
+/// Scale-out: presence per node and hand-over of live messages through Redis.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterSettings {
+    /// Redis URL; empty runs a single node without Redis.
+    pub redis_url: String,
+    /// This node's id; empty generates one at start.
+    pub node_id: String,
+    /// Prefix of every Redis key and channel (several deployments or tests can share Redis).
+    pub key_prefix: String,
+    /// How often this node refreshes its liveness and its devices' presence.
+    pub heartbeat_ms: u64,
+    /// A node that has not refreshed within this time no longer counts as holding its users.
+    pub node_ttl_ms: u64,
 }
 
 /// Public listeners; one port serves MQTT 3.1.1 and MQTT 5 (the CONNECT tells them apart).
@@ -263,6 +288,7 @@ impl Config {
         let store = section(&raw, "store", &mut problems);
         let im = section(&raw, "im", &mut problems);
         let policy = section(&raw, "policy", &mut problems);
+        let cluster = section(&raw, "cluster", &mut problems);
         if let Ok(table) = raw
             .clone()
             .try_deserialize::<BTreeMap<String, config::Value>>()
@@ -271,10 +297,16 @@ impl Config {
                 problems.push(format!("{key}: unknown section"));
             }
         }
-        match (listeners, broker, auth, store, im, policy) {
-            (Some(listeners), Some(broker), Some(auth), Some(store), Some(im), Some(policy))
-                if problems.is_empty() =>
-            {
+        match (listeners, broker, auth, store, im, policy, cluster) {
+            (
+                Some(listeners),
+                Some(broker),
+                Some(auth),
+                Some(store),
+                Some(im),
+                Some(policy),
+                Some(cluster),
+            ) if problems.is_empty() => {
                 let config = Config {
                     listeners,
                     broker,
@@ -282,6 +314,7 @@ impl Config {
                     store,
                     im,
                     policy,
+                    cluster,
                 };
                 config.validate()?;
                 Ok(config)
@@ -366,6 +399,14 @@ impl Config {
             self.policy.instruction_limit >= 1000,
             "policy.instruction_limit: at least 1000",
         );
+        check(
+            self.cluster.heartbeat_ms >= 50 && self.cluster.node_ttl_ms > self.cluster.heartbeat_ms,
+            "cluster.node_ttl_ms: must exceed cluster.heartbeat_ms (at least 50)",
+        );
+        check(
+            self.cluster.node_id.len() <= 64 && !self.cluster.node_id.contains([':', ' ']),
+            "cluster.node_id: at most 64 characters, no ':' or spaces",
+        );
         for script in &self.policy.scripts {
             check(
                 script.is_file(),
@@ -398,7 +439,15 @@ impl Config {
     }
 }
 
-const SECTIONS: [&str; 6] = ["listeners", "broker", "auth", "store", "im", "policy"];
+const SECTIONS: [&str; 7] = [
+    "listeners",
+    "broker",
+    "auth",
+    "store",
+    "im",
+    "policy",
+    "cluster",
+];
 
 fn section<T: DeserializeOwned>(
     raw: &config::Config,

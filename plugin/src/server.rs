@@ -10,11 +10,11 @@ use tokio::net::TcpListener;
 pub use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{Backend, Config};
+use crate::config::{Backend, ClusterSettings, Config};
 use crate::edge::{self, EdgeContext, EDGE_USER};
 use crate::im::ImService;
 use crate::policy::{self, LuaPolicy, PolicyError};
-use crate::store::{EmbeddedStore, PostgresStore, Store, StoreError};
+use crate::store::{EmbeddedStore, PostgresStore, RedisBus, Store, StoreError};
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +46,7 @@ pub struct Server {
     store: Arc<dyn Store>,
     im: ImService,
     policy: Arc<LuaPolicy>,
+    heartbeat: Duration,
 }
 
 impl Server {
@@ -64,7 +65,13 @@ impl Server {
             }
         };
         let policy = Arc::new(LuaPolicy::load(config.policy.clone())?);
-        let im = ImService::new(Arc::clone(&store), policy.clone(), config.im.clone());
+        let cluster = connect_cluster(&config.cluster).await?;
+        let im = ImService::new(
+            Arc::clone(&store),
+            policy.clone(),
+            config.im.clone(),
+            cluster,
+        );
         let secret = format!("{:032x}", rand::random::<u128>());
         let broker = start_broker(&config, &secret).await?;
         let listener = TcpListener::bind(config.listeners.mqtt)
@@ -86,6 +93,7 @@ impl Server {
             store,
             im,
             policy,
+            heartbeat: Duration::from_millis(config.cluster.heartbeat_ms),
         })
     }
 
@@ -112,11 +120,32 @@ impl Server {
     pub async fn run(self, shutdown: CancellationToken) {
         let tasks = TaskTracker::new();
         tasks.spawn(policy::watch(self.policy, shutdown.clone()));
+        tasks.spawn(
+            self.im
+                .clone()
+                .run_cluster(self.heartbeat, shutdown.clone()),
+        );
         edge::serve(self.listener, self.context, tasks.clone(), shutdown).await;
         tasks.close();
         tasks.wait().await;
         self.store.close().await;
     }
+}
+
+/// The Redis link of this node, when `cluster.redis_url` is set.
+async fn connect_cluster(settings: &ClusterSettings) -> Result<Option<RedisBus>, ServerError> {
+    if settings.redis_url.is_empty() {
+        return Ok(None);
+    }
+    let node = if settings.node_id.is_empty() {
+        format!("node-{:012x}", rand::random::<u64>() >> 16)
+    } else {
+        settings.node_id.clone()
+    };
+    let ttl = Duration::from_millis(settings.node_ttl_ms);
+    let bus = RedisBus::connect(&settings.redis_url, &settings.key_prefix, &node, ttl).await?;
+    tracing::info!(node, "cluster node");
+    Ok(Some(bus))
 }
 
 /// Starts rumqttd with one MQTT 5 listener on loopback that only the hook layer can use

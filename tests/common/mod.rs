@@ -647,3 +647,45 @@ impl Proxy {
         self.up.store(true, std::sync::atomic::Ordering::SeqCst);
     }
 }
+
+/// Runs the `mqtt-im` binary on `dir` with extra environment; returns it and its address.
+pub fn spawn_with(
+    dir: &std::path::Path,
+    env: &[(&str, String)],
+) -> (std::process::Child, SocketAddr) {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_mqtt-im"))
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .env("MQTT_IM__LISTENERS__MQTT", "127.0.0.1:0")
+        .env("MQTT_IM__STORE__PATH", dir.join("im.db"))
+        .env("MQTT_IM__AUTH__USERS__ALICE", "pw")
+        .env("MQTT_IM__AUTH__USERS__BOB", "pw")
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut line = String::new();
+    let mut stdout = std::io::BufReader::new(stdout);
+    stdout.read_line(&mut line).unwrap();
+    // Keep the pipe open and drained for as long as the child lives.
+    std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
+    let addr = line
+        .trim()
+        .strip_prefix("mqtt-im listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .parse()
+        .unwrap();
+    (child, addr)
+}
+
+/// Redis for cluster tests: MQTT_IM_TEST_REDIS_URL, or the local CI service when services are
+/// required; `None` when not configured.
+pub fn redis_url() -> Option<String> {
+    let required = std::env::var("MQTT_IM_REQUIRE_SERVICES").as_deref() == Ok("1");
+    match std::env::var("MQTT_IM_TEST_REDIS_URL") {
+        Ok(url) => Some(url),
+        Err(_) if required => Some("redis://127.0.0.1:6379".into()),
+        Err(_) => None,
+    }
+}

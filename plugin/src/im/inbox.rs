@@ -133,7 +133,7 @@ impl ImService {
 
     fn deliver_live(&self, to: &str, conversation: &str, chat: pb::ChatMessage, time: i64) {
         let sinks = self.inner.presence.sinks(to);
-        if sinks.is_empty() {
+        if sinks.is_empty() && self.inner.cluster.is_none() {
             return;
         }
         let envelope = pb::Envelope {
@@ -144,6 +144,7 @@ impl ImService {
             body: Some(pb::envelope::Body::Chat(chat.clone())),
         };
         let payload = Bytes::from(envelope.encode_to_vec());
+        self.hand_over(to, conversation, chat.seq, &payload);
         for sink in sinks {
             let delivered = sink.push(DeviceEvent::Chat {
                 conversation: conversation.to_owned(),

@@ -2,6 +2,7 @@
 //! SQL: the edge calls it with identities and payloads, and it reaches devices only through
 //! [`DeviceSink`].
 
+mod cluster;
 mod digest;
 mod inbox;
 mod presence;
@@ -16,7 +17,7 @@ pub use sink::{DeviceEvent, DeviceSink};
 
 use crate::config::ImSettings;
 use crate::policy::Policy;
-use crate::store::{Device, SeqRange, Store, StoreError};
+use crate::store::{Device, RedisBus, SeqRange, Store, StoreError};
 use crate::wire::WireError;
 use presence::Presence;
 
@@ -46,6 +47,7 @@ struct Inner {
     policy: Arc<dyn Policy>,
     presence: Presence,
     settings: ImSettings,
+    cluster: Option<RedisBus>,
 }
 
 /// Cheap-to-clone handle on the IM service.
@@ -55,14 +57,21 @@ pub struct ImService {
 }
 
 impl ImService {
-    /// A service over `store`, checking every message with `policy`.
-    pub fn new(store: Arc<dyn Store>, policy: Arc<dyn Policy>, settings: ImSettings) -> Self {
+    /// A service over `store`, checking every message with `policy`; with `cluster`, one node
+    /// of several sharing the store.
+    pub fn new(
+        store: Arc<dyn Store>,
+        policy: Arc<dyn Policy>,
+        settings: ImSettings,
+        cluster: Option<RedisBus>,
+    ) -> Self {
         Self {
             inner: Arc::new(Inner {
                 store,
                 policy,
                 presence: Presence::default(),
                 settings,
+                cluster,
             }),
         }
     }
@@ -78,11 +87,14 @@ impl ImService {
     /// The device now holds an inbox subscription on `connection`: deliver live to `sink`.
     pub fn online(&self, device: &Device, connection: u64, sink: Arc<dyn DeviceSink>) {
         self.inner.presence.online(device, connection, sink);
+        self.cluster_join(device);
     }
 
     /// The device's `connection` ended or dropped its inbox subscription.
     pub fn offline(&self, device: &Device, connection: u64) {
-        self.inner.presence.offline(device, connection);
+        if self.inner.presence.offline(device, connection) {
+            self.cluster_leave(device);
+        }
     }
 
     /// Client ids of a user's devices that are online on this node.

@@ -36,17 +36,36 @@ impl Presence {
         });
     }
 
-    /// Marks a device offline, unless a newer connection already took it over.
-    pub(crate) fn offline(&self, device: &Device, connection: u64) {
+    /// Marks a device offline, unless a newer connection already took it over; `true` if
+    /// the device is now offline on this node.
+    pub(crate) fn offline(&self, device: &Device, connection: u64) -> bool {
         let Ok(mut users) = self.users.lock() else {
-            return;
+            return false;
         };
-        if let Some(devices) = users.get_mut(&device.uid) {
-            devices.retain(|d| !(d.client_id == device.client_id && d.connection == connection));
-            if devices.is_empty() {
-                users.remove(&device.uid);
-            }
+        let Some(devices) = users.get_mut(&device.uid) else {
+            return false;
+        };
+        devices.retain(|d| !(d.client_id == device.client_id && d.connection == connection));
+        let gone = !devices.iter().any(|d| d.client_id == device.client_id);
+        if devices.is_empty() {
+            users.remove(&device.uid);
         }
+        gone
+    }
+
+    /// Every online device on this node: (uid, client id).
+    pub(crate) fn all(&self) -> Vec<(String, String)> {
+        self.users
+            .lock()
+            .map(|users| {
+                users
+                    .iter()
+                    .flat_map(|(uid, devices)| {
+                        devices.iter().map(|d| (uid.clone(), d.client_id.clone()))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// The connections of a user's online devices.

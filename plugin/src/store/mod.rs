@@ -8,12 +8,14 @@ mod embedded;
 mod migrate;
 mod postgres;
 mod ranges;
+mod redis;
 
 #[cfg(test)]
 pub(crate) mod conformance;
 
 use async_trait::async_trait;
 
+pub use self::redis::RedisBus;
 pub use embedded::EmbeddedStore;
 pub use postgres::PostgresStore;
 pub use ranges::SeqRange;

@@ -1,0 +1,221 @@
+//! Redis as the nodes' shared view: which node holds which device (presence with node
+//! liveness) and a message bus between nodes. Everything here is rebuildable: nodes
+//! re-publish their devices on every heartbeat, so a flushed or restarted Redis heals itself.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use futures::StreamExt;
+use redis::aio::ConnectionManager;
+use redis::AsyncCommands;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::StoreError;
+
+fn redis_error(e: redis::RedisError) -> StoreError {
+    StoreError::Unavailable(format!("redis: {e}"))
+}
+
+/// Compare-and-delete: a device leaves only if it is still recorded on this node.
+const LEAVE: &str = r"
+if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
+  return redis.call('HDEL', KEYS[1], ARGV[1])
+end
+return 0";
+
+/// Presence and hand-over through Redis for one node.
+#[derive(Clone)]
+pub struct RedisBus {
+    client: redis::Client,
+    connection: ConnectionManager,
+    prefix: String,
+    node: String,
+    node_ttl: Duration,
+}
+
+impl std::fmt::Debug for RedisBus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisBus")
+            .field("prefix", &self.prefix)
+            .field("node", &self.node)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisBus {
+    /// Connects for node `node`; the connection manager reconnects by itself afterwards.
+    ///
+    /// # Errors
+    /// The URL is invalid or Redis cannot be reached now.
+    pub async fn connect(
+        url: &str,
+        prefix: &str,
+        node: &str,
+        node_ttl: Duration,
+    ) -> Result<Self, StoreError> {
+        let client = redis::Client::open(url).map_err(redis_error)?;
+        let connection = client.get_connection_manager().await.map_err(redis_error)?;
+        Ok(Self {
+            client,
+            connection,
+            prefix: prefix.to_owned(),
+            node: node.to_owned(),
+            node_ttl,
+        })
+    }
+
+    /// This node's id.
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    fn presence_key(&self, uid: &str) -> String {
+        format!("{}:presence:{uid}", self.prefix)
+    }
+
+    fn node_key(&self, node: &str) -> String {
+        format!("{}:node:{node}", self.prefix)
+    }
+
+    fn channel(&self, node: &str) -> String {
+        format!("{}:handover:{node}", self.prefix)
+    }
+
+    /// Records that `client_id` of `uid` is connected to this node.
+    ///
+    /// # Errors
+    /// Redis failed.
+    pub async fn join(&self, uid: &str, client_id: &str) -> Result<(), StoreError> {
+        let mut connection = self.connection.clone();
+        connection
+            .hset::<_, _, _, ()>(self.presence_key(uid), client_id, &self.node)
+            .await
+            .map_err(redis_error)
+    }
+
+    /// Records that `client_id` of `uid` left this node (unless another node took it over).
+    ///
+    /// # Errors
+    /// Redis failed.
+    pub async fn leave(&self, uid: &str, client_id: &str) -> Result<(), StoreError> {
+        let mut connection = self.connection.clone();
+        redis::Script::new(LEAVE)
+            .key(self.presence_key(uid))
+            .arg(client_id)
+            .arg(&self.node)
+            .invoke_async::<i64>(&mut connection)
+            .await
+            .map(|_| ())
+            .map_err(redis_error)
+    }
+
+    /// The devices of `uid` connected to live nodes: client id → node.
+    ///
+    /// # Errors
+    /// Redis failed.
+    pub async fn locate(&self, uid: &str) -> Result<HashMap<String, String>, StoreError> {
+        let mut connection = self.connection.clone();
+        let devices: HashMap<String, String> = connection
+            .hgetall(self.presence_key(uid))
+            .await
+            .map_err(redis_error)?;
+        let mut nodes: Vec<&String> = devices.values().collect();
+        nodes.sort();
+        nodes.dedup();
+        if nodes.is_empty() {
+            return Ok(devices);
+        }
+        let keys: Vec<String> = nodes.iter().map(|n| self.node_key(n)).collect();
+        let alive: Vec<Option<String>> = connection.mget(&keys).await.map_err(redis_error)?;
+        let live: Vec<&String> = nodes
+            .into_iter()
+            .zip(alive)
+            .filter_map(|(node, alive)| alive.map(|_| node))
+            .collect();
+        let live: Vec<String> = live.into_iter().cloned().collect();
+        Ok(devices
+            .into_iter()
+            .filter(|(_, node)| live.contains(node))
+            .collect())
+    }
+
+    /// Refreshes this node's liveness and re-records its devices (heals a flushed Redis).
+    ///
+    /// # Errors
+    /// Redis failed.
+    pub async fn heartbeat(&self, devices: &[(String, String)]) -> Result<(), StoreError> {
+        let mut pipe = redis::pipe();
+        let ttl = u64::try_from(self.node_ttl.as_millis()).unwrap_or(u64::MAX);
+        pipe.cmd("SET")
+            .arg(self.node_key(&self.node))
+            .arg(1)
+            .arg("PX")
+            .arg(ttl)
+            .ignore();
+        for (uid, client_id) in devices {
+            pipe.hset(self.presence_key(uid), client_id, &self.node)
+                .ignore();
+        }
+        let mut connection = self.connection.clone();
+        pipe.query_async::<()>(&mut connection)
+            .await
+            .map_err(redis_error)
+    }
+
+    /// Sends `payload` to `node`; `false` if no node is listening there.
+    ///
+    /// # Errors
+    /// Redis failed.
+    pub async fn send(&self, node: &str, payload: Vec<u8>) -> Result<bool, StoreError> {
+        let mut connection = self.connection.clone();
+        let receivers: i64 = connection
+            .publish(self.channel(node), payload)
+            .await
+            .map_err(redis_error)?;
+        Ok(receivers > 0)
+    }
+
+    /// Delivers what other nodes send to this one into `inbox` until `shutdown`, resubscribing
+    /// after a Redis failure.
+    pub async fn listen(self, inbox: mpsc::Sender<Vec<u8>>, shutdown: CancellationToken) {
+        let channel = self.channel(&self.node);
+        let mut backoff = Duration::from_millis(100);
+        while !shutdown.is_cancelled() {
+            let subscribed = async {
+                let mut pubsub = self.client.get_async_pubsub().await?;
+                pubsub.subscribe(&channel).await?;
+                Ok::<_, redis::RedisError>(pubsub)
+            };
+            let mut pubsub = match subscribed.await {
+                Ok(pubsub) => pubsub,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot subscribe to hand-overs; retrying");
+                    tokio::select! {
+                        () = tokio::time::sleep(backoff) => {}
+                        () = shutdown.cancelled() => return,
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    continue;
+                }
+            };
+            backoff = Duration::from_millis(100);
+            let mut messages = pubsub.on_message();
+            loop {
+                tokio::select! {
+                    message = messages.next() => match message {
+                        Some(message) => {
+                            let payload: Vec<u8> = message.get_payload_bytes().to_vec();
+                            if inbox.send(payload).await.is_err() {
+                                return;
+                            }
+                        }
+                        None => break,
+                    },
+                    () = shutdown.cancelled() => return,
+                }
+            }
+            tracing::warn!("hand-over subscription lost; resubscribing");
+        }
+    }
+}

@@ -1,0 +1,184 @@
+//! Several mqtt-im nodes on one PostgreSQL and one Redis: live hand-over between nodes,
+//! moving devices, a node killed with SIGKILL, and a flushed Redis.
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use mqtt_im::config::Config;
+use mqtt_im::wire::pb;
+use prost::Message;
+
+struct Services {
+    backend: TestBackend,
+    redis: String,
+    prefix: String,
+}
+
+fn services() -> Option<Services> {
+    let backend = TestBackend::postgres()?;
+    let redis = redis_url()?;
+    let TestBackend::Postgres(settings) = &backend else {
+        return None;
+    };
+    let prefix = format!("test-{}", settings.schema);
+    Some(Services {
+        backend,
+        redis,
+        prefix,
+    })
+}
+
+fn node(services: &Services, id: &str) -> impl FnOnce(&mut Config) {
+    let (redis, prefix, id) = (
+        services.redis.clone(),
+        services.prefix.clone(),
+        id.to_owned(),
+    );
+    move |config: &mut Config| {
+        config.cluster.redis_url = redis;
+        config.cluster.key_prefix = prefix;
+        config.cluster.node_id = id;
+        config.cluster.heartbeat_ms = 100;
+        config.cluster.node_ttl_ms = 600;
+    }
+}
+
+async fn wait_located(broker: &TestBroker, uid: &str, expected: &[(&str, &str)]) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let mut found = broker.im.locate(uid).await.unwrap_or_default();
+        found.sort();
+        let expected: Vec<(String, String)> = expected
+            .iter()
+            .map(|(c, n)| (c.to_string(), n.to_string()))
+            .collect();
+        if found == expected {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{uid} at {found:?}, expected {expected:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn chat_seq(bytes: &[u8]) -> u64 {
+    match pb::Envelope::decode(bytes).map(|e| e.body) {
+        Ok(Some(pb::envelope::Body::Chat(message))) => message.seq,
+        other => panic!("not a chat envelope: {other:?}"),
+    }
+}
+
+/// A on node 1 sends to B on node 2: delivered live there; B moves to node 1 and its digest
+/// is right; a flushed Redis heals with the next heartbeat.
+#[tokio::test]
+async fn two_nodes_hand_over_and_share_state() {
+    let Some(services) = services() else {
+        eprintln!("skipped: PostgreSQL or Redis not configured");
+        return;
+    };
+    let n1 = TestBroker::start_with_on(services.backend.clone(), node(&services, "n1")).await;
+    let n2 = TestBroker::start_with_on(services.backend.clone(), node(&services, "n2")).await;
+    let mut bob = Client::v4(n2.addr, "bob-phone", "bob", 30).await;
+    bob.subscribe("im/u/bob/#", 1).await;
+    let _ = bob.digest("bob").await;
+    wait_located(&n1, "bob", &[("bob-phone", "n2")]).await;
+
+    let mut alice = Client::v5(n1.addr, "alice-phone", "alice").await;
+    assert_eq!(
+        alice
+            .publish_acked("im/u/bob", chat("x1", "bob", "across", false))
+            .await,
+        0
+    );
+    assert_eq!(chat_seq(&bob.next_on("im/u/bob").await), 1);
+
+    // Redis loses everything of this deployment: presence comes back with the heartbeat.
+    let client = redis::Client::open(services.redis.as_str()).unwrap();
+    let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{}:*", services.prefix))
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("DEL")
+        .arg(&keys)
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    wait_located(&n1, "bob", &[("bob-phone", "n2")]).await;
+    assert_eq!(
+        alice
+            .publish_acked("im/u/bob", chat("x2", "bob", "again", false))
+            .await,
+        0
+    );
+    assert_eq!(chat_seq(&bob.next_on("im/u/bob").await), 2);
+
+    // B moves to node 1 while two messages arrive offline; its digest there is right.
+    bob.disconnect().await;
+    wait_located(&n1, "bob", &[]).await;
+    assert_eq!(
+        alice
+            .publish_acked("im/u/bob", chat("x3", "bob", "3", false))
+            .await,
+        0
+    );
+    assert_eq!(
+        alice
+            .publish_acked("im/u/bob", chat("x4", "bob", "4", false))
+            .await,
+        0
+    );
+    let mut bob = Client::v4(n1.addr, "bob-phone", "bob", 30).await;
+    bob.subscribe("im/u/bob/#", 1).await;
+    let session = bob.digest("bob").await.sessions["u/alice"].clone();
+    assert_eq!((session.count, session.unacked, session.max_seq), (2, 2, 4));
+    let page = page(&bob.ask("bob", pull("p", "u/alice", 10, None)).await);
+    assert_eq!(seqs(&page), vec![4, 3]);
+}
+
+/// A node killed with SIGKILL stops counting as holding its users within the node TTL;
+/// messages sent then are kept for the user's next connection.
+#[tokio::test]
+async fn killed_node_users_become_offline() {
+    let Some(services) = services() else {
+        eprintln!("skipped: PostgreSQL or Redis not configured");
+        return;
+    };
+    let TestBackend::Postgres(settings) = &services.backend else {
+        return;
+    };
+    let n1 = TestBroker::start_with_on(services.backend.clone(), node(&services, "n1")).await;
+    let dir = tempfile::tempdir().unwrap();
+    let env = [
+        ("MQTT_IM__STORE__BACKEND", "postgres".to_string()),
+        ("MQTT_IM__STORE__POSTGRES__URL", settings.url.clone()),
+        ("MQTT_IM__STORE__POSTGRES__SCHEMA", settings.schema.clone()),
+        ("MQTT_IM__CLUSTER__REDIS_URL", services.redis.clone()),
+        ("MQTT_IM__CLUSTER__KEY_PREFIX", services.prefix.clone()),
+        ("MQTT_IM__CLUSTER__NODE_ID", "doomed".to_string()),
+        ("MQTT_IM__CLUSTER__HEARTBEAT_MS", "100".to_string()),
+        ("MQTT_IM__CLUSTER__NODE_TTL_MS", "600".to_string()),
+    ];
+    let (mut child, addr) = spawn_with(dir.path(), &env);
+    let mut bob = Client::v4(addr, "bob-phone", "bob", 30).await;
+    bob.subscribe("im/u/bob/#", 1).await;
+    wait_located(&n1, "bob", &[("bob-phone", "doomed")]).await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+    drop(bob);
+    wait_located(&n1, "bob", &[]).await;
+    let mut alice = Client::v5(n1.addr, "alice-phone", "alice").await;
+    assert_eq!(
+        alice
+            .publish_acked("im/u/bob", chat("k", "bob", "kept", false))
+            .await,
+        0
+    );
+    let mut bob = Client::v4(n1.addr, "bob-phone", "bob", 30).await;
+    bob.subscribe("im/u/bob/#", 1).await;
+    assert_eq!(bob.digest("bob").await.sessions["u/alice"].count, 1);
+}
