@@ -3,7 +3,8 @@
 //! user connects and the time from SUBSCRIBE to the digest is measured.
 //!
 //! `cargo run --release --example offline_load -- --messages 100000 --conversations 1000`
-//! Starts its own mqtt-im in-process on a free port with a temporary data folder.
+//! Starts its own mqtt-im in-process on a free port with a temporary data folder, or with
+//! `--postgres URL` on a fresh PostgreSQL schema (`load_<pid>`, left for inspection).
 
 use std::time::{Duration, Instant};
 
@@ -28,6 +29,9 @@ struct Args {
     /// Text size of each message in bytes.
     #[arg(long, default_value_t = 64)]
     size: usize,
+    /// Store on this PostgreSQL URL (a fresh schema) instead of the embedded store.
+    #[arg(long)]
+    postgres: Option<String>,
 }
 
 fn options(addr: std::net::SocketAddr, client_id: &str) -> MqttOptions {
@@ -76,6 +80,11 @@ async fn main() -> Result<(), Error> {
     config.store.path = dir.path().join("im.db");
     config.auth.allow_anonymous = true;
     config.auth.uid_from = mqtt_im::config::UidSource::ClientId;
+    if let Some(url) = &args.postgres {
+        config.store.backend = mqtt_im::config::Backend::Postgres;
+        config.store.postgres.url = url.clone();
+        config.store.postgres.schema = format!("load_{}", std::process::id());
+    }
     let server = Server::bind(config).await?;
     let addr = server.local_addr()?;
     let shutdown = CancellationToken::new();

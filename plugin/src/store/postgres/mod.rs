@@ -156,14 +156,7 @@ impl Store for PostgresStore {
 
     async fn digest(&self, device: &Device, last_n: usize) -> Result<DigestSnapshot, StoreError> {
         let mut client = self.client().await?;
-        let mut conversations = Vec::new();
-        for member in queries::memberships(&client, &device.uid).await? {
-            if let Some(state) =
-                queries::conversation_state(&client, device, &member, last_n).await?
-            {
-                conversations.push(state);
-            }
-        }
+        let conversations = queries::digest_states(&client, device, last_n).await?;
         let entries: Vec<(String, u64)> = conversations
             .iter()
             .map(|c| (c.conversation.clone(), c.max_seq))

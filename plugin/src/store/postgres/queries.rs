@@ -1,5 +1,7 @@
 //! The SQL of the PostgreSQL backend other than appends, mirroring the embedded backend.
 
+use std::collections::HashMap;
+
 use deadpool_postgres::GenericClient;
 use tokio_postgres::Row;
 
@@ -255,13 +257,13 @@ pub(super) async fn mark_read(
 
 /// A conversation the device's user belongs to.
 #[derive(Debug)]
-pub(super) struct Membership {
+struct Membership {
     conv: Conversation,
     key: String,
     read_seq: u64,
 }
 
-pub(super) async fn memberships(c: &impl GenericClient, uid: &str) -> Result<Vec<Membership>> {
+async fn memberships(c: &impl GenericClient, uid: &str) -> Result<Vec<Membership>> {
     let rows = c
         .query(
             "SELECT c.id, c.max_seq, c.last_time, c.key, m.read_seq
@@ -284,65 +286,137 @@ pub(super) async fn memberships(c: &impl GenericClient, uid: &str) -> Result<Vec
         .collect())
 }
 
-pub(super) async fn conversation_state(
+/// Every digest entry of a device in a handful of set-based queries, whatever the number of
+/// conversations (one round trip per conversation made a 1,000-conversation digest take
+/// over a second).
+pub(super) async fn digest_states(
     c: &impl GenericClient,
     device: &Device,
-    member: &Membership,
     last_n: usize,
-) -> Result<Option<ConversationState>> {
-    let conv = member.conv;
-    let acked = acked(c, device, conv.id).await?;
-    let cleared = c
-        .query_opt(
-            "SELECT cleared_seq FROM cleared WHERE uid = $1 AND client_id = $2 AND conv_id = $3",
-            &[&device.uid, &device.client_id, &conv.id],
+) -> Result<Vec<ConversationState>> {
+    let members = memberships(c, &device.uid).await?;
+    if members.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut acked: HashMap<i64, Vec<SeqRange>> = HashMap::new();
+    for row in c
+        .query(
+            "SELECT conv_id, lo, hi FROM acked WHERE uid = $1 AND client_id = $2
+             ORDER BY conv_id, lo",
+            &[&device.uid, &device.client_id],
         )
         .await
         .map_err(pg_error)?
-        .map_or(0, |row| row.get::<_, i64>(0));
-    let (mut unacked, mut count) = (0u64, 0u64);
-    for gap in ranges::gaps_newest_first(&acked, conv.max_seq) {
-        let row = c
-            .query_one(
-                "SELECT COUNT(*) FILTER (WHERE NOT (sender = $4 AND sender_device = $5)),
-                        COUNT(*) FILTER (WHERE sender != $4 AND seq > $6)
-                 FROM messages WHERE conv_id = $1 AND seq BETWEEN $2 AND $3",
-                &[
-                    &conv.id,
-                    &int(gap.lo),
-                    &int(gap.hi),
-                    &device.uid,
-                    &device.client_id,
-                    &cleared,
-                ],
-            )
-            .await
-            .map_err(pg_error)?;
-        unacked += uint(row.get(0));
-        count += uint(row.get(1));
+    {
+        acked.entry(row.get(0)).or_default().push(SeqRange {
+            lo: uint(row.get(1)),
+            hi: uint(row.get(2)),
+        });
     }
-    if unacked == 0 && count == 0 {
-        return Ok(None);
-    }
-    let peer_read_seq = c
-        .query_one(
-            "SELECT COALESCE(MAX(read_seq), 0) FROM members WHERE conv_id = $1 AND uid != $2",
-            &[&conv.id, &device.uid],
+    let cleared: HashMap<i64, i64> = c
+        .query(
+            "SELECT conv_id, cleared_seq FROM cleared WHERE uid = $1 AND client_id = $2",
+            &[&device.uid, &device.client_id],
         )
         .await
         .map_err(pg_error)?
-        .get::<_, i64>(0);
-    Ok(Some(ConversationState {
-        conversation: member.key.clone(),
-        count,
-        unacked,
-        max_seq: conv.max_seq,
-        last_time: conv.last_time,
-        acked_seq: ranges::watermark(&acked),
-        read_seq: member.read_seq,
-        peer_read_seq: uint(peer_read_seq),
-        last: history(c, &member.key, None, last_n).await?.messages,
-    }))
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect();
+    let (mut gap_convs, mut los, mut his, mut floors) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for member in &members {
+        let ranges = acked
+            .get(&member.conv.id)
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        for gap in ranges::gaps_newest_first(ranges, member.conv.max_seq) {
+            gap_convs.push(member.conv.id);
+            los.push(int(gap.lo));
+            his.push(int(gap.hi));
+            floors.push(cleared.get(&member.conv.id).copied().unwrap_or(0));
+        }
+    }
+    let counts: HashMap<i64, (u64, u64)> = c
+        .query(
+            "SELECT g.conv,
+                    COUNT(*) FILTER (WHERE NOT (m.sender = $5 AND m.sender_device = $6)),
+                    COUNT(*) FILTER (WHERE m.sender != $5 AND m.seq > g.floor)
+             FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[])
+                  AS g(conv, lo, hi, floor)
+             JOIN messages m ON m.conv_id = g.conv AND m.seq BETWEEN g.lo AND g.hi
+             GROUP BY g.conv",
+            &[
+                &gap_convs,
+                &los,
+                &his,
+                &floors,
+                &device.uid,
+                &device.client_id,
+            ],
+        )
+        .await
+        .map_err(pg_error)?
+        .iter()
+        .map(|row| (row.get(0), (uint(row.get(1)), uint(row.get(2)))))
+        .collect();
+    let listed: Vec<&Membership> = members
+        .iter()
+        .filter(|m| {
+            counts
+                .get(&m.conv.id)
+                .is_some_and(|(u, n)| *u > 0 || *n > 0)
+        })
+        .collect();
+    let ids: Vec<i64> = listed.iter().map(|m| m.conv.id).collect();
+    let peers: HashMap<i64, i64> = c
+        .query(
+            "SELECT conv_id, MAX(read_seq) FROM members WHERE conv_id = ANY($1) AND uid != $2
+             GROUP BY conv_id",
+            &[&ids, &device.uid],
+        )
+        .await
+        .map_err(pg_error)?
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect();
+    let mut previews: HashMap<i64, Vec<StoredMessage>> = HashMap::new();
+    for row in c
+        .query(
+            "SELECT c.id, m.seq, m.sender, m.server_time, m.body FROM unnest($1::bigint[]) AS c(id)
+             CROSS JOIN LATERAL (SELECT seq, sender, server_time, body FROM messages
+                                 WHERE conv_id = c.id ORDER BY seq DESC LIMIT $2) m
+             ORDER BY c.id, m.seq DESC",
+            &[&ids, &int(last_n as u64)],
+        )
+        .await
+        .map_err(pg_error)?
+    {
+        previews.entry(row.get(0)).or_default().push(StoredMessage {
+            seq: uint(row.get(1)),
+            sender: row.get(2),
+            server_time: row.get(3),
+            body: row.get(4),
+        });
+    }
+    Ok(listed
+        .into_iter()
+        .map(|member| {
+            let id = member.conv.id;
+            let (unacked, count) = counts.get(&id).copied().unwrap_or_default();
+            ConversationState {
+                conversation: member.key.clone(),
+                count,
+                unacked,
+                max_seq: member.conv.max_seq,
+                last_time: member.conv.last_time,
+                acked_seq: ranges::watermark(acked.get(&id).map(Vec::as_slice).unwrap_or_default()),
+                read_seq: member.read_seq,
+                peer_read_seq: uint(peers.get(&id).copied().unwrap_or(0)),
+                last: previews.remove(&id).unwrap_or_default(),
+            }
+        })
+        .collect())
 }
 
 pub(super) async fn record_digest(
