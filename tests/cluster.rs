@@ -9,6 +9,7 @@ use mqtt_im::config::Config;
 use mqtt_im::wire::pb;
 use prost::Message;
 
+#[derive(Clone)]
 struct Services {
     backend: TestBackend,
     redis: String,
@@ -181,4 +182,50 @@ async fn killed_node_users_become_offline() {
     let mut bob = Client::v4(n1.addr, "bob-phone", "bob", 30).await;
     bob.subscribe("im/u/bob/#", 1).await;
     assert_eq!(bob.digest("bob").await.sessions["u/alice"].count, 1);
+}
+
+/// With Redis unreachable, messages are still stored, delivered on the local node and counted
+/// for the rest; when Redis is back, presence is recorded again by the heartbeat.
+#[tokio::test]
+async fn redis_outage_keeps_storing() {
+    let Some(services) = services() else {
+        eprintln!("skipped: PostgreSQL or Redis not configured");
+        return;
+    };
+    let target = services
+        .redis
+        .trim_start_matches("redis://")
+        .trim_end_matches('/')
+        .parse()
+        .expect("redis url as host:port");
+    let proxy = Proxy::start(target).await;
+    let proxied = Services {
+        redis: format!("redis://{}", proxy.addr),
+        ..services
+    };
+    let n1 = TestBroker::start_with_on(proxied.backend.clone(), node(&proxied, "n1")).await;
+    let mut bob = Client::v4(n1.addr, "bob-phone", "bob", 30).await;
+    bob.subscribe("im/u/bob/#", 1).await;
+    let _ = bob.digest("bob").await;
+    wait_located(&n1, "bob", &[("bob-phone", "n1")]).await;
+
+    proxy.down();
+    let mut alice = Client::v5(n1.addr, "alice-phone", "alice").await;
+    assert_eq!(
+        alice
+            .publish_acked("im/u/bob", chat("r1", "bob", "local", false))
+            .await,
+        0
+    );
+    assert_eq!(chat_seq(&bob.next_on("im/u/bob").await), 1);
+    let history = pb::request::Kind::History(pb::History {
+        conversation: "u/alice".into(),
+        before_seq: 0,
+        page_size: 10,
+    });
+    let stored = page(&bob.ask("bob", request("h", history)).await);
+    assert_eq!(seqs(&stored), vec![1]);
+
+    proxy.up();
+    wait_located(&n1, "bob", &[("bob-phone", "n1")]).await;
 }
