@@ -9,7 +9,6 @@ use std::time::Duration;
 use bytes::BytesMut;
 use futures::future::BoxFuture;
 use futures::stream::{FuturesOrdered, StreamExt};
-use rumqttd::protocol::{ConnAck, ConnAckProperties, Connect, ConnectReturnCode, Login, Packet};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
@@ -18,17 +17,14 @@ use tokio::time::{timeout, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use super::codec::{self, kind, Frame, Version};
+use super::codec::{self, kind, Version};
+use super::handshake::{handshake, Established};
 use super::packet_ids::PacketIds;
 use super::reply::Outcome;
-use super::{auth, ConnectionSink, EdgeContext, EdgeError, EDGE_USER};
+use super::{ConnectionSink, EdgeContext, EdgeError};
 use crate::im::DeviceEvent;
-use crate::policy::{ClientView, Decision};
 use crate::store::Device;
 
-/// Keep-alive of the private link to rumqttd; the hook layer pings it itself, so clients
-/// may use any keep-alive, including 0.
-const UPSTREAM_KEEP_ALIVE: u16 = 60;
 /// How often the link to rumqttd is pinged when idle.
 const UPSTREAM_PING: Duration = Duration::from_secs(20);
 /// How long a cleanly disconnecting client's link waits for rumqttd to close it.
@@ -89,8 +85,9 @@ pub(super) async fn serve(
 ) {
     let span = tracing::info_span!("connection", id, %peer, client_id = tracing::field::Empty, uid = tracing::field::Empty);
     async move {
-        match handshake(stream, ctx, id).await {
-            Ok(connection) => {
+        match handshake(stream, Arc::clone(&ctx)).await {
+            Ok(established) => {
+                let connection = Connection::new(ctx, id, established);
                 let span = tracing::Span::current();
                 span.record("client_id", connection.device.client_id.as_str());
                 span.record("uid", connection.device.uid.as_str());
@@ -103,257 +100,60 @@ pub(super) async fn serve(
     .await
 }
 
-async fn read_frame(
-    stream: &mut TcpStream,
-    buf: &mut BytesMut,
-    max: usize,
-) -> Result<Frame, EdgeError> {
-    loop {
-        if let Some(frame) = codec::next_frame(buf, max)? {
-            return Ok(frame);
-        }
-        if stream.read_buf(buf).await? == 0 {
-            return Err(EdgeError::Protocol("closed during handshake"));
-        }
-    }
-}
-
-async fn refuse(stream: &mut TcpStream, version: Version, code: ConnectReturnCode) {
-    refuse_because(stream, version, code, None).await;
-}
-
-async fn refuse_because(
-    stream: &mut TcpStream,
-    version: Version,
-    code: ConnectReturnCode,
-    reason: Option<String>,
-) {
-    let mut out = BytesMut::new();
-    let properties = reason.map(|reason| ConnAckProperties {
-        reason_string: Some(reason),
-        ..Default::default()
-    });
-    if write_connack(&mut out, version, false, code, properties).is_ok() {
-        let _ = stream.write_all(&out).await;
-    }
-}
-
-fn write_connack(
-    out: &mut BytesMut,
-    version: Version,
-    session_present: bool,
-    code: ConnectReturnCode,
-    properties: Option<ConnAckProperties>,
-) -> Result<(), EdgeError> {
-    let (code, properties) = match version {
-        Version::V4 => (v4_connack_code(code), None),
-        Version::V5 => (code, properties),
-    };
-    let ack = ConnAck {
-        session_present,
-        code,
-    };
-    codec::write_packet(out, version, Packet::ConnAck(ack, properties))?;
-    Ok(())
-}
-
-/// rumqttd's 3.1.1 encoder only knows the six 3.1.1 codes.
-fn v4_connack_code(code: ConnectReturnCode) -> ConnectReturnCode {
-    use ConnectReturnCode as C;
-    match code {
-        C::Success => C::Success,
-        C::BadUserNamePassword => C::BadUserNamePassword,
-        C::NotAuthorized | C::Banned => C::NotAuthorized,
-        C::ClientIdentifierNotValid => C::ClientIdentifierNotValid,
-        C::RefusedProtocolVersion | C::UnsupportedProtocolVersion => C::RefusedProtocolVersion,
-        _ => C::ServiceUnavailable,
-    }
-}
-
-async fn handshake(
-    mut stream: TcpStream,
-    ctx: Arc<EdgeContext>,
-    id: u64,
-) -> Result<Connection, EdgeError> {
-    let mut client_in = BytesMut::with_capacity(4096);
-    let frame = timeout(
-        ctx.connect_timeout,
-        read_frame(&mut stream, &mut client_in, ctx.max_packet),
-    )
-    .await
-    .map_err(|_| EdgeError::Timeout("CONNECT"))??;
-    if frame.kind() != kind::CONNECT {
-        return Err(EdgeError::Protocol("first packet is not CONNECT"));
-    }
-    let version = codec::connect_version(&frame)?;
-    let Packet::Connect(connect, props, will, will_props, login) =
-        frame.decode(version, ctx.max_packet)?
-    else {
-        return Err(EdgeError::Protocol("first packet is not CONNECT"));
-    };
-    let mut assigned = None;
-    let client_id = if connect.client_id.is_empty() {
-        if !connect.clean_session {
-            refuse(
-                &mut stream,
-                version,
-                ConnectReturnCode::ClientIdentifierNotValid,
-            )
-            .await;
-            return Err(EdgeError::Refused(
-                "empty client id with a persistent session",
-            ));
-        }
-        let generated = format!("mqtt-im-{:016x}", rand::random::<u64>());
-        assigned = Some(generated.clone());
-        generated
-    } else {
-        connect.client_id.clone()
-    };
-    if client_id.len() > 128 {
-        refuse(
-            &mut stream,
+impl Connection {
+    /// The connection loop's state for an established client.
+    fn new(ctx: Arc<EdgeContext>, id: u64, established: Established) -> Self {
+        let Established {
             version,
-            ConnectReturnCode::ClientIdentifierNotValid,
-        )
-        .await;
-        return Err(EdgeError::Refused("client id longer than 128 bytes"));
-    }
-    let uid = match auth::authenticate(&ctx.auth, login.as_ref(), &client_id) {
-        Ok(uid) => uid,
-        Err(code) => {
-            refuse(&mut stream, version, code).await;
-            return Err(EdgeError::Refused("authentication failed"));
-        }
-    };
-    let will_topic_is_im = will.as_ref().is_some_and(|w| {
-        std::str::from_utf8(&w.topic).map_or(true, |t| ctx.topics.strip_prefix(t).is_some())
-    });
-    if will_topic_is_im {
-        refuse(&mut stream, version, ConnectReturnCode::NotAuthorized).await;
-        return Err(EdgeError::Refused("will message on an IM topic"));
-    }
-    let client = ClientView {
-        uid,
-        client_id,
-        username: login.as_ref().map(|l| l.username.clone()),
-        protocol: match version {
-            Version::V4 => "3.1.1",
-            Version::V5 => "5",
-        },
-        clean_session: connect.clean_session,
-        keep_alive: connect.keep_alive,
-    };
-    if let Decision::Deny(reason) = ctx.policy.on_connect(&client).await {
-        tracing::debug!(%reason, "connect denied by policy");
-        refuse_because(
-            &mut stream,
+            device,
+            keep_alive,
+            clean_session,
+            client,
+            client_in,
+            client_out,
+            upstream,
+            up_in,
+        } = established;
+        let (client_rd, client_wr) = client.into_split();
+        let (up_rd, up_wr) = upstream.into_split();
+        let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
+        let im_filters = if clean_session {
+            ctx.keep_session(&device, HashMap::new());
+            HashMap::new()
+        } else {
+            ctx.restore_session(&device)
+        };
+        tracing::debug!(?version, keep_alive, "connected");
+        Self {
+            ctx,
+            id,
             version,
-            ConnectReturnCode::NotAuthorized,
-            Some(reason),
-        )
-        .await;
-        return Err(EdgeError::Refused("denied by policy"));
+            device,
+            keep_alive: (keep_alive > 0)
+                .then(|| Duration::from_millis(u64::from(keep_alive) * 1500)),
+            clean_session,
+            client_rd,
+            client_wr,
+            client_in,
+            client_out,
+            up_rd,
+            up_wr,
+            up_in,
+            up_out: BytesMut::with_capacity(4096),
+            ids: PacketIds::default(),
+            im_filters,
+            pending: HashMap::new(),
+            im_qos2: HashSet::new(),
+            ops: FuturesOrdered::new(),
+            events_tx,
+            events_rx,
+            online: false,
+            digest_sent: false,
+            client_disconnected: false,
+            last_seen: Instant::now(),
+            last_upstream_write: Instant::now(),
+        }
     }
-    let device = Device {
-        uid: client.uid,
-        client_id: client.client_id,
-    };
-
-    let mut upstream = TcpStream::connect(ctx.broker).await?;
-    upstream.set_nodelay(true)?;
-    let upstream_connect = Connect {
-        keep_alive: UPSTREAM_KEEP_ALIVE,
-        client_id: device.client_id.clone(),
-        clean_session: connect.clean_session,
-    };
-    let (props, will_props) = match version {
-        Version::V5 => (props, will_props),
-        Version::V4 => (None, None),
-    };
-    let login = Login {
-        username: EDGE_USER.into(),
-        password: ctx.secret.clone(),
-    };
-    let mut out = BytesMut::new();
-    codec::write_packet(
-        &mut out,
-        Version::V5,
-        Packet::Connect(upstream_connect, props, will, will_props, Some(login)),
-    )?;
-    upstream.write_all(&out).await?;
-    let mut up_in = BytesMut::with_capacity(4096);
-    let ack = timeout(
-        ctx.connect_timeout,
-        read_frame(&mut upstream, &mut up_in, usize::MAX >> 4),
-    )
-    .await
-    .map_err(|_| EdgeError::Timeout("CONNACK from rumqttd"))??;
-    let Packet::ConnAck(ack, _) = ack.decode_upstream()? else {
-        return Err(EdgeError::Protocol(
-            "rumqttd did not answer CONNECT with CONNACK",
-        ));
-    };
-    if ack.code != ConnectReturnCode::Success {
-        refuse(&mut stream, version, ack.code).await;
-        return Err(EdgeError::Refused("rumqttd refused the connection"));
-    }
-    if let Err(e) = ctx.im.connected(&device).await {
-        // Non-IM traffic does not need the store; the digest registers the device again.
-        tracing::warn!(error = %e, "cannot record device; continuing");
-    }
-    let mut client_out = BytesMut::with_capacity(4096);
-    let properties = assigned.map(|id| ConnAckProperties {
-        assigned_client_identifier: Some(id),
-        ..Default::default()
-    });
-    write_connack(
-        &mut client_out,
-        version,
-        ack.session_present,
-        ConnectReturnCode::Success,
-        properties,
-    )?;
-    let keep_alive = (connect.keep_alive > 0)
-        .then(|| Duration::from_millis(u64::from(connect.keep_alive) * 1500));
-    let (client_rd, client_wr) = stream.into_split();
-    let (up_rd, up_wr) = upstream.into_split();
-    let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
-    let im_filters = if connect.clean_session {
-        ctx.keep_session(&device, HashMap::new());
-        HashMap::new()
-    } else {
-        ctx.restore_session(&device)
-    };
-    tracing::debug!(?version, keep_alive = connect.keep_alive, "connected");
-    Ok(Connection {
-        ctx,
-        id,
-        version,
-        device,
-        keep_alive,
-        clean_session: connect.clean_session,
-        client_rd,
-        client_wr,
-        client_in,
-        client_out,
-        up_rd,
-        up_wr,
-        up_in,
-        up_out: BytesMut::with_capacity(4096),
-        ids: PacketIds::default(),
-        im_filters,
-        pending: HashMap::new(),
-        im_qos2: HashSet::new(),
-        ops: FuturesOrdered::new(),
-        events_tx,
-        events_rx,
-        online: false,
-        digest_sent: false,
-        client_disconnected: false,
-        last_seen: Instant::now(),
-        last_upstream_write: Instant::now(),
-    })
 }
 
 /// Why the loop stopped.

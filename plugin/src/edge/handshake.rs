@@ -1,0 +1,322 @@
+//! The CONNECT handshake: decode, client id, the broker's own auth, the policy's
+//! `on_connect`, then the private MQTT 5 link to rumqttd and the CONNACK to the client.
+
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use rumqttd::protocol::{
+    ConnAck, ConnAckProperties, Connect, ConnectProperties, ConnectReturnCode, LastWill,
+    LastWillProperties, Login, Packet,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::timeout;
+
+use super::codec::{self, kind, Frame, Version};
+use super::{auth, EdgeContext, EdgeError, EDGE_USER};
+use crate::policy::{ClientView, Decision};
+use crate::store::Device;
+
+/// Keep-alive of the private link to rumqttd; the hook layer pings it itself, so clients
+/// may use any keep-alive, including 0.
+const UPSTREAM_KEEP_ALIVE: u16 = 60;
+
+/// A client admitted and linked to rumqttd.
+#[derive(Debug)]
+pub(super) struct Established {
+    pub(super) version: Version,
+    pub(super) device: Device,
+    /// The client's keep-alive in seconds (0: none).
+    pub(super) keep_alive: u16,
+    pub(super) clean_session: bool,
+    pub(super) client: TcpStream,
+    /// Bytes the client sent after its CONNECT.
+    pub(super) client_in: BytesMut,
+    /// The CONNACK, not yet written.
+    pub(super) client_out: BytesMut,
+    pub(super) upstream: TcpStream,
+    /// Bytes rumqttd sent after its CONNACK.
+    pub(super) up_in: BytesMut,
+}
+
+/// A decoded CONNECT.
+struct ConnectPacket {
+    version: Version,
+    connect: Connect,
+    properties: Option<ConnectProperties>,
+    will: Option<LastWill>,
+    will_properties: Option<LastWillProperties>,
+    login: Option<Login>,
+}
+
+/// A CONNECT the hook layer refuses: the CONNACK code, an MQTT 5 reason string, and why.
+struct Refused {
+    code: ConnectReturnCode,
+    reason: Option<String>,
+    why: &'static str,
+}
+
+impl Refused {
+    fn new(code: ConnectReturnCode, why: &'static str) -> Self {
+        Self {
+            code,
+            reason: None,
+            why,
+        }
+    }
+}
+
+/// Who the client is, once admitted.
+struct Admitted {
+    device: Device,
+    /// A client id the server made up for an empty one (told to MQTT 5 clients).
+    assigned: Option<String>,
+}
+
+/// Runs the handshake on a new socket.
+pub(super) async fn handshake(
+    mut stream: TcpStream,
+    ctx: Arc<EdgeContext>,
+) -> Result<Established, EdgeError> {
+    let mut client_in = BytesMut::with_capacity(4096);
+    let packet = read_connect(&mut stream, &mut client_in, &ctx).await?;
+    let version = packet.version;
+    let admitted = match admit(&ctx, &packet).await {
+        Ok(admitted) => admitted,
+        Err(refused) => {
+            refuse(&mut stream, version, refused.code, refused.reason).await;
+            return Err(EdgeError::Refused(refused.why));
+        }
+    };
+    let (keep_alive, clean_session) = (packet.connect.keep_alive, packet.connect.clean_session);
+    let (upstream, up_in, ack) = connect_upstream(&ctx, packet, &admitted.device).await?;
+    if ack.code != ConnectReturnCode::Success {
+        refuse(&mut stream, version, ack.code, None).await;
+        return Err(EdgeError::Refused("rumqttd refused the connection"));
+    }
+    if let Err(e) = ctx.im.connected(&admitted.device).await {
+        // Non-IM traffic does not need the store; the digest registers the device again.
+        tracing::warn!(error = %e, "cannot record device; continuing");
+    }
+    let mut client_out = BytesMut::with_capacity(4096);
+    let properties = admitted.assigned.map(|id| ConnAckProperties {
+        assigned_client_identifier: Some(id),
+        ..Default::default()
+    });
+    write_connack(
+        &mut client_out,
+        version,
+        ack.session_present,
+        ConnectReturnCode::Success,
+        properties,
+    )?;
+    Ok(Established {
+        version,
+        device: admitted.device,
+        keep_alive,
+        clean_session,
+        client: stream,
+        client_in,
+        client_out,
+        upstream,
+        up_in,
+    })
+}
+
+async fn read_frame(
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+    max: usize,
+) -> Result<Frame, EdgeError> {
+    loop {
+        if let Some(frame) = codec::next_frame(buf, max)? {
+            return Ok(frame);
+        }
+        if stream.read_buf(buf).await? == 0 {
+            return Err(EdgeError::Protocol("closed during handshake"));
+        }
+    }
+}
+
+async fn read_connect(
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+    ctx: &EdgeContext,
+) -> Result<ConnectPacket, EdgeError> {
+    let frame = timeout(ctx.connect_timeout, read_frame(stream, buf, ctx.max_packet))
+        .await
+        .map_err(|_| EdgeError::Timeout("CONNECT"))??;
+    if frame.kind() != kind::CONNECT {
+        return Err(EdgeError::Protocol("first packet is not CONNECT"));
+    }
+    let version = codec::connect_version(&frame)?;
+    let Packet::Connect(connect, properties, will, will_properties, login) =
+        frame.decode(version, ctx.max_packet)?
+    else {
+        return Err(EdgeError::Protocol("first packet is not CONNECT"));
+    };
+    Ok(ConnectPacket {
+        version,
+        connect,
+        properties,
+        will,
+        will_properties,
+        login,
+    })
+}
+
+/// Client id, the broker's own auth, the will topic, then the policy's `on_connect`.
+async fn admit(ctx: &EdgeContext, packet: &ConnectPacket) -> Result<Admitted, Refused> {
+    let connect = &packet.connect;
+    let mut assigned = None;
+    let client_id = if connect.client_id.is_empty() {
+        if !connect.clean_session {
+            return Err(Refused::new(
+                ConnectReturnCode::ClientIdentifierNotValid,
+                "empty client id with a persistent session",
+            ));
+        }
+        let generated = format!("mqtt-im-{:016x}", rand::random::<u64>());
+        assigned = Some(generated.clone());
+        generated
+    } else {
+        connect.client_id.clone()
+    };
+    if client_id.len() > 128 {
+        return Err(Refused::new(
+            ConnectReturnCode::ClientIdentifierNotValid,
+            "client id longer than 128 bytes",
+        ));
+    }
+    let uid = auth::authenticate(&ctx.auth, packet.login.as_ref(), &client_id)
+        .map_err(|code| Refused::new(code, "authentication failed"))?;
+    let will_topic_is_im = packet.will.as_ref().is_some_and(|w| {
+        std::str::from_utf8(&w.topic).map_or(true, |t| ctx.topics.strip_prefix(t).is_some())
+    });
+    if will_topic_is_im {
+        return Err(Refused::new(
+            ConnectReturnCode::NotAuthorized,
+            "will message on an IM topic",
+        ));
+    }
+    let client = ClientView {
+        uid,
+        client_id,
+        username: packet.login.as_ref().map(|l| l.username.clone()),
+        protocol: match packet.version {
+            Version::V4 => "3.1.1",
+            Version::V5 => "5",
+        },
+        clean_session: connect.clean_session,
+        keep_alive: connect.keep_alive,
+    };
+    if let Decision::Deny(reason) = ctx.policy.on_connect(&client).await {
+        tracing::debug!(%reason, "connect denied by policy");
+        return Err(Refused {
+            code: ConnectReturnCode::NotAuthorized,
+            reason: Some(reason),
+            why: "denied by policy",
+        });
+    }
+    Ok(Admitted {
+        device: Device {
+            uid: client.uid,
+            client_id: client.client_id,
+        },
+        assigned,
+    })
+}
+
+/// Opens the private MQTT 5 link to rumqttd for `device` and returns rumqttd's CONNACK.
+async fn connect_upstream(
+    ctx: &EdgeContext,
+    packet: ConnectPacket,
+    device: &Device,
+) -> Result<(TcpStream, BytesMut, ConnAck), EdgeError> {
+    let mut upstream = TcpStream::connect(ctx.broker).await?;
+    upstream.set_nodelay(true)?;
+    let connect = Connect {
+        keep_alive: UPSTREAM_KEEP_ALIVE,
+        client_id: device.client_id.clone(),
+        clean_session: packet.connect.clean_session,
+    };
+    let (properties, will_properties) = match packet.version {
+        Version::V5 => (packet.properties, packet.will_properties),
+        Version::V4 => (None, None),
+    };
+    let login = Login {
+        username: EDGE_USER.into(),
+        password: ctx.secret.clone(),
+    };
+    let mut out = BytesMut::new();
+    let connect = Packet::Connect(
+        connect,
+        properties,
+        packet.will,
+        will_properties,
+        Some(login),
+    );
+    codec::write_packet(&mut out, Version::V5, connect)?;
+    upstream.write_all(&out).await?;
+    let mut up_in = BytesMut::with_capacity(4096);
+    let frame = timeout(
+        ctx.connect_timeout,
+        read_frame(&mut upstream, &mut up_in, usize::MAX >> 4),
+    )
+    .await
+    .map_err(|_| EdgeError::Timeout("CONNACK from rumqttd"))??;
+    match frame.decode_upstream()? {
+        Packet::ConnAck(ack, _) => Ok((upstream, up_in, ack)),
+        _ => Err(EdgeError::Protocol(
+            "rumqttd did not answer CONNECT with CONNACK",
+        )),
+    }
+}
+
+async fn refuse(
+    stream: &mut TcpStream,
+    version: Version,
+    code: ConnectReturnCode,
+    reason: Option<String>,
+) {
+    let mut out = BytesMut::new();
+    let properties = reason.map(|reason| ConnAckProperties {
+        reason_string: Some(reason),
+        ..Default::default()
+    });
+    if write_connack(&mut out, version, false, code, properties).is_ok() {
+        let _ = stream.write_all(&out).await;
+    }
+}
+
+fn write_connack(
+    out: &mut BytesMut,
+    version: Version,
+    session_present: bool,
+    code: ConnectReturnCode,
+    properties: Option<ConnAckProperties>,
+) -> Result<(), EdgeError> {
+    let (code, properties) = match version {
+        Version::V4 => (v4_connack_code(code), None),
+        Version::V5 => (code, properties),
+    };
+    let ack = ConnAck {
+        session_present,
+        code,
+    };
+    codec::write_packet(out, version, Packet::ConnAck(ack, properties))?;
+    Ok(())
+}
+
+/// rumqttd's 3.1.1 encoder only knows the six 3.1.1 codes.
+fn v4_connack_code(code: ConnectReturnCode) -> ConnectReturnCode {
+    use ConnectReturnCode as C;
+    match code {
+        C::Success => C::Success,
+        C::BadUserNamePassword => C::BadUserNamePassword,
+        C::NotAuthorized | C::Banned => C::NotAuthorized,
+        C::ClientIdentifierNotValid => C::ClientIdentifierNotValid,
+        C::RefusedProtocolVersion | C::UnsupportedProtocolVersion => C::RefusedProtocolVersion,
+        _ => C::ServiceUnavailable,
+    }
+}
