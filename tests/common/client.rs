@@ -1,0 +1,348 @@
+//! Real rumqttc clients (3.1.1 and 5) whose packets arrive on a channel.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use mqtt_im::wire::pb;
+use prost::Message;
+use tokio::sync::mpsc;
+
+use super::WAIT;
+
+/// What a client saw.
+#[derive(Debug, Clone)]
+pub enum Seen {
+    Publish {
+        topic: String,
+        payload: Vec<u8>,
+        /// MQTT 5 Correlation Data, if any.
+        correlation: Option<Vec<u8>>,
+    },
+    PubAck {
+        pkid: u16,
+        reason: u8,
+        /// MQTT 5 reason string, if any.
+        reason_string: Option<String>,
+    },
+    SubAck {
+        codes: Vec<u8>,
+    },
+    PubComp {
+        pkid: u16,
+    },
+}
+
+/// A 3.1.1 client (rumqttc) whose events arrive on a channel.
+pub struct Client {
+    pub v4: Option<rumqttc::AsyncClient>,
+    pub v5: Option<rumqttc::v5::AsyncClient>,
+    pub seen: mpsc::UnboundedReceiver<Seen>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// One step of a client's event loop, as the tests see it.
+enum Step {
+    Connected(bool),
+    Seen(Seen),
+    Skip,
+}
+
+/// The two rumqttc event loops, driven the same way.
+trait EventSource: Send + 'static {
+    /// `None` when the connection ended.
+    fn step(&mut self) -> impl std::future::Future<Output = Option<Step>> + Send;
+}
+
+impl EventSource for rumqttc::EventLoop {
+    async fn step(&mut self) -> Option<Step> {
+        use rumqttc::{Event, Packet, SubscribeReasonCode as C};
+        let Event::Incoming(packet) = self.poll().await.ok()? else {
+            return Some(Step::Skip);
+        };
+        Some(match packet {
+            Packet::ConnAck(ack) => {
+                Step::Connected(ack.code == rumqttc::ConnectReturnCode::Success)
+            }
+            Packet::Publish(p) => Step::Seen(Seen::Publish {
+                topic: p.topic,
+                payload: p.payload.to_vec(),
+                correlation: None,
+            }),
+            Packet::PubAck(a) => Step::Seen(Seen::PubAck {
+                pkid: a.pkid,
+                reason: 0,
+                reason_string: None,
+            }),
+            Packet::PubComp(c) => Step::Seen(Seen::PubComp { pkid: c.pkid }),
+            Packet::SubAck(s) => Step::Seen(Seen::SubAck {
+                codes: s
+                    .return_codes
+                    .iter()
+                    .map(|c| match c {
+                        C::Success(q) => *q as u8,
+                        C::Failure => 0x80,
+                    })
+                    .collect(),
+            }),
+            _ => Step::Skip,
+        })
+    }
+}
+
+impl EventSource for rumqttc::v5::EventLoop {
+    async fn step(&mut self) -> Option<Step> {
+        use rumqttc::v5::mqttbytes::v5::Packet;
+        use rumqttc::v5::Event;
+        let Event::Incoming(packet) = self.poll().await.ok()? else {
+            return Some(Step::Skip);
+        };
+        Some(match packet {
+            Packet::ConnAck(_) => Step::Connected(true),
+            Packet::Publish(p) => Step::Seen(Seen::Publish {
+                topic: String::from_utf8_lossy(&p.topic).into_owned(),
+                payload: p.payload.to_vec(),
+                correlation: p
+                    .properties
+                    .and_then(|props| props.correlation_data)
+                    .map(|data| data.to_vec()),
+            }),
+            Packet::PubAck(a) => Step::Seen(Seen::PubAck {
+                pkid: a.pkid,
+                reason: v5_ack_code(a.reason),
+                reason_string: a.properties.and_then(|p| p.reason_string),
+            }),
+            Packet::PubComp(c) => Step::Seen(Seen::PubComp { pkid: c.pkid }),
+            Packet::SubAck(s) => Step::Seen(Seen::SubAck {
+                codes: s.return_codes.iter().map(v5_code).collect(),
+            }),
+            _ => Step::Skip,
+        })
+    }
+}
+
+/// Drives `events` in a task until the CONNACK, then forwards what the client sees.
+async fn pump(
+    mut events: impl EventSource,
+) -> (mpsc::UnboundedReceiver<Seen>, tokio::task::JoinHandle<()>) {
+    let (tx, seen) = mpsc::unbounded_channel();
+    let (ready_tx, ready) = tokio::sync::oneshot::channel();
+    let task = tokio::spawn(async move {
+        let mut ready_tx = Some(ready_tx);
+        while let Some(step) = events.step().await {
+            match step {
+                Step::Connected(ok) => {
+                    if let Some(r) = ready_tx.take() {
+                        let _ = r.send(ok);
+                    }
+                }
+                Step::Seen(event) => {
+                    let _ = tx.send(event);
+                }
+                Step::Skip => {}
+            }
+        }
+        if let Some(r) = ready_tx.take() {
+            let _ = r.send(false);
+        }
+    });
+    assert!(
+        tokio::time::timeout(WAIT, ready).await.unwrap().unwrap(),
+        "connect failed"
+    );
+    (seen, task)
+}
+
+impl Client {
+    /// Connects with MQTT 3.1.1 and waits for the CONNACK.
+    pub async fn v4(addr: SocketAddr, client_id: &str, user: &str, keep_alive: u64) -> Self {
+        Self::v4_session(addr, client_id, user, keep_alive, true).await
+    }
+
+    /// Connects with MQTT 3.1.1 and the given clean-session flag.
+    pub async fn v4_session(
+        addr: SocketAddr,
+        client_id: &str,
+        user: &str,
+        keep_alive: u64,
+        clean: bool,
+    ) -> Self {
+        let mut options = rumqttc::MqttOptions::new(client_id, addr.ip().to_string(), addr.port());
+        options.set_credentials(user, "pw");
+        options.set_keep_alive(Duration::from_secs(keep_alive));
+        options.set_clean_session(clean);
+        let (client, events) = rumqttc::AsyncClient::new(options, 100);
+        let (seen, task) = pump(events).await;
+        Self {
+            v4: Some(client),
+            v5: None,
+            seen,
+            task,
+        }
+    }
+
+    /// Connects with MQTT 5 and waits for the CONNACK.
+    pub async fn v5(addr: SocketAddr, client_id: &str, user: &str) -> Self {
+        use rumqttc::v5;
+        let mut options = v5::MqttOptions::new(client_id, addr.ip().to_string(), addr.port());
+        options.set_credentials(user, "pw");
+        options.set_keep_alive(Duration::from_secs(30));
+        let (client, events) = v5::AsyncClient::new(options, 100);
+        let (seen, task) = pump(events).await;
+        Self {
+            v4: None,
+            v5: Some(client),
+            seen,
+            task,
+        }
+    }
+
+    pub async fn subscribe(&mut self, filter: &str, qos: u8) -> Vec<u8> {
+        if let Some(c) = &self.v4 {
+            c.subscribe(filter, rumqttc::qos(qos).unwrap())
+                .await
+                .unwrap();
+        } else if let Some(c) = &self.v5 {
+            c.subscribe(filter, rumqttc::v5::mqttbytes::qos(qos).unwrap())
+                .await
+                .unwrap();
+        }
+        loop {
+            if let Seen::SubAck { codes } = self.next().await {
+                return codes;
+            }
+        }
+    }
+
+    pub async fn publish(&self, topic: &str, qos: u8, payload: Vec<u8>) {
+        if let Some(c) = &self.v4 {
+            c.publish(topic, rumqttc::qos(qos).unwrap(), false, payload)
+                .await
+                .unwrap();
+        } else if let Some(c) = &self.v5 {
+            c.publish(
+                topic,
+                rumqttc::v5::mqttbytes::qos(qos).unwrap(),
+                false,
+                payload,
+            )
+            .await
+            .unwrap();
+        }
+    }
+
+    /// Publishes at QoS 1 and returns the PUBACK reason code.
+    pub async fn publish_acked(&mut self, topic: &str, payload: Vec<u8>) -> u8 {
+        self.publish_answered(topic, payload).await.0
+    }
+
+    /// Publishes at QoS 1 and returns the PUBACK reason code and reason string.
+    pub async fn publish_answered(
+        &mut self,
+        topic: &str,
+        payload: Vec<u8>,
+    ) -> (u8, Option<String>) {
+        self.publish(topic, 1, payload).await;
+        loop {
+            if let Seen::PubAck {
+                reason,
+                reason_string,
+                ..
+            } = self.next().await
+            {
+                return (reason, reason_string);
+            }
+        }
+    }
+
+    pub async fn next(&mut self) -> Seen {
+        tokio::time::timeout(WAIT, self.seen.recv())
+            .await
+            .expect("timed out waiting for a packet")
+            .expect("connection ended")
+    }
+
+    /// The next publish on `topic`, skipping other packets.
+    pub async fn next_on(&mut self, topic: &str) -> Vec<u8> {
+        self.next_with_correlation(topic).await.0
+    }
+
+    /// The next publish on `topic` with its Correlation Data.
+    pub async fn next_with_correlation(&mut self, topic: &str) -> (Vec<u8>, Option<Vec<u8>>) {
+        loop {
+            if let Seen::Publish {
+                topic: t,
+                payload,
+                correlation,
+            } = self.next().await
+            {
+                if t == topic {
+                    return (payload, correlation);
+                }
+            }
+        }
+    }
+
+    /// Nothing at all arrives within `wait`.
+    pub async fn quiet_for(&mut self, wait: Duration) -> Option<Seen> {
+        tokio::time::timeout(wait, self.seen.recv())
+            .await
+            .ok()
+            .flatten()
+    }
+
+    pub async fn digest(&mut self, uid: &str) -> pb::Digest {
+        let bytes = self.next_on(&format!("im/u/{uid}/digest")).await;
+        pb::Digest::decode(bytes.as_slice()).unwrap()
+    }
+
+    pub async fn response(&mut self, uid: &str) -> pb::Response {
+        let bytes = self.next_on(&format!("im/u/{uid}/resp")).await;
+        pb::Response::decode(bytes.as_slice()).unwrap()
+    }
+
+    /// Sends a request on `req` and returns the response.
+    pub async fn ask(&mut self, uid: &str, request: Vec<u8>) -> pb::Response {
+        self.publish(&format!("im/u/{uid}/req"), 1, request).await;
+        self.response(uid).await
+    }
+
+    pub async fn disconnect(self) {
+        if let Some(c) = &self.v4 {
+            let _ = c.disconnect().await;
+        } else if let Some(c) = &self.v5 {
+            let _ = c.disconnect().await;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn v5_code(code: &rumqttc::v5::mqttbytes::v5::SubscribeReasonCode) -> u8 {
+    use rumqttc::v5::mqttbytes::v5::SubscribeReasonCode as C;
+    match code {
+        C::Success(qos) => *qos as u8,
+        C::NotAuthorized => 0x87,
+        C::TopicFilterInvalid => 0x8f,
+        _ => 0x80,
+    }
+}
+
+fn v5_ack_code(reason: rumqttc::v5::mqttbytes::v5::PubAckReason) -> u8 {
+    use rumqttc::v5::mqttbytes::v5::PubAckReason as R;
+    match reason {
+        R::Success => 0,
+        R::NoMatchingSubscribers => 0x10,
+        R::UnspecifiedError => 0x80,
+        R::ImplementationSpecificError => 0x83,
+        R::NotAuthorized => 0x87,
+        R::TopicNameInvalid => 0x90,
+        R::PacketIdentifierInUse => 0x91,
+        R::QuotaExceeded => 0x97,
+        R::PayloadFormatInvalid => 0x99,
+    }
+}

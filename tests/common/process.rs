@@ -1,0 +1,104 @@
+//! A TCP proxy and the binary as a child process: services that go down, nodes that die.
+
+use std::net::SocketAddr;
+
+/// A TCP proxy a test can cut and restore, to take a service "down" without touching the
+/// shared server other tests use.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    up: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    cut: std::sync::Arc<tokio::sync::Notify>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Proxy {
+    pub async fn start(target: SocketAddr) -> Self {
+        use std::sync::atomic::Ordering;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let up = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let cut = std::sync::Arc::new(tokio::sync::Notify::new());
+        let (flag, notify) = (up.clone(), cut.clone());
+        let task = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if !flag.load(Ordering::SeqCst) {
+                    continue; // dropped: the connection is refused
+                }
+                let notify = notify.clone();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        () = notify.notified() => {}
+                    }
+                });
+            }
+        });
+        Self {
+            addr,
+            up,
+            cut,
+            task,
+        }
+    }
+
+    /// Drops every proxied connection and refuses new ones.
+    pub fn down(&self) {
+        self.up.store(false, std::sync::atomic::Ordering::SeqCst);
+        self.cut.notify_waiters();
+    }
+
+    pub fn up(&self) {
+        self.up.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// Runs the `mqtt-im` binary on `dir` with extra environment; returns it and its address.
+pub fn spawn_with(
+    dir: &std::path::Path,
+    env: &[(&str, String)],
+) -> (std::process::Child, SocketAddr) {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_mqtt-im"))
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .env("MQTT_IM__LISTENERS__MQTT", "127.0.0.1:0")
+        .env("MQTT_IM__STORE__PATH", dir.join("im.db"))
+        .env("MQTT_IM__AUTH__USERS__ALICE", "pw")
+        .env("MQTT_IM__AUTH__USERS__BOB", "pw")
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut line = String::new();
+    let mut stdout = std::io::BufReader::new(stdout);
+    stdout.read_line(&mut line).unwrap();
+    // Keep the pipe open and drained for as long as the child lives.
+    std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
+    let addr = line
+        .trim()
+        .strip_prefix("mqtt-im listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .parse()
+        .unwrap();
+    (child, addr)
+}
+
+/// Redis for cluster tests: MQTT_IM_TEST_REDIS_URL, or the local CI service when services are
+/// required; `None` when not configured.
+pub fn redis_url() -> Option<String> {
+    let required = std::env::var("MQTT_IM_REQUIRE_SERVICES").as_deref() == Ok("1");
+    match std::env::var("MQTT_IM_TEST_REDIS_URL") {
+        Ok(url) => Some(url),
+        Err(_) if required => Some("redis://127.0.0.1:6379".into()),
+        Err(_) => None,
+    }
+}
