@@ -120,11 +120,7 @@ impl Server {
     pub async fn run(self, shutdown: CancellationToken) {
         let tasks = TaskTracker::new();
         tasks.spawn(policy::watch(self.policy, shutdown.clone()));
-        tasks.spawn(
-            self.im
-                .clone()
-                .run_cluster(self.heartbeat, shutdown.clone()),
-        );
+        tasks.spawn(self.im.clone().run(self.heartbeat, shutdown.clone()));
         edge::serve(self.listener, self.context, tasks.clone(), shutdown).await;
         tasks.close();
         tasks.wait().await;

@@ -27,10 +27,7 @@ impl Connection {
                         codec::write_ack(&mut self.up_out, kind::PUBACK, pkid);
                     }
                     Some(Origin::Chat { conversation, seq }) => {
-                        let (im, device) = (self.ctx.im.clone(), self.device.clone());
-                        tokio::spawn(
-                            async move { im.delivered(&device, &conversation, seq).await },
-                        );
+                        self.ctx.im.delivered(&self.device, &conversation, seq);
                     }
                     Some(Origin::Own) | None => {}
                 }

@@ -11,6 +11,7 @@ use prost::Message;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use super::deliveries::{Pending, FLUSH_EVERY};
 use super::{DeviceEvent, ImService};
 use crate::store::Device;
 use crate::wire::{self, pb};
@@ -90,28 +91,51 @@ impl ImService {
         }
     }
 
-    /// Runs this node's part of the cluster until `shutdown`: heartbeats and incoming
-    /// hand-overs. Returns at once without a cluster.
-    pub async fn run_cluster(self, heartbeat: Duration, shutdown: CancellationToken) {
-        let Some(bus) = self.inner.cluster.clone() else {
+    /// Background work until `shutdown`: writing acknowledged live deliveries and, with a
+    /// cluster, heartbeats and incoming hand-overs. Flushes what is pending before returning.
+    pub async fn run(self, heartbeat: Duration, shutdown: CancellationToken) {
+        let Some(mut acks) = self
+            .inner
+            .deliveries_rx
+            .lock()
+            .ok()
+            .and_then(|mut rx| rx.take())
+        else {
             return;
         };
+        let mut pending = Pending::default();
         let (inbox, mut handovers) = mpsc::channel(1024);
-        let listener = tokio::spawn(bus.clone().listen(inbox, shutdown.clone()));
-        let mut ticker = tokio::time::interval(heartbeat);
+        let listener = self
+            .inner
+            .cluster
+            .clone()
+            .map(|bus| tokio::spawn(bus.listen(inbox, shutdown.clone())));
+        let mut beat = tokio::time::interval(heartbeat);
+        let mut flush = tokio::time::interval(FLUSH_EVERY);
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => break,
-                _ = ticker.tick() => {
-                    let devices = self.inner.presence.all();
-                    if let Err(e) = bus.heartbeat(&devices).await {
-                        tracing::warn!(error = %e, "cluster heartbeat failed");
-                    }
+                _ = beat.tick(), if self.inner.cluster.is_some() => self.heartbeat().await,
+                _ = flush.tick() => {
+                    Self::collect(&mut acks, &mut pending);
+                    self.flush(&mut pending).await;
                 }
                 Some(bytes) = handovers.recv() => self.deliver_handover(&bytes),
             }
         }
-        let _ = listener.await;
+        Self::collect(&mut acks, &mut pending);
+        self.flush(&mut pending).await;
+        if let Some(listener) = listener {
+            let _ = listener.await;
+        }
+    }
+
+    async fn heartbeat(&self) {
+        if let Some(bus) = &self.inner.cluster {
+            if let Err(e) = bus.heartbeat(&self.inner.presence.all()).await {
+                tracing::warn!(error = %e, "cluster heartbeat failed");
+            }
+        }
     }
 
     fn deliver_handover(&self, bytes: &[u8]) {

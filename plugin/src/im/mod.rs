@@ -3,13 +3,16 @@
 //! [`DeviceSink`].
 
 mod cluster;
+mod deliveries;
 mod digest;
 mod inbox;
 mod presence;
 mod pull;
 mod sink;
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::mpsc;
 
 pub use inbox::Accepted;
 pub(crate) use pull::error_code;
@@ -17,7 +20,7 @@ pub use sink::{DeviceEvent, DeviceSink};
 
 use crate::config::ImSettings;
 use crate::policy::Policy;
-use crate::store::{Device, RedisBus, SeqRange, Store, StoreError};
+use crate::store::{Device, RedisBus, Store, StoreError};
 use crate::wire::WireError;
 use presence::Presence;
 
@@ -48,6 +51,9 @@ struct Inner {
     presence: Presence,
     settings: ImSettings,
     cluster: Option<RedisBus>,
+    deliveries: mpsc::Sender<deliveries::Delivered>,
+    /// Taken by [`ImService::run`].
+    deliveries_rx: Mutex<Option<mpsc::Receiver<deliveries::Delivered>>>,
 }
 
 /// Cheap-to-clone handle on the IM service.
@@ -65,6 +71,7 @@ impl ImService {
         settings: ImSettings,
         cluster: Option<RedisBus>,
     ) -> Self {
+        let (deliveries, deliveries_rx) = mpsc::channel(deliveries::QUEUE);
         Self {
             inner: Arc::new(Inner {
                 store,
@@ -72,6 +79,8 @@ impl ImService {
                 presence: Presence::default(),
                 settings,
                 cluster,
+                deliveries,
+                deliveries_rx: Mutex::new(Some(deliveries_rx)),
             }),
         }
     }
@@ -100,17 +109,6 @@ impl ImService {
     /// Client ids of a user's devices that are online on this node.
     pub fn online_devices(&self, uid: &str) -> Vec<String> {
         self.inner.presence.devices(uid)
-    }
-
-    /// A device acknowledged a live message: it will not come back in its pulls.
-    pub async fn delivered(&self, device: &Device, conversation: &str, seq: u64) {
-        let Some(range) = SeqRange::new(seq, seq) else {
-            return;
-        };
-        if let Err(e) = self.inner.store.ack(device, conversation, range).await {
-            // Harmless: the message stays in the device's backlog and is deduplicated by id.
-            tracing::warn!(error = %e, conversation, seq, "recording a live delivery failed");
-        }
     }
 }
 

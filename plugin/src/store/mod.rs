@@ -7,7 +7,7 @@
 mod embedded;
 mod migrate;
 mod postgres;
-mod ranges;
+pub(crate) mod ranges;
 mod redis;
 
 #[cfg(test)]
