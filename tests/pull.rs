@@ -218,3 +218,34 @@ async fn mark_read_shows_in_digests(backend: TestBackend) {
     assert_eq!((session.peer_read_seq, session.count), (2, 0));
 }
 }
+
+backend_tests! {
+    /// A client announcing a small MQTT 5 Maximum Packet Size gets a digest without previews
+    /// and smaller pages — never a packet it would have to drop — and still every message.
+    async fn replies_respect_the_client_maximum_packet_size(backend: TestBackend) {
+        let broker = TestBroker::start_on(backend).await;
+        let mut alice = Client::v4(broker.addr, "alice-phone", "alice", 30).await;
+        let text = "y".repeat(900);
+        for i in 0..12 {
+            let id = format!("big-{i}");
+            assert_eq!(alice.publish_acked("im/u/bob", chat(&id, "bob", &text, false)).await, 0);
+        }
+        let mut bob = Client::v5_max_packet(broker.addr, "bob-phone", "bob", Some(2048)).await;
+        bob.subscribe("im/u/bob/#", 1).await;
+        let session = bob.digest("bob").await.sessions["u/alice"].clone();
+        assert_eq!((session.count, session.last_msgs.len()), (12, 0));
+        let mut seen = Vec::new();
+        let mut ack = None;
+        loop {
+            let page = page(&bob.ask("bob", pull("p", "u/alice", 10, ack)).await);
+            assert!(page.messages.len() <= 2, "{} messages in one page", page.messages.len());
+            seen.extend(seqs(&page));
+            if page.messages.is_empty() && page.end {
+                break;
+            }
+            ack = page.cursor;
+        }
+        seen.sort_unstable();
+        assert_eq!(seen, (1..=12).collect::<Vec<_>>());
+    }
+}

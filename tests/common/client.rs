@@ -188,10 +188,21 @@ impl Client {
 
     /// Connects with MQTT 5 and waits for the CONNACK.
     pub async fn v5(addr: SocketAddr, client_id: &str, user: &str) -> Self {
+        Self::v5_max_packet(addr, client_id, user, None).await
+    }
+
+    /// Connects with MQTT 5 announcing a Maximum Packet Size.
+    pub async fn v5_max_packet(
+        addr: SocketAddr,
+        client_id: &str,
+        user: &str,
+        max_packet: Option<u32>,
+    ) -> Self {
         use rumqttc::v5;
         let mut options = v5::MqttOptions::new(client_id, addr.ip().to_string(), addr.port());
         options.set_credentials(user, "pw");
         options.set_keep_alive(Duration::from_secs(30));
+        options.set_max_packet_size(max_packet);
         let (client, events) = v5::AsyncClient::new(options, 100);
         let (seen, task) = pump(events).await;
         Self {

@@ -51,6 +51,8 @@ pub(super) struct Connection {
     pub(super) device: Device,
     keep_alive: Option<Duration>,
     clean_session: bool,
+    /// The client's Maximum Packet Size (MQTT 5), which hook-layer publishes respect.
+    pub(super) max_packet: Option<usize>,
     client_rd: OwnedReadHalf,
     client_wr: OwnedWriteHalf,
     client_in: BytesMut,
@@ -108,6 +110,7 @@ impl Connection {
             device,
             keep_alive,
             clean_session,
+            max_packet,
             client,
             client_in,
             client_out,
@@ -132,6 +135,7 @@ impl Connection {
             keep_alive: (keep_alive > 0)
                 .then(|| Duration::from_millis(u64::from(keep_alive) * 1500)),
             clean_session,
+            max_packet,
             client_rd,
             client_wr,
             client_in,

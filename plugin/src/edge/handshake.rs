@@ -29,6 +29,8 @@ pub(super) struct Established {
     /// The client's keep-alive in seconds (0: none).
     pub(super) keep_alive: u16,
     pub(super) clean_session: bool,
+    /// The MQTT 5 client's Maximum Packet Size, if it set one.
+    pub(super) max_packet: Option<usize>,
     pub(super) client: TcpStream,
     /// Bytes the client sent after its CONNECT.
     pub(super) client_in: BytesMut,
@@ -89,6 +91,11 @@ pub(super) async fn handshake(
         }
     };
     let (keep_alive, clean_session) = (packet.connect.keep_alive, packet.connect.clean_session);
+    let max_packet = packet
+        .properties
+        .as_ref()
+        .and_then(|p| p.max_packet_size)
+        .and_then(|size| usize::try_from(size).ok());
     let (upstream, up_in, ack) = connect_upstream(&ctx, packet, &admitted.device).await?;
     if ack.code != ConnectReturnCode::Success {
         refuse(&mut stream, version, ack.code, None).await;
@@ -115,6 +122,7 @@ pub(super) async fn handshake(
         device: admitted.device,
         keep_alive,
         clean_session,
+        max_packet,
         client: stream,
         client_in,
         client_out,

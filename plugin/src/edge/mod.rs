@@ -5,6 +5,7 @@ mod acl;
 mod auth;
 mod codec;
 mod connection;
+mod fit;
 mod handshake;
 mod packet_ids;
 mod relay;

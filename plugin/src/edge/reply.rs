@@ -10,6 +10,7 @@ use rumqttd::protocol::{
 
 use super::codec::{self, kind, Version};
 use super::connection::Connection;
+use super::fit;
 use super::packet_ids::Origin;
 use super::EdgeError;
 use crate::im::{Accepted, ImError};
@@ -103,7 +104,7 @@ impl Connection {
                         result: Some(pb::response::Result::SendResult(accepted.send_result())),
                     };
                     let target = self.default_target();
-                    self.write_reply(&target, &response);
+                    self.write_reply(&target, response);
                 }
                 tracing::trace!(topic, seq = accepted.seq, "chat acknowledged");
                 Ok(())
@@ -132,11 +133,16 @@ impl Connection {
                 response,
             } => {
                 self.acknowledge(qos, pkid);
-                self.write_reply(&target, &response);
+                self.write_reply(&target, response);
                 Ok(())
             }
-            Outcome::Digest(Ok(digest)) => {
+            Outcome::Digest(Ok(mut digest)) => {
                 let topic = self.ctx.topics.digest(&self.device.uid);
+                let budget = self.payload_budget(&topic, 0);
+                if !fit::digest(&mut digest, budget) {
+                    tracing::warn!(budget, "digest cannot fit the client's maximum packet size");
+                    return Ok(());
+                }
                 self.write_own_publish(&topic, 1, Origin::Own, &[], &digest.encode_to_vec());
                 Ok(())
             }
@@ -222,7 +228,7 @@ impl Connection {
             result: None,
         };
         let target = self.default_target();
-        self.write_reply(&target, &response);
+        self.write_reply(&target, response);
     }
 
     /// The 3.1.1 reply target: the user's own `resp`.
@@ -233,11 +239,31 @@ impl Connection {
         }
     }
 
-    fn write_reply(&mut self, target: &ReplyTarget, response: &pb::Response) {
+    /// Payload bytes a publish on `topic` may carry to this client.
+    fn payload_budget(&self, topic: &str, properties: usize) -> usize {
+        self.max_packet.map_or(usize::MAX, |max| {
+            max.saturating_sub(fit::overhead(topic, properties))
+        })
+    }
+
+    fn write_reply(&mut self, target: &ReplyTarget, mut response: pb::Response) {
         let properties = match (&target.correlation, self.version) {
             (Some(data), Version::V5) => codec::correlation_property(data),
             _ => Vec::new(),
         };
+        let budget = self.payload_budget(&target.topic, properties.len());
+        if !fit::response(&mut response, budget) {
+            response = pb::Response {
+                request_id: response.request_id,
+                status: pb::Status::Error as i32,
+                error: Some(pb::Error {
+                    code: pb::ErrorCode::TooLarge as i32,
+                    message: "the reply exceeds your maximum packet size".into(),
+                    topic: target.topic.clone(),
+                }),
+                result: None,
+            };
+        }
         self.write_own_publish(
             &target.topic,
             1,

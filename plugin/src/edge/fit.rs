@@ -1,0 +1,118 @@
+//! Keeping hook-layer publishes within an MQTT 5 client's Maximum Packet Size: a server must
+//! not send a bigger packet, and a client that gets one disconnects — and would get the same
+//! digest again on reconnect, forever.
+
+use prost::Message;
+
+use crate::wire::pb;
+
+/// Upper bound of a PUBLISH's bytes around its payload.
+pub(super) fn overhead(topic: &str, properties: usize) -> usize {
+    // fixed header (1 + up to 4) + topic length + topic + packet id + properties length
+    1 + 4 + 2 + topic.len() + 2 + 4 + properties
+}
+
+/// Shrinks a digest to `budget` bytes: previews go first, then the conversations with the
+/// oldest news (their absolute state comes back in the next digest). `false` if even an
+/// empty digest does not fit.
+pub(super) fn digest(digest: &mut pb::Digest, budget: usize) -> bool {
+    if digest.encoded_len() <= budget {
+        return true;
+    }
+    for session in digest.sessions.values_mut() {
+        session.last_msgs.clear();
+    }
+    let mut by_age: Vec<(i64, String)> = digest
+        .sessions
+        .iter()
+        .map(|(name, session)| (session.timestamp, name.clone()))
+        .collect();
+    by_age.sort();
+    let mut oldest = by_age.into_iter();
+    while digest.encoded_len() > budget {
+        match oldest.next() {
+            Some((_, name)) => {
+                digest.sessions.remove(&name);
+            }
+            None => return false,
+        }
+    }
+    true
+}
+
+/// Shrinks a response to `budget` bytes: a page loses its oldest messages (its cursor then
+/// covers only what it carries, and `end` is false). `false` if it cannot fit.
+pub(super) fn response(response: &mut pb::Response, budget: usize) -> bool {
+    while response.encoded_len() > budget {
+        let Some(pb::response::Result::Page(page)) = response.result.as_mut() else {
+            return false;
+        };
+        if page.messages.len() <= 1 {
+            return false;
+        }
+        page.messages.pop();
+        page.end = false;
+        if let (Some(cursor), Some(oldest)) = (page.cursor.as_mut(), page.messages.last()) {
+            cursor.from_seq = oldest.seq;
+        }
+    }
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(seq: u64, size: usize) -> pb::ChatMessage {
+        pb::ChatMessage {
+            seq,
+            msg: Some(pb::Content {
+                kind: Some(pb::content::Kind::Text("x".repeat(size))),
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn pages_lose_their_oldest_messages() {
+        let mut response = pb::Response {
+            result: Some(pb::response::Result::Page(pb::Page {
+                conversation: "u/a".into(),
+                messages: (1..=5).rev().map(|seq| message(seq, 100)).collect(),
+                cursor: Some(pb::Cursor {
+                    from_seq: 1,
+                    to_seq: 5,
+                }),
+                end: true,
+            })),
+            ..Default::default()
+        };
+        assert!(super::response(&mut response, 350));
+        let Some(pb::response::Result::Page(page)) = response.result else {
+            panic!("page")
+        };
+        let seqs: Vec<u64> = page.messages.iter().map(|m| m.seq).collect();
+        assert_eq!(seqs, vec![5, 4, 3]);
+        assert_eq!(page.cursor.map(|c| (c.from_seq, c.to_seq)), Some((3, 5)));
+        assert!(!page.end);
+    }
+
+    #[test]
+    fn digests_drop_previews_then_old_conversations() {
+        let mut digest = pb::Digest::default();
+        for (name, timestamp) in [("u/a", 1), ("u/b", 2)] {
+            let session = pb::Session {
+                count: 1,
+                timestamp,
+                last_msgs: vec![message(1, 500)],
+                ..Default::default()
+            };
+            digest.sessions.insert(name.into(), session);
+        }
+        assert!(super::digest(&mut digest, 100));
+        assert!(digest.sessions.values().all(|s| s.last_msgs.is_empty()));
+        assert_eq!(digest.sessions.len(), 2);
+        assert!(super::digest(&mut digest, 15));
+        assert_eq!(digest.sessions.keys().collect::<Vec<_>>(), vec!["u/b"]);
+    }
+}
