@@ -316,6 +316,12 @@ impl Connection {
         properties: &[u8],
         payload: &[u8],
     ) {
+        let size = super::fit::overhead(topic, properties.len()) + payload.len();
+        if self.max_packet.is_some_and(|max| size > max) {
+            // MQTT 5 forbids sending it; a chat message stays in the device's backlog.
+            tracing::debug!(topic, size, "publish exceeds the client's maximum packet size");
+            return;
+        }
         let pkid = if qos > 0 {
             match self.ids.allocate(origin) {
                 Some(pkid) => pkid,
