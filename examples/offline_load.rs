@@ -29,6 +29,9 @@ struct Args {
     /// Text size of each message in bytes.
     #[arg(long, default_value_t = 64)]
     size: usize,
+    /// Senders connected at the same time.
+    #[arg(long, default_value_t = 500)]
+    concurrency: usize,
     /// Store on this PostgreSQL URL (a fresh schema) instead of the embedded store.
     #[arg(long)]
     postgres: Option<String>,
@@ -93,8 +96,15 @@ async fn main() -> Result<(), Error> {
     let per_sender = args.messages / args.conversations.max(1);
     let text = "x".repeat(args.size);
     let started = Instant::now();
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(args.concurrency.max(1)));
     let senders: Vec<_> = (0..args.conversations)
-        .map(|id| tokio::spawn(sender(addr, id, per_sender, text.clone())))
+        .map(|id| {
+            let (slots, text) = (slots.clone(), text.clone());
+            tokio::spawn(async move {
+                let _slot = slots.acquire_owned().await?;
+                sender(addr, id, per_sender, text).await
+            })
+        })
         .collect();
     for sender in senders {
         sender.await??;

@@ -14,6 +14,7 @@ mqtt = "127.0.0.1:1883"
 
 [broker]
 max_connections = 10000
+private_listeners = 4
 max_segment_size = 1048576
 max_segment_count = 2
 max_inflight_count = 100
@@ -114,6 +115,8 @@ pub struct Listeners {
 pub struct BrokerSettings {
     /// Connections rumqttd accepts.
     pub max_connections: usize,
+    /// rumqttd listeners for the hook layer's links (each accepts about 1,000 per second).
+    pub private_listeners: usize,
     /// Bytes per commit-log segment of each topic filter.
     pub max_segment_size: usize,
     /// Segments kept per filter.

@@ -144,10 +144,11 @@ async fn connect_cluster(settings: &ClusterSettings) -> Result<Option<RedisBus>,
     Ok(Some(bus))
 }
 
-/// Starts rumqttd with one MQTT 5 listener on loopback that only the hook layer can use
-/// (it requires the per-process secret), and waits until it accepts connections.
-async fn start_broker(config: &Config, secret: &str) -> Result<SocketAddr, ServerError> {
-    let addr = free_loopback_port().map_err(|e| ServerError::Broker(e.to_string()))?;
+/// Starts rumqttd with `broker.private_listeners` MQTT 5 listeners on loopback that only the
+/// hook layer can use (they require the per-process secret), and waits until they accept
+/// connections. rumqttd 0.20 paces each listener's accept loop to about one connection per
+/// millisecond, so several listeners (each its own thread) multiply the reconnect rate.
+async fn start_broker(config: &Config, secret: &str) -> Result<Vec<SocketAddr>, ServerError> {
     let settings = &config.broker;
     let connections = rumqttd::ConnectionSettings {
         connection_timeout_ms: u16::try_from(settings.connect_timeout_ms).unwrap_or(u16::MAX),
@@ -157,13 +158,20 @@ async fn start_broker(config: &Config, secret: &str) -> Result<SocketAddr, Serve
         external_auth: None,
         dynamic_filters: true,
     };
-    let server = rumqttd::ServerSettings {
-        name: "mqtt-im-private".into(),
-        listen: addr,
-        tls: None,
-        next_connection_delay_ms: 0,
-        connections,
-    };
+    let mut listeners = HashMap::new();
+    let mut addrs = Vec::new();
+    for index in 0..settings.private_listeners {
+        let addr = free_loopback_port().map_err(|e| ServerError::Broker(e.to_string()))?;
+        let server = rumqttd::ServerSettings {
+            name: format!("mqtt-im-private-{index}"),
+            listen: addr,
+            tls: None,
+            next_connection_delay_ms: 0,
+            connections: connections.clone(),
+        };
+        listeners.insert(format!("private-{index}"), server);
+        addrs.push(addr);
+    }
     let broker_config = rumqttd::Config {
         id: 0,
         router: rumqttd::RouterConfig {
@@ -173,7 +181,7 @@ async fn start_broker(config: &Config, secret: &str) -> Result<SocketAddr, Serve
             max_segment_count: settings.max_segment_count,
             ..Default::default()
         },
-        v5: Some(HashMap::from([("private".to_owned(), server)])),
+        v5: Some(listeners),
         ..Default::default()
     };
     std::thread::Builder::new()
@@ -185,9 +193,16 @@ async fn start_broker(config: &Config, secret: &str) -> Result<SocketAddr, Serve
             }
         })
         .map_err(|e| ServerError::Broker(e.to_string()))?;
+    for addr in &addrs {
+        wait_ready(*addr, secret).await?;
+    }
+    Ok(addrs)
+}
+
+async fn wait_ready(addr: SocketAddr, secret: &str) -> Result<(), ServerError> {
     for _ in 0..200 {
         if edge::broker_ready(addr, secret).await {
-            return Ok(addr);
+            return Ok(());
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }

@@ -87,7 +87,7 @@ pub(super) async fn serve(
 ) {
     let span = tracing::info_span!("connection", id, %peer, client_id = tracing::field::Empty, uid = tracing::field::Empty);
     async move {
-        match handshake(stream, Arc::clone(&ctx)).await {
+        match handshake(stream, Arc::clone(&ctx), id).await {
             Ok(established) => {
                 let connection = Connection::new(ctx, id, established);
                 let span = tracing::Span::current();
@@ -319,7 +319,11 @@ impl Connection {
         let size = super::fit::overhead(topic, properties.len()) + payload.len();
         if self.max_packet.is_some_and(|max| size > max) {
             // MQTT 5 forbids sending it; a chat message stays in the device's backlog.
-            tracing::debug!(topic, size, "publish exceeds the client's maximum packet size");
+            tracing::debug!(
+                topic,
+                size,
+                "publish exceeds the client's maximum packet size"
+            );
             return;
         }
         let pkid = if qos > 0 {

@@ -79,6 +79,7 @@ struct Admitted {
 pub(super) async fn handshake(
     mut stream: TcpStream,
     ctx: Arc<EdgeContext>,
+    id: u64,
 ) -> Result<Established, EdgeError> {
     let mut client_in = BytesMut::with_capacity(4096);
     let packet = read_connect(&mut stream, &mut client_in, &ctx).await?;
@@ -96,7 +97,10 @@ pub(super) async fn handshake(
         .as_ref()
         .and_then(|p| p.max_packet_size)
         .and_then(|size| usize::try_from(size).ok());
-    let (upstream, up_in, ack) = connect_upstream(&ctx, packet, &admitted.device).await?;
+    let broker = ctx
+        .broker_for(id)
+        .ok_or(EdgeError::Protocol("no private rumqttd listener"))?;
+    let (upstream, up_in, ack) = connect_upstream(&ctx, broker, packet, &admitted.device).await?;
     if ack.code != ConnectReturnCode::Success {
         refuse(&mut stream, version, ack.code, None).await;
         return Err(EdgeError::Refused("rumqttd refused the connection"));
@@ -238,10 +242,11 @@ async fn admit(ctx: &EdgeContext, packet: &ConnectPacket) -> Result<Admitted, Re
 /// Opens the private MQTT 5 link to rumqttd for `device` and returns rumqttd's CONNACK.
 async fn connect_upstream(
     ctx: &EdgeContext,
+    broker: std::net::SocketAddr,
     packet: ConnectPacket,
     device: &Device,
 ) -> Result<(TcpStream, BytesMut, ConnAck), EdgeError> {
-    let mut upstream = TcpStream::connect(ctx.broker).await?;
+    let mut upstream = TcpStream::connect(broker).await?;
     upstream.set_nodelay(true)?;
     let connect = Connect {
         keep_alive: UPSTREAM_KEEP_ALIVE,

@@ -55,7 +55,8 @@ pub(crate) struct EdgeContext {
     pub(crate) policy: Arc<dyn Policy>,
     pub(crate) topics: Topics,
     pub(crate) auth: AuthSettings,
-    pub(crate) broker: SocketAddr,
+    /// rumqttd's private listeners; connections are spread over them.
+    brokers: Vec<SocketAddr>,
     pub(crate) secret: String,
     pub(crate) max_packet: usize,
     pub(crate) connect_timeout: Duration,
@@ -66,6 +67,13 @@ pub(crate) struct EdgeContext {
 }
 
 impl EdgeContext {
+    /// The private rumqttd listener for connection `id` (round robin).
+    pub(crate) fn broker_for(&self, id: u64) -> Option<SocketAddr> {
+        let count = u64::try_from(self.brokers.len()).ok().filter(|n| *n > 0)?;
+        let index = usize::try_from(id % count).ok()?;
+        self.brokers.get(index).copied()
+    }
+
     /// Takes the IM subscriptions a persistent session of `device` left behind.
     pub(crate) fn restore_session(&self, device: &Device) -> HashMap<String, u8> {
         let key = (device.uid.clone(), device.client_id.clone());
@@ -92,7 +100,7 @@ impl EdgeContext {
         config: &Config,
         im: ImService,
         policy: Arc<dyn Policy>,
-        broker: SocketAddr,
+        brokers: Vec<SocketAddr>,
         secret: String,
     ) -> Self {
         Self {
@@ -100,7 +108,7 @@ impl EdgeContext {
             policy,
             topics: Topics::new(&config.im.prefix),
             auth: config.auth.clone(),
-            broker,
+            brokers,
             secret,
             max_packet: config.broker.max_packet_size,
             connect_timeout: Duration::from_millis(config.broker.connect_timeout_ms),
