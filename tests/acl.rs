@@ -93,19 +93,8 @@ async fn response_topic_outside_own_tree_is_refused(backend: TestBackend) {
         response_topic: Some("im/u/bob/resp".into()),
         ..Default::default()
     };
-    alice
-        .v5
-        .as_ref()
-        .unwrap()
-        .publish_with_properties(
-            "im/u/alice/req",
-            rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
-            false,
-            pull("x", "u/bob", 1, None),
-            properties,
-        )
-        .await
-        .unwrap();
+    let request = pull("x", "u/bob", 1, None);
+    alice.publish_with("im/u/alice/req", request, properties).await;
     loop {
         if let Seen::PubAck { reason, .. } = alice.next().await {
             assert_eq!(reason, 0x87);

@@ -58,19 +58,7 @@ async fn v5_properties_to_v311_subscriber_then_reconnect() {
         user_properties: vec![("k".into(), "v".into())],
         ..Default::default()
     };
-    publisher
-        .v5
-        .as_ref()
-        .unwrap()
-        .publish_with_properties(
-            "repro/props",
-            rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
-            false,
-            "x",
-            properties,
-        )
-        .await
-        .unwrap();
+    publisher.publish_with("repro/props", "x", properties).await;
     assert_eq!(sub.next_on("repro/props").await, b"x".to_vec());
     sub.disconnect().await;
     let mut again = Client::v4(broker.addr, "repro-sub", "alice", 30).await;
@@ -184,25 +172,6 @@ async fn connect_right_after_clean_disconnect_survives() {
     }
 }
 
-/// A persistent (clean session = false) subscriber gets the QoS 1 messages published while
-/// it was away, as rumqttd queues them.
-#[tokio::test]
-async fn persistent_session_receives_what_was_missed() {
-    let broker = TestBroker::start().await;
-    let mut device = Client::v4_session(broker.addr, "sensor-hub", "alice", 30, false).await;
-    assert_eq!(device.subscribe("queue/#", 1).await, vec![1]);
-    device.disconnect().await;
-    let mut publisher = Client::v4(broker.addr, "pub", "bob", 30).await;
-    assert_eq!(
-        publisher
-            .publish_acked("queue/a", b"while away".to_vec())
-            .await,
-        0
-    );
-    let mut device = Client::v4_session(broker.addr, "sensor-hub", "alice", 30, false).await;
-    assert_eq!(device.next_on("queue/a").await, b"while away".to_vec());
-}
-
 /// MQTT 5 user properties reach MQTT 5 subscribers unchanged through the hook layer.
 #[tokio::test]
 async fn v5_properties_pass_through_to_v5_subscribers() {
@@ -216,19 +185,7 @@ async fn v5_properties_pass_through_to_v5_subscribers() {
         user_properties: vec![("k".into(), "v".into())],
         ..Default::default()
     };
-    publisher
-        .v5
-        .as_ref()
-        .unwrap()
-        .publish_with_properties(
-            "props/x",
-            rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
-            false,
-            "p",
-            properties,
-        )
-        .await
-        .unwrap();
+    publisher.publish_with("props/x", "p", properties).await;
     let (payload, correlation) = sub.next_with_correlation("props/x").await;
     assert_eq!(payload, b"p".to_vec());
     assert_eq!(correlation.as_deref(), Some(&b"abc"[..]));

@@ -166,18 +166,8 @@ async fn v5_response_topic_and_correlation_data(backend: TestBackend) {
         correlation_data: Some(bytes::Bytes::from_static(b"corr-1")),
         ..Default::default()
     };
-    bob.v5
-        .as_ref()
-        .unwrap()
-        .publish_with_properties(
-            "im/u/bob/req",
-            rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
-            false,
-            pull("r", "u/alice", 5, None),
-            properties,
-        )
-        .await
-        .unwrap();
+    let request = pull("r", "u/alice", 5, None);
+    bob.publish_with("im/u/bob/req", request, properties).await;
     let (reply, correlation) = bob.next_with_correlation("im/u/bob/replies").await;
     assert_eq!(correlation.as_deref(), Some(&b"corr-1"[..]));
     let response = <pb::Response as prost::Message>::decode(reply.as_slice()).unwrap();

@@ -247,6 +247,21 @@ impl Client {
         }
     }
 
+    /// Publishes at QoS 1 with MQTT 5 properties (an MQTT 5 client only).
+    pub async fn publish_with(
+        &self,
+        topic: &str,
+        payload: impl Into<Vec<u8>>,
+        properties: rumqttc::v5::mqttbytes::v5::PublishProperties,
+    ) {
+        let client = self.v5.as_ref().expect("an MQTT 5 client");
+        let qos = rumqttc::v5::mqttbytes::QoS::AtLeastOnce;
+        client
+            .publish_with_properties(topic, qos, false, payload.into(), properties)
+            .await
+            .unwrap();
+    }
+
     /// Publishes at QoS 1 and returns the PUBACK reason code.
     pub async fn publish_acked(&mut self, topic: &str, payload: Vec<u8>) -> u8 {
         self.publish_answered(topic, payload).await.0
