@@ -172,6 +172,25 @@ async fn connect_right_after_clean_disconnect_survives() {
     }
 }
 
+/// A persistent (clean session = false) subscriber gets the QoS 1 messages published while
+/// it was away, as rumqttd queues them.
+#[tokio::test]
+async fn persistent_session_receives_what_was_missed() {
+    let broker = TestBroker::start().await;
+    let mut device = Client::v4_session(broker.addr, "sensor-hub", "alice", 30, false).await;
+    assert_eq!(device.subscribe("queue/#", 1).await, vec![1]);
+    device.disconnect().await;
+    let mut publisher = Client::v4(broker.addr, "pub", "bob", 30).await;
+    assert_eq!(
+        publisher
+            .publish_acked("queue/a", b"while away".to_vec())
+            .await,
+        0
+    );
+    let mut device = Client::v4_session(broker.addr, "sensor-hub", "alice", 30, false).await;
+    assert_eq!(device.next_on("queue/a").await, b"while away".to_vec());
+}
+
 /// MQTT 5 user properties reach MQTT 5 subscribers unchanged through the hook layer.
 #[tokio::test]
 async fn v5_properties_pass_through_to_v5_subscribers() {

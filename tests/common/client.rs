@@ -61,9 +61,12 @@ trait EventSource: Send + 'static {
 
 impl EventSource for rumqttc::EventLoop {
     async fn step(&mut self) -> Option<Step> {
-        use rumqttc::{Event, Packet, SubscribeReasonCode as C};
-        let Event::Incoming(packet) = self.poll().await.ok()? else {
-            return Some(Step::Skip);
+        use rumqttc::{Event, Outgoing, Packet, SubscribeReasonCode as C};
+        let packet = match self.poll().await.ok()? {
+            Event::Incoming(packet) => packet,
+            // After a clean DISCONNECT the loop stops: polling on would reconnect.
+            Event::Outgoing(Outgoing::Disconnect) => return None,
+            Event::Outgoing(_) => return Some(Step::Skip),
         };
         Some(match packet {
             Packet::ConnAck(ack) => {
@@ -99,8 +102,12 @@ impl EventSource for rumqttc::v5::EventLoop {
     async fn step(&mut self) -> Option<Step> {
         use rumqttc::v5::mqttbytes::v5::Packet;
         use rumqttc::v5::Event;
-        let Event::Incoming(packet) = self.poll().await.ok()? else {
-            return Some(Step::Skip);
+        use rumqttc::Outgoing;
+        let packet = match self.poll().await.ok()? {
+            Event::Incoming(packet) => packet,
+            // After a clean DISCONNECT the loop stops: polling on would reconnect.
+            Event::Outgoing(Outgoing::Disconnect) => return None,
+            Event::Outgoing(_) => return Some(Step::Skip),
         };
         Some(match packet {
             Packet::ConnAck(_) => Step::Connected(true),

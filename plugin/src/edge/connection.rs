@@ -181,8 +181,12 @@ impl Connection {
             // A resumed persistent session: online again, and a fresh digest.
             self.after_subscribe();
         }
-        // Packets that arrived with the CONNECT.
-        let mut end = self.on_client_bytes().await.err().map(End::Failed);
+        // Packets that arrived together with the CONNECT, and with rumqttd's CONNACK (a
+        // resumed session's queued messages).
+        let mut end = self.on_upstream_bytes().err().map(End::Failed);
+        if end.is_none() {
+            end = self.on_client_bytes().await.err().map(End::Failed);
+        }
         while end.is_none() {
             let step = tokio::select! {
                 read = self.client_rd.read_buf(&mut self.client_in),
