@@ -4,14 +4,10 @@
 //! message in the device's backlog (counted in its next digest), never lost.
 
 use std::collections::BTreeSet;
-use std::time::Duration;
 
 use bytes::Bytes;
 use prost::Message;
-use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
 
-use super::deliveries::{Pending, FLUSH_EVERY};
 use super::{DeviceEvent, ImService};
 use crate::store::Device;
 use crate::wire::{self, pb};
@@ -91,54 +87,7 @@ impl ImService {
         }
     }
 
-    /// Background work until `shutdown`: writing acknowledged live deliveries and, with a
-    /// cluster, heartbeats and incoming hand-overs. Flushes what is pending before returning.
-    pub async fn run(self, heartbeat: Duration, shutdown: CancellationToken) {
-        let Some(mut acks) = self
-            .inner
-            .deliveries_rx
-            .lock()
-            .ok()
-            .and_then(|mut rx| rx.take())
-        else {
-            return;
-        };
-        let mut pending = Pending::default();
-        let (inbox, mut handovers) = mpsc::channel(1024);
-        let listener = self
-            .inner
-            .cluster
-            .clone()
-            .map(|bus| tokio::spawn(bus.listen(inbox, shutdown.clone())));
-        let mut beat = tokio::time::interval(heartbeat);
-        let mut flush = tokio::time::interval(FLUSH_EVERY);
-        loop {
-            tokio::select! {
-                () = shutdown.cancelled() => break,
-                _ = beat.tick(), if self.inner.cluster.is_some() => self.heartbeat().await,
-                _ = flush.tick() => {
-                    Self::collect(&mut acks, &mut pending);
-                    self.flush(&mut pending).await;
-                }
-                Some(bytes) = handovers.recv() => self.deliver_handover(&bytes),
-            }
-        }
-        Self::collect(&mut acks, &mut pending);
-        self.flush(&mut pending).await;
-        if let Some(listener) = listener {
-            let _ = listener.await;
-        }
-    }
-
-    async fn heartbeat(&self) {
-        if let Some(bus) = &self.inner.cluster {
-            if let Err(e) = bus.heartbeat(&self.inner.presence.all()).await {
-                tracing::warn!(error = %e, "cluster heartbeat failed");
-            }
-        }
-    }
-
-    fn deliver_handover(&self, bytes: &[u8]) {
+    pub(super) fn deliver_handover(&self, bytes: &[u8]) {
         let handover: pb::Handover = match wire::decode(bytes, MAX_HANDOVER, "Handover") {
             Ok(handover) => handover,
             Err(e) => {

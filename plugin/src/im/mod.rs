@@ -2,6 +2,7 @@
 //! SQL: the edge calls it with identities and payloads, and it reaches devices only through
 //! [`DeviceSink`].
 
+mod background;
 mod cluster;
 mod deliveries;
 mod digest;
