@@ -120,3 +120,54 @@ async fn qos2_chat_is_stored_once(backend: TestBackend) {
     assert_eq!(seqs(&page), vec![1]);
 }
 }
+
+/// A device that stops acknowledging live messages is not flooded: after 1,024 unacknowledged
+/// deliveries the rest wait in its backlog, where a pull finds every message.
+#[tokio::test]
+async fn unacknowledged_live_deliveries_are_bounded() {
+    let broker = TestBroker::start().await;
+    let mut options = rumqttc::MqttOptions::new("bob-stuck", "127.0.0.1", broker.addr.port());
+    options.set_credentials("bob", "pw");
+    options.set_manual_acks(true);
+    options.set_max_packet_size(1 << 20, 1 << 20);
+    let (stuck, mut events) = rumqttc::AsyncClient::new(options, 10);
+    stuck
+        .subscribe("im/u/bob", rumqttc::QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    loop {
+        if let rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_)) = events.poll().await.unwrap() {
+            break;
+        }
+    }
+    let mut alice = Client::v4(broker.addr, "alice-phone", "alice", 30).await;
+    for i in 0..1100 {
+        alice
+            .publish("im/u/bob", 1, chat(&format!("s{i}"), "bob", "x", false))
+            .await;
+    }
+    let mut acked = 0;
+    while acked < 1100 {
+        if let Seen::PubAck { .. } = alice.next().await {
+            acked += 1;
+        }
+    }
+    let mut delivered = 0;
+    let quiet = tokio::time::sleep(std::time::Duration::from_millis(500));
+    tokio::pin!(quiet);
+    loop {
+        tokio::select! {
+            event = events.poll() => {
+                if let Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(_))) = event {
+                    delivered += 1;
+                }
+            }
+            () = &mut quiet => break,
+        }
+    }
+    assert_eq!(delivered, 1024);
+    let mut bob = Client::v4(broker.addr, "bob-phone", "bob", 30).await;
+    let page = page(&bob.ask("bob", pull("p", "u/alice", 200, None)).await);
+    assert_eq!(page.messages.len(), 200);
+    assert!(!page.end);
+}

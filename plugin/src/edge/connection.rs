@@ -31,6 +31,9 @@ const UPSTREAM_PING: Duration = Duration::from_secs(20);
 const DISCONNECT_GRACE: Duration = Duration::from_secs(5);
 /// Live deliveries queued per connection before the device counts as busy.
 const EVENT_QUEUE: usize = 1024;
+/// Unacknowledged publishes towards a client beyond which live chat deliveries wait in the
+/// backlog (keeps packet-id allocation cheap and memory bounded).
+const MAX_LIVE_IN_FLIGHT: usize = 1024;
 /// IM publishes and requests of one connection waiting for the store; beyond this the
 /// connection stops reading from the client until some complete (backpressure).
 const MAX_PENDING_OPS: usize = 1024;
@@ -362,6 +365,14 @@ impl Connection {
         let Some(qos) = self.granted_qos(&inbox) else {
             return Ok(());
         };
+        if self.ids.in_flight() >= MAX_LIVE_IN_FLIGHT {
+            // A device that stops acknowledging gets the rest through its digest and pulls.
+            tracing::debug!(
+                seq,
+                "too many unacknowledged deliveries; left in the backlog"
+            );
+            return Ok(());
+        }
         let origin = super::packet_ids::Origin::Chat { conversation, seq };
         self.write_own_publish(&inbox, qos.min(1), origin, &[], &payload);
         Ok(())

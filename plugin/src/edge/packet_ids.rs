@@ -59,6 +59,11 @@ impl PacketIds {
         None
     }
 
+    /// Packets in flight towards the client.
+    pub(crate) fn in_flight(&self) -> usize {
+        self.used.len()
+    }
+
     /// The client id for rumqttd's id `upstream`, reusing it for a retransmission.
     pub(crate) fn for_upstream(&mut self, upstream: u16) -> Option<u16> {
         match self.by_upstream.get(&upstream) {
