@@ -37,3 +37,29 @@ fn example_config_is_valid() {
         String::from_utf8_lossy(&output.stderr)
     );
 }
+
+/// `mqtt-im migrate` applies the schema to the configured store and reports its version.
+#[test]
+fn migrate_command_applies_the_schema() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = || {
+        Command::new(env!("CARGO_BIN_EXE_mqtt-im"))
+            .arg("migrate")
+            .env("MQTT_IM__STORE__PATH", dir.path().join("im.db"))
+            .output()
+            .unwrap()
+    };
+    for _ in 0..2 {
+        let output = run();
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&output.stdout).trim(),
+            "schema at version 1"
+        );
+    }
+    assert!(dir.path().join("im.db").exists());
+}
