@@ -54,6 +54,8 @@ pub(super) struct Connection {
     pub(super) device: Device,
     keep_alive: Option<Duration>,
     clean_session: bool,
+    /// Whether the store has recorded this device (see `Established::registered`).
+    pub(super) registered: bool,
     /// The client's Maximum Packet Size (MQTT 5), which hook-layer publishes respect.
     pub(super) max_packet: Option<usize>,
     client_rd: OwnedReadHalf,
@@ -113,6 +115,7 @@ impl Connection {
             device,
             keep_alive,
             clean_session,
+            registered,
             max_packet,
             client,
             client_in,
@@ -138,6 +141,7 @@ impl Connection {
             keep_alive: (keep_alive > 0)
                 .then(|| Duration::from_millis(u64::from(keep_alive) * 1500)),
             clean_session,
+            registered,
             max_packet,
             client_rd,
             client_wr,

@@ -29,6 +29,8 @@ pub(super) struct Established {
     /// The client's keep-alive in seconds (0: none).
     pub(super) keep_alive: u16,
     pub(super) clean_session: bool,
+    /// The device was recorded in the store (a store outage at CONNECT defers it).
+    pub(super) registered: bool,
     /// The MQTT 5 client's Maximum Packet Size, if it set one.
     pub(super) max_packet: Option<usize>,
     pub(super) client: TcpStream,
@@ -105,10 +107,14 @@ pub(super) async fn handshake(
         refuse(&mut stream, version, ack.code, None).await;
         return Err(EdgeError::Refused("rumqttd refused the connection"));
     }
-    if let Err(e) = ctx.im.connected(&admitted.device).await {
-        // Non-IM traffic does not need the store; the digest registers the device again.
-        tracing::warn!(error = %e, "cannot record device; continuing");
-    }
+    let registered = match ctx.im.connected(&admitted.device).await {
+        Ok(()) => true,
+        Err(e) => {
+            // Non-IM traffic does not need the store; registration is retried before the digest.
+            tracing::warn!(error = %e, "cannot record device; continuing");
+            false
+        }
+    };
     let mut client_out = BytesMut::with_capacity(4096);
     let properties = admitted.assigned.map(|id| ConnAckProperties {
         assigned_client_identifier: Some(id),
@@ -126,6 +132,7 @@ pub(super) async fn handshake(
         device: admitted.device,
         keep_alive,
         clean_session,
+        registered,
         max_packet,
         client: stream,
         client_in,

@@ -265,7 +265,14 @@ impl Connection {
         if !self.digest_sent && self.granted_qos(&digest).is_some() {
             self.digest_sent = true;
             let (im, device) = (self.ctx.im.clone(), self.device.clone());
+            let register = !self.registered;
+            self.registered = true;
             self.ops.push_back(Box::pin(async move {
+                if register {
+                    if let Err(e) = im.connected(&device).await {
+                        return Outcome::Digest(Err(e));
+                    }
+                }
                 Outcome::Digest(im.digest(&device).await)
             }));
         }

@@ -14,8 +14,6 @@ impl ImService {
     /// The store failed.
     #[tracing::instrument(skip(self), fields(uid = %device.uid, client_id = %device.client_id))]
     pub async fn digest(&self, device: &Device) -> Result<pb::Digest, ImError> {
-        // Idempotent; catches a device whose registration at CONNECT failed (store outage).
-        self.inner.store.register_device(device).await?;
         let last_n = self.inner.settings.digest_last_n;
         let snapshot = self.inner.store.digest(device, last_n).await?;
         let sessions = snapshot
