@@ -229,3 +229,99 @@ async fn redis_outage_keeps_storing() {
     proxy.up();
     wait_located(&n1, "bob", &[("bob-phone", "n1")]).await;
 }
+
+/// Deletes every Redis key of this deployment: what FLUSHALL does to it, without disturbing
+/// other tests that share the Redis server.
+#[allow(clippy::unwrap_used)]
+async fn flush_deployment(services: &Services) {
+    let client = redis::Client::open(services.redis.as_str()).unwrap();
+    let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{}:*", services.prefix))
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    assert!(!keys.is_empty(), "the deployment wrote nothing to Redis");
+    let _: () = redis::cmd("DEL")
+        .arg(&keys)
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+}
+
+async fn send_to_bob(from: &mut Client, id: &str) {
+    assert_eq!(
+        from.publish_acked("im/u/bob", chat(id, "bob", id, false))
+            .await,
+        0
+    );
+}
+
+/// Counters and previews cached in Redis are lost mid-run (after a digest and its clear,
+/// between offline messages): the next digest is rebuilt from PostgreSQL and is exactly right.
+#[tokio::test]
+async fn flushed_cache_gives_a_correct_digest() {
+    let Some(services) = services() else {
+        eprintln!("skipped: PostgreSQL or Redis not configured");
+        return;
+    };
+    let broker = TestBroker::start_with_on(services.backend.clone(), node(&services, "n1")).await;
+    let mut alice = Client::v5(broker.addr, "alice-phone", "alice").await;
+    let mut carol = Client::v5(broker.addr, "carol-phone", "carol").await;
+    for id in ["a1", "a2", "a3"] {
+        send_to_bob(&mut alice, id).await;
+    }
+    send_to_bob(&mut carol, "c1").await;
+    let mut bob = Client::v4(broker.addr, "bob-phone", "bob", 30).await;
+    bob.subscribe("im/u/bob/#", 1).await;
+    let first = bob.digest("bob").await;
+    assert_eq!(first.sessions["u/alice"].count, 3);
+    let clear = pb::request::Kind::ClearCounters(pb::ClearCounters {
+        version: first.version,
+    });
+    assert_eq!(
+        bob.ask("bob", request("c", clear)).await.status,
+        pb::Status::Ok as i32
+    );
+    bob.disconnect().await;
+
+    send_to_bob(&mut alice, "a4").await;
+    send_to_bob(&mut alice, "a5").await;
+    flush_deployment(&services).await;
+    send_to_bob(&mut alice, "a6").await;
+
+    let mut bob = Client::v4(broker.addr, "bob-phone", "bob", 30).await;
+    bob.subscribe("im/u/bob/#", 1).await;
+    let digest = bob.digest("bob").await;
+    let from_alice = &digest.sessions["u/alice"];
+    assert_eq!(
+        (from_alice.count, from_alice.unacked, from_alice.max_seq),
+        (3, 6, 6)
+    );
+    let previews: Vec<u64> = from_alice.last_msgs.iter().map(|m| m.seq).collect();
+    assert_eq!(previews, vec![6, 5, 4]);
+    let from_carol = &digest.sessions["u/carol"];
+    assert_eq!((from_carol.count, from_carol.unacked), (0, 1));
+    bob.disconnect().await;
+
+    // Flushed again with nothing new: the rebuilt digest is the same.
+    flush_deployment(&services).await;
+    let mut bob = Client::v4(broker.addr, "bob-phone", "bob", 30).await;
+    bob.subscribe("im/u/bob/#", 1).await;
+    let again = bob.digest("bob").await;
+    assert_eq!(again.sessions, digest.sessions);
+
+    // Pages acknowledged after that: the cached counters no longer apply, and are not used.
+    let newest = page(&bob.ask("bob", pull("p1", "u/alice", 2, None)).await);
+    assert_eq!(seqs(&newest), vec![6, 5]);
+    let older = page(
+        &bob.ask("bob", pull("p2", "u/alice", 2, newest.cursor))
+            .await,
+    );
+    assert_eq!(seqs(&older), vec![4, 3]);
+    bob.disconnect().await;
+    let mut bob = Client::v4(broker.addr, "bob-phone", "bob", 30).await;
+    bob.subscribe("im/u/bob/#", 1).await;
+    let from_alice = bob.digest("bob").await.sessions["u/alice"].clone();
+    assert_eq!((from_alice.count, from_alice.unacked), (1, 4));
+}

@@ -51,6 +51,7 @@ node_id = ""
 key_prefix = "mqtt-im"
 heartbeat_ms = 1000
 node_ttl_ms = 5000
+redis_timeout_ms = 500
 
 [policy]
 scripts = []
@@ -98,6 +99,8 @@ pub struct ClusterSettings {
     pub heartbeat_ms: u64,
     /// A node that has not refreshed within this time no longer counts as holding its users.
     pub node_ttl_ms: u64,
+    /// A Redis call unanswered this long fails; the digest is then computed from the store.
+    pub redis_timeout_ms: u64,
 }
 
 /// Public listeners; one port serves MQTT 3.1.1 and MQTT 5 (the CONNECT tells them apart).
@@ -405,6 +408,10 @@ impl Config {
         check(
             self.cluster.heartbeat_ms >= 50 && self.cluster.node_ttl_ms > self.cluster.heartbeat_ms,
             "cluster.node_ttl_ms: must exceed cluster.heartbeat_ms (at least 50)",
+        );
+        check(
+            self.cluster.redis_timeout_ms > 0,
+            "cluster.redis_timeout_ms: must be at least 1",
         );
         check(
             self.cluster.node_id.len() <= 64 && !self.cluster.node_id.contains([':', ' ']),

@@ -14,7 +14,7 @@ use crate::config::{Backend, ClusterSettings, Config};
 use crate::edge::{self, EdgeContext, EDGE_USER};
 use crate::im::ImService;
 use crate::policy::{self, LuaPolicy, PolicyError};
-use crate::store::{EmbeddedStore, PostgresStore, RedisBus, Store, StoreError};
+use crate::store::{DigestCache, EmbeddedStore, PostgresStore, RedisBus, Store, StoreError};
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -61,7 +61,9 @@ impl Server {
                 config.store.max_batch,
             )?),
             Backend::Postgres => {
-                Arc::new(PostgresStore::open(&config.store.postgres, config.store.max_batch).await?)
+                let cache = digest_cache(&config).await?;
+                let settings = &config.store.postgres;
+                Arc::new(PostgresStore::open(settings, config.store.max_batch, cache).await?)
             }
         };
         let policy = Arc::new(LuaPolicy::load(config.policy.clone())?);
@@ -126,6 +128,23 @@ impl Server {
         tasks.wait().await;
         self.store.close().await;
     }
+}
+
+/// The deployment's Redis as the PostgreSQL backend's digest cache, when it has one.
+async fn digest_cache(config: &Config) -> Result<Option<DigestCache>, ServerError> {
+    let cluster = &config.cluster;
+    if cluster.redis_url.is_empty() {
+        return Ok(None);
+    }
+    let timeout = Duration::from_millis(cluster.redis_timeout_ms);
+    let cache = DigestCache::connect(
+        &cluster.redis_url,
+        &cluster.key_prefix,
+        config.im.digest_last_n,
+        timeout,
+    )
+    .await?;
+    Ok(Some(cache))
 }
 
 /// The Redis link of this node, when `cluster.redis_url` is set.

@@ -35,7 +35,7 @@ pub struct TestBroker {
 #[derive(Debug, Clone)]
 pub enum TestBackend {
     Embedded,
-    /// A PostgreSQL schema of its own.
+    /// A PostgreSQL schema of its own, with Redis (when configured) under its own prefix.
     Postgres(mqtt_im::config::PostgresSettings),
 }
 
@@ -107,6 +107,12 @@ pub fn config(dir: &std::path::Path, backend: &TestBackend) -> Config {
     if let TestBackend::Postgres(settings) = backend {
         config.store.backend = mqtt_im::config::Backend::Postgres;
         config.store.postgres = settings.clone();
+        // Production is postgres + redis: presence and the digest cache, under a prefix of
+        // the test's own.
+        if let Some(redis) = redis_url() {
+            config.cluster.redis_url = redis;
+            config.cluster.key_prefix = format!("test-{}", settings.schema);
+        }
     }
     for user in ["alice", "bob", "carol"] {
         config.auth.users.insert(user.into(), "pw".into());

@@ -18,7 +18,7 @@ fn device(uid: &str, client_id: &str) -> Device {
     }
 }
 
-fn message(conversation: &str, sender: &str, msg_id: &str) -> NewMessage {
+pub(crate) fn message(conversation: &str, sender: &str, msg_id: &str) -> NewMessage {
     let mut members: Vec<String> = conversation.split(':').skip(1).map(String::from).collect();
     members.dedup();
     NewMessage {

@@ -17,7 +17,7 @@ use async_trait::async_trait;
 
 pub use self::redis::RedisBus;
 pub use embedded::EmbeddedStore;
-pub use postgres::PostgresStore;
+pub use postgres::{DigestCache, PostgresStore};
 pub use ranges::SeqRange;
 
 /// A device is one client id of one user; offline state (acks, counters) is kept per device.

@@ -77,6 +77,12 @@ pub(crate) fn watermark(ranges: &[SeqRange]) -> u64 {
     }
 }
 
+/// How many seqs the ranges hold. Acknowledged ranges only grow, so an equal total means
+/// the same acknowledgements.
+pub(crate) fn total(ranges: &[SeqRange]) -> u64 {
+    ranges.iter().map(|r| r.hi - r.lo + 1).sum()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -107,6 +113,12 @@ mod tests {
     fn watermark_needs_the_first_seq() {
         assert_eq!(watermark(&[r(2, 9)]), 0);
         assert_eq!(watermark(&[r(1, 9), r(11, 12)]), 9);
+    }
+
+    #[test]
+    fn total_counts_every_seq() {
+        assert_eq!(total(&[]), 0);
+        assert_eq!(total(&[r(1, 9), r(11, 12)]), 11);
     }
 
     #[test]

@@ -7,14 +7,21 @@ use std::collections::HashMap;
 use deadpool_postgres::{GenericClient, Pool};
 use tokio::sync::{mpsc, oneshot};
 
+use super::cache::{CacheUpdates, Committed};
 use super::{pg_error, uint};
 use crate::store::{Appended, NewMessage, StoreError};
 
 /// One waiting append.
 pub(super) type Request = (NewMessage, oneshot::Sender<Result<Appended, StoreError>>);
 
-/// Runs batches until every sender is dropped.
-pub(super) async fn run(pool: Pool, mut requests: mpsc::Receiver<Request>, max_batch: usize) {
+/// Runs batches until every sender is dropped; committed messages then go to the digest
+/// cache, if there is one.
+pub(super) async fn run(
+    pool: Pool,
+    mut requests: mpsc::Receiver<Request>,
+    max_batch: usize,
+    cache: Option<CacheUpdates>,
+) {
     let mut batch = Vec::with_capacity(max_batch);
     while let Some(first) = requests.recv().await {
         batch.push(first);
@@ -29,12 +36,20 @@ pub(super) async fn run(pool: Pool, mut requests: mpsc::Receiver<Request>, max_b
         if let Err(e) = &outcome {
             tracing::error!(error = %e, messages = batch.len(), "append batch failed");
         }
-        for (index, (_, reply)) in batch.drain(..).enumerate() {
+        let mut committed = Vec::new();
+        for (index, (message, reply)) in batch.drain(..).enumerate() {
             let result = match &outcome {
                 Ok(appended) => Ok(appended[index]),
                 Err(e) => Err(StoreError::Unavailable(e.to_string())),
             };
+            let fresh = result.as_ref().ok().filter(|a| !a.duplicate).map(|a| a.seq);
             let _ = reply.send(result);
+            if let (Some(_), Some(seq)) = (&cache, fresh) {
+                committed.push(Committed { seq, message });
+            }
+        }
+        if let Some(cache) = &cache {
+            cache.send(committed);
         }
     }
 }

@@ -3,6 +3,7 @@
 //! page of a Pull in one transaction. Every call that returns `Ok` has committed.
 
 mod append;
+mod cache;
 mod queries;
 
 use std::sync::Mutex;
@@ -17,6 +18,7 @@ use super::{
     migrate, Appended, Device, DigestSnapshot, NewMessage, Page, SeqRange, Store, StoreError,
 };
 use crate::config::PostgresSettings;
+pub use cache::DigestCache;
 
 /// Appends waiting for the writer task.
 const APPEND_QUEUE: usize = 16_384;
@@ -25,6 +27,7 @@ const APPEND_QUEUE: usize = 16_384;
 #[derive(Debug)]
 pub struct PostgresStore {
     pool: Pool,
+    cache: Option<DigestCache>,
     appender: Mutex<Option<mpsc::Sender<append::Request>>>,
     appender_task: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
@@ -44,12 +47,17 @@ pub(super) fn int(value: u64) -> i64 {
 
 impl PostgresStore {
     /// Connects, creates the schema if needed, applies migrations and starts the appender,
-    /// which commits up to `max_batch` messages per transaction.
+    /// which commits up to `max_batch` messages per transaction. With `cache`, digest
+    /// counters and previews are kept in Redis as well.
     ///
     /// # Errors
     /// The server cannot be reached, a migration fails, or the schema is newer than this
     /// binary.
-    pub async fn open(settings: &PostgresSettings, max_batch: usize) -> Result<Self, StoreError> {
+    pub async fn open(
+        settings: &PostgresSettings,
+        max_batch: usize,
+        cache: Option<DigestCache>,
+    ) -> Result<Self, StoreError> {
         let pool = pool(settings)?;
         let mut setup = connect(settings).await?;
         setup
@@ -58,9 +66,11 @@ impl PostgresStore {
             .map_err(pg_error)?;
         migrate::apply_postgres(&mut setup).await?;
         let (tx, rx) = mpsc::channel(APPEND_QUEUE);
-        let task = tokio::spawn(append::run(pool.clone(), rx, max_batch.max(1)));
+        let updates = cache.as_ref().map(DigestCache::spawn_updater);
+        let task = tokio::spawn(append::run(pool.clone(), rx, max_batch.max(1), updates));
         Ok(Self {
             pool,
+            cache,
             appender: Mutex::new(Some(tx)),
             appender_task: Mutex::new(Some(task)),
         })
@@ -156,23 +166,35 @@ impl Store for PostgresStore {
 
     async fn digest(&self, device: &Device, last_n: usize) -> Result<DigestSnapshot, StoreError> {
         let mut client = self.client().await?;
-        let conversations = queries::digest_states(&client, device, last_n).await?;
-        let entries: Vec<(String, u64)> = conversations
+        let cache = self.cache.as_ref();
+        let states = queries::digest_states(&client, device, last_n, cache).await?;
+        let entries: Vec<(String, u64)> = states
             .iter()
-            .map(|c| (c.conversation.clone(), c.max_seq))
+            .map(|(c, _)| (c.conversation.clone(), c.max_seq))
             .collect();
         let tx = client.transaction().await.map_err(pg_error)?;
         let version = queries::record_digest(&tx, device, &entries).await?;
         tx.commit().await.map_err(pg_error)?;
+        if let Some(cache) = cache {
+            let carried: Vec<(&str, cache::Counted)> = states
+                .iter()
+                .map(|(c, counted)| (c.conversation.as_str(), *counted))
+                .collect();
+            cache.record_digest(device, version, &carried).await;
+        }
         Ok(DigestSnapshot {
             version,
-            conversations,
+            conversations: states.into_iter().map(|(c, _)| c).collect(),
         })
     }
 
     async fn clear_counters(&self, device: &Device, version: u64) -> Result<(), StoreError> {
         let client = self.client().await?;
-        queries::clear_counters(&client, device, version).await
+        queries::clear_counters(&client, device, version).await?;
+        if let Some(cache) = &self.cache {
+            cache.cleared(device, version).await;
+        }
+        Ok(())
     }
 
     async fn pull(
@@ -257,9 +279,304 @@ mod tests {
             eprintln!("skipped: MQTT_IM_TEST_POSTGRES_URL is not set");
             return;
         };
-        let store = PostgresStore::open(&settings, 64).await.unwrap();
+        let store = PostgresStore::open(&settings, 64, None).await.unwrap();
         conformance::run_all(&store).await;
         store.close().await;
+    }
+
+    /// Redis of the tests: MQTT_IM_TEST_REDIS_URL, or the local CI service when services are
+    /// required.
+    fn test_redis() -> Option<String> {
+        let required = std::env::var("MQTT_IM_REQUIRE_SERVICES").as_deref() == Ok("1");
+        match std::env::var("MQTT_IM_TEST_REDIS_URL") {
+            Ok(url) => Some(url),
+            Err(_) if required => Some("redis://127.0.0.1:6379".into()),
+            Err(_) => None,
+        }
+    }
+
+    async fn test_cache(settings: &PostgresSettings) -> Option<(DigestCache, String)> {
+        let url = test_redis()?;
+        let prefix = format!("test-{}", settings.schema);
+        let timeout = Duration::from_millis(500);
+        let cache = DigestCache::connect(&url, &prefix, 3, timeout)
+            .await
+            .unwrap();
+        Some((cache, url))
+    }
+
+    #[tokio::test]
+    async fn conformance_suite_with_digest_cache() {
+        let Some(settings) = test_settings() else {
+            return;
+        };
+        let Some((cache, _)) = test_cache(&settings).await else {
+            eprintln!("skipped: MQTT_IM_TEST_REDIS_URL is not set");
+            return;
+        };
+        let store = PostgresStore::open(&settings, 64, Some(cache))
+            .await
+            .unwrap();
+        conformance::run_all(&store).await;
+        store.close().await;
+    }
+
+    /// Deletes every key of the test's prefix (what FLUSHALL does to a deployment, without
+    /// disturbing other tests sharing the server).
+    async fn flush(url: &str, prefix: &str) {
+        let client = redis::Client::open(url).unwrap();
+        let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{prefix}:*"))
+            .query_async(&mut connection)
+            .await
+            .unwrap();
+        if !keys.is_empty() {
+            let _: () = redis::cmd("DEL")
+                .arg(&keys)
+                .query_async(&mut connection)
+                .await
+                .unwrap();
+        }
+    }
+
+    /// A small deterministic generator, so a failing sequence of operations can be replayed.
+    struct Steps(u64);
+
+    impl Steps {
+        fn below(&mut self, n: u64) -> u64 {
+            self.0 = self
+                .0
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1);
+            (self.0 >> 33) % n
+        }
+    }
+
+    /// Random appends, pulls, acks, digests and clears — with the cache flushed twice on the
+    /// way — and after every digest the cached store must say exactly what PostgreSQL alone
+    /// says; the cache must also have answered, not only been bypassed.
+    #[tokio::test]
+    async fn digest_cache_always_agrees_with_postgres() {
+        let Some(settings) = test_settings() else {
+            return;
+        };
+        let Some((cache, url)) = test_cache(&settings).await else {
+            return;
+        };
+        let prefix = format!("test-{}", settings.schema);
+        let cached = PostgresStore::open(&settings, 64, Some(cache.clone()))
+            .await
+            .unwrap();
+        let plain = PostgresStore::open(&settings, 64, None).await.unwrap();
+        let devices = [("a", "a-1"), ("a", "a-2"), ("b", "b-1"), ("c", "c-1")];
+        let conversations = [
+            ("dm:a:b", ["a", "b"]),
+            ("dm:a:c", ["a", "c"]),
+            ("dm:b:c", ["b", "c"]),
+        ];
+        let mut steps = Steps(7);
+        let mut last_page: std::collections::HashMap<(usize, usize), SeqRange> =
+            std::collections::HashMap::new();
+        let mut versions: Vec<Vec<u64>> = vec![Vec::new(); devices.len()];
+        for step in 0..600u64 {
+            let d = steps.below(devices.len() as u64) as usize;
+            let device = Device {
+                uid: devices[d].0.into(),
+                client_id: devices[d].1.into(),
+            };
+            let mine: Vec<usize> = (0..conversations.len())
+                .filter(|c| conversations[*c].1.contains(&devices[d].0))
+                .collect();
+            let conv = mine[steps.below(mine.len() as u64) as usize];
+            let key = conversations[conv].0;
+            match steps.below(11) {
+                0..=4 => {
+                    let appended = cached
+                        .append(NewMessage {
+                            conversation: key.into(),
+                            members: conversations[conv].1.map(String::from).to_vec(),
+                            sender: device.uid.clone(),
+                            sender_device: device.client_id.clone(),
+                            msg_id: format!("m{step}"),
+                            server_time: i64::try_from(step).unwrap(),
+                            body: step.to_be_bytes().to_vec(),
+                        })
+                        .await
+                        .unwrap();
+                    assert!(!appended.duplicate);
+                }
+                5 | 6 => {
+                    let ack = last_page.remove(&(d, conv));
+                    let page = cached.pull(&device, key, ack, 3).await.unwrap();
+                    if let (Some(first), Some(last)) = (page.messages.first(), page.messages.last())
+                    {
+                        last_page.insert((d, conv), SeqRange::new(last.seq, first.seq).unwrap());
+                    }
+                }
+                7 => {
+                    let _ = cached.ack(&device, key, SeqRange::new(1, 2).unwrap()).await;
+                }
+                8 => {
+                    // A late or repeated clear of any digest this device got.
+                    let sent = &versions[d];
+                    if !sent.is_empty() {
+                        let version = sent[steps.below(sent.len() as u64) as usize];
+                        cached.clear_counters(&device, version).await.unwrap();
+                    }
+                }
+                _ => {
+                    if step % 50 == 0 {
+                        flush(&url, &prefix).await;
+                    }
+                    // Let the updater catch up sometimes, and sometimes race it.
+                    if steps.below(2) == 0 {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    let with_cache = cached.digest(&device, 3).await.unwrap();
+                    let without = plain.digest(&device, 3).await.unwrap();
+                    assert_eq!(
+                        with_cache.conversations, without.conversations,
+                        "step {step}, device {device:?}"
+                    );
+                    versions[d].extend([with_cache.version, without.version]);
+                    if steps.below(2) == 0 {
+                        cached
+                            .clear_counters(&device, with_cache.version)
+                            .await
+                            .unwrap();
+                    }
+                }
+            }
+        }
+        let stats = cache.stats();
+        let hits = stats
+            .counter_hits
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let previews = stats
+            .preview_hits
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let misses = stats
+            .counter_misses
+            .load(std::sync::atomic::Ordering::Relaxed);
+        assert!(hits > 0 && previews > 0, "hits {hits}, previews {previews}");
+        eprintln!("counter hits {hits}, misses {misses}, preview hits {previews}");
+        cached.close().await;
+        plain.close().await;
+        flush(&url, &prefix).await;
+    }
+
+    /// A node whose cache update was lost (here: a second store without the cache) leaves a
+    /// hole; the next message's update must not count over it.
+    #[tokio::test]
+    async fn lost_cache_update_is_recounted() {
+        let Some(settings) = test_settings() else {
+            return;
+        };
+        let Some((cache, url)) = test_cache(&settings).await else {
+            return;
+        };
+        let cached = PostgresStore::open(&settings, 64, Some(cache))
+            .await
+            .unwrap();
+        let lost = PostgresStore::open(&settings, 64, None).await.unwrap();
+        let bob = Device {
+            uid: "bob".into(),
+            client_id: "bob-phone".into(),
+        };
+        conformance::append_n(&cached, "dm:alice:bob", "alice", 5).await;
+        let _ = cached.digest(&bob, 3).await.unwrap();
+        let send = |id: &str| conformance::message("dm:alice:bob", "alice", id);
+        lost.append(send("lost")).await.unwrap();
+        cached.append(send("after")).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let digest = cached.digest(&bob, 3).await.unwrap();
+        let state = &digest.conversations[0];
+        assert_eq!((state.max_seq, state.count, state.unacked), (7, 7, 7));
+        let previews: Vec<u64> = state.last.iter().map(|m| m.seq).collect();
+        assert_eq!(previews, vec![7, 6, 5]);
+        cached.close().await;
+        lost.close().await;
+        flush(&url, &format!("test-{}", settings.schema)).await;
+    }
+
+    /// An offline device's backlog is counted in Redis as it arrives: its next digest reads
+    /// no counter and no preview from PostgreSQL.
+    #[tokio::test]
+    async fn offline_backlog_digest_comes_from_the_cache() {
+        let Some(settings) = test_settings() else {
+            return;
+        };
+        let Some((cache, url)) = test_cache(&settings).await else {
+            return;
+        };
+        let store = PostgresStore::open(&settings, 64, Some(cache.clone()))
+            .await
+            .unwrap();
+        let bob = Device {
+            uid: "bob".into(),
+            client_id: "bob-phone".into(),
+        };
+        store.register_device(&bob).await.unwrap();
+        conformance::append_n(&store, "dm:alice:bob", "alice", 1).await;
+        conformance::append_n(&store, "dm:bob:carol", "carol", 1).await;
+        let first = store.digest(&bob, 3).await.unwrap();
+        store.clear_counters(&bob, first.version).await.unwrap();
+        let stats = cache.stats();
+        let counter_misses = stats
+            .counter_misses
+            .load(std::sync::atomic::Ordering::Relaxed);
+        // Offline now: a backlog in both conversations and a new one.
+        for (key, sender) in [
+            ("dm:alice:bob", "alice"),
+            ("dm:bob:carol", "carol"),
+            ("dm:bob:dave", "dave"),
+        ] {
+            for i in 0..20 {
+                let message = conformance::message(key, sender, &format!("later-{i}"));
+                store.append(message).await.unwrap();
+            }
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let misses = || {
+                (
+                    stats
+                        .counter_misses
+                        .load(std::sync::atomic::Ordering::Relaxed),
+                    stats
+                        .preview_misses
+                        .load(std::sync::atomic::Ordering::Relaxed),
+                )
+            };
+            let before = misses();
+            let digest = store.digest(&bob, 3).await.unwrap();
+            if misses() == before {
+                let counts: Vec<(String, u64, u64)> = digest
+                    .conversations
+                    .iter()
+                    .map(|c| (c.conversation.clone(), c.count, c.unacked))
+                    .collect();
+                assert_eq!(
+                    counts,
+                    vec![
+                        ("dm:alice:bob".to_owned(), 20, 21),
+                        ("dm:bob:carol".to_owned(), 20, 21),
+                        ("dm:bob:dave".to_owned(), 20, 20),
+                    ]
+                );
+                break;
+            }
+            // The updater had not caught up yet; the digest recounted and stays right.
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the cache never answered"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(counter_misses > 0, "the first digest had to count");
+        store.close().await;
+        flush(&url, &format!("test-{}", settings.schema)).await;
     }
 
     #[tokio::test]
@@ -267,7 +584,7 @@ mod tests {
         let Some(settings) = test_settings() else {
             return;
         };
-        let store = std::sync::Arc::new(PostgresStore::open(&settings, 64).await.unwrap());
+        let store = std::sync::Arc::new(PostgresStore::open(&settings, 64, None).await.unwrap());
         let mut tasks = Vec::new();
         for i in 0..200u32 {
             let store = store.clone();

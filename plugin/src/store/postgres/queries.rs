@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use deadpool_postgres::GenericClient;
 use tokio_postgres::Row;
 
+use super::cache::{Counted, DigestCache};
 use super::{int, pg_error, uint};
 use crate::store::ranges::{self, SeqRange};
 use crate::store::{ConversationState, Device, Page, StoreError, StoredMessage};
@@ -267,7 +268,8 @@ async fn memberships(c: &impl GenericClient, uid: &str) -> Result<Vec<Membership
     let rows = c
         .query(
             "SELECT c.id, c.max_seq, c.last_time, c.key, m.read_seq
-             FROM members m JOIN conversations c ON c.id = m.conv_id WHERE m.uid = $1",
+             FROM members m JOIN conversations c ON c.id = m.conv_id WHERE m.uid = $1
+             ORDER BY c.key",
             &[&uid],
         )
         .await
@@ -288,16 +290,105 @@ async fn memberships(c: &impl GenericClient, uid: &str) -> Result<Vec<Membership
 
 /// Every digest entry of a device in a handful of set-based queries, whatever the number of
 /// conversations (one round trip per conversation made a 1,000-conversation digest take
-/// over a second).
+/// over a second). With a cache, counters and previews still valid in Redis are not read
+/// from PostgreSQL, and what had to be read is written back. Each entry comes with the state
+/// its counters were counted against, for [`DigestCache::record_digest`].
 pub(super) async fn digest_states(
     c: &impl GenericClient,
     device: &Device,
     last_n: usize,
-) -> Result<Vec<ConversationState>> {
+    cache: Option<&DigestCache>,
+) -> Result<Vec<(ConversationState, Counted)>> {
     let members = memberships(c, &device.uid).await?;
     if members.is_empty() {
         return Ok(Vec::new());
     }
+    let acked = acked_by_conversation(c, device).await?;
+    let cleared = cleared_floors(c, device).await?;
+    let no_ranges: Vec<SeqRange> = Vec::new();
+    let ranges_of = |id: i64| acked.get(&id).unwrap_or(&no_ranges);
+    let states: Vec<Counted> = members
+        .iter()
+        .map(|member| Counted {
+            max_seq: member.conv.max_seq,
+            floor: cleared.get(&member.conv.id).copied().unwrap_or(0),
+            acked: ranges::total(ranges_of(member.conv.id)),
+            count: 0,
+            unacked: 0,
+        })
+        .collect();
+    let keyed: Vec<(&str, Counted)> = members
+        .iter()
+        .zip(&states)
+        .map(|(member, state)| (member.key.as_str(), *state))
+        .collect();
+    let mut counted: Vec<Option<Counted>> = match cache {
+        Some(cache) => cache.counters(device, &keyed).await,
+        None => vec![None; members.len()],
+    };
+    let recount: Vec<usize> = (0..members.len())
+        .filter(|i| counted[*i].is_none())
+        .collect();
+    let recounted = count_unacked(
+        c,
+        device,
+        recount.iter().map(|i| {
+            let member = &members[*i];
+            (member.conv.id, ranges_of(member.conv.id), states[*i])
+        }),
+    )
+    .await?;
+    let mut saved = Vec::with_capacity(recount.len());
+    for i in recount {
+        let (unacked, count) = recounted
+            .get(&members[i].conv.id)
+            .copied()
+            .unwrap_or_default();
+        let fresh = Counted {
+            count,
+            unacked,
+            ..states[i]
+        };
+        counted[i] = Some(fresh);
+        saved.push((members[i].key.as_str(), fresh));
+    }
+    if let Some(cache) = cache {
+        cache.save_counters(device, &saved).await;
+    }
+    let listed: Vec<(&Membership, Counted)> = members
+        .iter()
+        .zip(counted)
+        .filter_map(|(member, counted)| counted.map(|counted| (member, counted)))
+        .filter(|(_, counted)| counted.unacked > 0 || counted.count > 0)
+        .collect();
+    let ids: Vec<i64> = listed.iter().map(|(m, _)| m.conv.id).collect();
+    let peers = peer_read_seqs(c, device, &ids).await?;
+    let mut previews = previews(c, &listed, last_n, cache).await?;
+    Ok(listed
+        .into_iter()
+        .zip(previews.iter_mut())
+        .map(|((member, counted), last)| {
+            let id = member.conv.id;
+            let state = ConversationState {
+                conversation: member.key.clone(),
+                count: counted.count,
+                unacked: counted.unacked,
+                max_seq: member.conv.max_seq,
+                last_time: member.conv.last_time,
+                acked_seq: ranges::watermark(ranges_of(id)),
+                read_seq: member.read_seq,
+                peer_read_seq: uint(peers.get(&id).copied().unwrap_or(0)),
+                last: std::mem::take(last),
+            };
+            (state, counted)
+        })
+        .collect())
+}
+
+async fn acked_by_conversation(
+    c: &impl GenericClient,
+    device: &Device,
+) -> Result<HashMap<i64, Vec<SeqRange>>> {
     let mut acked: HashMap<i64, Vec<SeqRange>> = HashMap::new();
     for row in c
         .query(
@@ -313,110 +404,144 @@ pub(super) async fn digest_states(
             hi: uint(row.get(2)),
         });
     }
-    let cleared: HashMap<i64, i64> = c
-        .query(
-            "SELECT conv_id, cleared_seq FROM cleared WHERE uid = $1 AND client_id = $2",
-            &[&device.uid, &device.client_id],
-        )
-        .await
-        .map_err(pg_error)?
-        .iter()
-        .map(|row| (row.get(0), row.get(1)))
-        .collect();
+    Ok(acked)
+}
+
+async fn cleared_floors(c: &impl GenericClient, device: &Device) -> Result<HashMap<i64, u64>> {
+    Ok(c.query(
+        "SELECT conv_id, cleared_seq FROM cleared WHERE uid = $1 AND client_id = $2",
+        &[&device.uid, &device.client_id],
+    )
+    .await
+    .map_err(pg_error)?
+    .iter()
+    .map(|row| (row.get(0), uint(row.get(1))))
+    .collect())
+}
+
+/// Per conversation `(unacked, count)`: messages in the device's unacked gaps not sent by
+/// this device, and those of them from others above the cleared floor.
+async fn count_unacked<'a>(
+    c: &impl GenericClient,
+    device: &Device,
+    conversations: impl Iterator<Item = (i64, &'a Vec<SeqRange>, Counted)>,
+) -> Result<HashMap<i64, (u64, u64)>> {
     let (mut gap_convs, mut los, mut his, mut floors) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    for member in &members {
-        let ranges = acked
-            .get(&member.conv.id)
-            .map(Vec::as_slice)
-            .unwrap_or_default();
-        for gap in ranges::gaps_newest_first(ranges, member.conv.max_seq) {
-            gap_convs.push(member.conv.id);
+    for (id, acked, state) in conversations {
+        for gap in ranges::gaps_newest_first(acked, state.max_seq) {
+            gap_convs.push(id);
             los.push(int(gap.lo));
             his.push(int(gap.hi));
-            floors.push(cleared.get(&member.conv.id).copied().unwrap_or(0));
+            floors.push(int(state.floor));
         }
     }
-    let counts: HashMap<i64, (u64, u64)> = c
-        .query(
-            "SELECT g.conv,
+    if gap_convs.is_empty() {
+        return Ok(HashMap::new());
+    }
+    Ok(c.query(
+        "SELECT g.conv,
                     COUNT(*) FILTER (WHERE NOT (m.sender = $5 AND m.sender_device = $6)),
                     COUNT(*) FILTER (WHERE m.sender != $5 AND m.seq > g.floor)
              FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[])
                   AS g(conv, lo, hi, floor)
              JOIN messages m ON m.conv_id = g.conv AND m.seq BETWEEN g.lo AND g.hi
              GROUP BY g.conv",
-            &[
-                &gap_convs,
-                &los,
-                &his,
-                &floors,
-                &device.uid,
-                &device.client_id,
-            ],
-        )
-        .await
-        .map_err(pg_error)?
-        .iter()
-        .map(|row| (row.get(0), (uint(row.get(1)), uint(row.get(2)))))
-        .collect();
-    let listed: Vec<&Membership> = members
-        .iter()
-        .filter(|m| {
-            counts
-                .get(&m.conv.id)
-                .is_some_and(|(u, n)| *u > 0 || *n > 0)
-        })
-        .collect();
-    let ids: Vec<i64> = listed.iter().map(|m| m.conv.id).collect();
-    let peers: HashMap<i64, i64> = c
-        .query(
-            "SELECT conv_id, MAX(read_seq) FROM members WHERE conv_id = ANY($1) AND uid != $2
+        &[
+            &gap_convs,
+            &los,
+            &his,
+            &floors,
+            &device.uid,
+            &device.client_id,
+        ],
+    )
+    .await
+    .map_err(pg_error)?
+    .iter()
+    .map(|row| (row.get(0), (uint(row.get(1)), uint(row.get(2)))))
+    .collect())
+}
+
+/// Highest read cursor of the other members, per conversation.
+async fn peer_read_seqs(
+    c: &impl GenericClient,
+    device: &Device,
+    ids: &[i64],
+) -> Result<HashMap<i64, i64>> {
+    Ok(c.query(
+        "SELECT conv_id, MAX(read_seq) FROM members WHERE conv_id = ANY($1) AND uid != $2
              GROUP BY conv_id",
-            &[&ids, &device.uid],
-        )
-        .await
-        .map_err(pg_error)?
+        &[&ids, &device.uid],
+    )
+    .await
+    .map_err(pg_error)?
+    .iter()
+    .map(|row| (row.get(0), row.get(1)))
+    .collect())
+}
+
+/// The newest `last_n` messages of each listed conversation (in order), from the cache where
+/// it holds exactly those, else from PostgreSQL (and then cached).
+async fn previews(
+    c: &impl GenericClient,
+    listed: &[(&Membership, Counted)],
+    last_n: usize,
+    cache: Option<&DigestCache>,
+) -> Result<Vec<Vec<StoredMessage>>> {
+    let wanted: Vec<(&str, u64)> = listed
         .iter()
-        .map(|row| (row.get(0), row.get(1)))
+        .map(|(m, _)| (m.key.as_str(), m.conv.max_seq))
         .collect();
-    let mut previews: HashMap<i64, Vec<StoredMessage>> = HashMap::new();
-    for row in c
-        .query(
-            "SELECT c.id, m.seq, m.sender, m.server_time, m.body FROM unnest($1::bigint[]) AS c(id)
-             CROSS JOIN LATERAL (SELECT seq, sender, server_time, body FROM messages
-                                 WHERE conv_id = c.id ORDER BY seq DESC LIMIT $2) m
-             ORDER BY c.id, m.seq DESC",
-            &[&ids, &int(last_n as u64)],
-        )
-        .await
-        .map_err(pg_error)?
-    {
-        previews.entry(row.get(0)).or_default().push(StoredMessage {
-            seq: uint(row.get(1)),
-            sender: row.get(2),
-            server_time: row.get(3),
-            body: row.get(4),
-        });
+    let cached = match cache {
+        Some(cache) => cache.previews(&wanted, last_n).await,
+        None => vec![None; listed.len()],
+    };
+    let missing: Vec<i64> = listed
+        .iter()
+        .zip(&cached)
+        .filter(|(_, cached)| cached.is_none())
+        .map(|((m, _), _)| m.conv.id)
+        .collect();
+    let mut read: HashMap<i64, Vec<StoredMessage>> = HashMap::new();
+    if !missing.is_empty() && last_n > 0 {
+        for row in c
+            .query(
+                "SELECT c.id, m.seq, m.sender, m.server_time, m.body
+                 FROM unnest($1::bigint[]) AS c(id)
+                 CROSS JOIN LATERAL (SELECT seq, sender, server_time, body FROM messages
+                                     WHERE conv_id = c.id ORDER BY seq DESC LIMIT $2) m
+                 ORDER BY c.id, m.seq DESC",
+                &[&missing, &int(last_n as u64)],
+            )
+            .await
+            .map_err(pg_error)?
+        {
+            read.entry(row.get(0)).or_default().push(StoredMessage {
+                seq: uint(row.get(1)),
+                sender: row.get(2),
+                server_time: row.get(3),
+                body: row.get(4),
+            });
+        }
     }
-    Ok(listed
-        .into_iter()
-        .map(|member| {
-            let id = member.conv.id;
-            let (unacked, count) = counts.get(&id).copied().unwrap_or_default();
-            ConversationState {
-                conversation: member.key.clone(),
-                count,
-                unacked,
-                max_seq: member.conv.max_seq,
-                last_time: member.conv.last_time,
-                acked_seq: ranges::watermark(acked.get(&id).map(Vec::as_slice).unwrap_or_default()),
-                read_seq: member.read_seq,
-                peer_read_seq: uint(peers.get(&id).copied().unwrap_or(0)),
-                last: previews.remove(&id).unwrap_or_default(),
-            }
+    let previews: Vec<Vec<StoredMessage>> = listed
+        .iter()
+        .zip(cached)
+        .map(|((m, _), cached)| {
+            cached.unwrap_or_else(|| read.get(&m.conv.id).cloned().unwrap_or_default())
         })
-        .collect())
+        .collect();
+    if let Some(cache) = cache {
+        let fresh: Vec<(&str, &[StoredMessage])> = listed
+            .iter()
+            .zip(&previews)
+            .filter(|((m, _), _)| read.contains_key(&m.conv.id))
+            .map(|((m, _), p)| (m.key.as_str(), p.as_slice()))
+            .collect();
+        cache.save_previews(&fresh).await;
+    }
+    Ok(previews)
 }
 
 pub(super) async fn record_digest(

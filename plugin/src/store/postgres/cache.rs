@@ -1,0 +1,581 @@
+//! Redis as the digest's cache for the PostgreSQL backend: per device and conversation the
+//! badge counters, per conversation the newest messages. PostgreSQL stays the truth.
+//!
+//! Every cached counter carries the state it was counted against — the conversation's last
+//! seq, the device's cleared floor and how many seqs it has acknowledged, all three only ever
+//! growing — and the digest uses it only when those still equal what PostgreSQL says now.
+//! Previews are used only when their seqs are exactly the newest of the conversation. So a
+//! lost, late, reordered or flushed Redis write can make the digest slower (it recounts that
+//! conversation from PostgreSQL and writes the result back), never wrong.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use redis::aio::ConnectionManager;
+
+use crate::store::{Device, NewMessage, StoreError, StoredMessage};
+
+/// Cached keys of devices and conversations unused this long disappear.
+const IDLE_TTL_SECS: u64 = 30 * 24 * 3600;
+/// What a digest carried is kept this long for its `ClearCounters`.
+const CARRIED_TTL_SECS: u64 = 24 * 3600;
+/// Batches of appended messages waiting for Redis; when full, the cache is left behind and
+/// heals on the next digest.
+const UPDATE_QUEUE: usize = 256;
+
+/// Advances every cached counter of the conversation's members by one message, but only a
+/// counter that has counted exactly the seqs before it (anything else is left to be
+/// recounted), and adds the message to the conversation's previews if they are cached (or
+/// start with it).
+///
+/// ARGV: prefix, previews kept, ttl, then per message: conversation, seq, sender, sender's
+/// device, preview, member count, members.
+const APPENDED: &str = r"
+local p, keep, ttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local i = 4
+while i <= #ARGV do
+  local conv, seq, sender, sdev = ARGV[i], tonumber(ARGV[i + 1]), ARGV[i + 2], ARGV[i + 3]
+  local n = tonumber(ARGV[i + 5])
+  local last = p .. ':last:' .. conv
+  if keep > 0 and (seq == 1 or redis.call('EXISTS', last) == 1) then
+    redis.call('ZADD', last, seq, ARGV[i + 4])
+    redis.call('ZREMRANGEBYRANK', last, 0, -(keep + 1))
+  end
+  for m = i + 6, i + 5 + n do
+    local uid = ARGV[m]
+    for _, client in ipairs(redis.call('SMEMBERS', p .. ':devs:' .. uid)) do
+      local key = p .. ':cnt:' .. uid .. ':' .. client
+      local v = redis.call('HGET', key, conv)
+      local u, f, a, c, un
+      if v then
+        u, f, a, c, un = string.match(v, '^(%d+) (%d+) (%d+) (%d+) (%d+)$')
+        u, f, a, c, un = tonumber(u), tonumber(f), tonumber(a), tonumber(c), tonumber(un)
+      elseif seq == 1 then
+        u, f, a, c, un = 0, 0, 0, 0, 0
+      end
+      if u and seq == u + 1 then
+        if uid ~= sender then c = c + 1 end
+        if not (uid == sender and client == sdev) then un = un + 1 end
+        redis.call('HSET', key, conv, string.format('%d %d %d %d %d', seq, f, a, c, un))
+        redis.call('EXPIRE', key, ttl)
+      end
+    end
+  end
+  i = i + 6 + n
+end
+return 0";
+
+/// Stores recounted counters unless Redis already holds a later state (every part of the
+/// state only grows), and lists the device among its user's cached devices.
+///
+/// KEYS: counters, devices of the user. ARGV: client id, ttl, then per conversation:
+/// conversation, seq, floor, acked, count, unacked.
+const SAVE_COUNTERS: &str = r"
+for i = 3, #ARGV, 6 do
+  local cur = redis.call('HGET', KEYS[1], ARGV[i])
+  local newer = true
+  if cur then
+    local u, f, a = string.match(cur, '^(%d+) (%d+) (%d+)')
+    newer = tonumber(ARGV[i + 1]) >= tonumber(u) and tonumber(ARGV[i + 2]) >= tonumber(f)
+      and tonumber(ARGV[i + 3]) >= tonumber(a)
+  end
+  if newer then
+    redis.call('HSET', KEYS[1], ARGV[i], table.concat(ARGV, ' ', i + 1, i + 5))
+  end
+end
+redis.call('SADD', KEYS[2], ARGV[1])
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+redis.call('EXPIRE', KEYS[2], ARGV[2])
+return 0";
+
+/// After `ClearCounters`: a counter still at the state the digest saw (same floor, same
+/// acknowledgements) moves its floor to the digest's seq and drops what the digest carried.
+///
+/// KEYS: counters, what the digest carried.
+const CLEARED: &str = r"
+local carried = redis.call('HGETALL', KEYS[2])
+for i = 1, #carried, 2 do
+  local cu, cf, ca, cc = string.match(carried[i + 1], '^(%d+) (%d+) (%d+) (%d+)$')
+  cu, cf, ca, cc = tonumber(cu), tonumber(cf), tonumber(ca), tonumber(cc)
+  local cur = redis.call('HGET', KEYS[1], carried[i])
+  if cur then
+    local u, f, a, c, un = string.match(cur, '^(%d+) (%d+) (%d+) (%d+) (%d+)$')
+    u, f, a, c, un = tonumber(u), tonumber(f), tonumber(a), tonumber(c), tonumber(un)
+    if f == cf and a == ca and u >= cu and cu > f then
+      redis.call('HSET', KEYS[1], carried[i],
+        string.format('%d %d %d %d %d', u, cu, a, math.max(c - cc, 0), un))
+    end
+  end
+end
+return 0";
+
+/// The state a device's counters of one conversation were counted against, and the counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(super) struct Counted {
+    /// The conversation's last seq.
+    pub(super) max_seq: u64,
+    /// The device's cleared floor: only seqs above it are counted.
+    pub(super) floor: u64,
+    /// How many seqs the device has acknowledged (acknowledgements are never taken back).
+    pub(super) acked: u64,
+    /// Messages from others above the floor not acknowledged.
+    pub(super) count: u64,
+    /// Messages not acknowledged, the device's own excluded.
+    pub(super) unacked: u64,
+}
+
+impl Counted {
+    /// Counts cached against this very state.
+    fn matches(&self, state: &Counted) -> bool {
+        (self.max_seq, self.floor, self.acked) == (state.max_seq, state.floor, state.acked)
+    }
+
+    fn parse(text: &str) -> Option<Self> {
+        let mut parts = text.split(' ').map(str::parse::<u64>);
+        let mut next = || parts.next().and_then(Result::ok);
+        Some(Self {
+            max_seq: next()?,
+            floor: next()?,
+            acked: next()?,
+            count: next()?,
+            unacked: next()?,
+        })
+    }
+}
+
+/// How often the cache answered and how often PostgreSQL had to, for operators and tests.
+#[derive(Debug, Default)]
+pub(super) struct CacheStats {
+    /// Conversations whose counters came from Redis.
+    pub(super) counter_hits: AtomicU64,
+    /// Conversations recounted in PostgreSQL.
+    pub(super) counter_misses: AtomicU64,
+    /// Conversations whose previews came from Redis.
+    pub(super) preview_hits: AtomicU64,
+    /// Conversations whose previews were read from PostgreSQL.
+    pub(super) preview_misses: AtomicU64,
+    /// Redis calls that failed (the digest then comes from PostgreSQL alone).
+    pub(super) errors: AtomicU64,
+}
+
+/// A message as the cache learns it after its commit.
+#[derive(Debug)]
+pub(super) struct Committed {
+    pub(super) seq: u64,
+    pub(super) message: NewMessage,
+}
+
+/// The Redis cache of one deployment (all keys under its prefix).
+#[derive(Clone)]
+pub struct DigestCache {
+    connection: ConnectionManager,
+    prefix: String,
+    keep: usize,
+    stats: std::sync::Arc<CacheStats>,
+}
+
+impl std::fmt::Debug for DigestCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DigestCache")
+            .field("prefix", &self.prefix)
+            .field("keep", &self.keep)
+            .finish_non_exhaustive()
+    }
+}
+
+fn redis_error(e: redis::RedisError) -> StoreError {
+    StoreError::Unavailable(format!("redis: {e}"))
+}
+
+impl DigestCache {
+    /// Connects to Redis; `keep` previews are cached per conversation (the digest's last N).
+    /// Calls that get no answer within `timeout` fail, and the digest does without them.
+    ///
+    /// # Errors
+    /// The URL is invalid or Redis cannot be reached now.
+    pub async fn connect(
+        url: &str,
+        prefix: &str,
+        keep: usize,
+        timeout: Duration,
+    ) -> Result<Self, StoreError> {
+        let client = redis::Client::open(url).map_err(redis_error)?;
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_response_timeout(Some(timeout))
+            .set_connection_timeout(Some(timeout));
+        let connection = client
+            .get_connection_manager_with_config(config)
+            .await
+            .map_err(redis_error)?;
+        Ok(Self {
+            connection,
+            prefix: prefix.to_owned(),
+            keep,
+            stats: std::sync::Arc::default(),
+        })
+    }
+
+    #[cfg(test)]
+    pub(super) fn stats(&self) -> &CacheStats {
+        &self.stats
+    }
+
+    /// Counts a failed call; the caller goes on without the cache.
+    fn failed(&self, what: &str, error: &StoreError) {
+        self.stats.errors.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(error = %error, "digest cache: {what} failed; using PostgreSQL");
+    }
+
+    fn counters_key(&self, device: &Device) -> String {
+        format!("{}:cnt:{}:{}", self.prefix, device.uid, device.client_id)
+    }
+
+    fn devices_key(&self, uid: &str) -> String {
+        format!("{}:devs:{uid}", self.prefix)
+    }
+
+    fn carried_key(&self, device: &Device, version: u64) -> String {
+        // uid and version hold no ':', so the client id can be anything.
+        format!(
+            "{}:dv:{}:{version}:{}",
+            self.prefix, device.uid, device.client_id
+        )
+    }
+
+    fn previews_key(&self, conversation: &str) -> String {
+        format!("{}:last:{conversation}", self.prefix)
+    }
+
+    /// Starts the task that applies committed messages to the cache in commit order, off the
+    /// append path; the returned sender never blocks.
+    pub(super) fn spawn_updater(&self) -> CacheUpdates {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<Committed>>(UPDATE_QUEUE);
+        let cache = self.clone();
+        tokio::spawn(async move {
+            while let Some(batch) = rx.recv().await {
+                if let Err(e) = cache.appended(&batch).await {
+                    cache.failed("update after commit", &e);
+                }
+            }
+        });
+        CacheUpdates { tx }
+    }
+
+    async fn appended(&self, batch: &[Committed]) -> Result<(), StoreError> {
+        let script = redis::Script::new(APPENDED);
+        let mut invocation = script.prepare_invoke();
+        invocation
+            .arg(&self.prefix)
+            .arg(self.keep)
+            .arg(IDLE_TTL_SECS);
+        for committed in batch {
+            let message = &committed.message;
+            invocation
+                .arg(&message.conversation)
+                .arg(committed.seq)
+                .arg(&message.sender)
+                .arg(&message.sender_device)
+                .arg(encode_preview(committed.seq, message))
+                .arg(message.members.len())
+                .arg(&message.members);
+        }
+        let mut connection = self.connection.clone();
+        invocation
+            .invoke_async::<i64>(&mut connection)
+            .await
+            .map(|_| ())
+            .map_err(redis_error)
+    }
+
+    /// The cached counters of `device` for each conversation key, where they were counted
+    /// against `states` (`None` where they must be recounted).
+    pub(super) async fn counters(
+        &self,
+        device: &Device,
+        conversations: &[(&str, Counted)],
+    ) -> Vec<Option<Counted>> {
+        let misses = || vec![None; conversations.len()];
+        if conversations.is_empty() {
+            return Vec::new();
+        }
+        let mut command = redis::cmd("HMGET");
+        command.arg(self.counters_key(device));
+        for (key, _) in conversations {
+            command.arg(*key);
+        }
+        let mut connection = self.connection.clone();
+        let cached: Vec<Option<String>> = match command.query_async(&mut connection).await {
+            Ok(cached) => cached,
+            Err(e) => {
+                self.failed("reading counters", &redis_error(e));
+                return misses();
+            }
+        };
+        let found: Vec<Option<Counted>> = cached
+            .iter()
+            .zip(conversations)
+            .map(|(text, (_, state))| {
+                text.as_deref()
+                    .and_then(Counted::parse)
+                    .filter(|counted| counted.matches(state))
+            })
+            .collect();
+        let hits = found.iter().filter(|c| c.is_some()).count() as u64;
+        self.stats.counter_hits.fetch_add(hits, Ordering::Relaxed);
+        self.stats
+            .counter_misses
+            .fetch_add(found.len() as u64 - hits, Ordering::Relaxed);
+        found
+    }
+
+    /// Stores counters recounted in PostgreSQL; failures only cost the next digest a recount.
+    pub(super) async fn save_counters(&self, device: &Device, recounted: &[(&str, Counted)]) {
+        if recounted.is_empty() {
+            return;
+        }
+        let script = redis::Script::new(SAVE_COUNTERS);
+        let mut invocation = script.prepare_invoke();
+        invocation
+            .key(self.counters_key(device))
+            .key(self.devices_key(&device.uid))
+            .arg(&device.client_id)
+            .arg(IDLE_TTL_SECS);
+        for (key, counted) in recounted {
+            invocation
+                .arg(*key)
+                .arg(counted.max_seq)
+                .arg(counted.floor)
+                .arg(counted.acked)
+                .arg(counted.count)
+                .arg(counted.unacked);
+        }
+        let mut connection = self.connection.clone();
+        if let Err(e) = invocation.invoke_async::<i64>(&mut connection).await {
+            self.failed("saving counters", &redis_error(e));
+        }
+    }
+
+    /// Remembers what digest `version` carried, for [`DigestCache::cleared`].
+    pub(super) async fn record_digest(
+        &self,
+        device: &Device,
+        version: u64,
+        carried: &[(&str, Counted)],
+    ) {
+        if carried.is_empty() {
+            return;
+        }
+        let key = self.carried_key(device, version);
+        let mut pipe = redis::pipe();
+        let fields: Vec<(&str, String)> = carried
+            .iter()
+            .map(|(conversation, c)| {
+                let text = format!("{} {} {} {}", c.max_seq, c.floor, c.acked, c.count);
+                (*conversation, text)
+            })
+            .collect();
+        pipe.hset_multiple(&key, &fields)
+            .ignore()
+            .expire(&key, CARRIED_TTL_SECS as i64)
+            .ignore();
+        let mut connection = self.connection.clone();
+        if let Err(e) = pipe.query_async::<()>(&mut connection).await {
+            self.failed("recording a digest", &redis_error(e));
+        }
+    }
+
+    /// Applies a committed `ClearCounters` of digest `version` to the cached counters.
+    pub(super) async fn cleared(&self, device: &Device, version: u64) {
+        let script = redis::Script::new(CLEARED);
+        let mut invocation = script.prepare_invoke();
+        invocation
+            .key(self.counters_key(device))
+            .key(self.carried_key(device, version));
+        let mut connection = self.connection.clone();
+        if let Err(e) = invocation.invoke_async::<i64>(&mut connection).await {
+            self.failed("clearing counters", &redis_error(e));
+        }
+    }
+
+    /// The cached newest `n` messages of each conversation, where they are exactly the
+    /// conversation's newest (`None` where they must be read from PostgreSQL).
+    pub(super) async fn previews(
+        &self,
+        conversations: &[(&str, u64)],
+        n: usize,
+    ) -> Vec<Option<Vec<StoredMessage>>> {
+        let misses = || vec![None; conversations.len()];
+        if conversations.is_empty() || n == 0 || n > self.keep {
+            return misses();
+        }
+        let mut pipe = redis::pipe();
+        for (key, _) in conversations {
+            pipe.zrevrange(self.previews_key(key), 0, n as isize - 1);
+        }
+        let mut connection = self.connection.clone();
+        let cached: Vec<Vec<Vec<u8>>> = match pipe.query_async(&mut connection).await {
+            Ok(cached) => cached,
+            Err(e) => {
+                self.failed("reading previews", &redis_error(e));
+                return misses();
+            }
+        };
+        let found: Vec<Option<Vec<StoredMessage>>> = cached
+            .into_iter()
+            .zip(conversations)
+            .map(|(entries, (_, max_seq))| newest_exactly(&entries, *max_seq, n))
+            .collect();
+        let hits = found.iter().filter(|p| p.is_some()).count() as u64;
+        self.stats.preview_hits.fetch_add(hits, Ordering::Relaxed);
+        self.stats
+            .preview_misses
+            .fetch_add(found.len() as u64 - hits, Ordering::Relaxed);
+        found
+    }
+
+    /// Caches previews read from PostgreSQL (newest first).
+    pub(super) async fn save_previews(&self, read: &[(&str, &[StoredMessage])]) {
+        if read.is_empty() || self.keep == 0 {
+            return;
+        }
+        let mut pipe = redis::pipe();
+        for (conversation, messages) in read {
+            let key = self.previews_key(conversation);
+            for message in messages.iter() {
+                pipe.zadd(&key, stored_preview(message), message.seq)
+                    .ignore();
+            }
+            pipe.zremrangebyrank(&key, 0, -(self.keep as isize + 1))
+                .ignore()
+                .expire(&key, IDLE_TTL_SECS as i64)
+                .ignore();
+        }
+        let mut connection = self.connection.clone();
+        if let Err(e) = pipe.query_async::<()>(&mut connection).await {
+            self.failed("saving previews", &redis_error(e));
+        }
+    }
+}
+
+/// Hands committed batches to the cache's updater without waiting for Redis.
+#[derive(Debug, Clone)]
+pub(super) struct CacheUpdates {
+    tx: tokio::sync::mpsc::Sender<Vec<Committed>>,
+}
+
+impl CacheUpdates {
+    /// Queues `batch`; when the queue is full the cache falls behind and is recounted later.
+    pub(super) fn send(&self, batch: Vec<Committed>) {
+        if batch.is_empty() {
+            return;
+        }
+        if self.tx.try_send(batch).is_err() {
+            tracing::debug!("digest cache updates queue full; counters will be recounted");
+        }
+    }
+}
+
+/// Entries are `seq | server time | sender length | sender | body`, so a message has one
+/// encoding and re-adding it changes nothing.
+fn encode(seq: u64, server_time: i64, sender: &str, body: &[u8]) -> Vec<u8> {
+    let sender_len = u16::try_from(sender.len()).unwrap_or(u16::MAX);
+    let sender = &sender.as_bytes()[..usize::from(sender_len)];
+    let mut out = Vec::with_capacity(18 + sender.len() + body.len());
+    out.extend_from_slice(&seq.to_be_bytes());
+    out.extend_from_slice(&server_time.to_be_bytes());
+    out.extend_from_slice(&sender_len.to_be_bytes());
+    out.extend_from_slice(sender);
+    out.extend_from_slice(body);
+    out
+}
+
+fn encode_preview(seq: u64, message: &NewMessage) -> Vec<u8> {
+    encode(seq, message.server_time, &message.sender, &message.body)
+}
+
+fn stored_preview(message: &StoredMessage) -> Vec<u8> {
+    encode(
+        message.seq,
+        message.server_time,
+        &message.sender,
+        &message.body,
+    )
+}
+
+fn decode(entry: &[u8]) -> Option<StoredMessage> {
+    let seq = u64::from_be_bytes(entry.get(..8)?.try_into().ok()?);
+    let server_time = i64::from_be_bytes(entry.get(8..16)?.try_into().ok()?);
+    let sender_len = usize::from(u16::from_be_bytes(entry.get(16..18)?.try_into().ok()?));
+    let sender = std::str::from_utf8(entry.get(18..18 + sender_len)?).ok()?;
+    Some(StoredMessage {
+        seq,
+        sender: sender.to_owned(),
+        server_time,
+        body: entry.get(18 + sender_len..)?.to_vec(),
+    })
+}
+
+/// The previews if they are the `n` newest seqs up to `max_seq`, without a hole.
+fn newest_exactly(entries: &[Vec<u8>], max_seq: u64, n: usize) -> Option<Vec<StoredMessage>> {
+    let expected = n.min(usize::try_from(max_seq).unwrap_or(usize::MAX));
+    if entries.len() != expected {
+        return None;
+    }
+    let messages: Vec<StoredMessage> = entries.iter().map(|e| decode(e)).collect::<Option<_>>()?;
+    let consecutive = messages
+        .iter()
+        .zip((0..=max_seq).rev())
+        .all(|(message, seq)| message.seq == seq);
+    consecutive.then_some(messages)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(seq: u64) -> StoredMessage {
+        StoredMessage {
+            seq,
+            sender: "alice".into(),
+            server_time: 7,
+            body: vec![1, 2, 3],
+        }
+    }
+
+    #[test]
+    fn previews_round_trip() {
+        let original = message(42);
+        assert_eq!(decode(&stored_preview(&original)), Some(original));
+        assert_eq!(decode(&[0; 5]), None);
+    }
+
+    #[test]
+    fn previews_are_used_only_when_they_are_the_newest_without_holes() {
+        let entries = |seqs: &[u64]| -> Vec<Vec<u8>> {
+            seqs.iter().map(|s| stored_preview(&message(*s))).collect()
+        };
+        assert!(newest_exactly(&entries(&[5, 4, 3]), 5, 3).is_some());
+        assert!(newest_exactly(&entries(&[2, 1]), 2, 3).is_some());
+        assert!(newest_exactly(&entries(&[4, 3, 2]), 5, 3).is_none());
+        assert!(newest_exactly(&entries(&[5, 3, 2]), 5, 3).is_none());
+        assert!(newest_exactly(&entries(&[5, 4]), 5, 3).is_none());
+    }
+
+    #[test]
+    fn counters_match_only_their_own_state() {
+        let cached = Counted::parse("9 2 4 3 5").unwrap();
+        let state = Counted {
+            max_seq: 9,
+            floor: 2,
+            acked: 4,
+            ..Counted::default()
+        };
+        assert!(cached.matches(&state));
+        assert!(!cached.matches(&Counted { acked: 5, ..state }));
+        assert!(!cached.matches(&Counted {
+            max_seq: 10,
+            ..state
+        }));
+        assert_eq!(Counted::parse("9 2 x 3 5"), None);
+    }
+}
