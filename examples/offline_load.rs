@@ -1,10 +1,12 @@
 //! Quick load run on the embedded store: C senders put N chat messages into one offline
 //! user's inbox (QoS 1, each counted when its PUBACK — i.e. the commit — arrives), then the
-//! user connects and the time from SUBSCRIBE to the digest is measured.
+//! user (who had connected once before, like any returning user) reconnects and the time
+//! from SUBSCRIBE to the digest is measured.
 //!
 //! `cargo run --release --example offline_load -- --messages 100000 --conversations 1000`
 //! Starts its own mqtt-im in-process on a free port with a temporary data folder, or with
-//! `--postgres URL` on a fresh PostgreSQL schema (`load_<pid>`, left for inspection).
+//! `--postgres URL` on a fresh PostgreSQL schema (`load_<pid>`, left for inspection), and
+//! `--redis URL` for the production pair (digest cache under the prefix `load_<pid>`).
 
 use std::time::{Duration, Instant};
 
@@ -35,6 +37,9 @@ struct Args {
     /// Store on this PostgreSQL URL (a fresh schema) instead of the embedded store.
     #[arg(long)]
     postgres: Option<String>,
+    /// With `--postgres`: Redis for presence and the digest cache.
+    #[arg(long, requires = "postgres")]
+    redis: Option<String>,
 }
 
 fn options(addr: std::net::SocketAddr, client_id: &str) -> MqttOptions {
@@ -88,10 +93,20 @@ async fn main() -> Result<(), Error> {
         config.store.postgres.url = url.clone();
         config.store.postgres.schema = format!("load_{}", std::process::id());
     }
+    if let Some(url) = &args.redis {
+        config.cluster.redis_url = url.clone();
+        config.cluster.key_prefix = format!("load_{}", std::process::id());
+    }
     let server = Server::bind(config).await?;
     let addr = server.local_addr()?;
     let shutdown = CancellationToken::new();
     let running = tokio::spawn(server.run(shutdown.clone()));
+
+    let (_, before) = reconnect(addr).await?;
+    println!(
+        "bob connected once: {} conversations",
+        before.sessions.len()
+    );
 
     let per_sender = args.messages / args.conversations.max(1);
     let text = "x".repeat(args.size);
@@ -117,6 +132,21 @@ async fn main() -> Result<(), Error> {
         stored as f64 / elapsed.as_secs_f64()
     );
 
+    let (took, digest) = reconnect(addr).await?;
+    let unread: u64 = digest.sessions.values().map(|s| s.count).sum();
+    println!(
+        "digest after {:.1} ms: {} conversations, {unread} unread, {} bytes",
+        took.as_secs_f64() * 1e3,
+        digest.sessions.len(),
+        digest.encoded_len()
+    );
+    shutdown.cancel();
+    running.await?;
+    Ok(())
+}
+
+/// Bob connects, subscribes and gets his digest: how long from SUBSCRIBE, and the digest.
+async fn reconnect(addr: std::net::SocketAddr) -> Result<(Duration, pb::Digest), Error> {
     let (bob, mut events) = AsyncClient::new(options(addr, "bob"), 10);
     loop {
         if let Event::Incoming(Packet::ConnAck(_)) = events.poll().await? {
@@ -128,19 +158,12 @@ async fn main() -> Result<(), Error> {
     loop {
         if let Event::Incoming(Packet::Publish(publish)) = events.poll().await? {
             if publish.topic == "im/u/bob/digest" {
+                let took = subscribed.elapsed();
                 let digest = pb::Digest::decode(publish.payload.as_ref())?;
-                let unread: u64 = digest.sessions.values().map(|s| s.count).sum();
-                println!(
-                    "digest after {:.1} ms: {} conversations, {unread} unread, {} bytes",
-                    subscribed.elapsed().as_secs_f64() * 1e3,
-                    digest.sessions.len(),
-                    publish.payload.len()
-                );
-                break;
+                bob.disconnect().await?;
+                while events.poll().await.is_ok() {}
+                return Ok((took, digest));
             }
         }
     }
-    shutdown.cancel();
-    running.await?;
-    Ok(())
 }

@@ -22,6 +22,13 @@ impl ImService {
         else {
             return;
         };
+        let sender = self
+            .inner
+            .handovers_rx
+            .lock()
+            .ok()
+            .and_then(|mut rx| rx.take())
+            .map(|rx| tokio::spawn(self.clone().send_handovers(rx)));
         let mut pending = Pending::default();
         let (inbox, mut handovers) = mpsc::channel(1024);
         let listener = self
@@ -46,6 +53,9 @@ impl ImService {
         self.flush(&mut pending).await;
         if let Some(listener) = listener {
             let _ = listener.await;
+        }
+        if let Some(sender) = sender {
+            sender.abort();
         }
     }
 

@@ -7,13 +7,18 @@ use std::collections::BTreeSet;
 
 use bytes::Bytes;
 use prost::Message;
+use tokio::sync::mpsc;
 
 use super::{DeviceEvent, ImService};
-use crate::store::Device;
+use crate::store::{Device, RedisBus, StoreError};
 use crate::wire::{self, pb};
 
 /// Largest hand-over accepted from Redis.
 const MAX_HANDOVER: usize = 4 << 20;
+/// Live messages waiting to be handed over; beyond that they stay in the backlog.
+pub(super) const HANDOVER_QUEUE: usize = 65_536;
+/// Hand-overs sent per round trip.
+const HANDOVER_BATCH: usize = 1024;
 
 impl ImService {
     /// Mirrors a device joining this node into Redis.
@@ -40,9 +45,10 @@ impl ImService {
         }
     }
 
-    /// Hands a live message over to the other nodes holding devices of `uid`.
+    /// Queues a live message for the other nodes holding devices of `uid`; a full queue
+    /// leaves it in the backlog.
     pub(super) fn hand_over(&self, uid: &str, conversation: &str, seq: u64, payload: &Bytes) {
-        let Some(bus) = self.inner.cluster.clone() else {
+        let Some(queue) = &self.inner.handovers else {
             return;
         };
         let handover = pb::Handover {
@@ -50,25 +56,25 @@ impl ImService {
             conversation: conversation.to_owned(),
             seq,
             payload: payload.to_vec(),
+        };
+        if queue.try_send(handover).is_err() {
+            tracing::debug!(uid, seq, "hand-over queue full; left in the backlog");
         }
-        .encode_to_vec();
-        let uid = uid.to_owned();
-        tokio::spawn(async move {
-            let nodes: BTreeSet<String> = match bus.locate(&uid).await {
-                Ok(devices) => devices.into_values().filter(|n| n != bus.node()).collect(),
-                Err(e) => {
-                    tracing::warn!(error = %e, "hand-over lookup failed; left in the backlog");
-                    return;
-                }
-            };
-            for node in nodes {
-                match bus.send(&node, handover.clone()).await {
-                    Ok(true) => {}
-                    Ok(false) => tracing::debug!(node, "no listener; left in the backlog"),
-                    Err(e) => tracing::warn!(node, error = %e, "hand-over failed"),
-                }
+    }
+
+    /// Sends queued hand-overs until the queue closes: whatever waits at that moment costs
+    /// one presence lookup round trip and one publish round trip, however many messages.
+    pub(super) async fn send_handovers(self, mut queue: mpsc::Receiver<pb::Handover>) {
+        let Some(bus) = self.inner.cluster.clone() else {
+            return;
+        };
+        let mut batch = Vec::with_capacity(HANDOVER_BATCH);
+        while queue.recv_many(&mut batch, HANDOVER_BATCH).await > 0 {
+            if let Err(e) = send_batch(&bus, &batch).await {
+                tracing::warn!(error = %e, messages = batch.len(), "hand-over failed; left in the backlog");
             }
-        });
+            batch.clear();
+        }
     }
 
     /// The devices of `uid` on any live node: (client id, node id). Without a cluster, this
@@ -104,4 +110,33 @@ impl ImService {
             });
         }
     }
+}
+
+async fn send_batch(bus: &RedisBus, batch: &[pb::Handover]) -> Result<(), StoreError> {
+    let mut uids: Vec<&str> = batch.iter().map(|h| h.uid.as_str()).collect();
+    uids.sort_unstable();
+    uids.dedup();
+    let located = bus.locate_many(&uids).await?;
+    let mut messages = Vec::new();
+    for handover in batch {
+        let Ok(at) = uids.binary_search(&handover.uid.as_str()) else {
+            continue;
+        };
+        let nodes: BTreeSet<&String> = located[at]
+            .values()
+            .filter(|node| *node != bus.node())
+            .collect();
+        let bytes = handover.encode_to_vec();
+        messages.extend(nodes.into_iter().map(|node| (node.clone(), bytes.clone())));
+    }
+    if messages.is_empty() {
+        return Ok(());
+    }
+    let heard = bus.send_many(&messages).await?;
+    for ((node, _), heard) in messages.iter().zip(heard) {
+        if !heard {
+            tracing::debug!(node, "no listener; left in the backlog");
+        }
+    }
+    Ok(())
 }

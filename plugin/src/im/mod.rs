@@ -55,6 +55,10 @@ struct Inner {
     deliveries: mpsc::Sender<deliveries::Delivered>,
     /// Taken by [`ImService::run`].
     deliveries_rx: Mutex<Option<mpsc::Receiver<deliveries::Delivered>>>,
+    /// Live messages for other nodes (with a cluster).
+    handovers: Option<mpsc::Sender<crate::wire::pb::Handover>>,
+    /// Taken by [`ImService::run`].
+    handovers_rx: Mutex<Option<mpsc::Receiver<crate::wire::pb::Handover>>>,
 }
 
 /// Cheap-to-clone handle on the IM service.
@@ -73,6 +77,13 @@ impl ImService {
         cluster: Option<RedisBus>,
     ) -> Self {
         let (deliveries, deliveries_rx) = mpsc::channel(deliveries::QUEUE);
+        let (handovers, handovers_rx) = match cluster {
+            Some(_) => {
+                let (tx, rx) = mpsc::channel(cluster::HANDOVER_QUEUE);
+                (Some(tx), Some(rx))
+            }
+            None => (None, None),
+        };
         Self {
             inner: Arc::new(Inner {
                 store,
@@ -82,6 +93,8 @@ impl ImService {
                 cluster,
                 deliveries,
                 deliveries_rx: Mutex::new(Some(deliveries_rx)),
+                handovers,
+                handovers_rx: Mutex::new(handovers_rx),
             }),
         }
     }

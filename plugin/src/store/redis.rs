@@ -115,12 +115,28 @@ impl RedisBus {
     /// # Errors
     /// Redis failed.
     pub async fn locate(&self, uid: &str) -> Result<HashMap<String, String>, StoreError> {
+        let mut found = self.locate_many(&[uid]).await?;
+        Ok(found.pop().unwrap_or_default())
+    }
+
+    /// [`RedisBus::locate`] for several users in two round trips, in the order given.
+    ///
+    /// # Errors
+    /// Redis failed.
+    pub async fn locate_many(
+        &self,
+        uids: &[&str],
+    ) -> Result<Vec<HashMap<String, String>>, StoreError> {
         let mut connection = self.connection.clone();
-        let devices: HashMap<String, String> = connection
-            .hgetall(self.presence_key(uid))
+        let mut pipe = redis::pipe();
+        for uid in uids {
+            pipe.hgetall(self.presence_key(uid));
+        }
+        let devices: Vec<HashMap<String, String>> = pipe
+            .query_async(&mut connection)
             .await
             .map_err(redis_error)?;
-        let mut nodes: Vec<&String> = devices.values().collect();
+        let mut nodes: Vec<&String> = devices.iter().flat_map(HashMap::values).collect();
         nodes.sort();
         nodes.dedup();
         if nodes.is_empty() {
@@ -128,15 +144,19 @@ impl RedisBus {
         }
         let keys: Vec<String> = nodes.iter().map(|n| self.node_key(n)).collect();
         let alive: Vec<Option<String>> = connection.mget(&keys).await.map_err(redis_error)?;
-        let live: Vec<&String> = nodes
+        let live: Vec<String> = nodes
             .into_iter()
             .zip(alive)
-            .filter_map(|(node, alive)| alive.map(|_| node))
+            .filter_map(|(node, alive)| alive.map(|_| node.clone()))
             .collect();
-        let live: Vec<String> = live.into_iter().cloned().collect();
         Ok(devices
             .into_iter()
-            .filter(|(_, node)| live.contains(node))
+            .map(|of_user| {
+                of_user
+                    .into_iter()
+                    .filter(|(_, node)| live.contains(node))
+                    .collect()
+            })
             .collect())
     }
 
@@ -163,17 +183,22 @@ impl RedisBus {
             .map_err(redis_error)
     }
 
-    /// Sends `payload` to `node`; `false` if no node is listening there.
+    /// Sends each payload to its node in one round trip; per message, whether a node was
+    /// listening there.
     ///
     /// # Errors
     /// Redis failed.
-    pub async fn send(&self, node: &str, payload: Vec<u8>) -> Result<bool, StoreError> {
+    pub async fn send_many(&self, messages: &[(String, Vec<u8>)]) -> Result<Vec<bool>, StoreError> {
+        let mut pipe = redis::pipe();
+        for (node, payload) in messages {
+            pipe.publish(self.channel(node), payload);
+        }
         let mut connection = self.connection.clone();
-        let receivers: i64 = connection
-            .publish(self.channel(node), payload)
+        let receivers: Vec<i64> = pipe
+            .query_async(&mut connection)
             .await
             .map_err(redis_error)?;
-        Ok(receivers > 0)
+        Ok(receivers.into_iter().map(|n| n > 0).collect())
     }
 
     /// Delivers what other nodes send to this one into `inbox` until `shutdown`, resubscribing

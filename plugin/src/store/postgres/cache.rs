@@ -32,36 +32,77 @@ const UPDATE_QUEUE: usize = 256;
 /// device, preview, member count, members.
 const APPENDED: &str = r"
 local p, keep, ttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local devices, counters, dirty, previews = {}, {}, {}, {}
+local function devices_of(uid)
+  if not devices[uid] then
+    devices[uid] = redis.call('SMEMBERS', p .. ':devs:' .. uid)
+  end
+  return devices[uid]
+end
+local function counter(key, conv, seq)
+  local id = key .. '\0' .. conv
+  local c = counters[id]
+  if c == nil then
+    local v = redis.call('HGET', key, conv)
+    if v then
+      local u, f, a, n, un = string.match(v, '^(%d+) (%d+) (%d+) (%d+) (%d+)$')
+      c = {tonumber(u), tonumber(f), tonumber(a), tonumber(n), tonumber(un), key, conv}
+    elseif seq == 1 then
+      c = {0, 0, 0, 0, 0, key, conv}
+    else
+      c = false
+    end
+    counters[id] = c
+  end
+  return c
+end
 local i = 4
 while i <= #ARGV do
   local conv, seq, sender, sdev = ARGV[i], tonumber(ARGV[i + 1]), ARGV[i + 2], ARGV[i + 3]
   local n = tonumber(ARGV[i + 5])
-  local last = p .. ':last:' .. conv
-  if keep > 0 and (seq == 1 or redis.call('EXISTS', last) == 1) then
-    redis.call('ZADD', last, seq, ARGV[i + 4])
-    redis.call('ZREMRANGEBYRANK', last, 0, -(keep + 1))
+  if keep > 0 then
+    local entries = previews[conv]
+    if entries == nil then
+      local last = p .. ':last:' .. conv
+      entries = (seq == 1 or redis.call('EXISTS', last) == 1) and {} or false
+      previews[conv] = entries
+    end
+    if entries then
+      entries[#entries + 1] = seq
+      entries[#entries + 1] = ARGV[i + 4]
+    end
   end
   for m = i + 6, i + 5 + n do
     local uid = ARGV[m]
-    for _, client in ipairs(redis.call('SMEMBERS', p .. ':devs:' .. uid)) do
-      local key = p .. ':cnt:' .. uid .. ':' .. client
-      local v = redis.call('HGET', key, conv)
-      local u, f, a, c, un
-      if v then
-        u, f, a, c, un = string.match(v, '^(%d+) (%d+) (%d+) (%d+) (%d+)$')
-        u, f, a, c, un = tonumber(u), tonumber(f), tonumber(a), tonumber(c), tonumber(un)
-      elseif seq == 1 then
-        u, f, a, c, un = 0, 0, 0, 0, 0
-      end
-      if u and seq == u + 1 then
-        if uid ~= sender then c = c + 1 end
-        if not (uid == sender and client == sdev) then un = un + 1 end
-        redis.call('HSET', key, conv, string.format('%d %d %d %d %d', seq, f, a, c, un))
-        redis.call('EXPIRE', key, ttl)
+    for _, client in ipairs(devices_of(uid)) do
+      local c = counter(p .. ':cnt:' .. uid .. ':' .. client, conv, seq)
+      if c and seq == c[1] + 1 then
+        c[1] = seq
+        if uid ~= sender then c[4] = c[4] + 1 end
+        if not (uid == sender and client == sdev) then c[5] = c[5] + 1 end
+        dirty[c] = true
       end
     end
   end
   i = i + 6 + n
+end
+local touched = {}
+for c in pairs(dirty) do
+  redis.call('HSET', c[6], c[7], string.format('%d %d %d %d %d', c[1], c[2], c[3], c[4], c[5]))
+  touched[c[6]] = true
+end
+for key in pairs(touched) do
+  redis.call('EXPIRE', key, ttl)
+end
+for conv, entries in pairs(previews) do
+  if entries and #entries > 0 then
+    local last = p .. ':last:' .. conv
+    for from = 1, #entries, 1000 do
+      redis.call('ZADD', last, unpack(entries, from, math.min(from + 999, #entries)))
+    end
+    redis.call('ZREMRANGEBYRANK', last, 0, -(keep + 1))
+    redis.call('EXPIRE', last, ttl)
+  end
 end
 return 0";
 
@@ -328,11 +369,9 @@ impl DigestCache {
         found
     }
 
-    /// Stores counters recounted in PostgreSQL; failures only cost the next digest a recount.
+    /// Stores counters recounted in PostgreSQL and enrols the device, so that messages
+    /// arriving from now on are counted for it; failures only cost the next digest a recount.
     pub(super) async fn save_counters(&self, device: &Device, recounted: &[(&str, Counted)]) {
-        if recounted.is_empty() {
-            return;
-        }
         let script = redis::Script::new(SAVE_COUNTERS);
         let mut invocation = script.prepare_invoke();
         invocation

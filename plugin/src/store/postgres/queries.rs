@@ -300,9 +300,6 @@ pub(super) async fn digest_states(
     cache: Option<&DigestCache>,
 ) -> Result<Vec<(ConversationState, Counted)>> {
     let members = memberships(c, &device.uid).await?;
-    if members.is_empty() {
-        return Ok(Vec::new());
-    }
     let acked = acked_by_conversation(c, device).await?;
     let cleared = cleared_floors(c, device).await?;
     let no_ranges: Vec<SeqRange> = Vec::new();
