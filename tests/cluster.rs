@@ -185,7 +185,8 @@ async fn killed_node_users_become_offline() {
 }
 
 /// With Redis unreachable, messages are still stored, delivered on the local node and counted
-/// for the rest; when Redis is back, presence is recorded again by the heartbeat.
+/// for the rest, and digests come from PostgreSQL; when Redis is back, presence is recorded
+/// again by the heartbeat.
 #[tokio::test]
 async fn redis_outage_keeps_storing() {
     let Some(services) = services() else {
@@ -225,6 +226,22 @@ async fn redis_outage_keeps_storing() {
     });
     let stored = page(&bob.ask("bob", request("h", history)).await);
     assert_eq!(seqs(&stored), vec![1]);
+    // Digests are computed from PostgreSQL alone meanwhile: an offline user gets a message
+    // counted, twice (the second time without waiting on Redis again).
+    assert_eq!(
+        alice
+            .publish_acked("im/u/carol", chat("r2", "carol", "offline", false))
+            .await,
+        0
+    );
+    for _ in 0..2 {
+        let mut carol = Client::v5(n1.addr, "carol-phone", "carol").await;
+        carol.subscribe("im/u/carol/#", 1).await;
+        let session = carol.digest("carol").await.sessions["u/alice"].clone();
+        assert_eq!((session.count, session.unacked, session.max_seq), (1, 1, 1));
+        assert_eq!(session.last_msgs.len(), 1);
+        carol.disconnect().await;
+    }
 
     proxy.up();
     wait_located(&n1, "bob", &[("bob-phone", "n1")]).await;

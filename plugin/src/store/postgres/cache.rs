@@ -8,8 +8,12 @@
 //! lost, late, reordered or flushed Redis write can make the digest slower (it recounts that
 //! conversation from PostgreSQL and writes the result back), never wrong.
 
+use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 use std::time::Duration;
+
+use tokio::time::Instant;
 
 use redis::aio::ConnectionManager;
 
@@ -19,6 +23,8 @@ use crate::store::{Device, NewMessage, StoreError, StoredMessage};
 const IDLE_TTL_SECS: u64 = 30 * 24 * 3600;
 /// What a digest carried is kept this long for its `ClearCounters`.
 const CARRIED_TTL_SECS: u64 = 24 * 3600;
+/// How long the cache is skipped after a failed call.
+const BACKOFF: Duration = Duration::from_secs(1);
 /// Batches of appended messages waiting for Redis; when full, the cache is left behind and
 /// heals on the next digest.
 const UPDATE_QUEUE: usize = 256;
@@ -212,6 +218,10 @@ pub struct DigestCache {
     connection: ConnectionManager,
     prefix: String,
     keep: usize,
+    timeout: Duration,
+    /// After a failure the cache is skipped until then, so that an unreachable Redis costs
+    /// one time-out, not one per digest.
+    skip_until: std::sync::Arc<Mutex<Instant>>,
     stats: std::sync::Arc<CacheStats>,
 }
 
@@ -252,6 +262,8 @@ impl DigestCache {
             connection,
             prefix: prefix.to_owned(),
             keep,
+            timeout,
+            skip_until: std::sync::Arc::new(Mutex::new(Instant::now())),
             stats: std::sync::Arc::default(),
         })
     }
@@ -261,10 +273,35 @@ impl DigestCache {
         &self.stats
     }
 
-    /// Counts a failed call; the caller goes on without the cache.
-    fn failed(&self, what: &str, error: &StoreError) {
+    /// Runs one Redis call within the time-out; `None` if it failed or Redis is being skipped
+    /// after a recent failure (the caller goes on without the cache).
+    async fn call<T>(
+        &self,
+        what: &str,
+        request: impl Future<Output = redis::RedisResult<T>>,
+    ) -> Option<T> {
+        let skip_until = self
+            .skip_until
+            .lock()
+            .map(|at| *at)
+            .unwrap_or_else(|_| Instant::now());
+        if Instant::now() < skip_until {
+            return None;
+        }
+        let error = match tokio::time::timeout(self.timeout, request).await {
+            Ok(Ok(value)) => return Some(value),
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => format!("no answer within {} ms", self.timeout.as_millis()),
+        };
         self.stats.errors.fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(error = %error, "digest cache: {what} failed; using PostgreSQL");
+        if let Ok(mut at) = self.skip_until.lock() {
+            *at = Instant::now() + BACKOFF;
+        }
+        tracing::warn!(
+            error,
+            "digest cache: {what} failed; using PostgreSQL alone for a while"
+        );
+        None
     }
 
     fn counters_key(&self, device: &Device) -> String {
@@ -294,15 +331,13 @@ impl DigestCache {
         let cache = self.clone();
         tokio::spawn(async move {
             while let Some(batch) = rx.recv().await {
-                if let Err(e) = cache.appended(&batch).await {
-                    cache.failed("update after commit", &e);
-                }
+                cache.appended(&batch).await;
             }
         });
         CacheUpdates { tx }
     }
 
-    async fn appended(&self, batch: &[Committed]) -> Result<(), StoreError> {
+    async fn appended(&self, batch: &[Committed]) {
         let script = redis::Script::new(APPENDED);
         let mut invocation = script.prepare_invoke();
         invocation
@@ -321,11 +356,8 @@ impl DigestCache {
                 .arg(&message.members);
         }
         let mut connection = self.connection.clone();
-        invocation
-            .invoke_async::<i64>(&mut connection)
-            .await
-            .map(|_| ())
-            .map_err(redis_error)
+        let update = invocation.invoke_async::<i64>(&mut connection);
+        self.call("update after commit", update).await;
     }
 
     /// The cached counters of `device` for each conversation key, where they were counted
@@ -345,12 +377,9 @@ impl DigestCache {
             command.arg(*key);
         }
         let mut connection = self.connection.clone();
-        let cached: Vec<Option<String>> = match command.query_async(&mut connection).await {
-            Ok(cached) => cached,
-            Err(e) => {
-                self.failed("reading counters", &redis_error(e));
-                return misses();
-            }
+        let read = command.query_async::<Vec<Option<String>>>(&mut connection);
+        let Some(cached) = self.call("reading counters", read).await else {
+            return misses();
         };
         let found: Vec<Option<Counted>> = cached
             .iter()
@@ -389,9 +418,8 @@ impl DigestCache {
                 .arg(counted.unacked);
         }
         let mut connection = self.connection.clone();
-        if let Err(e) = invocation.invoke_async::<i64>(&mut connection).await {
-            self.failed("saving counters", &redis_error(e));
-        }
+        let save = invocation.invoke_async::<i64>(&mut connection);
+        self.call("saving counters", save).await;
     }
 
     /// Remembers what digest `version` carried, for [`DigestCache::cleared`].
@@ -418,9 +446,8 @@ impl DigestCache {
             .expire(&key, CARRIED_TTL_SECS as i64)
             .ignore();
         let mut connection = self.connection.clone();
-        if let Err(e) = pipe.query_async::<()>(&mut connection).await {
-            self.failed("recording a digest", &redis_error(e));
-        }
+        let record = pipe.query_async::<()>(&mut connection);
+        self.call("recording a digest", record).await;
     }
 
     /// Applies a committed `ClearCounters` of digest `version` to the cached counters.
@@ -431,9 +458,8 @@ impl DigestCache {
             .key(self.counters_key(device))
             .key(self.carried_key(device, version));
         let mut connection = self.connection.clone();
-        if let Err(e) = invocation.invoke_async::<i64>(&mut connection).await {
-            self.failed("clearing counters", &redis_error(e));
-        }
+        let clear = invocation.invoke_async::<i64>(&mut connection);
+        self.call("clearing counters", clear).await;
     }
 
     /// The cached newest `n` messages of each conversation, where they are exactly the
@@ -452,12 +478,9 @@ impl DigestCache {
             pipe.zrevrange(self.previews_key(key), 0, n as isize - 1);
         }
         let mut connection = self.connection.clone();
-        let cached: Vec<Vec<Vec<u8>>> = match pipe.query_async(&mut connection).await {
-            Ok(cached) => cached,
-            Err(e) => {
-                self.failed("reading previews", &redis_error(e));
-                return misses();
-            }
+        let read = pipe.query_async::<Vec<Vec<Vec<u8>>>>(&mut connection);
+        let Some(cached) = self.call("reading previews", read).await else {
+            return misses();
         };
         let found: Vec<Option<Vec<StoredMessage>>> = cached
             .into_iter()
@@ -490,9 +513,8 @@ impl DigestCache {
                 .ignore();
         }
         let mut connection = self.connection.clone();
-        if let Err(e) = pipe.query_async::<()>(&mut connection).await {
-            self.failed("saving previews", &redis_error(e));
-        }
+        let save = pipe.query_async::<()>(&mut connection);
+        self.call("saving previews", save).await;
     }
 }
 
