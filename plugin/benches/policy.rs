@@ -67,6 +67,7 @@ fn message(text: &str) -> MessageView {
         from: "alice".into(),
         to: "bob".into(),
         chat_type: "single",
+        group: None,
         text: Some(text.into()),
         media_url: None,
         msg_id: "m1".into(),

@@ -44,6 +44,8 @@ digest_last_n = 3
 page_size_default = 20
 page_size_max = 200
 max_message_bytes = 65536
+receipt_interval_ms = 1000
+removal_poll_ms = 500
 
 [cluster]
 redis_url = ""
@@ -206,6 +208,11 @@ pub struct ImSettings {
     pub page_size_max: usize,
     /// Largest chat payload, in bytes.
     pub max_message_bytes: usize,
+    /// How often online senders get the batched read-receipt updates.
+    pub receipt_interval_ms: u64,
+    /// How often this node reads the removal log, to cut off members removed elsewhere (on
+    /// another node or by an operator's command).
+    pub removal_poll_ms: u64,
 }
 
 /// What a failing or misbehaving script means for the message it was judging.
@@ -352,6 +359,14 @@ impl Config {
         check(
             (1..=self.im.page_size_max).contains(&self.im.page_size_default),
             "im.page_size_default: must be between 1 and im.page_size_max",
+        );
+        check(
+            self.im.receipt_interval_ms >= 10,
+            "im.receipt_interval_ms: at least 10",
+        );
+        check(
+            self.im.removal_poll_ms >= 10,
+            "im.removal_poll_ms: at least 10",
         );
         check(self.im.digest_last_n <= 50, "im.digest_last_n: at most 50");
         check(

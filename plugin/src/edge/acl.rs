@@ -4,20 +4,26 @@ use super::topics::{Route, Topics};
 
 /// What to do with one subscription filter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum FilterAccess {
+pub(crate) enum FilterAccess<'a> {
     /// Not IM: relay to rumqttd.
     PassThrough,
     /// Inside the user's own IM tree: served by the hook layer.
     Im,
+    /// A group's topic: served by the hook layer if the user is a member.
+    Group(&'a str),
     /// Refused.
     Denied,
 }
 
-/// A user may subscribe only inside its own `{prefix}/u/{uid}` tree (never to `req`).
-pub(crate) fn subscribe(topics: &Topics, uid: &str, filter: &str) -> FilterAccess {
+/// A user may subscribe inside its own `{prefix}/u/{uid}` tree (never to `req`), and to a
+/// group's exact topic (membership is checked by the caller).
+pub(crate) fn subscribe<'a>(topics: &Topics, uid: &str, filter: &'a str) -> FilterAccess<'a> {
     let Some(rest) = topics.strip_prefix(filter) else {
         return FilterAccess::PassThrough;
     };
+    if let Route::Group(gid) = topics.route(filter) {
+        return FilterAccess::Group(gid);
+    }
     let mut levels = rest.split('/');
     if levels.next() != Some("u") || levels.next() != Some(uid) {
         return FilterAccess::Denied;
@@ -36,6 +42,8 @@ pub(crate) enum PublishAccess<'a> {
     PassThrough,
     /// A chat message to this user's inbox.
     Chat(&'a str),
+    /// A chat message to this group (membership is checked when it is accepted).
+    GroupChat(&'a str),
     /// A request on the publisher's own `req`.
     Request,
     /// Refused, with the reason the client is told.
@@ -48,6 +56,7 @@ pub(crate) fn publish<'a>(topics: &Topics, uid: &str, topic: &'a str) -> Publish
     match topics.route(topic) {
         Route::PassThrough => PublishAccess::PassThrough,
         Route::Inbox(to) => PublishAccess::Chat(to),
+        Route::Group(gid) => PublishAccess::GroupChat(gid),
         Route::Request(owner) if owner == uid => PublishAccess::Request,
         Route::Request(_) => {
             PublishAccess::Denied("requests may only be published on your own req topic")
@@ -73,6 +82,12 @@ mod tests {
         assert_eq!(subscribe(&t, "alice", "im/u/+/#"), FilterAccess::Denied);
         assert_eq!(subscribe(&t, "alice", "im/#"), FilterAccess::Denied);
         assert_eq!(
+            subscribe(&t, "alice", "im/g/team"),
+            FilterAccess::Group("team")
+        );
+        assert_eq!(subscribe(&t, "alice", "im/g/+"), FilterAccess::Denied);
+        assert_eq!(subscribe(&t, "alice", "im/g/#"), FilterAccess::Denied);
+        assert_eq!(
             subscribe(&t, "alice", "im/u/alice/req"),
             FilterAccess::Denied
         );
@@ -87,6 +102,10 @@ mod tests {
     fn publishes() {
         let t = Topics::new("im");
         assert_eq!(publish(&t, "alice", "im/u/bob"), PublishAccess::Chat("bob"));
+        assert_eq!(
+            publish(&t, "alice", "im/g/team"),
+            PublishAccess::GroupChat("team")
+        );
         assert_eq!(
             publish(&t, "alice", "im/u/alice/req"),
             PublishAccess::Request

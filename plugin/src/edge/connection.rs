@@ -19,7 +19,7 @@ use tracing::Instrument;
 
 use super::codec::{self, kind, Version};
 use super::handshake::{handshake, Established};
-use super::packet_ids::PacketIds;
+use super::packet_ids::{Origin, PacketIds};
 use super::reply::Outcome;
 use super::{ConnectionSink, EdgeContext, EdgeError};
 use crate::im::DeviceEvent;
@@ -185,7 +185,13 @@ impl Connection {
         });
         let mut ticker = tokio::time::interval(tick);
         if !self.im_filters.is_empty() {
-            // A resumed persistent session: online again, and a fresh digest.
+            // A resumed persistent session: groups it still belongs to, online again, and a
+            // fresh digest.
+            for (filter, gid) in self.group_filters() {
+                if !self.join_group(&gid).await {
+                    self.im_filters.remove(&filter);
+                }
+            }
             self.after_subscribe();
         }
         // Packets that arrived together with the CONNECT, and with rumqttd's CONNACK (a
@@ -274,9 +280,13 @@ impl Connection {
     pub(super) fn go_online(&mut self) {
         if !self.online {
             self.online = true;
-            let sink = Arc::new(ConnectionSink(self.events_tx.clone()));
-            self.ctx.im.online(&self.device, self.id, sink);
+            self.ctx.im.online(&self.device, self.id, self.sink());
         }
+    }
+
+    /// How the IM service reaches this connection.
+    pub(super) fn sink(&self) -> Arc<ConnectionSink> {
+        Arc::new(ConnectionSink(self.events_tx.clone()))
     }
 
     /// Marks the device offline (unsubscribed or gone).
@@ -289,6 +299,9 @@ impl Connection {
 
     async fn finish(mut self, end: End) {
         self.go_offline();
+        for (_, gid) in self.group_filters() {
+            self.ctx.im.unwatch_group(&gid, self.id);
+        }
         if !self.clean_session {
             let filters = std::mem::take(&mut self.im_filters);
             self.ctx.keep_session(&self.device, filters);
@@ -360,14 +373,39 @@ impl Connection {
     }
 
     fn on_event(&mut self, event: DeviceEvent) -> Result<(), EdgeError> {
-        let DeviceEvent::Chat {
-            conversation,
-            seq,
-            payload,
-        } = event;
-        let inbox = self.ctx.topics.inbox(&self.device.uid);
-        let Some(qos) = self.granted_qos(&inbox) else {
-            return Ok(());
+        match event {
+            DeviceEvent::Chat {
+                conversation,
+                seq,
+                payload,
+                group,
+            } => {
+                let topic = match &group {
+                    Some(gid) => self.ctx.topics.group(gid),
+                    None => self.ctx.topics.inbox(&self.device.uid),
+                };
+                self.deliver(&topic, conversation, seq, &payload);
+            }
+            DeviceEvent::Notice(payload) => {
+                let resp = self.ctx.topics.response(&self.device.uid);
+                if let Some(qos) = self.granted_qos(&resp) {
+                    self.write_own_publish(&resp, qos.min(1), Origin::Own, &[], &payload);
+                }
+            }
+            DeviceEvent::Revoked { group } => {
+                let topic = self.ctx.topics.group(&group);
+                self.im_filters.remove(&topic);
+                self.ctx.im.unwatch_group(&group, self.id);
+                tracing::debug!(group, "removed from the group: subscription dropped");
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes a live chat message to `topic` if this connection subscribed to it.
+    fn deliver(&mut self, topic: &str, conversation: String, seq: u64, payload: &[u8]) {
+        let Some(qos) = self.granted_qos(topic) else {
+            return;
         };
         if self.ids.in_flight() >= MAX_LIVE_IN_FLIGHT {
             // A device that stops acknowledging gets the rest through its digest and pulls.
@@ -375,11 +413,10 @@ impl Connection {
                 seq,
                 "too many unacknowledged deliveries; left in the backlog"
             );
-            return Ok(());
+            return;
         }
-        let origin = super::packet_ids::Origin::Chat { conversation, seq };
-        self.write_own_publish(&inbox, qos.min(1), origin, &[], &payload);
-        Ok(())
+        let origin = Origin::Chat { conversation, seq };
+        self.write_own_publish(topic, qos.min(1), origin, &[], payload);
     }
 
     /// Highest QoS among this connection's IM filters matching `topic`.

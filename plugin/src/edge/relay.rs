@@ -10,6 +10,7 @@ use super::codec::{self, kind, Frame, PublishView, Version};
 use super::connection::{Connection, PendingAck};
 use super::packet_ids::Origin;
 use super::reply::{Outcome, Refusal, ReplyTarget};
+use super::topics::Route;
 use super::EdgeError;
 use crate::policy::{Decision, SubscribeView};
 
@@ -100,12 +101,21 @@ impl Connection {
                 }
                 Ok(())
             }
-            PublishAccess::Chat(to) => {
-                let (im, device, to) = (self.ctx.im.clone(), self.device.clone(), to.to_owned());
+            access @ (PublishAccess::Chat(_) | PublishAccess::GroupChat(_)) => {
+                let (im, device) = (self.ctx.im.clone(), self.device.clone());
                 let topic = publish.topic_str().to_owned();
                 let payload = publish.payload.clone();
+                let (to, group) = match access {
+                    PublishAccess::GroupChat(gid) => (gid.to_owned(), true),
+                    PublishAccess::Chat(uid) => (uid.to_owned(), false),
+                    _ => return Ok(()),
+                };
                 self.ops.push_back(Box::pin(async move {
-                    let result = im.send(&device, &to, &payload).await;
+                    let result = if group {
+                        im.send_group(&device, &to, &payload).await
+                    } else {
+                        im.send(&device, &to, &payload).await
+                    };
                     Outcome::Chat {
                         pkid,
                         qos,
@@ -208,6 +218,16 @@ impl Connection {
                     self.im_filters.insert(filter.path, qos);
                     codes.push(Some(qos));
                 }
+                FilterAccess::Group(gid) => {
+                    let gid = gid.to_owned();
+                    if self.join_group(&gid).await {
+                        let qos = (filter.qos as u8).min(1);
+                        self.im_filters.insert(filter.path, qos);
+                        codes.push(Some(qos));
+                    } else {
+                        codes.push(Some(NOT_AUTHORIZED));
+                    }
+                }
                 FilterAccess::Denied => {
                     tracing::debug!(filter = filter.path, "subscribe denied");
                     codes.push(Some(NOT_AUTHORIZED));
@@ -287,6 +307,9 @@ impl Connection {
         let mut relayed = Vec::new();
         for filter in unsubscribe.filters {
             if self.ctx.topics.strip_prefix(&filter).is_some() {
+                if let Route::Group(gid) = self.ctx.topics.route(&filter) {
+                    self.ctx.im.unwatch_group(gid, self.id);
+                }
                 let existed = self.im_filters.remove(&filter).is_some();
                 codes.push(Some(if existed { 0 } else { 0x11 }));
             } else {
@@ -313,6 +336,38 @@ impl Connection {
             Packet::Unsubscribe(unsubscribe, properties),
         )?;
         Ok(())
+    }
+
+    /// Members only: watches the group for live messages; `false` for a non-member (or when
+    /// membership cannot be checked now).
+    pub(super) async fn join_group(&mut self, gid: &str) -> bool {
+        match self.ctx.im.group_role(&self.device.uid, gid).await {
+            Ok(Some(_)) => {
+                self.ctx
+                    .im
+                    .watch_group(gid, &self.device, self.id, self.sink());
+                true
+            }
+            Ok(None) => {
+                tracing::debug!(gid, "group subscribe by a non-member denied");
+                false
+            }
+            Err(e) => {
+                tracing::warn!(gid, error = %e, "group membership not checkable; subscribe refused");
+                false
+            }
+        }
+    }
+
+    /// The groups this connection's filters name.
+    pub(super) fn group_filters(&self) -> Vec<(String, String)> {
+        self.im_filters
+            .keys()
+            .filter_map(|filter| match self.ctx.topics.route(filter) {
+                Route::Group(gid) => Some((filter.clone(), gid.to_owned())),
+                _ => None,
+            })
+            .collect()
     }
 
     fn write_unsuback(&mut self, pkid: u16, codes: Vec<u8>) -> Result<(), EdgeError> {

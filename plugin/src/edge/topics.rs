@@ -1,4 +1,5 @@
-//! The IM topic namespace: `{prefix}/u/{uid}` and its `digest`, `req` and `resp` children.
+//! The IM topic namespace: `{prefix}/u/{uid}` with its `digest`, `req` and `resp` children,
+//! and `{prefix}/g/{gid}`.
 
 /// What a topic name means to the hook layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -13,6 +14,8 @@ pub(crate) enum Route<'a> {
     Request(&'a str),
     /// A user's response topic.
     Response(&'a str),
+    /// A group's topic.
+    Group(&'a str),
     /// Under the IM prefix but not a topic the plugin serves.
     Unknown,
 }
@@ -38,6 +41,7 @@ impl Topics {
         let mut levels = rest.split('/');
         match (levels.next(), levels.next(), levels.next(), levels.next()) {
             (Some("u"), Some(uid), None, None) if crate::valid_uid(uid) => Route::Inbox(uid),
+            (Some("g"), Some(gid), None, None) if crate::valid_uid(gid) => Route::Group(gid),
             (Some("u"), Some(uid), Some(leaf), None) if crate::valid_uid(uid) => match leaf {
                 "digest" => Route::Digest(uid),
                 "req" => Route::Request(uid),
@@ -63,6 +67,11 @@ impl Topics {
         format!("{}/u/{uid}", self.prefix)
     }
 
+    /// `{prefix}/g/{gid}`.
+    pub(crate) fn group(&self, gid: &str) -> String {
+        format!("{}/g/{gid}", self.prefix)
+    }
+
     /// `{prefix}/u/{uid}/digest`.
     pub(crate) fn digest(&self, uid: &str) -> String {
         format!("{}/u/{uid}/digest", self.prefix)
@@ -86,6 +95,8 @@ mod tests {
         assert_eq!(topics.route("im/u/alice/digest"), Route::Digest("alice"));
         assert_eq!(topics.route("im/u/alice/resp"), Route::Response("alice"));
         assert_eq!(topics.route("im/u/alice/x"), Route::Unknown);
+        assert_eq!(topics.route("im/g/team"), Route::Group("team"));
+        assert_eq!(topics.route("im/g/team/x"), Route::Unknown);
         assert_eq!(topics.route("im/u/a:b"), Route::Unknown);
         assert_eq!(topics.route("im"), Route::Unknown);
         assert_eq!(topics.route("imx/u/alice"), Route::PassThrough);

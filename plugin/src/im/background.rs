@@ -1,5 +1,5 @@
-//! The IM service's background work: writing acknowledged live deliveries and, with a
-//! cluster, heartbeats and incoming hand-overs.
+//! The IM service's background work: writing acknowledged live deliveries, batched receipt
+//! updates, applying the removal log and, with a cluster, heartbeats and incoming hand-overs.
 
 use std::time::Duration;
 
@@ -38,6 +38,13 @@ impl ImService {
             .map(|bus| tokio::spawn(bus.listen(inbox, shutdown.clone())));
         let mut beat = tokio::time::interval(heartbeat);
         let mut flush = tokio::time::interval(FLUSH_EVERY);
+        let settings = &self.inner.settings;
+        let mut receipts =
+            tokio::time::interval(Duration::from_millis(settings.receipt_interval_ms));
+        let mut removals = tokio::time::interval(Duration::from_millis(settings.removal_poll_ms));
+        // Only removals from now on matter: nobody is connected yet.
+        let mut last_removal = 0;
+        self.apply_removals(&mut last_removal).await;
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => break,
@@ -47,10 +54,13 @@ impl ImService {
                     self.flush(&mut pending).await;
                 }
                 Some(bytes) = handovers.recv() => self.deliver_handover(&bytes),
+                _ = receipts.tick() => self.send_receipt_updates().await,
+                _ = removals.tick() => self.apply_removals(&mut last_removal).await,
             }
         }
         Self::collect(&mut acks, &mut pending);
         self.flush(&mut pending).await;
+        self.send_receipt_updates().await;
         if let Some(listener) = listener {
             let _ = listener.await;
         }

@@ -48,17 +48,43 @@ impl ImService {
     /// Queues a live message for the other nodes holding devices of `uid`; a full queue
     /// leaves it in the backlog.
     pub(super) fn hand_over(&self, uid: &str, conversation: &str, seq: u64, payload: &Bytes) {
-        let Some(queue) = &self.inner.handovers else {
-            return;
-        };
-        let handover = pb::Handover {
+        self.queue_handover(pb::Handover {
             uid: uid.to_owned(),
             conversation: conversation.to_owned(),
             seq,
             payload: payload.to_vec(),
+            ..pb::Handover::default()
+        });
+    }
+
+    /// Queues a group message for every other node's subscribers of the group.
+    pub(super) fn hand_over_group(&self, gid: &str, conversation: &str, seq: u64, payload: &Bytes) {
+        self.queue_handover(pb::Handover {
+            conversation: conversation.to_owned(),
+            seq,
+            payload: payload.to_vec(),
+            group: gid.to_owned(),
+            ..pb::Handover::default()
+        });
+    }
+
+    /// Queues a `Response` for the `resp` topic of `uid`'s devices on other nodes.
+    pub(super) fn hand_over_notice(&self, uid: &str, payload: &Bytes) {
+        self.queue_handover(pb::Handover {
+            uid: uid.to_owned(),
+            payload: payload.to_vec(),
+            notice: true,
+            ..pb::Handover::default()
+        });
+    }
+
+    fn queue_handover(&self, mut handover: pb::Handover) {
+        let (Some(queue), Some(bus)) = (&self.inner.handovers, &self.inner.cluster) else {
+            return;
         };
+        handover.origin = bus.node().to_owned();
         if queue.try_send(handover).is_err() {
-            tracing::debug!(uid, seq, "hand-over queue full; left in the backlog");
+            tracing::debug!("hand-over queue full; left in the backlog");
         }
     }
 
@@ -102,23 +128,53 @@ impl ImService {
             }
         };
         let payload = Bytes::from(handover.payload);
-        for sink in self.inner.presence.sinks(&handover.uid) {
+        if handover.notice {
+            for sink in self.inner.presence.sinks(&handover.uid) {
+                sink.push(DeviceEvent::Notice(payload.clone()));
+            }
+            return;
+        }
+        let (sinks, group) = if handover.group.is_empty() {
+            (self.inner.presence.sinks(&handover.uid), None)
+        } else {
+            let own = self
+                .inner
+                .cluster
+                .as_ref()
+                .is_some_and(|bus| bus.node() == handover.origin);
+            if own {
+                return;
+            }
+            let sinks = self.inner.watchers.sinks(&handover.group, None);
+            (sinks, Some(handover.group))
+        };
+        for sink in sinks {
             sink.push(DeviceEvent::Chat {
                 conversation: handover.conversation.clone(),
                 seq: handover.seq,
                 payload: payload.clone(),
+                group: group.clone(),
             });
         }
     }
 }
 
 async fn send_batch(bus: &RedisBus, batch: &[pb::Handover]) -> Result<(), StoreError> {
-    let mut uids: Vec<&str> = batch.iter().map(|h| h.uid.as_str()).collect();
+    let (groups, direct): (Vec<&pb::Handover>, Vec<&pb::Handover>) =
+        batch.iter().partition(|h| !h.group.is_empty());
+    if !groups.is_empty() {
+        let payloads: Vec<Vec<u8>> = groups.iter().map(|h| h.encode_to_vec()).collect();
+        bus.broadcast(&payloads).await?;
+    }
+    let mut uids: Vec<&str> = direct.iter().map(|h| h.uid.as_str()).collect();
     uids.sort_unstable();
     uids.dedup();
+    if uids.is_empty() {
+        return Ok(());
+    }
     let located = bus.locate_many(&uids).await?;
     let mut messages = Vec::new();
-    for handover in batch {
+    for handover in direct {
         let Ok(at) = uids.binary_search(&handover.uid.as_str()) else {
             continue;
         };

@@ -1,10 +1,10 @@
-//! Accepting a chat message: decode, validate, policy, store (dedup + seq), then deliver live
-//! to the receiver's online devices. Offline devices find it counted in their next digest.
+//! Accepting a chat message (1:1 or group): decode, validate, policy, store (dedup + seq), then
+//! deliver live to the online devices. Offline devices find it counted in their next digest.
 
 use bytes::Bytes;
 use prost::Message;
 
-use super::{conversation_name, direct_key, DeviceEvent, ImError, ImService};
+use super::{conversation_name, direct_key, group_key, DeviceEvent, ImError, ImService};
 use crate::policy::{Decision, MessageView};
 use crate::store::{Device, NewMessage, StoredMessage};
 use crate::wire::{self, pb};
@@ -47,6 +47,23 @@ impl Accepted {
     }
 }
 
+/// Where a chat message is published.
+#[derive(Debug, Clone, Copy)]
+enum Target<'a> {
+    /// A user's inbox: a 1:1 conversation.
+    User(&'a str),
+    /// A group's topic.
+    Group(&'a str),
+}
+
+impl Target<'_> {
+    fn id(&self) -> &str {
+        match self {
+            Target::User(id) | Target::Group(id) => id,
+        }
+    }
+}
+
 impl ImService {
     /// Accepts a chat publish from `sender` to the inbox of `to`. Returns only once the
     /// message is durably stored (or was already).
@@ -60,13 +77,48 @@ impl ImService {
         to: &str,
         payload: &[u8],
     ) -> Result<Accepted, ImError> {
+        self.accept(sender, Target::User(to), payload).await
+    }
+
+    /// Accepts a chat publish from `sender` to group `gid`, which the sender must belong to.
+    /// One copy is stored, whatever the group's size; the members' online devices get it
+    /// live and the others count it from their cursors.
+    ///
+    /// # Errors
+    /// As [`ImService::send`], and not a member.
+    #[tracing::instrument(skip(self, payload), fields(uid = %sender.uid, client_id = %sender.client_id))]
+    pub async fn send_group(
+        &self,
+        sender: &Device,
+        gid: &str,
+        payload: &[u8],
+    ) -> Result<Accepted, ImError> {
+        self.require_member(&sender.uid, gid).await?;
+        self.accept(sender, Target::Group(gid), payload).await
+    }
+
+    async fn accept(
+        &self,
+        sender: &Device,
+        target: Target<'_>,
+        payload: &[u8],
+    ) -> Result<Accepted, ImError> {
         let limit = self.inner.settings.max_message_bytes;
         let envelope: pb::Envelope = wire::decode(payload, limit, "Envelope")?;
-        let (mut chat, time) = validate(envelope, to)?;
+        let (mut chat, time) = validate(envelope, target)?;
         chat.from = sender.uid.clone();
-        chat.to = to.to_owned();
-        chat.chat_type = pb::ChatType::Single as i32;
-        let conversation = direct_key(&sender.uid, to);
+        chat.to = target.id().to_owned();
+        let (conversation, members) = match target {
+            Target::User(to) => {
+                chat.chat_type = pb::ChatType::Single as i32;
+                let members = vec![sender.uid.clone(), to.to_owned()];
+                (direct_key(&sender.uid, to), members)
+            }
+            Target::Group(gid) => {
+                chat.chat_type = pb::ChatType::Group as i32;
+                (group_key(gid), Vec::new())
+            }
+        };
         self.apply_policy(sender, &conversation, &mut chat).await?;
         let msg_id = chat.msg_id.clone();
         let ack_flg = chat.ack_flg;
@@ -75,7 +127,7 @@ impl ImService {
             .store
             .append(NewMessage {
                 conversation: conversation.clone(),
-                members: vec![sender.uid.clone(), to.to_owned()],
+                members,
                 sender: sender.uid.clone(),
                 sender_device: sender.client_id.clone(),
                 msg_id: msg_id.clone(),
@@ -86,7 +138,13 @@ impl ImService {
         if !appended.duplicate {
             chat.seq = appended.seq;
             chat.server_time = appended.server_time;
-            self.deliver_live(to, &conversation, chat, time);
+            let payload = envelope_bytes(chat, time);
+            match target {
+                Target::User(to) => self.deliver_live(to, &conversation, appended.seq, &payload),
+                Target::Group(gid) => {
+                    self.deliver_group(sender, gid, &conversation, appended.seq, &payload);
+                }
+            }
         }
         tracing::debug!(seq = appended.seq, duplicate = appended.duplicate, "stored");
         Ok(Accepted {
@@ -110,10 +168,12 @@ impl ImService {
             Some(pb::content::Kind::Media(media)) => (None, Some(media.url.clone())),
             None => (None, None),
         };
+        let group = conversation.strip_prefix("g:").map(str::to_owned);
         let view = MessageView {
             from: chat.from.clone(),
             to: chat.to.clone(),
-            chat_type: "single",
+            chat_type: if group.is_some() { "group" } else { "single" },
+            group,
             text,
             media_url,
             msg_id: chat.msg_id.clone(),
@@ -131,35 +191,57 @@ impl ImService {
         }
     }
 
-    fn deliver_live(&self, to: &str, conversation: &str, chat: pb::ChatMessage, time: i64) {
-        let sinks = self.inner.presence.sinks(to);
-        if sinks.is_empty() && self.inner.cluster.is_none() {
-            return;
-        }
-        let envelope = pb::Envelope {
-            cmd: pb::Cmd::Chat as i32,
-            time,
-            uid: chat.from.clone(),
-            client_info: None,
-            body: Some(pb::envelope::Body::Chat(chat.clone())),
-        };
-        let payload = Bytes::from(envelope.encode_to_vec());
-        self.hand_over(to, conversation, chat.seq, &payload);
-        for sink in sinks {
+    fn deliver_live(&self, to: &str, conversation: &str, seq: u64, payload: &Bytes) {
+        self.hand_over(to, conversation, seq, payload);
+        for sink in self.inner.presence.sinks(to) {
             let delivered = sink.push(DeviceEvent::Chat {
                 conversation: conversation.to_owned(),
-                seq: chat.seq,
+                seq,
                 payload: payload.clone(),
+                group: None,
             });
             if !delivered {
-                tracing::debug!(to, seq = chat.seq, "device busy; left in its backlog");
+                tracing::debug!(to, seq, "device busy; left in its backlog");
             }
+        }
+    }
+
+    /// To the group's subscribed connections on this node (the sending device excepted) and
+    /// to every other node's: work per online subscriber, none per member.
+    fn deliver_group(
+        &self,
+        sender: &Device,
+        gid: &str,
+        conversation: &str,
+        seq: u64,
+        payload: &Bytes,
+    ) {
+        self.hand_over_group(gid, conversation, seq, payload);
+        for sink in self.group_sinks(gid, sender) {
+            sink.push(DeviceEvent::Chat {
+                conversation: conversation.to_owned(),
+                seq,
+                payload: payload.clone(),
+                group: Some(gid.to_owned()),
+            });
         }
     }
 }
 
+/// The `Envelope` a device receives for a stored message.
+fn envelope_bytes(chat: pb::ChatMessage, time: i64) -> Bytes {
+    let envelope = pb::Envelope {
+        cmd: pb::Cmd::Chat as i32,
+        time,
+        uid: chat.from.clone(),
+        client_info: None,
+        body: Some(pb::envelope::Body::Chat(chat)),
+    };
+    Bytes::from(envelope.encode_to_vec())
+}
+
 /// Checks an inbound envelope and returns its chat message and client time.
-fn validate(envelope: pb::Envelope, to: &str) -> Result<(pb::ChatMessage, i64), ImError> {
+fn validate(envelope: pb::Envelope, target: Target<'_>) -> Result<(pb::ChatMessage, i64), ImError> {
     if envelope.cmd != pb::Cmd::Chat as i32 {
         return Err(ImError::Invalid(format!(
             "envelope cmd must be CMD_CHAT ({}), got {}",
@@ -175,18 +257,17 @@ fn validate(envelope: pb::Envelope, to: &str) -> Result<(pb::ChatMessage, i64), 
             "msg_id must be 1 to {MAX_MSG_ID} bytes"
         )));
     }
-    let single = [
-        pb::ChatType::Unspecified as i32,
-        pb::ChatType::Single as i32,
-    ];
-    if !single.contains(&chat.chat_type) {
-        return Err(ImError::Invalid(
-            "chat_type must be CHAT_TYPE_SINGLE on a user inbox".into(),
-        ));
+    let (expected, what) = match target {
+        Target::User(_) => (pb::ChatType::Single, "CHAT_TYPE_SINGLE on a user inbox"),
+        Target::Group(_) => (pb::ChatType::Group, "CHAT_TYPE_GROUP on a group topic"),
+    };
+    if chat.chat_type != pb::ChatType::Unspecified as i32 && chat.chat_type != expected as i32 {
+        return Err(ImError::Invalid(format!("chat_type must be {what}")));
     }
+    let to = target.id();
     if !chat.to.is_empty() && chat.to != to {
         return Err(ImError::Invalid(format!(
-            "to is {:?} but the message was published to the inbox of {to:?}",
+            "to is {:?} but the message was published to {to:?}",
             chat.to
         )));
     }

@@ -6,9 +6,11 @@ mod background;
 mod cluster;
 mod deliveries;
 mod digest;
+mod groups;
 mod inbox;
 mod presence;
 mod pull;
+mod receipts;
 mod sink;
 
 use std::sync::{Arc, Mutex};
@@ -50,6 +52,10 @@ struct Inner {
     store: Arc<dyn Store>,
     policy: Arc<dyn Policy>,
     presence: Presence,
+    /// Connections subscribed to each group on this node.
+    watchers: groups::Watchers,
+    /// Read cursors that moved since the last receipt updates were sent.
+    read_moves: receipts::ReadMoves,
     settings: ImSettings,
     cluster: Option<RedisBus>,
     deliveries: mpsc::Sender<deliveries::Delivered>,
@@ -89,6 +95,8 @@ impl ImService {
                 store,
                 policy,
                 presence: Presence::default(),
+                watchers: groups::Watchers::default(),
+                read_moves: receipts::ReadMoves::default(),
                 settings,
                 cluster,
                 deliveries,
@@ -132,8 +140,16 @@ pub(crate) fn direct_key(a: &str, b: &str) -> String {
     format!("dm:{lo}:{hi}")
 }
 
-/// The name a member uses for a conversation: `u/{peer}` for 1:1 chats.
+/// Conversation key of a group.
+pub(crate) fn group_key(gid: &str) -> String {
+    format!("g:{gid}")
+}
+
+/// The name a member uses for a conversation: `u/{peer}` for 1:1 chats, `g/{gid}` for groups.
 pub(crate) fn conversation_name(key: &str, me: &str) -> String {
+    if let Some(gid) = key.strip_prefix("g:") {
+        return format!("g/{gid}");
+    }
     match key
         .strip_prefix("dm:")
         .and_then(|rest| rest.split_once(':'))
@@ -143,13 +159,30 @@ pub(crate) fn conversation_name(key: &str, me: &str) -> String {
     }
 }
 
-/// The key of a conversation named by member `me`, if `me` may use it.
-pub(crate) fn conversation_key(name: &str, me: &str) -> Result<String, ImError> {
+/// A conversation named by member `me`: its key, and for a group its id (membership is
+/// checked by the caller).
+pub(crate) fn conversation_key(name: &str, me: &str) -> Result<(String, Option<String>), ImError> {
     match name.split_once('/') {
-        Some(("u", peer)) if crate::valid_uid(peer) => Ok(direct_key(me, peer)),
+        Some(("u", peer)) if crate::valid_uid(peer) => Ok((direct_key(me, peer), None)),
+        Some(("g", gid)) if crate::valid_uid(gid) => Ok((group_key(gid), Some(gid.to_owned()))),
         _ => Err(ImError::Invalid(format!(
-            "unknown conversation {name:?}: expected \"u/{{uid}}\""
+            "unknown conversation {name:?}: expected \"u/{{uid}}\" or \"g/{{gid}}\""
         ))),
+    }
+}
+
+impl ImService {
+    /// The key of a conversation named by `uid`, if `uid` may use it: its own 1:1 chats, and
+    /// the groups it is a member of.
+    ///
+    /// # Errors
+    /// A malformed name, not a member, or the store failed.
+    pub(crate) async fn authorized_key(&self, name: &str, uid: &str) -> Result<String, ImError> {
+        let (key, group) = conversation_key(name, uid)?;
+        if let Some(gid) = group {
+            self.require_member(uid, &gid).await?;
+        }
+        Ok(key)
     }
 }
 
@@ -163,8 +196,13 @@ mod tests {
         assert_eq!(key, "dm:alice:bob");
         assert_eq!(conversation_name(&key, "alice"), "u/bob");
         assert_eq!(conversation_name(&key, "bob"), "u/alice");
-        assert_eq!(conversation_key("u/bob", "alice").unwrap(), key);
+        assert_eq!(conversation_key("u/bob", "alice").unwrap(), (key, None));
         assert!(conversation_key("u/b:c", "alice").is_err());
+        assert_eq!(
+            conversation_key("g/team", "alice").unwrap(),
+            ("g:team".to_owned(), Some("team".to_owned()))
+        );
+        assert_eq!(conversation_name("g:team", "alice"), "g/team");
         assert!(conversation_key("x/bob", "alice").is_err());
     }
 }

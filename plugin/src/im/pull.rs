@@ -1,8 +1,9 @@
 //! Requests on `req`: Pull (newest unacked page, the previous page's cursor acknowledges it),
-//! Ack, ClearCounters, MarkRead and History. Every request gets exactly one Response.
+//! Ack, ClearCounters, MarkRead, Receipts, History and group management. Every request gets
+//! exactly one Response.
 
 use super::inbox::rehydrate;
-use super::{conversation_key, ImError, ImService};
+use super::{ImError, ImService};
 use crate::store::{self, Device, SeqRange};
 use crate::wire::{self, pb};
 
@@ -42,14 +43,14 @@ impl ImService {
         let store = &self.inner.store;
         match request.kind {
             Some(Kind::Pull(pull)) => {
-                let key = conversation_key(&pull.conversation, &device.uid)?;
+                let key = self.authorized_key(&pull.conversation, &device.uid).await?;
                 let ack = pull.ack.map(cursor_range).transpose()?;
                 let size = self.page_size(pull.page_size);
                 let page = store.pull(device, &key, ack, size).await?;
                 Ok(Reply::Page(page_reply(pull.conversation, page)))
             }
             Some(Kind::Ack(ack)) => {
-                let key = conversation_key(&ack.conversation, &device.uid)?;
+                let key = self.authorized_key(&ack.conversation, &device.uid).await?;
                 let range = SeqRange::new(1, ack.up_to)
                     .ok_or_else(|| ImError::Invalid("up_to must be at least 1".into()))?;
                 store.ack(device, &key, range).await?;
@@ -64,21 +65,25 @@ impl ImService {
                     version: clear.version,
                 }))
             }
-            Some(Kind::MarkRead(read)) => {
-                let key = conversation_key(&read.conversation, &device.uid)?;
-                let read_seq = store.mark_read(&device.uid, &key, read.seq).await?;
-                Ok(Reply::Read(pb::ReadCursor {
-                    conversation: read.conversation,
-                    read_seq,
-                }))
-            }
+            Some(Kind::MarkRead(read)) => self.mark_read(&device.uid, read).await,
+            Some(Kind::Receipts(receipts)) => self.receipts(&device.uid, receipts).await,
             Some(Kind::History(history)) => {
-                let key = conversation_key(&history.conversation, &device.uid)?;
+                let key = self
+                    .authorized_key(&history.conversation, &device.uid)
+                    .await?;
                 let before = (history.before_seq > 0).then_some(history.before_seq);
                 let size = self.page_size(history.page_size);
                 let page = store.history(&key, before, size).await?;
                 Ok(Reply::Page(page_reply(history.conversation, page)))
             }
+            Some(
+                group @ (Kind::GroupCreate(_)
+                | Kind::GroupAdd(_)
+                | Kind::GroupRemove(_)
+                | Kind::GroupLeave(_)
+                | Kind::GroupMembers(_)
+                | Kind::MyGroups(_)),
+            ) => self.group_request(&device.uid, group).await,
             None => Err(ImError::Invalid("request has no kind".into())),
         }
     }

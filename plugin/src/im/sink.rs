@@ -15,6 +15,16 @@ pub enum DeviceEvent {
         seq: u64,
         /// Encoded `Envelope`.
         payload: Bytes,
+        /// For a group message, the group: it goes to the group's topic, not the inbox.
+        group: Option<String>,
+    },
+    /// An encoded `Response` pushed to the device's `resp` topic (receipt updates).
+    Notice(Bytes),
+    /// The user was removed from the group: drop the connection's subscription to it, so
+    /// that nothing of the group reaches it any more.
+    Revoked {
+        /// The group.
+        group: String,
     },
 }
 

@@ -29,6 +29,8 @@ pub struct MessageView {
     pub to: String,
     /// `single` or `group`.
     pub chat_type: &'static str,
+    /// The group id, for a group message.
+    pub group: Option<String>,
     /// Text content, if the message is text.
     pub text: Option<String>,
     /// URL of media content, if the message is media.
@@ -37,7 +39,7 @@ pub struct MessageView {
     pub msg_id: String,
     /// The sender's client id.
     pub client_id: String,
-    /// The conversation as the sender names it (`u/{peer}`).
+    /// The conversation as the sender names it (`u/{peer}` or `g/{gid}`).
     pub conversation: String,
 }
 

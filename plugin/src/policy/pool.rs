@@ -289,6 +289,7 @@ impl Policy for LuaPolicy {
             msg.set("uid", message.from.as_str())?;
             msg.set("to", message.to.as_str())?;
             msg.set("chat_type", message.chat_type)?;
+            msg.set("group", message.group.as_deref())?;
             msg.set("text", text)?;
             msg.set("media_url", message.media_url.as_deref())?;
             msg.set("msg_id", message.msg_id.as_str())?;

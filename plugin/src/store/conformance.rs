@@ -159,8 +159,8 @@ async fn history_and_read_cursor(store: &dyn Store) {
     assert!(!older.end);
     let oldest = store.history("dm:h1:h2", Some(2), 2).await.unwrap();
     assert!(oldest.end);
-    assert_eq!(store.mark_read("h2", "dm:h1:h2", 4).await.unwrap(), 4);
-    assert_eq!(store.mark_read("h2", "dm:h1:h2", 2).await.unwrap(), 4);
+    assert_eq!(store.mark_read("h2", "dm:h1:h2", 4).await.unwrap(), (0, 4));
+    assert_eq!(store.mark_read("h2", "dm:h1:h2", 2).await.unwrap(), (4, 4));
     let reader = device("h1", "phone");
     store.register_device(&reader).await.unwrap();
     append_n(store, "dm:h1:h2", "h2", 1).await;

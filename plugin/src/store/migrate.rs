@@ -12,16 +12,28 @@ pub(crate) struct Migration {
 }
 
 /// The SQLite migrations, `migrations/sqlite/NNNN_*.sql`.
-pub(crate) const SQLITE: &[Migration] = &[Migration {
-    version: 1,
-    sql: include_str!("../../../migrations/sqlite/0001_init.sql"),
-}];
+pub(crate) const SQLITE: &[Migration] = &[
+    Migration {
+        version: 1,
+        sql: include_str!("../../../migrations/sqlite/0001_init.sql"),
+    },
+    Migration {
+        version: 2,
+        sql: include_str!("../../../migrations/sqlite/0002_groups.sql"),
+    },
+];
 
 /// The PostgreSQL migrations, `migrations/postgres/NNNN_*.sql` (same numbering).
-pub(crate) const POSTGRES: &[Migration] = &[Migration {
-    version: 1,
-    sql: include_str!("../../../migrations/postgres/0001_init.sql"),
-}];
+pub(crate) const POSTGRES: &[Migration] = &[
+    Migration {
+        version: 1,
+        sql: include_str!("../../../migrations/postgres/0001_init.sql"),
+    },
+    Migration {
+        version: 2,
+        sql: include_str!("../../../migrations/postgres/0002_groups.sql"),
+    },
+];
 
 /// Applies the PostgreSQL migrations the schema lacks, under an advisory lock so that nodes
 /// starting together migrate once, and returns the resulting version.
@@ -105,8 +117,8 @@ mod tests {
     #[test]
     fn applies_once_and_refuses_a_newer_schema() {
         let mut conn = Connection::open_in_memory().unwrap();
-        assert_eq!(apply_sqlite(&mut conn).unwrap(), 1);
-        assert_eq!(apply_sqlite(&mut conn).unwrap(), 1);
+        assert_eq!(apply_sqlite(&mut conn).unwrap(), 2);
+        assert_eq!(apply_sqlite(&mut conn).unwrap(), 2);
         conn.pragma_update(None, "user_version", 99).unwrap();
         let err = apply_sqlite(&mut conn).unwrap_err();
         assert!(matches!(err, StoreError::SchemaTooNew { found: 99, .. }));

@@ -113,6 +113,98 @@ pub struct DigestSnapshot {
     pub conversations: Vec<ConversationState>,
 }
 
+/// A member's standing in a conversation; only groups use more than `Member`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Role {
+    /// Reads and writes.
+    Member,
+    /// Also adds and removes members.
+    Admin,
+    /// Also adds and removes admins; one per group.
+    Owner,
+}
+
+impl Role {
+    /// The stored code.
+    pub(crate) fn code(self) -> i16 {
+        match self {
+            Role::Member => 1,
+            Role::Admin => 2,
+            Role::Owner => 3,
+        }
+    }
+
+    /// From a stored code (unknown codes read as the least privileged role).
+    pub(crate) fn from_code(code: i64) -> Self {
+        match code {
+            3 => Role::Owner,
+            2 => Role::Admin,
+            _ => Role::Member,
+        }
+    }
+}
+
+/// One member of a conversation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Member {
+    /// The user.
+    pub uid: String,
+    /// What the member may do.
+    pub role: Role,
+    /// The member's read cursor.
+    pub read_seq: u64,
+}
+
+/// Who has read one message, from the members' read cursors.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Receipt {
+    /// The message.
+    pub seq: u64,
+    /// Its sender (never counted as a reader).
+    pub sender: String,
+    /// How many other members' read cursors reached it.
+    pub read_count: u64,
+    /// Some of them (at most the limit asked for), most recent readers first.
+    pub readers: Vec<String>,
+}
+
+/// A member removed from a conversation, in the order removals happened.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Removal {
+    /// Increasing id of the removal.
+    pub id: u64,
+    /// Conversation key.
+    pub conversation: String,
+    /// The removed user.
+    pub uid: String,
+}
+
+/// Receipts for `seqs` from the senders of those messages and the members whose cursor is
+/// at least the smallest of them (shared by the backends).
+pub(crate) fn receipts_from(
+    senders: &[(u64, String)],
+    readers: &[(String, u64)],
+    max_readers: usize,
+) -> Vec<Receipt> {
+    senders
+        .iter()
+        .map(|(seq, sender)| {
+            let mut who = readers
+                .iter()
+                .filter(|(uid, read)| read >= seq && uid != sender)
+                .map(|(uid, _)| uid);
+            let listed: Vec<String> = who.by_ref().take(max_readers).cloned().collect();
+            let read_count = (listed.len() + who.count()) as u64;
+            Receipt {
+                seq: *seq,
+                sender: sender.clone(),
+                read_count,
+                readers: listed,
+            }
+        })
+        .collect()
+}
+
 /// Why a store call failed. Backends map their own errors into these.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -142,6 +234,9 @@ pub enum StoreError {
     /// A digest version that was never handed to this device.
     #[error("not found: {0}")]
     NotFound(String),
+    /// Something to create exists already.
+    #[error("already exists: {0}")]
+    Conflict(String),
 }
 
 /// The storage contract shared by every backend.
@@ -192,8 +287,76 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         limit: usize,
     ) -> Result<Page, StoreError>;
 
-    /// Moves a member's read cursor forward (never back) and returns the cursor now stored.
-    async fn mark_read(&self, uid: &str, conversation: &str, seq: u64) -> Result<u64, StoreError>;
+    /// Moves a member's read cursor forward (never back); returns the cursor before and after.
+    async fn mark_read(
+        &self,
+        uid: &str,
+        conversation: &str,
+        seq: u64,
+    ) -> Result<(u64, u64), StoreError>;
+
+    /// Creates a group conversation with `owner` and `members`.
+    ///
+    /// # Errors
+    /// [`StoreError::Conflict`] if the conversation exists.
+    async fn create_group(
+        &self,
+        conversation: &str,
+        owner: &str,
+        members: &[String],
+    ) -> Result<(), StoreError>;
+
+    /// Adds users to an existing conversation, starting after its current last seq (what was
+    /// said before they joined is not in their backlog); existing members are only ever
+    /// promoted to `role`. Returns the users that were not members before.
+    ///
+    /// # Errors
+    /// [`StoreError::NotFound`] if the conversation does not exist.
+    async fn add_members(
+        &self,
+        conversation: &str,
+        uids: &[String],
+        role: Role,
+    ) -> Result<Vec<String>, StoreError>;
+
+    /// Removes members (logged for [`Store::removals_since`]); returns those that were.
+    async fn remove_members(
+        &self,
+        conversation: &str,
+        uids: &[String],
+    ) -> Result<Vec<String>, StoreError>;
+
+    /// The members of a conversation.
+    ///
+    /// # Errors
+    /// [`StoreError::NotFound`] if the conversation does not exist.
+    async fn members(&self, conversation: &str) -> Result<Vec<Member>, StoreError>;
+
+    /// A user's role in a conversation; `None` if not a member.
+    async fn role(&self, uid: &str, conversation: &str) -> Result<Option<Role>, StoreError>;
+
+    /// The conversations whose key starts with `prefix` that `uid` belongs to, with roles.
+    async fn memberships_with_prefix(
+        &self,
+        uid: &str,
+        prefix: &str,
+    ) -> Result<Vec<(String, Role)>, StoreError>;
+
+    /// Who has read each of `seqs` (listing at most `max_readers` names per message);
+    /// seqs that do not exist are left out.
+    async fn receipts(
+        &self,
+        conversation: &str,
+        seqs: &[u64],
+        max_readers: usize,
+    ) -> Result<Vec<Receipt>, StoreError>;
+
+    /// The distinct senders of the messages in `range`.
+    async fn senders(&self, conversation: &str, range: SeqRange)
+        -> Result<Vec<String>, StoreError>;
+
+    /// Removals with an id above `after`, oldest first (at most `limit`).
+    async fn removals_since(&self, after: u64, limit: usize) -> Result<Vec<Removal>, StoreError>;
 
     /// Flushes pending writes and stops background work; later calls fail as unavailable.
     async fn close(&self);

@@ -77,6 +77,13 @@ pub(crate) fn watermark(ranges: &[SeqRange]) -> u64 {
     }
 }
 
+/// Ranges in any order, possibly overlapping, as sorted disjoint ranges.
+pub(crate) fn normalized(ranges: impl IntoIterator<Item = SeqRange>) -> Vec<SeqRange> {
+    ranges
+        .into_iter()
+        .fold(Vec::new(), |merged, range| insert(&merged, range))
+}
+
 /// How many seqs the ranges hold. Acknowledged ranges only grow, so an equal total means
 /// the same acknowledgements.
 pub(crate) fn total(ranges: &[SeqRange]) -> u64 {

@@ -82,6 +82,11 @@ impl RedisBus {
         format!("{}:handover:{node}", self.prefix)
     }
 
+    /// The channel every node listens on (node ids never contain ':').
+    fn broadcast_channel(&self) -> String {
+        format!("{}:handover-all", self.prefix)
+    }
+
     /// Records that `client_id` of `uid` is connected to this node.
     ///
     /// # Errors
@@ -193,6 +198,22 @@ impl RedisBus {
         for (node, payload) in messages {
             pipe.publish(self.channel(node), payload);
         }
+        self.publish(pipe).await
+    }
+
+    /// Sends each payload to every node (this one included) in one round trip.
+    ///
+    /// # Errors
+    /// Redis failed.
+    pub async fn broadcast(&self, payloads: &[Vec<u8>]) -> Result<Vec<bool>, StoreError> {
+        let mut pipe = redis::pipe();
+        for payload in payloads {
+            pipe.publish(self.broadcast_channel(), payload);
+        }
+        self.publish(pipe).await
+    }
+
+    async fn publish(&self, pipe: redis::Pipeline) -> Result<Vec<bool>, StoreError> {
         let mut connection = self.connection.clone();
         let receivers: Vec<i64> = pipe
             .query_async(&mut connection)
@@ -204,12 +225,12 @@ impl RedisBus {
     /// Delivers what other nodes send to this one into `inbox` until `shutdown`, resubscribing
     /// after a Redis failure.
     pub async fn listen(self, inbox: mpsc::Sender<Vec<u8>>, shutdown: CancellationToken) {
-        let channel = self.channel(&self.node);
+        let channels = [self.channel(&self.node), self.broadcast_channel()];
         let mut backoff = Duration::from_millis(100);
         while !shutdown.is_cancelled() {
             let subscribed = async {
                 let mut pubsub = self.client.get_async_pubsub().await?;
-                pubsub.subscribe(&channel).await?;
+                pubsub.subscribe(&channels).await?;
                 Ok::<_, redis::RedisError>(pubsub)
             };
             let mut pubsub = match subscribed.await {

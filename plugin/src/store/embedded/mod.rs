@@ -2,6 +2,7 @@
 //! is on disk before anyone is told. Writes go through one group-committing thread; reads use
 //! a small pool of read connections, which only ever see committed transactions.
 
+mod groups;
 mod queries;
 mod writer;
 
@@ -13,7 +14,10 @@ use rusqlite::Connection;
 use tokio::sync::mpsc;
 
 use super::migrate;
-use super::{Appended, Device, DigestSnapshot, NewMessage, Page, SeqRange, Store, StoreError};
+use super::{
+    Appended, Device, DigestSnapshot, Member, NewMessage, Page, Receipt, Removal, Role, SeqRange,
+    Store, StoreError,
+};
 use queries::unavailable;
 use writer::{Call, Job};
 
@@ -201,9 +205,92 @@ impl Store for EmbeddedStore {
             .await
     }
 
-    async fn mark_read(&self, uid: &str, conversation: &str, seq: u64) -> Result<u64, StoreError> {
+    async fn mark_read(
+        &self,
+        uid: &str,
+        conversation: &str,
+        seq: u64,
+    ) -> Result<(u64, u64), StoreError> {
         let (uid, key) = (uid.to_owned(), conversation.to_owned());
         self.write(move |conn| queries::mark_read(conn, &uid, &key, seq))
+            .await
+    }
+
+    async fn create_group(
+        &self,
+        conversation: &str,
+        owner: &str,
+        members: &[String],
+    ) -> Result<(), StoreError> {
+        let (key, owner, members) = (conversation.to_owned(), owner.to_owned(), members.to_vec());
+        self.write(move |conn| groups::create_group(conn, &key, &owner, &members))
+            .await
+    }
+
+    async fn add_members(
+        &self,
+        conversation: &str,
+        uids: &[String],
+        role: Role,
+    ) -> Result<Vec<String>, StoreError> {
+        let (key, uids) = (conversation.to_owned(), uids.to_vec());
+        self.write(move |conn| groups::add_members(conn, &key, &uids, role))
+            .await
+    }
+
+    async fn remove_members(
+        &self,
+        conversation: &str,
+        uids: &[String],
+    ) -> Result<Vec<String>, StoreError> {
+        let (key, uids) = (conversation.to_owned(), uids.to_vec());
+        self.write(move |conn| groups::remove_members(conn, &key, &uids))
+            .await
+    }
+
+    async fn members(&self, conversation: &str) -> Result<Vec<Member>, StoreError> {
+        let key = conversation.to_owned();
+        self.read(move |conn| groups::members(conn, &key)).await
+    }
+
+    async fn role(&self, uid: &str, conversation: &str) -> Result<Option<Role>, StoreError> {
+        let (uid, key) = (uid.to_owned(), conversation.to_owned());
+        self.read(move |conn| groups::role(conn, &uid, &key)).await
+    }
+
+    async fn memberships_with_prefix(
+        &self,
+        uid: &str,
+        prefix: &str,
+    ) -> Result<Vec<(String, Role)>, StoreError> {
+        let (uid, prefix) = (uid.to_owned(), prefix.to_owned());
+        self.read(move |conn| groups::memberships_with_prefix(conn, &uid, &prefix))
+            .await
+    }
+
+    async fn receipts(
+        &self,
+        conversation: &str,
+        seqs: &[u64],
+        max_readers: usize,
+    ) -> Result<Vec<Receipt>, StoreError> {
+        let (key, seqs) = (conversation.to_owned(), seqs.to_vec());
+        self.read(move |conn| groups::receipts(conn, &key, &seqs, max_readers))
+            .await
+    }
+
+    async fn senders(
+        &self,
+        conversation: &str,
+        range: SeqRange,
+    ) -> Result<Vec<String>, StoreError> {
+        let key = conversation.to_owned();
+        self.read(move |conn| groups::senders(conn, &key, range))
+            .await
+    }
+
+    async fn removals_since(&self, after: u64, limit: usize) -> Result<Vec<Removal>, StoreError> {
+        self.read(move |conn| groups::removals_since(conn, after, limit))
             .await
     }
 

@@ -17,9 +17,9 @@ pub(super) fn unavailable(e: rusqlite::Error) -> StoreError {
 /// A conversation row.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Conversation {
-    id: i64,
-    max_seq: u64,
-    last_time: i64,
+    pub(super) id: i64,
+    pub(super) max_seq: u64,
+    pub(super) last_time: i64,
 }
 
 pub(super) fn conversation(conn: &Connection, key: &str) -> Result<Option<Conversation>> {
@@ -138,11 +138,14 @@ pub(super) fn register_device(conn: &Connection, device: &Device) -> Result<()> 
     Ok(())
 }
 
+/// The device's acknowledged ranges of a conversation; what was sent before its user joined
+/// counts as acknowledged.
 fn acked(conn: &Connection, device: &Device, conv_id: i64) -> Result<Vec<SeqRange>> {
     let mut stmt = conn
         .prepare_cached(
             "SELECT lo, hi FROM acked WHERE uid = ?1 AND client_id = ?2 AND conv_id = ?3
-             ORDER BY lo",
+             UNION ALL
+             SELECT 1, joined_seq FROM members WHERE uid = ?1 AND conv_id = ?3 AND joined_seq > 0",
         )
         .map_err(unavailable)?;
     let rows = stmt
@@ -153,8 +156,10 @@ fn acked(conn: &Connection, device: &Device, conv_id: i64) -> Result<Vec<SeqRang
             })
         })
         .map_err(unavailable)?;
-    rows.collect::<rusqlite::Result<Vec<_>>>()
-        .map_err(unavailable)
+    let rows = rows
+        .collect::<rusqlite::Result<Vec<_>>>()
+        .map_err(unavailable)?;
+    Ok(ranges::normalized(rows))
 }
 
 fn save_acked(conn: &Connection, device: &Device, conv_id: i64, ranges: &[SeqRange]) -> Result<()> {
@@ -299,19 +304,23 @@ pub(super) fn history(
     Ok(Page { messages, end })
 }
 
-pub(super) fn mark_read(conn: &Connection, uid: &str, key: &str, seq: u64) -> Result<u64> {
+pub(super) fn mark_read(conn: &Connection, uid: &str, key: &str, seq: u64) -> Result<(u64, u64)> {
     let conv = conversation(conn, key)?.ok_or_else(|| past_end(seq, 0))?;
     if seq > conv.max_seq {
         return Err(past_end(seq, conv.max_seq));
     }
-    conn.prepare_cached(
-        "UPDATE members SET read_seq = MAX(read_seq, ?3) WHERE uid = ?1 AND conv_id = ?2
-         RETURNING read_seq",
-    )
-    .and_then(|mut stmt| stmt.query_row(params![uid, conv.id, seq], |row| row.get(0)))
-    .optional()
-    .map_err(unavailable)?
-    .ok_or_else(|| StoreError::NotFound(format!("{uid} is not a member of {key}")))
+    // Runs in the writer's transaction: nothing moves the cursor in between.
+    let before: u64 = conn
+        .prepare_cached("SELECT read_seq FROM members WHERE uid = ?1 AND conv_id = ?2")
+        .and_then(|mut stmt| stmt.query_row(params![uid, conv.id], |row| row.get(0)))
+        .optional()
+        .map_err(unavailable)?
+        .ok_or_else(|| StoreError::NotFound(format!("{uid} is not a member of {key}")))?;
+    let after = before.max(seq);
+    conn.prepare_cached("UPDATE members SET read_seq = ?3 WHERE uid = ?1 AND conv_id = ?2")
+        .and_then(|mut stmt| stmt.execute(params![uid, conv.id, after]))
+        .map_err(unavailable)?;
+    Ok((before, after))
 }
 
 /// A conversation the device's user belongs to, as the digest needs it.

@@ -4,6 +4,7 @@
 
 mod append;
 mod cache;
+mod groups;
 mod queries;
 
 use std::sync::Mutex;
@@ -15,7 +16,8 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::NoTls;
 
 use super::{
-    migrate, Appended, Device, DigestSnapshot, NewMessage, Page, SeqRange, Store, StoreError,
+    migrate, Appended, Device, DigestSnapshot, Member, NewMessage, Page, Receipt, Removal, Role,
+    SeqRange, Store, StoreError,
 };
 use crate::config::PostgresSettings;
 pub use cache::DigestCache;
@@ -233,9 +235,88 @@ impl Store for PostgresStore {
         queries::history(&client, conversation, before, limit).await
     }
 
-    async fn mark_read(&self, uid: &str, conversation: &str, seq: u64) -> Result<u64, StoreError> {
+    async fn mark_read(
+        &self,
+        uid: &str,
+        conversation: &str,
+        seq: u64,
+    ) -> Result<(u64, u64), StoreError> {
         let client = self.client().await?;
         queries::mark_read(&client, uid, conversation, seq).await
+    }
+
+    async fn create_group(
+        &self,
+        conversation: &str,
+        owner: &str,
+        members: &[String],
+    ) -> Result<(), StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(pg_error)?;
+        groups::create_group(&tx, conversation, owner, members).await?;
+        tx.commit().await.map_err(pg_error)
+    }
+
+    async fn add_members(
+        &self,
+        conversation: &str,
+        uids: &[String],
+        role: Role,
+    ) -> Result<Vec<String>, StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(pg_error)?;
+        let added = groups::add_members(&tx, conversation, uids, role).await?;
+        tx.commit().await.map_err(pg_error)?;
+        Ok(added)
+    }
+
+    async fn remove_members(
+        &self,
+        conversation: &str,
+        uids: &[String],
+    ) -> Result<Vec<String>, StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(pg_error)?;
+        let removed = groups::remove_members(&tx, conversation, uids).await?;
+        tx.commit().await.map_err(pg_error)?;
+        Ok(removed)
+    }
+
+    async fn members(&self, conversation: &str) -> Result<Vec<Member>, StoreError> {
+        groups::members(&self.client().await?, conversation).await
+    }
+
+    async fn role(&self, uid: &str, conversation: &str) -> Result<Option<Role>, StoreError> {
+        groups::role(&self.client().await?, uid, conversation).await
+    }
+
+    async fn memberships_with_prefix(
+        &self,
+        uid: &str,
+        prefix: &str,
+    ) -> Result<Vec<(String, Role)>, StoreError> {
+        groups::memberships_with_prefix(&self.client().await?, uid, prefix).await
+    }
+
+    async fn receipts(
+        &self,
+        conversation: &str,
+        seqs: &[u64],
+        max_readers: usize,
+    ) -> Result<Vec<Receipt>, StoreError> {
+        groups::receipts(&self.client().await?, conversation, seqs, max_readers).await
+    }
+
+    async fn senders(
+        &self,
+        conversation: &str,
+        range: SeqRange,
+    ) -> Result<Vec<String>, StoreError> {
+        groups::senders(&self.client().await?, conversation, range).await
+    }
+
+    async fn removals_since(&self, after: u64, limit: usize) -> Result<Vec<Removal>, StoreError> {
+        groups::removals_since(&self.client().await?, after, limit).await
     }
 
     async fn close(&self) {

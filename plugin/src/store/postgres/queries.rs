@@ -14,9 +14,9 @@ type Result<T> = std::result::Result<T, StoreError>;
 
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Conversation {
-    id: i64,
-    max_seq: u64,
-    last_time: i64,
+    pub(super) id: i64,
+    pub(super) max_seq: u64,
+    pub(super) last_time: i64,
 }
 
 pub(super) async fn conversation(
@@ -69,22 +69,22 @@ pub(super) async fn register_device(c: &impl GenericClient, device: &Device) -> 
     Ok(())
 }
 
+/// The device's acknowledged ranges of a conversation; what was sent before its user joined
+/// counts as acknowledged.
 async fn acked(c: &impl GenericClient, device: &Device, conv_id: i64) -> Result<Vec<SeqRange>> {
     let rows = c
         .query(
             "SELECT lo, hi FROM acked WHERE uid = $1 AND client_id = $2 AND conv_id = $3
-             ORDER BY lo",
+             UNION ALL
+             SELECT 1, joined_seq FROM members WHERE uid = $1 AND conv_id = $3 AND joined_seq > 0",
             &[&device.uid, &device.client_id, &conv_id],
         )
         .await
         .map_err(pg_error)?;
-    Ok(rows
-        .iter()
-        .map(|row| SeqRange {
-            lo: uint(row.get(0)),
-            hi: uint(row.get(1)),
-        })
-        .collect())
+    Ok(ranges::normalized(rows.iter().map(|row| SeqRange {
+        lo: uint(row.get(0)),
+        hi: uint(row.get(1)),
+    })))
 }
 
 async fn save_acked(
@@ -237,7 +237,7 @@ pub(super) async fn mark_read(
     uid: &str,
     key: &str,
     seq: u64,
-) -> Result<u64> {
+) -> Result<(u64, u64)> {
     let conv = conversation(c, key)
         .await?
         .ok_or_else(|| past_end(seq, 0))?;
@@ -246,13 +246,15 @@ pub(super) async fn mark_read(
     }
     let row = c
         .query_opt(
-            "UPDATE members SET read_seq = GREATEST(read_seq, $3) WHERE uid = $1 AND conv_id = $2
-             RETURNING read_seq",
+            "UPDATE members m SET read_seq = GREATEST(m.read_seq, $3)
+             FROM (SELECT read_seq FROM members WHERE uid = $1 AND conv_id = $2 FOR UPDATE) old
+             WHERE m.uid = $1 AND m.conv_id = $2
+             RETURNING old.read_seq, m.read_seq",
             &[&uid, &conv.id, &int(seq)],
         )
         .await
         .map_err(pg_error)?;
-    row.map(|row| uint(row.get(0)))
+    row.map(|row| (uint(row.get(0)), uint(row.get(1))))
         .ok_or_else(|| StoreError::NotFound(format!("{uid} is not a member of {key}")))
 }
 
@@ -386,22 +388,24 @@ async fn acked_by_conversation(
     c: &impl GenericClient,
     device: &Device,
 ) -> Result<HashMap<i64, Vec<SeqRange>>> {
-    let mut acked: HashMap<i64, Vec<SeqRange>> = HashMap::new();
-    for row in c
+    let rows = c
         .query(
             "SELECT conv_id, lo, hi FROM acked WHERE uid = $1 AND client_id = $2
-             ORDER BY conv_id, lo",
+             UNION ALL
+             SELECT conv_id, 1, joined_seq FROM members WHERE uid = $1 AND joined_seq > 0
+             ORDER BY 1, 2",
             &[&device.uid, &device.client_id],
         )
         .await
-        .map_err(pg_error)?
-    {
-        acked.entry(row.get(0)).or_default().push(SeqRange {
+        .map_err(pg_error)?;
+    let merged = ranges::union_by_conversation(rows.iter().map(|row| {
+        let range = SeqRange {
             lo: uint(row.get(1)),
             hi: uint(row.get(2)),
-        });
-    }
-    Ok(acked)
+        };
+        (row.get(0), range)
+    }));
+    Ok(merged.into_iter().collect())
 }
 
 async fn cleared_floors(c: &impl GenericClient, device: &Device) -> Result<HashMap<i64, u64>> {

@@ -1,0 +1,351 @@
+//! Groups: management requests under owner/admin roles, the connections subscribed to each
+//! group on this node, and cutting removed members off — at once on this node, and on other
+//! nodes (or after an operator's command) through the store's removal log.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use super::{group_key, DeviceEvent, DeviceSink, ImError, ImService};
+use crate::store::{Device, Role};
+use crate::wire::pb;
+
+/// Users named in one management request.
+const MAX_USERS_PER_REQUEST: usize = 1000;
+/// Removals read from the store per poll.
+const REMOVALS_PER_POLL: usize = 1000;
+
+#[derive(Debug)]
+struct Watcher {
+    device: Device,
+    connection: u64,
+    sink: Arc<dyn DeviceSink>,
+}
+
+/// The connections on this node subscribed to each group (only members get in).
+#[derive(Debug, Default)]
+pub(crate) struct Watchers {
+    groups: Mutex<HashMap<String, Vec<Watcher>>>,
+}
+
+impl Watchers {
+    fn watch(&self, gid: &str, device: &Device, connection: u64, sink: Arc<dyn DeviceSink>) {
+        if let Ok(mut groups) = self.groups.lock() {
+            let watchers = groups.entry(gid.to_owned()).or_default();
+            watchers.retain(|w| w.connection != connection);
+            watchers.push(Watcher {
+                device: device.clone(),
+                connection,
+                sink,
+            });
+        }
+    }
+
+    fn unwatch(&self, gid: &str, connection: u64) {
+        if let Ok(mut groups) = self.groups.lock() {
+            if let Some(watchers) = groups.get_mut(gid) {
+                watchers.retain(|w| w.connection != connection);
+                if watchers.is_empty() {
+                    groups.remove(gid);
+                }
+            }
+        }
+    }
+
+    /// The connections to deliver a group message to, the sending device's excepted.
+    pub(crate) fn sinks(&self, gid: &str, except: Option<&Device>) -> Vec<Arc<dyn DeviceSink>> {
+        self.groups
+            .lock()
+            .map(|groups| {
+                groups
+                    .get(gid)
+                    .map(|watchers| {
+                        watchers
+                            .iter()
+                            .filter(|w| Some(&w.device) != except)
+                            .map(|w| Arc::clone(&w.sink))
+                            .collect()
+                    })
+                    .unwrap_or_default()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Takes `uid`'s connections out of the group and returns them.
+    fn revoke(&self, gid: &str, uid: &str) -> Vec<Arc<dyn DeviceSink>> {
+        let Ok(mut groups) = self.groups.lock() else {
+            return Vec::new();
+        };
+        let Some(watchers) = groups.get_mut(gid) else {
+            return Vec::new();
+        };
+        let (gone, kept): (Vec<Watcher>, Vec<Watcher>) =
+            watchers.drain(..).partition(|w| w.device.uid == uid);
+        *watchers = kept;
+        if watchers.is_empty() {
+            groups.remove(gid);
+        }
+        gone.into_iter().map(|w| w.sink).collect()
+    }
+}
+
+fn valid_users(uids: &[String]) -> Result<(), ImError> {
+    if uids.len() > MAX_USERS_PER_REQUEST {
+        return Err(ImError::Invalid(format!(
+            "at most {MAX_USERS_PER_REQUEST} users per request"
+        )));
+    }
+    match uids.iter().find(|uid| !crate::valid_uid(uid)) {
+        Some(bad) => Err(ImError::Invalid(format!("invalid uid {bad:?}"))),
+        None => Ok(()),
+    }
+}
+
+fn valid_gid(gid: &str) -> Result<(), ImError> {
+    if crate::valid_uid(gid) {
+        Ok(())
+    } else {
+        Err(ImError::Invalid(format!(
+            "invalid group id {gid:?}: 1 to 64 letters, digits, '-', '_' or '.'"
+        )))
+    }
+}
+
+fn wire_role(role: Role) -> pb::Role {
+    match role {
+        Role::Member => pb::Role::Member,
+        Role::Admin => pb::Role::Admin,
+        Role::Owner => pb::Role::Owner,
+    }
+}
+
+impl ImService {
+    /// `uid`'s role in group `gid`; `None` if not a member.
+    ///
+    /// # Errors
+    /// The store failed.
+    pub async fn group_role(&self, uid: &str, gid: &str) -> Result<Option<Role>, ImError> {
+        Ok(self.inner.store.role(uid, &group_key(gid)).await?)
+    }
+
+    /// `uid`'s role, refusing non-members.
+    pub(crate) async fn require_member(&self, uid: &str, gid: &str) -> Result<Role, ImError> {
+        self.group_role(uid, gid)
+            .await?
+            .ok_or_else(|| ImError::NotAuthorized(format!("not a member of group {gid}")))
+    }
+
+    /// A member's connection subscribed to the group: it gets the group's messages live.
+    pub fn watch_group(
+        &self,
+        gid: &str,
+        device: &Device,
+        connection: u64,
+        sink: Arc<dyn DeviceSink>,
+    ) {
+        self.inner.watchers.watch(gid, device, connection, sink);
+    }
+
+    /// The connection unsubscribed from the group or ended.
+    pub fn unwatch_group(&self, gid: &str, connection: u64) {
+        self.inner.watchers.unwatch(gid, connection);
+    }
+
+    pub(super) fn group_sinks(&self, gid: &str, except: &Device) -> Vec<Arc<dyn DeviceSink>> {
+        self.inner.watchers.sinks(gid, Some(except))
+    }
+
+    /// Stops delivering the group to `uid`'s connections on this node and has them drop
+    /// their subscription.
+    pub(super) fn cut_off(&self, gid: &str, uid: &str) {
+        for sink in self.inner.watchers.revoke(gid, uid) {
+            sink.push(DeviceEvent::Revoked {
+                group: gid.to_owned(),
+            });
+        }
+    }
+
+    /// Applies removals logged in the store after `last` (by other nodes or by an operator)
+    /// and advances `last`.
+    pub(super) async fn apply_removals(&self, last: &mut u64) {
+        loop {
+            let removals = match self
+                .inner
+                .store
+                .removals_since(*last, REMOVALS_PER_POLL)
+                .await
+            {
+                Ok(removals) => removals,
+                Err(e) => {
+                    tracing::debug!(error = %e, "removal log not readable now");
+                    return;
+                }
+            };
+            for removal in &removals {
+                if let Some(gid) = removal.conversation.strip_prefix("g:") {
+                    self.cut_off(gid, &removal.uid);
+                }
+                *last = removal.id;
+            }
+            if removals.len() < REMOVALS_PER_POLL {
+                return;
+            }
+        }
+    }
+
+    /// The group management requests.
+    pub(super) async fn group_request(
+        &self,
+        uid: &str,
+        kind: pb::request::Kind,
+    ) -> Result<pb::response::Result, ImError> {
+        use pb::request::Kind;
+        use pb::response::Result as Reply;
+        let store = &self.inner.store;
+        match kind {
+            Kind::GroupCreate(create) => {
+                valid_gid(&create.gid)?;
+                valid_users(&create.members)?;
+                let others: Vec<String> = create.members.into_iter().filter(|m| m != uid).collect();
+                store
+                    .create_group(&group_key(&create.gid), uid, &others)
+                    .await
+                    .map_err(|e| match e {
+                        crate::store::StoreError::Conflict(_) => {
+                            ImError::Invalid(format!("group {} exists already", create.gid))
+                        }
+                        other => ImError::Store(other),
+                    })?;
+                self.group_info(&create.gid).await
+            }
+            Kind::GroupAdd(add) => {
+                valid_gid(&add.gid)?;
+                valid_users(&add.members)?;
+                let mine = self.require_member(uid, &add.gid).await?;
+                let role = match pb::Role::try_from(add.role) {
+                    Ok(pb::Role::Unspecified | pb::Role::Member) => Role::Member,
+                    Ok(pb::Role::Admin) => Role::Admin,
+                    _ => return Err(ImError::Invalid("role must be MEMBER or ADMIN".into())),
+                };
+                let allowed = match role {
+                    Role::Admin => mine == Role::Owner,
+                    _ => mine >= Role::Admin,
+                };
+                if !allowed {
+                    return Err(ImError::NotAuthorized(format!(
+                        "only the owner adds admins, and owners or admins add members of {}",
+                        add.gid
+                    )));
+                }
+                store
+                    .add_members(&group_key(&add.gid), &add.members, role)
+                    .await?;
+                self.group_info(&add.gid).await
+            }
+            Kind::GroupRemove(remove) => {
+                valid_gid(&remove.gid)?;
+                valid_users(&remove.members)?;
+                let mine = self.require_member(uid, &remove.gid).await?;
+                for target in &remove.members {
+                    let theirs = self.group_role(target, &remove.gid).await?;
+                    let allowed = target != uid
+                        && match theirs {
+                            None => mine >= Role::Admin,
+                            Some(theirs) => {
+                                mine == Role::Owner
+                                    || (mine == Role::Admin && theirs == Role::Member)
+                            }
+                        };
+                    if !allowed {
+                        return Err(ImError::NotAuthorized(format!(
+                            "you may not remove {target} from {} (owners remove anyone but \
+                             themselves, admins remove members; use GroupLeave to leave)",
+                            remove.gid
+                        )));
+                    }
+                }
+                self.remove_from_group(&remove.gid, &remove.members).await?;
+                self.group_info(&remove.gid).await
+            }
+            Kind::GroupLeave(leave) => {
+                valid_gid(&leave.gid)?;
+                let mine = self.require_member(uid, &leave.gid).await?;
+                if mine == Role::Owner {
+                    self.hand_group_over(&leave.gid, uid).await?;
+                }
+                self.remove_from_group(&leave.gid, &[uid.to_owned()])
+                    .await?;
+                Ok(Reply::Group(pb::GroupInfo {
+                    gid: leave.gid,
+                    members: Vec::new(),
+                }))
+            }
+            Kind::GroupMembers(members) => {
+                valid_gid(&members.gid)?;
+                self.require_member(uid, &members.gid).await?;
+                self.group_info(&members.gid).await
+            }
+            Kind::MyGroups(_) => {
+                let groups = store
+                    .memberships_with_prefix(uid, "g:")
+                    .await?
+                    .into_iter()
+                    .filter_map(|(key, role)| {
+                        let gid = key.strip_prefix("g:")?.to_owned();
+                        Some((gid, wire_role(role) as i32))
+                    })
+                    .collect();
+                Ok(Reply::Groups(pb::GroupList { groups }))
+            }
+            _ => Err(ImError::Invalid("not a group request".into())),
+        }
+    }
+
+    /// Removes members from a group and cuts them off on this node at once (other nodes
+    /// follow from the removal log).
+    pub async fn remove_from_group(&self, gid: &str, uids: &[String]) -> Result<(), ImError> {
+        let removed = self
+            .inner
+            .store
+            .remove_members(&group_key(gid), uids)
+            .await?;
+        for uid in &removed {
+            self.cut_off(gid, uid);
+        }
+        Ok(())
+    }
+
+    /// The owner leaves: the first admin, else the first other member, becomes owner.
+    async fn hand_group_over(&self, gid: &str, owner: &str) -> Result<(), ImError> {
+        let members = self.inner.store.members(&group_key(gid)).await?;
+        let successor = members
+            .iter()
+            .filter(|m| m.uid != owner)
+            .max_by_key(|m| m.role);
+        if let Some(successor) = successor {
+            self.inner
+                .store
+                .add_members(
+                    &group_key(gid),
+                    std::slice::from_ref(&successor.uid),
+                    Role::Owner,
+                )
+                .await?;
+        }
+        Ok(())
+    }
+
+    async fn group_info(&self, gid: &str) -> Result<pb::response::Result, ImError> {
+        let members = self.inner.store.members(&group_key(gid)).await?;
+        Ok(pb::response::Result::Group(pb::GroupInfo {
+            gid: gid.to_owned(),
+            members: members
+                .into_iter()
+                .map(|m| pb::Member {
+                    uid: m.uid,
+                    role: wire_role(m.role) as i32,
+                    read_seq: m.read_seq,
+                })
+                .collect(),
+        }))
+    }
+}

@@ -1,0 +1,216 @@
+//! Members, roles, receipts and the removal log of the PostgreSQL backend.
+
+use deadpool_postgres::GenericClient;
+
+use super::queries::conversation;
+use super::{int, pg_error, uint};
+use crate::store::{receipts_from, Member, Receipt, Removal, Role, SeqRange, StoreError};
+
+type Result<T> = std::result::Result<T, StoreError>;
+
+fn missing(key: &str) -> StoreError {
+    StoreError::NotFound(format!("no conversation {key}"))
+}
+
+pub(super) async fn create_group(
+    c: &impl GenericClient,
+    key: &str,
+    owner: &str,
+    members: &[String],
+) -> Result<()> {
+    let created = c
+        .execute(
+            "INSERT INTO conversations (key) VALUES ($1) ON CONFLICT (key) DO NOTHING",
+            &[&key],
+        )
+        .await
+        .map_err(pg_error)?;
+    if created == 0 {
+        return Err(StoreError::Conflict(format!("{key} exists")));
+    }
+    add_members(c, key, &[owner.to_owned()], Role::Owner).await?;
+    add_members(c, key, members, Role::Member).await?;
+    Ok(())
+}
+
+pub(super) async fn add_members(
+    c: &impl GenericClient,
+    key: &str,
+    uids: &[String],
+    role: Role,
+) -> Result<Vec<String>> {
+    let conv = conversation(c, key).await?.ok_or_else(|| missing(key))?;
+    let before: Vec<String> = c
+        .query(
+            "SELECT uid FROM members WHERE conv_id = $1 AND uid = ANY($2)",
+            &[&conv.id, &uids],
+        )
+        .await
+        .map_err(pg_error)?
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    c.execute(
+        "INSERT INTO members (uid, conv_id, role, joined_seq)
+         SELECT u, $2, $3, $4 FROM unnest($1::text[]) AS u
+         ON CONFLICT (uid, conv_id) DO UPDATE SET role = GREATEST(members.role, excluded.role)",
+        &[&uids, &conv.id, &role.code(), &int(conv.max_seq)],
+    )
+    .await
+    .map_err(pg_error)?;
+    let mut added: Vec<String> = uids
+        .iter()
+        .filter(|uid| !before.contains(uid))
+        .cloned()
+        .collect();
+    added.dedup();
+    Ok(added)
+}
+
+pub(super) async fn remove_members(
+    c: &impl GenericClient,
+    key: &str,
+    uids: &[String],
+) -> Result<Vec<String>> {
+    let Some(conv) = conversation(c, key).await? else {
+        return Ok(Vec::new());
+    };
+    let removed: Vec<String> = c
+        .query(
+            "DELETE FROM members WHERE conv_id = $1 AND uid = ANY($2) RETURNING uid",
+            &[&conv.id, &uids],
+        )
+        .await
+        .map_err(pg_error)?
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    c.execute(
+        "INSERT INTO member_removals (conv_key, uid) SELECT $1, unnest($2::text[])",
+        &[&key, &removed],
+    )
+    .await
+    .map_err(pg_error)?;
+    Ok(removed)
+}
+
+pub(super) async fn members(c: &impl GenericClient, key: &str) -> Result<Vec<Member>> {
+    let conv = conversation(c, key).await?.ok_or_else(|| missing(key))?;
+    Ok(c.query(
+        "SELECT uid, role, read_seq FROM members WHERE conv_id = $1 ORDER BY role DESC, uid",
+        &[&conv.id],
+    )
+    .await
+    .map_err(pg_error)?
+    .iter()
+    .map(|row| Member {
+        uid: row.get(0),
+        role: Role::from_code(i64::from(row.get::<_, i16>(1))),
+        read_seq: uint(row.get(2)),
+    })
+    .collect())
+}
+
+pub(super) async fn role(c: &impl GenericClient, uid: &str, key: &str) -> Result<Option<Role>> {
+    Ok(c.query_opt(
+        "SELECT m.role FROM members m JOIN conversations c ON c.id = m.conv_id
+             WHERE c.key = $1 AND m.uid = $2",
+        &[&key, &uid],
+    )
+    .await
+    .map_err(pg_error)?
+    .map(|row| Role::from_code(i64::from(row.get::<_, i16>(0)))))
+}
+
+pub(super) async fn memberships_with_prefix(
+    c: &impl GenericClient,
+    uid: &str,
+    prefix: &str,
+) -> Result<Vec<(String, Role)>> {
+    Ok(c.query(
+        "SELECT c.key, m.role FROM members m JOIN conversations c ON c.id = m.conv_id
+             WHERE m.uid = $1 AND left(c.key, length($2)) = $2 ORDER BY c.key",
+        &[&uid, &prefix],
+    )
+    .await
+    .map_err(pg_error)?
+    .iter()
+    .map(|row| (row.get(0), Role::from_code(i64::from(row.get::<_, i16>(1)))))
+    .collect())
+}
+
+pub(super) async fn receipts(
+    c: &impl GenericClient,
+    key: &str,
+    seqs: &[u64],
+    max_readers: usize,
+) -> Result<Vec<Receipt>> {
+    let Some(conv) = conversation(c, key).await? else {
+        return Ok(Vec::new());
+    };
+    let wanted: Vec<i64> = seqs.iter().map(|s| int(*s)).collect();
+    let senders: Vec<(u64, String)> = c
+        .query(
+            "SELECT seq, sender FROM messages WHERE conv_id = $1 AND seq = ANY($2) ORDER BY seq",
+            &[&conv.id, &wanted],
+        )
+        .await
+        .map_err(pg_error)?
+        .iter()
+        .map(|row| (uint(row.get(0)), row.get(1)))
+        .collect();
+    let Some(lowest) = senders.iter().map(|(seq, _)| *seq).min() else {
+        return Ok(Vec::new());
+    };
+    let readers: Vec<(String, u64)> = c
+        .query(
+            "SELECT uid, read_seq FROM members WHERE conv_id = $1 AND read_seq >= $2
+             ORDER BY read_seq DESC, uid",
+            &[&conv.id, &int(lowest)],
+        )
+        .await
+        .map_err(pg_error)?
+        .iter()
+        .map(|row| (row.get(0), uint(row.get(1))))
+        .collect();
+    Ok(receipts_from(&senders, &readers, max_readers))
+}
+
+pub(super) async fn senders(
+    c: &impl GenericClient,
+    key: &str,
+    range: SeqRange,
+) -> Result<Vec<String>> {
+    let Some(conv) = conversation(c, key).await? else {
+        return Ok(Vec::new());
+    };
+    Ok(c.query(
+        "SELECT DISTINCT sender FROM messages WHERE conv_id = $1 AND seq BETWEEN $2 AND $3",
+        &[&conv.id, &int(range.lo), &int(range.hi)],
+    )
+    .await
+    .map_err(pg_error)?
+    .iter()
+    .map(|row| row.get(0))
+    .collect())
+}
+
+pub(super) async fn removals_since(
+    c: &impl GenericClient,
+    after: u64,
+    limit: usize,
+) -> Result<Vec<Removal>> {
+    Ok(c.query(
+        "SELECT id, conv_key, uid FROM member_removals WHERE id > $1 ORDER BY id LIMIT $2",
+        &[&int(after), &int(limit as u64)],
+    )
+    .await
+    .map_err(pg_error)?
+    .iter()
+    .map(|row| Removal {
+        id: uint(row.get(0)),
+        conversation: row.get(1),
+        uid: row.get(2),
+    })
+    .collect())
+}
