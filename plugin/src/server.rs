@@ -112,6 +112,11 @@ impl Server {
         self.im.clone()
     }
 
+    /// The store, for embedding programs, operator tools and tests (e.g. bulk set-up).
+    pub fn store(&self) -> Arc<dyn Store> {
+        Arc::clone(&self.store)
+    }
+
     /// The policy, for embedding programs and tests (stats, reload).
     pub fn policy(&self) -> Arc<LuaPolicy> {
         Arc::clone(&self.policy)

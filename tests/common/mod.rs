@@ -25,6 +25,7 @@ pub struct TestBroker {
     pub addr: SocketAddr,
     pub im: mqtt_im::im::ImService,
     pub policy: std::sync::Arc<mqtt_im::policy::LuaPolicy>,
+    pub store: std::sync::Arc<dyn mqtt_im::store::Store>,
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<()>,
     pub dir: tempfile::TempDir,
@@ -158,12 +159,14 @@ impl TestBroker {
         let addr = server.local_addr().unwrap();
         let im = server.im();
         let policy = server.policy();
+        let store = server.store();
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(server.run(shutdown.clone()));
         Self {
             addr,
             im,
             policy,
+            store,
             shutdown,
             task,
             dir,
