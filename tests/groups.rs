@@ -1,6 +1,7 @@
 //! Group conversations and read receipts over MQTT, on every backend: management under
 //! roles, live fan-out and digests, the pull hole, receipts and their batched updates, and
 //! members cut off at once when removed.
+#![allow(clippy::unwrap_used)]
 mod common;
 
 use std::time::Duration;
