@@ -373,3 +373,118 @@ async fn policy_sees_the_group() {
         0
     );
 }
+
+/// Rows in every table of the broker's database.
+async fn rows(broker: &TestBroker) -> i64 {
+    match &broker.backend {
+        TestBackend::Embedded => {
+            let db = rusqlite::Connection::open(broker.dir.path().join("im.db")).unwrap();
+            let tables: Vec<String> = db
+                .prepare("SELECT name FROM sqlite_master WHERE type = 'table'")
+                .unwrap()
+                .query_map([], |row| row.get(0))
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap();
+            tables
+                .iter()
+                .map(|t| {
+                    db.query_row(&format!("SELECT count(*) FROM \"{t}\""), [], |row| {
+                        row.get::<_, i64>(0)
+                    })
+                    .unwrap()
+                })
+                .sum()
+        }
+        TestBackend::Postgres(settings) => {
+            let (client, connection) =
+                tokio_postgres::connect(&settings.url, tokio_postgres::NoTls)
+                    .await
+                    .unwrap();
+            tokio::spawn(connection);
+            let tables = client
+                .query(
+                    "SELECT table_name FROM information_schema.tables WHERE table_schema = $1",
+                    &[&settings.schema],
+                )
+                .await
+                .unwrap();
+            let mut total = 0;
+            for table in tables {
+                let name: String = table.get(0);
+                let sql = format!("SELECT count(*) FROM {}.\"{name}\"", settings.schema);
+                total += client.query_one(&sql, &[]).await.unwrap().get::<_, i64>(0);
+            }
+            total
+        }
+    }
+}
+
+const BIG: usize = 10_000;
+
+fn big_member(i: usize) -> String {
+    format!("u{i:05}")
+}
+
+backend_tests! {
+/// A 10,000-member group (members created in bulk through the store): one post writes O(1)
+/// rows and does no per-member work; members online get it live, and every sampled member's
+/// digest counts it.
+async fn ten_thousand_members_one_post(backend: TestBackend) {
+    let sampled = [0, BIG / 2, BIG - 1];
+    let broker = TestBroker::start_with_on(backend, move |config| {
+        for i in sampled {
+            config.auth.users.insert(big_member(i), "pw".into());
+        }
+    })
+    .await;
+    let members: Vec<String> = (0..BIG).map(big_member).collect();
+    let started = std::time::Instant::now();
+    broker.store.create_group("g:big", "alice", &members).await.unwrap();
+    eprintln!("created a group of {BIG} members in {:?}", started.elapsed());
+    let live_member = big_member(sampled[0]);
+    let mut live = Client::v5(broker.addr, "live-phone", &live_member).await;
+    assert_eq!(live.subscribe("im/g/big", 1).await, vec![1]);
+    let mut alice = Client::v5(broker.addr, "alice-phone", "alice").await;
+    assert_eq!(alice.publish_acked("im/g/big", group_chat("warm-up", "big")).await, 0);
+    let _ = live.next_on("im/g/big").await;
+
+    let before = rows(&broker).await;
+    let started = std::time::Instant::now();
+    assert_eq!(alice.publish_acked("im/g/big", group_chat("hello", "big")).await, 0);
+    let post = started.elapsed();
+    assert_eq!(chat_seq(&live.next_on("im/g/big").await), 2);
+    // Let the live member's delivery ack be written, then count: one message row, plus at
+    // most that ack (an acked range of an existing device is rewritten, not added).
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let written = rows(&broker).await - before;
+    assert!(written <= 2, "one post wrote {written} rows");
+
+    for i in &sampled[1..] {
+        let uid = big_member(*i);
+        let mut member = Client::v5(broker.addr, &format!("{uid}-phone"), &uid).await;
+        let started = std::time::Instant::now();
+        member.subscribe(&format!("im/u/{uid}/#"), 1).await;
+        let digest = member.digest(&uid).await;
+        let took = started.elapsed();
+        let session = &digest.sessions["g/big"];
+        assert_eq!((session.count, session.unacked, session.max_seq), (2, 2, 2));
+        eprintln!("{uid}: digest {took:?} after SUBSCRIBE");
+    }
+    // Every 50th member, through the store.
+    for i in (0..BIG).step_by(50) {
+        let device = mqtt_im::store::Device {
+            uid: big_member(i),
+            client_id: "probe".into(),
+        };
+        let digest = broker.store.digest(&device, 3).await.unwrap();
+        let state = digest
+            .conversations
+            .iter()
+            .find(|c| c.conversation == "g:big")
+            .unwrap();
+        assert_eq!((state.count, state.max_seq), (2, 2), "{device:?}");
+    }
+    eprintln!("one post to {BIG} members: PUBACK after {post:?}, {written} rows written");
+}
+}
