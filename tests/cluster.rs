@@ -342,3 +342,65 @@ async fn flushed_cache_gives_a_correct_digest() {
     let from_alice = bob.digest("bob").await.sessions["u/alice"].clone();
     assert_eq!((from_alice.count, from_alice.unacked), (1, 4));
 }
+
+fn group_chat(msg_id: &str, gid: &str) -> Vec<u8> {
+    let mut envelope = pb::Envelope::text(msg_id, gid, msg_id);
+    if let Some(pb::envelope::Body::Chat(message)) = envelope.body.as_mut() {
+        message.chat_type = pb::ChatType::Group as i32;
+    }
+    envelope.encode_to_vec()
+}
+
+/// A group message posted on node 1 reaches a member subscribed on node 2 live; removed on
+/// node 1, that member is cut off on node 2 (through the removal log) and gets nothing more.
+#[tokio::test]
+async fn groups_span_nodes() {
+    let Some(services) = services() else {
+        eprintln!("skipped: PostgreSQL or Redis not configured");
+        return;
+    };
+    let n1 = TestBroker::start_with_on(services.backend.clone(), node(&services, "n1")).await;
+    let n2 = TestBroker::start_with_on(services.backend.clone(), node(&services, "n2")).await;
+    let mut alice = Client::v5(n1.addr, "alice-phone", "alice").await;
+    let create = pb::request::Kind::GroupCreate(pb::GroupCreate {
+        gid: "crew".into(),
+        members: vec!["bob".into()],
+    });
+    alice.subscribe("im/u/alice/#", 1).await;
+    let _ = alice.digest("alice").await;
+    assert_eq!(
+        alice.ask("alice", request("c", create)).await.status,
+        pb::Status::Ok as i32
+    );
+    let mut bob = Client::v5(n2.addr, "bob-phone", "bob").await;
+    assert_eq!(bob.subscribe("im/g/crew", 1).await, vec![1]);
+    assert_eq!(
+        alice
+            .publish_acked("im/g/crew", group_chat("c1", "crew"))
+            .await,
+        0
+    );
+    assert_eq!(chat_seq(&bob.next_on("im/g/crew").await), 1);
+
+    let remove = pb::request::Kind::GroupRemove(pb::GroupRemove {
+        gid: "crew".into(),
+        members: vec!["bob".into()],
+    });
+    assert_eq!(
+        alice.ask("alice", request("r", remove)).await.status,
+        pb::Status::Ok as i32
+    );
+    // Node 2 reads the removal log every removal_poll_ms (500 ms by default).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        alice
+            .publish_acked("im/g/crew", group_chat("c2", "crew"))
+            .await,
+        0
+    );
+    while let Some(seen) = bob.quiet_for(Duration::from_millis(500)).await {
+        if let Seen::Publish { topic, .. } = seen {
+            assert_ne!(topic, "im/g/crew", "a removed member got a group message");
+        }
+    }
+}
