@@ -5,8 +5,9 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use mqtt_im::config::Backend;
-use mqtt_im::server::CancellationToken;
-use mqtt_im::store::{EmbeddedStore, PostgresStore};
+use mqtt_im::im::group_key;
+use mqtt_im::server::{open_store, CancellationToken};
+use mqtt_im::store::{EmbeddedStore, PostgresStore, Role, Store};
 use mqtt_im::{Config, Server};
 
 /// Offline messaging for MQTT.
@@ -29,6 +30,35 @@ enum Command {
     Migrate,
     /// Validate the configuration and exit.
     CheckConfig,
+    /// Manage groups as an operator (no role checks); running nodes apply removals to live
+    /// connections within `im.removal_poll_ms`.
+    #[command(subcommand)]
+    Group(GroupCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum GroupCommand {
+    /// Create a group owned by `owner`.
+    Create {
+        gid: String,
+        #[arg(long)]
+        owner: String,
+        /// Members besides the owner.
+        members: Vec<String>,
+    },
+    /// Add members (as admins with --admin).
+    Add {
+        gid: String,
+        members: Vec<String>,
+        #[arg(long)]
+        admin: bool,
+    },
+    /// Remove members.
+    Remove { gid: String, members: Vec<String> },
+    /// List a group's members with their roles and read cursors.
+    Members { gid: String },
+    /// List the groups of a user.
+    Of { uid: String },
 }
 
 #[tokio::main]
@@ -72,7 +102,70 @@ async fn main() -> anyhow::Result<()> {
             println!("configuration is valid");
             Ok(())
         }
+        Command::Group(command) => group(config, command).await,
     }
+}
+
+async fn group(config: Config, command: GroupCommand) -> anyhow::Result<()> {
+    let named = match &command {
+        GroupCommand::Create {
+            gid,
+            owner,
+            members,
+            ..
+        } => [vec![gid.clone(), owner.clone()], members.clone()].concat(),
+        GroupCommand::Add { gid, members, .. } | GroupCommand::Remove { gid, members } => {
+            [vec![gid.clone()], members.clone()].concat()
+        }
+        GroupCommand::Members { gid } => vec![gid.clone()],
+        GroupCommand::Of { uid } => vec![uid.clone()],
+    };
+    if let Some(bad) = named.iter().find(|id| !mqtt_im::valid_uid(id)) {
+        anyhow::bail!("invalid id {bad:?}: 1 to 64 letters, digits, '-', '_' or '.'");
+    }
+    let store = open_store(&config).await.context("opening the store")?;
+    let result = group_command(store.as_ref(), command).await;
+    store.close().await;
+    result
+}
+
+async fn group_command(store: &dyn Store, command: GroupCommand) -> anyhow::Result<()> {
+    match command {
+        GroupCommand::Create {
+            gid,
+            owner,
+            members,
+        } => {
+            store
+                .create_group(&group_key(&gid), &owner, &members)
+                .await?;
+            println!("created {gid}");
+        }
+        GroupCommand::Add {
+            gid,
+            members,
+            admin,
+        } => {
+            let role = if admin { Role::Admin } else { Role::Member };
+            let added = store.add_members(&group_key(&gid), &members, role).await?;
+            println!("added {}", added.join(" "));
+        }
+        GroupCommand::Remove { gid, members } => {
+            let removed = store.remove_members(&group_key(&gid), &members).await?;
+            println!("removed {}", removed.join(" "));
+        }
+        GroupCommand::Members { gid } => {
+            for member in store.members(&group_key(&gid)).await? {
+                println!("{} {:?} read={}", member.uid, member.role, member.read_seq);
+            }
+        }
+        GroupCommand::Of { uid } => {
+            for (key, role) in store.memberships_with_prefix(&uid, "g:").await? {
+                println!("{} {role:?}", key.trim_start_matches("g:"));
+            }
+        }
+    }
+    Ok(())
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {

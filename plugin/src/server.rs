@@ -55,17 +55,7 @@ impl Server {
     /// # Errors
     /// The store, rumqttd or a listener could not be started.
     pub async fn bind(config: Config) -> Result<Self, ServerError> {
-        let store: Arc<dyn Store> = match config.store.backend {
-            Backend::Embedded => Arc::new(EmbeddedStore::open(
-                &config.store.path,
-                config.store.max_batch,
-            )?),
-            Backend::Postgres => {
-                let cache = digest_cache(&config).await?;
-                let settings = &config.store.postgres;
-                Arc::new(PostgresStore::open(settings, config.store.max_batch, cache).await?)
-            }
-        };
+        let store = open_store(&config).await?;
         let policy = Arc::new(LuaPolicy::load(config.policy.clone())?);
         let cluster = connect_cluster(&config.cluster).await?;
         let im = ImService::new(
@@ -133,6 +123,25 @@ impl Server {
         tasks.wait().await;
         self.store.close().await;
     }
+}
+
+/// Opens (and migrates) the configured store, with the digest cache when PostgreSQL has a
+/// Redis beside it; for the server and for operator commands.
+///
+/// # Errors
+/// The store or Redis could not be opened.
+pub async fn open_store(config: &Config) -> Result<Arc<dyn Store>, ServerError> {
+    Ok(match config.store.backend {
+        Backend::Embedded => Arc::new(EmbeddedStore::open(
+            &config.store.path,
+            config.store.max_batch,
+        )?),
+        Backend::Postgres => {
+            let cache = digest_cache(config).await?;
+            let settings = &config.store.postgres;
+            Arc::new(PostgresStore::open(settings, config.store.max_batch, cache).await?)
+        }
+    })
 }
 
 /// The deployment's Redis as the PostgreSQL backend's digest cache, when it has one.

@@ -140,8 +140,8 @@ pub(crate) fn direct_key(a: &str, b: &str) -> String {
     format!("dm:{lo}:{hi}")
 }
 
-/// Conversation key of a group.
-pub(crate) fn group_key(gid: &str) -> String {
+/// Conversation key of a group in the store (operator tools address groups by it).
+pub fn group_key(gid: &str) -> String {
     format!("g:{gid}")
 }
 
