@@ -292,17 +292,20 @@ async fn receipts_and_batched_updates(backend: TestBackend) {
     assert_eq!(list.conversation, "u/bob");
     assert_eq!(list.reads, vec![pb::ReadCursorOf { uid: "bob".into(), read_seq: 1 }]);
 
-    // An offline sender learns reads by asking, and from the digest of a conversation the
-    // digest lists.
+    // An offline sender learns reads from its next digest (conversations where the others'
+    // read cursor moved since its last digest are listed) and by asking.
     alice.disconnect().await;
     let read_all = pb::request::Kind::MarkRead(pb::MarkRead {
         conversation: "g/team".into(),
         seq: 3,
     });
     assert_eq!(bob.ask("bob", request("ra", read_all)).await.status, pb::Status::Ok as i32);
-    assert_eq!(bob.publish_acked("im/u/alice", chat("d2", "alice", "back?", false)).await, 0);
-    let (mut alice, digest) = online(&broker, "alice").await;
+    let (alice_again, digest) = online(&broker, "alice").await;
+    assert_eq!(digest.sessions["g/team"].peer_read_seq, 3);
     assert_eq!(digest.sessions["u/bob"].peer_read_seq, 1);
+    alice_again.disconnect().await;
+    let (mut alice, digest) = online(&broker, "alice").await;
+    assert!(digest.sessions.is_empty(), "nothing new: {digest:?}");
     let ask = pb::request::Kind::Receipts(pb::Receipts {
         conversation: "g/team".into(),
         seqs: vec![2],

@@ -104,6 +104,27 @@ pub struct ConversationState {
     pub last: Vec<StoredMessage>,
 }
 
+/// What a recorded digest remembers of one conversation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct DigestEntry {
+    /// Conversation key.
+    pub(crate) conversation: String,
+    /// The last seq the digest covered (what `ClearCounters` clears up to).
+    pub(crate) max_seq: u64,
+    /// The others' read cursor it reported.
+    pub(crate) peer_read_seq: u64,
+}
+
+impl From<&ConversationState> for DigestEntry {
+    fn from(state: &ConversationState) -> Self {
+        Self {
+            conversation: state.conversation.clone(),
+            max_seq: state.max_seq,
+            peer_read_seq: state.peer_read_seq,
+        }
+    }
+}
+
 /// A digest as recorded: `version` identifies what [`Store::clear_counters`] will clear.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DigestSnapshot {

@@ -15,8 +15,8 @@ use tokio::sync::mpsc;
 
 use super::migrate;
 use super::{
-    Appended, Device, DigestSnapshot, Member, NewMessage, Page, Receipt, Removal, Role, SeqRange,
-    Store, StoreError,
+    Appended, Device, DigestEntry, DigestSnapshot, Member, NewMessage, Page, Receipt, Removal,
+    Role, SeqRange, Store, StoreError,
 };
 use queries::unavailable;
 use writer::{Call, Job};
@@ -151,10 +151,7 @@ impl Store for EmbeddedStore {
                 Ok(states)
             })
             .await?;
-        let entries: Vec<(String, u64)> = conversations
-            .iter()
-            .map(|c| (c.conversation.clone(), c.max_seq))
-            .collect();
+        let entries: Vec<DigestEntry> = conversations.iter().map(DigestEntry::from).collect();
         let device = device.clone();
         let version = self
             .write(move |conn| queries::record_digest(conn, &device, &entries))

@@ -5,7 +5,7 @@ use rusqlite::{params, Connection, OptionalExtension, Row};
 
 use crate::store::ranges::{self, SeqRange};
 use crate::store::{
-    Appended, ConversationState, Device, NewMessage, Page, StoreError, StoredMessage,
+    Appended, ConversationState, Device, DigestEntry, NewMessage, Page, StoreError, StoredMessage,
 };
 
 pub(super) type Result<T> = std::result::Result<T, StoreError>;
@@ -355,7 +355,8 @@ pub(super) fn memberships(conn: &Connection, uid: &str) -> Result<Vec<Membership
         .map_err(unavailable)
 }
 
-/// The digest entry of one conversation, or `None` when nothing is unacked or counted.
+/// The digest entry of one conversation, or `None` when nothing is unacked or counted and the
+/// others' read cursor has not moved since the device's last digest.
 pub(super) fn conversation_state(
     conn: &Connection,
     device: &Device,
@@ -401,7 +402,8 @@ pub(super) fn conversation_state(
         unacked += u;
         count += c;
     }
-    if unacked == 0 && count == 0 {
+    let peer_read_seq = peer_read_seq(conn, &device.uid, conv.id)?;
+    if unacked == 0 && count == 0 && peer_read_seq <= read_seen(conn, device, conv.id)? {
         return Ok(None);
     }
     Ok(Some(ConversationState {
@@ -412,7 +414,7 @@ pub(super) fn conversation_state(
         last_time: conv.last_time,
         acked_seq: ranges::watermark(&acked),
         read_seq: member.read_seq,
-        peer_read_seq: peer_read_seq(conn, &device.uid, conv.id)?,
+        peer_read_seq,
         last: history(conn, &member.key, None, last_n)?.messages,
     }))
 }
@@ -425,11 +427,25 @@ fn peer_read_seq(conn: &Connection, uid: &str, conv_id: i64) -> Result<u64> {
     .map_err(unavailable)
 }
 
-/// Records digest `version`'s entries (conversation → max seq it covered) and returns it.
+fn read_seen(conn: &Connection, device: &Device, conv_id: i64) -> Result<u64> {
+    conn.prepare_cached(
+        "SELECT peer_read_seq FROM read_seen WHERE uid = ?1 AND client_id = ?2 AND conv_id = ?3",
+    )
+    .and_then(|mut stmt| {
+        stmt.query_row(params![device.uid, device.client_id, conv_id], |row| {
+            row.get(0)
+        })
+        .optional()
+    })
+    .map(Option::unwrap_or_default)
+    .map_err(unavailable)
+}
+
+/// Records digest `version`'s entries and returns it.
 pub(super) fn record_digest(
     conn: &Connection,
     device: &Device,
-    entries: &[(String, u64)],
+    entries: &[DigestEntry],
 ) -> Result<u64> {
     let version: u64 = conn
         .prepare_cached(
@@ -447,10 +463,30 @@ pub(super) fn record_digest(
              SELECT ?1, ?2, ?3, id, ?5 FROM conversations WHERE key = ?4",
         )
         .map_err(unavailable)?;
-    for (key, max_seq) in entries {
+    let mut seen = conn
+        .prepare_cached(
+            "INSERT INTO read_seen (uid, client_id, conv_id, peer_read_seq)
+             SELECT ?1, ?2, id, ?4 FROM conversations WHERE key = ?3
+             ON CONFLICT (uid, client_id, conv_id) DO UPDATE SET peer_read_seq = excluded.peer_read_seq",
+        )
+        .map_err(unavailable)?;
+    for entry in entries {
         insert
-            .execute(params![device.uid, device.client_id, version, key, max_seq])
+            .execute(params![
+                device.uid,
+                device.client_id,
+                version,
+                entry.conversation,
+                entry.max_seq
+            ])
             .map_err(unavailable)?;
+        seen.execute(params![
+            device.uid,
+            device.client_id,
+            entry.conversation,
+            entry.peer_read_seq
+        ])
+        .map_err(unavailable)?;
     }
     // A client confirms the digest it just got; older versions are kept only briefly.
     conn.prepare_cached(

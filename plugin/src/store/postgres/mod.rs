@@ -16,8 +16,8 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::NoTls;
 
 use super::{
-    migrate, Appended, Device, DigestSnapshot, Member, NewMessage, Page, Receipt, Removal, Role,
-    SeqRange, Store, StoreError,
+    migrate, Appended, Device, DigestEntry, DigestSnapshot, Member, NewMessage, Page, Receipt,
+    Removal, Role, SeqRange, Store, StoreError,
 };
 use crate::config::PostgresSettings;
 pub use cache::DigestCache;
@@ -170,10 +170,7 @@ impl Store for PostgresStore {
         let mut client = self.client().await?;
         let cache = self.cache.as_ref();
         let states = queries::digest_states(&client, device, last_n, cache).await?;
-        let entries: Vec<(String, u64)> = states
-            .iter()
-            .map(|(c, _)| (c.conversation.clone(), c.max_seq))
-            .collect();
+        let entries: Vec<DigestEntry> = states.iter().map(|(c, _)| DigestEntry::from(c)).collect();
         let tx = client.transaction().await.map_err(pg_error)?;
         let version = queries::record_digest(&tx, device, &entries).await?;
         tx.commit().await.map_err(pg_error)?;

@@ -8,7 +8,7 @@ use tokio_postgres::Row;
 use super::cache::{Counted, DigestCache};
 use super::{int, pg_error, uint};
 use crate::store::ranges::{self, SeqRange};
-use crate::store::{ConversationState, Device, Page, StoreError, StoredMessage};
+use crate::store::{ConversationState, Device, DigestEntry, Page, StoreError, StoredMessage};
 
 type Result<T> = std::result::Result<T, StoreError>;
 
@@ -354,14 +354,21 @@ pub(super) async fn digest_states(
     if let Some(cache) = cache {
         cache.save_counters(device, &saved).await;
     }
+    let all: Vec<i64> = members.iter().map(|m| m.conv.id).collect();
+    let peers = peer_read_seqs(c, device, &all).await?;
+    let seen = reads_seen(c, device).await?;
+    let peer_of = |id: i64| uint(peers.get(&id).copied().unwrap_or(0));
     let listed: Vec<(&Membership, Counted)> = members
         .iter()
         .zip(counted)
         .filter_map(|(member, counted)| counted.map(|counted| (member, counted)))
-        .filter(|(_, counted)| counted.unacked > 0 || counted.count > 0)
+        .filter(|(member, counted)| {
+            let id = member.conv.id;
+            counted.unacked > 0
+                || counted.count > 0
+                || peer_of(id) > seen.get(&id).copied().unwrap_or(0)
+        })
         .collect();
-    let ids: Vec<i64> = listed.iter().map(|(m, _)| m.conv.id).collect();
-    let peers = peer_read_seqs(c, device, &ids).await?;
     let mut previews = previews(c, &listed, last_n, cache).await?;
     Ok(listed
         .into_iter()
@@ -376,7 +383,7 @@ pub(super) async fn digest_states(
                 last_time: member.conv.last_time,
                 acked_seq: ranges::watermark(ranges_of(id)),
                 read_seq: member.read_seq,
-                peer_read_seq: uint(peers.get(&id).copied().unwrap_or(0)),
+                peer_read_seq: peer_of(id),
                 last: std::mem::take(last),
             };
             (state, counted)
@@ -464,6 +471,19 @@ async fn count_unacked<'a>(
     .collect())
 }
 
+/// The others' read cursor each conversation's last digest reported to the device.
+async fn reads_seen(c: &impl GenericClient, device: &Device) -> Result<HashMap<i64, u64>> {
+    Ok(c.query(
+        "SELECT conv_id, peer_read_seq FROM read_seen WHERE uid = $1 AND client_id = $2",
+        &[&device.uid, &device.client_id],
+    )
+    .await
+    .map_err(pg_error)?
+    .iter()
+    .map(|row| (row.get(0), uint(row.get(1))))
+    .collect())
+}
+
 /// Highest read cursor of the other members, per conversation.
 async fn peer_read_seqs(
     c: &impl GenericClient,
@@ -548,7 +568,7 @@ async fn previews(
 pub(super) async fn record_digest(
     c: &impl GenericClient,
     device: &Device,
-    entries: &[(String, u64)],
+    entries: &[DigestEntry],
 ) -> Result<u64> {
     let version: i64 = c
         .query_one(
@@ -561,8 +581,18 @@ pub(super) async fn record_digest(
         .await
         .map_err(pg_error)?
         .get(0);
-    let keys: Vec<&str> = entries.iter().map(|(k, _)| k.as_str()).collect();
-    let seqs: Vec<i64> = entries.iter().map(|(_, s)| int(*s)).collect();
+    let keys: Vec<&str> = entries.iter().map(|e| e.conversation.as_str()).collect();
+    let seqs: Vec<i64> = entries.iter().map(|e| int(e.max_seq)).collect();
+    let reads: Vec<i64> = entries.iter().map(|e| int(e.peer_read_seq)).collect();
+    c.execute(
+        "INSERT INTO read_seen (uid, client_id, conv_id, peer_read_seq)
+         SELECT $1, $2, c.id, e.read FROM unnest($3::text[], $4::bigint[]) AS e(key, read)
+         JOIN conversations c ON c.key = e.key
+         ON CONFLICT (uid, client_id, conv_id) DO UPDATE SET peer_read_seq = excluded.peer_read_seq",
+        &[&device.uid, &device.client_id, &keys, &reads],
+    )
+    .await
+    .map_err(pg_error)?;
     c.execute(
         "INSERT INTO digest_entries (uid, client_id, version, conv_id, max_seq)
          SELECT $1, $2, $3, c.id, e.max_seq
