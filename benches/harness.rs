@@ -1,0 +1,734 @@
+//! The load harness: mqtt-im side by side with bare rumqttd, in one run on loopback.
+//!
+//! `cargo bench --bench harness -- <scenario> [flags]` (see `--help`):
+//! - `pubsub`: P publishers to per-user topics, S subscribers, the same load on bare rumqttd
+//!   and on mqtt-im; messages/s and p50/p99 publish→receive latency on each side, and the
+//!   ratio. `--topics chat` uses IM inboxes (stored by mqtt-im, forwarded by rumqttd),
+//!   `--topics plain` a non-IM tree (passed through by mqtt-im).
+//! - `reconnect`: N messages into one user's inbox from C senders while it is offline (the
+//!   offline store's throughput, PUBACK after commit), then SUBSCRIBE → digest on mqtt-im,
+//!   against bare rumqttd pushing the same backlog to a persistent session.
+//! - `pull`: Pull latency (pages of 50, each acknowledging the one before) with M stored
+//!   messages.
+//!
+//! Every scenario runs mqtt-im on the embedded store; `--postgres URL` (and `--redis URL`)
+//! runs it on PostgreSQL (and Redis) in a fresh schema `bench_<pid>` left for inspection.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use mqtt_im::server::CancellationToken;
+use mqtt_im::store::{Device, NewMessage};
+use mqtt_im::wire::pb;
+use mqtt_im::{Config, Server};
+use prost::Message;
+use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
+
+type Error = Box<dyn std::error::Error + Send + Sync>;
+
+#[derive(Debug, Parser)]
+#[command(about = "mqtt-im against bare rumqttd")]
+struct Cli {
+    #[command(subcommand)]
+    scenario: Scenario,
+    /// Run mqtt-im on this PostgreSQL URL instead of the embedded store.
+    #[arg(long, global = true)]
+    postgres: Option<String>,
+    /// With --postgres: Redis for presence and the digest cache.
+    #[arg(long, global = true)]
+    redis: Option<String>,
+    /// Ignored (cargo bench passes it).
+    #[arg(long, global = true, hide = true)]
+    bench: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum Scenario {
+    /// Live publish/subscribe throughput and latency.
+    Pubsub(PubsubArgs),
+    /// Offline store throughput, then the digest against a pushed backlog.
+    Reconnect(ReconnectArgs),
+    /// Pull latency over a large store.
+    Pull(PullArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Topics {
+    /// `im/u/{uid}`: IM chat (stored by mqtt-im).
+    Chat,
+    /// `load/u/{uid}`: other topics (passed through by mqtt-im).
+    Plain,
+}
+
+#[derive(Debug, Clone, Args)]
+struct PubsubArgs {
+    #[arg(long, default_value_t = 8)]
+    publishers: usize,
+    #[arg(long, default_value_t = 8)]
+    subscribers: usize,
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=1))]
+    qos: u8,
+    /// Payload bytes (the text of chat messages).
+    #[arg(long, default_value_t = 256)]
+    size: usize,
+    /// Seconds of load per side.
+    #[arg(long, default_value_t = 10)]
+    duration: u64,
+    #[arg(long, value_enum, default_value_t = Topics::Chat)]
+    topics: Topics,
+    /// Messages per second per publisher (0: as fast as the broker takes them).
+    #[arg(long, default_value_t = 0)]
+    rate: u64,
+}
+
+#[derive(Debug, Clone, Args)]
+struct ReconnectArgs {
+    #[arg(long, default_value_t = 100_000)]
+    messages: usize,
+    #[arg(long, default_value_t = 1_000)]
+    conversations: usize,
+    /// Senders connected at the same time.
+    #[arg(long, default_value_t = 500)]
+    concurrency: usize,
+    #[arg(long, default_value_t = 64)]
+    size: usize,
+}
+
+#[derive(Debug, Clone, Args)]
+struct PullArgs {
+    /// Messages stored before measuring.
+    #[arg(long, default_value_t = 1_000_000)]
+    stored: usize,
+    #[arg(long, default_value_t = 1_000)]
+    conversations: usize,
+    /// Pulls measured.
+    #[arg(long, default_value_t = 2_000)]
+    pulls: usize,
+}
+
+fn main() -> Result<(), Error> {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async {
+        match &cli.scenario {
+            Scenario::Pubsub(args) => pubsub(&cli, args).await,
+            Scenario::Reconnect(args) => reconnect(&cli, args).await,
+            Scenario::Pull(args) => pull(&cli, args).await,
+        }
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// The two brokers
+
+/// Bare rumqttd 0.20 on loopback, with the router settings mqtt-im ships (`big_logs` for a
+/// backlog scenario: room for the whole backlog in its commit log).
+fn bare_rumqttd(big_logs: bool) -> Result<SocketAddr, Error> {
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    let defaults = Config::default().broker;
+    let connections = rumqttd::ConnectionSettings {
+        connection_timeout_ms: 5000,
+        max_payload_size: defaults.max_packet_size,
+        max_inflight_count: defaults.max_inflight_count,
+        auth: None,
+        external_auth: None,
+        dynamic_filters: true,
+    };
+    let server = rumqttd::ServerSettings {
+        name: "bare".into(),
+        listen: addr,
+        tls: None,
+        next_connection_delay_ms: 0,
+        connections,
+    };
+    let (segment, count) = if big_logs {
+        (256 << 20, 10)
+    } else {
+        (defaults.max_segment_size, defaults.max_segment_count)
+    };
+    let config = rumqttd::Config {
+        id: 0,
+        router: rumqttd::RouterConfig {
+            max_connections: defaults.max_connections,
+            max_outgoing_packet_count: defaults.max_inflight_count as u64,
+            max_segment_size: segment,
+            max_segment_count: count,
+            ..Default::default()
+        },
+        v4: Some(HashMap::from([("bare".to_owned(), server)])),
+        ..Default::default()
+    };
+    std::thread::Builder::new()
+        .name("bare-rumqttd".into())
+        .spawn(move || {
+            let mut broker = rumqttd::Broker::new(config);
+            if let Err(e) = broker.start() {
+                eprintln!("bare rumqttd stopped: {e}");
+            }
+        })?;
+    std::thread::sleep(Duration::from_millis(300));
+    Ok(addr)
+}
+
+/// mqtt-im on port 0, anonymous clients with their client id as uid.
+async fn mqtt_im(
+    cli: &Cli,
+) -> Result<
+    (
+        SocketAddr,
+        Arc<dyn mqtt_im::store::Store>,
+        CancellationToken,
+    ),
+    Error,
+> {
+    let dir = tempfile::tempdir()?.keep();
+    let mut config = Config::default();
+    config.listeners.mqtt = "127.0.0.1:0".parse()?;
+    config.store.path = dir.join("im.db");
+    config.auth.allow_anonymous = true;
+    config.auth.uid_from = mqtt_im::config::UidSource::ClientId;
+    let tag = format!("bench_{}", std::process::id());
+    if let Some(url) = &cli.postgres {
+        config.store.backend = mqtt_im::config::Backend::Postgres;
+        config.store.postgres.url = url.clone();
+        config.store.postgres.schema = tag.clone();
+    }
+    if let Some(url) = &cli.redis {
+        config.cluster.redis_url = url.clone();
+        config.cluster.key_prefix = tag;
+    }
+    let server = Server::bind(config).await?;
+    let addr = server.local_addr()?;
+    let store = server.store();
+    let shutdown = CancellationToken::new();
+    tokio::spawn(server.run(shutdown.clone()));
+    Ok((addr, store, shutdown))
+}
+
+fn backend_name(cli: &Cli) -> &'static str {
+    match (&cli.postgres, &cli.redis) {
+        (None, _) => "embedded",
+        (Some(_), None) => "postgres",
+        (Some(_), Some(_)) => "postgres+redis",
+    }
+}
+
+fn options(addr: SocketAddr, client_id: &str, clean: bool) -> MqttOptions {
+    let mut options = MqttOptions::new(client_id, addr.ip().to_string(), addr.port());
+    options.set_keep_alive(Duration::from_secs(60));
+    options.set_inflight(100);
+    options.set_clean_session(clean);
+    options.set_max_packet_size(16 << 20, 16 << 20);
+    options
+}
+
+async fn connected(
+    addr: SocketAddr,
+    client_id: &str,
+    clean: bool,
+    cap: usize,
+) -> Result<(AsyncClient, EventLoop), Error> {
+    let (client, mut events) = AsyncClient::new(options(addr, client_id, clean), cap);
+    loop {
+        if let Event::Incoming(Packet::ConnAck(_)) = events.poll().await? {
+            return Ok((client, events));
+        }
+    }
+}
+
+fn now_micros() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+// ---------------------------------------------------------------------------------------
+// pubsub
+
+/// What one side measured.
+#[derive(Debug, Default)]
+struct Measured {
+    sent: u64,
+    received: u64,
+    seconds: f64,
+    latencies: Vec<u64>,
+}
+
+impl Measured {
+    fn rate(&self) -> f64 {
+        self.received as f64 / self.seconds
+    }
+
+    fn percentile(&self, p: f64) -> f64 {
+        if self.latencies.is_empty() {
+            return f64::NAN;
+        }
+        let mut sorted = self.latencies.clone();
+        sorted.sort_unstable();
+        let index = ((sorted.len() - 1) as f64 * p).round() as usize;
+        sorted[index] as f64 / 1000.0
+    }
+
+    fn print(&self, side: &str) {
+        println!(
+            "{side:>22}: {:>9.0} msg/s received ({} sent, {} received in {:.1} s), latency p50 {:.2} ms, p99 {:.2} ms",
+            self.rate(),
+            self.sent,
+            self.received,
+            self.seconds,
+            self.percentile(0.5),
+            self.percentile(0.99)
+        );
+    }
+}
+
+fn payload(topics: Topics, msg_id: &str, to: &str, text: &str) -> Vec<u8> {
+    match topics {
+        Topics::Chat => {
+            let mut envelope = pb::Envelope::text(msg_id.to_owned(), to, text);
+            envelope.time = i64::try_from(now_micros()).unwrap_or(0);
+            envelope.encode_to_vec()
+        }
+        Topics::Plain => {
+            let mut bytes = now_micros().to_be_bytes().to_vec();
+            bytes.extend_from_slice(text.as_bytes());
+            bytes
+        }
+    }
+}
+
+/// When a received payload was sent (microseconds since the epoch).
+fn sent_at(topics: Topics, bytes: &[u8]) -> Option<u64> {
+    match topics {
+        Topics::Chat => pb::Envelope::decode(bytes)
+            .ok()
+            .and_then(|e| u64::try_from(e.time).ok()),
+        Topics::Plain => Some(u64::from_be_bytes(bytes.get(..8)?.try_into().ok()?)),
+    }
+}
+
+fn topic(topics: Topics, uid: &str) -> String {
+    match topics {
+        Topics::Chat => format!("im/u/{uid}"),
+        Topics::Plain => format!("load/u/{uid}"),
+    }
+}
+
+async fn run_pubsub(addr: SocketAddr, args: &PubsubArgs, side: &str) -> Result<Measured, Error> {
+    let qos = if args.qos == 0 {
+        QoS::AtMostOnce
+    } else {
+        QoS::AtLeastOnce
+    };
+    let received = Arc::new(AtomicU64::new(0));
+    let counting = Arc::new(AtomicBool::new(false));
+    let latencies = Arc::new(Mutex::new(Vec::new()));
+    let mut subscribers = Vec::new();
+    for s in 0..args.subscribers {
+        let uid = format!("{side}s{s}");
+        let (client, mut events) = connected(addr, &uid, true, 100).await?;
+        let filter = match args.topics {
+            Topics::Chat => format!("im/u/{uid}/#"),
+            Topics::Plain => topic(args.topics, &uid),
+        };
+        client.subscribe(filter, qos).await?;
+        let (received, counting, latencies) =
+            (received.clone(), counting.clone(), latencies.clone());
+        let topics = args.topics;
+        subscribers.push(tokio::spawn(async move {
+            let _client = client;
+            while let Ok(event) = events.poll().await {
+                if let Event::Incoming(Packet::Publish(publish)) = event {
+                    let at = now_micros();
+                    if !counting.load(Ordering::Relaxed) || publish.topic.ends_with("/digest") {
+                        continue;
+                    }
+                    received.fetch_add(1, Ordering::Relaxed);
+                    if let Some(sent) = sent_at(topics, &publish.payload) {
+                        if let Ok(mut all) = latencies.lock() {
+                            all.push(at.saturating_sub(sent));
+                        }
+                    }
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let sent = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let text = "x".repeat(args.size);
+    let mut publishers = Vec::new();
+    for p in 0..args.publishers {
+        let uid = format!("{side}p{p}");
+        let (client, mut events) = connected(addr, &uid, true, 1000).await?;
+        let (sent, stop, text, args) = (sent.clone(), stop.clone(), text.clone(), args.clone());
+        let side = side.to_owned();
+        let pump = tokio::spawn(async move { while events.poll().await.is_ok() {} });
+        publishers.push(tokio::spawn(async move {
+            // Paced publishers catch up after a late tick (the timer has 1 ms resolution).
+            let mut pace = (args.rate > 0)
+                .then(|| tokio::time::interval(Duration::from_micros(1_000_000 / args.rate)));
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                if let Some(pace) = pace.as_mut() {
+                    pace.tick().await;
+                }
+                let to = format!("{side}s{}", (p + i as usize) % args.subscribers);
+                let body = payload(args.topics, &format!("{p}-{i}"), &to, &text);
+                if client
+                    .publish(topic(args.topics, &to), qos, false, body)
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+                sent.fetch_add(1, Ordering::Relaxed);
+                i += 1;
+            }
+            let _ = client.disconnect().await;
+            let _ = tokio::time::timeout(Duration::from_secs(2), pump).await;
+        }));
+    }
+    // Warm up, then measure for the duration.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let sent_before = sent.load(Ordering::Relaxed);
+    counting.store(true, Ordering::Relaxed);
+    let started = Instant::now();
+    tokio::time::sleep(Duration::from_secs(args.duration)).await;
+    counting.store(false, Ordering::Relaxed);
+    let seconds = started.elapsed().as_secs_f64();
+    let sent_during = sent.load(Ordering::Relaxed) - sent_before;
+    stop.store(true, Ordering::Relaxed);
+    for publisher in publishers {
+        let _ = tokio::time::timeout(Duration::from_secs(5), publisher).await;
+    }
+    for subscriber in subscribers {
+        subscriber.abort();
+    }
+    let latencies = latencies.lock().map(|l| l.clone()).unwrap_or_default();
+    Ok(Measured {
+        sent: sent_during,
+        received: received.load(Ordering::Relaxed),
+        seconds,
+        latencies,
+    })
+}
+
+async fn pubsub(cli: &Cli, args: &PubsubArgs) -> Result<(), Error> {
+    println!(
+        "pubsub: {} publishers -> {} subscribers, QoS {}, {} B, {:?} topics, {} s per side, mqtt-im on {}",
+        args.publishers,
+        args.subscribers,
+        args.qos,
+        args.size,
+        args.topics,
+        args.duration,
+        backend_name(cli)
+    );
+    let bare_addr = bare_rumqttd(false)?;
+    let bare = run_pubsub(bare_addr, args, "b").await?;
+    bare.print("bare rumqttd");
+    let (im_addr, _, shutdown) = mqtt_im(cli).await?;
+    let im = run_pubsub(im_addr, args, "m").await?;
+    im.print("mqtt-im");
+    println!(
+        "{:>22}: throughput {:.0}% of bare, p99 {:.2}x bare",
+        "mqtt-im / bare",
+        100.0 * im.rate() / bare.rate(),
+        im.percentile(0.99) / bare.percentile(0.99)
+    );
+    print_rss();
+    shutdown.cancel();
+    Ok(())
+}
+
+fn print_rss() {
+    let peak = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find(|line| line.starts_with("VmHWM:"))
+                .map(|line| line.trim_start_matches("VmHWM:").trim().to_owned())
+        });
+    if let Some(peak) = peak {
+        println!(
+            "{:>22}: {peak} (both brokers and the load generator)",
+            "peak RSS"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// reconnect
+
+/// One sender: `count` chat messages to bob, waiting for every PUBACK.
+async fn sender(addr: SocketAddr, id: String, count: usize, text: String) -> Result<(), Error> {
+    let (client, mut events) = connected(addr, &id, true, 200).await?;
+    let publisher = tokio::spawn(async move {
+        for i in 0..count {
+            let payload =
+                pb::Envelope::text(format!("{id}-{i}"), "bob", text.as_str()).encode_to_vec();
+            client
+                .publish("im/u/bob", QoS::AtLeastOnce, false, payload)
+                .await?;
+        }
+        Ok::<_, rumqttc::ClientError>(client)
+    });
+    let mut acked = 0;
+    while acked < count {
+        if let Event::Incoming(Packet::PubAck(_)) = events.poll().await? {
+            acked += 1;
+        }
+    }
+    let client = publisher.await??;
+    client.disconnect().await?;
+    Ok(())
+}
+
+/// C senders put N messages into bob's inbox; returns the time it took.
+async fn fill_inbox(
+    addr: SocketAddr,
+    args: &ReconnectArgs,
+    prefix: &str,
+) -> Result<Duration, Error> {
+    let per_sender = args.messages / args.conversations.max(1);
+    let text = "x".repeat(args.size);
+    let started = Instant::now();
+    let slots = Arc::new(tokio::sync::Semaphore::new(args.concurrency.max(1)));
+    let senders: Vec<_> = (0..args.conversations)
+        .map(|n| {
+            let (slots, text, id) = (slots.clone(), text.clone(), format!("{prefix}{n}"));
+            tokio::spawn(async move {
+                let _slot = slots.acquire_owned().await?;
+                sender(addr, id, per_sender, text).await
+            })
+        })
+        .collect();
+    for sender in senders {
+        sender.await??;
+    }
+    Ok(started.elapsed())
+}
+
+async fn reconnect(cli: &Cli, args: &ReconnectArgs) -> Result<(), Error> {
+    let total = args.messages / args.conversations.max(1) * args.conversations;
+    println!(
+        "reconnect: {total} messages from {} senders into one offline inbox, mqtt-im on {}",
+        args.conversations,
+        backend_name(cli)
+    );
+    // mqtt-im: bob has connected once before, like any returning user.
+    let (im_addr, _, shutdown) = mqtt_im(cli).await?;
+    let (bob, mut events) = connected(im_addr, "bob", true, 10).await?;
+    bob.subscribe("im/u/bob/#", QoS::AtLeastOnce).await?;
+    wait_digest(&mut events).await?;
+    bob.disconnect().await?;
+    let stored = fill_inbox(im_addr, args, "s").await?;
+    println!(
+        "{:>22}: {:.0} msg/s stored (PUBACK after commit), {total} in {:.2} s",
+        "mqtt-im store",
+        total as f64 / stored.as_secs_f64(),
+        stored.as_secs_f64()
+    );
+    let (bob, mut events) = connected(im_addr, "bob", true, 10).await?;
+    let subscribed = Instant::now();
+    bob.subscribe("im/u/bob/#", QoS::AtLeastOnce).await?;
+    let (digest, bytes) = wait_digest(&mut events).await?;
+    let digest_time = subscribed.elapsed();
+    println!(
+        "{:>22}: {:.1} ms after SUBSCRIBE: {} conversations, {} unread, {bytes} bytes",
+        "mqtt-im digest",
+        digest_time.as_secs_f64() * 1e3,
+        digest.sessions.len(),
+        digest.sessions.values().map(|s| s.count).sum::<u64>()
+    );
+    shutdown.cancel();
+
+    // Bare rumqttd: a persistent session gets the whole backlog pushed at reconnect.
+    let bare_addr = bare_rumqttd(true)?;
+    let (bob, mut events) = connected(bare_addr, "bob", false, 10).await?;
+    bob.subscribe("im/u/bob", QoS::AtLeastOnce).await?;
+    loop {
+        if let Event::Incoming(Packet::SubAck(_)) = events.poll().await? {
+            break;
+        }
+    }
+    bob.disconnect().await?;
+    while events.poll().await.is_ok() {}
+    let filled = fill_inbox(bare_addr, args, "s").await?;
+    println!(
+        "{:>22}: {:.0} msg/s accepted (PUBACK, nothing stored), {total} in {:.2} s",
+        "bare rumqttd",
+        total as f64 / filled.as_secs_f64(),
+        filled.as_secs_f64()
+    );
+    let reconnected = Instant::now();
+    let (_bob, mut events) = connected(bare_addr, "bob", false, 10).await?;
+    let mut received = 0usize;
+    let mut last = reconnected.elapsed();
+    while received < total {
+        match tokio::time::timeout(Duration::from_secs(5), events.poll()).await {
+            Ok(Ok(Event::Incoming(Packet::Publish(_)))) => {
+                received += 1;
+                last = reconnected.elapsed();
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) | Err(_) => break,
+        }
+    }
+    println!(
+        "{:>22}: {received} of {total} messages pushed in {:.1} ms after CONNECT",
+        "bare rumqttd backlog",
+        last.as_secs_f64() * 1e3
+    );
+    println!(
+        "{:>22}: digest {:.0}x sooner than the pushed backlog",
+        "mqtt-im / bare",
+        last.as_secs_f64() / digest_time.as_secs_f64()
+    );
+    print_rss();
+    Ok(())
+}
+
+async fn wait_digest(events: &mut EventLoop) -> Result<(pb::Digest, usize), Error> {
+    loop {
+        if let Event::Incoming(Packet::Publish(publish)) = events.poll().await? {
+            if publish.topic.ends_with("/digest") {
+                return Ok((
+                    pb::Digest::decode(publish.payload.as_ref())?,
+                    publish.payload.len(),
+                ));
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// pull
+
+async fn pull(cli: &Cli, args: &PullArgs) -> Result<(), Error> {
+    println!(
+        "pull: {} stored messages in {} conversations, {} pulls of 50, mqtt-im on {}",
+        args.stored,
+        args.conversations,
+        args.pulls,
+        backend_name(cli)
+    );
+    let (addr, store, shutdown) = mqtt_im(cli).await?;
+    // Filled through the store, many appends in flight so that they are group-committed.
+    let started = Instant::now();
+    let body = pb::ChatMessage {
+        msg: Some(pb::Content {
+            kind: Some(pb::content::Kind::Text("x".repeat(64))),
+        }),
+        ..pb::ChatMessage::default()
+    }
+    .encode_to_vec();
+    let per_conversation = args.stored / args.conversations.max(1);
+    let next = Arc::new(AtomicU64::new(0));
+    let workers: Vec<_> = (0..256)
+        .map(|_| {
+            let (store, next, body) = (store.clone(), next.clone(), body.clone());
+            let total = (per_conversation * args.conversations) as u64;
+            let conversations = args.conversations as u64;
+            tokio::spawn(async move {
+                loop {
+                    let n = next.fetch_add(1, Ordering::Relaxed);
+                    if n >= total {
+                        return Ok::<_, Error>(());
+                    }
+                    let peer = format!("peer{}", n % conversations);
+                    store
+                        .append(NewMessage {
+                            conversation: format!("dm:puller:{peer}"),
+                            members: vec!["puller".into(), peer.clone()],
+                            sender: peer,
+                            sender_device: "bench".into(),
+                            msg_id: format!("m{n}"),
+                            server_time: 0,
+                            body: body.clone(),
+                        })
+                        .await?;
+                }
+            })
+        })
+        .collect();
+    for worker in workers {
+        worker.await??;
+    }
+    println!(
+        "{:>22}: {} messages in {:.1} s ({:.0} msg/s through the store)",
+        "filled",
+        per_conversation * args.conversations,
+        started.elapsed().as_secs_f64(),
+        (per_conversation * args.conversations) as f64 / started.elapsed().as_secs_f64()
+    );
+    store
+        .register_device(&Device {
+            uid: "puller".into(),
+            client_id: "puller".into(),
+        })
+        .await?;
+    let (client, mut events) = connected(addr, "puller", true, 10).await?;
+    client.subscribe("im/u/puller/#", QoS::AtLeastOnce).await?;
+    let _ = wait_digest(&mut events).await?;
+    let mut cursors: HashMap<usize, Option<pb::Cursor>> = HashMap::new();
+    let mut latencies = Vec::with_capacity(args.pulls);
+    for i in 0..args.pulls {
+        let conversation = (i * 7919) % args.conversations;
+        let ack = cursors.get(&conversation).cloned().flatten();
+        let request = pb::Request {
+            request_id: format!("{i}"),
+            kind: Some(pb::request::Kind::Pull(pb::Pull {
+                conversation: format!("u/peer{conversation}"),
+                page_size: 50,
+                ack,
+            })),
+        };
+        let asked = Instant::now();
+        client
+            .publish(
+                "im/u/puller/req",
+                QoS::AtLeastOnce,
+                false,
+                request.encode_to_vec(),
+            )
+            .await?;
+        let page = loop {
+            if let Event::Incoming(Packet::Publish(publish)) = events.poll().await? {
+                if publish.topic.ends_with("/resp") {
+                    break pb::Response::decode(publish.payload.as_ref())?;
+                }
+            }
+        };
+        latencies.push(u64::try_from(asked.elapsed().as_micros()).unwrap_or(u64::MAX));
+        let Some(pb::response::Result::Page(page)) = page.result else {
+            return Err(format!("pull {i} failed: {:?}", page.error).into());
+        };
+        if page.messages.len() != 50 {
+            return Err(format!("pull {i} returned {} messages", page.messages.len()).into());
+        }
+        cursors.insert(conversation, page.cursor);
+    }
+    let measured = Measured {
+        sent: args.pulls as u64,
+        received: args.pulls as u64,
+        seconds: 1.0,
+        latencies,
+    };
+    println!(
+        "{:>22}: p50 {:.2} ms, p99 {:.2} ms (request published -> page received)",
+        "pull of 50",
+        measured.percentile(0.5),
+        measured.percentile(0.99)
+    );
+    print_rss();
+    shutdown.cancel();
+    Ok(())
+}
