@@ -19,6 +19,7 @@ use tracing::Instrument;
 
 use super::codec::{self, kind, Version};
 use super::handshake::{handshake, Established};
+use super::links::LinkClaim;
 use super::packet_ids::{Origin, PacketIds};
 use super::reply::Outcome;
 use super::{ConnectionSink, EdgeContext, EdgeError};
@@ -67,6 +68,8 @@ pub(super) struct Connection {
     up_in: BytesMut,
     pub(super) up_out: BytesMut,
     pub(super) ids: PacketIds,
+    /// Held until rumqttd has closed this connection's link.
+    link: LinkClaim,
     /// IM subscriptions of this connection: filter → granted QoS.
     pub(super) im_filters: HashMap<String, u8>,
     pub(super) pending: HashMap<u16, PendingAck>,
@@ -122,6 +125,7 @@ impl Connection {
             client_out,
             upstream,
             up_in,
+            link,
         } = established;
         let (client_rd, client_wr) = client.into_split();
         let (up_rd, up_wr) = upstream.into_split();
@@ -152,6 +156,7 @@ impl Connection {
             up_in,
             up_out: BytesMut::with_capacity(4096),
             ids: PacketIds::default(),
+            link,
             im_filters,
             pending: HashMap::new(),
             im_qos2: HashSet::new(),
@@ -172,6 +177,8 @@ impl Connection {
 enum End {
     ClientDisconnected,
     ClientGone,
+    /// A newer connection of the same client id took the session over.
+    TakenOver,
     UpstreamGone,
     KeepAliveExpired,
     Shutdown,
@@ -220,6 +227,7 @@ impl Connection {
                 Some(event) = self.events_rx.recv() => self.on_event(event).map_err(End::Failed),
                 _ = ticker.tick() => self.on_tick(),
                 () = shutdown.cancelled() => Err(End::Shutdown),
+                () = self.link.kick.cancelled() => Err(End::TakenOver),
             };
             if let Err(stop) = step {
                 end = Some(stop);
@@ -317,17 +325,18 @@ impl Connection {
             End::Failed(e) => tracing::info!(error = %e, "connection closed on error"),
             other => tracing::debug!(reason = ?other, "connection closed"),
         }
-        if matches!(end, End::ClientDisconnected) {
-            // rumqttd 0.20 frees the connection id when it handles DISCONNECT and again when
-            // the socket closes; if another client got the id in between, the second free
-            // drops that client. Waiting for rumqttd to close the link avoids the second one.
-            let mut rest = [0u8; 256];
-            let _ = timeout(DISCONNECT_GRACE, async {
-                while matches!(self.up_rd.read(&mut rest).await, Ok(n) if n > 0) {}
-            })
-            .await;
+        // rumqttd 0.20 frees the connection id when it handles DISCONNECT and again when
+        // the socket closes, and mishandles a new link of a client id whose old link is not
+        // gone yet; so the link is closed (without DISCONNECT, rumqttd publishes the will)
+        // and this waits until rumqttd has closed it too, before the client id is released.
+        if !matches!(end, End::ClientDisconnected) {
+            let _ = self.up_wr.shutdown().await;
         }
-        // Otherwise dropping the link lets rumqttd publish the client's will.
+        let mut rest = [0u8; 256];
+        let _ = timeout(DISCONNECT_GRACE, async {
+            while matches!(self.up_rd.read(&mut rest).await, Ok(n) if n > 0) {}
+        })
+        .await;
         let _ = self.client_wr.shutdown().await;
     }
 

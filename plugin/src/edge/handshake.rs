@@ -13,6 +13,7 @@ use tokio::net::TcpStream;
 use tokio::time::timeout;
 
 use super::codec::{self, kind, Frame, Version};
+use super::links::LinkClaim;
 use super::{auth, EdgeContext, EdgeError, EDGE_USER};
 use crate::policy::{ClientView, Decision};
 use crate::store::Device;
@@ -41,6 +42,8 @@ pub(super) struct Established {
     pub(super) upstream: TcpStream,
     /// Bytes rumqttd sent after its CONNACK.
     pub(super) up_in: BytesMut,
+    /// This connection's hold on its client id's rumqttd link.
+    pub(super) link: LinkClaim,
 }
 
 /// A decoded CONNECT.
@@ -102,6 +105,7 @@ pub(super) async fn handshake(
     let broker = ctx
         .broker_for(id)
         .ok_or(EdgeError::Protocol("no private rumqttd listener"))?;
+    let link = ctx.links.claim(&admitted.device.client_id, id).await?;
     let (upstream, up_in, ack) = connect_upstream(&ctx, broker, packet, &admitted.device).await?;
     if ack.code != ConnectReturnCode::Success {
         refuse(&mut stream, version, ack.code, None).await;
@@ -139,6 +143,7 @@ pub(super) async fn handshake(
         client_out,
         upstream,
         up_in,
+        link,
     })
 }
 

@@ -7,6 +7,7 @@ mod codec;
 mod connection;
 mod fit;
 mod handshake;
+mod links;
 mod packet_ids;
 mod relay;
 mod reply;
@@ -64,6 +65,8 @@ pub(crate) struct EdgeContext {
     /// IM subscriptions of persistent sessions, by (uid, client id), restored when the
     /// device reconnects without a clean session (rumqttd keeps only the non-IM ones).
     persistent: Mutex<HashMap<(String, String), HashMap<String, u8>>>,
+    /// One rumqttd link per client id at a time (the hook layer does session take-over).
+    pub(crate) links: Arc<links::Links>,
 }
 
 impl EdgeContext {
@@ -114,6 +117,7 @@ impl EdgeContext {
             connect_timeout: Duration::from_millis(config.broker.connect_timeout_ms),
             next_connection: AtomicU64::new(1),
             persistent: Mutex::new(HashMap::new()),
+            links: Arc::default(),
         }
     }
 }
