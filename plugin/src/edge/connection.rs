@@ -30,6 +30,9 @@ use crate::store::Device;
 const UPSTREAM_PING: Duration = Duration::from_secs(20);
 /// How long a cleanly disconnecting client's link waits for rumqttd to close it.
 const DISCONNECT_GRACE: Duration = Duration::from_secs(5);
+/// Spare read buffer of a quiet connection side, and of a busy one.
+const READ_SMALL: usize = 2048;
+const READ_LARGE: usize = 64 << 10;
 /// Live deliveries queued per connection before the device counts as busy.
 const EVENT_QUEUE: usize = 1024;
 /// Unacknowledged publishes towards a client beyond which live chat deliveries wait in the
@@ -208,6 +211,7 @@ impl Connection {
             end = self.on_client_bytes().await.err().map(End::Failed);
         }
         while end.is_none() {
+            self.reserve_reads();
             let step = tokio::select! {
                 read = self.client_rd.read_buf(&mut self.client_in),
                     if self.ops.len() < MAX_PENDING_OPS => match read {
@@ -240,6 +244,16 @@ impl Connection {
             }
         }
         self.finish(end.unwrap_or(End::ClientGone)).await;
+    }
+
+    /// Room for the next reads: small while a side is quiet (an idle connection stays
+    /// small), large once a read has filled what there was (a busy one gets its bytes in few
+    /// system calls).
+    fn reserve_reads(&mut self) {
+        for buf in [&mut self.client_in, &mut self.up_in] {
+            let busy = buf.capacity() - buf.len() < READ_SMALL;
+            buf.reserve(if busy { READ_LARGE } else { READ_SMALL });
+        }
     }
 
     fn on_tick(&mut self) -> Result<(), End> {

@@ -99,6 +99,16 @@ impl PostgresStore {
     }
 }
 
+/// Acknowledgements commit without waiting for the WAL flush (a fsync per Pull was most of
+/// its latency). Only a crash of PostgreSQL itself within the WAL writer's delay can lose
+/// one, and then a page is offered again: messages are never at risk, their appends commit
+/// synchronously.
+async fn relaxed_commit(tx: &deadpool_postgres::Transaction<'_>) -> Result<(), StoreError> {
+    tx.batch_execute("SET LOCAL synchronous_commit = off")
+        .await
+        .map_err(pg_error)
+}
+
 fn pg_config(settings: &PostgresSettings) -> Result<tokio_postgres::Config, StoreError> {
     let mut config: tokio_postgres::Config =
         settings.url.parse().map_err(|e: tokio_postgres::Error| {
@@ -205,6 +215,9 @@ impl Store for PostgresStore {
     ) -> Result<Page, StoreError> {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(pg_error)?;
+        if ack.is_some() {
+            relaxed_commit(&tx).await?;
+        }
         let page = queries::pull(&tx, device, conversation, ack, limit).await?;
         tx.commit().await.map_err(pg_error)?;
         Ok(page)
@@ -218,6 +231,7 @@ impl Store for PostgresStore {
     ) -> Result<(), StoreError> {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(pg_error)?;
+        relaxed_commit(&tx).await?;
         queries::ack(&tx, device, conversation, range).await?;
         tx.commit().await.map_err(pg_error)
     }
