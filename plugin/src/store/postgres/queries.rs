@@ -179,28 +179,40 @@ pub(super) async fn pull(
         ack_in(c, device, conv, range).await?;
     }
     let mut messages = Vec::with_capacity(limit + 1);
-    for gap in ranges::gaps_newest_first(&acked(c, device, conv.id).await?, conv.max_seq) {
-        let wanted = int((limit + 1 - messages.len()) as u64);
-        let rows = c
-            .query(
-                "SELECT seq, sender, server_time, body FROM messages
-                 WHERE conv_id = $1 AND seq BETWEEN $2 AND $3
-                   AND NOT (sender = $4 AND sender_device = $5)
-                 ORDER BY seq DESC LIMIT $6",
-                &[
-                    &conv.id,
-                    &int(gap.lo),
-                    &int(gap.hi),
-                    &device.uid,
-                    &device.client_id,
-                    &wanted,
-                ],
-            )
-            .await
-            .map_err(pg_error)?;
-        messages.extend(rows.iter().map(stored));
-        if messages.len() > limit {
-            break;
+    // Gaps are read from the top in windows a few pages wide, so that no query can touch more
+    // rows than that whatever plan PostgreSQL picks (on a freshly loaded table without
+    // statistics it read the whole gap and sorted it: 11 ms instead of 0.1 ms at 1,000,000).
+    let window = (limit as u64 + 1) * 4;
+    'gaps: for gap in ranges::gaps_newest_first(&acked(c, device, conv.id).await?, conv.max_seq) {
+        let mut hi = gap.hi;
+        loop {
+            let lo = gap.lo.max(hi.saturating_sub(window - 1));
+            let wanted = int((limit + 1 - messages.len()) as u64);
+            let rows = c
+                .query(
+                    "SELECT seq, sender, server_time, body FROM messages
+                     WHERE conv_id = $1 AND seq BETWEEN $2 AND $3
+                       AND NOT (sender = $4 AND sender_device = $5)
+                     ORDER BY seq DESC LIMIT $6",
+                    &[
+                        &conv.id,
+                        &int(lo),
+                        &int(hi),
+                        &device.uid,
+                        &device.client_id,
+                        &wanted,
+                    ],
+                )
+                .await
+                .map_err(pg_error)?;
+            messages.extend(rows.iter().map(stored));
+            if messages.len() > limit {
+                break 'gaps;
+            }
+            if lo == gap.lo {
+                break;
+            }
+            hi = lo - 1;
         }
     }
     let end = messages.len() <= limit;
