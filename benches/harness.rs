@@ -10,6 +10,8 @@
 //!   against bare rumqttd pushing the same backlog to a persistent session.
 //! - `pull`: Pull latency (pages of 50, each acknowledging the one before) with M stored
 //!   messages.
+//! - `idle`: resident memory per idle connection of the `mqtt-im` binary, run as its own
+//!   process on the embedded store.
 //!
 //! Every scenario runs mqtt-im on the embedded store; `--postgres URL` (and `--redis URL`)
 //! runs it on PostgreSQL (and Redis) in a fresh schema `bench_<pid>` left for inspection.
@@ -54,6 +56,18 @@ enum Scenario {
     Reconnect(ReconnectArgs),
     /// Pull latency over a large store.
     Pull(PullArgs),
+    /// Memory per idle connection of mqtt-im and of bare rumqttd, each its own process.
+    Idle(IdleArgs),
+    /// Runs bare rumqttd until killed, printing its address (for `idle`).
+    #[command(hide = true)]
+    ServeBare,
+}
+
+#[derive(Debug, Clone, Args)]
+struct IdleArgs {
+    /// Idle clients, each subscribed to its inbox.
+    #[arg(long, default_value_t = 2_000)]
+    connections: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -118,6 +132,12 @@ fn main() -> Result<(), Error> {
             Scenario::Pubsub(args) => pubsub(&cli, args).await,
             Scenario::Reconnect(args) => reconnect(&cli, args).await,
             Scenario::Pull(args) => pull(&cli, args).await,
+            Scenario::Idle(args) => idle(args).await,
+            Scenario::ServeBare => {
+                println!("listening on {}", bare_rumqttd(false)?);
+                std::future::pending::<()>().await;
+                Ok(())
+            }
         }
     })
 }
@@ -737,4 +757,94 @@ async fn pull(cli: &Cli, args: &PullArgs) -> Result<(), Error> {
     print_rss();
     shutdown.cancel();
     Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// idle
+
+/// Resident memory of a process, in KiB.
+fn rss_kib(pid: u32) -> Option<u64> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find(|line| line.starts_with("VmRSS:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+async fn idle(args: &IdleArgs) -> Result<(), Error> {
+    let dir = tempfile::tempdir()?;
+    let mut im = std::process::Command::new(env!("CARGO_BIN_EXE_mqtt-im"));
+    im.env("MQTT_IM__LISTENERS__MQTT", "127.0.0.1:0")
+        .env("MQTT_IM__STORE__PATH", dir.path().join("im.db"))
+        .env("MQTT_IM__AUTH__ALLOW_ANONYMOUS", "true")
+        .env("MQTT_IM__AUTH__UID_FROM", "client_id")
+        .env_remove("RUST_LOG");
+    let im_per = idle_side(im, args, true).await?;
+    let mut bare = std::process::Command::new(std::env::current_exe()?);
+    bare.arg("serve-bare").env_remove("RUST_LOG");
+    let bare_per = idle_side(bare, args, false).await?;
+    println!(
+        "idle: {} connections subscribed to their inbox: bare rumqttd {bare_per:.1} KiB, mqtt-im {im_per:.1} KiB per connection (resident memory of each process)",
+        args.connections
+    );
+    Ok(())
+}
+
+/// Starts a broker process, connects the idle clients, and returns its resident memory per
+/// connection in KiB.
+async fn idle_side(
+    mut command: std::process::Command,
+    args: &IdleArgs,
+    digest: bool,
+) -> Result<f64, Error> {
+    use std::io::BufRead;
+    let mut child = command.stdout(std::process::Stdio::piped()).spawn()?;
+    let mut line = String::new();
+    let stdout = child.stdout.take().ok_or("no stdout")?;
+    std::io::BufReader::new(stdout).read_line(&mut line)?;
+    let addr: SocketAddr = line
+        .trim()
+        .rsplit(' ')
+        .next()
+        .ok_or("unexpected first line")?
+        .parse()?;
+    let measure = async {
+        // A few clients first, so that one-time allocations are not counted.
+        let mut clients = Vec::new();
+        for n in 0..50 {
+            clients.push(idle_client(addr, n, digest).await?);
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let before = rss_kib(child.id()).ok_or("no RSS")?;
+        for n in 50..50 + args.connections {
+            clients.push(idle_client(addr, n, digest).await?);
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let after = rss_kib(child.id()).ok_or("no RSS")?;
+        Ok::<_, Error>((after.saturating_sub(before)) as f64 / args.connections as f64)
+    };
+    let result = measure.await;
+    child.kill()?;
+    child.wait()?;
+    result
+}
+
+/// A connected client subscribed to its inbox (with mqtt-im, its digest received), its event
+/// loop kept running.
+async fn idle_client(addr: SocketAddr, n: usize, digest: bool) -> Result<AsyncClient, Error> {
+    let uid = format!("idle{n}");
+    let (client, mut events) = connected(addr, &uid, true, 10).await?;
+    client
+        .subscribe(format!("im/u/{uid}/#"), QoS::AtLeastOnce)
+        .await?;
+    if digest {
+        wait_digest(&mut events).await?;
+    } else {
+        while !matches!(events.poll().await?, Event::Incoming(Packet::SubAck(_))) {}
+    }
+    tokio::spawn(async move { while events.poll().await.is_ok() {} });
+    Ok(client)
 }
