@@ -126,15 +126,16 @@ pub(super) async fn ack(
     let conv = conversation(c, key)
         .await?
         .ok_or_else(|| past_end(range.lo, 0))?;
-    ack_in(c, device, conv, range).await
+    ack_in(c, device, conv, range).await.map(|_| ())
 }
 
+/// Adds `range` to the device's acknowledgements and returns them all.
 async fn ack_in(
     c: &impl GenericClient,
     device: &Device,
     conv: Conversation,
     range: SeqRange,
-) -> Result<()> {
+) -> Result<Vec<SeqRange>> {
     if range.lo > conv.max_seq {
         return Err(past_end(range.lo, conv.max_seq));
     }
@@ -143,7 +144,8 @@ async fn ack_in(
         hi: range.hi.min(conv.max_seq),
     };
     let merged = ranges::insert(&acked(c, device, conv.id).await?, clamped);
-    save_acked(c, device, conv.id, &merged).await
+    save_acked(c, device, conv.id, &merged).await?;
+    Ok(merged)
 }
 
 fn stored(row: &Row) -> StoredMessage {
@@ -175,15 +177,16 @@ pub(super) async fn pull(
             None => Ok(nothing_left()),
         };
     };
-    if let Some(range) = ack {
-        ack_in(c, device, conv, range).await?;
-    }
+    let done = match ack {
+        Some(range) => ack_in(c, device, conv, range).await?,
+        None => acked(c, device, conv.id).await?,
+    };
     let mut messages = Vec::with_capacity(limit + 1);
     // Gaps are read from the top in windows a few pages wide, so that no query can touch more
     // rows than that whatever plan PostgreSQL picks (on a freshly loaded table without
     // statistics it read the whole gap and sorted it: 11 ms instead of 0.1 ms at 1,000,000).
     let window = (limit as u64 + 1) * 4;
-    'gaps: for gap in ranges::gaps_newest_first(&acked(c, device, conv.id).await?, conv.max_seq) {
+    'gaps: for gap in ranges::gaps_newest_first(&done, conv.max_seq) {
         let mut hi = gap.hi;
         loop {
             let lo = gap.lo.max(hi.saturating_sub(window - 1));
