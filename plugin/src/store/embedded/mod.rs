@@ -141,7 +141,7 @@ impl Store for EmbeddedStore {
         let conversations = self
             .read(move |conn| {
                 let mut states = Vec::new();
-                for member in queries::memberships(conn, &reader_device.uid)? {
+                for member in queries::memberships(conn, &reader_device)? {
                     if let Some(state) =
                         queries::conversation_state(conn, &reader_device, &member, last_n)?
                     {

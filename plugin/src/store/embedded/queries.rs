@@ -323,36 +323,88 @@ pub(super) fn mark_read(conn: &Connection, uid: &str, key: &str, seq: u64) -> Re
     Ok((before, after))
 }
 
-/// A conversation the device's user belongs to, as the digest needs it.
+/// A conversation the device's user belongs to, with what the digest needs of it, read for
+/// all conversations at once (one query per conversation and field made a 1,000-conversation
+/// digest cost about 50 ms).
 #[derive(Debug)]
 pub(super) struct Membership {
     conv: Conversation,
     key: String,
     read_seq: u64,
+    /// The device's cleared floor.
+    cleared: u64,
+    /// The others' read cursor the device's last digest reported.
+    seen: u64,
+    /// The others' read cursor now.
+    peer_read_seq: u64,
+    /// The device's acknowledged ranges (what was sent before the user joined included).
+    acked: Vec<SeqRange>,
 }
 
-pub(super) fn memberships(conn: &Connection, uid: &str) -> Result<Vec<Membership>> {
+pub(super) fn memberships(conn: &Connection, device: &Device) -> Result<Vec<Membership>> {
+    let mut acked: std::collections::HashMap<i64, Vec<SeqRange>> = {
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT conv_id, lo, hi FROM acked WHERE uid = ?1 AND client_id = ?2
+                 UNION ALL
+                 SELECT conv_id, 1, joined_seq FROM members WHERE uid = ?1 AND joined_seq > 0
+                 ORDER BY 1, 2",
+            )
+            .map_err(unavailable)?;
+        let rows = stmt
+            .query_map(params![device.uid, device.client_id], |row| {
+                Ok((
+                    row.get::<_, i64>(0)?,
+                    SeqRange {
+                        lo: row.get(1)?,
+                        hi: row.get(2)?,
+                    },
+                ))
+            })
+            .map_err(unavailable)?
+            .collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(unavailable)?;
+        ranges::union_by_conversation(rows).into_iter().collect()
+    };
     let mut stmt = conn
         .prepare_cached(
-            "SELECT c.id, c.max_seq, c.last_time, c.key, m.read_seq
-             FROM members m JOIN conversations c ON c.id = m.conv_id WHERE m.uid = ?1",
+            "SELECT c.id, c.max_seq, c.last_time, c.key, m.read_seq,
+                    COALESCE(cl.cleared_seq, 0), COALESCE(rs.peer_read_seq, 0),
+                    (SELECT COALESCE(MAX(o.read_seq), 0) FROM members o
+                     WHERE o.conv_id = c.id AND o.uid != m.uid)
+             FROM members m JOIN conversations c ON c.id = m.conv_id
+             LEFT JOIN cleared cl
+               ON cl.uid = m.uid AND cl.client_id = ?2 AND cl.conv_id = c.id
+             LEFT JOIN read_seen rs
+               ON rs.uid = m.uid AND rs.client_id = ?2 AND rs.conv_id = c.id
+             WHERE m.uid = ?1",
         )
         .map_err(unavailable)?;
     let rows = stmt
-        .query_map([uid], |row| {
+        .query_map(params![device.uid, device.client_id], |row| {
+            let id: i64 = row.get(0)?;
             Ok(Membership {
                 conv: Conversation {
-                    id: row.get(0)?,
+                    id,
                     max_seq: row.get(1)?,
                     last_time: row.get(2)?,
                 },
                 key: row.get(3)?,
                 read_seq: row.get(4)?,
+                cleared: row.get(5)?,
+                seen: row.get(6)?,
+                peer_read_seq: row.get(7)?,
+                acked: Vec::new(),
             })
         })
         .map_err(unavailable)?;
-    rows.collect::<rusqlite::Result<Vec<_>>>()
-        .map_err(unavailable)
+    let mut members = rows
+        .collect::<rusqlite::Result<Vec<_>>>()
+        .map_err(unavailable)?;
+    for member in &mut members {
+        member.acked = acked.remove(&member.conv.id).unwrap_or_default();
+    }
+    Ok(members)
 }
 
 /// The digest entry of one conversation, or `None` when nothing is unacked or counted and the
@@ -364,19 +416,6 @@ pub(super) fn conversation_state(
     last_n: usize,
 ) -> Result<Option<ConversationState>> {
     let conv = member.conv;
-    let acked = acked(conn, device, conv.id)?;
-    let cleared: u64 = conn
-        .prepare_cached(
-            "SELECT cleared_seq FROM cleared WHERE uid = ?1 AND client_id = ?2 AND conv_id = ?3",
-        )
-        .and_then(|mut stmt| {
-            stmt.query_row(params![device.uid, device.client_id, conv.id], |row| {
-                row.get(0)
-            })
-            .optional()
-        })
-        .map_err(unavailable)?
-        .unwrap_or(0);
     let mut count_stmt = conn
         .prepare_cached(
             "SELECT COALESCE(SUM(NOT (sender = ?4 AND sender_device = ?5)), 0),
@@ -385,7 +424,7 @@ pub(super) fn conversation_state(
         )
         .map_err(unavailable)?;
     let (mut unacked, mut count) = (0u64, 0u64);
-    for gap in ranges::gaps_newest_first(&acked, conv.max_seq) {
+    for gap in ranges::gaps_newest_first(&member.acked, conv.max_seq) {
         let (u, c): (u64, u64) = count_stmt
             .query_row(
                 params![
@@ -394,7 +433,7 @@ pub(super) fn conversation_state(
                     gap.hi,
                     device.uid,
                     device.client_id,
-                    cleared
+                    member.cleared
                 ],
                 |row| Ok((row.get(0)?, row.get(1)?)),
             )
@@ -402,8 +441,7 @@ pub(super) fn conversation_state(
         unacked += u;
         count += c;
     }
-    let peer_read_seq = peer_read_seq(conn, &device.uid, conv.id)?;
-    if unacked == 0 && count == 0 && peer_read_seq <= read_seen(conn, device, conv.id)? {
+    if unacked == 0 && count == 0 && member.peer_read_seq <= member.seen {
         return Ok(None);
     }
     Ok(Some(ConversationState {
@@ -412,33 +450,11 @@ pub(super) fn conversation_state(
         unacked,
         max_seq: conv.max_seq,
         last_time: conv.last_time,
-        acked_seq: ranges::watermark(&acked),
+        acked_seq: ranges::watermark(&member.acked),
         read_seq: member.read_seq,
-        peer_read_seq,
+        peer_read_seq: member.peer_read_seq,
         last: history(conn, &member.key, None, last_n)?.messages,
     }))
-}
-
-fn peer_read_seq(conn: &Connection, uid: &str, conv_id: i64) -> Result<u64> {
-    conn.prepare_cached(
-        "SELECT COALESCE(MAX(read_seq), 0) FROM members WHERE conv_id = ?1 AND uid != ?2",
-    )
-    .and_then(|mut stmt| stmt.query_row(params![conv_id, uid], |row| row.get(0)))
-    .map_err(unavailable)
-}
-
-fn read_seen(conn: &Connection, device: &Device, conv_id: i64) -> Result<u64> {
-    conn.prepare_cached(
-        "SELECT peer_read_seq FROM read_seen WHERE uid = ?1 AND client_id = ?2 AND conv_id = ?3",
-    )
-    .and_then(|mut stmt| {
-        stmt.query_row(params![device.uid, device.client_id, conv_id], |row| {
-            row.get(0)
-        })
-        .optional()
-    })
-    .map(Option::unwrap_or_default)
-    .map_err(unavailable)
 }
 
 /// Records digest `version`'s entries and returns it.
