@@ -7,7 +7,6 @@ use std::time::Duration;
 use common::*;
 use mqtt_im::config::Config;
 use mqtt_im::wire::pb;
-use prost::Message;
 
 #[derive(Clone)]
 struct Services {
@@ -62,13 +61,6 @@ async fn wait_located(broker: &TestBroker, uid: &str, expected: &[(&str, &str)])
             "{uid} at {found:?}, expected {expected:?}"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-fn chat_seq(bytes: &[u8]) -> u64 {
-    match pb::Envelope::decode(bytes).map(|e| e.body) {
-        Ok(Some(pb::envelope::Body::Chat(message))) => message.seq,
-        other => panic!("not a chat envelope: {other:?}"),
     }
 }
 
@@ -341,14 +333,6 @@ async fn flushed_cache_gives_a_correct_digest() {
     bob.subscribe("im/u/bob/#", 1).await;
     let from_alice = bob.digest("bob").await.sessions["u/alice"].clone();
     assert_eq!((from_alice.count, from_alice.unacked), (1, 4));
-}
-
-fn group_chat(msg_id: &str, gid: &str) -> Vec<u8> {
-    let mut envelope = pb::Envelope::text(msg_id, gid, msg_id);
-    if let Some(pb::envelope::Body::Chat(message)) = envelope.body.as_mut() {
-        message.chat_type = pb::ChatType::Group as i32;
-    }
-    envelope.encode_to_vec()
 }
 
 /// A group message posted on node 1 reaches a member subscribed on node 2 live; removed on

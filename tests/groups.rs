@@ -61,21 +61,6 @@ fn refused(response: &pb::Response) -> bool {
         && response.error.as_ref().map(|e| e.code) == Some(pb::ErrorCode::NotAuthorized as i32)
 }
 
-fn group_chat(msg_id: &str, gid: &str) -> Vec<u8> {
-    let mut envelope = pb::Envelope::text(msg_id, gid, msg_id);
-    if let Some(pb::envelope::Body::Chat(message)) = envelope.body.as_mut() {
-        message.chat_type = pb::ChatType::Group as i32;
-    }
-    envelope.encode_to_vec()
-}
-
-fn chat_seq(bytes: &[u8]) -> u64 {
-    match pb::Envelope::decode(bytes).map(|e| e.body) {
-        Ok(Some(pb::envelope::Body::Chat(message))) => message.seq,
-        other => panic!("not a chat envelope: {other:?}"),
-    }
-}
-
 /// Users alice, bob, carol (password "pw") plus dave and erin.
 fn with_more_users(config: &mut mqtt_im::Config) {
     for user in ["dave", "erin"] {

@@ -182,6 +182,23 @@ impl TestBroker {
     }
 }
 
+/// An envelope with one text chat message to group `gid`.
+pub fn group_chat(msg_id: &str, gid: &str) -> Vec<u8> {
+    let mut envelope = pb::Envelope::text(msg_id, gid, msg_id);
+    if let Some(pb::envelope::Body::Chat(message)) = envelope.body.as_mut() {
+        message.chat_type = pb::ChatType::Group as i32;
+    }
+    envelope.encode_to_vec()
+}
+
+/// The seq of a delivered chat envelope.
+pub fn chat_seq(bytes: &[u8]) -> u64 {
+    match pb::Envelope::decode(bytes).map(|e| e.body) {
+        Ok(Some(pb::envelope::Body::Chat(message))) => message.seq,
+        other => panic!("not a chat envelope: {other:?}"),
+    }
+}
+
 /// An envelope with one text chat message.
 pub fn chat(msg_id: &str, to: &str, text: &str, ack_flg: bool) -> Vec<u8> {
     let mut envelope = pb::Envelope::text(msg_id, to, text);

@@ -103,21 +103,14 @@ fn create_conversation(conn: &Connection, key: &str, members: &[String]) -> Resu
     })
 }
 
-pub(super) fn register_device(conn: &Connection, device: &Device) -> Result<()> {
-    let inserted = conn
-        .prepare_cached("INSERT OR IGNORE INTO devices (uid, client_id) VALUES (?1, ?2)")
-        .and_then(|mut stmt| stmt.execute(params![device.uid, device.client_id]))
-        .map_err(unavailable)?;
-    if inserted == 0 {
-        return Ok(());
-    }
-    // First sight: start from the union of what the user's other devices acknowledged.
-    let mut stmt = conn
-        .prepare_cached(
-            "SELECT conv_id, lo, hi FROM acked WHERE uid = ?1 AND client_id != ?2
-             ORDER BY conv_id, lo",
-        )
-        .map_err(unavailable)?;
+/// `(conversation, lo, hi)` rows of `sql` (parameters: the device's uid and client id),
+/// sorted by conversation, merged into one range list per conversation.
+fn acked_by_conversation(
+    conn: &Connection,
+    sql: &str,
+    device: &Device,
+) -> Result<Vec<(i64, Vec<SeqRange>)>> {
+    let mut stmt = conn.prepare_cached(sql).map_err(unavailable)?;
     let rows = stmt
         .query_map(params![device.uid, device.client_id], |row| {
             Ok((
@@ -131,7 +124,24 @@ pub(super) fn register_device(conn: &Connection, device: &Device) -> Result<()> 
         .map_err(unavailable)?
         .collect::<rusqlite::Result<Vec<_>>>()
         .map_err(unavailable)?;
-    let union = ranges::union_by_conversation(rows);
+    Ok(ranges::union_by_conversation(rows))
+}
+
+pub(super) fn register_device(conn: &Connection, device: &Device) -> Result<()> {
+    let inserted = conn
+        .prepare_cached("INSERT OR IGNORE INTO devices (uid, client_id) VALUES (?1, ?2)")
+        .and_then(|mut stmt| stmt.execute(params![device.uid, device.client_id]))
+        .map_err(unavailable)?;
+    if inserted == 0 {
+        return Ok(());
+    }
+    // First sight: start from the union of what the user's other devices acknowledged.
+    let union = acked_by_conversation(
+        conn,
+        "SELECT conv_id, lo, hi FROM acked WHERE uid = ?1 AND client_id != ?2
+         ORDER BY conv_id, lo",
+        device,
+    )?;
     for (conv_id, ranges) in union {
         save_acked(conn, device, conv_id, &ranges)?;
     }
@@ -342,30 +352,16 @@ pub(super) struct Membership {
 }
 
 pub(super) fn memberships(conn: &Connection, device: &Device) -> Result<Vec<Membership>> {
-    let mut acked: std::collections::HashMap<i64, Vec<SeqRange>> = {
-        let mut stmt = conn
-            .prepare_cached(
-                "SELECT conv_id, lo, hi FROM acked WHERE uid = ?1 AND client_id = ?2
-                 UNION ALL
-                 SELECT conv_id, 1, joined_seq FROM members WHERE uid = ?1 AND joined_seq > 0
-                 ORDER BY 1, 2",
-            )
-            .map_err(unavailable)?;
-        let rows = stmt
-            .query_map(params![device.uid, device.client_id], |row| {
-                Ok((
-                    row.get::<_, i64>(0)?,
-                    SeqRange {
-                        lo: row.get(1)?,
-                        hi: row.get(2)?,
-                    },
-                ))
-            })
-            .map_err(unavailable)?
-            .collect::<rusqlite::Result<Vec<_>>>()
-            .map_err(unavailable)?;
-        ranges::union_by_conversation(rows).into_iter().collect()
-    };
+    let mut acked: std::collections::HashMap<i64, Vec<SeqRange>> = acked_by_conversation(
+        conn,
+        "SELECT conv_id, lo, hi FROM acked WHERE uid = ?1 AND client_id = ?2
+         UNION ALL
+         SELECT conv_id, 1, joined_seq FROM members WHERE uid = ?1 AND joined_seq > 0
+         ORDER BY 1, 2",
+        device,
+    )?
+    .into_iter()
+    .collect();
     let mut stmt = conn
         .prepare_cached(
             "SELECT c.id, c.max_seq, c.last_time, c.key, m.read_seq,

@@ -430,16 +430,24 @@ async fn acked_by_conversation(
     Ok(merged.into_iter().collect())
 }
 
+/// A per-conversation number of the device: `sql` selects `(conv_id, value)` for the
+/// device's uid and client id.
+async fn per_conversation(
+    c: &impl GenericClient,
+    sql: &str,
+    device: &Device,
+) -> Result<HashMap<i64, u64>> {
+    Ok(c.query(sql, &[&device.uid, &device.client_id])
+        .await
+        .map_err(pg_error)?
+        .iter()
+        .map(|row| (row.get(0), uint(row.get(1))))
+        .collect())
+}
+
 async fn cleared_floors(c: &impl GenericClient, device: &Device) -> Result<HashMap<i64, u64>> {
-    Ok(c.query(
-        "SELECT conv_id, cleared_seq FROM cleared WHERE uid = $1 AND client_id = $2",
-        &[&device.uid, &device.client_id],
-    )
-    .await
-    .map_err(pg_error)?
-    .iter()
-    .map(|row| (row.get(0), uint(row.get(1))))
-    .collect())
+    let sql = "SELECT conv_id, cleared_seq FROM cleared WHERE uid = $1 AND client_id = $2";
+    per_conversation(c, sql, device).await
 }
 
 /// Per conversation `(unacked, count)`: messages in the device's unacked gaps not sent by
@@ -488,15 +496,8 @@ async fn count_unacked<'a>(
 
 /// The others' read cursor each conversation's last digest reported to the device.
 async fn reads_seen(c: &impl GenericClient, device: &Device) -> Result<HashMap<i64, u64>> {
-    Ok(c.query(
-        "SELECT conv_id, peer_read_seq FROM read_seen WHERE uid = $1 AND client_id = $2",
-        &[&device.uid, &device.client_id],
-    )
-    .await
-    .map_err(pg_error)?
-    .iter()
-    .map(|row| (row.get(0), uint(row.get(1))))
-    .collect())
+    let sql = "SELECT conv_id, peer_read_seq FROM read_seen WHERE uid = $1 AND client_id = $2";
+    per_conversation(c, sql, device).await
 }
 
 /// Highest read cursor of the other members, per conversation.
