@@ -176,13 +176,28 @@ async fn run(config: Config) -> anyhow::Result<()> {
     // Tests and scripts read the real address from this line.
     println!("mqtt-im listening on {}", server.local_addr()?);
     let shutdown = CancellationToken::new();
-    let signal = shutdown.clone();
-    tokio::spawn(async move {
-        if tokio::signal::ctrl_c().await.is_ok() {
-            tracing::info!("shutting down");
-            signal.cancel();
-        }
-    });
+    tokio::spawn(stop_on_signals(shutdown.clone()));
     server.run(shutdown).await;
+    tracing::info!("stopped");
     Ok(())
+}
+
+/// SIGTERM or Ctrl-C stops gracefully: no new connections, in-flight stores and their PUBACKs
+/// finish, batches are flushed, the store is closed. A second signal exits at once.
+async fn stop_on_signals(shutdown: CancellationToken) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut terminate = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    tokio::select! {
+        _ = terminate.recv() => {}
+        _ = interrupt.recv() => {}
+    }
+    tracing::info!("shutting down: finishing in-flight messages (signal again to force)");
+    shutdown.cancel();
+    tokio::select! {
+        _ = terminate.recv() => {}
+        _ = interrupt.recv() => {}
+    }
+    tracing::warn!("second signal: exiting now");
+    std::process::exit(130);
 }
