@@ -157,7 +157,7 @@ impl Connection {
             up_rd,
             up_wr,
             up_in,
-            up_out: BytesMut::with_capacity(4096),
+            up_out: BytesMut::with_capacity(1024),
             ids: PacketIds::default(),
             link,
             im_filters,

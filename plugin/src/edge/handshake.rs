@@ -119,7 +119,8 @@ pub(super) async fn handshake(
             false
         }
     };
-    let mut client_out = BytesMut::with_capacity(4096);
+    // Outgoing buffers start small (an idle connection keeps them) and grow when needed.
+    let mut client_out = BytesMut::with_capacity(1024);
     let properties = admitted.assigned.map(|id| ConnAckProperties {
         assigned_client_identifier: Some(id),
         ..Default::default()
