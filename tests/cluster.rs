@@ -44,6 +44,13 @@ fn node(services: &Services, id: &str) -> impl FnOnce(&mut Config) {
     }
 }
 
+/// Nodes n1 and n2 on the same PostgreSQL and Redis.
+async fn two_nodes(services: &Services) -> (TestBroker, TestBroker) {
+    let n1 = TestBroker::start_with_on(services.backend.clone(), node(services, "n1")).await;
+    let n2 = TestBroker::start_with_on(services.backend.clone(), node(services, "n2")).await;
+    (n1, n2)
+}
+
 async fn wait_located(broker: &TestBroker, uid: &str, expected: &[(&str, &str)]) {
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
@@ -72,8 +79,7 @@ async fn two_nodes_hand_over_and_share_state() {
         eprintln!("skipped: PostgreSQL or Redis not configured");
         return;
     };
-    let n1 = TestBroker::start_with_on(services.backend.clone(), node(&services, "n1")).await;
-    let n2 = TestBroker::start_with_on(services.backend.clone(), node(&services, "n2")).await;
+    let (n1, n2) = two_nodes(&services).await;
     let mut bob = Client::v4(n2.addr, "bob-phone", "bob", 30).await;
     bob.subscribe("im/u/bob/#", 1).await;
     let _ = bob.digest("bob").await;
@@ -343,8 +349,7 @@ async fn groups_span_nodes() {
         eprintln!("skipped: PostgreSQL or Redis not configured");
         return;
     };
-    let n1 = TestBroker::start_with_on(services.backend.clone(), node(&services, "n1")).await;
-    let n2 = TestBroker::start_with_on(services.backend.clone(), node(&services, "n2")).await;
+    let (n1, n2) = two_nodes(&services).await;
     let mut alice = Client::v5(n1.addr, "alice-phone", "alice").await;
     let create = pb::request::Kind::GroupCreate(pb::GroupCreate {
         gid: "crew".into(),

@@ -94,6 +94,9 @@ async fn roles_decide_who_adds_and_removes(backend: TestBackend) {
     assert_eq!(alice.ask("alice", create("team", &[])).await.status, pb::Status::Error as i32);
     assert!(refused(&bob.ask("bob", add("team", &["carol"], pb::Role::Member)).await));
     assert!(refused(&carol.ask("carol", add("team", &["carol"], pb::Role::Member)).await));
+    // A user named twice is added once.
+    let twice = alice.ask("alice", add("team", &["erin", "erin"], pb::Role::Member)).await;
+    assert!(members(&twice).contains(&("erin".into(), pb::Role::Member)));
     let added = alice.ask("alice", add("team", &["carol"], pb::Role::Admin)).await;
     assert!(members(&added).contains(&("carol".into(), pb::Role::Admin)));
     // The admin adds members but not admins, removes members but not the owner.

@@ -314,13 +314,11 @@ impl ImService {
         Ok(())
     }
 
-    /// The owner leaves: the first admin, else the first other member, becomes owner.
+    /// The owner leaves: the first admin, else the first other member, becomes owner
+    /// (members come highest role first, then by uid).
     async fn hand_group_over(&self, gid: &str, owner: &str) -> Result<(), ImError> {
         let members = self.inner.store.members(&group_key(gid)).await?;
-        let successor = members
-            .iter()
-            .filter(|m| m.uid != owner)
-            .max_by_key(|m| m.role);
+        let successor = members.iter().find(|m| m.uid != owner);
         if let Some(successor) = successor {
             self.inner
                 .store

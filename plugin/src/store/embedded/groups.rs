@@ -37,8 +37,7 @@ pub(super) fn add_members(
     let mut add = conn
         .prepare_cached(
             "INSERT INTO members (uid, conv_id, role, joined_seq) VALUES (?1, ?2, ?3, ?4)
-             ON CONFLICT (uid, conv_id) DO UPDATE SET role = MAX(role, excluded.role)
-             RETURNING joined_seq = ?4 AND role = ?3",
+             ON CONFLICT (uid, conv_id) DO UPDATE SET role = MAX(role, excluded.role)",
         )
         .map_err(unavailable)?;
     let mut is_member = conn
@@ -51,7 +50,7 @@ pub(super) fn add_members(
             .optional()
             .map_err(unavailable)?
             .is_some();
-        add.query_row(params![uid, conv.id, role.code(), conv.max_seq], |_| Ok(()))
+        add.execute(params![uid, conv.id, role.code(), conv.max_seq])
             .map_err(unavailable)?;
         if !existed && !added.contains(uid) {
             added.push(uid.clone());

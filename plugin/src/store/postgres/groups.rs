@@ -40,6 +40,10 @@ pub(super) async fn add_members(
     role: Role,
 ) -> Result<Vec<String>> {
     let conv = conversation(c, key).await?.ok_or_else(|| missing(key))?;
+    // One row per user: ON CONFLICT may not touch a row twice in one statement.
+    let mut uids = uids.to_vec();
+    uids.sort_unstable();
+    uids.dedup();
     let before: Vec<String> = c
         .query(
             "SELECT uid FROM members WHERE conv_id = $1 AND uid = ANY($2)",
@@ -58,13 +62,10 @@ pub(super) async fn add_members(
     )
     .await
     .map_err(pg_error)?;
-    let mut added: Vec<String> = uids
-        .iter()
+    Ok(uids
+        .into_iter()
         .filter(|uid| !before.contains(uid))
-        .cloned()
-        .collect();
-    added.dedup();
-    Ok(added)
+        .collect())
 }
 
 pub(super) async fn remove_members(
