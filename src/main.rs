@@ -6,7 +6,8 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use mqtt_im::config::Backend;
 use mqtt_im::im::group_key;
-use mqtt_im::server::{open_store, CancellationToken};
+use mqtt_im::metrics::Metrics;
+use mqtt_im::server::{open_store, CancellationToken, ListenerKind};
 use mqtt_im::store::{EmbeddedStore, PostgresStore, Role, Store};
 use mqtt_im::{Config, Server};
 
@@ -30,6 +31,9 @@ enum Command {
     Migrate,
     /// Validate the configuration and exit.
     CheckConfig,
+    /// Print the running node's status (online users and devices, connections, store sizes)
+    /// from its `/status` endpoint at `listeners.metrics`.
+    Stats,
     /// Manage groups as an operator (no role checks); running nodes apply removals to live
     /// connections within `im.removal_poll_ms`.
     #[command(subcommand)]
@@ -103,6 +107,7 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Group(command) => group(config, command).await,
+        Command::Stats => stats(&config).await,
     }
 }
 
@@ -123,7 +128,9 @@ async fn group(config: Config, command: GroupCommand) -> anyhow::Result<()> {
     if let Some(bad) = named.iter().find(|id| !mqtt_im::valid_uid(id)) {
         anyhow::bail!("invalid id {bad:?}: 1 to 64 letters, digits, '-', '_' or '.'");
     }
-    let store = open_store(&config).await.context("opening the store")?;
+    let store = open_store(&config, &Metrics::default())
+        .await
+        .context("opening the store")?;
     let result = group_command(store.as_ref(), command).await;
     store.close().await;
     result
@@ -173,12 +180,46 @@ async fn run(config: Config) -> anyhow::Result<()> {
         tracing::warn!("no users configured and anonymous access is off: nobody can connect");
     }
     let server = Server::bind(config).await.context("starting mqtt-im")?;
-    // Tests and scripts read the real address from this line.
+    // Tests and scripts read the real addresses from these lines.
     println!("mqtt-im listening on {}", server.local_addr()?);
+    for kind in [ListenerKind::Tls, ListenerKind::Ws, ListenerKind::Wss] {
+        if let Some(addr) = server.listener_addr(kind) {
+            println!("mqtt-im {kind} listening on {}", addr?);
+        }
+    }
+    if let Some(addr) = server.metrics_addr() {
+        println!("mqtt-im metrics on http://{}/metrics", addr?);
+    }
     let shutdown = CancellationToken::new();
     tokio::spawn(stop_on_signals(shutdown.clone()));
     server.run(shutdown).await;
     tracing::info!("stopped");
+    Ok(())
+}
+
+/// Fetches and prints the running node's `/status`.
+async fn stats(config: &Config) -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = config
+        .listeners
+        .metrics
+        .context("listeners.metrics is not set: stats asks the running node's /status endpoint")?;
+    let mut stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .with_context(|| format!("no mqtt-im answers at {addr} (listeners.metrics)"))?;
+    let request = format!("GET /status HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await?;
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .context("malformed HTTP response")?;
+    anyhow::ensure!(
+        head.starts_with("HTTP/1.1 200"),
+        "status endpoint answered {}",
+        head.lines().next().unwrap_or_default()
+    );
+    println!("{body}");
     Ok(())
 }
 

@@ -11,6 +11,15 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 const DEFAULTS: &str = r#"
 [listeners]
 mqtt = "127.0.0.1:1883"
+# Optional, off unless set: tls = "0.0.0.0:8883", ws = "0.0.0.0:8083", wss = "0.0.0.0:8084",
+# metrics = "127.0.0.1:9464" (Prometheus `/metrics` and the `/status` JSON).
+ws_path = "/mqtt"
+
+[tls]
+cert = ""
+key = ""
+client_ca = ""
+client_auth = "none"
 
 [broker]
 max_connections = 10000
@@ -73,6 +82,8 @@ reload_interval_ms = 1000
 pub struct Config {
     /// Public listeners owned by the hook layer.
     pub listeners: Listeners,
+    /// Certificates of the TLS listeners.
+    pub tls: TlsSettings,
     /// Settings of the embedded rumqttd.
     pub broker: BrokerSettings,
     /// Who may connect.
@@ -111,6 +122,47 @@ pub struct ClusterSettings {
 pub struct Listeners {
     /// Plain TCP address; port 0 picks a free port.
     pub mqtt: SocketAddr,
+    /// MQTT over TLS (needs `tls.cert` and `tls.key`).
+    #[serde(default)]
+    pub tls: Option<SocketAddr>,
+    /// MQTT over WebSocket, for browsers.
+    #[serde(default)]
+    pub ws: Option<SocketAddr>,
+    /// MQTT over WebSocket over TLS (needs `tls.cert` and `tls.key`).
+    #[serde(default)]
+    pub wss: Option<SocketAddr>,
+    /// The HTTP path of the WebSocket listeners (mqtt.js and Paho use `/mqtt`).
+    pub ws_path: String,
+    /// HTTP address of Prometheus `/metrics` and the `/status` JSON.
+    #[serde(default)]
+    pub metrics: Option<SocketAddr>,
+}
+
+/// Whether TLS clients present certificates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientAuth {
+    /// Clients authenticate with username and password only.
+    None,
+    /// A client may present a certificate signed by `tls.client_ca`; its subject's common
+    /// name is then its uid, without a password.
+    Optional,
+    /// Every TLS client must present such a certificate.
+    Required,
+}
+
+/// Certificates of the `tls` and `wss` listeners (PEM files).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSettings {
+    /// The server's certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// The server's private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+    /// CA certificates that sign client certificates.
+    pub client_ca: PathBuf,
+    /// Whether clients present certificates.
+    pub client_auth: ClientAuth,
 }
 
 /// Bounded router settings for rumqttd: IM traffic never enters its router, so small
@@ -296,6 +348,7 @@ impl Config {
         })?;
         let mut problems = Vec::new();
         let listeners = section(&raw, "listeners", &mut problems);
+        let tls = section(&raw, "tls", &mut problems);
         let broker = section(&raw, "broker", &mut problems);
         let auth = section(&raw, "auth", &mut problems);
         let store = section(&raw, "store", &mut problems);
@@ -310,9 +363,10 @@ impl Config {
                 problems.push(format!("{key}: unknown section"));
             }
         }
-        match (listeners, broker, auth, store, im, policy, cluster) {
+        match (listeners, tls, broker, auth, store, im, policy, cluster) {
             (
                 Some(listeners),
+                Some(tls),
                 Some(broker),
                 Some(auth),
                 Some(store),
@@ -322,6 +376,7 @@ impl Config {
             ) if problems.is_empty() => {
                 let config = Config {
                     listeners,
+                    tls,
                     broker,
                     auth,
                     store,
@@ -450,6 +505,11 @@ impl Config {
                 ),
             );
         }
+        check(
+            self.listeners.ws_path.starts_with('/'),
+            "listeners.ws_path: must start with '/'",
+        );
+        self.validate_tls(&mut check);
         for user in self.auth.users.keys() {
             check(
                 crate::valid_uid(user),
@@ -464,8 +524,36 @@ impl Config {
     }
 }
 
-const SECTIONS: [&str; 7] = [
+impl Config {
+    /// Certificate files must be there when a TLS listener or client certificates need them.
+    fn validate_tls(&self, check: &mut impl FnMut(bool, &str)) {
+        let tls = &self.tls;
+        if self.listeners.tls.is_some() || self.listeners.wss.is_some() {
+            for (key, path) in [("tls.cert", &tls.cert), ("tls.key", &tls.key)] {
+                check(
+                    path.is_file(),
+                    &format!(
+                        "{key}: {:?} is not a readable file (needed by listeners.tls/wss)",
+                        path.display().to_string()
+                    ),
+                );
+            }
+        }
+        if tls.client_auth != ClientAuth::None {
+            check(
+                tls.client_ca.is_file(),
+                &format!(
+                    "tls.client_ca: {:?} is not a readable file (needed by tls.client_auth)",
+                    tls.client_ca.display().to_string()
+                ),
+            );
+        }
+    }
+}
+
+const SECTIONS: [&str; 8] = [
     "listeners",
+    "tls",
     "broker",
     "auth",
     "store",

@@ -10,13 +10,16 @@
 //! - [`policy`]: the Lua policy host (sandboxed scripts for messages, connects, subscribes).
 //! - [`wire`]: protobuf wire types.
 //! - [`config`]: the configuration tree.
+//! - [`metrics`]: Prometheus metrics; `status` serves them and the operator status over HTTP.
 //!
 //! Dependencies point one way: edge → im → store.
 pub mod config;
 mod edge;
 pub mod im;
+pub mod metrics;
 pub mod policy;
 pub mod server;
+mod status;
 pub mod store;
 pub mod wire;
 

@@ -11,9 +11,12 @@ pub use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{Backend, ClusterSettings, Config};
-use crate::edge::{self, EdgeContext, EDGE_USER};
+pub use crate::edge::ListenerKind;
+use crate::edge::{self, EdgeContext, Upgrade, EDGE_USER};
 use crate::im::ImService;
+use crate::metrics::Metrics;
 use crate::policy::{self, LuaPolicy, PolicyError};
+use crate::status::{self, StatusSource};
 use crate::store::{DigestCache, EmbeddedStore, PostgresStore, RedisBus, Store, StoreError};
 
 /// Why the server could not start.
@@ -22,6 +25,9 @@ pub enum ServerError {
     /// The store could not be opened or migrated.
     #[error("store: {0}")]
     Store(#[from] StoreError),
+    /// The TLS certificate or key could not be used.
+    #[error("tls: {0}")]
+    Tls(String),
     /// A listener could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -41,7 +47,10 @@ pub enum ServerError {
 /// A bound, ready-to-run mqtt-im.
 #[derive(Debug)]
 pub struct Server {
-    listener: TcpListener,
+    /// The public listeners, the plain MQTT one first.
+    listeners: Vec<(TcpListener, Upgrade)>,
+    /// The metrics and status endpoint, if configured.
+    status: Option<(TcpListener, StatusSource)>,
     context: Arc<EdgeContext>,
     store: Arc<dyn Store>,
     im: ImService,
@@ -55,7 +64,8 @@ impl Server {
     /// # Errors
     /// The store, rumqttd or a listener could not be started.
     pub async fn bind(config: Config) -> Result<Self, ServerError> {
-        let store = open_store(&config).await?;
+        let metrics = Arc::new(Metrics::default());
+        let store = open_store(&config, &metrics).await?;
         let policy = Arc::new(LuaPolicy::load(config.policy.clone())?);
         let cluster = connect_cluster(&config.cluster).await?;
         let im = ImService::new(
@@ -63,15 +73,30 @@ impl Server {
             policy.clone(),
             config.im.clone(),
             cluster,
+            Arc::clone(&metrics),
         );
         let secret = format!("{:032x}", rand::random::<u128>());
         let broker = start_broker(&config, &secret).await?;
-        let listener = TcpListener::bind(config.listeners.mqtt)
-            .await
-            .map_err(|source| ServerError::Bind {
-                addr: config.listeners.mqtt,
-                source,
-            })?;
+        let listeners = bind_listeners(&config).await?;
+        let status = match config.listeners.metrics {
+            Some(addr) => {
+                let listener = TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| ServerError::Bind { addr, source })?;
+                let source = StatusSource {
+                    metrics,
+                    im: im.clone(),
+                    store: Arc::clone(&store),
+                    policy: Arc::clone(&policy),
+                    backend: match config.store.backend {
+                        Backend::Embedded => "embedded",
+                        Backend::Postgres => "postgres",
+                    },
+                };
+                Some((listener, source))
+            }
+            None => None,
+        };
         let context = Arc::new(EdgeContext::new(
             &config,
             im.clone(),
@@ -80,7 +105,8 @@ impl Server {
             secret,
         ));
         Ok(Self {
-            listener,
+            listeners,
+            status,
             context,
             store,
             im,
@@ -94,7 +120,23 @@ impl Server {
     /// # Errors
     /// The socket has no local address.
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        self.listener.local_addr()
+        self.listener_addr(ListenerKind::Tcp)
+            .unwrap_or_else(|| Err(std::io::ErrorKind::NotFound.into()))
+    }
+
+    /// The address of the `kind` listener, if configured (with the real port when 0 was).
+    pub fn listener_addr(&self, kind: ListenerKind) -> Option<std::io::Result<SocketAddr>> {
+        self.listeners
+            .iter()
+            .find(|(_, upgrade)| upgrade.kind == kind)
+            .map(|(listener, _)| listener.local_addr())
+    }
+
+    /// The address of the metrics and status endpoint, if configured.
+    pub fn metrics_addr(&self) -> Option<std::io::Result<SocketAddr>> {
+        self.status
+            .as_ref()
+            .map(|(listener, _)| listener.local_addr())
     }
 
     /// The IM service, for embedding programs and tests (presence, direct sends).
@@ -118,26 +160,74 @@ impl Server {
         let tasks = TaskTracker::new();
         tasks.spawn(policy::watch(self.policy, shutdown.clone()));
         tasks.spawn(self.im.clone().run(self.heartbeat, shutdown.clone()));
-        edge::serve(self.listener, self.context, tasks.clone(), shutdown).await;
+        if let Some((listener, source)) = self.status {
+            tasks.spawn(status::serve(
+                listener,
+                source,
+                tasks.clone(),
+                shutdown.clone(),
+            ));
+        }
+        let accepting = self.listeners.into_iter().map(|(listener, upgrade)| {
+            let context = Arc::clone(&self.context);
+            edge::serve(listener, upgrade, context, tasks.clone(), shutdown.clone())
+        });
+        futures::future::join_all(accepting).await;
         tasks.close();
         tasks.wait().await;
         self.store.close().await;
     }
 }
 
+/// Binds every configured public listener with its transport.
+async fn bind_listeners(config: &Config) -> Result<Vec<(TcpListener, Upgrade)>, ServerError> {
+    let settings = &config.listeners;
+    let wanted = [
+        (ListenerKind::Tcp, Some(settings.mqtt)),
+        (ListenerKind::Tls, settings.tls),
+        (ListenerKind::Ws, settings.ws),
+        (ListenerKind::Wss, settings.wss),
+    ];
+    let needs_tls = settings.tls.is_some() || settings.wss.is_some();
+    let tls = if needs_tls {
+        Some(edge::tls_acceptor(&config.tls).map_err(ServerError::Tls)?)
+    } else {
+        None
+    };
+    let mut listeners = Vec::new();
+    for (kind, addr) in wanted {
+        let Some(addr) = addr else { continue };
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| ServerError::Bind { addr, source })?;
+        let upgrade = Upgrade {
+            kind,
+            tls: matches!(kind, ListenerKind::Tls | ListenerKind::Wss)
+                .then(|| tls.clone())
+                .flatten(),
+            ws_path: settings.ws_path.as_str().into(),
+            // Room for a largest packet with its header, and a small one sent along with it.
+            max_message: config.broker.max_packet_size.saturating_mul(2),
+        };
+        listeners.push((listener, upgrade));
+    }
+    Ok(listeners)
+}
+
 /// Opens (and migrates) the configured store, with the digest cache when PostgreSQL has a
-/// Redis beside it; for the server and for operator commands.
+/// Redis beside it (its failures counted in `metrics`); for the server and for operator
+/// commands.
 ///
 /// # Errors
 /// The store or Redis could not be opened.
-pub async fn open_store(config: &Config) -> Result<Arc<dyn Store>, ServerError> {
+pub async fn open_store(config: &Config, metrics: &Metrics) -> Result<Arc<dyn Store>, ServerError> {
     Ok(match config.store.backend {
         Backend::Embedded => Arc::new(EmbeddedStore::open(
             &config.store.path,
             config.store.max_batch,
         )?),
         Backend::Postgres => {
-            let cache = digest_cache(config).await?;
+            let cache = digest_cache(config, metrics).await?;
             let settings = &config.store.postgres;
             Arc::new(PostgresStore::open(settings, config.store.max_batch, cache).await?)
         }
@@ -145,7 +235,10 @@ pub async fn open_store(config: &Config) -> Result<Arc<dyn Store>, ServerError> 
 }
 
 /// The deployment's Redis as the PostgreSQL backend's digest cache, when it has one.
-async fn digest_cache(config: &Config) -> Result<Option<DigestCache>, ServerError> {
+async fn digest_cache(
+    config: &Config,
+    metrics: &Metrics,
+) -> Result<Option<DigestCache>, ServerError> {
     let cluster = &config.cluster;
     if cluster.redis_url.is_empty() {
         return Ok(None);
@@ -156,6 +249,7 @@ async fn digest_cache(config: &Config) -> Result<Option<DigestCache>, ServerErro
         &cluster.key_prefix,
         config.im.digest_last_n,
         timeout,
+        metrics.redis_errors.clone(),
     )
     .await?;
     Ok(Some(cache))

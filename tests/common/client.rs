@@ -183,6 +183,12 @@ impl Client {
         options.set_credentials(user, "pw");
         options.set_keep_alive(Duration::from_secs(keep_alive));
         options.set_clean_session(clean);
+        Self::v4_with(options).await
+    }
+
+    /// Connects with MQTT 3.1.1 with these options (transport, credentials) and waits for the
+    /// CONNACK.
+    pub async fn v4_with(options: rumqttc::MqttOptions) -> Self {
         let (client, events) = rumqttc::AsyncClient::new(options, 100);
         let (seen, task) = pump(events).await;
         Self {
@@ -210,7 +216,12 @@ impl Client {
         options.set_credentials(user, "pw");
         options.set_keep_alive(Duration::from_secs(30));
         options.set_max_packet_size(max_packet);
-        let (client, events) = v5::AsyncClient::new(options, 100);
+        Self::v5_with(options).await
+    }
+
+    /// Connects with MQTT 5 with these options and waits for the CONNACK.
+    pub async fn v5_with(options: rumqttc::v5::MqttOptions) -> Self {
+        let (client, events) = rumqttc::v5::AsyncClient::new(options, 100);
         let (seen, task) = pump(events).await;
         Self {
             v4: None,

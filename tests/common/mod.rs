@@ -11,10 +11,13 @@ use mqtt_im::{Config, Server};
 use prost::Message;
 
 mod client;
+mod pki;
 mod process;
 
 #[allow(unused_imports)]
 pub use client::*;
+#[allow(unused_imports)]
+pub use pki::*;
 #[allow(unused_imports)]
 pub use process::*;
 
@@ -23,6 +26,10 @@ pub const WAIT: Duration = Duration::from_secs(10);
 /// A running mqtt-im with users alice, bob, carol (password "pw").
 pub struct TestBroker {
     pub addr: SocketAddr,
+    /// Every public listener's real address.
+    pub listeners: Vec<(mqtt_im::server::ListenerKind, SocketAddr)>,
+    /// The metrics and status endpoint, when configured.
+    pub metrics: Option<SocketAddr>,
     pub im: mqtt_im::im::ImService,
     pub policy: std::sync::Arc<mqtt_im::policy::LuaPolicy>,
     pub store: std::sync::Arc<dyn mqtt_im::store::Store>,
@@ -157,6 +164,11 @@ impl TestBroker {
             .try_init();
         let server = Server::bind(config).await.unwrap();
         let addr = server.local_addr().unwrap();
+        let listeners = all_listeners()
+            .into_iter()
+            .filter_map(|kind| Some((kind, server.listener_addr(kind)?.unwrap())))
+            .collect();
+        let metrics = server.metrics_addr().map(Result::unwrap);
         let im = server.im();
         let policy = server.policy();
         let store = server.store();
@@ -164,6 +176,8 @@ impl TestBroker {
         let task = tokio::spawn(server.run(shutdown.clone()));
         Self {
             addr,
+            listeners,
+            metrics,
             im,
             policy,
             store,
@@ -174,12 +188,26 @@ impl TestBroker {
         }
     }
 
+    /// The address of the `kind` listener (configured by the test).
+    pub fn addr_of(&self, kind: mqtt_im::server::ListenerKind) -> SocketAddr {
+        self.listeners
+            .iter()
+            .find(|(k, _)| *k == kind)
+            .map(|(_, addr)| *addr)
+            .expect("listener configured")
+    }
+
     /// Stops the server (every in-flight store finishes) and returns its data folder.
     pub async fn stop(self) -> (tempfile::TempDir, TestBackend) {
         self.shutdown.cancel();
         self.task.await.unwrap();
         (self.dir, self.backend)
     }
+}
+
+fn all_listeners() -> [mqtt_im::server::ListenerKind; 4] {
+    use mqtt_im::server::ListenerKind as K;
+    [K::Tcp, K::Tls, K::Ws, K::Wss]
 }
 
 /// An envelope with one text chat message to group `gid`.

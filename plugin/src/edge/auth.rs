@@ -1,15 +1,25 @@
-//! CONNECT credentials against the broker's own users table → the connection's uid.
+//! CONNECT credentials against the broker's own users table, or a verified client
+//! certificate → the connection's uid.
 
 use rumqttd::protocol::{ConnectReturnCode, Login};
 
 use crate::config::{AuthSettings, UidSource};
 
-/// Authenticates a CONNECT and resolves its uid, or the CONNACK code refusing it.
+/// Authenticates a CONNECT and resolves its uid, or the CONNACK code refusing it. A verified
+/// client certificate's common name is the uid and needs no password; a username that names
+/// someone else is refused rather than ignored.
 pub(crate) fn authenticate(
     settings: &AuthSettings,
     login: Option<&Login>,
     client_id: &str,
+    certified_uid: Option<&str>,
 ) -> Result<String, ConnectReturnCode> {
+    if let Some(uid) = certified_uid {
+        if login.is_some_and(|login| login.username != uid) {
+            return Err(ConnectReturnCode::NotAuthorized);
+        }
+        return checked_uid(uid);
+    }
     let username = match login {
         Some(login) => {
             let known = settings.users.get(&login.username);
@@ -25,6 +35,10 @@ pub(crate) fn authenticate(
         (UidSource::Username, Some(username)) => username,
         _ => client_id,
     };
+    checked_uid(uid)
+}
+
+fn checked_uid(uid: &str) -> Result<String, ConnectReturnCode> {
     if crate::valid_uid(uid) {
         Ok(uid.to_owned())
     } else {
@@ -63,22 +77,43 @@ mod tests {
     fn users_table_decides() {
         let s = settings();
         assert_eq!(
-            authenticate(&s, Some(&login("alice", "pw")), "c1"),
+            authenticate(&s, Some(&login("alice", "pw")), "c1", None),
             Ok("alice".into())
         );
         assert_eq!(
-            authenticate(&s, Some(&login("alice", "no")), "c1"),
+            authenticate(&s, Some(&login("alice", "no")), "c1", None),
             Err(ConnectReturnCode::BadUserNamePassword)
         );
         assert_eq!(
-            authenticate(&s, None, "c1"),
+            authenticate(&s, None, "c1", None),
             Err(ConnectReturnCode::NotAuthorized)
         );
         let mut by_client = settings();
         by_client.uid_from = UidSource::ClientId;
         assert_eq!(
-            authenticate(&by_client, Some(&login("alice", "pw")), "phone-1"),
+            authenticate(&by_client, Some(&login("alice", "pw")), "phone-1", None),
             Ok("phone-1".into())
+        );
+    }
+
+    #[test]
+    fn a_certificate_names_the_uid() {
+        let s = settings();
+        assert_eq!(
+            authenticate(&s, None, "c1", Some("dave")),
+            Ok("dave".into())
+        );
+        assert_eq!(
+            authenticate(&s, Some(&login("dave", "")), "c1", Some("dave")),
+            Ok("dave".into())
+        );
+        assert_eq!(
+            authenticate(&s, Some(&login("alice", "pw")), "c1", Some("dave")),
+            Err(ConnectReturnCode::NotAuthorized)
+        );
+        assert_eq!(
+            authenticate(&s, None, "c1", Some("not a uid")),
+            Err(ConnectReturnCode::ClientIdentifierNotValid)
         );
     }
 }

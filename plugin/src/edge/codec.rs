@@ -35,6 +35,16 @@ pub(crate) enum Version {
     V5,
 }
 
+impl Version {
+    /// As scripts and metrics name it.
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Version::V4 => "3.1.1",
+            Version::V5 => "5",
+        }
+    }
+}
+
 /// Why bytes could not be turned into packets; the connection is closed.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum CodecError {

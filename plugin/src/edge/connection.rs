@@ -9,7 +9,7 @@ use std::time::Duration;
 use bytes::BytesMut;
 use futures::future::BoxFuture;
 use futures::stream::{FuturesOrdered, StreamExt};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
@@ -22,8 +22,10 @@ use super::handshake::{handshake, Established};
 use super::links::LinkClaim;
 use super::packet_ids::{Origin, PacketIds};
 use super::reply::Outcome;
+use super::transport::{ClientStream, ListenerKind, Upgrade};
 use super::{ConnectionSink, EdgeContext, EdgeError};
 use crate::im::DeviceEvent;
+use crate::metrics::ConnectionLabels;
 use crate::store::Device;
 
 /// How often the link to rumqttd is pinged when idle.
@@ -62,8 +64,10 @@ pub(super) struct Connection {
     pub(super) registered: bool,
     /// The client's Maximum Packet Size (MQTT 5), which hook-layer publishes respect.
     pub(super) max_packet: Option<usize>,
-    client_rd: OwnedReadHalf,
-    client_wr: OwnedWriteHalf,
+    /// The public listener the client came in on.
+    pub(super) listener: ListenerKind,
+    client_rd: ReadHalf<ClientStream>,
+    client_wr: WriteHalf<ClientStream>,
     client_in: BytesMut,
     pub(super) client_out: BytesMut,
     up_rd: OwnedReadHalf,
@@ -88,19 +92,26 @@ pub(super) struct Connection {
     last_upstream_write: Instant,
 }
 
-/// Serves one accepted socket to its end.
+/// Serves one accepted socket to its end: transport upgrade (TLS, WebSocket), CONNECT, loop.
 pub(super) async fn serve(
-    stream: TcpStream,
+    tcp: TcpStream,
     peer: SocketAddr,
+    upgrade: Upgrade,
     ctx: Arc<EdgeContext>,
     id: u64,
     shutdown: CancellationToken,
 ) {
-    let span = tracing::info_span!("connection", id, %peer, client_id = tracing::field::Empty, uid = tracing::field::Empty);
+    let listener = upgrade.kind;
+    let span = tracing::info_span!("connection", id, %peer, %listener, client_id = tracing::field::Empty, uid = tracing::field::Empty);
     async move {
-        match handshake(stream, Arc::clone(&ctx), id).await {
+        let upgraded = match timeout(ctx.connect_timeout, upgrade.upgrade(tcp)).await {
+            Ok(Ok(upgraded)) => upgraded,
+            Ok(Err(e)) => return tracing::debug!(error = %e, "transport handshake failed"),
+            Err(_) => return tracing::debug!("transport handshake timed out"),
+        };
+        match handshake(upgraded, Arc::clone(&ctx), id).await {
             Ok(established) => {
-                let connection = Connection::new(ctx, id, established);
+                let connection = Connection::new(ctx, id, listener, established);
                 let span = tracing::Span::current();
                 span.record("client_id", connection.device.client_id.as_str());
                 span.record("uid", connection.device.uid.as_str());
@@ -115,7 +126,12 @@ pub(super) async fn serve(
 
 impl Connection {
     /// The connection loop's state for an established client.
-    fn new(ctx: Arc<EdgeContext>, id: u64, established: Established) -> Self {
+    fn new(
+        ctx: Arc<EdgeContext>,
+        id: u64,
+        listener: ListenerKind,
+        established: Established,
+    ) -> Self {
         let Established {
             version,
             device,
@@ -130,7 +146,7 @@ impl Connection {
             up_in,
             link,
         } = established;
-        let (client_rd, client_wr) = client.into_split();
+        let (client_rd, client_wr) = tokio::io::split(client);
         let (up_rd, up_wr) = upstream.into_split();
         let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
         let im_filters = if clean_session {
@@ -140,6 +156,9 @@ impl Connection {
             ctx.restore_session(&device)
         };
         tracing::debug!(?version, keep_alive, "connected");
+        let labels = connection_labels(listener, version);
+        ctx.im.metrics().connects.get_or_create(&labels).inc();
+        ctx.im.metrics().connections.get_or_create(&labels).inc();
         Self {
             ctx,
             id,
@@ -150,6 +169,7 @@ impl Connection {
             clean_session,
             registered,
             max_packet,
+            listener,
             client_rd,
             client_wr,
             client_in,
@@ -172,6 +192,13 @@ impl Connection {
             last_seen: Instant::now(),
             last_upstream_write: Instant::now(),
         }
+    }
+}
+
+fn connection_labels(listener: ListenerKind, version: Version) -> ConnectionLabels {
+    ConnectionLabels {
+        listener: listener.as_str(),
+        protocol: version.name(),
     }
 }
 
@@ -293,6 +320,8 @@ impl Connection {
         }
         if !self.client_out.is_empty() {
             self.client_wr.write_all(&self.client_out).await?;
+            // TLS and WebSocket buffer what is written.
+            self.client_wr.flush().await?;
             self.client_out.clear();
         }
         Ok(())
@@ -320,6 +349,13 @@ impl Connection {
     }
 
     async fn finish(mut self, end: End) {
+        let labels = connection_labels(self.listener, self.version);
+        self.ctx
+            .im
+            .metrics()
+            .connections
+            .get_or_create(&labels)
+            .dec();
         self.go_offline();
         for (_, gid) in self.group_filters() {
             self.ctx.im.unwatch_group(&gid, self.id);

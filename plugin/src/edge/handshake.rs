@@ -14,6 +14,7 @@ use tokio::time::timeout;
 
 use super::codec::{self, kind, Frame, Version};
 use super::links::LinkClaim;
+use super::transport::{ClientStream, Upgraded};
 use super::{auth, EdgeContext, EdgeError, EDGE_USER};
 use crate::policy::{ClientView, Decision};
 use crate::store::Device;
@@ -23,7 +24,6 @@ use crate::store::Device;
 const UPSTREAM_KEEP_ALIVE: u16 = 60;
 
 /// A client admitted and linked to rumqttd.
-#[derive(Debug)]
 pub(super) struct Established {
     pub(super) version: Version,
     pub(super) device: Device,
@@ -34,7 +34,7 @@ pub(super) struct Established {
     pub(super) registered: bool,
     /// The MQTT 5 client's Maximum Packet Size, if it set one.
     pub(super) max_packet: Option<usize>,
-    pub(super) client: TcpStream,
+    pub(super) client: ClientStream,
     /// Bytes the client sent after its CONNECT.
     pub(super) client_in: BytesMut,
     /// The CONNACK, not yet written.
@@ -80,16 +80,20 @@ struct Admitted {
     assigned: Option<String>,
 }
 
-/// Runs the handshake on a new socket.
+/// Runs the handshake on a new client stream.
 pub(super) async fn handshake(
-    mut stream: TcpStream,
+    upgraded: Upgraded,
     ctx: Arc<EdgeContext>,
     id: u64,
 ) -> Result<Established, EdgeError> {
+    let Upgraded {
+        mut stream,
+        certified_uid,
+    } = upgraded;
     let mut client_in = BytesMut::with_capacity(4096);
     let packet = read_connect(&mut stream, &mut client_in, &ctx).await?;
     let version = packet.version;
-    let admitted = match admit(&ctx, &packet).await {
+    let admitted = match admit(&ctx, &packet, certified_uid.as_deref()).await {
         Ok(admitted) => admitted,
         Err(refused) => {
             refuse(&mut stream, version, refused.code, refused.reason).await;
@@ -149,7 +153,7 @@ pub(super) async fn handshake(
 }
 
 async fn read_frame(
-    stream: &mut TcpStream,
+    stream: &mut (impl AsyncReadExt + Unpin),
     buf: &mut BytesMut,
     max: usize,
 ) -> Result<Frame, EdgeError> {
@@ -164,7 +168,7 @@ async fn read_frame(
 }
 
 async fn read_connect(
-    stream: &mut TcpStream,
+    stream: &mut ClientStream,
     buf: &mut BytesMut,
     ctx: &EdgeContext,
 ) -> Result<ConnectPacket, EdgeError> {
@@ -191,7 +195,11 @@ async fn read_connect(
 }
 
 /// Client id, the broker's own auth, the will topic, then the policy's `on_connect`.
-async fn admit(ctx: &EdgeContext, packet: &ConnectPacket) -> Result<Admitted, Refused> {
+async fn admit(
+    ctx: &EdgeContext,
+    packet: &ConnectPacket,
+    certified_uid: Option<&str>,
+) -> Result<Admitted, Refused> {
     let connect = &packet.connect;
     let mut assigned = None;
     let client_id = if connect.client_id.is_empty() {
@@ -213,7 +221,7 @@ async fn admit(ctx: &EdgeContext, packet: &ConnectPacket) -> Result<Admitted, Re
             "client id longer than 128 bytes",
         ));
     }
-    let uid = auth::authenticate(&ctx.auth, packet.login.as_ref(), &client_id)
+    let uid = auth::authenticate(&ctx.auth, packet.login.as_ref(), &client_id, certified_uid)
         .map_err(|code| Refused::new(code, "authentication failed"))?;
     let will_topic_is_im = packet.will.as_ref().is_some_and(|w| {
         std::str::from_utf8(&w.topic).map_or(true, |t| ctx.topics.strip_prefix(t).is_some())
@@ -228,14 +236,18 @@ async fn admit(ctx: &EdgeContext, packet: &ConnectPacket) -> Result<Admitted, Re
         uid,
         client_id,
         username: packet.login.as_ref().map(|l| l.username.clone()),
-        protocol: match packet.version {
-            Version::V4 => "3.1.1",
-            Version::V5 => "5",
-        },
+        protocol: packet.version.name(),
         clean_session: connect.clean_session,
         keep_alive: connect.keep_alive,
     };
-    if let Decision::Deny(reason) = ctx.policy.on_connect(&client).await {
+    let decision = ctx.policy.on_connect(&client).await;
+    let verdict = if matches!(decision, Decision::Deny(_)) {
+        "deny"
+    } else {
+        "allow"
+    };
+    ctx.im.metrics().verdict("connect", verdict);
+    if let Decision::Deny(reason) = decision {
         tracing::debug!(%reason, "connect denied by policy");
         return Err(Refused {
             code: ConnectReturnCode::NotAuthorized,
@@ -300,7 +312,7 @@ async fn connect_upstream(
 }
 
 async fn refuse(
-    stream: &mut TcpStream,
+    stream: &mut ClientStream,
     version: Version,
     code: ConnectReturnCode,
     reason: Option<String>,
@@ -312,6 +324,7 @@ async fn refuse(
     });
     if write_connack(&mut out, version, false, code, properties).is_ok() {
         let _ = stream.write_all(&out).await;
+        let _ = stream.flush().await;
     }
 }
 

@@ -12,6 +12,7 @@ mod packet_ids;
 mod relay;
 mod reply;
 mod topics;
+mod transport;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -30,6 +31,8 @@ use crate::policy::Policy;
 use crate::store::Device;
 pub(crate) use codec::CodecError;
 use topics::Topics;
+pub use transport::ListenerKind;
+pub(crate) use transport::{tls_acceptor, Upgrade};
 
 /// Username the hook layer presents to rumqttd; the password is the per-process secret.
 pub(crate) const EDGE_USER: &str = "mqtt-im-edge";
@@ -47,6 +50,8 @@ pub(crate) enum EdgeError {
     Timeout(&'static str),
     #[error("connection refused: {0}")]
     Refused(&'static str),
+    #[error("websocket: {0}")]
+    WebSocket(String),
 }
 
 /// What every connection needs, shared.
@@ -122,9 +127,11 @@ impl EdgeContext {
     }
 }
 
-/// Accepts clients until `shutdown`, one task per connection, tracked by `tasks`.
+/// Accepts clients until `shutdown`, one task per connection, tracked by `tasks`; each is
+/// upgraded to the listener's transport in its own task.
 pub(crate) async fn serve(
     listener: TcpListener,
+    upgrade: Upgrade,
     context: Arc<EdgeContext>,
     tasks: TaskTracker,
     shutdown: CancellationToken,
@@ -142,8 +149,9 @@ pub(crate) async fn serve(
                 let id = context.next_connection.fetch_add(1, Ordering::Relaxed);
                 let context = Arc::clone(&context);
                 let shutdown = shutdown.clone();
+                let upgrade = upgrade.clone();
                 tasks.spawn(async move {
-                    connection::serve(stream, peer, context, id, shutdown).await;
+                    connection::serve(stream, peer, upgrade, context, id, shutdown).await;
                 });
             }
             Err(e) => {

@@ -205,10 +205,13 @@ impl Connection {
                         filter: filter.path.clone(),
                         qos: filter.qos as u8,
                     };
+                    let metrics = self.ctx.im.metrics();
                     if let Decision::Deny(reason) = self.ctx.policy.on_subscribe(&view).await {
+                        metrics.verdict("subscribe", "deny");
                         tracing::debug!(filter = filter.path, %reason, "subscribe denied by policy");
                         codes.push(Some(NOT_AUTHORIZED));
                     } else {
+                        metrics.verdict("subscribe", "allow");
                         codes.push(None);
                         relayed.push(filter);
                     }

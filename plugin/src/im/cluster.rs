@@ -10,6 +10,7 @@ use prost::Message;
 use tokio::sync::mpsc;
 
 use super::{DeviceEvent, ImService};
+use crate::metrics::{DirectionLabels, Metrics};
 use crate::store::{Device, RedisBus, StoreError};
 use crate::wire::{self, pb};
 
@@ -19,14 +20,20 @@ const MAX_HANDOVER: usize = 4 << 20;
 pub(super) const HANDOVER_QUEUE: usize = 65_536;
 /// Hand-overs sent per round trip.
 const HANDOVER_BATCH: usize = 1024;
+const SENT: DirectionLabels = DirectionLabels { direction: "sent" };
+const RECEIVED: DirectionLabels = DirectionLabels {
+    direction: "received",
+};
 
 impl ImService {
     /// Mirrors a device joining this node into Redis.
     pub(super) fn cluster_join(&self, device: &Device) {
         if let Some(bus) = self.inner.cluster.clone() {
             let device = device.clone();
+            let errors = self.metrics().redis_errors.clone();
             tokio::spawn(async move {
                 if let Err(e) = bus.join(&device.uid, &device.client_id).await {
+                    errors.inc();
                     tracing::warn!(error = %e, "presence not recorded in redis");
                 }
             });
@@ -37,8 +44,10 @@ impl ImService {
     pub(super) fn cluster_leave(&self, device: &Device) {
         if let Some(bus) = self.inner.cluster.clone() {
             let device = device.clone();
+            let errors = self.metrics().redis_errors.clone();
             tokio::spawn(async move {
                 if let Err(e) = bus.leave(&device.uid, &device.client_id).await {
+                    errors.inc();
                     tracing::warn!(error = %e, "presence not cleared in redis");
                 }
             });
@@ -96,7 +105,8 @@ impl ImService {
         };
         let mut batch = Vec::with_capacity(HANDOVER_BATCH);
         while queue.recv_many(&mut batch, HANDOVER_BATCH).await > 0 {
-            if let Err(e) = send_batch(&bus, &batch).await {
+            if let Err(e) = send_batch(&bus, &batch, self.metrics()).await {
+                self.metrics().redis_errors.inc();
                 tracing::warn!(error = %e, messages = batch.len(), "hand-over failed; left in the backlog");
             }
             batch.clear();
@@ -127,6 +137,7 @@ impl ImService {
                 return;
             }
         };
+        self.metrics().handovers.get_or_create(&RECEIVED).inc();
         let payload = Bytes::from(handover.payload);
         if handover.notice {
             for sink in self.inner.presence.sinks(&handover.uid) {
@@ -148,23 +159,28 @@ impl ImService {
             let sinks = self.inner.watchers.sinks(&handover.group, None);
             (sinks, Some(handover.group))
         };
-        for sink in sinks {
-            sink.push(DeviceEvent::Chat {
-                conversation: handover.conversation.clone(),
-                seq: handover.seq,
-                payload: payload.clone(),
-                group: group.clone(),
-            });
-        }
+        let event = DeviceEvent::Chat {
+            conversation: handover.conversation,
+            seq: handover.seq,
+            payload,
+            group,
+        };
+        self.push_live(&sinks, &event);
     }
 }
 
-async fn send_batch(bus: &RedisBus, batch: &[pb::Handover]) -> Result<(), StoreError> {
+async fn send_batch(
+    bus: &RedisBus,
+    batch: &[pb::Handover],
+    metrics: &Metrics,
+) -> Result<(), StoreError> {
     let (groups, direct): (Vec<&pb::Handover>, Vec<&pb::Handover>) =
         batch.iter().partition(|h| !h.group.is_empty());
     if !groups.is_empty() {
         let payloads: Vec<Vec<u8>> = groups.iter().map(|h| h.encode_to_vec()).collect();
         bus.broadcast(&payloads).await?;
+        let sent = payloads.len() as u64;
+        metrics.handovers.get_or_create(&SENT).inc_by(sent);
     }
     let mut uids: Vec<&str> = direct.iter().map(|h| h.uid.as_str()).collect();
     uids.sort_unstable();
@@ -178,6 +194,9 @@ async fn send_batch(bus: &RedisBus, batch: &[pb::Handover]) -> Result<(), StoreE
         let Ok(at) = uids.binary_search(&handover.uid.as_str()) else {
             continue;
         };
+        if located[at].is_empty() && !handover.notice {
+            metrics.counted_offline.inc();
+        }
         let nodes: BTreeSet<&String> = located[at]
             .values()
             .filter(|node| *node != bus.node())
@@ -189,6 +208,8 @@ async fn send_batch(bus: &RedisBus, batch: &[pb::Handover]) -> Result<(), StoreE
         return Ok(());
     }
     let heard = bus.send_many(&messages).await?;
+    let sent = heard.iter().filter(|heard| **heard).count();
+    metrics.handovers.get_or_create(&SENT).inc_by(sent as u64);
     for ((node, _), heard) in messages.iter().zip(heard) {
         if !heard {
             tracing::debug!(node, "no listener; left in the backlog");

@@ -76,7 +76,8 @@ impl ImService {
     pub(super) async fn flush(&self, pending: &mut Pending) {
         for ((device, conversation), merged) in pending.take() {
             for range in merged {
-                if let Err(e) = self.inner.store.ack(&device, &conversation, range).await {
+                let acked = self.inner.store.ack(&device, &conversation, range);
+                if let Err(e) = self.metrics().store_call("ack", acked).await {
                     tracing::warn!(error = %e, conversation, "recording live deliveries failed");
                 }
             }

@@ -124,7 +124,9 @@ impl ImService {
     /// # Errors
     /// The store failed.
     pub async fn group_role(&self, uid: &str, gid: &str) -> Result<Option<Role>, ImError> {
-        Ok(self.inner.store.role(uid, &group_key(gid)).await?)
+        let key = group_key(gid);
+        let role = self.inner.store.role(uid, &key);
+        Ok(self.metrics().store_call("role", role).await?)
     }
 
     /// `uid`'s role, refusing non-members.

@@ -4,7 +4,10 @@
 use bytes::Bytes;
 use prost::Message;
 
-use super::{conversation_name, direct_key, group_key, DeviceEvent, ImError, ImService};
+use super::{
+    conversation_name, direct_key, group_key, DeviceEvent, DeviceSink, ImError, ImService,
+};
+use crate::metrics::{ChatLabels, RefusalLabels};
 use crate::policy::{Decision, MessageView};
 use crate::store::{Device, NewMessage, StoredMessage};
 use crate::wire::{self, pb};
@@ -62,6 +65,28 @@ impl Target<'_> {
             Target::User(id) | Target::Group(id) => id,
         }
     }
+
+    /// The `chat` label of the message metrics.
+    fn labels(&self) -> ChatLabels {
+        let chat = match self {
+            Target::User(_) => "direct",
+            Target::Group(_) => "group",
+        };
+        ChatLabels { chat }
+    }
+}
+
+impl ImError {
+    /// The `reason` label of a refused message.
+    fn refusal(&self) -> RefusalLabels {
+        let reason = match self {
+            ImError::Wire(_) | ImError::Invalid(_) => "invalid",
+            ImError::Denied(_) => "denied",
+            ImError::NotAuthorized(_) => "not_authorized",
+            ImError::Store(_) => "store",
+        };
+        RefusalLabels { reason }
+    }
 }
 
 impl ImService {
@@ -93,16 +118,37 @@ impl ImService {
         gid: &str,
         payload: &[u8],
     ) -> Result<Accepted, ImError> {
-        self.require_member(&sender.uid, gid).await?;
         self.accept(sender, Target::Group(gid), payload).await
     }
 
+    /// Stores a message and counts what became of it.
     async fn accept(
         &self,
         sender: &Device,
         target: Target<'_>,
         payload: &[u8],
     ) -> Result<Accepted, ImError> {
+        let metrics = self.metrics();
+        let labels = target.labels();
+        metrics.messages_received.get_or_create(&labels).inc();
+        let accepted = self.store_message(sender, target, payload).await;
+        match &accepted {
+            Ok(accepted) if accepted.duplicate => metrics.messages_duplicate.inc(),
+            Ok(_) => metrics.messages_stored.get_or_create(&labels).inc(),
+            Err(e) => metrics.messages_refused.get_or_create(&e.refusal()).inc(),
+        };
+        accepted
+    }
+
+    async fn store_message(
+        &self,
+        sender: &Device,
+        target: Target<'_>,
+        payload: &[u8],
+    ) -> Result<Accepted, ImError> {
+        if let Target::Group(gid) = target {
+            self.require_member(&sender.uid, gid).await?;
+        }
         let limit = self.inner.settings.max_message_bytes;
         let envelope: pb::Envelope = wire::decode(payload, limit, "Envelope")?;
         let (mut chat, time) = validate(envelope, target)?;
@@ -122,19 +168,16 @@ impl ImService {
         self.apply_policy(sender, &conversation, &mut chat).await?;
         let msg_id = chat.msg_id.clone();
         let ack_flg = chat.ack_flg;
-        let appended = self
-            .inner
-            .store
-            .append(NewMessage {
-                conversation: conversation.clone(),
-                members,
-                sender: sender.uid.clone(),
-                sender_device: sender.client_id.clone(),
-                msg_id: msg_id.clone(),
-                server_time: now_ms(),
-                body: chat.encode_to_vec(),
-            })
-            .await?;
+        let append = self.inner.store.append(NewMessage {
+            conversation: conversation.clone(),
+            members,
+            sender: sender.uid.clone(),
+            sender_device: sender.client_id.clone(),
+            msg_id: msg_id.clone(),
+            server_time: now_ms(),
+            body: chat.encode_to_vec(),
+        });
+        let appended = self.metrics().store_call("append", append).await?;
         if !appended.duplicate {
             chat.seq = appended.seq;
             chat.server_time = appended.server_time;
@@ -180,7 +223,14 @@ impl ImService {
             client_id: sender.client_id.clone(),
             conversation: conversation_name(conversation, &sender.uid),
         };
-        match self.inner.policy.on_message(&view).await {
+        let decision = self.inner.policy.on_message(&view).await;
+        let verdict = match &decision {
+            Decision::Deny(_) => "deny",
+            Decision::Allow(Some(_)) => "rewrite",
+            Decision::Allow(None) => "allow",
+        };
+        self.metrics().verdict("message", verdict);
+        match decision {
             Decision::Deny(reason) => Err(ImError::Denied(reason)),
             Decision::Allow(rewritten) => {
                 if let (Some(text), Some(content)) = (rewritten, chat.msg.as_mut()) {
@@ -193,17 +243,32 @@ impl ImService {
 
     fn deliver_live(&self, to: &str, conversation: &str, seq: u64, payload: &Bytes) {
         self.hand_over(to, conversation, seq, payload);
-        for sink in self.inner.presence.sinks(to) {
-            let delivered = sink.push(DeviceEvent::Chat {
-                conversation: conversation.to_owned(),
-                seq,
-                payload: payload.clone(),
-                group: None,
-            });
-            if !delivered {
-                tracing::debug!(to, seq, "device busy; left in its backlog");
-            }
+        let sinks = self.inner.presence.sinks(to);
+        if sinks.is_empty() && self.inner.cluster.is_none() {
+            // With a cluster, the hand-over finds out whether another node holds a device.
+            self.metrics().counted_offline.inc();
         }
+        let event = DeviceEvent::Chat {
+            conversation: conversation.to_owned(),
+            seq,
+            payload: payload.clone(),
+            group: None,
+        };
+        if self.push_live(&sinks, &event) < sinks.len() {
+            tracing::debug!(to, seq, "device busy; left in its backlog");
+        }
+    }
+
+    /// Pushes a live message to each sink; returns and counts how many took it (a busy
+    /// device leaves it in its backlog).
+    pub(super) fn push_live(
+        &self,
+        sinks: &[std::sync::Arc<dyn DeviceSink>],
+        event: &DeviceEvent,
+    ) -> usize {
+        let taken = sinks.iter().filter(|sink| sink.push(event.clone())).count();
+        self.metrics().delivered_live.inc_by(taken as u64);
+        taken
     }
 
     /// To the group's subscribed connections on this node (the sending device excepted) and
@@ -217,14 +282,13 @@ impl ImService {
         payload: &Bytes,
     ) {
         self.hand_over_group(gid, conversation, seq, payload);
-        for sink in self.group_sinks(gid, sender) {
-            sink.push(DeviceEvent::Chat {
-                conversation: conversation.to_owned(),
-                seq,
-                payload: payload.clone(),
-                group: Some(gid.to_owned()),
-            });
-        }
+        let event = DeviceEvent::Chat {
+            conversation: conversation.to_owned(),
+            seq,
+            payload: payload.clone(),
+            group: Some(gid.to_owned()),
+        };
+        self.push_live(&self.group_sinks(gid, sender), &event);
     }
 }
 

@@ -22,6 +22,7 @@ pub(crate) use pull::error_code;
 pub use sink::{DeviceEvent, DeviceSink};
 
 use crate::config::ImSettings;
+use crate::metrics::Metrics;
 use crate::policy::Policy;
 use crate::store::{Device, RedisBus, Store, StoreError};
 use crate::wire::WireError;
@@ -58,6 +59,7 @@ struct Inner {
     read_moves: receipts::ReadMoves,
     settings: ImSettings,
     cluster: Option<RedisBus>,
+    metrics: Arc<Metrics>,
     deliveries: mpsc::Sender<deliveries::Delivered>,
     /// Taken by [`ImService::run`].
     deliveries_rx: Mutex<Option<mpsc::Receiver<deliveries::Delivered>>>,
@@ -75,12 +77,13 @@ pub struct ImService {
 
 impl ImService {
     /// A service over `store`, checking every message with `policy`; with `cluster`, one node
-    /// of several sharing the store.
+    /// of several sharing the store. Counts what it does in `metrics`.
     pub fn new(
         store: Arc<dyn Store>,
         policy: Arc<dyn Policy>,
         settings: ImSettings,
         cluster: Option<RedisBus>,
+        metrics: Arc<Metrics>,
     ) -> Self {
         let (deliveries, deliveries_rx) = mpsc::channel(deliveries::QUEUE);
         let (handovers, handovers_rx) = match cluster {
@@ -99,6 +102,7 @@ impl ImService {
                 read_moves: receipts::ReadMoves::default(),
                 settings,
                 cluster,
+                metrics,
                 deliveries,
                 deliveries_rx: Mutex::new(Some(deliveries_rx)),
                 handovers,
@@ -112,7 +116,21 @@ impl ImService {
     /// # Errors
     /// The store failed.
     pub async fn connected(&self, device: &Device) -> Result<(), ImError> {
-        Ok(self.inner.store.register_device(device).await?)
+        let registered = self.inner.store.register_device(device);
+        Ok(self
+            .metrics()
+            .store_call("register_device", registered)
+            .await?)
+    }
+
+    /// The metrics this service counts into (the edge counts its own there too).
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.inner.metrics
+    }
+
+    /// Users and devices with an inbox subscription on this node.
+    pub fn online_counts(&self) -> (usize, usize) {
+        self.inner.presence.counts()
     }
 
     /// The device now holds an inbox subscription on `connection`: deliver live to `sink`.

@@ -82,6 +82,13 @@ impl Presence {
     }
 
     /// Client ids of a user's online devices.
+    pub(crate) fn counts(&self) -> (usize, usize) {
+        self.users
+            .lock()
+            .map(|users| (users.len(), users.values().map(Vec::len).sum()))
+            .unwrap_or_default()
+    }
+
     pub(crate) fn devices(&self, uid: &str) -> Vec<String> {
         self.users
             .lock()

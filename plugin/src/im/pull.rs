@@ -41,26 +41,38 @@ impl ImService {
         use pb::request::Kind;
         use pb::response::Result as Reply;
         let store = &self.inner.store;
+        let metrics = self.metrics();
         match request.kind {
             Some(Kind::Pull(pull)) => {
                 let key = self.authorized_key(&pull.conversation, &device.uid).await?;
                 let ack = pull.ack.map(cursor_range).transpose()?;
                 let size = self.page_size(pull.page_size);
-                let page = store.pull(device, &key, ack, size).await?;
+                let page = metrics
+                    .store_call("pull", store.pull(device, &key, ack, size))
+                    .await?;
+                metrics.pulls.inc();
+                metrics.pull_page.observe(page.messages.len() as f64);
                 Ok(Reply::Page(page_reply(pull.conversation, page)))
             }
             Some(Kind::Ack(ack)) => {
                 let key = self.authorized_key(&ack.conversation, &device.uid).await?;
                 let range = SeqRange::new(1, ack.up_to)
                     .ok_or_else(|| ImError::Invalid("up_to must be at least 1".into()))?;
-                store.ack(device, &key, range).await?;
+                metrics
+                    .store_call("ack", store.ack(device, &key, range))
+                    .await?;
                 Ok(Reply::Acked(pb::Acked {
                     conversation: ack.conversation,
                     seq: ack.up_to,
                 }))
             }
             Some(Kind::ClearCounters(clear)) => {
-                store.clear_counters(device, clear.version).await?;
+                metrics
+                    .store_call(
+                        "clear_counters",
+                        store.clear_counters(device, clear.version),
+                    )
+                    .await?;
                 Ok(Reply::Cleared(pb::Cleared {
                     version: clear.version,
                 }))
@@ -73,7 +85,9 @@ impl ImService {
                     .await?;
                 let before = (history.before_seq > 0).then_some(history.before_seq);
                 let size = self.page_size(history.page_size);
-                let page = store.history(&key, before, size).await?;
+                let page = metrics
+                    .store_call("history", store.history(&key, before, size))
+                    .await?;
                 Ok(Reply::Page(page_reply(history.conversation, page)))
             }
             Some(

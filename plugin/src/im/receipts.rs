@@ -71,7 +71,8 @@ impl ImService {
         request: pb::MarkRead,
     ) -> Result<pb::response::Result, ImError> {
         let key = self.authorized_key(&request.conversation, uid).await?;
-        let (before, after) = self.inner.store.mark_read(uid, &key, request.seq).await?;
+        let marked = self.inner.store.mark_read(uid, &key, request.seq);
+        let (before, after) = self.metrics().store_call("mark_read", marked).await?;
         if after > before {
             if let Ok(mut moves) = self.inner.read_moves.moves.lock() {
                 moves.entry(key).or_default().push(Move {

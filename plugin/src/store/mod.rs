@@ -200,6 +200,44 @@ pub struct Removal {
     pub uid: String,
 }
 
+/// How much a store holds, for operators.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct StoreSizes {
+    /// Stored messages (every conversation's seqs are gap-free, so the sum of its last seqs).
+    pub messages: u64,
+    /// Conversations, 1:1 and group.
+    pub conversations: u64,
+    /// Groups.
+    pub groups: u64,
+    /// Users that have connected at least once.
+    pub users: u64,
+    /// Devices (client ids) that have connected at least once.
+    pub devices: u64,
+}
+
+/// The sizes in one query both backends understand; counts conversations and devices, never
+/// messages, so it stays cheap on a large store.
+pub(crate) const SIZES_QUERY: &str = "SELECT \
+    CAST(COALESCE(SUM(max_seq), 0) AS BIGINT), COUNT(*), \
+    COUNT(*) FILTER (WHERE key LIKE 'g:%'), \
+    (SELECT COUNT(DISTINCT uid) FROM devices), (SELECT COUNT(*) FROM devices) \
+    FROM conversations";
+
+impl StoreSizes {
+    /// The sizes from the row of [`SIZES_QUERY`].
+    pub(crate) fn from_counts(counts: [i64; 5]) -> Self {
+        let [messages, conversations, groups, users, devices] =
+            counts.map(|n| u64::try_from(n).unwrap_or(0));
+        Self {
+            messages,
+            conversations,
+            groups,
+            users,
+            devices,
+        }
+    }
+}
+
 /// Receipts for `seqs` from the senders of those messages and the members whose cursor is
 /// at least the smallest of them (shared by the backends).
 pub(crate) fn receipts_from(
@@ -378,6 +416,9 @@ pub trait Store: Send + Sync + std::fmt::Debug {
 
     /// Removals with an id above `after`, oldest first (at most `limit`).
     async fn removals_since(&self, after: u64, limit: usize) -> Result<Vec<Removal>, StoreError>;
+
+    /// How many messages, conversations, groups, users and devices the store holds.
+    async fn sizes(&self) -> Result<StoreSizes, StoreError>;
 
     /// Flushes pending writes and stops background work; later calls fail as unavailable.
     async fn close(&self);

@@ -16,7 +16,7 @@ use tokio::sync::mpsc;
 use super::migrate;
 use super::{
     Appended, Device, DigestEntry, DigestSnapshot, Member, NewMessage, Page, Receipt, Removal,
-    Role, SeqRange, Store, StoreError,
+    Role, SeqRange, Store, StoreError, StoreSizes, SIZES_QUERY,
 };
 use queries::unavailable;
 use writer::{Call, Job};
@@ -289,6 +289,23 @@ impl Store for EmbeddedStore {
     async fn removals_since(&self, after: u64, limit: usize) -> Result<Vec<Removal>, StoreError> {
         self.read(move |conn| groups::removals_since(conn, after, limit))
             .await
+    }
+
+    async fn sizes(&self) -> Result<StoreSizes, StoreError> {
+        self.read(|conn| {
+            let counts = conn.query_row(SIZES_QUERY, [], |row| {
+                Ok([
+                    row.get(0)?,
+                    row.get(1)?,
+                    row.get(2)?,
+                    row.get(3)?,
+                    row.get(4)?,
+                ])
+            });
+            let counts = counts.map_err(unavailable)?;
+            Ok(StoreSizes::from_counts(counts))
+        })
+        .await
     }
 
     async fn close(&self) {

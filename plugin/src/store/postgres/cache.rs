@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use prometheus_client::metrics::counter::Counter;
 use redis::aio::ConnectionManager;
 
 use crate::store::{Device, NewMessage, StoreError, StoredMessage};
@@ -201,8 +202,6 @@ pub(super) struct CacheStats {
     pub(super) preview_hits: AtomicU64,
     /// Conversations whose previews were read from PostgreSQL.
     pub(super) preview_misses: AtomicU64,
-    /// Redis calls that failed (the digest then comes from PostgreSQL alone).
-    pub(super) errors: AtomicU64,
 }
 
 /// A message as the cache learns it after its commit.
@@ -223,6 +222,8 @@ pub struct DigestCache {
     /// one time-out, not one per digest.
     skip_until: std::sync::Arc<Mutex<Instant>>,
     stats: std::sync::Arc<CacheStats>,
+    /// Redis calls that failed (the digest then comes from PostgreSQL alone).
+    errors: Counter,
 }
 
 impl std::fmt::Debug for DigestCache {
@@ -240,7 +241,8 @@ fn redis_error(e: redis::RedisError) -> StoreError {
 
 impl DigestCache {
     /// Connects to Redis; `keep` previews are cached per conversation (the digest's last N).
-    /// Calls that get no answer within `timeout` fail, and the digest does without them.
+    /// Calls that get no answer within `timeout` fail, and the digest does without them;
+    /// each failure is counted in `errors`.
     ///
     /// # Errors
     /// The URL is invalid or Redis cannot be reached now.
@@ -249,6 +251,7 @@ impl DigestCache {
         prefix: &str,
         keep: usize,
         timeout: Duration,
+        errors: Counter,
     ) -> Result<Self, StoreError> {
         let client = redis::Client::open(url).map_err(redis_error)?;
         let config = redis::aio::ConnectionManagerConfig::new()
@@ -265,6 +268,7 @@ impl DigestCache {
             timeout,
             skip_until: std::sync::Arc::new(Mutex::new(Instant::now())),
             stats: std::sync::Arc::default(),
+            errors,
         })
     }
 
@@ -293,7 +297,7 @@ impl DigestCache {
             Ok(Err(e)) => e.to_string(),
             Err(_) => format!("no answer within {} ms", self.timeout.as_millis()),
         };
-        self.stats.errors.fetch_add(1, Ordering::Relaxed);
+        self.errors.inc();
         if let Ok(mut at) = self.skip_until.lock() {
             *at = Instant::now() + BACKOFF;
         }

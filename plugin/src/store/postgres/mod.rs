@@ -17,7 +17,7 @@ use tokio_postgres::NoTls;
 
 use super::{
     migrate, Appended, Device, DigestEntry, DigestSnapshot, Member, NewMessage, Page, Receipt,
-    Removal, Role, SeqRange, Store, StoreError,
+    Removal, Role, SeqRange, Store, StoreError, StoreSizes, SIZES_QUERY,
 };
 use crate::config::PostgresSettings;
 pub use cache::DigestCache;
@@ -330,6 +330,14 @@ impl Store for PostgresStore {
         groups::removals_since(&self.client().await?, after, limit).await
     }
 
+    async fn sizes(&self) -> Result<StoreSizes, StoreError> {
+        let client = self.client().await?;
+        let row = client.query_one(SIZES_QUERY, &[]).await.map_err(pg_error)?;
+        let count = |i| row.try_get::<_, i64>(i).map_err(pg_error);
+        let counts = [count(0)?, count(1)?, count(2)?, count(3)?, count(4)?];
+        Ok(StoreSizes::from_counts(counts))
+    }
+
     async fn close(&self) {
         if let Ok(mut appender) = self.appender.lock() {
             appender.take();
@@ -347,6 +355,7 @@ impl Store for PostgresStore {
 mod tests {
     use super::*;
     use crate::store::conformance;
+    use prometheus_client::metrics::counter::Counter;
 
     /// The test database: MQTT_IM_TEST_POSTGRES_URL, or the local CI service when services
     /// are required. `None` skips (only allowed when MQTT_IM_REQUIRE_SERVICES is not 1).
@@ -391,7 +400,7 @@ mod tests {
         let url = test_redis()?;
         let prefix = format!("test-{}", settings.schema);
         let timeout = Duration::from_millis(500);
-        let cache = DigestCache::connect(&url, &prefix, 3, timeout)
+        let cache = DigestCache::connect(&url, &prefix, 3, timeout, Counter::default())
             .await
             .unwrap();
         Some((cache, url))
