@@ -135,3 +135,18 @@ async fn persistent_session_resumes_im_subscriptions(backend: TestBackend) {
     assert!(broker.im.online_devices("bob").is_empty());
 }
 }
+
+/// An MQTT 5 client whose session another connection takes over is told why (0x8E).
+#[tokio::test]
+async fn taken_over_v5_client_gets_a_disconnect() {
+    let broker = TestBroker::start().await;
+    let mut old = Client::v5(broker.addr, "bob-phone", "bob").await;
+    old.subscribe("im/u/bob/#", 1).await;
+    let _new = Client::v5(broker.addr, "bob-phone", "bob").await;
+    loop {
+        if let Seen::Disconnect { reason } = old.next().await {
+            assert_eq!(reason, 0x8E, "Session taken over");
+            break;
+        }
+    }
+}

@@ -66,8 +66,14 @@ async fn graceful_restart_keeps_messages(backend: TestBackend) {
             0
         );
     }
-    drop(alice);
     let (dir, backend) = broker.stop().await;
+    // MQTT 5 clients are told why: Server shutting down.
+    loop {
+        if let Seen::Disconnect { reason } = alice.next().await {
+            assert_eq!(reason, 0x8B);
+            break;
+        }
+    }
     let broker = TestBroker::start_in(dir, backend).await;
     let mut bob = Client::v5(broker.addr, "bob-phone", "bob").await;
     let page = page(&bob.ask("bob", pull("p", "u/alice", 10, None)).await);

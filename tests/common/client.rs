@@ -30,6 +30,10 @@ pub enum Seen {
     PubComp {
         pkid: u16,
     },
+    /// A DISCONNECT from the server (MQTT 5) with its reason code.
+    Disconnect {
+        reason: u8,
+    },
 }
 
 /// A 3.1.1 client (rumqttc) whose events arrive on a channel.
@@ -101,9 +105,19 @@ impl EventSource for rumqttc::EventLoop {
 impl EventSource for rumqttc::v5::EventLoop {
     async fn step(&mut self) -> Option<Step> {
         use rumqttc::v5::mqttbytes::v5::Packet;
-        use rumqttc::v5::Event;
+        use rumqttc::v5::{ConnectionError, Event, StateError};
         use rumqttc::Outgoing;
-        let packet = match self.poll().await.ok()? {
+        let event = match self.poll().await {
+            Ok(event) => event,
+            Err(ConnectionError::MqttState(StateError::ServerDisconnect {
+                reason_code, ..
+            })) => {
+                let reason = reason_code as u8;
+                return Some(Step::Seen(Seen::Disconnect { reason }));
+            }
+            Err(_) => return None,
+        };
+        let packet = match event {
             Event::Incoming(packet) => packet,
             // After a clean DISCONNECT the loop stops: polling on would reconnect.
             Event::Outgoing(Outgoing::Disconnect) => return None,
@@ -149,7 +163,12 @@ async fn pump(
                     }
                 }
                 Step::Seen(event) => {
+                    let ended = matches!(event, Seen::Disconnect { .. });
                     let _ = tx.send(event);
+                    if ended {
+                        // Polling on would reconnect.
+                        break;
+                    }
                 }
                 Step::Skip => {}
             }

@@ -370,6 +370,7 @@ impl Connection {
                 break;
             }
         }
+        self.say_why(&end);
         let _ = self.flush().await;
         match &end {
             End::Failed(e) => tracing::info!(error = %e, "connection closed on error"),
@@ -388,6 +389,35 @@ impl Connection {
         })
         .await;
         let _ = self.client_wr.shutdown().await;
+    }
+
+    /// Tells an MQTT 5 client why the server closes its connection (3.1.1 has no way to).
+    fn say_why(&mut self, end: &End) {
+        use rumqttd::protocol::{
+            Disconnect, DisconnectProperties, DisconnectReasonCode as Reason, Packet,
+        };
+        let (reason_code, why) = match end {
+            End::Shutdown => (Reason::ServerShuttingDown, "server shutting down"),
+            End::TakenOver => (
+                Reason::SessionTakenOver,
+                "another connection took the session",
+            ),
+            End::KeepAliveExpired => (Reason::KeepAliveTimeout, "keep-alive expired"),
+            _ => return,
+        };
+        if self.version == Version::V5 {
+            // With properties: rumqttd 0.20 miscounts the length of a DISCONNECT without them.
+            let properties = DisconnectProperties {
+                session_expiry_interval: None,
+                reason_string: Some(why.to_owned()),
+                user_properties: Vec::new(),
+                server_reference: None,
+            };
+            let packet = Packet::Disconnect(Disconnect { reason_code }, Some(properties));
+            if let Err(e) = codec::write_packet(&mut self.client_out, self.version, packet) {
+                tracing::debug!(error = %e, "cannot write DISCONNECT");
+            }
+        }
     }
 
     /// Writes a hook-layer publish (digest, reply, live delivery) into the client connection.
