@@ -7,7 +7,7 @@ use clap::{Parser, Subcommand};
 use mqtt_im::config::Backend;
 use mqtt_im::im::group_key;
 use mqtt_im::metrics::Metrics;
-use mqtt_im::server::{open_store, CancellationToken, ListenerKind};
+use mqtt_im::server::{check_certificates, open_store, CancellationToken, ListenerKind};
 use mqtt_im::store::{EmbeddedStore, PostgresStore, Role, Store};
 use mqtt_im::{Config, Server};
 
@@ -103,6 +103,7 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::CheckConfig => {
+            check_certificates(&config)?;
             println!("configuration is valid");
             Ok(())
         }

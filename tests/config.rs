@@ -63,3 +63,36 @@ fn migrate_command_applies_the_schema() {
     }
     assert!(dir.path().join("im.db").exists());
 }
+
+/// A TLS listener needs a certificate and key: missing files are named by key, and files that
+/// are not a usable certificate fail `check-config` as they would fail start-up.
+#[test]
+fn tls_listener_needs_usable_certificates() {
+    let dir = tempfile::tempdir().unwrap();
+    let check = |cert: &std::path::Path| {
+        Command::new(env!("CARGO_BIN_EXE_mqtt-im"))
+            .arg("check-config")
+            .env("MQTT_IM__LISTENERS__TLS", "127.0.0.1:0")
+            .env("MQTT_IM__TLS__CERT", cert)
+            .env("MQTT_IM__TLS__KEY", cert)
+            .output()
+            .unwrap()
+    };
+    let missing = check(&dir.path().join("nope.pem"));
+    assert!(!missing.status.success());
+    let stderr = String::from_utf8_lossy(&missing.stderr);
+    assert!(
+        stderr.contains("tls.cert") && stderr.contains("tls.key"),
+        "{stderr}"
+    );
+
+    let garbage = dir.path().join("garbage.pem");
+    std::fs::write(&garbage, "not a certificate").unwrap();
+    let unusable = check(&garbage);
+    assert!(!unusable.status.success());
+    let stderr = String::from_utf8_lossy(&unusable.stderr);
+    assert!(
+        stderr.contains("tls.cert") && stderr.contains("no PEM certificate"),
+        "{stderr}"
+    );
+}

@@ -179,6 +179,18 @@ impl Server {
     }
 }
 
+/// Loads the TLS certificate and key (and client CA) the way start-up does, so that
+/// `check-config` catches unusable files, not only missing ones.
+///
+/// # Errors
+/// A file does not parse or the key does not fit the certificate.
+pub fn check_certificates(config: &Config) -> Result<(), ServerError> {
+    if config.listeners.tls.is_some() || config.listeners.wss.is_some() {
+        edge::tls_acceptor(&config.tls).map_err(ServerError::Tls)?;
+    }
+    Ok(())
+}
+
 /// Binds every configured public listener with its transport.
 async fn bind_listeners(config: &Config) -> Result<Vec<(TcpListener, Upgrade)>, ServerError> {
     let settings = &config.listeners;

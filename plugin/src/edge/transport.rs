@@ -180,9 +180,16 @@ pub(crate) fn tls_acceptor(settings: &TlsSettings) -> Result<TlsAcceptor, String
     use tokio_rustls::rustls::{self, pki_types::pem::PemObject, server::WebPkiClientVerifier};
 
     let read_certs = |key: &str, path: &std::path::Path| {
-        CertificateDer::pem_file_iter(path)
+        let certs = CertificateDer::pem_file_iter(path)
             .and_then(Iterator::collect::<Result<Vec<_>, _>>)
-            .map_err(|e| format!("{key} {}: {e}", path.display()))
+            .map_err(|e| format!("{key} {}: {e}", path.display()))?;
+        if certs.is_empty() {
+            return Err(format!(
+                "{key} {}: no PEM certificate in it",
+                path.display()
+            ));
+        }
+        Ok(certs)
     };
     let chain = read_certs("tls.cert", &settings.cert)?;
     let key = PrivateKeyDer::from_pem_file(&settings.key)
