@@ -119,12 +119,13 @@ async fn stats_command_asks_the_running_node() {
         0
     );
 
-    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_mqtt-im"))
-        .arg("stats")
-        .env("MQTT_IM__LISTENERS__METRICS", &metrics)
-        .output()
-        .await
-        .unwrap();
+    let stats = || {
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_mqtt-im"))
+            .arg("stats")
+            .env("MQTT_IM__LISTENERS__METRICS", &metrics)
+            .output()
+    };
+    let output = stats().await.unwrap();
     let _ = child.kill();
     let _ = child.wait();
     let printed = String::from_utf8_lossy(&output.stdout);
@@ -137,12 +138,7 @@ async fn stats_command_asks_the_running_node() {
     assert!(printed.contains("\"messages\": 1"), "{printed}");
     assert!(printed.contains("\"backend\": \"embedded\""), "{printed}");
 
-    let refused = tokio::process::Command::new(env!("CARGO_BIN_EXE_mqtt-im"))
-        .arg("stats")
-        .env("MQTT_IM__LISTENERS__METRICS", &metrics)
-        .output()
-        .await
-        .unwrap();
+    let refused = stats().await.unwrap();
     assert!(!refused.status.success(), "nothing runs there any more");
     assert!(String::from_utf8_lossy(&refused.stderr).contains("no mqtt-im answers"));
 }
