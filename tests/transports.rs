@@ -26,6 +26,7 @@ fn all_transports(pki: &TestPki, client_auth: ClientAuth) -> impl FnOnce(&mut Co
         config.tls.key = pki.key.clone();
         config.tls.client_ca = pki.ca_file.clone();
         config.tls.client_auth = client_auth;
+        config.listeners.metrics = any;
     }
 }
 
@@ -138,6 +139,15 @@ async fn every_transport_carries_the_im_flow(backend: TestBackend) {
 
     let wrong = v4_options(ListenerKind::Ws, at(ListenerKind::Ws), "mallory", Some("mallory"), tls);
     assert!(refused(wrong).await, "unknown users are refused over WebSocket too");
+
+    // Connections are counted by listener and protocol version.
+    let all = samples(&http_get(broker.metrics.unwrap(), "/metrics").await.1);
+    for (listener, protocol) in [("tls", "3.1.1"), ("wss", "5"), ("ws", "3.1.1")] {
+        let series = format!(r#"mqtt_im_connections{{listener="{listener}",protocol="{protocol}"}}"#);
+        assert_eq!(sample(&all, &series), 1.0, "{series}");
+    }
+    let plain = all.get(r#"mqtt_im_connections{listener="mqtt",protocol="3.1.1"}"#);
+    assert_eq!(plain.copied().unwrap_or(0.0), 0.0, "nobody used plain TCP");
 }
 }
 

@@ -11,11 +11,14 @@ use mqtt_im::{Config, Server};
 use prost::Message;
 
 mod client;
+mod http;
 mod pki;
 mod process;
 
 #[allow(unused_imports)]
 pub use client::*;
+#[allow(unused_imports)]
+pub use http::*;
 #[allow(unused_imports)]
 pub use pki::*;
 #[allow(unused_imports)]
