@@ -95,18 +95,7 @@ async fn two_nodes_hand_over_and_share_state() {
     assert_eq!(chat_seq(&bob.next_on("im/u/bob").await), 1);
 
     // Redis loses everything of this deployment: presence comes back with the heartbeat.
-    let client = redis::Client::open(services.redis.as_str()).unwrap();
-    let mut connection = client.get_multiplexed_async_connection().await.unwrap();
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{}:*", services.prefix))
-        .query_async(&mut connection)
-        .await
-        .unwrap();
-    let _: () = redis::cmd("DEL")
-        .arg(&keys)
-        .query_async(&mut connection)
-        .await
-        .unwrap();
+    flush_deployment(&services).await;
     wait_located(&n1, "bob", &[("bob-phone", "n2")]).await;
     assert_eq!(
         alice

@@ -138,6 +138,13 @@ pub struct Listeners {
     pub metrics: Option<SocketAddr>,
 }
 
+impl Listeners {
+    /// Whether a listener needs the `[tls]` certificate.
+    pub fn use_tls(&self) -> bool {
+        self.tls.is_some() || self.wss.is_some()
+    }
+}
+
 /// Whether TLS clients present certificates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -528,7 +535,7 @@ impl Config {
     /// Certificate files must be there when a TLS listener or client certificates need them.
     fn validate_tls(&self, check: &mut impl FnMut(bool, &str)) {
         let tls = &self.tls;
-        if self.listeners.tls.is_some() || self.listeners.wss.is_some() {
+        if self.listeners.use_tls() {
             for (key, path) in [("tls.cert", &tls.cert), ("tls.key", &tls.key)] {
                 check(
                     path.is_file(),

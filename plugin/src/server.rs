@@ -7,12 +7,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
 pub use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{Backend, ClusterSettings, Config};
 pub use crate::edge::ListenerKind;
-use crate::edge::{self, EdgeContext, Upgrade, EDGE_USER};
+use crate::edge::{self, EdgeContext, Transport, Upgrade, EDGE_USER};
 use crate::im::ImService;
 use crate::metrics::Metrics;
 use crate::policy::{self, LuaPolicy, PolicyError};
@@ -128,7 +129,7 @@ impl Server {
     pub fn listener_addr(&self, kind: ListenerKind) -> Option<std::io::Result<SocketAddr>> {
         self.listeners
             .iter()
-            .find(|(_, upgrade)| upgrade.kind == kind)
+            .find(|(_, upgrade)| upgrade.kind() == kind)
             .map(|(listener, _)| listener.local_addr())
     }
 
@@ -185,38 +186,40 @@ impl Server {
 /// # Errors
 /// A file does not parse or the key does not fit the certificate.
 pub fn check_certificates(config: &Config) -> Result<(), ServerError> {
-    if config.listeners.tls.is_some() || config.listeners.wss.is_some() {
-        edge::tls_acceptor(&config.tls).map_err(ServerError::Tls)?;
+    tls_if_used(config).map(drop)
+}
+
+/// The TLS configuration, when a listener uses it.
+fn tls_if_used(config: &Config) -> Result<Option<TlsAcceptor>, ServerError> {
+    if !config.listeners.use_tls() {
+        return Ok(None);
     }
-    Ok(())
+    edge::tls_acceptor(&config.tls)
+        .map(Some)
+        .map_err(ServerError::Tls)
 }
 
 /// Binds every configured public listener with its transport.
 async fn bind_listeners(config: &Config) -> Result<Vec<(TcpListener, Upgrade)>, ServerError> {
     let settings = &config.listeners;
+    let tls = tls_if_used(config)?;
+    let with_tls = |wrap: fn(TlsAcceptor) -> Transport| tls.clone().map(wrap);
     let wanted = [
-        (ListenerKind::Tcp, Some(settings.mqtt)),
-        (ListenerKind::Tls, settings.tls),
-        (ListenerKind::Ws, settings.ws),
-        (ListenerKind::Wss, settings.wss),
+        (Some(settings.mqtt), Some(Transport::Tcp)),
+        (settings.tls, with_tls(Transport::Tls)),
+        (settings.ws, Some(Transport::Ws)),
+        (settings.wss, with_tls(Transport::Wss)),
     ];
-    let needs_tls = settings.tls.is_some() || settings.wss.is_some();
-    let tls = if needs_tls {
-        Some(edge::tls_acceptor(&config.tls).map_err(ServerError::Tls)?)
-    } else {
-        None
-    };
     let mut listeners = Vec::new();
-    for (kind, addr) in wanted {
-        let Some(addr) = addr else { continue };
+    for (addr, transport) in wanted {
+        let (Some(addr), Some(transport)) = (addr, transport) else {
+            continue;
+        };
         let listener = TcpListener::bind(addr)
             .await
             .map_err(|source| ServerError::Bind { addr, source })?;
         let upgrade = Upgrade {
-            kind,
-            tls: matches!(kind, ListenerKind::Tls | ListenerKind::Wss)
-                .then(|| tls.clone())
-                .flatten(),
+            transport,
             ws_path: settings.ws_path.as_str().into(),
             // Room for a largest packet with its header, and a small one sent along with it.
             max_message: config.broker.max_packet_size.saturating_mul(2),

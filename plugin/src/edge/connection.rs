@@ -64,8 +64,8 @@ pub(super) struct Connection {
     pub(super) registered: bool,
     /// The client's Maximum Packet Size (MQTT 5), which hook-layer publishes respect.
     pub(super) max_packet: Option<usize>,
-    /// The public listener the client came in on.
-    pub(super) listener: ListenerKind,
+    /// The listener and protocol the connection is counted under.
+    labels: ConnectionLabels,
     client_rd: ReadHalf<ClientStream>,
     client_wr: WriteHalf<ClientStream>,
     client_in: BytesMut,
@@ -101,7 +101,7 @@ pub(super) async fn serve(
     id: u64,
     shutdown: CancellationToken,
 ) {
-    let listener = upgrade.kind;
+    let listener = upgrade.kind();
     let span = tracing::info_span!("connection", id, %peer, %listener, client_id = tracing::field::Empty, uid = tracing::field::Empty);
     async move {
         let upgraded = match timeout(ctx.connect_timeout, upgrade.upgrade(tcp)).await {
@@ -169,7 +169,7 @@ impl Connection {
             clean_session,
             registered,
             max_packet,
-            listener,
+            labels,
             client_rd,
             client_wr,
             client_in,
@@ -349,13 +349,8 @@ impl Connection {
     }
 
     async fn finish(mut self, end: End) {
-        let labels = connection_labels(self.listener, self.version);
-        self.ctx
-            .im
-            .metrics()
-            .connections
-            .get_or_create(&labels)
-            .dec();
+        let connections = &self.ctx.im.metrics().connections;
+        connections.get_or_create(&self.labels).dec();
         self.go_offline();
         for (_, gid) in self.group_filters() {
             self.ctx.im.unwatch_group(&gid, self.id);

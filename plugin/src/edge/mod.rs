@@ -32,7 +32,7 @@ use crate::store::Device;
 pub(crate) use codec::CodecError;
 use topics::Topics;
 pub use transport::ListenerKind;
-pub(crate) use transport::{tls_acceptor, Upgrade};
+pub(crate) use transport::{tls_acceptor, Transport, Upgrade};
 
 /// Username the hook layer presents to rumqttd; the password is the per-process secret.
 pub(crate) const EDGE_USER: &str = "mqtt-im-edge";

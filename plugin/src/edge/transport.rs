@@ -54,12 +54,19 @@ impl fmt::Display for ListenerKind {
     }
 }
 
+/// What carries MQTT on a listener; the TLS ones hold their TLS configuration.
+#[derive(Clone)]
+pub(crate) enum Transport {
+    Tcp,
+    Tls(TlsAcceptor),
+    Ws,
+    Wss(TlsAcceptor),
+}
+
 /// How a listener turns accepted sockets into MQTT byte streams.
 #[derive(Clone)]
 pub(crate) struct Upgrade {
-    pub(crate) kind: ListenerKind,
-    /// The TLS configuration of `tls` and `wss` listeners.
-    pub(crate) tls: Option<TlsAcceptor>,
+    pub(crate) transport: Transport,
     /// The HTTP path WebSocket clients must ask for.
     pub(crate) ws_path: Arc<str>,
     /// Largest WebSocket message: one MQTT packet of the largest allowed size.
@@ -69,7 +76,7 @@ pub(crate) struct Upgrade {
 impl fmt::Debug for Upgrade {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Upgrade")
-            .field("kind", &self.kind)
+            .field("kind", &self.kind())
             .field("ws_path", &self.ws_path)
             .finish_non_exhaustive()
     }
@@ -83,15 +90,22 @@ pub(crate) struct Upgraded {
 }
 
 impl Upgrade {
+    /// The listener kind, for spans and metrics.
+    pub(crate) fn kind(&self) -> ListenerKind {
+        match self.transport {
+            Transport::Tcp => ListenerKind::Tcp,
+            Transport::Tls(_) => ListenerKind::Tls,
+            Transport::Ws => ListenerKind::Ws,
+            Transport::Wss(_) => ListenerKind::Wss,
+        }
+    }
+
     /// TLS handshake and/or WebSocket upgrade of an accepted socket.
     pub(crate) async fn upgrade(&self, tcp: TcpStream) -> Result<Upgraded, EdgeError> {
-        match (self.kind, &self.tls) {
-            (ListenerKind::Tcp, _) => Ok(plain(tcp)),
-            (ListenerKind::Ws, _) => Ok(plain(self.websocket(tcp).await?)),
-            (ListenerKind::Tls | ListenerKind::Wss, None) => {
-                Err(EdgeError::Protocol("TLS listener without a certificate"))
-            }
-            (ListenerKind::Tls, Some(tls)) => {
+        match &self.transport {
+            Transport::Tcp => Ok(plain(tcp)),
+            Transport::Ws => Ok(plain(self.websocket(tcp).await?)),
+            Transport::Tls(tls) => {
                 let stream = tls.accept(tcp).await?;
                 let certified_uid = certified_uid(stream.get_ref().1);
                 Ok(Upgraded {
@@ -99,7 +113,7 @@ impl Upgrade {
                     certified_uid,
                 })
             }
-            (ListenerKind::Wss, Some(tls)) => {
+            Transport::Wss(tls) => {
                 let stream = tls.accept(tcp).await?;
                 let certified_uid = certified_uid(stream.get_ref().1);
                 Ok(Upgraded {

@@ -244,9 +244,12 @@ impl ImService {
     fn deliver_live(&self, to: &str, conversation: &str, seq: u64, payload: &Bytes) {
         self.hand_over(to, conversation, seq, payload);
         let sinks = self.inner.presence.sinks(to);
-        if sinks.is_empty() && self.inner.cluster.is_none() {
-            // With a cluster, the hand-over finds out whether another node holds a device.
-            self.metrics().counted_offline.inc();
+        if sinks.is_empty() {
+            if self.inner.cluster.is_none() {
+                // With a cluster, the hand-over finds out whether another node holds a device.
+                self.metrics().counted_offline.inc();
+            }
+            return;
         }
         let event = DeviceEvent::Chat {
             conversation: conversation.to_owned(),

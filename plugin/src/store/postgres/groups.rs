@@ -1,12 +1,25 @@
 //! Members, roles, receipts and the removal log of the PostgreSQL backend.
 
 use deadpool_postgres::GenericClient;
+use tokio_postgres::types::ToSql;
 
 use super::queries::conversation;
 use super::{int, pg_error, uint};
 use crate::store::{receipts_from, Member, Receipt, Removal, Role, SeqRange, StoreError};
 
 type Result<T> = std::result::Result<T, StoreError>;
+
+/// The text values of a one-column query.
+async fn texts(
+    c: &impl GenericClient,
+    sql: &str,
+    params: &[&(dyn ToSql + Sync)],
+) -> Result<Vec<String>> {
+    let rows = c.query(sql, params).await.map_err(pg_error)?;
+    rows.iter()
+        .map(|row| row.try_get(0).map_err(pg_error))
+        .collect()
+}
 
 fn missing(key: &str) -> StoreError {
     StoreError::NotFound(format!("no conversation {key}"))
@@ -44,16 +57,12 @@ pub(super) async fn add_members(
     let mut uids = uids.to_vec();
     uids.sort_unstable();
     uids.dedup();
-    let before: Vec<String> = c
-        .query(
-            "SELECT uid FROM members WHERE conv_id = $1 AND uid = ANY($2)",
-            &[&conv.id, &uids],
-        )
-        .await
-        .map_err(pg_error)?
-        .iter()
-        .map(|row| row.get(0))
-        .collect();
+    let before = texts(
+        c,
+        "SELECT uid FROM members WHERE conv_id = $1 AND uid = ANY($2)",
+        &[&conv.id, &uids],
+    )
+    .await?;
     c.execute(
         "INSERT INTO members (uid, conv_id, role, joined_seq)
          SELECT u, $2, $3, $4 FROM unnest($1::text[]) AS u
@@ -76,16 +85,12 @@ pub(super) async fn remove_members(
     let Some(conv) = conversation(c, key).await? else {
         return Ok(Vec::new());
     };
-    let removed: Vec<String> = c
-        .query(
-            "DELETE FROM members WHERE conv_id = $1 AND uid = ANY($2) RETURNING uid",
-            &[&conv.id, &uids],
-        )
-        .await
-        .map_err(pg_error)?
-        .iter()
-        .map(|row| row.get(0))
-        .collect();
+    let removed = texts(
+        c,
+        "DELETE FROM members WHERE conv_id = $1 AND uid = ANY($2) RETURNING uid",
+        &[&conv.id, &uids],
+    )
+    .await?;
     c.execute(
         "INSERT INTO member_removals (conv_key, uid) SELECT $1, unnest($2::text[])",
         &[&key, &removed],
@@ -185,15 +190,12 @@ pub(super) async fn senders(
     let Some(conv) = conversation(c, key).await? else {
         return Ok(Vec::new());
     };
-    Ok(c.query(
+    texts(
+        c,
         "SELECT DISTINCT sender FROM messages WHERE conv_id = $1 AND seq BETWEEN $2 AND $3",
         &[&conv.id, &int(range.lo), &int(range.hi)],
     )
     .await
-    .map_err(pg_error)?
-    .iter()
-    .map(|row| row.get(0))
-    .collect())
 }
 
 pub(super) async fn removals_since(
