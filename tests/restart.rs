@@ -68,12 +68,7 @@ async fn graceful_restart_keeps_messages(backend: TestBackend) {
     }
     let (dir, backend) = broker.stop().await;
     // MQTT 5 clients are told why: Server shutting down.
-    loop {
-        if let Seen::Disconnect { reason } = alice.next().await {
-            assert_eq!(reason, 0x8B);
-            break;
-        }
-    }
+    assert_eq!(alice.disconnect_reason().await, 0x8B);
     let broker = TestBroker::start_in(dir, backend).await;
     let mut bob = Client::v5(broker.addr, "bob-phone", "bob").await;
     let page = page(&bob.ask("bob", pull("p", "u/alice", 10, None)).await);

@@ -13,6 +13,7 @@
 //! - [`metrics`]: Prometheus metrics; `status` serves them and the operator status over HTTP.
 //!
 //! Dependencies point one way: edge → im → store.
+mod accept;
 pub mod config;
 mod edge;
 pub mod im;

@@ -12,6 +12,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::accept::accept_until;
 use crate::im::ImService;
 use crate::metrics::{catch_up, Metrics};
 use crate::policy::LuaPolicy;
@@ -104,26 +105,15 @@ pub(crate) async fn serve(
     shutdown: CancellationToken,
 ) {
     let source = Arc::new(source);
-    loop {
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
-            () = shutdown.cancelled() => return,
-        };
-        match accepted {
-            Ok((stream, _)) => {
-                let source = Arc::clone(&source);
-                tasks.spawn(async move {
-                    if let Err(e) = respond(stream, &source).await {
-                        tracing::debug!(error = %e, "status request failed");
-                    }
-                });
+    accept_until(&listener, &shutdown, |stream, _| {
+        let source = Arc::clone(&source);
+        tasks.spawn(async move {
+            if let Err(e) = respond(stream, &source).await {
+                tracing::debug!(error = %e, "status request failed");
             }
-            Err(e) => {
-                tracing::warn!(error = %e, "status accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    }
+        });
+    })
+    .await;
 }
 
 async fn respond(mut stream: TcpStream, source: &StatusSource) -> std::io::Result<()> {

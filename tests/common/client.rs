@@ -351,6 +351,15 @@ impl Client {
         }
     }
 
+    /// The reason code of the server's DISCONNECT (MQTT 5), skipping other packets.
+    pub async fn disconnect_reason(&mut self) -> u8 {
+        loop {
+            if let Seen::Disconnect { reason } = self.next().await {
+                return reason;
+            }
+        }
+    }
+
     /// Nothing at all arrives within `wait`.
     pub async fn quiet_for(&mut self, wait: Duration) -> Option<Seen> {
         tokio::time::timeout(wait, self.seen.recv())

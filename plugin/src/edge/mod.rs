@@ -25,6 +25,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::accept::accept_until;
 use crate::config::{AuthSettings, Config};
 use crate::im::{DeviceEvent, DeviceSink, ImService};
 use crate::policy::Policy;
@@ -136,32 +137,17 @@ pub(crate) async fn serve(
     tasks: TaskTracker,
     shutdown: CancellationToken,
 ) {
-    let mut backoff = Duration::from_millis(10);
-    loop {
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
-            () = shutdown.cancelled() => return,
-        };
-        match accepted {
-            Ok((stream, peer)) => {
-                backoff = Duration::from_millis(10);
-                let _ = stream.set_nodelay(true);
-                let id = context.next_connection.fetch_add(1, Ordering::Relaxed);
-                let context = Arc::clone(&context);
-                let shutdown = shutdown.clone();
-                let upgrade = upgrade.clone();
-                tasks.spawn(async move {
-                    connection::serve(stream, peer, upgrade, context, id, shutdown).await;
-                });
-            }
-            Err(e) => {
-                // Out of file descriptors and the like: back off instead of spinning.
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(1));
-            }
-        }
-    }
+    accept_until(&listener, &shutdown, |stream, peer| {
+        let _ = stream.set_nodelay(true);
+        let id = context.next_connection.fetch_add(1, Ordering::Relaxed);
+        let context = Arc::clone(&context);
+        let shutdown = shutdown.clone();
+        let upgrade = upgrade.clone();
+        tasks.spawn(async move {
+            connection::serve(stream, peer, upgrade, context, id, shutdown).await;
+        });
+    })
+    .await;
 }
 
 /// A connection as a [`DeviceSink`]: a bounded queue drained by the connection task.
