@@ -3,24 +3,9 @@
 //! reload.
 mod common;
 
-use std::path::Path;
-
 use common::*;
-use mqtt_im::config::{Config, OnError};
+use mqtt_im::config::OnError;
 use mqtt_im::wire::pb;
-
-fn shipped(config: &mut Config) {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts");
-    config.policy.scripts = vec![root.join("policy.lua"), root.join("sensitive_words.lua")];
-    config
-        .policy
-        .words
-        .insert("default".into(), root.join("words/sensitive.txt"));
-    config
-        .policy
-        .words
-        .insert("blocked".into(), root.join("words/blocked.txt"));
-}
 
 async fn received_text(broker: &TestBroker) -> Vec<String> {
     let mut bob = Client::v4(broker.addr, "bob-phone", "bob", 30).await;
@@ -35,7 +20,7 @@ backend_tests! {
 /// A sensitive word arrives masked; a blocked one is denied with its reason (MQTT 5 PUBACK
 /// reason string; 3.1.1 error frame); a validation failure is denied; nothing denied is stored.
 async fn shipped_scripts_mask_deny_and_validate(backend: TestBackend) {
-    let broker = TestBroker::start_with_on(backend.clone(), shipped).await;
+    let broker = TestBroker::start_with_on(backend.clone(), shipped_policy).await;
     let mut v5 = Client::v5(broker.addr, "alice-5", "alice").await;
     assert_eq!(
         v5.publish_acked("im/u/bob", chat("m1", "bob", "Oh heck, 坏蛋", false))

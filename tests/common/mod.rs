@@ -314,3 +314,17 @@ pub async fn wait_for(condition: impl Fn() -> bool) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// The policy scripts and word lists the project ships, as `examples/mqtt-im.toml` loads them.
+pub fn shipped_policy(config: &mut Config) {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts");
+    config.policy.scripts = vec![root.join("policy.lua"), root.join("sensitive_words.lua")];
+    config
+        .policy
+        .words
+        .insert("default".into(), root.join("words/sensitive.txt"));
+    config
+        .policy
+        .words
+        .insert("blocked".into(), root.join("words/blocked.txt"));
+}

@@ -24,7 +24,7 @@ use super::packet_ids::{Origin, PacketIds};
 use super::reply::Outcome;
 use super::transport::{ClientStream, ListenerKind, Upgrade};
 use super::{ConnectionSink, EdgeContext, EdgeError};
-use crate::im::DeviceEvent;
+use crate::im::{DeviceEvent, SendOrder};
 use crate::metrics::ConnectionLabels;
 use crate::store::Device;
 
@@ -83,6 +83,8 @@ pub(super) struct Connection {
     /// Client QoS 2 publishes the hook layer answered, awaiting PUBREL.
     pub(super) im_qos2: HashSet<u16>,
     pub(super) ops: FuturesOrdered<BoxFuture<'static, Outcome>>,
+    /// Arrival order of this connection's chat publishes, which their seqs follow.
+    pub(super) send_order: SendOrder,
     events_tx: mpsc::Sender<DeviceEvent>,
     events_rx: mpsc::Receiver<DeviceEvent>,
     pub(super) online: bool,
@@ -184,6 +186,7 @@ impl Connection {
             pending: HashMap::new(),
             im_qos2: HashSet::new(),
             ops: FuturesOrdered::new(),
+            send_order: SendOrder::default(),
             events_tx,
             events_rx,
             online: false,

@@ -110,11 +110,13 @@ impl Connection {
                     PublishAccess::Chat(uid) => (uid.to_owned(), false),
                     _ => return Ok(()),
                 };
+                // The order is pinned now, as the packet arrives.
+                let turn = self.send_order.next_turn();
                 self.ops.push_back(Box::pin(async move {
                     let result = if group {
-                        im.send_group(&device, &to, &payload).await
+                        im.send_group(&device, &to, &payload, turn).await
                     } else {
-                        im.send(&device, &to, &payload).await
+                        im.send(&device, &to, &payload, turn).await
                     };
                     Outcome::Chat {
                         pkid,

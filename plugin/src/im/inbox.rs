@@ -4,12 +4,13 @@
 use bytes::Bytes;
 use prost::Message;
 
+use super::order::Turn;
 use super::{
     conversation_name, direct_key, group_key, DeviceEvent, DeviceSink, ImError, ImService,
 };
 use crate::metrics::{ChatLabels, RefusalLabels};
 use crate::policy::{Decision, MessageView};
-use crate::store::{Device, NewMessage, StoredMessage};
+use crate::store::{Appended, Device, NewMessage, OnCommit, StoredMessage};
 use crate::wire::{self, pb};
 
 /// Longest client-made message id.
@@ -50,16 +51,27 @@ impl Accepted {
     }
 }
 
-/// Where a chat message is published.
-#[derive(Debug, Clone, Copy)]
-enum Target<'a> {
-    /// A user's inbox: a 1:1 conversation.
-    User(&'a str),
-    /// A group's topic.
-    Group(&'a str),
+/// A chat message that passed validation and the policy, ready to store.
+#[derive(Debug)]
+struct Checked {
+    conversation: String,
+    members: Vec<String>,
+    chat: pb::ChatMessage,
+    /// The client's time of the envelope.
+    time: i64,
+    to: Target,
 }
 
-impl Target<'_> {
+/// Where a chat message is published.
+#[derive(Debug, Clone)]
+enum Target {
+    /// A user's inbox: a 1:1 conversation.
+    User(String),
+    /// A group's topic.
+    Group(String),
+}
+
+impl Target {
     fn id(&self) -> &str {
         match self {
             Target::User(id) | Target::Group(id) => id,
@@ -91,18 +103,21 @@ impl ImError {
 
 impl ImService {
     /// Accepts a chat publish from `sender` to the inbox of `to`. Returns only once the
-    /// message is durably stored (or was already).
+    /// message is durably stored (or was already). `turn` is the message's place in its
+    /// connection's arrival order, which its seq follows.
     ///
     /// # Errors
     /// Bad payload, invalid fields, a policy denial, or a store failure (nothing stored).
-    #[tracing::instrument(skip(self, payload), fields(uid = %sender.uid, client_id = %sender.client_id))]
+    #[tracing::instrument(skip(self, payload, turn), fields(uid = %sender.uid, client_id = %sender.client_id))]
     pub async fn send(
         &self,
         sender: &Device,
         to: &str,
         payload: &[u8],
+        turn: Turn,
     ) -> Result<Accepted, ImError> {
-        self.accept(sender, Target::User(to), payload).await
+        self.accept(sender, Target::User(to.to_owned()), payload, turn)
+            .await
     }
 
     /// Accepts a chat publish from `sender` to group `gid`, which the sender must belong to.
@@ -111,27 +126,30 @@ impl ImService {
     ///
     /// # Errors
     /// As [`ImService::send`], and not a member.
-    #[tracing::instrument(skip(self, payload), fields(uid = %sender.uid, client_id = %sender.client_id))]
+    #[tracing::instrument(skip(self, payload, turn), fields(uid = %sender.uid, client_id = %sender.client_id))]
     pub async fn send_group(
         &self,
         sender: &Device,
         gid: &str,
         payload: &[u8],
+        turn: Turn,
     ) -> Result<Accepted, ImError> {
-        self.accept(sender, Target::Group(gid), payload).await
+        self.accept(sender, Target::Group(gid.to_owned()), payload, turn)
+            .await
     }
 
     /// Stores a message and counts what became of it.
     async fn accept(
         &self,
         sender: &Device,
-        target: Target<'_>,
+        target: Target,
         payload: &[u8],
+        turn: Turn,
     ) -> Result<Accepted, ImError> {
         let metrics = self.metrics();
         let labels = target.labels();
         metrics.messages_received.get_or_create(&labels).inc();
-        let accepted = self.store_message(sender, target, payload).await;
+        let accepted = self.store_message(sender, target, payload, turn).await;
         match &accepted {
             Ok(accepted) if accepted.duplicate => metrics.messages_duplicate.inc(),
             Ok(_) => metrics.messages_stored.get_or_create(&labels).inc(),
@@ -140,24 +158,69 @@ impl ImService {
         accepted
     }
 
+    /// Checks a message (concurrently with its neighbours), then hands it to the store in
+    /// its turn and waits for the commit; live delivery runs at the commit, in seq order.
     async fn store_message(
         &self,
         sender: &Device,
-        target: Target<'_>,
+        target: Target,
         payload: &[u8],
+        turn: Turn,
     ) -> Result<Accepted, ImError> {
-        if let Target::Group(gid) = target {
+        let checked = self.check(sender, target, payload).await;
+        // Refused messages wait too: a turn released early would let a later message
+        // overtake an earlier one still being checked.
+        turn.wait().await;
+        let checked = checked?;
+        let message = NewMessage {
+            conversation: checked.conversation.clone(),
+            members: checked.members.clone(),
+            sender: sender.uid.clone(),
+            sender_device: sender.client_id.clone(),
+            msg_id: checked.chat.msg_id.clone(),
+            server_time: now_ms(),
+            body: checked.chat.encode_to_vec(),
+        };
+        let (msg_id, ack_flg) = (checked.chat.msg_id.clone(), checked.chat.ack_flg);
+        let conversation = conversation_name(&checked.conversation, &sender.uid);
+        let on_commit = self.live_delivery(sender, checked);
+        let store = &self.inner.store;
+        let append = async move {
+            let queued = store.queue_append(message, Some(on_commit)).await;
+            drop(turn);
+            queued?.committed().await
+        };
+        let appended = self.metrics().store_call("append", append).await?;
+        tracing::debug!(seq = appended.seq, duplicate = appended.duplicate, "stored");
+        Ok(Accepted {
+            msg_id,
+            seq: appended.seq,
+            server_time: appended.server_time,
+            duplicate: appended.duplicate,
+            ack_flg,
+            conversation,
+        })
+    }
+
+    /// Decodes, validates and runs the policy over a chat publish.
+    async fn check(
+        &self,
+        sender: &Device,
+        target: Target,
+        payload: &[u8],
+    ) -> Result<Checked, ImError> {
+        if let Target::Group(gid) = &target {
             self.require_member(&sender.uid, gid).await?;
         }
         let limit = self.inner.settings.max_message_bytes;
         let envelope: pb::Envelope = wire::decode(payload, limit, "Envelope")?;
-        let (mut chat, time) = validate(envelope, target)?;
+        let (mut chat, time) = validate(envelope, &target)?;
         chat.from = sender.uid.clone();
         chat.to = target.id().to_owned();
-        let (conversation, members) = match target {
+        let (conversation, members) = match &target {
             Target::User(to) => {
                 chat.chat_type = pb::ChatType::Single as i32;
-                let members = vec![sender.uid.clone(), to.to_owned()];
+                let members = vec![sender.uid.clone(), to.clone()];
                 (direct_key(&sender.uid, to), members)
             }
             Target::Group(gid) => {
@@ -166,37 +229,40 @@ impl ImService {
             }
         };
         self.apply_policy(sender, &conversation, &mut chat).await?;
-        let msg_id = chat.msg_id.clone();
-        let ack_flg = chat.ack_flg;
-        let append = self.inner.store.append(NewMessage {
-            conversation: conversation.clone(),
+        Ok(Checked {
+            conversation,
             members,
-            sender: sender.uid.clone(),
-            sender_device: sender.client_id.clone(),
-            msg_id: msg_id.clone(),
-            server_time: now_ms(),
-            body: chat.encode_to_vec(),
-        });
-        let appended = self.metrics().store_call("append", append).await?;
-        if !appended.duplicate {
+            chat,
+            time,
+            to: target,
+        })
+    }
+
+    /// The commit hook of a checked message: delivers a newly stored one live.
+    fn live_delivery(&self, sender: &Device, checked: Checked) -> OnCommit {
+        let (service, sender) = (self.clone(), sender.clone());
+        Box::new(move |appended: &Appended| {
+            if appended.duplicate {
+                return;
+            }
+            let Checked {
+                conversation,
+                mut chat,
+                time,
+                to,
+                ..
+            } = checked;
             chat.seq = appended.seq;
             chat.server_time = appended.server_time;
             let payload = envelope_bytes(chat, time);
-            match target {
-                Target::User(to) => self.deliver_live(to, &conversation, appended.seq, &payload),
+            match to {
+                Target::User(to) => {
+                    service.deliver_live(&to, &conversation, appended.seq, &payload);
+                }
                 Target::Group(gid) => {
-                    self.deliver_group(sender, gid, &conversation, appended.seq, &payload);
+                    service.deliver_group(&sender, &gid, &conversation, appended.seq, &payload);
                 }
             }
-        }
-        tracing::debug!(seq = appended.seq, duplicate = appended.duplicate, "stored");
-        Ok(Accepted {
-            msg_id,
-            seq: appended.seq,
-            server_time: appended.server_time,
-            duplicate: appended.duplicate,
-            ack_flg,
-            conversation: conversation_name(&conversation, &sender.uid),
         })
     }
 
@@ -308,7 +374,7 @@ fn envelope_bytes(chat: pb::ChatMessage, time: i64) -> Bytes {
 }
 
 /// Checks an inbound envelope and returns its chat message and client time.
-fn validate(envelope: pb::Envelope, target: Target<'_>) -> Result<(pb::ChatMessage, i64), ImError> {
+fn validate(envelope: pb::Envelope, target: &Target) -> Result<(pb::ChatMessage, i64), ImError> {
     if envelope.cmd != pb::Cmd::Chat as i32 {
         return Err(ImError::Invalid(format!(
             "envelope cmd must be CMD_CHAT ({}), got {}",

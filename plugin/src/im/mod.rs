@@ -8,6 +8,7 @@ mod deliveries;
 mod digest;
 mod groups;
 mod inbox;
+mod order;
 mod presence;
 mod pull;
 mod receipts;
@@ -18,6 +19,7 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::mpsc;
 
 pub use inbox::Accepted;
+pub use order::{SendOrder, Turn};
 pub(crate) use pull::error_code;
 pub use sink::{DeviceEvent, DeviceSink};
 

@@ -14,6 +14,7 @@ mod redis;
 pub(crate) mod conformance;
 
 use async_trait::async_trait;
+use tokio::sync::oneshot;
 
 pub use self::redis::RedisBus;
 pub use embedded::EmbeddedStore;
@@ -46,6 +47,27 @@ pub struct NewMessage {
     pub server_time: i64,
     /// Opaque payload.
     pub body: Vec<u8>,
+}
+
+/// Runs on the store's writer once a message is committed, in commit order (so in seq order
+/// within a conversation, across every sender), before its append resolves: work that must
+/// follow seq order, such as live delivery, goes here. It must not block.
+pub type OnCommit = Box<dyn FnOnce(&Appended) + Send>;
+
+/// An append handed to the store's writer, waiting for its group commit.
+#[derive(Debug)]
+pub struct QueuedAppend(oneshot::Receiver<Result<Appended, StoreError>>);
+
+impl QueuedAppend {
+    /// Waits for the commit: the message's seq, or why it was not stored.
+    ///
+    /// # Errors
+    /// The commit failed or the writer stopped; nothing was stored.
+    pub async fn committed(self) -> Result<Appended, StoreError> {
+        self.0
+            .await
+            .map_err(|_| StoreError::Unavailable("writer stopped".into()))?
+    }
 }
 
 /// The outcome of [`Store::append`].
@@ -301,10 +323,23 @@ pub enum StoreError {
 /// The storage contract shared by every backend.
 #[async_trait]
 pub trait Store: Send + Sync + std::fmt::Debug {
-    /// Appends a message, assigning the next seq of its conversation inside the committing
-    /// transaction, so a reader never sees seq `n` before `n - 1`. A `(sender, msg_id)` already
-    /// stored returns the first copy's seq with `duplicate = true` and writes nothing.
-    async fn append(&self, message: NewMessage) -> Result<Appended, StoreError>;
+    /// Hands a message to the writer and returns once it is queued; the seq comes with the
+    /// commit ([`QueuedAppend::committed`]). The next seq of its conversation is assigned
+    /// inside the committing transaction, in the order messages were queued, so messages
+    /// queued one after another get increasing seqs and a reader never sees seq `n` before
+    /// `n - 1`. A `(sender, msg_id)` already stored resolves to the first copy's seq with
+    /// `duplicate = true` and writes nothing. `on_commit` runs as [`OnCommit`] says, on
+    /// success only.
+    async fn queue_append(
+        &self,
+        message: NewMessage,
+        on_commit: Option<OnCommit>,
+    ) -> Result<QueuedAppend, StoreError>;
+
+    /// Appends a message and waits for its commit ([`Store::queue_append`] without a hook).
+    async fn append(&self, message: NewMessage) -> Result<Appended, StoreError> {
+        self.queue_append(message, None).await?.committed().await
+    }
 
     /// Records a device; a device seen for the first time starts with what any device of its
     /// user has already acknowledged.

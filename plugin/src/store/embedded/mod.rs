@@ -11,15 +11,15 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use rusqlite::Connection;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use super::migrate;
 use super::{
-    Appended, Device, DigestEntry, DigestSnapshot, Member, NewMessage, Page, Receipt, Removal,
-    Role, SeqRange, Store, StoreError, StoreSizes, SIZES_QUERY,
+    Device, DigestEntry, DigestSnapshot, Member, NewMessage, OnCommit, Page, QueuedAppend, Receipt,
+    Removal, Role, SeqRange, Store, StoreError, StoreSizes, SIZES_QUERY,
 };
 use queries::unavailable;
-use writer::{Call, Job};
+use writer::{AfterCommit, Call, Job};
 
 /// Bounded queue of writes waiting for the writer thread.
 const WRITE_QUEUE: usize = 16_384;
@@ -74,19 +74,34 @@ impl EmbeddedStore {
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
     {
+        self.queue(work, None)
+            .await?
+            .await
+            .map_err(|_| StoreError::Unavailable("writer stopped".into()))?
+    }
+
+    /// Hands `work` to the writer; the receiver yields its result after the commit.
+    async fn queue<T, F>(
+        &self,
+        work: F,
+        after_commit: Option<AfterCommit<T>>,
+    ) -> Result<oneshot::Receiver<Result<T, StoreError>>, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    {
         let sender = self
             .writer
             .lock()
             .map_err(|_| StoreError::Unavailable("writer lock poisoned".into()))?
             .clone()
             .ok_or_else(|| StoreError::Unavailable("store is closed".into()))?;
-        let (job, done) = Call::job(work);
+        let (job, done) = Call::job(work, after_commit);
         sender
             .send(job)
             .await
             .map_err(|_| StoreError::Unavailable("writer stopped".into()))?;
-        done.await
-            .map_err(|_| StoreError::Unavailable("writer stopped".into()))?
+        Ok(done)
     }
 
     async fn read<T, F>(&self, work: F) -> Result<T, StoreError>
@@ -125,9 +140,15 @@ fn open_connection(path: &Path) -> Result<Connection, StoreError> {
 
 #[async_trait]
 impl Store for EmbeddedStore {
-    async fn append(&self, message: NewMessage) -> Result<Appended, StoreError> {
-        self.write(move |conn| queries::append(conn, &message))
-            .await
+    async fn queue_append(
+        &self,
+        message: NewMessage,
+        on_commit: Option<OnCommit>,
+    ) -> Result<QueuedAppend, StoreError> {
+        let queued = self
+            .queue(move |conn| queries::append(conn, &message), on_commit)
+            .await?;
+        Ok(QueuedAppend(queued))
     }
 
     async fn register_device(&self, device: &Device) -> Result<(), StoreError> {

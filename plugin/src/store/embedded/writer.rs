@@ -15,10 +15,14 @@ pub(super) trait Job: Send {
     fn finish(self: Box<Self>, committed: Result<(), String>);
 }
 
+/// Runs after the commit, in batch order, before the caller hears back.
+pub(super) type AfterCommit<T> = Box<dyn FnOnce(&T) + Send>;
+
 /// A closure and the channel its result goes back on.
 pub(super) struct Call<T, F> {
     work: Option<F>,
     outcome: Option<Result<T, StoreError>>,
+    after_commit: Option<AfterCommit<T>>,
     reply: oneshot::Sender<Result<T, StoreError>>,
 }
 
@@ -27,12 +31,17 @@ where
     T: Send + 'static,
     F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
 {
-    /// Wraps `work`; the receiver yields its result after commit.
-    pub(super) fn job(work: F) -> (Box<dyn Job>, oneshot::Receiver<Result<T, StoreError>>) {
+    /// Wraps `work`; the receiver yields its result after commit, and `after_commit` sees a
+    /// successful one first.
+    pub(super) fn job(
+        work: F,
+        after_commit: Option<AfterCommit<T>>,
+    ) -> (Box<dyn Job>, oneshot::Receiver<Result<T, StoreError>>) {
         let (reply, rx) = oneshot::channel();
         let call = Call {
             work: Some(work),
             outcome: None,
+            after_commit,
             reply,
         };
         (Box::new(call), rx)
@@ -71,6 +80,9 @@ where
                 .unwrap_or_else(|| Err(StoreError::Unavailable("write did not run".into()))),
             Err(e) => Err(StoreError::Unavailable(e)),
         };
+        if let (Ok(value), Some(after_commit)) = (&result, self.after_commit) {
+            after_commit(value);
+        }
         // The caller may have gone away (client disconnected); the write stands regardless.
         let _ = self.reply.send(result);
     }

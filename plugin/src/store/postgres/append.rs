@@ -9,10 +9,14 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::cache::{CacheUpdates, Committed};
 use super::{pg_error, uint};
-use crate::store::{Appended, NewMessage, StoreError};
+use crate::store::{Appended, NewMessage, OnCommit, StoreError};
 
 /// One waiting append.
-pub(super) type Request = (NewMessage, oneshot::Sender<Result<Appended, StoreError>>);
+pub(super) struct Request {
+    pub(super) message: NewMessage,
+    pub(super) on_commit: Option<OnCommit>,
+    pub(super) reply: oneshot::Sender<Result<Appended, StoreError>>,
+}
 
 /// Runs batches until every sender is dropped; committed messages then go to the digest
 /// cache, if there is one.
@@ -31,17 +35,25 @@ pub(super) async fn run(
                 Err(_) => break,
             }
         }
-        let messages: Vec<&NewMessage> = batch.iter().map(|(m, _)| m).collect();
+        let messages: Vec<&NewMessage> = batch.iter().map(|r: &Request| &r.message).collect();
         let outcome = commit(&pool, &messages).await;
         if let Err(e) = &outcome {
             tracing::error!(error = %e, messages = batch.len(), "append batch failed");
         }
         let mut committed = Vec::new();
-        for (index, (message, reply)) in batch.drain(..).enumerate() {
+        for (index, request) in batch.drain(..).enumerate() {
+            let Request {
+                message,
+                on_commit,
+                reply,
+            } = request;
             let result = match &outcome {
                 Ok(appended) => Ok(appended[index]),
                 Err(e) => Err(StoreError::Unavailable(e.to_string())),
             };
+            if let (Ok(appended), Some(on_commit)) = (&result, on_commit) {
+                on_commit(appended);
+            }
             let fresh = result.as_ref().ok().filter(|a| !a.duplicate).map(|a| a.seq);
             let _ = reply.send(result);
             if let (Some(_), Some(seq)) = (&cache, fresh) {

@@ -16,8 +16,8 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::NoTls;
 
 use super::{
-    migrate, Appended, Device, DigestEntry, DigestSnapshot, Member, NewMessage, Page, Receipt,
-    Removal, Role, SeqRange, Store, StoreError, StoreSizes, SIZES_QUERY,
+    migrate, Device, DigestEntry, DigestSnapshot, Member, NewMessage, OnCommit, Page, QueuedAppend,
+    Receipt, Removal, Role, SeqRange, Store, StoreError, StoreSizes, SIZES_QUERY,
 };
 use crate::config::PostgresSettings;
 pub use cache::DigestCache;
@@ -153,7 +153,11 @@ async fn connect(settings: &PostgresSettings) -> Result<tokio_postgres::Client, 
 
 #[async_trait]
 impl Store for PostgresStore {
-    async fn append(&self, message: NewMessage) -> Result<Appended, StoreError> {
+    async fn queue_append(
+        &self,
+        message: NewMessage,
+        on_commit: Option<OnCommit>,
+    ) -> Result<QueuedAppend, StoreError> {
         let sender = self
             .appender
             .lock()
@@ -161,12 +165,16 @@ impl Store for PostgresStore {
             .clone()
             .ok_or_else(|| StoreError::Unavailable("store is closed".into()))?;
         let (reply, done) = oneshot::channel();
+        let request = append::Request {
+            message,
+            on_commit,
+            reply,
+        };
         sender
-            .send((message, reply))
+            .send(request)
             .await
             .map_err(|_| StoreError::Unavailable("appender stopped".into()))?;
-        done.await
-            .map_err(|_| StoreError::Unavailable("appender stopped".into()))?
+        Ok(QueuedAppend(done))
     }
 
     async fn register_device(&self, device: &Device) -> Result<(), StoreError> {
