@@ -3,42 +3,26 @@
 //! to the store only after the message that arrived before it was: the store assigns seqs in
 //! the order messages are handed to it, so seqs follow arrival order.
 
-use std::collections::BTreeSet;
-use std::sync::{Arc, Mutex};
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use tokio::sync::watch;
+use tokio::sync::oneshot;
 
 /// Hands out one [`Turn`] per chat message, in arrival order; one per connection.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct SendOrder {
     issued: u64,
-    shared: Arc<Shared>,
+    released: Arc<Mutex<Released>>,
 }
 
-#[derive(Debug)]
-struct Shared {
-    released: Mutex<Released>,
-    /// The first turn not released yet; every turn below it is.
-    first_held: watch::Sender<u64>,
-}
-
-/// Turns released before every earlier one was.
+/// Which turns are released; every turn below `first_held` is.
 #[derive(Debug, Default)]
 struct Released {
     first_held: u64,
+    /// Released before every earlier turn was.
     early: BTreeSet<u64>,
-}
-
-impl Default for SendOrder {
-    fn default() -> Self {
-        Self {
-            issued: 0,
-            shared: Arc::new(Shared {
-                released: Mutex::default(),
-                first_held: watch::Sender::new(0),
-            }),
-        }
-    }
+    /// The turn waiting to become the first held one, woken when it does.
+    waiting: HashMap<u64, oneshot::Sender<()>>,
 }
 
 impl SendOrder {
@@ -48,7 +32,7 @@ impl SendOrder {
         self.issued += 1;
         Turn {
             number,
-            shared: Arc::clone(&self.shared),
+            released: Arc::clone(&self.released),
         }
     }
 }
@@ -58,37 +42,49 @@ impl SendOrder {
 #[derive(Debug)]
 pub struct Turn {
     number: u64,
-    shared: Arc<Shared>,
+    released: Arc<Mutex<Released>>,
 }
 
 impl Turn {
+    fn lock(&self) -> MutexGuard<'_, Released> {
+        // Nothing panics under this lock; a poisoned one is still consistent.
+        self.released.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     /// Waits until every message that arrived before this one has reached the store or
     /// was refused.
     pub(super) async fn wait(&self) {
-        let mut first_held = self.shared.first_held.subscribe();
-        // Never fails: this turn keeps the sender alive.
-        let _ = first_held.wait_for(|first| *first >= self.number).await;
+        let woken = {
+            let mut released = self.lock();
+            if released.first_held >= self.number {
+                return;
+            }
+            let (wake, woken) = oneshot::channel();
+            released.waiting.insert(self.number, wake);
+            woken
+        };
+        // Never fails while this turn is held: only its release drops the sender.
+        let _ = woken.await;
     }
 }
 
 impl Drop for Turn {
     fn drop(&mut self) {
-        // Nothing panics under this lock; a poisoned one is still consistent.
-        let mut released = self
-            .shared
-            .released
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if released.first_held != self.number {
-            released.early.insert(self.number);
+        let number = self.number;
+        let mut released = self.lock();
+        released.waiting.remove(&number);
+        if released.first_held != number {
+            released.early.insert(number);
             return;
         }
-        let mut first = self.number + 1;
+        let mut first = number + 1;
         while released.early.remove(&first) {
             first += 1;
         }
         released.first_held = first;
-        self.shared.first_held.send_replace(first);
+        if let Some(wake) = released.waiting.remove(&first) {
+            let _ = wake.send(());
+        }
     }
 }
 
