@@ -239,3 +239,44 @@ backend_tests! {
         assert_eq!(seen, (1..=12).collect::<Vec<_>>());
     }
 }
+
+backend_tests! {
+/// Live messages the device acknowledged (its PUBACKs are written in the background) never
+/// come back in its Pull or count in its digest, however soon it asks; a group too.
+async fn live_acknowledged_messages_stay_out_of_the_next_pull(backend: TestBackend) {
+    // Written in the background only after the test: the Pull must write them itself.
+    let broker =
+        TestBroker::start_with_on(backend.clone(), |c| c.im.live_ack_flush_ms = 60_000).await;
+    let mut alice = Client::v4(broker.addr, "alice-phone", "alice", 30).await;
+    let create = pb::request::Kind::GroupCreate(pb::GroupCreate {
+        gid: "team".into(),
+        members: vec!["bob".into()],
+    });
+    assert_eq!(alice.ask("alice", request("c", create)).await.status, pb::Status::Ok as i32);
+    let mut bob = Client::v4(broker.addr, "bob-phone", "bob", 30).await;
+    bob.subscribe("im/u/bob/#", 1).await;
+    bob.subscribe("im/g/team", 1).await;
+    let _ = bob.digest("bob").await;
+    for round in 0..3 {
+        let id = format!("d{round}");
+        assert_eq!(alice.publish_acked("im/u/bob", chat(&id, "bob", &id, false)).await, 0);
+        let gid = format!("g{round}");
+        assert_eq!(alice.publish_acked("im/g/team", group_chat(&gid, "team")).await, 0);
+        assert_eq!(chat_seq(&bob.next_on("im/u/bob").await), round + 1);
+        assert_eq!(chat_seq(&bob.next_on("im/g/team").await), round + 1);
+        // rumqttc acknowledged both before the Pull goes out on the same connection.
+        let direct = page(&bob.ask("bob", pull("p", "u/alice", 10, None)).await);
+        assert_eq!(seqs(&direct), Vec::<u64>::new(), "round {round}");
+        assert!(direct.end);
+        let group = page(&bob.ask("bob", pull("q", "g/team", 10, None)).await);
+        assert_eq!(seqs(&group), Vec::<u64>::new(), "round {round}");
+    }
+    assert_eq!(alice.publish_acked("im/u/bob", chat("last", "bob", "last", false)).await, 0);
+    assert_eq!(chat_seq(&bob.next_on("im/u/bob").await), 4);
+    bob.disconnect().await;
+    let mut bob = Client::v4(broker.addr, "bob-phone", "bob", 30).await;
+    bob.subscribe("im/u/bob/#", 1).await;
+    let digest = bob.digest("bob").await;
+    assert!(digest.sessions.is_empty(), "{digest:?}");
+}
+}

@@ -55,6 +55,7 @@ page_size_max = 200
 max_message_bytes = 65536
 receipt_interval_ms = 1000
 removal_poll_ms = 500
+live_ack_flush_ms = 50
 
 [cluster]
 redis_url = ""
@@ -272,6 +273,9 @@ pub struct ImSettings {
     /// How often this node reads the removal log, to cut off members removed elsewhere (on
     /// another node or by an operator's command).
     pub removal_poll_ms: u64,
+    /// How often acknowledged live deliveries are written, merged per device and
+    /// conversation (a Pull or digest of the device writes its own at once).
+    pub live_ack_flush_ms: u64,
 }
 
 /// What a failing or misbehaving script means for the message it was judging.
@@ -429,6 +433,10 @@ impl Config {
         check(
             self.im.removal_poll_ms >= 10,
             "im.removal_poll_ms: at least 10",
+        );
+        check(
+            (1..=60_000).contains(&self.im.live_ack_flush_ms),
+            "im.live_ack_flush_ms: between 1 and 60000",
         );
         check(self.im.digest_last_n <= 50, "im.digest_last_n: at most 50");
         check(

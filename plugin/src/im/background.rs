@@ -6,22 +6,12 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::deliveries::{Pending, FLUSH_EVERY};
 use super::ImService;
 
 impl ImService {
     /// Background work until `shutdown`: writing acknowledged live deliveries and, with a
     /// cluster, heartbeats and incoming hand-overs. Flushes what is pending before returning.
     pub async fn run(self, heartbeat: Duration, shutdown: CancellationToken) {
-        let Some(mut acks) = self
-            .inner
-            .deliveries_rx
-            .lock()
-            .ok()
-            .and_then(|mut rx| rx.take())
-        else {
-            return;
-        };
         let sender = self
             .inner
             .handovers_rx
@@ -29,7 +19,6 @@ impl ImService {
             .ok()
             .and_then(|mut rx| rx.take())
             .map(|rx| tokio::spawn(self.clone().send_handovers(rx)));
-        let mut pending = Pending::default();
         let (inbox, mut handovers) = mpsc::channel(1024);
         let listener = self
             .inner
@@ -37,8 +26,8 @@ impl ImService {
             .clone()
             .map(|bus| tokio::spawn(bus.listen(inbox, shutdown.clone())));
         let mut beat = tokio::time::interval(heartbeat);
-        let mut flush = tokio::time::interval(FLUSH_EVERY);
         let settings = &self.inner.settings;
+        let mut flush = tokio::time::interval(Duration::from_millis(settings.live_ack_flush_ms));
         let mut receipts =
             tokio::time::interval(Duration::from_millis(settings.receipt_interval_ms));
         let mut removals = tokio::time::interval(Duration::from_millis(settings.removal_poll_ms));
@@ -49,17 +38,13 @@ impl ImService {
             tokio::select! {
                 () = shutdown.cancelled() => break,
                 _ = beat.tick(), if self.inner.cluster.is_some() => self.heartbeat().await,
-                _ = flush.tick() => {
-                    Self::collect(&mut acks, &mut pending);
-                    self.flush(&mut pending).await;
-                }
+                _ = flush.tick() => self.flush_live_acks().await,
                 Some(bytes) = handovers.recv() => self.deliver_handover(&bytes),
                 _ = receipts.tick() => self.send_receipt_updates().await,
                 _ = removals.tick() => self.apply_removals(&mut last_removal).await,
             }
         }
-        Self::collect(&mut acks, &mut pending);
-        self.flush(&mut pending).await;
+        self.flush_live_acks().await;
         self.send_receipt_updates().await;
         if let Some(listener) = listener {
             let _ = listener.await;

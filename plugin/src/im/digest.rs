@@ -15,6 +15,7 @@ impl ImService {
     #[tracing::instrument(skip(self), fields(uid = %device.uid, client_id = %device.client_id))]
     pub async fn digest(&self, device: &Device) -> Result<pb::Digest, ImError> {
         let last_n = self.inner.settings.digest_last_n;
+        self.commit_live_acks(device, None).await;
         let snapshot = self.inner.store.digest(device, last_n);
         let snapshot = self.metrics().store_call("digest", snapshot).await?;
         self.metrics().digests.inc();

@@ -62,9 +62,8 @@ struct Inner {
     settings: ImSettings,
     cluster: Option<RedisBus>,
     metrics: Arc<Metrics>,
-    deliveries: mpsc::Sender<deliveries::Delivered>,
-    /// Taken by [`ImService::run`].
-    deliveries_rx: Mutex<Option<mpsc::Receiver<deliveries::Delivered>>>,
+    /// Live deliveries acknowledged and not written yet.
+    live_acks: deliveries::LiveAcks,
     /// Live messages for other nodes (with a cluster).
     handovers: Option<mpsc::Sender<crate::wire::pb::Handover>>,
     /// Taken by [`ImService::run`].
@@ -87,7 +86,6 @@ impl ImService {
         cluster: Option<RedisBus>,
         metrics: Arc<Metrics>,
     ) -> Self {
-        let (deliveries, deliveries_rx) = mpsc::channel(deliveries::QUEUE);
         let (handovers, handovers_rx) = match cluster {
             Some(_) => {
                 let (tx, rx) = mpsc::channel(cluster::HANDOVER_QUEUE);
@@ -105,8 +103,7 @@ impl ImService {
                 settings,
                 cluster,
                 metrics,
-                deliveries,
-                deliveries_rx: Mutex::new(Some(deliveries_rx)),
+                live_acks: deliveries::LiveAcks::default(),
                 handovers,
                 handovers_rx: Mutex::new(handovers_rx),
             }),

@@ -46,6 +46,7 @@ impl ImService {
             Some(Kind::Pull(pull)) => {
                 let key = self.authorized_key(&pull.conversation, &device.uid).await?;
                 let ack = pull.ack.map(cursor_range).transpose()?;
+                self.commit_live_acks(device, Some(&key)).await;
                 let size = self.page_size(pull.page_size);
                 let page = metrics
                     .store_call("pull", store.pull(device, &key, ack, size))
