@@ -280,3 +280,41 @@ async fn live_acknowledged_messages_stay_out_of_the_next_pull(backend: TestBacke
     assert!(digest.sessions.is_empty(), "{digest:?}");
 }
 }
+
+backend_tests! {
+/// A digest cut down to the client's Maximum Packet Size records only the conversations it
+/// carried: ClearCounters clears those, and the ones left out still count in the next digest.
+async fn clear_counters_clears_only_what_the_digest_carried(backend: TestBackend) {
+    let senders: Vec<String> = (0..30).map(|i| format!("a-sender-with-a-long-name-{i:02}")).collect();
+    let users = senders.clone();
+    let broker = TestBroker::start_with_on(backend, move |config| {
+        for uid in users {
+            config.auth.users.insert(uid, "pw".into());
+        }
+    })
+    .await;
+    for uid in &senders {
+        let mut sender = Client::v4(broker.addr, &format!("{uid}-phone"), uid, 30).await;
+        assert_eq!(sender.publish_acked("im/u/bob", chat("m", "bob", "hello", false)).await, 0);
+        sender.disconnect().await;
+    }
+    let mut small = Client::v5_max_packet(broker.addr, "bob-phone", "bob", Some(600)).await;
+    small.subscribe("im/u/bob/#", 1).await;
+    let shown = small.digest("bob").await;
+    assert!(!shown.sessions.is_empty());
+    assert!(shown.sessions.len() < senders.len(), "{} fit", shown.sessions.len());
+    let clear = pb::request::Kind::ClearCounters(pb::ClearCounters { version: shown.version });
+    assert_eq!(small.ask("bob", request("c", clear)).await.status, pb::Status::Ok as i32);
+    small.disconnect().await;
+
+    let mut bob = Client::v5(broker.addr, "bob-phone", "bob").await;
+    bob.subscribe("im/u/bob/#", 1).await;
+    let next = bob.digest("bob").await;
+    assert_eq!(next.sessions.len(), senders.len(), "every conversation is still unacked");
+    for uid in &senders {
+        let session = &next.sessions[&format!("u/{uid}")];
+        let expected = if shown.sessions.contains_key(&format!("u/{uid}")) { 0 } else { 1 };
+        assert_eq!((session.count, session.unacked), (expected, 1), "{uid}");
+    }
+}
+}

@@ -1,6 +1,7 @@
 //! Keeping hook-layer publishes within an MQTT 5 client's Maximum Packet Size: a server must
 //! not send a bigger packet, and a client that gets one disconnects — and would get the same
-//! digest again on reconnect, forever.
+//! reply again on reconnect, forever. (The IM service fits digests itself, before it records
+//! what they carried.)
 
 use prost::Message;
 
@@ -10,34 +11,6 @@ use crate::wire::pb;
 pub(super) fn overhead(topic: &str, properties: usize) -> usize {
     // fixed header (1 + up to 4) + topic length + topic + packet id + properties length
     1 + 4 + 2 + topic.len() + 2 + 4 + properties
-}
-
-/// Shrinks a digest to `budget` bytes: previews go first, then the conversations with the
-/// oldest news (their absolute state comes back in the next digest). `false` if even an
-/// empty digest does not fit.
-pub(super) fn digest(digest: &mut pb::Digest, budget: usize) -> bool {
-    if digest.encoded_len() <= budget {
-        return true;
-    }
-    for session in digest.sessions.values_mut() {
-        session.last_msgs.clear();
-    }
-    let mut by_age: Vec<(i64, String)> = digest
-        .sessions
-        .iter()
-        .map(|(name, session)| (session.timestamp, name.clone()))
-        .collect();
-    by_age.sort();
-    let mut oldest = by_age.into_iter();
-    while digest.encoded_len() > budget {
-        match oldest.next() {
-            Some((_, name)) => {
-                digest.sessions.remove(&name);
-            }
-            None => return false,
-        }
-    }
-    true
 }
 
 /// Shrinks a response to `budget` bytes: a page loses its oldest messages (its cursor then
@@ -95,24 +68,5 @@ mod tests {
         assert_eq!(seqs, vec![5, 4, 3]);
         assert_eq!(page.cursor.map(|c| (c.from_seq, c.to_seq)), Some((3, 5)));
         assert!(!page.end);
-    }
-
-    #[test]
-    fn digests_drop_previews_then_old_conversations() {
-        let mut digest = pb::Digest::default();
-        for (name, timestamp) in [("u/a", 1), ("u/b", 2)] {
-            let session = pb::Session {
-                count: 1,
-                timestamp,
-                last_msgs: vec![message(1, 500)],
-                ..Default::default()
-            };
-            digest.sessions.insert(name.into(), session);
-        }
-        assert!(super::digest(&mut digest, 100));
-        assert!(digest.sessions.values().all(|s| s.last_msgs.is_empty()));
-        assert_eq!(digest.sessions.len(), 2);
-        assert!(super::digest(&mut digest, 15));
-        assert_eq!(digest.sessions.keys().collect::<Vec<_>>(), vec!["u/b"]);
     }
 }

@@ -292,13 +292,14 @@ impl Connection {
             let (im, device) = (self.ctx.im.clone(), self.device.clone());
             let register = !self.registered;
             self.registered = true;
+            let budget = self.payload_budget(&digest, 0);
             self.ops.push_back(Box::pin(async move {
                 if register {
                     if let Err(e) = im.connected(&device).await {
                         return Outcome::Digest(Err(e));
                     }
                 }
-                Outcome::Digest(im.digest(&device).await)
+                Outcome::Digest(im.digest(&device, budget).await)
             }));
         }
     }

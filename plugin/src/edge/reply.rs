@@ -136,10 +136,10 @@ impl Connection {
                 self.write_reply(&target, response);
                 Ok(())
             }
-            Outcome::Digest(Ok(mut digest)) => {
+            Outcome::Digest(Ok(digest)) => {
                 let topic = self.ctx.topics.digest(&self.device.uid);
                 let budget = self.payload_budget(&topic, 0);
-                if !fit::digest(&mut digest, budget) {
+                if digest.encoded_len() > budget {
                     tracing::warn!(budget, "digest cannot fit the client's maximum packet size");
                     return Ok(());
                 }
@@ -240,7 +240,7 @@ impl Connection {
     }
 
     /// Payload bytes a publish on `topic` may carry to this client.
-    fn payload_budget(&self, topic: &str, properties: usize) -> usize {
+    pub(super) fn payload_budget(&self, topic: &str, properties: usize) -> usize {
         self.max_packet.map_or(usize::MAX, |max| {
             max.saturating_sub(fit::overhead(topic, properties))
         })

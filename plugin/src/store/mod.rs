@@ -147,6 +147,9 @@ impl From<&ConversationState> for DigestEntry {
     }
 }
 
+/// Trims a digest's entries before it is recorded ([`Store::fitted_digest`]).
+pub type DigestFit = dyn Fn(&mut Vec<ConversationState>) + Send + Sync;
+
 /// A digest as recorded: `version` identifies what [`Store::clear_counters`] will clear.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DigestSnapshot {
@@ -346,8 +349,21 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     async fn register_device(&self, device: &Device) -> Result<(), StoreError>;
 
     /// Builds and records the next digest of a device: one entry per conversation with
-    /// something unacked, each with its `last_n` newest messages.
-    async fn digest(&self, device: &Device, last_n: usize) -> Result<DigestSnapshot, StoreError>;
+    /// something unacked, each with its `last_n` newest messages. `fit` sees the built
+    /// entries first and may drop entries and previews (what does not fit the client's
+    /// packet size); only what it keeps is recorded, so [`Store::clear_counters`] clears
+    /// exactly what the device was shown.
+    async fn fitted_digest(
+        &self,
+        device: &Device,
+        last_n: usize,
+        fit: &DigestFit,
+    ) -> Result<DigestSnapshot, StoreError>;
+
+    /// [`Store::fitted_digest`] keeping everything.
+    async fn digest(&self, device: &Device, last_n: usize) -> Result<DigestSnapshot, StoreError> {
+        self.fitted_digest(device, last_n, &|_| {}).await
+    }
 
     /// Clears the counters that digest `version` carried; increments since then stay.
     ///

@@ -15,8 +15,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::migrate;
 use super::{
-    Device, DigestEntry, DigestSnapshot, Member, NewMessage, OnCommit, Page, QueuedAppend, Receipt,
-    Removal, Role, SeqRange, Store, StoreError, StoreSizes, SIZES_QUERY,
+    Device, DigestEntry, DigestFit, DigestSnapshot, Member, NewMessage, OnCommit, Page,
+    QueuedAppend, Receipt, Removal, Role, SeqRange, Store, StoreError, StoreSizes, SIZES_QUERY,
 };
 use queries::unavailable;
 use writer::{AfterCommit, Call, Job};
@@ -157,9 +157,14 @@ impl Store for EmbeddedStore {
             .await
     }
 
-    async fn digest(&self, device: &Device, last_n: usize) -> Result<DigestSnapshot, StoreError> {
+    async fn fitted_digest(
+        &self,
+        device: &Device,
+        last_n: usize,
+        fit: &DigestFit,
+    ) -> Result<DigestSnapshot, StoreError> {
         let reader_device = device.clone();
-        let conversations = self
+        let mut conversations = self
             .read(move |conn| {
                 let mut states = Vec::new();
                 for member in queries::memberships(conn, &reader_device)? {
@@ -172,6 +177,7 @@ impl Store for EmbeddedStore {
                 Ok(states)
             })
             .await?;
+        fit(&mut conversations);
         let entries: Vec<DigestEntry> = conversations.iter().map(DigestEntry::from).collect();
         let device = device.clone();
         let version = self

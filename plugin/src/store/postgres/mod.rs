@@ -7,6 +7,7 @@ mod cache;
 mod groups;
 mod queries;
 
+use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -16,8 +17,9 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::NoTls;
 
 use super::{
-    migrate, Device, DigestEntry, DigestSnapshot, Member, NewMessage, OnCommit, Page, QueuedAppend,
-    Receipt, Removal, Role, SeqRange, Store, StoreError, StoreSizes, SIZES_QUERY,
+    migrate, ConversationState, Device, DigestEntry, DigestFit, DigestSnapshot, Member, NewMessage,
+    OnCommit, Page, QueuedAppend, Receipt, Removal, Role, SeqRange, Store, StoreError, StoreSizes,
+    SIZES_QUERY,
 };
 use crate::config::PostgresSettings;
 pub use cache::DigestCache;
@@ -184,24 +186,39 @@ impl Store for PostgresStore {
         tx.commit().await.map_err(pg_error)
     }
 
-    async fn digest(&self, device: &Device, last_n: usize) -> Result<DigestSnapshot, StoreError> {
+    async fn fitted_digest(
+        &self,
+        device: &Device,
+        last_n: usize,
+        fit: &DigestFit,
+    ) -> Result<DigestSnapshot, StoreError> {
         let mut client = self.client().await?;
         let cache = self.cache.as_ref();
-        let states = queries::digest_states(&client, device, last_n, cache).await?;
-        let entries: Vec<DigestEntry> = states.iter().map(|(c, _)| DigestEntry::from(c)).collect();
+        let built = queries::digest_states(&client, device, last_n, cache).await?;
+        let counted: HashMap<String, cache::Counted> = built
+            .iter()
+            .map(|(state, counted)| (state.conversation.clone(), *counted))
+            .collect();
+        let mut conversations: Vec<ConversationState> =
+            built.into_iter().map(|(state, _)| state).collect();
+        fit(&mut conversations);
+        let entries: Vec<DigestEntry> = conversations.iter().map(DigestEntry::from).collect();
         let tx = client.transaction().await.map_err(pg_error)?;
         let version = queries::record_digest(&tx, device, &entries).await?;
         tx.commit().await.map_err(pg_error)?;
         if let Some(cache) = cache {
-            let carried: Vec<(&str, cache::Counted)> = states
+            let carried: Vec<(&str, cache::Counted)> = conversations
                 .iter()
-                .map(|(c, counted)| (c.conversation.as_str(), *counted))
+                .filter_map(|state| {
+                    let key = state.conversation.as_str();
+                    Some((key, *counted.get(key)?))
+                })
                 .collect();
             cache.record_digest(device, version, &carried).await;
         }
         Ok(DigestSnapshot {
             version,
-            conversations: states.into_iter().map(|(c, _)| c).collect(),
+            conversations,
         })
     }
 
