@@ -24,7 +24,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use mqtt_im::server::CancellationToken;
-use mqtt_im::store::{Device, NewMessage};
+use mqtt_im::store::{Conversation, Device, NewMessage};
 use mqtt_im::wire::pb;
 use mqtt_im::{Config, Server};
 use prost::Message;
@@ -671,9 +671,7 @@ async fn pull(cli: &Cli, args: &PullArgs) -> Result<(), Error> {
                     let peer = format!("peer{}", n % conversations);
                     store
                         .append(NewMessage {
-                            // The 1:1 key names its two members in order.
-                            conversation: format!("dm:{peer}:puller"),
-                            members: vec!["puller".into(), peer.clone()],
+                            conversation: Conversation::direct(&peer, "puller"),
                             sender: peer,
                             sender_device: "bench".into(),
                             msg_id: format!("m{n}"),

@@ -5,10 +5,9 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use mqtt_im::config::Backend;
-use mqtt_im::im::group_key;
 use mqtt_im::metrics::Metrics;
 use mqtt_im::server::{check_certificates, open_store, CancellationToken, ListenerKind};
-use mqtt_im::store::{EmbeddedStore, PostgresStore, Role, Store};
+use mqtt_im::store::{Conversation, EmbeddedStore, PostgresStore, Role, Store};
 use mqtt_im::{Config, Server};
 
 /// Offline messaging for MQTT.
@@ -145,7 +144,7 @@ async fn group_command(store: &dyn Store, command: GroupCommand) -> anyhow::Resu
             members,
         } => {
             store
-                .create_group(&group_key(&gid), &owner, &members)
+                .create_group(&Conversation::group(&gid), &owner, &members)
                 .await?;
             println!("created {gid}");
         }
@@ -155,21 +154,25 @@ async fn group_command(store: &dyn Store, command: GroupCommand) -> anyhow::Resu
             admin,
         } => {
             let role = if admin { Role::Admin } else { Role::Member };
-            let added = store.add_members(&group_key(&gid), &members, role).await?;
+            let added = store
+                .add_members(&Conversation::group(&gid), &members, role)
+                .await?;
             println!("added {}", added.join(" "));
         }
         GroupCommand::Remove { gid, members } => {
-            let removed = store.remove_members(&group_key(&gid), &members).await?;
+            let removed = store
+                .remove_members(&Conversation::group(&gid), &members)
+                .await?;
             println!("removed {}", removed.join(" "));
         }
         GroupCommand::Members { gid } => {
-            for member in store.members(&group_key(&gid)).await? {
+            for member in store.members(&Conversation::group(&gid)).await? {
                 println!("{} {:?} read={}", member.uid, member.role, member.read_seq);
             }
         }
         GroupCommand::Of { uid } => {
-            for (key, role) in store.memberships_with_prefix(&uid, "g:").await? {
-                println!("{} {role:?}", key.trim_start_matches("g:"));
+            for (group, role) in store.group_memberships(&uid).await? {
+                println!("{} {role:?}", group.gid().unwrap_or_default());
             }
         }
     }

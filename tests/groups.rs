@@ -431,7 +431,8 @@ async fn ten_thousand_members_one_post(backend: TestBackend) {
     .await;
     let members: Vec<String> = (0..BIG).map(big_member).collect();
     let started = std::time::Instant::now();
-    broker.store.create_group("g:big", "alice", &members).await.unwrap();
+    let big = mqtt_im::store::Conversation::group("big");
+    broker.store.create_group(&big, "alice", &members).await.unwrap();
     eprintln!("created a group of {BIG} members in {:?}", started.elapsed());
     let live_member = big_member(sampled[0]);
     let mut live = Client::v5(broker.addr, "live-phone", &live_member).await;
@@ -472,7 +473,7 @@ async fn ten_thousand_members_one_post(backend: TestBackend) {
         let state = digest
             .conversations
             .iter()
-            .find(|c| c.conversation == "g:big")
+            .find(|c| c.conversation == big)
             .unwrap();
         assert_eq!((state.count, state.max_seq), (2, 2), "{device:?}");
     }

@@ -8,13 +8,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use mqtt_im::store::{EmbeddedStore, NewMessage, Store};
+use mqtt_im::store::{Conversation, EmbeddedStore, NewMessage, Store};
 
 fn message(n: u64) -> NewMessage {
     let peer = format!("p{}", n % 100);
     NewMessage {
-        conversation: format!("dm:bob:{peer}"),
-        members: vec!["bob".into(), peer.clone()],
+        conversation: Conversation::direct("bob", &peer),
         sender: peer,
         sender_device: "d".into(),
         msg_id: format!("m{n}"),

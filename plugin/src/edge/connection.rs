@@ -26,7 +26,7 @@ use super::transport::{ClientStream, ListenerKind, Upgrade};
 use super::{ConnectionSink, EdgeContext, EdgeError};
 use crate::im::{DeviceEvent, SendOrder};
 use crate::metrics::ConnectionLabels;
-use crate::store::Device;
+use crate::store::{Conversation, Device};
 
 /// How often the link to rumqttd is pinged when idle.
 const UPSTREAM_PING: Duration = Duration::from_secs(20);
@@ -490,7 +490,7 @@ impl Connection {
     }
 
     /// Writes a live chat message to `topic` if this connection subscribed to it.
-    fn deliver(&mut self, topic: &str, conversation: String, seq: u64, payload: &[u8]) {
+    fn deliver(&mut self, topic: &str, conversation: Conversation, seq: u64, payload: &[u8]) {
         let Some(qos) = self.granted_qos(topic) else {
             return;
         };

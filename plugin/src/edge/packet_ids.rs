@@ -4,6 +4,8 @@
 
 use std::collections::HashMap;
 
+use crate::store::Conversation;
+
 /// Who a client-side packet id belongs to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Origin {
@@ -11,8 +13,8 @@ pub(crate) enum Origin {
     Upstream(u16),
     /// A live chat delivery; the ack records it for the device.
     Chat {
-        /// Conversation key.
-        conversation: String,
+        /// The conversation.
+        conversation: Conversation,
         /// Seq of the message.
         seq: u64,
     },

@@ -66,7 +66,9 @@ impl Refusal {
         let reason = match error {
             ImError::Wire(crate::wire::WireError::TooLarge { .. }) => PubAckReason::QuotaExceeded,
             ImError::Wire(_) | ImError::Invalid(_) => PubAckReason::PayloadFormatInvalid,
-            ImError::Denied(_) | ImError::NotAuthorized(_) => PubAckReason::NotAuthorized,
+            ImError::Denied(_) | ImError::NotAuthorized(_) | ImError::NotFound(_) => {
+                PubAckReason::NotAuthorized
+            }
             ImError::Store(_) => PubAckReason::UnspecifiedError,
         };
         Self {

@@ -11,7 +11,7 @@ use tokio::sync::mpsc;
 
 use super::{DeviceEvent, ImService};
 use crate::metrics::{DirectionLabels, Metrics};
-use crate::store::{Device, RedisBus, StoreError};
+use crate::store::{Conversation, Device, RedisBus, StoreError};
 use crate::wire::{self, pb};
 
 /// Largest hand-over accepted from Redis.
@@ -56,10 +56,16 @@ impl ImService {
 
     /// Queues a live message for the other nodes holding devices of `uid`; a full queue
     /// leaves it in the backlog.
-    pub(super) fn hand_over(&self, uid: &str, conversation: &str, seq: u64, payload: &Bytes) {
+    pub(super) fn hand_over(
+        &self,
+        uid: &str,
+        conversation: &Conversation,
+        seq: u64,
+        payload: &Bytes,
+    ) {
         self.queue_handover(pb::Handover {
             uid: uid.to_owned(),
-            conversation: conversation.to_owned(),
+            conversation: conversation.key(),
             seq,
             payload: payload.to_vec(),
             ..pb::Handover::default()
@@ -67,9 +73,15 @@ impl ImService {
     }
 
     /// Queues a group message for every other node's subscribers of the group.
-    pub(super) fn hand_over_group(&self, gid: &str, conversation: &str, seq: u64, payload: &Bytes) {
+    pub(super) fn hand_over_group(
+        &self,
+        gid: &str,
+        conversation: &Conversation,
+        seq: u64,
+        payload: &Bytes,
+    ) {
         self.queue_handover(pb::Handover {
-            conversation: conversation.to_owned(),
+            conversation: conversation.key(),
             seq,
             payload: payload.to_vec(),
             group: gid.to_owned(),
@@ -145,6 +157,10 @@ impl ImService {
             }
             return;
         }
+        let Some(conversation) = Conversation::from_key(&handover.conversation) else {
+            tracing::warn!("hand-over names no conversation; dropped");
+            return;
+        };
         let (sinks, group) = if handover.group.is_empty() {
             (self.inner.presence.sinks(&handover.uid), None)
         } else {
@@ -160,7 +176,7 @@ impl ImService {
             (sinks, Some(handover.group))
         };
         let event = DeviceEvent::Chat {
-            conversation: handover.conversation,
+            conversation,
             seq: handover.seq,
             payload,
             group,

@@ -10,9 +10,9 @@ use std::sync::{Mutex, PoisonError};
 
 use super::ImService;
 use crate::store::ranges::{self, SeqRange};
-use crate::store::Device;
+use crate::store::{Conversation, Device};
 
-type Acks = HashMap<(Device, String), Vec<SeqRange>>;
+type Acks = HashMap<(Device, Conversation), Vec<SeqRange>>;
 
 /// Acknowledged live deliveries not yet known to be committed.
 #[derive(Debug, Default)]
@@ -32,12 +32,12 @@ impl LiveAcks {
         self.0.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn add(&self, device: &Device, conversation: &str, seq: u64) {
+    fn add(&self, device: &Device, conversation: &Conversation, seq: u64) {
         let Some(range) = SeqRange::new(seq, seq) else {
             return;
         };
         let mut waiting = self.lock();
-        let key = (device.clone(), conversation.to_owned());
+        let key = (device.clone(), conversation.clone());
         let merged = waiting.pending.entry(key).or_default();
         *merged = ranges::insert(merged, range);
     }
@@ -55,7 +55,7 @@ impl LiveAcks {
     }
 
     /// The uncommitted acknowledgements of `device` (in `conversation`, or in all).
-    fn of_device(&self, device: &Device, conversation: Option<&str>) -> Acks {
+    fn of_device(&self, device: &Device, conversation: Option<&Conversation>) -> Acks {
         let waiting = self.lock();
         let mut found = Acks::new();
         for acks in [&waiting.pending, &waiting.writing] {
@@ -75,7 +75,7 @@ impl LiveAcks {
 
 impl ImService {
     /// A device acknowledged a live message: it will not come back in its pulls.
-    pub fn delivered(&self, device: &Device, conversation: &str, seq: u64) {
+    pub fn delivered(&self, device: &Device, conversation: &Conversation, seq: u64) {
         self.inner.live_acks.add(device, conversation, seq);
     }
 
@@ -88,7 +88,11 @@ impl ImService {
 
     /// Writes `device`'s acknowledgements that are not committed yet (in `conversation`, or
     /// in all), before something of that device reads its acknowledgements.
-    pub(super) async fn commit_live_acks(&self, device: &Device, conversation: Option<&str>) {
+    pub(super) async fn commit_live_acks(
+        &self,
+        device: &Device,
+        conversation: Option<&Conversation>,
+    ) {
         let acks = self.inner.live_acks.of_device(device, conversation);
         self.write_acks(acks).await;
     }
@@ -98,7 +102,7 @@ impl ImService {
             for range in merged {
                 let acked = self.inner.store.ack(&device, &conversation, range);
                 if let Err(e) = self.metrics().store_call("ack", acked).await {
-                    tracing::warn!(error = %e, conversation, "recording live deliveries failed");
+                    tracing::warn!(error = %e, %conversation, "recording live deliveries failed");
                 }
             }
         }
@@ -116,15 +120,19 @@ mod tests {
         }
     }
 
+    fn chat() -> Conversation {
+        Conversation::direct("a", "b")
+    }
+
     #[test]
     fn consecutive_acks_merge_into_one_range() {
         let acks = LiveAcks::default();
         for seq in [3, 1, 2, 7] {
-            acks.add(&device("p"), "dm:a:b", seq);
+            acks.add(&device("p"), &chat(), seq);
         }
         let merged = acks.start_flush();
         assert_eq!(
-            merged[&(device("p"), "dm:a:b".to_string())],
+            merged[&(device("p"), chat())],
             vec![SeqRange { lo: 1, hi: 3 }, SeqRange { lo: 7, hi: 7 }]
         );
     }
@@ -132,15 +140,15 @@ mod tests {
     #[test]
     fn a_device_sees_its_acks_until_the_flush_has_committed_them() {
         let acks = LiveAcks::default();
-        acks.add(&device("p"), "dm:a:b", 1);
-        acks.add(&device("p"), "g:team", 4);
-        acks.add(&device("laptop"), "dm:a:b", 2);
+        acks.add(&device("p"), &chat(), 1);
+        acks.add(&device("p"), &Conversation::group("team"), 4);
+        acks.add(&device("laptop"), &chat(), 2);
         let _writing = acks.start_flush();
-        acks.add(&device("p"), "dm:a:b", 2);
-        let mine = acks.of_device(&device("p"), Some("dm:a:b"));
+        acks.add(&device("p"), &chat(), 2);
+        let mine = acks.of_device(&device("p"), Some(&chat()));
         assert_eq!(mine.len(), 1);
         assert_eq!(
-            mine[&(device("p"), "dm:a:b".to_string())],
+            mine[&(device("p"), chat())],
             vec![SeqRange { lo: 1, hi: 2 }]
         );
         assert_eq!(acks.of_device(&device("p"), None).len(), 2);

@@ -5,7 +5,7 @@
 use prost::Message;
 
 use super::inbox::{now_ms, rehydrate};
-use super::{conversation_name, ImError, ImService};
+use super::{ImError, ImService};
 use crate::store::{ConversationState, Device};
 use crate::wire::pb;
 
@@ -57,7 +57,7 @@ fn digest_message(
                 peer_read_seq: state.peer_read_seq,
                 unacked: state.unacked,
             };
-            (conversation_name(&state.conversation, uid), session)
+            (state.conversation.name_for(uid), session)
         })
         .collect();
     pb::Digest {
@@ -95,11 +95,11 @@ fn fit(states: &mut Vec<ConversationState>, uid: &str, budget: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::StoredMessage;
+    use crate::store::{Conversation, StoredMessage};
 
     fn state(peer: &str, last_time: i64) -> ConversationState {
         ConversationState {
-            conversation: crate::im::direct_key("me", peer),
+            conversation: Conversation::direct("me", peer),
             count: 1,
             unacked: 1,
             max_seq: 1,
@@ -136,7 +136,7 @@ mod tests {
         );
         let one = digest_message(&states[..1], "me", u64::MAX, i64::MAX).encoded_len();
         fit(&mut states, "me", one);
-        let kept: Vec<&str> = states.iter().map(|s| s.conversation.as_str()).collect();
+        let kept: Vec<String> = states.iter().map(|s| s.conversation.key()).collect();
         assert_eq!(kept, vec!["dm:b:me"], "the newest news stays");
         let exact = digest_message(&states, "me", u64::MAX, i64::MAX).encoded_len();
         assert!(exact <= one);

@@ -5,8 +5,8 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use super::{group_key, DeviceEvent, DeviceSink, ImError, ImService};
-use crate::store::{Device, Role};
+use super::{DeviceEvent, DeviceSink, ImError, ImService};
+use crate::store::{Conversation, Device, Role, StoreError};
 use crate::wire::pb;
 
 /// Users named in one management request.
@@ -124,16 +124,23 @@ impl ImService {
     /// # Errors
     /// The store failed.
     pub async fn group_role(&self, uid: &str, gid: &str) -> Result<Option<Role>, ImError> {
-        let key = group_key(gid);
-        let role = self.inner.store.role(uid, &key);
+        let group = Conversation::group(gid);
+        let role = self.inner.store.role(uid, &group);
         Ok(self.metrics().store_call("role", role).await?)
     }
 
-    /// `uid`'s role, refusing non-members.
+    /// `uid`'s role, refusing non-members (and telling a group that does not exist apart).
     pub(crate) async fn require_member(&self, uid: &str, gid: &str) -> Result<Role, ImError> {
-        self.group_role(uid, gid)
-            .await?
-            .ok_or_else(|| ImError::NotAuthorized(format!("not a member of group {gid}")))
+        if let Some(role) = self.group_role(uid, gid).await? {
+            return Ok(role);
+        }
+        match self.inner.store.members(&Conversation::group(gid)).await {
+            Err(StoreError::NotFound(_)) => Err(ImError::NotFound(format!("no group {gid}"))),
+            Ok(_) => Err(ImError::NotAuthorized(format!(
+                "not a member of group {gid}"
+            ))),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// A member's connection subscribed to the group: it gets the group's messages live.
@@ -183,7 +190,7 @@ impl ImService {
                 }
             };
             for removal in &removals {
-                if let Some(gid) = removal.conversation.strip_prefix("g:") {
+                if let Some(gid) = removal.conversation.gid() {
                     self.cut_off(gid, &removal.uid);
                 }
                 *last = removal.id;
@@ -209,7 +216,7 @@ impl ImService {
                 valid_users(&create.members)?;
                 let others: Vec<String> = create.members.into_iter().filter(|m| m != uid).collect();
                 store
-                    .create_group(&group_key(&create.gid), uid, &others)
+                    .create_group(&Conversation::group(&create.gid), uid, &others)
                     .await
                     .map_err(|e| match e {
                         crate::store::StoreError::Conflict(_) => {
@@ -239,7 +246,7 @@ impl ImService {
                     )));
                 }
                 store
-                    .add_members(&group_key(&add.gid), &add.members, role)
+                    .add_members(&Conversation::group(&add.gid), &add.members, role)
                     .await?;
                 self.group_info(&add.gid).await
             }
@@ -288,12 +295,11 @@ impl ImService {
             }
             Kind::MyGroups(_) => {
                 let groups = store
-                    .memberships_with_prefix(uid, "g:")
+                    .group_memberships(uid)
                     .await?
                     .into_iter()
-                    .filter_map(|(key, role)| {
-                        let gid = key.strip_prefix("g:")?.to_owned();
-                        Some((gid, wire_role(role) as i32))
+                    .filter_map(|(group, role)| {
+                        Some((group.gid()?.to_owned(), wire_role(role) as i32))
                     })
                     .collect();
                 Ok(Reply::Groups(pb::GroupList { groups }))
@@ -308,7 +314,7 @@ impl ImService {
         let removed = self
             .inner
             .store
-            .remove_members(&group_key(gid), uids)
+            .remove_members(&Conversation::group(gid), uids)
             .await?;
         for uid in &removed {
             self.cut_off(gid, uid);
@@ -319,13 +325,13 @@ impl ImService {
     /// The owner leaves: the first admin, else the first other member, becomes owner
     /// (members come highest role first, then by uid).
     async fn hand_group_over(&self, gid: &str, owner: &str) -> Result<(), ImError> {
-        let members = self.inner.store.members(&group_key(gid)).await?;
+        let members = self.inner.store.members(&Conversation::group(gid)).await?;
         let successor = members.iter().find(|m| m.uid != owner);
         if let Some(successor) = successor {
             self.inner
                 .store
                 .add_members(
-                    &group_key(gid),
+                    &Conversation::group(gid),
                     std::slice::from_ref(&successor.uid),
                     Role::Owner,
                 )
@@ -335,7 +341,7 @@ impl ImService {
     }
 
     async fn group_info(&self, gid: &str) -> Result<pb::response::Result, ImError> {
-        let members = self.inner.store.members(&group_key(gid)).await?;
+        let members = self.inner.store.members(&Conversation::group(gid)).await?;
         Ok(pb::response::Result::Group(pb::GroupInfo {
             gid: gid.to_owned(),
             members: members

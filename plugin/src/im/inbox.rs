@@ -5,12 +5,10 @@ use bytes::Bytes;
 use prost::Message;
 
 use super::order::Turn;
-use super::{
-    conversation_name, direct_key, group_key, DeviceEvent, DeviceSink, ImError, ImService,
-};
+use super::{DeviceEvent, DeviceSink, ImError, ImService};
 use crate::metrics::{ChatLabels, RefusalLabels};
 use crate::policy::{Decision, MessageView};
-use crate::store::{Appended, Device, NewMessage, OnCommit, StoredMessage};
+use crate::store::{Appended, Conversation, Device, NewMessage, OnCommit, StoredMessage};
 use crate::wire::{self, pb};
 
 /// Longest client-made message id.
@@ -54,8 +52,7 @@ impl Accepted {
 /// A chat message that passed validation and the policy, ready to store.
 #[derive(Debug)]
 struct Checked {
-    conversation: String,
-    members: Vec<String>,
+    conversation: Conversation,
     chat: pb::ChatMessage,
     /// The client's time of the envelope.
     time: i64,
@@ -94,7 +91,7 @@ impl ImError {
         let reason = match self {
             ImError::Wire(_) | ImError::Invalid(_) => "invalid",
             ImError::Denied(_) => "denied",
-            ImError::NotAuthorized(_) => "not_authorized",
+            ImError::NotAuthorized(_) | ImError::NotFound(_) => "not_authorized",
             ImError::Store(_) => "store",
         };
         RefusalLabels { reason }
@@ -174,7 +171,6 @@ impl ImService {
         let checked = checked?;
         let message = NewMessage {
             conversation: checked.conversation.clone(),
-            members: checked.members.clone(),
             sender: sender.uid.clone(),
             sender_device: sender.client_id.clone(),
             msg_id: checked.chat.msg_id.clone(),
@@ -182,7 +178,7 @@ impl ImService {
             body: checked.chat.encode_to_vec(),
         };
         let (msg_id, ack_flg) = (checked.chat.msg_id.clone(), checked.chat.ack_flg);
-        let conversation = conversation_name(&checked.conversation, &sender.uid);
+        let conversation = checked.conversation.name_for(&sender.uid);
         let on_commit = self.live_delivery(sender, checked);
         let store = &self.inner.store;
         let append = async move {
@@ -217,21 +213,19 @@ impl ImService {
         let (mut chat, time) = validate(envelope, &target)?;
         chat.from = sender.uid.clone();
         chat.to = target.id().to_owned();
-        let (conversation, members) = match &target {
+        let conversation = match &target {
             Target::User(to) => {
                 chat.chat_type = pb::ChatType::Single as i32;
-                let members = vec![sender.uid.clone(), to.clone()];
-                (direct_key(&sender.uid, to), members)
+                Conversation::direct(&sender.uid, to)
             }
             Target::Group(gid) => {
                 chat.chat_type = pb::ChatType::Group as i32;
-                (group_key(gid), Vec::new())
+                Conversation::group(gid)
             }
         };
         self.apply_policy(sender, &conversation, &mut chat).await?;
         Ok(Checked {
             conversation,
-            members,
             chat,
             time,
             to: target,
@@ -269,7 +263,7 @@ impl ImService {
     async fn apply_policy(
         &self,
         sender: &Device,
-        conversation: &str,
+        conversation: &Conversation,
         chat: &mut pb::ChatMessage,
     ) -> Result<(), ImError> {
         let (text, media_url) = match chat.msg.as_ref().and_then(|c| c.kind.as_ref()) {
@@ -277,7 +271,7 @@ impl ImService {
             Some(pb::content::Kind::Media(media)) => (None, Some(media.url.clone())),
             None => (None, None),
         };
-        let group = conversation.strip_prefix("g:").map(str::to_owned);
+        let group = conversation.gid().map(str::to_owned);
         let view = MessageView {
             from: chat.from.clone(),
             to: chat.to.clone(),
@@ -287,7 +281,7 @@ impl ImService {
             media_url,
             msg_id: chat.msg_id.clone(),
             client_id: sender.client_id.clone(),
-            conversation: conversation_name(conversation, &sender.uid),
+            conversation: conversation.name_for(&sender.uid),
         };
         let decision = self.inner.policy.on_message(&view).await;
         let verdict = match &decision {
@@ -307,7 +301,7 @@ impl ImService {
         }
     }
 
-    fn deliver_live(&self, to: &str, conversation: &str, seq: u64, payload: &Bytes) {
+    fn deliver_live(&self, to: &str, conversation: &Conversation, seq: u64, payload: &Bytes) {
         self.hand_over(to, conversation, seq, payload);
         let sinks = self.inner.presence.sinks(to);
         if sinks.is_empty() {
@@ -318,7 +312,7 @@ impl ImService {
             return;
         }
         let event = DeviceEvent::Chat {
-            conversation: conversation.to_owned(),
+            conversation: conversation.clone(),
             seq,
             payload: payload.clone(),
             group: None,
@@ -346,13 +340,13 @@ impl ImService {
         &self,
         sender: &Device,
         gid: &str,
-        conversation: &str,
+        conversation: &Conversation,
         seq: u64,
         payload: &Bytes,
     ) {
         self.hand_over_group(gid, conversation, seq, payload);
         let event = DeviceEvent::Chat {
-            conversation: conversation.to_owned(),
+            conversation: conversation.clone(),
             seq,
             payload: payload.clone(),
             group: Some(gid.to_owned()),

@@ -26,7 +26,7 @@ pub use sink::{DeviceEvent, DeviceSink};
 use crate::config::ImSettings;
 use crate::metrics::Metrics;
 use crate::policy::Policy;
-use crate::store::{Device, RedisBus, Store, StoreError};
+use crate::store::{Conversation, Device, RedisBus, Store, StoreError};
 use crate::wire::WireError;
 use presence::Presence;
 
@@ -45,6 +45,9 @@ pub enum ImError {
     /// The user may not touch that conversation.
     #[error("not authorized: {0}")]
     NotAuthorized(String),
+    /// The request names something that does not exist (a group).
+    #[error("not found: {0}")]
+    NotFound(String),
     /// The store failed; the client may retry.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -151,75 +154,21 @@ impl ImService {
     }
 }
 
-/// Conversation key of a 1:1 chat: the same for both members.
-pub(crate) fn direct_key(a: &str, b: &str) -> String {
-    let (lo, hi) = if a <= b { (a, b) } else { (b, a) };
-    format!("dm:{lo}:{hi}")
-}
-
-/// Conversation key of a group in the store (operator tools address groups by it).
-pub fn group_key(gid: &str) -> String {
-    format!("g:{gid}")
-}
-
-/// The name a member uses for a conversation: `u/{peer}` for 1:1 chats, `g/{gid}` for groups.
-pub(crate) fn conversation_name(key: &str, me: &str) -> String {
-    if let Some(gid) = key.strip_prefix("g:") {
-        return format!("g/{gid}");
-    }
-    match key
-        .strip_prefix("dm:")
-        .and_then(|rest| rest.split_once(':'))
-    {
-        Some((a, b)) => format!("u/{}", if a == me { b } else { a }),
-        None => key.to_owned(),
-    }
-}
-
-/// A conversation named by member `me`: its key, and for a group its id (membership is
-/// checked by the caller).
-pub(crate) fn conversation_key(name: &str, me: &str) -> Result<(String, Option<String>), ImError> {
-    match name.split_once('/') {
-        Some(("u", peer)) if crate::valid_uid(peer) => Ok((direct_key(me, peer), None)),
-        Some(("g", gid)) if crate::valid_uid(gid) => Ok((group_key(gid), Some(gid.to_owned()))),
-        _ => Err(ImError::Invalid(format!(
-            "unknown conversation {name:?}: expected \"u/{{uid}}\" or \"g/{{gid}}\""
-        ))),
-    }
-}
-
 impl ImService {
-    /// The key of a conversation named by `uid`, if `uid` may use it: its own 1:1 chats, and
-    /// the groups it is a member of.
+    /// The conversation `uid` names `name`, if `uid` may use it: its own 1:1 chats, and the
+    /// groups it is a member of.
     ///
     /// # Errors
-    /// A malformed name, not a member, or the store failed.
-    pub(crate) async fn authorized_key(&self, name: &str, uid: &str) -> Result<String, ImError> {
-        let (key, group) = conversation_key(name, uid)?;
-        if let Some(gid) = group {
-            self.require_member(uid, &gid).await?;
+    /// A malformed name, a group that does not exist, not a member, or the store failed.
+    pub(crate) async fn authorized(&self, name: &str, uid: &str) -> Result<Conversation, ImError> {
+        let conversation = Conversation::from_name(name, uid).ok_or_else(|| {
+            ImError::Invalid(format!(
+                "unknown conversation {name:?}: expected \"u/{{uid}}\" or \"g/{{gid}}\""
+            ))
+        })?;
+        if let Some(gid) = conversation.gid() {
+            self.require_member(uid, gid).await?;
         }
-        Ok(key)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn direct_conversations_are_named_after_the_peer() {
-        let key = direct_key("bob", "alice");
-        assert_eq!(key, "dm:alice:bob");
-        assert_eq!(conversation_name(&key, "alice"), "u/bob");
-        assert_eq!(conversation_name(&key, "bob"), "u/alice");
-        assert_eq!(conversation_key("u/bob", "alice").unwrap(), (key, None));
-        assert!(conversation_key("u/b:c", "alice").is_err());
-        assert_eq!(
-            conversation_key("g/team", "alice").unwrap(),
-            ("g:team".to_owned(), Some("team".to_owned()))
-        );
-        assert_eq!(conversation_name("g:team", "alice"), "g/team");
-        assert!(conversation_key("x/bob", "alice").is_err());
+        Ok(conversation)
     }
 }

@@ -44,27 +44,27 @@ impl ImService {
         let metrics = self.metrics();
         match request.kind {
             Some(Kind::Pull(pull)) => {
-                let key = self.authorized_key(&pull.conversation, &device.uid).await?;
+                let conversation = self.authorized(&pull.conversation, &device.uid).await?;
                 let ack = pull.ack.map(cursor_range).transpose()?;
-                self.commit_live_acks(device, Some(&key)).await;
+                self.commit_live_acks(device, Some(&conversation)).await;
                 let size = self.page_size(pull.page_size);
                 let page = metrics
-                    .store_call("pull", store.pull(device, &key, ack, size))
+                    .store_call("pull", store.pull(device, &conversation, ack, size))
                     .await?;
                 metrics.pulls.inc();
                 metrics.pull_page.observe(page.messages.len() as f64);
                 Ok(Reply::Page(page_reply(pull.conversation, page)))
             }
             Some(Kind::Ack(ack)) => {
-                let key = self.authorized_key(&ack.conversation, &device.uid).await?;
+                let conversation = self.authorized(&ack.conversation, &device.uid).await?;
                 let range = SeqRange::new(1, ack.up_to)
                     .ok_or_else(|| ImError::Invalid("up_to must be at least 1".into()))?;
-                metrics
-                    .store_call("ack", store.ack(device, &key, range))
+                let acked = metrics
+                    .store_call("ack", store.ack(device, &conversation, range))
                     .await?;
                 Ok(Reply::Acked(pb::Acked {
                     conversation: ack.conversation,
-                    seq: ack.up_to,
+                    seq: acked,
                 }))
             }
             Some(Kind::ClearCounters(clear)) => {
@@ -81,13 +81,11 @@ impl ImService {
             Some(Kind::MarkRead(read)) => self.mark_read(&device.uid, read).await,
             Some(Kind::Receipts(receipts)) => self.receipts(&device.uid, receipts).await,
             Some(Kind::History(history)) => {
-                let key = self
-                    .authorized_key(&history.conversation, &device.uid)
-                    .await?;
+                let conversation = self.authorized(&history.conversation, &device.uid).await?;
                 let before = (history.before_seq > 0).then_some(history.before_seq);
                 let size = self.page_size(history.page_size);
                 let page = metrics
-                    .store_call("history", store.history(&key, before, size))
+                    .store_call("history", store.history(&conversation, before, size))
                     .await?;
                 Ok(Reply::Page(page_reply(history.conversation, page)))
             }
@@ -159,6 +157,7 @@ pub(crate) fn error_code(error: &ImError) -> pb::ErrorCode {
         ImError::Wire(_) | ImError::Invalid(_) => pb::ErrorCode::BadRequest,
         ImError::Denied(_) => pb::ErrorCode::Denied,
         ImError::NotAuthorized(_) => pb::ErrorCode::NotAuthorized,
+        ImError::NotFound(_) => pb::ErrorCode::NotFound,
         ImError::Store(store::StoreError::Invalid(_)) => pb::ErrorCode::BadRequest,
         ImError::Store(store::StoreError::NotFound(_)) => pb::ErrorCode::NotFound,
         ImError::Store(_) => pb::ErrorCode::Unavailable,

@@ -8,8 +8,8 @@ use std::sync::Mutex;
 use bytes::Bytes;
 use prost::Message;
 
-use super::{conversation_name, DeviceEvent, ImError, ImService};
-use crate::store::SeqRange;
+use super::{DeviceEvent, ImError, ImService};
+use crate::store::{Conversation, SeqRange};
 use crate::wire::pb;
 
 /// Seqs per Receipts request.
@@ -25,10 +25,10 @@ struct Move {
     after: u64,
 }
 
-/// Cursor moves since the last batch, per conversation key.
+/// Cursor moves since the last batch, per conversation.
 #[derive(Debug, Default)]
 pub(crate) struct ReadMoves {
-    moves: Mutex<HashMap<String, Vec<Move>>>,
+    moves: Mutex<HashMap<Conversation, Vec<Move>>>,
 }
 
 impl ImService {
@@ -43,11 +43,11 @@ impl ImService {
                 "at most {MAX_SEQS} seqs per Receipts request"
             )));
         }
-        let key = self.authorized_key(&request.conversation, uid).await?;
+        let conversation = self.authorized(&request.conversation, uid).await?;
         let receipts = self
             .inner
             .store
-            .receipts(&key, &request.seqs, MAX_READERS)
+            .receipts(&conversation, &request.seqs, MAX_READERS)
             .await?
             .into_iter()
             .map(|r| pb::Receipt {
@@ -70,12 +70,12 @@ impl ImService {
         uid: &str,
         request: pb::MarkRead,
     ) -> Result<pb::response::Result, ImError> {
-        let key = self.authorized_key(&request.conversation, uid).await?;
-        let marked = self.inner.store.mark_read(uid, &key, request.seq);
+        let conversation = self.authorized(&request.conversation, uid).await?;
+        let marked = self.inner.store.mark_read(uid, &conversation, request.seq);
         let (before, after) = self.metrics().store_call("mark_read", marked).await?;
         if after > before {
             if let Ok(mut moves) = self.inner.read_moves.moves.lock() {
-                moves.entry(key).or_default().push(Move {
+                moves.entry(conversation).or_default().push(Move {
                     reader: uid.to_owned(),
                     before,
                     after,
@@ -95,14 +95,18 @@ impl ImService {
             Ok(mut moves) => std::mem::take(&mut *moves),
             Err(_) => return,
         };
-        for (key, moves) in batch {
-            if let Err(e) = self.notify_senders(&key, &moves).await {
-                tracing::debug!(error = %e, conversation = key, "receipt update not sent");
+        for (conversation, moves) in batch {
+            if let Err(e) = self.notify_senders(&conversation, &moves).await {
+                tracing::debug!(error = %e, %conversation, "receipt update not sent");
             }
         }
     }
 
-    async fn notify_senders(&self, key: &str, moves: &[Move]) -> Result<(), ImError> {
+    async fn notify_senders(
+        &self,
+        conversation: &Conversation,
+        moves: &[Move],
+    ) -> Result<(), ImError> {
         let lo = moves.iter().map(|m| m.before + 1).min().unwrap_or(1);
         let hi = moves.iter().map(|m| m.after).max().unwrap_or(0);
         let Some(range) = SeqRange::new(lo, hi) else {
@@ -113,7 +117,7 @@ impl ImService {
             let read = latest.entry(m.reader.as_str()).or_default();
             *read = (*read).max(m.after);
         }
-        for sender in self.inner.store.senders(key, range).await? {
+        for sender in self.inner.store.senders(conversation, range).await? {
             let reads: Vec<pb::ReadCursorOf> = latest
                 .iter()
                 .filter(|(reader, _)| **reader != sender)
@@ -130,7 +134,7 @@ impl ImService {
                 status: pb::Status::Ok as i32,
                 error: None,
                 result: Some(pb::response::Result::Receipts(pb::ReceiptList {
-                    conversation: conversation_name(key, &sender),
+                    conversation: conversation.name_for(&sender),
                     receipts: Vec::new(),
                     reads,
                 })),

@@ -3,14 +3,16 @@
 
 use bytes::Bytes;
 
+use crate::store::Conversation;
+
 /// Something the IM service wants written into one device's connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DeviceEvent {
     /// A live chat message for the device's inbox; once the device acknowledges it, the
     /// edge reports it through `ImService::delivered`.
     Chat {
-        /// Conversation key, for the acknowledgement.
-        conversation: String,
+        /// The conversation, for the acknowledgement.
+        conversation: Conversation,
         /// Seq, for the acknowledgement.
         seq: u64,
         /// Encoded `Envelope`.

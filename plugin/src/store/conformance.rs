@@ -1,14 +1,26 @@
-//! The behaviour every backend must show, run against each of them.
+//! The behaviour every backend must show, run against each of them: every method of
+//! [`Store`], its results and its documented errors.
 
-use super::{Device, NewMessage, SeqRange, Store, StoreError};
+use std::sync::{Arc, Mutex};
 
-/// Runs every check against one store (each uses its own conversations and users).
+use super::{Conversation, Device, NewMessage, Role, SeqRange, Store, StoreError};
+
+/// Runs every check against one store (each uses its own conversations and users), then
+/// closes it.
 pub(crate) async fn run_all(store: &dyn Store) {
     seqs_are_gap_free_and_duplicates_absorbed(store).await;
+    queued_appends_commit_in_queue_order(store).await;
     pages_walk_holes_and_end(store).await;
+    acks_are_clamped_and_checked(store).await;
     new_device_inherits_acks(store).await;
     digest_counts_and_clear_by_version(store).await;
+    fitted_digest_records_only_what_it_kept(store).await;
     history_and_read_cursor(store).await;
+    groups_roles_and_membership(store).await;
+    removals_are_logged_in_order(store).await;
+    receipts_and_senders(store).await;
+    sizes_count_what_was_written(store).await;
+    closed_store_refuses_calls(store).await;
 }
 
 fn device(uid: &str, client_id: &str) -> Device {
@@ -18,12 +30,13 @@ fn device(uid: &str, client_id: &str) -> Device {
     }
 }
 
-pub(crate) fn message(conversation: &str, sender: &str, msg_id: &str) -> NewMessage {
-    let mut members: Vec<String> = conversation.split(':').skip(1).map(String::from).collect();
-    members.dedup();
+fn direct(a: &str, b: &str) -> Conversation {
+    Conversation::direct(a, b)
+}
+
+pub(crate) fn message(conversation: &Conversation, sender: &str, msg_id: &str) -> NewMessage {
     NewMessage {
-        conversation: conversation.into(),
-        members,
+        conversation: conversation.clone(),
         sender: sender.into(),
         sender_device: format!("{sender}-phone"),
         msg_id: msg_id.into(),
@@ -32,8 +45,8 @@ pub(crate) fn message(conversation: &str, sender: &str, msg_id: &str) -> NewMess
     }
 }
 
-/// Appends `n` messages from `sender` and returns their seqs.
-pub(crate) async fn append_n(store: &dyn Store, conversation: &str, sender: &str, n: u64) {
+/// Appends `n` messages from `sender`.
+pub(crate) async fn append_n(store: &dyn Store, conversation: &Conversation, sender: &str, n: u64) {
     for i in 0..n {
         let id = format!("{conversation}-{sender}-{i}");
         store
@@ -47,40 +60,88 @@ fn seqs(page: &super::Page) -> Vec<u64> {
     page.messages.iter().map(|m| m.seq).collect()
 }
 
+fn strings(list: &[&str]) -> Vec<String> {
+    list.iter().map(|s| (*s).to_owned()).collect()
+}
+
 async fn seqs_are_gap_free_and_duplicates_absorbed(store: &dyn Store) {
-    let first = store.append(message("dm:s1:s2", "s1", "m1")).await.unwrap();
-    let second = store.append(message("dm:s1:s2", "s2", "m1")).await.unwrap();
-    let again = store.append(message("dm:s1:s2", "s1", "m1")).await.unwrap();
+    let chat = direct("s1", "s2");
+    let first = store.append(message(&chat, "s1", "m1")).await.unwrap();
+    let second = store.append(message(&chat, "s2", "m1")).await.unwrap();
+    let again = store.append(message(&chat, "s1", "m1")).await.unwrap();
     assert_eq!((first.seq, second.seq), (1, 2));
     assert!(again.duplicate);
     assert_eq!(again.seq, 1);
-    let all = store.history("dm:s1:s2", None, 10).await.unwrap();
+    let all = store.history(&chat, None, 10).await.unwrap();
     assert_eq!(seqs(&all), vec![2, 1]);
+    // The two users of a 1:1 chat are its members from its first message on.
+    let members: Vec<String> = store
+        .members(&chat)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|m| m.uid)
+        .collect();
+    assert_eq!(members, strings(&["s1", "s2"]));
+}
+
+/// Appends queued one after another get increasing seqs, and their commit hooks run in seq
+/// order before the appends resolve; a duplicate's hook sees the first copy's seq.
+async fn queued_appends_commit_in_queue_order(store: &dyn Store) {
+    let chat = direct("q1", "q2");
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let mut queued = Vec::new();
+    for i in 0..50 {
+        let seen = Arc::clone(&seen);
+        let hook: super::OnCommit = Box::new(move |appended| {
+            seen.lock()
+                .unwrap()
+                .push((appended.seq, appended.duplicate));
+        });
+        let id = format!("q-{i}");
+        queued.push(
+            store
+                .queue_append(message(&chat, "q1", &id), Some(hook))
+                .await
+                .unwrap(),
+        );
+    }
+    let duplicate = store
+        .queue_append(message(&chat, "q1", "q-7"), None)
+        .await
+        .unwrap();
+    let mut committed = Vec::new();
+    for queued in queued {
+        committed.push(queued.committed().await.unwrap().seq);
+    }
+    assert_eq!(committed, (1..=50).collect::<Vec<u64>>());
+    let hooks = seen.lock().unwrap().clone();
+    assert_eq!(hooks, (1..=50).map(|seq| (seq, false)).collect::<Vec<_>>());
+    let duplicate = duplicate.committed().await.unwrap();
+    assert_eq!((duplicate.seq, duplicate.duplicate), (8, true));
 }
 
 async fn pages_walk_holes_and_end(store: &dyn Store) {
-    append_n(store, "dm:p1:p2", "p1", 100).await;
+    let chat = direct("p1", "p2");
+    append_n(store, &chat, "p1", 100).await;
     let reader = device("p2", "phone");
     store.register_device(&reader).await.unwrap();
-    let newest = store.pull(&reader, "dm:p1:p2", None, 20).await.unwrap();
+    let newest = store.pull(&reader, &chat, None, 20).await.unwrap();
     assert_eq!(seqs(&newest).first(), Some(&100));
     assert_eq!(seqs(&newest).last(), Some(&81));
     assert!(!newest.end);
     // Acknowledge the newest 20 and stop; new messages arrive; the rest is still there.
     store
-        .ack(&reader, "dm:p1:p2", SeqRange { lo: 81, hi: 100 })
+        .ack(&reader, &chat, SeqRange { lo: 81, hi: 100 })
         .await
         .unwrap();
-    store
-        .append(message("dm:p1:p2", "p1", "late"))
-        .await
-        .unwrap();
-    let next = store.pull(&reader, "dm:p1:p2", None, 20).await.unwrap();
+    store.append(message(&chat, "p1", "late")).await.unwrap();
+    let next = store.pull(&reader, &chat, None, 20).await.unwrap();
     assert_eq!(seqs(&next)[..2], [101, 80]);
     let mut seen = seqs(&next);
     let mut cursor = SeqRange::new(*seen.last().unwrap(), seen[0]);
     loop {
-        let page = store.pull(&reader, "dm:p1:p2", cursor, 30).await.unwrap();
+        let page = store.pull(&reader, &chat, cursor, 30).await.unwrap();
         seen.extend(seqs(&page));
         if page.messages.is_empty() {
             assert!(page.end);
@@ -94,50 +155,77 @@ async fn pages_walk_holes_and_end(store: &dyn Store) {
     // The sending device never gets its own messages back.
     let sender = device("p1", "p1-phone");
     store.register_device(&sender).await.unwrap();
-    let own = store.pull(&sender, "dm:p1:p2", None, 10).await.unwrap();
+    let own = store.pull(&sender, &chat, None, 10).await.unwrap();
     assert!(own.messages.is_empty() && own.end);
+    // A conversation nobody wrote to: nothing to pull, and an ack cursor cannot be valid.
+    let empty = direct("p1", "p3");
+    let page = store.pull(&reader, &empty, None, 10).await.unwrap();
+    assert!(page.messages.is_empty() && page.end);
+    let cursor = SeqRange::new(1, 2);
+    let acked = store.pull(&reader, &empty, cursor, 10).await;
+    assert!(matches!(acked, Err(StoreError::Invalid(_))), "{acked:?}");
+}
+
+/// `ack` returns the last seq it acknowledged (clamped to the conversation's last seq).
+async fn acks_are_clamped_and_checked(store: &dyn Store) {
+    let chat = direct("k1", "k2");
+    append_n(store, &chat, "k1", 5).await;
+    let reader = device("k2", "phone");
+    store.register_device(&reader).await.unwrap();
+    let acked = store.ack(&reader, &chat, SeqRange { lo: 1, hi: 3 }).await;
+    assert_eq!(acked.unwrap(), 3);
+    let clamped = store.ack(&reader, &chat, SeqRange { lo: 1, hi: 99 }).await;
+    assert_eq!(clamped.unwrap(), 5);
     let past = store
-        .ack(&reader, "dm:p1:p2", SeqRange { lo: 500, hi: 501 })
+        .ack(&reader, &chat, SeqRange { lo: 500, hi: 501 })
         .await;
-    assert!(matches!(past, Err(StoreError::Invalid(_))));
+    assert!(matches!(past, Err(StoreError::Invalid(_))), "{past:?}");
+    let nobody = store
+        .ack(&reader, &direct("k2", "k9"), SeqRange { lo: 1, hi: 1 })
+        .await;
+    assert!(matches!(nobody, Err(StoreError::NotFound(_))), "{nobody:?}");
+    let page = store.pull(&reader, &chat, None, 10).await.unwrap();
+    assert!(page.messages.is_empty() && page.end);
 }
 
 async fn new_device_inherits_acks(store: &dyn Store) {
-    append_n(store, "dm:n1:n2", "n1", 10).await;
+    let chat = direct("n1", "n2");
+    append_n(store, &chat, "n1", 10).await;
     let phone = device("n2", "phone");
     store.register_device(&phone).await.unwrap();
     store
-        .ack(&phone, "dm:n1:n2", SeqRange { lo: 1, hi: 6 })
+        .ack(&phone, &chat, SeqRange { lo: 1, hi: 6 })
         .await
         .unwrap();
     let laptop = device("n2", "laptop");
     store.register_device(&laptop).await.unwrap();
-    let page = store.pull(&laptop, "dm:n1:n2", None, 50).await.unwrap();
+    // Registering again changes nothing.
+    store.register_device(&laptop).await.unwrap();
+    let page = store.pull(&laptop, &chat, None, 50).await.unwrap();
     assert_eq!(seqs(&page), vec![10, 9, 8, 7]);
     // The phone's later acks do not take anything away from the laptop.
     store
-        .ack(&phone, "dm:n1:n2", SeqRange { lo: 7, hi: 10 })
+        .ack(&phone, &chat, SeqRange { lo: 7, hi: 10 })
         .await
         .unwrap();
-    let page = store.pull(&laptop, "dm:n1:n2", None, 50).await.unwrap();
+    let page = store.pull(&laptop, &chat, None, 50).await.unwrap();
     assert_eq!(seqs(&page), vec![10, 9, 8, 7]);
 }
 
 async fn digest_counts_and_clear_by_version(store: &dyn Store) {
+    let chat = direct("d1", "d2");
     let reader = device("d2", "phone");
     store.register_device(&reader).await.unwrap();
-    append_n(store, "dm:d1:d2", "d1", 3).await;
+    append_n(store, &chat, "d1", 3).await;
     let first = store.digest(&reader, 2).await.unwrap();
     let entry = &first.conversations[0];
+    assert_eq!(entry.conversation, chat);
     assert_eq!((entry.count, entry.unacked, entry.max_seq), (3, 3, 3));
     assert_eq!(
         entry.last.iter().map(|m| m.seq).collect::<Vec<_>>(),
         vec![3, 2]
     );
-    store
-        .append(message("dm:d1:d2", "d1", "after"))
-        .await
-        .unwrap();
+    store.append(message(&chat, "d1", "after")).await.unwrap();
     store.clear_counters(&reader, first.version).await.unwrap();
     let second = store.digest(&reader, 2).await.unwrap();
     assert!(second.version > first.version);
@@ -152,19 +240,234 @@ async fn digest_counts_and_clear_by_version(store: &dyn Store) {
     assert!(digest.conversations.iter().all(|c| c.count == 0));
 }
 
+/// What `fit` drops from a digest is not recorded: clearing that digest leaves it counted.
+async fn fitted_digest_records_only_what_it_kept(store: &dyn Store) {
+    let reader = device("f0", "phone");
+    store.register_device(&reader).await.unwrap();
+    let (kept, dropped) = (direct("f0", "f1"), direct("f0", "f2"));
+    append_n(store, &kept, "f1", 2).await;
+    append_n(store, &dropped, "f2", 3).await;
+    let keep = kept.clone();
+    let fit = move |states: &mut Vec<super::ConversationState>| {
+        states.retain(|state| state.conversation == keep);
+    };
+    let shown = store.fitted_digest(&reader, 1, &fit).await.unwrap();
+    assert_eq!(shown.conversations.len(), 1);
+    assert_eq!(shown.conversations[0].conversation, kept);
+    store.clear_counters(&reader, shown.version).await.unwrap();
+    let next = store.digest(&reader, 1).await.unwrap();
+    let count = |conversation: &Conversation| {
+        let state = next
+            .conversations
+            .iter()
+            .find(|s| &s.conversation == conversation);
+        state.map(|s| s.count)
+    };
+    assert_eq!(count(&kept), Some(0));
+    assert_eq!(count(&dropped), Some(3));
+}
+
 async fn history_and_read_cursor(store: &dyn Store) {
-    append_n(store, "dm:h1:h2", "h1", 5).await;
-    let older = store.history("dm:h1:h2", Some(4), 2).await.unwrap();
+    let chat = direct("h1", "h2");
+    append_n(store, &chat, "h1", 5).await;
+    let older = store.history(&chat, Some(4), 2).await.unwrap();
     assert_eq!(seqs(&older), vec![3, 2]);
     assert!(!older.end);
-    let oldest = store.history("dm:h1:h2", Some(2), 2).await.unwrap();
+    let oldest = store.history(&chat, Some(2), 2).await.unwrap();
     assert!(oldest.end);
-    assert_eq!(store.mark_read("h2", "dm:h1:h2", 4).await.unwrap(), (0, 4));
-    assert_eq!(store.mark_read("h2", "dm:h1:h2", 2).await.unwrap(), (4, 4));
+    let nothing = store.history(&direct("h1", "h9"), None, 2).await.unwrap();
+    assert!(nothing.messages.is_empty() && nothing.end);
+    assert_eq!(store.mark_read("h2", &chat, 4).await.unwrap(), (0, 4));
+    assert_eq!(store.mark_read("h2", &chat, 2).await.unwrap(), (4, 4));
     let reader = device("h1", "phone");
     store.register_device(&reader).await.unwrap();
-    append_n(store, "dm:h1:h2", "h2", 1).await;
+    append_n(store, &chat, "h2", 1).await;
     let digest = store.digest(&reader, 1).await.unwrap();
     assert_eq!(digest.conversations[0].peer_read_seq, 4);
-    assert!(store.mark_read("zz", "dm:h1:h2", 1).await.is_err());
+    assert!(store.mark_read("zz", &chat, 1).await.is_err());
+    let beyond = store.mark_read("h2", &chat, 99).await;
+    assert!(matches!(beyond, Err(StoreError::Invalid(_))), "{beyond:?}");
+}
+
+async fn groups_roles_and_membership(store: &dyn Store) {
+    let team = Conversation::group("gr-team");
+    store
+        .create_group(&team, "gr-owner", &strings(&["gr-a", "gr-b"]))
+        .await
+        .unwrap();
+    let again = store.create_group(&team, "gr-a", &[]).await;
+    assert!(matches!(again, Err(StoreError::Conflict(_))), "{again:?}");
+    assert_eq!(
+        store.role("gr-owner", &team).await.unwrap(),
+        Some(Role::Owner)
+    );
+    assert_eq!(store.role("gr-a", &team).await.unwrap(), Some(Role::Member));
+    assert_eq!(store.role("gr-z", &team).await.unwrap(), None);
+    // Added members start after what was said before they joined.
+    append_n(store, &team, "gr-a", 2).await;
+    let added = store
+        .add_members(&team, &strings(&["gr-c", "gr-a"]), Role::Admin)
+        .await
+        .unwrap();
+    assert_eq!(added, strings(&["gr-c"]), "only new members are reported");
+    assert_eq!(store.role("gr-a", &team).await.unwrap(), Some(Role::Admin));
+    let newcomer = device("gr-c", "phone");
+    store.register_device(&newcomer).await.unwrap();
+    let page = store.pull(&newcomer, &team, None, 10).await.unwrap();
+    assert!(page.messages.is_empty() && page.end);
+    append_n(store, &team, "gr-b", 1).await;
+    let page = store.pull(&newcomer, &team, None, 10).await.unwrap();
+    assert_eq!(seqs(&page), vec![3]);
+    // Highest role first, then by uid.
+    let members: Vec<(String, Role)> = store
+        .members(&team)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|m| (m.uid, m.role))
+        .collect();
+    let expected = [
+        ("gr-owner", Role::Owner),
+        ("gr-a", Role::Admin),
+        ("gr-c", Role::Admin),
+        ("gr-b", Role::Member),
+    ];
+    let expected: Vec<(String, Role)> = expected
+        .iter()
+        .map(|(uid, role)| ((*uid).to_owned(), *role))
+        .collect();
+    assert_eq!(members, expected);
+    let nowhere = Conversation::group("gr-none");
+    let missing = store.members(&nowhere).await;
+    assert!(
+        matches!(missing, Err(StoreError::NotFound(_))),
+        "{missing:?}"
+    );
+    let missing = store
+        .add_members(&nowhere, &strings(&["x"]), Role::Member)
+        .await;
+    assert!(
+        matches!(missing, Err(StoreError::NotFound(_))),
+        "{missing:?}"
+    );
+    // Groups only, with roles; 1:1 chats are not listed.
+    let other = Conversation::group("gr-other");
+    store.create_group(&other, "gr-a", &[]).await.unwrap();
+    append_n(store, &direct("gr-a", "gr-b"), "gr-a", 1).await;
+    let mine = store.group_memberships("gr-a").await.unwrap();
+    assert_eq!(mine, vec![(other, Role::Owner), (team, Role::Admin)]);
+}
+
+async fn removals_are_logged_in_order(store: &dyn Store) {
+    let club = Conversation::group("rm-club");
+    let members = strings(&["rm-a", "rm-b", "rm-c"]);
+    store
+        .create_group(&club, "rm-owner", &members)
+        .await
+        .unwrap();
+    let before = store.removals_since(0, 1000).await.unwrap();
+    let last = before.last().map_or(0, |r| r.id);
+    let removed = store
+        .remove_members(&club, &strings(&["rm-b", "rm-x"]))
+        .await
+        .unwrap();
+    assert_eq!(removed, strings(&["rm-b"]), "only members are removed");
+    store
+        .remove_members(&club, &strings(&["rm-a"]))
+        .await
+        .unwrap();
+    assert_eq!(store.role("rm-b", &club).await.unwrap(), None);
+    let logged = store.removals_since(last, 1000).await.unwrap();
+    let seen: Vec<(Conversation, String)> = logged
+        .iter()
+        .map(|r| (r.conversation.clone(), r.uid.clone()))
+        .collect();
+    let expected = vec![(club.clone(), "rm-b".to_owned()), (club, "rm-a".to_owned())];
+    assert_eq!(seen, expected);
+    assert!(logged[0].id > last && logged[1].id > logged[0].id);
+    let limited = store.removals_since(last, 1).await.unwrap();
+    assert_eq!(limited.len(), 1);
+    assert!(store
+        .removals_since(logged[1].id, 10)
+        .await
+        .unwrap()
+        .is_empty());
+}
+
+async fn receipts_and_senders(store: &dyn Store) {
+    let room = Conversation::group("rc-room");
+    let members = strings(&["rc-a", "rc-b", "rc-c"]);
+    store
+        .create_group(&room, "rc-a", &members[1..])
+        .await
+        .unwrap();
+    append_n(store, &room, "rc-a", 2).await;
+    append_n(store, &room, "rc-b", 1).await;
+    store.mark_read("rc-b", &room, 2).await.unwrap();
+    store.mark_read("rc-c", &room, 3).await.unwrap();
+    let receipts = store.receipts(&room, &[1, 3, 9], 1).await.unwrap();
+    let summary: Vec<(u64, &str, u64, usize)> = receipts
+        .iter()
+        .map(|r| (r.seq, r.sender.as_str(), r.read_count, r.readers.len()))
+        .collect();
+    // Seq 9 does not exist; a sender never counts as a reader; names are limited.
+    assert_eq!(summary, vec![(1, "rc-a", 2, 1), (3, "rc-b", 1, 1)]);
+    assert_eq!(receipts[1].readers, strings(&["rc-c"]));
+    let mut senders = store
+        .senders(&room, SeqRange { lo: 1, hi: 3 })
+        .await
+        .unwrap();
+    senders.sort();
+    assert_eq!(senders, strings(&["rc-a", "rc-b"]));
+    let first = store
+        .senders(&room, SeqRange { lo: 1, hi: 2 })
+        .await
+        .unwrap();
+    assert_eq!(first, strings(&["rc-a"]));
+}
+
+async fn sizes_count_what_was_written(store: &dyn Store) {
+    let before = store.sizes().await.unwrap();
+    append_n(store, &direct("sz1", "sz2"), "sz1", 4).await;
+    store
+        .create_group(&Conversation::group("sz-g"), "sz1", &[])
+        .await
+        .unwrap();
+    store
+        .register_device(&device("sz3", "phone"))
+        .await
+        .unwrap();
+    store
+        .register_device(&device("sz3", "laptop"))
+        .await
+        .unwrap();
+    let after = store.sizes().await.unwrap();
+    assert_eq!(after.messages, before.messages + 4);
+    assert_eq!(after.conversations, before.conversations + 2);
+    assert_eq!(after.groups, before.groups + 1);
+    assert_eq!(after.users, before.users + 1);
+    assert_eq!(after.devices, before.devices + 2);
+}
+
+/// After `close`, what was committed stays and every call fails as unavailable.
+async fn closed_store_refuses_calls(store: &dyn Store) {
+    let chat = direct("c1", "c2");
+    let queued = store
+        .queue_append(message(&chat, "c1", "before-close"), None)
+        .await
+        .unwrap();
+    store.close().await;
+    assert_eq!(
+        queued.committed().await.unwrap().seq,
+        1,
+        "queued writes are flushed"
+    );
+    let append = store.append(message(&chat, "c1", "after-close")).await;
+    assert!(
+        matches!(append, Err(StoreError::Unavailable(_))),
+        "{append:?}"
+    );
+    let reader = device("c2", "phone");
+    let ack = store.ack(&reader, &chat, SeqRange { lo: 1, hi: 1 }).await;
+    assert!(matches!(ack, Err(StoreError::Unavailable(_))), "{ack:?}");
 }

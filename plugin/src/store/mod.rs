@@ -4,6 +4,7 @@
 //! Every backend gives the same guarantees, checked by the conformance suite in
 //! [`conformance`]: a method that returns `Ok` has committed what it wrote.
 
+mod conversation;
 mod embedded;
 mod migrate;
 mod postgres;
@@ -17,6 +18,7 @@ use async_trait::async_trait;
 use tokio::sync::oneshot;
 
 pub use self::redis::RedisBus;
+pub use conversation::Conversation;
 pub use embedded::EmbeddedStore;
 pub use postgres::{DigestCache, PostgresStore};
 pub use ranges::SeqRange;
@@ -33,10 +35,8 @@ pub struct Device {
 /// A message to append to a conversation.
 #[derive(Debug, Clone)]
 pub struct NewMessage {
-    /// Conversation key, e.g. `dm:alice:bob`; created with `members` on first use.
-    pub conversation: String,
-    /// Members of the conversation, recorded when it is created.
-    pub members: Vec<String>,
+    /// The conversation; a 1:1 chat is created with its two members on first use.
+    pub conversation: Conversation,
     /// The authenticated sender.
     pub sender: String,
     /// The sender's client id: the sending device never gets its own message back in a pull.
@@ -106,8 +106,8 @@ pub struct Page {
 /// One conversation in a device's digest.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConversationState {
-    /// Conversation key.
-    pub conversation: String,
+    /// The conversation.
+    pub conversation: Conversation,
     /// Messages from others since the last cleared digest that this device has not acked.
     pub count: u64,
     /// Messages this device has not acked, its own excluded.
@@ -129,8 +129,8 @@ pub struct ConversationState {
 /// What a recorded digest remembers of one conversation.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct DigestEntry {
-    /// Conversation key.
-    pub(crate) conversation: String,
+    /// The conversation.
+    pub(crate) conversation: Conversation,
     /// The last seq the digest covered (what `ClearCounters` clears up to).
     pub(crate) max_seq: u64,
     /// The others' read cursor it reported.
@@ -219,8 +219,8 @@ pub struct Receipt {
 pub struct Removal {
     /// Increasing id of the removal.
     pub id: u64,
-    /// Conversation key.
-    pub conversation: String,
+    /// The conversation.
+    pub conversation: Conversation,
     /// The removed user.
     pub uid: String,
 }
@@ -323,6 +323,20 @@ pub enum StoreError {
     Conflict(String),
 }
 
+impl StoreError {
+    /// A seq past the conversation's last one.
+    pub(crate) fn past_end(seq: u64, max_seq: u64) -> Self {
+        Self::Invalid(format!(
+            "seq {seq} is past the conversation's last seq {max_seq}"
+        ))
+    }
+
+    /// A conversation nobody has written to yet.
+    pub(crate) fn no_messages() -> Self {
+        Self::NotFound("the conversation has no messages yet".into())
+    }
+}
+
 /// The storage contract shared by every backend.
 #[async_trait]
 pub trait Store: Send + Sync + std::fmt::Debug {
@@ -376,23 +390,28 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     async fn pull(
         &self,
         device: &Device,
-        conversation: &str,
+        conversation: &Conversation,
         ack: Option<SeqRange>,
         limit: usize,
     ) -> Result<Page, StoreError>;
 
-    /// Acknowledges a range of seqs for a device (clamped to the conversation's last seq).
+    /// Acknowledges a range of seqs for a device, clamped to the conversation's last seq;
+    /// returns the last seq it acknowledged.
+    ///
+    /// # Errors
+    /// [`StoreError::NotFound`] if the conversation has no message yet;
+    /// [`StoreError::Invalid`] if the range starts past its last seq.
     async fn ack(
         &self,
         device: &Device,
-        conversation: &str,
+        conversation: &Conversation,
         range: SeqRange,
-    ) -> Result<(), StoreError>;
+    ) -> Result<u64, StoreError>;
 
     /// Messages older than `before` (all when `None`), newest first; acks are untouched.
     async fn history(
         &self,
-        conversation: &str,
+        conversation: &Conversation,
         before: Option<u64>,
         limit: usize,
     ) -> Result<Page, StoreError>;
@@ -401,7 +420,7 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     async fn mark_read(
         &self,
         uid: &str,
-        conversation: &str,
+        conversation: &Conversation,
         seq: u64,
     ) -> Result<(u64, u64), StoreError>;
 
@@ -411,7 +430,7 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// [`StoreError::Conflict`] if the conversation exists.
     async fn create_group(
         &self,
-        conversation: &str,
+        conversation: &Conversation,
         owner: &str,
         members: &[String],
     ) -> Result<(), StoreError>;
@@ -424,7 +443,7 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// [`StoreError::NotFound`] if the conversation does not exist.
     async fn add_members(
         &self,
-        conversation: &str,
+        conversation: &Conversation,
         uids: &[String],
         role: Role,
     ) -> Result<Vec<String>, StoreError>;
@@ -432,7 +451,7 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// Removes members (logged for [`Store::removals_since`]); returns those that were.
     async fn remove_members(
         &self,
-        conversation: &str,
+        conversation: &Conversation,
         uids: &[String],
     ) -> Result<Vec<String>, StoreError>;
 
@@ -440,30 +459,33 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     ///
     /// # Errors
     /// [`StoreError::NotFound`] if the conversation does not exist.
-    async fn members(&self, conversation: &str) -> Result<Vec<Member>, StoreError>;
+    async fn members(&self, conversation: &Conversation) -> Result<Vec<Member>, StoreError>;
 
     /// A user's role in a conversation; `None` if not a member.
-    async fn role(&self, uid: &str, conversation: &str) -> Result<Option<Role>, StoreError>;
-
-    /// The conversations whose key starts with `prefix` that `uid` belongs to, with roles.
-    async fn memberships_with_prefix(
+    async fn role(
         &self,
         uid: &str,
-        prefix: &str,
-    ) -> Result<Vec<(String, Role)>, StoreError>;
+        conversation: &Conversation,
+    ) -> Result<Option<Role>, StoreError>;
+
+    /// The groups `uid` belongs to, with its roles.
+    async fn group_memberships(&self, uid: &str) -> Result<Vec<(Conversation, Role)>, StoreError>;
 
     /// Who has read each of `seqs` (listing at most `max_readers` names per message);
     /// seqs that do not exist are left out.
     async fn receipts(
         &self,
-        conversation: &str,
+        conversation: &Conversation,
         seqs: &[u64],
         max_readers: usize,
     ) -> Result<Vec<Receipt>, StoreError>;
 
     /// The distinct senders of the messages in `range`.
-    async fn senders(&self, conversation: &str, range: SeqRange)
-        -> Result<Vec<String>, StoreError>;
+    async fn senders(
+        &self,
+        conversation: &Conversation,
+        range: SeqRange,
+    ) -> Result<Vec<String>, StoreError>;
 
     /// Removals with an id above `after`, oldest first (at most `limit`).
     async fn removals_since(&self, after: u64, limit: usize) -> Result<Vec<Removal>, StoreError>;

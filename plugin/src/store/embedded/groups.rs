@@ -3,7 +3,9 @@
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::queries::{conversation, unavailable, Result};
-use crate::store::{receipts_from, Member, Receipt, Removal, Role, SeqRange, StoreError};
+use crate::store::{
+    receipts_from, Conversation, Member, Receipt, Removal, Role, SeqRange, StoreError,
+};
 
 fn missing(key: &str) -> StoreError {
     StoreError::NotFound(format!("no conversation {key}"))
@@ -112,19 +114,15 @@ pub(super) fn role(conn: &Connection, uid: &str, key: &str) -> Result<Option<Rol
     .map_err(unavailable)
 }
 
-pub(super) fn memberships_with_prefix(
-    conn: &Connection,
-    uid: &str,
-    prefix: &str,
-) -> Result<Vec<(String, Role)>> {
+pub(super) fn group_memberships(conn: &Connection, uid: &str) -> Result<Vec<(Conversation, Role)>> {
     let mut stmt = conn
         .prepare_cached(
             "SELECT c.key, m.role FROM members m JOIN conversations c ON c.id = m.conv_id
-             WHERE m.uid = ?1 AND substr(c.key, 1, length(?2)) = ?2 ORDER BY c.key",
+             WHERE m.uid = ?1 AND substr(c.key, 1, 2) = 'g:' ORDER BY c.key",
         )
         .map_err(unavailable)?;
     let rows = stmt
-        .query_map(params![uid, prefix], |row| {
+        .query_map(params![uid], |row| {
             Ok((row.get(0)?, Role::from_code(row.get(1)?)))
         })
         .map_err(unavailable)?;

@@ -15,8 +15,9 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::migrate;
 use super::{
-    Device, DigestEntry, DigestFit, DigestSnapshot, Member, NewMessage, OnCommit, Page,
-    QueuedAppend, Receipt, Removal, Role, SeqRange, Store, StoreError, StoreSizes, SIZES_QUERY,
+    Conversation, Device, DigestEntry, DigestFit, DigestSnapshot, Member, NewMessage, OnCommit,
+    Page, QueuedAppend, Receipt, Removal, Role, SeqRange, Store, StoreError, StoreSizes,
+    SIZES_QUERY,
 };
 use queries::unavailable;
 use writer::{AfterCommit, Call, Job};
@@ -198,11 +199,11 @@ impl Store for EmbeddedStore {
     async fn pull(
         &self,
         device: &Device,
-        conversation: &str,
+        conversation: &Conversation,
         ack: Option<SeqRange>,
         limit: usize,
     ) -> Result<Page, StoreError> {
-        let (device, key) = (device.clone(), conversation.to_owned());
+        let (device, key) = (device.clone(), conversation.key());
         self.write(move |conn| queries::pull(conn, &device, &key, ack, limit))
             .await
     }
@@ -210,21 +211,21 @@ impl Store for EmbeddedStore {
     async fn ack(
         &self,
         device: &Device,
-        conversation: &str,
+        conversation: &Conversation,
         range: SeqRange,
-    ) -> Result<(), StoreError> {
-        let (device, key) = (device.clone(), conversation.to_owned());
+    ) -> Result<u64, StoreError> {
+        let (device, key) = (device.clone(), conversation.key());
         self.write(move |conn| queries::ack(conn, &device, &key, range))
             .await
     }
 
     async fn history(
         &self,
-        conversation: &str,
+        conversation: &Conversation,
         before: Option<u64>,
         limit: usize,
     ) -> Result<Page, StoreError> {
-        let key = conversation.to_owned();
+        let key = conversation.key();
         self.read(move |conn| queries::history(conn, &key, before, limit))
             .await
     }
@@ -232,83 +233,83 @@ impl Store for EmbeddedStore {
     async fn mark_read(
         &self,
         uid: &str,
-        conversation: &str,
+        conversation: &Conversation,
         seq: u64,
     ) -> Result<(u64, u64), StoreError> {
-        let (uid, key) = (uid.to_owned(), conversation.to_owned());
+        let (uid, key) = (uid.to_owned(), conversation.key());
         self.write(move |conn| queries::mark_read(conn, &uid, &key, seq))
             .await
     }
 
     async fn create_group(
         &self,
-        conversation: &str,
+        conversation: &Conversation,
         owner: &str,
         members: &[String],
     ) -> Result<(), StoreError> {
-        let (key, owner, members) = (conversation.to_owned(), owner.to_owned(), members.to_vec());
+        let (key, owner, members) = (conversation.key(), owner.to_owned(), members.to_vec());
         self.write(move |conn| groups::create_group(conn, &key, &owner, &members))
             .await
     }
 
     async fn add_members(
         &self,
-        conversation: &str,
+        conversation: &Conversation,
         uids: &[String],
         role: Role,
     ) -> Result<Vec<String>, StoreError> {
-        let (key, uids) = (conversation.to_owned(), uids.to_vec());
+        let (key, uids) = (conversation.key(), uids.to_vec());
         self.write(move |conn| groups::add_members(conn, &key, &uids, role))
             .await
     }
 
     async fn remove_members(
         &self,
-        conversation: &str,
+        conversation: &Conversation,
         uids: &[String],
     ) -> Result<Vec<String>, StoreError> {
-        let (key, uids) = (conversation.to_owned(), uids.to_vec());
+        let (key, uids) = (conversation.key(), uids.to_vec());
         self.write(move |conn| groups::remove_members(conn, &key, &uids))
             .await
     }
 
-    async fn members(&self, conversation: &str) -> Result<Vec<Member>, StoreError> {
-        let key = conversation.to_owned();
+    async fn members(&self, conversation: &Conversation) -> Result<Vec<Member>, StoreError> {
+        let key = conversation.key();
         self.read(move |conn| groups::members(conn, &key)).await
     }
 
-    async fn role(&self, uid: &str, conversation: &str) -> Result<Option<Role>, StoreError> {
-        let (uid, key) = (uid.to_owned(), conversation.to_owned());
+    async fn role(
+        &self,
+        uid: &str,
+        conversation: &Conversation,
+    ) -> Result<Option<Role>, StoreError> {
+        let (uid, key) = (uid.to_owned(), conversation.key());
         self.read(move |conn| groups::role(conn, &uid, &key)).await
     }
 
-    async fn memberships_with_prefix(
-        &self,
-        uid: &str,
-        prefix: &str,
-    ) -> Result<Vec<(String, Role)>, StoreError> {
-        let (uid, prefix) = (uid.to_owned(), prefix.to_owned());
-        self.read(move |conn| groups::memberships_with_prefix(conn, &uid, &prefix))
+    async fn group_memberships(&self, uid: &str) -> Result<Vec<(Conversation, Role)>, StoreError> {
+        let uid = uid.to_owned();
+        self.read(move |conn| groups::group_memberships(conn, &uid))
             .await
     }
 
     async fn receipts(
         &self,
-        conversation: &str,
+        conversation: &Conversation,
         seqs: &[u64],
         max_readers: usize,
     ) -> Result<Vec<Receipt>, StoreError> {
-        let (key, seqs) = (conversation.to_owned(), seqs.to_vec());
+        let (key, seqs) = (conversation.key(), seqs.to_vec());
         self.read(move |conn| groups::receipts(conn, &key, &seqs, max_readers))
             .await
     }
 
     async fn senders(
         &self,
-        conversation: &str,
+        conversation: &Conversation,
         range: SeqRange,
     ) -> Result<Vec<String>, StoreError> {
-        let key = conversation.to_owned();
+        let key = conversation.key();
         self.read(move |conn| groups::senders(conn, &key, range))
             .await
     }
@@ -366,10 +367,11 @@ mod tests {
     async fn reopening_keeps_every_committed_message() {
         let dir = tempfile::tempdir().unwrap();
         let store = open(&dir);
-        conformance::append_n(&store, "dm:a:b", "a", 10).await;
+        let chat = Conversation::direct("a", "b");
+        conformance::append_n(&store, &chat, "a", 10).await;
         store.close().await;
         let store = open(&dir);
-        let page = store.history("dm:a:b", None, 100).await.unwrap();
+        let page = store.history(&chat, None, 100).await.unwrap();
         assert_eq!(page.messages.len(), 10);
     }
 }

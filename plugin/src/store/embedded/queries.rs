@@ -5,7 +5,8 @@ use rusqlite::{params, Connection, OptionalExtension, Row};
 
 use crate::store::ranges::{self, SeqRange};
 use crate::store::{
-    Appended, ConversationState, Device, DigestEntry, NewMessage, Page, StoreError, StoredMessage,
+    Appended, Conversation, ConversationState, Device, DigestEntry, NewMessage, Page, StoreError,
+    StoredMessage,
 };
 
 pub(super) type Result<T> = std::result::Result<T, StoreError>;
@@ -14,19 +15,29 @@ pub(super) fn unavailable(e: rusqlite::Error) -> StoreError {
     StoreError::Unavailable(e.to_string())
 }
 
+/// A conversation's stored key reads back as the [`Conversation`] it was written from.
+impl rusqlite::types::FromSql for Conversation {
+    fn column_result(value: rusqlite::types::ValueRef<'_>) -> rusqlite::types::FromSqlResult<Self> {
+        let key = value.as_str()?;
+        Conversation::from_key(key).ok_or_else(|| {
+            rusqlite::types::FromSqlError::Other(format!("not a conversation key: {key:?}").into())
+        })
+    }
+}
+
 /// A conversation row.
 #[derive(Debug, Clone, Copy)]
-pub(super) struct Conversation {
+pub(super) struct ConversationRow {
     pub(super) id: i64,
     pub(super) max_seq: u64,
     pub(super) last_time: i64,
 }
 
-pub(super) fn conversation(conn: &Connection, key: &str) -> Result<Option<Conversation>> {
+pub(super) fn conversation(conn: &Connection, key: &str) -> Result<Option<ConversationRow>> {
     conn.prepare_cached("SELECT id, max_seq, last_time FROM conversations WHERE key = ?1")
         .and_then(|mut stmt| {
             stmt.query_row([key], |row| {
-                Ok(Conversation {
+                Ok(ConversationRow {
                     id: row.get(0)?,
                     max_seq: row.get(1)?,
                     last_time: row.get(2)?,
@@ -54,7 +65,7 @@ pub(super) fn append(conn: &Connection, message: &NewMessage) -> Result<Appended
     if let Some(first) = existing {
         return Ok(first);
     }
-    let conv = create_conversation(conn, &message.conversation, &message.members)?;
+    let conv = create_conversation(conn, &message.conversation)?;
     let seq = conv.max_seq + 1;
     conn.prepare_cached("UPDATE conversations SET max_seq = ?2, last_time = ?3 WHERE id = ?1")
         .and_then(|mut stmt| stmt.execute(params![conv.id, seq, message.server_time]))
@@ -82,21 +93,23 @@ pub(super) fn append(conn: &Connection, message: &NewMessage) -> Result<Appended
     })
 }
 
-fn create_conversation(conn: &Connection, key: &str, members: &[String]) -> Result<Conversation> {
-    if let Some(conv) = conversation(conn, key)? {
+/// The conversation's row; a 1:1 chat's is created with its two members on first use.
+fn create_conversation(conn: &Connection, conversation: &Conversation) -> Result<ConversationRow> {
+    let key = conversation.key();
+    if let Some(conv) = self::conversation(conn, &key)? {
         return Ok(conv);
     }
     conn.prepare_cached("INSERT INTO conversations (key) VALUES (?1)")
-        .and_then(|mut stmt| stmt.execute([key]))
+        .and_then(|mut stmt| stmt.execute([&key]))
         .map_err(unavailable)?;
     let id = conn.last_insert_rowid();
     let mut add = conn
         .prepare_cached("INSERT OR IGNORE INTO members (uid, conv_id) VALUES (?1, ?2)")
         .map_err(unavailable)?;
-    for uid in members {
+    for uid in conversation.direct_members().into_iter().flatten() {
         add.execute(params![uid, id]).map_err(unavailable)?;
     }
-    Ok(Conversation {
+    Ok(ConversationRow {
         id,
         max_seq: 0,
         last_time: 0,
@@ -195,14 +208,20 @@ fn save_acked(conn: &Connection, device: &Device, conv_id: i64, ranges: &[SeqRan
     Ok(())
 }
 
-pub(super) fn ack(conn: &Connection, device: &Device, key: &str, range: SeqRange) -> Result<()> {
-    let conv = conversation(conn, key)?.ok_or_else(|| past_end(range.lo, 0))?;
-    ack_in(conn, device, conv, range)
+pub(super) fn ack(conn: &Connection, device: &Device, key: &str, range: SeqRange) -> Result<u64> {
+    let conv = conversation(conn, key)?.ok_or_else(StoreError::no_messages)?;
+    ack_in(conn, device, conv, range)?;
+    Ok(range.hi.min(conv.max_seq))
 }
 
-fn ack_in(conn: &Connection, device: &Device, conv: Conversation, range: SeqRange) -> Result<()> {
+fn ack_in(
+    conn: &Connection,
+    device: &Device,
+    conv: ConversationRow,
+    range: SeqRange,
+) -> Result<()> {
     if range.lo > conv.max_seq {
-        return Err(past_end(range.lo, conv.max_seq));
+        return Err(StoreError::past_end(range.lo, conv.max_seq));
     }
     let clamped = SeqRange {
         lo: range.lo,
@@ -210,12 +229,6 @@ fn ack_in(conn: &Connection, device: &Device, conv: Conversation, range: SeqRang
     };
     let ranges = ranges::insert(&acked(conn, device, conv.id)?, clamped);
     save_acked(conn, device, conv.id, &ranges)
-}
-
-fn past_end(seq: u64, max_seq: u64) -> StoreError {
-    StoreError::Invalid(format!(
-        "seq {seq} is past the conversation's last seq {max_seq}"
-    ))
 }
 
 fn stored(row: &Row<'_>) -> rusqlite::Result<StoredMessage> {
@@ -236,7 +249,7 @@ pub(super) fn pull(
 ) -> Result<Page> {
     let Some(conv) = conversation(conn, key)? else {
         return match ack {
-            Some(range) => Err(past_end(range.lo, 0)),
+            Some(range) => Err(StoreError::past_end(range.lo, 0)),
             None => Ok(nothing_left()),
         };
     };
@@ -315,9 +328,9 @@ pub(super) fn history(
 }
 
 pub(super) fn mark_read(conn: &Connection, uid: &str, key: &str, seq: u64) -> Result<(u64, u64)> {
-    let conv = conversation(conn, key)?.ok_or_else(|| past_end(seq, 0))?;
+    let conv = conversation(conn, key)?.ok_or_else(|| StoreError::past_end(seq, 0))?;
     if seq > conv.max_seq {
-        return Err(past_end(seq, conv.max_seq));
+        return Err(StoreError::past_end(seq, conv.max_seq));
     }
     // Runs in the writer's transaction: nothing moves the cursor in between.
     let before: u64 = conn
@@ -338,8 +351,8 @@ pub(super) fn mark_read(conn: &Connection, uid: &str, key: &str, seq: u64) -> Re
 /// digest cost about 50 ms).
 #[derive(Debug)]
 pub(super) struct Membership {
-    conv: Conversation,
-    key: String,
+    conv: ConversationRow,
+    conversation: Conversation,
     read_seq: u64,
     /// The device's cleared floor.
     cleared: u64,
@@ -380,12 +393,12 @@ pub(super) fn memberships(conn: &Connection, device: &Device) -> Result<Vec<Memb
         .query_map(params![device.uid, device.client_id], |row| {
             let id: i64 = row.get(0)?;
             Ok(Membership {
-                conv: Conversation {
+                conv: ConversationRow {
                     id,
                     max_seq: row.get(1)?,
                     last_time: row.get(2)?,
                 },
-                key: row.get(3)?,
+                conversation: row.get(3)?,
                 read_seq: row.get(4)?,
                 cleared: row.get(5)?,
                 seen: row.get(6)?,
@@ -441,7 +454,7 @@ pub(super) fn conversation_state(
         return Ok(None);
     }
     Ok(Some(ConversationState {
-        conversation: member.key.clone(),
+        conversation: member.conversation.clone(),
         count,
         unacked,
         max_seq: conv.max_seq,
@@ -449,7 +462,7 @@ pub(super) fn conversation_state(
         acked_seq: ranges::watermark(&member.acked),
         read_seq: member.read_seq,
         peer_read_seq: member.peer_read_seq,
-        last: history(conn, &member.key, None, last_n)?.messages,
+        last: history(conn, &member.conversation.key(), None, last_n)?.messages,
     }))
 }
 
@@ -488,14 +501,14 @@ pub(super) fn record_digest(
                 device.uid,
                 device.client_id,
                 version,
-                entry.conversation,
+                entry.conversation.key(),
                 entry.max_seq
             ])
             .map_err(unavailable)?;
         seen.execute(params![
             device.uid,
             device.client_id,
-            entry.conversation,
+            entry.conversation.key(),
             entry.peer_read_seq
         ])
         .map_err(unavailable)?;

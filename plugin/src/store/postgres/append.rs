@@ -106,6 +106,7 @@ async fn commit(pool: &Pool, batch: &[&NewMessage]) -> Result<Vec<Appended>, Sto
         })
         .collect();
 
+    let message_keys: Vec<String> = batch.iter().map(|m| m.conversation.key()).collect();
     let mut keys: Vec<&str> = Vec::new();
     let mut counts: Vec<i64> = Vec::new();
     let mut times: Vec<i64> = Vec::new();
@@ -122,10 +123,11 @@ async fn commit(pool: &Pool, batch: &[&NewMessage]) -> Result<Vec<Appended>, Sto
             continue;
         }
         first_seen.insert(id, index);
-        let key = match keys.iter().position(|k| *k == message.conversation) {
+        let message_key = message_keys[index].as_str();
+        let key = match keys.iter().position(|k| *k == message_key) {
             Some(key) => key,
             None => {
-                keys.push(&message.conversation);
+                keys.push(message_key);
                 counts.push(0);
                 times.push(0);
                 keys.len() - 1
@@ -141,7 +143,7 @@ async fn commit(pool: &Pool, batch: &[&NewMessage]) -> Result<Vec<Appended>, Sto
 
     let mut first_seq: HashMap<usize, (i64, i64)> = HashMap::new();
     if !keys.is_empty() {
-        create_conversations(&tx, batch, &keys).await?;
+        create_conversations(&tx, batch, &message_keys, &keys).await?;
         let rows = tx
             .query(
                 "UPDATE conversations c
@@ -192,9 +194,13 @@ async fn commit(pool: &Pool, batch: &[&NewMessage]) -> Result<Vec<Appended>, Sto
     Ok(appended)
 }
 
+/// Creates the conversations of `keys` (the distinct keys of new messages) that do not exist
+/// yet; a 1:1 chat with its two members. `message_keys` are the batch's keys, message by
+/// message.
 async fn create_conversations(
     tx: &impl GenericClient,
     batch: &[&NewMessage],
+    message_keys: &[String],
     keys: &[&str],
 ) -> Result<(), StoreError> {
     tx.execute(
@@ -204,10 +210,11 @@ async fn create_conversations(
     .await
     .map_err(pg_error)?;
     let (mut member_keys, mut uids): (Vec<&str>, Vec<&str>) = (Vec::new(), Vec::new());
-    for message in batch {
-        if keys.contains(&message.conversation.as_str()) {
-            for uid in &message.members {
-                member_keys.push(&message.conversation);
+    let mut named = std::collections::HashSet::new();
+    for (message, key) in batch.iter().zip(message_keys) {
+        if keys.contains(&key.as_str()) && named.insert(key.as_str()) {
+            for uid in message.conversation.direct_members().into_iter().flatten() {
+                member_keys.push(key);
                 uids.push(uid);
             }
         }

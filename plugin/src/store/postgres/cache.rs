@@ -350,14 +350,18 @@ impl DigestCache {
             .arg(IDLE_TTL_SECS);
         for committed in batch {
             let message = &committed.message;
+            let members: Vec<&str> = message
+                .conversation
+                .direct_members()
+                .map_or_else(Vec::new, Vec::from);
             invocation
-                .arg(&message.conversation)
+                .arg(message.conversation.key())
                 .arg(committed.seq)
                 .arg(&message.sender)
                 .arg(&message.sender_device)
                 .arg(encode_preview(committed.seq, message))
-                .arg(message.members.len())
-                .arg(&message.members);
+                .arg(members.len())
+                .arg(&members);
         }
         let mut connection = self.connection.clone();
         let update = invocation.invoke_async::<i64>(&mut connection);

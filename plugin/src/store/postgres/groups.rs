@@ -5,7 +5,9 @@ use tokio_postgres::types::ToSql;
 
 use super::queries::conversation;
 use super::{int, pg_error, uint};
-use crate::store::{receipts_from, Member, Receipt, Removal, Role, SeqRange, StoreError};
+use crate::store::{
+    receipts_from, Conversation, Member, Receipt, Removal, Role, SeqRange, StoreError,
+};
 
 type Result<T> = std::result::Result<T, StoreError>;
 
@@ -128,15 +130,14 @@ pub(super) async fn role(c: &impl GenericClient, uid: &str, key: &str) -> Result
     .map(|row| Role::from_code(i64::from(row.get::<_, i16>(0)))))
 }
 
-pub(super) async fn memberships_with_prefix(
+pub(super) async fn group_memberships(
     c: &impl GenericClient,
     uid: &str,
-    prefix: &str,
-) -> Result<Vec<(String, Role)>> {
+) -> Result<Vec<(Conversation, Role)>> {
     Ok(c.query(
         "SELECT c.key, m.role FROM members m JOIN conversations c ON c.id = m.conv_id
-             WHERE m.uid = $1 AND left(c.key, length($2)) = $2 ORDER BY c.key",
-        &[&uid, &prefix],
+             WHERE m.uid = $1 AND left(c.key, 2) = 'g:' ORDER BY c.key",
+        &[&uid],
     )
     .await
     .map_err(pg_error)?

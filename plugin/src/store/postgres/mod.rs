@@ -17,9 +17,9 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::NoTls;
 
 use super::{
-    migrate, ConversationState, Device, DigestEntry, DigestFit, DigestSnapshot, Member, NewMessage,
-    OnCommit, Page, QueuedAppend, Receipt, Removal, Role, SeqRange, Store, StoreError, StoreSizes,
-    SIZES_QUERY,
+    migrate, Conversation, ConversationState, Device, DigestEntry, DigestFit, DigestSnapshot,
+    Member, NewMessage, OnCommit, Page, QueuedAppend, Receipt, Removal, Role, SeqRange, Store,
+    StoreError, StoreSizes, SIZES_QUERY,
 };
 use crate::config::PostgresSettings;
 pub use cache::DigestCache;
@@ -195,7 +195,7 @@ impl Store for PostgresStore {
         let mut client = self.client().await?;
         let cache = self.cache.as_ref();
         let built = queries::digest_states(&client, device, last_n, cache).await?;
-        let counted: HashMap<String, cache::Counted> = built
+        let counted: HashMap<Conversation, cache::Counted> = built
             .iter()
             .map(|(state, counted)| (state.conversation.clone(), *counted))
             .collect();
@@ -207,12 +207,16 @@ impl Store for PostgresStore {
         let version = queries::record_digest(&tx, device, &entries).await?;
         tx.commit().await.map_err(pg_error)?;
         if let Some(cache) = cache {
-            let carried: Vec<(&str, cache::Counted)> = conversations
+            let keyed: Vec<(String, cache::Counted)> = conversations
                 .iter()
                 .filter_map(|state| {
-                    let key = state.conversation.as_str();
-                    Some((key, *counted.get(key)?))
+                    let counted = *counted.get(&state.conversation)?;
+                    Some((state.conversation.key(), counted))
                 })
+                .collect();
+            let carried: Vec<(&str, cache::Counted)> = keyed
+                .iter()
+                .map(|(key, counted)| (key.as_str(), *counted))
                 .collect();
             cache.record_digest(device, version, &carried).await;
         }
@@ -234,7 +238,7 @@ impl Store for PostgresStore {
     async fn pull(
         &self,
         device: &Device,
-        conversation: &str,
+        conversation: &Conversation,
         ack: Option<SeqRange>,
         limit: usize,
     ) -> Result<Page, StoreError> {
@@ -243,7 +247,7 @@ impl Store for PostgresStore {
         if ack.is_some() {
             relaxed_commit(&tx).await?;
         }
-        let page = queries::pull(&tx, device, conversation, ack, limit).await?;
+        let page = queries::pull(&tx, device, &conversation.key(), ack, limit).await?;
         tx.commit().await.map_err(pg_error)?;
         Ok(page)
     }
@@ -251,104 +255,111 @@ impl Store for PostgresStore {
     async fn ack(
         &self,
         device: &Device,
-        conversation: &str,
+        conversation: &Conversation,
         range: SeqRange,
-    ) -> Result<(), StoreError> {
+    ) -> Result<u64, StoreError> {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(pg_error)?;
         relaxed_commit(&tx).await?;
-        queries::ack(&tx, device, conversation, range).await?;
-        tx.commit().await.map_err(pg_error)
+        let acked = queries::ack(&tx, device, &conversation.key(), range).await?;
+        tx.commit().await.map_err(pg_error)?;
+        Ok(acked)
     }
 
     async fn history(
         &self,
-        conversation: &str,
+        conversation: &Conversation,
         before: Option<u64>,
         limit: usize,
     ) -> Result<Page, StoreError> {
         let client = self.client().await?;
-        queries::history(&client, conversation, before, limit).await
+        queries::history(&client, &conversation.key(), before, limit).await
     }
 
     async fn mark_read(
         &self,
         uid: &str,
-        conversation: &str,
+        conversation: &Conversation,
         seq: u64,
     ) -> Result<(u64, u64), StoreError> {
         let client = self.client().await?;
-        queries::mark_read(&client, uid, conversation, seq).await
+        queries::mark_read(&client, uid, &conversation.key(), seq).await
     }
 
     async fn create_group(
         &self,
-        conversation: &str,
+        conversation: &Conversation,
         owner: &str,
         members: &[String],
     ) -> Result<(), StoreError> {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(pg_error)?;
-        groups::create_group(&tx, conversation, owner, members).await?;
+        groups::create_group(&tx, &conversation.key(), owner, members).await?;
         tx.commit().await.map_err(pg_error)
     }
 
     async fn add_members(
         &self,
-        conversation: &str,
+        conversation: &Conversation,
         uids: &[String],
         role: Role,
     ) -> Result<Vec<String>, StoreError> {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(pg_error)?;
-        let added = groups::add_members(&tx, conversation, uids, role).await?;
+        let added = groups::add_members(&tx, &conversation.key(), uids, role).await?;
         tx.commit().await.map_err(pg_error)?;
         Ok(added)
     }
 
     async fn remove_members(
         &self,
-        conversation: &str,
+        conversation: &Conversation,
         uids: &[String],
     ) -> Result<Vec<String>, StoreError> {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(pg_error)?;
-        let removed = groups::remove_members(&tx, conversation, uids).await?;
+        let removed = groups::remove_members(&tx, &conversation.key(), uids).await?;
         tx.commit().await.map_err(pg_error)?;
         Ok(removed)
     }
 
-    async fn members(&self, conversation: &str) -> Result<Vec<Member>, StoreError> {
-        groups::members(&self.client().await?, conversation).await
+    async fn members(&self, conversation: &Conversation) -> Result<Vec<Member>, StoreError> {
+        groups::members(&self.client().await?, &conversation.key()).await
     }
 
-    async fn role(&self, uid: &str, conversation: &str) -> Result<Option<Role>, StoreError> {
-        groups::role(&self.client().await?, uid, conversation).await
-    }
-
-    async fn memberships_with_prefix(
+    async fn role(
         &self,
         uid: &str,
-        prefix: &str,
-    ) -> Result<Vec<(String, Role)>, StoreError> {
-        groups::memberships_with_prefix(&self.client().await?, uid, prefix).await
+        conversation: &Conversation,
+    ) -> Result<Option<Role>, StoreError> {
+        groups::role(&self.client().await?, uid, &conversation.key()).await
+    }
+
+    async fn group_memberships(&self, uid: &str) -> Result<Vec<(Conversation, Role)>, StoreError> {
+        groups::group_memberships(&self.client().await?, uid).await
     }
 
     async fn receipts(
         &self,
-        conversation: &str,
+        conversation: &Conversation,
         seqs: &[u64],
         max_readers: usize,
     ) -> Result<Vec<Receipt>, StoreError> {
-        groups::receipts(&self.client().await?, conversation, seqs, max_readers).await
+        groups::receipts(
+            &self.client().await?,
+            &conversation.key(),
+            seqs,
+            max_readers,
+        )
+        .await
     }
 
     async fn senders(
         &self,
-        conversation: &str,
+        conversation: &Conversation,
         range: SeqRange,
     ) -> Result<Vec<String>, StoreError> {
-        groups::senders(&self.client().await?, conversation, range).await
+        groups::senders(&self.client().await?, &conversation.key(), range).await
     }
 
     async fn removals_since(&self, after: u64, limit: usize) -> Result<Vec<Removal>, StoreError> {
@@ -497,9 +508,9 @@ mod tests {
         let plain = PostgresStore::open(&settings, 64, None).await.unwrap();
         let devices = [("a", "a-1"), ("a", "a-2"), ("b", "b-1"), ("c", "c-1")];
         let conversations = [
-            ("dm:a:b", ["a", "b"]),
-            ("dm:a:c", ["a", "c"]),
-            ("dm:b:c", ["b", "c"]),
+            (Conversation::direct("a", "b"), ["a", "b"]),
+            (Conversation::direct("a", "c"), ["a", "c"]),
+            (Conversation::direct("b", "c"), ["b", "c"]),
         ];
         let mut steps = Steps(7);
         let mut last_page: std::collections::HashMap<(usize, usize), SeqRange> =
@@ -515,13 +526,12 @@ mod tests {
                 .filter(|c| conversations[*c].1.contains(&devices[d].0))
                 .collect();
             let conv = mine[steps.below(mine.len() as u64) as usize];
-            let key = conversations[conv].0;
+            let key = &conversations[conv].0;
             match steps.below(11) {
                 0..=4 => {
                     let appended = cached
                         .append(NewMessage {
-                            conversation: key.into(),
-                            members: conversations[conv].1.map(String::from).to_vec(),
+                            conversation: key.clone(),
                             sender: device.uid.clone(),
                             sender_device: device.client_id.clone(),
                             msg_id: format!("m{step}"),
@@ -610,9 +620,10 @@ mod tests {
             uid: "bob".into(),
             client_id: "bob-phone".into(),
         };
-        conformance::append_n(&cached, "dm:alice:bob", "alice", 5).await;
+        let chat = Conversation::direct("alice", "bob");
+        conformance::append_n(&cached, &chat, "alice", 5).await;
         let _ = cached.digest(&bob, 3).await.unwrap();
-        let send = |id: &str| conformance::message("dm:alice:bob", "alice", id);
+        let send = |id: &str| conformance::message(&chat, "alice", id);
         lost.append(send("lost")).await.unwrap();
         cached.append(send("after")).await.unwrap();
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -644,8 +655,13 @@ mod tests {
             client_id: "bob-phone".into(),
         };
         store.register_device(&bob).await.unwrap();
-        conformance::append_n(&store, "dm:alice:bob", "alice", 1).await;
-        conformance::append_n(&store, "dm:bob:carol", "carol", 1).await;
+        let (alice, carol, dave) = (
+            Conversation::direct("alice", "bob"),
+            Conversation::direct("bob", "carol"),
+            Conversation::direct("bob", "dave"),
+        );
+        conformance::append_n(&store, &alice, "alice", 1).await;
+        conformance::append_n(&store, &carol, "carol", 1).await;
         let first = store.digest(&bob, 3).await.unwrap();
         store.clear_counters(&bob, first.version).await.unwrap();
         let stats = cache.stats();
@@ -653,13 +669,9 @@ mod tests {
             .counter_misses
             .load(std::sync::atomic::Ordering::Relaxed);
         // Offline now: a backlog in both conversations and a new one.
-        for (key, sender) in [
-            ("dm:alice:bob", "alice"),
-            ("dm:bob:carol", "carol"),
-            ("dm:bob:dave", "dave"),
-        ] {
+        for (chat, sender) in [(&alice, "alice"), (&carol, "carol"), (&dave, "dave")] {
             for i in 0..20 {
-                let message = conformance::message(key, sender, &format!("later-{i}"));
+                let message = conformance::message(chat, sender, &format!("later-{i}"));
                 store.append(message).await.unwrap();
             }
         }
@@ -678,18 +690,14 @@ mod tests {
             let before = misses();
             let digest = store.digest(&bob, 3).await.unwrap();
             if misses() == before {
-                let counts: Vec<(String, u64, u64)> = digest
+                let counts: Vec<(Conversation, u64, u64)> = digest
                     .conversations
                     .iter()
                     .map(|c| (c.conversation.clone(), c.count, c.unacked))
                     .collect();
                 assert_eq!(
                     counts,
-                    vec![
-                        ("dm:alice:bob".to_owned(), 20, 21),
-                        ("dm:bob:carol".to_owned(), 20, 21),
-                        ("dm:bob:dave".to_owned(), 20, 20),
-                    ]
+                    vec![(alice, 20, 21), (carol, 20, 21), (dave, 20, 20)]
                 );
                 break;
             }
@@ -718,8 +726,7 @@ mod tests {
                 let id = format!("m{}", i % 150);
                 store
                     .append(NewMessage {
-                        conversation: "dm:a:b".into(),
-                        members: vec!["a".into(), "b".into()],
+                        conversation: Conversation::direct("a", "b"),
                         sender: "a".into(),
                         sender_device: "a-1".into(),
                         msg_id: id,

@@ -8,12 +8,29 @@ use tokio_postgres::Row;
 use super::cache::{Counted, DigestCache};
 use super::{int, pg_error, uint};
 use crate::store::ranges::{self, SeqRange};
-use crate::store::{ConversationState, Device, DigestEntry, Page, StoreError, StoredMessage};
+use crate::store::{
+    Conversation, ConversationState, Device, DigestEntry, Page, StoreError, StoredMessage,
+};
 
 type Result<T> = std::result::Result<T, StoreError>;
 
+/// A conversation's stored key reads back as the [`Conversation`] it was written from.
+impl<'a> tokio_postgres::types::FromSql<'a> for Conversation {
+    fn from_sql(
+        ty: &tokio_postgres::types::Type,
+        raw: &'a [u8],
+    ) -> std::result::Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+        let key = <&str as tokio_postgres::types::FromSql>::from_sql(ty, raw)?;
+        Conversation::from_key(key).ok_or_else(|| format!("not a conversation key: {key:?}").into())
+    }
+
+    fn accepts(ty: &tokio_postgres::types::Type) -> bool {
+        <&str as tokio_postgres::types::FromSql>::accepts(ty)
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
-pub(super) struct Conversation {
+pub(super) struct ConversationRow {
     pub(super) id: i64,
     pub(super) max_seq: u64,
     pub(super) last_time: i64,
@@ -22,7 +39,7 @@ pub(super) struct Conversation {
 pub(super) async fn conversation(
     c: &impl GenericClient,
     key: &str,
-) -> Result<Option<Conversation>> {
+) -> Result<Option<ConversationRow>> {
     let row = c
         .query_opt(
             "SELECT id, max_seq, last_time FROM conversations WHERE key = $1",
@@ -30,7 +47,7 @@ pub(super) async fn conversation(
         )
         .await
         .map_err(pg_error)?;
-    Ok(row.map(|row| Conversation {
+    Ok(row.map(|row| ConversationRow {
         id: row.get(0),
         max_seq: uint(row.get(1)),
         last_time: row.get(2),
@@ -111,33 +128,28 @@ async fn save_acked(
     Ok(())
 }
 
-fn past_end(seq: u64, max_seq: u64) -> StoreError {
-    StoreError::Invalid(format!(
-        "seq {seq} is past the conversation's last seq {max_seq}"
-    ))
-}
-
 pub(super) async fn ack(
     c: &impl GenericClient,
     device: &Device,
     key: &str,
     range: SeqRange,
-) -> Result<()> {
+) -> Result<u64> {
     let conv = conversation(c, key)
         .await?
-        .ok_or_else(|| past_end(range.lo, 0))?;
-    ack_in(c, device, conv, range).await.map(|_| ())
+        .ok_or_else(StoreError::no_messages)?;
+    ack_in(c, device, conv, range).await?;
+    Ok(range.hi.min(conv.max_seq))
 }
 
 /// Adds `range` to the device's acknowledgements and returns them all.
 async fn ack_in(
     c: &impl GenericClient,
     device: &Device,
-    conv: Conversation,
+    conv: ConversationRow,
     range: SeqRange,
 ) -> Result<Vec<SeqRange>> {
     if range.lo > conv.max_seq {
-        return Err(past_end(range.lo, conv.max_seq));
+        return Err(StoreError::past_end(range.lo, conv.max_seq));
     }
     let clamped = SeqRange {
         lo: range.lo,
@@ -173,7 +185,7 @@ pub(super) async fn pull(
 ) -> Result<Page> {
     let Some(conv) = conversation(c, key).await? else {
         return match ack {
-            Some(range) => Err(past_end(range.lo, 0)),
+            Some(range) => Err(StoreError::past_end(range.lo, 0)),
             None => Ok(nothing_left()),
         };
     };
@@ -255,9 +267,9 @@ pub(super) async fn mark_read(
 ) -> Result<(u64, u64)> {
     let conv = conversation(c, key)
         .await?
-        .ok_or_else(|| past_end(seq, 0))?;
+        .ok_or_else(|| StoreError::past_end(seq, 0))?;
     if seq > conv.max_seq {
-        return Err(past_end(seq, conv.max_seq));
+        return Err(StoreError::past_end(seq, conv.max_seq));
     }
     let row = c
         .query_opt(
@@ -276,7 +288,8 @@ pub(super) async fn mark_read(
 /// A conversation the device's user belongs to.
 #[derive(Debug)]
 struct Membership {
-    conv: Conversation,
+    conv: ConversationRow,
+    conversation: Conversation,
     key: String,
     read_seq: u64,
 }
@@ -294,11 +307,12 @@ async fn memberships(c: &impl GenericClient, uid: &str) -> Result<Vec<Membership
     Ok(rows
         .iter()
         .map(|row| Membership {
-            conv: Conversation {
+            conv: ConversationRow {
                 id: row.get(0),
                 max_seq: uint(row.get(1)),
                 last_time: row.get(2),
             },
+            conversation: row.get(3),
             key: row.get(3),
             read_seq: uint(row.get(4)),
         })
@@ -391,7 +405,7 @@ pub(super) async fn digest_states(
         .map(|((member, counted), last)| {
             let id = member.conv.id;
             let state = ConversationState {
-                conversation: member.key.clone(),
+                conversation: member.conversation.clone(),
                 count: counted.count,
                 unacked: counted.unacked,
                 max_seq: member.conv.max_seq,
@@ -597,7 +611,7 @@ pub(super) async fn record_digest(
         .await
         .map_err(pg_error)?
         .get(0);
-    let keys: Vec<&str> = entries.iter().map(|e| e.conversation.as_str()).collect();
+    let keys: Vec<String> = entries.iter().map(|e| e.conversation.key()).collect();
     let seqs: Vec<i64> = entries.iter().map(|e| int(e.max_seq)).collect();
     let reads: Vec<i64> = entries.iter().map(|e| int(e.peer_read_seq)).collect();
     c.execute(

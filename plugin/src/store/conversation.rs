@@ -1,0 +1,133 @@
+//! Conversations: a 1:1 chat between two users, or a group. Parsed and formatted here and
+//! nowhere else: the stores key them `dm:{a}:{b}` (the two users in order) and `g:{gid}`,
+//! and a member names them `u/{peer}` and `g/{gid}`.
+
+use std::fmt;
+
+/// A 1:1 chat or a group; the same value whoever of its members names it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Conversation(Kind);
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+enum Kind {
+    /// Two users, `lo <= hi`.
+    Direct {
+        lo: String,
+        hi: String,
+    },
+    Group(String),
+}
+
+impl Conversation {
+    /// The 1:1 chat of `a` and `b`.
+    pub fn direct(a: &str, b: &str) -> Self {
+        let (lo, hi) = if a <= b { (a, b) } else { (b, a) };
+        Self(Kind::Direct {
+            lo: lo.to_owned(),
+            hi: hi.to_owned(),
+        })
+    }
+
+    /// Group `gid`.
+    pub fn group(gid: &str) -> Self {
+        Self(Kind::Group(gid.to_owned()))
+    }
+
+    /// The group's id, for a group.
+    pub fn gid(&self) -> Option<&str> {
+        match &self.0 {
+            Kind::Group(gid) => Some(gid),
+            Kind::Direct { .. } => None,
+        }
+    }
+
+    /// The two users of a 1:1 chat (a group's members are kept by the store).
+    pub fn direct_members(&self) -> Option<[&str; 2]> {
+        match &self.0 {
+            Kind::Direct { lo, hi } => Some([lo, hi]),
+            Kind::Group(_) => None,
+        }
+    }
+
+    /// The store's key.
+    pub fn key(&self) -> String {
+        self.to_string()
+    }
+
+    /// From a store's key; `None` for anything this module did not write.
+    pub fn from_key(key: &str) -> Option<Self> {
+        if let Some(gid) = key.strip_prefix("g:") {
+            return crate::valid_uid(gid).then(|| Self::group(gid));
+        }
+        let (a, b) = key.strip_prefix("dm:")?.split_once(':')?;
+        (crate::valid_uid(a) && crate::valid_uid(b)).then(|| Self::direct(a, b))
+    }
+
+    /// The name member `me` uses: `u/{peer}` or `g/{gid}`.
+    pub fn name_for(&self, me: &str) -> String {
+        match &self.0 {
+            Kind::Direct { lo, hi } => format!("u/{}", if lo == me { hi } else { lo }),
+            Kind::Group(gid) => format!("g/{gid}"),
+        }
+    }
+
+    /// The conversation `me` names `name` (`u/{peer}` or `g/{gid}`); `None` if malformed.
+    pub fn from_name(name: &str, me: &str) -> Option<Self> {
+        match name.split_once('/')? {
+            ("u", peer) if crate::valid_uid(peer) => Some(Self::direct(me, peer)),
+            ("g", gid) if crate::valid_uid(gid) => Some(Self::group(gid)),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Conversation {
+    /// The store's key.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.0 {
+            Kind::Direct { lo, hi } => write!(f, "dm:{lo}:{hi}"),
+            Kind::Group(gid) => write!(f, "g:{gid}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_and_names_round_trip() {
+        let direct = Conversation::direct("bob", "alice");
+        assert_eq!(direct, Conversation::direct("alice", "bob"));
+        assert_eq!(direct.key(), "dm:alice:bob");
+        assert_eq!(Conversation::from_key("dm:alice:bob"), Some(direct.clone()));
+        assert_eq!(direct.name_for("alice"), "u/bob");
+        assert_eq!(direct.name_for("bob"), "u/alice");
+        assert_eq!(
+            Conversation::from_name("u/bob", "alice"),
+            Some(direct.clone())
+        );
+        assert_eq!(direct.direct_members(), Some(["alice", "bob"]));
+        assert_eq!(direct.gid(), None);
+
+        let group = Conversation::group("team");
+        assert_eq!(group.key(), "g:team");
+        assert_eq!(Conversation::from_key("g:team"), Some(group.clone()));
+        assert_eq!(group.name_for("alice"), "g/team");
+        assert_eq!(
+            Conversation::from_name("g/team", "alice"),
+            Some(group.clone())
+        );
+        assert_eq!(group.gid(), Some("team"));
+    }
+
+    #[test]
+    fn malformed_names_and_keys_are_refused() {
+        for name in ["u/b:c", "x/bob", "u/", "g/", "bob", "u/a/b", ""] {
+            assert_eq!(Conversation::from_name(name, "alice"), None, "{name:?}");
+        }
+        for key in ["dm:a", "dm:a:b:c", "g:", "x:a", "g:a b", ""] {
+            assert_eq!(Conversation::from_key(key), None, "{key:?}");
+        }
+    }
+}
