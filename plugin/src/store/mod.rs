@@ -331,6 +331,11 @@ impl StoreError {
         ))
     }
 
+    /// A conversation (a group) that does not exist.
+    pub(crate) fn no_conversation() -> Self {
+        Self::NotFound("no such conversation".into())
+    }
+
     /// A conversation nobody has written to yet.
     pub(crate) fn no_messages() -> Self {
         Self::NotFound("the conversation has no messages yet".into())

@@ -7,10 +7,6 @@ use crate::store::{
     receipts_from, Conversation, Member, Receipt, Removal, Role, SeqRange, StoreError,
 };
 
-fn missing(key: &str) -> StoreError {
-    StoreError::NotFound(format!("no conversation {key}"))
-}
-
 pub(super) fn create_group(
     conn: &Connection,
     key: &str,
@@ -22,7 +18,9 @@ pub(super) fn create_group(
         .and_then(|mut stmt| stmt.execute([key]))
         .map_err(unavailable)?;
     if created == 0 {
-        return Err(StoreError::Conflict(format!("{key} exists")));
+        return Err(StoreError::Conflict(
+            "the conversation exists already".into(),
+        ));
     }
     add_members(conn, key, &[owner.to_owned()], Role::Owner)?;
     add_members(conn, key, members, Role::Member)?;
@@ -35,7 +33,7 @@ pub(super) fn add_members(
     uids: &[String],
     role: Role,
 ) -> Result<Vec<String>> {
-    let conv = conversation(conn, key)?.ok_or_else(|| missing(key))?;
+    let conv = conversation(conn, key)?.ok_or_else(StoreError::no_conversation)?;
     let mut add = conn
         .prepare_cached(
             "INSERT INTO members (uid, conv_id, role, joined_seq) VALUES (?1, ?2, ?3, ?4)
@@ -82,7 +80,7 @@ pub(super) fn remove_members(conn: &Connection, key: &str, uids: &[String]) -> R
 }
 
 pub(super) fn members(conn: &Connection, key: &str) -> Result<Vec<Member>> {
-    let conv = conversation(conn, key)?.ok_or_else(|| missing(key))?;
+    let conv = conversation(conn, key)?.ok_or_else(StoreError::no_conversation)?;
     let mut stmt = conn
         .prepare_cached(
             "SELECT uid, role, read_seq FROM members WHERE conv_id = ?1 ORDER BY role DESC, uid",

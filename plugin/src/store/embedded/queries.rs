@@ -328,7 +328,7 @@ pub(super) fn history(
 }
 
 pub(super) fn mark_read(conn: &Connection, uid: &str, key: &str, seq: u64) -> Result<(u64, u64)> {
-    let conv = conversation(conn, key)?.ok_or_else(|| StoreError::past_end(seq, 0))?;
+    let conv = conversation(conn, key)?.ok_or_else(StoreError::no_messages)?;
     if seq > conv.max_seq {
         return Err(StoreError::past_end(seq, conv.max_seq));
     }
@@ -338,7 +338,9 @@ pub(super) fn mark_read(conn: &Connection, uid: &str, key: &str, seq: u64) -> Re
         .and_then(|mut stmt| stmt.query_row(params![uid, conv.id], |row| row.get(0)))
         .optional()
         .map_err(unavailable)?
-        .ok_or_else(|| StoreError::NotFound(format!("{uid} is not a member of {key}")))?;
+        .ok_or_else(|| {
+            StoreError::NotFound(format!("{uid} is not a member of the conversation"))
+        })?;
     let after = before.max(seq);
     conn.prepare_cached("UPDATE members SET read_seq = ?3 WHERE uid = ?1 AND conv_id = ?2")
         .and_then(|mut stmt| stmt.execute(params![uid, conv.id, after]))

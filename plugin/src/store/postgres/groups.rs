@@ -23,10 +23,6 @@ async fn texts(
         .collect()
 }
 
-fn missing(key: &str) -> StoreError {
-    StoreError::NotFound(format!("no conversation {key}"))
-}
-
 pub(super) async fn create_group(
     c: &impl GenericClient,
     key: &str,
@@ -41,7 +37,9 @@ pub(super) async fn create_group(
         .await
         .map_err(pg_error)?;
     if created == 0 {
-        return Err(StoreError::Conflict(format!("{key} exists")));
+        return Err(StoreError::Conflict(
+            "the conversation exists already".into(),
+        ));
     }
     add_members(c, key, &[owner.to_owned()], Role::Owner).await?;
     add_members(c, key, members, Role::Member).await?;
@@ -54,7 +52,9 @@ pub(super) async fn add_members(
     uids: &[String],
     role: Role,
 ) -> Result<Vec<String>> {
-    let conv = conversation(c, key).await?.ok_or_else(|| missing(key))?;
+    let conv = conversation(c, key)
+        .await?
+        .ok_or_else(StoreError::no_conversation)?;
     // One row per user: ON CONFLICT may not touch a row twice in one statement.
     let mut uids = uids.to_vec();
     uids.sort_unstable();
@@ -103,7 +103,9 @@ pub(super) async fn remove_members(
 }
 
 pub(super) async fn members(c: &impl GenericClient, key: &str) -> Result<Vec<Member>> {
-    let conv = conversation(c, key).await?.ok_or_else(|| missing(key))?;
+    let conv = conversation(c, key)
+        .await?
+        .ok_or_else(StoreError::no_conversation)?;
     Ok(c.query(
         "SELECT uid, role, read_seq FROM members WHERE conv_id = $1 ORDER BY role DESC, uid",
         &[&conv.id],

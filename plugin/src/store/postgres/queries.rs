@@ -267,7 +267,7 @@ pub(super) async fn mark_read(
 ) -> Result<(u64, u64)> {
     let conv = conversation(c, key)
         .await?
-        .ok_or_else(|| StoreError::past_end(seq, 0))?;
+        .ok_or_else(StoreError::no_messages)?;
     if seq > conv.max_seq {
         return Err(StoreError::past_end(seq, conv.max_seq));
     }
@@ -282,7 +282,7 @@ pub(super) async fn mark_read(
         .await
         .map_err(pg_error)?;
     row.map(|row| (uint(row.get(0)), uint(row.get(1))))
-        .ok_or_else(|| StoreError::NotFound(format!("{uid} is not a member of {key}")))
+        .ok_or_else(|| StoreError::NotFound(format!("{uid} is not a member of the conversation")))
 }
 
 /// A conversation the device's user belongs to.
