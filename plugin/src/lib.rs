@@ -10,6 +10,7 @@
 //! - [`policy`]: the Lua policy host (sandboxed scripts for messages, connects, subscribes).
 //! - [`wire`]: protobuf wire types.
 //! - [`config`]: the configuration tree.
+//! - [`text`]: bounding and cleaning text from clients and scripts.
 //! - [`metrics`]: Prometheus metrics; `status` serves them and the operator status over HTTP.
 //!
 //! Dependencies point one way: edge → im → store.
@@ -22,6 +23,7 @@ pub mod policy;
 pub mod server;
 mod status;
 pub mod store;
+pub mod text;
 pub mod wire;
 
 pub use config::Config;

@@ -328,3 +328,23 @@ pub fn shipped_policy(config: &mut Config) {
         .words
         .insert("blocked".into(), root.join("words/blocked.txt"));
 }
+
+/// Runs SQL straight on the broker's database (behind its back, as an operator or a fault
+/// would): `sqlite` on the embedded store, `postgres` in the broker's PostgreSQL schema.
+pub async fn run_sql(broker: &TestBroker, sqlite: &str, postgres: &str) {
+    match &broker.backend {
+        TestBackend::Embedded => {
+            let db = rusqlite::Connection::open(broker.dir.path().join("im.db")).unwrap();
+            db.execute_batch(sqlite).unwrap();
+        }
+        TestBackend::Postgres(settings) => {
+            let (client, connection) =
+                tokio_postgres::connect(&settings.url, tokio_postgres::NoTls)
+                    .await
+                    .unwrap();
+            tokio::spawn(connection);
+            let sql = format!("SET search_path TO {}; {postgres}", settings.schema);
+            client.batch_execute(&sql).await.unwrap();
+        }
+    }
+}

@@ -319,7 +319,8 @@ async fn refuse(
 ) {
     let mut out = BytesMut::new();
     let properties = reason.map(|reason| ConnAckProperties {
-        reason_string: Some(reason),
+        // Bounded and clean whatever a script said: it must fit the property's 16-bit length.
+        reason_string: Some(crate::text::clean(&reason, crate::im::MAX_MESSAGE)),
         ..Default::default()
     });
     if write_connack(&mut out, version, false, code, properties).is_ok() {

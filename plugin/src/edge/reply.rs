@@ -14,7 +14,6 @@ use super::fit;
 use super::packet_ids::Origin;
 use super::EdgeError;
 use crate::im::{Accepted, ImError};
-use crate::store::StoreError;
 use crate::wire::pb;
 
 /// Where a reply goes.
@@ -63,18 +62,19 @@ impl Refusal {
     }
 
     fn from_im(error: &ImError) -> Self {
-        let reason = match error {
-            ImError::Wire(crate::wire::WireError::TooLarge { .. }) => PubAckReason::QuotaExceeded,
-            ImError::Wire(_) | ImError::Invalid(_) => PubAckReason::PayloadFormatInvalid,
-            ImError::Denied(_) | ImError::NotAuthorized(_) | ImError::NotFound(_) => {
+        let told = error.to_client();
+        let reason = match told.code {
+            pb::ErrorCode::TooLarge => PubAckReason::QuotaExceeded,
+            pb::ErrorCode::BadRequest => PubAckReason::PayloadFormatInvalid,
+            pb::ErrorCode::Denied | pb::ErrorCode::NotAuthorized | pb::ErrorCode::NotFound => {
                 PubAckReason::NotAuthorized
             }
-            ImError::Store(_) => PubAckReason::UnspecifiedError,
+            _ => PubAckReason::UnspecifiedError,
         };
         Self {
             reason,
-            code: crate::im::error_code(error),
-            message: error.to_string(),
+            code: told.code,
+            message: told.message,
         }
     }
 }
@@ -118,10 +118,9 @@ impl Connection {
                 result: Err(error),
             } => {
                 tracing::debug!(topic, %error, "chat refused");
-                // A 3.1.1 client whose message could not be stored gets no PUBACK, so it
-                // retransmits; everything else is answered now.
-                let unstored = matches!(error, ImError::Store(StoreError::Unavailable(_)));
-                if unstored && self.version == Version::V4 {
+                // A 3.1.1 client whose message could not be stored for now gets no PUBACK, so
+                // it retransmits; everything else is answered now.
+                if error.is_retryable() && self.version == Version::V4 {
                     self.write_error_frame(&topic, &Refusal::from_im(&error));
                     return Ok(());
                 }

@@ -2,6 +2,7 @@
 //! SQL: the edge calls it with identities and payloads, and it reaches devices only through
 //! [`DeviceSink`].
 
+mod answer;
 mod background;
 mod cluster;
 mod deliveries;
@@ -18,9 +19,9 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::mpsc;
 
+pub use answer::{ClientError, MAX_MESSAGE};
 pub use inbox::Accepted;
 pub use order::{SendOrder, Turn};
-pub(crate) use pull::error_code;
 pub use sink::{DeviceEvent, DeviceSink};
 
 use crate::config::ImSettings;

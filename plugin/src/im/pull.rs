@@ -138,28 +138,15 @@ fn page_reply(conversation: String, page: store::Page) -> pb::Page {
 
 /// The error Response for a failed request.
 fn error_response(request_id: String, error: &ImError) -> pb::Response {
+    let told = error.to_client();
     pb::Response {
         request_id,
         status: pb::Status::Error as i32,
         error: Some(pb::Error {
-            code: error_code(error) as i32,
-            message: error.to_string(),
+            code: told.code as i32,
+            message: told.message,
             topic: String::new(),
         }),
         result: None,
-    }
-}
-
-/// The wire code of an error.
-pub(crate) fn error_code(error: &ImError) -> pb::ErrorCode {
-    match error {
-        ImError::Wire(wire::WireError::TooLarge { .. }) => pb::ErrorCode::TooLarge,
-        ImError::Wire(_) | ImError::Invalid(_) => pb::ErrorCode::BadRequest,
-        ImError::Denied(_) => pb::ErrorCode::Denied,
-        ImError::NotAuthorized(_) => pb::ErrorCode::NotAuthorized,
-        ImError::NotFound(_) => pb::ErrorCode::NotFound,
-        ImError::Store(store::StoreError::Invalid(_)) => pb::ErrorCode::BadRequest,
-        ImError::Store(store::StoreError::NotFound(_)) => pb::ErrorCode::NotFound,
-        ImError::Store(_) => pb::ErrorCode::Unavailable,
     }
 }

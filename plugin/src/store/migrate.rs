@@ -38,7 +38,7 @@ pub(crate) const POSTGRES: &[Migration] = &[
 /// Applies the PostgreSQL migrations the schema lacks, under an advisory lock so that nodes
 /// starting together migrate once, and returns the resulting version.
 pub(crate) async fn apply_postgres(client: &mut tokio_postgres::Client) -> Result<u32, StoreError> {
-    let unavailable = |e: tokio_postgres::Error| StoreError::Unavailable(e.to_string());
+    let unavailable = |e: tokio_postgres::Error| StoreError::Unavailable(Box::new(e));
     let tx = client.transaction().await.map_err(unavailable)?;
     tx.batch_execute(
         "SELECT pg_advisory_xact_lock(7283401);
@@ -50,7 +50,8 @@ pub(crate) async fn apply_postgres(client: &mut tokio_postgres::Client) -> Resul
         .query_one("SELECT COALESCE(MAX(version), 0) FROM mqtt_im_schema", &[])
         .await
         .map_err(unavailable)?
-        .get(0);
+        .try_get(0)
+        .map_err(unavailable)?;
     let current = u32::try_from(current).unwrap_or(0);
     let supported = latest(POSTGRES);
     if current > supported {
@@ -62,7 +63,7 @@ pub(crate) async fn apply_postgres(client: &mut tokio_postgres::Client) -> Resul
     for migration in POSTGRES.iter().filter(|m| m.version > current) {
         let failed = |e: tokio_postgres::Error| StoreError::Migration {
             version: migration.version,
-            reason: e.to_string(),
+            source: Box::new(e),
         };
         tx.batch_execute(migration.sql).await.map_err(failed)?;
         let version = i32::try_from(migration.version).unwrap_or(i32::MAX);
@@ -85,7 +86,7 @@ fn latest(migrations: &[Migration]) -> u32 {
 /// Applies the SQLite migrations the database lacks, each in its own transaction, and
 /// returns the resulting version. A database newer than this binary is refused.
 pub(crate) fn apply_sqlite(conn: &mut Connection) -> Result<u32, StoreError> {
-    let unavailable = |e: rusqlite::Error| StoreError::Unavailable(e.to_string());
+    let unavailable = |e: rusqlite::Error| StoreError::Unavailable(Box::new(e));
     let current: u32 = conn
         .query_row("PRAGMA user_version", [], |row| row.get(0))
         .map_err(unavailable)?;
@@ -99,7 +100,7 @@ pub(crate) fn apply_sqlite(conn: &mut Connection) -> Result<u32, StoreError> {
     for migration in SQLITE.iter().filter(|m| m.version > current) {
         let failed = |e: rusqlite::Error| StoreError::Migration {
             version: migration.version,
-            reason: e.to_string(),
+            source: Box::new(e),
         };
         let tx = conn.transaction().map_err(failed)?;
         tx.execute_batch(migration.sql).map_err(failed)?;

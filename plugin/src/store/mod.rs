@@ -14,6 +14,8 @@ mod redis;
 #[cfg(test)]
 pub(crate) mod conformance;
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
 use tokio::sync::oneshot;
 
@@ -66,7 +68,7 @@ impl QueuedAppend {
     pub async fn committed(self) -> Result<Appended, StoreError> {
         self.0
             .await
-            .map_err(|_| StoreError::Unavailable("writer stopped".into()))?
+            .map_err(|_| StoreError::Unavailable("the writer stopped".into()))?
     }
 }
 
@@ -289,13 +291,21 @@ pub(crate) fn receipts_from(
         .collect()
 }
 
-/// Why a store call failed. Backends map their own errors into these.
+/// The cause of a failure inside a backend, kept for the log.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Why a store call failed. Each backend has a private error of its own that keeps the
+/// cause, mapped into these; what a client may see of them is decided by the IM service.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum StoreError {
     /// The backend cannot be reached or failed; the caller may retry.
     #[error("store unavailable: {0}")]
-    Unavailable(String),
+    Unavailable(#[source] BoxError),
+    /// The backend refused a write as breaking a rule of the schema (a constraint): the same
+    /// write fails again, so it is not an outage to retry.
+    #[error("store refused the write: {0}")]
+    Rejected(#[source] BoxError),
     /// The database schema is newer than this binary understands.
     #[error("database schema version {found} is newer than this binary supports ({supported}); upgrade mqtt-im")]
     SchemaTooNew {
@@ -305,12 +315,13 @@ pub enum StoreError {
         supported: u32,
     },
     /// A migration failed to apply.
-    #[error("migration {version} failed: {reason}")]
+    #[error("migration {version} failed: {source}")]
     Migration {
         /// The migration number.
         version: u32,
         /// What went wrong.
-        reason: String,
+        #[source]
+        source: BoxError,
     },
     /// The request named something out of range (a seq above the conversation's last one).
     #[error("invalid argument: {0}")]
@@ -324,6 +335,16 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// The failure of a batch that failed as a whole, for each of its callers: the cause is
+    /// shared, and so is whether a retry can help.
+    pub(crate) fn of_batch(cause: &Arc<StoreError>) -> Self {
+        let source: BoxError = Box::new(Arc::clone(cause));
+        match cause.as_ref() {
+            StoreError::Rejected(_) => StoreError::Rejected(source),
+            _ => StoreError::Unavailable(source),
+        }
+    }
+
     /// A seq past the conversation's last one.
     pub(crate) fn past_end(seq: u64, max_seq: u64) -> Self {
         Self::Invalid(format!(

@@ -13,8 +13,15 @@ use tokio_util::sync::CancellationToken;
 
 use super::StoreError;
 
-fn redis_error(e: redis::RedisError) -> StoreError {
-    StoreError::Unavailable(format!("redis: {e}"))
+/// A Redis failure, keeping its cause.
+#[derive(Debug, thiserror::Error)]
+#[error("redis: {0}")]
+struct RedisFailure(#[from] redis::RedisError);
+
+/// A Redis failure as the store reports it: an outage (Redis holds nothing that a retry
+/// could break).
+pub(super) fn redis_error(e: redis::RedisError) -> StoreError {
+    StoreError::Unavailable(Box::new(RedisFailure(e)))
 }
 
 /// Compare-and-delete: a device leaves only if it is still recorded on this node.

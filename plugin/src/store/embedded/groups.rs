@@ -2,7 +2,7 @@
 
 use rusqlite::{params, Connection, OptionalExtension};
 
-use super::queries::{conversation, unavailable, Result};
+use super::queries::{conversation, sql_error, Result};
 use crate::store::{
     receipts_from, Conversation, Member, Receipt, Removal, Role, SeqRange, StoreError,
 };
@@ -16,7 +16,7 @@ pub(super) fn create_group(
     let created = conn
         .prepare_cached("INSERT OR IGNORE INTO conversations (key) VALUES (?1)")
         .and_then(|mut stmt| stmt.execute([key]))
-        .map_err(unavailable)?;
+        .map_err(sql_error)?;
     if created == 0 {
         return Err(StoreError::Conflict(
             "the conversation exists already".into(),
@@ -39,19 +39,19 @@ pub(super) fn add_members(
             "INSERT INTO members (uid, conv_id, role, joined_seq) VALUES (?1, ?2, ?3, ?4)
              ON CONFLICT (uid, conv_id) DO UPDATE SET role = MAX(role, excluded.role)",
         )
-        .map_err(unavailable)?;
+        .map_err(sql_error)?;
     let mut is_member = conn
         .prepare_cached("SELECT 1 FROM members WHERE uid = ?1 AND conv_id = ?2")
-        .map_err(unavailable)?;
+        .map_err(sql_error)?;
     let mut added = Vec::new();
     for uid in uids {
         let existed = is_member
             .query_row(params![uid, conv.id], |_| Ok(()))
             .optional()
-            .map_err(unavailable)?
+            .map_err(sql_error)?
             .is_some();
         add.execute(params![uid, conv.id, role.code(), conv.max_seq])
-            .map_err(unavailable)?;
+            .map_err(sql_error)?;
         if !existed && !added.contains(uid) {
             added.push(uid.clone());
         }
@@ -65,14 +65,14 @@ pub(super) fn remove_members(conn: &Connection, key: &str, uids: &[String]) -> R
     };
     let mut remove = conn
         .prepare_cached("DELETE FROM members WHERE uid = ?1 AND conv_id = ?2")
-        .map_err(unavailable)?;
+        .map_err(sql_error)?;
     let mut log = conn
         .prepare_cached("INSERT INTO member_removals (conv_key, uid) VALUES (?1, ?2)")
-        .map_err(unavailable)?;
+        .map_err(sql_error)?;
     let mut removed = Vec::new();
     for uid in uids {
-        if remove.execute(params![uid, conv.id]).map_err(unavailable)? > 0 {
-            log.execute(params![key, uid]).map_err(unavailable)?;
+        if remove.execute(params![uid, conv.id]).map_err(sql_error)? > 0 {
+            log.execute(params![key, uid]).map_err(sql_error)?;
             removed.push(uid.clone());
         }
     }
@@ -85,7 +85,7 @@ pub(super) fn members(conn: &Connection, key: &str) -> Result<Vec<Member>> {
         .prepare_cached(
             "SELECT uid, role, read_seq FROM members WHERE conv_id = ?1 ORDER BY role DESC, uid",
         )
-        .map_err(unavailable)?;
+        .map_err(sql_error)?;
     let rows = stmt
         .query_map([conv.id], |row| {
             Ok(Member {
@@ -94,9 +94,9 @@ pub(super) fn members(conn: &Connection, key: &str) -> Result<Vec<Member>> {
                 read_seq: row.get(2)?,
             })
         })
-        .map_err(unavailable)?;
+        .map_err(sql_error)?;
     rows.collect::<rusqlite::Result<Vec<_>>>()
-        .map_err(unavailable)
+        .map_err(sql_error)
 }
 
 pub(super) fn role(conn: &Connection, uid: &str, key: &str) -> Result<Option<Role>> {
@@ -109,7 +109,7 @@ pub(super) fn role(conn: &Connection, uid: &str, key: &str) -> Result<Option<Rol
             .optional()
     })
     .map(|code| code.map(Role::from_code))
-    .map_err(unavailable)
+    .map_err(sql_error)
 }
 
 pub(super) fn group_memberships(conn: &Connection, uid: &str) -> Result<Vec<(Conversation, Role)>> {
@@ -118,14 +118,14 @@ pub(super) fn group_memberships(conn: &Connection, uid: &str) -> Result<Vec<(Con
             "SELECT c.key, m.role FROM members m JOIN conversations c ON c.id = m.conv_id
              WHERE m.uid = ?1 AND substr(c.key, 1, 2) = 'g:' ORDER BY c.key",
         )
-        .map_err(unavailable)?;
+        .map_err(sql_error)?;
     let rows = stmt
         .query_map(params![uid], |row| {
             Ok((row.get(0)?, Role::from_code(row.get(1)?)))
         })
-        .map_err(unavailable)?;
+        .map_err(sql_error)?;
     rows.collect::<rusqlite::Result<Vec<_>>>()
-        .map_err(unavailable)
+        .map_err(sql_error)
 }
 
 pub(super) fn receipts(
@@ -139,13 +139,13 @@ pub(super) fn receipts(
     };
     let mut sender_of = conn
         .prepare_cached("SELECT sender FROM messages WHERE conv_id = ?1 AND seq = ?2")
-        .map_err(unavailable)?;
+        .map_err(sql_error)?;
     let mut senders = Vec::new();
     for seq in seqs {
         if let Some(sender) = sender_of
             .query_row(params![conv.id, seq], |row| row.get::<_, String>(0))
             .optional()
-            .map_err(unavailable)?
+            .map_err(sql_error)?
         {
             senders.push((*seq, sender));
         }
@@ -158,14 +158,14 @@ pub(super) fn receipts(
             "SELECT uid, read_seq FROM members WHERE conv_id = ?1 AND read_seq >= ?2
              ORDER BY read_seq DESC, uid",
         )
-        .map_err(unavailable)?;
+        .map_err(sql_error)?;
     let readers = stmt
         .query_map(params![conv.id, lowest], |row| {
             Ok((row.get(0)?, row.get(1)?))
         })
-        .map_err(unavailable)?
+        .map_err(sql_error)?
         .collect::<rusqlite::Result<Vec<(String, u64)>>>()
-        .map_err(unavailable)?;
+        .map_err(sql_error)?;
     Ok(receipts_from(&senders, &readers, max_readers))
 }
 
@@ -177,12 +177,12 @@ pub(super) fn senders(conn: &Connection, key: &str, range: SeqRange) -> Result<V
         .prepare_cached(
             "SELECT DISTINCT sender FROM messages WHERE conv_id = ?1 AND seq BETWEEN ?2 AND ?3",
         )
-        .map_err(unavailable)?;
+        .map_err(sql_error)?;
     let rows = stmt
         .query_map(params![conv.id, range.lo, range.hi], |row| row.get(0))
-        .map_err(unavailable)?;
+        .map_err(sql_error)?;
     rows.collect::<rusqlite::Result<Vec<String>>>()
-        .map_err(unavailable)
+        .map_err(sql_error)
 }
 
 pub(super) fn removals_since(conn: &Connection, after: u64, limit: usize) -> Result<Vec<Removal>> {
@@ -190,7 +190,7 @@ pub(super) fn removals_since(conn: &Connection, after: u64, limit: usize) -> Res
         .prepare_cached(
             "SELECT id, conv_key, uid FROM member_removals WHERE id > ?1 ORDER BY id LIMIT ?2",
         )
-        .map_err(unavailable)?;
+        .map_err(sql_error)?;
     let rows = stmt
         .query_map(params![after, limit as u64], |row| {
             Ok(Removal {
@@ -199,7 +199,7 @@ pub(super) fn removals_since(conn: &Connection, after: u64, limit: usize) -> Res
                 uid: row.get(2)?,
             })
         })
-        .map_err(unavailable)?;
+        .map_err(sql_error)?;
     rows.collect::<rusqlite::Result<Vec<_>>>()
-        .map_err(unavailable)
+        .map_err(sql_error)
 }

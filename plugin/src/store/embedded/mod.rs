@@ -2,6 +2,7 @@
 //! is on disk before anyone is told. Writes go through one group-committing thread; reads use
 //! a small pool of read connections, which only ever see committed transactions.
 
+mod error;
 mod groups;
 mod queries;
 mod writer;
@@ -19,7 +20,7 @@ use super::{
     Page, QueuedAppend, Receipt, Removal, Role, SeqRange, Store, StoreError, StoreSizes,
     SIZES_QUERY,
 };
-use queries::unavailable;
+use error::{sql_error, SqliteError};
 use writer::{AfterCommit, Call, Job};
 
 /// Bounded queue of writes waiting for the writer thread.
@@ -42,8 +43,9 @@ impl EmbeddedStore {
     /// The file cannot be opened, a migration fails, or the schema is newer than this binary.
     pub fn open(path: &Path, max_batch: usize) -> Result<Self, StoreError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| {
-                StoreError::Unavailable(format!("cannot create {}: {e}", dir.display()))
+            std::fs::create_dir_all(dir).map_err(|source| SqliteError::Folder {
+                path: dir.to_path_buf(),
+                source,
             })?;
         }
         let mut conn = open_connection(path)?;
@@ -52,7 +54,7 @@ impl EmbeddedStore {
         let thread = std::thread::Builder::new()
             .name("mqtt-im-sqlite-writer".into())
             .spawn(move || writer::run(conn, rx, max_batch.max(1)))
-            .map_err(|e| StoreError::Unavailable(format!("cannot start writer: {e}")))?;
+            .map_err(SqliteError::Thread)?;
         Ok(Self {
             path: path.to_path_buf(),
             writer: Mutex::new(Some(tx)),
@@ -78,7 +80,7 @@ impl EmbeddedStore {
         self.queue(work, None)
             .await?
             .await
-            .map_err(|_| StoreError::Unavailable("writer stopped".into()))?
+            .map_err(|_| SqliteError::WriterStopped)?
     }
 
     /// Hands `work` to the writer; the receiver yields its result after the commit.
@@ -94,14 +96,14 @@ impl EmbeddedStore {
         let sender = self
             .writer
             .lock()
-            .map_err(|_| StoreError::Unavailable("writer lock poisoned".into()))?
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone()
-            .ok_or_else(|| StoreError::Unavailable("store is closed".into()))?;
+            .ok_or(SqliteError::Closed)?;
         let (job, done) = Call::job(work, after_commit);
         sender
             .send(job)
             .await
-            .map_err(|_| StoreError::Unavailable("writer stopped".into()))?;
+            .map_err(|_| SqliteError::WriterStopped)?;
         Ok(done)
     }
 
@@ -125,17 +127,19 @@ impl EmbeddedStore {
             result
         })
         .await
-        .map_err(|e| StoreError::Unavailable(format!("read task failed: {e}")))?
+        .map_err(SqliteError::Read)?
     }
 }
 
 fn open_connection(path: &Path) -> Result<Connection, StoreError> {
-    let conn = Connection::open(path)
-        .map_err(|e| StoreError::Unavailable(format!("cannot open {}: {e}", path.display())))?;
+    let conn = Connection::open(path).map_err(|source| SqliteError::Open {
+        path: path.to_path_buf(),
+        source,
+    })?;
     conn.execute_batch(
         "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA busy_timeout = 5000;",
     )
-    .map_err(unavailable)?;
+    .map_err(sql_error)?;
     Ok(conn)
 }
 
@@ -330,7 +334,7 @@ impl Store for EmbeddedStore {
                     row.get(4)?,
                 ])
             });
-            let counts = counts.map_err(unavailable)?;
+            let counts = counts.map_err(sql_error)?;
             Ok(StoreSizes::from_counts(counts))
         })
         .await

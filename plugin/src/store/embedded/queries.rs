@@ -9,11 +9,9 @@ use crate::store::{
     StoredMessage,
 };
 
-pub(super) type Result<T> = std::result::Result<T, StoreError>;
+pub(super) use super::error::sql_error;
 
-pub(super) fn unavailable(e: rusqlite::Error) -> StoreError {
-    StoreError::Unavailable(e.to_string())
-}
+pub(super) type Result<T> = std::result::Result<T, StoreError>;
 
 /// A conversation's stored key reads back as the [`Conversation`] it was written from.
 impl rusqlite::types::FromSql for Conversation {
@@ -45,7 +43,7 @@ pub(super) fn conversation(conn: &Connection, key: &str) -> Result<Option<Conver
             })
             .optional()
         })
-        .map_err(unavailable)
+        .map_err(sql_error)
 }
 
 pub(super) fn append(conn: &Connection, message: &NewMessage) -> Result<Appended> {
@@ -61,7 +59,7 @@ pub(super) fn append(conn: &Connection, message: &NewMessage) -> Result<Appended
             })
             .optional()
         })
-        .map_err(unavailable)?;
+        .map_err(sql_error)?;
     if let Some(first) = existing {
         return Ok(first);
     }
@@ -69,7 +67,7 @@ pub(super) fn append(conn: &Connection, message: &NewMessage) -> Result<Appended
     let seq = conv.max_seq + 1;
     conn.prepare_cached("UPDATE conversations SET max_seq = ?2, last_time = ?3 WHERE id = ?1")
         .and_then(|mut stmt| stmt.execute(params![conv.id, seq, message.server_time]))
-        .map_err(unavailable)?;
+        .map_err(sql_error)?;
     conn.prepare_cached(
         "INSERT INTO messages (conv_id, seq, sender, sender_device, msg_id, server_time, body)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
@@ -85,7 +83,7 @@ pub(super) fn append(conn: &Connection, message: &NewMessage) -> Result<Appended
             message.body
         ])
     })
-    .map_err(unavailable)?;
+    .map_err(sql_error)?;
     Ok(Appended {
         seq,
         server_time: message.server_time,
@@ -101,13 +99,13 @@ fn create_conversation(conn: &Connection, conversation: &Conversation) -> Result
     }
     conn.prepare_cached("INSERT INTO conversations (key) VALUES (?1)")
         .and_then(|mut stmt| stmt.execute([&key]))
-        .map_err(unavailable)?;
+        .map_err(sql_error)?;
     let id = conn.last_insert_rowid();
     let mut add = conn
         .prepare_cached("INSERT OR IGNORE INTO members (uid, conv_id) VALUES (?1, ?2)")
-        .map_err(unavailable)?;
+        .map_err(sql_error)?;
     for uid in conversation.direct_members().into_iter().flatten() {
-        add.execute(params![uid, id]).map_err(unavailable)?;
+        add.execute(params![uid, id]).map_err(sql_error)?;
     }
     Ok(ConversationRow {
         id,
@@ -123,7 +121,7 @@ fn acked_by_conversation(
     sql: &str,
     device: &Device,
 ) -> Result<Vec<(i64, Vec<SeqRange>)>> {
-    let mut stmt = conn.prepare_cached(sql).map_err(unavailable)?;
+    let mut stmt = conn.prepare_cached(sql).map_err(sql_error)?;
     let rows = stmt
         .query_map(params![device.uid, device.client_id], |row| {
             Ok((
@@ -134,9 +132,9 @@ fn acked_by_conversation(
                 },
             ))
         })
-        .map_err(unavailable)?
+        .map_err(sql_error)?
         .collect::<rusqlite::Result<Vec<_>>>()
-        .map_err(unavailable)?;
+        .map_err(sql_error)?;
     Ok(ranges::union_by_conversation(rows))
 }
 
@@ -144,7 +142,7 @@ pub(super) fn register_device(conn: &Connection, device: &Device) -> Result<()> 
     let inserted = conn
         .prepare_cached("INSERT OR IGNORE INTO devices (uid, client_id) VALUES (?1, ?2)")
         .and_then(|mut stmt| stmt.execute(params![device.uid, device.client_id]))
-        .map_err(unavailable)?;
+        .map_err(sql_error)?;
     if inserted == 0 {
         return Ok(());
     }
@@ -170,7 +168,7 @@ fn acked(conn: &Connection, device: &Device, conv_id: i64) -> Result<Vec<SeqRang
              UNION ALL
              SELECT 1, joined_seq FROM members WHERE uid = ?1 AND conv_id = ?3 AND joined_seq > 0",
         )
-        .map_err(unavailable)?;
+        .map_err(sql_error)?;
     let rows = stmt
         .query_map(params![device.uid, device.client_id, conv_id], |row| {
             Ok(SeqRange {
@@ -178,22 +176,22 @@ fn acked(conn: &Connection, device: &Device, conv_id: i64) -> Result<Vec<SeqRang
                 hi: row.get(1)?,
             })
         })
-        .map_err(unavailable)?;
+        .map_err(sql_error)?;
     let rows = rows
         .collect::<rusqlite::Result<Vec<_>>>()
-        .map_err(unavailable)?;
+        .map_err(sql_error)?;
     Ok(ranges::normalized(rows))
 }
 
 fn save_acked(conn: &Connection, device: &Device, conv_id: i64, ranges: &[SeqRange]) -> Result<()> {
     conn.prepare_cached("DELETE FROM acked WHERE uid = ?1 AND client_id = ?2 AND conv_id = ?3")
         .and_then(|mut stmt| stmt.execute(params![device.uid, device.client_id, conv_id]))
-        .map_err(unavailable)?;
+        .map_err(sql_error)?;
     let mut insert = conn
         .prepare_cached(
             "INSERT INTO acked (uid, client_id, conv_id, lo, hi) VALUES (?1, ?2, ?3, ?4, ?5)",
         )
-        .map_err(unavailable)?;
+        .map_err(sql_error)?;
     for range in ranges {
         insert
             .execute(params![
@@ -203,7 +201,7 @@ fn save_acked(conn: &Connection, device: &Device, conv_id: i64, ranges: &[SeqRan
                 range.lo,
                 range.hi
             ])
-            .map_err(unavailable)?;
+            .map_err(sql_error)?;
     }
     Ok(())
 }
@@ -263,7 +261,7 @@ pub(super) fn pull(
                AND NOT (sender = ?4 AND sender_device = ?5)
              ORDER BY seq DESC LIMIT ?6",
         )
-        .map_err(unavailable)?;
+        .map_err(sql_error)?;
     // One more than asked tells whether anything is left after this page.
     let mut messages = Vec::with_capacity(limit + 1);
     for gap in ranges::gaps_newest_first(&acked(conn, device, conv.id)?, conv.max_seq) {
@@ -280,9 +278,9 @@ pub(super) fn pull(
                 ],
                 stored,
             )
-            .map_err(unavailable)?;
+            .map_err(sql_error)?;
         for row in rows {
-            messages.push(row.map_err(unavailable)?);
+            messages.push(row.map_err(sql_error)?);
         }
         if messages.len() > limit {
             break;
@@ -316,12 +314,12 @@ pub(super) fn history(
             "SELECT seq, sender, server_time, body FROM messages
              WHERE conv_id = ?1 AND seq < ?2 ORDER BY seq DESC LIMIT ?3",
         )
-        .map_err(unavailable)?;
+        .map_err(sql_error)?;
     let mut messages = stmt
         .query_map(params![conv.id, before, limit + 1], stored)
-        .map_err(unavailable)?
+        .map_err(sql_error)?
         .collect::<rusqlite::Result<Vec<_>>>()
-        .map_err(unavailable)?;
+        .map_err(sql_error)?;
     let end = messages.len() <= limit;
     messages.truncate(limit);
     Ok(Page { messages, end })
@@ -337,14 +335,14 @@ pub(super) fn mark_read(conn: &Connection, uid: &str, key: &str, seq: u64) -> Re
         .prepare_cached("SELECT read_seq FROM members WHERE uid = ?1 AND conv_id = ?2")
         .and_then(|mut stmt| stmt.query_row(params![uid, conv.id], |row| row.get(0)))
         .optional()
-        .map_err(unavailable)?
+        .map_err(sql_error)?
         .ok_or_else(|| {
             StoreError::NotFound(format!("{uid} is not a member of the conversation"))
         })?;
     let after = before.max(seq);
     conn.prepare_cached("UPDATE members SET read_seq = ?3 WHERE uid = ?1 AND conv_id = ?2")
         .and_then(|mut stmt| stmt.execute(params![uid, conv.id, after]))
-        .map_err(unavailable)?;
+        .map_err(sql_error)?;
     Ok((before, after))
 }
 
@@ -390,7 +388,7 @@ pub(super) fn memberships(conn: &Connection, device: &Device) -> Result<Vec<Memb
                ON rs.uid = m.uid AND rs.client_id = ?2 AND rs.conv_id = c.id
              WHERE m.uid = ?1",
         )
-        .map_err(unavailable)?;
+        .map_err(sql_error)?;
     let rows = stmt
         .query_map(params![device.uid, device.client_id], |row| {
             let id: i64 = row.get(0)?;
@@ -408,10 +406,10 @@ pub(super) fn memberships(conn: &Connection, device: &Device) -> Result<Vec<Memb
                 acked: Vec::new(),
             })
         })
-        .map_err(unavailable)?;
+        .map_err(sql_error)?;
     let mut members = rows
         .collect::<rusqlite::Result<Vec<_>>>()
-        .map_err(unavailable)?;
+        .map_err(sql_error)?;
     for member in &mut members {
         member.acked = acked.remove(&member.conv.id).unwrap_or_default();
     }
@@ -433,7 +431,7 @@ pub(super) fn conversation_state(
                     COALESCE(SUM(sender != ?4 AND seq > ?6), 0)
              FROM messages WHERE conv_id = ?1 AND seq BETWEEN ?2 AND ?3",
         )
-        .map_err(unavailable)?;
+        .map_err(sql_error)?;
     let (mut unacked, mut count) = (0u64, 0u64);
     for gap in ranges::gaps_newest_first(&member.acked, conv.max_seq) {
         let (u, c): (u64, u64) = count_stmt
@@ -448,7 +446,7 @@ pub(super) fn conversation_state(
                 ],
                 |row| Ok((row.get(0)?, row.get(1)?)),
             )
-            .map_err(unavailable)?;
+            .map_err(sql_error)?;
         unacked += u;
         count += c;
     }
@@ -483,20 +481,20 @@ pub(super) fn record_digest(
         .and_then(|mut stmt| {
             stmt.query_row(params![device.uid, device.client_id], |row| row.get(0))
         })
-        .map_err(unavailable)?;
+        .map_err(sql_error)?;
     let mut insert = conn
         .prepare_cached(
             "INSERT INTO digest_entries (uid, client_id, version, conv_id, max_seq)
              SELECT ?1, ?2, ?3, id, ?5 FROM conversations WHERE key = ?4",
         )
-        .map_err(unavailable)?;
+        .map_err(sql_error)?;
     let mut seen = conn
         .prepare_cached(
             "INSERT INTO read_seen (uid, client_id, conv_id, peer_read_seq)
              SELECT ?1, ?2, id, ?4 FROM conversations WHERE key = ?3
              ON CONFLICT (uid, client_id, conv_id) DO UPDATE SET peer_read_seq = excluded.peer_read_seq",
         )
-        .map_err(unavailable)?;
+        .map_err(sql_error)?;
     for entry in entries {
         insert
             .execute(params![
@@ -506,21 +504,21 @@ pub(super) fn record_digest(
                 entry.conversation.key(),
                 entry.max_seq
             ])
-            .map_err(unavailable)?;
+            .map_err(sql_error)?;
         seen.execute(params![
             device.uid,
             device.client_id,
             entry.conversation.key(),
             entry.peer_read_seq
         ])
-        .map_err(unavailable)?;
+        .map_err(sql_error)?;
     }
     // A client confirms the digest it just got; older versions are kept only briefly.
     conn.prepare_cached(
         "DELETE FROM digest_entries WHERE uid = ?1 AND client_id = ?2 AND version + 8 < ?3",
     )
     .and_then(|mut stmt| stmt.execute(params![device.uid, device.client_id, version]))
-    .map_err(unavailable)?;
+    .map_err(sql_error)?;
     Ok(version)
 }
 
@@ -531,7 +529,7 @@ pub(super) fn clear_counters(conn: &Connection, device: &Device, version: u64) -
             stmt.query_row(params![device.uid, device.client_id], |row| row.get(0))
                 .optional()
         })
-        .map_err(unavailable)?;
+        .map_err(sql_error)?;
     if version == 0 || handed_out.is_none_or(|latest| version > latest) {
         return Err(StoreError::NotFound(format!(
             "digest version {version} was never sent to this device"
@@ -545,6 +543,6 @@ pub(super) fn clear_counters(conn: &Connection, device: &Device, version: u64) -
          DO UPDATE SET cleared_seq = MAX(cleared_seq, excluded.cleared_seq)",
     )
     .and_then(|mut stmt| stmt.execute(params![device.uid, device.client_id, version]))
-    .map_err(unavailable)?;
+    .map_err(sql_error)?;
     Ok(())
 }

@@ -2,9 +2,12 @@
 //! moment in one transaction (one fsync), each in its own savepoint so one failure does not
 //! undo the others. Callers hear back only after the commit returned.
 
+use std::sync::Arc;
+
 use rusqlite::Connection;
 use tokio::sync::{mpsc, oneshot};
 
+use super::error::sql_error;
 use crate::store::StoreError;
 
 /// A unit of work for the writer thread.
@@ -12,7 +15,7 @@ pub(super) trait Job: Send {
     /// Runs inside the batch transaction.
     fn run(&mut self, conn: &Connection);
     /// Reports the outcome once the batch committed (or failed to).
-    fn finish(self: Box<Self>, committed: Result<(), String>);
+    fn finish(self: Box<Self>, committed: Result<(), Arc<StoreError>>);
 }
 
 /// Runs after the commit, in batch order, before the caller hears back.
@@ -58,7 +61,7 @@ where
             return;
         };
         if let Err(e) = conn.execute_batch("SAVEPOINT job") {
-            self.outcome = Some(Err(StoreError::Unavailable(e.to_string())));
+            self.outcome = Some(Err(sql_error(e)));
             return;
         }
         let outcome = work(conn);
@@ -69,16 +72,16 @@ where
         };
         self.outcome = Some(match conn.execute_batch(end) {
             Ok(()) => outcome,
-            Err(e) => Err(StoreError::Unavailable(e.to_string())),
+            Err(e) => Err(sql_error(e)),
         });
     }
 
-    fn finish(self: Box<Self>, committed: Result<(), String>) {
+    fn finish(self: Box<Self>, committed: Result<(), Arc<StoreError>>) {
         let result = match committed {
             Ok(()) => self
                 .outcome
-                .unwrap_or_else(|| Err(StoreError::Unavailable("write did not run".into()))),
-            Err(e) => Err(StoreError::Unavailable(e)),
+                .unwrap_or_else(|| Err(StoreError::Unavailable("the write did not run".into()))),
+            Err(cause) => Err(StoreError::of_batch(&cause)),
         };
         if let (Ok(value), Some(after_commit)) = (&result, self.after_commit) {
             after_commit(value);
@@ -109,16 +112,16 @@ pub(super) fn run(conn: Connection, mut jobs: mpsc::Receiver<Box<dyn Job>>, max_
     }
 }
 
-fn commit_batch(conn: &Connection, batch: &mut [Box<dyn Job>]) -> Result<(), String> {
+fn commit_batch(conn: &Connection, batch: &mut [Box<dyn Job>]) -> Result<(), Arc<StoreError>> {
     conn.execute_batch("BEGIN IMMEDIATE")
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| Arc::new(sql_error(e)))?;
     for job in batch.iter_mut() {
         job.run(conn);
     }
     if let Err(e) = conn.execute_batch("COMMIT") {
         // The transaction may still be open; leave the connection usable for the next batch.
         let _ = conn.execute_batch("ROLLBACK");
-        return Err(e.to_string());
+        return Err(Arc::new(sql_error(e)));
     }
     Ok(())
 }

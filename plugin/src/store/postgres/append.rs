@@ -3,12 +3,15 @@
 //! one multi-row insert), whatever the batch size.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use deadpool_postgres::{GenericClient, Pool};
 use tokio::sync::{mpsc, oneshot};
 
 use super::cache::{CacheUpdates, Committed};
-use super::{pg_error, uint};
+use super::error::Cells;
+use super::error::PostgresError;
+use super::{pg_error, pool_error, uint};
 use crate::store::{Appended, NewMessage, OnCommit, StoreError};
 
 /// One waiting append.
@@ -36,7 +39,7 @@ pub(super) async fn run(
             }
         }
         let messages: Vec<&NewMessage> = batch.iter().map(|r: &Request| &r.message).collect();
-        let outcome = commit(&pool, &messages).await;
+        let outcome = commit(&pool, &messages).await.map_err(Arc::new);
         if let Err(e) = &outcome {
             tracing::error!(error = %e, messages = batch.len(), "append batch failed");
         }
@@ -49,7 +52,7 @@ pub(super) async fn run(
             } = request;
             let result = match &outcome {
                 Ok(appended) => Ok(appended[index]),
-                Err(e) => Err(StoreError::Unavailable(e.to_string())),
+                Err(cause) => Err(StoreError::of_batch(cause)),
             };
             if let (Ok(appended), Some(on_commit)) = (&result, on_commit) {
                 on_commit(appended);
@@ -79,10 +82,7 @@ enum Slot {
 }
 
 async fn commit(pool: &Pool, batch: &[&NewMessage]) -> Result<Vec<Appended>, StoreError> {
-    let mut client = pool
-        .get()
-        .await
-        .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+    let mut client = pool.get().await.map_err(pool_error)?;
     let tx = client.transaction().await.map_err(pg_error)?;
     let senders: Vec<&str> = batch.iter().map(|m| m.sender.as_str()).collect();
     let ids: Vec<&str> = batch.iter().map(|m| m.msg_id.as_str()).collect();
@@ -98,13 +98,13 @@ async fn commit(pool: &Pool, batch: &[&NewMessage]) -> Result<Vec<Appended>, Sto
         .iter()
         .map(|row| {
             let appended = Appended {
-                seq: uint(row.get(2)),
-                server_time: row.get(3),
+                seq: uint(row.cell(2)?),
+                server_time: row.cell(3)?,
                 duplicate: true,
             };
-            ((row.get(0), row.get(1)), appended)
+            Ok(((row.cell(0)?, row.cell(1)?), appended))
         })
-        .collect();
+        .collect::<Result<_, StoreError>>()?;
 
     let message_keys: Vec<String> = batch.iter().map(|m| m.conversation.key()).collect();
     let mut keys: Vec<&str> = Vec::new();
@@ -156,10 +156,10 @@ async fn commit(pool: &Pool, batch: &[&NewMessage]) -> Result<Vec<Appended>, Sto
             .await
             .map_err(pg_error)?;
         for row in rows {
-            let key: String = row.get(0);
+            let key: String = row.cell(0)?;
             if let Some(index) = keys.iter().position(|k| *k == key) {
-                let max_seq: i64 = row.get(2);
-                first_seq.insert(index, (row.get(1), max_seq - counts[index]));
+                let max_seq: i64 = row.cell(2)?;
+                first_seq.insert(index, (row.cell(1)?, max_seq - counts[index]));
             }
         }
     }
@@ -177,7 +177,7 @@ async fn commit(pool: &Pool, batch: &[&NewMessage]) -> Result<Vec<Appended>, Sto
                 let (conv_id, base) = first_seq
                     .get(key)
                     .copied()
-                    .ok_or_else(|| StoreError::Unavailable("conversation vanished".into()))?;
+                    .ok_or_else(|| PostgresError::Vanished(keys[*key].to_owned()))?;
                 let message = batch[index];
                 rows.push(conv_id, base + nth, message);
                 Appended {

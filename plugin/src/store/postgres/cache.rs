@@ -18,6 +18,7 @@ use tokio::time::Instant;
 use prometheus_client::metrics::counter::Counter;
 use redis::aio::ConnectionManager;
 
+use crate::store::redis::redis_error;
 use crate::store::{Device, NewMessage, StoreError, StoredMessage};
 
 /// Cached keys of devices and conversations unused this long disappear.
@@ -233,10 +234,6 @@ impl std::fmt::Debug for DigestCache {
             .field("keep", &self.keep)
             .finish_non_exhaustive()
     }
-}
-
-fn redis_error(e: redis::RedisError) -> StoreError {
-    StoreError::Unavailable(format!("redis: {e}"))
 }
 
 impl DigestCache {

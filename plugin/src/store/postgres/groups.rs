@@ -3,6 +3,7 @@
 use deadpool_postgres::GenericClient;
 use tokio_postgres::types::ToSql;
 
+use super::error::Cells;
 use super::queries::conversation;
 use super::{int, pg_error, uint};
 use crate::store::{
@@ -106,37 +107,40 @@ pub(super) async fn members(c: &impl GenericClient, key: &str) -> Result<Vec<Mem
     let conv = conversation(c, key)
         .await?
         .ok_or_else(StoreError::no_conversation)?;
-    Ok(c.query(
+    c.query(
         "SELECT uid, role, read_seq FROM members WHERE conv_id = $1 ORDER BY role DESC, uid",
         &[&conv.id],
     )
     .await
     .map_err(pg_error)?
     .iter()
-    .map(|row| Member {
-        uid: row.get(0),
-        role: Role::from_code(i64::from(row.get::<_, i16>(1))),
-        read_seq: uint(row.get(2)),
+    .map(|row| {
+        Ok(Member {
+            uid: row.cell(0)?,
+            role: Role::from_code(i64::from(row.cell::<i16>(1)?)),
+            read_seq: uint(row.cell(2)?),
+        })
     })
-    .collect())
+    .collect::<Result<_>>()
 }
 
 pub(super) async fn role(c: &impl GenericClient, uid: &str, key: &str) -> Result<Option<Role>> {
-    Ok(c.query_opt(
+    c.query_opt(
         "SELECT m.role FROM members m JOIN conversations c ON c.id = m.conv_id
              WHERE c.key = $1 AND m.uid = $2",
         &[&key, &uid],
     )
     .await
     .map_err(pg_error)?
-    .map(|row| Role::from_code(i64::from(row.get::<_, i16>(0)))))
+    .map(|row| Ok::<_, StoreError>(Role::from_code(i64::from(row.cell::<i16>(0)?))))
+    .transpose()
 }
 
 pub(super) async fn group_memberships(
     c: &impl GenericClient,
     uid: &str,
 ) -> Result<Vec<(Conversation, Role)>> {
-    Ok(c.query(
+    c.query(
         "SELECT c.key, m.role FROM members m JOIN conversations c ON c.id = m.conv_id
              WHERE m.uid = $1 AND left(c.key, 2) = 'g:' ORDER BY c.key",
         &[&uid],
@@ -144,8 +148,13 @@ pub(super) async fn group_memberships(
     .await
     .map_err(pg_error)?
     .iter()
-    .map(|row| (row.get(0), Role::from_code(i64::from(row.get::<_, i16>(1)))))
-    .collect())
+    .map(|row| {
+        Ok((
+            row.cell(0)?,
+            Role::from_code(i64::from(row.cell::<i16>(1)?)),
+        ))
+    })
+    .collect::<Result<_>>()
 }
 
 pub(super) async fn receipts(
@@ -166,8 +175,8 @@ pub(super) async fn receipts(
         .await
         .map_err(pg_error)?
         .iter()
-        .map(|row| (uint(row.get(0)), row.get(1)))
-        .collect();
+        .map(|row| Ok((uint(row.cell(0)?), row.cell(1)?)))
+        .collect::<Result<_>>()?;
     let Some(lowest) = senders.iter().map(|(seq, _)| *seq).min() else {
         return Ok(Vec::new());
     };
@@ -180,8 +189,8 @@ pub(super) async fn receipts(
         .await
         .map_err(pg_error)?
         .iter()
-        .map(|row| (row.get(0), uint(row.get(1))))
-        .collect();
+        .map(|row| Ok((row.cell(0)?, uint(row.cell(1)?))))
+        .collect::<Result<_>>()?;
     Ok(receipts_from(&senders, &readers, max_readers))
 }
 
@@ -206,17 +215,19 @@ pub(super) async fn removals_since(
     after: u64,
     limit: usize,
 ) -> Result<Vec<Removal>> {
-    Ok(c.query(
+    c.query(
         "SELECT id, conv_key, uid FROM member_removals WHERE id > $1 ORDER BY id LIMIT $2",
         &[&int(after), &int(limit as u64)],
     )
     .await
     .map_err(pg_error)?
     .iter()
-    .map(|row| Removal {
-        id: uint(row.get(0)),
-        conversation: row.get(1),
-        uid: row.get(2),
+    .map(|row| {
+        Ok(Removal {
+            id: uint(row.cell(0)?),
+            conversation: row.cell(1)?,
+            uid: row.cell(2)?,
+        })
     })
-    .collect())
+    .collect::<Result<_>>()
 }

@@ -4,6 +4,7 @@
 
 mod append;
 mod cache;
+mod error;
 mod groups;
 mod queries;
 
@@ -23,6 +24,8 @@ use super::{
 };
 use crate::config::PostgresSettings;
 pub use cache::DigestCache;
+use error::PostgresError;
+use error::{pg_error, pool_error};
 
 /// Appends waiting for the writer task.
 const APPEND_QUEUE: usize = 16_384;
@@ -34,10 +37,6 @@ pub struct PostgresStore {
     cache: Option<DigestCache>,
     appender: Mutex<Option<mpsc::Sender<append::Request>>>,
     appender_task: Mutex<Option<tokio::task::JoinHandle<()>>>,
-}
-
-pub(super) fn pg_error(e: tokio_postgres::Error) -> StoreError {
-    StoreError::Unavailable(e.to_string())
 }
 
 /// Seqs and counts are stored as BIGINT and never negative.
@@ -94,10 +93,7 @@ impl PostgresStore {
     }
 
     async fn client(&self) -> Result<deadpool_postgres::Client, StoreError> {
-        self.pool
-            .get()
-            .await
-            .map_err(|e| StoreError::Unavailable(e.to_string()))
+        self.pool.get().await.map_err(pool_error)
     }
 }
 
@@ -112,10 +108,7 @@ async fn relaxed_commit(tx: &deadpool_postgres::Transaction<'_>) -> Result<(), S
 }
 
 fn pg_config(settings: &PostgresSettings) -> Result<tokio_postgres::Config, StoreError> {
-    let mut config: tokio_postgres::Config =
-        settings.url.parse().map_err(|e: tokio_postgres::Error| {
-            StoreError::Unavailable(format!("store.postgres.url: {e}"))
-        })?;
+    let mut config: tokio_postgres::Config = settings.url.parse().map_err(PostgresError::Url)?;
     // The schema name is validated by the configuration (letters, digits, '_').
     config.options(format!("-c search_path={}", settings.schema));
     config.connect_timeout(Duration::from_millis(settings.connect_timeout_ms));
@@ -137,7 +130,7 @@ fn pool(settings: &PostgresSettings) -> Result<Pool, StoreError> {
         .wait_timeout(timeout)
         .create_timeout(timeout)
         .build()
-        .map_err(|e| StoreError::Unavailable(e.to_string()))
+        .map_err(|e| PostgresError::from(e).into())
 }
 
 async fn connect(settings: &PostgresSettings) -> Result<tokio_postgres::Client, StoreError> {
@@ -163,9 +156,9 @@ impl Store for PostgresStore {
         let sender = self
             .appender
             .lock()
-            .map_err(|_| StoreError::Unavailable("appender lock poisoned".into()))?
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone()
-            .ok_or_else(|| StoreError::Unavailable("store is closed".into()))?;
+            .ok_or(PostgresError::Closed)?;
         let (reply, done) = oneshot::channel();
         let request = append::Request {
             message,
@@ -175,7 +168,7 @@ impl Store for PostgresStore {
         sender
             .send(request)
             .await
-            .map_err(|_| StoreError::Unavailable("appender stopped".into()))?;
+            .map_err(|_| PostgresError::AppenderStopped)?;
         Ok(QueuedAppend(done))
     }
 

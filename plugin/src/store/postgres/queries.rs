@@ -6,6 +6,7 @@ use deadpool_postgres::GenericClient;
 use tokio_postgres::Row;
 
 use super::cache::{Counted, DigestCache};
+use super::error::Cells;
 use super::{int, pg_error, uint};
 use crate::store::ranges::{self, SeqRange};
 use crate::store::{
@@ -47,11 +48,14 @@ pub(super) async fn conversation(
         )
         .await
         .map_err(pg_error)?;
-    Ok(row.map(|row| ConversationRow {
-        id: row.get(0),
-        max_seq: uint(row.get(1)),
-        last_time: row.get(2),
-    }))
+    row.map(|row| {
+        Ok::<_, StoreError>(ConversationRow {
+            id: row.cell(0)?,
+            max_seq: uint(row.cell(1)?),
+            last_time: row.cell(2)?,
+        })
+    })
+    .transpose()
 }
 
 pub(super) async fn register_device(c: &impl GenericClient, device: &Device) -> Result<()> {
@@ -73,13 +77,16 @@ pub(super) async fn register_device(c: &impl GenericClient, device: &Device) -> 
         )
         .await
         .map_err(pg_error)?;
-    let rows = rows.iter().map(|row| {
-        let range = SeqRange {
-            lo: uint(row.get(1)),
-            hi: uint(row.get(2)),
-        };
-        (row.get::<_, i64>(0), range)
-    });
+    let rows = rows
+        .iter()
+        .map(|row| {
+            let range = SeqRange {
+                lo: uint(row.cell(1)?),
+                hi: uint(row.cell(2)?),
+            };
+            Ok((row.cell::<i64>(0)?, range))
+        })
+        .collect::<Result<Vec<_>>>()?;
     for (conv_id, ranges) in ranges::union_by_conversation(rows) {
         save_acked(c, device, conv_id, &ranges).await?;
     }
@@ -98,10 +105,16 @@ async fn acked(c: &impl GenericClient, device: &Device, conv_id: i64) -> Result<
         )
         .await
         .map_err(pg_error)?;
-    Ok(ranges::normalized(rows.iter().map(|row| SeqRange {
-        lo: uint(row.get(0)),
-        hi: uint(row.get(1)),
-    })))
+    Ok(ranges::normalized(
+        rows.iter()
+            .map(|row| {
+                Ok(SeqRange {
+                    lo: uint(row.cell(0)?),
+                    hi: uint(row.cell(1)?),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?,
+    ))
 }
 
 async fn save_acked(
@@ -160,13 +173,13 @@ async fn ack_in(
     Ok(merged)
 }
 
-fn stored(row: &Row) -> StoredMessage {
-    StoredMessage {
-        seq: uint(row.get(0)),
-        sender: row.get(1),
-        server_time: row.get(2),
-        body: row.get(3),
-    }
+fn stored(row: &Row) -> Result<StoredMessage> {
+    Ok(StoredMessage {
+        seq: uint(row.cell(0)?),
+        sender: row.cell(1)?,
+        server_time: row.cell(2)?,
+        body: row.cell(3)?,
+    })
 }
 
 fn nothing_left() -> Page {
@@ -220,7 +233,9 @@ pub(super) async fn pull(
                 )
                 .await
                 .map_err(pg_error)?;
-            messages.extend(rows.iter().map(stored));
+            for row in &rows {
+                messages.push(stored(row)?);
+            }
             if messages.len() > limit {
                 break 'gaps;
             }
@@ -253,7 +268,7 @@ pub(super) async fn history(
         )
         .await
         .map_err(pg_error)?;
-    let mut messages: Vec<StoredMessage> = rows.iter().map(stored).collect();
+    let mut messages = rows.iter().map(stored).collect::<Result<Vec<_>>>()?;
     let end = messages.len() <= limit;
     messages.truncate(limit);
     Ok(Page { messages, end })
@@ -281,7 +296,8 @@ pub(super) async fn mark_read(
         )
         .await
         .map_err(pg_error)?;
-    row.map(|row| (uint(row.get(0)), uint(row.get(1))))
+    row.map(|row| Ok::<_, StoreError>((uint(row.cell(0)?), uint(row.cell(1)?))))
+        .transpose()?
         .ok_or_else(|| StoreError::NotFound(format!("{uid} is not a member of the conversation")))
 }
 
@@ -304,19 +320,20 @@ async fn memberships(c: &impl GenericClient, uid: &str) -> Result<Vec<Membership
         )
         .await
         .map_err(pg_error)?;
-    Ok(rows
-        .iter()
-        .map(|row| Membership {
-            conv: ConversationRow {
-                id: row.get(0),
-                max_seq: uint(row.get(1)),
-                last_time: row.get(2),
-            },
-            conversation: row.get(3),
-            key: row.get(3),
-            read_seq: uint(row.get(4)),
+    rows.iter()
+        .map(|row| {
+            Ok(Membership {
+                conv: ConversationRow {
+                    id: row.cell(0)?,
+                    max_seq: uint(row.cell(1)?),
+                    last_time: row.cell(2)?,
+                },
+                conversation: row.cell(3)?,
+                key: row.cell(3)?,
+                read_seq: uint(row.cell(4)?),
+            })
         })
-        .collect())
+        .collect::<Result<_>>()
 }
 
 /// Every digest entry of a device in a handful of set-based queries, whatever the number of
@@ -434,13 +451,17 @@ async fn acked_by_conversation(
         )
         .await
         .map_err(pg_error)?;
-    let merged = ranges::union_by_conversation(rows.iter().map(|row| {
-        let range = SeqRange {
-            lo: uint(row.get(1)),
-            hi: uint(row.get(2)),
-        };
-        (row.get(0), range)
-    }));
+    let merged = ranges::union_by_conversation(
+        rows.iter()
+            .map(|row| {
+                let range = SeqRange {
+                    lo: uint(row.cell(1)?),
+                    hi: uint(row.cell(2)?),
+                };
+                Ok((row.cell(0)?, range))
+            })
+            .collect::<Result<Vec<_>>>()?,
+    );
     Ok(merged.into_iter().collect())
 }
 
@@ -451,12 +472,12 @@ async fn per_conversation(
     sql: &str,
     device: &Device,
 ) -> Result<HashMap<i64, u64>> {
-    Ok(c.query(sql, &[&device.uid, &device.client_id])
+    c.query(sql, &[&device.uid, &device.client_id])
         .await
         .map_err(pg_error)?
         .iter()
-        .map(|row| (row.get(0), uint(row.get(1))))
-        .collect())
+        .map(|row| Ok((row.cell(0)?, uint(row.cell(1)?))))
+        .collect::<Result<_>>()
 }
 
 async fn cleared_floors(c: &impl GenericClient, device: &Device) -> Result<HashMap<i64, u64>> {
@@ -484,7 +505,7 @@ async fn count_unacked<'a>(
     if gap_convs.is_empty() {
         return Ok(HashMap::new());
     }
-    Ok(c.query(
+    c.query(
         "SELECT g.conv,
                     COUNT(*) FILTER (WHERE NOT (m.sender = $5 AND m.sender_device = $6)),
                     COUNT(*) FILTER (WHERE m.sender != $5 AND m.seq > g.floor)
@@ -504,8 +525,8 @@ async fn count_unacked<'a>(
     .await
     .map_err(pg_error)?
     .iter()
-    .map(|row| (row.get(0), (uint(row.get(1)), uint(row.get(2)))))
-    .collect())
+    .map(|row| Ok((row.cell(0)?, (uint(row.cell(1)?), uint(row.cell(2)?)))))
+    .collect::<Result<_>>()
 }
 
 /// The others' read cursor each conversation's last digest reported to the device.
@@ -520,7 +541,7 @@ async fn peer_read_seqs(
     device: &Device,
     ids: &[i64],
 ) -> Result<HashMap<i64, i64>> {
-    Ok(c.query(
+    c.query(
         "SELECT conv_id, MAX(read_seq) FROM members WHERE conv_id = ANY($1) AND uid != $2
              GROUP BY conv_id",
         &[&ids, &device.uid],
@@ -528,8 +549,8 @@ async fn peer_read_seqs(
     .await
     .map_err(pg_error)?
     .iter()
-    .map(|row| (row.get(0), row.get(1)))
-    .collect())
+    .map(|row| Ok((row.cell(0)?, row.cell(1)?)))
+    .collect::<Result<_>>()
 }
 
 /// The newest `last_n` messages of each listed conversation (in order), from the cache where
@@ -568,11 +589,11 @@ async fn previews(
             .await
             .map_err(pg_error)?
         {
-            read.entry(row.get(0)).or_default().push(StoredMessage {
-                seq: uint(row.get(1)),
-                sender: row.get(2),
-                server_time: row.get(3),
-                body: row.get(4),
+            read.entry(row.cell(0)?).or_default().push(StoredMessage {
+                seq: uint(row.cell(1)?),
+                sender: row.cell(2)?,
+                server_time: row.cell(3)?,
+                body: row.cell(4)?,
             });
         }
     }
@@ -610,7 +631,7 @@ pub(super) async fn record_digest(
         )
         .await
         .map_err(pg_error)?
-        .get(0);
+        .cell(0)?;
     let keys: Vec<String> = entries.iter().map(|e| e.conversation.key()).collect();
     let seqs: Vec<i64> = entries.iter().map(|e| int(e.max_seq)).collect();
     let reads: Vec<i64> = entries.iter().map(|e| int(e.peer_read_seq)).collect();
@@ -653,7 +674,8 @@ pub(super) async fn clear_counters(
         )
         .await
         .map_err(pg_error)?
-        .map(|row| uint(row.get(0)));
+        .map(|row| row.cell(0).map(uint))
+        .transpose()?;
     if version == 0 || latest.is_none_or(|latest| version > latest) {
         return Err(StoreError::NotFound(format!(
             "digest version {version} was never sent to this device"
