@@ -388,11 +388,7 @@ async fn rows(broker: &TestBroker) -> i64 {
                 .sum()
         }
         TestBackend::Postgres(settings) => {
-            let (client, connection) =
-                tokio_postgres::connect(&settings.url, tokio_postgres::NoTls)
-                    .await
-                    .unwrap();
-            tokio::spawn(connection);
+            let client = postgres_client(settings).await;
             let tables = client
                 .query(
                     "SELECT table_name FROM information_schema.tables WHERE table_schema = $1",

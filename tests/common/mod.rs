@@ -338,13 +338,20 @@ pub async fn run_sql(broker: &TestBroker, sqlite: &str, postgres: &str) {
             db.execute_batch(sqlite).unwrap();
         }
         TestBackend::Postgres(settings) => {
-            let (client, connection) =
-                tokio_postgres::connect(&settings.url, tokio_postgres::NoTls)
-                    .await
-                    .unwrap();
-            tokio::spawn(connection);
+            let client = postgres_client(settings).await;
             let sql = format!("SET search_path TO {}; {postgres}", settings.schema);
             client.batch_execute(&sql).await.unwrap();
         }
     }
+}
+
+/// A plain connection to the test PostgreSQL server.
+pub async fn postgres_client(
+    settings: &mqtt_im::config::PostgresSettings,
+) -> tokio_postgres::Client {
+    let (client, connection) = tokio_postgres::connect(&settings.url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    client
 }
