@@ -6,6 +6,8 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use mqtt_im::config::Backend;
 use mqtt_im::metrics::Metrics;
+use mqtt_im::policy::trial::{self, Verdict};
+use mqtt_im::policy::LuaPolicy;
 use mqtt_im::server::{check_certificates, open_store, CancellationToken, ListenerKind};
 use mqtt_im::store::{Conversation, EmbeddedStore, PostgresStore, Role, Store};
 use mqtt_im::{Config, Server};
@@ -33,10 +35,24 @@ enum Command {
     /// Print the running node's status (online users and devices, connections, store sizes)
     /// from its `/status` endpoint at `listeners.metrics`.
     Stats,
+    /// Try the policy scripts without a broker.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
     /// Manage groups as an operator (no role checks); running nodes apply removals to live
     /// connections within `im.removal_poll_ms`.
     #[command(subcommand)]
     Group(GroupCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum PolicyCommand {
+    /// Run the script chain over sample messages (a JSON object per line: from, to, text,
+    /// and optionally group, media_url, client_id, msg_id) and print each verdict; exits
+    /// non-zero if a line is invalid or a script failed.
+    Test {
+        /// The sample messages.
+        messages: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -103,12 +119,50 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::CheckConfig => {
             check_certificates(&config)?;
+            let policy = config.policy.clone();
+            // Loading runs the scripts' top-level code: off the async workers.
+            tokio::task::spawn_blocking(move || LuaPolicy::check(&policy))
+                .await?
+                .context("policy")?;
             println!("configuration is valid");
             Ok(())
         }
+        Command::Policy(PolicyCommand::Test { messages }) => policy_test(config, &messages).await,
         Command::Group(command) => group(config, command).await,
         Command::Stats => stats(&config).await,
     }
+}
+
+async fn policy_test(config: Config, messages: &std::path::Path) -> anyhow::Result<()> {
+    let samples = std::fs::read_to_string(messages)
+        .with_context(|| format!("reading {}", messages.display()))?;
+    let settings = config.policy;
+    let policy = tokio::task::spawn_blocking(move || LuaPolicy::load(settings))
+        .await?
+        .context("policy")?;
+    let mut invalid = 0;
+    for (line, verdict) in trial::run(&policy, &samples).await {
+        match verdict {
+            Verdict::Allow => println!("{line}: allow"),
+            Verdict::Rewrite(text) => println!("{line}: rewrite {text:?}"),
+            Verdict::Deny(reason) => println!("{line}: deny {reason:?}"),
+            Verdict::Invalid(why) => {
+                invalid += 1;
+                println!("{line}: invalid sample: {why}");
+            }
+        }
+    }
+    let failures: u64 = policy.failures().iter().map(|(_, _, n)| n).sum();
+    for (script, kind, count) in policy.failures() {
+        println!(
+            "script {script}: {count} failure(s) of kind {}",
+            kind.label()
+        );
+    }
+    if invalid > 0 || failures > 0 {
+        anyhow::bail!("{invalid} invalid sample(s), {failures} script failure(s)");
+    }
+    Ok(())
 }
 
 async fn group(config: Config, command: GroupCommand) -> anyhow::Result<()> {

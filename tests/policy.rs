@@ -86,8 +86,8 @@ async fn rewrite_then_next_script_decides(backend: TestBackend) {
 }
 
 backend_tests! {
-/// Infinite loops, unbounded allocation, sandbox escapes and syntax errors follow on_error
-/// (deny here): the message is refused, nothing is stored, the broker keeps serving.
+/// Infinite loops, unbounded allocation and sandbox escapes follow on_error (deny here): the
+/// message is refused, nothing is stored, the broker keeps serving.
 async fn misbehaving_scripts_follow_on_error(backend: TestBackend) {
     let cases = [
         ("loop.lua", "hooks = { on_message = function() while true do end end }"),
@@ -97,7 +97,6 @@ async fn misbehaving_scripts_follow_on_error(backend: TestBackend) {
         ),
         ("exec.lua", "hooks = { on_message = function() os.execute('touch /tmp/pwned') end }"),
         ("io.lua", "hooks = { on_message = function() return io.open('/etc/passwd') end }"),
-        ("syntax.lua", "hooks = { on_message = function( end"),
     ];
     for (name, source) in cases {
         let dir = tempfile::tempdir().unwrap();

@@ -59,6 +59,7 @@ fn settings(dir: &Path, states: usize) -> PolicySettings {
             ),
         ]),
         config: BTreeMap::new(),
+        ..mqtt_im::Config::default().policy
     }
 }
 

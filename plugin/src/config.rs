@@ -71,6 +71,9 @@ on_error = "deny"
 states = 2
 memory_limit = 8388608
 instruction_limit = 1000000
+call_timeout_ms = 20
+queue_timeout_ms = 50
+whole_words = true
 reload_interval_ms = 1000
 
 [policy.words]
@@ -318,8 +321,15 @@ pub struct PolicySettings {
     pub states: usize,
     /// Bytes of memory per Lua state.
     pub memory_limit: usize,
-    /// Lua VM instructions per hook call.
+    /// Lua VM instructions per hook call (pattern-matching steps count too).
     pub instruction_limit: u64,
+    /// Wall-clock time one hook call (all scripts of the chain) may take.
+    pub call_timeout_ms: u64,
+    /// How long a call may wait for a free Lua state before it follows `on_error`.
+    pub queue_timeout_ms: u64,
+    /// Word lists match whole words in alphabetic scripts (`heck` does not mask `heckler`);
+    /// scripts without spaces between words (Chinese, Japanese) always match inside text.
+    pub whole_words: bool,
     /// How often script and word-list files are checked for changes (0: only on SIGHUP).
     pub reload_interval_ms: u64,
     /// Word lists for `words.find` / `words.mask`: name → file with one word per line.
@@ -489,6 +499,14 @@ impl Config {
         check(
             self.policy.instruction_limit >= 1000,
             "policy.instruction_limit: at least 1000",
+        );
+        check(
+            (1..=10_000).contains(&self.policy.call_timeout_ms),
+            "policy.call_timeout_ms: between 1 and 10000",
+        );
+        check(
+            (1..=10_000).contains(&self.policy.queue_timeout_ms),
+            "policy.queue_timeout_ms: between 1 and 10000",
         );
         check(
             self.cluster.heartbeat_ms >= 50 && self.cluster.node_ttl_ms > self.cluster.heartbeat_ms,

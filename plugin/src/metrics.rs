@@ -38,6 +38,13 @@ pub(crate) struct VerdictLabels {
     pub(crate) verdict: &'static str,
 }
 
+/// A policy script (its file name) and what went wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub(crate) struct PolicyErrorLabels {
+    pub(crate) script: String,
+    pub(crate) kind: &'static str,
+}
+
 /// A store operation.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub(crate) struct OperationLabels {
@@ -72,7 +79,7 @@ pub struct Metrics {
     pub(crate) pulls: Counter,
     pub(crate) pull_page: Histogram,
     pub(crate) verdicts: Family<VerdictLabels, Counter>,
-    pub(crate) policy_errors: Counter,
+    pub(crate) policy_errors: Family<PolicyErrorLabels, Counter>,
     pub(crate) store_seconds: StoreHistograms,
     pub(crate) store_errors: Family<OperationLabels, Counter>,
     pub(crate) redis_errors: Counter,
@@ -102,7 +109,7 @@ impl Default for Metrics {
             pulls: Counter::default(),
             pull_page: Histogram::new(page_buckets),
             verdicts: Family::default(),
-            policy_errors: Counter::default(),
+            policy_errors: Family::default(),
             store_seconds,
             store_errors: Family::default(),
             redis_errors: Counter::default(),
@@ -176,7 +183,7 @@ impl Metrics {
         );
         r.register(
             "policy_errors",
-            "Script errors and limit hits (each then followed policy.on_error)",
+            "Policy script failures by script and kind (load, runtime, budget, deadline, bad_return, busy); each then followed policy.on_error",
             self.policy_errors.clone(),
         );
         r.register_with_unit(

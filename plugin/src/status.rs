@@ -14,7 +14,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::accept::accept_until;
 use crate::im::ImService;
-use crate::metrics::{catch_up, Metrics};
+use crate::metrics::{catch_up, Metrics, PolicyErrorLabels};
 use crate::policy::LuaPolicy;
 use crate::store::{Store, StoreSizes};
 
@@ -57,7 +57,13 @@ impl StatusSource {
         metrics
             .online_devices
             .set(i64::try_from(devices).unwrap_or(i64::MAX));
-        catch_up(&metrics.policy_errors, self.policy.stats().errors);
+        for (script, kind, total) in self.policy.failures() {
+            let labels = PolicyErrorLabels {
+                script,
+                kind: kind.label(),
+            };
+            catch_up(&metrics.policy_errors.get_or_create(&labels), total);
+        }
     }
 
     async fn status(&self) -> Status {

@@ -9,7 +9,7 @@ use super::{DeviceEvent, DeviceSink, ImError, ImService};
 use crate::metrics::{ChatLabels, RefusalLabels};
 use crate::policy::{Decision, MessageView};
 use crate::store::{Appended, Conversation, Device, NewMessage, OnCommit, StoredMessage};
-use crate::wire::{self, pb};
+use crate::wire::{self, pb, WireError};
 
 /// Longest client-made message id.
 const MAX_MSG_ID: usize = 128;
@@ -295,6 +295,11 @@ impl ImService {
             Decision::Allow(rewritten) => {
                 if let (Some(text), Some(content)) = (rewritten, chat.msg.as_mut()) {
                     content.kind = Some(pb::content::Kind::Text(text));
+                    // A rewrite meets the same limit as what the client sent.
+                    let (size, limit) = (chat.encoded_len(), self.inner.settings.max_message_bytes);
+                    if size > limit {
+                        return Err(WireError::TooLarge { size, limit }.into());
+                    }
                 }
                 Ok(())
             }

@@ -1,5 +1,5 @@
 //! The helpers scripts get from Rust: `words`, `log`, a read-only `config` and `os.time` /
-//! `os.clock`.
+//! `os.clock`. Scripts only ever see read-only views of them (built per script).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -11,47 +11,24 @@ use crate::config::ConfigValue;
 
 /// The word list a helper uses when the script names none.
 pub(super) const DEFAULT_LIST: &str = "default";
-
-/// Installs `words`, `config` and `os` into `globals`.
-pub(super) fn install(
-    lua: &Lua,
-    globals: &Table,
-    lists: Arc<BTreeMap<String, WordList>>,
-    config: &BTreeMap<String, ConfigValue>,
-) -> mlua::Result<()> {
-    globals.set("words", words_table(lua, lists)?)?;
-    let config_table = lua.create_table()?;
-    for (key, value) in config {
-        config_table.set(key.as_str(), to_lua(lua, value)?)?;
-    }
-    globals.set("config", read_only(lua, config_table)?)?;
-    let os = lua.create_table()?;
-    os.set(
-        "time",
-        lua.create_function(|_, ()| {
-            Ok(std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs() as i64)
-                .unwrap_or(0))
-        })?,
-    )?;
-    let started = std::time::Instant::now();
-    os.set(
-        "clock",
-        lua.create_function(move |_, ()| Ok(started.elapsed().as_secs_f64()))?,
-    )?;
-    globals.set("os", os)?;
-    Ok(())
-}
+/// Longest log line a script can write.
+const MAX_LOG: usize = 512;
 
 fn list(lists: &BTreeMap<String, WordList>, name: Option<String>) -> mlua::Result<&WordList> {
     let name = name.unwrap_or_else(|| DEFAULT_LIST.to_owned());
-    lists
-        .get(&name)
-        .ok_or_else(|| mlua::Error::RuntimeError(format!("unknown word list {name:?}")))
+    lists.get(&name).ok_or_else(|| {
+        mlua::Error::RuntimeError(format!(
+            "unknown word list {:?}",
+            crate::text::clean(&name, 64)
+        ))
+    })
 }
 
-fn words_table(lua: &Lua, lists: Arc<BTreeMap<String, WordList>>) -> mlua::Result<Table> {
+/// `words.has(list)`, `words.find(text [, list])`, `words.mask(text [, mask [, list]])`.
+pub(super) fn words_table(
+    lua: &Lua,
+    lists: Arc<BTreeMap<String, WordList>>,
+) -> mlua::Result<Table> {
     let words = lua.create_table()?;
     let known = Arc::clone(&lists);
     words.set(
@@ -77,12 +54,67 @@ fn words_table(lua: &Lua, lists: Arc<BTreeMap<String, WordList>>) -> mlua::Resul
     Ok(words)
 }
 
-/// A per-script `log` table: messages carry the script's name.
+/// `os.time()` and `os.clock()`, nothing else of `os`.
+pub(super) fn os_table(lua: &Lua) -> mlua::Result<Table> {
+    let os = lua.create_table()?;
+    os.set(
+        "time",
+        lua.create_function(|_, ()| {
+            Ok(std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+                .unwrap_or(0))
+        })?,
+    )?;
+    let started = std::time::Instant::now();
+    os.set(
+        "clock",
+        lua.create_function(move |_, ()| Ok(started.elapsed().as_secs_f64()))?,
+    )?;
+    Ok(os)
+}
+
+/// The shared `policy.config` table.
+pub(super) fn config_table(
+    lua: &Lua,
+    config: &BTreeMap<String, ConfigValue>,
+) -> mlua::Result<Table> {
+    let table = lua.create_table()?;
+    for (key, value) in config {
+        table.set(key.as_str(), to_lua(lua, value)?)?;
+    }
+    Ok(table)
+}
+
+/// A script's `config`: its own namespace (`policy.config.<script>`) first, then the shared
+/// table; read-only.
+pub(super) fn layered(lua: &Lua, own: Option<Value>, shared: Table) -> mlua::Result<Table> {
+    let own = match own {
+        Some(Value::Table(own)) => Some(own),
+        _ => None,
+    };
+    let merged = lua.create_table()?;
+    for pair in shared.pairs::<Value, Value>() {
+        let (key, value) = pair?;
+        merged.raw_set(key, value)?;
+    }
+    if let Some(own) = own {
+        for pair in own.pairs::<Value, Value>() {
+            let (key, value) = pair?;
+            merged.raw_set(key, value)?;
+        }
+    }
+    read_only(lua, merged)
+}
+
+/// A per-script `log` table: lines are bounded, free of control characters (no forged log
+/// lines) and tagged with the script's file name.
 pub(super) fn log_table(lua: &Lua, script: &str) -> mlua::Result<Table> {
     let log = lua.create_table()?;
     for level in ["info", "warn", "error"] {
         let script = script.to_owned();
-        let function = lua.create_function(move |_, message: String| {
+        let function = lua.create_function(move |_, message: mlua::LuaString| {
+            let message = crate::text::clean(&message.to_string_lossy(), MAX_LOG);
             match level {
                 "info" => tracing::info!(target: "mqtt_im::policy::script", script, "{message}"),
                 "warn" => tracing::warn!(target: "mqtt_im::policy::script", script, "{message}"),
@@ -95,7 +127,8 @@ pub(super) fn log_table(lua: &Lua, script: &str) -> mlua::Result<Table> {
     Ok(log)
 }
 
-fn to_lua(lua: &Lua, value: &ConfigValue) -> mlua::Result<Value> {
+/// A configuration value as Lua sees it; tables are read-only.
+pub(super) fn to_lua(lua: &Lua, value: &ConfigValue) -> mlua::Result<Value> {
     Ok(match value {
         ConfigValue::Bool(b) => Value::Boolean(*b),
         ConfigValue::Int(i) => Value::Integer(*i),
@@ -118,7 +151,7 @@ fn to_lua(lua: &Lua, value: &ConfigValue) -> mlua::Result<Value> {
     })
 }
 
-/// An empty proxy whose reads go to `table` and whose writes fail.
+/// An empty proxy whose reads go to `table` and whose writes fail; its metatable is hidden.
 pub(super) fn read_only(lua: &Lua, table: Table) -> mlua::Result<Table> {
     let proxy = lua.create_table()?;
     let meta = lua.create_table()?;
@@ -134,12 +167,10 @@ pub(super) fn read_only(lua: &Lua, table: Table) -> mlua::Result<Table> {
         "__len",
         lua.create_function(move |_, _: Table| Ok(length.raw_len()))?,
     )?;
+    let next: mlua::Function = lua.globals().get("next")?;
     meta.set(
         "__pairs",
-        lua.create_function(move |lua, _: Table| {
-            let next: mlua::Function = lua.globals().get("next")?;
-            Ok((next, table.clone(), Value::Nil))
-        })?,
+        lua.create_function(move |_, _: Table| Ok((next.clone(), table.clone(), Value::Nil)))?,
     )?;
     meta.set("__metatable", false)?;
     proxy.set_metatable(Some(meta))?;

@@ -2,13 +2,16 @@
 //! non-IM topic is checked by the team's Lua scripts (see `scripts/README.md`).
 //!
 //! Each script returns a verdict — allow now, deny with a reason, rewrite and pass on, or pass
-//! — in the shape of tower's `Predicate`. Scripts run sandboxed with a memory limit and an
-//! instruction budget in a pool of Lua states; a failing script follows `policy.on_error`.
+//! — in the shape of tower's `Predicate`. Scripts run sandboxed on Lua threads of their own,
+//! each call under a memory limit, an instruction budget and a wall-clock deadline that no
+//! script can catch or outlast; a failing script follows `policy.on_error`.
 
 mod api;
+mod patterns;
 mod pool;
 mod reload;
 mod sandbox;
+pub mod trial;
 mod words;
 
 #[cfg(test)]
@@ -16,7 +19,7 @@ mod tests;
 
 use async_trait::async_trait;
 
-pub use pool::{LuaPolicy, PolicyStats};
+pub use pool::{FailureKind, LuaPolicy, PolicyStats, MAX_REASON};
 pub(crate) use reload::watch;
 pub use words::WordList;
 

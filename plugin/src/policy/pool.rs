@@ -1,16 +1,28 @@
-//! Several Lua states so policy calls run in parallel, the verdict chain, `on_error`, and
-//! the counters an operator watches.
+//! Lua runs on threads of its own, never on the async workers: one thread per state, taking
+//! calls from a bounded queue. A call waits at most `policy.queue_timeout_ms` for a state and
+//! runs under its state's meter (`policy.instruction_limit`, `policy.call_timeout_ms`); the
+//! caller never waits longer than that, whatever a script does. A state whose call ran out is
+//! rebuilt. The verdict chain, `on_error`, and the counters an operator watches live here.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{mpsc, Arc, Mutex, PoisonError, RwLock};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use mlua::{Function, Lua, MultiValue, Table, Value};
-use tokio::sync::Semaphore;
+use mlua::{Lua, MultiValue, Table, Value};
+use tokio::sync::oneshot;
 
-use super::sandbox::{Hook, Sources, State};
+use super::sandbox::{Exhausted, Hook, Script, Sources, State};
 use super::{ClientView, Decision, MessageView, Policy, PolicyError, SubscribeView};
 use crate::config::{OnError, PolicySettings};
+
+/// Longest deny reason a client gets (also the MQTT reason string it travels in).
+pub const MAX_REASON: usize = 256;
+/// Calls waiting for a state beyond the running ones; more are refused at once.
+const QUEUE: usize = 1024;
+/// How long failures of one script and kind are logged once, counted in between.
+const LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// Verdict counters since start.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -21,7 +33,8 @@ pub struct PolicyStats {
     pub denied: u64,
     /// Messages whose text a script rewrote.
     pub rewritten: u64,
-    /// Script errors, limit hits and bad return values (each then followed `on_error`).
+    /// Script errors, limit hits, time-outs and bad return values (each then followed
+    /// `on_error`).
     pub errors: u64,
     /// Successful reloads.
     pub reloads: u64,
@@ -34,63 +47,196 @@ struct Counters {
     allowed: AtomicU64,
     denied: AtomicU64,
     rewritten: AtomicU64,
-    errors: AtomicU64,
     reloads: AtomicU64,
     failed_reloads: AtomicU64,
 }
 
-/// A set of loaded states; replaced whole on reload.
-#[derive(Debug)]
-struct Pool {
-    idle: Mutex<Vec<State>>,
-    permits: Semaphore,
+/// What went wrong with a script, as the `kind` label of `mqtt_im_policy_errors_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum FailureKind {
+    /// The script did not load (syntax, top-level error, bad `hooks`).
+    Load,
+    /// A runtime error.
+    Runtime,
+    /// The instruction budget ran out.
+    Budget,
+    /// The wall-clock deadline passed.
+    Deadline,
+    /// A return value that is no verdict.
+    BadReturn,
+    /// No state was free in time.
+    Busy,
 }
 
-/// The Lua policy: scripts from `policy.scripts`, run in a pool of sandboxed states.
-#[derive(Debug)]
-pub struct LuaPolicy {
-    settings: PolicySettings,
-    pool: RwLock<Arc<Pool>>,
-    counters: Counters,
+impl FailureKind {
+    /// The label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            FailureKind::Load => "load",
+            FailureKind::Runtime => "runtime",
+            FailureKind::Budget => "budget",
+            FailureKind::Deadline => "deadline",
+            FailureKind::BadReturn => "bad_return",
+            FailureKind::Busy => "busy",
+        }
+    }
 }
 
-/// What a script's failure turns into.
-struct ScriptFailure {
+/// One failure of one script.
+#[derive(Debug)]
+struct Failure {
     script: String,
+    kind: FailureKind,
     error: String,
 }
 
-/// How the chain of scripts ended.
-enum Chain {
-    Allow { text: Option<String> },
-    Deny(String),
+/// Failures of one script and kind: in all, when last logged, and since then.
+#[derive(Debug, Default)]
+struct Tally {
+    total: u64,
+    logged: Option<Instant>,
+    quiet: u64,
+}
+
+/// Failures counted per script and kind, logged once per burst.
+#[derive(Debug, Default)]
+struct Failures {
+    counts: Mutex<BTreeMap<(String, FailureKind), Tally>>,
+}
+
+impl Failures {
+    fn record(&self, hook: Hook, failure: &Failure) {
+        let mut counts = self.counts.lock().unwrap_or_else(PoisonError::into_inner);
+        let key = (failure.script.clone(), failure.kind);
+        let tally = counts.entry(key).or_default();
+        tally.total += 1;
+        if tally.logged.is_some_and(|at| at.elapsed() < LOG_EVERY) {
+            tally.quiet += 1;
+            return;
+        }
+        tracing::warn!(
+            script = %failure.script,
+            hook = hook.name(),
+            kind = failure.kind.label(),
+            error = %crate::text::clean(&failure.error, 512),
+            also_since_last = tally.quiet,
+            "policy script failed"
+        );
+        tally.logged = Some(Instant::now());
+        tally.quiet = 0;
+    }
+
+    fn totals(&self) -> Vec<(String, FailureKind, u64)> {
+        let counts = self.counts.lock().unwrap_or_else(PoisonError::into_inner);
+        counts
+            .iter()
+            .map(|((script, kind), tally)| (script.clone(), *kind, tally.total))
+            .collect()
+    }
+}
+
+/// What a hook is called with.
+#[derive(Debug)]
+enum Input {
+    Message(MessageView),
+    Connect(ClientView),
+    Subscribe(SubscribeView),
+}
+
+impl Input {
+    fn hook(&self) -> Hook {
+        match self {
+            Input::Message(_) => Hook::Message,
+            Input::Connect(_) => Hook::Connect,
+            Input::Subscribe(_) => Hook::Subscribe,
+        }
+    }
+}
+
+/// How a chain ended, and what failed on the way.
+#[derive(Debug)]
+struct Outcome {
+    decision: Decision,
+    failures: Vec<Failure>,
+}
+
+impl Outcome {
+    /// Whether a script of the chain ran out of its budget or deadline.
+    fn ran_out(&self) -> bool {
+        self.failures
+            .iter()
+            .any(|f| matches!(f.kind, FailureKind::Budget | FailureKind::Deadline))
+    }
+}
+
+struct Job {
+    input: Input,
+    queued: Instant,
+    reply: oneshot::Sender<Outcome>,
+}
+
+/// One set of loaded scripts and the threads running them; replaced whole on reload. Dropping
+/// it closes the queue: each thread finishes and drops its state on its own thread.
+#[derive(Debug)]
+struct Workers {
+    jobs: mpsc::SyncSender<Job>,
+    /// Scripts in the chain: a call takes at most this many deadlines.
+    scripts: u64,
+    /// Whether any script implements (or, failed to load under `deny`, refuses) each hook:
+    /// a hook nobody serves never waits for Lua.
+    serves: [bool; 3],
+}
+
+/// The Lua policy: scripts from `policy.scripts`, run on threads of their own.
+#[derive(Debug)]
+pub struct LuaPolicy {
+    settings: Arc<PolicySettings>,
+    workers: RwLock<Arc<Workers>>,
+    counters: Counters,
+    failures: Arc<Failures>,
 }
 
 impl LuaPolicy {
-    /// Loads every script into `policy.states` states. A script that fails to load is kept
-    /// as broken (its messages follow `on_error`); unreadable files are an error.
+    /// Loads every script into `policy.states` states, each on its own thread. A script that
+    /// fails to load is kept as broken (it follows `on_error`); unreadable files are an error.
     ///
     /// # Errors
-    /// A script or word list cannot be read, or a Lua state cannot be created.
+    /// A script or word list cannot be read, or a Lua state or thread cannot be created.
     pub fn load(settings: PolicySettings) -> Result<Self, PolicyError> {
-        let pool = build(&settings, false)?;
+        let settings = Arc::new(settings);
+        let failures = Arc::new(Failures::default());
+        let workers = start(&settings, false, &failures)?;
         Ok(Self {
             settings,
-            pool: RwLock::new(Arc::new(pool)),
+            workers: RwLock::new(Arc::new(workers)),
             counters: Counters::default(),
+            failures,
         })
     }
 
-    /// Reads and loads the scripts again; new calls use them only if every script loaded.
+    /// Loads every script once, as start-up would, and reports the first that fails.
+    ///
+    /// # Errors
+    /// A file cannot be read, or a script does not load (with its name, line and reason).
+    pub fn check(settings: &PolicySettings) -> Result<(), PolicyError> {
+        let sources = Sources::read(settings)?;
+        State::new(settings, &sources, true).map(drop)
+    }
+
+    /// Reads and loads the scripts again (bounded by the same limits); new calls use them only
+    /// if every script loaded.
     ///
     /// # Errors
     /// The new version failed to load; the old one stays in use.
     pub fn reload(&self) -> Result<(), PolicyError> {
-        match build(&self.settings, true) {
-            Ok(pool) => {
-                if let Ok(mut current) = self.pool.write() {
-                    *current = Arc::new(pool);
-                }
+        match start(&self.settings, true, &self.failures) {
+            Ok(workers) => {
+                let old = {
+                    let mut current = self.workers.write().unwrap_or_else(PoisonError::into_inner);
+                    std::mem::replace(&mut *current, Arc::new(workers))
+                };
+                // Outside the lock: the old threads finish their calls and drop their states.
+                drop(old);
                 self.counters.reloads.fetch_add(1, Ordering::Relaxed);
                 tracing::info!("policy scripts reloaded");
                 Ok(())
@@ -115,148 +261,338 @@ impl LuaPolicy {
             allowed: c.allowed.load(Ordering::Relaxed),
             denied: c.denied.load(Ordering::Relaxed),
             rewritten: c.rewritten.load(Ordering::Relaxed),
-            errors: c.errors.load(Ordering::Relaxed),
+            errors: self.failures.totals().iter().map(|(_, _, n)| n).sum(),
             reloads: c.reloads.load(Ordering::Relaxed),
             failed_reloads: c.failed_reloads.load(Ordering::Relaxed),
         }
     }
 
-    /// Runs `hook` with an argument built by `argument` on an idle state.
-    async fn run<F>(&self, hook: Hook, text: Option<String>, argument: F) -> Decision
-    where
-        F: Fn(&Lua, Option<&str>) -> mlua::Result<Table>,
-    {
-        let pool = match self.pool.read() {
-            Ok(pool) => Arc::clone(&pool),
-            Err(_) => return self.failed(hook, "policy pool lock poisoned".into(), "-".into()),
-        };
-        let Ok(_permit) = pool.permits.acquire().await else {
-            return self.failed(hook, "policy pool closed".into(), "-".into());
-        };
-        let Some(state) = pool.idle.lock().ok().and_then(|mut idle| idle.pop()) else {
-            return self.failed(hook, "no idle Lua state".into(), "-".into());
-        };
-        let outcome = chain(&state, hook, text, &argument);
-        if let Ok(mut idle) = pool.idle.lock() {
-            idle.push(state);
+    /// Failures since start by script file name and kind.
+    pub fn failures(&self) -> Vec<(String, FailureKind, u64)> {
+        self.failures.totals()
+    }
+
+    async fn run(&self, input: Input) -> Decision {
+        let hook = input.hook();
+        let workers = Arc::clone(&self.workers.read().unwrap_or_else(PoisonError::into_inner));
+        if !workers.serves[hook_index(hook)] {
+            return Decision::Allow(None);
         }
-        match outcome {
-            Ok(Chain::Allow { text }) => {
+        let (reply, answer) = oneshot::channel();
+        let job = Job {
+            input,
+            queued: Instant::now(),
+            reply,
+        };
+        let settings = &self.settings;
+        let waited = Duration::from_millis(
+            settings.queue_timeout_ms + settings.call_timeout_ms * workers.scripts.max(1),
+        );
+        let outcome = match workers.jobs.try_send(job) {
+            Ok(()) => match tokio::time::timeout(waited + GRACE, answer).await {
+                Ok(Ok(outcome)) => outcome,
+                _ => self.whole_call_failed(FailureKind::Deadline, "no answer in time"),
+            },
+            Err(_) => self.whole_call_failed(FailureKind::Busy, "every Lua state is busy"),
+        };
+        for failure in &outcome.failures {
+            self.failures.record(hook, failure);
+        }
+        match &outcome.decision {
+            Decision::Allow(text) => {
                 self.counters.allowed.fetch_add(1, Ordering::Relaxed);
                 if text.is_some() {
                     self.counters.rewritten.fetch_add(1, Ordering::Relaxed);
                 }
-                Decision::Allow(text)
             }
-            Ok(Chain::Deny(reason)) => {
+            Decision::Deny(_) => {
                 self.counters.denied.fetch_add(1, Ordering::Relaxed);
-                Decision::Deny(reason)
             }
-            Err(failure) => self.failed(hook, failure.error, failure.script),
         }
+        outcome.decision
     }
 
-    fn failed(&self, hook: Hook, error: String, script: String) -> Decision {
-        self.counters.errors.fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(%script, ?hook, %error, on_error = ?self.settings.on_error, "policy script failed");
-        match self.settings.on_error {
-            OnError::Allow => Decision::Allow(None),
-            // The client learns which script failed, not where the server keeps it.
-            OnError::Deny => Decision::Deny(format!("policy error in {}", file_name(&script))),
+    /// A call that got no answer from any script: `on_error` decides.
+    fn whole_call_failed(&self, kind: FailureKind, error: &str) -> Outcome {
+        Outcome {
+            decision: on_error(self.settings.on_error, "the policy"),
+            failures: vec![Failure {
+                script: "-".into(),
+                kind,
+                error: error.into(),
+            }],
         }
     }
 }
 
-fn file_name(path: &str) -> &str {
-    std::path::Path::new(path)
-        .file_name()
-        .and_then(|name| name.to_str())
-        .unwrap_or(path)
+/// Time a caller allows on top of the limits for a thread to hand its answer over.
+const GRACE: Duration = Duration::from_millis(20);
+
+fn hook_index(hook: Hook) -> usize {
+    Hook::ALL.iter().position(|h| *h == hook).unwrap_or(0)
 }
 
-fn build(settings: &PolicySettings, strict: bool) -> Result<Pool, PolicyError> {
-    let sources = Sources::read(settings)?;
-    let mut idle = Vec::with_capacity(settings.states);
+fn on_error(on_error: OnError, script: &str) -> Decision {
+    match on_error {
+        OnError::Allow => Decision::Allow(None),
+        OnError::Deny => Decision::Deny(format!("policy error in {script}")),
+    }
+}
+
+/// Loads the scripts into `policy.states` states and starts a thread for each.
+fn start(
+    settings: &Arc<PolicySettings>,
+    strict: bool,
+    failures: &Arc<Failures>,
+) -> Result<Workers, PolicyError> {
+    let sources = Arc::new(Sources::read(settings)?);
+    let mut states = Vec::with_capacity(settings.states);
     for _ in 0..settings.states {
-        idle.push(State::new(settings, &sources, strict)?);
+        states.push(State::new(settings, &sources, strict)?);
     }
-    Ok(Pool {
-        idle: Mutex::new(idle),
-        permits: Semaphore::new(settings.states),
+    let serves = Hook::ALL.map(|hook| {
+        states.first().is_some_and(|state| {
+            state.scripts.iter().any(|script| match script {
+                Script::Broken { .. } => settings.on_error == OnError::Deny,
+                loaded => loaded.hook(hook).is_some(),
+            })
+        })
+    });
+    if let Some(state) = states.first() {
+        for script in &state.scripts {
+            if let Script::Broken { name, error } = script {
+                let failure = Failure {
+                    script: name.clone(),
+                    kind: FailureKind::Load,
+                    error: error.clone(),
+                };
+                failures.record(Hook::Message, &failure);
+            }
+        }
+    }
+    let (jobs, queue) = mpsc::sync_channel(QUEUE);
+    let queue = Arc::new(Mutex::new(queue));
+    for (index, state) in states.into_iter().enumerate() {
+        let worker = Worker {
+            state,
+            queue: Arc::clone(&queue),
+            settings: Arc::clone(settings),
+            sources: Arc::clone(&sources),
+        };
+        std::thread::Builder::new()
+            .name(format!("mqtt-im-lua-{index}"))
+            .spawn(move || worker.run())
+            .map_err(|e| PolicyError::Lua(format!("cannot start a Lua thread: {e}")))?;
+    }
+    let scripts = u64::try_from(sources.scripts.len()).unwrap_or(u64::MAX);
+    Ok(Workers {
+        jobs,
+        scripts,
+        serves,
     })
 }
 
-/// Runs the scripts in order until one allows or denies; rewrites carry on.
-fn chain<F>(
-    state: &State,
-    hook: Hook,
-    mut text: Option<String>,
-    argument: &F,
-) -> Result<Chain, ScriptFailure>
-where
-    F: Fn(&Lua, Option<&str>) -> mlua::Result<Table>,
-{
+/// One Lua thread and the state it owns.
+struct Worker {
+    state: State,
+    queue: Arc<Mutex<mpsc::Receiver<Job>>>,
+    settings: Arc<PolicySettings>,
+    sources: Arc<Sources>,
+}
+
+impl Worker {
+    fn run(mut self) {
+        loop {
+            let next = self
+                .queue
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .recv();
+            let Ok(job) = next else {
+                return;
+            };
+            let waited = job.queued.elapsed();
+            let outcome = if waited > Duration::from_millis(self.settings.queue_timeout_ms) {
+                Outcome {
+                    decision: on_error(self.settings.on_error, "the policy"),
+                    failures: vec![Failure {
+                        script: "-".into(),
+                        kind: FailureKind::Busy,
+                        error: format!("waited {} ms for a Lua state", waited.as_millis()),
+                    }],
+                }
+            } else {
+                let outcome = chain(&self.state, &self.settings, &job.input);
+                if outcome.ran_out() {
+                    self.rebuild();
+                }
+                outcome
+            };
+            let _ = job.reply.send(outcome);
+        }
+    }
+
+    /// A state whose call ran out may hold half-done work of the script: start afresh.
+    fn rebuild(&mut self) {
+        match State::new(&self.settings, &self.sources, false) {
+            Ok(state) => self.state = state,
+            Err(e) => tracing::error!(error = %e, "cannot rebuild a Lua state; keeping it"),
+        }
+    }
+}
+
+/// Runs the scripts in order until one allows or denies; rewrites carry on. A failing script
+/// denies under `on_error = "deny"`, and is skipped under `"allow"` (earlier rewrites kept).
+fn chain(state: &State, settings: &PolicySettings, input: &Input) -> Outcome {
+    let hook = input.hook();
+    let mut text = match input {
+        Input::Message(message) => message.text.clone(),
+        _ => None,
+    };
     let mut rewritten = false;
-    for implementation in state.implementations(hook) {
-        let (script, function) = implementation.map_err(|(script, error)| ScriptFailure {
-            script: script.to_owned(),
-            error: format!("script did not load: {error}"),
-        })?;
-        let fail = |error: String| ScriptFailure {
-            script: script.to_owned(),
-            error,
+    let mut failures = Vec::new();
+    for script in &state.scripts {
+        // Each script has the whole budget and deadline of a call.
+        state.meter.start();
+        let name = script.name();
+        let verdict = match script {
+            Script::Broken { error, .. } => {
+                Err((FailureKind::Load, format!("did not load: {error}")))
+            }
+            Script::Loaded { .. } => match script.hook(hook) {
+                None => continue,
+                Some(function) => call(&state.lua, function, input, text.as_deref())
+                    .map_err(|e| (failure_kind(state, &e), e.to_string())),
+            },
         };
-        state.start_call();
-        let values = call(&state.lua, &function, text.as_deref(), argument)
-            .map_err(|e| fail(e.to_string()))?;
+        let values = match verdict {
+            Ok(values) => values,
+            Err((kind, error)) => {
+                failures.push(Failure {
+                    script: name.to_owned(),
+                    kind,
+                    error,
+                });
+                match settings.on_error {
+                    OnError::Deny => return deny(on_error(OnError::Deny, name), failures),
+                    OnError::Allow => continue,
+                }
+            }
+        };
         let mut values = values.into_iter();
         match values.next().unwrap_or(Value::Nil) {
             Value::Boolean(true) => {
-                return Ok(Chain::Allow {
-                    text: text.filter(|_| rewritten),
-                })
+                return Outcome {
+                    decision: Decision::Allow(text.filter(|_| rewritten)),
+                    failures,
+                }
             }
             Value::Boolean(false) => {
                 let reason = match values.next() {
                     Some(Value::String(reason)) => reason.to_string_lossy(),
-                    _ => format!("denied by {script}"),
+                    _ => format!("denied by {name}"),
                 };
-                return Ok(Chain::Deny(reason));
+                let reason = crate::text::clean(&reason, MAX_REASON);
+                return deny(Decision::Deny(reason), failures);
             }
             Value::Nil => {}
-            Value::Table(fields) if hook == Hook::Message => {
-                text = Some(rewrite(&fields).map_err(fail)?);
-                rewritten = true;
-            }
-            other => {
-                return Err(fail(format!(
-                    "{} returned {}; expected true, false and a reason, nil{}",
-                    hook.name(),
-                    other.type_name(),
-                    if hook == Hook::Message {
-                        " or a table of fields"
-                    } else {
-                        ""
+            Value::Table(fields) if hook == Hook::Message => match rewrite(&fields) {
+                Ok(new) => {
+                    text = Some(new);
+                    rewritten = true;
+                }
+                Err(error) => {
+                    failures.push(Failure {
+                        script: name.to_owned(),
+                        kind: FailureKind::BadReturn,
+                        error,
+                    });
+                    if settings.on_error == OnError::Deny {
+                        return deny(on_error(OnError::Deny, name), failures);
                     }
-                )))
+                }
+            },
+            other => {
+                failures.push(Failure {
+                    script: name.to_owned(),
+                    kind: FailureKind::BadReturn,
+                    error: format!(
+                        "{} returned {}; expected true, false and a reason, nil{}",
+                        hook.name(),
+                        other.type_name(),
+                        if hook == Hook::Message {
+                            " or a table of fields"
+                        } else {
+                            ""
+                        }
+                    ),
+                });
+                if settings.on_error == OnError::Deny {
+                    return deny(on_error(OnError::Deny, name), failures);
+                }
             }
         }
     }
-    Ok(Chain::Allow {
-        text: text.filter(|_| rewritten),
-    })
+    Outcome {
+        decision: Decision::Allow(text.filter(|_| rewritten)),
+        failures,
+    }
 }
 
-fn call<F>(
+fn deny(decision: Decision, failures: Vec<Failure>) -> Outcome {
+    Outcome { decision, failures }
+}
+
+fn failure_kind(state: &State, _error: &mlua::Error) -> FailureKind {
+    match state.meter.exhausted() {
+        Some(Exhausted::Budget) => FailureKind::Budget,
+        Some(Exhausted::Deadline) => FailureKind::Deadline,
+        None => FailureKind::Runtime,
+    }
+}
+
+fn call(
     lua: &Lua,
-    function: &Function,
+    function: &mlua::Function,
+    input: &Input,
     text: Option<&str>,
-    argument: &F,
-) -> mlua::Result<MultiValue>
-where
-    F: Fn(&Lua, Option<&str>) -> mlua::Result<Table>,
-{
-    function.call::<MultiValue>(argument(lua, text)?)
+) -> mlua::Result<MultiValue> {
+    let argument = argument(lua, input, text)?;
+    function.call::<MultiValue>(argument)
+}
+
+/// The one table a hook gets.
+fn argument(lua: &Lua, input: &Input, text: Option<&str>) -> mlua::Result<Table> {
+    let table = lua.create_table()?;
+    match input {
+        Input::Message(message) => {
+            table.set("from", message.from.as_str())?;
+            table.set("uid", message.from.as_str())?;
+            table.set("to", message.to.as_str())?;
+            table.set("chat_type", message.chat_type)?;
+            table.set("group", message.group.as_deref())?;
+            table.set("text", text)?;
+            table.set("media_url", message.media_url.as_deref())?;
+            table.set("msg_id", message.msg_id.as_str())?;
+            table.set("client_id", message.client_id.as_str())?;
+            table.set("conversation", message.conversation.as_str())?;
+        }
+        Input::Connect(client) => {
+            table.set("uid", client.uid.as_str())?;
+            table.set("client_id", client.client_id.as_str())?;
+            table.set("username", client.username.as_deref())?;
+            table.set("protocol", client.protocol)?;
+            table.set("clean_session", client.clean_session)?;
+            table.set("keep_alive", client.keep_alive)?;
+        }
+        Input::Subscribe(subscription) => {
+            table.set("uid", subscription.uid.as_str())?;
+            table.set("client_id", subscription.client_id.as_str())?;
+            table.set("filter", subscription.filter.as_str())?;
+            table.set("qos", subscription.qos)?;
+        }
+    }
+    Ok(table)
 }
 
 /// The text a rewrite table sets; only `text` may be rewritten.
@@ -271,8 +607,11 @@ fn rewrite(fields: &Table) -> Result<String, String> {
             (key, _) => {
                 return Err(format!(
                     "a rewrite may only set `text` (a string), got {}",
-                    key.to_string()
-                        .unwrap_or_else(|_| key.type_name().to_owned())
+                    crate::text::clean(
+                        &key.to_string()
+                            .unwrap_or_else(|_| key.type_name().to_owned()),
+                        64
+                    )
                 ))
             }
         }
@@ -283,46 +622,14 @@ fn rewrite(fields: &Table) -> Result<String, String> {
 #[async_trait]
 impl Policy for LuaPolicy {
     async fn on_message(&self, message: &MessageView) -> Decision {
-        self.run(Hook::Message, message.text.clone(), |lua, text| {
-            let msg = lua.create_table()?;
-            msg.set("from", message.from.as_str())?;
-            msg.set("uid", message.from.as_str())?;
-            msg.set("to", message.to.as_str())?;
-            msg.set("chat_type", message.chat_type)?;
-            msg.set("group", message.group.as_deref())?;
-            msg.set("text", text)?;
-            msg.set("media_url", message.media_url.as_deref())?;
-            msg.set("msg_id", message.msg_id.as_str())?;
-            msg.set("client_id", message.client_id.as_str())?;
-            msg.set("conversation", message.conversation.as_str())?;
-            Ok(msg)
-        })
-        .await
+        self.run(Input::Message(message.clone())).await
     }
 
     async fn on_connect(&self, client: &ClientView) -> Decision {
-        self.run(Hook::Connect, None, |lua, _| {
-            let table = lua.create_table()?;
-            table.set("uid", client.uid.as_str())?;
-            table.set("client_id", client.client_id.as_str())?;
-            table.set("username", client.username.as_deref())?;
-            table.set("protocol", client.protocol)?;
-            table.set("clean_session", client.clean_session)?;
-            table.set("keep_alive", client.keep_alive)?;
-            Ok(table)
-        })
-        .await
+        self.run(Input::Connect(client.clone())).await
     }
 
     async fn on_subscribe(&self, subscription: &SubscribeView) -> Decision {
-        self.run(Hook::Subscribe, None, |lua, _| {
-            let table = lua.create_table()?;
-            table.set("uid", subscription.uid.as_str())?;
-            table.set("client_id", subscription.client_id.as_str())?;
-            table.set("filter", subscription.filter.as_str())?;
-            table.set("qos", subscription.qos)?;
-            Ok(table)
-        })
-        .await
+        self.run(Input::Subscribe(subscription.clone())).await
     }
 }

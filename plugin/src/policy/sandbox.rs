@@ -1,19 +1,23 @@
-//! One Lua state with every script loaded: safe standard library subset, a memory limit,
-//! an instruction budget per call, and one environment per script.
+//! One Lua state with every script loaded. The sandbox: a safe subset of the standard
+//! library, a memory limit, and a meter per call (instructions, pattern-matching steps and a
+//! wall-clock deadline) that `pcall` cannot outlast; every script gets its own environment
+//! with read-only views of the libraries and helpers, so no script can change what another
+//! sees; no finalizers (`__gc`) and a protected string metatable.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use mlua::chunk::ChunkMode;
-use mlua::{Function, HookTriggers, Lua, LuaOptions, StdLib, Table, VmState};
+use mlua::{Function, HookTriggers, Lua, LuaOptions, StdLib, Table, Value, VmState};
 
-use super::{api, words::WordList, PolicyError};
+use super::{api, patterns, words::WordList, PolicyError};
 use crate::config::PolicySettings;
 
-/// Instructions between two budget checks.
-const BUDGET_STEP: u32 = 1000;
+/// Instructions between two checks of the meter.
+const METER_STEP: u32 = 1000;
 
 /// The hooks a script may implement.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,6 +28,8 @@ pub(super) enum Hook {
 }
 
 impl Hook {
+    pub(super) const ALL: [Hook; 3] = [Hook::Message, Hook::Connect, Hook::Subscribe];
+
     /// The field of `hooks` a script sets.
     pub(super) fn name(self) -> &'static str {
         match self {
@@ -32,38 +38,151 @@ impl Hook {
             Hook::Subscribe => "on_subscribe",
         }
     }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// Why a call ran out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Exhausted {
+    /// The instruction budget (pattern-matching steps count as instructions).
+    Budget,
+    /// The wall-clock deadline.
+    Deadline,
+}
+
+/// The meter of the call running on a state. Once it has run out it stays out until the
+/// next call starts: every later check fails again, and `pcall` re-raises.
+#[derive(Debug, Clone)]
+pub(super) struct Meter(Arc<MeterState>);
+
+#[derive(Debug)]
+struct MeterState {
+    limit: u64,
+    spent: AtomicU64,
+    base: Instant,
+    /// Nanoseconds after `base`.
+    deadline: AtomicU64,
+    /// 0: running, 1: budget, 2: deadline.
+    out: AtomicU64,
+    timeout: Duration,
+}
+
+impl Meter {
+    fn new(limit: u64, timeout: Duration) -> Self {
+        Self(Arc::new(MeterState {
+            limit,
+            spent: AtomicU64::new(0),
+            base: Instant::now(),
+            deadline: AtomicU64::new(u64::MAX),
+            out: AtomicU64::new(0),
+            timeout,
+        }))
+    }
+
+    /// Starts a call: a full budget and a deadline `timeout` from now.
+    pub(super) fn start(&self) {
+        let deadline = self.0.base.elapsed() + self.0.timeout;
+        let nanos = u64::try_from(deadline.as_nanos()).unwrap_or(u64::MAX);
+        self.0.deadline.store(nanos, Ordering::Relaxed);
+        self.0.spent.store(0, Ordering::Relaxed);
+        self.0.out.store(0, Ordering::Relaxed);
+    }
+
+    /// Charges `steps`; fails once the budget or the deadline is passed, and from then on.
+    pub(super) fn charge(&self, steps: u64) -> mlua::Result<()> {
+        if let Some(why) = self.exhausted() {
+            return Err(self.error(why));
+        }
+        let spent = self.0.spent.fetch_add(steps, Ordering::Relaxed) + steps;
+        let why = if spent > self.0.limit {
+            Exhausted::Budget
+        } else if self.0.base.elapsed().as_nanos()
+            > u128::from(self.0.deadline.load(Ordering::Relaxed))
+        {
+            Exhausted::Deadline
+        } else {
+            return Ok(());
+        };
+        let code = match why {
+            Exhausted::Budget => 1,
+            Exhausted::Deadline => 2,
+        };
+        self.0.out.store(code, Ordering::Relaxed);
+        Err(self.error(why))
+    }
+
+    /// Whether (and why) the call ran out.
+    pub(super) fn exhausted(&self) -> Option<Exhausted> {
+        match self.0.out.load(Ordering::Relaxed) {
+            1 => Some(Exhausted::Budget),
+            2 => Some(Exhausted::Deadline),
+            _ => None,
+        }
+    }
+
+    fn error(&self, why: Exhausted) -> mlua::Error {
+        mlua::Error::RuntimeError(match why {
+            Exhausted::Budget => format!("instruction budget of {} exceeded", self.0.limit),
+            Exhausted::Deadline => {
+                format!("deadline of {} ms exceeded", self.0.timeout.as_millis())
+            }
+        })
+    }
 }
 
 /// A loaded script: its hooks, or why it could not be loaded.
 #[derive(Debug)]
 pub(super) enum Script {
     Loaded {
+        /// The file name (never the server's path).
         name: String,
-        hooks: Table,
+        hooks: [Option<Function>; 3],
     },
-    /// Kept from a first load that failed: every message it should judge is an error.
-    Broken {
-        name: String,
-        error: String,
-    },
+    /// Kept from a first load that failed: under `on_error = "deny"` it denies every hook.
+    Broken { name: String, error: String },
 }
 
-/// A script's function for a hook, or (script, load error) for a broken script.
-pub(super) type Implementation<'a> = Result<(&'a str, Function), (&'a str, &'a str)>;
+impl Script {
+    pub(super) fn name(&self) -> &str {
+        match self {
+            Script::Loaded { name, .. } | Script::Broken { name, .. } => name,
+        }
+    }
+
+    /// The script's function for `hook`, if it has one.
+    pub(super) fn hook(&self, hook: Hook) -> Option<&Function> {
+        match self {
+            Script::Loaded { hooks, .. } => hooks[hook.index()].as_ref(),
+            Script::Broken { .. } => None,
+        }
+    }
+}
 
 /// A Lua state ready to run hooks.
 #[derive(Debug)]
 pub(super) struct State {
     pub(super) lua: Lua,
     pub(super) scripts: Vec<Script>,
-    spent: Arc<AtomicU64>,
+    pub(super) meter: Meter,
 }
 
 /// The script sources, read once per (re)load and shared by every state.
 #[derive(Debug, Clone)]
 pub(super) struct Sources {
+    /// (file name, path as configured, source).
     pub(super) scripts: Vec<(String, String)>,
     pub(super) words: Arc<BTreeMap<String, WordList>>,
+}
+
+/// The file name of a script path: what clients and logs see of it.
+pub(super) fn file_name(path: &Path) -> String {
+    path.file_name()
+        .and_then(|name| name.to_str())
+        .unwrap_or("script")
+        .to_owned()
 }
 
 impl Sources {
@@ -77,13 +196,15 @@ impl Sources {
         };
         let mut scripts = Vec::with_capacity(settings.scripts.len());
         for path in &settings.scripts {
-            scripts.push((path.display().to_string(), read(path)?));
+            scripts.push((file_name(path), read(path)?));
         }
         let mut words = BTreeMap::new();
         for (name, path) in &settings.words {
-            let list = WordList::new(read(path)?.lines()).map_err(|e| PolicyError::Words {
-                name: name.clone(),
-                message: e.to_string(),
+            let list = WordList::new(read(path)?.lines(), settings.whole_words).map_err(|e| {
+                PolicyError::Words {
+                    name: name.clone(),
+                    message: e.to_string(),
+                }
             })?;
             words.insert(name.clone(), list);
         }
@@ -93,6 +214,53 @@ impl Sources {
         })
     }
 }
+
+/// The base functions every script gets (C functions: values no script can change).
+const BASE: [&str; 15] = [
+    "assert",
+    "error",
+    "getmetatable",
+    "ipairs",
+    "next",
+    "pairs",
+    "rawequal",
+    "rawget",
+    "rawlen",
+    "select",
+    "tonumber",
+    "tostring",
+    "type",
+    "_VERSION",
+    "unpack",
+];
+
+/// `pcall` and `xpcall` that re-raise once the call's meter has run out, so a script cannot
+/// catch its way past its limits; `setmetatable` without finalizers.
+const GUARDS: &str = r#"
+local raw_pcall, raw_xpcall, raw_setmetatable, rawget, error, select = ...
+local exhausted = select(7, ...)
+local function pass(ok, ...)
+  if not ok and exhausted() then error((...), 0) end
+  return ok, ...
+end
+local guards = {}
+function guards.pcall(f, ...)
+  return pass(raw_pcall(f, ...))
+end
+function guards.xpcall(f, handler, ...)
+  return pass(raw_xpcall(f, function(e)
+    if exhausted() then return e end
+    return handler(e)
+  end, ...))
+end
+function guards.setmetatable(t, mt)
+  if type(mt) == "table" and rawget(mt, "__gc") ~= nil then
+    error("__gc is not allowed in policy scripts", 2)
+  end
+  return raw_setmetatable(t, mt)
+end
+return guards
+"#;
 
 impl State {
     /// A state with every script loaded. With `strict`, a script that fails to load fails
@@ -105,39 +273,33 @@ impl State {
         let lua_error = |e: mlua::Error| PolicyError::Lua(e.to_string());
         let libs = StdLib::TABLE | StdLib::STRING | StdLib::MATH | StdLib::UTF8;
         let lua = Lua::new_with(libs, LuaOptions::default()).map_err(lua_error)?;
-        let spent = Arc::new(AtomicU64::new(0));
-        let limit = settings.instruction_limit;
-        let counter = Arc::clone(&spent);
+        let meter = Meter::new(
+            settings.instruction_limit,
+            Duration::from_millis(settings.call_timeout_ms),
+        );
+        let hook_meter = meter.clone();
         lua.set_hook(
-            HookTriggers::new().every_nth_instruction(BUDGET_STEP),
+            HookTriggers::new().every_nth_instruction(METER_STEP),
             move |_, debug| {
-                let used = counter.fetch_add(u64::from(BUDGET_STEP), Ordering::Relaxed);
-                if used + u64::from(BUDGET_STEP) > limit {
+                hook_meter.charge(u64::from(METER_STEP)).map_err(|e| {
                     let line = debug.current_line().unwrap_or(0);
                     let source = debug.source().short_src.map(|s| s.into_owned());
-                    Err(mlua::Error::RuntimeError(format!(
-                        "{}:{line}: instruction budget of {limit} exceeded",
-                        source.unwrap_or_default()
-                    )))
-                } else {
-                    Ok(VmState::Continue)
-                }
+                    mlua::Error::RuntimeError(format!("{}:{line}: {e}", source.unwrap_or_default()))
+                })?;
+                Ok(VmState::Continue)
             },
         )
         .map_err(lua_error)?;
-        let globals = lua.globals();
-        restrict(&globals).map_err(lua_error)?;
-        api::install(&lua, &globals, Arc::clone(&sources.words), &settings.config)
-            .map_err(lua_error)?;
+        let shared = Shared::new(&lua, &meter, sources, settings).map_err(lua_error)?;
         lua.set_memory_limit(settings.memory_limit)
             .map_err(lua_error)?;
         let mut state = Self {
             lua,
             scripts: Vec::new(),
-            spent,
+            meter,
         };
         for (name, source) in &sources.scripts {
-            let script = match state.load(name, source) {
+            let script = match state.load(&shared, name, source, settings) {
                 Ok(hooks) => Script::Loaded {
                     name: name.clone(),
                     hooks,
@@ -148,87 +310,195 @@ impl State {
                         message,
                     })
                 }
-                Err(error) => {
-                    tracing::error!(script = %name, %error, "policy script failed to load");
-                    Script::Broken {
-                        name: name.clone(),
-                        error,
-                    }
-                }
+                Err(error) => Script::Broken {
+                    name: name.clone(),
+                    error,
+                },
             };
             state.scripts.push(script);
         }
         Ok(state)
     }
 
-    /// Runs a script's top-level code in its own environment and returns its `hooks`.
-    fn load(&self, name: &str, source: &str) -> Result<Table, String> {
-        let build = || -> mlua::Result<Table> {
-            let env = self.lua.create_table()?;
-            let meta = self.lua.create_table()?;
-            meta.set("__index", self.lua.globals())?;
-            env.set_metatable(Some(meta))?;
-            env.set("log", api::log_table(&self.lua, name)?)?;
-            self.start_call();
-            self.lua
-                .load(source)
-                .set_name(format!("@{name}"))
-                .set_mode(ChunkMode::Text)
-                .set_environment(env.clone())
-                .exec()?;
-            match env.raw_get::<mlua::Value>("hooks")? {
-                mlua::Value::Table(hooks) => Ok(hooks),
-                mlua::Value::Nil => self.lua.create_table(),
-                _ => Err(mlua::Error::RuntimeError("`hooks` must be a table".into())),
+    /// Runs a script's top-level code (metered) in its own environment and returns its hooks.
+    fn load(
+        &self,
+        shared: &Shared,
+        name: &str,
+        source: &str,
+        settings: &PolicySettings,
+    ) -> Result<[Option<Function>; 3], String> {
+        let env = shared
+            .environment(&self.lua, name, settings)
+            .map_err(|e| e.to_string())?;
+        self.meter.start();
+        self.lua
+            .load(source)
+            .set_name(format!("@{name}"))
+            .set_mode(ChunkMode::Text)
+            .set_environment(env.clone())
+            .exec()
+            .map_err(|e| first_line(&e.to_string()))?;
+        let hooks = match env.raw_get::<Value>("hooks").map_err(|e| e.to_string())? {
+            Value::Table(hooks) => hooks,
+            Value::Nil => return Ok([None, None, None]),
+            other => {
+                return Err(format!(
+                    "`hooks` must be a table, not a {}",
+                    other.type_name()
+                ))
             }
         };
-        build().map_err(|e| e.to_string())
-    }
-
-    /// Resets the instruction budget for one call.
-    pub(super) fn start_call(&self) {
-        self.spent.store(0, Ordering::Relaxed);
-    }
-
-    /// The scripts' implementations of `hook`, in order; broken scripts count for messages.
-    pub(super) fn implementations(&self, hook: Hook) -> Vec<Implementation<'_>> {
-        self.scripts
-            .iter()
-            .filter_map(|script| match script {
-                Script::Loaded { name, hooks } => hooks
-                    .get::<Option<Function>>(hook.name())
-                    .ok()
-                    .flatten()
-                    .map(|f| Ok((name.as_str(), f))),
-                Script::Broken { name, error } => {
-                    (hook == Hook::Message).then_some(Err((name.as_str(), error.as_str())))
+        let mut found = [None, None, None];
+        for pair in hooks.pairs::<Value, Value>() {
+            let (key, value) = pair.map_err(|e| e.to_string())?;
+            let key = key
+                .to_string()
+                .unwrap_or_else(|_| key.type_name().to_owned());
+            let hook = Hook::ALL.into_iter().find(|h| h.name() == key);
+            let line = match &value {
+                Value::Function(f) => f.info().line_defined,
+                _ => line_of(source, &key),
+            };
+            let at = line
+                .map(|l| format!("{name}:{l}: "))
+                .unwrap_or_else(|| format!("{name}: "));
+            match (hook, value) {
+                (Some(hook), Value::Function(function)) => found[hook.index()] = Some(function),
+                (Some(_), other) => {
+                    return Err(format!(
+                        "{at}hooks.{key} must be a function, not a {}",
+                        other.type_name()
+                    ))
                 }
-            })
-            .collect()
+                (None, _) => {
+                    return Err(format!(
+                        "{at}hooks.{key} is not a hook (on_message, on_connect, on_subscribe)"
+                    ))
+                }
+            }
+        }
+        Ok(found)
     }
 }
 
-/// Removes everything that reaches outside the sandbox or around its limits.
-fn restrict(globals: &Table) -> mlua::Result<()> {
-    for name in [
-        "dofile",
-        "loadfile",
-        "load",
-        "require",
-        "collectgarbage",
-        "rawset",
-        "print",
-        "module",
-        "package",
-        "debug",
-        "io",
-        "os",
-        "coroutine",
-    ] {
-        globals.set(name, mlua::Value::Nil)?;
+/// Lua's message, first line only (no traceback), without control characters.
+fn first_line(message: &str) -> String {
+    crate::text::clean(message.lines().next().unwrap_or(message), 512)
+}
+
+/// The first line of `source` that mentions `key`.
+fn line_of(source: &str, key: &str) -> Option<usize> {
+    source
+        .lines()
+        .position(|line| line.contains(key))
+        .map(|i| i + 1)
+}
+
+/// What every script's environment is built from.
+struct Shared {
+    base: Vec<(&'static str, Value)>,
+    guards: Table,
+    libraries: Vec<(&'static str, Table)>,
+    words: Table,
+    os: Table,
+    config: Table,
+}
+
+impl Shared {
+    fn new(
+        lua: &Lua,
+        meter: &Meter,
+        sources: &Sources,
+        settings: &PolicySettings,
+    ) -> mlua::Result<Self> {
+        let globals = lua.globals();
+        let string: Table = globals.get("string")?;
+        patterns::install(lua, &string, meter)?;
+        string.set("dump", Value::Nil)?;
+        // Scripts reach `string` through their read-only view; methods on strings go through
+        // the string metatable, which getmetatable no longer returns.
+        let string_meta: Table = lua.load("return getmetatable('')").eval()?;
+        string_meta.raw_set("__metatable", false)?;
+        globals.set(
+            "unpack",
+            globals.get::<Table>("table")?.get::<Value>("unpack")?,
+        )?;
+        let mut base = Vec::new();
+        for name in BASE {
+            base.push((name, globals.get::<Value>(name)?));
+        }
+        let check = meter.clone();
+        let exhausted = lua.create_function(move |_, ()| Ok(check.exhausted().is_some()))?;
+        let guards: Table = lua.load(GUARDS).set_name("=guards").call((
+            globals.get::<Function>("pcall")?,
+            globals.get::<Function>("xpcall")?,
+            globals.get::<Function>("setmetatable")?,
+            globals.get::<Function>("rawget")?,
+            globals.get::<Function>("error")?,
+            globals.get::<Function>("select")?,
+            exhausted,
+        ))?;
+        let mut libraries = Vec::new();
+        for name in ["string", "table", "math", "utf8"] {
+            libraries.push((name, globals.get::<Table>(name)?));
+        }
+        // Nothing but the environments built here reaches the globals.
+        for name in [
+            "string",
+            "table",
+            "math",
+            "utf8",
+            "pcall",
+            "xpcall",
+            "setmetatable",
+            "collectgarbage",
+            "load",
+            "dofile",
+            "loadfile",
+            "require",
+            "rawset",
+            "print",
+        ] {
+            globals.raw_set(name, Value::Nil)?;
+        }
+        Ok(Self {
+            base,
+            guards,
+            libraries,
+            words: api::words_table(lua, Arc::clone(&sources.words))?,
+            os: api::os_table(lua)?,
+            config: api::config_table(lua, &settings.config)?,
+        })
     }
-    if let Ok(string) = globals.get::<Table>("string") {
-        string.set("dump", mlua::Value::Nil)?;
+
+    /// A fresh environment for script `name`: its own globals, read-only views of the rest.
+    fn environment(&self, lua: &Lua, name: &str, settings: &PolicySettings) -> mlua::Result<Table> {
+        let env = lua.create_table()?;
+        for (key, value) in &self.base {
+            env.raw_set(*key, value.clone())?;
+        }
+        for key in ["pcall", "xpcall", "setmetatable"] {
+            env.raw_set(key, self.guards.get::<Value>(key)?)?;
+        }
+        for (key, library) in &self.libraries {
+            env.raw_set(*key, api::read_only(lua, library.clone())?)?;
+        }
+        env.raw_set("words", api::read_only(lua, self.words.clone())?)?;
+        env.raw_set("os", api::read_only(lua, self.os.clone())?)?;
+        env.raw_set("log", api::read_only(lua, api::log_table(lua, name)?)?)?;
+        let own = settings
+            .config
+            .get(script_stem(name))
+            .map(|value| api::to_lua(lua, value))
+            .transpose()?;
+        env.raw_set("config", api::layered(lua, own, self.config.clone())?)?;
+        env.raw_set("_G", env.clone())?;
+        Ok(env)
     }
-    Ok(())
+}
+
+/// `sensitive_words` for `sensitive_words.lua`: the script's namespace in `policy.config`.
+fn script_stem(name: &str) -> &str {
+    name.strip_suffix(".lua").unwrap_or(name)
 }

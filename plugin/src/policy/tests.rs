@@ -33,6 +33,7 @@ fn settings(dir: &tempfile::TempDir, scripts: &[&str]) -> PolicySettings {
             "greeting".to_string(),
             crate::config::ConfigValue::Str("hi".into()),
         )]),
+        ..crate::config::Config::default().policy
     }
 }
 
@@ -139,7 +140,8 @@ async fn bad_scripts_follow_on_error() {
     let syntax = "hooks = { on_message = function( end";
     let (decision, stats) = verdict(&[syntax], "x").await;
     assert!(matches!(decision, Decision::Deny(reason) if reason.contains("s0.lua")));
-    assert_eq!(stats.errors, 1);
+    // Counted when it failed to load, and again for the message it denied.
+    assert_eq!(stats.errors, 2);
     let garbage = "hooks = { on_message = function() return 42 end }";
     let (decision, _) = verdict(&[garbage], "x").await;
     assert!(matches!(decision, Decision::Deny(_)));
@@ -240,6 +242,7 @@ async fn shipped_scripts() {
             ("blocked".to_string(), root.join("words/blocked.txt")),
         ]),
         config: BTreeMap::new(),
+        ..crate::config::Config::default().policy
     };
     let policy = LuaPolicy::load(config).unwrap();
     let check = |text: &str| {
