@@ -43,6 +43,12 @@ struct Cli {
     /// With --postgres: Redis for presence and the digest cache.
     #[arg(long, global = true)]
     redis: Option<String>,
+    /// Lua policy scripts mqtt-im runs on every chat message, in order (repeat the flag).
+    #[arg(long, global = true)]
+    policy: Vec<std::path::PathBuf>,
+    /// Word lists for the scripts, NAME=FILE (repeat the flag).
+    #[arg(long, global = true)]
+    words: Vec<String>,
     /// Ignored (cargo bench passes it).
     #[arg(long, global = true, hide = true)]
     bench: bool,
@@ -97,6 +103,10 @@ struct PubsubArgs {
     /// Messages per second per publisher (0: as fast as the broker takes them).
     #[arg(long, default_value_t = 0)]
     rate: u64,
+    /// Chat messages per second sent to mqtt-im beside the measured load (each one runs the
+    /// policy), e.g. to see what a heavy script does to pass-through traffic.
+    #[arg(long, default_value_t = 0)]
+    chat_beside: u64,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -220,6 +230,11 @@ async fn mqtt_im(
     if let Some(url) = &cli.redis {
         config.cluster.redis_url = url.clone();
         config.cluster.key_prefix = tag;
+    }
+    config.policy.scripts = cli.policy.clone();
+    for list in &cli.words {
+        let (name, file) = list.split_once('=').ok_or("--words takes NAME=FILE")?;
+        config.policy.words.insert(name.to_owned(), file.into());
     }
     let server = Server::bind(config).await?;
     let addr = server.local_addr()?;
@@ -459,7 +474,16 @@ async fn pubsub(cli: &Cli, args: &PubsubArgs) -> Result<(), Error> {
     let bare = run_pubsub(bare_addr, args, "b").await?;
     bare.print("bare rumqttd");
     let (im_addr, _, shutdown) = mqtt_im(cli).await?;
+    let beside =
+        (args.chat_beside > 0).then(|| tokio::spawn(chat_beside(im_addr, args.chat_beside)));
     let im = run_pubsub(im_addr, args, "m").await?;
+    if let Some(beside) = beside {
+        beside.abort();
+        println!(
+            "{:>22}: {} chat msg/s to mqtt-im beside the load",
+            "beside", args.chat_beside
+        );
+    }
     im.print("mqtt-im");
     println!(
         "{:>22}: throughput {:.0}% of bare, p99 {:.2}x bare",
@@ -469,6 +493,28 @@ async fn pubsub(cli: &Cli, args: &PubsubArgs) -> Result<(), Error> {
     );
     print_rss();
     shutdown.cancel();
+    Ok(())
+}
+
+/// Sends chat messages to an offline user at `rate` per second until aborted.
+async fn chat_beside(addr: SocketAddr, rate: u64) -> Result<(), Error> {
+    let (client, mut events) = connected(addr, "chatter", true, 1000).await?;
+    let pump = tokio::spawn(async move { while events.poll().await.is_ok() {} });
+    let mut pace = tokio::time::interval(Duration::from_micros(1_000_000 / rate.max(1)));
+    let text = "x".repeat(64);
+    for i in 0u64.. {
+        pace.tick().await;
+        let body =
+            pb::Envelope::text(format!("beside-{i}"), "nobody", text.as_str()).encode_to_vec();
+        if client
+            .publish("im/u/nobody", QoS::AtLeastOnce, false, body)
+            .await
+            .is_err()
+        {
+            break;
+        }
+    }
+    pump.abort();
     Ok(())
 }
 

@@ -84,6 +84,7 @@ fn per_message(c: &mut Criterion) {
     let dir = tempfile::tempdir().unwrap();
     let policy = LuaPolicy::load(settings(dir.path(), 1)).unwrap();
     let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
         .build()
         .unwrap();
     let mut group = c.benchmark_group("shipped_policy_10k_words");
@@ -107,6 +108,7 @@ fn pool_scaling(c: &mut Criterion) {
         let policy = Arc::new(LuaPolicy::load(settings(dir.path(), states)).unwrap());
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
+            .enable_time()
             .build()
             .unwrap();
         group.bench_function(format!("states_{states}"), |b| {

@@ -72,7 +72,7 @@ states = 2
 memory_limit = 8388608
 instruction_limit = 1000000
 call_timeout_ms = 20
-queue_timeout_ms = 50
+queue_timeout_ms = 1000
 whole_words = true
 reload_interval_ms = 1000
 

@@ -325,6 +325,9 @@ impl LuaPolicy {
     }
 }
 
+/// How long an idle Lua thread keeps polling the queue before it sleeps.
+const HOT_POLL: Duration = Duration::from_micros(50);
+
 /// Time a caller allows on top of the limits for a thread to hand its answer over.
 const GRACE: Duration = Duration::from_millis(20);
 
@@ -403,12 +406,7 @@ struct Worker {
 impl Worker {
     fn run(mut self) {
         loop {
-            let next = self
-                .queue
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .recv();
-            let Ok(job) = next else {
+            let Some(job) = self.next_job() else {
                 return;
             };
             let waited = job.queued.elapsed();
@@ -430,6 +428,21 @@ impl Worker {
             };
             let _ = job.reply.send(outcome);
         }
+    }
+
+    /// The next call: a busy queue is polled for a moment before the thread sleeps, so under
+    /// load calls do not each pay for waking it.
+    fn next_job(&self) -> Option<Job> {
+        let queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
+        let polling = Instant::now();
+        while polling.elapsed() < HOT_POLL {
+            match queue.try_recv() {
+                Ok(job) => return Some(job),
+                Err(mpsc::TryRecvError::Empty) => std::thread::yield_now(),
+                Err(mpsc::TryRecvError::Disconnected) => return None,
+            }
+        }
+        queue.recv().ok()
     }
 
     /// A state whose call ran out may hold half-done work of the script: start afresh.
