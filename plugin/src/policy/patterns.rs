@@ -407,7 +407,8 @@ fn find_or_match(
     (text, pattern, init, plain): (mlua::LuaString, mlua::LuaString, Option<i64>, Option<bool>),
     find: bool,
 ) -> mlua::Result<MultiValue> {
-    let (src, pat) = (bytes(&text), bytes(&pattern));
+    let (src, pat) = (text.as_bytes(), pattern.as_bytes());
+    let (src, pat): (&[u8], &[u8]) = (&src, &pat);
     let Some(start) = start_of(init, src.len()) else {
         return Ok(MultiValue::from_vec(vec![Value::Nil]));
     };
@@ -415,7 +416,7 @@ fn find_or_match(
         meter.charge(u64::try_from(src.len().saturating_sub(start)).unwrap_or(u64::MAX))?;
         let found = src[start..]
             .windows(pat.len().max(1))
-            .position(|window| pat.is_empty() || window == pat.as_slice())
+            .position(|window| pat.is_empty() || window == pat)
             .map(|at| at + start)
             .filter(|at| pat.is_empty() || *at + pat.len() <= src.len());
         return Ok(MultiValue::from_vec(match found {
@@ -432,7 +433,7 @@ fn find_or_match(
     }
     let anchored = pat.first() == Some(&b'^');
     let body = if anchored { &pat[1..] } else { &pat[..] };
-    let mut matcher = Matcher::new(&src, body, meter);
+    let mut matcher = Matcher::new(src, body, meter);
     let mut s = start;
     loop {
         matcher.reset();
@@ -486,7 +487,8 @@ fn gsub(
     meter: &Meter,
     (text, pattern, replacement, max): (mlua::LuaString, mlua::LuaString, Value, Option<i64>),
 ) -> mlua::Result<(mlua::LuaString, i64)> {
-    let (src, pat) = (bytes(&text), bytes(&pattern));
+    let (src, pat) = (text.as_bytes(), pattern.as_bytes());
+    let (src, pat): (&[u8], &[u8]) = (&src, &pat);
     if !matches!(
         replacement,
         Value::String(_)
@@ -502,7 +504,7 @@ fn gsub(
     let anchored = pat.first() == Some(&b'^');
     let body = if anchored { &pat[1..] } else { &pat[..] };
     let max = max.unwrap_or(i64::MAX);
-    let mut matcher = Matcher::new(&src, body, meter);
+    let mut matcher = Matcher::new(src, body, meter);
     let mut out: Vec<u8> = Vec::with_capacity(src.len());
     let (mut s, mut count, mut last) = (0usize, 0i64, None);
     while count < max {

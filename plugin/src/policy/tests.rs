@@ -266,3 +266,55 @@ async fn shipped_scripts() {
     );
     assert_eq!(policy.stats().errors, 0);
 }
+
+/// The metered pattern functions give Lua 5.4's answers.
+#[tokio::test]
+async fn patterns_behave_like_lua() {
+    let checks = r#"
+        local function eq(a, b, what) if a ~= b then error(what .. ": " .. tostring(a) .. " ~= " .. tostring(b)) end end
+        local function all(...) return table.concat({...}, ",") end
+        eq(all(string.find("hello world", "o w")), "5,7", "find")
+        eq(all(string.find("hello", "l", 1, true)), "3,3", "plain find")
+        eq(all(string.find("a.b", ".", 1, true)), "2,2", "plain dot")
+        eq(all(string.find("hello", "l", -2)), "4,4", "negative init")
+        eq(string.find("hello", "xyz"), nil, "no match")
+        eq(all(string.find("hello", "")), "1,0", "empty pattern")
+        eq(all(string.find("key = value", "(%w+)%s*=%s*(%w+)")), "1,11,key,value", "find captures")
+        eq(all(("  trim me  "):match("^%s*(.-)%s*$")), "trim me", "trim")
+        eq(all(("2024-01-31"):match("(%d+)-(%d+)-(%d+)")), "2024,01,31", "dates")
+        eq(all(("hello"):match("()ll()")), "3,5", "position captures")
+        eq(("f(a(b)c)d"):match("%b()"), "(a(b)c)", "balance")
+        eq(("THE (quick) fox"):find("%f[%a]%a+%f[%A]"), 1, "frontier")
+        eq(("abc123"):match("^[%a]+"), "abc", "class set")
+        eq(("abc123"):match("[^%a]+"), "123", "negated set")
+        eq(("x-y"):match("[a-z%-]+"), "x-y", "escaped dash in set")
+        eq(("aaab"):match("a-b"), "aaab", "lazy")
+        eq(("aaab"):match("a*"), "aaa", "greedy")
+        eq(("b"):match("a?b"), "b", "optional")
+        eq(("hello hello"):match("(h%w+) %1"), "hello", "back reference")
+        eq(("bob@example.com"):match("^[%w_%-%.@]+$"), "bob@example.com", "recipient")
+        local words = {}
+        for w in ("one two  three"):gmatch("%a+") do words[#words + 1] = w end
+        eq(table.concat(words, "|"), "one|two|three", "gmatch")
+        local pairs_ = {}
+        for k, v in ("a=1, b=2"):gmatch("(%w+)=(%w+)") do pairs_[#pairs_ + 1] = k .. v end
+        eq(table.concat(pairs_, "|"), "a1|b2", "gmatch captures")
+        eq(all(("hello world"):gsub("o", "0")), "hell0 w0rld,2", "gsub")
+        eq(all(("hello world"):gsub("(%w+)", "<%1>")), "<hello> <world>,2", "gsub %1")
+        eq(all(("hello world"):gsub("%w+", { hello = "HI" })), "HI world,2", "gsub table")
+        eq(all(("abc"):gsub("%w", function(c) return c:upper() .. "." end)), "A.B.C.,3", "gsub function")
+        eq(all(("abc"):gsub("", "-")), "-a-b-c-,4", "gsub empty")
+        eq(all(("aaa"):gsub("a", "b", 2)), "bba,2", "gsub max")
+        eq(all(("hello"):gsub("^h", "H")), "Hello,1", "gsub anchored")
+        eq(all(("50%"):gsub("%%", "%%%%")), "50%%,1", "gsub percent")
+        eq(pcall(string.rep), false, "sanity")
+        local ok = pcall(string.find, "x", "[a")
+        eq(ok, false, "malformed set")
+        ok = pcall(string.gsub, "x", "x", "%2")
+        eq(ok, false, "invalid capture index")
+        hooks = { on_message = function() return true end }
+    "#;
+    let (decision, stats) = verdict(&[checks], "x").await;
+    assert_eq!(decision, Decision::Allow(None), "{stats:?}");
+    assert_eq!(stats.errors, 0);
+}

@@ -70,6 +70,19 @@ fn fold(text: &str) -> Folded {
     };
     let mut after_space = false;
     for (index, original) in text.chars().enumerate() {
+        if original.is_ascii() {
+            // ASCII is its own NFKC form, never invisible and never a look-alike.
+            if original.is_ascii_whitespace() {
+                if !after_space {
+                    push(&mut folded, ' ', index);
+                    after_space = true;
+                }
+            } else {
+                after_space = false;
+                push(&mut folded, original.to_ascii_lowercase(), index);
+            }
+            continue;
+        }
         if invisible(original) {
             continue;
         }
