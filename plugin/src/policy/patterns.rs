@@ -432,7 +432,7 @@ fn find_or_match(
         }));
     }
     let anchored = pat.first() == Some(&b'^');
-    let body = if anchored { &pat[1..] } else { &pat[..] };
+    let body = if anchored { &pat[1..] } else { pat };
     let mut matcher = Matcher::new(src, body, meter);
     let mut s = start;
     loop {
@@ -502,7 +502,7 @@ fn gsub(
         ));
     }
     let anchored = pat.first() == Some(&b'^');
-    let body = if anchored { &pat[1..] } else { &pat[..] };
+    let body = if anchored { &pat[1..] } else { pat };
     let max = max.unwrap_or(i64::MAX);
     let mut matcher = Matcher::new(src, body, meter);
     let mut out: Vec<u8> = Vec::with_capacity(src.len());
