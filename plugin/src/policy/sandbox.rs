@@ -172,7 +172,7 @@ pub(super) struct State {
 /// The script sources, read once per (re)load and shared by every state.
 #[derive(Debug, Clone)]
 pub(super) struct Sources {
-    /// (file name, path as configured, source).
+    /// (file name, source), in chain order.
     pub(super) scripts: Vec<(String, String)>,
     pub(super) words: Arc<BTreeMap<String, WordList>>,
 }
