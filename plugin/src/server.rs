@@ -67,7 +67,12 @@ impl Server {
     pub async fn bind(config: Config) -> Result<Self, ServerError> {
         let metrics = Arc::new(Metrics::default());
         let store = open_store(&config, &metrics).await?;
-        let policy = Arc::new(LuaPolicy::load(config.policy.clone())?);
+        // Loading runs the scripts' top-level code: on a blocking thread, not a worker.
+        let settings = config.policy.clone();
+        let policy = tokio::task::spawn_blocking(move || LuaPolicy::load(settings))
+            .await
+            .map_err(|e| PolicyError::Lua(format!("loading the policy failed: {e}")))??;
+        let policy = Arc::new(policy);
         let cluster = connect_cluster(&config.cluster).await?;
         let im = ImService::new(
             Arc::clone(&store),
