@@ -6,13 +6,16 @@
 //! means the message comes back in that device's next pull (clients deduplicate by msg_id).
 
 use std::collections::HashMap;
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use super::ImService;
 use crate::store::ranges::{self, SeqRange};
 use crate::store::{Conversation, Device};
 
-type Acks = HashMap<(Device, Conversation), Vec<SeqRange>>;
+/// Merged ranges per conversation of one device.
+type DeviceAcks = HashMap<Conversation, Vec<SeqRange>>;
+/// Per device, so a Pull or digest finds its device's acknowledgements without a scan.
+type Acks = HashMap<Device, DeviceAcks>;
 
 /// Acknowledged live deliveries not yet known to be committed.
 #[derive(Debug, Default)]
@@ -22,8 +25,12 @@ pub(super) struct LiveAcks(Mutex<Waiting>);
 struct Waiting {
     /// Merged since the last flush started.
     pending: Acks,
-    /// Taken by the flush under way, until it has committed them.
-    writing: Acks,
+    /// Taken by the flush under way, until it has committed them (shared, not copied).
+    writing: Arc<Acks>,
+}
+
+fn merge(into: &mut Vec<SeqRange>, range: SeqRange) {
+    *into = ranges::insert(into, range);
 }
 
 impl LiveAcks {
@@ -37,35 +44,37 @@ impl LiveAcks {
             return;
         };
         let mut waiting = self.lock();
-        let key = (device.clone(), conversation.clone());
-        let merged = waiting.pending.entry(key).or_default();
-        *merged = ranges::insert(merged, range);
+        let of_device = waiting.pending.entry(device.clone()).or_default();
+        merge(of_device.entry(conversation.clone()).or_default(), range);
     }
 
     /// Moves everything pending to the flush that starts now.
-    fn start_flush(&self) -> Acks {
+    fn start_flush(&self) -> Arc<Acks> {
         let mut waiting = self.lock();
-        let taken = std::mem::take(&mut waiting.pending);
-        waiting.writing = taken.clone();
+        let taken = Arc::new(std::mem::take(&mut waiting.pending));
+        waiting.writing = Arc::clone(&taken);
         taken
     }
 
     fn end_flush(&self) {
-        self.lock().writing.clear();
+        self.lock().writing = Arc::default();
     }
 
     /// The uncommitted acknowledgements of `device` (in `conversation`, or in all).
-    fn of_device(&self, device: &Device, conversation: Option<&Conversation>) -> Acks {
+    fn of_device(&self, device: &Device, conversation: Option<&Conversation>) -> DeviceAcks {
         let waiting = self.lock();
-        let mut found = Acks::new();
-        for acks in [&waiting.pending, &waiting.writing] {
-            let theirs = acks
-                .iter()
-                .filter(|((d, c), _)| d == device && conversation.is_none_or(|wanted| wanted == c));
+        let mut found = DeviceAcks::new();
+        for acks in [&waiting.pending, waiting.writing.as_ref()] {
+            let Some(theirs) = acks.get(device) else {
+                continue;
+            };
             for (key, list) in theirs {
+                if conversation.is_some_and(|wanted| wanted != key) {
+                    continue;
+                }
                 let merged = found.entry(key.clone()).or_default();
                 for range in list {
-                    *merged = ranges::insert(merged, *range);
+                    merge(merged, *range);
                 }
             }
         }
@@ -82,7 +91,9 @@ impl ImService {
     /// Writes every acknowledgement merged so far.
     pub(super) async fn flush_live_acks(&self) {
         let acks = self.inner.live_acks.start_flush();
-        self.write_acks(acks).await;
+        for (device, of_device) in acks.iter() {
+            self.write_acks(device, of_device).await;
+        }
         self.inner.live_acks.end_flush();
     }
 
@@ -94,13 +105,13 @@ impl ImService {
         conversation: Option<&Conversation>,
     ) {
         let acks = self.inner.live_acks.of_device(device, conversation);
-        self.write_acks(acks).await;
+        self.write_acks(device, &acks).await;
     }
 
-    async fn write_acks(&self, acks: Acks) {
-        for ((device, conversation), merged) in acks {
+    async fn write_acks(&self, device: &Device, acks: &DeviceAcks) {
+        for (conversation, merged) in acks {
             for range in merged {
-                let acked = self.inner.store.ack(&device, &conversation, range);
+                let acked = self.inner.store.ack(device, conversation, *range);
                 if let Err(e) = self.metrics().store_call("ack", acked).await {
                     tracing::warn!(error = %e, %conversation, "recording live deliveries failed");
                 }
@@ -132,7 +143,7 @@ mod tests {
         }
         let merged = acks.start_flush();
         assert_eq!(
-            merged[&(device("p"), chat())],
+            merged[&device("p")][&chat()],
             vec![SeqRange { lo: 1, hi: 3 }, SeqRange { lo: 7, hi: 7 }]
         );
     }
@@ -147,10 +158,7 @@ mod tests {
         acks.add(&device("p"), &chat(), 2);
         let mine = acks.of_device(&device("p"), Some(&chat()));
         assert_eq!(mine.len(), 1);
-        assert_eq!(
-            mine[&(device("p"), chat())],
-            vec![SeqRange { lo: 1, hi: 2 }]
-        );
+        assert_eq!(mine[&chat()], vec![SeqRange { lo: 1, hi: 2 }]);
         assert_eq!(acks.of_device(&device("p"), None).len(), 2);
         acks.end_flush();
         let left = acks.of_device(&device("p"), None);
