@@ -275,7 +275,7 @@ impl LuaPolicy {
     async fn run(&self, input: Input) -> Decision {
         let hook = input.hook();
         let workers = Arc::clone(&self.workers.read().unwrap_or_else(PoisonError::into_inner));
-        if !workers.serves[hook_index(hook)] {
+        if !workers.serves[hook.index()] {
             return Decision::Allow(None);
         }
         let (reply, answer) = oneshot::channel();
@@ -312,16 +312,20 @@ impl LuaPolicy {
         outcome.decision
     }
 
-    /// A call that got no answer from any script: `on_error` decides.
     fn whole_call_failed(&self, kind: FailureKind, error: &str) -> Outcome {
-        Outcome {
-            decision: on_error(self.settings.on_error, "the policy"),
-            failures: vec![Failure {
-                script: "-".into(),
-                kind,
-                error: error.into(),
-            }],
-        }
+        unanswered(self.settings.on_error, kind, error.to_owned())
+    }
+}
+
+/// A call that got no answer from any script: `on_error` decides.
+fn unanswered(mode: OnError, kind: FailureKind, error: String) -> Outcome {
+    Outcome {
+        decision: on_error(mode, "the policy"),
+        failures: vec![Failure {
+            script: "-".into(),
+            kind,
+            error,
+        }],
     }
 }
 
@@ -330,10 +334,6 @@ const HOT_POLL: Duration = Duration::from_micros(50);
 
 /// Time a caller allows on top of the limits for a thread to hand its answer over.
 const GRACE: Duration = Duration::from_millis(20);
-
-fn hook_index(hook: Hook) -> usize {
-    Hook::ALL.iter().position(|h| *h == hook).unwrap_or(0)
-}
 
 fn on_error(on_error: OnError, script: &str) -> Decision {
     match on_error {
@@ -411,14 +411,8 @@ impl Worker {
             };
             let waited = job.queued.elapsed();
             let outcome = if waited > Duration::from_millis(self.settings.queue_timeout_ms) {
-                Outcome {
-                    decision: on_error(self.settings.on_error, "the policy"),
-                    failures: vec![Failure {
-                        script: "-".into(),
-                        kind: FailureKind::Busy,
-                        error: format!("waited {} ms for a Lua state", waited.as_millis()),
-                    }],
-                }
+                let error = format!("waited {} ms for a Lua state", waited.as_millis());
+                unanswered(self.settings.on_error, FailureKind::Busy, error)
             } else {
                 let outcome = chain(&self.state, &self.settings, &job.input);
                 if outcome.ran_out() {

@@ -39,7 +39,8 @@ impl Hook {
         }
     }
 
-    fn index(self) -> usize {
+    /// Its place in per-hook arrays.
+    pub(super) fn index(self) -> usize {
         self as usize
     }
 }

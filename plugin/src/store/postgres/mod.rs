@@ -188,10 +188,14 @@ impl Store for PostgresStore {
         let mut client = self.client().await?;
         let cache = self.cache.as_ref();
         let built = queries::digest_states(&client, device, last_n, cache).await?;
-        let counted: HashMap<Conversation, cache::Counted> = built
-            .iter()
-            .map(|(state, counted)| (state.conversation.clone(), *counted))
-            .collect();
+        // What each entry was counted against, for the cache (none without one).
+        let counted: HashMap<Conversation, cache::Counted> = match cache {
+            Some(_) => built
+                .iter()
+                .map(|(state, counted)| (state.conversation.clone(), *counted))
+                .collect(),
+            None => HashMap::new(),
+        };
         let mut conversations: Vec<ConversationState> =
             built.into_iter().map(|(state, _)| state).collect();
         fit(&mut conversations);
