@@ -92,7 +92,8 @@ fn per_message(c: &mut Criterion) {
     for (name, text) in [("clean", CLEAN), ("masked", DIRTY)] {
         let message = message(text);
         group.bench_function(name, |b| {
-            b.to_async(&runtime).iter(|| policy.on_message(&message));
+            b.to_async(&runtime)
+                .iter(|| policy.on_message(message.clone()));
         });
     }
     group.finish();
@@ -138,7 +139,7 @@ fn pool_scaling(c: &mut Criterion) {
                                 tokio::spawn(async move {
                                     let message = message(DIRTY);
                                     for _ in 0..calls / 2 {
-                                        policy.on_message(&message).await;
+                                        policy.on_message(message.clone()).await;
                                     }
                                 })
                             })

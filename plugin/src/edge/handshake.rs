@@ -232,15 +232,16 @@ async fn admit(
             "will message on an IM topic",
         ));
     }
+    let device = Device { uid, client_id };
     let client = ClientView {
-        uid,
-        client_id,
+        uid: device.uid.clone(),
+        client_id: device.client_id.clone(),
         username: packet.login.as_ref().map(|l| l.username.clone()),
         protocol: packet.version.name(),
         clean_session: connect.clean_session,
         keep_alive: connect.keep_alive,
     };
-    let decision = ctx.policy.on_connect(&client).await;
+    let decision = ctx.policy.on_connect(client).await;
     let verdict = if matches!(decision, Decision::Deny(_)) {
         "deny"
     } else {
@@ -255,13 +256,7 @@ async fn admit(
             why: "denied by policy",
         });
     }
-    Ok(Admitted {
-        device: Device {
-            uid: client.uid,
-            client_id: client.client_id,
-        },
-        assigned,
-    })
+    Ok(Admitted { device, assigned })
 }
 
 /// Opens the private MQTT 5 link to rumqttd for `device` and returns rumqttd's CONNACK.

@@ -208,7 +208,7 @@ impl Connection {
                         qos: filter.qos as u8,
                     };
                     let metrics = self.ctx.im.metrics();
-                    if let Decision::Deny(reason) = self.ctx.policy.on_subscribe(&view).await {
+                    if let Decision::Deny(reason) = self.ctx.policy.on_subscribe(view).await {
                         metrics.verdict("subscribe", "deny");
                         tracing::debug!(filter = filter.path, %reason, "subscribe denied by policy");
                         codes.push(Some(NOT_AUTHORIZED));

@@ -283,7 +283,7 @@ impl ImService {
             client_id: sender.client_id.clone(),
             conversation: conversation.name_for(&sender.uid),
         };
-        let decision = self.inner.policy.on_message(&view).await;
+        let decision = self.inner.policy.on_message(view).await;
         let verdict = match &decision {
             Decision::Deny(_) => "deny",
             Decision::Allow(Some(_)) => "rewrite",

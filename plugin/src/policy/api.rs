@@ -1,10 +1,11 @@
 //! The helpers scripts get from Rust: `words`, `log`, a read-only `config` and `os.time` /
 //! `os.clock`. Scripts only ever see read-only views of them (built per script).
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use mlua::{Lua, Table, Value};
+use mlua::{Lua, LuaString, Table, Value};
 
 use super::words::WordList;
 use crate::config::ConfigValue;
@@ -14,12 +15,17 @@ pub(super) const DEFAULT_LIST: &str = "default";
 /// Longest log line a script can write.
 const MAX_LOG: usize = 512;
 
-fn list(lists: &BTreeMap<String, WordList>, name: Option<String>) -> mlua::Result<&WordList> {
-    let name = name.unwrap_or_else(|| DEFAULT_LIST.to_owned());
-    lists.get(&name).ok_or_else(|| {
+/// The list a helper names (borrowed from Lua: no copy per call), or the default one.
+fn list<'a>(
+    lists: &'a BTreeMap<String, WordList>,
+    name: Option<&LuaString>,
+) -> mlua::Result<&'a WordList> {
+    let name = name.map(LuaString::to_str).transpose()?;
+    let name = name.as_deref().unwrap_or(DEFAULT_LIST);
+    lists.get(name).ok_or_else(|| {
         mlua::Error::RuntimeError(format!(
             "unknown word list {:?}",
-            crate::text::clean(&name, 64)
+            crate::text::clean(name, 64)
         ))
     })
 }
@@ -38,16 +44,26 @@ pub(super) fn words_table(
     let find_lists = Arc::clone(&lists);
     words.set(
         "find",
-        lua.create_function(move |_, (text, name): (String, Option<String>)| {
-            Ok(list(&find_lists, name)?.find(&text))
+        lua.create_function(move |_, (text, name): (LuaString, Option<LuaString>)| {
+            Ok(list(&find_lists, name.as_ref())?.find(&text.to_str()?))
         })?,
     )?;
     words.set(
         "mask",
         lua.create_function(
-            move |_, (text, mask, name): (String, Option<String>, Option<String>)| {
-                let mask = mask.and_then(|m| m.chars().next()).unwrap_or('*');
-                Ok(list(&lists, name)?.mask(&text, mask))
+            move |lua, (text, mask, name): (LuaString, Option<LuaString>, Option<LuaString>)| {
+                let mask = match mask {
+                    Some(mask) => mask.to_str()?.chars().next().unwrap_or('*'),
+                    None => '*',
+                };
+                let list = list(&lists, name.as_ref())?;
+                let original = text.to_str()?;
+                // Unmasked text goes back as the very string it came as.
+                let masked = match list.mask(&original, mask) {
+                    (Cow::Borrowed(_), count) => (text.clone(), count),
+                    (Cow::Owned(masked), count) => (lua.create_string(masked)?, count),
+                };
+                Ok(masked)
             },
         )?,
     )?;

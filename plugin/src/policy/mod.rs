@@ -118,12 +118,13 @@ pub enum PolicyError {
 }
 
 /// A message, connection and subscription policy; implementations are called concurrently.
+/// Views are handed over, so an implementation can move them to its own threads uncopied.
 #[async_trait]
 pub trait Policy: Send + Sync + std::fmt::Debug {
     /// Decides on one chat message before it gets a seq.
-    async fn on_message(&self, message: &MessageView) -> Decision;
+    async fn on_message(&self, message: MessageView) -> Decision;
     /// Decides on a client after the broker's own authentication succeeded.
-    async fn on_connect(&self, client: &ClientView) -> Decision;
+    async fn on_connect(&self, client: ClientView) -> Decision;
     /// Decides on a subscription to a non-IM topic filter.
-    async fn on_subscribe(&self, subscription: &SubscribeView) -> Decision;
+    async fn on_subscribe(&self, subscription: SubscribeView) -> Decision;
 }

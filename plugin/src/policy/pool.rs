@@ -10,7 +10,7 @@ use std::sync::{mpsc, Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use mlua::{Lua, MultiValue, Table, Value};
+use mlua::{MultiValue, Table, Value};
 use tokio::sync::oneshot;
 
 use super::sandbox::{Exhausted, Hook, Script, Sources, State};
@@ -452,11 +452,13 @@ impl Worker {
 /// denies under `on_error = "deny"`, and is skipped under `"allow"` (earlier rewrites kept).
 fn chain(state: &State, settings: &PolicySettings, input: &Input) -> Outcome {
     let hook = input.hook();
-    let mut text = match input {
-        Input::Message(message) => message.text.clone(),
-        _ => None,
+    // Built once per chain; each script gets a copy.
+    let argument = match fields(state, input) {
+        Ok(argument) => argument,
+        Err(e) => return unanswered(settings.on_error, FailureKind::Runtime, e.to_string()),
     };
-    let mut rewritten = false;
+    // The latest rewrite; scripts after it see it instead of the original text.
+    let mut rewritten: Option<String> = None;
     let mut failures = Vec::new();
     for script in &state.scripts {
         // Each script has the whole budget and deadline of a call.
@@ -468,7 +470,9 @@ fn chain(state: &State, settings: &PolicySettings, input: &Input) -> Outcome {
             }
             Script::Loaded { .. } => match script.hook(hook) {
                 None => continue,
-                Some(function) => call(&state.lua, function, input, text.as_deref())
+                Some(function) => state
+                    .call_with_copy
+                    .call::<MultiValue>((function, &argument))
                     .map_err(|e| (failure_kind(state, &e), e.to_string())),
             },
         };
@@ -490,7 +494,7 @@ fn chain(state: &State, settings: &PolicySettings, input: &Input) -> Outcome {
         match values.next().unwrap_or(Value::Nil) {
             Value::Boolean(true) => {
                 return Outcome {
-                    decision: Decision::Allow(text.filter(|_| rewritten)),
+                    decision: Decision::Allow(rewritten),
                     failures,
                 }
             }
@@ -503,11 +507,13 @@ fn chain(state: &State, settings: &PolicySettings, input: &Input) -> Outcome {
                 return deny(Decision::Deny(reason), failures);
             }
             Value::Nil => {}
-            Value::Table(fields) if hook == Hook::Message => match rewrite(&fields) {
-                Ok(new) => {
-                    text = Some(new);
-                    rewritten = true;
-                }
+            Value::Table(returned) if hook == Hook::Message => match rewrite(&returned) {
+                Ok(new) => match argument.raw_set("text", new.as_str()) {
+                    Ok(()) => rewritten = Some(new),
+                    Err(e) => {
+                        return unanswered(settings.on_error, FailureKind::Runtime, e.to_string())
+                    }
+                },
                 Err(error) => {
                     failures.push(Failure {
                         script: name.to_owned(),
@@ -541,7 +547,7 @@ fn chain(state: &State, settings: &PolicySettings, input: &Input) -> Outcome {
         }
     }
     Outcome {
-        decision: Decision::Allow(text.filter(|_| rewritten)),
+        decision: Decision::Allow(rewritten),
         failures,
     }
 }
@@ -558,47 +564,41 @@ fn failure_kind(state: &State, _error: &mlua::Error) -> FailureKind {
     }
 }
 
-fn call(
-    lua: &Lua,
-    function: &mlua::Function,
-    input: &Input,
-    text: Option<&str>,
-) -> mlua::Result<MultiValue> {
-    let argument = argument(lua, input, text)?;
-    function.call::<MultiValue>(argument)
-}
-
-/// The one table a hook gets.
-fn argument(lua: &Lua, input: &Input, text: Option<&str>) -> mlua::Result<Table> {
-    let table = lua.create_table()?;
-    match input {
+/// The fields a hook's argument holds.
+fn fields(state: &State, input: &Input) -> mlua::Result<Table> {
+    let table = match input {
         Input::Message(message) => {
-            table.set("from", message.from.as_str())?;
-            table.set("uid", message.from.as_str())?;
-            table.set("to", message.to.as_str())?;
-            table.set("chat_type", message.chat_type)?;
-            table.set("group", message.group.as_deref())?;
-            table.set("text", text)?;
-            table.set("media_url", message.media_url.as_deref())?;
-            table.set("msg_id", message.msg_id.as_str())?;
-            table.set("client_id", message.client_id.as_str())?;
-            table.set("conversation", message.conversation.as_str())?;
+            return state.message_fields.call::<Table>((
+                message.from.as_str(),
+                message.to.as_str(),
+                message.chat_type,
+                message.group.as_deref(),
+                message.text.as_deref(),
+                message.media_url.as_deref(),
+                message.msg_id.as_str(),
+                message.client_id.as_str(),
+                message.conversation.as_str(),
+            ))
         }
         Input::Connect(client) => {
+            let table = state.lua.create_table()?;
             table.set("uid", client.uid.as_str())?;
             table.set("client_id", client.client_id.as_str())?;
             table.set("username", client.username.as_deref())?;
             table.set("protocol", client.protocol)?;
             table.set("clean_session", client.clean_session)?;
             table.set("keep_alive", client.keep_alive)?;
+            table
         }
         Input::Subscribe(subscription) => {
+            let table = state.lua.create_table()?;
             table.set("uid", subscription.uid.as_str())?;
             table.set("client_id", subscription.client_id.as_str())?;
             table.set("filter", subscription.filter.as_str())?;
             table.set("qos", subscription.qos)?;
+            table
         }
-    }
+    };
     Ok(table)
 }
 
@@ -628,15 +628,15 @@ fn rewrite(fields: &Table) -> Result<String, String> {
 
 #[async_trait]
 impl Policy for LuaPolicy {
-    async fn on_message(&self, message: &MessageView) -> Decision {
-        self.run(Input::Message(message.clone())).await
+    async fn on_message(&self, message: MessageView) -> Decision {
+        self.run(Input::Message(message)).await
     }
 
-    async fn on_connect(&self, client: &ClientView) -> Decision {
-        self.run(Input::Connect(client.clone())).await
+    async fn on_connect(&self, client: ClientView) -> Decision {
+        self.run(Input::Connect(client)).await
     }
 
-    async fn on_subscribe(&self, subscription: &SubscribeView) -> Decision {
-        self.run(Input::Subscribe(subscription.clone())).await
+    async fn on_subscribe(&self, subscription: SubscribeView) -> Decision {
+        self.run(Input::Subscribe(subscription)).await
     }
 }

@@ -168,6 +168,10 @@ pub(super) struct State {
     pub(super) lua: Lua,
     pub(super) scripts: Vec<Script>,
     pub(super) meter: Meter,
+    /// Builds a message's fields table inside Lua ([`MESSAGE_FIELDS`]).
+    pub(super) message_fields: Function,
+    /// Calls a hook with its own copy of a fields table ([`CALL_WITH_COPY`]).
+    pub(super) call_with_copy: Function,
 }
 
 /// The script sources, read once per (re)load and shared by every state.
@@ -263,6 +267,29 @@ end
 return guards
 "#;
 
+/// `message_fields(from, to, chat_type, group, text, media_url, msg_id, client_id,
+/// conversation)`: a message's table built by the VM in one call from Rust, instead of one
+/// locked API call per field (the hot path of every chat message).
+const MESSAGE_FIELDS: &str = r#"
+return function(from, to, chat_type, group, text, media_url, msg_id, client_id, conversation)
+  return {
+    from = from, uid = from, to = to, chat_type = chat_type, group = group, text = text,
+    media_url = media_url, msg_id = msg_id, client_id = client_id, conversation = conversation,
+  }
+end
+"#;
+
+/// `call_with_copy(hook, fields)`: every script gets its own copy of the fields, so nothing
+/// one script writes into its argument reaches the next; the values (strings) are shared.
+const CALL_WITH_COPY: &str = r#"
+local next = next
+return function(hook, fields)
+  local copy = {}
+  for key, value in next, fields do copy[key] = value end
+  return hook(copy)
+end
+"#;
+
 impl State {
     /// A state with every script loaded. With `strict`, a script that fails to load fails
     /// the whole state (reload keeps the old one); otherwise it is kept as broken.
@@ -292,12 +319,22 @@ impl State {
         )
         .map_err(lua_error)?;
         let shared = Shared::new(&lua, &meter, sources, settings).map_err(lua_error)?;
+        let trusted = |name: &str, source: &str| {
+            lua.load(source)
+                .set_name(format!("={name}"))
+                .eval::<Function>()
+                .map_err(lua_error)
+        };
+        let message_fields = trusted("message", MESSAGE_FIELDS)?;
+        let call_with_copy = trusted("call", CALL_WITH_COPY)?;
         lua.set_memory_limit(settings.memory_limit)
             .map_err(lua_error)?;
         let mut state = Self {
             lua,
             scripts: Vec::new(),
             meter,
+            message_fields,
+            call_with_copy,
         };
         for (name, source) in &sources.scripts {
             let script = match state.load(&shared, name, source, settings) {

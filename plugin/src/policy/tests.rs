@@ -54,7 +54,7 @@ fn message(text: &str) -> MessageView {
 async fn verdict(scripts: &[&str], text: &str) -> (Decision, PolicyStats) {
     let dir = tempfile::tempdir().unwrap();
     let policy = LuaPolicy::load(settings(&dir, scripts)).unwrap();
-    let decision = policy.on_message(&message(text)).await;
+    let decision = policy.on_message(message(text)).await;
     (decision, policy.stats())
 }
 
@@ -70,6 +70,16 @@ async fn verdicts_chain_in_order() {
     assert_eq!(stats.rewritten, 1);
     let allow_now = "hooks = { on_message = function() return true end }";
     let (decision, _) = verdict(&[allow_now, deny_secret], "SECRET").await;
+    assert_eq!(decision, Decision::Allow(None));
+}
+
+#[tokio::test]
+async fn a_script_writing_into_its_argument_does_not_reach_the_next() {
+    let tamper =
+        r#"hooks = { on_message = function(m) m.text = "tampered"; m.from = "mallory" end }"#;
+    let check = r#"hooks = { on_message = function(m)
+        if m.text ~= "hello" or m.from ~= "alice" then return false, "saw tampering" end end }"#;
+    let (decision, _) = verdict(&[tamper, check], "hello").await;
     assert_eq!(decision, Decision::Allow(None));
 }
 
@@ -127,10 +137,7 @@ async fn limits_stop_runaway_scripts() {
     config.on_error = OnError::Allow;
     let policy = LuaPolicy::load(config).unwrap();
     for _ in 0..3 {
-        assert_eq!(
-            policy.on_message(&message("x")).await,
-            Decision::Allow(None)
-        );
+        assert_eq!(policy.on_message(message("x")).await, Decision::Allow(None));
     }
     assert_eq!(policy.stats().errors, 3);
 }
@@ -160,7 +167,7 @@ async fn reload_swaps_only_scripts_that_load() {
     let path = config.scripts[0].clone();
     let policy = LuaPolicy::load(config).unwrap();
     assert_eq!(
-        policy.on_message(&message("x")).await,
+        policy.on_message(message("x")).await,
         Decision::Deny("v1".into())
     );
     std::fs::write(
@@ -170,13 +177,13 @@ async fn reload_swaps_only_scripts_that_load() {
     .unwrap();
     policy.reload().unwrap();
     assert_eq!(
-        policy.on_message(&message("x")).await,
+        policy.on_message(message("x")).await,
         Decision::Deny("v2".into())
     );
     std::fs::write(&path, "hooks = {").unwrap();
     assert!(policy.reload().is_err());
     assert_eq!(
-        policy.on_message(&message("x")).await,
+        policy.on_message(message("x")).await,
         Decision::Deny("v2".into())
     );
     assert_eq!(
@@ -202,11 +209,11 @@ async fn connect_and_subscribe_hooks() {
         keep_alive: 30,
     };
     assert_eq!(
-        policy.on_connect(&client("carol")).await,
+        policy.on_connect(client("carol")).await,
         Decision::Deny("no carol".into())
     );
     assert_eq!(
-        policy.on_connect(&client("bob")).await,
+        policy.on_connect(client("bob")).await,
         Decision::Allow(None)
     );
     let subscription = |filter: &str| SubscribeView {
@@ -216,11 +223,11 @@ async fn connect_and_subscribe_hooks() {
         qos: 1,
     };
     assert!(matches!(
-        policy.on_subscribe(&subscription("secret/x")).await,
+        policy.on_subscribe(subscription("secret/x")).await,
         Decision::Deny(_)
     ));
     assert_eq!(
-        policy.on_subscribe(&subscription("open/x")).await,
+        policy.on_subscribe(subscription("open/x")).await,
         Decision::Allow(None)
     );
 }
@@ -248,7 +255,7 @@ async fn shipped_scripts() {
     let check = |text: &str| {
         let policy = &policy;
         let message = message(text);
-        async move { policy.on_message(&message).await }
+        async move { policy.on_message(message).await }
     };
     assert_eq!(
         check("what the heck").await,

@@ -74,7 +74,7 @@ pub async fn run(policy: &LuaPolicy, samples: &str) -> Vec<(usize, Verdict)> {
         let verdict = match serde_json::from_str::<Sample>(line) {
             Err(e) => Verdict::Invalid(e.to_string()),
             Ok(sample) => match policy
-                .on_message(&MessageView::from_sample(sample, number))
+                .on_message(MessageView::from_sample(sample, number))
                 .await
             {
                 Decision::Allow(None) => Verdict::Allow,

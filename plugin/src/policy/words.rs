@@ -7,6 +7,8 @@
 //! letter they imitate (Unicode's confusables, UTS #39). Masking replaces the original
 //! characters. Optionally only whole words match in scripts that separate words by spaces.
 
+use std::borrow::Cow;
+
 use aho_corasick::{AhoCorasick, MatchKind};
 use unicode_normalization::UnicodeNormalization;
 use unicode_properties::{GeneralCategory, UnicodeGeneralCategory};
@@ -23,8 +25,16 @@ pub struct WordList {
 /// Normalized text, remembering which original char each byte came from.
 struct Folded {
     text: String,
-    /// For each byte of `text`, the index of the original char it came from.
+    /// For each byte of `text`, the index of the original char it came from; empty when
+    /// the two line up byte for byte.
     origin: Vec<usize>,
+}
+
+impl Folded {
+    /// The index of the original char byte `byte` of the normalized text came from.
+    fn origin(&self, byte: usize) -> usize {
+        self.origin.get(byte).copied().unwrap_or(byte)
+    }
 }
 
 /// Default-ignorable code points that are not format characters (Unicode's
@@ -61,7 +71,37 @@ fn unconfuse(c: char) -> Option<char> {
     }
 }
 
+/// ASCII without whitespace runs folds byte for byte (lowercase, whitespace as one space):
+/// the common case, without the per-byte bookkeeping of [`fold`].
+fn fold_ascii(text: &str) -> Option<String> {
+    let bytes = text.as_bytes();
+    let run = |pair: &[u8]| pair[0].is_ascii_whitespace() && pair[1].is_ascii_whitespace();
+    if !text.is_ascii() || bytes.windows(2).any(run) {
+        return None;
+    }
+    let folded = bytes
+        .iter()
+        .map(|&b| match b {
+            b if b.is_ascii_whitespace() => b' ',
+            b => b.to_ascii_lowercase(),
+        })
+        .collect();
+    String::from_utf8(folded).ok()
+}
+
 fn fold(text: &str) -> Folded {
+    match fold_ascii(text) {
+        Some(folded) => Folded {
+            text: folded,
+            origin: Vec::new(),
+        },
+        None => fold_unicode(text),
+    }
+}
+
+/// NFKC, lowercase, invisible characters skipped, whitespace runs collapsed, look-alikes
+/// mapped; each normalized byte remembers its original char.
+fn fold_unicode(text: &str) -> Folded {
     let mut folded = String::with_capacity(text.len());
     let mut origin = Vec::with_capacity(text.len());
     let mut push = |folded: &mut String, c: char, index: usize| {
@@ -175,27 +215,30 @@ impl WordList {
             .collect()
     }
 
-    /// `text` with every original character of every listed word replaced by `mask`, and
-    /// how many words were masked.
-    pub fn mask(&self, text: &str, mask: char) -> (String, usize) {
+    /// `text` with every original character of every listed word replaced by `mask`
+    /// (borrowed when nothing was masked), and how many words were masked.
+    pub fn mask<'t>(&self, text: &'t str, mask: char) -> (Cow<'t, str>, usize) {
         let folded = fold(text);
-        let mut hidden = vec![false; text.chars().count()];
+        let mut hidden: Vec<bool> = Vec::new();
         let mut count = 0;
         for m in self.matches(&folded) {
+            if hidden.is_empty() {
+                hidden = vec![false; text.chars().count()];
+            }
             count += 1;
-            let (first, last) = (folded.origin[m.start()], folded.origin[m.end() - 1]);
+            let (first, last) = (folded.origin(m.start()), folded.origin(m.end() - 1));
             // Invisible characters inside the word are part of it.
             hidden[first..=last].fill(true);
         }
         if count == 0 {
-            return (text.to_owned(), 0);
+            return (Cow::Borrowed(text), 0);
         }
         let masked = text
             .chars()
             .zip(hidden)
             .map(|(c, hide)| if hide { mask } else { c })
             .collect();
-        (masked, count)
+        (Cow::Owned(masked), count)
     }
 }
 
@@ -214,22 +257,34 @@ mod tests {
     use super::*;
 
     #[test]
+    fn plain_ascii_folds_as_the_unicode_path_does() {
+        for text in ["Hello World", " Tab\there\nNL ", "a", "", "MiXeD 123!?"] {
+            let fast = fold_ascii(text).unwrap();
+            let full = fold_unicode(text);
+            assert_eq!(fast, full.text);
+            assert!(full.origin.iter().enumerate().all(|(byte, &c)| byte == c));
+        }
+        assert_eq!(fold_ascii("two  spaces"), None);
+        assert_eq!(fold_ascii("café"), None);
+    }
+
+    #[test]
     fn matches_case_insensitively_and_masks_per_character() {
         let list = WordList::new(["Darn", "heck", "# comment", ""], true).unwrap();
         assert_eq!(list.len(), 2);
         assert_eq!(list.find("Oh DARN it, heck"), vec!["darn", "heck"]);
-        assert_eq!(list.mask("Oh DARN it", '*'), ("Oh **** it".to_string(), 1));
-        assert_eq!(list.mask("clean", '*'), ("clean".to_string(), 0));
+        assert_eq!(list.mask("Oh DARN it", '*'), ("Oh **** it".into(), 1));
+        assert_eq!(list.mask("clean", '*'), ("clean".into(), 0));
     }
 
     #[test]
     fn chinese_and_length_changing_case_folds() {
         let list = WordList::new(["坏蛋", "straße"], true).unwrap();
-        assert_eq!(list.mask("你是坏蛋吗", '*'), ("你是**吗".to_string(), 1));
+        assert_eq!(list.mask("你是坏蛋吗", '*'), ("你是**吗".into(), 1));
         // 'İ' lowercases to two chars; masking still lines up with the original text.
         assert_eq!(
             list.mask("İ STRASSE Straße", '#'),
-            ("İ STRASSE ######".to_string(), 1)
+            ("İ STRASSE ######".into(), 1)
         );
     }
 
@@ -267,8 +322,8 @@ mod tests {
     #[test]
     fn whole_words_in_spaced_scripts_only() {
         let whole = WordList::new(["heck", "坏蛋"], true).unwrap();
-        assert_eq!(whole.mask("heckler", '*'), ("heckler".to_string(), 0));
-        assert_eq!(whole.mask("oh heck!", '*'), ("oh ****!".to_string(), 1));
+        assert_eq!(whole.mask("heckler", '*'), ("heckler".into(), 0));
+        assert_eq!(whole.mask("oh heck!", '*'), ("oh ****!".into(), 1));
         assert_eq!(
             whole.mask("你是坏蛋吗", '*').1,
             1,
