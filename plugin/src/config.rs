@@ -46,6 +46,7 @@ url = "postgres://postgres@127.0.0.1:5432/postgres"
 schema = "public"
 pool_size = 16
 connect_timeout_ms = 3000
+call_timeout_ms = 5000
 
 [im]
 prefix = "im"
@@ -241,6 +242,9 @@ pub struct PostgresSettings {
     pub pool_size: usize,
     /// Time to get a connection before a store call fails as unavailable.
     pub connect_timeout_ms: u64,
+    /// Longest a store call (a commit included) may take before it fails as unavailable;
+    /// also the server's statement timeout.
+    pub call_timeout_ms: u64,
 }
 
 /// Storage settings.
@@ -478,6 +482,10 @@ impl Config {
         check(
             self.store.postgres.pool_size >= 1,
             "store.postgres.pool_size: at least 1",
+        );
+        check(
+            self.store.postgres.call_timeout_ms >= 100,
+            "store.postgres.call_timeout_ms: at least 100",
         );
         let schema = &self.store.postgres.schema;
         check(

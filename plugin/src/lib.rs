@@ -24,6 +24,7 @@ pub mod server;
 mod status;
 pub mod store;
 pub mod text;
+mod throttle;
 pub mod wire;
 
 pub use config::Config;

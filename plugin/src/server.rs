@@ -18,7 +18,9 @@ use crate::im::ImService;
 use crate::metrics::Metrics;
 use crate::policy::{self, LuaPolicy, PolicyError};
 use crate::status::{self, StatusSource};
-use crate::store::{DigestCache, EmbeddedStore, PostgresStore, RedisBus, Store, StoreError};
+use crate::store::{
+    Bounded, DigestCache, EmbeddedStore, PostgresStore, RedisBus, Store, StoreError,
+};
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -249,7 +251,9 @@ pub async fn open_store(config: &Config, metrics: &Metrics) -> Result<Arc<dyn St
         Backend::Postgres => {
             let cache = digest_cache(config, metrics).await?;
             let settings = &config.store.postgres;
-            Arc::new(PostgresStore::open(settings, config.store.max_batch, cache).await?)
+            let store = PostgresStore::open(settings, config.store.max_batch, cache).await?;
+            let limit = Duration::from_millis(settings.call_timeout_ms);
+            Arc::new(Bounded::new(Arc::new(store), limit))
         }
     })
 }
@@ -264,14 +268,13 @@ async fn digest_cache(
         return Ok(None);
     }
     let timeout = Duration::from_millis(cluster.redis_timeout_ms);
-    let cache = DigestCache::connect(
+    let cache = DigestCache::new(
         &cluster.redis_url,
         &cluster.key_prefix,
         config.im.digest_last_n,
         timeout,
         metrics.redis_errors.clone(),
-    )
-    .await?;
+    )?;
     Ok(Some(cache))
 }
 
@@ -286,7 +289,14 @@ async fn connect_cluster(settings: &ClusterSettings) -> Result<Option<RedisBus>,
         settings.node_id.clone()
     };
     let ttl = Duration::from_millis(settings.node_ttl_ms);
-    let bus = RedisBus::connect(&settings.redis_url, &settings.key_prefix, &node, ttl).await?;
+    let timeout = Duration::from_millis(settings.redis_timeout_ms);
+    let bus = RedisBus::new(
+        &settings.redis_url,
+        &settings.key_prefix,
+        &node,
+        ttl,
+        timeout,
+    )?;
     tracing::info!(node, "cluster node");
     Ok(Some(bus))
 }

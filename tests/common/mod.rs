@@ -65,6 +65,7 @@ impl TestBackend {
             schema: format!("t_{:016x}", rand_u64()),
             pool_size: 8,
             connect_timeout_ms: 3000,
+            call_timeout_ms: 5000,
         }))
     }
 }

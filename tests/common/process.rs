@@ -2,14 +2,18 @@
 
 use std::net::SocketAddr;
 
-/// A TCP proxy a test can cut and restore, to take a service "down" without touching the
-/// shared server other tests use.
+/// A TCP proxy a test can cut, stall and restore, to take a service "down" without touching
+/// the shared server other tests use.
 pub struct Proxy {
     pub addr: SocketAddr,
-    up: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    state: std::sync::Arc<std::sync::atomic::AtomicU8>,
     cut: std::sync::Arc<tokio::sync::Notify>,
     task: tokio::task::JoinHandle<()>,
 }
+
+const UP: u8 = 0;
+const DOWN: u8 = 1;
+const STALLED: u8 = 2;
 
 impl Drop for Proxy {
     fn drop(&mut self) {
@@ -22,15 +26,24 @@ impl Proxy {
         use std::sync::atomic::Ordering;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let up = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let state = std::sync::Arc::new(std::sync::atomic::AtomicU8::new(UP));
         let cut = std::sync::Arc::new(tokio::sync::Notify::new());
-        let (flag, notify) = (up.clone(), cut.clone());
+        let (flag, notify) = (state.clone(), cut.clone());
         let task = tokio::spawn(async move {
             while let Ok((mut inbound, _)) = listener.accept().await {
-                if !flag.load(Ordering::SeqCst) {
-                    continue; // dropped: the connection is refused
+                match flag.load(Ordering::SeqCst) {
+                    DOWN => continue, // dropped: the connection is refused
+                    STALLED => {
+                        // Accepted, and nothing ever passes.
+                        tokio::spawn(async move {
+                            let _held = inbound;
+                            std::future::pending::<()>().await;
+                        });
+                        continue;
+                    }
+                    _ => {}
                 }
-                let notify = notify.clone();
+                let (notify, flag) = (notify.clone(), flag.clone());
                 tokio::spawn(async move {
                     let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await else {
                         return;
@@ -39,25 +52,41 @@ impl Proxy {
                         _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
                         () = notify.notified() => {}
                     }
+                    if flag.load(Ordering::SeqCst) == STALLED {
+                        // Both ends stay open and silent: a link that died without a word.
+                        let _held = (inbound, outbound);
+                        std::future::pending::<()>().await;
+                    }
                 });
             }
         });
         Self {
             addr,
-            up,
+            state,
             cut,
             task,
         }
     }
 
-    /// Drops every proxied connection and refuses new ones.
-    pub fn down(&self) {
-        self.up.store(false, std::sync::atomic::Ordering::SeqCst);
+    fn set(&self, state: u8) {
+        self.state.store(state, std::sync::atomic::Ordering::SeqCst);
         self.cut.notify_waiters();
     }
 
+    /// Drops every proxied connection and refuses new ones.
+    pub fn down(&self) {
+        self.set(DOWN);
+    }
+
+    /// Silences every proxied connection for good (open, nothing passes) and accepts new
+    /// ones that never get an answer: a silent partition.
+    pub fn stall(&self) {
+        self.set(STALLED);
+    }
+
+    /// New connections pass again (stalled ones stay dead).
     pub fn up(&self) {
-        self.up.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.state.store(UP, std::sync::atomic::Ordering::SeqCst);
     }
 }
 

@@ -1,12 +1,36 @@
 //! The IM service's background work: writing acknowledged live deliveries, batched receipt
 //! updates, applying the removal log and, with a cluster, heartbeats and incoming hand-overs.
+//! Each concern runs as its own task, so a slow backend delays only the work that needs it
+//! (a Redis outage never holds up acknowledgement writes or removals, nor the reverse).
 
+use std::future::Future;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 
 use super::ImService;
+
+/// Runs `work` every `period` (the first time at once) until `shutdown`; a round that takes
+/// longer than the period delays the next instead of bunching them up.
+async fn every<F, W>(period: Duration, shutdown: CancellationToken, mut work: W)
+where
+    W: FnMut() -> F,
+    F: Future<Output = ()>,
+{
+    let mut ticks = tokio::time::interval(period);
+    ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = ticks.tick() => work().await,
+        }
+    }
+}
 
 impl ImService {
     /// Background work until `shutdown`: writing acknowledged live deliveries and, with a
@@ -19,31 +43,41 @@ impl ImService {
             .ok()
             .and_then(|mut rx| rx.take())
             .map(|rx| tokio::spawn(self.clone().send_handovers(rx)));
-        let (inbox, mut handovers) = mpsc::channel(1024);
+        let (inbox, handovers) = mpsc::channel(1024);
         let listener = self
             .inner
             .cluster
             .clone()
             .map(|bus| tokio::spawn(bus.listen(inbox, shutdown.clone())));
-        let mut beat = tokio::time::interval(heartbeat);
         let settings = &self.inner.settings;
-        let mut flush = tokio::time::interval(Duration::from_millis(settings.live_ack_flush_ms));
-        let mut receipts =
-            tokio::time::interval(Duration::from_millis(settings.receipt_interval_ms));
-        let mut removals = tokio::time::interval(Duration::from_millis(settings.removal_poll_ms));
-        // Only removals from now on matter: nobody is connected yet.
-        let mut last_removal = 0;
-        self.apply_removals(&mut last_removal).await;
-        loop {
-            tokio::select! {
-                () = shutdown.cancelled() => break,
-                _ = beat.tick(), if self.inner.cluster.is_some() => self.heartbeat().await,
-                _ = flush.tick() => self.flush_live_acks().await,
-                Some(bytes) = handovers.recv() => self.deliver_handover(&bytes),
-                _ = receipts.tick() => self.send_receipt_updates().await,
-                _ = removals.tick() => self.apply_removals(&mut last_removal).await,
-            }
+        let mut tasks = JoinSet::new();
+        if self.inner.cluster.is_some() {
+            let service = self.clone();
+            tasks.spawn(every(heartbeat, shutdown.clone(), move || {
+                let service = service.clone();
+                async move { service.heartbeat().await }
+            }));
         }
+        tasks.spawn(self.clone().deliver_handovers(handovers, shutdown.clone()));
+        let service = self.clone();
+        let flush = Duration::from_millis(settings.live_ack_flush_ms);
+        tasks.spawn(every(flush, shutdown.clone(), move || {
+            let service = service.clone();
+            async move { service.flush_live_acks().await }
+        }));
+        let service = self.clone();
+        let receipts = Duration::from_millis(settings.receipt_interval_ms);
+        tasks.spawn(every(receipts, shutdown.clone(), move || {
+            let service = service.clone();
+            async move { service.send_receipt_updates().await }
+        }));
+        let (service, last_removal) = (self.clone(), Arc::new(AtomicU64::new(0)));
+        let removals = Duration::from_millis(settings.removal_poll_ms);
+        tasks.spawn(every(removals, shutdown.clone(), move || {
+            let (service, last_removal) = (service.clone(), Arc::clone(&last_removal));
+            async move { service.apply_removals(&last_removal).await }
+        }));
+        while tasks.join_next().await.is_some() {}
         self.flush_live_acks().await;
         self.send_receipt_updates().await;
         if let Some(listener) = listener {
@@ -51,6 +85,23 @@ impl ImService {
         }
         if let Some(sender) = sender {
             sender.abort();
+        }
+    }
+
+    /// Delivers what other nodes hand over to this node's devices (local work only).
+    async fn deliver_handovers(
+        self,
+        mut handovers: mpsc::Receiver<Vec<u8>>,
+        shutdown: CancellationToken,
+    ) {
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                handover = handovers.recv() => match handover {
+                    Some(bytes) => self.deliver_handover(&bytes),
+                    None => return,
+                },
+            }
         }
     }
 

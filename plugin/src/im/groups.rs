@@ -3,6 +3,7 @@
 //! nodes (or after an operator's command) through the store's removal log.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use super::{DeviceEvent, DeviceSink, ImError, ImService};
@@ -173,32 +174,34 @@ impl ImService {
         }
     }
 
-    /// Applies removals logged in the store after `last` (by other nodes or by an operator)
-    /// and advances `last`.
-    pub(super) async fn apply_removals(&self, last: &mut u64) {
+    /// Applies removals logged in the store after `cursor` (by other nodes or by an
+    /// operator) and advances `cursor`.
+    pub(super) async fn apply_removals(&self, cursor: &AtomicU64) {
+        let mut last = cursor.load(Ordering::Relaxed);
         loop {
             let removals = match self
                 .inner
                 .store
-                .removals_since(*last, REMOVALS_PER_POLL)
+                .removals_since(last, REMOVALS_PER_POLL)
                 .await
             {
                 Ok(removals) => removals,
                 Err(e) => {
                     tracing::debug!(error = %e, "removal log not readable now");
-                    return;
+                    break;
                 }
             };
             for removal in &removals {
                 if let Some(gid) = removal.conversation.gid() {
                     self.cut_off(gid, &removal.uid);
                 }
-                *last = removal.id;
+                last = removal.id;
             }
             if removals.len() < REMOVALS_PER_POLL {
-                return;
+                break;
             }
         }
+        cursor.store(last, Ordering::Relaxed);
     }
 
     /// The group management requests.

@@ -4,6 +4,7 @@
 //! Every backend gives the same guarantees, checked by the conformance suite in
 //! [`conformance`]: a method that returns `Ok` has committed what it wrote.
 
+mod bounded;
 mod conversation;
 mod embedded;
 mod migrate;
@@ -20,6 +21,7 @@ use async_trait::async_trait;
 use tokio::sync::oneshot;
 
 pub use self::redis::RedisBus;
+pub use bounded::Bounded;
 pub use conversation::Conversation;
 pub use embedded::EmbeddedStore;
 pub use postgres::{DigestCache, PostgresStore};
@@ -58,17 +60,42 @@ pub type OnCommit = Box<dyn FnOnce(&Appended) + Send>;
 
 /// An append handed to the store's writer, waiting for its group commit.
 #[derive(Debug)]
-pub struct QueuedAppend(oneshot::Receiver<Result<Appended, StoreError>>);
+pub struct QueuedAppend {
+    done: oneshot::Receiver<Result<Appended, StoreError>>,
+    /// When waiting for the commit stops, and the limit that set it ([`Bounded`] stores).
+    deadline: Option<(tokio::time::Instant, std::time::Duration)>,
+}
 
 impl QueuedAppend {
+    pub(crate) fn new(done: oneshot::Receiver<Result<Appended, StoreError>>) -> Self {
+        Self {
+            done,
+            deadline: None,
+        }
+    }
+
+    /// The same append, waited for at most `limit` from now.
+    pub(crate) fn within(self, limit: std::time::Duration) -> Self {
+        Self {
+            deadline: Some((tokio::time::Instant::now() + limit, limit)),
+            ..self
+        }
+    }
+
     /// Waits for the commit: the message's seq, or why it was not stored.
     ///
     /// # Errors
-    /// The commit failed or the writer stopped; nothing was stored.
+    /// The commit failed or the writer stopped (nothing was stored), or the deadline passed
+    /// (it may still commit; a retransmission is then a duplicate).
     pub async fn committed(self) -> Result<Appended, StoreError> {
-        self.0
-            .await
-            .map_err(|_| StoreError::Unavailable("the writer stopped".into()))?
+        let stopped = |_| StoreError::Unavailable("the writer stopped".into());
+        match self.deadline {
+            None => self.done.await.map_err(stopped)?,
+            Some((at, limit)) => match tokio::time::timeout_at(at, self.done).await {
+                Ok(answer) => answer.map_err(stopped)?,
+                Err(_) => Err(bounded::timed_out(limit)),
+            },
+        }
     }
 }
 

@@ -15,13 +15,64 @@ use super::StoreError;
 
 /// A Redis failure, keeping its cause.
 #[derive(Debug, thiserror::Error)]
-#[error("redis: {0}")]
-struct RedisFailure(#[from] redis::RedisError);
+enum RedisFailure {
+    #[error("redis: {0}")]
+    Failed(#[from] redis::RedisError),
+    #[error("redis: no answer within {0} ms")]
+    TimedOut(u128),
+}
 
 /// A Redis failure as the store reports it: an outage (Redis holds nothing that a retry
 /// could break).
 pub(super) fn redis_error(e: redis::RedisError) -> StoreError {
-    StoreError::Unavailable(Box::new(RedisFailure(e)))
+    StoreError::Unavailable(Box::new(RedisFailure::Failed(e)))
+}
+
+/// How long a silent Redis connection waits before the kernel starts probing it.
+const KEEPALIVE: Duration = Duration::from_secs(10);
+
+/// A connection manager that connects on first use (so a node starts while Redis is down),
+/// gives up on a connection attempt or an answer after `timeout`, reconnects by itself, and
+/// probes idle sockets so a dead peer is noticed.
+///
+/// # Errors
+/// The URL is invalid.
+pub(super) fn bounded_connection(
+    url: &str,
+    timeout: Duration,
+) -> Result<(redis::Client, ConnectionManager), StoreError> {
+    use redis::io::tcp::{socket2::TcpKeepalive, TcpSettings};
+    use redis::IntoConnectionInfo;
+    let keepalive = TcpKeepalive::new()
+        .with_time(KEEPALIVE)
+        .with_interval(KEEPALIVE);
+    let info = url
+        .into_connection_info()
+        .map_err(redis_error)?
+        .set_tcp_settings(TcpSettings::default().set_keepalive(keepalive));
+    let client = redis::Client::open(info).map_err(redis_error)?;
+    let config = redis::aio::ConnectionManagerConfig::new()
+        .set_response_timeout(Some(timeout))
+        .set_connection_timeout(Some(timeout))
+        .set_number_of_retries(1)
+        .set_max_delay(timeout);
+    let connection =
+        ConnectionManager::new_lazy_with_config(client.clone(), config).map_err(redis_error)?;
+    Ok((client, connection))
+}
+
+/// Runs one Redis request, failing like an outage when it is not answered within `timeout`
+/// (whatever the connection manager's own retries would do).
+pub(super) async fn within<T>(
+    timeout: Duration,
+    request: impl std::future::Future<Output = redis::RedisResult<T>>,
+) -> Result<T, StoreError> {
+    match tokio::time::timeout(timeout, request).await {
+        Ok(answer) => answer.map_err(redis_error),
+        Err(_) => Err(StoreError::Unavailable(Box::new(RedisFailure::TimedOut(
+            timeout.as_millis(),
+        )))),
+    }
 }
 
 /// Compare-and-delete: a device leaves only if it is still recorded on this node.
@@ -39,6 +90,8 @@ pub struct RedisBus {
     prefix: String,
     node: String,
     node_ttl: Duration,
+    /// Longest wait for any one Redis call.
+    timeout: Duration,
 }
 
 impl std::fmt::Debug for RedisBus {
@@ -51,24 +104,27 @@ impl std::fmt::Debug for RedisBus {
 }
 
 impl RedisBus {
-    /// Connects for node `node`; the connection manager reconnects by itself afterwards.
+    /// The Redis link of node `node`. It connects on first use and reconnects by itself, so
+    /// a node starts and serves its own clients while Redis is down; every call fails after
+    /// `timeout` at most.
     ///
     /// # Errors
-    /// The URL is invalid or Redis cannot be reached now.
-    pub async fn connect(
+    /// The URL is invalid.
+    pub fn new(
         url: &str,
         prefix: &str,
         node: &str,
         node_ttl: Duration,
+        timeout: Duration,
     ) -> Result<Self, StoreError> {
-        let client = redis::Client::open(url).map_err(redis_error)?;
-        let connection = client.get_connection_manager().await.map_err(redis_error)?;
+        let (client, connection) = bounded_connection(url, timeout)?;
         Ok(Self {
             client,
             connection,
             prefix: prefix.to_owned(),
             node: node.to_owned(),
             node_ttl,
+            timeout,
         })
     }
 
@@ -100,10 +156,8 @@ impl RedisBus {
     /// Redis failed.
     pub async fn join(&self, uid: &str, client_id: &str) -> Result<(), StoreError> {
         let mut connection = self.connection.clone();
-        connection
-            .hset::<_, _, _, ()>(self.presence_key(uid), client_id, &self.node)
-            .await
-            .map_err(redis_error)
+        let request = connection.hset::<_, _, _, ()>(self.presence_key(uid), client_id, &self.node);
+        within(self.timeout, request).await
     }
 
     /// Records that `client_id` of `uid` left this node (unless another node took it over).
@@ -112,14 +166,15 @@ impl RedisBus {
     /// Redis failed.
     pub async fn leave(&self, uid: &str, client_id: &str) -> Result<(), StoreError> {
         let mut connection = self.connection.clone();
-        redis::Script::new(LEAVE)
-            .key(self.presence_key(uid))
-            .arg(client_id)
-            .arg(&self.node)
-            .invoke_async::<i64>(&mut connection)
-            .await
-            .map(|_| ())
-            .map_err(redis_error)
+        let script = redis::Script::new(LEAVE);
+        let mut invocation = script.key(self.presence_key(uid));
+        invocation.arg(client_id).arg(&self.node);
+        within(
+            self.timeout,
+            invocation.invoke_async::<i64>(&mut connection),
+        )
+        .await
+        .map(|_| ())
     }
 
     /// The devices of `uid` connected to live nodes: client id → node.
@@ -144,10 +199,8 @@ impl RedisBus {
         for uid in uids {
             pipe.hgetall(self.presence_key(uid));
         }
-        let devices: Vec<HashMap<String, String>> = pipe
-            .query_async(&mut connection)
-            .await
-            .map_err(redis_error)?;
+        let devices: Vec<HashMap<String, String>> =
+            within(self.timeout, pipe.query_async(&mut connection)).await?;
         let mut nodes: Vec<&String> = devices.iter().flat_map(HashMap::values).collect();
         nodes.sort();
         nodes.dedup();
@@ -155,7 +208,7 @@ impl RedisBus {
             return Ok(devices);
         }
         let keys: Vec<String> = nodes.iter().map(|n| self.node_key(n)).collect();
-        let alive: Vec<Option<String>> = connection.mget(&keys).await.map_err(redis_error)?;
+        let alive: Vec<Option<String>> = within(self.timeout, connection.mget(&keys)).await?;
         let live: Vec<String> = nodes
             .into_iter()
             .zip(alive)
@@ -190,9 +243,7 @@ impl RedisBus {
                 .ignore();
         }
         let mut connection = self.connection.clone();
-        pipe.query_async::<()>(&mut connection)
-            .await
-            .map_err(redis_error)
+        within(self.timeout, pipe.query_async::<()>(&mut connection)).await
     }
 
     /// Sends each payload to its node in one round trip; per message, whether a node was
@@ -222,10 +273,7 @@ impl RedisBus {
 
     async fn publish(&self, pipe: redis::Pipeline) -> Result<Vec<bool>, StoreError> {
         let mut connection = self.connection.clone();
-        let receivers: Vec<i64> = pipe
-            .query_async(&mut connection)
-            .await
-            .map_err(redis_error)?;
+        let receivers: Vec<i64> = within(self.timeout, pipe.query_async(&mut connection)).await?;
         Ok(receivers.into_iter().map(|n| n > 0).collect())
     }
 
@@ -240,7 +288,7 @@ impl RedisBus {
                 pubsub.subscribe(&channels).await?;
                 Ok::<_, redis::RedisError>(pubsub)
             };
-            let mut pubsub = match subscribed.await {
+            let mut pubsub = match within(self.timeout, subscribed).await {
                 Ok(pubsub) => pubsub,
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot subscribe to hand-overs; retrying");

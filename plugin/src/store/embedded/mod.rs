@@ -153,7 +153,7 @@ impl Store for EmbeddedStore {
         let queued = self
             .queue(move |conn| queries::append(conn, &message), on_commit)
             .await?;
-        Ok(QueuedAppend(queued))
+        Ok(QueuedAppend::new(queued))
     }
 
     async fn register_device(&self, device: &Device) -> Result<(), StoreError> {

@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use deadpool_postgres::{GenericClient, Pool};
 use tokio::sync::{mpsc, oneshot};
@@ -11,8 +12,10 @@ use tokio::sync::{mpsc, oneshot};
 use super::cache::{CacheUpdates, Committed};
 use super::error::Cells;
 use super::error::PostgresError;
-use super::{pg_error, pool_error, uint};
+use super::{pg_error, uint, Lease};
+use crate::store::bounded::bounded;
 use crate::store::{Appended, NewMessage, OnCommit, StoreError};
+use crate::throttle::Throttle;
 
 /// One waiting append.
 pub(super) struct Request {
@@ -21,28 +24,46 @@ pub(super) struct Request {
     pub(super) reply: oneshot::Sender<Result<Appended, StoreError>>,
 }
 
-/// Runs batches until every sender is dropped; committed messages then go to the digest
-/// cache, if there is one.
-pub(super) async fn run(
-    pool: Pool,
-    mut requests: mpsc::Receiver<Request>,
-    max_batch: usize,
-    cache: Option<CacheUpdates>,
-) {
-    let mut batch = Vec::with_capacity(max_batch);
-    while let Some(first) = requests.recv().await {
-        batch.push(first);
-        while batch.len() < max_batch {
-            match requests.try_recv() {
-                Ok(request) => batch.push(request),
-                Err(_) => break,
+/// The one task that commits appends, batch by batch.
+pub(super) struct Writer {
+    pub(super) pool: Pool,
+    pub(super) max_batch: usize,
+    /// A batch not committed within this fails as unavailable (it may still commit; the
+    /// retransmissions are then duplicates).
+    pub(super) limit: Duration,
+    /// Where committed messages go for the digest cache, if there is one.
+    pub(super) cache: Option<CacheUpdates>,
+}
+
+impl Writer {
+    /// Runs batches until every sender is dropped.
+    pub(super) async fn run(self, mut requests: mpsc::Receiver<Request>) {
+        let failures = Throttle::default();
+        let mut batch = Vec::with_capacity(self.max_batch);
+        while let Some(first) = requests.recv().await {
+            batch.push(first);
+            while batch.len() < self.max_batch {
+                match requests.try_recv() {
+                    Ok(request) => batch.push(request),
+                    Err(_) => break,
+                }
             }
+            let messages: Vec<&NewMessage> = batch.iter().map(|r: &Request| &r.message).collect();
+            let outcome = bounded(self.limit, commit(&self.pool, &messages))
+                .await
+                .map_err(Arc::new);
+            if let Err(e) = &outcome {
+                if let Some(also) = failures.admit() {
+                    tracing::error!(error = %e, messages = batch.len(), also_since_last = also, "append batch failed");
+                }
+            }
+            self.answer(&mut batch, &outcome);
         }
-        let messages: Vec<&NewMessage> = batch.iter().map(|r: &Request| &r.message).collect();
-        let outcome = commit(&pool, &messages).await.map_err(Arc::new);
-        if let Err(e) = &outcome {
-            tracing::error!(error = %e, messages = batch.len(), "append batch failed");
-        }
+    }
+
+    /// Tells each request of the batch its outcome (running its commit hook on success) and
+    /// passes what was committed to the digest cache.
+    fn answer(&self, batch: &mut Vec<Request>, outcome: &Result<Vec<Appended>, Arc<StoreError>>) {
         let mut committed = Vec::new();
         for (index, request) in batch.drain(..).enumerate() {
             let Request {
@@ -50,7 +71,7 @@ pub(super) async fn run(
                 on_commit,
                 reply,
             } = request;
-            let result = match &outcome {
+            let result = match outcome {
                 Ok(appended) => Ok(appended[index]),
                 Err(cause) => Err(StoreError::of_batch(cause)),
             };
@@ -59,11 +80,11 @@ pub(super) async fn run(
             }
             let fresh = result.as_ref().ok().filter(|a| !a.duplicate).map(|a| a.seq);
             let _ = reply.send(result);
-            if let (Some(_), Some(seq)) = (&cache, fresh) {
+            if let (Some(_), Some(seq)) = (&self.cache, fresh) {
                 committed.push(Committed { seq, message });
             }
         }
-        if let Some(cache) = &cache {
+        if let Some(cache) = &self.cache {
             cache.send(committed);
         }
     }
@@ -82,7 +103,7 @@ enum Slot {
 }
 
 async fn commit(pool: &Pool, batch: &[&NewMessage]) -> Result<Vec<Appended>, StoreError> {
-    let mut client = pool.get().await.map_err(pool_error)?;
+    let mut client = Lease::get(pool).await?;
     let tx = client.transaction().await.map_err(pg_error)?;
     let senders: Vec<&str> = batch.iter().map(|m| m.sender.as_str()).collect();
     let ids: Vec<&str> = batch.iter().map(|m| m.msg_id.as_str()).collect();

@@ -18,7 +18,7 @@ use tokio::time::Instant;
 use prometheus_client::metrics::counter::Counter;
 use redis::aio::ConnectionManager;
 
-use crate::store::redis::redis_error;
+use crate::store::redis::{bounded_connection, within};
 use crate::store::{Device, NewMessage, StoreError, StoredMessage};
 
 /// Cached keys of devices and conversations unused this long disappear.
@@ -237,27 +237,21 @@ impl std::fmt::Debug for DigestCache {
 }
 
 impl DigestCache {
-    /// Connects to Redis; `keep` previews are cached per conversation (the digest's last N).
+    /// The cache on Redis at `url`; `keep` previews are cached per conversation (the
+    /// digest's last N). It connects on first use, so the store opens while Redis is down.
     /// Calls that get no answer within `timeout` fail, and the digest does without them;
     /// each failure is counted in `errors`.
     ///
     /// # Errors
-    /// The URL is invalid or Redis cannot be reached now.
-    pub async fn connect(
+    /// The URL is invalid.
+    pub fn new(
         url: &str,
         prefix: &str,
         keep: usize,
         timeout: Duration,
         errors: Counter,
     ) -> Result<Self, StoreError> {
-        let client = redis::Client::open(url).map_err(redis_error)?;
-        let config = redis::aio::ConnectionManagerConfig::new()
-            .set_response_timeout(Some(timeout))
-            .set_connection_timeout(Some(timeout));
-        let connection = client
-            .get_connection_manager_with_config(config)
-            .await
-            .map_err(redis_error)?;
+        let (_, connection) = bounded_connection(url, timeout)?;
         Ok(Self {
             connection,
             prefix: prefix.to_owned(),
@@ -289,10 +283,9 @@ impl DigestCache {
         if Instant::now() < skip_until {
             return None;
         }
-        let error = match tokio::time::timeout(self.timeout, request).await {
-            Ok(Ok(value)) => return Some(value),
-            Ok(Err(e)) => e.to_string(),
-            Err(_) => format!("no answer within {} ms", self.timeout.as_millis()),
+        let error = match within(self.timeout, request).await {
+            Ok(value) => return Some(value),
+            Err(e) => e.to_string(),
         };
         self.errors.inc();
         if let Ok(mut at) = self.skip_until.lock() {

@@ -9,7 +9,8 @@ mod groups;
 mod queries;
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -18,9 +19,9 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::NoTls;
 
 use super::{
-    migrate, Conversation, ConversationState, Device, DigestEntry, DigestFit, DigestSnapshot,
-    Member, NewMessage, OnCommit, Page, QueuedAppend, Receipt, Removal, Role, SeqRange, Store,
-    StoreError, StoreSizes, SIZES_QUERY,
+    bounded, migrate, Conversation, ConversationState, Device, DigestEntry, DigestFit,
+    DigestSnapshot, Member, NewMessage, OnCommit, Page, QueuedAppend, Receipt, Removal, Role,
+    SeqRange, Store, StoreError, StoreSizes, SIZES_QUERY,
 };
 use crate::config::PostgresSettings;
 pub use cache::DigestCache;
@@ -29,6 +30,8 @@ use error::{pg_error, pool_error};
 
 /// Appends waiting for the writer task.
 const APPEND_QUEUE: usize = 16_384;
+/// Idle time before a backend socket is probed, and the time between probes.
+const KEEPALIVE: Duration = Duration::from_secs(10);
 
 /// PostgreSQL store.
 #[derive(Debug)]
@@ -70,7 +73,14 @@ impl PostgresStore {
         migrate::apply_postgres(&mut setup).await?;
         let (tx, rx) = mpsc::channel(APPEND_QUEUE);
         let updates = cache.as_ref().map(DigestCache::spawn_updater);
-        let task = tokio::spawn(append::run(pool.clone(), rx, max_batch.max(1), updates));
+        let limit = Duration::from_millis(settings.call_timeout_ms);
+        let writer = append::Writer {
+            pool: pool.clone(),
+            max_batch: max_batch.max(1),
+            limit,
+            cache: updates,
+        };
+        let task = tokio::spawn(writer.run(rx));
         Ok(Self {
             pool,
             cache,
@@ -92,8 +102,64 @@ impl PostgresStore {
         migrate::apply_postgres(&mut client).await
     }
 
-    async fn client(&self) -> Result<deadpool_postgres::Client, StoreError> {
-        self.pool.get().await.map_err(pool_error)
+    async fn client(&self) -> Result<Lease, StoreError> {
+        Lease::get(&self.pool).await
+    }
+}
+
+/// A pooled connection for one call. A call abandoned at its deadline may have left it
+/// mid-exchange with a stalled server (where it would stall every later call), so it is then
+/// closed instead of going back to the pool.
+pub(super) struct Lease {
+    client: Option<deadpool_postgres::Client>,
+    abandoned: Option<Arc<AtomicBool>>,
+}
+
+impl Lease {
+    pub(super) async fn get(pool: &Pool) -> Result<Self, StoreError> {
+        let abandoned = bounded::abandonment();
+        let client = pool.get().await.map_err(pool_error)?;
+        Ok(Self {
+            client: Some(client),
+            abandoned,
+        })
+    }
+
+    fn client(&self) -> &deadpool_postgres::Client {
+        match &self.client {
+            Some(client) => client,
+            None => unreachable!("a lease holds its client until dropped"),
+        }
+    }
+}
+
+impl std::ops::Deref for Lease {
+    type Target = deadpool_postgres::Client;
+
+    fn deref(&self) -> &Self::Target {
+        self.client()
+    }
+}
+
+impl std::ops::DerefMut for Lease {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        match &mut self.client {
+            Some(client) => client,
+            None => unreachable!("a lease holds its client until dropped"),
+        }
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        let abandoned = self
+            .abandoned
+            .as_ref()
+            .is_some_and(|flag| flag.load(Ordering::Relaxed));
+        if let (true, Some(client)) = (abandoned, self.client.take()) {
+            tracing::debug!("closing a connection whose call was abandoned");
+            drop(deadpool_postgres::Object::take(client));
+        }
     }
 }
 
@@ -109,9 +175,22 @@ async fn relaxed_commit(tx: &deadpool_postgres::Transaction<'_>) -> Result<(), S
 
 fn pg_config(settings: &PostgresSettings) -> Result<tokio_postgres::Config, StoreError> {
     let mut config: tokio_postgres::Config = settings.url.parse().map_err(PostgresError::Url)?;
-    // The schema name is validated by the configuration (letters, digits, '_').
-    config.options(format!("-c search_path={}", settings.schema));
+    // The schema name is validated by the configuration (letters, digits, '_'). The server
+    // ends a statement or an idle transaction that outlives the client's deadline.
+    let call = settings.call_timeout_ms;
+    config.options(format!(
+        "-c search_path={} -c statement_timeout={call} -c idle_in_transaction_session_timeout={}",
+        settings.schema,
+        call.saturating_mul(2)
+    ));
     config.connect_timeout(Duration::from_millis(settings.connect_timeout_ms));
+    // A dead peer is noticed by probes, and unacknowledged writes give up, long before the
+    // kernel's defaults (hours; ~15 minutes).
+    config.keepalives(true);
+    config.keepalives_idle(KEEPALIVE);
+    config.keepalives_interval(KEEPALIVE);
+    config.keepalives_retries(3);
+    config.tcp_user_timeout(Duration::from_millis(call));
     Ok(config)
 }
 
@@ -169,7 +248,7 @@ impl Store for PostgresStore {
             .send(request)
             .await
             .map_err(|_| PostgresError::AppenderStopped)?;
-        Ok(QueuedAppend(done))
+        Ok(QueuedAppend::new(done))
     }
 
     async fn register_device(&self, device: &Device) -> Result<(), StoreError> {
@@ -187,7 +266,7 @@ impl Store for PostgresStore {
     ) -> Result<DigestSnapshot, StoreError> {
         let mut client = self.client().await?;
         let cache = self.cache.as_ref();
-        let built = queries::digest_states(&client, device, last_n, cache).await?;
+        let built = queries::digest_states(&*client, device, last_n, cache).await?;
         // What each entry was counted against, for the cache (none without one).
         let counted: HashMap<Conversation, cache::Counted> = match cache {
             Some(_) => built
@@ -225,7 +304,7 @@ impl Store for PostgresStore {
 
     async fn clear_counters(&self, device: &Device, version: u64) -> Result<(), StoreError> {
         let client = self.client().await?;
-        queries::clear_counters(&client, device, version).await?;
+        queries::clear_counters(&*client, device, version).await?;
         if let Some(cache) = &self.cache {
             cache.cleared(device, version).await;
         }
@@ -270,7 +349,7 @@ impl Store for PostgresStore {
         limit: usize,
     ) -> Result<Page, StoreError> {
         let client = self.client().await?;
-        queries::history(&client, &conversation.key(), before, limit).await
+        queries::history(&*client, &conversation.key(), before, limit).await
     }
 
     async fn mark_read(
@@ -280,7 +359,7 @@ impl Store for PostgresStore {
         seq: u64,
     ) -> Result<(u64, u64), StoreError> {
         let client = self.client().await?;
-        queries::mark_read(&client, uid, &conversation.key(), seq).await
+        queries::mark_read(&*client, uid, &conversation.key(), seq).await
     }
 
     async fn create_group(
@@ -321,7 +400,7 @@ impl Store for PostgresStore {
     }
 
     async fn members(&self, conversation: &Conversation) -> Result<Vec<Member>, StoreError> {
-        groups::members(&self.client().await?, &conversation.key()).await
+        groups::members(&*self.client().await?, &conversation.key()).await
     }
 
     async fn role(
@@ -329,11 +408,11 @@ impl Store for PostgresStore {
         uid: &str,
         conversation: &Conversation,
     ) -> Result<Option<Role>, StoreError> {
-        groups::role(&self.client().await?, uid, &conversation.key()).await
+        groups::role(&*self.client().await?, uid, &conversation.key()).await
     }
 
     async fn group_memberships(&self, uid: &str) -> Result<Vec<(Conversation, Role)>, StoreError> {
-        groups::group_memberships(&self.client().await?, uid).await
+        groups::group_memberships(&*self.client().await?, uid).await
     }
 
     async fn receipts(
@@ -343,7 +422,7 @@ impl Store for PostgresStore {
         max_readers: usize,
     ) -> Result<Vec<Receipt>, StoreError> {
         groups::receipts(
-            &self.client().await?,
+            &*self.client().await?,
             &conversation.key(),
             seqs,
             max_readers,
@@ -356,11 +435,11 @@ impl Store for PostgresStore {
         conversation: &Conversation,
         range: SeqRange,
     ) -> Result<Vec<String>, StoreError> {
-        groups::senders(&self.client().await?, &conversation.key(), range).await
+        groups::senders(&*self.client().await?, &conversation.key(), range).await
     }
 
     async fn removals_since(&self, after: u64, limit: usize) -> Result<Vec<Removal>, StoreError> {
-        groups::removals_since(&self.client().await?, after, limit).await
+        groups::removals_since(&*self.client().await?, after, limit).await
     }
 
     async fn sizes(&self) -> Result<StoreSizes, StoreError> {
@@ -404,6 +483,7 @@ mod tests {
             schema: format!("t_{:016x}", rand::random::<u64>()),
             pool_size: 4,
             connect_timeout_ms: 3000,
+            call_timeout_ms: 5000,
         })
     }
 
@@ -433,9 +513,7 @@ mod tests {
         let url = test_redis()?;
         let prefix = format!("test-{}", settings.schema);
         let timeout = Duration::from_millis(500);
-        let cache = DigestCache::connect(&url, &prefix, 3, timeout, Counter::default())
-            .await
-            .unwrap();
+        let cache = DigestCache::new(&url, &prefix, 3, timeout, Counter::default()).unwrap();
         Some((cache, url))
     }
 

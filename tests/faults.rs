@@ -1,0 +1,176 @@
+//! Backends that stall or vanish: a silent partition to PostgreSQL gets an answer within the
+//! call deadline and heals by itself; Redis down at start-up or stalled later costs only Redis
+//! work. Each fault is made by a TCP proxy the test controls, on the PostgreSQL + Redis backend.
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// The store call deadline the tests configure.
+const CALL_TIMEOUT: Duration = Duration::from_millis(1000);
+/// What an answer may take beyond its deadline on a loaded test machine.
+const SLACK: Duration = Duration::from_millis(1500);
+
+/// PostgreSQL through a proxy, with a short call deadline.
+async fn postgres_behind(proxy: &Proxy) -> Option<TestBackend> {
+    let Some(TestBackend::Postgres(mut settings)) = TestBackend::postgres() else {
+        eprintln!("skipped: MQTT_IM_TEST_POSTGRES_URL is not set");
+        return None;
+    };
+    settings.url = settings
+        .url
+        .replace("127.0.0.1:5432", &proxy.addr.to_string());
+    settings.connect_timeout_ms = 500;
+    settings.call_timeout_ms = CALL_TIMEOUT.as_millis() as u64;
+    Some(TestBackend::Postgres(settings))
+}
+
+/// Publishes until the store takes it again (PUBACK 0).
+async fn publish_until_stored(client: &mut Client, msg_id: &str) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while client
+        .publish_acked("im/u/bob", chat(msg_id, "bob", msg_id, false))
+        .await
+        != 0
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "store did not recover"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A silent partition (connections open, nothing passes): every MQTT 5 publish gets PUBACK
+/// 0x80 within the call deadline, pooled connections left hanging are discarded, and once
+/// PostgreSQL is reachable again the retransmissions are stored exactly once.
+#[tokio::test]
+async fn postgres_stall_is_answered_within_the_deadline_then_heals() {
+    let target: std::net::SocketAddr = "127.0.0.1:5432".parse().unwrap();
+    let proxy = Proxy::start(target).await;
+    let Some(backend) = postgres_behind(&proxy).await else {
+        return;
+    };
+    let broker = TestBroker::start_on(backend).await;
+    let mut alice = Client::v5(broker.addr, "alice-5", "alice").await;
+    assert_eq!(
+        alice
+            .publish_acked("im/u/bob", chat("before", "bob", "1", false))
+            .await,
+        0
+    );
+
+    proxy.stall();
+    for msg_id in ["stalled-1", "stalled-2", "stalled-3"] {
+        let started = Instant::now();
+        let (code, reason) = alice
+            .publish_answered("im/u/bob", chat(msg_id, "bob", msg_id, false))
+            .await;
+        let took = started.elapsed();
+        assert_eq!(code, 0x80, "{reason:?}");
+        assert!(
+            took < CALL_TIMEOUT + SLACK,
+            "{msg_id} answered after {took:?}"
+        );
+        let reason = reason.unwrap_or_default();
+        assert_eq!(reason.matches("unavailable").count(), 1, "{reason}");
+    }
+
+    proxy.up();
+    for msg_id in ["stalled-1", "stalled-2", "stalled-3"] {
+        publish_until_stored(&mut alice, msg_id).await;
+    }
+    let mut bob = Client::v5(broker.addr, "bob-phone", "bob").await;
+    let page = page(&bob.ask("bob", pull("p", "u/alice", 10, None)).await);
+    let mut ids: Vec<&str> = page.messages.iter().map(|m| m.msg_id.as_str()).collect();
+    ids.reverse();
+    assert_eq!(ids, vec!["before", "stalled-1", "stalled-2", "stalled-3"]);
+    assert_eq!(seqs(&page), vec![4, 3, 2, 1]);
+}
+
+/// Redis behind a proxy, as the cluster bus and digest cache of a PostgreSQL node.
+fn with_redis(proxy: &Proxy, node: &str) -> impl FnOnce(&mut mqtt_im::config::Config) {
+    let (url, node) = (format!("redis://{}", proxy.addr), node.to_owned());
+    move |config| {
+        config.cluster.redis_url = url;
+        config.cluster.node_id = node;
+        config.cluster.heartbeat_ms = 100;
+        config.cluster.node_ttl_ms = 600;
+        config.cluster.redis_timeout_ms = 300;
+    }
+}
+
+/// Live chat between two local devices, acknowledged and delivered.
+async fn chat_live(alice: &mut Client, bob: &mut Client, msg_id: &str) {
+    let started = Instant::now();
+    assert_eq!(
+        alice
+            .publish_acked("im/u/bob", chat(msg_id, "bob", msg_id, false))
+            .await,
+        0
+    );
+    assert!(
+        started.elapsed() < SLACK,
+        "PUBACK after {:?}",
+        started.elapsed()
+    );
+    let delivered = bob.next_on("im/u/bob").await;
+    assert!(chat_seq(&delivered) > 0);
+}
+
+/// A node starts while Redis is unreachable and serves its own clients; it joins the cluster
+/// when Redis comes; a later silent Redis partition costs only Redis calls, each bounded.
+#[tokio::test]
+async fn redis_down_at_start_then_stalled_costs_only_redis_work() {
+    let Some(redis) = redis_url() else {
+        eprintln!("skipped: MQTT_IM_TEST_REDIS_URL is not set");
+        return;
+    };
+    let Some(backend) = TestBackend::postgres() else {
+        eprintln!("skipped: MQTT_IM_TEST_POSTGRES_URL is not set");
+        return;
+    };
+    let target = redis
+        .trim_start_matches("redis://")
+        .trim_end_matches('/')
+        .parse()
+        .unwrap();
+    let proxy = Proxy::start(target).await;
+    proxy.down();
+    let broker = TestBroker::start_with_on(backend, with_redis(&proxy, "n-faults")).await;
+    let mut bob = Client::v5(broker.addr, "bob-phone", "bob").await;
+    bob.subscribe("im/u/bob/#", 1).await;
+    let mut alice = Client::v5(broker.addr, "alice-5", "alice").await;
+    chat_live(&mut alice, &mut bob, "while-down").await;
+
+    proxy.up();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let found = broker.im.locate("bob").await.unwrap_or_default();
+        if found.contains(&("bob-phone".to_owned(), "n-faults".to_owned())) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never joined: {found:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    proxy.stall();
+    let started = Instant::now();
+    assert!(broker.im.locate("bob").await.is_err());
+    assert!(
+        started.elapsed() < SLACK,
+        "locate took {:?}",
+        started.elapsed()
+    );
+    chat_live(&mut alice, &mut bob, "while-stalled").await;
+    let mut late = Client::v5(broker.addr, "carol-phone", "carol").await;
+    assert_eq!(
+        late.publish_acked("im/u/bob", chat("c1", "bob", "hi", false))
+            .await,
+        0
+    );
+}
