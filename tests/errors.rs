@@ -52,6 +52,10 @@ async fn a_failing_database_is_reported_without_its_words(backend: TestBackend) 
     let frame = v4.response("alice").await.error.unwrap();
     assert_eq!(frame.code, pb::ErrorCode::Unavailable as i32);
     assert_clean(&frame.message, "unavailable, retry later");
+    // Then the 3.1.1 connection closes, so that the client reconnects and retransmits.
+    v4.closed().await;
+    let mut v4 = Client::v4(broker.addr, "alice-4", "alice", 30).await;
+    v4.subscribe("im/u/alice/resp", 1).await;
 
     let history = pb::request::Kind::History(pb::History {
         conversation: "u/bob".into(),

@@ -360,6 +360,13 @@ impl Client {
         }
     }
 
+    /// Waits until the server closes the connection (whatever arrives before).
+    pub async fn closed(&mut self) {
+        let ended =
+            tokio::time::timeout(WAIT, async { while self.seen.recv().await.is_some() {} }).await;
+        assert!(ended.is_ok(), "the connection stayed open");
+    }
+
     /// Nothing at all arrives within `wait`.
     pub async fn quiet_for(&mut self, wait: Duration) -> Option<Seen> {
         tokio::time::timeout(wait, self.seen.recv())

@@ -90,6 +90,9 @@ pub(super) struct Connection {
     pub(super) online: bool,
     pub(super) digest_sent: bool,
     pub(super) client_disconnected: bool,
+    /// A 3.1.1 chat publish could not be stored: the connection ends once its answers are
+    /// written, because 3.1.1 clients retransmit unacknowledged publishes only on reconnect.
+    pub(super) unstored: bool,
     last_seen: Instant,
     last_upstream_write: Instant,
 }
@@ -192,6 +195,7 @@ impl Connection {
             online: false,
             digest_sent: false,
             client_disconnected: false,
+            unstored: false,
             last_seen: Instant::now(),
             last_upstream_write: Instant::now(),
         }
@@ -212,6 +216,8 @@ enum End {
     ClientGone,
     /// A newer connection of the same client id took the session over.
     TakenOver,
+    /// A 3.1.1 chat publish could not be stored (see `Connection::unstored`).
+    Unstored,
     UpstreamGone,
     KeepAliveExpired,
     Shutdown,
@@ -271,6 +277,9 @@ impl Connection {
             }
             if self.client_disconnected {
                 end.get_or_insert(End::ClientDisconnected);
+            }
+            if self.unstored {
+                end.get_or_insert(End::Unstored);
             }
         }
         self.finish(end.unwrap_or(End::ClientGone)).await;

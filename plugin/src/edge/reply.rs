@@ -118,10 +118,12 @@ impl Connection {
                 result: Err(error),
             } => {
                 tracing::debug!(topic, %error, "chat refused");
-                // A 3.1.1 client whose message could not be stored for now gets no PUBACK, so
-                // it retransmits; everything else is answered now.
+                // A 3.1.1 client whose message could not be stored for now gets no PUBACK but
+                // an error frame, and then the connection closes: 3.1.1 clients retransmit
+                // only when they reconnect. Everything else is answered now.
                 if error.is_retryable() && self.version == Version::V4 {
                     self.write_error_frame(&topic, &Refusal::from_im(&error));
+                    self.unstored = true;
                     return Ok(());
                 }
                 self.refuse(qos, pkid, &topic, &Refusal::from_im(&error));
