@@ -382,3 +382,82 @@ async fn groups_span_nodes() {
         }
     }
 }
+
+/// Alice on node 1 sends `count` messages to bob; bob's `receiver` gets every one live, in
+/// order, with the seqs following `first`.
+async fn all_live(alice: &mut Client, receiver: &mut Client, first: u64, count: u64) {
+    for i in 0..count {
+        let id = format!("t{}", first + i);
+        assert_eq!(
+            alice
+                .publish_acked("im/u/bob", chat(&id, "bob", &id, false))
+                .await,
+            0
+        );
+    }
+    for seq in first..first + count {
+        assert_eq!(chat_seq(&receiver.next_on("im/u/bob").await), seq);
+    }
+}
+
+/// The same client id connects to node 2 while its connection on node 1 is alive: node 1
+/// closes it (MQTT 5: DISCONNECT 0x8E), presence names node 2 only, and every live message
+/// goes to the new connection.
+#[tokio::test]
+async fn a_client_id_connected_twice_across_nodes_is_taken_over() {
+    let Some(services) = services() else {
+        eprintln!("skipped: PostgreSQL or Redis not configured");
+        return;
+    };
+    let (n1, n2) = two_nodes(&services).await;
+    let mut old = Client::v5(n1.addr, "bob-phone", "bob").await;
+    old.subscribe("im/u/bob/#", 1).await;
+    wait_located(&n2, "bob", &[("bob-phone", "n1")]).await;
+
+    let mut new = Client::v5(n2.addr, "bob-phone", "bob").await;
+    new.subscribe("im/u/bob/#", 1).await;
+    loop {
+        if let Seen::Disconnect { reason } = old.next().await {
+            assert_eq!(reason, 0x8E);
+            break;
+        }
+    }
+    wait_located(&n1, "bob", &[("bob-phone", "n2")]).await;
+    let mut alice = Client::v5(n1.addr, "alice-phone", "alice").await;
+    all_live(&mut alice, &mut new, 1, 40).await;
+    // Heartbeats of node 1 do not take the device back.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    wait_located(&n1, "bob", &[("bob-phone", "n2")]).await;
+    all_live(&mut alice, &mut new, 41, 10).await;
+}
+
+/// The device moved to node 2 while its node 1 connection is half-open (open, silent: a
+/// phone that lost its network): node 1 drops it when node 2 claims the client id, and all
+/// live messages reach the device's current connection.
+#[tokio::test]
+async fn a_device_that_moved_while_half_open_gets_everything_on_its_new_node() {
+    let Some(services) = services() else {
+        eprintln!("skipped: PostgreSQL or Redis not configured");
+        return;
+    };
+    let (n1, n2) = two_nodes(&services).await;
+    let link = Proxy::start(n1.addr).await;
+    let mut old = Client::v5(link.addr, "bob-phone", "bob").await;
+    old.subscribe("im/u/bob/#", 1).await;
+    wait_located(&n2, "bob", &[("bob-phone", "n1")]).await;
+    link.stall();
+
+    let mut new = Client::v5(n2.addr, "bob-phone", "bob").await;
+    new.subscribe("im/u/bob/#", 1).await;
+    wait_located(&n1, "bob", &[("bob-phone", "n2")]).await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while n1.im.online_counts() != (0, 0) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "node 1 kept the stale connection"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut alice = Client::v5(n1.addr, "alice-phone", "alice").await;
+    all_live(&mut alice, &mut new, 1, 40).await;
+}

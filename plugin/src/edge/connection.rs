@@ -349,7 +349,10 @@ impl Connection {
 
     /// How the IM service reaches this connection.
     pub(super) fn sink(&self) -> Arc<ConnectionSink> {
-        Arc::new(ConnectionSink(self.events_tx.clone()))
+        Arc::new(ConnectionSink {
+            events: self.events_tx.clone(),
+            kick: self.link.kick.clone(),
+        })
     }
 
     /// Marks the device offline (unsubscribed or gone).
@@ -494,6 +497,8 @@ impl Connection {
                 self.ctx.im.unwatch_group(&group, self.id);
                 tracing::debug!(group, "removed from the group: subscription dropped");
             }
+            // Never queued: the sink cancels the link's kick, which ends the connection.
+            DeviceEvent::TakenOver => {}
         }
         Ok(())
     }

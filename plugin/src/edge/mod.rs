@@ -152,11 +152,21 @@ pub(crate) async fn serve(
 
 /// A connection as a [`DeviceSink`]: a bounded queue drained by the connection task.
 #[derive(Debug)]
-pub(crate) struct ConnectionSink(mpsc::Sender<DeviceEvent>);
+pub(crate) struct ConnectionSink {
+    events: mpsc::Sender<DeviceEvent>,
+    /// Ends the connection as taken over; never lost to a full queue of a stalled client.
+    kick: tokio_util::sync::CancellationToken,
+}
 
 impl DeviceSink for ConnectionSink {
     fn push(&self, event: DeviceEvent) -> bool {
-        self.0.try_send(event).is_ok()
+        match event {
+            DeviceEvent::TakenOver => {
+                self.kick.cancel();
+                true
+            }
+            event => self.events.try_send(event).is_ok(),
+        }
     }
 }
 

@@ -26,15 +26,35 @@ const RECEIVED: DirectionLabels = DirectionLabels {
 };
 
 impl ImService {
-    /// Mirrors a device joining this node into Redis.
+    /// Mirrors a device joining this node into Redis; a node that held the same client id
+    /// before is told to close its connection of it (take-over across nodes).
     pub(super) fn cluster_join(&self, device: &Device) {
         if let Some(bus) = self.inner.cluster.clone() {
             let device = device.clone();
             let errors = self.metrics().redis_errors.clone();
             tokio::spawn(async move {
-                if let Err(e) = bus.join(&device.uid, &device.client_id).await {
+                let previous = match bus.join(&device.uid, &device.client_id).await {
+                    Ok(previous) => previous,
+                    Err(e) => {
+                        errors.inc();
+                        tracing::warn!(error = %e, "presence not recorded in redis");
+                        return;
+                    }
+                };
+                let Some(node) = previous else {
+                    return;
+                };
+                let take_over = pb::Handover {
+                    uid: device.uid.clone(),
+                    client_id: device.client_id.clone(),
+                    take_over: true,
+                    origin: bus.node().to_owned(),
+                    ..pb::Handover::default()
+                };
+                let message = [(node, take_over.encode_to_vec())];
+                if let Err(e) = bus.send_many(&message).await {
                     errors.inc();
-                    tracing::warn!(error = %e, "presence not recorded in redis");
+                    tracing::warn!(error = %e, "take-over not sent to the previous node");
                 }
             });
         }
@@ -150,6 +170,17 @@ impl ImService {
             }
         };
         self.metrics().handovers.get_or_create(&RECEIVED).inc();
+        if handover.take_over {
+            let device = Device {
+                uid: handover.uid,
+                client_id: handover.client_id,
+            };
+            tracing::debug!(node = handover.origin, "device taken over by another node");
+            for sink in self.inner.presence.device_sinks(&device) {
+                sink.push(DeviceEvent::TakenOver);
+            }
+            return;
+        }
         let payload = Bytes::from(handover.payload);
         if handover.notice {
             for sink in self.inner.presence.sinks(&handover.uid) {

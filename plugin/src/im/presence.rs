@@ -81,7 +81,23 @@ impl Presence {
             .unwrap_or_default()
     }
 
-    /// Client ids of a user's online devices.
+    /// The connections of one device (normally one).
+    pub(crate) fn device_sinks(&self, device: &Device) -> Vec<Arc<dyn DeviceSink>> {
+        self.users
+            .lock()
+            .map(|users| {
+                users
+                    .get(&device.uid)
+                    .into_iter()
+                    .flatten()
+                    .filter(|d| d.client_id == device.client_id)
+                    .map(|d| Arc::clone(&d.sink))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Users and devices online on this node.
     pub(crate) fn counts(&self) -> (usize, usize) {
         self.users
             .lock()
@@ -89,6 +105,7 @@ impl Presence {
             .unwrap_or_default()
     }
 
+    /// Client ids of a user's online devices.
     pub(crate) fn devices(&self, uid: &str) -> Vec<String> {
         self.users
             .lock()

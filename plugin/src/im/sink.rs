@@ -28,6 +28,9 @@ pub enum DeviceEvent {
         /// The group.
         group: String,
     },
+    /// The same client id connected to another node: this connection is stale and ends,
+    /// as in a session take-over within one node.
+    TakenOver,
 }
 
 /// One device connection, as seen from the IM service.

@@ -75,6 +75,21 @@ pub(super) async fn within<T>(
     }
 }
 
+/// Records a device on a node and returns the node it was recorded on before, if any.
+const CLAIM: &str = r"
+local previous = redis.call('HGET', KEYS[1], ARGV[1])
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+return previous";
+
+/// Re-records a device on a node unless another node has claimed it since (a heartbeat must
+/// not take back a device that moved).
+const REFRESH: &str = r"
+local current = redis.call('HGET', KEYS[1], ARGV[1])
+if not current or current == ARGV[2] then
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+end
+return 0";
+
 /// Compare-and-delete: a device leaves only if it is still recorded on this node.
 const LEAVE: &str = r"
 if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
@@ -150,14 +165,19 @@ impl RedisBus {
         format!("{}:handover-all", self.prefix)
     }
 
-    /// Records that `client_id` of `uid` is connected to this node.
+    /// Records that `client_id` of `uid` is connected to this node; returns the other node
+    /// it was recorded on before, whose connection of it is now stale.
     ///
     /// # Errors
     /// Redis failed.
-    pub async fn join(&self, uid: &str, client_id: &str) -> Result<(), StoreError> {
+    pub async fn join(&self, uid: &str, client_id: &str) -> Result<Option<String>, StoreError> {
         let mut connection = self.connection.clone();
-        let request = connection.hset::<_, _, _, ()>(self.presence_key(uid), client_id, &self.node);
-        within(self.timeout, request).await
+        let script = redis::Script::new(CLAIM);
+        let mut invocation = script.key(self.presence_key(uid));
+        invocation.arg(client_id).arg(&self.node);
+        let previous: Option<String> =
+            within(self.timeout, invocation.invoke_async(&mut connection)).await?;
+        Ok(previous.filter(|node| *node != self.node))
     }
 
     /// Records that `client_id` of `uid` left this node (unless another node took it over).
@@ -225,7 +245,8 @@ impl RedisBus {
             .collect())
     }
 
-    /// Refreshes this node's liveness and re-records its devices (heals a flushed Redis).
+    /// Refreshes this node's liveness and re-records its devices (heals a flushed Redis),
+    /// except those another node has claimed since.
     ///
     /// # Errors
     /// Redis failed.
@@ -239,7 +260,12 @@ impl RedisBus {
             .arg(ttl)
             .ignore();
         for (uid, client_id) in devices {
-            pipe.hset(self.presence_key(uid), client_id, &self.node)
+            pipe.cmd("EVAL")
+                .arg(REFRESH)
+                .arg(1)
+                .arg(self.presence_key(uid))
+                .arg(client_id)
+                .arg(&self.node)
                 .ignore();
         }
         let mut connection = self.connection.clone();
