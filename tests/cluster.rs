@@ -155,11 +155,26 @@ async fn killed_node_users_become_offline() {
     let mut bob = Client::v4(addr, "bob-phone", "bob", 30).await;
     bob.subscribe("im/u/bob/#", 1).await;
     wait_located(&n1, "bob", &[("bob-phone", "doomed")]).await;
+    let mut alice = Client::v5(n1.addr, "alice-phone", "alice").await;
     child.kill().unwrap();
     child.wait().unwrap();
     drop(bob);
+    // Dead, but its presence has not expired yet: the hand-over reaches no one, and says so.
+    assert_eq!(
+        alice
+            .publish_acked("im/u/bob", chat("d", "bob", "to the dead", false))
+            .await,
+        0
+    );
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while metric(&n1, "mqtt_im_handovers_failed_total") < 1 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "undelivered hand-over not counted"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     wait_located(&n1, "bob", &[]).await;
-    let mut alice = Client::v5(n1.addr, "alice-phone", "alice").await;
     assert_eq!(
         alice
             .publish_acked("im/u/bob", chat("k", "bob", "kept", false))
@@ -168,7 +183,18 @@ async fn killed_node_users_become_offline() {
     );
     let mut bob = Client::v4(n1.addr, "bob-phone", "bob", 30).await;
     bob.subscribe("im/u/bob/#", 1).await;
-    assert_eq!(bob.digest("bob").await.sessions["u/alice"].count, 1);
+    assert_eq!(bob.digest("bob").await.sessions["u/alice"].count, 2);
+}
+
+/// The value of an unlabelled counter or gauge in a node's metrics.
+fn metric(broker: &TestBroker, name: &str) -> i64 {
+    broker
+        .im
+        .metrics()
+        .render()
+        .lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0)
 }
 
 /// With Redis unreachable, messages are still stored, delivered on the local node and counted
@@ -229,9 +255,23 @@ async fn redis_outage_keeps_storing() {
         assert_eq!(session.last_msgs.len(), 1);
         carol.disconnect().await;
     }
+    // The node says it is degraded, and stops saying so when Redis is back.
+    wait_for_metric(&n1, "mqtt_im_redis_up", 0).await;
 
     proxy.up();
     wait_located(&n1, "bob", &[("bob-phone", "n1")]).await;
+    wait_for_metric(&n1, "mqtt_im_redis_up", 1).await;
+}
+
+async fn wait_for_metric(broker: &TestBroker, name: &str, value: i64) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while metric(broker, name) != value {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{name} never became {value}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// Deletes every Redis key of this deployment: what FLUSHALL does to it, without disturbing

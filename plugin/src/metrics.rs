@@ -84,6 +84,8 @@ pub struct Metrics {
     pub(crate) store_errors: Family<OperationLabels, Counter>,
     pub(crate) redis_errors: Counter,
     pub(crate) handovers: Family<DirectionLabels, Counter>,
+    pub(crate) handovers_failed: Counter,
+    pub(crate) redis_up: Gauge,
     pub(crate) online_users: Gauge,
     pub(crate) online_devices: Gauge,
 }
@@ -114,6 +116,8 @@ impl Default for Metrics {
             store_errors: Family::default(),
             redis_errors: Counter::default(),
             handovers: Family::default(),
+            handovers_failed: Counter::default(),
+            redis_up: Gauge::default(),
             online_users: Gauge::default(),
             online_devices: Gauge::default(),
         };
@@ -206,6 +210,16 @@ impl Metrics {
             "handovers",
             "Live messages handed to other nodes (sent) or from them (received)",
             self.handovers.clone(),
+        );
+        r.register(
+            "handovers_failed",
+            "Live messages for devices on other nodes that did not get there (Redis failed, or the node was dead but not yet expired); they wait in the backlog for the next digest",
+            self.handovers_failed.clone(),
+        );
+        r.register(
+            "redis_up",
+            "1 while this node's last heartbeat reached Redis, 0 while the cluster is degraded (single-node service, no hand-overs)",
+            self.redis_up.clone(),
         );
         r.register(
             "online_users",

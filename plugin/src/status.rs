@@ -44,6 +44,8 @@ struct Status {
     /// `None` when the store could not answer.
     store: Option<StoreSizes>,
     store_error: Option<String>,
+    /// Dependencies this node cannot reach now (`store`, `redis`); empty when healthy.
+    degraded: Vec<&'static str>,
 }
 
 impl StatusSource {
@@ -72,6 +74,13 @@ impl StatusSource {
             Ok(sizes) => (Some(sizes), None),
             Err(e) => (None, Some(e.to_string())),
         };
+        let mut degraded = Vec::new();
+        if store_error.is_some() {
+            degraded.push("store");
+        }
+        if self.im.cluster_up() == Some(false) {
+            degraded.push("redis");
+        }
         Status {
             online_users,
             online_devices,
@@ -79,6 +88,7 @@ impl StatusSource {
             backend: self.backend,
             store,
             store_error,
+            degraded,
         }
     }
 

@@ -15,6 +15,13 @@ pub(crate) struct Throttle {
 }
 
 impl Throttle {
+    /// A throttle that has logged nothing yet (usable in a `static`).
+    pub(crate) const fn new() -> Self {
+        Self {
+            last: Mutex::new(None),
+        }
+    }
+
     /// Whether to log this occurrence now: `Some(n)` with the `n` occurrences held back since
     /// the last line, `None` to stay quiet (it is counted).
     pub(crate) fn admit(&self) -> Option<u64> {

@@ -4,6 +4,7 @@
 
 use super::ImError;
 use crate::store::StoreError;
+use crate::throttle::Throttle;
 use crate::wire::{pb, WireError};
 
 /// Longest error message a client gets.
@@ -61,16 +62,28 @@ impl ImError {
     }
 }
 
-/// Logs an internal failure with its causes under a fresh id, and returns the id.
+/// Store outages, logged once per interval: every refused call of an outage has one cause.
+static OUTAGE: Throttle = Throttle::new();
+
+/// Logs an internal failure with its causes under a fresh id, and returns the id. During a
+/// store outage one line per interval is written (with how many ids it stands for).
 fn incident(error: &ImError) -> String {
     let id = format!("{:08x}", rand::random::<u32>());
+    let also = if error.is_retryable() {
+        match OUTAGE.admit() {
+            Some(also) => also,
+            None => return id,
+        }
+    } else {
+        0
+    };
     let mut causes = Vec::new();
     let mut source = std::error::Error::source(error);
     while let Some(cause) = source {
         causes.push(cause.to_string());
         source = cause.source();
     }
-    tracing::error!(error_id = %id, %error, causes = ?causes, "request failed inside the server");
+    tracing::error!(error_id = %id, %error, causes = ?causes, also_since_last = also, "request failed inside the server");
     id
 }
 

@@ -14,6 +14,7 @@ use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 
 use super::ImService;
+use crate::throttle::Throttle;
 
 /// Runs `work` every `period` (the first time at once) until `shutdown`; a round that takes
 /// longer than the period delays the next instead of bunching them up.
@@ -52,10 +53,10 @@ impl ImService {
         let settings = &self.inner.settings;
         let mut tasks = JoinSet::new();
         if self.inner.cluster.is_some() {
-            let service = self.clone();
+            let (service, failures) = (self.clone(), Arc::new(Throttle::default()));
             tasks.spawn(every(heartbeat, shutdown.clone(), move || {
-                let service = service.clone();
-                async move { service.heartbeat().await }
+                let (service, failures) = (service.clone(), Arc::clone(&failures));
+                async move { service.heartbeat(&failures).await }
             }));
         }
         tasks.spawn(self.clone().deliver_handovers(handovers, shutdown.clone()));
@@ -105,11 +106,33 @@ impl ImService {
         }
     }
 
-    async fn heartbeat(&self) {
-        if let Some(bus) = &self.inner.cluster {
-            if let Err(e) = bus.heartbeat(&self.inner.presence.all()).await {
-                tracing::warn!(error = %e, "cluster heartbeat failed");
+    /// Keeps this node's liveness and presence in Redis; while that fails the node serves
+    /// its own clients alone (degraded: `mqtt_im_redis_up` 0, one log line per interval).
+    async fn heartbeat(&self, failures: &Throttle) {
+        let Some(bus) = &self.inner.cluster else {
+            return;
+        };
+        let up = &self.metrics().redis_up;
+        match bus.heartbeat(&self.inner.presence.all()).await {
+            Ok(()) => {
+                if up.set(1) == 0 {
+                    tracing::info!("redis reachable: this node is part of the cluster");
+                }
+            }
+            Err(e) => {
+                up.set(0);
+                if let Some(also) = failures.admit() {
+                    tracing::warn!(error = %e, also_since_last = also, "cluster heartbeat failed: serving this node's clients alone");
+                }
             }
         }
+    }
+
+    /// Whether this node reaches the cluster (`None` without one).
+    pub fn cluster_up(&self) -> Option<bool> {
+        self.inner
+            .cluster
+            .as_ref()
+            .map(|_| self.metrics().redis_up.get() == 1)
     }
 }

@@ -12,6 +12,7 @@ use tokio::sync::mpsc;
 use super::{DeviceEvent, ImService};
 use crate::metrics::{DirectionLabels, Metrics};
 use crate::store::{Conversation, Device, RedisBus, StoreError};
+use crate::throttle::Throttle;
 use crate::wire::{self, pb};
 
 /// Largest hand-over accepted from Redis.
@@ -136,10 +137,15 @@ impl ImService {
             return;
         };
         let mut batch = Vec::with_capacity(HANDOVER_BATCH);
+        let failures = Throttle::default();
         while queue.recv_many(&mut batch, HANDOVER_BATCH).await > 0 {
             if let Err(e) = send_batch(&bus, &batch, self.metrics()).await {
-                self.metrics().redis_errors.inc();
-                tracing::warn!(error = %e, messages = batch.len(), "hand-over failed; left in the backlog");
+                let metrics = self.metrics();
+                metrics.redis_errors.inc();
+                metrics.handovers_failed.inc_by(batch.len() as u64);
+                if let Some(also) = failures.admit() {
+                    tracing::warn!(error = %e, messages = batch.len(), also_since_last = also, "hand-over failed; left in the backlog");
+                }
             }
             batch.clear();
         }
@@ -259,6 +265,8 @@ async fn send_batch(
     metrics.handovers.get_or_create(&SENT).inc_by(sent as u64);
     for ((node, _), heard) in messages.iter().zip(heard) {
         if !heard {
+            // A dead node whose presence has not expired yet.
+            metrics.handovers_failed.inc();
             tracing::debug!(node, "no listener; left in the backlog");
         }
     }

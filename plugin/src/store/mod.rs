@@ -318,6 +318,26 @@ pub(crate) fn receipts_from(
         .collect()
 }
 
+/// The cause of a failed group commit, shared by every append of the batch: it reads as the
+/// backend's own cause, so the error of each append does not say "store unavailable" twice.
+#[derive(Debug)]
+struct BatchCause(Arc<StoreError>);
+
+impl std::fmt::Display for BatchCause {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match std::error::Error::source(self.0.as_ref()) {
+            Some(cause) => std::fmt::Display::fmt(cause, f),
+            None => std::fmt::Display::fmt(&self.0, f),
+        }
+    }
+}
+
+impl std::error::Error for BatchCause {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        std::error::Error::source(self.0.as_ref()).and_then(std::error::Error::source)
+    }
+}
+
 /// The cause of a failure inside a backend, kept for the log.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -365,7 +385,7 @@ impl StoreError {
     /// The failure of a batch that failed as a whole, for each of its callers: the cause is
     /// shared, and so is whether a retry can help.
     pub(crate) fn of_batch(cause: &Arc<StoreError>) -> Self {
-        let source: BoxError = Box::new(Arc::clone(cause));
+        let source: BoxError = Box::new(BatchCause(Arc::clone(cause)));
         match cause.as_ref() {
             StoreError::Rejected(_) => StoreError::Rejected(source),
             _ => StoreError::Unavailable(source),
@@ -548,4 +568,17 @@ pub trait Store: Send + Sync + std::fmt::Debug {
 
     /// Flushes pending writes and stops background work; later calls fail as unavailable.
     async fn close(&self);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_batch_says_what_failed_once() {
+        let cause = Arc::new(StoreError::Unavailable("connection reset".into()));
+        let error = StoreError::of_batch(&cause);
+        assert_eq!(error.to_string(), "store unavailable: connection reset");
+        assert!(matches!(error, StoreError::Unavailable(_)));
+    }
 }
