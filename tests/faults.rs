@@ -173,4 +173,15 @@ async fn redis_down_at_start_then_stalled_costs_only_redis_work() {
             .await,
         0
     );
+
+    // The stalled connections stay dead; the node reconnects and is in the cluster again.
+    proxy.up();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while broker.im.locate("bob").await.is_err() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never recovered from the stall"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

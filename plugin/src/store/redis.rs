@@ -3,6 +3,7 @@
 //! re-publish their devices on every heartbeat, so a flushed or restarted Redis heals itself.
 
 use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -31,48 +32,93 @@ pub(super) fn redis_error(e: redis::RedisError) -> StoreError {
 /// How long a silent Redis connection waits before the kernel starts probing it.
 const KEEPALIVE: Duration = Duration::from_secs(10);
 
-/// A connection manager that connects on first use (so a node starts while Redis is down),
-/// gives up on a connection attempt or an answer after `timeout`, reconnects by itself, and
-/// probes idle sockets so a dead peer is noticed.
-///
-/// # Errors
-/// The URL is invalid.
-pub(super) fn bounded_connection(
-    url: &str,
+/// A Redis connection whose every call is bounded by `timeout`. It connects on first use (so
+/// a node starts while Redis is down) and reconnects by itself; a call that gets no answer in
+/// time replaces the connection, since a silently dead socket would hold every later call
+/// too, and tells the subscribers ([`BoundedRedis::replaced`]) to subscribe again.
+#[derive(Clone)]
+pub(super) struct BoundedRedis {
+    client: redis::Client,
+    current: Arc<Mutex<ConnectionManager>>,
+    replaced: Arc<tokio::sync::Notify>,
     timeout: Duration,
-) -> Result<(redis::Client, ConnectionManager), StoreError> {
-    use redis::io::tcp::{socket2::TcpKeepalive, TcpSettings};
-    use redis::IntoConnectionInfo;
-    let keepalive = TcpKeepalive::new()
-        .with_time(KEEPALIVE)
-        .with_interval(KEEPALIVE);
-    let info = url
-        .into_connection_info()
-        .map_err(redis_error)?
-        .set_tcp_settings(TcpSettings::default().set_keepalive(keepalive));
-    let client = redis::Client::open(info).map_err(redis_error)?;
+}
+
+impl BoundedRedis {
+    /// A connection to `url` (probing idle sockets, so a dead peer is noticed).
+    ///
+    /// # Errors
+    /// The URL is invalid.
+    pub(super) fn new(url: &str, timeout: Duration) -> Result<Self, StoreError> {
+        use redis::io::tcp::{socket2::TcpKeepalive, TcpSettings};
+        use redis::IntoConnectionInfo;
+        let keepalive = TcpKeepalive::new()
+            .with_time(KEEPALIVE)
+            .with_interval(KEEPALIVE);
+        let info = url
+            .into_connection_info()
+            .map_err(redis_error)?
+            .set_tcp_settings(TcpSettings::default().set_keepalive(keepalive));
+        let client = redis::Client::open(info).map_err(redis_error)?;
+        let connection = manager(&client, timeout)?;
+        Ok(Self {
+            client,
+            current: Arc::new(Mutex::new(connection)),
+            replaced: Arc::default(),
+            timeout,
+        })
+    }
+
+    /// The connection to issue a call on.
+    pub(super) fn connection(&self) -> ConnectionManager {
+        self.current
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Runs one request (made on [`BoundedRedis::connection`]), failing like an outage when
+    /// it is not answered within the timeout.
+    pub(super) async fn within<T>(
+        &self,
+        request: impl std::future::Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, StoreError> {
+        match tokio::time::timeout(self.timeout, request).await {
+            Ok(answer) => answer.map_err(redis_error),
+            Err(_) => {
+                self.replace();
+                let waited = self.timeout.as_millis();
+                Err(StoreError::Unavailable(Box::new(RedisFailure::TimedOut(
+                    waited,
+                ))))
+            }
+        }
+    }
+
+    fn replace(&self) {
+        match manager(&self.client, self.timeout) {
+            Ok(fresh) => {
+                *self.current.lock().unwrap_or_else(PoisonError::into_inner) = fresh;
+                self.replaced.notify_waiters();
+            }
+            Err(e) => tracing::debug!(error = %e, "cannot replace a stalled redis connection"),
+        }
+    }
+
+    /// Completes when a stalled connection was replaced.
+    pub(super) async fn replaced(&self) {
+        self.replaced.notified().await;
+    }
+}
+
+/// A lazily connecting manager whose connection attempts and answers give up after `timeout`.
+fn manager(client: &redis::Client, timeout: Duration) -> Result<ConnectionManager, StoreError> {
     let config = redis::aio::ConnectionManagerConfig::new()
         .set_response_timeout(Some(timeout))
         .set_connection_timeout(Some(timeout))
         .set_number_of_retries(1)
         .set_max_delay(timeout);
-    let connection =
-        ConnectionManager::new_lazy_with_config(client.clone(), config).map_err(redis_error)?;
-    Ok((client, connection))
-}
-
-/// Runs one Redis request, failing like an outage when it is not answered within `timeout`
-/// (whatever the connection manager's own retries would do).
-pub(super) async fn within<T>(
-    timeout: Duration,
-    request: impl std::future::Future<Output = redis::RedisResult<T>>,
-) -> Result<T, StoreError> {
-    match tokio::time::timeout(timeout, request).await {
-        Ok(answer) => answer.map_err(redis_error),
-        Err(_) => Err(StoreError::Unavailable(Box::new(RedisFailure::TimedOut(
-            timeout.as_millis(),
-        )))),
-    }
+    ConnectionManager::new_lazy_with_config(client.clone(), config).map_err(redis_error)
 }
 
 /// Records a device on a node and returns the node it was recorded on before, if any.
@@ -100,13 +146,10 @@ return 0";
 /// Presence and hand-over through Redis for one node.
 #[derive(Clone)]
 pub struct RedisBus {
-    client: redis::Client,
-    connection: ConnectionManager,
+    redis: BoundedRedis,
     prefix: String,
     node: String,
     node_ttl: Duration,
-    /// Longest wait for any one Redis call.
-    timeout: Duration,
 }
 
 impl std::fmt::Debug for RedisBus {
@@ -132,14 +175,11 @@ impl RedisBus {
         node_ttl: Duration,
         timeout: Duration,
     ) -> Result<Self, StoreError> {
-        let (client, connection) = bounded_connection(url, timeout)?;
         Ok(Self {
-            client,
-            connection,
+            redis: BoundedRedis::new(url, timeout)?,
             prefix: prefix.to_owned(),
             node: node.to_owned(),
             node_ttl,
-            timeout,
         })
     }
 
@@ -171,12 +211,14 @@ impl RedisBus {
     /// # Errors
     /// Redis failed.
     pub async fn join(&self, uid: &str, client_id: &str) -> Result<Option<String>, StoreError> {
-        let mut connection = self.connection.clone();
+        let mut connection = self.redis.connection();
         let script = redis::Script::new(CLAIM);
         let mut invocation = script.key(self.presence_key(uid));
         invocation.arg(client_id).arg(&self.node);
-        let previous: Option<String> =
-            within(self.timeout, invocation.invoke_async(&mut connection)).await?;
+        let previous: Option<String> = self
+            .redis
+            .within(invocation.invoke_async(&mut connection))
+            .await?;
         Ok(previous.filter(|node| *node != self.node))
     }
 
@@ -185,16 +227,14 @@ impl RedisBus {
     /// # Errors
     /// Redis failed.
     pub async fn leave(&self, uid: &str, client_id: &str) -> Result<(), StoreError> {
-        let mut connection = self.connection.clone();
+        let mut connection = self.redis.connection();
         let script = redis::Script::new(LEAVE);
         let mut invocation = script.key(self.presence_key(uid));
         invocation.arg(client_id).arg(&self.node);
-        within(
-            self.timeout,
-            invocation.invoke_async::<i64>(&mut connection),
-        )
-        .await
-        .map(|_| ())
+        self.redis
+            .within(invocation.invoke_async::<i64>(&mut connection))
+            .await
+            .map(|_| ())
     }
 
     /// The devices of `uid` connected to live nodes: client id → node.
@@ -214,13 +254,13 @@ impl RedisBus {
         &self,
         uids: &[&str],
     ) -> Result<Vec<HashMap<String, String>>, StoreError> {
-        let mut connection = self.connection.clone();
+        let mut connection = self.redis.connection();
         let mut pipe = redis::pipe();
         for uid in uids {
             pipe.hgetall(self.presence_key(uid));
         }
         let devices: Vec<HashMap<String, String>> =
-            within(self.timeout, pipe.query_async(&mut connection)).await?;
+            self.redis.within(pipe.query_async(&mut connection)).await?;
         let mut nodes: Vec<&String> = devices.iter().flat_map(HashMap::values).collect();
         nodes.sort();
         nodes.dedup();
@@ -228,7 +268,7 @@ impl RedisBus {
             return Ok(devices);
         }
         let keys: Vec<String> = nodes.iter().map(|n| self.node_key(n)).collect();
-        let alive: Vec<Option<String>> = within(self.timeout, connection.mget(&keys)).await?;
+        let alive: Vec<Option<String>> = self.redis.within(connection.mget(&keys)).await?;
         let live: Vec<String> = nodes
             .into_iter()
             .zip(alive)
@@ -268,8 +308,10 @@ impl RedisBus {
                 .arg(&self.node)
                 .ignore();
         }
-        let mut connection = self.connection.clone();
-        within(self.timeout, pipe.query_async::<()>(&mut connection)).await
+        let mut connection = self.redis.connection();
+        self.redis
+            .within(pipe.query_async::<()>(&mut connection))
+            .await
     }
 
     /// Sends each payload to its node in one round trip; per message, whether a node was
@@ -298,8 +340,8 @@ impl RedisBus {
     }
 
     async fn publish(&self, pipe: redis::Pipeline) -> Result<Vec<bool>, StoreError> {
-        let mut connection = self.connection.clone();
-        let receivers: Vec<i64> = within(self.timeout, pipe.query_async(&mut connection)).await?;
+        let mut connection = self.redis.connection();
+        let receivers: Vec<i64> = self.redis.within(pipe.query_async(&mut connection)).await?;
         Ok(receivers.into_iter().map(|n| n > 0).collect())
     }
 
@@ -310,11 +352,11 @@ impl RedisBus {
         let mut backoff = Duration::from_millis(100);
         while !shutdown.is_cancelled() {
             let subscribed = async {
-                let mut pubsub = self.client.get_async_pubsub().await?;
+                let mut pubsub = self.redis.client.get_async_pubsub().await?;
                 pubsub.subscribe(&channels).await?;
                 Ok::<_, redis::RedisError>(pubsub)
             };
-            let mut pubsub = match within(self.timeout, subscribed).await {
+            let mut pubsub = match self.redis.within(subscribed).await {
                 Ok(pubsub) => pubsub,
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot subscribe to hand-overs; retrying");
@@ -340,6 +382,8 @@ impl RedisBus {
                         None => break,
                     },
                     () = shutdown.cancelled() => return,
+                    // Redis stalled: this subscription's socket may be just as dead.
+                    () = self.redis.replaced() => break,
                 }
             }
             tracing::warn!("hand-over subscription lost; resubscribing");

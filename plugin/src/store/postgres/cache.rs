@@ -16,9 +16,8 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use prometheus_client::metrics::counter::Counter;
-use redis::aio::ConnectionManager;
 
-use crate::store::redis::{bounded_connection, within};
+use crate::store::redis::BoundedRedis;
 use crate::store::{Device, NewMessage, StoreError, StoredMessage};
 
 /// Cached keys of devices and conversations unused this long disappear.
@@ -215,10 +214,9 @@ pub(super) struct Committed {
 /// The Redis cache of one deployment (all keys under its prefix).
 #[derive(Clone)]
 pub struct DigestCache {
-    connection: ConnectionManager,
+    redis: BoundedRedis,
     prefix: String,
     keep: usize,
-    timeout: Duration,
     /// After a failure the cache is skipped until then, so that an unreachable Redis costs
     /// one time-out, not one per digest.
     skip_until: std::sync::Arc<Mutex<Instant>>,
@@ -251,12 +249,10 @@ impl DigestCache {
         timeout: Duration,
         errors: Counter,
     ) -> Result<Self, StoreError> {
-        let (_, connection) = bounded_connection(url, timeout)?;
         Ok(Self {
-            connection,
+            redis: BoundedRedis::new(url, timeout)?,
             prefix: prefix.to_owned(),
             keep,
-            timeout,
             skip_until: std::sync::Arc::new(Mutex::new(Instant::now())),
             stats: std::sync::Arc::default(),
             errors,
@@ -283,7 +279,7 @@ impl DigestCache {
         if Instant::now() < skip_until {
             return None;
         }
-        let error = match within(self.timeout, request).await {
+        let error = match self.redis.within(request).await {
             Ok(value) => return Some(value),
             Err(e) => e.to_string(),
         };
@@ -353,7 +349,7 @@ impl DigestCache {
                 .arg(members.len())
                 .arg(&members);
         }
-        let mut connection = self.connection.clone();
+        let mut connection = self.redis.connection();
         let update = invocation.invoke_async::<i64>(&mut connection);
         self.call("update after commit", update).await;
     }
@@ -374,7 +370,7 @@ impl DigestCache {
         for (key, _) in conversations {
             command.arg(*key);
         }
-        let mut connection = self.connection.clone();
+        let mut connection = self.redis.connection();
         let read = command.query_async::<Vec<Option<String>>>(&mut connection);
         let Some(cached) = self.call("reading counters", read).await else {
             return misses();
@@ -415,7 +411,7 @@ impl DigestCache {
                 .arg(counted.count)
                 .arg(counted.unacked);
         }
-        let mut connection = self.connection.clone();
+        let mut connection = self.redis.connection();
         let save = invocation.invoke_async::<i64>(&mut connection);
         self.call("saving counters", save).await;
     }
@@ -443,7 +439,7 @@ impl DigestCache {
             .ignore()
             .expire(&key, CARRIED_TTL_SECS as i64)
             .ignore();
-        let mut connection = self.connection.clone();
+        let mut connection = self.redis.connection();
         let record = pipe.query_async::<()>(&mut connection);
         self.call("recording a digest", record).await;
     }
@@ -455,7 +451,7 @@ impl DigestCache {
         invocation
             .key(self.counters_key(device))
             .key(self.carried_key(device, version));
-        let mut connection = self.connection.clone();
+        let mut connection = self.redis.connection();
         let clear = invocation.invoke_async::<i64>(&mut connection);
         self.call("clearing counters", clear).await;
     }
@@ -475,7 +471,7 @@ impl DigestCache {
         for (key, _) in conversations {
             pipe.zrevrange(self.previews_key(key), 0, n as isize - 1);
         }
-        let mut connection = self.connection.clone();
+        let mut connection = self.redis.connection();
         let read = pipe.query_async::<Vec<Vec<Vec<u8>>>>(&mut connection);
         let Some(cached) = self.call("reading previews", read).await else {
             return misses();
@@ -510,7 +506,7 @@ impl DigestCache {
                 .expire(&key, IDLE_TTL_SECS as i64)
                 .ignore();
         }
-        let mut connection = self.connection.clone();
+        let mut connection = self.redis.connection();
         let save = pipe.query_async::<()>(&mut connection);
         self.call("saving previews", save).await;
     }
