@@ -185,3 +185,70 @@ async fn redis_down_at_start_then_stalled_costs_only_redis_work() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// Local work does not wait for a stalled Redis: acknowledgements of live deliveries are
+/// written, and a member an operator removes (in the store, as `mqtt-im group remove` does)
+/// is cut off by the removal poll, while every Redis call hangs.
+#[tokio::test]
+async fn acks_and_removals_go_on_while_redis_is_stalled() {
+    let Some(redis) = redis_url() else {
+        eprintln!("skipped: MQTT_IM_TEST_REDIS_URL is not set");
+        return;
+    };
+    let Some(backend) = TestBackend::postgres() else {
+        eprintln!("skipped: MQTT_IM_TEST_POSTGRES_URL is not set");
+        return;
+    };
+    let target = redis
+        .trim_start_matches("redis://")
+        .trim_end_matches('/')
+        .parse()
+        .unwrap();
+    let proxy = Proxy::start(target).await;
+    let broker = TestBroker::start_with_on(backend, with_redis(&proxy, "n-local")).await;
+    let mut bob = Client::v5(broker.addr, "bob-phone", "bob").await;
+    bob.subscribe("im/u/bob/#", 1).await;
+    let mut alice = Client::v5(broker.addr, "alice-5", "alice").await;
+    let group = mqtt_im::wire::pb::request::Kind::GroupCreate(mqtt_im::wire::pb::GroupCreate {
+        gid: "ops".into(),
+        members: vec!["bob".into()],
+    });
+    assert!(alice
+        .ask("alice", request("create", group))
+        .await
+        .error
+        .is_none());
+    assert_eq!(bob.subscribe("im/g/ops", 1).await, vec![1]);
+
+    proxy.stall();
+    // A live delivery's acknowledgement is written: a new device of bob's starts past it.
+    chat_live(&mut alice, &mut bob, "acked-live").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut tablet = Client::v5(broker.addr, "bob-tablet", "bob").await;
+    let unacked = page(&tablet.ask("bob", pull("p", "u/alice", 10, None)).await);
+    assert!(
+        unacked.messages.is_empty(),
+        "ack not written: {:?}",
+        seqs(&unacked)
+    );
+
+    // A removal made in the store is applied by the node within its poll interval.
+    let removed = broker
+        .store
+        .remove_members(&mqtt_im::store::Conversation::group("ops"), &["bob".into()])
+        .await
+        .unwrap();
+    assert_eq!(removed, vec!["bob".to_string()]);
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(
+        alice
+            .publish_acked("im/g/ops", group_chat("g1", "ops"))
+            .await,
+        0
+    );
+    while let Some(seen) = bob.quiet_for(Duration::from_millis(500)).await {
+        if let Seen::Publish { topic, .. } = seen {
+            assert_ne!(topic, "im/g/ops", "a removed member got a group message");
+        }
+    }
+}
