@@ -3,6 +3,10 @@
 //! page by page, each Pull acknowledging the page before it.
 //!
 //! `cargo run --example walkthrough` (address from MQTT_IM_ADDR, default 127.0.0.1:11883).
+//!
+//! A publish the server cannot store now (its database is down) gets MQTT 5 PUBACK 0x80; an
+//! MQTT 3.1.1 connection gets an error on `resp` and is closed, and an event loop that keeps
+//! polling reconnects and retransmits it (rumqttc: into a `clean_session = false` session).
 
 use std::time::Duration;
 

@@ -30,6 +30,9 @@ def connect(client_id, user, password):
     client.username_pw_set(user, password)
     client.on_message = lambda c, u, m: inbox.put((m.topic, m.payload))
     client.connect(HOST, int(PORT))
+    # loop_start also reconnects: when the server cannot store a publish (its database is
+    # down), an MQTT 3.1.1 client gets an error on `resp` and the connection is closed;
+    # paho reconnects and retransmits what was not acknowledged. Nothing else to do here.
     client.loop_start()
     return client, inbox
 
