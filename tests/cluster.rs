@@ -206,13 +206,9 @@ async fn redis_outage_keeps_storing() {
         eprintln!("skipped: PostgreSQL or Redis not configured");
         return;
     };
-    let target = services
-        .redis
-        .trim_start_matches("redis://")
-        .trim_end_matches('/')
-        .parse()
-        .expect("redis url as host:port");
-    let proxy = Proxy::start(target).await;
+    let Some(proxy) = redis_behind_proxy().await else {
+        return;
+    };
     let proxied = Services {
         redis: format!("redis://{}", proxy.addr),
         ..services

@@ -13,17 +13,16 @@ const CALL_TIMEOUT: Duration = Duration::from_millis(1000);
 const SLACK: Duration = Duration::from_millis(1500);
 
 /// PostgreSQL through a proxy, with a short call deadline.
-async fn postgres_behind(proxy: &Proxy) -> Option<TestBackend> {
-    let Some(TestBackend::Postgres(mut settings)) = TestBackend::postgres() else {
-        eprintln!("skipped: MQTT_IM_TEST_POSTGRES_URL is not set");
-        return None;
-    };
-    settings.url = settings
-        .url
-        .replace("127.0.0.1:5432", &proxy.addr.to_string());
-    settings.connect_timeout_ms = 500;
+async fn postgres_behind() -> Option<(Proxy, TestBackend)> {
+    let (proxy, mut settings) = postgres_behind_proxy().await?;
     settings.call_timeout_ms = CALL_TIMEOUT.as_millis() as u64;
-    Some(TestBackend::Postgres(settings))
+    Some((proxy, TestBackend::Postgres(settings)))
+}
+
+/// Redis through a proxy, beside the test PostgreSQL.
+async fn redis_behind() -> Option<(Proxy, TestBackend)> {
+    let backend = TestBackend::postgres()?;
+    Some((redis_behind_proxy().await?, backend))
 }
 
 /// Publishes until the store takes it again (PUBACK 0).
@@ -47,9 +46,7 @@ async fn publish_until_stored(client: &mut Client, msg_id: &str) {
 /// PostgreSQL is reachable again the retransmissions are stored exactly once.
 #[tokio::test]
 async fn postgres_stall_is_answered_within_the_deadline_then_heals() {
-    let target: std::net::SocketAddr = "127.0.0.1:5432".parse().unwrap();
-    let proxy = Proxy::start(target).await;
-    let Some(backend) = postgres_behind(&proxy).await else {
+    let Some((proxy, backend)) = postgres_behind().await else {
         return;
     };
     let broker = TestBroker::start_on(backend).await;
@@ -123,20 +120,9 @@ async fn chat_live(alice: &mut Client, bob: &mut Client, msg_id: &str) {
 /// when Redis comes; a later silent Redis partition costs only Redis calls, each bounded.
 #[tokio::test]
 async fn redis_down_at_start_then_stalled_costs_only_redis_work() {
-    let Some(redis) = redis_url() else {
-        eprintln!("skipped: MQTT_IM_TEST_REDIS_URL is not set");
+    let Some((proxy, backend)) = redis_behind().await else {
         return;
     };
-    let Some(backend) = TestBackend::postgres() else {
-        eprintln!("skipped: MQTT_IM_TEST_POSTGRES_URL is not set");
-        return;
-    };
-    let target = redis
-        .trim_start_matches("redis://")
-        .trim_end_matches('/')
-        .parse()
-        .unwrap();
-    let proxy = Proxy::start(target).await;
     proxy.down();
     let broker = TestBroker::start_with_on(backend, with_redis(&proxy, "n-faults")).await;
     let mut bob = Client::v5(broker.addr, "bob-phone", "bob").await;
@@ -191,20 +177,9 @@ async fn redis_down_at_start_then_stalled_costs_only_redis_work() {
 /// is cut off by the removal poll, while every Redis call hangs.
 #[tokio::test]
 async fn acks_and_removals_go_on_while_redis_is_stalled() {
-    let Some(redis) = redis_url() else {
-        eprintln!("skipped: MQTT_IM_TEST_REDIS_URL is not set");
+    let Some((proxy, backend)) = redis_behind().await else {
         return;
     };
-    let Some(backend) = TestBackend::postgres() else {
-        eprintln!("skipped: MQTT_IM_TEST_POSTGRES_URL is not set");
-        return;
-    };
-    let target = redis
-        .trim_start_matches("redis://")
-        .trim_end_matches('/')
-        .parse()
-        .unwrap();
-    let proxy = Proxy::start(target).await;
     let broker = TestBroker::start_with_on(backend, with_redis(&proxy, "n-local")).await;
     let mut bob = Client::v5(broker.addr, "bob-phone", "bob").await;
     bob.subscribe("im/u/bob/#", 1).await;

@@ -12,16 +12,9 @@ use mqtt_im::wire::pb;
 /// messages are stored once.
 #[tokio::test]
 async fn postgres_outage_refuses_then_recovers() {
-    let Some(TestBackend::Postgres(mut settings)) = TestBackend::postgres() else {
-        eprintln!("skipped: MQTT_IM_TEST_POSTGRES_URL is not set");
+    let Some((proxy, settings)) = postgres_behind_proxy().await else {
         return;
     };
-    let target: std::net::SocketAddr = "127.0.0.1:5432".parse().unwrap();
-    let proxy = Proxy::start(target).await;
-    settings.url = settings
-        .url
-        .replace("127.0.0.1:5432", &proxy.addr.to_string());
-    settings.connect_timeout_ms = 500;
     let broker = TestBroker::start_on(TestBackend::Postgres(settings)).await;
     let mut v5 = Client::v5(broker.addr, "alice-5", "alice").await;
     assert_eq!(
@@ -85,16 +78,9 @@ async fn postgres_outage_refuses_then_recovers() {
 /// stored exactly once.
 #[tokio::test]
 async fn v311_client_recovers_by_itself_after_an_outage() {
-    let Some(TestBackend::Postgres(mut settings)) = TestBackend::postgres() else {
-        eprintln!("skipped: MQTT_IM_TEST_POSTGRES_URL is not set");
+    let Some((proxy, settings)) = postgres_behind_proxy().await else {
         return;
     };
-    let target: std::net::SocketAddr = "127.0.0.1:5432".parse().unwrap();
-    let proxy = Proxy::start(target).await;
-    settings.url = settings
-        .url
-        .replace("127.0.0.1:5432", &proxy.addr.to_string());
-    settings.connect_timeout_ms = 500;
     let broker = TestBroker::start_on(TestBackend::Postgres(settings)).await;
 
     let mut options = rumqttc::MqttOptions::new("alice-stock", "127.0.0.1", broker.addr.port());

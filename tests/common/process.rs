@@ -131,3 +131,33 @@ pub fn redis_url() -> Option<String> {
         Err(_) => None,
     }
 }
+
+/// The test PostgreSQL behind a fresh [`Proxy`] (connections given up after 500 ms), or
+/// `None` when PostgreSQL is not configured.
+pub async fn postgres_behind_proxy() -> Option<(Proxy, mqtt_im::config::PostgresSettings)> {
+    let Some(super::TestBackend::Postgres(mut settings)) = super::TestBackend::postgres() else {
+        eprintln!("skipped: MQTT_IM_TEST_POSTGRES_URL is not set");
+        return None;
+    };
+    let target: SocketAddr = "127.0.0.1:5432".parse().unwrap();
+    let proxy = Proxy::start(target).await;
+    settings.url = settings
+        .url
+        .replace("127.0.0.1:5432", &proxy.addr.to_string());
+    settings.connect_timeout_ms = 500;
+    Some((proxy, settings))
+}
+
+/// The test Redis behind a fresh [`Proxy`], or `None` when Redis is not configured.
+pub async fn redis_behind_proxy() -> Option<Proxy> {
+    let Some(url) = redis_url() else {
+        eprintln!("skipped: MQTT_IM_TEST_REDIS_URL is not set");
+        return None;
+    };
+    let target = url
+        .trim_start_matches("redis://")
+        .trim_end_matches('/')
+        .parse()
+        .unwrap();
+    Some(Proxy::start(target).await)
+}
