@@ -227,3 +227,36 @@ async fn acks_and_removals_go_on_while_redis_is_stalled() {
         }
     }
 }
+
+/// Operator commands that do not need Redis do not wait for it: `mqtt-im group create` on a
+/// deployment whose Redis is unreachable answers within a connection time-out or two.
+#[tokio::test]
+async fn operator_commands_run_while_redis_is_down() {
+    let Some((proxy, TestBackend::Postgres(settings))) = redis_behind().await else {
+        return;
+    };
+    proxy.down();
+    let started = Instant::now();
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_mqtt-im"))
+        .args(["group", "create", "ops", "--owner", "alice", "bob"])
+        .env("MQTT_IM__STORE__BACKEND", "postgres")
+        .env("MQTT_IM__STORE__POSTGRES__URL", &settings.url)
+        .env("MQTT_IM__STORE__POSTGRES__SCHEMA", &settings.schema)
+        .env(
+            "MQTT_IM__CLUSTER__REDIS_URL",
+            format!("redis://{}", proxy.addr),
+        )
+        .env("MQTT_IM__CLUSTER__REDIS_TIMEOUT_MS", "300")
+        .env_remove("RUST_LOG")
+        .output()
+        .await
+        .unwrap();
+    let took = started.elapsed();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&output.stdout), "created ops\n");
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+}
