@@ -457,7 +457,7 @@ fn chain(state: &State, settings: &PolicySettings, input: &Input) -> Outcome {
         Ok(argument) => argument,
         Err(e) => return unanswered(settings.on_error, FailureKind::Runtime, e.to_string()),
     };
-    // The latest rewrite; scripts after it see it instead of the original text.
+    // The latest rewrite (also set in `argument`, so later scripts see it).
     let mut rewritten: Option<String> = None;
     let mut failures = Vec::new();
     for script in &state.scripts {
@@ -566,20 +566,18 @@ fn failure_kind(state: &State, _error: &mlua::Error) -> FailureKind {
 
 /// The fields a hook's argument holds.
 fn fields(state: &State, input: &Input) -> mlua::Result<Table> {
-    let table = match input {
-        Input::Message(message) => {
-            return state.message_fields.call::<Table>((
-                message.from.as_str(),
-                message.to.as_str(),
-                message.chat_type,
-                message.group.as_deref(),
-                message.text.as_deref(),
-                message.media_url.as_deref(),
-                message.msg_id.as_str(),
-                message.client_id.as_str(),
-                message.conversation.as_str(),
-            ))
-        }
+    match input {
+        Input::Message(message) => state.message_fields.call::<Table>((
+            message.from.as_str(),
+            message.to.as_str(),
+            message.chat_type,
+            message.group.as_deref(),
+            message.text.as_deref(),
+            message.media_url.as_deref(),
+            message.msg_id.as_str(),
+            message.client_id.as_str(),
+            message.conversation.as_str(),
+        )),
         Input::Connect(client) => {
             let table = state.lua.create_table()?;
             table.set("uid", client.uid.as_str())?;
@@ -588,7 +586,7 @@ fn fields(state: &State, input: &Input) -> mlua::Result<Table> {
             table.set("protocol", client.protocol)?;
             table.set("clean_session", client.clean_session)?;
             table.set("keep_alive", client.keep_alive)?;
-            table
+            Ok(table)
         }
         Input::Subscribe(subscription) => {
             let table = state.lua.create_table()?;
@@ -596,10 +594,9 @@ fn fields(state: &State, input: &Input) -> mlua::Result<Table> {
             table.set("client_id", subscription.client_id.as_str())?;
             table.set("filter", subscription.filter.as_str())?;
             table.set("qos", subscription.qos)?;
-            table
+            Ok(table)
         }
-    };
-    Ok(table)
+    }
 }
 
 /// The text a rewrite table sets; only `text` may be rewritten.
