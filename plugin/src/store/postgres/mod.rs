@@ -179,8 +179,8 @@ fn pg_config(settings: &PostgresSettings) -> Result<tokio_postgres::Config, Stor
     // ends a statement or an idle transaction that outlives the client's deadline.
     let call = settings.call_timeout_ms;
     config.options(format!(
-        "-c search_path={} -c statement_timeout={call} -c idle_in_transaction_session_timeout={}",
-        settings.schema,
+        "{} -c statement_timeout={call} -c idle_in_transaction_session_timeout={}",
+        search_path(settings),
         call.saturating_mul(2)
     ));
     config.connect_timeout(Duration::from_millis(settings.connect_timeout_ms));
@@ -212,11 +212,17 @@ fn pool(settings: &PostgresSettings) -> Result<Pool, StoreError> {
         .map_err(|e| PostgresError::from(e).into())
 }
 
+/// The server option that puts mqtt-im's tables first.
+fn search_path(settings: &PostgresSettings) -> String {
+    format!("-c search_path={}", settings.schema)
+}
+
+/// The set-up connection (schema and migrations), without the per-call statement timeout: a
+/// migration of a large deployment may take longer than any call.
 async fn connect(settings: &PostgresSettings) -> Result<tokio_postgres::Client, StoreError> {
-    let (client, connection) = pg_config(settings)?
-        .connect(NoTls)
-        .await
-        .map_err(pg_error)?;
+    let mut config = pg_config(settings)?;
+    config.options(search_path(settings));
+    let (client, connection) = config.connect(NoTls).await.map_err(pg_error)?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::debug!(error = %e, "set-up connection closed");
