@@ -166,14 +166,8 @@ async fn killed_node_users_become_offline() {
             .await,
         0
     );
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while metric(&n1, "mqtt_im_handovers_failed_total") < 1 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "undelivered hand-over not counted"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    // The undelivered hand-over is counted.
+    wait_for(|| metric(&n1, "mqtt_im_handovers_failed_total") >= 1).await;
     wait_located(&n1, "bob", &[]).await;
     assert_eq!(
         alice
@@ -252,22 +246,11 @@ async fn redis_outage_keeps_storing() {
         carol.disconnect().await;
     }
     // The node says it is degraded, and stops saying so when Redis is back.
-    wait_for_metric(&n1, "mqtt_im_redis_up", 0).await;
+    wait_for(|| metric(&n1, "mqtt_im_redis_up") == 0).await;
 
     proxy.up();
     wait_located(&n1, "bob", &[("bob-phone", "n1")]).await;
-    wait_for_metric(&n1, "mqtt_im_redis_up", 1).await;
-}
-
-async fn wait_for_metric(broker: &TestBroker, name: &str, value: i64) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while metric(broker, name) != value {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{name} never became {value}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_for(|| metric(&n1, "mqtt_im_redis_up") == 1).await;
 }
 
 /// Deletes every Redis key of this deployment: what FLUSHALL does to it, without disturbing
@@ -486,14 +469,8 @@ async fn a_device_that_moved_while_half_open_gets_everything_on_its_new_node() {
     let mut new = Client::v5(n2.addr, "bob-phone", "bob").await;
     new.subscribe("im/u/bob/#", 1).await;
     wait_located(&n1, "bob", &[("bob-phone", "n2")]).await;
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while n1.im.online_counts() != (0, 0) {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "node 1 kept the stale connection"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    // Node 1 drops its stale connection.
+    wait_for(|| n1.im.online_counts() == (0, 0)).await;
     let mut alice = Client::v5(n1.addr, "alice-phone", "alice").await;
     all_live(&mut alice, &mut new, 1, 40).await;
 }

@@ -306,8 +306,17 @@ pub fn script(dir: &std::path::Path, name: &str, source: &str) -> std::path::Pat
 
 /// Waits until `condition` holds.
 pub async fn wait_for(condition: impl Fn() -> bool) {
+    eventually(|| std::future::ready(condition())).await;
+}
+
+/// Waits until the asynchronous `condition` holds (checked every 20 ms, at most [`WAIT`]).
+pub async fn eventually<F, C>(mut condition: C)
+where
+    C: FnMut() -> F,
+    F: std::future::Future<Output = bool>,
+{
     let deadline = tokio::time::Instant::now() + WAIT;
-    while !condition() {
+    while !condition().await {
         assert!(
             tokio::time::Instant::now() < deadline,
             "condition not reached"
