@@ -327,7 +327,7 @@ pub struct PolicySettings {
     pub memory_limit: usize,
     /// Lua VM instructions per hook call (pattern-matching steps count too).
     pub instruction_limit: u64,
-    /// Wall-clock time one hook call (all scripts of the chain) may take.
+    /// CPU time one script call may take (time spent waiting for a core is not counted).
     pub call_timeout_ms: u64,
     /// How long a call may wait for a free Lua state before it follows `on_error`.
     pub queue_timeout_ms: u64,

@@ -3,7 +3,7 @@
 //!
 //! Each script returns a verdict — allow now, deny with a reason, rewrite and pass on, or pass
 //! — in the shape of tower's `Predicate`. Scripts run sandboxed on Lua threads of their own,
-//! each call under a memory limit, an instruction budget and a wall-clock deadline that no
+//! each call under a memory limit, an instruction budget and a CPU-time deadline that no
 //! script can catch or outlast; a failing script follows `policy.on_error`.
 
 mod api;

@@ -60,7 +60,7 @@ pub enum FailureKind {
     Runtime,
     /// The instruction budget ran out.
     Budget,
-    /// The wall-clock deadline passed.
+    /// The CPU-time deadline passed, or no answer came within the caller's wall-clock wait.
     Deadline,
     /// A return value that is no verdict.
     BadReturn,
@@ -452,10 +452,14 @@ impl Worker {
 /// denies under `on_error = "deny"`, and is skipped under `"allow"` (earlier rewrites kept).
 fn chain(state: &State, settings: &PolicySettings, input: &Input) -> Outcome {
     let hook = input.hook();
-    // Built once per chain; each script gets a copy.
+    // Built once per chain (under a fresh meter: the last call's deadline may be long past);
+    // each script gets a copy.
+    state.meter.start();
     let argument = match fields(state, input) {
         Ok(argument) => argument,
-        Err(e) => return unanswered(settings.on_error, FailureKind::Runtime, e.to_string()),
+        Err(e) => {
+            return unanswered(settings.on_error, failure_kind(state, &e), e.to_string());
+        }
     };
     // The latest rewrite (also set in `argument`, so later scripts see it).
     let mut rewritten: Option<String> = None;

@@ -1,6 +1,6 @@
 //! One Lua state with every script loaded. The sandbox: a safe subset of the standard
 //! library, a memory limit, and a meter per call (instructions, pattern-matching steps and a
-//! wall-clock deadline) that `pcall` cannot outlast; every script gets its own environment
+//! CPU-time deadline) that `pcall` cannot outlast; every script gets its own environment
 //! with read-only views of the libraries and helpers, so no script can change what another
 //! sees; no finalizers (`__gc`) and a protected string metatable.
 
@@ -50,7 +50,7 @@ impl Hook {
 pub(super) enum Exhausted {
     /// The instruction budget (pattern-matching steps count as instructions).
     Budget,
-    /// The wall-clock deadline.
+    /// The CPU-time deadline.
     Deadline,
 }
 
@@ -64,8 +64,10 @@ struct MeterState {
     limit: u64,
     spent: AtomicU64,
     base: Instant,
-    /// Nanoseconds after `base`.
+    /// Nanoseconds after `base`: when the call's CPU time is next checked.
     deadline: AtomicU64,
+    /// The running thread's CPU time when the call started, in nanoseconds.
+    cpu_start: AtomicU64,
     /// 0: running, 1: budget, 2: deadline.
     out: AtomicU64,
     timeout: Duration,
@@ -78,18 +80,44 @@ impl Meter {
             spent: AtomicU64::new(0),
             base: Instant::now(),
             deadline: AtomicU64::new(u64::MAX),
+            cpu_start: AtomicU64::new(0),
             out: AtomicU64::new(0),
             timeout,
         }))
     }
 
-    /// Starts a call: a full budget and a deadline `timeout` from now.
+    /// Starts a call on this thread: a full budget and `timeout` of CPU time.
     pub(super) fn start(&self) {
-        let deadline = self.0.base.elapsed() + self.0.timeout;
-        let nanos = u64::try_from(deadline.as_nanos()).unwrap_or(u64::MAX);
-        self.0.deadline.store(nanos, Ordering::Relaxed);
+        self.0
+            .cpu_start
+            .store(thread_cpu_nanos(), Ordering::Relaxed);
+        self.check_again_in(self.0.timeout);
         self.0.spent.store(0, Ordering::Relaxed);
         self.0.out.store(0, Ordering::Relaxed);
+    }
+
+    /// The wall clock is cheap to read: the thread's CPU time is read only once `wait` has
+    /// passed, as the call cannot have used more CPU than that.
+    fn check_again_in(&self, wait: Duration) {
+        let at = self.0.base.elapsed() + wait;
+        let nanos = u64::try_from(at.as_nanos()).unwrap_or(u64::MAX);
+        self.0.deadline.store(nanos, Ordering::Relaxed);
+    }
+
+    /// Whether the call has used up its CPU time. A thread that waited for a core (a loaded
+    /// machine) is not charged for the wait: the check is put off by what is left.
+    fn out_of_time(&self) -> bool {
+        if self.0.base.elapsed().as_nanos() <= u128::from(self.0.deadline.load(Ordering::Relaxed)) {
+            return false;
+        }
+        let used = thread_cpu_nanos().saturating_sub(self.0.cpu_start.load(Ordering::Relaxed));
+        match self.0.timeout.checked_sub(Duration::from_nanos(used)) {
+            Some(left) if !left.is_zero() => {
+                self.check_again_in(left);
+                false
+            }
+            _ => true,
+        }
     }
 
     /// Charges `steps`; fails once the budget or the deadline is passed, and from then on.
@@ -100,9 +128,7 @@ impl Meter {
         let spent = self.0.spent.fetch_add(steps, Ordering::Relaxed) + steps;
         let why = if spent > self.0.limit {
             Exhausted::Budget
-        } else if self.0.base.elapsed().as_nanos()
-            > u128::from(self.0.deadline.load(Ordering::Relaxed))
-        {
+        } else if self.out_of_time() {
             Exhausted::Deadline
         } else {
             return Ok(());
@@ -128,10 +154,21 @@ impl Meter {
         mlua::Error::RuntimeError(match why {
             Exhausted::Budget => format!("instruction budget of {} exceeded", self.0.limit),
             Exhausted::Deadline => {
-                format!("deadline of {} ms exceeded", self.0.timeout.as_millis())
+                format!(
+                    "deadline of {} ms (CPU time) exceeded",
+                    self.0.timeout.as_millis()
+                )
             }
         })
     }
+}
+
+/// CPU time used by the calling thread so far.
+fn thread_cpu_nanos() -> u64 {
+    let now = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
+    let secs = u64::try_from(now.tv_sec).unwrap_or(0);
+    let nanos = u64::try_from(now.tv_nsec).unwrap_or(0);
+    secs.saturating_mul(1_000_000_000).saturating_add(nanos)
 }
 
 /// A loaded script: its hooks, or why it could not be loaded.
@@ -539,4 +576,25 @@ impl Shared {
 /// `sensitive_words` for `sensitive_words.lua`: the script's namespace in `policy.config`.
 fn script_stem(name: &str) -> &str {
     name.strip_suffix(".lua").unwrap_or(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_call_is_charged_for_the_cpu_it_uses_not_for_waiting() {
+        let meter = Meter::new(u64::MAX, Duration::from_millis(5));
+        meter.start();
+        // Waiting (as for a core on a loaded machine) uses no CPU.
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(meter.charge(1).is_ok());
+        let spinning = Instant::now();
+        while meter.charge(1).is_ok() {
+            assert!(spinning.elapsed() < Duration::from_secs(5), "never ran out");
+        }
+        assert_eq!(meter.exhausted(), Some(Exhausted::Deadline));
+        meter.start();
+        assert!(meter.charge(1).is_ok(), "a new call starts afresh");
+    }
 }

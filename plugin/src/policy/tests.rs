@@ -325,3 +325,21 @@ async fn patterns_behave_like_lua() {
     assert_eq!(decision, Decision::Allow(None), "{stats:?}");
     assert_eq!(stats.errors, 0);
 }
+
+/// Calls that come in after a pause: the message fields are built under the new call's meter,
+/// never under the last call's long-past deadline (seen as a rare denial under load).
+#[tokio::test]
+async fn calls_after_a_pause_are_not_charged_for_it() {
+    let dir = tempfile::tempdir().unwrap();
+    // Instructions per call that shift where the meter's periodic check falls each time.
+    let script =
+        "hooks = { on_message = function(m) local n = 0 for i = 1, 37 do n = n + i end end }";
+    let mut config = settings(&dir, &[script]);
+    config.states = 1;
+    config.call_timeout_ms = 2;
+    let policy = LuaPolicy::load(config).unwrap();
+    for _ in 0..300 {
+        tokio::time::sleep(std::time::Duration::from_millis(3)).await;
+        assert_eq!(policy.on_message(message("x")).await, Decision::Allow(None));
+    }
+}
