@@ -213,6 +213,17 @@ async fn client_certificate_is_the_identity() {
         pki.client(Some("dave")),
     );
     Client::v4_with(wss).await.disconnect().await;
+    // A common name that is no IM uid connects for plain topics only.
+    let options = v5_options(
+        ListenerKind::Tls,
+        tls_addr,
+        "ops-console",
+        None,
+        pki.client(Some("Dave Smith/ops")),
+    );
+    let mut ops = Client::v5_with(options).await;
+    assert_eq!(ops.subscribe("im/u/Dave Smith/ops/#", 1).await, vec![0x87]);
+    assert_eq!(ops.subscribe("plain/#", 1).await, vec![1]);
 
     let strict = TestBroker::start_with(all_transports(&pki, ClientAuth::Required)).await;
     let tls_addr = strict.addr_of(ListenerKind::Tls);

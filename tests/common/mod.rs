@@ -14,6 +14,7 @@ mod client;
 mod http;
 mod pki;
 mod process;
+mod raw;
 
 #[allow(unused_imports)]
 pub use client::*;
@@ -23,6 +24,8 @@ pub use http::*;
 pub use pki::*;
 #[allow(unused_imports)]
 pub use process::*;
+#[allow(unused_imports)]
+pub use raw::*;
 
 pub const WAIT: Duration = Duration::from_secs(10);
 

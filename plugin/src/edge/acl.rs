@@ -15,11 +15,23 @@ pub(crate) enum FilterAccess<'a> {
     Denied,
 }
 
+/// Why a client without an IM identity is refused IM topics.
+pub(crate) const NO_IM_IDENTITY: &str =
+    "your identity is not an IM user id (1-64 letters, digits, '_', '-', '.', '@')";
+
 /// A user may subscribe inside its own `{prefix}/u/{uid}` tree (never to `req`), and to a
-/// group's exact topic (membership is checked by the caller).
-pub(crate) fn subscribe<'a>(topics: &Topics, uid: &str, filter: &'a str) -> FilterAccess<'a> {
+/// group's exact topic (membership is checked by the caller); a client whose identity is no
+/// IM uid (`None`) may not subscribe under the IM prefix at all.
+pub(crate) fn subscribe<'a>(
+    topics: &Topics,
+    uid: Option<&str>,
+    filter: &'a str,
+) -> FilterAccess<'a> {
     let Some(rest) = topics.strip_prefix(filter) else {
         return FilterAccess::PassThrough;
+    };
+    let Some(uid) = uid else {
+        return FilterAccess::Denied;
     };
     if let Route::Group(gid) = topics.route(filter) {
         return FilterAccess::Group(gid);
@@ -51,9 +63,16 @@ pub(crate) enum PublishAccess<'a> {
 }
 
 /// Any user may send to any inbox; only the owner may publish on its `req`; nobody may
-/// publish on `digest`, `resp` or an unknown IM topic.
-pub(crate) fn publish<'a>(topics: &Topics, uid: &str, topic: &'a str) -> PublishAccess<'a> {
-    match topics.route(topic) {
+/// publish on `digest`, `resp` or an unknown IM topic, nor a client without an IM uid on any.
+pub(crate) fn publish<'a>(topics: &Topics, uid: Option<&str>, topic: &'a str) -> PublishAccess<'a> {
+    let route = topics.route(topic);
+    let Some(uid) = uid else {
+        return match route {
+            Route::PassThrough => PublishAccess::PassThrough,
+            _ => PublishAccess::Denied(NO_IM_IDENTITY),
+        };
+    };
+    match route {
         Route::PassThrough => PublishAccess::PassThrough,
         Route::Inbox(to) => PublishAccess::Chat(to),
         Route::Group(gid) => PublishAccess::GroupChat(gid),
@@ -75,53 +94,91 @@ mod tests {
     #[test]
     fn subscriptions_stay_in_the_own_tree() {
         let t = Topics::new("im");
-        assert_eq!(subscribe(&t, "alice", "im/u/alice/#"), FilterAccess::Im);
-        assert_eq!(subscribe(&t, "alice", "im/u/alice"), FilterAccess::Im);
-        assert_eq!(subscribe(&t, "alice", "im/u/alice/resp"), FilterAccess::Im);
-        assert_eq!(subscribe(&t, "alice", "im/u/bob/#"), FilterAccess::Denied);
-        assert_eq!(subscribe(&t, "alice", "im/u/+/#"), FilterAccess::Denied);
-        assert_eq!(subscribe(&t, "alice", "im/#"), FilterAccess::Denied);
         assert_eq!(
-            subscribe(&t, "alice", "im/g/team"),
-            FilterAccess::Group("team")
+            subscribe(&t, Some("alice"), "im/u/alice/#"),
+            FilterAccess::Im
         );
-        assert_eq!(subscribe(&t, "alice", "im/g/+"), FilterAccess::Denied);
-        assert_eq!(subscribe(&t, "alice", "im/g/#"), FilterAccess::Denied);
+        assert_eq!(subscribe(&t, Some("alice"), "im/u/alice"), FilterAccess::Im);
         assert_eq!(
-            subscribe(&t, "alice", "im/u/alice/req"),
+            subscribe(&t, Some("alice"), "im/u/alice/resp"),
+            FilterAccess::Im
+        );
+        assert_eq!(
+            subscribe(&t, Some("alice"), "im/u/bob/#"),
             FilterAccess::Denied
         );
         assert_eq!(
-            subscribe(&t, "alice", "sensors/#"),
+            subscribe(&t, Some("alice"), "im/u/+/#"),
+            FilterAccess::Denied
+        );
+        assert_eq!(subscribe(&t, Some("alice"), "im/#"), FilterAccess::Denied);
+        assert_eq!(
+            subscribe(&t, Some("alice"), "im/g/team"),
+            FilterAccess::Group("team")
+        );
+        assert_eq!(subscribe(&t, Some("alice"), "im/g/+"), FilterAccess::Denied);
+        assert_eq!(subscribe(&t, Some("alice"), "im/g/#"), FilterAccess::Denied);
+        assert_eq!(
+            subscribe(&t, Some("alice"), "im/u/alice/req"),
+            FilterAccess::Denied
+        );
+        assert_eq!(
+            subscribe(&t, Some("alice"), "sensors/#"),
             FilterAccess::PassThrough
         );
-        assert_eq!(subscribe(&t, "alice", "#"), FilterAccess::PassThrough);
+        assert_eq!(subscribe(&t, Some("alice"), "#"), FilterAccess::PassThrough);
     }
 
     #[test]
     fn publishes() {
         let t = Topics::new("im");
-        assert_eq!(publish(&t, "alice", "im/u/bob"), PublishAccess::Chat("bob"));
         assert_eq!(
-            publish(&t, "alice", "im/g/team"),
+            publish(&t, Some("alice"), "im/u/bob"),
+            PublishAccess::Chat("bob")
+        );
+        assert_eq!(
+            publish(&t, Some("alice"), "im/g/team"),
             PublishAccess::GroupChat("team")
         );
         assert_eq!(
-            publish(&t, "alice", "im/u/alice/req"),
+            publish(&t, Some("alice"), "im/u/alice/req"),
             PublishAccess::Request
         );
         assert!(matches!(
-            publish(&t, "alice", "im/u/bob/req"),
+            publish(&t, Some("alice"), "im/u/bob/req"),
             PublishAccess::Denied(_)
         ));
         assert!(matches!(
-            publish(&t, "alice", "im/u/bob/resp"),
+            publish(&t, Some("alice"), "im/u/bob/resp"),
             PublishAccess::Denied(_)
         ));
         assert!(matches!(
-            publish(&t, "alice", "im/other"),
+            publish(&t, Some("alice"), "im/other"),
             PublishAccess::Denied(_)
         ));
-        assert_eq!(publish(&t, "alice", "a/b"), PublishAccess::PassThrough);
+        assert_eq!(
+            publish(&t, Some("alice"), "a/b"),
+            PublishAccess::PassThrough
+        );
+    }
+
+    #[test]
+    fn no_im_identity_keeps_out_of_im_topics() {
+        let t = Topics::new("im");
+        for topic in ["im/u/bob", "im/g/team", "im/u/x/req", "im/other"] {
+            assert_eq!(
+                publish(&t, None, topic),
+                PublishAccess::Denied(NO_IM_IDENTITY)
+            );
+        }
+        assert_eq!(publish(&t, None, "a/b"), PublishAccess::PassThrough);
+        for filter in ["im/u/bob/#", "im/g/team", "im/#", "im/+/x"] {
+            assert_eq!(
+                subscribe(&t, None, filter),
+                FilterAccess::Denied,
+                "{filter}"
+            );
+        }
+        assert_eq!(subscribe(&t, None, "#"), FilterAccess::PassThrough);
     }
 }

@@ -5,7 +5,8 @@ use rumqttd::protocol::{ConnectReturnCode, Login};
 
 use crate::config::{AuthSettings, UidSource};
 
-/// Authenticates a CONNECT and resolves its uid, or the CONNACK code refusing it. A verified
+/// Authenticates a CONNECT and resolves its identity (an IM uid if it is a valid one), or the
+/// CONNACK code refusing it. A verified
 /// client certificate's common name is the uid and needs no password; a username that names
 /// someone else is refused rather than ignored.
 pub(crate) fn authenticate(
@@ -18,7 +19,7 @@ pub(crate) fn authenticate(
         if login.is_some_and(|login| login.username != uid) {
             return Err(ConnectReturnCode::NotAuthorized);
         }
-        return checked_uid(uid);
+        return Ok(uid.to_owned());
     }
     let username = match login {
         Some(login) => {
@@ -35,15 +36,7 @@ pub(crate) fn authenticate(
         (UidSource::Username, Some(username)) => username,
         _ => client_id,
     };
-    checked_uid(uid)
-}
-
-fn checked_uid(uid: &str) -> Result<String, ConnectReturnCode> {
-    if crate::valid_uid(uid) {
-        Ok(uid.to_owned())
-    } else {
-        Err(ConnectReturnCode::ClientIdentifierNotValid)
-    }
+    Ok(uid.to_owned())
 }
 
 fn constant_time_eq(a: &str, b: &str) -> bool {
@@ -111,9 +104,10 @@ mod tests {
             authenticate(&s, Some(&login("alice", "pw")), "c1", Some("dave")),
             Err(ConnectReturnCode::NotAuthorized)
         );
+        // Not an IM uid: admitted all the same (without IM, see `Established::im`).
         assert_eq!(
             authenticate(&s, None, "c1", Some("not a uid")),
-            Err(ConnectReturnCode::ClientIdentifierNotValid)
+            Ok("not a uid".into())
         );
     }
 }

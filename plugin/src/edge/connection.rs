@@ -37,6 +37,9 @@ const READ_SMALL: usize = 2048;
 const READ_LARGE: usize = 64 << 10;
 /// Live deliveries queued per connection before the device counts as busy.
 const EVENT_QUEUE: usize = 1024;
+
+/// Characters of a client id or identity shown in log lines.
+const LOGGED_ID: usize = 128;
 /// Unacknowledged publishes towards a client beyond which live chat deliveries wait in the
 /// backlog (keeps packet-id allocation cheap and memory bounded).
 const MAX_LIVE_IN_FLIGHT: usize = 1024;
@@ -58,6 +61,8 @@ pub(super) struct Connection {
     pub(super) id: u64,
     pub(super) version: Version,
     pub(super) device: Device,
+    /// Whether the identity is an IM uid (see `Established::im`).
+    im: bool,
     keep_alive: Option<Duration>,
     clean_session: bool,
     /// Whether the store has recorded this device (see `Established::registered`).
@@ -118,8 +123,13 @@ pub(super) async fn serve(
             Ok(established) => {
                 let connection = Connection::new(ctx, id, listener, established);
                 let span = tracing::Span::current();
-                span.record("client_id", connection.device.client_id.as_str());
-                span.record("uid", connection.device.uid.as_str());
+                // Any UTF-8 up to 64 KiB: log lines get a short, clean form.
+                let client_id = crate::text::clean(&connection.device.client_id, LOGGED_ID);
+                span.record("client_id", client_id.as_str());
+                span.record(
+                    "uid",
+                    crate::text::clean(&connection.device.uid, LOGGED_ID).as_str(),
+                );
                 connection.run(shutdown).await;
             }
             Err(e) => tracing::debug!(error = %e, "connect failed"),
@@ -140,6 +150,7 @@ impl Connection {
         let Established {
             version,
             device,
+            im,
             keep_alive,
             clean_session,
             registered,
@@ -169,6 +180,7 @@ impl Connection {
             id,
             version,
             device,
+            im,
             keep_alive: (keep_alive > 0)
                 .then(|| Duration::from_millis(u64::from(keep_alive) * 1500)),
             clean_session,
@@ -337,6 +349,11 @@ impl Connection {
             self.client_out.clear();
         }
         Ok(())
+    }
+
+    /// The IM uid, if the client's identity is one.
+    pub(super) fn im_uid(&self) -> Option<&str> {
+        self.im.then_some(self.device.uid.as_str())
     }
 
     /// Marks the device online for live delivery.

@@ -26,7 +26,11 @@ const UPSTREAM_KEEP_ALIVE: u16 = 60;
 /// A client admitted and linked to rumqttd.
 pub(super) struct Established {
     pub(super) version: Version,
+    /// The client id and the identity the client authenticated as.
     pub(super) device: Device,
+    /// Whether that identity is a valid IM uid: without one, IM topics are refused and the
+    /// client uses pass-through topics only.
+    pub(super) im: bool,
     /// The client's keep-alive in seconds (0: none).
     pub(super) keep_alive: u16,
     pub(super) clean_session: bool,
@@ -115,14 +119,17 @@ pub(super) async fn handshake(
         refuse(&mut stream, version, ack.code, None).await;
         return Err(EdgeError::Refused("rumqttd refused the connection"));
     }
-    let registered = match ctx.im.connected(&admitted.device).await {
-        Ok(()) => true,
-        Err(e) => {
-            // Non-IM traffic does not need the store; registration is retried before the digest.
-            tracing::warn!(error = %e, "cannot record device; continuing");
-            false
-        }
-    };
+    let im = crate::valid_uid(&admitted.device.uid);
+    let registered = im
+        && match ctx.im.connected(&admitted.device).await {
+            Ok(()) => true,
+            Err(e) => {
+                // Non-IM traffic does not need the store; registration is retried before the
+                // digest.
+                tracing::warn!(error = %e, "cannot record device; continuing");
+                false
+            }
+        };
     // Outgoing buffers start small (an idle connection keeps them) and grow when needed.
     let mut client_out = BytesMut::with_capacity(1024);
     let properties = admitted.assigned.map(|id| ConnAckProperties {
@@ -139,6 +146,7 @@ pub(super) async fn handshake(
     Ok(Established {
         version,
         device: admitted.device,
+        im,
         keep_alive,
         clean_session,
         registered,
@@ -215,12 +223,6 @@ async fn admit(
     } else {
         connect.client_id.clone()
     };
-    if client_id.len() > 128 {
-        return Err(Refused::new(
-            ConnectReturnCode::ClientIdentifierNotValid,
-            "client id longer than 128 bytes",
-        ));
-    }
     let uid = auth::authenticate(&ctx.auth, packet.login.as_ref(), &client_id, certified_uid)
         .map_err(|code| Refused::new(code, "authentication failed"))?;
     let will_topic_is_im = packet.will.as_ref().is_some_and(|w| {
@@ -270,7 +272,7 @@ async fn connect_upstream(
     upstream.set_nodelay(true)?;
     let connect = Connect {
         keep_alive: UPSTREAM_KEEP_ALIVE,
-        client_id: device.client_id.clone(),
+        client_id: upstream_client_id(&device.client_id),
         clean_session: packet.connect.clean_session,
     };
     let (properties, will_properties) = match packet.version {
@@ -304,6 +306,30 @@ async fn connect_upstream(
             "rumqttd did not answer CONNECT with CONNACK",
         )),
     }
+}
+
+/// Longest client id passed to rumqttd as it is (escaped); longer ones are hashed.
+const UPSTREAM_ID_MAX: usize = 256;
+
+/// The client id rumqttd knows a client by: rumqttd refuses ids containing `+`, `#`, `/` or
+/// `$`, which MQTT allows, so those (and `%`, the escape) are percent-encoded; an id that
+/// would be longer than [`UPSTREAM_ID_MAX`] becomes `%h` and its SHA-256 (never an escape's
+/// output, as `h` is no hex digit). Either way one client id always maps to the same link,
+/// so rumqttd's persistent sessions and take-over work, and two ids never share one.
+pub(super) fn upstream_client_id(client_id: &str) -> String {
+    let mut escaped = String::with_capacity(client_id.len());
+    for c in client_id.chars() {
+        match c {
+            '%' | '+' | '#' | '/' | '$' => escaped.push_str(&format!("%{:02X}", c as u32)),
+            c => escaped.push(c),
+        }
+    }
+    if escaped.len() <= UPSTREAM_ID_MAX {
+        return escaped;
+    }
+    let digest = ring::digest::digest(&ring::digest::SHA256, client_id.as_bytes());
+    let hex: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+    format!("%h{hex}")
 }
 
 async fn refuse(
@@ -353,5 +379,26 @@ fn v4_connack_code(code: ConnectReturnCode) -> ConnectReturnCode {
         C::ClientIdentifierNotValid => C::ClientIdentifierNotValid,
         C::RefusedProtocolVersion | C::UnsupportedProtocolVersion => C::RefusedProtocolVersion,
         _ => C::ServiceUnavailable,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upstream_ids_are_ones_rumqttd_accepts_and_never_shared() {
+        assert_eq!(upstream_client_id("phone-1"), "phone-1");
+        assert_eq!(upstream_client_id("clean retained"), "clean retained");
+        assert_eq!(upstream_client_id("a/b+#$"), "a%2Fb%2B%23%24");
+        // The escape itself is escaped: "a%2F" and "a/" stay apart.
+        assert_eq!(upstream_client_id("a%2F"), "a%252F");
+        let long = "x".repeat(65_535);
+        let hashed = upstream_client_id(&long);
+        assert!(hashed.starts_with("%h") && hashed.len() == 66);
+        assert_ne!(hashed, upstream_client_id(&"x".repeat(65_534)));
+        for id in ["a/b", &long, "#", "$SYS"] {
+            assert!(!"+#/$".chars().any(|c| upstream_client_id(id).contains(c)));
+        }
     }
 }

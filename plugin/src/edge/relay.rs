@@ -93,7 +93,7 @@ impl Connection {
             return Err(EdgeError::Protocol("wildcard in a publish topic"));
         }
         let (qos, pkid) = (publish.qos(), publish.pkid);
-        match acl::publish(&self.ctx.topics, &self.device.uid, publish.topic_str()) {
+        match acl::publish(&self.ctx.topics, self.im_uid(), publish.topic_str()) {
             PublishAccess::PassThrough => {
                 match self.version {
                     Version::V5 => self.up_out.extend_from_slice(&frame.bytes),
@@ -199,7 +199,7 @@ impl Connection {
                 codes.push(Some(FILTER_INVALID));
                 continue;
             }
-            match acl::subscribe(&self.ctx.topics, &self.device.uid, &filter.path) {
+            match acl::subscribe(&self.ctx.topics, self.im_uid(), &filter.path) {
                 FilterAccess::PassThrough => {
                     let view = SubscribeView {
                         uid: self.device.uid.clone(),
