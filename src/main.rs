@@ -42,6 +42,12 @@ enum Command {
     /// connections within `im.removal_poll_ms`.
     #[command(subcommand)]
     Group(GroupCommand),
+    /// Hash a password for `[auth.users]` (argon2id, PHC string). The password is the first
+    /// line of standard input; with USERNAME the output is a ready TOML line.
+    Passwd {
+        /// Print `USERNAME = "hash"` instead of the bare hash.
+        username: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -119,6 +125,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::CheckConfig => {
             check_certificates(&config)?;
+            mqtt_im::auth::Authenticator::new(&config.auth).context("auth")?;
             let policy = config.policy.clone();
             // Loading runs the scripts' top-level code: off the async workers.
             tokio::task::spawn_blocking(move || LuaPolicy::check(&policy))
@@ -130,7 +137,24 @@ async fn main() -> anyhow::Result<()> {
         Command::Policy(PolicyCommand::Test { messages }) => policy_test(config, &messages).await,
         Command::Group(command) => group(config, command).await,
         Command::Stats => stats(&config).await,
+        Command::Passwd { username } => passwd(username.as_deref()),
     }
+}
+
+/// `mqtt-im passwd`: reads one password line from stdin and prints its argon2id hash.
+fn passwd(username: Option<&str>) -> anyhow::Result<()> {
+    let mut line = String::new();
+    std::io::stdin()
+        .read_line(&mut line)
+        .context("reading the password from standard input")?;
+    let password = line.trim_end_matches(['\r', '\n']);
+    anyhow::ensure!(!password.is_empty(), "empty password");
+    let hash = mqtt_im::auth::hash::hash_password(password)?;
+    match username {
+        Some(user) => println!("{user:?} = \"{hash}\""),
+        None => println!("{hash}"),
+    }
+    Ok(())
 }
 
 async fn policy_test(config: Config, messages: &std::path::Path) -> anyhow::Result<()> {
@@ -234,7 +258,8 @@ async fn group_command(store: &dyn Store, command: GroupCommand) -> anyhow::Resu
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {
-    if config.auth.users.is_empty() && !config.auth.allow_anonymous {
+    let auth = &config.auth;
+    if auth.users.is_empty() && auth.providers.is_empty() && !auth.allow_anonymous {
         tracing::warn!("no users configured and anonymous access is off: nobody can connect");
     }
     let server = Server::bind(config).await.context("starting mqtt-im")?;

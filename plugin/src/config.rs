@@ -33,6 +33,8 @@ connect_timeout_ms = 5000
 [auth]
 allow_anonymous = false
 uid_from = "username"
+plaintext = false
+reload_interval_ms = 1000
 
 [auth.users]
 
@@ -208,16 +210,36 @@ pub enum UidSource {
     ClientId,
 }
 
-/// The broker's own authentication: a users table, as rumqttd's `auth`.
+/// Who may connect: the users table and the provider chain.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuthSettings {
-    /// username → password.
+    /// username → password hash (a PHC string; `mqtt-im passwd` makes one).
     pub users: BTreeMap<String, String>,
+    /// Allows clear-text passwords in `users` (warned about at start-up).
+    pub plaintext: bool,
     /// Accept clients without credentials (their uid is then the client id).
     pub allow_anonymous: bool,
     /// Where the uid comes from.
     pub uid_from: UidSource,
+    /// The chain, asked in order; empty means the users table alone.
+    #[serde(default)]
+    pub providers: Vec<ProviderSettings>,
+    /// How often password files are checked for changes (0: only on SIGHUP).
+    pub reload_interval_ms: u64,
+}
+
+/// One link of the authentication chain.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ProviderSettings {
+    /// `auth.users`.
+    Users,
+    /// A Mosquitto password file (`mosquitto_passwd`).
+    PasswordFile {
+        /// The file, as `mosquitto_passwd` writes it.
+        path: PathBuf,
+    },
 }
 
 /// Storage backend selection.

@@ -15,6 +15,7 @@
 //!
 //! Dependencies point one way: edge → im → store.
 mod accept;
+pub mod auth;
 pub mod config;
 mod edge;
 pub mod im;
@@ -25,6 +26,7 @@ mod status;
 pub mod store;
 pub mod text;
 mod throttle;
+mod watch;
 pub mod wire;
 
 pub use config::Config;

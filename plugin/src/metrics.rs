@@ -73,6 +73,7 @@ pub struct Metrics {
     pub(crate) messages_stored: Family<ChatLabels, Counter>,
     pub(crate) messages_duplicate: Counter,
     pub(crate) messages_refused: Family<RefusalLabels, Counter>,
+    pub(crate) auth_failures: Family<RefusalLabels, Counter>,
     pub(crate) delivered_live: Counter,
     pub(crate) counted_offline: Counter,
     pub(crate) digests: Counter,
@@ -105,6 +106,7 @@ impl Default for Metrics {
             messages_stored: Family::default(),
             messages_duplicate: Counter::default(),
             messages_refused: Family::default(),
+            auth_failures: Family::default(),
             delivered_live: Counter::default(),
             counted_offline: Counter::default(),
             digests: Counter::default(),
@@ -158,6 +160,11 @@ impl Metrics {
             "messages_refused",
             "Chat publishes refused: invalid, denied by policy, not authorized, store failed",
             self.messages_refused.clone(),
+        );
+        r.register(
+            "auth_failures",
+            "Refused CONNECTs by reason (bad_credentials, not_authorized, unavailable)",
+            self.auth_failures.clone(),
         );
         r.register(
             "deliveries_live",

@@ -11,6 +11,7 @@ use tokio_rustls::TlsAcceptor;
 pub use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::auth::Authenticator;
 use crate::config::{Backend, ClusterSettings, Config};
 pub use crate::edge::ListenerKind;
 use crate::edge::{self, EdgeContext, Transport, Upgrade, EDGE_USER};
@@ -42,6 +43,9 @@ pub enum ServerError {
     /// The policy scripts could not be read.
     #[error("policy: {0}")]
     Policy(#[from] PolicyError),
+    /// The authentication chain could not be built (a bad hash, an unreadable file).
+    #[error("auth: {0}")]
+    Auth(#[from] crate::auth::AuthError),
     /// The embedded rumqttd did not come up.
     #[error("embedded broker: {0}")]
     Broker(String),
@@ -58,6 +62,9 @@ pub struct Server {
     store: Arc<dyn Store>,
     im: ImService,
     policy: Arc<LuaPolicy>,
+    auth: Arc<Authenticator>,
+    /// How often password files are checked for changes.
+    auth_reload_ms: u64,
     heartbeat: Duration,
 }
 
@@ -68,6 +75,10 @@ impl Server {
     /// The store, rumqttd or a listener could not be started.
     pub async fn bind(config: Config) -> Result<Self, ServerError> {
         let metrics = Arc::new(Metrics::default());
+        let auth = Arc::new(Authenticator::new(&config.auth)?);
+        if config.auth.plaintext {
+            tracing::warn!("auth.plaintext is on: [auth.users] may hold clear-text passwords; store hashes made with `mqtt-im passwd`");
+        }
         let store = open_store(&config, &metrics).await?;
         // Loading runs the scripts' top-level code: on a blocking thread, not a worker.
         let settings = config.policy.clone();
@@ -109,6 +120,7 @@ impl Server {
             &config,
             im.clone(),
             policy.clone(),
+            Arc::clone(&auth),
             broker,
             secret,
         ));
@@ -119,6 +131,8 @@ impl Server {
             store,
             im,
             policy,
+            auth,
+            auth_reload_ms: config.auth.reload_interval_ms,
             heartbeat: Duration::from_millis(config.cluster.heartbeat_ms),
         })
     }
@@ -167,6 +181,14 @@ impl Server {
     pub async fn run(self, shutdown: CancellationToken) {
         let tasks = TaskTracker::new();
         tasks.spawn(policy::watch(self.policy, shutdown.clone()));
+        for file in self.auth.password_files() {
+            let paths = vec![file.path().to_owned()];
+            let file = Arc::clone(file);
+            let reload = Arc::new(move || file.reload());
+            let watch =
+                crate::watch::on_change(paths, self.auth_reload_ms, reload, shutdown.clone());
+            tasks.spawn(watch);
+        }
         tasks.spawn(self.im.clone().run(self.heartbeat, shutdown.clone()));
         if let Some((listener, source)) = self.status {
             tasks.spawn(status::serve(

@@ -129,6 +129,8 @@ pub fn config(dir: &std::path::Path, backend: &TestBackend) -> Config {
             config.cluster.key_prefix = format!("test-{}", settings.schema);
         }
     }
+    // Clear text keeps the tests fast; tests/auth.rs covers the hashes.
+    config.auth.plaintext = true;
     for user in ["alice", "bob", "carol"] {
         config.auth.users.insert(user.into(), "pw".into());
     }

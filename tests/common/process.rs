@@ -102,6 +102,7 @@ pub fn spawn_with(
         .env("MQTT_IM__STORE__PATH", dir.join("im.db"))
         .env("MQTT_IM__AUTH__USERS__ALICE", "pw")
         .env("MQTT_IM__AUTH__USERS__BOB", "pw")
+        .env("MQTT_IM__AUTH__PLAINTEXT", "true")
         .env_remove("RUST_LOG")
         .stdout(std::process::Stdio::piped())
         .spawn()

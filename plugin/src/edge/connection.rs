@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::codec::{self, kind, Version};
-use super::handshake::{handshake, Established};
+use super::handshake::{handshake, Arrival, Established};
 use super::links::LinkClaim;
 use super::packet_ids::{Origin, PacketIds};
 use super::reply::Outcome;
@@ -119,7 +119,8 @@ pub(super) async fn serve(
             Ok(Err(e)) => return tracing::debug!(error = %e, "transport handshake failed"),
             Err(_) => return tracing::debug!("transport handshake timed out"),
         };
-        match handshake(upgraded, Arc::clone(&ctx), id).await {
+        let arrival = Arrival { id, peer, listener };
+        match handshake(upgraded, Arc::clone(&ctx), &arrival).await {
             Ok(established) => {
                 let connection = Connection::new(ctx, id, listener, established);
                 let span = tracing::Span::current();

@@ -15,7 +15,8 @@ use tokio::time::timeout;
 use super::codec::{self, kind, Frame, Version};
 use super::links::LinkClaim;
 use super::transport::{ClientStream, Upgraded};
-use super::{auth, EdgeContext, EdgeError, EDGE_USER};
+use super::{EdgeContext, EdgeError, EDGE_USER};
+use crate::auth::{Credentials, Refusal};
 use crate::policy::{ClientView, Decision};
 use crate::store::Device;
 
@@ -84,12 +85,20 @@ struct Admitted {
     assigned: Option<String>,
 }
 
+/// Where a connection came in.
+pub(super) struct Arrival {
+    pub(super) id: u64,
+    pub(super) peer: std::net::SocketAddr,
+    pub(super) listener: super::ListenerKind,
+}
+
 /// Runs the handshake on a new client stream.
 pub(super) async fn handshake(
     upgraded: Upgraded,
     ctx: Arc<EdgeContext>,
-    id: u64,
+    arrival: &Arrival,
 ) -> Result<Established, EdgeError> {
+    let id = arrival.id;
     let Upgraded {
         mut stream,
         certified_uid,
@@ -97,7 +106,7 @@ pub(super) async fn handshake(
     let mut client_in = BytesMut::with_capacity(4096);
     let packet = read_connect(&mut stream, &mut client_in, &ctx).await?;
     let version = packet.version;
-    let admitted = match admit(&ctx, &packet, certified_uid.as_deref()).await {
+    let admitted = match admit(&ctx, &packet, arrival, certified_uid.as_deref()).await {
         Ok(admitted) => admitted,
         Err(refused) => {
             refuse(&mut stream, version, refused.code, refused.reason).await;
@@ -206,6 +215,7 @@ async fn read_connect(
 async fn admit(
     ctx: &EdgeContext,
     packet: &ConnectPacket,
+    arrival: &Arrival,
     certified_uid: Option<&str>,
 ) -> Result<Admitted, Refused> {
     let connect = &packet.connect;
@@ -223,8 +233,29 @@ async fn admit(
     } else {
         connect.client_id.clone()
     };
-    let uid = auth::authenticate(&ctx.auth, packet.login.as_ref(), &client_id, certified_uid)
-        .map_err(|code| Refused::new(code, "authentication failed"))?;
+    let credentials = Credentials {
+        client_id: client_id.clone(),
+        username: packet.login.as_ref().map(|l| l.username.clone()),
+        password: packet
+            .login
+            .as_ref()
+            .map(|l| l.password.clone().into_bytes()),
+        peer: arrival.peer,
+        protocol: packet.version.name(),
+        transport: arrival.listener.as_str(),
+    };
+    let identity = ctx
+        .auth
+        .authenticate(&credentials, certified_uid)
+        .await
+        .map_err(|refusal| {
+            let labels = crate::metrics::RefusalLabels {
+                reason: refusal.label(),
+            };
+            ctx.im.metrics().auth_failures.get_or_create(&labels).inc();
+            Refused::new(connack_code(refusal), "authentication failed")
+        })?;
+    let uid = identity.uid;
     let will_topic_is_im = packet.will.as_ref().is_some_and(|w| {
         std::str::from_utf8(&w.topic).map_or(true, |t| ctx.topics.strip_prefix(t).is_some())
     });
@@ -367,6 +398,15 @@ fn write_connack(
     };
     codec::write_packet(out, version, Packet::ConnAck(ack, properties))?;
     Ok(())
+}
+
+/// The CONNACK code for an authentication refusal.
+fn connack_code(refusal: Refusal) -> ConnectReturnCode {
+    match refusal {
+        Refusal::BadCredentials => ConnectReturnCode::BadUserNamePassword,
+        Refusal::NotAuthorized => ConnectReturnCode::NotAuthorized,
+        Refusal::Unavailable => ConnectReturnCode::ServerUnavailable,
+    }
 }
 
 /// rumqttd's 3.1.1 encoder only knows the six 3.1.1 codes.

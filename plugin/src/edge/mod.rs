@@ -2,7 +2,6 @@
 //! rumqttd listener in MQTT 5, and serves IM topics itself. The only code that sees packets.
 
 mod acl;
-mod auth;
 mod codec;
 mod connection;
 mod fit;
@@ -26,7 +25,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::accept::accept_until;
-use crate::config::{AuthSettings, Config};
+use crate::auth::Authenticator;
+use crate::config::Config;
 use crate::im::{DeviceEvent, DeviceSink, ImService};
 use crate::policy::Policy;
 use crate::store::Device;
@@ -61,7 +61,7 @@ pub(crate) struct EdgeContext {
     pub(crate) im: ImService,
     pub(crate) policy: Arc<dyn Policy>,
     pub(crate) topics: Topics,
-    pub(crate) auth: AuthSettings,
+    pub(crate) auth: Arc<Authenticator>,
     /// rumqttd's private listeners; connections are spread over them.
     brokers: Vec<SocketAddr>,
     pub(crate) secret: String,
@@ -109,6 +109,7 @@ impl EdgeContext {
         config: &Config,
         im: ImService,
         policy: Arc<dyn Policy>,
+        auth: Arc<Authenticator>,
         brokers: Vec<SocketAddr>,
         secret: String,
     ) -> Self {
@@ -116,7 +117,7 @@ impl EdgeContext {
             im,
             policy,
             topics: Topics::new(&config.im.prefix),
-            auth: config.auth.clone(),
+            auth,
             brokers,
             secret,
             max_packet: config.broker.max_packet_size,
