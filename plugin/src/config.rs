@@ -225,8 +225,12 @@ pub struct AuthSettings {
     /// The chain, asked in order; empty means the users table alone.
     #[serde(default)]
     pub providers: Vec<ProviderSettings>,
-    /// How often password files are checked for changes (0: only on SIGHUP).
+    /// How often password and ACL files are checked for changes (0: only on SIGHUP).
     pub reload_interval_ms: u64,
+    /// A Mosquitto `acl_file` for non-IM topics; none: every client may use every non-IM
+    /// topic.
+    #[serde(default)]
+    pub acl_file: Option<PathBuf>,
 }
 
 /// One link of the authentication chain.

@@ -31,6 +31,12 @@ pub(crate) struct RefusalLabels {
     pub(crate) reason: &'static str,
 }
 
+/// What a topic ACL refused: `publish`, `subscribe`, `deliver` or `will`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub(crate) struct AclLabels {
+    pub(crate) action: &'static str,
+}
+
 /// A policy hook and what it decided.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub(crate) struct VerdictLabels {
@@ -74,6 +80,7 @@ pub struct Metrics {
     pub(crate) messages_duplicate: Counter,
     pub(crate) messages_refused: Family<RefusalLabels, Counter>,
     pub(crate) auth_failures: Family<RefusalLabels, Counter>,
+    pub(crate) acl_denied: Family<AclLabels, Counter>,
     pub(crate) delivered_live: Counter,
     pub(crate) counted_offline: Counter,
     pub(crate) digests: Counter,
@@ -107,6 +114,7 @@ impl Default for Metrics {
             messages_duplicate: Counter::default(),
             messages_refused: Family::default(),
             auth_failures: Family::default(),
+            acl_denied: Family::default(),
             delivered_live: Counter::default(),
             counted_offline: Counter::default(),
             digests: Counter::default(),
@@ -165,6 +173,11 @@ impl Metrics {
             "auth_failures",
             "Refused CONNECTs by reason (bad_credentials, not_authorized, unavailable)",
             self.auth_failures.clone(),
+        );
+        r.register(
+            "acl_denied",
+            "Non-IM topic actions refused by the ACL file (publish, subscribe, deliver, will)",
+            self.acl_denied.clone(),
         );
         r.register(
             "deliveries_live",
@@ -289,6 +302,11 @@ impl Metrics {
         self.verdicts
             .get_or_create(&VerdictLabels { hook, verdict })
             .inc();
+    }
+
+    /// Counts one refusal by the topic ACL (`action`: see [`AclLabels`]).
+    pub(crate) fn count_acl_denial(&self, action: &'static str) {
+        self.acl_denied.get_or_create(&AclLabels { action }).inc();
     }
 }
 

@@ -181,13 +181,23 @@ impl Server {
     pub async fn run(self, shutdown: CancellationToken) {
         let tasks = TaskTracker::new();
         tasks.spawn(policy::watch(self.policy, shutdown.clone()));
+        let mut reloads: Vec<(std::path::PathBuf, Arc<dyn Fn() + Send + Sync>)> = Vec::new();
         for file in self.auth.password_files() {
-            let paths = vec![file.path().to_owned()];
-            let file = Arc::clone(file);
-            let reload = Arc::new(move || file.reload());
-            let watch =
-                crate::watch::on_change(paths, self.auth_reload_ms, reload, shutdown.clone());
-            tasks.spawn(watch);
+            let reloaded = Arc::clone(file);
+            reloads.push((file.path().to_owned(), Arc::new(move || reloaded.reload())));
+        }
+        if let Some(acl) = self.auth.acl() {
+            let reloaded = Arc::clone(acl);
+            reloads.push((acl.path().to_owned(), Arc::new(move || reloaded.reload())));
+        }
+        for (path, reload) in reloads {
+            let interval = self.auth_reload_ms;
+            tasks.spawn(crate::watch::on_change(
+                vec![path],
+                interval,
+                reload,
+                shutdown.clone(),
+            ));
         }
         tasks.spawn(self.im.clone().run(self.heartbeat, shutdown.clone()));
         if let Some((listener, source)) = self.status {

@@ -268,15 +268,20 @@ impl Client {
     }
 
     pub async fn publish(&self, topic: &str, qos: u8, payload: Vec<u8>) {
+        self.publish_retain(topic, qos, false, payload).await;
+    }
+
+    /// Publishes with the retain flag as given.
+    pub async fn publish_retain(&self, topic: &str, qos: u8, retain: bool, payload: Vec<u8>) {
         if let Some(c) = &self.v4 {
-            c.publish(topic, rumqttc::qos(qos).unwrap(), false, payload)
+            c.publish(topic, rumqttc::qos(qos).unwrap(), retain, payload)
                 .await
                 .unwrap();
         } else if let Some(c) = &self.v5 {
             c.publish(
                 topic,
                 rumqttc::v5::mqttbytes::qos(qos).unwrap(),
-                false,
+                retain,
                 payload,
             )
             .await

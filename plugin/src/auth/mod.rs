@@ -1,9 +1,11 @@
 //! Who may connect: an ordered chain of providers (`[[auth.providers]]`), each answering
 //! allow, deny or "not mine, ask the next", as EMQX's authentication chain does. Teams bring
-//! their credentials as they keep them: the config's users table, a Mosquitto password file.
+//! their credentials as they keep them: the config's users table, a Mosquitto password file,
+//! and their topic ACLs as a Mosquitto `acl_file` ([`acl`]).
 //! Slow work (password hashing) runs on threads of its own with a deadline, so a CONNECT
 //! storm never holds other connections.
 
+pub mod acl;
 pub mod hash;
 mod password_file;
 mod users;
@@ -174,6 +176,7 @@ impl Hashing {
 pub struct Authenticator {
     providers: Vec<Arc<dyn Provider>>,
     files: Vec<Arc<PasswordFile>>,
+    acl: Option<Arc<acl::AclFile>>,
     allow_anonymous: bool,
     uid_from: UidSource,
 }
@@ -204,9 +207,14 @@ impl Authenticator {
                 }
             }
         }
+        let acl = match &settings.acl_file {
+            Some(path) => Some(Arc::new(acl::AclFile::open(path)?)),
+            None => None,
+        };
         Ok(Self {
             providers,
             files,
+            acl,
             allow_anonymous: settings.allow_anonymous,
             uid_from: settings.uid_from,
         })
@@ -215,6 +223,11 @@ impl Authenticator {
     /// The chain's password files, which are re-read when they change.
     pub fn password_files(&self) -> &[Arc<PasswordFile>] {
         &self.files
+    }
+
+    /// The topic ACL for non-IM topics, if one is configured.
+    pub fn acl(&self) -> Option<&Arc<acl::AclFile>> {
+        self.acl.as_ref()
     }
 
     /// Runs the chain. A verified client certificate's common name is the identity and needs

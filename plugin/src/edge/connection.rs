@@ -23,7 +23,9 @@ use super::links::LinkClaim;
 use super::packet_ids::{Origin, PacketIds};
 use super::reply::Outcome;
 use super::transport::{ClientStream, ListenerKind, Upgrade};
+use super::upstream_acks::UpstreamAcks;
 use super::{ConnectionSink, EdgeContext, EdgeError};
+use crate::auth::acl::{Access, Client as AclClient};
 use crate::im::{DeviceEvent, SendOrder};
 use crate::metrics::ConnectionLabels;
 use crate::store::{Conversation, Device};
@@ -63,6 +65,10 @@ pub(super) struct Connection {
     pub(super) device: Device,
     /// Whether the identity is an IM uid (see `Established::im`).
     im: bool,
+    /// The CONNECT's username, which ACL rules name.
+    username: Option<String>,
+    /// Not subject to the topic ACL.
+    superuser: bool,
     keep_alive: Option<Duration>,
     clean_session: bool,
     /// Whether the store has recorded this device (see `Established::registered`).
@@ -80,6 +86,8 @@ pub(super) struct Connection {
     up_in: BytesMut,
     pub(super) up_out: BytesMut,
     pub(super) ids: PacketIds,
+    /// Answers to rumqttd's publishes, kept in rumqttd's order.
+    pub(super) upstream_acks: UpstreamAcks,
     /// Held until rumqttd has closed this connection's link.
     link: LinkClaim,
     /// IM subscriptions of this connection: filter → granted QoS.
@@ -152,6 +160,8 @@ impl Connection {
             version,
             device,
             im,
+            username,
+            superuser,
             keep_alive,
             clean_session,
             registered,
@@ -182,6 +192,8 @@ impl Connection {
             version,
             device,
             im,
+            username,
+            superuser,
             keep_alive: (keep_alive > 0)
                 .then(|| Duration::from_millis(u64::from(keep_alive) * 1500)),
             clean_session,
@@ -197,6 +209,7 @@ impl Connection {
             up_in,
             up_out: BytesMut::with_capacity(1024),
             ids: PacketIds::default(),
+            upstream_acks: UpstreamAcks::default(),
             link,
             im_filters,
             pending: HashMap::new(),
@@ -350,6 +363,29 @@ impl Connection {
             self.client_out.clear();
         }
         Ok(())
+    }
+
+    /// Whether the topic ACL lets this client have `access` to a non-IM `topic` (a filter,
+    /// when `subscribing`); refusals are counted under `action`.
+    pub(super) fn acl_allows(
+        &self,
+        topic: &str,
+        access: Access,
+        subscribing: bool,
+        action: &'static str,
+    ) -> bool {
+        let Some(acl) = self.ctx.auth.acl().filter(|_| !self.superuser) else {
+            return true;
+        };
+        let client = AclClient {
+            username: self.username.as_deref(),
+            client_id: &self.device.client_id,
+        };
+        let allowed = acl.allows(&client, topic, access, subscribing);
+        if !allowed {
+            self.ctx.im.metrics().count_acl_denial(action);
+        }
+        allowed
     }
 
     /// The IM uid, if the client's identity is one.

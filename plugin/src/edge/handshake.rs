@@ -16,6 +16,7 @@ use super::codec::{self, kind, Frame, Version};
 use super::links::LinkClaim;
 use super::transport::{ClientStream, Upgraded};
 use super::{EdgeContext, EdgeError, EDGE_USER};
+use crate::auth::acl::{Access, Client};
 use crate::auth::{Credentials, Refusal};
 use crate::policy::{ClientView, Decision};
 use crate::store::Device;
@@ -32,6 +33,10 @@ pub(super) struct Established {
     /// Whether that identity is a valid IM uid: without one, IM topics are refused and the
     /// client uses pass-through topics only.
     pub(super) im: bool,
+    /// The CONNECT's username, which ACL rules name.
+    pub(super) username: Option<String>,
+    /// Not subject to the topic ACL.
+    pub(super) superuser: bool,
     /// The client's keep-alive in seconds (0: none).
     pub(super) keep_alive: u16,
     pub(super) clean_session: bool,
@@ -81,6 +86,7 @@ impl Refused {
 /// Who the client is, once admitted.
 struct Admitted {
     device: Device,
+    superuser: bool,
     /// A client id the server made up for an empty one (told to MQTT 5 clients).
     assigned: Option<String>,
 }
@@ -114,6 +120,7 @@ pub(super) async fn handshake(
         }
     };
     let (keep_alive, clean_session) = (packet.connect.keep_alive, packet.connect.clean_session);
+    let username = packet.login.as_ref().map(|l| l.username.clone());
     let max_packet = packet
         .properties
         .as_ref()
@@ -156,6 +163,8 @@ pub(super) async fn handshake(
         version,
         device: admitted.device,
         im,
+        username,
+        superuser: admitted.superuser,
         keep_alive,
         clean_session,
         registered,
@@ -256,6 +265,23 @@ async fn admit(
             Refused::new(connack_code(refusal), "authentication failed")
         })?;
     let uid = identity.uid;
+    let will_topic = packet
+        .will
+        .as_ref()
+        .map(|w| String::from_utf8_lossy(&w.topic));
+    if let (Some(topic), Some(acl), false) = (&will_topic, ctx.auth.acl(), identity.superuser) {
+        let client = Client {
+            username: credentials.username.as_deref(),
+            client_id: &client_id,
+        };
+        if !acl.allows(&client, topic, Access::Write, false) {
+            ctx.im.metrics().count_acl_denial("will");
+            return Err(Refused::new(
+                ConnectReturnCode::NotAuthorized,
+                "will topic not allowed by the ACL",
+            ));
+        }
+    }
     let will_topic_is_im = packet.will.as_ref().is_some_and(|w| {
         std::str::from_utf8(&w.topic).map_or(true, |t| ctx.topics.strip_prefix(t).is_some())
     });
@@ -289,7 +315,11 @@ async fn admit(
             why: "denied by policy",
         });
     }
-    Ok(Admitted { device, assigned })
+    Ok(Admitted {
+        device,
+        superuser: identity.superuser,
+        assigned,
+    })
 }
 
 /// Opens the private MQTT 5 link to rumqttd for `device` and returns rumqttd's CONNACK.

@@ -12,6 +12,7 @@ mod relay;
 mod reply;
 mod topics;
 mod transport;
+mod upstream_acks;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

@@ -11,7 +11,9 @@ use super::connection::{Connection, PendingAck};
 use super::packet_ids::Origin;
 use super::reply::{Outcome, Refusal, ReplyTarget};
 use super::topics::Route;
+use super::upstream_acks;
 use super::EdgeError;
+use crate::auth::acl::Access;
 use crate::policy::{Decision, SubscribeView};
 
 /// SUBACK code the hook layer uses for a refused filter (0x87 in MQTT 5, 0x80 in 3.1.1).
@@ -25,7 +27,8 @@ impl Connection {
             kind::PUBACK => {
                 match self.ids.release(frame.ack_pkid()?) {
                     Some(Origin::Upstream(pkid)) => {
-                        codec::write_ack(&mut self.up_out, kind::PUBACK, pkid);
+                        self.upstream_acks
+                            .answered(pkid, kind::PUBACK, &mut self.up_out);
                     }
                     Some(Origin::Chat { conversation, seq }) => {
                         self.ctx.im.delivered(&self.device, &conversation, seq);
@@ -36,7 +39,9 @@ impl Connection {
             }
             kind::PUBREC => {
                 if let Some(Origin::Upstream(pkid)) = self.ids.owner(frame.ack_pkid()?) {
-                    codec::write_ack(&mut self.up_out, kind::PUBREC, *pkid);
+                    let pkid = *pkid;
+                    self.upstream_acks
+                        .answered(pkid, kind::PUBREC, &mut self.up_out);
                 }
                 Ok(())
             }
@@ -95,6 +100,10 @@ impl Connection {
         let (qos, pkid) = (publish.qos(), publish.pkid);
         match acl::publish(&self.ctx.topics, self.im_uid(), publish.topic_str()) {
             PublishAccess::PassThrough => {
+                if !self.acl_allows(publish.topic_str(), Access::Write, false, "publish") {
+                    self.refuse_by_acl(qos, pkid, publish.topic_str());
+                    return Ok(());
+                }
                 match self.version {
                     Version::V5 => self.up_out.extend_from_slice(&frame.bytes),
                     Version::V4 => publish.write(Version::V5, pkid, &mut self.up_out),
@@ -200,6 +209,12 @@ impl Connection {
                 continue;
             }
             match acl::subscribe(&self.ctx.topics, self.im_uid(), &filter.path) {
+                FilterAccess::PassThrough
+                    if !self.acl_allows(&filter.path, Access::Read, true, "subscribe") =>
+                {
+                    tracing::debug!(filter = filter.path, "subscribe denied by the ACL");
+                    codes.push(Some(NOT_AUTHORIZED));
+                }
                 FilterAccess::PassThrough => {
                     let view = SubscribeView {
                         uid: self.device.uid.clone(),
@@ -397,6 +412,18 @@ impl Connection {
         match frame.kind() {
             kind::PUBLISH => {
                 let publish = PublishView::parse(&frame, Version::V5)?;
+                let answer = upstream_acks::answer_for(publish.qos());
+                if !self.acl_allows(publish.topic_str(), Access::Read, false, "deliver") {
+                    // Taken off rumqttd's hands and dropped: rumqttd must not resend it.
+                    if let Some(answer) = answer {
+                        self.upstream_acks
+                            .dropped(publish.pkid, answer, &mut self.up_out);
+                    }
+                    return Ok(());
+                }
+                if let Some(answer) = answer {
+                    self.upstream_acks.forwarded(publish.pkid, answer);
+                }
                 let pkid = if publish.qos() > 0 {
                     match self.ids.for_upstream(publish.pkid) {
                         Some(pkid) => pkid,
@@ -418,8 +445,11 @@ impl Connection {
                 Ok(())
             }
             kind::PUBREL => {
-                if let Some(pkid) = self.ids.mapped(frame.ack_pkid()?) {
-                    codec::write_ack(&mut self.client_out, kind::PUBREL, pkid);
+                let upstream = frame.ack_pkid()?;
+                match self.ids.mapped(upstream) {
+                    Some(pkid) => codec::write_ack(&mut self.client_out, kind::PUBREL, pkid),
+                    // A QoS 2 message the ACL kept from the client: complete it upstream.
+                    None => codec::write_ack(&mut self.up_out, kind::PUBCOMP, upstream),
                 }
                 Ok(())
             }

@@ -2,6 +2,7 @@
 //! strings), replies on the response topic (with Correlation Data), error frames on `resp`
 //! for 3.1.1 clients, and digests.
 
+use crate::throttle::Throttle;
 use bytes::Bytes;
 use prost::Message;
 use rumqttd::protocol::{
@@ -216,6 +217,25 @@ impl Connection {
         }
         if !written {
             self.write_error_frame(topic, refusal);
+        }
+    }
+
+    /// Refuses a non-IM publish the topic ACL does not allow, as Mosquitto does: MQTT 5
+    /// PUBACK/PUBREC 0x87 with a reason; 3.1.1 (and QoS 0) acknowledged and dropped, logged
+    /// once per burst.
+    pub(super) fn refuse_by_acl(&mut self, qos: u8, pkid: u16, topic: &str) {
+        if self.version == Version::V5 && qos > 0 {
+            let refusal = Refusal::not_authorized("not allowed by the topic ACL");
+            return self.refuse(qos, pkid, topic, &refusal);
+        }
+        self.acknowledge(qos, pkid);
+        static DROPPED: Throttle = Throttle::new();
+        if let Some(also) = DROPPED.admit() {
+            tracing::info!(
+                topic = crate::text::clean(topic, 256),
+                also_since_last = also,
+                "publish dropped by the topic ACL"
+            );
         }
     }
 
