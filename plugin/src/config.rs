@@ -244,6 +244,61 @@ pub enum ProviderSettings {
         /// The file, as `mosquitto_passwd` writes it.
         path: PathBuf,
     },
+    /// JSON Web Tokens from the team's identity service.
+    Jwt(Box<JwtSettings>),
+}
+
+/// Which CONNECT field carries the token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JwtFrom {
+    /// The password (the usual place).
+    #[default]
+    Password,
+    /// The username.
+    Username,
+}
+
+/// How tokens are checked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtSettings {
+    /// The CONNECT field holding the token.
+    #[serde(default)]
+    pub from: JwtFrom,
+    /// `HS256`, `RS256` or `ES256`.
+    pub algorithm: String,
+    /// The shared secret (HS256).
+    #[serde(default)]
+    pub secret: Option<String>,
+    /// A PEM public key (RS256, ES256).
+    #[serde(default)]
+    pub public_key: Option<PathBuf>,
+    /// A JWKS file (RS256, ES256), re-read when it changes.
+    #[serde(default)]
+    pub jwks_file: Option<PathBuf>,
+    /// Required `iss`, if set.
+    #[serde(default)]
+    pub issuer: Option<String>,
+    /// Required `aud`, if set.
+    #[serde(default)]
+    pub audience: Option<String>,
+    /// The claim naming the uid (absent: `auth.uid_from` decides).
+    #[serde(default = "default_uid_claim")]
+    pub uid_claim: String,
+    /// The claim with topic ACL rules, if any.
+    #[serde(default)]
+    pub acl_claim: Option<String>,
+    /// A boolean claim that makes the client a superuser (no topic ACL), if any.
+    #[serde(default)]
+    pub superuser_claim: Option<String>,
+    /// Clock skew allowed on `exp` and `nbf`, in seconds.
+    #[serde(default)]
+    pub leeway_s: u64,
+}
+
+fn default_uid_claim() -> String {
+    "sub".into()
 }
 
 /// Storage backend selection.

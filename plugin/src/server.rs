@@ -181,21 +181,12 @@ impl Server {
     pub async fn run(self, shutdown: CancellationToken) {
         let tasks = TaskTracker::new();
         tasks.spawn(policy::watch(self.policy, shutdown.clone()));
-        let mut reloads: Vec<(std::path::PathBuf, Arc<dyn Fn() + Send + Sync>)> = Vec::new();
-        for file in self.auth.password_files() {
-            let reloaded = Arc::clone(file);
-            reloads.push((file.path().to_owned(), Arc::new(move || reloaded.reload())));
-        }
-        if let Some(acl) = self.auth.acl() {
-            let reloaded = Arc::clone(acl);
-            reloads.push((acl.path().to_owned(), Arc::new(move || reloaded.reload())));
-        }
-        for (path, reload) in reloads {
+        for (path, reload) in self.auth.reloads() {
             let interval = self.auth_reload_ms;
             tasks.spawn(crate::watch::on_change(
-                vec![path],
+                vec![path.clone()],
                 interval,
-                reload,
+                Arc::clone(reload),
                 shutdown.clone(),
             ));
         }

@@ -94,14 +94,15 @@ impl Rule {
     }
 }
 
-/// Whether `access` to `topic` (a filter, when `subscribing`) is allowed under `rules`.
-fn allowed<'a>(
+/// What `rules` say about `access` to `topic` (a filter, when `subscribing`): `Some(false)`
+/// when a deny covers it, `Some(true)` when a rule grants it, `None` when no rule speaks.
+pub fn decide<'a>(
     rules: impl Iterator<Item = &'a Rule>,
     client: &Client<'_>,
     topic: &str,
     access: Access,
     subscribing: bool,
-) -> bool {
+) -> Option<bool> {
     let covers = |pattern: &str| {
         if subscribing {
             filter_within(pattern, topic)
@@ -118,13 +119,13 @@ fn allowed<'a>(
             // A subscription is refused only if the deny covers all of it; single messages
             // in it are refused as they are delivered.
             if covers(&pattern) {
-                return false;
+                return Some(false);
             }
         } else if !granted && rule.grant.allows(access) {
             granted = covers(&pattern);
         }
     }
-    granted
+    granted.then_some(true)
 }
 
 /// Who asks: the names `pattern` rules substitute.
@@ -193,13 +194,8 @@ impl Parsed {
             Some(user) => self.users.get(user).map_or(&[][..], Vec::as_slice),
             None => &self.anonymous,
         };
-        allowed(
-            own.iter().chain(&self.everyone),
-            client,
-            topic,
-            access,
-            subscribing,
-        )
+        let rules = own.iter().chain(&self.everyone);
+        decide(rules, client, topic, access, subscribing).unwrap_or(false)
     }
 }
 

@@ -7,6 +7,7 @@
 
 pub mod acl;
 pub mod hash;
+mod jwt;
 mod password_file;
 mod users;
 
@@ -44,6 +45,10 @@ pub struct Grant {
     pub uid: Option<String>,
     /// Bypasses topic ACLs for non-IM topics.
     pub superuser: bool,
+    /// Topic rules for this client, checked before `auth.acl_file`.
+    pub acl: Option<Vec<acl::Rule>>,
+    /// When the credentials stop being valid: the connection is closed then.
+    pub expires: Option<std::time::SystemTime>,
 }
 
 /// A provider's answer.
@@ -87,6 +92,10 @@ pub struct Identity {
     pub uid: String,
     /// Bypasses topic ACLs for non-IM topics.
     pub superuser: bool,
+    /// The provider's topic rules for this client, if it gave any.
+    pub acl: Option<Vec<acl::Rule>>,
+    /// When the credentials expire.
+    pub expires: Option<std::time::SystemTime>,
 }
 
 /// A provider that could not answer.
@@ -171,14 +180,26 @@ impl Hashing {
     }
 }
 
+/// A file and the function that re-reads it.
+pub type Reload = (std::path::PathBuf, Arc<dyn Fn() + Send + Sync>);
+
 /// The configured chain.
-#[derive(Debug)]
 pub struct Authenticator {
     providers: Vec<Arc<dyn Provider>>,
-    files: Vec<Arc<PasswordFile>>,
+    reloads: Vec<Reload>,
     acl: Option<Arc<acl::AclFile>>,
     allow_anonymous: bool,
     uid_from: UidSource,
+}
+
+impl std::fmt::Debug for Authenticator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names: Vec<&str> = self.providers.iter().map(|p| p.name()).collect();
+        f.debug_struct("Authenticator")
+            .field("providers", &names)
+            .field("acl", &self.acl.as_ref().map(|acl| acl.path()))
+            .finish_non_exhaustive()
+    }
 }
 
 /// Longest a password check may take (queueing for a core included).
@@ -193,7 +214,7 @@ impl Authenticator {
         } else {
             settings.providers.clone()
         };
-        let mut files = Vec::new();
+        let mut reloads: Vec<Reload> = Vec::new();
         let mut providers: Vec<Arc<dyn Provider>> = Vec::with_capacity(configured.len());
         for provider in &configured {
             match provider {
@@ -202,27 +223,42 @@ impl Authenticator {
                 }
                 ProviderSettings::PasswordFile { path } => {
                     let file = Arc::new(PasswordFile::open(path, Arc::clone(&hashing))?);
-                    files.push(Arc::clone(&file));
+                    let reloaded = Arc::clone(&file);
+                    reloads.push((path.clone(), Arc::new(move || reloaded.reload())));
                     providers.push(file);
+                }
+                ProviderSettings::Jwt(jwt) => {
+                    let jwt = Arc::new(jwt::Jwt::new(jwt)?);
+                    if let Some(path) = jwt.jwks_file() {
+                        let reloaded = Arc::clone(&jwt);
+                        reloads.push((path.clone(), Arc::new(move || reloaded.reload())));
+                    }
+                    providers.push(jwt);
                 }
             }
         }
         let acl = match &settings.acl_file {
-            Some(path) => Some(Arc::new(acl::AclFile::open(path)?)),
+            Some(path) => {
+                let file = Arc::new(acl::AclFile::open(path)?);
+                let reloaded = Arc::clone(&file);
+                reloads.push((path.clone(), Arc::new(move || reloaded.reload())));
+                Some(file)
+            }
             None => None,
         };
         Ok(Self {
             providers,
-            files,
+            reloads,
             acl,
             allow_anonymous: settings.allow_anonymous,
             uid_from: settings.uid_from,
         })
     }
 
-    /// The chain's password files, which are re-read when they change.
-    pub fn password_files(&self) -> &[Arc<PasswordFile>] {
-        &self.files
+    /// The files the chain reads (password, ACL and JWKS files), each with what re-reads it
+    /// when it changes.
+    pub fn reloads(&self) -> &[Reload] {
+        &self.reloads
     }
 
     /// The topic ACL for non-IM topics, if one is configured.
@@ -248,6 +284,8 @@ impl Authenticator {
             return Ok(Identity {
                 uid: common_name.to_owned(),
                 superuser: false,
+                acl: None,
+                expires: None,
             });
         }
         if credentials.username.is_none() {
@@ -282,6 +320,8 @@ impl Authenticator {
         Identity {
             uid,
             superuser: grant.superuser,
+            acl: grant.acl,
+            expires: grant.expires,
         }
     }
 }

@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::codec::{self, kind, Version};
-use super::handshake::{handshake, Arrival, Established};
+use super::handshake::{handshake, topic_allowed, Arrival, Established};
 use super::links::LinkClaim;
 use super::packet_ids::{Origin, PacketIds};
 use super::reply::Outcome;
@@ -26,6 +26,7 @@ use super::transport::{ClientStream, ListenerKind, Upgrade};
 use super::upstream_acks::UpstreamAcks;
 use super::{ConnectionSink, EdgeContext, EdgeError};
 use crate::auth::acl::{Access, Client as AclClient};
+use crate::auth::Identity;
 use crate::im::{DeviceEvent, SendOrder};
 use crate::metrics::ConnectionLabels;
 use crate::store::{Conversation, Device};
@@ -67,8 +68,8 @@ pub(super) struct Connection {
     im: bool,
     /// The CONNECT's username, which ACL rules name.
     username: Option<String>,
-    /// Not subject to the topic ACL.
-    superuser: bool,
+    /// What authentication granted: superuser, topic rules, expiry.
+    identity: Identity,
     keep_alive: Option<Duration>,
     clean_session: bool,
     /// Whether the store has recorded this device (see `Established::registered`).
@@ -161,7 +162,7 @@ impl Connection {
             device,
             im,
             username,
-            superuser,
+            identity,
             keep_alive,
             clean_session,
             registered,
@@ -193,7 +194,7 @@ impl Connection {
             device,
             im,
             username,
-            superuser,
+            identity,
             keep_alive: (keep_alive > 0)
                 .then(|| Duration::from_millis(u64::from(keep_alive) * 1500)),
             clean_session,
@@ -235,6 +236,14 @@ fn connection_labels(listener: ListenerKind, version: Version) -> ConnectionLabe
     }
 }
 
+/// Completes at `at`, never without one.
+async fn until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Why the loop stopped.
 #[derive(Debug)]
 enum End {
@@ -246,6 +255,8 @@ enum End {
     Unstored,
     UpstreamGone,
     KeepAliveExpired,
+    /// The credentials (a JWT) expired.
+    CredentialsExpired,
     Shutdown,
     Failed(EdgeError),
 }
@@ -256,6 +267,12 @@ impl Connection {
             (k / 3).clamp(Duration::from_millis(250), UPSTREAM_PING)
         });
         let mut ticker = tokio::time::interval(tick);
+        let expiry = self.identity.expires.map(|at| {
+            let left = at
+                .duration_since(std::time::SystemTime::now())
+                .unwrap_or_default();
+            tokio::time::Instant::now() + left
+        });
         if !self.im_filters.is_empty() {
             // A resumed persistent session: groups it still belongs to, online again, and a
             // fresh digest.
@@ -294,6 +311,7 @@ impl Connection {
                 _ = ticker.tick() => self.on_tick(),
                 () = shutdown.cancelled() => Err(End::Shutdown),
                 () = self.link.kick.cancelled() => Err(End::TakenOver),
+                () = until(expiry) => Err(End::CredentialsExpired),
             };
             if let Err(stop) = step {
                 end = Some(stop);
@@ -374,14 +392,18 @@ impl Connection {
         subscribing: bool,
         action: &'static str,
     ) -> bool {
-        let Some(acl) = self.ctx.auth.acl().filter(|_| !self.superuser) else {
-            return true;
-        };
         let client = AclClient {
             username: self.username.as_deref(),
             client_id: &self.device.client_id,
         };
-        let allowed = acl.allows(&client, topic, access, subscribing);
+        let allowed = topic_allowed(
+            &self.ctx,
+            &self.identity,
+            &client,
+            topic,
+            access,
+            subscribing,
+        );
         if !allowed {
             self.ctx.im.metrics().count_acl_denial(action);
         }
@@ -467,6 +489,7 @@ impl Connection {
                 "another connection took the session",
             ),
             End::KeepAliveExpired => (Reason::KeepAliveTimeout, "keep-alive expired"),
+            End::CredentialsExpired => (Reason::MaximumConnectTime, "credentials expired"),
             _ => return,
         };
         if self.version == Version::V5 {

@@ -16,8 +16,8 @@ use super::codec::{self, kind, Frame, Version};
 use super::links::LinkClaim;
 use super::transport::{ClientStream, Upgraded};
 use super::{EdgeContext, EdgeError, EDGE_USER};
-use crate::auth::acl::{Access, Client};
-use crate::auth::{Credentials, Refusal};
+use crate::auth::acl::{self, Access, Client};
+use crate::auth::{Credentials, Identity, Refusal};
 use crate::policy::{ClientView, Decision};
 use crate::store::Device;
 
@@ -35,8 +35,8 @@ pub(super) struct Established {
     pub(super) im: bool,
     /// The CONNECT's username, which ACL rules name.
     pub(super) username: Option<String>,
-    /// Not subject to the topic ACL.
-    pub(super) superuser: bool,
+    /// What authentication granted: superuser, topic rules, expiry.
+    pub(super) identity: Identity,
     /// The client's keep-alive in seconds (0: none).
     pub(super) keep_alive: u16,
     pub(super) clean_session: bool,
@@ -86,7 +86,7 @@ impl Refused {
 /// Who the client is, once admitted.
 struct Admitted {
     device: Device,
-    superuser: bool,
+    identity: Identity,
     /// A client id the server made up for an empty one (told to MQTT 5 clients).
     assigned: Option<String>,
 }
@@ -164,7 +164,7 @@ pub(super) async fn handshake(
         device: admitted.device,
         im,
         username,
-        superuser: admitted.superuser,
+        identity: admitted.identity,
         keep_alive,
         clean_session,
         registered,
@@ -264,17 +264,13 @@ async fn admit(
             ctx.im.metrics().auth_failures.get_or_create(&labels).inc();
             Refused::new(connack_code(refusal), "authentication failed")
         })?;
-    let uid = identity.uid;
-    let will_topic = packet
-        .will
-        .as_ref()
-        .map(|w| String::from_utf8_lossy(&w.topic));
-    if let (Some(topic), Some(acl), false) = (&will_topic, ctx.auth.acl(), identity.superuser) {
+    if let Some(will) = &packet.will {
+        let topic = String::from_utf8_lossy(&will.topic);
         let client = Client {
             username: credentials.username.as_deref(),
             client_id: &client_id,
         };
-        if !acl.allows(&client, topic, Access::Write, false) {
+        if !topic_allowed(ctx, &identity, &client, &topic, Access::Write, false) {
             ctx.im.metrics().count_acl_denial("will");
             return Err(Refused::new(
                 ConnectReturnCode::NotAuthorized,
@@ -291,7 +287,10 @@ async fn admit(
             "will message on an IM topic",
         ));
     }
-    let device = Device { uid, client_id };
+    let device = Device {
+        uid: identity.uid.clone(),
+        client_id,
+    };
     let client = ClientView {
         uid: device.uid.clone(),
         client_id: device.client_id.clone(),
@@ -317,9 +316,35 @@ async fn admit(
     }
     Ok(Admitted {
         device,
-        superuser: identity.superuser,
+        identity,
         assigned,
     })
+}
+
+/// Whether a client may have `access` to a non-IM `topic` (a filter, when `subscribing`):
+/// superusers may; then the provider's rules for it decide if one speaks; then the ACL
+/// file; with neither, every non-IM topic is open, but a client that got rules of its own
+/// has only what they grant.
+pub(super) fn topic_allowed(
+    ctx: &EdgeContext,
+    identity: &Identity,
+    client: &Client<'_>,
+    topic: &str,
+    access: Access,
+    subscribing: bool,
+) -> bool {
+    if identity.superuser {
+        return true;
+    }
+    let own = identity
+        .acl
+        .as_ref()
+        .and_then(|rules| acl::decide(rules.iter(), client, topic, access, subscribing));
+    match (own, ctx.auth.acl()) {
+        (Some(decided), _) => decided,
+        (None, Some(file)) => file.allows(client, topic, access, subscribing),
+        (None, None) => identity.acl.is_none(),
+    }
 }
 
 /// Opens the private MQTT 5 link to rumqttd for `device` and returns rumqttd's CONNACK.
