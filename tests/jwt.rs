@@ -66,7 +66,10 @@ async fn hs256_tokens_name_the_uid_and_carry_topic_rules() {
     let broker = TestBroker::start_with(|c| {
         let mut jwt = settings("HS256");
         jwt.secret = Some(SECRET.into());
-        c.auth.providers = vec![ProviderSettings::Jwt(Box::new(jwt)), ProviderSettings::Users];
+        c.auth.providers = vec![
+            ProviderSettings::Jwt(Box::new(jwt)),
+            ProviderSettings::Users,
+        ];
     })
     .await;
     let claims = |extra: Value| {

@@ -246,6 +246,43 @@ pub enum ProviderSettings {
     },
     /// JSON Web Tokens from the team's identity service.
     Jwt(Box<JwtSettings>),
+    /// The team's HTTP auth service.
+    Http(Box<HttpAuthSettings>),
+}
+
+/// What a provider that cannot answer means for the client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProviderOutage {
+    /// Refuse (CONNACK server unavailable).
+    #[default]
+    Deny,
+    /// Ask the next provider.
+    Next,
+}
+
+/// How the auth service is asked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpAuthSettings {
+    /// The `http://` URL CONNECTs are POSTed to.
+    pub url: String,
+    /// Longest wait for an answer (connecting included).
+    #[serde(default = "default_http_timeout_ms")]
+    pub timeout_ms: u64,
+    /// How long an answer is reused for the same client id, username and password (0: never).
+    #[serde(default)]
+    pub cache_ttl_ms: u64,
+    /// Extra request headers (e.g. the service's own credentials).
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// What an unreachable or failing service means.
+    #[serde(default)]
+    pub on_error: ProviderOutage,
+}
+
+fn default_http_timeout_ms() -> u64 {
+    2000
 }
 
 /// Which CONNECT field carries the token.

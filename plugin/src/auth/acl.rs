@@ -137,6 +137,36 @@ pub struct Client<'a> {
     pub client_id: &'a str,
 }
 
+/// Topic rules as providers return them (a JWT claim, an auth service's answer):
+/// `{"pub": [...], "sub": [...], "all": [...], "deny": [...]}` granting write, read, both,
+/// or refusing; `%u` and `%c` are substituted.
+pub fn rules_from_json(claim: &serde_json::Value) -> Result<Vec<Rule>, String> {
+    let serde_json::Value::Object(lists) = claim else {
+        return Err("ACL claim is not an object".into());
+    };
+    let mut rules = Vec::new();
+    for (key, grant) in [
+        ("deny", Grant::Deny),
+        ("pub", Grant::Write),
+        ("sub", Grant::Read),
+        ("all", Grant::ReadWrite),
+    ] {
+        let Some(list) = lists.get(key) else {
+            continue;
+        };
+        let topics = list.as_array().ok_or("ACL claim lists must be arrays")?;
+        for topic in topics {
+            let topic = topic.as_str().ok_or("ACL claim topics must be strings")?;
+            rules.push(Rule {
+                grant,
+                topic: topic.to_owned(),
+                pattern: true,
+            });
+        }
+    }
+    Ok(rules)
+}
+
 /// A parsed `acl_file`: rules for anonymous clients, per user, and for everyone.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 struct Parsed {

@@ -13,7 +13,7 @@ use jsonwebtoken::jwk::JwkSet;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde_json::Value;
 
-use super::acl::{Grant as Access, Rule};
+use super::acl;
 use super::{AuthError, Credentials, Grant, Provider, Refusal, Verdict};
 use crate::config::{JwtFrom, JwtSettings};
 
@@ -129,7 +129,7 @@ impl Jwt {
             Some(_) => return Err(format!("claim {} is not a string", self.settings.uid_claim)),
         };
         let acl = match self.settings.acl_claim.as_ref().and_then(|c| claims.get(c)) {
-            Some(rules) => Some(rules_from_claim(rules)?),
+            Some(rules) => Some(acl::rules_from_json(rules)?),
             None => None,
         };
         let expires = claims
@@ -175,34 +175,6 @@ fn load_keys(settings: &JwtSettings, algorithm: Algorithm) -> Result<Keys, AuthE
             "auth.providers jwt: needs `secret` (HS256), `public_key` or `jwks_file`".into(),
         )),
     }
-}
-
-/// Topic rules from an ACL claim: `pub`/`sub`/`all` grant write/read/both, `deny` refuses.
-fn rules_from_claim(claim: &Value) -> Result<Vec<Rule>, String> {
-    let Value::Object(lists) = claim else {
-        return Err("ACL claim is not an object".into());
-    };
-    let mut rules = Vec::new();
-    for (key, grant) in [
-        ("deny", Access::Deny),
-        ("pub", Access::Write),
-        ("sub", Access::Read),
-        ("all", Access::ReadWrite),
-    ] {
-        let Some(list) = lists.get(key) else {
-            continue;
-        };
-        let topics = list.as_array().ok_or("ACL claim lists must be arrays")?;
-        for topic in topics {
-            let topic = topic.as_str().ok_or("ACL claim topics must be strings")?;
-            rules.push(Rule {
-                grant,
-                topic: topic.to_owned(),
-                pattern: true,
-            });
-        }
-    }
-    Ok(rules)
 }
 
 /// Whether `text` is shaped like a compact JWS (three base64url parts).
@@ -266,9 +238,9 @@ mod tests {
         assert!(!looks_like_jwt("a.b"));
         assert!(!looks_like_jwt("a b.c.d"));
         let claim = serde_json::json!({"pub": ["a/#"], "sub": ["b/+"], "deny": ["a/x"]});
-        let rules = rules_from_claim(&claim).unwrap_or_default();
+        let rules = acl::rules_from_json(&claim).unwrap_or_default();
         assert_eq!(rules.len(), 3);
-        assert_eq!(rules[0].grant, Access::Deny);
-        assert!(rules_from_claim(&serde_json::json!(["a"])).is_err());
+        assert_eq!(rules[0].grant, acl::Grant::Deny);
+        assert!(acl::rules_from_json(&serde_json::json!(["a"])).is_err());
     }
 }

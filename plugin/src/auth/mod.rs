@@ -7,6 +7,7 @@
 
 pub mod acl;
 pub mod hash;
+mod http;
 mod jwt;
 mod password_file;
 mod users;
@@ -17,7 +18,7 @@ use std::time::Duration;
 
 use tokio::sync::Semaphore;
 
-use crate::config::{AuthSettings, ProviderSettings, UidSource};
+use crate::config::{AuthSettings, ProviderOutage, ProviderSettings, UidSource};
 use hash::StoredHash;
 pub use password_file::PasswordFile;
 
@@ -130,8 +131,12 @@ pub enum AuthError {
 pub trait Provider: Send + Sync + std::fmt::Debug {
     /// The provider's kind, for logs.
     fn name(&self) -> &'static str;
-    /// Decides about `credentials`, or fails (the chain then applies the outage mode).
+    /// Decides about `credentials`, or fails (the chain then applies [`Provider::outage`]).
     async fn check(&self, credentials: &Credentials) -> Result<Verdict, AuthError>;
+    /// What a failure means: refuse the client (the default) or ask the next provider.
+    fn outage(&self) -> ProviderOutage {
+        ProviderOutage::Deny
+    }
 }
 
 /// Password checks off the async workers: at most one per core at a time, each with a
@@ -202,6 +207,9 @@ impl std::fmt::Debug for Authenticator {
     }
 }
 
+/// Provider failures are logged once per burst (an outage is one line, not one per CONNECT).
+static PROVIDER_FAILED: crate::throttle::Throttle = crate::throttle::Throttle::new();
+
 /// Longest a password check may take (queueing for a core included).
 const HASH_DEADLINE: Duration = Duration::from_secs(5);
 
@@ -227,6 +235,7 @@ impl Authenticator {
                     reloads.push((path.clone(), Arc::new(move || reloaded.reload())));
                     providers.push(file);
                 }
+                ProviderSettings::Http(http) => providers.push(Arc::new(http::Http::new(http)?)),
                 ProviderSettings::Jwt(jwt) => {
                     let jwt = Arc::new(jwt::Jwt::new(jwt)?);
                     if let Some(path) = jwt.jwks_file() {
@@ -301,8 +310,12 @@ impl Authenticator {
                 Ok(Verdict::Deny(refusal)) => return Err(refusal),
                 Ok(Verdict::Next) => {}
                 Err(e) => {
-                    tracing::warn!(provider = provider.name(), error = %e, "authentication provider failed");
-                    return Err(Refusal::Unavailable);
+                    PROVIDER_FAILED.admit().inspect(|also| {
+                        tracing::warn!(provider = provider.name(), error = %e, also_since_last = also, "authentication provider failed");
+                    });
+                    if provider.outage() == ProviderOutage::Deny {
+                        return Err(Refusal::Unavailable);
+                    }
                 }
             }
         }
