@@ -248,6 +248,35 @@ pub enum ProviderSettings {
     Jwt(Box<JwtSettings>),
     /// The team's HTTP auth service.
     Http(Box<HttpAuthSettings>),
+    /// The team's own users table in PostgreSQL.
+    Postgres(Box<PostgresAuthSettings>),
+}
+
+/// How the team's users table is queried.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresAuthSettings {
+    /// Connection URL of the team's database.
+    pub url: String,
+    /// Gets `$1` = username (and `$2` = client id if it uses it); returns the password hash,
+    /// then optionally uid, superuser (boolean) and topic rules (JSON as text).
+    pub query: String,
+    /// Connections in the pool.
+    #[serde(default = "default_auth_pool")]
+    pub pool_size: usize,
+    /// Longest a query may take (getting a connection included).
+    #[serde(default = "default_http_timeout_ms")]
+    pub timeout_ms: u64,
+    /// How long a row (or its absence) is reused (0: never).
+    #[serde(default)]
+    pub cache_ttl_ms: u64,
+    /// What an unreachable database means.
+    #[serde(default)]
+    pub on_error: ProviderOutage,
+}
+
+fn default_auth_pool() -> usize {
+    4
 }
 
 /// What a provider that cannot answer means for the client.

@@ -10,6 +10,7 @@ pub mod hash;
 mod http;
 mod jwt;
 mod password_file;
+mod postgres;
 mod users;
 
 use std::net::SocketAddr;
@@ -236,6 +237,9 @@ impl Authenticator {
                     providers.push(file);
                 }
                 ProviderSettings::Http(http) => providers.push(Arc::new(http::Http::new(http)?)),
+                ProviderSettings::Postgres(table) => providers.push(Arc::new(
+                    postgres::Postgres::new(table, Arc::clone(&hashing))?,
+                )),
                 ProviderSettings::Jwt(jwt) => {
                     let jwt = Arc::new(jwt::Jwt::new(jwt)?);
                     if let Some(path) = jwt.jwks_file() {
