@@ -5,9 +5,7 @@
 //! for `cache_ttl_ms` per client id, username and password. When the service cannot answer,
 //! `on_error` decides: `deny` (the default) or `next`.
 
-use std::collections::HashMap;
-use std::sync::{Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
@@ -15,13 +13,12 @@ use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
 use serde::Deserialize;
 
+use super::cache::TtlCache;
 use super::{AuthError, Credentials, Grant, Provider, Refusal, Verdict};
 use crate::config::{HttpAuthSettings, ProviderOutage};
 
 /// Largest answer read from the service.
 const MAX_ANSWER: usize = 64 * 1024;
-/// Most cached answers; the cache is emptied when full.
-const CACHE_ENTRIES: usize = 10_000;
 
 /// The service's answer.
 #[derive(Debug, Deserialize)]
@@ -39,7 +36,8 @@ struct Answer {
 pub(super) struct Http {
     settings: HttpAuthSettings,
     client: Client<HttpConnector, Full<Bytes>>,
-    cache: Mutex<HashMap<[u8; 32], (Instant, Verdict)>>,
+    /// Answers by a digest of client id, username and password.
+    cache: TtlCache<[u8; 32], Verdict>,
 }
 
 impl std::fmt::Debug for Http {
@@ -69,7 +67,7 @@ impl Http {
         Ok(Self {
             settings: settings.clone(),
             client,
-            cache: Mutex::new(HashMap::new()),
+            cache: TtlCache::new(settings.cache_ttl_ms),
         })
     }
 
@@ -91,26 +89,6 @@ impl Http {
         let mut key = [0u8; 32];
         key.copy_from_slice(context.finish().as_ref());
         key
-    }
-
-    fn cached(&self, key: &[u8; 32]) -> Option<Verdict> {
-        let ttl = Duration::from_millis(self.settings.cache_ttl_ms);
-        let cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
-        cache
-            .get(key)
-            .filter(|(at, _)| at.elapsed() < ttl)
-            .map(|(_, verdict)| verdict.clone())
-    }
-
-    fn remember(&self, key: [u8; 32], verdict: &Verdict) {
-        if self.settings.cache_ttl_ms == 0 {
-            return;
-        }
-        let mut cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
-        if cache.len() >= CACHE_ENTRIES {
-            cache.clear();
-        }
-        cache.insert(key, (Instant::now(), verdict.clone()));
     }
 
     async fn ask(&self, credentials: &Credentials) -> Result<Verdict, AuthError> {
@@ -197,11 +175,11 @@ impl Provider for Http {
 
     async fn check(&self, credentials: &Credentials) -> Result<Verdict, AuthError> {
         let key = Self::cache_key(credentials);
-        if let Some(verdict) = self.cached(&key) {
+        if let Some(verdict) = self.cache.get(&key) {
             return Ok(verdict);
         }
         let verdict = self.ask(credentials).await?;
-        self.remember(key, &verdict);
+        self.cache.put(key, verdict.clone());
         Ok(verdict)
     }
 }

@@ -6,6 +6,7 @@
 //! storm never holds other connections.
 
 pub mod acl;
+mod cache;
 pub mod hash;
 mod http;
 mod jwt;

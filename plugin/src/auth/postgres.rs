@@ -5,14 +5,14 @@
 //! reconnect storm does not become a query storm; passwords are never cached, only checked
 //! against the cached hash. Every query has a deadline; a failure follows `on_error`.
 
-use std::collections::HashMap;
 use std::str::FromStr;
-use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokio_postgres::NoTls;
 
+use super::cache::TtlCache;
 use super::hash::StoredHash;
 use super::{AuthError, Credentials, Grant, Hashing, Provider, Refusal, Verdict};
 use crate::config::{PostgresAuthSettings, ProviderOutage};
@@ -26,15 +26,13 @@ struct UserRow {
     acl: Option<Vec<super::acl::Rule>>,
 }
 
-/// Most cached rows; the cache is emptied when full.
-const CACHE_ENTRIES: usize = 10_000;
-
 /// A configured users table.
 pub(super) struct Postgres {
     settings: PostgresAuthSettings,
     pool: Pool,
     hashing: Arc<Hashing>,
-    cache: Mutex<HashMap<(String, String), (Instant, Option<UserRow>)>>,
+    /// Rows (or their absence) by username and client id.
+    cache: TtlCache<(String, String), Option<UserRow>>,
 }
 
 impl std::fmt::Debug for Postgres {
@@ -74,28 +72,8 @@ impl Postgres {
             settings: settings.clone(),
             pool,
             hashing,
-            cache: Mutex::new(HashMap::new()),
+            cache: TtlCache::new(settings.cache_ttl_ms),
         })
-    }
-
-    fn cached(&self, key: &(String, String)) -> Option<Option<UserRow>> {
-        let ttl = Duration::from_millis(self.settings.cache_ttl_ms);
-        let cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
-        cache
-            .get(key)
-            .filter(|(at, _)| at.elapsed() < ttl)
-            .map(|(_, row)| row.clone())
-    }
-
-    fn remember(&self, key: (String, String), row: &Option<UserRow>) {
-        if self.settings.cache_ttl_ms == 0 {
-            return;
-        }
-        let mut cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
-        if cache.len() >= CACHE_ENTRIES {
-            cache.clear();
-        }
-        cache.insert(key, (Instant::now(), row.clone()));
     }
 
     /// The user's row, or `None` if the query returns none.
@@ -186,11 +164,11 @@ impl Provider for Postgres {
             return Ok(Verdict::Next);
         };
         let key = (username.to_owned(), credentials.client_id.clone());
-        let row = match self.cached(&key) {
+        let row = match self.cache.get(&key) {
             Some(row) => row,
             None => {
                 let row = self.fetch(username, &credentials.client_id).await?;
-                self.remember(key, &row);
+                self.cache.put(key, row.clone());
                 row
             }
         };
