@@ -84,8 +84,11 @@ impl BoundedRedis {
         request: impl std::future::Future<Output = redis::RedisResult<T>>,
     ) -> Result<T, StoreError> {
         match tokio::time::timeout(self.timeout, request).await {
-            Ok(answer) => answer.map_err(redis_error),
-            Err(_) => {
+            // The client's own response timeout can win the race against this one; either
+            // way the socket may be silently dead, and the manager would keep it.
+            Ok(Err(e)) if !e.is_timeout() => Err(redis_error(e)),
+            Ok(answer @ Ok(_)) => answer.map_err(redis_error),
+            Ok(Err(_)) | Err(_) => {
                 self.replace();
                 let waited = self.timeout.as_millis();
                 Err(StoreError::Unavailable(Box::new(RedisFailure::TimedOut(
