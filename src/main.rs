@@ -125,7 +125,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::CheckConfig => {
             check_certificates(&config)?;
-            mqtt_im::auth::Authenticator::new(&config.auth).context("auth")?;
+            mqtt_im::auth::Authenticator::new(&config.auth, None).context("auth")?;
             let policy = config.policy.clone();
             // Loading runs the scripts' top-level code: off the async workers.
             tokio::task::spawn_blocking(move || LuaPolicy::check(&policy))

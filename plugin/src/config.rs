@@ -250,6 +250,8 @@ pub enum ProviderSettings {
     Http(Box<HttpAuthSettings>),
     /// The team's own users table in PostgreSQL.
     Postgres(Box<PostgresAuthSettings>),
+    /// The policy scripts' `on_auth` hook.
+    Lua,
 }
 
 /// How the team's users table is queried.

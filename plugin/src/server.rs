@@ -75,10 +75,6 @@ impl Server {
     /// The store, rumqttd or a listener could not be started.
     pub async fn bind(config: Config) -> Result<Self, ServerError> {
         let metrics = Arc::new(Metrics::default());
-        let auth = Arc::new(Authenticator::new(&config.auth)?);
-        if config.auth.plaintext {
-            tracing::warn!("auth.plaintext is on: [auth.users] may hold clear-text passwords; store hashes made with `mqtt-im passwd`");
-        }
         let store = open_store(&config, &metrics).await?;
         // Loading runs the scripts' top-level code: on a blocking thread, not a worker.
         let settings = config.policy.clone();
@@ -86,6 +82,11 @@ impl Server {
             .await
             .map_err(|e| PolicyError::Lua(format!("loading the policy failed: {e}")))??;
         let policy = Arc::new(policy);
+        let scripts: Arc<dyn crate::policy::Policy> = policy.clone();
+        let auth = Arc::new(Authenticator::new(&config.auth, Some(scripts))?);
+        if config.auth.plaintext {
+            tracing::warn!("auth.plaintext is on: [auth.users] may hold clear-text passwords; store hashes made with `mqtt-im passwd`");
+        }
         let cluster = connect_cluster(&config.cluster).await?;
         let im = ImService::new(
             Arc::clone(&store),

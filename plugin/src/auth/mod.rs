@@ -12,6 +12,7 @@ mod http;
 mod jwt;
 mod password_file;
 mod postgres;
+mod script;
 mod users;
 
 use std::net::SocketAddr;
@@ -216,8 +217,12 @@ static PROVIDER_FAILED: crate::throttle::Throttle = crate::throttle::Throttle::n
 const HASH_DEADLINE: Duration = Duration::from_secs(5);
 
 impl Authenticator {
-    /// Builds the chain; an empty `auth.providers` means the users table alone.
-    pub fn new(settings: &AuthSettings) -> Result<Self, AuthError> {
+    /// Builds the chain; an empty `auth.providers` means the users table alone. `scripts`
+    /// serve `type = "lua"` (without them, as in `check-config`, that link is left out).
+    pub fn new(
+        settings: &AuthSettings,
+        scripts: Option<Arc<dyn crate::policy::Policy>>,
+    ) -> Result<Self, AuthError> {
         let hashing = Arc::new(Hashing::new(HASH_DEADLINE));
         let configured = if settings.providers.is_empty() {
             vec![ProviderSettings::Users]
@@ -236,6 +241,12 @@ impl Authenticator {
                     let reloaded = Arc::clone(&file);
                     reloads.push((path.clone(), Arc::new(move || reloaded.reload())));
                     providers.push(file);
+                }
+                ProviderSettings::Lua => {
+                    if let Some(policy) = &scripts {
+                        let policy = Arc::clone(policy);
+                        providers.push(Arc::new(script::Script { policy }));
+                    }
                 }
                 ProviderSettings::Http(http) => providers.push(Arc::new(http::Http::new(http)?)),
                 ProviderSettings::Postgres(table) => providers.push(Arc::new(
@@ -387,7 +398,7 @@ mod tests {
 
     #[tokio::test]
     async fn users_table_decides_and_certificates_name_the_uid() {
-        let chain = Authenticator::new(&settings()).unwrap_or_else(|e| panic!("{e}"));
+        let chain = Authenticator::new(&settings(), None).unwrap_or_else(|e| panic!("{e}"));
         let ok = chain
             .authenticate(&credentials(Some("alice"), "pw"), None)
             .await;

@@ -6,7 +6,7 @@ use rumqttd::protocol::{
 };
 
 use super::acl::{self, FilterAccess, PublishAccess};
-use super::codec::{self, kind, Frame, PublishView, Version};
+use super::codec::{self, kind, Frame, PublishView as Publish, Version};
 use super::connection::{Connection, PendingAck};
 use super::packet_ids::Origin;
 use super::reply::{Outcome, Refusal, ReplyTarget};
@@ -14,7 +14,7 @@ use super::topics::Route;
 use super::upstream_acks;
 use super::EdgeError;
 use crate::auth::acl::Access;
-use crate::policy::{Decision, SubscribeView};
+use crate::policy::{Decision, PublishView, SubscribeView};
 
 /// SUBACK code the hook layer uses for a refused filter (0x87 in MQTT 5, 0x80 in 3.1.1).
 const NOT_AUTHORIZED: u8 = 0x87;
@@ -89,7 +89,7 @@ impl Connection {
     }
 
     fn on_client_publish(&mut self, frame: &Frame) -> Result<(), EdgeError> {
-        let publish = PublishView::parse(frame, self.version)?;
+        let publish = Publish::parse(frame, self.version)?;
         if publish.topic.is_empty() {
             // Topic aliases are not offered (CONNACK advertises a maximum of 0).
             return Err(EdgeError::Protocol("publish without topic"));
@@ -101,13 +101,50 @@ impl Connection {
         match acl::publish(&self.ctx.topics, self.im_uid(), publish.topic_str()) {
             PublishAccess::PassThrough => {
                 if !self.acl_allows(publish.topic_str(), Access::Write, false, "publish") {
-                    self.refuse_by_acl(qos, pkid, publish.topic_str());
+                    self.refuse_plain(
+                        qos,
+                        pkid,
+                        publish.topic_str(),
+                        "not allowed by the topic ACL",
+                    );
                     return Ok(());
                 }
-                match self.version {
-                    Version::V5 => self.up_out.extend_from_slice(&frame.bytes),
-                    Version::V4 => publish.write(Version::V5, pkid, &mut self.up_out),
+                if !self.ctx.policy.checks_publishes() {
+                    match self.version {
+                        Version::V5 => self.up_out.extend_from_slice(&frame.bytes),
+                        Version::V4 => publish.write(Version::V5, pkid, &mut self.up_out),
+                    }
+                    return Ok(());
                 }
+                // Judged by the policy in arrival order, with this connection's other work.
+                let upstream = match self.version {
+                    Version::V5 => frame.bytes.clone(),
+                    Version::V4 => {
+                        let mut out = bytes::BytesMut::new();
+                        publish.write(Version::V5, pkid, &mut out);
+                        out.freeze()
+                    }
+                };
+                let view = PublishView {
+                    uid: self.device.uid.clone(),
+                    client_id: self.device.client_id.clone(),
+                    topic: publish.topic_str().to_owned(),
+                    qos,
+                    retain: publish.flags & 1 == 1,
+                    payload: publish.payload.clone(),
+                };
+                let policy = std::sync::Arc::clone(&self.ctx.policy);
+                self.ops.push_back(Box::pin(async move {
+                    let topic = view.topic.clone();
+                    let decision = policy.on_publish(view).await;
+                    Outcome::Relay {
+                        pkid,
+                        qos,
+                        topic,
+                        upstream,
+                        decision,
+                    }
+                }));
                 Ok(())
             }
             access @ (PublishAccess::Chat(_) | PublishAccess::GroupChat(_)) => {
@@ -411,7 +448,7 @@ impl Connection {
     pub(super) fn on_upstream_frame(&mut self, frame: Frame) -> Result<(), EdgeError> {
         match frame.kind() {
             kind::PUBLISH => {
-                let publish = PublishView::parse(&frame, Version::V5)?;
+                let publish = Publish::parse(&frame, Version::V5)?;
                 let answer = upstream_acks::answer_for(publish.qos());
                 if !self.acl_allows(publish.topic_str(), Access::Read, false, "deliver") {
                     // Taken off rumqttd's hands and dropped: rumqttd must not resend it.

@@ -43,6 +43,15 @@ pub(super) enum Outcome {
     },
     /// The digest for this connection.
     Digest(Result<pb::Digest, ImError>),
+    /// A pass-through publish the policy's `on_publish` judged: relayed or refused.
+    Relay {
+        pkid: u16,
+        qos: u8,
+        topic: String,
+        /// The publish as rumqttd gets it (MQTT 5).
+        upstream: bytes::Bytes,
+        decision: crate::policy::Decision,
+    },
 }
 
 /// Why a publish was refused, in both protocol versions' terms.
@@ -92,6 +101,27 @@ fn pubrec_reason(reason: PubAckReason) -> PubRecReason {
 impl Connection {
     pub(super) fn on_outcome(&mut self, outcome: Outcome) -> Result<(), EdgeError> {
         match outcome {
+            Outcome::Relay {
+                pkid,
+                qos,
+                topic,
+                upstream,
+                decision,
+            } => {
+                let verdict = match decision {
+                    crate::policy::Decision::Allow(_) => "allow",
+                    crate::policy::Decision::Deny(_) => "deny",
+                };
+                self.ctx.im.metrics().verdict("publish", verdict);
+                match decision {
+                    crate::policy::Decision::Allow(_) => self.up_out.extend_from_slice(&upstream),
+                    crate::policy::Decision::Deny(reason) => {
+                        tracing::debug!(topic, %reason, "publish denied by policy");
+                        self.refuse_plain(qos, pkid, &topic, &reason);
+                    }
+                }
+                Ok(())
+            }
             Outcome::Chat {
                 pkid,
                 qos,
@@ -220,13 +250,13 @@ impl Connection {
         }
     }
 
-    /// Refuses a non-IM publish the topic ACL does not allow, as Mosquitto does: MQTT 5
-    /// PUBACK/PUBREC 0x87 with a reason; 3.1.1 (and QoS 0) acknowledged and dropped, logged
-    /// once per burst.
-    pub(super) fn refuse_by_acl(&mut self, qos: u8, pkid: u16, topic: &str) {
+    /// Refuses a non-IM publish (the topic ACL or the policy said no), as Mosquitto does:
+    /// MQTT 5 PUBACK/PUBREC 0x87 with `reason`; 3.1.1 (and QoS 0) acknowledged and dropped,
+    /// logged once per burst.
+    pub(super) fn refuse_plain(&mut self, qos: u8, pkid: u16, topic: &str, reason: &str) {
         if self.version == Version::V5 && qos > 0 {
-            let refusal = Refusal::not_authorized("not allowed by the topic ACL");
-            return self.refuse(qos, pkid, topic, &refusal);
+            let reason = crate::text::clean(reason, crate::policy::MAX_REASON);
+            return self.refuse(qos, pkid, topic, &Refusal::not_authorized(&reason));
         }
         self.acknowledge(qos, pkid);
         static DROPPED: Throttle = Throttle::new();
@@ -234,7 +264,8 @@ impl Connection {
             tracing::info!(
                 topic = crate::text::clean(topic, 256),
                 also_since_last = also,
-                "publish dropped by the topic ACL"
+                reason = crate::text::clean(reason, 256),
+                "publish dropped"
             );
         }
     }

@@ -76,6 +76,54 @@ pub struct SubscribeView {
     pub qos: u8,
 }
 
+/// A publish to a non-IM topic.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublishView {
+    /// The publisher's identity.
+    pub uid: String,
+    /// The publisher's client id.
+    pub client_id: String,
+    /// The topic.
+    pub topic: String,
+    /// QoS of the publish.
+    pub qos: u8,
+    /// The retain flag.
+    pub retain: bool,
+    /// The payload.
+    pub payload: bytes::Bytes,
+}
+
+/// What a client presented in its CONNECT, for a script acting as an auth provider.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthView {
+    /// The client id.
+    pub client_id: String,
+    /// The CONNECT's username, if any.
+    pub username: Option<String>,
+    /// The CONNECT's password, if any.
+    pub password: Option<Vec<u8>>,
+    /// The client's address.
+    pub peer: String,
+    /// `3.1.1` or `5`.
+    pub protocol: &'static str,
+    /// `mqtt`, `tls`, `ws` or `wss`.
+    pub transport: &'static str,
+}
+
+/// A script's answer to credentials.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuthDecision {
+    /// Admitted, optionally under the uid the script named.
+    Allow {
+        /// The uid, if the script named one.
+        uid: Option<String>,
+    },
+    /// Refused.
+    Deny,
+    /// No script decided: the next provider does.
+    Next,
+}
+
 /// The policy's answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
@@ -127,4 +175,17 @@ pub trait Policy: Send + Sync + std::fmt::Debug {
     async fn on_connect(&self, client: ClientView) -> Decision;
     /// Decides on a subscription to a non-IM topic filter.
     async fn on_subscribe(&self, subscription: SubscribeView) -> Decision;
+    /// Whether [`Policy::on_publish`] has anything to decide: if not, pass-through publishes
+    /// never wait for it.
+    fn checks_publishes(&self) -> bool {
+        false
+    }
+    /// Decides on a publish to a non-IM topic (after the topic ACL).
+    async fn on_publish(&self, _publish: PublishView) -> Decision {
+        Decision::Allow(None)
+    }
+    /// Decides on credentials as a link of the authentication chain.
+    async fn on_auth(&self, _credentials: AuthView) -> AuthDecision {
+        AuthDecision::Next
+    }
 }

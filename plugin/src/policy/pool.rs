@@ -13,8 +13,11 @@ use async_trait::async_trait;
 use mlua::{MultiValue, Table, Value};
 use tokio::sync::oneshot;
 
-use super::sandbox::{Exhausted, Hook, Script, Sources, State};
-use super::{ClientView, Decision, MessageView, Policy, PolicyError, SubscribeView};
+use super::sandbox::{Exhausted, Hook, Script, Sources, State, HOOKS};
+use super::{
+    AuthDecision, AuthView, ClientView, Decision, MessageView, Policy, PolicyError, PublishView,
+    SubscribeView,
+};
 use crate::config::{OnError, PolicySettings};
 
 /// Longest deny reason a client gets (also the MQTT reason string it travels in).
@@ -141,6 +144,8 @@ enum Input {
     Message(MessageView),
     Connect(ClientView),
     Subscribe(SubscribeView),
+    Publish(PublishView),
+    Auth(AuthView),
 }
 
 impl Input {
@@ -149,6 +154,8 @@ impl Input {
             Input::Message(_) => Hook::Message,
             Input::Connect(_) => Hook::Connect,
             Input::Subscribe(_) => Hook::Subscribe,
+            Input::Publish(_) => Hook::Publish,
+            Input::Auth(_) => Hook::Auth,
         }
     }
 }
@@ -158,6 +165,9 @@ impl Input {
 struct Outcome {
     decision: Decision,
     failures: Vec<Failure>,
+    /// No script decided (each passed, or none serves the hook): `on_auth` asks the next
+    /// provider then.
+    passed: bool,
 }
 
 impl Outcome {
@@ -184,7 +194,7 @@ struct Workers {
     scripts: u64,
     /// Whether any script implements (or, failed to load under `deny`, refuses) each hook:
     /// a hook nobody serves never waits for Lua.
-    serves: [bool; 3],
+    serves: [bool; HOOKS],
 }
 
 /// The Lua policy: scripts from `policy.scripts`, run on threads of their own.
@@ -273,10 +283,18 @@ impl LuaPolicy {
     }
 
     async fn run(&self, input: Input) -> Decision {
+        self.run_outcome(input).await.decision
+    }
+
+    async fn run_outcome(&self, input: Input) -> Outcome {
         let hook = input.hook();
         let workers = Arc::clone(&self.workers.read().unwrap_or_else(PoisonError::into_inner));
         if !workers.serves[hook.index()] {
-            return Decision::Allow(None);
+            return Outcome {
+                decision: Decision::Allow(None),
+                failures: Vec::new(),
+                passed: true,
+            };
         }
         let (reply, answer) = oneshot::channel();
         let job = Job {
@@ -309,7 +327,7 @@ impl LuaPolicy {
                 self.counters.denied.fetch_add(1, Ordering::Relaxed);
             }
         }
-        outcome.decision
+        outcome
     }
 
     fn whole_call_failed(&self, kind: FailureKind, error: &str) -> Outcome {
@@ -326,6 +344,7 @@ fn unanswered(mode: OnError, kind: FailureKind, error: String) -> Outcome {
             kind,
             error,
         }],
+        passed: false,
     }
 }
 
@@ -497,10 +516,16 @@ fn chain(state: &State, settings: &PolicySettings, input: &Input) -> Outcome {
         let mut values = values.into_iter();
         match values.next().unwrap_or(Value::Nil) {
             Value::Boolean(true) => {
+                // `on_auth` may name the uid: `return true, "uid"`.
+                let allowed = match (hook, values.next()) {
+                    (Hook::Auth, Some(Value::String(uid))) => Some(uid.to_string_lossy()),
+                    _ => rewritten,
+                };
                 return Outcome {
-                    decision: Decision::Allow(rewritten),
+                    decision: Decision::Allow(allowed),
                     failures,
-                }
+                    passed: false,
+                };
             }
             Value::Boolean(false) => {
                 let reason = match values.next() {
@@ -553,11 +578,16 @@ fn chain(state: &State, settings: &PolicySettings, input: &Input) -> Outcome {
     Outcome {
         decision: Decision::Allow(rewritten),
         failures,
+        passed: true,
     }
 }
 
 fn deny(decision: Decision, failures: Vec<Failure>) -> Outcome {
-    Outcome { decision, failures }
+    Outcome {
+        decision,
+        failures,
+        passed: false,
+    }
 }
 
 fn failure_kind(state: &State, _error: &mlua::Error) -> FailureKind {
@@ -600,6 +630,27 @@ fn fields(state: &State, input: &Input) -> mlua::Result<Table> {
             table.set("qos", subscription.qos)?;
             Ok(table)
         }
+        Input::Publish(publish) => {
+            let table = state.lua.create_table()?;
+            table.set("uid", publish.uid.as_str())?;
+            table.set("client_id", publish.client_id.as_str())?;
+            table.set("topic", publish.topic.as_str())?;
+            table.set("qos", publish.qos)?;
+            table.set("retain", publish.retain)?;
+            table.set("payload", state.lua.create_string(&publish.payload)?)?;
+            Ok(table)
+        }
+        Input::Auth(auth) => {
+            let table = state.lua.create_table()?;
+            table.set("client_id", auth.client_id.as_str())?;
+            table.set("username", auth.username.as_deref())?;
+            let password = auth.password.as_deref().map(|p| state.lua.create_string(p));
+            table.set("password", password.transpose()?)?;
+            table.set("peer", auth.peer.as_str())?;
+            table.set("protocol", auth.protocol)?;
+            table.set("transport", auth.transport)?;
+            Ok(table)
+        }
     }
 }
 
@@ -639,5 +690,27 @@ impl Policy for LuaPolicy {
 
     async fn on_subscribe(&self, subscription: SubscribeView) -> Decision {
         self.run(Input::Subscribe(subscription)).await
+    }
+
+    fn checks_publishes(&self) -> bool {
+        let workers = self.workers.read().unwrap_or_else(PoisonError::into_inner);
+        workers.serves[Hook::Publish.index()]
+    }
+
+    async fn on_publish(&self, publish: PublishView) -> Decision {
+        self.run(Input::Publish(publish)).await
+    }
+
+    async fn on_auth(&self, credentials: AuthView) -> AuthDecision {
+        let hook = Hook::Auth;
+        let outcome = self.run_outcome(Input::Auth(credentials)).await;
+        match outcome.decision {
+            _ if outcome.passed => AuthDecision::Next,
+            Decision::Allow(uid) => AuthDecision::Allow { uid },
+            Decision::Deny(reason) => {
+                tracing::debug!(hook = hook.name(), %reason, "login refused by a script");
+                AuthDecision::Deny
+            }
+        }
     }
 }

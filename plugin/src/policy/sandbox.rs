@@ -25,10 +25,23 @@ pub(super) enum Hook {
     Message,
     Connect,
     Subscribe,
+    /// A publish to a non-IM topic.
+    Publish,
+    /// Credentials, as an authentication provider.
+    Auth,
 }
 
+/// How many hooks there are.
+pub(super) const HOOKS: usize = 5;
+
 impl Hook {
-    pub(super) const ALL: [Hook; 3] = [Hook::Message, Hook::Connect, Hook::Subscribe];
+    pub(super) const ALL: [Hook; HOOKS] = [
+        Hook::Message,
+        Hook::Connect,
+        Hook::Subscribe,
+        Hook::Publish,
+        Hook::Auth,
+    ];
 
     /// The field of `hooks` a script sets.
     pub(super) fn name(self) -> &'static str {
@@ -36,6 +49,8 @@ impl Hook {
             Hook::Message => "on_message",
             Hook::Connect => "on_connect",
             Hook::Subscribe => "on_subscribe",
+            Hook::Publish => "on_publish",
+            Hook::Auth => "on_auth",
         }
     }
 
@@ -177,7 +192,7 @@ pub(super) enum Script {
     Loaded {
         /// The file name (never the server's path).
         name: String,
-        hooks: [Option<Function>; 3],
+        hooks: [Option<Function>; HOOKS],
     },
     /// Kept from a first load that failed: under `on_error = "deny"` it denies every hook.
     Broken { name: String, error: String },
@@ -402,7 +417,7 @@ impl State {
         name: &str,
         source: &str,
         settings: &PolicySettings,
-    ) -> Result<[Option<Function>; 3], String> {
+    ) -> Result<[Option<Function>; HOOKS], String> {
         let env = shared
             .environment(&self.lua, name, settings)
             .map_err(|e| e.to_string())?;
@@ -416,7 +431,7 @@ impl State {
             .map_err(|e| first_line(&e.to_string()))?;
         let hooks = match env.raw_get::<Value>("hooks").map_err(|e| e.to_string())? {
             Value::Table(hooks) => hooks,
-            Value::Nil => return Ok([None, None, None]),
+            Value::Nil => return Ok(Default::default()),
             other => {
                 return Err(format!(
                     "`hooks` must be a table, not a {}",
@@ -424,7 +439,7 @@ impl State {
                 ))
             }
         };
-        let mut found = [None, None, None];
+        let mut found: [Option<Function>; HOOKS] = Default::default();
         for pair in hooks.pairs::<Value, Value>() {
             let (key, value) = pair.map_err(|e| e.to_string())?;
             let key = key
@@ -448,7 +463,7 @@ impl State {
                 }
                 (None, _) => {
                     return Err(format!(
-                        "{at}hooks.{key} is not a hook (on_message, on_connect, on_subscribe)"
+                        "{at}hooks.{key} is not a hook (on_message, on_connect, on_subscribe, on_publish, on_auth)"
                     ))
                 }
             }
