@@ -60,6 +60,14 @@ receipt_interval_ms = 1000
 removal_poll_ms = 500
 live_ack_flush_ms = 50
 
+[limits]
+publish_rate = 0
+publish_burst = 0
+publish_bytes_per_s = 0
+max_devices_per_user = 0
+device_overflow = "refuse_newest"
+max_connections_per_listener = 0
+
 [cluster]
 redis_url = ""
 node_id = ""
@@ -103,6 +111,36 @@ pub struct Config {
     pub policy: PolicySettings,
     /// Several nodes sharing one PostgreSQL and one Redis.
     pub cluster: ClusterSettings,
+    /// What one client, one user and one listener may use.
+    pub limits: LimitSettings,
+}
+
+/// What a client exceeding the per-user device limit meets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeviceOverflow {
+    /// The new connection is refused (CONNACK quota exceeded).
+    RefuseNewest,
+    /// The user's oldest connection is closed (MQTT 5: DISCONNECT quota exceeded).
+    DisconnectOldest,
+}
+
+/// Per-client, per-user and per-listener limits; 0 means unlimited.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitSettings {
+    /// PUBLISH packets per second per connection (token bucket).
+    pub publish_rate: u32,
+    /// Publishes a connection may send at once above the rate (0: the rate).
+    pub publish_burst: u32,
+    /// PUBLISH bytes per second per connection (token bucket, one second of burst).
+    pub publish_bytes_per_s: u64,
+    /// Connections one user (identity) may hold at once.
+    pub max_devices_per_user: u32,
+    /// Which connection gives way when a user has too many.
+    pub device_overflow: DeviceOverflow,
+    /// Connections each public listener holds at once (checked before TLS or WebSocket).
+    pub max_connections_per_listener: usize,
 }
 
 /// Scale-out: presence per node and hand-over of live messages through Redis.
@@ -529,6 +567,7 @@ impl Config {
         let im = section(&raw, "im", &mut problems);
         let policy = section(&raw, "policy", &mut problems);
         let cluster = section(&raw, "cluster", &mut problems);
+        let limits = section(&raw, "limits", &mut problems);
         if let Ok(table) = raw
             .clone()
             .try_deserialize::<BTreeMap<String, config::Value>>()
@@ -537,7 +576,16 @@ impl Config {
                 problems.push(format!("{key}: unknown section"));
             }
         }
-        match (listeners, tls, broker, auth, store, im, policy, cluster) {
+        match (
+            listeners,
+            tls,
+            broker,
+            auth,
+            store,
+            im,
+            policy,
+            (cluster, limits),
+        ) {
             (
                 Some(listeners),
                 Some(tls),
@@ -546,7 +594,7 @@ impl Config {
                 Some(store),
                 Some(im),
                 Some(policy),
-                Some(cluster),
+                (Some(cluster), Some(limits)),
             ) if problems.is_empty() => {
                 let config = Config {
                     listeners,
@@ -557,6 +605,7 @@ impl Config {
                     im,
                     policy,
                     cluster,
+                    limits,
                 };
                 config.validate()?;
                 Ok(config)
@@ -742,7 +791,7 @@ impl Config {
     }
 }
 
-const SECTIONS: [&str; 8] = [
+const SECTIONS: [&str; 9] = [
     "listeners",
     "tls",
     "broker",
@@ -751,6 +800,7 @@ const SECTIONS: [&str; 8] = [
     "im",
     "policy",
     "cluster",
+    "limits",
 ];
 
 fn section<T: DeserializeOwned>(

@@ -37,6 +37,12 @@ pub(crate) struct AclLabels {
     pub(crate) action: &'static str,
 }
 
+/// Which limit held a client back: `rate`, `bytes`, `devices` or `connections`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub(crate) struct LimitLabels {
+    pub(crate) limit: &'static str,
+}
+
 /// A policy hook and what it decided.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub(crate) struct VerdictLabels {
@@ -81,6 +87,7 @@ pub struct Metrics {
     pub(crate) messages_refused: Family<RefusalLabels, Counter>,
     pub(crate) auth_failures: Family<RefusalLabels, Counter>,
     pub(crate) acl_denied: Family<AclLabels, Counter>,
+    pub(crate) limited: Family<LimitLabels, Counter>,
     pub(crate) delivered_live: Counter,
     pub(crate) counted_offline: Counter,
     pub(crate) digests: Counter,
@@ -115,6 +122,7 @@ impl Default for Metrics {
             messages_refused: Family::default(),
             auth_failures: Family::default(),
             acl_denied: Family::default(),
+            limited: Family::default(),
             delivered_live: Counter::default(),
             counted_offline: Counter::default(),
             digests: Counter::default(),
@@ -178,6 +186,11 @@ impl Metrics {
             "acl_denied",
             "Non-IM topic actions refused by the ACL file (publish, subscribe, deliver, will)",
             self.acl_denied.clone(),
+        );
+        r.register(
+            "limited",
+            "Clients held back by a limit: rate, bytes (publishes slowed or refused), devices, connections (refused)",
+            self.limited.clone(),
         );
         r.register(
             "deliveries_live",
@@ -302,6 +315,11 @@ impl Metrics {
         self.verdicts
             .get_or_create(&VerdictLabels { hook, verdict })
             .inc();
+    }
+
+    /// Counts one client held back by `limit` (see [`LimitLabels`]).
+    pub(crate) fn count_limited(&self, limit: &'static str) {
+        self.limited.get_or_create(&LimitLabels { limit }).inc();
     }
 
     /// Counts one refusal by the topic ACL (`action`: see [`AclLabels`]).

@@ -19,6 +19,7 @@ use tracing::Instrument;
 
 use super::codec::{self, kind, Version};
 use super::handshake::{handshake, topic_allowed, Arrival, Established};
+use super::limits::{DeviceSlot, PublishLimits};
 use super::links::LinkClaim;
 use super::packet_ids::{Origin, PacketIds};
 use super::reply::Outcome;
@@ -70,6 +71,12 @@ pub(super) struct Connection {
     username: Option<String>,
     /// What authentication granted: superuser, topic rules, expiry.
     identity: Identity,
+    /// This connection's place in its user's device count (given back when it ends).
+    device_slot: DeviceSlot,
+    /// Publish rate and bandwidth of this connection.
+    pub(super) publish_limits: PublishLimits,
+    /// Reading from the client pauses until then (a client over its limits).
+    pub(super) read_resume: Option<tokio::time::Instant>,
     keep_alive: Option<Duration>,
     clean_session: bool,
     /// Whether the store has recorded this device (see `Established::registered`).
@@ -163,6 +170,7 @@ impl Connection {
             im,
             username,
             identity,
+            device_slot,
             keep_alive,
             clean_session,
             registered,
@@ -185,6 +193,7 @@ impl Connection {
         };
         tracing::debug!(?version, keep_alive, "connected");
         let labels = connection_labels(listener, version);
+        let publish_limits = PublishLimits::new(&ctx.limits);
         ctx.im.metrics().connects.get_or_create(&labels).inc();
         ctx.im.metrics().connections.get_or_create(&labels).inc();
         Self {
@@ -195,6 +204,9 @@ impl Connection {
             im,
             username,
             identity,
+            device_slot,
+            publish_limits,
+            read_resume: None,
             keep_alive: (keep_alive > 0)
                 .then(|| Duration::from_millis(u64::from(keep_alive) * 1500)),
             clean_session,
@@ -257,6 +269,8 @@ enum End {
     KeepAliveExpired,
     /// The credentials (a JWT) expired.
     CredentialsExpired,
+    /// A newer device of the user took this one's place (`limits.max_devices_per_user`).
+    TooManyDevices,
     Shutdown,
     Failed(EdgeError),
 }
@@ -293,7 +307,7 @@ impl Connection {
             self.reserve_reads();
             let step = tokio::select! {
                 read = self.client_rd.read_buf(&mut self.client_in),
-                    if self.ops.len() < MAX_PENDING_OPS => match read {
+                    if self.ops.len() < MAX_PENDING_OPS && self.read_resume.is_none() => match read {
                     Ok(0) | Err(_) => Err(End::ClientGone),
                     Ok(_) => {
                         self.last_seen = Instant::now();
@@ -312,6 +326,11 @@ impl Connection {
                 () = shutdown.cancelled() => Err(End::Shutdown),
                 () = self.link.kick.cancelled() => Err(End::TakenOver),
                 () = until(expiry) => Err(End::CredentialsExpired),
+                () = until(self.read_resume) => {
+                    self.read_resume = None;
+                    self.on_client_bytes().await.map_err(End::Failed)
+                }
+                () = self.device_slot.close.cancelled() => Err(End::TooManyDevices),
             };
             if let Err(stop) = step {
                 end = Some(stop);
@@ -354,7 +373,8 @@ impl Connection {
     async fn on_client_bytes(&mut self) -> Result<(), EdgeError> {
         while let Some(frame) = codec::next_frame(&mut self.client_in, self.ctx.max_packet)? {
             self.on_client_frame(frame).await?;
-            if self.client_disconnected {
+            // A client over its limits waits, even for what it already sent.
+            if self.client_disconnected || self.read_resume.is_some() {
                 break;
             }
         }
@@ -408,6 +428,12 @@ impl Connection {
             self.ctx.im.metrics().count_acl_denial(action);
         }
         allowed
+    }
+
+    /// Stops reading from the client for `wait` (it is over its publish limits).
+    pub(super) fn pause_reads(&mut self, wait: std::time::Duration) {
+        let until = tokio::time::Instant::now() + wait;
+        self.read_resume = Some(self.read_resume.map_or(until, |at| at.max(until)));
     }
 
     /// The IM uid, if the client's identity is one.
@@ -490,6 +516,10 @@ impl Connection {
             ),
             End::KeepAliveExpired => (Reason::KeepAliveTimeout, "keep-alive expired"),
             End::CredentialsExpired => (Reason::MaximumConnectTime, "credentials expired"),
+            End::TooManyDevices => (
+                Reason::QuotaExceeded,
+                "a newer device of this user took this connection's place",
+            ),
             _ => return,
         };
         if self.version == Version::V5 {

@@ -13,6 +13,7 @@ use tokio::net::TcpStream;
 use tokio::time::timeout;
 
 use super::codec::{self, kind, Frame, Version};
+use super::limits::DeviceSlot;
 use super::links::LinkClaim;
 use super::transport::{ClientStream, Upgraded};
 use super::{EdgeContext, EdgeError, EDGE_USER};
@@ -37,6 +38,8 @@ pub(super) struct Established {
     pub(super) username: Option<String>,
     /// What authentication granted: superuser, topic rules, expiry.
     pub(super) identity: Identity,
+    /// This connection's place in its user's device count.
+    pub(super) device_slot: DeviceSlot,
     /// The client's keep-alive in seconds (0: none).
     pub(super) keep_alive: u16,
     pub(super) clean_session: bool,
@@ -87,6 +90,7 @@ impl Refused {
 struct Admitted {
     device: Device,
     identity: Identity,
+    device_slot: DeviceSlot,
     /// A client id the server made up for an empty one (told to MQTT 5 clients).
     assigned: Option<String>,
 }
@@ -165,6 +169,7 @@ pub(super) async fn handshake(
         im,
         username,
         identity: admitted.identity,
+        device_slot: admitted.device_slot,
         keep_alive,
         clean_session,
         registered,
@@ -314,9 +319,20 @@ async fn admit(
             why: "denied by policy",
         });
     }
+    let device_slot = ctx
+        .devices
+        .admit(&ctx.limits, &device.uid, &device.client_id, arrival.id)
+        .map_err(|_| {
+            ctx.im.metrics().count_limited("devices");
+            Refused::new(
+                ConnectReturnCode::QuotaExceeded,
+                "too many devices for this user",
+            )
+        })?;
     Ok(Admitted {
         device,
         identity,
+        device_slot,
         assigned,
     })
 }

@@ -6,6 +6,7 @@ mod codec;
 mod connection;
 mod fit;
 mod handshake;
+mod limits;
 mod links;
 mod packet_ids;
 mod relay;
@@ -74,6 +75,10 @@ pub(crate) struct EdgeContext {
     persistent: Mutex<HashMap<(String, String), HashMap<String, u8>>>,
     /// One rumqttd link per client id at a time (the hook layer does session take-over).
     pub(crate) links: Arc<links::Links>,
+    /// Per-client, per-user and per-listener limits.
+    pub(crate) limits: crate::config::LimitSettings,
+    /// Connections per user, for `limits.max_devices_per_user`.
+    pub(crate) devices: Arc<limits::Devices>,
 }
 
 impl EdgeContext {
@@ -126,6 +131,8 @@ impl EdgeContext {
             next_connection: AtomicU64::new(1),
             persistent: Mutex::new(HashMap::new()),
             links: Arc::default(),
+            limits: config.limits.clone(),
+            devices: Arc::default(),
         }
     }
 }
@@ -139,7 +146,18 @@ pub(crate) async fn serve(
     tasks: TaskTracker,
     shutdown: CancellationToken,
 ) {
+    let max = context.limits.max_connections_per_listener;
+    let slots = (max > 0).then(|| Arc::new(tokio::sync::Semaphore::new(max)));
     accept_until(&listener, &shutdown, |stream, peer| {
+        // Before any TLS or WebSocket work: a full listener costs nothing more.
+        let slot = match slots.as_ref().map(|s| Arc::clone(s).try_acquire_owned()) {
+            Some(Err(_)) => {
+                context.im.metrics().count_limited("connections");
+                return;
+            }
+            Some(Ok(slot)) => Some(slot),
+            None => None,
+        };
         let _ = stream.set_nodelay(true);
         let id = context.next_connection.fetch_add(1, Ordering::Relaxed);
         let context = Arc::clone(&context);
@@ -147,6 +165,7 @@ pub(crate) async fn serve(
         let upgrade = upgrade.clone();
         tasks.spawn(async move {
             connection::serve(stream, peer, upgrade, context, id, shutdown).await;
+            drop(slot);
         });
     })
     .await;

@@ -8,6 +8,7 @@ use rumqttd::protocol::{
 use super::acl::{self, FilterAccess, PublishAccess};
 use super::codec::{self, kind, Frame, PublishView as Publish, Version};
 use super::connection::{Connection, PendingAck};
+use super::limits::Throttled;
 use super::packet_ids::Origin;
 use super::reply::{Outcome, Refusal, ReplyTarget};
 use super::topics::Route;
@@ -98,6 +99,32 @@ impl Connection {
             return Err(EdgeError::Protocol("wildcard in a publish topic"));
         }
         let (qos, pkid) = (publish.qos(), publish.pkid);
+        match self.publish_limits.charge(frame.bytes.len()) {
+            Throttled::No => {}
+            Throttled::Rate(_) if self.version == Version::V5 => {
+                // PUBACK has no "message rate too high" (0x96 is a DISCONNECT code): quota
+                // exceeded, with the reason in words.
+                self.ctx.im.metrics().count_limited("rate");
+                let refusal = Refusal {
+                    reason: rumqttd::protocol::PubAckReason::QuotaExceeded,
+                    code: crate::wire::pb::ErrorCode::Denied,
+                    message: "message rate too high".into(),
+                };
+                if qos > 0 {
+                    self.refuse(qos, pkid, publish.topic_str(), &refusal);
+                }
+                return Ok(());
+            }
+            // 3.1.1 has no way to say it: the client is slowed down instead.
+            throttled @ (Throttled::Rate(wait) | Throttled::Bytes(wait)) => {
+                let limit = match throttled {
+                    Throttled::Rate(_) => "rate",
+                    _ => "bytes",
+                };
+                self.ctx.im.metrics().count_limited(limit);
+                self.pause_reads(wait);
+            }
+        }
         match acl::publish(&self.ctx.topics, self.im_uid(), publish.topic_str()) {
             PublishAccess::PassThrough => {
                 if !self.acl_allows(publish.topic_str(), Access::Write, false, "publish") {
