@@ -268,7 +268,9 @@ impl Connection {
         let mut codes = Vec::with_capacity(subscribe.filters.len());
         let mut relayed: Vec<Filter> = Vec::new();
         for filter in subscribe.filters {
-            if !protocol::valid_filter(&filter.path) {
+            // rumqttd 0.20 ends the whole link on a `$` filter other than `$share/...`.
+            let dollar = filter.path.starts_with('$') && !filter.path.starts_with("$share/");
+            if !protocol::valid_filter(&filter.path) || dollar {
                 codes.push(Some(FILTER_INVALID));
                 continue;
             }
