@@ -7,7 +7,7 @@
 //! packet size in `offline.rs` and `pull.rs`. The README's compatibility table lists what differs (no-local,
 //! retain-as-published, retain handling, the QoS of a QoS 0 publish on a QoS 1 subscription,
 //! `$` filters, topic aliases).
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 mod common;
 
 use std::time::Duration;
