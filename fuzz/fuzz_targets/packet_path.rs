@@ -33,6 +33,7 @@ fn target() -> &'static Target {
             let mut config = Config::default();
             config.listeners.mqtt = "127.0.0.1:0".parse().expect("address");
             config.store.path = dir.join("im.db");
+            config.auth.plaintext = true;
             config.auth.users.insert("alice".into(), "pw".into());
             let server = Server::bind(config).await.expect("server");
             let addr = server.local_addr().expect("address");
