@@ -64,9 +64,21 @@ enum Scenario {
     Pull(PullArgs),
     /// Memory per idle connection of mqtt-im and of bare rumqttd, each its own process.
     Idle(IdleArgs),
+    /// CONNECT→CONNACK rate with each authentication provider, beside bare rumqttd.
+    Connect(ConnectArgs),
     /// Runs bare rumqttd until killed, printing its address (for `idle`).
     #[command(hide = true)]
     ServeBare,
+}
+
+#[derive(Debug, Clone, Args)]
+struct ConnectArgs {
+    /// Connections made per provider.
+    #[arg(long, default_value_t = 2_000)]
+    connections: usize,
+    /// Connections being made at once.
+    #[arg(long, default_value_t = 32)]
+    concurrency: usize,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -143,6 +155,7 @@ fn main() -> Result<(), Error> {
             Scenario::Reconnect(args) => reconnect(&cli, args).await,
             Scenario::Pull(args) => pull(&cli, args).await,
             Scenario::Idle(args) => idle(args).await,
+            Scenario::Connect(args) => connect_rate(&cli, args).await,
             Scenario::ServeBare => {
                 println!("listening on {}", bare_rumqttd(false)?);
                 std::future::pending::<()>().await;
@@ -215,6 +228,21 @@ async fn mqtt_im(
     ),
     Error,
 > {
+    mqtt_im_with(cli, |_| {}).await
+}
+
+/// mqtt-im as [`mqtt_im`] starts it, with `adjust` applied to its configuration.
+async fn mqtt_im_with(
+    cli: &Cli,
+    adjust: impl FnOnce(&mut Config),
+) -> Result<
+    (
+        SocketAddr,
+        Arc<dyn mqtt_im::store::Store>,
+        CancellationToken,
+    ),
+    Error,
+> {
     let dir = tempfile::tempdir()?.keep();
     let mut config = Config::default();
     config.listeners.mqtt = "127.0.0.1:0".parse()?;
@@ -236,6 +264,7 @@ async fn mqtt_im(
         let (name, file) = list.split_once('=').ok_or("--words takes NAME=FILE")?;
         config.policy.words.insert(name.to_owned(), file.into());
     }
+    adjust(&mut config);
     let server = Server::bind(config).await?;
     let addr = server.local_addr()?;
     let store = server.store();
@@ -891,4 +920,209 @@ async fn idle_client(addr: SocketAddr, n: usize, digest: bool) -> Result<AsyncCl
     }
     tokio::spawn(async move { while events.poll().await.is_ok() {} });
     Ok(client)
+}
+
+// ---------------------------------------------------------------------------------------
+// connect: CONNECT→CONNACK rate per authentication provider
+
+/// How a provider is set up, and the login its clients send.
+struct Provider {
+    name: &'static str,
+    login: Option<(String, String)>,
+    adjust: Box<dyn FnOnce(&mut Config)>,
+}
+
+/// One user `u` whose password is stored as `stored`.
+fn users_table(stored: String, plaintext: bool) -> Box<dyn FnOnce(&mut Config)> {
+    Box::new(move |config: &mut Config| {
+        config.auth.allow_anonymous = false;
+        config.auth.uid_from = mqtt_im::config::UidSource::Username;
+        config.auth.plaintext = plaintext;
+        config.auth.users.insert("u".into(), stored);
+    })
+}
+
+fn providers() -> Result<Vec<Provider>, Error> {
+    use base64::Engine;
+    let login = Some(("u".to_owned(), "pw".to_owned()));
+    let salt = [7u8; 12];
+    let mut key = [0u8; 64];
+    let rounds = std::num::NonZeroU32::new(101).ok_or("rounds")?;
+    ring::pbkdf2::derive(
+        ring::pbkdf2::PBKDF2_HMAC_SHA512,
+        rounds,
+        &salt,
+        b"pw",
+        &mut key,
+    );
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let file = tempfile::NamedTempFile::new()?.keep()?.1;
+    std::fs::write(
+        &file,
+        format!("u:$7$101${}${}\n", b64.encode(salt), b64.encode(key)),
+    )?;
+    let secret = "harness secret";
+    let exp = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs() + 3600;
+    let token = jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &serde_json::json!({"sub": "u", "exp": exp}),
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )?;
+    Ok(vec![
+        Provider {
+            name: "anonymous",
+            login: None,
+            adjust: Box::new(|_| {}),
+        },
+        Provider {
+            name: "users, clear text",
+            login: login.clone(),
+            adjust: users_table("pw".into(), true),
+        },
+        Provider {
+            name: "users, argon2id",
+            login: login.clone(),
+            adjust: users_table(mqtt_im::auth::hash::hash_password("pw")?, false),
+        },
+        Provider {
+            name: "users, bcrypt 10",
+            login: login.clone(),
+            adjust: users_table(bcrypt::hash("pw", 10)?, false),
+        },
+        Provider {
+            name: "password_file $7$",
+            login: login.clone(),
+            adjust: Box::new(move |config: &mut Config| {
+                config.auth.allow_anonymous = false;
+                config.auth.providers =
+                    vec![mqtt_im::config::ProviderSettings::PasswordFile { path: file }];
+            }),
+        },
+        Provider {
+            name: "jwt HS256",
+            login: Some(("u".to_owned(), token)),
+            adjust: Box::new(move |config: &mut Config| {
+                config.auth.allow_anonymous = false;
+                let jwt = mqtt_im::config::JwtSettings {
+                    from: mqtt_im::config::JwtFrom::Password,
+                    algorithm: "HS256".into(),
+                    secret: Some(secret.into()),
+                    public_key: None,
+                    jwks_file: None,
+                    issuer: None,
+                    audience: None,
+                    uid_claim: "sub".into(),
+                    acl_claim: None,
+                    superuser_claim: None,
+                    leeway_s: 0,
+                };
+                config.auth.providers = vec![mqtt_im::config::ProviderSettings::Jwt(Box::new(jwt))];
+            }),
+        },
+    ])
+}
+
+/// A 3.1.1 CONNECT with `login`.
+fn connect_bytes(client_id: &str, login: Option<&(String, String)>) -> Result<Vec<u8>, Error> {
+    use rumqttd::protocol::Protocol;
+    let connect = rumqttd::protocol::Connect {
+        keep_alive: 30,
+        client_id: client_id.into(),
+        clean_session: true,
+    };
+    let login = login.map(|(username, password)| rumqttd::protocol::Login {
+        username: username.clone(),
+        password: password.clone(),
+    });
+    let mut out = bytes::BytesMut::new();
+    let packet = rumqttd::protocol::Packet::Connect(connect, None, None, None, login);
+    rumqttd::protocol::v4::V4
+        .write(packet, &mut out)
+        .map_err(|e| format!("{e:?}"))?;
+    Ok(out.to_vec())
+}
+
+/// `args.connections` CONNECTs, `args.concurrency` at a time: each waits for its CONNACK,
+/// then disconnects.
+async fn measure_connects(
+    addr: SocketAddr,
+    args: &ConnectArgs,
+    login: Option<(String, String)>,
+) -> Result<Measured, Error> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let next = Arc::new(AtomicU64::new(0));
+    let latencies = Arc::new(Mutex::new(Vec::with_capacity(args.connections)));
+    let started = Instant::now();
+    let mut workers = Vec::new();
+    for _ in 0..args.concurrency {
+        let (next, latencies, login) = (Arc::clone(&next), Arc::clone(&latencies), login.clone());
+        let total = args.connections as u64;
+        workers.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= total {
+                    return Ok::<(), String>(());
+                }
+                let packet =
+                    connect_bytes(&format!("c-{i}"), login.as_ref()).map_err(|e| e.to_string())?;
+                let began = Instant::now();
+                let mut stream = tokio::net::TcpStream::connect(addr)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                stream.write_all(&packet).await.map_err(|e| e.to_string())?;
+                let mut connack = [0u8; 4];
+                stream
+                    .read_exact(&mut connack)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if connack[3] != 0 {
+                    return Err(format!("CONNACK {}", connack[3]));
+                }
+                let micros = u64::try_from(began.elapsed().as_micros()).unwrap_or(u64::MAX);
+                latencies.lock().map_err(|e| e.to_string())?.push(micros);
+                stream
+                    .write_all(&[0xE0, 0])
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+        }));
+    }
+    for worker in workers {
+        worker.await??;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let latencies = std::mem::take(&mut *latencies.lock().map_err(|e| e.to_string())?);
+    Ok(Measured {
+        sent: args.connections as u64,
+        received: latencies.len() as u64,
+        seconds,
+        latencies,
+    })
+}
+
+fn print_connects(name: &str, measured: &Measured) {
+    println!(
+        "{name:>22}: {:>7.0} CONNACK/s, CONNECT->CONNACK p50 {:.2} ms, p99 {:.2} ms",
+        measured.rate(),
+        measured.percentile(0.5),
+        measured.percentile(0.99)
+    );
+}
+
+async fn connect_rate(cli: &Cli, args: &ConnectArgs) -> Result<(), Error> {
+    println!(
+        "connect: {} connections per provider, {} at a time, mqtt-im on {}",
+        args.connections,
+        args.concurrency,
+        backend_name(cli)
+    );
+    let bare = bare_rumqttd(false)?;
+    print_connects("bare rumqttd", &measure_connects(bare, args, None).await?);
+    for provider in providers()? {
+        let (addr, _, shutdown) = mqtt_im_with(cli, provider.adjust).await?;
+        let measured = measure_connects(addr, args, provider.login).await?;
+        print_connects(provider.name, &measured);
+        shutdown.cancel();
+    }
+    Ok(())
 }
