@@ -127,3 +127,25 @@ async fn admitted(broker: &TestBroker) -> bool {
     let read = tokio::time::timeout(Duration::from_millis(300), stream.read(&mut byte)).await;
     read.is_err()
 }
+
+/// Over its bandwidth, even an MQTT 5 client is slowed down rather than refused.
+#[tokio::test]
+async fn bandwidth_slows_a_client_down() {
+    let broker = TestBroker::start_with(|c| c.limits.publish_bytes_per_s = 100_000).await;
+    let mut watcher = Client::v5(broker.addr, "watcher", "bob").await;
+    watcher.subscribe("bulk/#", 1).await;
+    let mut sender = Client::v5(broker.addr, "bulk", "alice").await;
+    let started = Instant::now();
+    for i in 0..30u8 {
+        assert_eq!(sender.publish_acked("bulk/t", vec![i; 10_000]).await, 0);
+    }
+    for i in 0..30u8 {
+        assert_eq!(watcher.next_on("bulk/t").await, vec![i; 10_000]);
+    }
+    // 300 kB at 100 kB/s with one second saved up cannot pass in less than ~2 s.
+    assert!(
+        started.elapsed() >= Duration::from_millis(1500),
+        "{:?}",
+        started.elapsed()
+    );
+}
