@@ -197,3 +197,26 @@ async fn es256_keys_come_from_a_jwks_file_that_rotates() {
         0x86
     );
 }
+
+/// RS256 with the identity service's PEM public key (a throw-away key pair kept as a test
+/// fixture); a token signed by another key is refused.
+#[tokio::test]
+async fn rs256_tokens_checked_with_a_pem_public_key() {
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let public = fixtures.join("jwt-rs256-public.pem");
+    let broker = TestBroker::start_with(move |c| {
+        let mut jwt = settings("RS256");
+        jwt.public_key = Some(public);
+        c.auth.providers = vec![ProviderSettings::Jwt(Box::new(jwt))];
+    })
+    .await;
+    let private = std::fs::read(fixtures.join("jwt-rs256-private.pem")).unwrap();
+    let key = EncodingKey::from_rsa_pem(&private).unwrap();
+    let claims =
+        json!({"sub": "ann", "iss": "https://id.example", "aud": "mqtt", "exp": now() + 300});
+    let token = encode(&Header::new(Algorithm::RS256), &claims, &key).unwrap();
+    assert_eq!(connack(&broker, true, "ann", &token).await, 0);
+    let (other, _) = es256_key("other");
+    let forged = encode(&Header::new(Algorithm::ES256), &claims, &other).unwrap();
+    assert_eq!(connack(&broker, true, "ann", &forged).await, 0x86);
+}
