@@ -146,7 +146,7 @@ pub trait Provider: Send + Sync + std::fmt::Debug {
 /// deadline; a check that waits longer fails as unavailable.
 #[derive(Debug)]
 pub(crate) struct Hashing {
-    permits: Semaphore,
+    permits: Arc<Semaphore>,
     deadline: Duration,
 }
 
@@ -154,7 +154,7 @@ impl Hashing {
     fn new(deadline: Duration) -> Self {
         let cores = std::thread::available_parallelism().map_or(2, usize::from);
         Self {
-            permits: Semaphore::new(cores),
+            permits: Arc::new(Semaphore::new(cores)),
             deadline,
         }
     }
@@ -172,15 +172,19 @@ impl Hashing {
             return Ok(stored.verify(password));
         }
         let work = async {
-            let _permit = self
-                .permits
-                .acquire()
+            let permit = Arc::clone(&self.permits)
+                .acquire_owned()
                 .await
                 .map_err(|_| AuthError::Unavailable("shutting down".into()))?;
             let (stored, password) = (Arc::clone(stored), password.to_vec());
-            tokio::task::spawn_blocking(move || stored.verify(&password))
-                .await
-                .map_err(|_| AuthError::Unavailable("password check failed".into()))
+            // The permit stays with the check, so one abandoned at its deadline still counts
+            // until it finishes: never more checks at once than cores.
+            tokio::task::spawn_blocking(move || {
+                let _permit = permit;
+                stored.verify(&password)
+            })
+            .await
+            .map_err(|_| AuthError::Unavailable("password check failed".into()))
         };
         tokio::time::timeout(self.deadline, work)
             .await
