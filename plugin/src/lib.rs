@@ -7,13 +7,16 @@
 //!   clients to rumqttd in MQTT 5 and serves IM topics itself.
 //! - [`im`]: users, devices, conversations, digests and pulls; no packets, no SQL.
 //! - [`store`]: persistence behind one trait; knows nothing of MQTT.
-//! - [`policy`]: the Lua policy host (sandboxed scripts for messages, connects, subscribes).
+//! - [`policy`]: the Lua policy host (sandboxed scripts for messages, connects, subscribes,
+//!   pass-through publishes and logins).
+//! - [`auth`]: who may connect (the provider chain) and the topic ACL for non-IM topics;
+//!   `watch` re-reads their files, and the policy's, on change and SIGHUP.
 //! - [`wire`]: protobuf wire types.
 //! - [`config`]: the configuration tree.
 //! - [`text`]: bounding and cleaning text from clients and scripts.
 //! - [`metrics`]: Prometheus metrics; `status` serves them and the operator status over HTTP.
 //!
-//! Dependencies point one way: edge → im → store.
+//! Dependencies point one way: edge → im → store; edge → auth → policy.
 mod accept;
 pub mod auth;
 pub mod config;
