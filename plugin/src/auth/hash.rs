@@ -1,7 +1,7 @@
 //! Stored password hashes as teams already have them: PHC strings (argon2id, bcrypt,
 //! pbkdf2-sha512) and Mosquitto's password file formats (`$7$` PBKDF2-SHA512, `$6$`
 //! salted SHA-512). Verification is deliberately slow, so callers run it off the async
-//! workers ([`super::Hashing`]).
+//! workers (`Hashing` in the auth module).
 
 use std::num::NonZeroU32;
 
