@@ -14,6 +14,7 @@
 //! granting `read`; each message delivered is checked again, so `deny` on part of a
 //! subscribed tree holds.
 
+use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, PoisonError, RwLock};
 
@@ -74,23 +75,26 @@ pub struct Rule {
 impl Rule {
     /// The rule's topic for one client; `None` when it names a username the client lacks
     /// or substitutes a name that would change the topic's levels (`/`, `+`, `#`).
-    fn topic_for(&self, username: Option<&str>, client_id: &str) -> Option<String> {
-        if !self.pattern {
-            return Some(self.topic.clone());
+    fn topic_for(&self, username: Option<&str>, client_id: &str) -> Option<Cow<'_, str>> {
+        // Checked for every publish and delivery: plain topics are borrowed, not copied.
+        let needs_user = self.pattern && self.topic.contains("%u");
+        let needs_client = self.pattern && self.topic.contains("%c");
+        if !needs_user && !needs_client {
+            return Some(Cow::Borrowed(&self.topic));
         }
         let unsafe_name = |name: &str| name.contains(['/', '+', '#']);
         let mut topic = self.topic.clone();
-        if topic.contains("%u") {
+        if needs_user {
             let username = username.filter(|u| !unsafe_name(u))?;
             topic = topic.replace("%u", username);
         }
-        if topic.contains("%c") {
+        if needs_client {
             if unsafe_name(client_id) {
                 return None;
             }
             topic = topic.replace("%c", client_id);
         }
-        Some(topic)
+        Some(Cow::Owned(topic))
     }
 }
 
