@@ -85,14 +85,15 @@ impl Peer {
 
     /// The next publish if one arrives within [`QUIET`].
     async fn maybe_next(&mut self) -> Option<Publish> {
-        tokio::time::timeout(QUIET, self.publishes.recv())
-            .await
-            .ok()
-            .flatten()
+        let next = tokio::time::timeout(QUIET, self.publishes.recv()).await;
+        next.ok().map(|publish| publish.expect("connection ended"))
     }
 
+    /// Nothing arrives within [`QUIET`] (a connection that ended is not quiet).
     async fn quiet(&mut self) -> bool {
-        self.maybe_next().await.is_none()
+        tokio::time::timeout(QUIET, self.publishes.recv())
+            .await
+            .is_err()
     }
 }
 
