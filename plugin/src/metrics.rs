@@ -103,6 +103,7 @@ pub struct Metrics {
     pub(crate) redis_up: Gauge,
     pub(crate) online_users: Gauge,
     pub(crate) online_devices: Gauge,
+    pub(crate) upstream_links: Gauge,
 }
 
 impl Default for Metrics {
@@ -138,6 +139,7 @@ impl Default for Metrics {
             redis_up: Gauge::default(),
             online_users: Gauge::default(),
             online_devices: Gauge::default(),
+            upstream_links: Gauge::default(),
         };
         metrics.register();
         metrics
@@ -263,6 +265,11 @@ impl Metrics {
             "online_devices",
             "Devices subscribed to their inbox on this node",
             self.online_devices.clone(),
+        );
+        r.register(
+            "upstream_links",
+            "Client connections linked to the embedded rumqttd (opened on a client's first non-IM subscribe or publish, or at CONNECT for a will or a session rumqttd keeps); IM-only clients hold none",
+            self.upstream_links.clone(),
         );
     }
 

@@ -30,6 +30,10 @@ pub enum Seen {
     PubComp {
         pkid: u16,
     },
+    /// MQTT 5 reason codes (3.1.1 has none: empty).
+    UnsubAck {
+        codes: Vec<u8>,
+    },
     /// A DISCONNECT from the server (MQTT 5) with its reason code.
     Disconnect {
         reason: u8,
@@ -97,6 +101,7 @@ impl EventSource for rumqttc::EventLoop {
                     })
                     .collect(),
             }),
+            Packet::UnsubAck(_) => Step::Seen(Seen::UnsubAck { codes: Vec::new() }),
             _ => Step::Skip,
         })
     }
@@ -141,6 +146,9 @@ impl EventSource for rumqttc::v5::EventLoop {
             Packet::PubComp(c) => Step::Seen(Seen::PubComp { pkid: c.pkid }),
             Packet::SubAck(s) => Step::Seen(Seen::SubAck {
                 codes: s.return_codes.iter().map(v5_code).collect(),
+            }),
+            Packet::UnsubAck(u) => Step::Seen(Seen::UnsubAck {
+                codes: u.reasons.iter().map(v5_unsuback_code).collect(),
             }),
             _ => Step::Skip,
         })
@@ -262,6 +270,20 @@ impl Client {
         }
         loop {
             if let Seen::SubAck { codes } = self.next().await {
+                return codes;
+            }
+        }
+    }
+
+    /// Unsubscribes from `filter` and returns the UNSUBACK's reason codes (MQTT 5).
+    pub async fn unsubscribe(&mut self, filter: &str) -> Vec<u8> {
+        if let Some(c) = &self.v4 {
+            c.unsubscribe(filter).await.unwrap();
+        } else if let Some(c) = &self.v5 {
+            c.unsubscribe(filter).await.unwrap();
+        }
+        loop {
+            if let Seen::UnsubAck { codes } = self.next().await {
                 return codes;
             }
         }
@@ -403,6 +425,15 @@ impl Client {
             let _ = c.disconnect().await;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn v5_unsuback_code(reason: &rumqttc::v5::mqttbytes::v5::UnsubAckReason) -> u8 {
+    use rumqttc::v5::mqttbytes::v5::UnsubAckReason as R;
+    match reason {
+        R::Success => 0,
+        R::NoSubscriptionExisted => 0x11,
+        _ => 0x80,
     }
 }
 

@@ -1,5 +1,6 @@
-//! One client connection: CONNECT handshake (auth, upstream link to rumqttd), then a loop
-//! relaying packets both ways and serving IM topics at packet boundaries.
+//! One client connection: CONNECT handshake (auth, take-over), then a loop relaying packets
+//! both ways (to rumqttd once the client needs it) and serving IM topics at packet
+//! boundaries.
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -10,7 +11,6 @@ use bytes::BytesMut;
 use futures::future::BoxFuture;
 use futures::stream::{FuturesOrdered, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::time::{timeout, Instant};
@@ -24,6 +24,7 @@ use super::links::LinkClaim;
 use super::packet_ids::{Origin, PacketIds};
 use super::reply::Outcome;
 use super::transport::{ClientStream, ListenerKind, Upgrade};
+use super::upstream::{Upstream, UpstreamEvent};
 use super::upstream_acks::UpstreamAcks;
 use super::{ConnectionSink, EdgeContext, EdgeError};
 use crate::auth::acl::{Access, Client as AclClient};
@@ -34,8 +35,8 @@ use crate::store::{Conversation, Device};
 
 /// How often the link to rumqttd is pinged when idle.
 const UPSTREAM_PING: Duration = Duration::from_secs(20);
-/// How long a cleanly disconnecting client's link waits for rumqttd to close it.
-const DISCONNECT_GRACE: Duration = Duration::from_secs(5);
+/// How long a connection the server ends waits for the client to hang up first.
+const LINGER: Duration = Duration::from_millis(500);
 /// Spare read buffer of a quiet connection side, and of a busy one.
 const READ_SMALL: usize = 2048;
 const READ_LARGE: usize = 64 << 10;
@@ -89,9 +90,9 @@ pub(super) struct Connection {
     client_wr: WriteHalf<ClientStream>,
     client_in: BytesMut,
     pub(super) client_out: BytesMut,
-    up_rd: OwnedReadHalf,
-    up_wr: OwnedWriteHalf,
-    up_in: BytesMut,
+    /// The link to rumqttd, opened when the client first needs it.
+    pub(super) upstream: Upstream,
+    /// For rumqttd; waits here while the link opens.
     pub(super) up_out: BytesMut,
     pub(super) ids: PacketIds,
     /// Answers to rumqttd's publishes, kept in rumqttd's order.
@@ -179,14 +180,12 @@ impl Connection {
             client_in,
             client_out,
             upstream,
-            up_in,
             link,
         } = established;
         let (client_rd, client_wr) = tokio::io::split(client);
-        let (up_rd, up_wr) = upstream.into_split();
         let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
         let im_filters = if clean_session {
-            ctx.keep_session(&device, HashMap::new());
+            ctx.drop_session(&device);
             HashMap::new()
         } else {
             ctx.restore_session(&device)
@@ -217,10 +216,8 @@ impl Connection {
             client_wr,
             client_in,
             client_out,
-            up_rd,
-            up_wr,
-            up_in,
-            up_out: BytesMut::with_capacity(1024),
+            upstream,
+            up_out: BytesMut::new(),
             ids: PacketIds::default(),
             upstream_acks: UpstreamAcks::default(),
             link,
@@ -314,9 +311,12 @@ impl Connection {
                         self.on_client_bytes().await.map_err(End::Failed)
                     }
                 },
-                read = self.up_rd.read_buf(&mut self.up_in) => match read {
-                    Ok(0) | Err(_) => Err(End::UpstreamGone),
-                    Ok(_) => self.on_upstream_bytes().map_err(End::Failed),
+                event = self.upstream.next() => match event {
+                    UpstreamEvent::Opened | UpstreamEvent::Bytes => {
+                        self.on_upstream_bytes().map_err(End::Failed)
+                    }
+                    UpstreamEvent::Closed => Err(End::UpstreamGone),
+                    UpstreamEvent::Failed(e) => Err(End::Failed(e)),
                 },
                 Some(outcome) = self.ops.next(), if !self.ops.is_empty() => {
                     self.on_outcome(outcome).map_err(End::Failed)
@@ -352,7 +352,8 @@ impl Connection {
     /// small), large once a read has filled what there was (a busy one gets its bytes in few
     /// system calls).
     fn reserve_reads(&mut self) {
-        for buf in [&mut self.client_in, &mut self.up_in] {
+        let upstream = self.upstream.input();
+        for buf in std::iter::once(&mut self.client_in).chain(upstream) {
             let busy = buf.capacity() - buf.len() < READ_SMALL;
             buf.reserve(if busy { READ_LARGE } else { READ_SMALL });
         }
@@ -364,7 +365,7 @@ impl Connection {
                 return Err(End::KeepAliveExpired);
             }
         }
-        if self.last_upstream_write.elapsed() >= UPSTREAM_PING {
+        if self.upstream.is_open() && self.last_upstream_write.elapsed() >= UPSTREAM_PING {
             self.up_out.extend_from_slice(&[kind::PINGREQ << 4, 0]);
         }
         Ok(())
@@ -382,16 +383,14 @@ impl Connection {
     }
 
     fn on_upstream_bytes(&mut self) -> Result<(), EdgeError> {
-        while let Some(frame) = codec::next_frame(&mut self.up_in, usize::MAX >> 4)? {
+        while let Some(frame) = self.upstream.next_frame()? {
             self.on_upstream_frame(frame)?;
         }
         Ok(())
     }
 
     async fn flush(&mut self) -> Result<(), EdgeError> {
-        if !self.up_out.is_empty() {
-            self.up_wr.write_all(&self.up_out).await?;
-            self.up_out.clear();
+        if !self.up_out.is_empty() && self.upstream.write(&mut self.up_out).await? {
             self.last_upstream_write = Instant::now();
         }
         if !self.client_out.is_empty() {
@@ -401,6 +400,13 @@ impl Connection {
             self.client_out.clear();
         }
         Ok(())
+    }
+
+    /// Bytes for rumqttd: the link opens on the client's first need of it (they wait in
+    /// `up_out` meanwhile).
+    pub(super) fn rumqttd_out(&mut self) -> &mut BytesMut {
+        self.upstream.open(&self.ctx, self.id);
+        &mut self.up_out
     }
 
     /// Whether the topic ACL lets this client have `access` to a non-IM `topic` (a filter,
@@ -492,15 +498,30 @@ impl Connection {
         // the socket closes, and mishandles a new link of a client id whose old link is not
         // gone yet; so the link is closed (without DISCONNECT, rumqttd publishes the will)
         // and this waits until rumqttd has closed it too, before the client id is released.
-        if !matches!(end, End::ClientDisconnected) {
-            let _ = self.up_wr.shutdown().await;
+        let graceful = matches!(end, End::ClientDisconnected);
+        let linked = self.upstream.close(&mut self.up_out, graceful).await;
+        if linked && !self.clean_session {
+            self.ctx.keep_upstream_session(&self.device.client_id);
         }
-        let mut rest = [0u8; 256];
-        let _ = timeout(DISCONNECT_GRACE, async {
-            while matches!(self.up_rd.read(&mut rest).await, Ok(n) if n > 0) {}
-        })
-        .await;
-        let _ = self.client_wr.shutdown().await;
+        let Self {
+            mut client_rd,
+            mut client_wr,
+            link,
+            ..
+        } = self;
+        // The client id is free for a newer connection from here.
+        drop(link);
+        if !matches!(end, End::ClientDisconnected | End::ClientGone) {
+            // Closed by the server: the client gets a moment to read the last answers (and
+            // a DISCONNECT) and to hang up itself; some clients drop what they read together
+            // with the end of the stream.
+            let mut rest = [0u8; 256];
+            let _ = timeout(LINGER, async {
+                while matches!(client_rd.read(&mut rest).await, Ok(n) if n > 0) {}
+            })
+            .await;
+        }
+        let _ = client_wr.shutdown().await;
     }
 
     /// Tells an MQTT 5 client why the server closes its connection (3.1.1 has no way to).

@@ -1,5 +1,6 @@
 //! The CONNECT handshake: decode, client id, the broker's own auth, the policy's
-//! `on_connect`, then the private MQTT 5 link to rumqttd and the CONNACK to the client.
+//! `on_connect`, the client id's take-over, the private MQTT 5 link to rumqttd when the
+//! client needs it from the start, and the CONNACK to the client.
 
 use std::sync::Arc;
 
@@ -9,24 +10,20 @@ use rumqttd::protocol::{
     LastWillProperties, Login, Packet,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::time::timeout;
 
 use super::codec::{self, kind, Frame, Version};
 use super::limits::DeviceSlot;
 use super::links::LinkClaim;
 use super::transport::{ClientStream, Upgraded};
-use super::{EdgeContext, EdgeError, EDGE_USER};
+use super::upstream::{LinkRequest, Upstream};
+use super::{EdgeContext, EdgeError};
 use crate::auth::acl::{self, Access, Client};
 use crate::auth::{Credentials, Identity, Refusal};
 use crate::policy::{ClientView, Decision};
 use crate::store::Device;
 
-/// Keep-alive of the private link to rumqttd; the hook layer pings it itself, so clients
-/// may use any keep-alive, including 0.
-const UPSTREAM_KEEP_ALIVE: u16 = 60;
-
-/// A client admitted and linked to rumqttd.
+/// A client admitted, with its link to rumqttd if it needs one from the start.
 pub(super) struct Established {
     pub(super) version: Version,
     /// The client id and the identity the client authenticated as.
@@ -52,10 +49,8 @@ pub(super) struct Established {
     pub(super) client_in: BytesMut,
     /// The CONNACK, not yet written.
     pub(super) client_out: BytesMut,
-    pub(super) upstream: TcpStream,
-    /// Bytes rumqttd sent after its CONNACK.
-    pub(super) up_in: BytesMut,
-    /// This connection's hold on its client id's rumqttd link.
+    pub(super) upstream: Upstream,
+    /// This connection's hold on its client id (and its rumqttd link).
     pub(super) link: LinkClaim,
 }
 
@@ -130,15 +125,23 @@ pub(super) async fn handshake(
         .as_ref()
         .and_then(|p| p.max_packet_size)
         .and_then(|size| usize::try_from(size).ok());
-    let broker = ctx
-        .broker_for(id)
-        .ok_or(EdgeError::Protocol("no private rumqttd listener"))?;
     let link = ctx.links.claim(&admitted.device.client_id, id).await?;
-    let (upstream, up_in, ack) = connect_upstream(&ctx, broker, packet, &admitted.device).await?;
-    if ack.code != ConnectReturnCode::Success {
-        refuse(&mut stream, version, ack.code, None).await;
-        return Err(EdgeError::Refused("rumqttd refused the connection"));
-    }
+    // rumqttd is needed from the start for a will, and for a session it keeps (persistent:
+    // resumed; clean: discarded).
+    let kept_upstream = ctx.take_upstream_session(&admitted.device.client_id);
+    let link_now = packet.will.is_some() || kept_upstream;
+    let request = link_request(packet, &admitted.device);
+    let (upstream, upstream_session) = if link_now {
+        let (upstream, ack) = Upstream::open_now(&ctx, id, request).await?;
+        if ack.code != ConnectReturnCode::Success {
+            refuse(&mut stream, version, ack.code, None).await;
+            return Err(EdgeError::Refused("rumqttd refused the connection"));
+        }
+        (upstream, ack.session_present)
+    } else {
+        (Upstream::Unneeded(Box::new(request)), false)
+    };
+    let session_present = !clean_session && (upstream_session || ctx.has_session(&admitted.device));
     let im = crate::valid_uid(&admitted.device.uid);
     let registered = im
         && match ctx.im.connected(&admitted.device).await {
@@ -159,7 +162,7 @@ pub(super) async fn handshake(
     write_connack(
         &mut client_out,
         version,
-        ack.session_present,
+        session_present,
         ConnectReturnCode::Success,
         properties,
     )?;
@@ -178,12 +181,12 @@ pub(super) async fn handshake(
         client_in,
         client_out,
         upstream,
-        up_in,
         link,
     })
 }
 
-async fn read_frame(
+/// Reads until one whole frame is in `buf`.
+pub(super) async fn read_frame(
     stream: &mut (impl AsyncReadExt + Unpin),
     buf: &mut BytesMut,
     max: usize,
@@ -363,50 +366,19 @@ pub(super) fn topic_allowed(
     }
 }
 
-/// Opens the private MQTT 5 link to rumqttd for `device` and returns rumqttd's CONNACK.
-async fn connect_upstream(
-    ctx: &EdgeContext,
-    broker: std::net::SocketAddr,
-    packet: ConnectPacket,
-    device: &Device,
-) -> Result<(TcpStream, BytesMut, ConnAck), EdgeError> {
-    let mut upstream = TcpStream::connect(broker).await?;
-    upstream.set_nodelay(true)?;
-    let connect = Connect {
-        keep_alive: UPSTREAM_KEEP_ALIVE,
-        client_id: upstream_client_id(&device.client_id),
-        clean_session: packet.connect.clean_session,
-    };
+/// The CONNECT rumqttd gets for this client, whenever the link opens: the client's
+/// session flag, will and MQTT 5 properties (3.1.1 clients have none).
+fn link_request(packet: ConnectPacket, device: &Device) -> LinkRequest {
     let (properties, will_properties) = match packet.version {
         Version::V5 => (packet.properties, packet.will_properties),
         Version::V4 => (None, None),
     };
-    let login = Login {
-        username: EDGE_USER.into(),
-        password: ctx.secret.clone(),
-    };
-    let mut out = BytesMut::new();
-    let connect = Packet::Connect(
-        connect,
+    LinkRequest {
+        client_id: device.client_id.clone(),
+        clean_session: packet.connect.clean_session,
         properties,
-        packet.will,
+        will: packet.will,
         will_properties,
-        Some(login),
-    );
-    codec::write_packet(&mut out, Version::V5, connect)?;
-    upstream.write_all(&out).await?;
-    let mut up_in = BytesMut::with_capacity(4096);
-    let frame = timeout(
-        ctx.connect_timeout,
-        read_frame(&mut upstream, &mut up_in, usize::MAX >> 4),
-    )
-    .await
-    .map_err(|_| EdgeError::Timeout("CONNACK from rumqttd"))??;
-    match frame.decode_upstream()? {
-        Packet::ConnAck(ack, _) => Ok((upstream, up_in, ack)),
-        _ => Err(EdgeError::Protocol(
-            "rumqttd did not answer CONNECT with CONNACK",
-        )),
     }
 }
 

@@ -13,9 +13,10 @@ mod relay;
 mod reply;
 mod topics;
 mod transport;
+mod upstream;
 mod upstream_acks;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -70,9 +71,12 @@ pub(crate) struct EdgeContext {
     pub(crate) max_packet: usize,
     pub(crate) connect_timeout: Duration,
     next_connection: AtomicU64,
-    /// IM subscriptions of persistent sessions, by (uid, client id), restored when the
+    /// Persistent sessions, by (uid, client id): their IM subscriptions, restored when the
     /// device reconnects without a clean session (rumqttd keeps only the non-IM ones).
     persistent: Mutex<HashMap<(String, String), HashMap<String, u8>>>,
+    /// Client ids whose persistent session rumqttd keeps (their link was open when they
+    /// left): their next connection links to rumqttd at once, to resume or discard it.
+    upstream_sessions: Mutex<HashSet<String>>,
     /// One rumqttd link per client id at a time (the hook layer does session take-over).
     pub(crate) links: Arc<links::Links>,
     /// Per-client, per-user and per-listener limits.
@@ -99,15 +103,42 @@ impl EdgeContext {
             .unwrap_or_default()
     }
 
-    /// Keeps the IM subscriptions of a persistent session for its next connection.
+    /// Whether `device` left a persistent session (for CONNACK's session present).
+    pub(crate) fn has_session(&self, device: &Device) -> bool {
+        let key = (device.uid.clone(), device.client_id.clone());
+        self.persistent
+            .lock()
+            .is_ok_and(|sessions| sessions.contains_key(&key))
+    }
+
+    /// Keeps a persistent session, with its IM subscriptions, for the device's next
+    /// connection.
     pub(crate) fn keep_session(&self, device: &Device, filters: HashMap<String, u8>) {
         if let Ok(mut sessions) = self.persistent.lock() {
             let key = (device.uid.clone(), device.client_id.clone());
-            if filters.is_empty() {
-                sessions.remove(&key);
-            } else {
-                sessions.insert(key, filters);
-            }
+            sessions.insert(key, filters);
+        }
+    }
+
+    /// Ends the session of a device that connected with a clean session.
+    pub(crate) fn drop_session(&self, device: &Device) {
+        if let Ok(mut sessions) = self.persistent.lock() {
+            sessions.remove(&(device.uid.clone(), device.client_id.clone()));
+        }
+    }
+
+    /// Whether rumqttd keeps a session of `client_id`; forgets it (the link that opens now
+    /// resumes or discards it, and records it again as it closes).
+    pub(crate) fn take_upstream_session(&self, client_id: &str) -> bool {
+        self.upstream_sessions
+            .lock()
+            .is_ok_and(|mut ids| ids.remove(client_id))
+    }
+
+    /// Records that rumqttd keeps the session of `client_id` after its link closed.
+    pub(crate) fn keep_upstream_session(&self, client_id: &str) {
+        if let Ok(mut ids) = self.upstream_sessions.lock() {
+            ids.insert(client_id.to_owned());
         }
     }
 
@@ -130,6 +161,7 @@ impl EdgeContext {
             connect_timeout: Duration::from_millis(config.broker.connect_timeout_ms),
             next_connection: AtomicU64::new(1),
             persistent: Mutex::new(HashMap::new()),
+            upstream_sessions: Mutex::new(HashSet::new()),
             links: Arc::default(),
             limits: config.limits.clone(),
             devices: Arc::default(),

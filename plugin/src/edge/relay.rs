@@ -48,7 +48,8 @@ impl Connection {
             }
             kind::PUBREL => {
                 let pkid = frame.ack_pkid()?;
-                if self.im_qos2.remove(&pkid) {
+                if self.im_qos2.remove(&pkid) || !self.upstream.is_linked() {
+                    // Ours, or unknown to anyone (rumqttd never had this client).
                     codec::write_ack(&mut self.client_out, kind::PUBCOMP, pkid);
                 } else {
                     codec::write_ack(&mut self.up_out, kind::PUBREL, pkid);
@@ -78,7 +79,9 @@ impl Connection {
                 Ok(())
             }
             kind::DISCONNECT => {
+                // Told to rumqttd, if it has this client, so that it drops the will.
                 match self.version {
+                    _ if !self.upstream.is_linked() => {}
                     Version::V5 => self.up_out.extend_from_slice(&frame.bytes),
                     Version::V4 => self.up_out.extend_from_slice(&[kind::DISCONNECT << 4, 0]),
                 }
@@ -138,8 +141,8 @@ impl Connection {
                 }
                 if !self.ctx.policy.checks_publishes() {
                     match self.version {
-                        Version::V5 => self.up_out.extend_from_slice(&frame.bytes),
-                        Version::V4 => publish.write(Version::V5, pkid, &mut self.up_out),
+                        Version::V5 => self.rumqttd_out().extend_from_slice(&frame.bytes),
+                        Version::V4 => publish.write(Version::V5, pkid, self.rumqttd_out()),
                     }
                     return Ok(());
                 }
@@ -330,7 +333,7 @@ impl Connection {
                 filters: relayed,
             };
             codec::write_packet(
-                &mut self.up_out,
+                self.rumqttd_out(),
                 Version::V5,
                 Packet::Subscribe(subscribe, properties),
             )?;
@@ -399,9 +402,12 @@ impl Connection {
                 }
                 let existed = self.im_filters.remove(&filter).is_some();
                 codes.push(Some(if existed { 0 } else { 0x11 }));
-            } else {
+            } else if self.upstream.is_linked() {
                 codes.push(None);
                 relayed.push(filter);
+            } else {
+                // rumqttd never had this client, so it has none of its subscriptions.
+                codes.push(Some(0x11));
             }
         }
         let inbox = self.ctx.topics.inbox(&self.device.uid);

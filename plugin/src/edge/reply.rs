@@ -114,7 +114,9 @@ impl Connection {
                 };
                 self.ctx.im.metrics().verdict("publish", verdict);
                 match decision {
-                    crate::policy::Decision::Allow(_) => self.up_out.extend_from_slice(&upstream),
+                    crate::policy::Decision::Allow(_) => {
+                        self.rumqttd_out().extend_from_slice(&upstream)
+                    }
                     crate::policy::Decision::Deny(reason) => {
                         tracing::debug!(topic, %reason, "publish denied by policy");
                         self.refuse_plain(qos, pkid, &topic, &reason);

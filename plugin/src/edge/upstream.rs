@@ -1,0 +1,266 @@
+//! The private MQTT 5 link from one client connection to rumqttd, opened only once the
+//! client needs rumqttd: IM topics never enter rumqttd, so a phone that only chats never
+//! costs a rumqttd session, its buffers, or rumqttd's accept pacing.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use futures::future::BoxFuture;
+use prometheus_client::metrics::gauge::Gauge;
+use rumqttd::protocol::{
+    ConnAck, Connect, ConnectProperties, ConnectReturnCode, LastWill, LastWillProperties, Login,
+    Packet,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+use tokio::time::timeout;
+
+use super::codec::{self, Version};
+use super::handshake::{read_frame, upstream_client_id};
+use super::{EdgeContext, EdgeError, EDGE_USER};
+
+/// Keep-alive of the private link to rumqttd; the hook layer pings it itself, so clients
+/// may use any keep-alive, including 0.
+const UPSTREAM_KEEP_ALIVE: u16 = 60;
+/// How long a closing link waits for rumqttd to close it too.
+const CLOSE_GRACE: Duration = Duration::from_secs(5);
+/// Frames from rumqttd are trusted in size (rumqttd enforces the client's limits).
+const UPSTREAM_MAX_FRAME: usize = usize::MAX >> 4;
+
+/// What the link's CONNECT carries: the client's session flag and MQTT 5 properties (a
+/// will makes the link open at CONNECT, so rumqttd can publish it).
+pub(super) struct LinkRequest {
+    pub(super) client_id: String,
+    pub(super) clean_session: bool,
+    pub(super) properties: Option<ConnectProperties>,
+    pub(super) will: Option<LastWill>,
+    pub(super) will_properties: Option<LastWillProperties>,
+}
+
+/// An open link: its socket halves and what rumqttd sent that is not handled yet.
+pub(super) struct Link {
+    rd: OwnedReadHalf,
+    wr: OwnedWriteHalf,
+    input: BytesMut,
+    /// `mqtt_im_upstream_links`, given back when the link goes.
+    _counted: Counted,
+}
+
+/// Holds one unit of a gauge while alive.
+struct Counted(Gauge);
+
+impl Counted {
+    fn new(gauge: &Gauge) -> Self {
+        gauge.inc();
+        Self(gauge.clone())
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+type Opening = BoxFuture<'static, Result<(Link, ConnAck), EdgeError>>;
+
+/// A connection's link to rumqttd through its life.
+pub(super) enum Upstream {
+    /// Not needed (yet): what opening it will send.
+    Unneeded(Box<LinkRequest>),
+    /// CONNECT on its way; what the client sends rumqttd meanwhile waits in the caller's
+    /// buffer.
+    Opening(Opening),
+    Open(Link),
+    /// Closed, or failed to open.
+    Gone,
+}
+
+/// What happened on the link.
+pub(super) enum UpstreamEvent {
+    /// rumqttd's CONNACK arrived; the link takes what was waiting.
+    Opened,
+    /// Bytes from rumqttd are ready in [`Upstream::next_frame`].
+    Bytes,
+    /// rumqttd closed the link.
+    Closed,
+    /// The link could not be opened.
+    Failed(EdgeError),
+}
+
+impl Upstream {
+    /// Opens the link now (a CONNECT with a will, or a session rumqttd keeps) and returns
+    /// rumqttd's CONNACK, which may refuse.
+    pub(super) async fn open_now(
+        ctx: &Arc<EdgeContext>,
+        connection: u64,
+        request: LinkRequest,
+    ) -> Result<(Self, ConnAck), EdgeError> {
+        let (link, ack) = connect(Arc::clone(ctx), connection, request).await?;
+        Ok((Self::Open(link), ack))
+    }
+
+    /// Starts opening the link if nobody has yet; never waits.
+    pub(super) fn open(&mut self, ctx: &Arc<EdgeContext>, connection: u64) {
+        if let Self::Unneeded(_) = self {
+            if let Self::Unneeded(request) = std::mem::replace(self, Self::Gone) {
+                tracing::debug!("linking to rumqttd");
+                let opening = connect(Arc::clone(ctx), connection, *request);
+                *self = Self::Opening(Box::pin(opening));
+            }
+        }
+    }
+
+    /// Whether the link is open or opening (rumqttd has, or will have, this client).
+    pub(super) fn is_linked(&self) -> bool {
+        matches!(self, Self::Opening(_) | Self::Open(_))
+    }
+
+    /// Whether the link is open, so a ping can go now.
+    pub(super) fn is_open(&self) -> bool {
+        matches!(self, Self::Open(_))
+    }
+
+    /// The next thing that happens on the link; pending forever while it is unneeded.
+    /// Cancel-safe: a read or an opening interrupted here resumes on the next call.
+    pub(super) async fn next(&mut self) -> UpstreamEvent {
+        match self {
+            Self::Open(link) => match link.rd.read_buf(&mut link.input).await {
+                Ok(0) | Err(_) => UpstreamEvent::Closed,
+                Ok(_) => UpstreamEvent::Bytes,
+            },
+            Self::Opening(opening) => match opening.await {
+                Ok((link, ack)) if ack.code == ConnectReturnCode::Success => {
+                    *self = Self::Open(link);
+                    UpstreamEvent::Opened
+                }
+                Ok(_) => {
+                    *self = Self::Gone;
+                    UpstreamEvent::Failed(EdgeError::Refused("rumqttd refused the link"))
+                }
+                Err(e) => {
+                    *self = Self::Gone;
+                    UpstreamEvent::Failed(e)
+                }
+            },
+            Self::Unneeded(_) | Self::Gone => std::future::pending().await,
+        }
+    }
+
+    /// The next whole frame rumqttd sent, if any.
+    pub(super) fn next_frame(&mut self) -> Result<Option<codec::Frame>, EdgeError> {
+        match self {
+            Self::Open(link) => Ok(codec::next_frame(&mut link.input, UPSTREAM_MAX_FRAME)?),
+            _ => Ok(None),
+        }
+    }
+
+    /// Room for the next read from rumqttd (see `Connection::reserve_reads`).
+    pub(super) fn input(&mut self) -> Option<&mut BytesMut> {
+        match self {
+            Self::Open(link) => Some(&mut link.input),
+            _ => None,
+        }
+    }
+
+    /// Writes `out` to rumqttd if the link is open (and empties it); while it opens, `out`
+    /// keeps its bytes for later. Returns whether anything was written.
+    pub(super) async fn write(&mut self, out: &mut BytesMut) -> Result<bool, EdgeError> {
+        match self {
+            Self::Open(link) if !out.is_empty() => {
+                link.wr.write_all(out).await?;
+                out.clear();
+                Ok(true)
+            }
+            Self::Opening(_) => Ok(false),
+            // Nothing there to send it to (only a connection's own DISCONNECT can be here).
+            _ => {
+                out.clear();
+                Ok(false)
+            }
+        }
+    }
+
+    /// Closes the link, if there is one, and returns once rumqttd has closed it too (rumqttd
+    /// 0.20 mishandles a new link of a client id whose old link is not gone yet). `pending`
+    /// is what the client sent rumqttd last, such as its DISCONNECT; without a DISCONNECT
+    /// (`graceful` false) rumqttd publishes the will. Returns whether there was a link.
+    pub(super) async fn close(&mut self, pending: &mut BytesMut, graceful: bool) -> bool {
+        if let Self::Opening(_) = self {
+            if !matches!(self.next().await, UpstreamEvent::Opened) {
+                return true;
+            }
+        }
+        let Self::Open(link) = std::mem::replace(self, Self::Gone) else {
+            return false;
+        };
+        let Link { mut rd, mut wr, .. } = link;
+        if !pending.is_empty() {
+            let _ = wr.write_all(pending).await;
+            pending.clear();
+        }
+        if !graceful {
+            let _ = wr.shutdown().await;
+        }
+        let mut rest = [0u8; 256];
+        let _ = timeout(CLOSE_GRACE, async {
+            while matches!(rd.read(&mut rest).await, Ok(n) if n > 0) {}
+        })
+        .await;
+        true
+    }
+}
+
+/// Connects to a private rumqttd listener, sends the CONNECT and reads rumqttd's CONNACK.
+async fn connect(
+    ctx: Arc<EdgeContext>,
+    connection: u64,
+    request: LinkRequest,
+) -> Result<(Link, ConnAck), EdgeError> {
+    let broker = ctx
+        .broker_for(connection)
+        .ok_or(EdgeError::Protocol("no private rumqttd listener"))?;
+    let stream = TcpStream::connect(broker).await?;
+    stream.set_nodelay(true)?;
+    let (mut rd, mut wr) = stream.into_split();
+    let connect = Connect {
+        keep_alive: UPSTREAM_KEEP_ALIVE,
+        client_id: upstream_client_id(&request.client_id),
+        clean_session: request.clean_session,
+    };
+    let login = Login {
+        username: EDGE_USER.into(),
+        password: ctx.secret.clone(),
+    };
+    let packet = Packet::Connect(
+        connect,
+        request.properties,
+        request.will,
+        request.will_properties,
+        Some(login),
+    );
+    let mut out = BytesMut::new();
+    codec::write_packet(&mut out, Version::V5, packet)?;
+    wr.write_all(&out).await?;
+    let mut input = BytesMut::with_capacity(1024);
+    let frame = timeout(
+        ctx.connect_timeout,
+        read_frame(&mut rd, &mut input, UPSTREAM_MAX_FRAME),
+    )
+    .await
+    .map_err(|_| EdgeError::Timeout("CONNACK from rumqttd"))??;
+    let Packet::ConnAck(ack, _) = frame.decode_upstream()? else {
+        return Err(EdgeError::Protocol(
+            "rumqttd did not answer CONNECT with CONNACK",
+        ));
+    };
+    let link = Link {
+        rd,
+        wr,
+        input,
+        _counted: Counted::new(&ctx.im.metrics().upstream_links),
+    };
+    Ok((link, ack))
+}
