@@ -1,5 +1,6 @@
 //! A client gets a link to the embedded rumqttd only when it needs one: IM-only clients
 //! never have one; the first plain subscribe or publish opens it, with nothing lost.
+#![allow(clippy::unwrap_used)]
 mod common;
 
 use std::time::Duration;
