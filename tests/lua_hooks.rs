@@ -99,3 +99,47 @@ async fn on_auth_is_a_link_of_the_chain() {
     let mut scripted = Client::v5_with(options).await;
     assert_eq!(scripted.subscribe("im/u/scripted-uid/#", 1).await, vec![1]);
 }
+
+/// A SUBSCRIBE whose `on_subscribe` takes a while: the connection keeps reading and
+/// answering (a PINGREQ behind it is answered first), while what the client sends after the
+/// SUBSCRIBE still takes effect after it (its own publish on the new subscription comes
+/// back to it).
+#[tokio::test]
+async fn a_slow_on_subscribe_never_stops_the_connection() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let path = script(
+        dir.path(),
+        "slow.lua",
+        "hooks = { on_subscribe = function(s) local x = 0 for i = 1, 20000000 do x = x + i end end }",
+    );
+    let broker = TestBroker::start_with(move |c| {
+        c.policy.scripts = vec![path];
+        c.policy.instruction_limit = 1_000_000_000;
+        c.policy.call_timeout_ms = 10_000;
+    })
+    .await;
+    let mut stream = raw_connect(broker.addr, false, "slow-sub", true, Some(("bob", "pw")))
+        .await
+        .stream;
+    // SUBSCRIBE echo/# (pkid 1, QoS 1), PUBLISH echo/1 "x" at QoS 0, PINGREQ: in one write.
+    let mut out = vec![0x82, 11, 0, 1, 0, 6];
+    out.extend_from_slice(b"echo/#");
+    out.push(1);
+    out.extend_from_slice(&[0x30, 9, 0, 6]);
+    out.extend_from_slice(b"echo/1x");
+    out.extend_from_slice(&[0xC0, 0]);
+    stream.write_all(&out).await.unwrap();
+    let mut answers = vec![0u8; 2 + 5 + 2];
+    tokio::time::timeout(WAIT, stream.read_exact(&mut answers))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&answers[..2], &[0xD0, 0], "PINGRESP first: {answers:?}");
+    assert_eq!(&answers[2..7], &[0x90, 3, 0, 1, 1], "then the SUBACK");
+    // rumqttd 0.20 delivers at the subscription's QoS (1 here), not the publish's.
+    assert_eq!(answers[7] & 0xF0, 0x30, "then its own publish");
+    let mut publish = vec![0u8; usize::from(answers[8])];
+    stream.read_exact(&mut publish).await.unwrap();
+    assert!(publish.starts_with(b"\0\x06echo/1") && publish.ends_with(b"x"));
+}

@@ -45,6 +45,9 @@ pub struct Client {
     pub v4: Option<rumqttc::AsyncClient>,
     pub v5: Option<rumqttc::v5::AsyncClient>,
     pub seen: mpsc::UnboundedReceiver<Seen>,
+    /// What arrived while a helper waited for something else (a digest before a SUBACK),
+    /// handed out first by `next`.
+    held: std::collections::VecDeque<Seen>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -222,6 +225,7 @@ impl Client {
             v4: Some(client),
             v5: None,
             seen,
+            held: Default::default(),
             task,
         }
     }
@@ -254,6 +258,7 @@ impl Client {
             v4: None,
             v5: Some(client),
             seen,
+            held: Default::default(),
             task,
         }
     }
@@ -268,11 +273,11 @@ impl Client {
                 .await
                 .unwrap();
         }
-        loop {
-            if let Seen::SubAck { codes } = self.next().await {
-                return codes;
-            }
-        }
+        self.next_holding(|seen| match seen {
+            Seen::SubAck { codes } => Ok(codes),
+            other => Err(other),
+        })
+        .await
     }
 
     /// Unsubscribes from `filter` and returns the UNSUBACK's reason codes (MQTT 5).
@@ -282,11 +287,11 @@ impl Client {
         } else if let Some(c) = &self.v5 {
             c.unsubscribe(filter).await.unwrap();
         }
-        loop {
-            if let Seen::UnsubAck { codes } = self.next().await {
-                return codes;
-            }
-        }
+        self.next_holding(|seen| match seen {
+            Seen::UnsubAck { codes } => Ok(codes),
+            other => Err(other),
+        })
+        .await
     }
 
     pub async fn publish(&self, topic: &str, qos: u8, payload: Vec<u8>) {
@@ -350,7 +355,25 @@ impl Client {
         }
     }
 
+    /// The first packet `pick` takes; the ones before it stay for `next`, in order.
+    async fn next_holding<T>(&mut self, pick: impl Fn(Seen) -> Result<T, Seen>) -> T {
+        let mut passed = Vec::new();
+        let picked = loop {
+            match pick(self.next().await) {
+                Ok(picked) => break picked,
+                Err(other) => passed.push(other),
+            }
+        };
+        for seen in passed.into_iter().rev() {
+            self.held.push_front(seen);
+        }
+        picked
+    }
+
     pub async fn next(&mut self) -> Seen {
+        if let Some(seen) = self.held.pop_front() {
+            return seen;
+        }
         tokio::time::timeout(WAIT, self.seen.recv())
             .await
             .expect("timed out waiting for a packet")
@@ -396,6 +419,9 @@ impl Client {
 
     /// Nothing at all arrives within `wait`.
     pub async fn quiet_for(&mut self, wait: Duration) -> Option<Seen> {
+        if let Some(seen) = self.held.pop_front() {
+            return Some(seen);
+        }
         tokio::time::timeout(wait, self.seen.recv())
             .await
             .ok()

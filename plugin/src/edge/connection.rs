@@ -287,18 +287,13 @@ impl Connection {
         if !self.im_filters.is_empty() {
             // A resumed persistent session: groups it still belongs to, online again, and a
             // fresh digest.
-            for (filter, gid) in self.group_filters() {
-                if !self.join_group(&gid).await {
-                    self.im_filters.remove(&filter);
-                }
-            }
-            self.after_subscribe();
+            self.resume_subscriptions();
         }
         // Packets that arrived together with the CONNECT, and with rumqttd's CONNACK (a
         // resumed session's queued messages).
         let mut end = self.on_upstream_bytes().err().map(End::Failed);
         if end.is_none() {
-            end = self.on_client_bytes().await.err().map(End::Failed);
+            end = self.on_client_bytes().err().map(End::Failed);
         }
         while end.is_none() {
             self.reserve_reads();
@@ -308,7 +303,7 @@ impl Connection {
                     Ok(0) | Err(_) => Err(End::ClientGone),
                     Ok(_) => {
                         self.last_seen = Instant::now();
-                        self.on_client_bytes().await.map_err(End::Failed)
+                        self.on_client_bytes().map_err(End::Failed)
                     }
                 },
                 event = self.upstream.next() => match event {
@@ -328,7 +323,7 @@ impl Connection {
                 () = until(expiry) => Err(End::CredentialsExpired),
                 () = until(self.read_resume) => {
                     self.read_resume = None;
-                    self.on_client_bytes().await.map_err(End::Failed)
+                    self.on_client_bytes().map_err(End::Failed)
                 }
                 () = self.device_slot.close.cancelled() => Err(End::TooManyDevices),
             };
@@ -371,9 +366,9 @@ impl Connection {
         Ok(())
     }
 
-    async fn on_client_bytes(&mut self) -> Result<(), EdgeError> {
+    fn on_client_bytes(&mut self) -> Result<(), EdgeError> {
         while let Some(frame) = codec::next_frame(&mut self.client_in, self.ctx.max_packet)? {
-            self.on_client_frame(frame).await?;
+            self.on_client_frame(frame)?;
             // A client over its limits waits, even for what it already sent.
             if self.client_disconnected || self.read_resume.is_some() {
                 break;

@@ -1,28 +1,20 @@
 //! Packet handling at packet boundaries: client → (hook | rumqttd) and rumqttd → client.
 
-use rumqttd::protocol::{
-    self, Filter, Packet, QoS, SubAck, Subscribe, SubscribeReasonCode, UnsubAck, UnsubAckReason,
-    Unsubscribe,
-};
+use rumqttd::protocol::{self, Packet, SubscribeReasonCode};
 
-use super::acl::{self, FilterAccess, PublishAccess};
+use super::acl::{self, PublishAccess};
 use super::codec::{self, kind, Frame, PublishView as Publish, Version};
-use super::connection::{Connection, PendingAck};
+use super::connection::Connection;
 use super::limits::Throttled;
 use super::packet_ids::Origin;
 use super::reply::{Outcome, Refusal, ReplyTarget};
-use super::topics::Route;
 use super::upstream_acks;
 use super::EdgeError;
 use crate::auth::acl::Access;
-use crate::policy::{Decision, PublishView, SubscribeView};
-
-/// SUBACK code the hook layer uses for a refused filter (0x87 in MQTT 5, 0x80 in 3.1.1).
-const NOT_AUTHORIZED: u8 = 0x87;
-const FILTER_INVALID: u8 = 0x8f;
+use crate::policy::PublishView;
 
 impl Connection {
-    pub(super) async fn on_client_frame(&mut self, frame: Frame) -> Result<(), EdgeError> {
+    pub(super) fn on_client_frame(&mut self, frame: Frame) -> Result<(), EdgeError> {
         match frame.kind() {
             kind::PUBLISH => self.on_client_publish(&frame),
             kind::PUBACK => {
@@ -64,13 +56,15 @@ impl Connection {
             }
             kind::SUBSCRIBE => match frame.decode(self.version, self.ctx.max_packet)? {
                 Packet::Subscribe(subscribe, properties) => {
-                    self.on_subscribe(subscribe, properties).await
+                    self.on_subscribe(subscribe, properties);
+                    Ok(())
                 }
                 _ => Err(EdgeError::Protocol("malformed SUBSCRIBE")),
             },
             kind::UNSUBSCRIBE => match frame.decode(self.version, self.ctx.max_packet)? {
                 Packet::Unsubscribe(unsubscribe, properties) => {
-                    self.on_unsubscribe(unsubscribe, properties)
+                    self.on_unsubscribe(unsubscribe, properties);
+                    Ok(())
                 }
                 _ => Err(EdgeError::Protocol("malformed UNSUBSCRIBE")),
             },
@@ -79,12 +73,13 @@ impl Connection {
                 Ok(())
             }
             kind::DISCONNECT => {
-                // Told to rumqttd, if it has this client, so that it drops the will.
-                match self.version {
-                    _ if !self.upstream.is_linked() => {}
-                    Version::V5 => self.up_out.extend_from_slice(&frame.bytes),
-                    Version::V4 => self.up_out.extend_from_slice(&[kind::DISCONNECT << 4, 0]),
-                }
+                let farewell = match self.version {
+                    Version::V5 => frame.bytes,
+                    Version::V4 => bytes::Bytes::from_static(&[kind::DISCONNECT << 4, 0]),
+                };
+                // After what the client sent before it (still in the ordered operations).
+                self.ops
+                    .push_back(Box::pin(std::future::ready(Outcome::Farewell(farewell))));
                 self.client_disconnected = true;
                 Ok(())
             }
@@ -139,14 +134,16 @@ impl Connection {
                     );
                     return Ok(());
                 }
-                if !self.ctx.policy.checks_publishes() {
+                let judged = self.ctx.policy.checks_publishes();
+                if !judged && self.ops.is_empty() {
                     match self.version {
                         Version::V5 => self.rumqttd_out().extend_from_slice(&frame.bytes),
                         Version::V4 => publish.write(Version::V5, pkid, self.rumqttd_out()),
                     }
                     return Ok(());
                 }
-                // Judged by the policy in arrival order, with this connection's other work.
+                // In arrival order with this connection's other work: judged by the policy,
+                // or passed on behind a SUBSCRIBE still being checked.
                 let upstream = match self.version {
                     Version::V5 => frame.bytes.clone(),
                     Version::V4 => {
@@ -155,18 +152,29 @@ impl Connection {
                         out.freeze()
                     }
                 };
+                let topic = publish.topic_str().to_owned();
+                if !judged {
+                    let relay = Outcome::Relay {
+                        pkid,
+                        qos,
+                        topic,
+                        upstream,
+                        decision: None,
+                    };
+                    self.ops.push_back(Box::pin(std::future::ready(relay)));
+                    return Ok(());
+                }
                 let view = PublishView {
                     uid: self.device.uid.clone(),
                     client_id: self.device.client_id.clone(),
-                    topic: publish.topic_str().to_owned(),
+                    topic: topic.clone(),
                     qos,
                     retain: publish.flags & 1 == 1,
                     payload: publish.payload.clone(),
                 };
                 let policy = std::sync::Arc::clone(&self.ctx.policy);
                 self.ops.push_back(Box::pin(async move {
-                    let topic = view.topic.clone();
-                    let decision = policy.on_publish(view).await;
+                    let decision = Some(policy.on_publish(view).await);
                     Outcome::Relay {
                         pkid,
                         qos,
@@ -261,223 +269,6 @@ impl Connection {
             target.topic = topic;
         }
         Ok(Ok(target))
-    }
-
-    async fn on_subscribe(
-        &mut self,
-        subscribe: Subscribe,
-        properties: Option<protocol::SubscribeProperties>,
-    ) -> Result<(), EdgeError> {
-        let mut codes = Vec::with_capacity(subscribe.filters.len());
-        let mut relayed: Vec<Filter> = Vec::new();
-        for filter in subscribe.filters {
-            // rumqttd 0.20 ends the whole link on a `$` filter other than `$share/...`.
-            let dollar = filter.path.starts_with('$') && !filter.path.starts_with("$share/");
-            if !protocol::valid_filter(&filter.path) || dollar {
-                codes.push(Some(FILTER_INVALID));
-                continue;
-            }
-            match acl::subscribe(&self.ctx.topics, self.im_uid(), &filter.path) {
-                FilterAccess::PassThrough
-                    if !self.acl_allows(&filter.path, Access::Read, true, "subscribe") =>
-                {
-                    tracing::debug!(filter = filter.path, "subscribe denied by the ACL");
-                    codes.push(Some(NOT_AUTHORIZED));
-                }
-                FilterAccess::PassThrough => {
-                    let view = SubscribeView {
-                        uid: self.device.uid.clone(),
-                        client_id: self.device.client_id.clone(),
-                        filter: filter.path.clone(),
-                        qos: filter.qos as u8,
-                    };
-                    let metrics = self.ctx.im.metrics();
-                    if let Decision::Deny(reason) = self.ctx.policy.on_subscribe(view).await {
-                        metrics.verdict("subscribe", "deny");
-                        tracing::debug!(filter = filter.path, %reason, "subscribe denied by policy");
-                        codes.push(Some(NOT_AUTHORIZED));
-                    } else {
-                        metrics.verdict("subscribe", "allow");
-                        codes.push(None);
-                        relayed.push(filter);
-                    }
-                }
-                FilterAccess::Im => {
-                    let qos = (filter.qos as u8).min(1);
-                    self.im_filters.insert(filter.path, qos);
-                    codes.push(Some(qos));
-                }
-                FilterAccess::Group(gid) => {
-                    let gid = gid.to_owned();
-                    if self.join_group(&gid).await {
-                        let qos = (filter.qos as u8).min(1);
-                        self.im_filters.insert(filter.path, qos);
-                        codes.push(Some(qos));
-                    } else {
-                        codes.push(Some(NOT_AUTHORIZED));
-                    }
-                }
-                FilterAccess::Denied => {
-                    tracing::debug!(filter = filter.path, "subscribe denied");
-                    codes.push(Some(NOT_AUTHORIZED));
-                }
-            }
-        }
-        let pkid = subscribe.pkid;
-        if relayed.is_empty() {
-            self.write_suback(pkid, codes.into_iter().flatten().collect())
-        } else {
-            self.pending.insert(pkid, PendingAck { codes });
-            let subscribe = Subscribe {
-                pkid,
-                filters: relayed,
-            };
-            codec::write_packet(
-                self.rumqttd_out(),
-                Version::V5,
-                Packet::Subscribe(subscribe, properties),
-            )?;
-            Ok(())
-        }
-    }
-
-    fn write_suback(&mut self, pkid: u16, codes: Vec<u8>) -> Result<(), EdgeError> {
-        let return_codes = codes
-            .into_iter()
-            .map(|code| match (code, self.version) {
-                (0, _) => SubscribeReasonCode::Success(QoS::AtMostOnce),
-                (1, _) => SubscribeReasonCode::Success(QoS::AtLeastOnce),
-                (2, _) => SubscribeReasonCode::Success(QoS::ExactlyOnce),
-                (_, Version::V4) => SubscribeReasonCode::Failure,
-                (NOT_AUTHORIZED, Version::V5) => SubscribeReasonCode::NotAuthorized,
-                (FILTER_INVALID, Version::V5) => SubscribeReasonCode::TopicFilterInvalid,
-                (_, Version::V5) => SubscribeReasonCode::Unspecified,
-            })
-            .collect();
-        let suback = SubAck { pkid, return_codes };
-        codec::write_packet(
-            &mut self.client_out,
-            self.version,
-            Packet::SubAck(suback, None),
-        )?;
-        self.after_subscribe();
-        Ok(())
-    }
-
-    /// Presence and the once-per-connection digest follow the SUBACK.
-    pub(super) fn after_subscribe(&mut self) {
-        let inbox = self.ctx.topics.inbox(&self.device.uid);
-        if self.granted_qos(&inbox).is_some() {
-            self.go_online();
-        }
-        let digest = self.ctx.topics.digest(&self.device.uid);
-        if !self.digest_sent && self.granted_qos(&digest).is_some() {
-            self.digest_sent = true;
-            let (im, device) = (self.ctx.im.clone(), self.device.clone());
-            let register = !self.registered;
-            self.registered = true;
-            let budget = self.payload_budget(&digest, 0);
-            self.ops.push_back(Box::pin(async move {
-                if register {
-                    if let Err(e) = im.connected(&device).await {
-                        return Outcome::Digest(Err(e));
-                    }
-                }
-                Outcome::Digest(im.digest(&device, budget).await)
-            }));
-        }
-    }
-
-    fn on_unsubscribe(
-        &mut self,
-        unsubscribe: Unsubscribe,
-        properties: Option<protocol::UnsubscribeProperties>,
-    ) -> Result<(), EdgeError> {
-        let mut codes = Vec::with_capacity(unsubscribe.filters.len());
-        let mut relayed = Vec::new();
-        for filter in unsubscribe.filters {
-            if self.ctx.topics.strip_prefix(&filter).is_some() {
-                if let Route::Group(gid) = self.ctx.topics.route(&filter) {
-                    self.ctx.im.unwatch_group(gid, self.id);
-                }
-                let existed = self.im_filters.remove(&filter).is_some();
-                codes.push(Some(if existed { 0 } else { 0x11 }));
-            } else if self.upstream.is_linked() {
-                codes.push(None);
-                relayed.push(filter);
-            } else {
-                // rumqttd never had this client, so it has none of its subscriptions.
-                codes.push(Some(0x11));
-            }
-        }
-        let inbox = self.ctx.topics.inbox(&self.device.uid);
-        if self.granted_qos(&inbox).is_none() {
-            self.go_offline();
-        }
-        let pkid = unsubscribe.pkid;
-        if relayed.is_empty() {
-            return self.write_unsuback(pkid, codes.into_iter().flatten().collect());
-        }
-        self.pending.insert(pkid, PendingAck { codes });
-        let unsubscribe = Unsubscribe {
-            pkid,
-            filters: relayed,
-        };
-        codec::write_packet(
-            &mut self.up_out,
-            Version::V5,
-            Packet::Unsubscribe(unsubscribe, properties),
-        )?;
-        Ok(())
-    }
-
-    /// Members only: watches the group for live messages; `false` for a non-member (or when
-    /// membership cannot be checked now).
-    pub(super) async fn join_group(&mut self, gid: &str) -> bool {
-        match self.ctx.im.group_role(&self.device.uid, gid).await {
-            Ok(Some(_)) => {
-                self.ctx
-                    .im
-                    .watch_group(gid, &self.device, self.id, self.sink());
-                true
-            }
-            Ok(None) => {
-                tracing::debug!(gid, "group subscribe by a non-member denied");
-                false
-            }
-            Err(e) => {
-                tracing::warn!(gid, error = %e, "group membership not checkable; subscribe refused");
-                false
-            }
-        }
-    }
-
-    /// The groups this connection's filters name.
-    pub(super) fn group_filters(&self) -> Vec<(String, String)> {
-        self.im_filters
-            .keys()
-            .filter_map(|filter| match self.ctx.topics.route(filter) {
-                Route::Group(gid) => Some((filter.clone(), gid.to_owned())),
-                _ => None,
-            })
-            .collect()
-    }
-
-    fn write_unsuback(&mut self, pkid: u16, codes: Vec<u8>) -> Result<(), EdgeError> {
-        let reasons = codes
-            .into_iter()
-            .map(|code| match code {
-                0 => UnsubAckReason::Success,
-                _ => UnsubAckReason::NoSubscriptionExisted,
-            })
-            .collect();
-        let unsuback = UnsubAck { pkid, reasons };
-        codec::write_packet(
-            &mut self.client_out,
-            self.version,
-            Packet::UnsubAck(unsuback, None),
-        )?;
-        Ok(())
     }
 
     pub(super) fn on_upstream_frame(&mut self, frame: Frame) -> Result<(), EdgeError> {

@@ -13,9 +13,12 @@ use super::codec::{self, kind, Version};
 use super::connection::Connection;
 use super::fit;
 use super::packet_ids::Origin;
+use super::subscribe::Subscription;
 use super::EdgeError;
 use crate::im::{Accepted, ImError};
+use crate::policy::Decision;
 use crate::wire::pb;
+use rumqttd::protocol::{Unsubscribe, UnsubscribeProperties};
 
 /// Where a reply goes.
 #[derive(Debug, Clone)]
@@ -43,15 +46,23 @@ pub(super) enum Outcome {
     },
     /// The digest for this connection.
     Digest(Result<pb::Digest, ImError>),
-    /// A pass-through publish the policy's `on_publish` judged: relayed or refused.
+    /// A pass-through publish, relayed or refused in its turn.
     Relay {
         pkid: u16,
         qos: u8,
         topic: String,
         /// The publish as rumqttd gets it (MQTT 5).
         upstream: bytes::Bytes,
-        decision: crate::policy::Decision,
+        /// What the policy's `on_publish` decided, if it judges publishes.
+        decision: Option<crate::policy::Decision>,
     },
+    /// A SUBSCRIBE checked, ready to take effect.
+    Subscribed(Subscription),
+    /// An UNSUBSCRIBE in its turn.
+    Unsubscribed(Unsubscribe, Option<UnsubscribeProperties>),
+    /// The client's DISCONNECT, for rumqttd if it has this client (so that it drops the
+    /// will).
+    Farewell(bytes::Bytes),
 }
 
 /// Why a publish was refused, in both protocol versions' terms.
@@ -108,21 +119,33 @@ impl Connection {
                 upstream,
                 decision,
             } => {
-                let verdict = match decision {
-                    crate::policy::Decision::Allow(_) => "allow",
-                    crate::policy::Decision::Deny(_) => "deny",
-                };
-                self.ctx.im.metrics().verdict("publish", verdict);
+                if let Some(decision) = &decision {
+                    let verdict = match decision {
+                        Decision::Allow(_) => "allow",
+                        Decision::Deny(_) => "deny",
+                    };
+                    self.ctx.im.metrics().verdict("publish", verdict);
+                }
                 match decision {
-                    crate::policy::Decision::Allow(_) => {
+                    None | Some(Decision::Allow(_)) => {
                         self.rumqttd_out().extend_from_slice(&upstream)
                     }
-                    crate::policy::Decision::Deny(reason) => {
+                    Some(Decision::Deny(reason)) => {
                         tracing::debug!(topic, %reason, "publish denied by policy");
                         self.refuse_plain(qos, pkid, &topic, &reason);
                     }
                 }
                 Ok(())
+            }
+            Outcome::Subscribed(subscription) => self.subscribed(subscription),
+            Outcome::Farewell(disconnect) => {
+                if self.upstream.is_linked() {
+                    self.up_out.extend_from_slice(&disconnect);
+                }
+                Ok(())
+            }
+            Outcome::Unsubscribed(unsubscribe, properties) => {
+                self.unsubscribed(unsubscribe, properties)
             }
             Outcome::Chat {
                 pkid,

@@ -1,0 +1,374 @@
+//! SUBSCRIBE and UNSUBSCRIBE. What a filter alone decides (validity, the topic ACL, IM
+//! routes) is decided as the packet arrives; what needs a script or the store (the policy's
+//! `on_subscribe`, group membership) is checked in the connection's ordered operations, so
+//! the connection keeps reading meanwhile, and every answer and subscription takes effect
+//! in arrival order with the connection's publishes.
+
+use std::sync::Arc;
+
+use rumqttd::protocol::{
+    self, Filter, Packet, QoS, SubAck, Subscribe, SubscribeProperties, SubscribeReasonCode,
+    UnsubAck, UnsubAckReason, Unsubscribe, UnsubscribeProperties,
+};
+
+use super::acl::{self, FilterAccess};
+use super::codec::{self, Version};
+use super::connection::{Connection, PendingAck};
+use super::reply::Outcome;
+use super::topics::Route;
+use super::EdgeError;
+use crate::auth::acl::Access;
+use crate::im::ImService;
+use crate::policy::{Decision, Policy, SubscribeView};
+
+/// SUBACK code for a refused filter (0x87 in MQTT 5, 0x80 in 3.1.1).
+pub(super) const NOT_AUTHORIZED: u8 = 0x87;
+/// SUBACK code for a filter that is not a valid one (or one rumqttd cannot take).
+const FILTER_INVALID: u8 = 0x8f;
+/// UNSUBACK code for a filter the client had not subscribed to.
+const NO_SUBSCRIPTION: u8 = 0x11;
+
+/// One filter of a SUBSCRIBE, decided.
+#[derive(Debug)]
+pub(super) enum Granted {
+    /// Refused by the hook layer with this code.
+    Refused(u8),
+    /// An IM topic of the client's own, at this QoS.
+    Im { filter: String, qos: u8 },
+    /// A group's topic, for a member.
+    Group {
+        filter: String,
+        qos: u8,
+        gid: String,
+    },
+    /// For rumqttd to answer.
+    Relay(Filter),
+}
+
+/// What is still to check about one filter.
+enum Check {
+    Decided(Granted),
+    /// The policy's `on_subscribe`, then rumqttd.
+    Policy(Filter, SubscribeView),
+    /// Membership of the group.
+    Member {
+        filter: String,
+        qos: u8,
+        gid: String,
+    },
+}
+
+/// A SUBSCRIBE, or the IM filters of a resumed persistent session (no packet id: no
+/// SUBACK), checked and ready to take effect.
+#[derive(Debug)]
+pub(super) struct Subscription {
+    pkid: Option<u16>,
+    properties: Option<SubscribeProperties>,
+    granted: Vec<Granted>,
+}
+
+impl Connection {
+    /// Decides what each filter alone decides and queues the rest of the checks.
+    pub(super) fn on_subscribe(
+        &mut self,
+        subscribe: Subscribe,
+        properties: Option<SubscribeProperties>,
+    ) {
+        let checks = subscribe
+            .filters
+            .into_iter()
+            .map(|filter| self.check_filter(filter))
+            .collect();
+        self.queue_subscription(Some(subscribe.pkid), properties, checks);
+    }
+
+    /// A resumed persistent session's IM filters: groups are checked again (the device may
+    /// have left one meanwhile), then presence and a fresh digest follow.
+    pub(super) fn resume_subscriptions(&mut self) {
+        let filters = std::mem::take(&mut self.im_filters);
+        let checks = filters
+            .into_iter()
+            .map(|(filter, qos)| match self.ctx.topics.route(&filter) {
+                Route::Group(gid) => Check::Member {
+                    gid: gid.to_owned(),
+                    filter,
+                    qos,
+                },
+                _ => Check::Decided(Granted::Im { filter, qos }),
+            })
+            .collect();
+        self.queue_subscription(None, None, checks);
+    }
+
+    fn check_filter(&self, filter: Filter) -> Check {
+        // rumqttd 0.20 ends the whole link on a `$` filter other than `$share/...`.
+        let dollar = filter.path.starts_with('$') && !filter.path.starts_with("$share/");
+        if !protocol::valid_filter(&filter.path) || dollar {
+            return Check::Decided(Granted::Refused(FILTER_INVALID));
+        }
+        let qos = (filter.qos as u8).min(1);
+        match acl::subscribe(&self.ctx.topics, self.im_uid(), &filter.path) {
+            FilterAccess::PassThrough
+                if !self.acl_allows(&filter.path, Access::Read, true, "subscribe") =>
+            {
+                tracing::debug!(filter = filter.path, "subscribe denied by the ACL");
+                Check::Decided(Granted::Refused(NOT_AUTHORIZED))
+            }
+            FilterAccess::PassThrough => {
+                let view = SubscribeView {
+                    uid: self.device.uid.clone(),
+                    client_id: self.device.client_id.clone(),
+                    filter: filter.path.clone(),
+                    qos: filter.qos as u8,
+                };
+                Check::Policy(filter, view)
+            }
+            FilterAccess::Im => Check::Decided(Granted::Im {
+                filter: filter.path,
+                qos,
+            }),
+            FilterAccess::Group(gid) => Check::Member {
+                gid: gid.to_owned(),
+                filter: filter.path,
+                qos,
+            },
+            FilterAccess::Denied => {
+                tracing::debug!(filter = filter.path, "subscribe denied");
+                Check::Decided(Granted::Refused(NOT_AUTHORIZED))
+            }
+        }
+    }
+
+    fn queue_subscription(
+        &mut self,
+        pkid: Option<u16>,
+        properties: Option<SubscribeProperties>,
+        checks: Vec<Check>,
+    ) {
+        let policy = Arc::clone(&self.ctx.policy);
+        let (im, uid) = (self.ctx.im.clone(), self.device.uid.clone());
+        self.ops.push_back(Box::pin(async move {
+            let mut granted = Vec::with_capacity(checks.len());
+            for check in checks {
+                granted.push(settle(check, policy.as_ref(), &im, &uid).await);
+            }
+            Outcome::Subscribed(Subscription {
+                pkid,
+                properties,
+                granted,
+            })
+        }));
+    }
+
+    /// Takes a checked SUBSCRIBE into effect: IM filters here, the rest to rumqttd, whose
+    /// SUBACK completes the answer.
+    pub(super) fn subscribed(&mut self, subscription: Subscription) -> Result<(), EdgeError> {
+        let Subscription {
+            pkid,
+            properties,
+            granted,
+        } = subscription;
+        let mut codes = Vec::with_capacity(granted.len());
+        let mut relayed = Vec::new();
+        for grant in granted {
+            codes.push(match grant {
+                Granted::Refused(code) => Some(code),
+                Granted::Im { filter, qos } => {
+                    self.im_filters.insert(filter, qos);
+                    Some(qos)
+                }
+                Granted::Group { filter, qos, gid } => {
+                    let sink = self.sink();
+                    self.ctx.im.watch_group(&gid, &self.device, self.id, sink);
+                    self.im_filters.insert(filter, qos);
+                    Some(qos)
+                }
+                Granted::Relay(filter) => {
+                    relayed.push(filter);
+                    None
+                }
+            });
+        }
+        let Some(pkid) = pkid else {
+            self.after_subscribe();
+            return Ok(());
+        };
+        if relayed.is_empty() {
+            return self.write_suback(pkid, codes.into_iter().flatten().collect());
+        }
+        self.pending.insert(pkid, PendingAck { codes });
+        let subscribe = Subscribe {
+            pkid,
+            filters: relayed,
+        };
+        codec::write_packet(
+            self.rumqttd_out(),
+            Version::V5,
+            Packet::Subscribe(subscribe, properties),
+        )?;
+        Ok(())
+    }
+
+    pub(super) fn write_suback(&mut self, pkid: u16, codes: Vec<u8>) -> Result<(), EdgeError> {
+        let return_codes = codes
+            .into_iter()
+            .map(|code| match (code, self.version) {
+                (0, _) => SubscribeReasonCode::Success(QoS::AtMostOnce),
+                (1, _) => SubscribeReasonCode::Success(QoS::AtLeastOnce),
+                (2, _) => SubscribeReasonCode::Success(QoS::ExactlyOnce),
+                (_, Version::V4) => SubscribeReasonCode::Failure,
+                (NOT_AUTHORIZED, Version::V5) => SubscribeReasonCode::NotAuthorized,
+                (FILTER_INVALID, Version::V5) => SubscribeReasonCode::TopicFilterInvalid,
+                (_, Version::V5) => SubscribeReasonCode::Unspecified,
+            })
+            .collect();
+        let suback = SubAck { pkid, return_codes };
+        codec::write_packet(
+            &mut self.client_out,
+            self.version,
+            Packet::SubAck(suback, None),
+        )?;
+        self.after_subscribe();
+        Ok(())
+    }
+
+    /// Presence and the once-per-connection digest follow the SUBACK.
+    pub(super) fn after_subscribe(&mut self) {
+        let inbox = self.ctx.topics.inbox(&self.device.uid);
+        if self.granted_qos(&inbox).is_some() {
+            self.go_online();
+        }
+        let digest = self.ctx.topics.digest(&self.device.uid);
+        if !self.digest_sent && self.granted_qos(&digest).is_some() {
+            self.digest_sent = true;
+            let (im, device) = (self.ctx.im.clone(), self.device.clone());
+            let register = !self.registered;
+            self.registered = true;
+            let budget = self.payload_budget(&digest, 0);
+            self.ops.push_back(Box::pin(async move {
+                if register {
+                    if let Err(e) = im.connected(&device).await {
+                        return Outcome::Digest(Err(e));
+                    }
+                }
+                Outcome::Digest(im.digest(&device, budget).await)
+            }));
+        }
+    }
+
+    /// Queued behind the connection's earlier operations (a SUBSCRIBE still being checked
+    /// must take effect before an UNSUBSCRIBE that follows it).
+    pub(super) fn on_unsubscribe(
+        &mut self,
+        unsubscribe: Unsubscribe,
+        properties: Option<UnsubscribeProperties>,
+    ) {
+        let ready = Outcome::Unsubscribed(unsubscribe, properties);
+        self.ops.push_back(Box::pin(std::future::ready(ready)));
+    }
+
+    /// Takes an UNSUBSCRIBE into effect: IM filters here, the rest at rumqttd, whose
+    /// UNSUBACK completes the answer.
+    pub(super) fn unsubscribed(
+        &mut self,
+        unsubscribe: Unsubscribe,
+        properties: Option<UnsubscribeProperties>,
+    ) -> Result<(), EdgeError> {
+        let mut codes = Vec::with_capacity(unsubscribe.filters.len());
+        let mut relayed = Vec::new();
+        for filter in unsubscribe.filters {
+            if self.ctx.topics.strip_prefix(&filter).is_some() {
+                if let Route::Group(gid) = self.ctx.topics.route(&filter) {
+                    self.ctx.im.unwatch_group(gid, self.id);
+                }
+                let existed = self.im_filters.remove(&filter).is_some();
+                codes.push(Some(if existed { 0 } else { NO_SUBSCRIPTION }));
+            } else if self.upstream.is_linked() {
+                codes.push(None);
+                relayed.push(filter);
+            } else {
+                // rumqttd never had this client, so it has none of its subscriptions.
+                codes.push(Some(NO_SUBSCRIPTION));
+            }
+        }
+        let inbox = self.ctx.topics.inbox(&self.device.uid);
+        if self.granted_qos(&inbox).is_none() {
+            self.go_offline();
+        }
+        let pkid = unsubscribe.pkid;
+        if relayed.is_empty() {
+            return self.write_unsuback(pkid, codes.into_iter().flatten().collect());
+        }
+        self.pending.insert(pkid, PendingAck { codes });
+        let unsubscribe = Unsubscribe {
+            pkid,
+            filters: relayed,
+        };
+        codec::write_packet(
+            &mut self.up_out,
+            Version::V5,
+            Packet::Unsubscribe(unsubscribe, properties),
+        )?;
+        Ok(())
+    }
+
+    pub(super) fn write_unsuback(&mut self, pkid: u16, codes: Vec<u8>) -> Result<(), EdgeError> {
+        let reasons = codes
+            .into_iter()
+            .map(|code| match code {
+                0 => UnsubAckReason::Success,
+                _ => UnsubAckReason::NoSubscriptionExisted,
+            })
+            .collect();
+        let unsuback = UnsubAck { pkid, reasons };
+        codec::write_packet(
+            &mut self.client_out,
+            self.version,
+            Packet::UnsubAck(unsuback, None),
+        )?;
+        Ok(())
+    }
+
+    /// The groups this connection's filters name.
+    pub(super) fn group_filters(&self) -> Vec<(String, String)> {
+        self.im_filters
+            .keys()
+            .filter_map(|filter| match self.ctx.topics.route(filter) {
+                Route::Group(gid) => Some((filter.clone(), gid.to_owned())),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+/// Runs what is left to check of one filter.
+async fn settle(check: Check, policy: &dyn Policy, im: &ImService, uid: &str) -> Granted {
+    match check {
+        Check::Decided(granted) => granted,
+        Check::Policy(filter, view) => {
+            let metrics = im.metrics();
+            match policy.on_subscribe(view).await {
+                Decision::Deny(reason) => {
+                    metrics.verdict("subscribe", "deny");
+                    tracing::debug!(filter = filter.path, %reason, "subscribe denied by policy");
+                    Granted::Refused(NOT_AUTHORIZED)
+                }
+                Decision::Allow(_) => {
+                    metrics.verdict("subscribe", "allow");
+                    Granted::Relay(filter)
+                }
+            }
+        }
+        Check::Member { filter, qos, gid } => match im.group_role(uid, &gid).await {
+            Ok(Some(_)) => Granted::Group { filter, qos, gid },
+            Ok(None) => {
+                tracing::debug!(gid, "group subscribe by a non-member denied");
+                Granted::Refused(NOT_AUTHORIZED)
+            }
+            Err(e) => {
+                tracing::warn!(gid, error = %e, "group membership not checkable; subscribe refused");
+                Granted::Refused(NOT_AUTHORIZED)
+            }
+        },
+    }
+}
