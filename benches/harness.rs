@@ -66,9 +66,24 @@ enum Scenario {
     Idle(IdleArgs),
     /// CONNECT→CONNACK rate with each authentication provider, beside bare rumqttd.
     Connect(ConnectArgs),
-    /// Runs bare rumqttd until killed, printing its address (for `idle`).
+    /// A reconnect storm: devices with a small backlog all connecting at once.
+    Storm(StormArgs),
+    /// Runs bare rumqttd on `--listen` until killed (for `idle` and `storm`).
     #[command(hide = true)]
-    ServeBare,
+    ServeBare {
+        #[arg(long)]
+        listen: SocketAddr,
+    },
+}
+
+#[derive(Debug, Clone, Args)]
+struct StormArgs {
+    /// Devices connecting at once.
+    #[arg(long, default_value_t = 20_000)]
+    devices: usize,
+    /// Chat messages waiting for each device.
+    #[arg(long, default_value_t = 3)]
+    backlog: usize,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -84,7 +99,7 @@ struct ConnectArgs {
 #[derive(Debug, Clone, Args)]
 struct IdleArgs {
     /// Idle clients, each subscribed to its inbox.
-    #[arg(long, default_value_t = 2_000)]
+    #[arg(long, default_value_t = 20_000)]
     connections: usize,
 }
 
@@ -156,8 +171,9 @@ fn main() -> Result<(), Error> {
             Scenario::Pull(args) => pull(&cli, args).await,
             Scenario::Idle(args) => idle(args).await,
             Scenario::Connect(args) => connect_rate(&cli, args).await,
-            Scenario::ServeBare => {
-                println!("listening on {}", bare_rumqttd(false)?);
+            Scenario::Storm(args) => storm(args).await,
+            Scenario::ServeBare { listen } => {
+                bare_rumqttd_on(*listen, false)?;
                 std::future::pending::<()>().await;
                 Ok(())
             }
@@ -171,7 +187,14 @@ fn main() -> Result<(), Error> {
 /// Bare rumqttd 0.20 on loopback, with the router settings mqtt-im ships (`big_logs` for a
 /// backlog scenario: room for the whole backlog in its commit log).
 fn bare_rumqttd(big_logs: bool) -> Result<SocketAddr, Error> {
-    let addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    let addr = free_port()?;
+    bare_rumqttd_on(addr, big_logs)?;
+    Ok(addr)
+}
+
+/// Bare rumqttd as [`bare_rumqttd`] runs it, on `addr`, taking as many connections as the
+/// scenarios open.
+fn bare_rumqttd_on(addr: SocketAddr, big_logs: bool) -> Result<(), Error> {
     let defaults = Config::default().broker;
     let connections = rumqttd::ConnectionSettings {
         connection_timeout_ms: 5000,
@@ -196,7 +219,7 @@ fn bare_rumqttd(big_logs: bool) -> Result<SocketAddr, Error> {
     let config = rumqttd::Config {
         id: 0,
         router: rumqttd::RouterConfig {
-            max_connections: defaults.max_connections,
+            max_connections: defaults.max_connections.max(100_000),
             max_outgoing_packet_count: defaults.max_inflight_count as u64,
             max_segment_size: segment,
             max_segment_count: count,
@@ -214,7 +237,7 @@ fn bare_rumqttd(big_logs: bool) -> Result<SocketAddr, Error> {
             }
         })?;
     std::thread::sleep(Duration::from_millis(300));
-    Ok(addr)
+    Ok(())
 }
 
 /// mqtt-im on port 0, anonymous clients with their client id as uid.
@@ -848,21 +871,39 @@ fn rss_kib(pid: u32) -> Option<u64> {
 }
 
 async fn idle(args: &IdleArgs) -> Result<(), Error> {
+    let connections = affordable_connections(args.connections)?;
+    println!(
+        "idle: {connections} connections, each subscribed to its inbox (mqtt-im: digest received), resident memory of each broker process"
+    );
     let dir = tempfile::tempdir()?;
+    let im_addr = free_port()?;
     let mut im = std::process::Command::new(env!("CARGO_BIN_EXE_mqtt-im"));
-    im.env("MQTT_IM__LISTENERS__MQTT", "127.0.0.1:0")
+    im.env("MQTT_IM__LISTENERS__MQTT", im_addr.to_string())
         .env("MQTT_IM__STORE__PATH", dir.path().join("im.db"))
         .env("MQTT_IM__AUTH__ALLOW_ANONYMOUS", "true")
         .env("MQTT_IM__AUTH__UID_FROM", "client_id")
         .env_remove("RUST_LOG");
-    let im_per = idle_side(im, args, true).await?;
+    let bare_addr = free_port()?;
     let mut bare = std::process::Command::new(std::env::current_exe()?);
-    bare.arg("serve-bare").env_remove("RUST_LOG");
-    let bare_per = idle_side(bare, args, false).await?;
-    println!(
-        "idle: {} connections subscribed to their inbox: bare rumqttd {bare_per:.1} KiB, mqtt-im {im_per:.1} KiB per connection (resident memory of each process)",
-        args.connections
-    );
+    bare.args(["serve-bare", "--listen", &bare_addr.to_string()])
+        .env_remove("RUST_LOG");
+    let mosquitto_addr = free_port()?;
+    let sides = [
+        ("mqtt-im", im, im_addr, Greeting::Digest),
+        ("bare rumqttd", bare, bare_addr, Greeting::SubAck),
+        (
+            "mosquitto",
+            mosquitto(dir.path(), mosquitto_addr)?,
+            mosquitto_addr,
+            Greeting::SubAck,
+        ),
+    ];
+    for (name, command, addr, greeting) in sides {
+        match idle_side(command, addr, connections, greeting).await {
+            Ok(per) => println!("{name:>22}: {per:>6.1} KiB per idle connection"),
+            Err(e) => println!("{name:>22}: not measured: {e}"),
+        }
+    }
     Ok(())
 }
 
@@ -870,34 +911,25 @@ async fn idle(args: &IdleArgs) -> Result<(), Error> {
 /// connection in KiB.
 async fn idle_side(
     mut command: std::process::Command,
-    args: &IdleArgs,
-    digest: bool,
+    addr: SocketAddr,
+    connections: usize,
+    greeting: Greeting,
 ) -> Result<f64, Error> {
-    use std::io::BufRead;
-    let mut child = command.stdout(std::process::Stdio::piped()).spawn()?;
-    let mut line = String::new();
-    let stdout = child.stdout.take().ok_or("no stdout")?;
-    std::io::BufReader::new(stdout).read_line(&mut line)?;
-    let addr: SocketAddr = line
-        .trim()
-        .rsplit(' ')
-        .next()
-        .ok_or("unexpected first line")?
-        .parse()?;
+    let mut child = command
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
     let measure = async {
+        wait_listening(addr).await?;
         // A few clients first, so that one-time allocations are not counted.
-        let mut clients = Vec::new();
-        for n in 0..50 {
-            clients.push(idle_client(addr, n, digest).await?);
-        }
+        let warm = open_idle(addr, 0..50, greeting).await?;
         tokio::time::sleep(Duration::from_secs(1)).await;
         let before = rss_kib(child.id()).ok_or("no RSS")?;
-        for n in 50..50 + args.connections {
-            clients.push(idle_client(addr, n, digest).await?);
-        }
+        let idle = open_idle(addr, 50..50 + connections, greeting).await?;
         tokio::time::sleep(Duration::from_secs(2)).await;
         let after = rss_kib(child.id()).ok_or("no RSS")?;
-        Ok::<_, Error>((after.saturating_sub(before)) as f64 / args.connections as f64)
+        drop((warm, idle));
+        Ok::<_, Error>((after.saturating_sub(before)) as f64 / connections as f64)
     };
     let result = measure.await;
     child.kill()?;
@@ -905,21 +937,365 @@ async fn idle_side(
     result
 }
 
-/// A connected client subscribed to its inbox (with mqtt-im, its digest received), its event
-/// loop kept running.
-async fn idle_client(addr: SocketAddr, n: usize, digest: bool) -> Result<AsyncClient, Error> {
-    let uid = format!("idle{n}");
-    let (client, mut events) = connected(addr, &uid, true, 10).await?;
-    client
-        .subscribe(format!("im/u/{uid}/#"), QoS::AtLeastOnce)
-        .await?;
-    if digest {
-        wait_digest(&mut events).await?;
-    } else {
-        while !matches!(events.poll().await?, Event::Incoming(Packet::SubAck(_))) {}
+/// Connects the idle devices `range`, 64 at a time, and keeps their sockets.
+async fn open_idle(
+    addr: SocketAddr,
+    range: std::ops::Range<usize>,
+    greeting: Greeting,
+) -> Result<Vec<tokio::net::TcpStream>, Error> {
+    let slots = Arc::new(tokio::sync::Semaphore::new(64));
+    let mut tasks = tokio::task::JoinSet::new();
+    for n in range {
+        let permit = Arc::clone(&slots).acquire_owned().await?;
+        tasks.spawn(async move {
+            let device = device_session(addr, &format!("idle{n}"), greeting).await;
+            drop(permit);
+            device.map(|(stream, _)| stream)
+        });
     }
-    tokio::spawn(async move { while events.poll().await.is_ok() {} });
-    Ok(client)
+    let mut streams = Vec::new();
+    while let Some(joined) = tasks.join_next().await {
+        streams.push(joined?.map_err(|e| e.to_string())?);
+    }
+    Ok(streams)
+}
+
+// ---------------------------------------------------------------------------------------
+// storm: every device reconnecting at once
+
+async fn storm(args: &StormArgs) -> Result<(), Error> {
+    let devices = affordable_connections(args.devices)?;
+    println!(
+        "storm: {devices} devices connect at once, each subscribing to its inbox; mqtt-im (embedded store, its own process) with {} messages waiting per device sends each its digest",
+        args.backlog
+    );
+    let dir = tempfile::tempdir()?;
+    let im_addr = free_port()?;
+    let mut im = std::process::Command::new(env!("CARGO_BIN_EXE_mqtt-im"));
+    im.env("MQTT_IM__LISTENERS__MQTT", im_addr.to_string())
+        .env("MQTT_IM__STORE__PATH", dir.path().join("im.db"))
+        .env("MQTT_IM__AUTH__ALLOW_ANONYMOUS", "true")
+        .env("MQTT_IM__AUTH__UID_FROM", "client_id")
+        .env_remove("RUST_LOG");
+    let mut child = im
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    let measured = async {
+        wait_listening(im_addr).await?;
+        // Every device has been here before; then its backlog arrives while it is away.
+        drop(open_idle(im_addr, 0..devices, Greeting::Digest).await?);
+        fill_backlogs(im_addr, devices, args.backlog).await?;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        storm_side("mqtt-im", im_addr, devices, Greeting::Digest).await
+    }
+    .await;
+    child.kill()?;
+    child.wait()?;
+    measured?;
+
+    let bare_addr = free_port()?;
+    let mut bare = std::process::Command::new(std::env::current_exe()?);
+    bare.args(["serve-bare", "--listen", &bare_addr.to_string()]);
+    let mosquitto_addr = free_port()?;
+    for (name, mut command, addr) in [
+        ("bare rumqttd", bare, bare_addr),
+        (
+            "mosquitto",
+            mosquitto(dir.path(), mosquitto_addr)?,
+            mosquitto_addr,
+        ),
+    ] {
+        let mut child = command
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()?;
+        let measured = async {
+            wait_listening(addr).await?;
+            storm_side(name, addr, devices, Greeting::SubAck).await
+        }
+        .await;
+        child.kill()?;
+        child.wait()?;
+        if let Err(e) = measured {
+            println!("{name:>22}: not measured: {e}");
+        }
+    }
+    Ok(())
+}
+
+/// `devices` devices connecting at once; prints the CONNACK rate and when the greetings
+/// (digest or SUBACK) arrived.
+async fn storm_side(
+    name: &str,
+    addr: SocketAddr,
+    devices: usize,
+    greeting: Greeting,
+) -> Result<(), Error> {
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for n in 0..devices {
+        tasks.spawn(async move { device_session(addr, &format!("idle{n}"), greeting).await });
+    }
+    let mut connacks = Vec::with_capacity(devices);
+    let mut greeted = Vec::with_capacity(devices);
+    let mut last_connack = Duration::ZERO;
+    let mut streams = Vec::with_capacity(devices);
+    let mut failed = 0usize;
+    while let Some(joined) = tasks.join_next().await {
+        match joined? {
+            Ok((stream, timings)) => {
+                streams.push(stream);
+                connacks.push(micros(timings.connack));
+                greeted.push(micros(timings.greeted));
+                let connack_at = timings.began + timings.connack - started;
+                last_connack = last_connack.max(connack_at);
+            }
+            Err(_) => failed += 1,
+        }
+    }
+    let all_greeted = started.elapsed();
+    let what = match greeting {
+        Greeting::Digest => "digest",
+        Greeting::SubAck => "SUBACK",
+    };
+    let connack = Measured {
+        received: connacks.len() as u64,
+        seconds: last_connack.as_secs_f64(),
+        latencies: connacks,
+        ..Default::default()
+    };
+    let greeted = Measured {
+        latencies: greeted,
+        ..Default::default()
+    };
+    println!(
+        "{name:>22}: {:>7.0} CONNACK/s, CONNECT->CONNACK p50 {:.1} ms p99 {:.1} ms; last {what} after {:.2} s, CONNECT->{what} p50 {:.1} ms p99 {:.1} ms{}",
+        connack.rate(),
+        connack.percentile(0.5),
+        connack.percentile(0.99),
+        all_greeted.as_secs_f64(),
+        greeted.percentile(0.5),
+        greeted.percentile(0.99),
+        if failed > 0 { format!(" ({failed} failed)") } else { String::new() }
+    );
+    drop(streams);
+    Ok(())
+}
+
+fn micros(elapsed: Duration) -> u64 {
+    u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX)
+}
+
+/// `backlog` chat messages for each of `devices` inboxes, from 50 senders, every one
+/// PUBACKed (stored).
+async fn fill_backlogs(addr: SocketAddr, devices: usize, backlog: usize) -> Result<(), Error> {
+    const SENDERS: usize = 50;
+    let mut tasks = tokio::task::JoinSet::new();
+    for k in 0..SENDERS {
+        tasks.spawn(async move {
+            let sender = format!("sender{k}");
+            let (client, mut events) = connected(addr, &sender, true, 1_000).await?;
+            let publish = {
+                let client = client.clone();
+                tokio::spawn(async move {
+                    for i in (k..devices).step_by(SENDERS) {
+                        let to = format!("idle{i}");
+                        for m in 0..backlog {
+                            let body =
+                                payload(Topics::Chat, &format!("{sender}-{i}-{m}"), &to, "hello");
+                            client
+                                .publish(topic(Topics::Chat, &to), QoS::AtLeastOnce, false, body)
+                                .await?;
+                        }
+                    }
+                    Ok::<_, rumqttc::ClientError>(())
+                })
+            };
+            let expected = (k..devices).step_by(SENDERS).count() * backlog;
+            let mut acked = 0usize;
+            while acked < expected {
+                if let Event::Incoming(Packet::PubAck(_)) = events.poll().await? {
+                    acked += 1;
+                }
+            }
+            publish.await??;
+            client.disconnect().await?;
+            Ok::<_, Error>(())
+        });
+    }
+    while let Some(joined) = tasks.join_next().await {
+        joined??;
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// Many connections: raw MQTT 3.1.1 devices, the file-descriptor limit, Mosquitto
+
+/// What a device waits for after its SUBSCRIBE.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Greeting {
+    /// The SUBACK (bare brokers).
+    SubAck,
+    /// The digest (mqtt-im), which it acknowledges.
+    Digest,
+}
+
+/// When a device's CONNACK and greeting arrived, from its CONNECT.
+#[derive(Debug, Clone, Copy)]
+struct Timings {
+    began: Instant,
+    connack: Duration,
+    greeted: Duration,
+}
+
+/// One device as a phone would be: CONNECT and SUBSCRIBE to its inbox in one write, then
+/// CONNACK, SUBACK and (mqtt-im) the digest, acknowledged. Returns the open socket.
+async fn device_session(
+    addr: SocketAddr,
+    uid: &str,
+    greeting: Greeting,
+) -> Result<(tokio::net::TcpStream, Timings), Error> {
+    use tokio::io::AsyncWriteExt;
+    let began = Instant::now();
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    stream.set_nodelay(true)?;
+    let mut out = connect_bytes(uid, None, 600)?;
+    out.extend(subscribe_bytes(&format!("im/u/{uid}/#")));
+    stream.write_all(&out).await?;
+    let mut input = bytes::BytesMut::with_capacity(256);
+    let mut connack = None;
+    loop {
+        let (kind, body) = read_packet(&mut stream, &mut input).await?;
+        match kind >> 4 {
+            2 => connack = Some(began.elapsed()),
+            9 if greeting == Greeting::SubAck => break,
+            3 if kind & 0x06 != 0 => {
+                // The digest at QoS 1: acknowledge its packet id.
+                let topic_len = usize::from(u16::from_be_bytes([body[0], body[1]]));
+                let pkid = &body[2 + topic_len..4 + topic_len];
+                stream.write_all(&[0x40, 2, pkid[0], pkid[1]]).await?;
+                break;
+            }
+            _ => {}
+        }
+    }
+    let timings = Timings {
+        began,
+        connack: connack.ok_or("no CONNACK")?,
+        greeted: began.elapsed(),
+    };
+    Ok((stream, timings))
+}
+
+/// Reads one whole MQTT packet: its first byte and its body.
+async fn read_packet(
+    stream: &mut tokio::net::TcpStream,
+    input: &mut bytes::BytesMut,
+) -> Result<(u8, bytes::BytesMut), Error> {
+    use tokio::io::AsyncReadExt;
+    loop {
+        if let Some((header, length)) = packet_length(input) {
+            if input.len() >= header + length {
+                let mut packet = input.split_to(header + length);
+                let kind = packet[0];
+                return Ok((kind, packet.split_off(header)));
+            }
+        }
+        if stream.read_buf(input).await? == 0 {
+            return Err("closed by the broker".into());
+        }
+    }
+}
+
+/// The fixed header's size and the remaining length, once they are all in `input`.
+fn packet_length(input: &[u8]) -> Option<(usize, usize)> {
+    let mut length = 0usize;
+    for (i, byte) in input.iter().enumerate().skip(1).take(4) {
+        length |= usize::from(byte & 0x7F) << (7 * (i - 1));
+        if byte & 0x80 == 0 {
+            return Some((i + 1, length));
+        }
+    }
+    None
+}
+
+/// A 3.1.1 SUBSCRIBE to `filter` at QoS 1, packet id 1.
+fn subscribe_bytes(filter: &str) -> Vec<u8> {
+    let length = 2 + 2 + filter.len() + 1;
+    let mut out = vec![0x82];
+    let mut rest = length;
+    loop {
+        let byte = (rest % 128) as u8;
+        rest /= 128;
+        out.push(if rest > 0 { byte | 0x80 } else { byte });
+        if rest == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&[0, 1]);
+    out.extend_from_slice(&(filter.len() as u16).to_be_bytes());
+    out.extend_from_slice(filter.as_bytes());
+    out.push(1);
+    out
+}
+
+/// How many connections one side can hold: the open-file limit is raised as far as the
+/// system allows, and each process needs a socket per connection plus some files of its
+/// own; a smaller number than asked is said.
+fn affordable_connections(asked: usize) -> Result<usize, Error> {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let limit = getrlimit(Resource::Nofile);
+    let hard = limit.maximum.unwrap_or(1 << 20);
+    setrlimit(
+        Resource::Nofile,
+        Rlimit {
+            current: Some(hard),
+            maximum: limit.maximum,
+        },
+    )?;
+    let room = usize::try_from(hard)
+        .unwrap_or(usize::MAX)
+        .saturating_sub(256);
+    if asked > room {
+        println!(
+            "(the open-file limit is {hard} per process, here not raisable: {room} connections instead of {asked})"
+        );
+    }
+    Ok(asked.min(room))
+}
+
+/// A free port on loopback (for brokers that cannot be given port 0).
+fn free_port() -> Result<SocketAddr, Error> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
+}
+
+/// Waits until something listens at `addr`.
+async fn wait_listening(addr: SocketAddr) -> Result<(), Error> {
+    for _ in 0..100 {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Err(format!("nothing listens at {addr}").into())
+}
+
+/// Debian's Mosquitto on `addr`, anonymous, no connection limit, nothing on disk.
+fn mosquitto(dir: &std::path::Path, addr: SocketAddr) -> Result<std::process::Command, Error> {
+    let conf = dir.join(format!("mosquitto-{}.conf", addr.port()));
+    std::fs::write(
+        &conf,
+        format!(
+            "listener {} {}\nallow_anonymous true\nmax_connections -1\npersistence false\nlog_dest none\n",
+            addr.port(),
+            addr.ip()
+        ),
+    )?;
+    let mut command = std::process::Command::new("mosquitto");
+    command.arg("-c").arg(conf);
+    Ok(command)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1023,10 +1399,14 @@ fn providers() -> Result<Vec<Provider>, Error> {
 }
 
 /// A 3.1.1 CONNECT with `login`.
-fn connect_bytes(client_id: &str, login: Option<&(String, String)>) -> Result<Vec<u8>, Error> {
+fn connect_bytes(
+    client_id: &str,
+    login: Option<&(String, String)>,
+    keep_alive: u16,
+) -> Result<Vec<u8>, Error> {
     use rumqttd::protocol::Protocol;
     let connect = rumqttd::protocol::Connect {
-        keep_alive: 30,
+        keep_alive,
         client_id: client_id.into(),
         clean_session: true,
     };
@@ -1063,8 +1443,8 @@ async fn measure_connects(
                 if i >= total {
                     return Ok::<(), String>(());
                 }
-                let packet =
-                    connect_bytes(&format!("c-{i}"), login.as_ref()).map_err(|e| e.to_string())?;
+                let packet = connect_bytes(&format!("c-{i}"), login.as_ref(), 30)
+                    .map_err(|e| e.to_string())?;
                 let began = Instant::now();
                 let mut stream = tokio::net::TcpStream::connect(addr)
                     .await

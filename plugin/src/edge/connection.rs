@@ -38,8 +38,10 @@ const UPSTREAM_PING: Duration = Duration::from_secs(20);
 /// How long a connection the server ends waits for the client to hang up first.
 const LINGER: Duration = Duration::from_millis(500);
 /// Spare read buffer of a quiet connection side, and of a busy one.
-const READ_SMALL: usize = 2048;
+pub(super) const READ_SMALL: usize = 512;
 const READ_LARGE: usize = 64 << 10;
+/// Outgoing buffers larger than this are given back once written (after a burst).
+const WRITE_KEEP: usize = 4 << 10;
 /// Live deliveries queued per connection before the device counts as busy.
 const EVENT_QUEUE: usize = 1024;
 
@@ -89,6 +91,9 @@ pub(super) struct Connection {
     client_rd: ReadHalf<ClientStream>,
     client_wr: WriteHalf<ClientStream>,
     client_in: BytesMut,
+    /// Room the last read from the client had, and whether it filled it (a burst).
+    client_room: usize,
+    client_burst: bool,
     pub(super) client_out: BytesMut,
     /// The link to rumqttd, opened when the client first needs it.
     pub(super) upstream: Upstream,
@@ -107,8 +112,10 @@ pub(super) struct Connection {
     pub(super) ops: FuturesOrdered<BoxFuture<'static, Outcome>>,
     /// Arrival order of this connection's chat publishes, which their seqs follow.
     pub(super) send_order: SendOrder,
-    events_tx: mpsc::Sender<DeviceEvent>,
-    events_rx: mpsc::Receiver<DeviceEvent>,
+    /// Boxed: the queue's storage is allocated in blocks of slots, and an idle
+    /// connection's first block then stays small.
+    events_tx: mpsc::Sender<Box<DeviceEvent>>,
+    events_rx: mpsc::Receiver<Box<DeviceEvent>>,
     pub(super) online: bool,
     pub(super) digest_sent: bool,
     pub(super) client_disconnected: bool,
@@ -131,13 +138,16 @@ pub(super) async fn serve(
     let listener = upgrade.kind();
     let span = tracing::info_span!("connection", id, %peer, %listener, client_id = tracing::field::Empty, uid = tracing::field::Empty);
     async move {
-        let upgraded = match timeout(ctx.connect_timeout, upgrade.upgrade(tcp)).await {
+        // Each stage in a box of its own: a connection's task then holds only the stage it
+        // is in (an idle connection does not keep room for the handshake's futures).
+        let upgrading = Box::pin(upgrade.upgrade(tcp));
+        let upgraded = match timeout(ctx.connect_timeout, upgrading).await {
             Ok(Ok(upgraded)) => upgraded,
             Ok(Err(e)) => return tracing::debug!(error = %e, "transport handshake failed"),
             Err(_) => return tracing::debug!("transport handshake timed out"),
         };
         let arrival = Arrival { id, peer, listener };
-        match handshake(upgraded, Arc::clone(&ctx), &arrival).await {
+        match Box::pin(handshake(upgraded, Arc::clone(&ctx), &arrival)).await {
             Ok(established) => {
                 let connection = Connection::new(ctx, id, listener, established);
                 let span = tracing::Span::current();
@@ -148,7 +158,8 @@ pub(super) async fn serve(
                     "uid",
                     crate::text::clean(&connection.device.uid, LOGGED_ID).as_str(),
                 );
-                connection.run(shutdown).await;
+                let run = Box::pin(connection.run(shutdown));
+                run.await;
             }
             Err(e) => tracing::debug!(error = %e, "connect failed"),
         }
@@ -215,6 +226,8 @@ impl Connection {
             client_rd,
             client_wr,
             client_in,
+            client_room: 0,
+            client_burst: false,
             client_out,
             upstream,
             up_out: BytesMut::new(),
@@ -243,6 +256,20 @@ fn connection_labels(listener: ListenerKind, version: Version) -> ConnectionLabe
         listener: listener.as_str(),
         protocol: version.name(),
     }
+}
+
+/// Makes room for the next read into `buf` and returns it: small while the peer is quiet
+/// (an idle connection stays small), large after a read filled all the room (a burst gets
+/// its bytes in few system calls), and small again once a burst is drained.
+pub(super) fn make_room(buf: &mut BytesMut, burst: bool) -> usize {
+    if burst {
+        buf.reserve(READ_LARGE);
+    } else if buf.is_empty() && buf.capacity() > 2 * READ_SMALL {
+        *buf = BytesMut::with_capacity(READ_SMALL);
+    } else {
+        buf.reserve(READ_SMALL);
+    }
+    buf.capacity() - buf.len()
 }
 
 /// Completes at `at`, never without one.
@@ -301,7 +328,8 @@ impl Connection {
                 read = self.client_rd.read_buf(&mut self.client_in),
                     if self.ops.len() < MAX_PENDING_OPS && self.read_resume.is_none() => match read {
                     Ok(0) | Err(_) => Err(End::ClientGone),
-                    Ok(_) => {
+                    Ok(read) => {
+                        self.client_burst = read >= self.client_room;
                         self.last_seen = Instant::now();
                         self.on_client_bytes().map_err(End::Failed)
                     }
@@ -316,7 +344,7 @@ impl Connection {
                 Some(outcome) = self.ops.next(), if !self.ops.is_empty() => {
                     self.on_outcome(outcome).map_err(End::Failed)
                 }
-                Some(event) = self.events_rx.recv() => self.on_event(event).map_err(End::Failed),
+                Some(event) = self.events_rx.recv() => self.on_event(*event).map_err(End::Failed),
                 _ = ticker.tick() => self.on_tick(),
                 () = shutdown.cancelled() => Err(End::Shutdown),
                 () = self.link.kick.cancelled() => Err(End::TakenOver),
@@ -340,18 +368,14 @@ impl Connection {
                 end.get_or_insert(End::Unstored);
             }
         }
-        self.finish(end.unwrap_or(End::ClientGone)).await;
+        // Boxed: only an ending connection needs room for the goodbye.
+        Box::pin(self.finish(end.unwrap_or(End::ClientGone))).await;
     }
 
-    /// Room for the next reads: small while a side is quiet (an idle connection stays
-    /// small), large once a read has filled what there was (a busy one gets its bytes in few
-    /// system calls).
+    /// Room for the next reads (see [`make_room`]).
     fn reserve_reads(&mut self) {
-        let upstream = self.upstream.input();
-        for buf in std::iter::once(&mut self.client_in).chain(upstream) {
-            let busy = buf.capacity() - buf.len() < READ_SMALL;
-            buf.reserve(if busy { READ_LARGE } else { READ_SMALL });
-        }
+        self.client_room = make_room(&mut self.client_in, self.client_burst);
+        self.upstream.make_room();
     }
 
     fn on_tick(&mut self) -> Result<(), End> {
@@ -393,6 +417,12 @@ impl Connection {
             // TLS and WebSocket buffer what is written.
             self.client_wr.flush().await?;
             self.client_out.clear();
+            if self.client_out.capacity() > WRITE_KEEP {
+                self.client_out = BytesMut::new();
+            }
+        }
+        if self.up_out.is_empty() && self.up_out.capacity() > WRITE_KEEP {
+            self.up_out = BytesMut::new();
         }
         Ok(())
     }

@@ -13,6 +13,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::timeout;
 
 use super::codec::{self, kind, Frame, Version};
+use super::connection::READ_SMALL;
 use super::limits::DeviceSlot;
 use super::links::LinkClaim;
 use super::transport::{ClientStream, Upgraded};
@@ -108,7 +109,7 @@ pub(super) async fn handshake(
         mut stream,
         certified_uid,
     } = upgraded;
-    let mut client_in = BytesMut::with_capacity(4096);
+    let mut client_in = BytesMut::with_capacity(READ_SMALL);
     let packet = read_connect(&mut stream, &mut client_in, &ctx).await?;
     let version = packet.version;
     let admitted = match admit(&ctx, &packet, arrival, certified_uid.as_deref()).await {
@@ -153,8 +154,8 @@ pub(super) async fn handshake(
                 false
             }
         };
-    // Outgoing buffers start small (an idle connection keeps them) and grow when needed.
-    let mut client_out = BytesMut::with_capacity(1024);
+    // Outgoing buffers start empty and grow when needed.
+    let mut client_out = BytesMut::new();
     let properties = admitted.assigned.map(|id| ConnAckProperties {
         assigned_client_identifier: Some(id),
         ..Default::default()

@@ -207,7 +207,7 @@ pub(crate) async fn serve(
 /// A connection as a [`DeviceSink`]: a bounded queue drained by the connection task.
 #[derive(Debug)]
 pub(crate) struct ConnectionSink {
-    events: mpsc::Sender<DeviceEvent>,
+    events: mpsc::Sender<Box<DeviceEvent>>,
     /// Ends the connection as taken over; never lost to a full queue of a stalled client.
     kick: tokio_util::sync::CancellationToken,
 }
@@ -219,7 +219,7 @@ impl DeviceSink for ConnectionSink {
                 self.kick.cancel();
                 true
             }
-            event => self.events.try_send(event).is_ok(),
+            event => self.events.try_send(Box::new(event)).is_ok(),
         }
     }
 }

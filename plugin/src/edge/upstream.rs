@@ -18,6 +18,7 @@ use tokio::net::TcpStream;
 use tokio::time::timeout;
 
 use super::codec::{self, Version};
+use super::connection::{make_room, READ_SMALL};
 use super::handshake::{read_frame, upstream_client_id};
 use super::{EdgeContext, EdgeError, EDGE_USER};
 
@@ -44,6 +45,9 @@ pub(super) struct Link {
     rd: OwnedReadHalf,
     wr: OwnedWriteHalf,
     input: BytesMut,
+    /// Room the last read had, and whether it filled it (a burst).
+    room: usize,
+    burst: bool,
     /// `mqtt_im_upstream_links`, given back when the link goes.
     _counted: Counted,
 }
@@ -129,7 +133,10 @@ impl Upstream {
         match self {
             Self::Open(link) => match link.rd.read_buf(&mut link.input).await {
                 Ok(0) | Err(_) => UpstreamEvent::Closed,
-                Ok(_) => UpstreamEvent::Bytes,
+                Ok(read) => {
+                    link.burst = read >= link.room;
+                    UpstreamEvent::Bytes
+                }
             },
             Self::Opening(opening) => match opening.await {
                 Ok((link, ack)) if ack.code == ConnectReturnCode::Success => {
@@ -157,11 +164,10 @@ impl Upstream {
         }
     }
 
-    /// Room for the next read from rumqttd (see `Connection::reserve_reads`).
-    pub(super) fn input(&mut self) -> Option<&mut BytesMut> {
-        match self {
-            Self::Open(link) => Some(&mut link.input),
-            _ => None,
+    /// Room for the next read from rumqttd (see [`make_room`]).
+    pub(super) fn make_room(&mut self) {
+        if let Self::Open(link) = self {
+            link.room = make_room(&mut link.input, link.burst);
         }
     }
 
@@ -244,7 +250,7 @@ async fn connect(
     let mut out = BytesMut::new();
     codec::write_packet(&mut out, Version::V5, packet)?;
     wr.write_all(&out).await?;
-    let mut input = BytesMut::with_capacity(1024);
+    let mut input = BytesMut::with_capacity(READ_SMALL);
     let frame = timeout(
         ctx.connect_timeout,
         read_frame(&mut rd, &mut input, UPSTREAM_MAX_FRAME),
@@ -260,6 +266,8 @@ async fn connect(
         rd,
         wr,
         input,
+        room: 0,
+        burst: false,
         _counted: Counted::new(&ctx.im.metrics().upstream_links),
     };
     Ok((link, ack))
