@@ -84,6 +84,11 @@ struct StormArgs {
     /// Chat messages waiting for each device.
     #[arg(long, default_value_t = 3)]
     backlog: usize,
+    /// Devices between CONNECT and greeting at any moment (0: all at once). Beyond the
+    /// kernel's accept queue (`somaxconn`) SYNs are dropped and retried a second later,
+    /// which then measures the kernel's retransmission timer rather than the broker.
+    #[arg(long, default_value_t = 4_000)]
+    in_flight: usize,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -966,7 +971,8 @@ async fn open_idle(
 async fn storm(args: &StormArgs) -> Result<(), Error> {
     let devices = affordable_connections(args.devices)?;
     println!(
-        "storm: {devices} devices connect at once, each subscribing to its inbox; mqtt-im (embedded store, its own process) with {} messages waiting per device sends each its digest",
+        "storm: {devices} devices connect ({} in flight at once), each subscribing to its inbox; mqtt-im (embedded store, its own process) with {} messages waiting per device sends each its digest",
+        args.in_flight,
         args.backlog
     );
     let dir = tempfile::tempdir()?;
@@ -987,7 +993,14 @@ async fn storm(args: &StormArgs) -> Result<(), Error> {
         drop(open_idle(im_addr, 0..devices, Greeting::Digest).await?);
         fill_backlogs(im_addr, devices, args.backlog).await?;
         tokio::time::sleep(Duration::from_secs(1)).await;
-        storm_side("mqtt-im", im_addr, devices, Greeting::Digest).await
+        storm_side(
+            "mqtt-im",
+            im_addr,
+            devices,
+            args.in_flight,
+            Greeting::Digest,
+        )
+        .await
     }
     .await;
     child.kill()?;
@@ -1012,7 +1025,7 @@ async fn storm(args: &StormArgs) -> Result<(), Error> {
             .spawn()?;
         let measured = async {
             wait_listening(addr).await?;
-            storm_side(name, addr, devices, Greeting::SubAck).await
+            storm_side(name, addr, devices, args.in_flight, Greeting::SubAck).await
         }
         .await;
         child.kill()?;
@@ -1030,18 +1043,30 @@ async fn storm_side(
     name: &str,
     addr: SocketAddr,
     devices: usize,
+    in_flight: usize,
     greeting: Greeting,
 ) -> Result<(), Error> {
+    let slots = Arc::new(tokio::sync::Semaphore::new(if in_flight == 0 {
+        devices
+    } else {
+        in_flight
+    }));
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for n in 0..devices {
-        tasks.spawn(async move { device_session(addr, &format!("idle{n}"), greeting).await });
+        let slot = Arc::clone(&slots).acquire_owned().await?;
+        tasks.spawn(async move {
+            let session = device_session(addr, &format!("idle{n}"), greeting).await;
+            drop(slot);
+            session.map_err(|e| e.to_string())
+        });
     }
     let mut connacks = Vec::with_capacity(devices);
     let mut greeted = Vec::with_capacity(devices);
     let mut last_connack = Duration::ZERO;
     let mut streams = Vec::with_capacity(devices);
     let mut failed = 0usize;
+    let mut first_failure = None;
     while let Some(joined) = tasks.join_next().await {
         match joined? {
             Ok((stream, timings)) => {
@@ -1051,7 +1076,10 @@ async fn storm_side(
                 let connack_at = timings.began + timings.connack - started;
                 last_connack = last_connack.max(connack_at);
             }
-            Err(_) => failed += 1,
+            Err(e) => {
+                failed += 1;
+                first_failure.get_or_insert(e);
+            }
         }
     }
     let all_greeted = started.elapsed();
@@ -1077,7 +1105,10 @@ async fn storm_side(
         all_greeted.as_secs_f64(),
         greeted.percentile(0.5),
         greeted.percentile(0.99),
-        if failed > 0 { format!(" ({failed} failed)") } else { String::new() }
+        match first_failure {
+            Some(e) => format!(" ({failed} failed, first: {e})"),
+            None => String::new(),
+        }
     );
     drop(streams);
     Ok(())

@@ -100,8 +100,7 @@ impl Server {
         let listeners = bind_listeners(&config).await?;
         let status = match config.listeners.metrics {
             Some(addr) => {
-                let listener = TcpListener::bind(addr)
-                    .await
+                let listener = crate::accept::bind(addr)
                     .map_err(|source| ServerError::Bind { addr, source })?;
                 let source = StatusSource {
                     metrics,
@@ -246,9 +245,8 @@ async fn bind_listeners(config: &Config) -> Result<Vec<(TcpListener, Upgrade)>, 
         let (Some(addr), Some(transport)) = (addr, transport) else {
             continue;
         };
-        let listener = TcpListener::bind(addr)
-            .await
-            .map_err(|source| ServerError::Bind { addr, source })?;
+        let listener =
+            crate::accept::bind(addr).map_err(|source| ServerError::Bind { addr, source })?;
         let upgrade = Upgrade {
             transport,
             ws_path: settings.ws_path.as_str().into(),
