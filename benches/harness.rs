@@ -10,8 +10,13 @@
 //!   against bare rumqttd pushing the same backlog to a persistent session.
 //! - `pull`: Pull latency (pages of 50, each acknowledging the one before) with M stored
 //!   messages.
-//! - `idle`: resident memory per idle connection of the `mqtt-im` binary, run as its own
-//!   process on the embedded store.
+//! - `idle`: resident memory per idle connection (20,000 by default, as many as the
+//!   open-file limit allows) of the `mqtt-im` binary on the embedded store, bare rumqttd and
+//!   Debian's Mosquitto, each its own process on a free port.
+//! - `storm`: every device reconnecting at once (20,000, each with a small backlog):
+//!   CONNACK rate and when the last digest arrived, beside bare rumqttd and Mosquitto
+//!   (CONNACK and SUBACK).
+//! - `connect`: CONNECT→CONNACK rate per authentication provider.
 //!
 //! Every scenario runs mqtt-im on the embedded store; `--postgres URL` (and `--redis URL`)
 //! runs it on PostgreSQL (and Redis) in a fresh schema `bench_<pid>` left for inspection.
@@ -881,35 +886,51 @@ async fn idle(args: &IdleArgs) -> Result<(), Error> {
         "idle: {connections} connections, each subscribed to its inbox (mqtt-im: digest received), resident memory of each broker process"
     );
     let dir = tempfile::tempdir()?;
-    let im_addr = free_port()?;
-    let mut im = std::process::Command::new(env!("CARGO_BIN_EXE_mqtt-im"));
-    im.env("MQTT_IM__LISTENERS__MQTT", im_addr.to_string())
-        .env("MQTT_IM__STORE__PATH", dir.path().join("im.db"))
-        .env("MQTT_IM__AUTH__ALLOW_ANONYMOUS", "true")
-        .env("MQTT_IM__AUTH__UID_FROM", "client_id")
-        .env_remove("RUST_LOG");
-    let bare_addr = free_port()?;
-    let mut bare = std::process::Command::new(std::env::current_exe()?);
-    bare.args(["serve-bare", "--listen", &bare_addr.to_string()])
-        .env_remove("RUST_LOG");
-    let mosquitto_addr = free_port()?;
+    // Each side's port is picked as it starts: the clients of the one before hold many.
     let sides = [
-        ("mqtt-im", im, im_addr, Greeting::Digest),
-        ("bare rumqttd", bare, bare_addr, Greeting::SubAck),
-        (
-            "mosquitto",
-            mosquitto(dir.path(), mosquitto_addr)?,
-            mosquitto_addr,
-            Greeting::SubAck,
-        ),
+        ("mqtt-im", Greeting::Digest),
+        ("bare rumqttd", Greeting::SubAck),
+        ("mosquitto", Greeting::SubAck),
     ];
-    for (name, command, addr, greeting) in sides {
+    for (name, greeting) in sides {
+        let addr = free_port()?;
+        let command = broker_command(name, dir.path(), addr)?;
         match idle_side(command, addr, connections, greeting).await {
             Ok(per) => println!("{name:>22}: {per:>6.1} KiB per idle connection"),
             Err(e) => println!("{name:>22}: not measured: {e}"),
         }
     }
     Ok(())
+}
+
+/// The command that runs broker `name` (as the harness names them) on `addr`: the
+/// `mqtt-im` binary on the embedded store in `dir`, bare rumqttd, or Mosquitto.
+fn broker_command(
+    name: &str,
+    dir: &std::path::Path,
+    addr: SocketAddr,
+) -> Result<std::process::Command, Error> {
+    let mut command = match name {
+        "mqtt-im" => {
+            let mut im = std::process::Command::new(env!("CARGO_BIN_EXE_mqtt-im"));
+            im.env("MQTT_IM__LISTENERS__MQTT", addr.to_string())
+                .env("MQTT_IM__STORE__PATH", dir.join("im.db"))
+                .env("MQTT_IM__AUTH__ALLOW_ANONYMOUS", "true")
+                .env("MQTT_IM__AUTH__UID_FROM", "client_id");
+            im
+        }
+        "bare rumqttd" => {
+            let mut bare = std::process::Command::new(std::env::current_exe()?);
+            bare.args(["serve-bare", "--listen", &addr.to_string()]);
+            bare
+        }
+        _ => mosquitto(dir, addr)?,
+    };
+    command
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    Ok(command)
 }
 
 /// Starts a broker process, connects the idle clients, and returns its resident memory per
@@ -920,10 +941,7 @@ async fn idle_side(
     connections: usize,
     greeting: Greeting,
 ) -> Result<f64, Error> {
-    let mut child = command
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()?;
+    let mut child = command.spawn()?;
     let measure = async {
         wait_listening(addr).await?;
         // A few clients first, so that one-time allocations are not counted.
@@ -977,16 +995,7 @@ async fn storm(args: &StormArgs) -> Result<(), Error> {
     );
     let dir = tempfile::tempdir()?;
     let im_addr = free_port()?;
-    let mut im = std::process::Command::new(env!("CARGO_BIN_EXE_mqtt-im"));
-    im.env("MQTT_IM__LISTENERS__MQTT", im_addr.to_string())
-        .env("MQTT_IM__STORE__PATH", dir.path().join("im.db"))
-        .env("MQTT_IM__AUTH__ALLOW_ANONYMOUS", "true")
-        .env("MQTT_IM__AUTH__UID_FROM", "client_id")
-        .env_remove("RUST_LOG");
-    let mut child = im
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()?;
+    let mut child = broker_command("mqtt-im", dir.path(), im_addr)?.spawn()?;
     let measured = async {
         wait_listening(im_addr).await?;
         // Every device has been here before; then its backlog arrives while it is away.
@@ -1007,22 +1016,9 @@ async fn storm(args: &StormArgs) -> Result<(), Error> {
     child.wait()?;
     measured?;
 
-    let bare_addr = free_port()?;
-    let mut bare = std::process::Command::new(std::env::current_exe()?);
-    bare.args(["serve-bare", "--listen", &bare_addr.to_string()]);
-    let mosquitto_addr = free_port()?;
-    for (name, mut command, addr) in [
-        ("bare rumqttd", bare, bare_addr),
-        (
-            "mosquitto",
-            mosquitto(dir.path(), mosquitto_addr)?,
-            mosquitto_addr,
-        ),
-    ] {
-        let mut child = command
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()?;
+    for name in ["bare rumqttd", "mosquitto"] {
+        let addr = free_port()?;
+        let mut child = broker_command(name, dir.path(), addr)?.spawn()?;
         let measured = async {
             wait_listening(addr).await?;
             storm_side(name, addr, devices, args.in_flight, Greeting::SubAck).await

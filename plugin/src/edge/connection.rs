@@ -91,9 +91,9 @@ pub(super) struct Connection {
     client_rd: ReadHalf<ClientStream>,
     client_wr: WriteHalf<ClientStream>,
     client_in: BytesMut,
-    /// Room the last read from the client had, and whether it filled it (a burst).
+    /// Room the last read from the client had, and what it read.
     client_room: usize,
-    client_burst: bool,
+    client_read: usize,
     pub(super) client_out: BytesMut,
     /// The link to rumqttd, opened when the client first needs it.
     pub(super) upstream: Upstream,
@@ -227,7 +227,7 @@ impl Connection {
             client_wr,
             client_in,
             client_room: 0,
-            client_burst: false,
+            client_read: 0,
             client_out,
             upstream,
             up_out: BytesMut::new(),
@@ -258,13 +258,14 @@ fn connection_labels(listener: ListenerKind, version: Version) -> ConnectionLabe
     }
 }
 
-/// Makes room for the next read into `buf` and returns it: small while the peer is quiet
-/// (an idle connection stays small), large after a read filled all the room (a burst gets
-/// its bytes in few system calls), and small again once a burst is drained.
-pub(super) fn make_room(buf: &mut BytesMut, burst: bool) -> usize {
-    if burst {
+/// Makes room for the next read into `buf` and returns it, given what the last read got
+/// (`read`) of the room it had (`room`): large after a read filled all the room (a burst gets
+/// its bytes in few system calls), small again once a small read finds it drained (an idle
+/// connection stays small), else as it is with at least a little room.
+pub(super) fn make_room(buf: &mut BytesMut, read: usize, room: usize) -> usize {
+    if read > 0 && read >= room {
         buf.reserve(READ_LARGE);
-    } else if buf.is_empty() && buf.capacity() > 2 * READ_SMALL {
+    } else if read < READ_SMALL && buf.is_empty() && buf.capacity() > 2 * READ_SMALL {
         *buf = BytesMut::with_capacity(READ_SMALL);
     } else {
         buf.reserve(READ_SMALL);
@@ -329,7 +330,7 @@ impl Connection {
                     if self.ops.len() < MAX_PENDING_OPS && self.read_resume.is_none() => match read {
                     Ok(0) | Err(_) => Err(End::ClientGone),
                     Ok(read) => {
-                        self.client_burst = read >= self.client_room;
+                        self.client_read = read;
                         self.last_seen = Instant::now();
                         self.on_client_bytes().map_err(End::Failed)
                     }
@@ -374,11 +375,16 @@ impl Connection {
 
     /// Room for the next reads (see [`make_room`]).
     fn reserve_reads(&mut self) {
-        self.client_room = make_room(&mut self.client_in, self.client_burst);
+        self.client_room = make_room(&mut self.client_in, self.client_read, self.client_room);
         self.upstream.make_room();
     }
 
     fn on_tick(&mut self) -> Result<(), End> {
+        // Quiet since the last tick: a buffer left large by a burst is given back (a client
+        // without keep-alive may never send the small read that would do it).
+        if self.last_seen.elapsed() >= UPSTREAM_PING && self.client_in.is_empty() {
+            self.client_read = 0;
+        }
         if let Some(keep_alive) = self.keep_alive {
             if self.last_seen.elapsed() > keep_alive {
                 return Err(End::KeepAliveExpired);
@@ -680,5 +686,31 @@ impl Connection {
             .filter(|(filter, _)| rumqttd::protocol::matches(topic, filter))
             .map(|(_, qos)| *qos)
             .max()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn read_buffers_grow_for_bursts_and_shrink_back_when_quiet() {
+        let mut buf = BytesMut::new();
+        let room = make_room(&mut buf, 0, 0);
+        assert!((READ_SMALL..2 * READ_SMALL).contains(&room), "{room}");
+        // A read that filled the room: the next one gets a large buffer.
+        let room = make_room(&mut buf, room, room);
+        assert!(room >= READ_LARGE);
+        // A busy stream (reads larger than small, not filling) keeps it.
+        let kept = make_room(&mut buf, 4 * READ_SMALL, room);
+        assert!(kept >= READ_LARGE);
+        // A small read that leaves nothing pending: back to small.
+        let room = make_room(&mut buf, 2, kept);
+        assert!(buf.capacity() < 2 * READ_SMALL && room >= READ_SMALL);
+        // Not while a partial frame waits in it.
+        buf.extend_from_slice(&[0x30; 10]);
+        let _ = make_room(&mut buf, room, room);
+        let room = make_room(&mut buf, 2, READ_LARGE);
+        assert!(room >= READ_LARGE - 10);
     }
 }

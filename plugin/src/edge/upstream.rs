@@ -45,9 +45,9 @@ pub(super) struct Link {
     rd: OwnedReadHalf,
     wr: OwnedWriteHalf,
     input: BytesMut,
-    /// Room the last read had, and whether it filled it (a burst).
+    /// Room the last read had, and what it read.
     room: usize,
-    burst: bool,
+    read: usize,
     /// `mqtt_im_upstream_links`, given back when the link goes.
     _counted: Counted,
 }
@@ -134,7 +134,7 @@ impl Upstream {
             Self::Open(link) => match link.rd.read_buf(&mut link.input).await {
                 Ok(0) | Err(_) => UpstreamEvent::Closed,
                 Ok(read) => {
-                    link.burst = read >= link.room;
+                    link.read = read;
                     UpstreamEvent::Bytes
                 }
             },
@@ -167,7 +167,7 @@ impl Upstream {
     /// Room for the next read from rumqttd (see [`make_room`]).
     pub(super) fn make_room(&mut self) {
         if let Self::Open(link) = self {
-            link.room = make_room(&mut link.input, link.burst);
+            link.room = make_room(&mut link.input, link.read, link.room);
         }
     }
 
@@ -267,7 +267,7 @@ async fn connect(
         wr,
         input,
         room: 0,
-        burst: false,
+        read: 0,
         _counted: Counted::new(&ctx.im.metrics().upstream_links),
     };
     Ok((link, ack))
