@@ -196,16 +196,23 @@ impl Connection {
         if relayed.is_empty() {
             return self.write_suback(pkid, codes.into_iter().flatten().collect());
         }
-        self.pending.insert(pkid, PendingAck { codes });
         let subscribe = Subscribe {
             pkid,
             filters: relayed,
         };
-        codec::write_packet(
-            self.rumqttd_out(),
-            Version::V5,
-            Packet::Subscribe(subscribe, properties),
-        )?;
+        self.ask_rumqttd(pkid, codes, Packet::Subscribe(subscribe, properties))
+    }
+
+    /// Sends rumqttd its part of a SUBSCRIBE or UNSUBSCRIBE; the answer to the client waits
+    /// for rumqttd's codes, which fill the `None`s of `codes` (see `Connection::merge`).
+    fn ask_rumqttd(
+        &mut self,
+        pkid: u16,
+        codes: Vec<Option<u8>>,
+        packet: Packet,
+    ) -> Result<(), EdgeError> {
+        self.pending.insert(pkid, PendingAck { codes });
+        codec::write_packet(self.rumqttd_out(), Version::V5, packet)?;
         Ok(())
     }
 
@@ -299,17 +306,11 @@ impl Connection {
         if relayed.is_empty() {
             return self.write_unsuback(pkid, codes.into_iter().flatten().collect());
         }
-        self.pending.insert(pkid, PendingAck { codes });
         let unsubscribe = Unsubscribe {
             pkid,
             filters: relayed,
         };
-        codec::write_packet(
-            &mut self.up_out,
-            Version::V5,
-            Packet::Unsubscribe(unsubscribe, properties),
-        )?;
-        Ok(())
+        self.ask_rumqttd(pkid, codes, Packet::Unsubscribe(unsubscribe, properties))
     }
 
     pub(super) fn write_unsuback(&mut self, pkid: u16, codes: Vec<u8>) -> Result<(), EdgeError> {
