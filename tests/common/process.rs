@@ -90,11 +90,35 @@ impl Proxy {
     }
 }
 
+/// The `mqtt-im` binary as a child process, killed when dropped: a failing test never
+/// leaves a node running.
+pub struct Node(std::process::Child);
+
+impl std::ops::Deref for Node {
+    type Target = std::process::Child;
+
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Node {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 /// Runs the `mqtt-im` binary on `dir` with extra environment; returns it and its address.
-pub fn spawn_with(
-    dir: &std::path::Path,
-    env: &[(&str, String)],
-) -> (std::process::Child, SocketAddr) {
+pub fn spawn_with(dir: &std::path::Path, env: &[(&str, String)]) -> (Node, SocketAddr) {
     use std::io::BufRead;
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_mqtt-im"))
         .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
@@ -119,7 +143,7 @@ pub fn spawn_with(
         .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
         .parse()
         .unwrap();
-    (child, addr)
+    (Node(child), addr)
 }
 
 /// Redis for cluster tests: MQTT_IM_TEST_REDIS_URL, or the local CI service when services are
