@@ -2,13 +2,11 @@
 //! both ways (to rumqttd once the client needs it) and serving IM topics at packet
 //! boundaries.
 
-use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use futures::future::BoxFuture;
 use futures::stream::{FuturesOrdered, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
@@ -18,20 +16,15 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::codec::{self, kind, Version};
-use super::handshake::{handshake, topic_allowed, Arrival, Established};
-use super::limits::{DeviceSlot, PublishLimits};
+use super::handshake::{handshake, Arrival, Established};
+use super::limits::DeviceSlot;
 use super::links::LinkClaim;
-use super::packet_ids::{Origin, PacketIds};
-use super::reply::Outcome;
+use super::session::{End, Op, Session};
 use super::transport::{ClientStream, ListenerKind, Upgrade};
 use super::upstream::{Upstream, UpstreamEvent};
-use super::upstream_acks::UpstreamAcks;
 use super::{ConnectionSink, EdgeContext, EdgeError};
-use crate::auth::acl::{Access, Client as AclClient};
-use crate::auth::Identity;
-use crate::im::{DeviceEvent, SendOrder};
+use crate::im::DeviceEvent;
 use crate::metrics::ConnectionLabels;
-use crate::store::{Conversation, Device};
 
 /// How often the link to rumqttd is pinged when idle.
 const UPSTREAM_PING: Duration = Duration::from_secs(20);
@@ -47,45 +40,13 @@ const EVENT_QUEUE: usize = 1024;
 
 /// Characters of a client id or identity shown in log lines.
 const LOGGED_ID: usize = 128;
-/// Unacknowledged publishes towards a client beyond which live chat deliveries wait in the
-/// backlog (keeps packet-id allocation cheap and memory bounded).
-const MAX_LIVE_IN_FLIGHT: usize = 1024;
-/// IM publishes and requests of one connection waiting for the store; beyond this the
-/// connection stops reading from the client until some complete (backpressure).
-const MAX_PENDING_OPS: usize = 1024;
 
-/// A subscribe or unsubscribe split between the hook layer and rumqttd, waiting for
-/// rumqttd's half of the answer.
-#[derive(Debug)]
-pub(super) struct PendingAck {
-    /// One entry per filter: the hook layer's code, or `None` for rumqttd's.
-    pub(super) codes: Vec<Option<u8>>,
-}
-
-/// A live connection after a successful CONNECT.
+/// The I/O of a live connection after a successful CONNECT: sockets, timers and the
+/// ordered IM operations around its [`Session`].
 pub(super) struct Connection {
-    pub(super) ctx: Arc<EdgeContext>,
-    pub(super) id: u64,
-    pub(super) version: Version,
-    pub(super) device: Device,
-    /// Whether the identity is an IM uid (see `Established::im`).
-    im: bool,
-    /// The CONNECT's username, which ACL rules name.
-    username: Option<String>,
-    /// What authentication granted: superuser, topic rules, expiry.
-    identity: Identity,
+    session: Session,
     /// This connection's place in its user's device count (given back when it ends).
     device_slot: DeviceSlot,
-    /// Publish rate and bandwidth of this connection.
-    pub(super) publish_limits: PublishLimits,
-    /// Reading from the client pauses until then (a client over its limits).
-    pub(super) read_resume: Option<tokio::time::Instant>,
-    keep_alive: Option<Duration>,
-    clean_session: bool,
-    /// Whether the store has recorded this device (see `Established::registered`).
-    pub(super) registered: bool,
-    /// The client's Maximum Packet Size (MQTT 5), which hook-layer publishes respect.
-    pub(super) max_packet: Option<usize>,
     /// The listener and protocol the connection is counted under.
     labels: ConnectionLabels,
     client_rd: ReadHalf<ClientStream>,
@@ -94,35 +55,14 @@ pub(super) struct Connection {
     /// Room the last read from the client had, and what it read.
     client_room: usize,
     client_read: usize,
-    pub(super) client_out: BytesMut,
-    /// The link to rumqttd, opened when the client first needs it.
-    pub(super) upstream: Upstream,
-    /// For rumqttd; waits here while the link opens.
-    pub(super) up_out: BytesMut,
-    pub(super) ids: PacketIds,
-    /// Answers to rumqttd's publishes, kept in rumqttd's order.
-    pub(super) upstream_acks: UpstreamAcks,
+    /// The link to rumqttd, opened when the session asks for it.
+    upstream: Upstream,
     /// Held until rumqttd has closed this connection's link.
     link: LinkClaim,
-    /// IM subscriptions of this connection: filter → granted QoS.
-    pub(super) im_filters: HashMap<String, u8>,
-    pub(super) pending: HashMap<u16, PendingAck>,
-    /// Client QoS 2 publishes the hook layer answered, awaiting PUBREL.
-    pub(super) im_qos2: HashSet<u16>,
-    pub(super) ops: FuturesOrdered<BoxFuture<'static, Outcome>>,
-    /// Arrival order of this connection's chat publishes, which their seqs follow.
-    pub(super) send_order: SendOrder,
+    ops: FuturesOrdered<Op>,
     /// Boxed: the queue's storage is allocated in blocks of slots, and an idle
     /// connection's first block then stays small.
-    events_tx: mpsc::Sender<Box<DeviceEvent>>,
     events_rx: mpsc::Receiver<Box<DeviceEvent>>,
-    pub(super) online: bool,
-    pub(super) digest_sent: bool,
-    pub(super) client_disconnected: bool,
-    /// A 3.1.1 chat publish could not be stored: the connection ends once its answers are
-    /// written, because 3.1.1 clients retransmit unacknowledged publishes only on reconnect.
-    pub(super) unstored: bool,
-    last_seen: Instant,
     last_upstream_write: Instant,
 }
 
@@ -152,11 +92,11 @@ pub(super) async fn serve(
                 let connection = Connection::new(ctx, id, listener, established);
                 let span = tracing::Span::current();
                 // Any UTF-8 up to 64 KiB: log lines get a short, clean form.
-                let client_id = crate::text::clean(&connection.device.client_id, LOGGED_ID);
+                let client_id = crate::text::clean(&connection.session.device.client_id, LOGGED_ID);
                 span.record("client_id", client_id.as_str());
                 span.record(
                     "uid",
-                    crate::text::clean(&connection.device.uid, LOGGED_ID).as_str(),
+                    crate::text::clean(&connection.session.device.uid, LOGGED_ID).as_str(),
                 );
                 let run = Box::pin(connection.run(shutdown));
                 run.await;
@@ -177,16 +117,8 @@ impl Connection {
         established: Established,
     ) -> Self {
         let Established {
-            version,
-            device,
-            im,
-            username,
-            identity,
+            terms,
             device_slot,
-            keep_alive,
-            clean_session,
-            registered,
-            max_packet,
             client,
             client_in,
             client_out,
@@ -195,57 +127,29 @@ impl Connection {
         } = established;
         let (client_rd, client_wr) = tokio::io::split(client);
         let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
-        let im_filters = if clean_session {
-            ctx.drop_session(&device);
-            HashMap::new()
-        } else {
-            ctx.restore_session(&device)
-        };
-        tracing::debug!(?version, keep_alive, "connected");
-        let labels = connection_labels(listener, version);
-        let publish_limits = PublishLimits::new(&ctx.limits);
+        tracing::debug!(version = ?terms.version, keep_alive = terms.keep_alive, "connected");
+        let labels = connection_labels(listener, terms.version);
         ctx.im.metrics().connects.get_or_create(&labels).inc();
         ctx.im.metrics().connections.get_or_create(&labels).inc();
+        let sink = Arc::new(ConnectionSink {
+            events: events_tx,
+            kick: link.kick.clone(),
+        });
+        let linked = upstream.is_linked();
+        let session = Session::new(ctx, id, terms, client_out, linked, sink);
         Self {
-            ctx,
-            id,
-            version,
-            device,
-            im,
-            username,
-            identity,
+            session,
             device_slot,
-            publish_limits,
-            read_resume: None,
-            keep_alive: (keep_alive > 0)
-                .then(|| Duration::from_millis(u64::from(keep_alive) * 1500)),
-            clean_session,
-            registered,
-            max_packet,
             labels,
             client_rd,
             client_wr,
             client_in,
             client_room: 0,
             client_read: 0,
-            client_out,
             upstream,
-            up_out: BytesMut::new(),
-            ids: PacketIds::default(),
-            upstream_acks: UpstreamAcks::default(),
             link,
-            im_filters,
-            pending: HashMap::new(),
-            im_qos2: HashSet::new(),
             ops: FuturesOrdered::new(),
-            send_order: SendOrder::default(),
-            events_tx,
             events_rx,
-            online: false,
-            digest_sent: false,
-            client_disconnected: false,
-            unstored: false,
-            last_seen: Instant::now(),
             last_upstream_write: Instant::now(),
         }
     }
@@ -281,42 +185,18 @@ async fn until(at: Option<tokio::time::Instant>) {
     }
 }
 
-/// Why the loop stopped.
-#[derive(Debug)]
-enum End {
-    ClientDisconnected,
-    ClientGone,
-    /// A newer connection of the same client id took the session over.
-    TakenOver,
-    /// A 3.1.1 chat publish could not be stored (see `Connection::unstored`).
-    Unstored,
-    UpstreamGone,
-    KeepAliveExpired,
-    /// The credentials (a JWT) expired.
-    CredentialsExpired,
-    /// A newer device of the user took this one's place (`limits.max_devices_per_user`).
-    TooManyDevices,
-    Shutdown,
-    Failed(EdgeError),
-}
-
 impl Connection {
     async fn run(mut self, shutdown: CancellationToken) {
-        let tick = self.keep_alive.map_or(UPSTREAM_PING, |k| {
+        let tick = self.session.keep_alive().map_or(UPSTREAM_PING, |k| {
             (k / 3).clamp(Duration::from_millis(250), UPSTREAM_PING)
         });
         let mut ticker = tokio::time::interval(tick);
-        let expiry = self.identity.expires.map(|at| {
+        let expiry = self.session.expiry().map(|at| {
             let left = at
                 .duration_since(std::time::SystemTime::now())
                 .unwrap_or_default();
-            tokio::time::Instant::now() + left
+            Instant::now() + left
         });
-        if !self.im_filters.is_empty() {
-            // A resumed persistent session: groups it still belongs to, online again, and a
-            // fresh digest.
-            self.resume_subscriptions();
-        }
         // Packets that arrived together with the CONNECT, and with rumqttd's CONNACK (a
         // resumed session's queued messages).
         let mut end = self.on_upstream_bytes().err().map(End::Failed);
@@ -324,14 +204,15 @@ impl Connection {
             end = self.on_client_bytes().err().map(End::Failed);
         }
         while end.is_none() {
+            self.apply_effects();
             self.reserve_reads();
+            let reading = self.session.accepts_input();
             let step = tokio::select! {
-                read = self.client_rd.read_buf(&mut self.client_in),
-                    if self.ops.len() < MAX_PENDING_OPS && self.read_resume.is_none() => match read {
+                read = self.client_rd.read_buf(&mut self.client_in), if reading => match read {
                     Ok(0) | Err(_) => Err(End::ClientGone),
                     Ok(read) => {
                         self.client_read = read;
-                        self.last_seen = Instant::now();
+                        self.session.seen(Instant::now());
                         self.on_client_bytes().map_err(End::Failed)
                     }
                 },
@@ -343,15 +224,18 @@ impl Connection {
                     UpstreamEvent::Failed(e) => Err(End::Failed(e)),
                 },
                 Some(outcome) = self.ops.next(), if !self.ops.is_empty() => {
-                    self.on_outcome(outcome).map_err(End::Failed)
+                    self.session.on_outcome(outcome).map_err(End::Failed)
                 }
-                Some(event) = self.events_rx.recv() => self.on_event(*event).map_err(End::Failed),
+                Some(event) = self.events_rx.recv() => {
+                    self.session.on_event(*event);
+                    Ok(())
+                }
                 _ = ticker.tick() => self.on_tick(),
                 () = shutdown.cancelled() => Err(End::Shutdown),
                 () = self.link.kick.cancelled() => Err(End::TakenOver),
                 () = until(expiry) => Err(End::CredentialsExpired),
-                () = until(self.read_resume) => {
-                    self.read_resume = None;
+                () = until(self.session.read_resume) => {
+                    self.session.read_resume = None;
                     self.on_client_bytes().map_err(End::Failed)
                 }
                 () = self.device_slot.close.cancelled() => Err(End::TooManyDevices),
@@ -359,18 +243,30 @@ impl Connection {
             if let Err(stop) = step {
                 end = Some(stop);
             }
+            self.apply_effects();
             if let Err(e) = self.flush().await {
                 end.get_or_insert(End::Failed(e));
             }
-            if self.client_disconnected {
+            if self.session.client_disconnected {
                 end.get_or_insert(End::ClientDisconnected);
             }
-            if self.unstored {
+            if self.session.unstored {
                 end.get_or_insert(End::Unstored);
             }
         }
         // Boxed: only an ending connection needs room for the goodbye.
         Box::pin(self.finish(end.unwrap_or(End::ClientGone))).await;
+    }
+
+    /// Carries out what the session asked for besides bytes: operations to start, the link
+    /// to open.
+    fn apply_effects(&mut self) {
+        for op in self.session.take_started() {
+            self.ops.push_back(op);
+        }
+        if self.session.take_open_link() {
+            self.upstream.open(&self.session.ctx, self.session.id);
+        }
     }
 
     /// Room for the next reads (see [`make_room`]).
@@ -380,27 +276,29 @@ impl Connection {
     }
 
     fn on_tick(&mut self) -> Result<(), End> {
+        let now = Instant::now();
         // Quiet since the last tick: a buffer left large by a burst is given back (a client
         // without keep-alive may never send the small read that would do it).
-        if self.last_seen.elapsed() >= UPSTREAM_PING && self.client_in.is_empty() {
+        if now.saturating_duration_since(self.session.last_seen()) >= UPSTREAM_PING
+            && self.client_in.is_empty()
+        {
             self.client_read = 0;
         }
-        if let Some(keep_alive) = self.keep_alive {
-            if self.last_seen.elapsed() > keep_alive {
-                return Err(End::KeepAliveExpired);
-            }
-        }
+        self.session.on_tick(now)?;
         if self.upstream.is_open() && self.last_upstream_write.elapsed() >= UPSTREAM_PING {
-            self.up_out.extend_from_slice(&[kind::PINGREQ << 4, 0]);
+            self.session
+                .up_out
+                .extend_from_slice(&[kind::PINGREQ << 4, 0]);
         }
         Ok(())
     }
 
     fn on_client_bytes(&mut self) -> Result<(), EdgeError> {
-        while let Some(frame) = codec::next_frame(&mut self.client_in, self.ctx.max_packet)? {
-            self.on_client_frame(frame)?;
+        let max = self.session.ctx.max_packet;
+        while let Some(frame) = codec::next_frame(&mut self.client_in, max)? {
+            self.session.on_client_frame(frame, Instant::now())?;
             // A client over its limits waits, even for what it already sent.
-            if self.client_disconnected || self.read_resume.is_some() {
+            if self.session.client_disconnected || self.session.read_resume.is_some() {
                 break;
             }
         }
@@ -409,117 +307,46 @@ impl Connection {
 
     fn on_upstream_bytes(&mut self) -> Result<(), EdgeError> {
         while let Some(frame) = self.upstream.next_frame()? {
-            self.on_upstream_frame(frame)?;
+            self.session.on_upstream_frame(frame)?;
         }
         Ok(())
     }
 
     async fn flush(&mut self) -> Result<(), EdgeError> {
-        if !self.up_out.is_empty() && self.upstream.write(&mut self.up_out).await? {
+        let up_out = &mut self.session.up_out;
+        if !up_out.is_empty() && self.upstream.write(up_out).await? {
             self.last_upstream_write = Instant::now();
         }
-        if !self.client_out.is_empty() {
-            self.client_wr.write_all(&self.client_out).await?;
+        let client_out = &mut self.session.client_out;
+        if !client_out.is_empty() {
+            self.client_wr.write_all(client_out).await?;
             // TLS and WebSocket buffer what is written.
             self.client_wr.flush().await?;
-            self.client_out.clear();
-            if self.client_out.capacity() > WRITE_KEEP {
-                self.client_out = BytesMut::new();
+            client_out.clear();
+            if client_out.capacity() > WRITE_KEEP {
+                *client_out = BytesMut::new();
             }
         }
-        if self.up_out.is_empty() && self.up_out.capacity() > WRITE_KEEP {
-            self.up_out = BytesMut::new();
+        let up_out = &mut self.session.up_out;
+        if up_out.is_empty() && up_out.capacity() > WRITE_KEEP {
+            *up_out = BytesMut::new();
         }
         Ok(())
     }
 
-    /// Bytes for rumqttd: the link opens on the client's first need of it (they wait in
-    /// `up_out` meanwhile).
-    pub(super) fn rumqttd_out(&mut self) -> &mut BytesMut {
-        self.upstream.open(&self.ctx, self.id);
-        &mut self.up_out
-    }
-
-    /// Whether the topic ACL lets this client have `access` to a non-IM `topic` (a filter,
-    /// when `subscribing`); refusals are counted under `action`.
-    pub(super) fn acl_allows(
-        &self,
-        topic: &str,
-        access: Access,
-        subscribing: bool,
-        action: &'static str,
-    ) -> bool {
-        let client = AclClient {
-            username: self.username.as_deref(),
-            client_id: &self.device.client_id,
-        };
-        let allowed = topic_allowed(
-            &self.ctx,
-            &self.identity,
-            &client,
-            topic,
-            access,
-            subscribing,
-        );
-        if !allowed {
-            self.ctx.im.metrics().count_acl_denial(action);
-        }
-        allowed
-    }
-
-    /// Stops reading from the client for `wait` (it is over its publish limits).
-    pub(super) fn pause_reads(&mut self, wait: std::time::Duration) {
-        let until = tokio::time::Instant::now() + wait;
-        self.read_resume = Some(self.read_resume.map_or(until, |at| at.max(until)));
-    }
-
-    /// The IM uid, if the client's identity is one.
-    pub(super) fn im_uid(&self) -> Option<&str> {
-        self.im.then_some(self.device.uid.as_str())
-    }
-
-    /// Marks the device online for live delivery.
-    pub(super) fn go_online(&mut self) {
-        if !self.online {
-            self.online = true;
-            self.ctx.im.online(&self.device, self.id, self.sink());
-        }
-    }
-
-    /// How the IM service reaches this connection.
-    pub(super) fn sink(&self) -> Arc<ConnectionSink> {
-        Arc::new(ConnectionSink {
-            events: self.events_tx.clone(),
-            kick: self.link.kick.clone(),
-        })
-    }
-
-    /// Marks the device offline (unsubscribed or gone).
-    pub(super) fn go_offline(&mut self) {
-        if self.online {
-            self.online = false;
-            self.ctx.im.offline(&self.device, self.id);
-        }
-    }
-
     async fn finish(mut self, end: End) {
-        let connections = &self.ctx.im.metrics().connections;
+        let connections = &self.session.ctx.im.metrics().connections;
         connections.get_or_create(&self.labels).dec();
-        self.go_offline();
-        for (_, gid) in self.group_filters() {
-            self.ctx.im.unwatch_group(&gid, self.id);
-        }
-        if !self.clean_session {
-            let filters = std::mem::take(&mut self.im_filters);
-            self.ctx.keep_session(&self.device, filters);
-        }
-        // Answer what was already accepted before the socket goes (e.g. on shutdown).
+        // Answer what was already accepted before the socket goes (e.g. on shutdown); a
+        // SUBSCRIBE among them still counts for the session kept below.
+        self.apply_effects();
         while let Some(outcome) = self.ops.next().await {
-            if self.on_outcome(outcome).is_err() {
+            if self.session.on_outcome(outcome).is_err() {
                 break;
             }
+            self.apply_effects();
         }
-        self.say_why(&end);
+        self.session.leave(&end);
         let _ = self.flush().await;
         match &end {
             End::Failed(e) => tracing::info!(error = %e, "connection closed on error"),
@@ -530,9 +357,13 @@ impl Connection {
         // gone yet; so the link is closed (without DISCONNECT, rumqttd publishes the will)
         // and this waits until rumqttd has closed it too, before the client id is released.
         let graceful = matches!(end, End::ClientDisconnected);
-        let linked = self.upstream.close(&mut self.up_out, graceful).await;
-        if linked && !self.clean_session {
-            self.ctx.keep_upstream_session(&self.device.client_id);
+        let linked = self
+            .upstream
+            .close(&mut self.session.up_out, graceful)
+            .await;
+        if linked && !self.session.clean_session {
+            let ctx = &self.session.ctx;
+            ctx.keep_upstream_session(&self.session.device.client_id);
         }
         let Self {
             mut client_rd,
@@ -553,139 +384,6 @@ impl Connection {
             .await;
         }
         let _ = client_wr.shutdown().await;
-    }
-
-    /// Tells an MQTT 5 client why the server closes its connection (3.1.1 has no way to).
-    fn say_why(&mut self, end: &End) {
-        use rumqttd::protocol::{
-            Disconnect, DisconnectProperties, DisconnectReasonCode as Reason, Packet,
-        };
-        let (reason_code, why) = match end {
-            End::Shutdown => (Reason::ServerShuttingDown, "server shutting down"),
-            End::TakenOver => (
-                Reason::SessionTakenOver,
-                "another connection took the session",
-            ),
-            End::KeepAliveExpired => (Reason::KeepAliveTimeout, "keep-alive expired"),
-            End::CredentialsExpired => (Reason::MaximumConnectTime, "credentials expired"),
-            End::TooManyDevices => (
-                Reason::QuotaExceeded,
-                "a newer device of this user took this connection's place",
-            ),
-            _ => return,
-        };
-        if self.version == Version::V5 {
-            // With properties: rumqttd 0.20 miscounts the length of a DISCONNECT without them.
-            let properties = DisconnectProperties {
-                session_expiry_interval: None,
-                reason_string: Some(why.to_owned()),
-                user_properties: Vec::new(),
-                server_reference: None,
-            };
-            let packet = Packet::Disconnect(Disconnect { reason_code }, Some(properties));
-            if let Err(e) = codec::write_packet(&mut self.client_out, self.version, packet) {
-                tracing::debug!(error = %e, "cannot write DISCONNECT");
-            }
-        }
-    }
-
-    /// Writes a hook-layer publish (digest, reply, live delivery) into the client connection.
-    pub(super) fn write_own_publish(
-        &mut self,
-        topic: &str,
-        qos: u8,
-        origin: super::packet_ids::Origin,
-        properties: &[u8],
-        payload: &[u8],
-    ) {
-        let size = super::fit::overhead(topic, properties.len()) + payload.len();
-        if self.max_packet.is_some_and(|max| size > max) {
-            // MQTT 5 forbids sending it; a chat message stays in the device's backlog.
-            tracing::debug!(
-                topic,
-                size,
-                "publish exceeds the client's maximum packet size"
-            );
-            return;
-        }
-        let pkid = if qos > 0 {
-            match self.ids.allocate(origin) {
-                Some(pkid) => pkid,
-                None => {
-                    tracing::warn!(topic, "no free packet id; message left in the backlog");
-                    return;
-                }
-            }
-        } else {
-            0
-        };
-        codec::write_publish(
-            &mut self.client_out,
-            self.version,
-            qos << 1,
-            topic.as_bytes(),
-            pkid,
-            properties,
-            payload,
-        );
-    }
-
-    fn on_event(&mut self, event: DeviceEvent) -> Result<(), EdgeError> {
-        match event {
-            DeviceEvent::Chat {
-                conversation,
-                seq,
-                payload,
-                group,
-            } => {
-                let topic = match &group {
-                    Some(gid) => self.ctx.topics.group(gid),
-                    None => self.ctx.topics.inbox(&self.device.uid),
-                };
-                self.deliver(&topic, conversation, seq, &payload);
-            }
-            DeviceEvent::Notice(payload) => {
-                let resp = self.ctx.topics.response(&self.device.uid);
-                if let Some(qos) = self.granted_qos(&resp) {
-                    self.write_own_publish(&resp, qos.min(1), Origin::Own, &[], &payload);
-                }
-            }
-            DeviceEvent::Revoked { group } => {
-                let topic = self.ctx.topics.group(&group);
-                self.im_filters.remove(&topic);
-                self.ctx.im.unwatch_group(&group, self.id);
-                tracing::debug!(group, "removed from the group: subscription dropped");
-            }
-            // Never queued: the sink cancels the link's kick, which ends the connection.
-            DeviceEvent::TakenOver => {}
-        }
-        Ok(())
-    }
-
-    /// Writes a live chat message to `topic` if this connection subscribed to it.
-    fn deliver(&mut self, topic: &str, conversation: Conversation, seq: u64, payload: &[u8]) {
-        let Some(qos) = self.granted_qos(topic) else {
-            return;
-        };
-        if self.ids.in_flight() >= MAX_LIVE_IN_FLIGHT {
-            // A device that stops acknowledging gets the rest through its digest and pulls.
-            tracing::debug!(
-                seq,
-                "too many unacknowledged deliveries; left in the backlog"
-            );
-            return;
-        }
-        let origin = Origin::Chat { conversation, seq };
-        self.write_own_publish(topic, qos.min(1), origin, &[], payload);
-    }
-
-    /// Highest QoS among this connection's IM filters matching `topic`.
-    pub(super) fn granted_qos(&self, topic: &str) -> Option<u8> {
-        self.im_filters
-            .iter()
-            .filter(|(filter, _)| rumqttd::protocol::matches(topic, filter))
-            .map(|(_, qos)| *qos)
-            .max()
     }
 }
 

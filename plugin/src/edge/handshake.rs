@@ -16,6 +16,7 @@ use super::codec::{self, kind, Frame, Version};
 use super::connection::READ_SMALL;
 use super::limits::DeviceSlot;
 use super::links::LinkClaim;
+use super::session::Terms;
 use super::transport::{ClientStream, Upgraded};
 use super::upstream::{LinkRequest, Upstream};
 use super::{EdgeContext, EdgeError};
@@ -26,25 +27,10 @@ use crate::store::Device;
 
 /// A client admitted, with its link to rumqttd if it needs one from the start.
 pub(super) struct Established {
-    pub(super) version: Version,
-    /// The client id and the identity the client authenticated as.
-    pub(super) device: Device,
-    /// Whether that identity is a valid IM uid: without one, IM topics are refused and the
-    /// client uses pass-through topics only.
-    pub(super) im: bool,
-    /// The CONNECT's username, which ACL rules name.
-    pub(super) username: Option<String>,
-    /// What authentication granted: superuser, topic rules, expiry.
-    pub(super) identity: Identity,
+    /// What its session starts from.
+    pub(super) terms: Terms,
     /// This connection's place in its user's device count.
     pub(super) device_slot: DeviceSlot,
-    /// The client's keep-alive in seconds (0: none).
-    pub(super) keep_alive: u16,
-    pub(super) clean_session: bool,
-    /// The device was recorded in the store (a store outage at CONNECT defers it).
-    pub(super) registered: bool,
-    /// The MQTT 5 client's Maximum Packet Size, if it set one.
-    pub(super) max_packet: Option<usize>,
     pub(super) client: ClientStream,
     /// Bytes the client sent after its CONNECT.
     pub(super) client_in: BytesMut,
@@ -126,6 +112,7 @@ pub(super) async fn handshake(
         .as_ref()
         .and_then(|p| p.max_packet_size)
         .and_then(|size| usize::try_from(size).ok());
+    let receive_max = packet.properties.as_ref().and_then(|p| p.receive_maximum);
     let link = ctx.links.claim(&admitted.device.client_id, id).await?;
     // rumqttd is needed from the start for a will, and for a session it keeps (persistent:
     // resumed; clean: discarded).
@@ -167,17 +154,21 @@ pub(super) async fn handshake(
         ConnectReturnCode::Success,
         properties,
     )?;
-    Ok(Established {
+    let terms = Terms {
         version,
         device: admitted.device,
         im,
         username,
         identity: admitted.identity,
-        device_slot: admitted.device_slot,
         keep_alive,
         clean_session,
         registered,
         max_packet,
+        receive_max,
+    };
+    Ok(Established {
+        terms,
+        device_slot: admitted.device_slot,
         client: stream,
         client_in,
         client_out,

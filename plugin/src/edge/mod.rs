@@ -11,6 +11,7 @@ mod links;
 mod packet_ids;
 mod relay;
 mod reply;
+mod session;
 mod subscribe;
 mod topics;
 mod transport;

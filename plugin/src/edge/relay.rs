@@ -4,19 +4,21 @@ use rumqttd::protocol::{self, Packet, SubscribeReasonCode};
 
 use super::acl::{self, PublishAccess};
 use super::codec::{self, kind, Frame, PublishView as Publish, Version};
-use super::connection::Connection;
 use super::limits::Throttled;
 use super::packet_ids::Origin;
 use super::reply::{Outcome, Refusal, ReplyTarget};
+use super::session::Session;
 use super::upstream_acks;
 use super::EdgeError;
 use crate::auth::acl::Access;
 use crate::policy::PublishView;
+use tokio::time::Instant;
 
-impl Connection {
-    pub(super) fn on_client_frame(&mut self, frame: Frame) -> Result<(), EdgeError> {
+impl Session {
+    /// Handles one frame from the client, which arrived at `now`.
+    pub(super) fn on_client_frame(&mut self, frame: Frame, now: Instant) -> Result<(), EdgeError> {
         match frame.kind() {
-            kind::PUBLISH => self.on_client_publish(&frame),
+            kind::PUBLISH => self.on_client_publish(&frame, now),
             kind::PUBACK => {
                 match self.ids.release(frame.ack_pkid()?) {
                     Some(Origin::Upstream(pkid)) => {
@@ -28,7 +30,7 @@ impl Connection {
                     }
                     Some(Origin::Own) | None => {}
                 }
-                Ok(())
+                self.release_held()
             }
             kind::PUBREC => {
                 if let Some(Origin::Upstream(pkid)) = self.ids.owner(frame.ack_pkid()?) {
@@ -40,7 +42,7 @@ impl Connection {
             }
             kind::PUBREL => {
                 let pkid = frame.ack_pkid()?;
-                if self.im_qos2.remove(&pkid) || !self.upstream.is_linked() {
+                if self.im_qos2.remove(&pkid) || !self.linked() {
                     // Ours, or unknown to anyone (rumqttd never had this client).
                     codec::write_ack(&mut self.client_out, kind::PUBCOMP, pkid);
                 } else {
@@ -52,7 +54,7 @@ impl Connection {
                 if let Some(Origin::Upstream(pkid)) = self.ids.release(frame.ack_pkid()?) {
                     codec::write_ack(&mut self.up_out, kind::PUBCOMP, pkid);
                 }
-                Ok(())
+                self.release_held()
             }
             kind::SUBSCRIBE => match frame.decode(self.version, self.ctx.max_packet)? {
                 Packet::Subscribe(subscribe, properties) => {
@@ -78,8 +80,7 @@ impl Connection {
                     Version::V4 => bytes::Bytes::from_static(&[kind::DISCONNECT << 4, 0]),
                 };
                 // After what the client sent before it (still in the ordered operations).
-                self.ops
-                    .push_back(Box::pin(std::future::ready(Outcome::Farewell(farewell))));
+                self.start(std::future::ready(Outcome::Farewell(farewell)));
                 self.client_disconnected = true;
                 Ok(())
             }
@@ -87,7 +88,7 @@ impl Connection {
         }
     }
 
-    fn on_client_publish(&mut self, frame: &Frame) -> Result<(), EdgeError> {
+    fn on_client_publish(&mut self, frame: &Frame, now: Instant) -> Result<(), EdgeError> {
         let publish = Publish::parse(frame, self.version)?;
         if publish.topic.is_empty() {
             // Topic aliases are not offered (CONNACK advertises a maximum of 0).
@@ -120,7 +121,7 @@ impl Connection {
                     _ => "bytes",
                 };
                 self.ctx.im.metrics().count_limited(limit);
-                self.pause_reads(wait);
+                self.pause_reads(now, wait);
             }
         }
         match acl::publish(&self.ctx.topics, self.im_uid(), publish.topic_str()) {
@@ -135,7 +136,7 @@ impl Connection {
                     return Ok(());
                 }
                 let judged = self.ctx.policy.checks_publishes();
-                if !judged && self.ops.is_empty() {
+                if !judged && !self.busy() {
                     match self.version {
                         Version::V5 => self.rumqttd_out().extend_from_slice(&frame.bytes),
                         Version::V4 => publish.write(Version::V5, pkid, self.rumqttd_out()),
@@ -161,7 +162,7 @@ impl Connection {
                         upstream,
                         decision: None,
                     };
-                    self.ops.push_back(Box::pin(std::future::ready(relay)));
+                    self.start(std::future::ready(relay));
                     return Ok(());
                 }
                 let view = PublishView {
@@ -173,7 +174,7 @@ impl Connection {
                     payload: publish.payload.clone(),
                 };
                 let policy = std::sync::Arc::clone(&self.ctx.policy);
-                self.ops.push_back(Box::pin(async move {
+                self.start(async move {
                     let decision = Some(policy.on_publish(view).await);
                     Outcome::Relay {
                         pkid,
@@ -182,7 +183,7 @@ impl Connection {
                         upstream,
                         decision,
                     }
-                }));
+                });
                 Ok(())
             }
             access @ (PublishAccess::Chat(_) | PublishAccess::GroupChat(_)) => {
@@ -196,7 +197,7 @@ impl Connection {
                 };
                 // The order is pinned now, as the packet arrives.
                 let turn = self.send_order.next_turn();
-                self.ops.push_back(Box::pin(async move {
+                self.start(async move {
                     let result = if group {
                         im.send_group(&device, &to, &payload, turn).await
                     } else {
@@ -208,7 +209,7 @@ impl Connection {
                         topic,
                         result,
                     }
-                }));
+                });
                 Ok(())
             }
             PublishAccess::Request => {
@@ -221,7 +222,7 @@ impl Connection {
                 };
                 let (im, device) = (self.ctx.im.clone(), self.device.clone());
                 let payload = publish.payload.clone();
-                self.ops.push_back(Box::pin(async move {
+                self.start(async move {
                     let response = im.request(&device, &payload).await;
                     Outcome::Reply {
                         pkid,
@@ -229,7 +230,7 @@ impl Connection {
                         target,
                         response,
                     }
-                }));
+                });
                 Ok(())
             }
             PublishAccess::Denied(reason) => {
@@ -287,16 +288,7 @@ impl Connection {
                 if let Some(answer) = answer {
                     self.upstream_acks.forwarded(publish.pkid, answer);
                 }
-                let pkid = if publish.qos() > 0 {
-                    match self.ids.for_upstream(publish.pkid) {
-                        Some(pkid) => pkid,
-                        None => return Err(EdgeError::Protocol("client packet ids exhausted")),
-                    }
-                } else {
-                    0
-                };
-                publish.write(self.version, pkid, &mut self.client_out);
-                Ok(())
+                self.forward_upstream_publish(frame)
             }
             kind::PUBACK | kind::PUBREC | kind::PUBCOMP => {
                 match self.version {

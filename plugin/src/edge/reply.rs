@@ -10,9 +10,8 @@ use rumqttd::protocol::{
 };
 
 use super::codec::{self, kind, Version};
-use super::connection::Connection;
 use super::fit;
-use super::packet_ids::Origin;
+use super::session::Session;
 use super::subscribe::Subscription;
 use super::EdgeError;
 use crate::im::{Accepted, ImError};
@@ -109,8 +108,9 @@ fn pubrec_reason(reason: PubAckReason) -> PubRecReason {
     }
 }
 
-impl Connection {
-    pub(super) fn on_outcome(&mut self, outcome: Outcome) -> Result<(), EdgeError> {
+impl Session {
+    /// Applies a finished operation to what the client sees.
+    pub(super) fn apply(&mut self, outcome: Outcome) -> Result<(), EdgeError> {
         match outcome {
             Outcome::Relay {
                 pkid,
@@ -139,7 +139,7 @@ impl Connection {
             }
             Outcome::Subscribed(subscription) => self.subscribed(subscription),
             Outcome::Farewell(disconnect) => {
-                if self.upstream.is_linked() {
+                if self.linked() {
                     self.up_out.extend_from_slice(&disconnect);
                 }
                 Ok(())
@@ -202,7 +202,7 @@ impl Connection {
                     tracing::warn!(budget, "digest cannot fit the client's maximum packet size");
                     return Ok(());
                 }
-                self.write_own_publish(&topic, 1, Origin::Own, &[], &digest.encode_to_vec());
+                self.write_own_publish(&topic, 1, &[], &digest.encode_to_vec());
                 Ok(())
             }
             Outcome::Digest(Err(error)) => {
@@ -343,12 +343,6 @@ impl Connection {
                 result: None,
             };
         }
-        self.write_own_publish(
-            &target.topic,
-            1,
-            Origin::Own,
-            &properties,
-            &response.encode_to_vec(),
-        );
+        self.write_own_publish(&target.topic, 1, &properties, &response.encode_to_vec());
     }
 }

@@ -13,8 +13,8 @@ use rumqttd::protocol::{
 
 use super::acl::{self, FilterAccess};
 use super::codec::{self, Version};
-use super::connection::{Connection, PendingAck};
 use super::reply::Outcome;
+use super::session::{PendingAck, Session};
 use super::topics::Route;
 use super::EdgeError;
 use crate::auth::acl::Access;
@@ -67,7 +67,7 @@ pub(super) struct Subscription {
     granted: Vec<Granted>,
 }
 
-impl Connection {
+impl Session {
     /// Decides what each filter alone decides and queues the rest of the checks.
     pub(super) fn on_subscribe(
         &mut self,
@@ -147,7 +147,7 @@ impl Connection {
     ) {
         let policy = Arc::clone(&self.ctx.policy);
         let (im, uid) = (self.ctx.im.clone(), self.device.uid.clone());
-        self.ops.push_back(Box::pin(async move {
+        self.start(async move {
             let mut granted = Vec::with_capacity(checks.len());
             for check in checks {
                 granted.push(settle(check, policy.as_ref(), &im, &uid).await);
@@ -157,7 +157,7 @@ impl Connection {
                 properties,
                 granted,
             })
-        }));
+        });
     }
 
     /// Takes a checked SUBSCRIBE into effect: IM filters here, the rest to rumqttd, whose
@@ -252,14 +252,14 @@ impl Connection {
             let register = !self.registered;
             self.registered = true;
             let budget = self.payload_budget(&digest, 0);
-            self.ops.push_back(Box::pin(async move {
+            self.start(async move {
                 if register {
                     if let Err(e) = im.connected(&device).await {
                         return Outcome::Digest(Err(e));
                     }
                 }
                 Outcome::Digest(im.digest(&device, budget).await)
-            }));
+            });
         }
     }
 
@@ -271,7 +271,7 @@ impl Connection {
         properties: Option<UnsubscribeProperties>,
     ) {
         let ready = Outcome::Unsubscribed(unsubscribe, properties);
-        self.ops.push_back(Box::pin(std::future::ready(ready)));
+        self.start(std::future::ready(ready));
     }
 
     /// Takes an UNSUBSCRIBE into effect: IM filters here, the rest at rumqttd, whose
@@ -290,7 +290,7 @@ impl Connection {
                 }
                 let existed = self.im_filters.remove(&filter).is_some();
                 codes.push(Some(if existed { 0 } else { NO_SUBSCRIPTION }));
-            } else if self.upstream.is_linked() {
+            } else if self.linked() {
                 codes.push(None);
                 relayed.push(filter);
             } else {
