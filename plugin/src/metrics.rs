@@ -91,6 +91,7 @@ pub struct Metrics {
     pub(crate) delivered_live: Counter,
     pub(crate) counted_offline: Counter,
     pub(crate) digests: Counter,
+    pub(crate) digest_batch: Histogram,
     pub(crate) pulls: Counter,
     pub(crate) pull_page: Histogram,
     pub(crate) verdicts: Family<VerdictLabels, Counter>,
@@ -127,6 +128,7 @@ impl Default for Metrics {
             delivered_live: Counter::default(),
             counted_offline: Counter::default(),
             digests: Counter::default(),
+            digest_batch: Histogram::new([1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0]),
             pulls: Counter::default(),
             pull_page: Histogram::new(page_buckets),
             verdicts: Family::default(),
@@ -209,6 +211,11 @@ impl Metrics {
             "Counter digests sent to devices",
             self.digests.clone(),
         );
+        r.register(
+            "digest_batch_devices",
+            "Devices whose digests one store round built (reconnect storms batch)",
+            self.digest_batch.clone(),
+        );
         r.register("pulls", "Pull requests served", self.pulls.clone());
         r.register(
             "pull_page_messages",
@@ -283,6 +290,28 @@ impl Metrics {
     }
 
     /// Times a store call and counts its failure under `op`.
+    /// Times a store call that serves many requests at once; each failed request counts
+    /// as a failed call.
+    pub(crate) async fn store_batch<T, E>(
+        &self,
+        op: &'static str,
+        call: impl std::future::Future<Output = Vec<Result<T, E>>>,
+    ) -> Vec<Result<T, E>> {
+        let started = Instant::now();
+        let results = call.await;
+        let labels = OperationLabels { op };
+        self.store_seconds
+            .get_or_create(&labels)
+            .observe(started.elapsed().as_secs_f64());
+        let failed = results.iter().filter(|r| r.is_err()).count();
+        if failed > 0 {
+            self.store_errors
+                .get_or_create(&labels)
+                .inc_by(failed as u64);
+        }
+        results
+    }
+
     pub(crate) async fn store_call<T, E>(
         &self,
         op: &'static str,

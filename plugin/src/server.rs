@@ -206,6 +206,7 @@ impl Server {
         futures::future::join_all(accepting).await;
         tasks.close();
         tasks.wait().await;
+        self.im.close().await;
         self.store.close().await;
     }
 }

@@ -228,7 +228,9 @@ async fn connect(
     let broker = ctx
         .broker_for(connection)
         .ok_or(EdgeError::Protocol("no private rumqttd listener"))?;
-    let stream = TcpStream::connect(broker).await?;
+    let stream = timeout(ctx.connect_timeout, TcpStream::connect(broker))
+        .await
+        .map_err(|_| EdgeError::Timeout("a link to rumqttd"))??;
     stream.set_nodelay(true)?;
     let (mut rd, mut wr) = stream.into_split();
     let connect = Connect {

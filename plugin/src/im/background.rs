@@ -34,32 +34,35 @@ where
 }
 
 impl ImService {
-    /// Background work until `shutdown`: writing acknowledged live deliveries and, with a
-    /// cluster, heartbeats and incoming hand-overs. Flushes what is pending before returning.
+    /// Background work until `shutdown`: writing acknowledged live deliveries, receipt
+    /// updates, the removal log and, with a cluster, heartbeats and hand-overs both ways.
+    /// Every task it starts has ended when it returns; [`ImService::close`] then writes what
+    /// the last connections left.
     pub async fn run(self, heartbeat: Duration, shutdown: CancellationToken) {
-        let sender = self
+        let settings = &self.inner.settings;
+        let mut tasks = JoinSet::new();
+        let handovers_out = self
             .inner
             .handovers_rx
             .lock()
             .ok()
-            .and_then(|mut rx| rx.take())
-            .map(|rx| tokio::spawn(self.clone().send_handovers(rx)));
-        let (inbox, handovers) = mpsc::channel(1024);
-        let listener = self
-            .inner
-            .cluster
-            .clone()
-            .map(|bus| tokio::spawn(bus.listen(inbox, shutdown.clone())));
-        let settings = &self.inner.settings;
-        let mut tasks = JoinSet::new();
-        if self.inner.cluster.is_some() {
+            .and_then(|mut rx| rx.take());
+        if let Some(queue) = handovers_out {
+            tasks.spawn(self.clone().send_handovers(queue, shutdown.clone()));
+        }
+        let (inbox, handovers_in) = mpsc::channel(1024);
+        if let Some(bus) = self.inner.cluster.clone() {
+            tasks.spawn(bus.listen(inbox, shutdown.clone()));
             let (service, failures) = (self.clone(), Arc::new(Throttle::default()));
             tasks.spawn(every(heartbeat, shutdown.clone(), move || {
                 let (service, failures) = (service.clone(), Arc::clone(&failures));
                 async move { service.heartbeat(&failures).await }
             }));
         }
-        tasks.spawn(self.clone().deliver_handovers(handovers, shutdown.clone()));
+        tasks.spawn(
+            self.clone()
+                .deliver_handovers(handovers_in, shutdown.clone()),
+        );
         let service = self.clone();
         let flush = Duration::from_millis(settings.live_ack_flush_ms);
         tasks.spawn(every(flush, shutdown.clone(), move || {
@@ -79,14 +82,16 @@ impl ImService {
             async move { service.apply_removals(&last_removal).await }
         }));
         while tasks.join_next().await.is_some() {}
+    }
+
+    /// Once every connection has ended: writes the live deliveries they acknowledged last,
+    /// sends the last receipt updates, and waits for the cluster joins and leaves they
+    /// started (each bounded by the Redis call deadline).
+    pub async fn close(&self) {
         self.flush_live_acks().await;
         self.send_receipt_updates().await;
-        if let Some(listener) = listener {
-            let _ = listener.await;
-        }
-        if let Some(sender) = sender {
-            sender.abort();
-        }
+        self.inner.tasks.close();
+        self.inner.tasks.wait().await;
     }
 
     /// Delivers what other nodes hand over to this node's devices (local work only).
@@ -134,5 +139,74 @@ impl ImService {
             .cluster
             .as_ref()
             .map(|_| self.metrics().redis_up.get() == 1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering;
+
+    use super::*;
+    use crate::config::Config;
+    use crate::store::{Conversation, Device, EmbeddedStore};
+
+    /// Counts the rounds of an `every` loop.
+    fn counting(rounds: &Arc<AtomicU64>) -> impl FnMut() -> std::future::Ready<()> {
+        let rounds = Arc::clone(rounds);
+        move || {
+            rounds.fetch_add(1, Ordering::SeqCst);
+            std::future::ready(())
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn rounds_run_at_once_then_each_period_without_bunching_until_shutdown() {
+        let rounds = Arc::new(AtomicU64::new(0));
+        let shutdown = CancellationToken::new();
+        let period = Duration::from_secs(10);
+        let task = tokio::spawn(every(period, shutdown.clone(), counting(&rounds)));
+        tokio::task::yield_now().await;
+        assert_eq!(rounds.load(Ordering::SeqCst), 1, "the first round at once");
+        tokio::time::advance(period).await;
+        tokio::task::yield_now().await;
+        assert_eq!(rounds.load(Ordering::SeqCst), 2);
+        // Rounds missed while the runtime was busy are not made up in a burst.
+        tokio::time::advance(period * 5 / 2).await;
+        tokio::task::yield_now().await;
+        assert_eq!(rounds.load(Ordering::SeqCst), 3);
+        shutdown.cancel();
+        task.await.unwrap();
+        tokio::time::advance(period * 10).await;
+        assert_eq!(rounds.load(Ordering::SeqCst), 3, "nothing after shutdown");
+    }
+
+    #[tokio::test]
+    async fn run_ends_at_shutdown_and_close_writes_what_connections_acked_last() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = Config::default();
+        let store = Arc::new(EmbeddedStore::open(&dir.path().join("im.db"), 64).unwrap());
+        let policy = Arc::new(crate::policy::LuaPolicy::load(config.policy.clone()).unwrap());
+        let metrics = Arc::default();
+        let service = ImService::new(store, policy, config.im.clone(), None, metrics);
+        let shutdown = CancellationToken::new();
+        let running = tokio::spawn(
+            service
+                .clone()
+                .run(Duration::from_secs(1), shutdown.clone()),
+        );
+        shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(10), running)
+            .await
+            .unwrap()
+            .unwrap();
+        // A connection that ends after the background work stopped still acknowledges.
+        let device = Device {
+            uid: "bob".into(),
+            client_id: "phone".into(),
+        };
+        let chat = Conversation::direct("alice", "bob");
+        service.delivered(&device, &chat, 1);
+        service.close().await;
+        assert!(service.inner.live_acks.of_device(&device, None).is_empty());
     }
 }

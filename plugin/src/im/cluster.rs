@@ -8,6 +8,7 @@ use std::collections::BTreeSet;
 use bytes::Bytes;
 use prost::Message;
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 use super::{DeviceEvent, ImService};
 use crate::metrics::{DirectionLabels, Metrics};
@@ -33,7 +34,7 @@ impl ImService {
         if let Some(bus) = self.inner.cluster.clone() {
             let device = device.clone();
             let errors = self.metrics().redis_errors.clone();
-            tokio::spawn(async move {
+            self.inner.tasks.spawn(async move {
                 let previous = match bus.join(&device.uid, &device.client_id).await {
                     Ok(previous) => previous,
                     Err(e) => {
@@ -66,7 +67,7 @@ impl ImService {
         if let Some(bus) = self.inner.cluster.clone() {
             let device = device.clone();
             let errors = self.metrics().redis_errors.clone();
-            tokio::spawn(async move {
+            self.inner.tasks.spawn(async move {
                 if let Err(e) = bus.leave(&device.uid, &device.client_id).await {
                     errors.inc();
                     tracing::warn!(error = %e, "presence not cleared in redis");
@@ -130,15 +131,26 @@ impl ImService {
         }
     }
 
-    /// Sends queued hand-overs until the queue closes: whatever waits at that moment costs
+    /// Sends queued hand-overs until the queue closes or `shutdown`: whatever waits at that moment costs
     /// one presence lookup round trip and one publish round trip, however many messages.
-    pub(super) async fn send_handovers(self, mut queue: mpsc::Receiver<pb::Handover>) {
+    pub(super) async fn send_handovers(
+        self,
+        mut queue: mpsc::Receiver<pb::Handover>,
+        shutdown: CancellationToken,
+    ) {
         let Some(bus) = self.inner.cluster.clone() else {
             return;
         };
         let mut batch = Vec::with_capacity(HANDOVER_BATCH);
         let failures = Throttle::default();
-        while queue.recv_many(&mut batch, HANDOVER_BATCH).await > 0 {
+        loop {
+            let received = tokio::select! {
+                () = shutdown.cancelled() => return,
+                received = queue.recv_many(&mut batch, HANDOVER_BATCH) => received,
+            };
+            if received == 0 {
+                return;
+            }
             if let Err(e) = send_batch(&bus, &batch, self.metrics()).await {
                 let metrics = self.metrics();
                 metrics.redis_errors.inc();

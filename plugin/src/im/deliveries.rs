@@ -61,7 +61,11 @@ impl LiveAcks {
     }
 
     /// The uncommitted acknowledgements of `device` (in `conversation`, or in all).
-    fn of_device(&self, device: &Device, conversation: Option<&Conversation>) -> DeviceAcks {
+    pub(super) fn of_device(
+        &self,
+        device: &Device,
+        conversation: Option<&Conversation>,
+    ) -> DeviceAcks {
         let waiting = self.lock();
         let mut found = DeviceAcks::new();
         for acks in [&waiting.pending, waiting.writing.as_ref()] {

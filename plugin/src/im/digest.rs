@@ -2,30 +2,112 @@
 //! unacked, the badge increment, absolute cursors and the newest few messages — never the
 //! backlog itself.
 
+use std::sync::{Mutex, PoisonError};
+
 use prost::Message;
+use tokio::sync::oneshot;
 
 use super::inbox::{now_ms, rehydrate};
 use super::{ImError, ImService};
-use crate::store::{ConversationState, Device};
+use crate::store::{ConversationState, Device, DigestRequest, DigestSnapshot, StoreError};
 use crate::wire::pb;
+
+/// Most devices whose digests one store round builds.
+const MAX_DIGEST_BATCH: usize = 256;
+
+/// One digest asked for, and where its result goes.
+struct DigestJob {
+    request: DigestRequest,
+    reply: oneshot::Sender<Result<DigestSnapshot, StoreError>>,
+}
+
+/// Digests asked for and not built yet. One builder at a time takes everything waiting and
+/// builds it in one store round: a fleet reconnecting at once costs a store round per batch,
+/// not per device, and a single device waits for no one.
+#[derive(Default)]
+pub(super) struct DigestQueue {
+    waiting: Mutex<Waiting>,
+}
+
+#[derive(Default)]
+struct Waiting {
+    jobs: Vec<DigestJob>,
+    /// A builder is running (it takes what arrives meanwhile).
+    building: bool,
+}
+
+impl std::fmt::Debug for DigestQueue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let waiting = self.lock();
+        f.debug_struct("DigestQueue")
+            .field("waiting", &waiting.jobs.len())
+            .field("building", &waiting.building)
+            .finish()
+    }
+}
+
+impl DigestQueue {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Waiting> {
+        self.waiting.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Queues `job`; true if no builder runs, so the caller must start one.
+    fn push(&self, job: DigestJob) -> bool {
+        let mut waiting = self.lock();
+        waiting.jobs.push(job);
+        !std::mem::replace(&mut waiting.building, true)
+    }
+
+    /// The next batch, or `None` (and the builder stops) once nothing waits.
+    fn next_batch(&self) -> Option<Vec<DigestJob>> {
+        let mut waiting = self.lock();
+        if waiting.jobs.is_empty() {
+            waiting.building = false;
+            return None;
+        }
+        let take = waiting.jobs.len().min(MAX_DIGEST_BATCH);
+        Some(waiting.jobs.drain(..take).collect())
+    }
+}
+
+/// Marks the builder stopped however it ends (a panic included), so the next digest asked
+/// for starts a new one.
+struct Builder<'a>(&'a DigestQueue);
+
+impl Drop for Builder<'_> {
+    fn drop(&mut self) {
+        self.0.lock().building = false;
+    }
+}
 
 impl ImService {
     /// Builds and records the next digest of `device`, within `budget` encoded bytes (what
     /// the client's Maximum Packet Size leaves for the payload): previews go first, then the
     /// conversations with the oldest news, and what is left out is not recorded, so the
     /// device's `ClearCounters` clears only what it was shown (the rest comes back in its
-    /// next digest).
+    /// next digest). Built together with the digests other devices asked for meanwhile.
     ///
     /// # Errors
     /// The store failed.
     #[tracing::instrument(skip(self), fields(uid = %device.uid, client_id = %device.client_id))]
     pub async fn digest(&self, device: &Device, budget: usize) -> Result<pb::Digest, ImError> {
-        let last_n = self.inner.settings.digest_last_n;
         self.commit_live_acks(device, None).await;
         let uid = device.uid.clone();
-        let fit = move |states: &mut Vec<ConversationState>| fit(states, &uid, budget);
-        let snapshot = self.inner.store.fitted_digest(device, last_n, &fit);
-        let snapshot = self.metrics().store_call("digest", snapshot).await?;
+        let request = DigestRequest {
+            device: device.clone(),
+            fit: Box::new(move |states: &mut Vec<ConversationState>| fit(states, &uid, budget)),
+        };
+        let (reply, built) = oneshot::channel();
+        if self.inner.digests.push(DigestJob { request, reply }) {
+            // Its own task: a caller that goes away never strands the others' digests.
+            let service = self.clone();
+            self.inner
+                .tasks
+                .spawn(async move { service.build_digests().await });
+        }
+        let snapshot = built
+            .await
+            .map_err(|_| StoreError::Unavailable("the digest builder stopped".into()))??;
         self.metrics().digests.inc();
         tracing::debug!(version = snapshot.version, "digest built");
         Ok(digest_message(
@@ -34,6 +116,26 @@ impl ImService {
             snapshot.version,
             now_ms(),
         ))
+    }
+
+    /// Builds batches of waiting digests until none is left.
+    async fn build_digests(self) {
+        let queue = &self.inner.digests;
+        let _builder = Builder(queue);
+        let last_n = self.inner.settings.digest_last_n;
+        while let Some(batch) = queue.next_batch() {
+            self.metrics().digest_batch.observe(batch.len() as f64);
+            let (requests, replies): (Vec<_>, Vec<_>) = batch
+                .into_iter()
+                .map(|job| (job.request, job.reply))
+                .unzip();
+            let built = self.inner.store.fitted_digests(&requests, last_n);
+            let results = self.metrics().store_batch("digest", built).await;
+            for (reply, result) in replies.into_iter().zip(results) {
+                // The device may have gone meanwhile; its digest stays recorded.
+                let _ = reply.send(result);
+            }
+        }
     }
 }
 
@@ -94,8 +196,60 @@ fn fit(states: &mut Vec<ConversationState>, uid: &str, budget: usize) {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
-    use crate::store::{Conversation, StoredMessage};
+    use crate::metrics::Metrics;
+    use crate::store::{Conversation, EmbeddedStore, NewMessage, Store, StoredMessage};
+
+    /// The value of a sample line `name value` in the metrics text.
+    fn sample(text: &str, name: &str) -> f64 {
+        text.lines()
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or(f64::NAN)
+    }
+
+    #[tokio::test]
+    async fn devices_asking_at_once_get_their_digests_from_one_store_round() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = crate::config::Config::default();
+        let store = Arc::new(EmbeddedStore::open(&dir.path().join("im.db"), 64).unwrap());
+        let policy = Arc::new(crate::policy::LuaPolicy::load(config.policy.clone()).unwrap());
+        let metrics = Arc::new(Metrics::default());
+        let devices: Vec<Device> = (0..40)
+            .map(|i| Device {
+                uid: format!("user{i}"),
+                client_id: "phone".into(),
+            })
+            .collect();
+        for (i, device) in devices.iter().enumerate() {
+            store.register_device(device).await.unwrap();
+            let body = pb::ChatMessage::default().encode_to_vec();
+            let message = NewMessage {
+                conversation: Conversation::direct("sender", &device.uid),
+                sender: "sender".into(),
+                sender_device: "laptop".into(),
+                msg_id: format!("m{i}"),
+                server_time: 1,
+                body,
+            };
+            store.append(message).await.unwrap();
+        }
+        let store: Arc<dyn Store> = store;
+        let im = ImService::new(store, policy, config.im.clone(), None, Arc::clone(&metrics));
+        let digests = devices.iter().map(|device| im.digest(device, usize::MAX));
+        let digests = futures::future::join_all(digests).await;
+        for (device, digest) in devices.iter().zip(digests) {
+            let digest = digest.unwrap();
+            assert_eq!(digest.sessions.len(), 1, "{}", device.uid);
+            assert_eq!(digest.sessions["u/sender"].count, 1);
+        }
+        let text = metrics.render();
+        let rounds = sample(&text, "mqtt_im_digest_batch_devices_count");
+        assert!(rounds < 40.0, "{rounds} store rounds for 40 digests");
+        assert_eq!(sample(&text, "mqtt_im_digest_batch_devices_sum"), 40.0);
+        im.close().await;
+    }
 
     fn state(peer: &str, last_time: i64) -> ConversationState {
         ConversationState {

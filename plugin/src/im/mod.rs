@@ -72,6 +72,11 @@ struct Inner {
     handovers: Option<mpsc::Sender<crate::wire::pb::Handover>>,
     /// Taken by [`ImService::run`].
     handovers_rx: Mutex<Option<mpsc::Receiver<crate::wire::pb::Handover>>>,
+    /// Digests waiting to be built together.
+    digests: digest::DigestQueue,
+    /// Short tasks started by events (cluster joins and leaves), waited for by
+    /// [`ImService::close`].
+    tasks: tokio_util::task::TaskTracker,
 }
 
 /// Cheap-to-clone handle on the IM service.
@@ -110,6 +115,8 @@ impl ImService {
                 live_acks: deliveries::LiveAcks::default(),
                 handovers,
                 handovers_rx: Mutex::new(handovers_rx),
+                digests: digest::DigestQueue::default(),
+                tasks: tokio_util::task::TaskTracker::new(),
             }),
         }
     }

@@ -15,6 +15,7 @@ pub(crate) async fn run_all(store: &dyn Store) {
     new_device_inherits_acks(store).await;
     digest_counts_and_clear_by_version(store).await;
     fitted_digest_records_only_what_it_kept(store).await;
+    digests_of_many_devices_come_in_request_order(store).await;
     history_and_read_cursor(store).await;
     groups_roles_and_membership(store).await;
     removals_are_logged_in_order(store).await;
@@ -265,6 +266,47 @@ async fn fitted_digest_records_only_what_it_kept(store: &dyn Store) {
     };
     assert_eq!(count(&kept), Some(0));
     assert_eq!(count(&dropped), Some(3));
+}
+
+/// A batch of digests: each device gets its own, fitted by its own `fit`, in request
+/// order, recorded as if built one at a time.
+async fn digests_of_many_devices_come_in_request_order(store: &dyn Store) {
+    let mut requests = Vec::new();
+    for n in 1..=3u64 {
+        let reader = device(&format!("b{n}"), "phone");
+        store.register_device(&reader).await.unwrap();
+        append_n(store, &direct(&reader.uid, "bsender"), "bsender", n).await;
+        let fit: Box<super::DigestFit> = if n == 3 {
+            Box::new(|states: &mut Vec<super::ConversationState>| states.clear())
+        } else {
+            Box::new(|_: &mut Vec<super::ConversationState>| {})
+        };
+        requests.push(super::DigestRequest {
+            device: reader,
+            fit,
+        });
+    }
+    let built = store.fitted_digests(&requests, 1).await;
+    let counts: Vec<Vec<u64>> = built
+        .iter()
+        .map(|digest| {
+            let digest = digest.as_ref().unwrap();
+            digest.conversations.iter().map(|c| c.count).collect()
+        })
+        .collect();
+    assert_eq!(counts, vec![vec![1], vec![2], vec![]]);
+    for (request, digest) in requests.iter().zip(&built) {
+        let version = digest.as_ref().unwrap().version;
+        store
+            .clear_counters(&request.device, version)
+            .await
+            .unwrap();
+    }
+    // The third digest showed nothing, so clearing it left its counter standing.
+    let third = store.digest(&requests[2].device, 1).await.unwrap();
+    assert_eq!(third.conversations[0].count, 3);
+    let first = store.digest(&requests[0].device, 1).await.unwrap();
+    assert!(first.conversations.iter().all(|c| c.count == 0));
 }
 
 async fn history_and_read_cursor(store: &dyn Store) {

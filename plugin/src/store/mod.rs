@@ -179,6 +179,22 @@ impl From<&ConversationState> for DigestEntry {
 /// Trims a digest's entries before it is recorded ([`Store::fitted_digest`]).
 pub type DigestFit = dyn Fn(&mut Vec<ConversationState>) + Send + Sync;
 
+/// One device's digest among several built together ([`Store::fitted_digests`]).
+pub struct DigestRequest {
+    /// The device.
+    pub device: Device,
+    /// What its client can take (see [`Store::fitted_digest`]).
+    pub fit: Box<DigestFit>,
+}
+
+impl std::fmt::Debug for DigestRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DigestRequest")
+            .field("device", &self.device)
+            .finish_non_exhaustive()
+    }
+}
+
 /// A digest as recorded: `version` identifies what [`Store::clear_counters`] will clear.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DigestSnapshot {
@@ -446,6 +462,20 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         last_n: usize,
         fit: &DigestFit,
     ) -> Result<DigestSnapshot, StoreError>;
+
+    /// [`Store::fitted_digest`] for many devices at once (a reconnect storm), the results in
+    /// request order; a backend that can reads them all in one round, the others build them
+    /// concurrently.
+    async fn fitted_digests(
+        &self,
+        requests: &[DigestRequest],
+        last_n: usize,
+    ) -> Vec<Result<DigestSnapshot, StoreError>> {
+        let digests = requests
+            .iter()
+            .map(|request| self.fitted_digest(&request.device, last_n, &*request.fit));
+        futures::future::join_all(digests).await
+    }
 
     /// [`Store::fitted_digest`] keeping everything.
     async fn digest(&self, device: &Device, last_n: usize) -> Result<DigestSnapshot, StoreError> {

@@ -16,9 +16,9 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::migrate;
 use super::{
-    Conversation, Device, DigestEntry, DigestFit, DigestSnapshot, Member, NewMessage, OnCommit,
-    Page, QueuedAppend, Receipt, Removal, Role, SeqRange, Store, StoreError, StoreSizes,
-    SIZES_QUERY,
+    Conversation, ConversationState, Device, DigestEntry, DigestFit, DigestRequest, DigestSnapshot,
+    Member, NewMessage, OnCommit, Page, QueuedAppend, Receipt, Removal, Role, SeqRange, Store,
+    StoreError, StoreSizes, SIZES_QUERY,
 };
 use error::{sql_error, SqliteError};
 use writer::{AfterCommit, Call, Job};
@@ -107,6 +107,25 @@ impl EmbeddedStore {
         Ok(done)
     }
 
+    /// Keeps what `fit` leaves of a device's digest and records it as the device's next.
+    async fn record_digest(
+        &self,
+        device: &Device,
+        mut conversations: Vec<ConversationState>,
+        fit: &DigestFit,
+    ) -> Result<DigestSnapshot, StoreError> {
+        fit(&mut conversations);
+        let entries: Vec<DigestEntry> = conversations.iter().map(DigestEntry::from).collect();
+        let device = device.clone();
+        let version = self
+            .write(move |conn| queries::record_digest(conn, &device, &entries))
+            .await?;
+        Ok(DigestSnapshot {
+            version,
+            conversations,
+        })
+    }
+
     async fn read<T, F>(&self, work: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
@@ -129,6 +148,21 @@ impl EmbeddedStore {
         .await
         .map_err(SqliteError::Read)?
     }
+}
+
+/// The conversations a digest of `device` lists, each with its `last_n` newest messages.
+fn digest_states(
+    conn: &Connection,
+    device: &Device,
+    last_n: usize,
+) -> Result<Vec<ConversationState>, StoreError> {
+    let mut states = Vec::new();
+    for member in queries::memberships(conn, device)? {
+        if let Some(state) = queries::conversation_state(conn, device, &member, last_n)? {
+            states.push(state);
+        }
+    }
+    Ok(states)
 }
 
 fn open_connection(path: &Path) -> Result<Connection, StoreError> {
@@ -169,29 +203,46 @@ impl Store for EmbeddedStore {
         fit: &DigestFit,
     ) -> Result<DigestSnapshot, StoreError> {
         let reader_device = device.clone();
-        let mut conversations = self
+        let conversations = self
+            .read(move |conn| digest_states(conn, &reader_device, last_n))
+            .await?;
+        self.record_digest(device, conversations, fit).await
+    }
+
+    /// All the devices' conversations in one read (one blocking hop, one connection), then
+    /// their records through the writer, which commits them together.
+    async fn fitted_digests(
+        &self,
+        requests: &[DigestRequest],
+        last_n: usize,
+    ) -> Vec<Result<DigestSnapshot, StoreError>> {
+        let devices: Vec<Device> = requests.iter().map(|r| r.device.clone()).collect();
+        let read = self
             .read(move |conn| {
-                let mut states = Vec::new();
-                for member in queries::memberships(conn, &reader_device)? {
-                    if let Some(state) =
-                        queries::conversation_state(conn, &reader_device, &member, last_n)?
-                    {
-                        states.push(state);
-                    }
-                }
-                Ok(states)
+                Ok(devices
+                    .iter()
+                    .map(|device| digest_states(conn, device, last_n))
+                    .collect::<Vec<_>>())
             })
-            .await?;
-        fit(&mut conversations);
-        let entries: Vec<DigestEntry> = conversations.iter().map(DigestEntry::from).collect();
-        let device = device.clone();
-        let version = self
-            .write(move |conn| queries::record_digest(conn, &device, &entries))
-            .await?;
-        Ok(DigestSnapshot {
-            version,
-            conversations,
-        })
+            .await;
+        let states = match read {
+            Ok(states) => states,
+            Err(e) => {
+                let shared = Arc::new(e);
+                return requests
+                    .iter()
+                    .map(|_| Err(StoreError::of_batch(&shared)))
+                    .collect();
+            }
+        };
+        let records = requests
+            .iter()
+            .zip(states)
+            .map(|(request, states)| async move {
+                self.record_digest(&request.device, states?, &*request.fit)
+                    .await
+            });
+        futures::future::join_all(records).await
     }
 
     async fn clear_counters(&self, device: &Device, version: u64) -> Result<(), StoreError> {

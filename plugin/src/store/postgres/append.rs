@@ -59,6 +59,9 @@ impl Writer {
             }
             self.answer(&mut batch, &outcome);
         }
+        if let Some(cache) = self.cache {
+            cache.finish().await;
+        }
     }
 
     /// Tells each request of the batch its outcome (running its commit hook on success) and

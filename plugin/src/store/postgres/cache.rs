@@ -319,12 +319,12 @@ impl DigestCache {
     pub(super) fn spawn_updater(&self) -> CacheUpdates {
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<Committed>>(UPDATE_QUEUE);
         let cache = self.clone();
-        tokio::spawn(async move {
+        let task = tokio::spawn(async move {
             while let Some(batch) = rx.recv().await {
                 cache.appended(&batch).await;
             }
         });
-        CacheUpdates { tx }
+        CacheUpdates { tx, task }
     }
 
     async fn appended(&self, batch: &[Committed]) {
@@ -513,9 +513,11 @@ impl DigestCache {
 }
 
 /// Hands committed batches to the cache's updater without waiting for Redis.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub(super) struct CacheUpdates {
     tx: tokio::sync::mpsc::Sender<Vec<Committed>>,
+    /// The updater, which ends once `tx` is gone and what was queued is applied.
+    task: tokio::task::JoinHandle<()>,
 }
 
 impl CacheUpdates {
@@ -527,6 +529,13 @@ impl CacheUpdates {
         if self.tx.try_send(batch).is_err() {
             tracing::debug!("digest cache updates queue full; counters will be recounted");
         }
+    }
+
+    /// Applies what is queued and ends the updater (the store is closing).
+    pub(super) async fn finish(self) {
+        let Self { tx, task } = self;
+        drop(tx);
+        let _ = task.await;
     }
 }
 
