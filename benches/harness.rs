@@ -94,6 +94,9 @@ struct StormArgs {
     /// which then measures the kernel's retransmission timer rather than the broker.
     #[arg(long, default_value_t = 4_000)]
     in_flight: usize,
+    /// mqtt-im alone, without bare rumqttd and Mosquitto beside it.
+    #[arg(long)]
+    alone: bool,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -1015,8 +1018,12 @@ async fn storm(args: &StormArgs) -> Result<(), Error> {
     child.kill()?;
     child.wait()?;
     measured?;
-
-    for name in ["bare rumqttd", "mosquitto"] {
+    let others: &[&str] = if args.alone {
+        &[]
+    } else {
+        &["bare rumqttd", "mosquitto"]
+    };
+    for name in others {
         let addr = free_port()?;
         let mut child = broker_command(name, dir.path(), addr)?.spawn()?;
         let measured = async {

@@ -144,3 +144,28 @@ async fn v311_client_recovers_by_itself_after_an_outage() {
     let expected: Vec<String> = (0..=30).map(|i| format!("m{i:02}")).collect();
     assert_eq!(ids, expected);
 }
+
+/// A store that stops answering never holds a CONNECT: the device is recorded by its first
+/// IM operation, after the CONNACK, so clients connect and use plain topics while every
+/// store call waits out its (here long) deadline.
+#[tokio::test]
+async fn a_stalled_store_never_holds_connects_or_plain_topics() {
+    let Some((proxy, mut settings)) = postgres_behind_proxy().await else {
+        return;
+    };
+    settings.call_timeout_ms = 60_000;
+    settings.connect_timeout_ms = 60_000;
+    let broker = TestBroker::start_on(TestBackend::Postgres(settings)).await;
+    proxy.stall();
+    for (uid, v5) in [("alice", true), ("bob", false)] {
+        let id = format!("{uid}-phone");
+        let mut client = if v5 {
+            Client::v5(broker.addr, &id, uid).await
+        } else {
+            Client::v4(broker.addr, &id, uid, 30).await
+        };
+        assert_eq!(client.subscribe("plain/status", 1).await, vec![1]);
+        client.publish("plain/status", 1, b"up".to_vec()).await;
+        assert_eq!(client.next_on("plain/status").await, b"up");
+    }
+}

@@ -131,16 +131,6 @@ pub(super) async fn handshake(
     };
     let session_present = !clean_session && (upstream_session || ctx.has_session(&admitted.device));
     let im = crate::valid_uid(&admitted.device.uid);
-    let registered = im
-        && match ctx.im.connected(&admitted.device).await {
-            Ok(()) => true,
-            Err(e) => {
-                // Non-IM traffic does not need the store; registration is retried before the
-                // digest.
-                tracing::warn!(error = %e, "cannot record device; continuing");
-                false
-            }
-        };
     // Outgoing buffers start empty and grow when needed.
     let mut client_out = BytesMut::new();
     let properties = admitted.assigned.map(|id| ConnAckProperties {
@@ -162,7 +152,6 @@ pub(super) async fn handshake(
         identity: admitted.identity,
         keep_alive,
         clean_session,
-        registered,
         max_packet,
         receive_max,
     };

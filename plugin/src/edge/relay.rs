@@ -222,7 +222,12 @@ impl Session {
                 };
                 let (im, device) = (self.ctx.im.clone(), self.device.clone());
                 let payload = publish.payload.clone();
+                let registration = self.registration();
                 self.start(async move {
+                    // A device's requests read and write its own state: after it is recorded.
+                    if let Some(registration) = registration {
+                        let _ = registration.await;
+                    }
                     let response = im.request(&device, &payload).await;
                     Outcome::Reply {
                         pkid,

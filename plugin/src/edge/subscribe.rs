@@ -14,7 +14,7 @@ use rumqttd::protocol::{
 use super::acl::{self, FilterAccess};
 use super::codec::{self, Version};
 use super::reply::Outcome;
-use super::session::{PendingAck, Session};
+use super::session::{recorded, PendingAck, Session};
 use super::topics::Route;
 use super::EdgeError;
 use crate::auth::acl::Access;
@@ -249,11 +249,10 @@ impl Session {
         if !self.digest_sent && self.granted_qos(&digest).is_some() {
             self.digest_sent = true;
             let (im, device) = (self.ctx.im.clone(), self.device.clone());
-            let register = !self.registered;
-            self.registered = true;
+            let registration = self.registration();
             let budget = self.payload_budget(&digest, 0);
             self.start(async move {
-                if register {
+                if !recorded(registration).await {
                     if let Err(e) = im.connected(&device).await {
                         return Outcome::Digest(Err(e));
                     }

@@ -133,6 +133,28 @@ impl ImService {
             .await?)
     }
 
+    /// Records a device in the background, so that its connection's CONNACK never waits
+    /// for the store; the receiver says whether it worked (the digest tries again if not).
+    pub fn register(&self, device: &Device) -> tokio::sync::oneshot::Receiver<bool> {
+        use tracing::Instrument;
+        let (done, registered) = tokio::sync::oneshot::channel();
+        let (service, device) = (self.clone(), device.clone());
+        let registering = async move {
+            let recorded = match service.connected(&device).await {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot record device; continuing");
+                    false
+                }
+            };
+            let _ = done.send(recorded);
+        };
+        self.inner
+            .tasks
+            .spawn(registering.instrument(tracing::Span::current()));
+        registered
+    }
+
     /// The metrics this service counts into (the edge counts its own there too).
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.inner.metrics

@@ -8,7 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use futures::future::BoxFuture;
+use futures::future::{BoxFuture, FutureExt, Shared};
+use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use super::codec::{self, Frame, PublishView, Version};
@@ -31,6 +32,17 @@ const MAX_LIVE_IN_FLIGHT: usize = 1024;
 /// client until some complete (backpressure).
 const MAX_PENDING: usize = 1024;
 
+/// A device's recording in the store, awaited by whichever operation needs it first.
+pub(super) type Registration = Shared<oneshot::Receiver<bool>>;
+
+/// Whether the device is recorded in the store, once `registration` has finished.
+pub(super) async fn recorded(registration: Option<Registration>) -> bool {
+    match registration {
+        Some(registration) => registration.await.unwrap_or(false),
+        None => false,
+    }
+}
+
 /// An IM operation of one connection, started in arrival order; its outcome comes back to
 /// [`Session::on_outcome`] in the same order.
 pub(super) type Op = BoxFuture<'static, Outcome>;
@@ -50,8 +62,6 @@ pub(super) struct Terms {
     /// The client's keep-alive in seconds (0: none).
     pub(super) keep_alive: u16,
     pub(super) clean_session: bool,
-    /// The device was recorded in the store (a store outage at CONNECT defers it).
-    pub(super) registered: bool,
     /// The MQTT 5 client's Maximum Packet Size, if it set one.
     pub(super) max_packet: Option<usize>,
     /// The MQTT 5 client's Receive Maximum, if it set one.
@@ -111,8 +121,10 @@ pub(super) struct Session {
     pub(super) publish_limits: PublishLimits,
     keep_alive: Option<Duration>,
     pub(super) clean_session: bool,
-    /// Whether the store has recorded this device (see `Terms::registered`).
-    pub(super) registered: bool,
+    /// The store recording this device, started at CONNECT and not awaited there: IM
+    /// requests and the digest wait for it (the digest records the device itself if it
+    /// failed); nothing else does.
+    registration: Option<Registration>,
     /// The client's Maximum Packet Size (MQTT 5), which hook-layer publishes respect.
     pub(super) max_packet: Option<usize>,
     /// Publishes in flight towards the client at most (its Receive Maximum).
@@ -173,7 +185,6 @@ impl Session {
             identity,
             keep_alive,
             clean_session,
-            registered,
             max_packet,
             receive_max,
         } = terms;
@@ -196,7 +207,7 @@ impl Session {
             keep_alive: (keep_alive > 0)
                 .then(|| Duration::from_millis(u64::from(keep_alive) * 1500)),
             clean_session,
-            registered,
+            registration: None,
             max_packet,
             receive_max: receive_max.map_or(usize::MAX, |max| usize::from(max.max(1))),
             client_out,
@@ -220,6 +231,10 @@ impl Session {
             unstored: false,
             last_seen: Instant::now(),
         };
+        if session.im {
+            let registration = session.ctx.im.register(&session.device);
+            session.registration = Some(registration.shared());
+        }
         if !session.im_filters.is_empty() {
             // A resumed persistent session: groups it still belongs to, online again, and a
             // fresh digest.
@@ -262,6 +277,11 @@ impl Session {
     /// Effect: whether the rumqttd link is to be opened now (asked once).
     pub(super) fn take_open_link(&mut self) -> bool {
         std::mem::take(&mut self.open_link)
+    }
+
+    /// The device's recording in the store, for an operation that needs it done first.
+    pub(super) fn registration(&self) -> Option<Registration> {
+        self.registration.clone()
     }
 
     /// Whether rumqttd has, or is about to have, this client.

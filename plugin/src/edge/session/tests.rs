@@ -75,7 +75,6 @@ fn fixture(client: Client) -> Fixture {
         },
         keep_alive: client.keep_alive,
         clean_session: client.clean,
-        registered: false,
         max_packet: client.max_packet,
         receive_max: client.receive_max,
     };
