@@ -289,7 +289,6 @@ impl Metrics {
         text
     }
 
-    /// Times a store call and counts its failure under `op`.
     /// Times a store call that serves many requests at once; each failed request counts
     /// as a failed call.
     pub(crate) async fn store_batch<T, E>(
@@ -299,19 +298,12 @@ impl Metrics {
     ) -> Vec<Result<T, E>> {
         let started = Instant::now();
         let results = call.await;
-        let labels = OperationLabels { op };
-        self.store_seconds
-            .get_or_create(&labels)
-            .observe(started.elapsed().as_secs_f64());
         let failed = results.iter().filter(|r| r.is_err()).count();
-        if failed > 0 {
-            self.store_errors
-                .get_or_create(&labels)
-                .inc_by(failed as u64);
-        }
+        self.record_store(op, started, failed);
         results
     }
 
+    /// Times a store call and counts its failure under `op`.
     pub(crate) async fn store_call<T, E>(
         &self,
         op: &'static str,
@@ -319,14 +311,20 @@ impl Metrics {
     ) -> Result<T, E> {
         let started = Instant::now();
         let result = call.await;
+        self.record_store(op, started, usize::from(result.is_err()));
+        result
+    }
+
+    fn record_store(&self, op: &'static str, started: Instant, failed: usize) {
         let labels = OperationLabels { op };
         self.store_seconds
             .get_or_create(&labels)
             .observe(started.elapsed().as_secs_f64());
-        if result.is_err() {
-            self.store_errors.get_or_create(&labels).inc();
+        if failed > 0 {
+            self.store_errors
+                .get_or_create(&labels)
+                .inc_by(failed as u64);
         }
-        result
     }
 
     /// Open connections per listener, for `/status`.
