@@ -119,14 +119,7 @@ async fn pipelined_plain_publishes_wait_for_the_link_in_order() {
 #[tokio::test]
 async fn wills_and_kept_sessions_link_at_connect() {
     let broker = start().await;
-    let mut options = rumqttc::MqttOptions::new("with-will", "127.0.0.1", broker.addr.port());
-    options.set_credentials("bob", "pw");
-    options.set_last_will(rumqttc::LastWill::new(
-        "status/bob",
-        "gone",
-        rumqttc::QoS::AtLeastOnce,
-        false,
-    ));
+    let options = options_with_will(broker.addr, "with-will", "bob", "status/bob");
     let with_will = Client::v4_with(options).await;
     assert_eq!(links(&broker).await, 1.0);
     with_will.disconnect().await;

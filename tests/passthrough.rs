@@ -120,14 +120,7 @@ async fn wills_pass_through_but_not_into_im() {
     let broker = TestBroker::start().await;
     let mut watcher = Client::v4(broker.addr, "watcher", "alice", 30).await;
     watcher.subscribe("status/#", 1).await;
-    let mut options = rumqttc::MqttOptions::new("dying", "127.0.0.1", broker.addr.port());
-    options.set_credentials("bob", "pw");
-    options.set_last_will(rumqttc::LastWill::new(
-        "status/bob",
-        "gone",
-        rumqttc::QoS::AtLeastOnce,
-        false,
-    ));
+    let options = options_with_will(broker.addr, "dying", "bob", "status/bob");
     let (_client, mut events) = rumqttc::AsyncClient::new(options, 10);
     let dying = tokio::spawn(async move {
         loop {
@@ -140,14 +133,7 @@ async fn wills_pass_through_but_not_into_im() {
     drop(dying.await.unwrap());
     assert_eq!(watcher.next_on("status/bob").await, b"gone".to_vec());
 
-    let mut options = rumqttc::MqttOptions::new("sneaky", "127.0.0.1", broker.addr.port());
-    options.set_credentials("bob", "pw");
-    options.set_last_will(rumqttc::LastWill::new(
-        "im/u/alice",
-        "x",
-        rumqttc::QoS::AtLeastOnce,
-        false,
-    ));
+    let options = options_with_will(broker.addr, "sneaky", "bob", "im/u/alice");
     let (_client, mut events) = rumqttc::AsyncClient::new(options, 10);
     assert!(
         events.poll().await.is_err(),

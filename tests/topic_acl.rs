@@ -171,17 +171,7 @@ async fn patterns_cannot_be_widened_by_hostile_ids() {
 async fn wills_are_checked_and_the_file_reloads() {
     let dir = tempfile::tempdir().unwrap();
     let broker = broker_with_acl(dir.path()).await;
-    let will = |topic: &str| {
-        let mut options = rumqttc::MqttOptions::new("willing", "127.0.0.1", broker.addr.port());
-        options.set_credentials("alice", "pw");
-        options.set_last_will(rumqttc::LastWill::new(
-            topic,
-            "gone",
-            rumqttc::QoS::AtLeastOnce,
-            false,
-        ));
-        options
-    };
+    let will = |topic: &str| options_with_will(broker.addr, "willing", "alice", topic);
     let connack = |options: rumqttc::MqttOptions| async move {
         let (_client, mut events) = rumqttc::AsyncClient::new(options, 10);
         match events.poll().await {

@@ -40,6 +40,24 @@ pub enum Seen {
     },
 }
 
+/// 3.1.1 options for `user` (password `pw`) with a QoS 1 will of `gone` on `will_topic`.
+pub fn options_with_will(
+    addr: SocketAddr,
+    client_id: &str,
+    user: &str,
+    will_topic: &str,
+) -> rumqttc::MqttOptions {
+    let mut options = rumqttc::MqttOptions::new(client_id, addr.ip().to_string(), addr.port());
+    options.set_credentials(user, "pw");
+    options.set_last_will(rumqttc::LastWill::new(
+        will_topic,
+        "gone",
+        rumqttc::QoS::AtLeastOnce,
+        false,
+    ));
+    options
+}
+
 /// A 3.1.1 client (rumqttc) whose events arrive on a channel.
 pub struct Client {
     pub v4: Option<rumqttc::AsyncClient>,

@@ -120,11 +120,20 @@ pub(super) async fn handshake(
     let link_now = packet.will.is_some() || kept_upstream;
     let request = link_request(packet, &admitted.device);
     let (upstream, upstream_session) = if link_now {
-        let (upstream, ack) = Upstream::open_now(&ctx, id, request).await?;
-        if ack.code != ConnectReturnCode::Success {
-            refuse(&mut stream, version, ack.code, None).await;
+        let opened = Upstream::open_now(&ctx, id, request).await;
+        let refused = match &opened {
+            Ok((_, ack)) => (ack.code != ConnectReturnCode::Success).then_some(ack.code),
+            Err(_) => None,
+        };
+        if kept_upstream && (opened.is_err() || refused.is_some()) {
+            // rumqttd still keeps the session: the next connection resumes it.
+            ctx.keep_upstream_session(&admitted.device.client_id);
+        }
+        if let Some(code) = refused {
+            refuse(&mut stream, version, code, None).await;
             return Err(EdgeError::Refused("rumqttd refused the connection"));
         }
+        let (upstream, ack) = opened?;
         (upstream, ack.session_present)
     } else {
         (Upstream::Unneeded(Box::new(request)), false)
