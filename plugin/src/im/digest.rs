@@ -70,13 +70,16 @@ impl DigestQueue {
     }
 }
 
-/// Marks the builder stopped however it ends (a panic included), so the next digest asked
-/// for starts a new one.
+/// Marks the builder stopped if it panics, so the next digest asked for starts a new one
+/// (a builder that ends normally has marked it in [`DigestQueue::next_batch`], and a newer
+/// builder may already be running by then).
 struct Builder<'a>(&'a DigestQueue);
 
 impl Drop for Builder<'_> {
     fn drop(&mut self) {
-        self.0.lock().building = false;
+        if std::thread::panicking() {
+            self.0.lock().building = false;
+        }
     }
 }
 

@@ -468,12 +468,11 @@ impl Session {
     /// Whether a publish on `topic` with `rest` bytes of properties and payload fits the
     /// client's Maximum Packet Size (MQTT 5 forbids sending it otherwise).
     fn fits(&self, topic: &str, rest: usize) -> bool {
-        let size = super::fit::overhead(topic, 0) + rest;
-        let fits = self.max_packet.is_none_or(|max| size <= max);
+        let fits = rest <= self.payload_budget(topic, 0);
         if !fits {
             tracing::debug!(
                 topic,
-                size,
+                rest,
                 "publish exceeds the client's maximum packet size"
             );
         }
@@ -524,11 +523,18 @@ impl Session {
                 self.held.push_back(Held::Upstream(frame));
                 return Ok(());
             }
-            None => self
-                .ids
-                .for_upstream(publish.pkid)
-                .ok_or(EdgeError::Protocol("client packet ids exhausted"))?,
+            None => return self.write_upstream_now(&publish),
         };
+        publish.write(self.version, pkid, &mut self.client_out);
+        Ok(())
+    }
+
+    /// Writes rumqttd's publish to the client under a newly allocated client-side id.
+    fn write_upstream_now(&mut self, publish: &PublishView) -> Result<(), EdgeError> {
+        let pkid = self
+            .ids
+            .for_upstream(publish.pkid)
+            .ok_or(EdgeError::Protocol("client packet ids exhausted"))?;
         publish.write(self.version, pkid, &mut self.client_out);
         Ok(())
     }
@@ -546,12 +552,7 @@ impl Session {
                     payload,
                 } => self.write_publish_now(&topic, 1, Origin::Own, &properties, &payload),
                 Held::Upstream(frame) => {
-                    let publish = PublishView::parse(&frame, Version::V5)?;
-                    let pkid = self
-                        .ids
-                        .for_upstream(publish.pkid)
-                        .ok_or(EdgeError::Protocol("client packet ids exhausted"))?;
-                    publish.write(self.version, pkid, &mut self.client_out);
+                    self.write_upstream_now(&PublishView::parse(&frame, Version::V5)?)?;
                 }
             }
         }
