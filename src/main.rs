@@ -5,11 +5,12 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use mqtt_im::config::Backend;
+use mqtt_im::im::lifecycle;
 use mqtt_im::metrics::Metrics;
 use mqtt_im::policy::trial::{self, Verdict};
 use mqtt_im::policy::LuaPolicy;
 use mqtt_im::server::{check_certificates, open_store, CancellationToken, ListenerKind};
-use mqtt_im::store::{Conversation, EmbeddedStore, PostgresStore, Role, Store};
+use mqtt_im::store::{now_ms, Conversation, Device, EmbeddedStore, PostgresStore, Role, Store};
 use mqtt_im::{Config, Server};
 
 /// Offline messaging for MQTT.
@@ -42,6 +43,16 @@ enum Command {
     /// connections within `im.removal_poll_ms`.
     #[command(subcommand)]
     Group(GroupCommand),
+    /// Storage maintenance.
+    #[command(subcommand)]
+    Store(StoreCommand),
+    /// List or forget a user's devices; running nodes close a forgotten device's connections
+    /// within `im.removal_poll_ms`.
+    #[command(subcommand)]
+    Device(DeviceCommand),
+    /// Erase users.
+    #[command(subcommand)]
+    User(UserCommand),
     /// Hash a password for `[auth.users]` (argon2id, PHC string). The password is the first
     /// line of standard input; with USERNAME the output is a ready TOML line.
     Passwd {
@@ -59,6 +70,35 @@ enum PolicyCommand {
         /// The sample messages.
         messages: PathBuf,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum StoreCommand {
+    /// Delete now what retention (`im.retention`) and device expiry (`im.device_ttl`) no
+    /// longer keep, in steps of `im.gc_batch` rows, as running nodes do every
+    /// `im.gc_interval`; prints what it deleted. Devices connected to a running node are
+    /// marked as seen by that node, not by this command.
+    Gc,
+}
+
+#[derive(Debug, Subcommand)]
+enum DeviceCommand {
+    /// A user's devices with when each last connected.
+    List { uid: String },
+    /// Forget one device (or, without CLIENT_ID, every device) of a user: its offline state
+    /// is deleted and its next connection starts as a new device.
+    Forget {
+        uid: String,
+        client_id: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum UserCommand {
+    /// Erase a user: connections closed, devices, read cursors and group memberships
+    /// removed, 1:1 messages deleted and group messages redacted or deleted
+    /// (`im.erase_group_messages`). Idempotent.
+    Erase { uid: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -137,6 +177,9 @@ async fn main() -> anyhow::Result<()> {
         Command::Policy(PolicyCommand::Test { messages }) => policy_test(config, &messages).await,
         Command::Group(command) => group(config, command).await,
         Command::Stats => stats(&config).await,
+        Command::Store(StoreCommand::Gc) => store_gc(&config).await,
+        Command::Device(command) => device(&config, command).await,
+        Command::User(UserCommand::Erase { uid }) => erase_user(&config, &uid).await,
         Command::Passwd { username } => passwd(username.as_deref()),
     }
 }
@@ -255,6 +298,119 @@ async fn group_command(store: &dyn Store, command: GroupCommand) -> anyhow::Resu
         }
     }
     Ok(())
+}
+
+/// Opens the store for an operator's command.
+async fn operator_store(config: &Config) -> anyhow::Result<std::sync::Arc<dyn Store>> {
+    open_store(config, &Metrics::default())
+        .await
+        .context("opening the store")
+}
+
+/// Refuses a uid that no user can have, before the store is opened.
+fn valid_uid(uid: &str) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        mqtt_im::valid_uid(uid),
+        "invalid uid {uid:?}: 1 to 64 letters, digits, '-', '_', '.' or '@'"
+    );
+    Ok(())
+}
+
+async fn store_gc(config: &Config) -> anyhow::Result<()> {
+    let store = operator_store(config).await?;
+    let cutoffs = lifecycle::cutoffs(&config.im, now_ms());
+    let metrics = Metrics::default();
+    let never = CancellationToken::new();
+    let done = lifecycle::collect_garbage(
+        store.as_ref(),
+        cutoffs,
+        config.im.gc_batch,
+        &metrics,
+        &never,
+    )
+    .await;
+    store.close().await;
+    let done = done.context("garbage collection")?;
+    println!(
+        "deleted {} messages and {} devices",
+        done.messages, done.devices
+    );
+    Ok(())
+}
+
+async fn device(config: &Config, command: DeviceCommand) -> anyhow::Result<()> {
+    let (DeviceCommand::List { uid } | DeviceCommand::Forget { uid, .. }) = &command;
+    valid_uid(uid)?;
+    let store = operator_store(config).await?;
+    let result = device_command(store.as_ref(), command).await;
+    store.close().await;
+    result
+}
+
+async fn device_command(store: &dyn Store, command: DeviceCommand) -> anyhow::Result<()> {
+    match command {
+        DeviceCommand::List { uid } => {
+            for device in store.devices(&uid).await? {
+                println!("{:?} last_seen={}", device.client_id, device.last_seen);
+            }
+        }
+        DeviceCommand::Forget { uid, client_id } => {
+            let client_ids = match client_id {
+                Some(client_id) => vec![client_id],
+                None => store
+                    .devices(&uid)
+                    .await?
+                    .into_iter()
+                    .map(|d| d.client_id)
+                    .collect(),
+            };
+            for client_id in client_ids {
+                let device = Device {
+                    uid: uid.clone(),
+                    client_id,
+                };
+                let known = store.forget_device(&device).await?;
+                tracing::info!(
+                    uid,
+                    client_id = device.client_id,
+                    known,
+                    "device forgotten by an operator"
+                );
+                println!(
+                    "{} {:?}",
+                    if known { "forgot" } else { "unknown device" },
+                    device.client_id
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Evicts the user's connections, gives running nodes time to close them, erases, and
+/// evicts again (a device that reconnected meanwhile is closed as well).
+async fn erase_user(config: &Config, uid: &str) -> anyhow::Result<()> {
+    valid_uid(uid)?;
+    let store = operator_store(config).await?;
+    let result = async {
+        store.evict(uid, None).await?;
+        tokio::time::sleep(std::time::Duration::from_millis(
+            2 * config.im.removal_poll_ms,
+        ))
+        .await;
+        let erased = store
+            .erase_user(uid, config.im.erase_group_messages)
+            .await?;
+        tracing::info!(uid, ?erased, "user erased by an operator");
+        println!(
+            "erased {uid}: {} devices, {} group memberships, {} messages deleted, {} redacted",
+            erased.devices, erased.groups, erased.messages_deleted, erased.messages_redacted
+        );
+        anyhow::Ok(())
+    }
+    .await;
+    store.close().await;
+    result
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {

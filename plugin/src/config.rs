@@ -59,6 +59,22 @@ max_message_bytes = 65536
 receipt_interval_ms = 1000
 removal_poll_ms = 500
 live_ack_flush_ms = 50
+# Unacknowledged messages a device keeps per conversation; older ones are skipped for it and
+# reported as `missed` in its digest (0: no cap).
+max_backlog = 5000
+# A device unseen this long is forgotten: its next connection starts as a new device ("0": never).
+device_ttl = "90d"
+# How often retention and device expiry run, and how many rows one step deletes.
+gc_interval = "1m"
+gc_batch = 5000
+# What `mqtt-im user erase` does to the user's messages in groups: "redact" keeps the seq with
+# an empty body, "delete" removes it (1:1 messages are always deleted).
+erase_group_messages = "redact"
+
+# Messages older than this are deleted, per kind of conversation ("0": kept for good).
+[im.retention]
+direct = "30d"
+group = "30d"
 
 [limits]
 publish_rate = 0
@@ -470,6 +486,90 @@ pub struct ImSettings {
     /// How often acknowledged live deliveries are written, merged per device and
     /// conversation (a Pull or digest of the device writes its own at once).
     pub live_ack_flush_ms: u64,
+    /// Unacknowledged messages a device keeps per conversation (0: no cap): a phone back
+    /// from a month offline pages through at most this many, and learns how many it missed.
+    pub max_backlog: u64,
+    /// A device unseen this long is forgotten, so it holds no state for good.
+    pub device_ttl: Period,
+    /// How long messages are kept.
+    pub retention: RetentionSettings,
+    /// How often retention and device expiry run.
+    pub gc_interval: Period,
+    /// Rows one garbage-collection step deletes (one short transaction each).
+    pub gc_batch: usize,
+    /// What erasing a user does to its group messages.
+    pub erase_group_messages: crate::store::GroupErasure,
+}
+
+/// How long messages are kept, per kind of conversation.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionSettings {
+    /// 1:1 chats.
+    pub direct: Period,
+    /// Groups.
+    pub group: Period,
+}
+
+/// A length of time written as `30d`, `12h`, `15m`, `90s` or `500ms`; `0` means never
+/// (the feature it sets is off).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Period(pub std::time::Duration);
+
+impl Period {
+    /// `None` when off.
+    pub fn get(self) -> Option<std::time::Duration> {
+        (!self.0.is_zero()).then_some(self.0)
+    }
+}
+
+impl std::str::FromStr for Period {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let text = text.trim();
+        if text == "0" {
+            return Ok(Self::default());
+        }
+        let split = text
+            .find(|c: char| !c.is_ascii_digit())
+            .ok_or_else(|| format!("{text:?} has no unit (ms, s, m, h or d)"))?;
+        let (number, unit) = text.split_at(split);
+        let number: u64 = number
+            .parse()
+            .map_err(|_| format!("{text:?} does not start with a number"))?;
+        let millis_per = match unit {
+            "ms" => 1,
+            "s" => 1_000,
+            "m" => 60_000,
+            "h" => 3_600_000,
+            "d" => 86_400_000,
+            _ => return Err(format!("{text:?}: the unit must be ms, s, m, h or d")),
+        };
+        number
+            .checked_mul(millis_per)
+            .map(|ms| Self(std::time::Duration::from_millis(ms)))
+            .ok_or_else(|| format!("{text:?} is too long"))
+    }
+}
+
+impl std::fmt::Display for Period {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}ms", self.0.as_millis())
+    }
+}
+
+impl Serialize for Period {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Period {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
 }
 
 /// What a failing or misbehaving script means for the message it was judging.
@@ -651,6 +751,14 @@ impl Config {
             "im.live_ack_flush_ms: between 1 and 60000",
         );
         check(self.im.digest_last_n <= 50, "im.digest_last_n: at most 50");
+        check(
+            self.im.gc_interval.get().is_some(),
+            "im.gc_interval: must not be 0",
+        );
+        check(
+            (1..=100_000).contains(&self.im.gc_batch),
+            "im.gc_batch: between 1 and 100000",
+        );
         check(
             self.im.max_message_bytes >= 64
                 && self.im.max_message_bytes <= self.broker.max_packet_size,
@@ -835,6 +943,24 @@ mod tests {
         let config = Config::default();
         assert_eq!(config.im.prefix, "im");
         assert_eq!(config.store.backend, Backend::Embedded);
+    }
+
+    #[test]
+    fn periods_read_with_their_unit() {
+        let ms = |text: &str| text.parse::<Period>().map(|p| p.0.as_millis());
+        assert_eq!(ms("30d"), Ok(30 * 86_400_000));
+        assert_eq!(ms("2s"), Ok(2_000));
+        assert_eq!(ms("250ms"), Ok(250));
+        assert_eq!(ms("0"), Ok(0));
+        assert!(ms("30").unwrap_err().contains("no unit"));
+        assert!(ms("3w").unwrap_err().contains("unit must be"));
+        assert!(ms("d").is_err());
+        let config = Config::default();
+        assert_eq!(
+            config.im.retention.direct.get(),
+            Some(std::time::Duration::from_secs(30 * 86_400))
+        );
+        assert_eq!(Period::default().get(), None);
     }
 
     #[test]

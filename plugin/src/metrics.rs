@@ -63,6 +63,12 @@ pub(crate) struct OperationLabels {
     pub(crate) op: &'static str,
 }
 
+/// What garbage collection deleted: `messages` or `devices`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub(crate) struct GcLabels {
+    pub(crate) what: &'static str,
+}
+
 /// `sent` or `received`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub(crate) struct DirectionLabels {
@@ -105,6 +111,9 @@ pub struct Metrics {
     pub(crate) online_users: Gauge,
     pub(crate) online_devices: Gauge,
     pub(crate) upstream_links: Gauge,
+    pub(crate) backlog_skipped: Counter,
+    pub(crate) gc_deleted: Family<GcLabels, Counter>,
+    pub(crate) gc_lag: Gauge,
 }
 
 impl Default for Metrics {
@@ -142,6 +151,9 @@ impl Default for Metrics {
             online_users: Gauge::default(),
             online_devices: Gauge::default(),
             upstream_links: Gauge::default(),
+            backlog_skipped: Counter::default(),
+            gc_deleted: Family::default(),
+            gc_lag: Gauge::default(),
         };
         metrics.register();
         metrics
@@ -277,6 +289,22 @@ impl Metrics {
             "upstream_links",
             "Client connections linked to the embedded rumqttd (opened on a client's first non-IM subscribe or publish, or at CONNECT for a will or a session rumqttd keeps); IM-only clients hold none",
             self.upstream_links.clone(),
+        );
+        r.register(
+            "backlog_skipped",
+            "Unacknowledged messages a backlog cap (im.max_backlog) skipped for a device; its digest reported them as missed",
+            self.backlog_skipped.clone(),
+        );
+        r.register(
+            "gc_deleted",
+            "Rows garbage collection deleted: messages past their retention, devices past im.device_ttl",
+            self.gc_deleted.clone(),
+        );
+        r.register_with_unit(
+            "gc_lag",
+            "How far retention is behind: how long past its retention the oldest message still stored is (0 when caught up)",
+            Unit::Seconds,
+            self.gc_lag.clone(),
         );
     }
 

@@ -63,6 +63,8 @@ pub(super) struct Connection {
     /// Boxed: the queue's storage is allocated in blocks of slots, and an idle
     /// connection's first block then stays small.
     events_rx: mpsc::Receiver<Box<DeviceEvent>>,
+    /// Cancelled when an operator evicts the connection.
+    evicted: tokio_util::sync::CancellationToken,
     last_upstream_write: Instant,
 }
 
@@ -131,9 +133,11 @@ impl Connection {
         let labels = connection_labels(listener, terms.version);
         ctx.im.metrics().connects.get_or_create(&labels).inc();
         ctx.im.metrics().connections.get_or_create(&labels).inc();
+        let evicted = tokio_util::sync::CancellationToken::new();
         let sink = Arc::new(ConnectionSink {
             events: events_tx,
             kick: link.kick.clone(),
+            evict: evicted.clone(),
         });
         let linked = upstream.is_linked();
         let session = Session::new(ctx, id, terms, client_out, linked, sink);
@@ -150,6 +154,7 @@ impl Connection {
             link,
             ops: FuturesOrdered::new(),
             events_rx,
+            evicted,
             last_upstream_write: Instant::now(),
         }
     }
@@ -233,6 +238,7 @@ impl Connection {
                 _ = ticker.tick() => self.on_tick(),
                 () = shutdown.cancelled() => Err(End::Shutdown),
                 () = self.link.kick.cancelled() => Err(End::TakenOver),
+                () = self.evicted.cancelled() => Err(End::Evicted),
                 () = until(expiry) => Err(End::CredentialsExpired),
                 () = until(self.session.read_resume) => {
                     self.session.read_resume = None;

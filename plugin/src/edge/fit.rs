@@ -57,6 +57,7 @@ mod tests {
                     to_seq: 5,
                 }),
                 end: true,
+                gone: 0,
             })),
             ..Default::default()
         };

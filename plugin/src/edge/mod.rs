@@ -211,6 +211,8 @@ pub(crate) struct ConnectionSink {
     events: mpsc::Sender<Box<DeviceEvent>>,
     /// Ends the connection as taken over; never lost to a full queue of a stalled client.
     kick: tokio_util::sync::CancellationToken,
+    /// Ends the connection as evicted by an operator; never lost either.
+    evict: tokio_util::sync::CancellationToken,
 }
 
 impl DeviceSink for ConnectionSink {
@@ -218,6 +220,10 @@ impl DeviceSink for ConnectionSink {
         match event {
             DeviceEvent::TakenOver => {
                 self.kick.cancel();
+                true
+            }
+            DeviceEvent::Evicted => {
+                self.evict.cancel();
                 true
             }
             event => self.events.try_send(Box::new(event)).is_ok(),

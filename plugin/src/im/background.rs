@@ -1,10 +1,11 @@
 //! The IM service's background work: writing acknowledged live deliveries, batched receipt
-//! updates, applying the removal log and, with a cluster, heartbeats and incoming hand-overs.
+//! updates, applying the removal and eviction logs, garbage collection and, with a cluster,
+//! heartbeats and incoming hand-overs.
 //! Each concern runs as its own task, so a slow backend delays only the work that needs it
 //! (a Redis outage never holds up acknowledgement writes or removals, nor the reverse).
 
 use std::future::Future;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -80,6 +81,22 @@ impl ImService {
         tasks.spawn(every(removals, shutdown.clone(), move || {
             let (service, last_removal) = (service.clone(), Arc::clone(&last_removal));
             async move { service.apply_removals(&last_removal).await }
+        }));
+        let (service, last_eviction) = (self.clone(), Arc::new(AtomicU64::new(0)));
+        let primed = Arc::new(AtomicBool::new(false));
+        tasks.spawn(every(removals, shutdown.clone(), move || {
+            let (service, last, primed) = (
+                service.clone(),
+                Arc::clone(&last_eviction),
+                Arc::clone(&primed),
+            );
+            async move { service.apply_evictions(&last, &primed).await }
+        }));
+        let service = self.clone();
+        let stop = shutdown.clone();
+        tasks.spawn(every(settings.gc_interval.0, shutdown.clone(), move || {
+            let (service, stop) = (service.clone(), stop.clone());
+            async move { service.garbage_round(&stop).await }
         }));
         while tasks.join_next().await.is_some() {}
     }

@@ -9,7 +9,9 @@ use tokio::sync::oneshot;
 
 use super::inbox::{now_ms, rehydrate};
 use super::{ImError, ImService};
-use crate::store::{ConversationState, Device, DigestRequest, DigestSnapshot, StoreError};
+use crate::store::{
+    ConversationState, Device, DigestRequest, DigestShape, DigestSnapshot, StoreError,
+};
 use crate::wire::pb;
 
 /// Most devices whose digests one store round builds.
@@ -111,6 +113,7 @@ impl ImService {
         let snapshot = built
             .await
             .map_err(|_| StoreError::Unavailable("the digest builder stopped".into()))??;
+        self.note_skipped(&snapshot);
         self.metrics().digests.inc();
         tracing::debug!(version = snapshot.version, "digest built");
         Ok(digest_message(
@@ -121,18 +124,36 @@ impl ImService {
         ))
     }
 
+    /// Logs and counts what backlog caps skipped in a digest just recorded.
+    fn note_skipped(&self, snapshot: &DigestSnapshot) {
+        for state in &snapshot.conversations {
+            if let Some(skipped) = state.skipped {
+                tracing::info!(
+                    conversation = %state.conversation,
+                    skipped = skipped.count,
+                    cap = self.inner.settings.max_backlog,
+                    "backlog cap passed: the oldest unacknowledged messages are skipped for this device"
+                );
+                self.metrics().backlog_skipped.inc_by(skipped.count);
+            }
+        }
+    }
+
     /// Builds batches of waiting digests until none is left.
     async fn build_digests(self) {
         let queue = &self.inner.digests;
         let _builder = Builder(queue);
-        let last_n = self.inner.settings.digest_last_n;
+        let shape = DigestShape {
+            last_n: self.inner.settings.digest_last_n,
+            max_backlog: self.inner.settings.max_backlog,
+        };
         while let Some(batch) = queue.next_batch() {
             self.metrics().digest_batch.observe(batch.len() as f64);
             let (requests, replies): (Vec<_>, Vec<_>) = batch
                 .into_iter()
                 .map(|job| (job.request, job.reply))
                 .unzip();
-            let built = self.inner.store.fitted_digests(&requests, last_n);
+            let built = self.inner.store.fitted_digests(&requests, shape);
             let results = self.metrics().store_batch("digest", built).await;
             for (reply, result) in replies.into_iter().zip(results) {
                 // The device may have gone meanwhile; its digest stays recorded.
@@ -161,6 +182,7 @@ fn digest_message(
                 read_seq: state.read_seq,
                 peer_read_seq: state.peer_read_seq,
                 unacked: state.unacked,
+                missed: state.missed,
             };
             (state.conversation.name_for(uid), session)
         })
@@ -264,6 +286,9 @@ mod tests {
             acked_seq: 0,
             read_seq: 0,
             peer_read_seq: 0,
+            missed: 0,
+            skipped: None,
+            missed_total: 0,
             last: vec![StoredMessage {
                 seq: 1,
                 sender: peer.into(),

@@ -426,9 +426,4 @@ pub(crate) fn rehydrate(stored: &StoredMessage) -> pb::ChatMessage {
     chat
 }
 
-pub(crate) fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
-}
+pub(crate) use crate::store::now_ms;

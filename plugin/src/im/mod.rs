@@ -9,6 +9,7 @@ mod deliveries;
 mod digest;
 mod groups;
 mod inbox;
+pub mod lifecycle;
 mod order;
 mod presence;
 mod pull;

@@ -1,5 +1,5 @@
 //! Requests on `req`: Pull (newest unacked page, the previous page's cursor acknowledges it),
-//! Ack, ClearCounters, MarkRead, Receipts, History and group management. Every request gets
+//! Ack, ClearCounters, MarkRead, Receipts, History, DeviceForget and group management. Every request gets
 //! exactly one Response.
 
 use super::inbox::rehydrate;
@@ -97,6 +97,7 @@ impl ImService {
                 | Kind::GroupMembers(_)
                 | Kind::MyGroups(_)),
             ) => self.group_request(&device.uid, group).await,
+            Some(Kind::DeviceForget(forget)) => self.forget_device(&device.uid, forget).await,
             None => Err(ImError::Invalid("request has no kind".into())),
         }
     }
@@ -133,6 +134,7 @@ fn page_reply(conversation: String, page: store::Page) -> pb::Page {
         messages: page.messages.iter().map(rehydrate).collect(),
         cursor,
         end: page.end,
+        gone: page.gone,
     }
 }
 

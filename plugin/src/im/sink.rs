@@ -31,6 +31,8 @@ pub enum DeviceEvent {
     /// The same client id connected to another node: this connection is stale and ends,
     /// as in a session take-over within one node.
     TakenOver,
+    /// An operator forgot the device or erased its user: the connection ends.
+    Evicted,
 }
 
 /// One device connection, as seen from the IM service.

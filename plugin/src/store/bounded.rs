@@ -11,8 +11,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use super::{
-    Conversation, Device, DigestFit, DigestSnapshot, Member, NewMessage, OnCommit, Page,
-    QueuedAppend, Receipt, Removal, Role, SeqRange, Store, StoreError, StoreSizes,
+    Collected, Conversation, Cutoffs, Device, DeviceInfo, DigestFit, DigestShape, DigestSnapshot,
+    Erased, Eviction, GroupErasure, Member, NewMessage, OnCommit, Page, QueuedAppend, Receipt,
+    Removal, Role, SeqRange, Store, StoreError, StoreSizes,
 };
 
 /// A call that went unanswered.
@@ -95,10 +96,10 @@ impl Store for Bounded {
     async fn fitted_digest(
         &self,
         device: &Device,
-        last_n: usize,
+        shape: DigestShape,
         fit: &DigestFit,
     ) -> Result<DigestSnapshot, StoreError> {
-        self.call(self.inner.fitted_digest(device, last_n, fit))
+        self.call(self.inner.fitted_digest(device, shape, fit))
             .await
     }
 
@@ -215,6 +216,40 @@ impl Store for Bounded {
 
     async fn sizes(&self) -> Result<StoreSizes, StoreError> {
         self.call(self.inner.sizes()).await
+    }
+
+    async fn collect_garbage(
+        &self,
+        cutoffs: Cutoffs,
+        batch: usize,
+    ) -> Result<Collected, StoreError> {
+        self.call(self.inner.collect_garbage(cutoffs, batch)).await
+    }
+
+    async fn touch_devices(&self, devices: &[Device], now_ms: i64) -> Result<(), StoreError> {
+        self.call(self.inner.touch_devices(devices, now_ms)).await
+    }
+
+    async fn devices(&self, uid: &str) -> Result<Vec<DeviceInfo>, StoreError> {
+        self.call(self.inner.devices(uid)).await
+    }
+
+    async fn forget_device(&self, device: &Device) -> Result<bool, StoreError> {
+        self.call(self.inner.forget_device(device)).await
+    }
+
+    async fn evict(&self, uid: &str, client_id: Option<&str>) -> Result<(), StoreError> {
+        self.call(self.inner.evict(uid, client_id)).await
+    }
+
+    async fn evictions_since(&self, after: u64, limit: usize) -> Result<Vec<Eviction>, StoreError> {
+        self.call(self.inner.evictions_since(after, limit)).await
+    }
+
+    /// Not bounded: erasing a prolific user takes as long as it takes, and an operator
+    /// waits for it.
+    async fn erase_user(&self, uid: &str, groups: GroupErasure) -> Result<Erased, StoreError> {
+        self.inner.erase_user(uid, groups).await
     }
 
     async fn close(&self) {

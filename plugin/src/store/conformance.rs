@@ -3,7 +3,10 @@
 
 use std::sync::{Arc, Mutex};
 
-use super::{Conversation, Device, NewMessage, Role, SeqRange, Store, StoreError};
+use super::{
+    Collected, Conversation, Cutoffs, Device, DigestShape, GroupErasure, NewMessage, Role,
+    SeqRange, Store, StoreError,
+};
 
 /// Runs every check against one store (each uses its own conversations and users), then
 /// closes it.
@@ -21,6 +24,10 @@ pub(crate) async fn run_all(store: &dyn Store) {
     removals_are_logged_in_order(store).await;
     receipts_and_senders(store).await;
     sizes_count_what_was_written(store).await;
+    retention_deletes_a_prefix_that_pulls_report(store).await;
+    backlog_cap_skips_the_oldest_and_reports_them(store).await;
+    devices_are_listed_expired_and_forgotten(store).await;
+    erasing_a_user_removes_its_traces(store).await;
     closed_store_refuses_calls(store).await;
 }
 
@@ -252,7 +259,11 @@ async fn fitted_digest_records_only_what_it_kept(store: &dyn Store) {
     let fit = move |states: &mut Vec<super::ConversationState>| {
         states.retain(|state| state.conversation == keep);
     };
-    let shown = store.fitted_digest(&reader, 1, &fit).await.unwrap();
+    let shape = DigestShape {
+        last_n: 1,
+        max_backlog: 0,
+    };
+    let shown = store.fitted_digest(&reader, shape, &fit).await.unwrap();
     assert_eq!(shown.conversations.len(), 1);
     assert_eq!(shown.conversations[0].conversation, kept);
     store.clear_counters(&reader, shown.version).await.unwrap();
@@ -286,7 +297,11 @@ async fn digests_of_many_devices_come_in_request_order(store: &dyn Store) {
             fit,
         });
     }
-    let built = store.fitted_digests(&requests, 1).await;
+    let shape = DigestShape {
+        last_n: 1,
+        max_backlog: 0,
+    };
+    let built = store.fitted_digests(&requests, shape).await;
     let counts: Vec<Vec<u64>> = built
         .iter()
         .map(|digest| {
@@ -489,6 +504,282 @@ async fn sizes_count_what_was_written(store: &dyn Store) {
     assert_eq!(after.groups, before.groups + 1);
     assert_eq!(after.users, before.users + 1);
     assert_eq!(after.devices, before.devices + 2);
+}
+
+/// Runs garbage collection in steps of `batch` until nothing is due.
+async fn collect_all(store: &dyn Store, cutoffs: Cutoffs, batch: usize) -> Collected {
+    let mut total = Collected::default();
+    for _ in 0..1000 {
+        let step = store.collect_garbage(cutoffs, batch).await.unwrap();
+        total.messages += step.messages;
+        total.devices += step.devices;
+        if !step.more {
+            return total;
+        }
+    }
+    panic!("garbage collection never caught up");
+}
+
+/// Appends `n` messages from `sender` stored at `server_time` (retention cases use times
+/// before any other case's, so that their cutoffs touch nothing else).
+async fn append_at(store: &dyn Store, conversation: &Conversation, sender: &str, n: u64, at: i64) {
+    for i in 0..n {
+        let mut new = message(conversation, sender, &format!("{conversation}-{at}-{i}"));
+        new.server_time = at;
+        store.append(new).await.unwrap();
+    }
+}
+
+/// Retention deletes each conversation's oldest messages as a prefix, of one kind only;
+/// Pull, History and digests step over what is gone, and the first Pull says how much.
+async fn retention_deletes_a_prefix_that_pulls_report(store: &dyn Store) {
+    const OLD: i64 = -9_000_000;
+    let chat = direct("rt1", "rt2");
+    let group = Conversation::group("rt-g");
+    store
+        .create_group(&group, "rt2", &strings(&["rt1"]))
+        .await
+        .unwrap();
+    let (phone, laptop) = (device("rt1", "phone"), device("rt1", "laptop"));
+    store.register_device(&phone).await.unwrap();
+    store.register_device(&laptop).await.unwrap();
+    append_at(store, &chat, "rt2", 5, OLD).await;
+    append_at(store, &group, "rt2", 2, OLD).await;
+    append_at(store, &chat, "rt2", 3, 1_000).await;
+    let before = store.sizes().await.unwrap();
+    let cutoffs = Cutoffs {
+        direct: Some(OLD + 1),
+        ..Cutoffs::default()
+    };
+    assert_eq!(collect_all(store, cutoffs, 2).await.messages, 5);
+    assert_eq!(
+        collect_all(store, cutoffs, 2).await.messages,
+        0,
+        "nothing twice"
+    );
+    assert_eq!(store.sizes().await.unwrap().messages, before.messages - 5);
+    let history = store.history(&chat, None, 20).await.unwrap();
+    assert_eq!((seqs(&history), history.end), (vec![8, 7, 6], true));
+    // The group's retention is not the 1:1 chats'.
+    assert_eq!(
+        store
+            .history(&group, None, 20)
+            .await
+            .unwrap()
+            .messages
+            .len(),
+        2
+    );
+    let digest = store.digest(&laptop, 1).await.unwrap();
+    let state = digest
+        .conversations
+        .iter()
+        .find(|c| c.conversation == chat)
+        .unwrap();
+    assert_eq!((state.unacked, state.count), (3, 3));
+    let page = store.pull(&phone, &chat, None, 20).await.unwrap();
+    assert_eq!((seqs(&page), page.end, page.gone), (vec![8, 7, 6], true, 5));
+    let again = store.pull(&phone, &chat, None, 20).await.unwrap();
+    assert_eq!(
+        (seqs(&again), again.gone),
+        (vec![8, 7, 6], 0),
+        "reported once"
+    );
+    // Acknowledging across the deleted prefix is no error.
+    let acked = store
+        .pull(&phone, &chat, SeqRange::new(1, 8), 20)
+        .await
+        .unwrap();
+    assert!(acked.messages.is_empty() && acked.end);
+    let groups = Cutoffs {
+        group: Some(OLD + 1),
+        ..Cutoffs::default()
+    };
+    assert_eq!(collect_all(store, groups, 100).await.messages, 2);
+    assert!(store
+        .history(&group, None, 20)
+        .await
+        .unwrap()
+        .messages
+        .is_empty());
+}
+
+/// A device with more unacknowledged messages than the cap skips the oldest: its digest
+/// says how many until it clears that digest, and its pulls start below the newest kept.
+/// Other devices of the user keep their own backlog.
+async fn backlog_cap_skips_the_oldest_and_reports_them(store: &dyn Store) {
+    let chat = direct("cap1", "cap2");
+    let (phone, laptop) = (device("cap1", "phone"), device("cap1", "laptop"));
+    store.register_device(&phone).await.unwrap();
+    store.register_device(&laptop).await.unwrap();
+    append_n(store, &chat, "cap2", 10).await;
+    let capped = DigestShape {
+        last_n: 1,
+        max_backlog: 4,
+    };
+    let first = store.fitted_digest(&phone, capped, &|_| {}).await.unwrap();
+    let state = &first.conversations[0];
+    assert_eq!((state.unacked, state.missed), (4, 6));
+    assert_eq!(state.skipped.map(|s| (s.upto, s.count)), Some((6, 6)));
+    let page = store.pull(&phone, &chat, None, 20).await.unwrap();
+    assert_eq!((seqs(&page), page.end), (vec![10, 9, 8, 7], true));
+    let second = store.fitted_digest(&phone, capped, &|_| {}).await.unwrap();
+    let state = &second.conversations[0];
+    assert_eq!(
+        (state.missed, state.skipped),
+        (6, None),
+        "still reported, skipped once"
+    );
+    store.clear_counters(&phone, second.version).await.unwrap();
+    store.clear_counters(&phone, first.version).await.unwrap();
+    let third = store.fitted_digest(&phone, capped, &|_| {}).await.unwrap();
+    assert_eq!(
+        (
+            third.conversations[0].missed,
+            third.conversations[0].unacked
+        ),
+        (0, 4)
+    );
+    let laptop_digest = store.digest(&laptop, 1).await.unwrap();
+    assert_eq!(laptop_digest.conversations[0].unacked, 10);
+}
+
+/// Devices are listed with when they were seen; expiry forgets those unseen since the
+/// cutoff, forgetting is logged as an eviction, and a forgotten device starts anew.
+async fn devices_are_listed_expired_and_forgotten(store: &dyn Store) {
+    let chat = direct("dv1", "dv2");
+    let (phone, laptop) = (device("dv1", "phone"), device("dv1", "laptop"));
+    store.register_device(&phone).await.unwrap();
+    store.register_device(&laptop).await.unwrap();
+    append_n(store, &chat, "dv2", 3).await;
+    store
+        .ack(&phone, &chat, SeqRange::new(1, 3).unwrap())
+        .await
+        .unwrap();
+    let listed = store.devices("dv1").await.unwrap();
+    let ids: Vec<&str> = listed.iter().map(|d| d.client_id.as_str()).collect();
+    assert_eq!(ids, vec!["laptop", "phone"]);
+    assert!(listed.iter().all(|d| d.last_seen > 1_000_000_000_000));
+    // Only the phone is older than the cutoff.
+    store
+        .touch_devices(std::slice::from_ref(&phone), 10)
+        .await
+        .unwrap();
+    let cutoffs = Cutoffs {
+        devices: Some(11),
+        ..Cutoffs::default()
+    };
+    assert_eq!(collect_all(store, cutoffs, 1).await.devices, 1);
+    let ids: Vec<String> = store
+        .devices("dv1")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|d| d.client_id)
+        .collect();
+    assert_eq!(ids, vec!["laptop".to_owned()]);
+    let last = store
+        .evictions_since(0, 10_000)
+        .await
+        .unwrap()
+        .last()
+        .map(|e| e.id)
+        .unwrap_or(0);
+    assert!(store.forget_device(&laptop).await.unwrap());
+    assert!(!store.forget_device(&laptop).await.unwrap());
+    let evictions = store.evictions_since(last, 10).await.unwrap();
+    let named: Vec<(&str, Option<&str>)> = evictions
+        .iter()
+        .map(|e| (e.uid.as_str(), e.client_id.as_deref()))
+        .collect();
+    assert_eq!(
+        named,
+        vec![("dv1", Some("laptop")), ("dv1", Some("laptop"))]
+    );
+    // The forgotten phone comes back as a new device: nothing of its old acks.
+    store.register_device(&phone).await.unwrap();
+    let digest = store.digest(&phone, 1).await.unwrap();
+    assert_eq!(digest.conversations[0].unacked, 3);
+}
+
+/// Erasing a user: devices, memberships and 1:1 messages go, group messages are redacted
+/// (or deleted), an owned group passes on, an eviction is logged; again, nothing is left.
+async fn erasing_a_user_removes_its_traces(store: &dyn Store) {
+    let chat = direct("er1", "er2");
+    let group = Conversation::group("er-g");
+    store
+        .create_group(&group, "er1", &strings(&["er2"]))
+        .await
+        .unwrap();
+    store
+        .register_device(&device("er1", "phone"))
+        .await
+        .unwrap();
+    append_n(store, &chat, "er1", 2).await;
+    append_n(store, &chat, "er2", 1).await;
+    append_n(store, &group, "er1", 2).await;
+    append_n(store, &group, "er2", 1).await;
+    let last = store
+        .evictions_since(0, 10_000)
+        .await
+        .unwrap()
+        .last()
+        .map(|e| e.id)
+        .unwrap_or(0);
+    let erased = store.erase_user("er1", GroupErasure::Redact).await.unwrap();
+    assert_eq!(
+        (
+            erased.devices,
+            erased.groups,
+            erased.messages_deleted,
+            erased.messages_redacted
+        ),
+        (1, 1, 2, 2)
+    );
+    let left = store.history(&chat, None, 20).await.unwrap();
+    assert_eq!(
+        left.messages
+            .iter()
+            .map(|m| m.sender.as_str())
+            .collect::<Vec<_>>(),
+        vec!["er2"]
+    );
+    let bodies: Vec<(u64, bool)> = store
+        .history(&group, None, 20)
+        .await
+        .unwrap()
+        .messages
+        .iter()
+        .map(|m| (m.seq, m.body.is_empty()))
+        .collect();
+    assert_eq!(bodies, vec![(3, false), (2, true), (1, true)]);
+    let members = store.members(&group).await.unwrap();
+    assert_eq!(members.len(), 1);
+    assert_eq!(
+        (members[0].uid.as_str(), members[0].role),
+        ("er2", Role::Owner)
+    );
+    assert!(store.devices("er1").await.unwrap().is_empty());
+    let evictions = store.evictions_since(last, 10).await.unwrap();
+    assert_eq!(evictions.len(), 1);
+    assert_eq!(
+        (evictions[0].uid.as_str(), evictions[0].client_id.as_deref()),
+        ("er1", None)
+    );
+    let again = store.erase_user("er1", GroupErasure::Redact).await.unwrap();
+    assert_eq!(again, super::Erased::default());
+    // Deleting instead: er2's group message goes.
+    let erased = store.erase_user("er2", GroupErasure::Delete).await.unwrap();
+    assert_eq!((erased.messages_deleted, erased.messages_redacted), (2, 0));
+    assert_eq!(
+        store
+            .history(&group, None, 20)
+            .await
+            .unwrap()
+            .messages
+            .len(),
+        2
+    );
 }
 
 /// After `close`, what was committed stays and every call fails as unavailable.

@@ -18,7 +18,37 @@ enum Kind {
     Group(String),
 }
 
+/// The two kinds of conversation, which may be kept for different retention periods.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ConversationKind {
+    /// A 1:1 chat.
+    Direct,
+    /// A group.
+    Group,
+}
+
+impl ConversationKind {
+    /// Both kinds.
+    pub const ALL: [ConversationKind; 2] = [ConversationKind::Direct, ConversationKind::Group];
+
+    /// The `kind` column of stored messages.
+    pub(crate) fn code(self) -> i16 {
+        match self {
+            ConversationKind::Direct => 0,
+            ConversationKind::Group => 1,
+        }
+    }
+}
+
 impl Conversation {
+    /// Whether it is a 1:1 chat or a group.
+    pub fn kind(&self) -> ConversationKind {
+        match self.0 {
+            Kind::Direct { .. } => ConversationKind::Direct,
+            Kind::Group(_) => ConversationKind::Group,
+        }
+    }
+
     /// The 1:1 chat of `a` and `b`.
     pub fn direct(a: &str, b: &str) -> Self {
         let (lo, hi) = if a <= b { (a, b) } else { (b, a) };

@@ -21,6 +21,10 @@ pub(crate) const SQLITE: &[Migration] = &[
         version: 2,
         sql: include_str!("../../../migrations/sqlite/0002_groups.sql"),
     },
+    Migration {
+        version: 3,
+        sql: include_str!("../../../migrations/sqlite/0003_bounded.sql"),
+    },
 ];
 
 /// The PostgreSQL migrations, `migrations/postgres/NNNN_*.sql` (same numbering).
@@ -32,6 +36,10 @@ pub(crate) const POSTGRES: &[Migration] = &[
     Migration {
         version: 2,
         sql: include_str!("../../../migrations/postgres/0002_groups.sql"),
+    },
+    Migration {
+        version: 3,
+        sql: include_str!("../../../migrations/postgres/0003_bounded.sql"),
     },
 ];
 
@@ -118,8 +126,8 @@ mod tests {
     #[test]
     fn applies_once_and_refuses_a_newer_schema() {
         let mut conn = Connection::open_in_memory().unwrap();
-        assert_eq!(apply_sqlite(&mut conn).unwrap(), 2);
-        assert_eq!(apply_sqlite(&mut conn).unwrap(), 2);
+        assert_eq!(apply_sqlite(&mut conn).unwrap(), 3);
+        assert_eq!(apply_sqlite(&mut conn).unwrap(), 3);
         conn.pragma_update(None, "user_version", 99).unwrap();
         let err = apply_sqlite(&mut conn).unwrap_err();
         assert!(matches!(err, StoreError::SchemaTooNew { found: 99, .. }));

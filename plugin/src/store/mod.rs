@@ -22,7 +22,7 @@ use tokio::sync::oneshot;
 
 pub use self::redis::RedisBus;
 pub use bounded::Bounded;
-pub use conversation::Conversation;
+pub use conversation::{Conversation, ConversationKind};
 pub use embedded::EmbeddedStore;
 pub use postgres::{DigestCache, PostgresStore};
 pub use ranges::SeqRange;
@@ -130,6 +130,28 @@ pub struct Page {
     pub messages: Vec<StoredMessage>,
     /// Nothing older is left (for this device, or in the conversation for history).
     pub end: bool,
+    /// Messages this device had not acknowledged that retention deleted before it pulled
+    /// them (a Pull only): reported once, then counted as acknowledged.
+    pub gone: u64,
+}
+
+/// The oldest unacknowledged seqs of a device that a backlog cap skips.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Skipped {
+    /// Everything up to this seq counts as acknowledged for the device once recorded.
+    pub upto: u64,
+    /// How many of those seqs the device had not acknowledged.
+    pub count: u64,
+}
+
+/// What a digest holds per conversation besides counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct DigestShape {
+    /// Newest messages per conversation.
+    pub last_n: usize,
+    /// Unacknowledged messages a device keeps per conversation (0: no cap); older ones are
+    /// skipped and reported as `missed`.
+    pub max_backlog: u64,
 }
 
 /// One conversation in a device's digest.
@@ -153,6 +175,14 @@ pub struct ConversationState {
     pub peer_read_seq: u64,
     /// Newest messages, newest first.
     pub last: Vec<StoredMessage>,
+    /// Messages a backlog cap skipped for this device that no cleared digest reported yet:
+    /// it will not get them by Pull (History still has them).
+    pub missed: u64,
+    /// What this digest skips, recorded with it (counted in `missed` already).
+    pub skipped: Option<Skipped>,
+    /// Every message a cap ever skipped for the device here, this digest's included: what
+    /// clearing this digest clears `missed` up to.
+    pub(crate) missed_total: u64,
 }
 
 /// What a recorded digest remembers of one conversation.
@@ -164,6 +194,10 @@ pub(crate) struct DigestEntry {
     pub(crate) max_seq: u64,
     /// The others' read cursor it reported.
     pub(crate) peer_read_seq: u64,
+    /// The skipped total it reported (what `ClearCounters` clears `missed` up to).
+    pub(crate) missed_total: u64,
+    /// What it skips for the device.
+    pub(crate) skipped: Option<Skipped>,
 }
 
 impl From<&ConversationState> for DigestEntry {
@@ -172,6 +206,8 @@ impl From<&ConversationState> for DigestEntry {
             conversation: state.conversation.clone(),
             max_seq: state.max_seq,
             peer_read_seq: state.peer_read_seq,
+            missed_total: state.missed_total,
+            skipped: state.skipped,
         }
     }
 }
@@ -202,6 +238,98 @@ pub struct DigestSnapshot {
     pub version: u64,
     /// Conversations with something unacked or counted.
     pub conversations: Vec<ConversationState>,
+}
+
+/// Where one garbage-collection step cuts, in server milliseconds: messages stored before
+/// their kind's cutoff and devices last seen before theirs are deleted. `None` keeps them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Cutoffs {
+    /// Messages of 1:1 chats.
+    pub direct: Option<i64>,
+    /// Messages of groups.
+    pub group: Option<i64>,
+    /// Devices.
+    pub devices: Option<i64>,
+}
+
+impl Cutoffs {
+    /// The cutoff of one kind of conversation.
+    pub fn messages(&self, kind: ConversationKind) -> Option<i64> {
+        match kind {
+            ConversationKind::Direct => self.direct,
+            ConversationKind::Group => self.group,
+        }
+    }
+}
+
+/// What one garbage-collection step deleted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Collected {
+    /// Messages past their retention.
+    pub messages: u64,
+    /// Devices past their time to live.
+    pub devices: u64,
+    /// How long before its cutoff the oldest message of the step was stored: how far
+    /// retention is behind (0 when nothing was due).
+    pub behind_ms: i64,
+    /// The step hit its batch size: more is due now.
+    pub more: bool,
+}
+
+impl Collected {
+    /// Both steps' work together.
+    fn add(self, other: Collected) -> Collected {
+        Collected {
+            messages: self.messages + other.messages,
+            devices: self.devices + other.devices,
+            behind_ms: self.behind_ms.max(other.behind_ms),
+            more: self.more || other.more,
+        }
+    }
+}
+
+/// A device as operators list it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceInfo {
+    /// The MQTT client id.
+    pub client_id: String,
+    /// When it last connected (or was connected during a garbage collection), ms.
+    pub last_seen: i64,
+}
+
+/// Connections every node must close: one device's, or all of a user's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Eviction {
+    /// Increasing id.
+    pub id: u64,
+    /// The user.
+    pub uid: String,
+    /// The device; `None` for every device of the user.
+    pub client_id: Option<String>,
+}
+
+/// What erasing a user does to the messages it sent in groups.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GroupErasure {
+    /// Keep each message's seq with an empty body: the other members' pages, counts and
+    /// receipts stay as they were.
+    Redact,
+    /// Delete the messages.
+    Delete,
+}
+
+/// What erasing a user removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Erased {
+    /// Devices and their offline state.
+    pub devices: u64,
+    /// Group memberships.
+    pub groups: u64,
+    /// Messages deleted.
+    pub messages_deleted: u64,
+    /// Group messages whose content was replaced.
+    pub messages_redacted: u64,
 }
 
 /// A member's standing in a conversation; only groups use more than `Member`.
@@ -273,7 +401,9 @@ pub struct Removal {
 /// How much a store holds, for operators.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct StoreSizes {
-    /// Stored messages (every conversation's seqs are gap-free, so the sum of its last seqs).
+    /// Stored messages (every conversation's seqs are gap-free and retention deletes a
+    /// prefix, so the sum of its last seqs less its deleted ones; erased messages are not
+    /// subtracted).
     pub messages: u64,
     /// Conversations, 1:1 and group.
     pub conversations: u64,
@@ -288,7 +418,7 @@ pub struct StoreSizes {
 /// The sizes in one query both backends understand; counts conversations and devices, never
 /// messages, so it stays cheap on a large store.
 pub(crate) const SIZES_QUERY: &str = "SELECT \
-    CAST(COALESCE(SUM(max_seq), 0) AS BIGINT), COUNT(*), \
+    CAST(COALESCE(SUM(max_seq - gone_seq), 0) AS BIGINT), COUNT(*), \
     COUNT(*) FILTER (WHERE key LIKE 'g:%'), \
     (SELECT COUNT(DISTINCT uid) FROM devices), (SELECT COUNT(*) FROM devices) \
     FROM conversations";
@@ -306,6 +436,14 @@ impl StoreSizes {
             devices,
         }
     }
+}
+
+/// The server clock in milliseconds, as stores record when devices were seen.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
 }
 
 /// Receipts for `seqs` from the senders of those messages and the members whose cursor is
@@ -452,14 +590,16 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     async fn register_device(&self, device: &Device) -> Result<(), StoreError>;
 
     /// Builds and records the next digest of a device: one entry per conversation with
-    /// something unacked, each with its `last_n` newest messages. `fit` sees the built
+    /// something unacked, each with its `shape.last_n` newest messages. A conversation with
+    /// more than `shape.max_backlog` unacknowledged seqs skips the oldest for this device
+    /// (recorded as acknowledged, reported as `missed` until a `ClearCounters`). `fit` sees the built
     /// entries first and may drop entries and previews (what does not fit the client's
     /// packet size); only what it keeps is recorded, so [`Store::clear_counters`] clears
     /// exactly what the device was shown.
     async fn fitted_digest(
         &self,
         device: &Device,
-        last_n: usize,
+        shape: DigestShape,
         fit: &DigestFit,
     ) -> Result<DigestSnapshot, StoreError>;
 
@@ -469,17 +609,21 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     async fn fitted_digests(
         &self,
         requests: &[DigestRequest],
-        last_n: usize,
+        shape: DigestShape,
     ) -> Vec<Result<DigestSnapshot, StoreError>> {
         let digests = requests
             .iter()
-            .map(|request| self.fitted_digest(&request.device, last_n, &*request.fit));
+            .map(|request| self.fitted_digest(&request.device, shape, &*request.fit));
         futures::future::join_all(digests).await
     }
 
-    /// [`Store::fitted_digest`] keeping everything.
+    /// [`Store::fitted_digest`] keeping everything, without a backlog cap.
     async fn digest(&self, device: &Device, last_n: usize) -> Result<DigestSnapshot, StoreError> {
-        self.fitted_digest(device, last_n, &|_| {}).await
+        let shape = DigestShape {
+            last_n,
+            max_backlog: 0,
+        };
+        self.fitted_digest(device, shape, &|_| {}).await
     }
 
     /// Clears the counters that digest `version` carried; increments since then stay.
@@ -489,7 +633,8 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     async fn clear_counters(&self, device: &Device, version: u64) -> Result<(), StoreError>;
 
     /// Acknowledges `ack` (if any) and returns the newest `limit` messages the device has not
-    /// acknowledged, in one transaction.
+    /// acknowledged, in one transaction. Seqs retention deleted count as acknowledged; the
+    /// first Pull after they went reports how many of them the device had not acknowledged.
     async fn pull(
         &self,
         device: &Device,
@@ -595,6 +740,37 @@ pub trait Store: Send + Sync + std::fmt::Debug {
 
     /// How many messages, conversations, groups, users and devices the store holds.
     async fn sizes(&self) -> Result<StoreSizes, StoreError>;
+
+    /// One bounded step of retention and device expiry: at most `batch` messages per kind
+    /// (the oldest; each conversation loses a prefix, every seq up to its newest deleted one
+    /// counting as acknowledged from then on) and at most `batch` devices, each in a short
+    /// transaction of its own.
+    async fn collect_garbage(
+        &self,
+        cutoffs: Cutoffs,
+        batch: usize,
+    ) -> Result<Collected, StoreError>;
+
+    /// Marks devices as seen at `now_ms` (the connected ones, which expiry must not take).
+    async fn touch_devices(&self, devices: &[Device], now_ms: i64) -> Result<(), StoreError>;
+
+    /// A user's devices, by client id.
+    async fn devices(&self, uid: &str) -> Result<Vec<DeviceInfo>, StoreError>;
+
+    /// Deletes a device's offline state (its next connection starts as a new device) and
+    /// logs an eviction of its connections; whether the device was known.
+    async fn forget_device(&self, device: &Device) -> Result<bool, StoreError>;
+
+    /// Logs an eviction: every node closes the connections of the user (or of one device).
+    async fn evict(&self, uid: &str, client_id: Option<&str>) -> Result<(), StoreError>;
+
+    /// Evictions with an id above `after`, oldest first (at most `limit`).
+    async fn evictions_since(&self, after: u64, limit: usize) -> Result<Vec<Eviction>, StoreError>;
+
+    /// Erases a user: its devices and their state, its group memberships (a group it owned
+    /// passes to its next member), its read cursors, the 1:1 messages it sent and, as
+    /// `groups` says, its group messages; logs an eviction. Running it again finds nothing.
+    async fn erase_user(&self, uid: &str, groups: GroupErasure) -> Result<Erased, StoreError>;
 
     /// Flushes pending writes and stops background work; later calls fail as unavailable.
     async fn close(&self);

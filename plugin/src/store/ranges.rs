@@ -1,5 +1,7 @@
 //! Inclusive seq ranges: what a device acknowledged, kept merged so pages can walk the holes.
 
+use super::{Skipped, StoreError};
+
 /// An inclusive range of seqs, `lo <= hi`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SeqRange {
@@ -90,6 +92,62 @@ pub(crate) fn total(ranges: &[SeqRange]) -> u64 {
     ranges.iter().map(|r| r.hi - r.lo + 1).sum()
 }
 
+/// How many seqs of `1..=upto` the ranges leave out.
+pub(crate) fn uncovered(ranges: &[SeqRange], upto: u64) -> u64 {
+    let covered: u64 = ranges
+        .iter()
+        .filter(|r| r.lo <= upto)
+        .map(|r| r.hi.min(upto) - r.lo + 1)
+        .sum();
+    upto - covered
+}
+
+/// Where a backlog cap of `keep` cuts the unacknowledged seqs of `1..=max`: the oldest are
+/// skipped so that the newest `keep` remain. `None` when no more than `keep` are left or
+/// there is no cap (`keep == 0`).
+pub(crate) fn backlog_cut(ranges: &[SeqRange], max: u64, keep: u64) -> Option<Skipped> {
+    let gaps = gaps_newest_first(ranges, max);
+    let backlog: u64 = gaps.iter().map(|g| g.hi - g.lo + 1).sum();
+    if keep == 0 || backlog <= keep {
+        return None;
+    }
+    let mut left = keep;
+    for gap in gaps {
+        let len = gap.hi - gap.lo + 1;
+        if len > left {
+            return Some(Skipped {
+                upto: gap.hi - left,
+                count: backlog - keep,
+            });
+        }
+        left -= len;
+    }
+    None
+}
+
+/// Adds the seqs every device counts as acknowledged, `1..=gone_seq` (deleted by
+/// retention), to a device's ranges.
+pub(crate) fn with_gone(ranges: &[SeqRange], gone_seq: u64) -> Vec<SeqRange> {
+    match SeqRange::new(1, gone_seq) {
+        Some(gone) => insert(ranges, gone),
+        None => ranges.to_vec(),
+    }
+}
+
+/// A requested acknowledgement clamped to the conversation's last seq.
+///
+/// # Errors
+/// [`StoreError::Invalid`] if it starts past the last seq.
+pub(crate) fn clamped_ack(range: SeqRange, max_seq: u64) -> Result<SeqRange, StoreError> {
+    if range.lo > max_seq {
+        return Err(StoreError::past_end(range.lo, max_seq));
+    }
+    Ok(SeqRange {
+        lo: range.lo,
+        hi: range.hi.min(max_seq),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -114,6 +172,34 @@ mod tests {
             vec![r(101, 105), r(1, 80)]
         );
         assert_eq!(gaps_newest_first(&[r(1, 5)], 5), vec![]);
+    }
+
+    #[test]
+    fn uncovered_counts_the_holes_up_to_a_seq() {
+        assert_eq!(uncovered(&[], 7), 7);
+        assert_eq!(uncovered(&[r(2, 3), r(6, 20)], 7), 3);
+        assert_eq!(uncovered(&[r(1, 9)], 0), 0);
+    }
+
+    #[test]
+    fn a_backlog_cut_keeps_the_newest_unacknowledged() {
+        // Unacked: 1..=4, 8..=10 (7 seqs); keeping 5 skips 1 and 2.
+        let cut = backlog_cut(&[r(5, 7)], 10, 5).unwrap();
+        assert_eq!((cut.upto, cut.count), (2, 2));
+        // Keeping 3 skips the whole older gap.
+        let cut = backlog_cut(&[r(5, 7)], 10, 3).unwrap();
+        assert_eq!((cut.upto, cut.count), (4, 4));
+        assert_eq!(backlog_cut(&[r(5, 7)], 10, 7), None);
+        assert_eq!(backlog_cut(&[], 10, 0), None);
+    }
+
+    #[test]
+    fn clamped_acks_stop_at_the_last_seq() {
+        assert_eq!(clamped_ack(r(3, 90), 10).unwrap(), r(3, 10));
+        assert!(matches!(
+            clamped_ack(r(11, 12), 10),
+            Err(StoreError::Invalid(_))
+        ));
     }
 
     #[test]

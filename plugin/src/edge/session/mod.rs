@@ -83,6 +83,8 @@ pub(super) enum End {
     CredentialsExpired,
     /// A newer device of the user took this one's place (`limits.max_devices_per_user`).
     TooManyDevices,
+    /// An operator forgot the device or erased its user.
+    Evicted,
     Shutdown,
     Failed(EdgeError),
 }
@@ -419,6 +421,10 @@ impl Session {
                 Reason::QuotaExceeded,
                 "a newer device of this user took this connection's place",
             ),
+            End::Evicted => (
+                Reason::AdministrativeAction,
+                "an operator forgot this device or erased its user",
+            ),
             _ => return,
         };
         if self.version == Version::V5 {
@@ -586,8 +592,8 @@ impl Session {
                 self.ctx.im.unwatch_group(&group, self.id);
                 tracing::debug!(group, "removed from the group: subscription dropped");
             }
-            // Never queued: the sink cancels the link's kick, which ends the connection.
-            DeviceEvent::TakenOver => {}
+            // Never queued: the sink cancels a token that ends the connection.
+            DeviceEvent::TakenOver | DeviceEvent::Evicted => {}
         }
     }
 

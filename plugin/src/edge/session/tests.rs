@@ -56,6 +56,7 @@ fn fixture(client: Client) -> Fixture {
     let sink = Arc::new(ConnectionSink {
         events,
         kick: CancellationToken::new(),
+        evict: CancellationToken::new(),
     });
     let terms = Terms {
         version: if client.v4 { Version::V4 } else { Version::V5 },

@@ -4,6 +4,7 @@
 
 mod error;
 mod groups;
+mod lifecycle;
 mod queries;
 mod writer;
 
@@ -16,9 +17,10 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::migrate;
 use super::{
-    Conversation, ConversationState, Device, DigestEntry, DigestFit, DigestRequest, DigestSnapshot,
-    Member, NewMessage, OnCommit, Page, QueuedAppend, Receipt, Removal, Role, SeqRange, Store,
-    StoreError, StoreSizes, SIZES_QUERY,
+    now_ms, Collected, Conversation, ConversationKind, ConversationState, Cutoffs, Device,
+    DeviceInfo, DigestEntry, DigestFit, DigestRequest, DigestShape, DigestSnapshot, Erased,
+    Eviction, GroupErasure, Member, NewMessage, OnCommit, Page, QueuedAppend, Receipt, Removal,
+    Role, SeqRange, Store, StoreError, StoreSizes, SIZES_QUERY,
 };
 use error::{sql_error, SqliteError};
 use writer::{AfterCommit, Call, Job};
@@ -118,7 +120,7 @@ impl EmbeddedStore {
         let entries: Vec<DigestEntry> = conversations.iter().map(DigestEntry::from).collect();
         let device = device.clone();
         let version = self
-            .write(move |conn| queries::record_digest(conn, &device, &entries))
+            .write(move |conn| queries::record_digest(conn, &device, &entries, now_ms()))
             .await?;
         Ok(DigestSnapshot {
             version,
@@ -150,15 +152,15 @@ impl EmbeddedStore {
     }
 }
 
-/// The conversations a digest of `device` lists, each with its `last_n` newest messages.
+/// The conversations a digest of `device` lists, each with its `shape.last_n` newest messages.
 fn digest_states(
     conn: &Connection,
     device: &Device,
-    last_n: usize,
+    shape: DigestShape,
 ) -> Result<Vec<ConversationState>, StoreError> {
     let mut states = Vec::new();
     for member in queries::memberships(conn, device)? {
-        if let Some(state) = queries::conversation_state(conn, device, &member, last_n)? {
+        if let Some(state) = queries::conversation_state(conn, device, &member, shape)? {
             states.push(state);
         }
     }
@@ -192,19 +194,19 @@ impl Store for EmbeddedStore {
 
     async fn register_device(&self, device: &Device) -> Result<(), StoreError> {
         let device = device.clone();
-        self.write(move |conn| queries::register_device(conn, &device))
+        self.write(move |conn| queries::register_device(conn, &device, now_ms()))
             .await
     }
 
     async fn fitted_digest(
         &self,
         device: &Device,
-        last_n: usize,
+        shape: DigestShape,
         fit: &DigestFit,
     ) -> Result<DigestSnapshot, StoreError> {
         let reader_device = device.clone();
         let conversations = self
-            .read(move |conn| digest_states(conn, &reader_device, last_n))
+            .read(move |conn| digest_states(conn, &reader_device, shape))
             .await?;
         self.record_digest(device, conversations, fit).await
     }
@@ -214,14 +216,14 @@ impl Store for EmbeddedStore {
     async fn fitted_digests(
         &self,
         requests: &[DigestRequest],
-        last_n: usize,
+        shape: DigestShape,
     ) -> Vec<Result<DigestSnapshot, StoreError>> {
         let devices: Vec<Device> = requests.iter().map(|r| r.device.clone()).collect();
         let read = self
             .read(move |conn| {
                 Ok(devices
                     .iter()
-                    .map(|device| digest_states(conn, device, last_n))
+                    .map(|device| digest_states(conn, device, shape))
                     .collect::<Vec<_>>())
             })
             .await;
@@ -389,6 +391,68 @@ impl Store for EmbeddedStore {
             Ok(StoreSizes::from_counts(counts))
         })
         .await
+    }
+
+    async fn collect_garbage(
+        &self,
+        cutoffs: Cutoffs,
+        batch: usize,
+    ) -> Result<Collected, StoreError> {
+        let mut collected = Collected::default();
+        // One writer job per kind and one for devices: appends wait for one step at most.
+        for kind in ConversationKind::ALL {
+            if let Some(cutoff) = cutoffs.messages(kind) {
+                let step = self
+                    .write(move |conn| lifecycle::expire_messages(conn, kind, cutoff, batch))
+                    .await?;
+                collected = collected.add(step);
+            }
+        }
+        if let Some(cutoff) = cutoffs.devices {
+            let step = self
+                .write(move |conn| lifecycle::expire_devices(conn, cutoff, batch))
+                .await?;
+            collected = collected.add(step);
+        }
+        Ok(collected)
+    }
+
+    async fn touch_devices(&self, devices: &[Device], now_ms: i64) -> Result<(), StoreError> {
+        let devices = devices.to_vec();
+        self.write(move |conn| lifecycle::touch_devices(conn, &devices, now_ms))
+            .await
+    }
+
+    async fn devices(&self, uid: &str) -> Result<Vec<DeviceInfo>, StoreError> {
+        let uid = uid.to_owned();
+        self.read(move |conn| lifecycle::devices(conn, &uid)).await
+    }
+
+    async fn forget_device(&self, device: &Device) -> Result<bool, StoreError> {
+        let device = device.clone();
+        self.write(move |conn| {
+            let known = lifecycle::forget_device(conn, &device)?;
+            lifecycle::evict(conn, &device.uid, Some(&device.client_id))?;
+            Ok(known)
+        })
+        .await
+    }
+
+    async fn evict(&self, uid: &str, client_id: Option<&str>) -> Result<(), StoreError> {
+        let (uid, client_id) = (uid.to_owned(), client_id.map(str::to_owned));
+        self.write(move |conn| lifecycle::evict(conn, &uid, client_id.as_deref()))
+            .await
+    }
+
+    async fn evictions_since(&self, after: u64, limit: usize) -> Result<Vec<Eviction>, StoreError> {
+        self.read(move |conn| lifecycle::evictions_since(conn, after, limit))
+            .await
+    }
+
+    async fn erase_user(&self, uid: &str, groups: GroupErasure) -> Result<Erased, StoreError> {
+        let uid = uid.to_owned();
+        self.write(move |conn| lifecycle::erase_user(conn, &uid, groups))
+            .await
     }
 
     async fn close(&self) {

@@ -5,8 +5,8 @@ use rusqlite::{params, Connection, OptionalExtension, Row};
 
 use crate::store::ranges::{self, SeqRange};
 use crate::store::{
-    Appended, Conversation, ConversationState, Device, DigestEntry, NewMessage, Page, StoreError,
-    StoredMessage,
+    Appended, Conversation, ConversationState, Device, DigestEntry, DigestShape, NewMessage, Page,
+    Skipped, StoreError, StoredMessage,
 };
 
 pub(super) use super::error::sql_error;
@@ -29,16 +29,19 @@ pub(super) struct ConversationRow {
     pub(super) id: i64,
     pub(super) max_seq: u64,
     pub(super) last_time: i64,
+    /// Every seq up to this one was deleted by retention.
+    pub(super) gone_seq: u64,
 }
 
 pub(super) fn conversation(conn: &Connection, key: &str) -> Result<Option<ConversationRow>> {
-    conn.prepare_cached("SELECT id, max_seq, last_time FROM conversations WHERE key = ?1")
+    conn.prepare_cached("SELECT id, max_seq, last_time, gone_seq FROM conversations WHERE key = ?1")
         .and_then(|mut stmt| {
             stmt.query_row([key], |row| {
                 Ok(ConversationRow {
                     id: row.get(0)?,
                     max_seq: row.get(1)?,
                     last_time: row.get(2)?,
+                    gone_seq: row.get(3)?,
                 })
             })
             .optional()
@@ -69,8 +72,8 @@ pub(super) fn append(conn: &Connection, message: &NewMessage) -> Result<Appended
         .and_then(|mut stmt| stmt.execute(params![conv.id, seq, message.server_time]))
         .map_err(sql_error)?;
     conn.prepare_cached(
-        "INSERT INTO messages (conv_id, seq, sender, sender_device, msg_id, server_time, body)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        "INSERT INTO messages (conv_id, seq, sender, sender_device, msg_id, server_time, body, kind)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
     )
     .and_then(|mut stmt| {
         stmt.execute(params![
@@ -80,7 +83,8 @@ pub(super) fn append(conn: &Connection, message: &NewMessage) -> Result<Appended
             message.sender_device,
             message.msg_id,
             message.server_time,
-            message.body
+            message.body,
+            message.conversation.kind().code()
         ])
     })
     .map_err(sql_error)?;
@@ -111,6 +115,7 @@ fn create_conversation(conn: &Connection, conversation: &Conversation) -> Result
         id,
         max_seq: 0,
         last_time: 0,
+        gone_seq: 0,
     })
 }
 
@@ -138,14 +143,17 @@ fn acked_by_conversation(
     Ok(ranges::union_by_conversation(rows))
 }
 
-pub(super) fn register_device(conn: &Connection, device: &Device) -> Result<()> {
-    let inserted = conn
-        .prepare_cached("INSERT OR IGNORE INTO devices (uid, client_id) VALUES (?1, ?2)")
-        .and_then(|mut stmt| stmt.execute(params![device.uid, device.client_id]))
+pub(super) fn register_device(conn: &Connection, device: &Device, now_ms: i64) -> Result<()> {
+    let seen = conn
+        .prepare_cached("UPDATE devices SET last_seen = ?3 WHERE uid = ?1 AND client_id = ?2")
+        .and_then(|mut stmt| stmt.execute(params![device.uid, device.client_id, now_ms]))
         .map_err(sql_error)?;
-    if inserted == 0 {
+    if seen > 0 {
         return Ok(());
     }
+    conn.prepare_cached("INSERT INTO devices (uid, client_id, last_seen) VALUES (?1, ?2, ?3)")
+        .and_then(|mut stmt| stmt.execute(params![device.uid, device.client_id, now_ms]))
+        .map_err(sql_error)?;
     // First sight: start from the union of what the user's other devices acknowledged.
     let union = acked_by_conversation(
         conn,
@@ -208,25 +216,10 @@ fn save_acked(conn: &Connection, device: &Device, conv_id: i64, ranges: &[SeqRan
 
 pub(super) fn ack(conn: &Connection, device: &Device, key: &str, range: SeqRange) -> Result<u64> {
     let conv = conversation(conn, key)?.ok_or_else(StoreError::no_messages)?;
-    ack_in(conn, device, conv, range)?;
-    Ok(range.hi.min(conv.max_seq))
-}
-
-fn ack_in(
-    conn: &Connection,
-    device: &Device,
-    conv: ConversationRow,
-    range: SeqRange,
-) -> Result<()> {
-    if range.lo > conv.max_seq {
-        return Err(StoreError::past_end(range.lo, conv.max_seq));
-    }
-    let clamped = SeqRange {
-        lo: range.lo,
-        hi: range.hi.min(conv.max_seq),
-    };
+    let clamped = ranges::clamped_ack(range, conv.max_seq)?;
     let ranges = ranges::insert(&acked(conn, device, conv.id)?, clamped);
-    save_acked(conn, device, conv.id, &ranges)
+    save_acked(conn, device, conv.id, &ranges)?;
+    Ok(clamped.hi)
 }
 
 fn stored(row: &Row<'_>) -> rusqlite::Result<StoredMessage> {
@@ -251,8 +244,14 @@ pub(super) fn pull(
             None => Ok(nothing_left()),
         };
     };
+    let mut done = acked(conn, device, conv.id)?;
     if let Some(range) = ack {
-        ack_in(conn, device, conv, range)?;
+        done = ranges::insert(&done, ranges::clamped_ack(range, conv.max_seq)?);
+    }
+    let gone = ranges::uncovered(&done, conv.gone_seq);
+    done = ranges::with_gone(&done, conv.gone_seq);
+    if ack.is_some() || gone > 0 {
+        save_acked(conn, device, conv.id, &done)?;
     }
     let mut stmt = conn
         .prepare_cached(
@@ -264,7 +263,7 @@ pub(super) fn pull(
         .map_err(sql_error)?;
     // One more than asked tells whether anything is left after this page.
     let mut messages = Vec::with_capacity(limit + 1);
-    for gap in ranges::gaps_newest_first(&acked(conn, device, conv.id)?, conv.max_seq) {
+    for gap in ranges::gaps_newest_first(&done, conv.max_seq) {
         let wanted = limit + 1 - messages.len();
         let rows = stmt
             .query_map(
@@ -288,14 +287,18 @@ pub(super) fn pull(
     }
     let end = messages.len() <= limit;
     messages.truncate(limit);
-    Ok(Page { messages, end })
+    Ok(Page {
+        messages,
+        end,
+        gone,
+    })
 }
 
 /// The answer for a conversation that does not exist yet.
 fn nothing_left() -> Page {
     Page {
-        messages: Vec::new(),
         end: true,
+        ..Page::default()
     }
 }
 
@@ -322,7 +325,11 @@ pub(super) fn history(
         .map_err(sql_error)?;
     let end = messages.len() <= limit;
     messages.truncate(limit);
-    Ok(Page { messages, end })
+    Ok(Page {
+        messages,
+        end,
+        gone: 0,
+    })
 }
 
 pub(super) fn mark_read(conn: &Connection, uid: &str, key: &str, seq: u64) -> Result<(u64, u64)> {
@@ -356,11 +363,16 @@ pub(super) struct Membership {
     read_seq: u64,
     /// The device's cleared floor.
     cleared: u64,
+    /// Messages a backlog cap ever skipped for the device.
+    missed_total: u64,
+    /// How many of them a cleared digest reported.
+    missed_cleared: u64,
     /// The others' read cursor the device's last digest reported.
     seen: u64,
     /// The others' read cursor now.
     peer_read_seq: u64,
-    /// The device's acknowledged ranges (what was sent before the user joined included).
+    /// The device's acknowledged ranges (what was sent before the user joined and what
+    /// retention deleted included).
     acked: Vec<SeqRange>,
 }
 
@@ -370,6 +382,9 @@ pub(super) fn memberships(conn: &Connection, device: &Device) -> Result<Vec<Memb
         "SELECT conv_id, lo, hi FROM acked WHERE uid = ?1 AND client_id = ?2
          UNION ALL
          SELECT conv_id, 1, joined_seq FROM members WHERE uid = ?1 AND joined_seq > 0
+         UNION ALL
+         SELECT c.id, 1, c.gone_seq FROM members m JOIN conversations c ON c.id = m.conv_id
+         WHERE m.uid = ?1 AND c.gone_seq > 0
          ORDER BY 1, 2",
         device,
     )?
@@ -377,8 +392,10 @@ pub(super) fn memberships(conn: &Connection, device: &Device) -> Result<Vec<Memb
     .collect();
     let mut stmt = conn
         .prepare_cached(
-            "SELECT c.id, c.max_seq, c.last_time, c.key, m.read_seq,
-                    COALESCE(cl.cleared_seq, 0), COALESCE(rs.peer_read_seq, 0),
+            "SELECT c.id, c.max_seq, c.last_time, c.gone_seq, c.key, m.read_seq,
+                    COALESCE(cl.cleared_seq, 0), COALESCE(cl.missed, 0),
+                    COALESCE(cl.missed_cleared, 0),
+                    COALESCE(rs.peer_read_seq, 0),
                     (SELECT COALESCE(MAX(o.read_seq), 0) FROM members o
                      WHERE o.conv_id = c.id AND o.uid != m.uid)
              FROM members m JOIN conversations c ON c.id = m.conv_id
@@ -397,12 +414,15 @@ pub(super) fn memberships(conn: &Connection, device: &Device) -> Result<Vec<Memb
                     id,
                     max_seq: row.get(1)?,
                     last_time: row.get(2)?,
+                    gone_seq: row.get(3)?,
                 },
-                conversation: row.get(3)?,
-                read_seq: row.get(4)?,
-                cleared: row.get(5)?,
-                seen: row.get(6)?,
-                peer_read_seq: row.get(7)?,
+                conversation: row.get(4)?,
+                read_seq: row.get(5)?,
+                cleared: row.get(6)?,
+                missed_total: row.get(7)?,
+                missed_cleared: row.get(8)?,
+                seen: row.get(9)?,
+                peer_read_seq: row.get(10)?,
                 acked: Vec::new(),
             })
         })
@@ -422,9 +442,16 @@ pub(super) fn conversation_state(
     conn: &Connection,
     device: &Device,
     member: &Membership,
-    last_n: usize,
+    shape: DigestShape,
 ) -> Result<Option<ConversationState>> {
     let conv = member.conv;
+    let skipped = ranges::backlog_cut(&member.acked, conv.max_seq, shape.max_backlog);
+    let acked = match skipped.and_then(|cut| SeqRange::new(1, cut.upto)) {
+        Some(cut) => ranges::insert(&member.acked, cut),
+        None => member.acked.clone(),
+    };
+    let missed_total = member.missed_total + skipped.map_or(0, |cut| cut.count);
+    let missed = missed_total.saturating_sub(member.missed_cleared);
     let mut count_stmt = conn
         .prepare_cached(
             "SELECT COALESCE(SUM(NOT (sender = ?4 AND sender_device = ?5)), 0),
@@ -433,7 +460,7 @@ pub(super) fn conversation_state(
         )
         .map_err(sql_error)?;
     let (mut unacked, mut count) = (0u64, 0u64);
-    for gap in ranges::gaps_newest_first(&member.acked, conv.max_seq) {
+    for gap in ranges::gaps_newest_first(&acked, conv.max_seq) {
         let (u, c): (u64, u64) = count_stmt
             .query_row(
                 params![
@@ -450,7 +477,7 @@ pub(super) fn conversation_state(
         unacked += u;
         count += c;
     }
-    if unacked == 0 && count == 0 && member.peer_read_seq <= member.seen {
+    if unacked == 0 && count == 0 && missed == 0 && member.peer_read_seq <= member.seen {
         return Ok(None);
     }
     Ok(Some(ConversationState {
@@ -459,10 +486,13 @@ pub(super) fn conversation_state(
         unacked,
         max_seq: conv.max_seq,
         last_time: conv.last_time,
-        acked_seq: ranges::watermark(&member.acked),
+        acked_seq: ranges::watermark(&acked),
         read_seq: member.read_seq,
         peer_read_seq: member.peer_read_seq,
-        last: history(conn, &member.conversation.key(), None, last_n)?.messages,
+        last: history(conn, &member.conversation.key(), None, shape.last_n)?.messages,
+        missed,
+        skipped,
+        missed_total,
     }))
 }
 
@@ -471,21 +501,25 @@ pub(super) fn record_digest(
     conn: &Connection,
     device: &Device,
     entries: &[DigestEntry],
+    now_ms: i64,
 ) -> Result<u64> {
     let version: u64 = conn
         .prepare_cached(
-            "INSERT INTO devices (uid, client_id, digest_version) VALUES (?1, ?2, 1)
-             ON CONFLICT (uid, client_id) DO UPDATE SET digest_version = digest_version + 1
+            "INSERT INTO devices (uid, client_id, digest_version, last_seen) VALUES (?1, ?2, 1, ?3)
+             ON CONFLICT (uid, client_id)
+             DO UPDATE SET digest_version = digest_version + 1, last_seen = excluded.last_seen
              RETURNING digest_version",
         )
         .and_then(|mut stmt| {
-            stmt.query_row(params![device.uid, device.client_id], |row| row.get(0))
+            stmt.query_row(params![device.uid, device.client_id, now_ms], |row| {
+                row.get(0)
+            })
         })
         .map_err(sql_error)?;
     let mut insert = conn
         .prepare_cached(
-            "INSERT INTO digest_entries (uid, client_id, version, conv_id, max_seq)
-             SELECT ?1, ?2, ?3, id, ?5 FROM conversations WHERE key = ?4",
+            "INSERT INTO digest_entries (uid, client_id, version, conv_id, max_seq, missed)
+             SELECT ?1, ?2, ?3, id, ?5, ?6 FROM conversations WHERE key = ?4",
         )
         .map_err(sql_error)?;
     let mut seen = conn
@@ -502,7 +536,8 @@ pub(super) fn record_digest(
                 device.client_id,
                 version,
                 entry.conversation.key(),
-                entry.max_seq
+                entry.max_seq,
+                entry.missed_total
             ])
             .map_err(sql_error)?;
         seen.execute(params![
@@ -512,6 +547,9 @@ pub(super) fn record_digest(
             entry.peer_read_seq
         ])
         .map_err(sql_error)?;
+        if let Some(skipped) = entry.skipped {
+            skip_backlog(conn, device, &entry.conversation.key(), skipped)?;
+        }
     }
     // A client confirms the digest it just got; older versions are kept only briefly.
     conn.prepare_cached(
@@ -520,6 +558,24 @@ pub(super) fn record_digest(
     .and_then(|mut stmt| stmt.execute(params![device.uid, device.client_id, version]))
     .map_err(sql_error)?;
     Ok(version)
+}
+
+/// Records what a backlog cap skipped: acknowledged for the device, and missed until cleared.
+fn skip_backlog(conn: &Connection, device: &Device, key: &str, skipped: Skipped) -> Result<()> {
+    let (Some(conv), Some(cut)) = (conversation(conn, key)?, SeqRange::new(1, skipped.upto)) else {
+        return Ok(());
+    };
+    let ranges = ranges::insert(&acked(conn, device, conv.id)?, cut);
+    save_acked(conn, device, conv.id, &ranges)?;
+    conn.prepare_cached(
+        "INSERT INTO cleared (uid, client_id, conv_id, cleared_seq, missed) VALUES (?1, ?2, ?3, 0, ?4)
+         ON CONFLICT (uid, client_id, conv_id) DO UPDATE SET missed = missed + excluded.missed",
+    )
+    .and_then(|mut stmt| {
+        stmt.execute(params![device.uid, device.client_id, conv.id, skipped.count])
+    })
+    .map_err(sql_error)?;
+    Ok(())
 }
 
 pub(super) fn clear_counters(conn: &Connection, device: &Device, version: u64) -> Result<()> {
@@ -536,11 +592,12 @@ pub(super) fn clear_counters(conn: &Connection, device: &Device, version: u64) -
         )));
     }
     conn.prepare_cached(
-        "INSERT INTO cleared (uid, client_id, conv_id, cleared_seq)
-         SELECT uid, client_id, conv_id, max_seq FROM digest_entries
+        "INSERT INTO cleared (uid, client_id, conv_id, cleared_seq, missed_cleared)
+         SELECT uid, client_id, conv_id, max_seq, missed FROM digest_entries
          WHERE uid = ?1 AND client_id = ?2 AND version = ?3
          ON CONFLICT (uid, client_id, conv_id)
-         DO UPDATE SET cleared_seq = MAX(cleared_seq, excluded.cleared_seq)",
+         DO UPDATE SET cleared_seq = MAX(cleared_seq, excluded.cleared_seq),
+                       missed_cleared = MAX(missed_cleared, excluded.missed_cleared)",
     )
     .and_then(|mut stmt| stmt.execute(params![device.uid, device.client_id, version]))
     .map_err(sql_error)?;

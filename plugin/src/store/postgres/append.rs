@@ -265,6 +265,7 @@ struct InsertRows<'a> {
     msg_ids: Vec<&'a str>,
     times: Vec<i64>,
     bodies: Vec<&'a [u8]>,
+    kinds: Vec<i16>,
 }
 
 impl<'a> InsertRows<'a> {
@@ -276,6 +277,7 @@ impl<'a> InsertRows<'a> {
         self.msg_ids.push(&message.msg_id);
         self.times.push(message.server_time);
         self.bodies.push(&message.body);
+        self.kinds.push(message.conversation.kind().code());
     }
 
     async fn insert(&self, tx: &impl GenericClient) -> Result<(), StoreError> {
@@ -283,9 +285,10 @@ impl<'a> InsertRows<'a> {
             return Ok(());
         }
         tx.execute(
-            "INSERT INTO messages (conv_id, seq, sender, sender_device, msg_id, server_time, body)
+            "INSERT INTO messages
+                 (conv_id, seq, sender, sender_device, msg_id, server_time, body, kind)
              SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::text[],
-                                  $6::bigint[], $7::bytea[])",
+                                  $6::bigint[], $7::bytea[], $8::smallint[])",
             &[
                 &self.conv_ids,
                 &self.seqs,
@@ -294,6 +297,7 @@ impl<'a> InsertRows<'a> {
                 &self.msg_ids,
                 &self.times,
                 &self.bodies,
+                &self.kinds,
             ],
         )
         .await

@@ -157,6 +157,26 @@ for i = 1, #carried, 2 do
 end
 return 0";
 
+/// Drops what the cache holds of conversations whose stored messages changed other than by
+/// appends (an erasure): their previews, and their counters in every member's devices.
+///
+/// ARGV: prefix, then per conversation: conversation, member count, members.
+const FORGET_CONVERSATIONS: &str = r"
+local p = ARGV[1]
+local i = 2
+while i <= #ARGV do
+  local conv, n = ARGV[i], tonumber(ARGV[i + 1])
+  redis.call('DEL', p .. ':last:' .. conv)
+  for m = i + 2, i + 1 + n do
+    local uid = ARGV[m]
+    for _, client in ipairs(redis.call('SMEMBERS', p .. ':devs:' .. uid)) do
+      redis.call('HDEL', p .. ':cnt:' .. uid .. ':' .. client, conv)
+    end
+  end
+  i = i + 2 + n
+end
+return 0";
+
 /// The state a device's counters of one conversation were counted against, and the counts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub(super) struct Counted {
@@ -442,6 +462,41 @@ impl DigestCache {
         let mut connection = self.redis.connection();
         let record = pipe.query_async::<()>(&mut connection);
         self.call("recording a digest", record).await;
+    }
+
+    /// Drops the counters of forgotten devices, so a device that comes back under the same
+    /// client id is counted afresh.
+    pub(super) async fn forget_devices(&self, devices: &[Device]) {
+        if devices.is_empty() {
+            return;
+        }
+        let mut pipe = redis::pipe();
+        for device in devices {
+            pipe.del(self.counters_key(device))
+                .ignore()
+                .srem(self.devices_key(&device.uid), &device.client_id)
+                .ignore();
+        }
+        let mut connection = self.redis.connection();
+        let forget = pipe.query_async::<()>(&mut connection);
+        self.call("forgetting devices", forget).await;
+    }
+
+    /// Drops the previews and counters of conversations an erasure changed; `members` are
+    /// each conversation's members.
+    pub(super) async fn forget_conversations(&self, members: &[(String, Vec<String>)]) {
+        if members.is_empty() {
+            return;
+        }
+        let script = redis::Script::new(FORGET_CONVERSATIONS);
+        let mut invocation = script.prepare_invoke();
+        invocation.arg(&self.prefix);
+        for (conversation, uids) in members {
+            invocation.arg(conversation).arg(uids.len()).arg(uids);
+        }
+        let mut connection = self.redis.connection();
+        let forget = invocation.invoke_async::<i64>(&mut connection);
+        self.call("forgetting conversations", forget).await;
     }
 
     /// Applies a committed `ClearCounters` of digest `version` to the cached counters.

@@ -6,6 +6,7 @@ mod append;
 mod cache;
 mod error;
 mod groups;
+mod lifecycle;
 mod queries;
 
 use std::collections::HashMap;
@@ -19,9 +20,10 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::NoTls;
 
 use super::{
-    bounded, migrate, Conversation, ConversationState, Device, DigestEntry, DigestFit,
-    DigestSnapshot, Member, NewMessage, OnCommit, Page, QueuedAppend, Receipt, Removal, Role,
-    SeqRange, Store, StoreError, StoreSizes, SIZES_QUERY,
+    bounded, migrate, now_ms, Collected, Conversation, ConversationKind, ConversationState,
+    Cutoffs, Device, DeviceInfo, DigestEntry, DigestFit, DigestShape, DigestSnapshot, Erased,
+    Eviction, GroupErasure, Member, NewMessage, OnCommit, Page, QueuedAppend, Receipt, Removal,
+    Role, SeqRange, Store, StoreError, StoreSizes, SIZES_QUERY,
 };
 use crate::config::PostgresSettings;
 pub use cache::DigestCache;
@@ -260,19 +262,19 @@ impl Store for PostgresStore {
     async fn register_device(&self, device: &Device) -> Result<(), StoreError> {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(pg_error)?;
-        queries::register_device(&tx, device).await?;
+        queries::register_device(&tx, device, now_ms()).await?;
         tx.commit().await.map_err(pg_error)
     }
 
     async fn fitted_digest(
         &self,
         device: &Device,
-        last_n: usize,
+        shape: DigestShape,
         fit: &DigestFit,
     ) -> Result<DigestSnapshot, StoreError> {
         let mut client = self.client().await?;
         let cache = self.cache.as_ref();
-        let built = queries::digest_states(&*client, device, last_n, cache).await?;
+        let built = queries::digest_states(&*client, device, shape, cache).await?;
         // What each entry was counted against, for the cache (none without one).
         let counted: HashMap<Conversation, cache::Counted> = match cache {
             Some(_) => built
@@ -286,7 +288,7 @@ impl Store for PostgresStore {
         fit(&mut conversations);
         let entries: Vec<DigestEntry> = conversations.iter().map(DigestEntry::from).collect();
         let tx = client.transaction().await.map_err(pg_error)?;
-        let version = queries::record_digest(&tx, device, &entries).await?;
+        let version = queries::record_digest(&tx, device, &entries, now_ms()).await?;
         tx.commit().await.map_err(pg_error)?;
         if let Some(cache) = cache {
             let keyed: Vec<(String, cache::Counted)> = conversations
@@ -454,6 +456,87 @@ impl Store for PostgresStore {
         let count = |i| row.try_get::<_, i64>(i).map_err(pg_error);
         let counts = [count(0)?, count(1)?, count(2)?, count(3)?, count(4)?];
         Ok(StoreSizes::from_counts(counts))
+    }
+
+    async fn collect_garbage(
+        &self,
+        cutoffs: Cutoffs,
+        batch: usize,
+    ) -> Result<Collected, StoreError> {
+        let client = self.client().await?;
+        let mut collected = Collected::default();
+        for kind in ConversationKind::ALL {
+            if let Some(cutoff) = cutoffs.messages(kind) {
+                let step = lifecycle::expire_messages(&*client, kind, cutoff, batch).await?;
+                collected = collected.add(step);
+            }
+        }
+        if let Some(cutoff) = cutoffs.devices {
+            let due = lifecycle::expired_devices(&*client, cutoff, batch).await?;
+            let devices = lifecycle::forget_devices(&*client, &due).await?;
+            if let Some(cache) = &self.cache {
+                cache.forget_devices(&due).await;
+            }
+            collected = collected.add(Collected {
+                devices,
+                more: due.len() >= batch,
+                ..Collected::default()
+            });
+        }
+        Ok(collected)
+    }
+
+    async fn touch_devices(&self, devices: &[Device], now_ms: i64) -> Result<(), StoreError> {
+        lifecycle::touch_devices(&*self.client().await?, devices, now_ms).await
+    }
+
+    async fn devices(&self, uid: &str) -> Result<Vec<DeviceInfo>, StoreError> {
+        lifecycle::devices(&*self.client().await?, uid).await
+    }
+
+    async fn forget_device(&self, device: &Device) -> Result<bool, StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(pg_error)?;
+        let known = lifecycle::forget_devices(&tx, std::slice::from_ref(device)).await? > 0;
+        lifecycle::evict(&tx, &device.uid, Some(&device.client_id)).await?;
+        tx.commit().await.map_err(pg_error)?;
+        if let Some(cache) = &self.cache {
+            cache.forget_devices(std::slice::from_ref(device)).await;
+        }
+        Ok(known)
+    }
+
+    async fn evict(&self, uid: &str, client_id: Option<&str>) -> Result<(), StoreError> {
+        lifecycle::evict(&*self.client().await?, uid, client_id).await
+    }
+
+    async fn evictions_since(&self, after: u64, limit: usize) -> Result<Vec<Eviction>, StoreError> {
+        lifecycle::evictions_since(&*self.client().await?, after, limit).await
+    }
+
+    async fn erase_user(&self, uid: &str, groups: GroupErasure) -> Result<Erased, StoreError> {
+        let mut client = self.client().await?;
+        let mine: Vec<Device> = lifecycle::devices(&*client, uid)
+            .await?
+            .into_iter()
+            .map(|d| Device {
+                uid: uid.to_owned(),
+                client_id: d.client_id,
+            })
+            .collect();
+        let tx = client.transaction().await.map_err(pg_error)?;
+        let (erased, touched) = lifecycle::erase_user(&tx, uid, groups).await?;
+        tx.commit().await.map_err(pg_error)?;
+        if let Some(cache) = &self.cache {
+            cache.forget_devices(&mine).await;
+            let mut members = Vec::with_capacity(touched.len());
+            for key in touched {
+                let uids = groups::members(&*client, &key).await?;
+                members.push((key, uids.into_iter().map(|m| m.uid).collect()));
+            }
+            cache.forget_conversations(&members).await;
+        }
+        Ok(erased)
     }
 
     async fn close(&self) {

@@ -10,7 +10,8 @@ use super::error::Cells;
 use super::{int, pg_error, uint};
 use crate::store::ranges::{self, SeqRange};
 use crate::store::{
-    Conversation, ConversationState, Device, DigestEntry, Page, StoreError, StoredMessage,
+    Conversation, ConversationState, Device, DigestEntry, DigestShape, Page, Skipped, StoreError,
+    StoredMessage,
 };
 
 type Result<T> = std::result::Result<T, StoreError>;
@@ -35,6 +36,8 @@ pub(super) struct ConversationRow {
     pub(super) id: i64,
     pub(super) max_seq: u64,
     pub(super) last_time: i64,
+    /// Every seq up to this one was deleted by retention.
+    pub(super) gone_seq: u64,
 }
 
 pub(super) async fn conversation(
@@ -43,7 +46,7 @@ pub(super) async fn conversation(
 ) -> Result<Option<ConversationRow>> {
     let row = c
         .query_opt(
-            "SELECT id, max_seq, last_time FROM conversations WHERE key = $1",
+            "SELECT id, max_seq, last_time, gone_seq FROM conversations WHERE key = $1",
             &[&key],
         )
         .await
@@ -53,16 +56,32 @@ pub(super) async fn conversation(
             id: row.cell(0)?,
             max_seq: uint(row.cell(1)?),
             last_time: row.cell(2)?,
+            gone_seq: uint(row.cell(3)?),
         })
     })
     .transpose()
 }
 
-pub(super) async fn register_device(c: &impl GenericClient, device: &Device) -> Result<()> {
+pub(super) async fn register_device(
+    c: &impl GenericClient,
+    device: &Device,
+    now_ms: i64,
+) -> Result<()> {
+    let seen = c
+        .execute(
+            "UPDATE devices SET last_seen = $3 WHERE uid = $1 AND client_id = $2",
+            &[&device.uid, &device.client_id, &now_ms],
+        )
+        .await
+        .map_err(pg_error)?;
+    if seen > 0 {
+        return Ok(());
+    }
     let inserted = c
         .execute(
-            "INSERT INTO devices (uid, client_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
-            &[&device.uid, &device.client_id],
+            "INSERT INTO devices (uid, client_id, last_seen) VALUES ($1, $2, $3)
+             ON CONFLICT DO NOTHING",
+            &[&device.uid, &device.client_id, &now_ms],
         )
         .await
         .map_err(pg_error)?;
@@ -150,27 +169,10 @@ pub(super) async fn ack(
     let conv = conversation(c, key)
         .await?
         .ok_or_else(StoreError::no_messages)?;
-    ack_in(c, device, conv, range).await?;
-    Ok(range.hi.min(conv.max_seq))
-}
-
-/// Adds `range` to the device's acknowledgements and returns them all.
-async fn ack_in(
-    c: &impl GenericClient,
-    device: &Device,
-    conv: ConversationRow,
-    range: SeqRange,
-) -> Result<Vec<SeqRange>> {
-    if range.lo > conv.max_seq {
-        return Err(StoreError::past_end(range.lo, conv.max_seq));
-    }
-    let clamped = SeqRange {
-        lo: range.lo,
-        hi: range.hi.min(conv.max_seq),
-    };
+    let clamped = ranges::clamped_ack(range, conv.max_seq)?;
     let merged = ranges::insert(&acked(c, device, conv.id).await?, clamped);
     save_acked(c, device, conv.id, &merged).await?;
-    Ok(merged)
+    Ok(clamped.hi)
 }
 
 fn stored(row: &Row) -> Result<StoredMessage> {
@@ -184,8 +186,8 @@ fn stored(row: &Row) -> Result<StoredMessage> {
 
 fn nothing_left() -> Page {
     Page {
-        messages: Vec::new(),
         end: true,
+        ..Page::default()
     }
 }
 
@@ -202,10 +204,15 @@ pub(super) async fn pull(
             None => Ok(nothing_left()),
         };
     };
-    let done = match ack {
-        Some(range) => ack_in(c, device, conv, range).await?,
-        None => acked(c, device, conv.id).await?,
-    };
+    let mut done = acked(c, device, conv.id).await?;
+    if let Some(range) = ack {
+        done = ranges::insert(&done, ranges::clamped_ack(range, conv.max_seq)?);
+    }
+    let gone = ranges::uncovered(&done, conv.gone_seq);
+    done = ranges::with_gone(&done, conv.gone_seq);
+    if ack.is_some() || gone > 0 {
+        save_acked(c, device, conv.id, &done).await?;
+    }
     let mut messages = Vec::with_capacity(limit + 1);
     // Gaps are read from the top in windows a few pages wide, so that no query can touch more
     // rows than that whatever plan PostgreSQL picks (on a freshly loaded table without
@@ -247,7 +254,11 @@ pub(super) async fn pull(
     }
     let end = messages.len() <= limit;
     messages.truncate(limit);
-    Ok(Page { messages, end })
+    Ok(Page {
+        messages,
+        end,
+        gone,
+    })
 }
 
 pub(super) async fn history(
@@ -271,7 +282,11 @@ pub(super) async fn history(
     let mut messages = rows.iter().map(stored).collect::<Result<Vec<_>>>()?;
     let end = messages.len() <= limit;
     messages.truncate(limit);
-    Ok(Page { messages, end })
+    Ok(Page {
+        messages,
+        end,
+        gone: 0,
+    })
 }
 
 pub(super) async fn mark_read(
@@ -313,7 +328,7 @@ struct Membership {
 async fn memberships(c: &impl GenericClient, uid: &str) -> Result<Vec<Membership>> {
     let rows = c
         .query(
-            "SELECT c.id, c.max_seq, c.last_time, c.key, m.read_seq
+            "SELECT c.id, c.max_seq, c.last_time, c.gone_seq, c.key, m.read_seq
              FROM members m JOIN conversations c ON c.id = m.conv_id WHERE m.uid = $1
              ORDER BY c.key",
             &[&uid],
@@ -327,10 +342,11 @@ async fn memberships(c: &impl GenericClient, uid: &str) -> Result<Vec<Membership
                     id: row.cell(0)?,
                     max_seq: uint(row.cell(1)?),
                     last_time: row.cell(2)?,
+                    gone_seq: uint(row.cell(3)?),
                 },
-                conversation: row.cell(3)?,
-                key: row.cell(3)?,
-                read_seq: uint(row.cell(4)?),
+                conversation: row.cell(4)?,
+                key: row.cell(4)?,
+                read_seq: uint(row.cell(5)?),
             })
         })
         .collect::<Result<_>>()
@@ -344,19 +360,33 @@ async fn memberships(c: &impl GenericClient, uid: &str) -> Result<Vec<Membership
 pub(super) async fn digest_states(
     c: &impl GenericClient,
     device: &Device,
-    last_n: usize,
+    shape: DigestShape,
     cache: Option<&DigestCache>,
 ) -> Result<Vec<(ConversationState, Counted)>> {
     let members = memberships(c, &device.uid).await?;
-    let acked = acked_by_conversation(c, device).await?;
+    let mut acked = acked_by_conversation(c, device).await?;
     let cleared = cleared_floors(c, device).await?;
+    // Retention's deleted prefix counts as acknowledged, then the cap skips what it skips.
+    let mut skips: HashMap<i64, Skipped> = HashMap::new();
+    for member in &members {
+        let ranges = acked.entry(member.conv.id).or_default();
+        *ranges = ranges::with_gone(ranges, member.conv.gone_seq);
+        let max = member.conv.max_seq;
+        if let Some(skip) = ranges::backlog_cut(ranges, max, shape.max_backlog) {
+            if let Some(cut) = SeqRange::new(1, skip.upto) {
+                *ranges = ranges::insert(ranges, cut);
+                skips.insert(member.conv.id, skip);
+            }
+        }
+    }
     let no_ranges: Vec<SeqRange> = Vec::new();
     let ranges_of = |id: i64| acked.get(&id).unwrap_or(&no_ranges);
+    let floor_of = |id: i64| cleared.get(&id).copied().unwrap_or_default();
     let states: Vec<Counted> = members
         .iter()
         .map(|member| Counted {
             max_seq: member.conv.max_seq,
-            floor: cleared.get(&member.conv.id).copied().unwrap_or(0),
+            floor: floor_of(member.conv.id).seq,
             acked: ranges::total(ranges_of(member.conv.id)),
             count: 0,
             unacked: 0,
@@ -412,15 +442,20 @@ pub(super) async fn digest_states(
             let id = member.conv.id;
             counted.unacked > 0
                 || counted.count > 0
+                || floor_of(id).missed_total + skips.get(&id).map_or(0, |s| s.count)
+                    > floor_of(id).missed_cleared
                 || peer_of(id) > seen.get(&id).copied().unwrap_or(0)
         })
         .collect();
-    let mut previews = previews(c, &listed, last_n, cache).await?;
+    let mut previews = previews(c, &listed, shape.last_n, cache).await?;
     Ok(listed
         .into_iter()
         .zip(previews.iter_mut())
         .map(|((member, counted), last)| {
             let id = member.conv.id;
+            let skipped = skips.get(&id).copied();
+            let floor = floor_of(id);
+            let missed_total = floor.missed_total + skipped.map_or(0, |s| s.count);
             let state = ConversationState {
                 conversation: member.conversation.clone(),
                 count: counted.count,
@@ -431,6 +466,9 @@ pub(super) async fn digest_states(
                 read_seq: member.read_seq,
                 peer_read_seq: peer_of(id),
                 last: std::mem::take(last),
+                missed: missed_total.saturating_sub(floor.missed_cleared),
+                skipped,
+                missed_total,
             };
             (state, counted)
         })
@@ -480,9 +518,35 @@ async fn per_conversation(
         .collect::<Result<_>>()
 }
 
-async fn cleared_floors(c: &impl GenericClient, device: &Device) -> Result<HashMap<i64, u64>> {
-    let sql = "SELECT conv_id, cleared_seq FROM cleared WHERE uid = $1 AND client_id = $2";
-    per_conversation(c, sql, device).await
+/// A device's cleared state of one conversation.
+#[derive(Debug, Clone, Copy, Default)]
+struct Cleared {
+    /// Counters count only seqs above it.
+    seq: u64,
+    /// Messages a backlog cap ever skipped for the device.
+    missed_total: u64,
+    /// How many of them a cleared digest reported.
+    missed_cleared: u64,
+}
+
+async fn cleared_floors(c: &impl GenericClient, device: &Device) -> Result<HashMap<i64, Cleared>> {
+    c.query(
+        "SELECT conv_id, cleared_seq, missed, missed_cleared FROM cleared
+         WHERE uid = $1 AND client_id = $2",
+        &[&device.uid, &device.client_id],
+    )
+    .await
+    .map_err(pg_error)?
+    .iter()
+    .map(|row| {
+        let cleared = Cleared {
+            seq: uint(row.cell(1)?),
+            missed_total: uint(row.cell(2)?),
+            missed_cleared: uint(row.cell(3)?),
+        };
+        Ok((row.cell(0)?, cleared))
+    })
+    .collect::<Result<_>>()
 }
 
 /// Per conversation `(unacked, count)`: messages in the device's unacked gaps not sent by
@@ -601,7 +665,11 @@ async fn previews(
         .iter()
         .zip(cached)
         .map(|((m, _), cached)| {
-            cached.unwrap_or_else(|| read.get(&m.conv.id).cloned().unwrap_or_default())
+            let mut last =
+                cached.unwrap_or_else(|| read.get(&m.conv.id).cloned().unwrap_or_default());
+            // Cached previews may predate retention's last deletion.
+            last.retain(|message| message.seq > m.conv.gone_seq);
+            last
         })
         .collect();
     if let Some(cache) = cache {
@@ -620,14 +688,16 @@ pub(super) async fn record_digest(
     c: &impl GenericClient,
     device: &Device,
     entries: &[DigestEntry],
+    now_ms: i64,
 ) -> Result<u64> {
     let version: i64 = c
         .query_one(
-            "INSERT INTO devices (uid, client_id, digest_version) VALUES ($1, $2, 1)
+            "INSERT INTO devices (uid, client_id, digest_version, last_seen) VALUES ($1, $2, 1, $3)
              ON CONFLICT (uid, client_id)
-             DO UPDATE SET digest_version = devices.digest_version + 1
+             DO UPDATE SET digest_version = devices.digest_version + 1,
+                           last_seen = excluded.last_seen
              RETURNING digest_version",
-            &[&device.uid, &device.client_id],
+            &[&device.uid, &device.client_id, &now_ms],
         )
         .await
         .map_err(pg_error)?
@@ -635,6 +705,7 @@ pub(super) async fn record_digest(
     let keys: Vec<String> = entries.iter().map(|e| e.conversation.key()).collect();
     let seqs: Vec<i64> = entries.iter().map(|e| int(e.max_seq)).collect();
     let reads: Vec<i64> = entries.iter().map(|e| int(e.peer_read_seq)).collect();
+    let missed: Vec<i64> = entries.iter().map(|e| int(e.missed_total)).collect();
     c.execute(
         "INSERT INTO read_seen (uid, client_id, conv_id, peer_read_seq)
          SELECT $1, $2, c.id, e.read FROM unnest($3::text[], $4::bigint[]) AS e(key, read)
@@ -645,14 +716,26 @@ pub(super) async fn record_digest(
     .await
     .map_err(pg_error)?;
     c.execute(
-        "INSERT INTO digest_entries (uid, client_id, version, conv_id, max_seq)
-         SELECT $1, $2, $3, c.id, e.max_seq
-         FROM unnest($4::text[], $5::bigint[]) AS e(key, max_seq)
+        "INSERT INTO digest_entries (uid, client_id, version, conv_id, max_seq, missed)
+         SELECT $1, $2, $3, c.id, e.max_seq, e.missed
+         FROM unnest($4::text[], $5::bigint[], $6::bigint[]) AS e(key, max_seq, missed)
          JOIN conversations c ON c.key = e.key",
-        &[&device.uid, &device.client_id, &version, &keys, &seqs],
+        &[
+            &device.uid,
+            &device.client_id,
+            &version,
+            &keys,
+            &seqs,
+            &missed,
+        ],
     )
     .await
     .map_err(pg_error)?;
+    for entry in entries {
+        if let Some(skipped) = entry.skipped {
+            skip_backlog(c, device, &entry.conversation.key(), skipped).await?;
+        }
+    }
     c.execute(
         "DELETE FROM digest_entries WHERE uid = $1 AND client_id = $2 AND version + 8 < $3",
         &[&device.uid, &device.client_id, &version],
@@ -660,6 +743,29 @@ pub(super) async fn record_digest(
     .await
     .map_err(pg_error)?;
     Ok(uint(version))
+}
+
+/// Records what a backlog cap skipped: acknowledged for the device, and missed until cleared.
+async fn skip_backlog(
+    c: &impl GenericClient,
+    device: &Device,
+    key: &str,
+    skipped: Skipped,
+) -> Result<()> {
+    let (Some(conv), Some(cut)) = (conversation(c, key).await?, SeqRange::new(1, skipped.upto))
+    else {
+        return Ok(());
+    };
+    let merged = ranges::insert(&acked(c, device, conv.id).await?, cut);
+    save_acked(c, device, conv.id, &merged).await?;
+    c.execute(
+        "INSERT INTO cleared (uid, client_id, conv_id, cleared_seq, missed) VALUES ($1, $2, $3, 0, $4)
+         ON CONFLICT (uid, client_id, conv_id) DO UPDATE SET missed = cleared.missed + excluded.missed",
+        &[&device.uid, &device.client_id, &conv.id, &int(skipped.count)],
+    )
+    .await
+    .map_err(pg_error)?;
+    Ok(())
 }
 
 pub(super) async fn clear_counters(
@@ -682,11 +788,12 @@ pub(super) async fn clear_counters(
         )));
     }
     c.execute(
-        "INSERT INTO cleared (uid, client_id, conv_id, cleared_seq)
-         SELECT uid, client_id, conv_id, max_seq FROM digest_entries
+        "INSERT INTO cleared (uid, client_id, conv_id, cleared_seq, missed_cleared)
+         SELECT uid, client_id, conv_id, max_seq, missed FROM digest_entries
          WHERE uid = $1 AND client_id = $2 AND version = $3
          ON CONFLICT (uid, client_id, conv_id)
-         DO UPDATE SET cleared_seq = GREATEST(cleared.cleared_seq, excluded.cleared_seq)",
+         DO UPDATE SET cleared_seq = GREATEST(cleared.cleared_seq, excluded.cleared_seq),
+                       missed_cleared = GREATEST(cleared.missed_cleared, excluded.missed_cleared)",
         &[&device.uid, &device.client_id, &int(version)],
     )
     .await

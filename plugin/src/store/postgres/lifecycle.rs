@@ -1,0 +1,267 @@
+//! What keeps the PostgreSQL store bounded, mirroring the embedded backend: retention, device
+//! expiry, forgetting devices, erasing users and the eviction log.
+
+use deadpool_postgres::GenericClient;
+
+use super::error::Cells;
+use super::{int, pg_error, uint};
+use crate::store::{
+    Collected, ConversationKind, Device, DeviceInfo, Erased, Eviction, GroupErasure, StoreError,
+};
+
+type Result<T> = std::result::Result<T, StoreError>;
+
+/// Deletes at most `batch` of the oldest messages of `kind` stored before `cutoff`, as a
+/// prefix of each conversation they belong to: one statement over an index range, so the
+/// step holds its row locks for as long as deleting `batch` rows takes.
+pub(super) async fn expire_messages(
+    c: &impl GenericClient,
+    kind: ConversationKind,
+    cutoff: i64,
+    batch: usize,
+) -> Result<Collected> {
+    let row = c
+        .query_one(
+            "WITH due AS (
+                 SELECT conv_id, MAX(seq) AS upto, MIN(server_time) AS oldest, COUNT(*) AS n
+                 FROM (SELECT conv_id, seq, server_time FROM messages
+                       WHERE kind = $1 AND server_time < $2
+                       ORDER BY server_time LIMIT $3) s
+                 GROUP BY conv_id),
+             moved AS (
+                 UPDATE conversations c SET gone_seq = GREATEST(c.gone_seq, due.upto)
+                 FROM due WHERE c.id = due.conv_id
+                 RETURNING c.id, c.gone_seq),
+             gone AS (
+                 DELETE FROM messages m USING moved
+                 WHERE m.conv_id = moved.id AND m.seq <= moved.gone_seq
+                 RETURNING 1)
+             SELECT (SELECT COUNT(*) FROM gone),
+                    COALESCE((SELECT MIN(oldest) FROM due), $2),
+                    COALESCE((SELECT SUM(n) FROM due), 0)::BIGINT",
+            &[&kind.code(), &cutoff, &int(batch as u64)],
+        )
+        .await
+        .map_err(pg_error)?;
+    let oldest: i64 = row.cell(1)?;
+    Ok(Collected {
+        messages: uint(row.cell(0)?),
+        devices: 0,
+        behind_ms: cutoff - oldest,
+        more: uint(row.cell(2)?) >= batch as u64,
+    })
+}
+
+/// The devices last seen before `cutoff`, at most `batch`, oldest first.
+pub(super) async fn expired_devices(
+    c: &impl GenericClient,
+    cutoff: i64,
+    batch: usize,
+) -> Result<Vec<Device>> {
+    c.query(
+        "SELECT uid, client_id FROM devices WHERE last_seen < $1 ORDER BY last_seen LIMIT $2",
+        &[&cutoff, &int(batch as u64)],
+    )
+    .await
+    .map_err(pg_error)?
+    .iter()
+    .map(|row| {
+        Ok(Device {
+            uid: row.cell(0)?,
+            client_id: row.cell(1)?,
+        })
+    })
+    .collect()
+}
+
+/// Tables holding state per device, all keyed by `(uid, client_id, ...)`.
+const DEVICE_TABLES: [&str; 5] = ["devices", "acked", "cleared", "digest_entries", "read_seen"];
+
+/// Deletes the state of `devices`; how many of them were known.
+pub(super) async fn forget_devices(c: &impl GenericClient, devices: &[Device]) -> Result<u64> {
+    let uids: Vec<&str> = devices.iter().map(|d| d.uid.as_str()).collect();
+    let clients: Vec<&str> = devices.iter().map(|d| d.client_id.as_str()).collect();
+    let mut known = 0;
+    for table in DEVICE_TABLES {
+        let deleted = c
+            .execute(
+                &format!(
+                    "DELETE FROM {table} t USING unnest($1::text[], $2::text[]) AS d(uid, client_id)
+                     WHERE t.uid = d.uid AND t.client_id = d.client_id"
+                ),
+                &[&uids, &clients],
+            )
+            .await
+            .map_err(pg_error)?;
+        if table == "devices" {
+            known = deleted;
+        }
+    }
+    Ok(known)
+}
+
+pub(super) async fn touch_devices(
+    c: &impl GenericClient,
+    devices: &[Device],
+    now_ms: i64,
+) -> Result<()> {
+    let uids: Vec<&str> = devices.iter().map(|d| d.uid.as_str()).collect();
+    let clients: Vec<&str> = devices.iter().map(|d| d.client_id.as_str()).collect();
+    c.execute(
+        "UPDATE devices t SET last_seen = $3
+         FROM unnest($1::text[], $2::text[]) AS d(uid, client_id)
+         WHERE t.uid = d.uid AND t.client_id = d.client_id",
+        &[&uids, &clients, &now_ms],
+    )
+    .await
+    .map_err(pg_error)?;
+    Ok(())
+}
+
+pub(super) async fn devices(c: &impl GenericClient, uid: &str) -> Result<Vec<DeviceInfo>> {
+    c.query(
+        "SELECT client_id, last_seen FROM devices WHERE uid = $1 ORDER BY client_id",
+        &[&uid],
+    )
+    .await
+    .map_err(pg_error)?
+    .iter()
+    .map(|row| {
+        Ok(DeviceInfo {
+            client_id: row.cell(0)?,
+            last_seen: row.cell(1)?,
+        })
+    })
+    .collect()
+}
+
+pub(super) async fn evict(
+    c: &impl GenericClient,
+    uid: &str,
+    client_id: Option<&str>,
+) -> Result<()> {
+    c.execute(
+        "INSERT INTO evictions (uid, client_id) VALUES ($1, $2)",
+        &[&uid, &client_id.unwrap_or_default()],
+    )
+    .await
+    .map_err(pg_error)?;
+    Ok(())
+}
+
+pub(super) async fn evictions_since(
+    c: &impl GenericClient,
+    after: u64,
+    limit: usize,
+) -> Result<Vec<Eviction>> {
+    c.query(
+        "SELECT id, uid, client_id FROM evictions WHERE id > $1 ORDER BY id LIMIT $2",
+        &[&int(after), &int(limit as u64)],
+    )
+    .await
+    .map_err(pg_error)?
+    .iter()
+    .map(|row| {
+        let client_id: String = row.cell(2)?;
+        Ok(Eviction {
+            id: uint(row.cell(0)?),
+            uid: row.cell(1)?,
+            client_id: (!client_id.is_empty()).then_some(client_id),
+        })
+    })
+    .collect()
+}
+
+/// Runs `sql` with the user's uid and returns how many rows it changed.
+async fn run(c: &impl GenericClient, sql: &str, uid: &str) -> Result<u64> {
+    c.execute(sql, &[&uid]).await.map_err(pg_error)
+}
+
+/// Erases a user (see [`crate::store::Store::erase_user`]); returns what it removed and the
+/// conversations whose messages changed, for the cache.
+pub(super) async fn erase_user(
+    c: &impl GenericClient,
+    uid: &str,
+    groups: GroupErasure,
+) -> Result<(Erased, Vec<String>)> {
+    let mut erased = Erased::default();
+    let touched: Vec<String> = c
+        .query(
+            "SELECT DISTINCT c.key FROM messages m JOIN conversations c ON c.id = m.conv_id
+             WHERE m.sender = $1",
+            &[&uid],
+        )
+        .await
+        .map_err(pg_error)?
+        .iter()
+        .map(|row| row.cell(0))
+        .collect::<Result<_>>()?;
+    let mine: Vec<Device> = devices(c, uid)
+        .await?
+        .into_iter()
+        .map(|d| Device {
+            uid: uid.to_owned(),
+            client_id: d.client_id,
+        })
+        .collect();
+    erased.devices = forget_devices(c, &mine).await?;
+    erased.messages_deleted += run(
+        c,
+        "DELETE FROM messages WHERE sender = $1 AND kind = 0",
+        uid,
+    )
+    .await?;
+    if groups == GroupErasure::Delete {
+        erased.messages_deleted += run(
+            c,
+            "DELETE FROM messages WHERE sender = $1 AND kind = 1",
+            uid,
+        )
+        .await?;
+    }
+    erased.messages_redacted += run(
+        c,
+        "UPDATE messages SET body = ''::bytea, sender_device = '',
+                msg_id = 'erased:' || conv_id || ':' || seq
+         WHERE sender = $1 AND kind = 1 AND msg_id NOT LIKE 'erased:%'",
+        uid,
+    )
+    .await?;
+    run(
+        c,
+        "INSERT INTO member_removals (conv_key, uid)
+         SELECT c.key, m.uid FROM members m JOIN conversations c ON c.id = m.conv_id
+         WHERE m.uid = $1 AND c.key LIKE 'g:%'",
+        uid,
+    )
+    .await?;
+    let owned: Vec<i64> = c
+        .query(
+            "SELECT m.conv_id FROM members m JOIN conversations c ON c.id = m.conv_id
+             WHERE m.uid = $1 AND c.key LIKE 'g:%' AND m.role = 3",
+            &[&uid],
+        )
+        .await
+        .map_err(pg_error)?
+        .iter()
+        .map(|row| row.cell(0))
+        .collect::<Result<_>>()?;
+    erased.groups = run(
+        c,
+        "DELETE FROM members WHERE uid = $1
+           AND conv_id IN (SELECT id FROM conversations WHERE key LIKE 'g:%')",
+        uid,
+    )
+    .await?;
+    c.execute(
+        "UPDATE members SET role = 3 WHERE (conv_id, uid) IN
+           (SELECT DISTINCT ON (conv_id) conv_id, uid FROM members WHERE conv_id = ANY($1)
+            ORDER BY conv_id, role DESC, joined_seq, uid)",
+        &[&owned],
+    )
+    .await
+    .map_err(pg_error)?;
+    run(c, "UPDATE members SET read_seq = 0 WHERE uid = $1", uid).await?;
+    evict(c, uid, None).await?;
+    Ok((erased, touched))
+}
