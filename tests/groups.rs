@@ -484,49 +484,25 @@ async fn ten_thousand_members_one_post(backend: TestBackend) {
 }
 }
 
-/// Runs `mqtt-im group ...` against the broker's store and returns its output.
-fn operator(broker: &TestBroker, args: &[&str]) -> String {
-    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_mqtt-im"));
-    command.arg("group").args(args);
-    match &broker.backend {
-        TestBackend::Embedded => {
-            command.env("MQTT_IM__STORE__PATH", broker.dir.path().join("im.db"));
-        }
-        TestBackend::Postgres(settings) => {
-            command
-                .env("MQTT_IM__STORE__BACKEND", "postgres")
-                .env("MQTT_IM__STORE__POSTGRES__URL", &settings.url)
-                .env("MQTT_IM__STORE__POSTGRES__SCHEMA", &settings.schema);
-        }
-    }
-    let output = command.output().unwrap();
-    assert!(
-        output.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8(output.stdout).unwrap()
-}
-
 backend_tests! {
 /// An operator creates a group and removes a member from the command line; the running
 /// broker cuts that member's live subscription off.
 async fn operator_commands(backend: TestBackend) {
     let broker = TestBroker::start_on(backend).await;
-    assert_eq!(operator(&broker, &["create", "ops", "--owner", "alice", "bob"]), "created ops\n");
-    assert_eq!(operator(&broker, &["add", "ops", "carol", "--admin"]), "added carol\n");
+    assert_eq!(operator(&broker, &["group", "create", "ops", "--owner", "alice", "bob"]), "created ops\n");
+    assert_eq!(operator(&broker, &["group", "add", "ops", "carol", "--admin"]), "added carol\n");
     assert_eq!(
-        operator(&broker, &["members", "ops"]),
+        operator(&broker, &["group", "members", "ops"]),
         "alice Owner read=0\ncarol Admin read=0\nbob Member read=0\n"
     );
-    assert_eq!(operator(&broker, &["of", "bob"]), "ops Member\n");
+    assert_eq!(operator(&broker, &["group", "of", "bob"]), "ops Member\n");
     let (mut alice, _) = online(&broker, "alice").await;
     let (mut bob, _) = online(&broker, "bob").await;
     assert_eq!(bob.subscribe("im/g/ops", 1).await, vec![1]);
     assert_eq!(alice.publish_acked("im/g/ops", group_chat("o1", "ops")).await, 0);
     assert_eq!(chat_seq(&bob.next_on("im/g/ops").await), 1);
 
-    assert_eq!(operator(&broker, &["remove", "ops", "bob"]), "removed bob\n");
+    assert_eq!(operator(&broker, &["group", "remove", "ops", "bob"]), "removed bob\n");
     tokio::time::sleep(Duration::from_millis(1200)).await;
     assert_eq!(alice.publish_acked("im/g/ops", group_chat("o2", "ops")).await, 0);
     while let Some(seen) = bob.quiet_for(Duration::from_millis(500)).await {

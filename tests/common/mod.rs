@@ -370,3 +370,34 @@ pub async fn postgres_client(
     tokio::spawn(connection);
     client
 }
+
+/// Runs the `mqtt-im` binary as an operator would (`args` from the subcommand on) against
+/// the broker's store and Redis, and returns what it printed.
+pub fn operator(broker: &TestBroker, args: &[&str]) -> String {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_mqtt-im"));
+    command.args(args).env_remove("RUST_LOG");
+    match &broker.backend {
+        TestBackend::Embedded => {
+            command.env("MQTT_IM__STORE__PATH", broker.dir.path().join("im.db"));
+        }
+        TestBackend::Postgres(settings) => {
+            command
+                .env("MQTT_IM__STORE__BACKEND", "postgres")
+                .env("MQTT_IM__STORE__POSTGRES__URL", &settings.url)
+                .env("MQTT_IM__STORE__POSTGRES__SCHEMA", &settings.schema);
+            if let Some(redis) = redis_url() {
+                command.env("MQTT_IM__CLUSTER__REDIS_URL", redis).env(
+                    "MQTT_IM__CLUSTER__KEY_PREFIX",
+                    format!("test-{}", settings.schema),
+                );
+            }
+        }
+    }
+    let output = command.output().unwrap();
+    assert!(
+        output.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap()
+}
