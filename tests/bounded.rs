@@ -1,6 +1,7 @@
 //! Storage that stays bounded, over real connections on both backends: retention (Pull says
 //! how many messages are gone), backlog caps (`missed` in the digest), device expiry and
 //! `DeviceForget`, and the operator's `store gc`, `device` and `user erase` commands.
+#![allow(clippy::unwrap_used)]
 mod common;
 
 use std::time::Duration;
