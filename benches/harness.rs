@@ -17,6 +17,9 @@
 //!   CONNACK rate and when the last digest arrived, beside bare rumqttd and Mosquitto
 //!   (CONNACK and SUBACK).
 //! - `connect`: CONNECT→CONNACK rate per authentication provider.
+//! - `soak`: a day of chat at an accelerated clock (2,000,000 messages among 10,000 users
+//!   with a short retention), in ten windows: stored rows and database size, append, digest
+//!   and pull latency, and what retention deleted, window by window.
 //!
 //! Every scenario runs mqtt-im on the embedded store; `--postgres URL` (and `--redis URL`)
 //! runs it on PostgreSQL (and Redis) in a fresh schema `bench_<pid>` left for inspection.
@@ -73,6 +76,9 @@ enum Scenario {
     Connect(ConnectArgs),
     /// A reconnect storm: devices with a small backlog all connecting at once.
     Storm(StormArgs),
+    /// A day of traffic at an accelerated clock with a short retention: does the store
+    /// level off while its latencies hold?
+    Soak(SoakArgs),
     /// Runs bare rumqttd on `--listen` until killed (for `idle` and `storm`).
     #[command(hide = true)]
     ServeBare {
@@ -97,6 +103,22 @@ struct StormArgs {
     /// mqtt-im alone, without bare rumqttd and Mosquitto beside it.
     #[arg(long)]
     alone: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+struct SoakArgs {
+    /// Messages stored over the simulated day.
+    #[arg(long, default_value_t = 2_000_000)]
+    messages: usize,
+    /// Users, each chatting with its next 5 (1:1 conversations).
+    #[arg(long, default_value_t = 10_000)]
+    users: usize,
+    /// Retention of the simulated clock, in hours.
+    #[arg(long, default_value_t = 2)]
+    retention_hours: u64,
+    /// Digests and pulls measured after each window.
+    #[arg(long, default_value_t = 300)]
+    probes: usize,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -185,6 +207,7 @@ fn main() -> Result<(), Error> {
             Scenario::Idle(args) => idle(args).await,
             Scenario::Connect(args) => connect_rate(&cli, args).await,
             Scenario::Storm(args) => storm(args).await,
+            Scenario::Soak(args) => soak(&cli, args).await,
             Scenario::ServeBare { listen } => {
                 bare_rumqttd_on(*listen, false)?;
                 std::future::pending::<()>().await;
@@ -1539,4 +1562,186 @@ async fn connect_rate(cli: &Cli, args: &ConnectArgs) -> Result<(), Error> {
         shutdown.cancel();
     }
     Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// soak
+
+/// Latency samples in microseconds.
+#[derive(Debug, Default)]
+struct Latencies(Vec<u64>);
+
+impl Latencies {
+    fn record(&mut self, since: Instant) {
+        self.0.push(micros(since.elapsed()));
+    }
+
+    /// `p50/p99` in milliseconds.
+    fn summary(&mut self) -> String {
+        if self.0.is_empty() {
+            return "-".into();
+        }
+        self.0.sort_unstable();
+        let at = |p: f64| self.0[((self.0.len() - 1) as f64 * p).round() as usize] as f64 / 1000.0;
+        format!("{:.2}/{:.2}", at(0.5), at(0.99))
+    }
+}
+
+/// The 1:1 conversation of user `u` with its `k`-th next user.
+fn soak_user(u: usize) -> String {
+    format!("s{u}")
+}
+
+async fn soak(cli: &Cli, args: &SoakArgs) -> Result<(), Error> {
+    const WINDOWS: usize = 10;
+    const DAY_MS: i64 = 24 * 3600 * 1000;
+    let dir = tempfile::tempdir()?.keep();
+    let db = dir.join("soak.db");
+    let db_path = db.clone();
+    let (_addr, store, shutdown) = mqtt_im_with(cli, move |config| {
+        config.store.path = db_path;
+    })
+    .await?;
+    println!(
+        "soak: {} messages among {} users over a simulated day, retention {} h, mqtt-im on {}",
+        args.messages,
+        args.users,
+        args.retention_hours,
+        backend_name(cli)
+    );
+    let users = args.users.max(6);
+    for u in 0..users {
+        store
+            .register_device(&Device {
+                uid: soak_user(u),
+                client_id: "phone".into(),
+            })
+            .await?;
+    }
+    let body = pb::ChatMessage {
+        msg: Some(pb::Content {
+            kind: Some(pb::content::Kind::Text("x".repeat(64))),
+        }),
+        ..pb::ChatMessage::default()
+    }
+    .encode_to_vec();
+    let start_ms = i64::try_from(now_micros() / 1000)? - DAY_MS;
+    let retention_ms = i64::try_from(args.retention_hours)? * 3600 * 1000;
+    let total = args.messages as u64;
+    let next = Arc::new(AtomicU64::new(0));
+    println!(
+        "{:>6} {:>9} {:>10} {:>10} {:>14} {:>14} {:>14} {:>10} {:>8}",
+        "window", "sim hour", "stored", "db MiB", "append p50/p99", "digest p50/p99", "pull p50/p99", "gc rows", "gc s"
+    );
+    for window in 1..=WINDOWS {
+        let upto = total * window as u64 / WINDOWS as u64;
+        let appends = Arc::new(Mutex::new(Latencies::default()));
+        let workers: Vec<_> = (0..512)
+            .map(|_| {
+                let (store, next, body, appends) =
+                    (store.clone(), next.clone(), body.clone(), appends.clone());
+                tokio::spawn(async move {
+                    loop {
+                        let n = next.fetch_add(1, Ordering::Relaxed);
+                        if n >= upto {
+                            return Ok::<_, Error>(());
+                        }
+                        let from = (n as usize * 7919) % users;
+                        let to = (from + 1 + (n as usize % 5)) % users;
+                        let sender = soak_user(from);
+                        let began = Instant::now();
+                        store
+                            .append(NewMessage {
+                                conversation: Conversation::direct(&sender, &soak_user(to)),
+                                sender,
+                                sender_device: "phone".into(),
+                                msg_id: format!("m{n}"),
+                                server_time: start_ms + (n as i64) * DAY_MS / total as i64,
+                                body: body.clone(),
+                            })
+                            .await?;
+                        if n % 64 == 0 {
+                            if let Ok(mut appends) = appends.lock() {
+                                appends.record(began);
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        for worker in workers {
+            worker.await??;
+        }
+        let sim_now = start_ms + (upto as i64) * DAY_MS / total as i64;
+        let gc_started = Instant::now();
+        let cutoffs = mqtt_im::store::Cutoffs {
+            direct: Some(sim_now - retention_ms),
+            ..Default::default()
+        };
+        let metrics = mqtt_im::metrics::Metrics::default();
+        let collected = mqtt_im::im::lifecycle::collect_garbage(
+            store.as_ref(),
+            cutoffs,
+            5_000,
+            &metrics,
+            &CancellationToken::new(),
+        )
+        .await?;
+        let gc_seconds = gc_started.elapsed().as_secs_f64();
+        let (mut digests, mut pulls) = (Latencies::default(), Latencies::default());
+        for probe in 0..args.probes {
+            let u = (probe * 104_729 + window) % users;
+            let device = Device {
+                uid: soak_user(u),
+                client_id: "phone".into(),
+            };
+            let began = Instant::now();
+            let shape = mqtt_im::store::DigestShape {
+                last_n: 3,
+                max_backlog: 5_000,
+            };
+            store.fitted_digest(&device, shape, &|_| {}).await?;
+            digests.record(began);
+            let peer = soak_user((u + 1) % users);
+            let began = Instant::now();
+            let conversation = Conversation::direct(&device.uid, &peer);
+            store.pull(&device, &conversation, None, 50).await?;
+            pulls.record(began);
+        }
+        let stored = store.sizes().await?.messages;
+        let mib = database_bytes(cli, &db).await? as f64 / (1024.0 * 1024.0);
+        let appends = std::mem::take(&mut *appends.lock().map_err(|_| "poisoned")?).summary();
+        println!(
+            "{window:>6} {:>9.1} {stored:>10} {mib:>10.1} {appends:>14} {:>14} {:>14} {:>10} {gc_seconds:>8.2}",
+            (sim_now - start_ms) as f64 / 3_600_000.0,
+            digests.summary(),
+            pulls.summary(),
+            collected.messages,
+        );
+    }
+    shutdown.cancel();
+    Ok(())
+}
+
+/// What the store occupies: the SQLite file and its WAL, or the PostgreSQL schema's tables
+/// with their indexes.
+async fn database_bytes(cli: &Cli, db: &std::path::Path) -> Result<u64, Error> {
+    let Some(url) = &cli.postgres else {
+        let size = |path: std::path::PathBuf| std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+        let mut wal = db.as_os_str().to_owned();
+        wal.push("-wal");
+        return Ok(size(db.to_path_buf()) + size(wal.into()));
+    };
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
+    tokio::spawn(connection);
+    let schema = format!("bench_{}", std::process::id());
+    let row = client
+        .query_one(
+            "SELECT COALESCE(SUM(pg_total_relation_size(c.oid)), 0)::BIGINT
+             FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+             WHERE n.nspname = $1 AND c.relkind = 'r'",
+            &[&schema],
+        )
+        .await?;
+    Ok(u64::try_from(row.get::<_, i64>(0))?)
 }
