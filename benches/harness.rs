@@ -1587,7 +1587,7 @@ impl Latencies {
     }
 }
 
-/// The 1:1 conversation of user `u` with its `k`-th next user.
+/// The uid of soak user `u`.
 fn soak_user(u: usize) -> String {
     format!("s{u}")
 }
@@ -1628,24 +1628,27 @@ async fn soak(cli: &Cli, args: &SoakArgs) -> Result<(), Error> {
     let start_ms = i64::try_from(now_micros() / 1000)? - DAY_MS;
     let retention_ms = i64::try_from(args.retention_hours)? * 3600 * 1000;
     let total = args.messages as u64;
-    let next = Arc::new(AtomicU64::new(0));
     println!(
         "{:>6} {:>9} {:>10} {:>10} {:>14} {:>14} {:>14} {:>10} {:>8}",
-        "window", "sim hour", "stored", "db MiB", "append p50/p99", "digest p50/p99", "pull p50/p99", "gc rows", "gc s"
+        "window",
+        "sim hour",
+        "stored",
+        "db MiB",
+        "append p50/p99",
+        "digest p50/p99",
+        "pull p50/p99",
+        "gc rows",
+        "gc s"
     );
     for window in 1..=WINDOWS {
+        let from = total * (window as u64 - 1) / WINDOWS as u64;
         let upto = total * window as u64 / WINDOWS as u64;
         let appends = Arc::new(Mutex::new(Latencies::default()));
-        let workers: Vec<_> = (0..512)
-            .map(|_| {
-                let (store, next, body, appends) =
-                    (store.clone(), next.clone(), body.clone(), appends.clone());
+        let workers: Vec<_> = (0..512u64)
+            .map(|worker| {
+                let (store, body, appends) = (store.clone(), body.clone(), appends.clone());
                 tokio::spawn(async move {
-                    loop {
-                        let n = next.fetch_add(1, Ordering::Relaxed);
-                        if n >= upto {
-                            return Ok::<_, Error>(());
-                        }
+                    for n in (from + worker..upto).step_by(512) {
                         let from = (n as usize * 7919) % users;
                         let to = (from + 1 + (n as usize % 5)) % users;
                         let sender = soak_user(from);
@@ -1666,6 +1669,7 @@ async fn soak(cli: &Cli, args: &SoakArgs) -> Result<(), Error> {
                             }
                         }
                     }
+                    Ok::<_, Error>(())
                 })
             })
             .collect();

@@ -177,13 +177,13 @@ async fn run(c: &impl GenericClient, sql: &str, uid: &str) -> Result<u64> {
     c.execute(sql, &[&uid]).await.map_err(pg_error)
 }
 
-/// Erases a user (see [`crate::store::Store::erase_user`]); returns what it removed and the
-/// conversations whose messages changed, for the cache.
+/// Erases a user (see [`crate::store::Store::erase_user`]); returns what it removed, and for
+/// the cache the devices it forgot and the conversations whose messages changed.
 pub(super) async fn erase_user(
     c: &impl GenericClient,
     uid: &str,
     groups: GroupErasure,
-) -> Result<(Erased, Vec<String>)> {
+) -> Result<(Erased, Vec<Device>, Vec<String>)> {
     let mut erased = Erased::default();
     let touched: Vec<String> = c
         .query(
@@ -263,5 +263,5 @@ pub(super) async fn erase_user(
     .map_err(pg_error)?;
     run(c, "UPDATE members SET read_seq = 0 WHERE uid = $1", uid).await?;
     evict(c, uid, None).await?;
-    Ok((erased, touched))
+    Ok((erased, mine, touched))
 }

@@ -516,16 +516,8 @@ impl Store for PostgresStore {
 
     async fn erase_user(&self, uid: &str, groups: GroupErasure) -> Result<Erased, StoreError> {
         let mut client = self.client().await?;
-        let mine: Vec<Device> = lifecycle::devices(&*client, uid)
-            .await?
-            .into_iter()
-            .map(|d| Device {
-                uid: uid.to_owned(),
-                client_id: d.client_id,
-            })
-            .collect();
         let tx = client.transaction().await.map_err(pg_error)?;
-        let (erased, touched) = lifecycle::erase_user(&tx, uid, groups).await?;
+        let (erased, mine, touched) = lifecycle::erase_user(&tx, uid, groups).await?;
         tx.commit().await.map_err(pg_error)?;
         if let Some(cache) = &self.cache {
             cache.forget_devices(&mine).await;
