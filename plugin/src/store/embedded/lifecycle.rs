@@ -37,7 +37,10 @@ pub(super) fn expire_messages(
         .collect::<rusqlite::Result<Vec<_>>>()
         .map_err(sql_error)?;
     let mut delete = conn
-        .prepare_cached("DELETE FROM messages WHERE conv_id = ?1 AND seq <= ?2")
+        .prepare_cached(
+            "DELETE FROM messages WHERE conv_id = ?1
+               AND seq > (SELECT gone_seq FROM conversations WHERE id = ?1) AND seq <= ?2",
+        )
         .map_err(sql_error)?;
     let mut advance = conn
         .prepare_cached("UPDATE conversations SET gone_seq = MAX(gone_seq, ?2) WHERE id = ?1")

@@ -12,8 +12,10 @@ use crate::store::{
 type Result<T> = std::result::Result<T, StoreError>;
 
 /// Deletes at most `batch` of the oldest messages of `kind` stored before `cutoff`, as a
-/// prefix of each conversation they belong to: one statement over an index range, so the
-/// step holds its row locks for as long as deleting `batch` rows takes.
+/// prefix of each conversation they belong to: one statement over index ranges that start
+/// above each conversation's previous deletion (the dead rows below it, until vacuumed, are
+/// never walked again), so the step holds its row locks for as long as deleting `batch`
+/// rows takes.
 pub(super) async fn expire_messages(
     c: &impl GenericClient,
     kind: ConversationKind,
@@ -23,18 +25,20 @@ pub(super) async fn expire_messages(
     let row = c
         .query_one(
             "WITH due AS (
-                 SELECT conv_id, MAX(seq) AS upto, MIN(server_time) AS oldest, COUNT(*) AS n
+                 SELECT s.conv_id, MAX(s.seq) AS upto, MIN(s.server_time) AS oldest,
+                        COUNT(*) AS n, MIN(c.gone_seq) AS before
                  FROM (SELECT conv_id, seq, server_time FROM messages
                        WHERE kind = $1 AND server_time < $2
                        ORDER BY server_time LIMIT $3) s
-                 GROUP BY conv_id),
+                 JOIN conversations c ON c.id = s.conv_id
+                 GROUP BY s.conv_id),
              moved AS (
                  UPDATE conversations c SET gone_seq = GREATEST(c.gone_seq, due.upto)
                  FROM due WHERE c.id = due.conv_id
-                 RETURNING c.id, c.gone_seq),
+                 RETURNING c.id),
              gone AS (
-                 DELETE FROM messages m USING moved
-                 WHERE m.conv_id = moved.id AND m.seq <= moved.gone_seq
+                 DELETE FROM messages m USING due
+                 WHERE m.conv_id = due.conv_id AND m.seq > due.before AND m.seq <= due.upto
                  RETURNING 1)
              SELECT (SELECT COUNT(*) FROM gone),
                     COALESCE((SELECT MIN(oldest) FROM due), $2),
