@@ -134,6 +134,7 @@ async fn commit(pool: &Pool, batch: &[&NewMessage]) -> Result<Vec<Appended>, Sto
     let mut keys: Vec<&str> = Vec::new();
     let mut counts: Vec<i64> = Vec::new();
     let mut times: Vec<i64> = Vec::new();
+    let mut firsts: Vec<i64> = Vec::new();
     let mut first_seen: HashMap<(&str, &str), usize> = HashMap::new();
     let mut slots = Vec::with_capacity(batch.len());
     for (index, message) in batch.iter().enumerate() {
@@ -154,11 +155,13 @@ async fn commit(pool: &Pool, batch: &[&NewMessage]) -> Result<Vec<Appended>, Sto
                 keys.push(message_key);
                 counts.push(0);
                 times.push(0);
+                firsts.push(i64::MAX);
                 keys.len() - 1
             }
         };
         counts[key] += 1;
         times[key] = times[key].max(message.server_time);
+        firsts[key] = firsts[key].min(message.server_time);
         slots.push(Slot::New {
             key,
             nth: counts[key],
@@ -171,11 +174,13 @@ async fn commit(pool: &Pool, batch: &[&NewMessage]) -> Result<Vec<Appended>, Sto
         let rows = tx
             .query(
                 "UPDATE conversations c
-                 SET max_seq = c.max_seq + b.n, last_time = GREATEST(c.last_time, b.t)
-                 FROM unnest($1::text[], $2::bigint[], $3::bigint[]) AS b(key, n, t)
+                 SET max_seq = c.max_seq + b.n, last_time = GREATEST(c.last_time, b.t),
+                     oldest_time = COALESCE(c.oldest_time, b.first)
+                 FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[])
+                      AS b(key, n, t, first)
                  WHERE c.key = b.key
                  RETURNING c.key, c.id, c.max_seq",
-                &[&keys, &counts, &times],
+                &[&keys, &counts, &times, &firsts],
             )
             .await
             .map_err(pg_error)?;
@@ -265,7 +270,6 @@ struct InsertRows<'a> {
     msg_ids: Vec<&'a str>,
     times: Vec<i64>,
     bodies: Vec<&'a [u8]>,
-    kinds: Vec<i16>,
 }
 
 impl<'a> InsertRows<'a> {
@@ -277,7 +281,6 @@ impl<'a> InsertRows<'a> {
         self.msg_ids.push(&message.msg_id);
         self.times.push(message.server_time);
         self.bodies.push(&message.body);
-        self.kinds.push(message.conversation.kind().code());
     }
 
     async fn insert(&self, tx: &impl GenericClient) -> Result<(), StoreError> {
@@ -285,10 +288,9 @@ impl<'a> InsertRows<'a> {
             return Ok(());
         }
         tx.execute(
-            "INSERT INTO messages
-                 (conv_id, seq, sender, sender_device, msg_id, server_time, body, kind)
+            "INSERT INTO messages (conv_id, seq, sender, sender_device, msg_id, server_time, body)
              SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::text[],
-                                  $6::bigint[], $7::bytea[], $8::smallint[])",
+                                  $6::bigint[], $7::bytea[])",
             &[
                 &self.conv_ids,
                 &self.seqs,
@@ -297,7 +299,6 @@ impl<'a> InsertRows<'a> {
                 &self.msg_ids,
                 &self.times,
                 &self.bodies,
-                &self.kinds,
             ],
         )
         .await

@@ -11,11 +11,14 @@ use crate::store::{
 
 type Result<T> = std::result::Result<T, StoreError>;
 
-/// Deletes at most `batch` of the oldest messages of `kind` stored before `cutoff`, as a
-/// prefix of each conversation they belong to: one statement over index ranges that start
-/// above each conversation's previous deletion (the dead rows below it, until vacuumed, are
-/// never walked again), so the step holds its row locks for as long as deleting `batch`
-/// rows takes.
+/// Messages one conversation gives up per step at most, so that a conversation with a long
+/// due backlog cannot make a step large; it stays first in line for the next one.
+const ROWS_PER_CONVERSATION: i64 = 64;
+
+/// Deletes about `batch` of the oldest messages of `kind` stored before `cutoff`, as a
+/// prefix of each conversation they belong to. Due conversations are found by the time of
+/// their oldest stored message, and each is read by its primary key from above its previous
+/// deletion, so a step never walks the dead rows earlier steps left for vacuum.
 pub(super) async fn expire_messages(
     c: &impl GenericClient,
     kind: ConversationKind,
@@ -25,34 +28,56 @@ pub(super) async fn expire_messages(
     let row = c
         .query_one(
             "WITH due AS (
-                 SELECT s.conv_id, MAX(s.seq) AS upto, MIN(s.server_time) AS oldest,
-                        COUNT(*) AS n, MIN(c.gone_seq) AS before
-                 FROM (SELECT conv_id, seq, server_time FROM messages
-                       WHERE kind = $1 AND server_time < $2
-                       ORDER BY server_time LIMIT $3) s
-                 JOIN conversations c ON c.id = s.conv_id
-                 GROUP BY s.conv_id),
+                 SELECT id, gone_seq, oldest_time FROM conversations
+                 WHERE kind = $1 AND oldest_time < $2
+                 ORDER BY oldest_time LIMIT $3
+                 FOR UPDATE),
+             counted AS (
+                 SELECT d.id, d.gone_seq AS before, COALESCE(x.upto, d.gone_seq) AS upto,
+                        COALESCE(x.n, 0) AS n, x.oldest,
+                        SUM(COALESCE(x.n, 0)) OVER (ORDER BY d.oldest_time, d.id) AS running
+                 FROM due d CROSS JOIN LATERAL (
+                     SELECT MAX(s.seq) AS upto, COUNT(*) AS n, MIN(s.server_time) AS oldest
+                     FROM (SELECT seq, server_time FROM messages
+                           WHERE conv_id = d.id AND seq > d.gone_seq
+                           ORDER BY seq LIMIT $4) s
+                     WHERE s.server_time < $2) x),
+             cut AS (SELECT * FROM counted WHERE running - n < $3),
              moved AS (
-                 UPDATE conversations c SET gone_seq = GREATEST(c.gone_seq, due.upto)
-                 FROM due WHERE c.id = due.conv_id
-                 RETURNING c.id),
+                 UPDATE conversations c
+                 SET gone_seq = cut.upto,
+                     oldest_time = COALESCE(
+                         (SELECT m.server_time FROM messages m
+                          WHERE m.conv_id = c.id AND m.seq > cut.upto ORDER BY m.seq LIMIT 1),
+                         CASE WHEN c.max_seq > cut.upto THEN c.last_time END)
+                 FROM cut WHERE c.id = cut.id),
              gone AS (
-                 DELETE FROM messages m USING due
-                 WHERE m.conv_id = due.conv_id AND m.seq > due.before AND m.seq <= due.upto
+                 DELETE FROM messages m USING cut
+                 WHERE m.conv_id = cut.id AND m.seq > cut.before AND m.seq <= cut.upto
                  RETURNING 1)
              SELECT (SELECT COUNT(*) FROM gone),
-                    COALESCE((SELECT MIN(oldest) FROM due), $2),
-                    COALESCE((SELECT SUM(n) FROM due), 0)::BIGINT",
-            &[&kind.code(), &cutoff, &int(batch as u64)],
+                    COALESCE((SELECT MIN(oldest) FROM cut), $2),
+                    (SELECT COUNT(*) FROM due),
+                    (SELECT COUNT(*) FROM cut),
+                    (SELECT COUNT(*) FROM cut WHERE n >= $4)",
+            &[
+                &kind.code(),
+                &cutoff,
+                &int(batch as u64),
+                &ROWS_PER_CONVERSATION,
+            ],
         )
         .await
         .map_err(pg_error)?;
     let oldest: i64 = row.cell(1)?;
+    let (due, cut, capped): (i64, i64, i64) = (row.cell(2)?, row.cell(3)?, row.cell(4)?);
     Ok(Collected {
         messages: uint(row.cell(0)?),
         devices: 0,
         behind_ms: cutoff - oldest,
-        more: uint(row.cell(2)?) >= batch as u64,
+        // A full list of due conversations, one cut short by the row budget, or a
+        // conversation that gave up all it may in one step.
+        more: due >= int(batch as u64) || cut < due || capped > 0,
     })
 }
 
@@ -211,23 +236,27 @@ pub(super) async fn erase_user(
     erased.devices = forget_devices(c, &mine).await?;
     erased.messages_deleted += run(
         c,
-        "DELETE FROM messages WHERE sender = $1 AND kind = 0",
+        "DELETE FROM messages m USING conversations c
+         WHERE m.sender = $1 AND m.conv_id = c.id AND c.kind = 0",
         uid,
     )
     .await?;
     if groups == GroupErasure::Delete {
         erased.messages_deleted += run(
             c,
-            "DELETE FROM messages WHERE sender = $1 AND kind = 1",
+            "DELETE FROM messages m USING conversations c
+             WHERE m.sender = $1 AND m.conv_id = c.id AND c.kind = 1",
             uid,
         )
         .await?;
     }
     erased.messages_redacted += run(
         c,
-        "UPDATE messages SET body = ''::bytea, sender_device = '',
-                msg_id = 'erased:' || conv_id || ':' || seq
-         WHERE sender = $1 AND kind = 1 AND msg_id NOT LIKE 'erased:%'",
+        "UPDATE messages m SET body = ''::bytea, sender_device = '',
+                msg_id = 'erased:' || m.conv_id || ':' || m.seq
+         FROM conversations c
+         WHERE m.sender = $1 AND m.conv_id = c.id AND c.kind = 1
+           AND m.msg_id NOT LIKE 'erased:%'",
         uid,
     )
     .await?;
