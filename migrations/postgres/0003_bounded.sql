@@ -22,6 +22,9 @@ ALTER TABLE digest_entries ADD COLUMN missed BIGINT NOT NULL DEFAULT 0;
 
 CREATE TABLE evictions (
     id        BIGSERIAL PRIMARY KEY,
-    uid       TEXT NOT NULL,
-    client_id TEXT NOT NULL
+    uid       TEXT   NOT NULL,
+    client_id TEXT   NOT NULL,
+    logged_at BIGINT NOT NULL DEFAULT (extract(epoch FROM now()) * 1000)::bigint
 );
+ALTER TABLE member_removals
+    ADD COLUMN logged_at BIGINT NOT NULL DEFAULT (extract(epoch FROM now()) * 1000)::bigint;

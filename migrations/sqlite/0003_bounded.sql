@@ -25,8 +25,12 @@ ALTER TABLE digest_entries ADD COLUMN missed INTEGER NOT NULL DEFAULT 0;
 
 -- Users and devices whose connections every node must close (erasure, forgotten devices);
 -- read by the nodes like member_removals. client_id '' means every device of the user.
+-- Both logs are kept for a day (logged_at, ms): nodes read them every im.removal_poll_ms.
 CREATE TABLE evictions (
     id        INTEGER PRIMARY KEY AUTOINCREMENT,
     uid       TEXT    NOT NULL,
-    client_id TEXT    NOT NULL
+    client_id TEXT    NOT NULL,
+    logged_at INTEGER NOT NULL
 );
+ALTER TABLE member_removals ADD COLUMN logged_at INTEGER NOT NULL DEFAULT 0;
+UPDATE member_removals SET logged_at = CAST(strftime('%s', 'now') AS INTEGER) * 1000;

@@ -16,6 +16,10 @@ use crate::wire::pb;
 /// Longest client id a `DeviceForget` may name (MQTT's own limit is a 16-bit length).
 const MAX_CLIENT_ID_BYTES: usize = 65_535;
 
+/// How long removal and eviction log entries are kept: every node reads them within
+/// `im.removal_poll_ms`.
+const LOG_TTL_MS: i64 = 24 * 3600 * 1000;
+
 /// Evictions read per store call.
 const EVICTIONS_PER_POLL: usize = 256;
 
@@ -30,6 +34,7 @@ pub fn cutoffs(settings: &ImSettings, now_ms: i64) -> Cutoffs {
         direct: before(settings.retention.direct),
         group: before(settings.retention.group),
         devices: before(settings.device_ttl),
+        logs: Some(now_ms.saturating_sub(LOG_TTL_MS)),
     }
 }
 

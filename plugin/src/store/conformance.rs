@@ -700,6 +700,14 @@ async fn devices_are_listed_expired_and_forgotten(store: &dyn Store) {
     store.register_device(&phone).await.unwrap();
     let digest = store.digest(&phone, 1).await.unwrap();
     assert_eq!(digest.conversations[0].unacked, 3);
+    // The logs are pruned once every node has long read them.
+    let logs = Cutoffs {
+        logs: Some(super::now_ms() + 60_000),
+        ..Cutoffs::default()
+    };
+    collect_all(store, logs, 1).await;
+    assert!(store.evictions_since(0, 10).await.unwrap().is_empty());
+    assert!(store.removals_since(0, 10).await.unwrap().is_empty());
 }
 
 /// Erasing a user: devices, memberships and 1:1 messages go, group messages are redacted

@@ -250,6 +250,8 @@ pub struct Cutoffs {
     pub group: Option<i64>,
     /// Devices.
     pub devices: Option<i64>,
+    /// Entries of the removal and eviction logs (nodes have read them long before).
+    pub logs: Option<i64>,
 }
 
 impl Cutoffs {
@@ -741,7 +743,8 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// How many messages, conversations, groups, users and devices the store holds.
     async fn sizes(&self) -> Result<StoreSizes, StoreError>;
 
-    /// One bounded step of retention and device expiry: at most `batch` messages per kind
+    /// One bounded step of retention, device expiry and log pruning: at most `batch`
+    /// messages per kind
     /// (the oldest; each conversation loses a prefix, every seq up to its newest deleted one
     /// counting as acknowledged from then on) and at most `batch` devices, each in a short
     /// transaction of its own.

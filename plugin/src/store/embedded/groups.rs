@@ -4,7 +4,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 
 use super::queries::{conversation, sql_error, Result};
 use crate::store::{
-    receipts_from, Conversation, Member, Receipt, Removal, Role, SeqRange, StoreError,
+    now_ms, receipts_from, Conversation, Member, Receipt, Removal, Role, SeqRange, StoreError,
 };
 
 pub(super) fn create_group(
@@ -67,12 +67,15 @@ pub(super) fn remove_members(conn: &Connection, key: &str, uids: &[String]) -> R
         .prepare_cached("DELETE FROM members WHERE uid = ?1 AND conv_id = ?2")
         .map_err(sql_error)?;
     let mut log = conn
-        .prepare_cached("INSERT INTO member_removals (conv_key, uid) VALUES (?1, ?2)")
+        .prepare_cached(
+            "INSERT INTO member_removals (conv_key, uid, logged_at) VALUES (?1, ?2, ?3)",
+        )
         .map_err(sql_error)?;
     let mut removed = Vec::new();
     for uid in uids {
         if remove.execute(params![uid, conv.id]).map_err(sql_error)? > 0 {
-            log.execute(params![key, uid]).map_err(sql_error)?;
+            log.execute(params![key, uid, now_ms()])
+                .map_err(sql_error)?;
             removed.push(uid.clone());
         }
     }

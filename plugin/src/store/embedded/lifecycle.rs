@@ -5,7 +5,7 @@ use rusqlite::{params, Connection};
 
 use super::queries::{sql_error, Result};
 use crate::store::{
-    Collected, ConversationKind, Device, DeviceInfo, Erased, Eviction, GroupErasure,
+    now_ms, Collected, ConversationKind, Device, DeviceInfo, Erased, Eviction, GroupErasure,
 };
 
 /// Deletes at most `batch` of the oldest messages of `kind` stored before `cutoff`, as a
@@ -84,6 +84,25 @@ pub(super) fn expire_devices(conn: &Connection, cutoff: i64, batch: usize) -> Re
     })
 }
 
+/// Deletes at most `batch` entries of each log (removals, evictions) logged before `cutoff`.
+pub(super) fn prune_logs(conn: &Connection, cutoff: i64, batch: usize) -> Result<Collected> {
+    let mut more = false;
+    for log in ["member_removals", "evictions"] {
+        let deleted = conn
+            .prepare_cached(&format!(
+                "DELETE FROM {log} WHERE id IN
+                   (SELECT id FROM {log} WHERE logged_at < ?1 ORDER BY id LIMIT ?2)"
+            ))
+            .and_then(|mut stmt| stmt.execute(params![cutoff, batch as u64]))
+            .map_err(sql_error)?;
+        more |= deleted >= batch;
+    }
+    Ok(Collected {
+        more,
+        ..Collected::default()
+    })
+}
+
 /// Tables holding state per device, all keyed by `(uid, client_id, ...)`.
 const DEVICE_TABLES: [&str; 5] = ["devices", "acked", "cleared", "digest_entries", "read_seen"];
 
@@ -133,8 +152,8 @@ pub(super) fn devices(conn: &Connection, uid: &str) -> Result<Vec<DeviceInfo>> {
 }
 
 pub(super) fn evict(conn: &Connection, uid: &str, client_id: Option<&str>) -> Result<()> {
-    conn.prepare_cached("INSERT INTO evictions (uid, client_id) VALUES (?1, ?2)")
-        .and_then(|mut stmt| stmt.execute(params![uid, client_id.unwrap_or_default()]))
+    conn.prepare_cached("INSERT INTO evictions (uid, client_id, logged_at) VALUES (?1, ?2, ?3)")
+        .and_then(|mut stmt| stmt.execute(params![uid, client_id.unwrap_or_default(), now_ms()]))
         .map_err(sql_error)?;
     Ok(())
 }
@@ -206,8 +225,9 @@ pub(super) fn erase_user(conn: &Connection, uid: &str, groups: GroupErasure) -> 
     )?;
     run(
         conn,
-        "INSERT INTO member_removals (conv_key, uid)
-         SELECT c.key, m.uid FROM members m JOIN conversations c ON c.id = m.conv_id
+        "INSERT INTO member_removals (conv_key, uid, logged_at)
+         SELECT c.key, m.uid, CAST(strftime('%s', 'now') AS INTEGER) * 1000
+         FROM members m JOIN conversations c ON c.id = m.conv_id
          WHERE m.uid = ?1 AND c.key LIKE 'g:%'",
         uid,
     )?;

@@ -414,6 +414,12 @@ impl Store for EmbeddedStore {
                 .await?;
             collected = collected.add(step);
         }
+        if let Some(cutoff) = cutoffs.logs {
+            let step = self
+                .write(move |conn| lifecycle::prune_logs(conn, cutoff, batch))
+                .await?;
+            collected = collected.add(step);
+        }
         Ok(collected)
     }
 

@@ -103,6 +103,32 @@ pub(super) async fn expired_devices(
     .collect()
 }
 
+/// Deletes at most `batch` entries of each log (removals, evictions) logged before `cutoff`.
+pub(super) async fn prune_logs(
+    c: &impl GenericClient,
+    cutoff: i64,
+    batch: usize,
+) -> Result<Collected> {
+    let mut more = false;
+    for log in ["member_removals", "evictions"] {
+        let deleted = c
+            .execute(
+                &format!(
+                    "DELETE FROM {log} WHERE id IN
+                       (SELECT id FROM {log} WHERE logged_at < $1 ORDER BY id LIMIT $2)"
+                ),
+                &[&cutoff, &int(batch as u64)],
+            )
+            .await
+            .map_err(pg_error)?;
+        more |= deleted >= batch as u64;
+    }
+    Ok(Collected {
+        more,
+        ..Collected::default()
+    })
+}
+
 /// Tables holding state per device, all keyed by `(uid, client_id, ...)`.
 const DEVICE_TABLES: [&str; 5] = ["devices", "acked", "cleared", "digest_entries", "read_seen"];
 

@@ -483,6 +483,10 @@ impl Store for PostgresStore {
                 ..Collected::default()
             });
         }
+        if let Some(cutoff) = cutoffs.logs {
+            let step = lifecycle::prune_logs(&*client, cutoff, batch).await?;
+            collected = collected.add(step);
+        }
         Ok(collected)
     }
 
