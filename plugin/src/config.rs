@@ -759,6 +759,15 @@ impl Config {
             (1..=100_000).contains(&self.im.gc_batch),
             "im.gc_batch: between 1 and 100000",
         );
+        // Each node marks its connected devices as seen once a round; a shorter time to live
+        // would let another node's round expire them while they are connected.
+        check(
+            self.im
+                .device_ttl
+                .get()
+                .is_none_or(|ttl| ttl >= 2 * self.im.gc_interval.0),
+            "im.device_ttl: 0 or at least twice im.gc_interval",
+        );
         check(
             self.im.max_message_bytes >= 64
                 && self.im.max_message_bytes <= self.broker.max_packet_size,

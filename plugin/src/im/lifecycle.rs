@@ -59,10 +59,9 @@ pub async fn collect_garbage(
         let behind_s = if step.more { step.behind_ms / 1000 } else { 0 };
         metrics.gc_lag.set(behind_s);
         total = Collected {
-            messages: total.messages + step.messages,
-            devices: total.devices + step.devices,
-            behind_ms: total.behind_ms.max(step.behind_ms),
+            // Only the last step says whether more is due.
             more: step.more,
+            ..total.add(step)
         };
         if !step.more || stop.is_cancelled() {
             return Ok(total);

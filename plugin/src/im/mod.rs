@@ -75,8 +75,8 @@ struct Inner {
     handovers_rx: Mutex<Option<mpsc::Receiver<crate::wire::pb::Handover>>>,
     /// Digests waiting to be built together.
     digests: digest::DigestQueue,
-    /// Short tasks started by events (cluster joins and leaves), waited for by
-    /// [`ImService::close`].
+    /// Tasks started by events (cluster joins and leaves, device registrations, the digest
+    /// builder), waited for by [`ImService::close`].
     tasks: tokio_util::task::TaskTracker,
 }
 

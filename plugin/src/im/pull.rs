@@ -1,6 +1,6 @@
 //! Requests on `req`: Pull (newest unacked page, the previous page's cursor acknowledges it),
-//! Ack, ClearCounters, MarkRead, Receipts, History, DeviceForget and group management. Every request gets
-//! exactly one Response.
+//! Ack, ClearCounters, MarkRead, Receipts, History, DeviceForget and group management. Every
+//! request gets exactly one Response.
 
 use super::inbox::rehydrate;
 use super::{ImError, ImService};

@@ -279,8 +279,8 @@ pub struct Collected {
 }
 
 impl Collected {
-    /// Both steps' work together.
-    fn add(self, other: Collected) -> Collected {
+    /// Two steps' work together (more is due if it is after either).
+    pub fn add(self, other: Collected) -> Collected {
         Collected {
             messages: self.messages + other.messages,
             devices: self.devices + other.devices,

@@ -223,14 +223,13 @@ pub(super) fn erase_user(conn: &Connection, uid: &str, groups: GroupErasure) -> 
          WHERE sender = ?1 AND kind = 1 AND msg_id NOT LIKE 'erased:%'",
         uid,
     )?;
-    run(
-        conn,
+    conn.prepare_cached(
         "INSERT INTO member_removals (conv_key, uid, logged_at)
-         SELECT c.key, m.uid, CAST(strftime('%s', 'now') AS INTEGER) * 1000
-         FROM members m JOIN conversations c ON c.id = m.conv_id
+         SELECT c.key, m.uid, ?2 FROM members m JOIN conversations c ON c.id = m.conv_id
          WHERE m.uid = ?1 AND c.key LIKE 'g:%'",
-        uid,
-    )?;
+    )
+    .and_then(|mut stmt| stmt.execute(params![uid, now_ms()]))
+    .map_err(sql_error)?;
     let owned: Vec<i64> = {
         let mut stmt = conn
             .prepare_cached(
