@@ -61,7 +61,7 @@ pub async fn collect_garbage(
         total = Collected {
             // Only the last step says whether more is due.
             more: step.more,
-            ..total.add(step)
+            ..total.plus(step)
         };
         if !step.more || stop.is_cancelled() {
             return Ok(total);

@@ -280,7 +280,7 @@ pub struct Collected {
 
 impl Collected {
     /// Two steps' work together (more is due if it is after either).
-    pub fn add(self, other: Collected) -> Collected {
+    pub fn plus(self, other: Collected) -> Collected {
         Collected {
             messages: self.messages + other.messages,
             devices: self.devices + other.devices,

@@ -405,20 +405,20 @@ impl Store for EmbeddedStore {
                 let step = self
                     .write(move |conn| lifecycle::expire_messages(conn, kind, cutoff, batch))
                     .await?;
-                collected = collected.add(step);
+                collected = collected.plus(step);
             }
         }
         if let Some(cutoff) = cutoffs.devices {
             let step = self
                 .write(move |conn| lifecycle::expire_devices(conn, cutoff, batch))
                 .await?;
-            collected = collected.add(step);
+            collected = collected.plus(step);
         }
         if let Some(cutoff) = cutoffs.logs {
             let step = self
                 .write(move |conn| lifecycle::prune_logs(conn, cutoff, batch))
                 .await?;
-            collected = collected.add(step);
+            collected = collected.plus(step);
         }
         Ok(collected)
     }

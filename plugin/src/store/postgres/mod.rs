@@ -468,7 +468,7 @@ impl Store for PostgresStore {
         for kind in ConversationKind::ALL {
             if let Some(cutoff) = cutoffs.messages(kind) {
                 let step = lifecycle::expire_messages(&*client, kind, cutoff, batch).await?;
-                collected = collected.add(step);
+                collected = collected.plus(step);
             }
         }
         if let Some(cutoff) = cutoffs.devices {
@@ -477,7 +477,7 @@ impl Store for PostgresStore {
             if let Some(cache) = &self.cache {
                 cache.forget_devices(&due).await;
             }
-            collected = collected.add(Collected {
+            collected = collected.plus(Collected {
                 devices,
                 more: due.len() >= batch,
                 ..Collected::default()
@@ -485,7 +485,7 @@ impl Store for PostgresStore {
         }
         if let Some(cutoff) = cutoffs.logs {
             let step = lifecycle::prune_logs(&*client, cutoff, batch).await?;
-            collected = collected.add(step);
+            collected = collected.plus(step);
         }
         Ok(collected)
     }
