@@ -723,10 +723,22 @@ async fn erasing_a_user_removes_its_traces(store: &dyn Store) {
         .register_device(&device("er1", "phone"))
         .await
         .unwrap();
+    let peer = device("er2", "er2-phone");
+    store.register_device(&peer).await.unwrap();
     append_n(store, &chat, "er1", 2).await;
     append_n(store, &chat, "er2", 1).await;
     append_n(store, &group, "er1", 2).await;
     append_n(store, &group, "er2", 1).await;
+    let unacked = |digest: &super::DigestSnapshot, conversation: &Conversation| {
+        let state = digest
+            .conversations
+            .iter()
+            .find(|c| &c.conversation == conversation);
+        state.map_or(0, |c| c.unacked)
+    };
+    // The peer's counters are counted (and cached, with a cache) before the erasure.
+    let before = store.digest(&peer, 1).await.unwrap();
+    assert_eq!((unacked(&before, &chat), unacked(&before, &group)), (2, 2));
     let last = store
         .evictions_since(0, 10_000)
         .await
@@ -774,11 +786,21 @@ async fn erasing_a_user_removes_its_traces(store: &dyn Store) {
         (evictions[0].uid.as_str(), evictions[0].client_id.as_deref()),
         ("er1", None)
     );
+    // The erased 1:1 messages no longer count for the peer; redacted ones still do.
+    let after = store.digest(&peer, 1).await.unwrap();
+    assert_eq!((unacked(&after, &chat), unacked(&after, &group)), (0, 2));
     let again = store.erase_user("er1", GroupErasure::Redact).await.unwrap();
     assert_eq!(again, super::Erased::default());
     // Deleting instead: er2's group message goes.
     let erased = store.erase_user("er2", GroupErasure::Delete).await.unwrap();
-    assert_eq!((erased.messages_deleted, erased.messages_redacted), (2, 0));
+    assert_eq!(
+        (
+            erased.devices,
+            erased.messages_deleted,
+            erased.messages_redacted
+        ),
+        (1, 2, 0)
+    );
     assert_eq!(
         store
             .history(&group, None, 20)
