@@ -445,38 +445,22 @@ pub(super) fn conversation_state(
     shape: DigestShape,
 ) -> Result<Option<ConversationState>> {
     let conv = member.conv;
-    let skipped = ranges::backlog_cut(&member.acked, conv.max_seq, shape.max_backlog);
-    let acked = match skipped.and_then(|cut| SeqRange::new(1, cut.upto)) {
+    let cut = ranges::backlog_cut(&member.acked, conv.max_seq, shape.max_backlog);
+    // What the cut skips is counted in messages from others, as `unacked` counts.
+    let skipped = match cut {
+        Some(cut) => Some(Skipped {
+            count: count_unacked(conn, device, member, &member.acked, cut.upto)?.0,
+            ..cut
+        }),
+        None => None,
+    };
+    let acked = match cut.and_then(|cut| SeqRange::new(1, cut.upto)) {
         Some(cut) => ranges::insert(&member.acked, cut),
         None => member.acked.clone(),
     };
     let missed_total = member.missed_total + skipped.map_or(0, |cut| cut.count);
     let missed = missed_total.saturating_sub(member.missed_cleared);
-    let mut count_stmt = conn
-        .prepare_cached(
-            "SELECT COALESCE(SUM(NOT (sender = ?4 AND sender_device = ?5)), 0),
-                    COALESCE(SUM(sender != ?4 AND seq > ?6), 0)
-             FROM messages WHERE conv_id = ?1 AND seq BETWEEN ?2 AND ?3",
-        )
-        .map_err(sql_error)?;
-    let (mut unacked, mut count) = (0u64, 0u64);
-    for gap in ranges::gaps_newest_first(&acked, conv.max_seq) {
-        let (u, c): (u64, u64) = count_stmt
-            .query_row(
-                params![
-                    conv.id,
-                    gap.lo,
-                    gap.hi,
-                    device.uid,
-                    device.client_id,
-                    member.cleared
-                ],
-                |row| Ok((row.get(0)?, row.get(1)?)),
-            )
-            .map_err(sql_error)?;
-        unacked += u;
-        count += c;
-    }
+    let (unacked, count) = count_unacked(conn, device, member, &acked, conv.max_seq)?;
     if unacked == 0 && count == 0 && missed == 0 && member.peer_read_seq <= member.seen {
         return Ok(None);
     }
@@ -494,6 +478,43 @@ pub(super) fn conversation_state(
         skipped,
         missed_total,
     }))
+}
+
+/// `(unacked, count)` of the gaps `acked` leaves in `1..=upto`: the messages not sent by this
+/// device, and those of them from others above the device's cleared floor.
+fn count_unacked(
+    conn: &Connection,
+    device: &Device,
+    member: &Membership,
+    acked: &[SeqRange],
+    upto: u64,
+) -> Result<(u64, u64)> {
+    let mut stmt = conn
+        .prepare_cached(
+            "SELECT COALESCE(SUM(NOT (sender = ?4 AND sender_device = ?5)), 0),
+                    COALESCE(SUM(sender != ?4 AND seq > ?6), 0)
+             FROM messages WHERE conv_id = ?1 AND seq BETWEEN ?2 AND ?3",
+        )
+        .map_err(sql_error)?;
+    let (mut unacked, mut count) = (0u64, 0u64);
+    for gap in ranges::gaps_newest_first(acked, upto) {
+        let (u, c): (u64, u64) = stmt
+            .query_row(
+                params![
+                    member.conv.id,
+                    gap.lo,
+                    gap.hi,
+                    device.uid,
+                    device.client_id,
+                    member.cleared
+                ],
+                |row| Ok((row.get(0)?, row.get(1)?)),
+            )
+            .map_err(sql_error)?;
+        unacked += u;
+        count += c;
+    }
+    Ok((unacked, count))
 }
 
 /// Records digest `version`'s entries and returns it.

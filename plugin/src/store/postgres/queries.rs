@@ -367,21 +367,22 @@ pub(super) async fn digest_states(
     let mut acked = acked_by_conversation(c, device).await?;
     let cleared = cleared_floors(c, device).await?;
     // Retention's deleted prefix counts as acknowledged, then the cap skips what it skips.
-    let mut skips: HashMap<i64, Skipped> = HashMap::new();
+    let mut cuts: Vec<(i64, Vec<SeqRange>, Skipped)> = Vec::new();
     for member in &members {
         let ranges = acked.entry(member.conv.id).or_default();
         *ranges = ranges::with_gone(ranges, member.conv.gone_seq);
         let max = member.conv.max_seq;
         if let Some(skip) = ranges::backlog_cut(ranges, max, shape.max_backlog) {
             if let Some(cut) = SeqRange::new(1, skip.upto) {
+                cuts.push((member.conv.id, ranges.clone(), skip));
                 *ranges = ranges::insert(ranges, cut);
-                skips.insert(member.conv.id, skip);
             }
         }
     }
+    let floor_of = |id: i64| cleared.get(&id).copied().unwrap_or_default();
+    let skips = skipped_messages(c, device, &cuts, &floor_of).await?;
     let no_ranges: Vec<SeqRange> = Vec::new();
     let ranges_of = |id: i64| acked.get(&id).unwrap_or(&no_ranges);
-    let floor_of = |id: i64| cleared.get(&id).copied().unwrap_or_default();
     let states: Vec<Counted> = members
         .iter()
         .map(|member| Counted {
@@ -516,6 +517,35 @@ async fn per_conversation(
         .iter()
         .map(|row| Ok((row.cell(0)?, uint(row.cell(1)?))))
         .collect::<Result<_>>()
+}
+
+/// What each backlog cut skips, counted in messages not sent by this device (as `unacked`
+/// counts): `cuts` holds each conversation's acknowledged ranges before its cut.
+async fn skipped_messages(
+    c: &impl GenericClient,
+    device: &Device,
+    cuts: &[(i64, Vec<SeqRange>, Skipped)],
+    floor_of: &impl Fn(i64) -> Cleared,
+) -> Result<HashMap<i64, Skipped>> {
+    if cuts.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let below_cut = cuts.iter().map(|(id, ranges, cut)| {
+        let state = Counted {
+            max_seq: cut.upto,
+            floor: floor_of(*id).seq,
+            ..Counted::default()
+        };
+        (*id, ranges, state)
+    });
+    let counted = count_unacked(c, device, below_cut).await?;
+    Ok(cuts
+        .iter()
+        .map(|(id, _, cut)| {
+            let count = counted.get(id).map_or(0, |(unacked, _)| *unacked);
+            (*id, Skipped { count, ..*cut })
+        })
+        .collect())
 }
 
 /// A device's cleared state of one conversation.
