@@ -501,14 +501,43 @@ pub struct ImSettings {
     pub erase_group_messages: crate::store::GroupErasure,
 }
 
-/// How long messages are kept, per kind of conversation.
+/// How long messages are kept, per kind of conversation: `im.retention = "30d"` for both, or
+/// a table with `direct` and `group`.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(try_from = "RetentionForm")]
 pub struct RetentionSettings {
     /// 1:1 chats.
     pub direct: Period,
     /// Groups.
     pub group: Period,
+}
+
+/// The two ways `im.retention` may be written.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RetentionForm {
+    Both(String),
+    PerKind { direct: String, group: String },
+}
+
+impl TryFrom<RetentionForm> for RetentionSettings {
+    type Error = String;
+
+    fn try_from(form: RetentionForm) -> Result<Self, Self::Error> {
+        match form {
+            RetentionForm::Both(text) => {
+                let period: Period = text.parse()?;
+                Ok(Self {
+                    direct: period,
+                    group: period,
+                })
+            }
+            RetentionForm::PerKind { direct, group } => Ok(Self {
+                direct: direct.parse().map_err(|e| format!("direct: {e}"))?,
+                group: group.parse().map_err(|e| format!("group: {e}"))?,
+            }),
+        }
+    }
 }
 
 /// A length of time written as `30d`, `12h`, `15m`, `90s` or `500ms`; `0` means never
@@ -970,6 +999,28 @@ mod tests {
             Some(std::time::Duration::from_secs(30 * 86_400))
         );
         assert_eq!(Period::default().get(), None);
+    }
+
+    #[test]
+    fn retention_is_one_period_or_one_per_kind() {
+        let load = |toml: &str| {
+            let mut file = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+            writeln!(file, "{toml}").unwrap();
+            Config::load(Some(file.path())).map(|c| c.im.retention)
+        };
+        let day = Some(std::time::Duration::from_secs(86_400));
+        let both = load("[im]\nretention = \"1d\"").unwrap();
+        assert_eq!((both.direct.get(), both.group.get()), (day, day));
+        let split = load("[im.retention]\ngroup = \"1d\"").unwrap();
+        assert_eq!(split.group.get(), day);
+        assert_eq!(
+            split.direct.get(),
+            Some(std::time::Duration::from_secs(30 * 86_400))
+        );
+        let err = load("[im]\nretention = \"1w\"").unwrap_err();
+        assert!(err.problems[0].contains("the unit must be"), "{err}");
+        let err = load("[im.retention]\ngroup = \"x\"").unwrap_err();
+        assert!(err.problems[0].contains("group: \"x\""), "{err}");
     }
 
     #[test]
