@@ -372,7 +372,7 @@ async fn device_command(store: &dyn Store, command: DeviceCommand) -> anyhow::Re
                 let known = store.forget_device(&device).await?;
                 tracing::info!(
                     uid,
-                    client_id = device.client_id,
+                    client_id = ?device.client_id,
                     known,
                     "device forgotten by an operator"
                 );

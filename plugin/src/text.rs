@@ -1,6 +1,9 @@
 //! Text that reaches a client or a log line from somewhere less trusted (a client's input
 //! echoed back, a script's reason): bounded and clean.
 
+/// Longest id (client id, uid) a log line carries.
+pub const LOGGED_ID: usize = 128;
+
 /// `text` cut to at most `max` bytes on a character boundary, with control characters
 /// (newlines included) replaced by spaces, so it can neither overflow a field nor forge a
 /// log line.

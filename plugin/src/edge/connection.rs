@@ -38,9 +38,6 @@ const WRITE_KEEP: usize = 4 << 10;
 /// Live deliveries queued per connection before the device counts as busy.
 const EVENT_QUEUE: usize = 1024;
 
-/// Characters of a client id or identity shown in log lines.
-const LOGGED_ID: usize = 128;
-
 /// The I/O of a live connection after a successful CONNECT: sockets, timers and the
 /// ordered IM operations around its [`Session`].
 pub(super) struct Connection {
@@ -94,11 +91,15 @@ pub(super) async fn serve(
                 let connection = Connection::new(ctx, id, listener, established);
                 let span = tracing::Span::current();
                 // Any UTF-8 up to 64 KiB: log lines get a short, clean form.
-                let client_id = crate::text::clean(&connection.session.device.client_id, LOGGED_ID);
+                let client_id = crate::text::clean(
+                    &connection.session.device.client_id,
+                    crate::text::LOGGED_ID,
+                );
                 span.record("client_id", client_id.as_str());
                 span.record(
                     "uid",
-                    crate::text::clean(&connection.session.device.uid, LOGGED_ID).as_str(),
+                    crate::text::clean(&connection.session.device.uid, crate::text::LOGGED_ID)
+                        .as_str(),
                 );
                 let run = Box::pin(connection.run(shutdown));
                 run.await;

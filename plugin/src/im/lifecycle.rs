@@ -11,6 +11,7 @@ use super::{ImError, ImService};
 use crate::config::ImSettings;
 use crate::metrics::{GcLabels, Metrics};
 use crate::store::{now_ms, Collected, Cutoffs, Device, Store, StoreError};
+use crate::text::{clean, LOGGED_ID};
 use crate::wire::pb;
 
 /// Longest client id a `DeviceForget` may name (MQTT's own limit is a 16-bit length).
@@ -158,7 +159,7 @@ impl ImService {
             return Err(ImError::NotFound("no such device of this user".into()));
         }
         tracing::info!(
-            client_id = device.client_id,
+            client_id = clean(&device.client_id, LOGGED_ID),
             "device forgotten at its user's request"
         );
         self.evict_here(uid, Some(&device.client_id));
@@ -178,6 +179,7 @@ impl ImService {
             None => presence.sinks(uid),
         };
         for sink in sinks {
+            let client_id = client_id.map(|id| clean(id, LOGGED_ID));
             tracing::info!(uid, client_id, "closing an evicted connection");
             sink.push(DeviceEvent::Evicted);
         }
