@@ -2,7 +2,8 @@
 //! message bodies; it knows nothing of MQTT, protobuf or Lua.
 //!
 //! Every backend gives the same guarantees, checked by the conformance suite in
-//! [`conformance`]: a method that returns `Ok` has committed what it wrote.
+//! `conformance` (run by each backend's tests): a method that returns `Ok` has committed what it
+//! wrote.
 
 mod bounded;
 mod conversation;
