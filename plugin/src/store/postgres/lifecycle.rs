@@ -18,7 +18,9 @@ const ROWS_PER_CONVERSATION: i64 = 64;
 /// Deletes about `batch` of the oldest messages of `kind` stored before `cutoff`, as a
 /// prefix of each conversation they belong to. Due conversations are found by the time of
 /// their oldest stored message, and each is read by its primary key from above its previous
-/// deletion, so a step never walks the dead rows earlier steps left for vacuum.
+/// deletion, so a step never walks the dead rows earlier steps left for vacuum. A
+/// conversation being appended to, or collected by another node, is skipped until the next
+/// step: garbage collection never waits for a lock.
 pub(super) async fn expire_messages(
     c: &impl GenericClient,
     kind: ConversationKind,
@@ -31,7 +33,7 @@ pub(super) async fn expire_messages(
                  SELECT id, gone_seq, oldest_time FROM conversations
                  WHERE kind = $1 AND oldest_time < $2
                  ORDER BY oldest_time LIMIT $3
-                 FOR UPDATE),
+                 FOR UPDATE SKIP LOCKED),
              counted AS (
                  SELECT d.id, d.gone_seq AS before, COALESCE(x.upto, d.gone_seq) AS upto,
                         COALESCE(x.n, 0) AS n, x.oldest,
