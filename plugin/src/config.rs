@@ -781,8 +781,11 @@ impl Config {
         );
         check(self.im.digest_last_n <= 50, "im.digest_last_n: at most 50");
         check(
-            self.im.gc_interval.get().is_some(),
-            "im.gc_interval: must not be 0",
+            self.im
+                .gc_interval
+                .get()
+                .is_some_and(|every| every <= std::time::Duration::from_secs(86_400)),
+            "im.gc_interval: between 1ms and 1d",
         );
         check(
             (1..=100_000).contains(&self.im.gc_batch),
@@ -791,10 +794,10 @@ impl Config {
         // Each node marks its connected devices as seen once a round; a shorter time to live
         // would let another node's round expire them while they are connected.
         check(
-            self.im
-                .device_ttl
-                .get()
-                .is_none_or(|ttl| ttl >= 2 * self.im.gc_interval.0),
+            self.im.device_ttl.get().is_none_or(|ttl| {
+                let rounds = self.im.gc_interval.0.checked_mul(2);
+                rounds.is_some_and(|two_rounds| ttl >= two_rounds)
+            }),
             "im.device_ttl: 0 or at least twice im.gc_interval",
         );
         check(
@@ -1021,6 +1024,12 @@ mod tests {
         assert!(err.problems[0].contains("the unit must be"), "{err}");
         let err = load("[im.retention]\ngroup = \"x\"").unwrap_err();
         assert!(err.problems[0].contains("group: \"x\""), "{err}");
+        // Huge periods are refused or saturate, never overflow.
+        let mut config = Config::default();
+        config.im.gc_interval = "106751991167d".parse().unwrap();
+        config.im.device_ttl = "106751991167d".parse().unwrap();
+        let err = config.validate().unwrap_err();
+        assert!(err.problems[0].starts_with("im.gc_interval:"), "{err}");
     }
 
     #[test]
