@@ -17,6 +17,7 @@
 //! - [`metrics`]: Prometheus metrics; `status` serves them and the operator status over HTTP.
 //!
 //! Dependencies point one way: edge → im → store; edge → auth → policy.
+#![deny(rustdoc::broken_intra_doc_links)]
 mod accept;
 pub mod auth;
 pub mod config;
