@@ -26,6 +26,19 @@ async fn history_len(broker: &TestBroker, uid: &str) -> usize {
         .len()
 }
 
+/// A broker whose nodes read evictions every 50 ms, with alice online on MQTT 5 (subscribed
+/// to her inbox, digest received): what an erasure must close.
+async fn broker_with_alice_online(backend: TestBackend) -> (TestBroker, Client) {
+    let broker = TestBroker::start_with_on(backend, |config| {
+        config.im.removal_poll_ms = 50;
+    })
+    .await;
+    let mut alice = Client::v5(broker.addr, "alice-phone", "alice").await;
+    alice.subscribe("im/u/alice/#", 1).await;
+    let _ = alice.digest("alice").await;
+    (broker, alice)
+}
+
 fn metric(broker: &TestBroker, series: &str) -> f64 {
     sample(&samples(&broker.im.metrics().render()), series)
 }
@@ -158,13 +171,7 @@ async fn unseen_devices_expire_connected_ones_stay(backend: TestBackend) {
 /// list` and `device forget` manage devices, and `user erase` closes the user's
 /// connections first, then removes its devices, memberships and messages (twice: no error).
 async fn operator_commands_bound_the_store(backend: TestBackend) {
-    let broker = TestBroker::start_with_on(backend, |config| {
-        config.im.removal_poll_ms = 50;
-    })
-    .await;
-    let mut alice = Client::v5(broker.addr, "alice-phone", "alice").await;
-    alice.subscribe("im/u/alice/#", 1).await;
-    let _ = alice.digest("alice").await;
+    let (broker, mut alice) = broker_with_alice_online(backend).await;
     for i in 0..2 {
         assert_eq!(alice.publish_acked("im/u/bob", chat(&format!("a{i}"), "bob", "hi", false)).await, 0);
     }
@@ -192,6 +199,47 @@ async fn operator_commands_bound_the_store(backend: TestBackend) {
         .unwrap();
     assert!(!refused.status.success());
     assert!(String::from_utf8_lossy(&refused.stderr).contains("invalid uid"));
+}
+}
+
+backend_tests! {
+/// Erasing a group's owner redacts what it said there for the other members (seq and sender
+/// kept, content gone), hands the group on, and cuts the erased user's live subscription.
+async fn user_erase_redacts_group_messages_for_the_others(backend: TestBackend) {
+    let (broker, mut alice) = broker_with_alice_online(backend).await;
+    let create = pb::request::Kind::GroupCreate(pb::GroupCreate {
+        gid: "club".into(),
+        members: vec!["bob".into()],
+    });
+    assert_eq!(alice.ask("alice", request("g1", create)).await.status, pb::Status::Ok as i32);
+    assert_eq!(alice.publish_acked("im/g/club", group_chat("secret", "club")).await, 0);
+    let mut bob = Client::v5(broker.addr, "bob-phone", "bob").await;
+    bob.subscribe("im/u/bob/#", 1).await;
+    let _ = bob.digest("bob").await;
+    assert_eq!(bob.publish_acked("im/g/club", group_chat("reply", "club")).await, 0);
+
+    let erased = operator(&broker, &["user", "erase", "alice"]);
+    assert_eq!(erased, "erased alice: 1 devices, 1 group memberships, 0 messages deleted, 1 redacted\n");
+    assert_eq!(alice.disconnect_reason().await, 0x98);
+    let history = pb::request::Kind::History(pb::History {
+        conversation: "g/club".into(),
+        before_seq: 0,
+        page_size: 10,
+    });
+    let page = page(&bob.ask("bob", request("h1", history)).await);
+    let seen: Vec<(u64, &str, &str)> = page
+        .messages
+        .iter()
+        .map(|m| (m.seq, m.from.as_str(), text_of(m)))
+        .collect();
+    assert_eq!(seen, vec![(2, "bob", "reply"), (1, "alice", "")]);
+    let members = pb::request::Kind::GroupMembers(pb::GroupMembers { gid: "club".into() });
+    let answer = bob.ask("bob", request("m1", members)).await;
+    let Some(pb::response::Result::Group(group)) = answer.result else {
+        panic!("expected the group, got {answer:?}");
+    };
+    let owners: Vec<(&str, i32)> = group.members.iter().map(|m| (m.uid.as_str(), m.role)).collect();
+    assert_eq!(owners, vec![("bob", pb::Role::Owner as i32)]);
 }
 }
 

@@ -94,7 +94,7 @@ impl ImService {
     ///
     /// # Errors
     /// The store failed.
-    #[tracing::instrument(skip(self), fields(uid = %device.uid, client_id = %crate::text::clean(&device.client_id, crate::text::LOGGED_ID)))]
+    #[tracing::instrument(skip(self), fields(uid = %device.uid, client_id = %crate::text::LoggedId(&device.client_id)))]
     pub async fn digest(&self, device: &Device, budget: usize) -> Result<pb::Digest, ImError> {
         self.commit_live_acks(device, None).await;
         let uid = device.uid.clone();

@@ -105,7 +105,7 @@ impl ImService {
     ///
     /// # Errors
     /// Bad payload, invalid fields, a policy denial, or a store failure (nothing stored).
-    #[tracing::instrument(skip(self, payload, turn), fields(uid = %sender.uid, client_id = %crate::text::clean(&sender.client_id, crate::text::LOGGED_ID)))]
+    #[tracing::instrument(skip(self, payload, turn), fields(uid = %sender.uid, client_id = %crate::text::LoggedId(&sender.client_id)))]
     pub async fn send(
         &self,
         sender: &Device,
@@ -123,7 +123,7 @@ impl ImService {
     ///
     /// # Errors
     /// As [`ImService::send`], and not a member.
-    #[tracing::instrument(skip(self, payload, turn), fields(uid = %sender.uid, client_id = %crate::text::clean(&sender.client_id, crate::text::LOGGED_ID)))]
+    #[tracing::instrument(skip(self, payload, turn), fields(uid = %sender.uid, client_id = %crate::text::LoggedId(&sender.client_id)))]
     pub async fn send_group(
         &self,
         sender: &Device,

@@ -11,7 +11,7 @@ use super::{ImError, ImService};
 use crate::config::ImSettings;
 use crate::metrics::{GcLabels, Metrics};
 use crate::store::{now_ms, Collected, Cutoffs, Device, Store, StoreError};
-use crate::text::{clean, LOGGED_ID};
+use crate::text::LoggedId;
 use crate::wire::pb;
 
 /// Longest client id a `DeviceForget` may name (MQTT's own limit is a 16-bit length).
@@ -71,23 +71,26 @@ pub async fn collect_garbage(
 }
 
 impl ImService {
-    /// One garbage-collection round: the devices connected here are marked as seen (so they
-    /// never expire while connected), then retention and expiry run until caught up.
+    /// One garbage-collection round: with device expiry on, the devices connected here are
+    /// marked as seen (so they never expire while connected); then retention and expiry run
+    /// until caught up.
     pub(super) async fn garbage_round(&self, stop: &CancellationToken) {
         let settings = &self.inner.settings;
         let store = self.inner.store.as_ref();
-        let online: Vec<Device> = self
-            .inner
-            .presence
-            .all()
-            .into_iter()
-            .map(|(uid, client_id)| Device { uid, client_id })
-            .collect();
         let now = now_ms();
-        if let Err(e) = store.touch_devices(&online, now).await {
-            // Expiry would take connected devices: skip the round.
-            tracing::warn!(error = %e, "garbage collection skipped: connected devices could not be marked");
-            return;
+        if settings.device_ttl.get().is_some() {
+            let online: Vec<Device> = self
+                .inner
+                .presence
+                .all()
+                .into_iter()
+                .map(|(uid, client_id)| Device { uid, client_id })
+                .collect();
+            if let Err(e) = store.touch_devices(&online, now).await {
+                // Expiry would take connected devices: skip the round.
+                tracing::warn!(error = %e, "garbage collection skipped: connected devices could not be marked");
+                return;
+            }
         }
         let cutoffs = cutoffs(settings, now);
         match collect_garbage(store, cutoffs, settings.gc_batch, self.metrics(), stop).await {
@@ -159,7 +162,7 @@ impl ImService {
             return Err(ImError::NotFound("no such device of this user".into()));
         }
         tracing::info!(
-            client_id = clean(&device.client_id, LOGGED_ID),
+            client_id = %LoggedId(&device.client_id),
             "device forgotten at its user's request"
         );
         self.evict_here(uid, Some(&device.client_id));
@@ -178,9 +181,11 @@ impl ImService {
             }),
             None => presence.sinks(uid),
         };
+        if !sinks.is_empty() {
+            let device = LoggedId(client_id.unwrap_or("(every device)"));
+            tracing::info!(uid, client_id = %device, connections = sinks.len(), "closing evicted connections");
+        }
         for sink in sinks {
-            let client_id = client_id.map(|id| clean(id, LOGGED_ID));
-            tracing::info!(uid, client_id, "closing an evicted connection");
             sink.push(DeviceEvent::Evicted);
         }
     }

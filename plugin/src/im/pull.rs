@@ -12,7 +12,7 @@ const MAX_REQUEST_BYTES: usize = 4096;
 
 impl ImService {
     /// Answers one encoded `Request` from `device`. Failures become an error Response.
-    #[tracing::instrument(skip(self, payload), fields(uid = %device.uid, client_id = %crate::text::clean(&device.client_id, crate::text::LOGGED_ID)))]
+    #[tracing::instrument(skip(self, payload), fields(uid = %device.uid, client_id = %crate::text::LoggedId(&device.client_id)))]
     pub async fn request(&self, device: &Device, payload: &[u8]) -> pb::Response {
         let request: pb::Request = match wire::decode(payload, MAX_REQUEST_BYTES, "Request") {
             Ok(request) => request,

@@ -530,6 +530,18 @@ async fn append_at(store: &dyn Store, conversation: &Conversation, sender: &str,
     }
 }
 
+/// How many messages of a conversation are stored (up to 100).
+async fn stored(store: &dyn Store, conversation: &Conversation) -> usize {
+    let page = store.history(conversation, None, 100).await.unwrap();
+    page.messages.len()
+}
+
+/// The id of the newest eviction logged so far (0: none).
+async fn last_eviction(store: &dyn Store) -> u64 {
+    let all = store.evictions_since(0, 10_000).await.unwrap();
+    all.last().map_or(0, |e| e.id)
+}
+
 /// Retention deletes each conversation's oldest messages as a prefix, of one kind only;
 /// Pull, History and digests step over what is gone, and the first Pull says how much.
 async fn retention_deletes_a_prefix_that_pulls_report(store: &dyn Store) {
@@ -561,15 +573,7 @@ async fn retention_deletes_a_prefix_that_pulls_report(store: &dyn Store) {
     let history = store.history(&chat, None, 20).await.unwrap();
     assert_eq!((seqs(&history), history.end), (vec![8, 7, 6], true));
     // The group's retention is not the 1:1 chats'.
-    assert_eq!(
-        store
-            .history(&group, None, 20)
-            .await
-            .unwrap()
-            .messages
-            .len(),
-        2
-    );
+    assert_eq!(stored(store, &group).await, 2);
     let digest = store.digest(&laptop, 1).await.unwrap();
     let state = digest
         .conversations
@@ -596,12 +600,7 @@ async fn retention_deletes_a_prefix_that_pulls_report(store: &dyn Store) {
         ..Cutoffs::default()
     };
     assert_eq!(collect_all(store, groups, 100).await.messages, 2);
-    assert!(store
-        .history(&group, None, 20)
-        .await
-        .unwrap()
-        .messages
-        .is_empty());
+    assert_eq!(stored(store, &group).await, 0);
 }
 
 /// A device with more unacknowledged messages than the cap skips the oldest: its digest
@@ -680,13 +679,7 @@ async fn devices_are_listed_expired_and_forgotten(store: &dyn Store) {
         .map(|d| d.client_id)
         .collect();
     assert_eq!(ids, vec!["laptop".to_owned()]);
-    let last = store
-        .evictions_since(0, 10_000)
-        .await
-        .unwrap()
-        .last()
-        .map(|e| e.id)
-        .unwrap_or(0);
+    let last = last_eviction(store).await;
     assert!(store.forget_device(&laptop).await.unwrap());
     assert!(!store.forget_device(&laptop).await.unwrap());
     let evictions = store.evictions_since(last, 10).await.unwrap();
@@ -741,13 +734,7 @@ async fn erasing_a_user_removes_its_traces(store: &dyn Store) {
     // The peer's counters are counted (and cached, with a cache) before the erasure.
     let before = store.digest(&peer, 1).await.unwrap();
     assert_eq!((unacked(&before, &chat), unacked(&before, &group)), (2, 2));
-    let last = store
-        .evictions_since(0, 10_000)
-        .await
-        .unwrap()
-        .last()
-        .map(|e| e.id)
-        .unwrap_or(0);
+    let last = last_eviction(store).await;
     let erased = store.erase_user("er1", GroupErasure::Redact).await.unwrap();
     assert_eq!(
         (
@@ -803,15 +790,7 @@ async fn erasing_a_user_removes_its_traces(store: &dyn Store) {
         ),
         (1, 2, 0)
     );
-    assert_eq!(
-        store
-            .history(&group, None, 20)
-            .await
-            .unwrap()
-            .messages
-            .len(),
-        2
-    );
+    assert_eq!(stored(store, &group).await, 2);
 }
 
 /// After `close`, what was committed stays and every call fails as unavailable.

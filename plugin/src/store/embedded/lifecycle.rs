@@ -50,7 +50,7 @@ pub(super) fn expire_messages(
     for (conv_id, upto, oldest, rows) in due {
         collected.messages += delete.execute(params![conv_id, upto]).map_err(sql_error)? as u64;
         advance.execute(params![conv_id, upto]).map_err(sql_error)?;
-        collected.behind_ms = collected.behind_ms.max(cutoff - oldest);
+        collected.behind_ms = collected.behind_ms.max(cutoff.saturating_sub(oldest));
         selected += rows;
     }
     collected.more = selected >= batch as u64;
@@ -108,17 +108,29 @@ const DEVICE_TABLES: [&str; 5] = ["devices", "acked", "cleared", "digest_entries
 
 /// Deletes a device's state; whether it was known.
 pub(super) fn forget_device(conn: &Connection, device: &Device) -> Result<bool> {
-    let mut known = false;
+    let which = "uid = ?1 AND client_id = ?2";
+    let known = delete_device_state(conn, which, params![device.uid, device.client_id])?;
+    Ok(known > 0)
+}
+
+/// Deletes the state of the devices `which` (a condition on `uid` and `client_id`)
+/// selects; how many devices that was.
+fn delete_device_state(
+    conn: &Connection,
+    which: &str,
+    params: &[&dyn rusqlite::ToSql],
+) -> Result<u64> {
+    let mut devices = 0;
     for table in DEVICE_TABLES {
         let deleted = conn
-            .prepare_cached(&format!(
-                "DELETE FROM {table} WHERE uid = ?1 AND client_id = ?2"
-            ))
-            .and_then(|mut stmt| stmt.execute(params![device.uid, device.client_id]))
+            .prepare_cached(&format!("DELETE FROM {table} WHERE {which}"))
+            .and_then(|mut stmt| stmt.execute(params))
             .map_err(sql_error)?;
-        known |= table == "devices" && deleted > 0;
+        if table == "devices" {
+            devices = deleted as u64;
+        }
     }
-    Ok(known)
+    Ok(devices)
 }
 
 pub(super) fn touch_devices(conn: &Connection, devices: &[Device], now_ms: i64) -> Result<()> {
@@ -191,18 +203,10 @@ fn run(conn: &Connection, sql: &str, uid: &str) -> Result<u64> {
 }
 
 pub(super) fn erase_user(conn: &Connection, uid: &str, groups: GroupErasure) -> Result<Erased> {
-    let mut erased = Erased::default();
-    let client_ids: Vec<String> = devices(conn, uid)?
-        .into_iter()
-        .map(|d| d.client_id)
-        .collect();
-    for client_id in client_ids {
-        let device = Device {
-            uid: uid.to_owned(),
-            client_id,
-        };
-        erased.devices += u64::from(forget_device(conn, &device)?);
-    }
+    let mut erased = Erased {
+        devices: delete_device_state(conn, "uid = ?1", params![uid])?,
+        ..Erased::default()
+    };
     erased.messages_deleted += run(
         conn,
         "DELETE FROM messages WHERE sender = ?1 AND kind = 0",

@@ -76,7 +76,7 @@ pub(super) async fn expire_messages(
     Ok(Collected {
         messages: uint(row.cell(0)?),
         devices: 0,
-        behind_ms: cutoff - oldest,
+        behind_ms: cutoff.saturating_sub(oldest),
         // A full list of due conversations, one cut short by the row budget, or a
         // conversation that gave up all it may in one step.
         more: due >= int(batch as u64) || cut < due || capped > 0,
@@ -89,20 +89,27 @@ pub(super) async fn expired_devices(
     cutoff: i64,
     batch: usize,
 ) -> Result<Vec<Device>> {
-    c.query(
-        "SELECT uid, client_id FROM devices WHERE last_seen < $1 ORDER BY last_seen LIMIT $2",
-        &[&cutoff, &int(batch as u64)],
-    )
-    .await
-    .map_err(pg_error)?
-    .iter()
-    .map(|row| {
-        Ok(Device {
-            uid: row.cell(0)?,
-            client_id: row.cell(1)?,
+    let sql = "SELECT uid, client_id FROM devices WHERE last_seen < $1 ORDER BY last_seen LIMIT $2";
+    device_rows(c, sql, &[&cutoff, &int(batch as u64)]).await
+}
+
+/// The devices `sql` selects as `(uid, client_id)` rows.
+async fn device_rows(
+    c: &impl GenericClient,
+    sql: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> Result<Vec<Device>> {
+    c.query(sql, params)
+        .await
+        .map_err(pg_error)?
+        .iter()
+        .map(|row| {
+            Ok(Device {
+                uid: row.cell(0)?,
+                client_id: row.cell(1)?,
+            })
         })
-    })
-    .collect()
+        .collect()
 }
 
 /// Deletes at most `batch` entries of each log (removals, evictions) logged before `cutoff`.
@@ -235,32 +242,30 @@ async fn run(c: &impl GenericClient, sql: &str, uid: &str) -> Result<u64> {
 }
 
 /// Erases a user (see [`crate::store::Store::erase_user`]); returns what it removed, and for
-/// the cache the devices it forgot and the conversations whose messages changed.
+/// the cache the devices it forgot and the conversations whose messages changed, each with
+/// its members.
 pub(super) async fn erase_user(
     c: &impl GenericClient,
     uid: &str,
     groups: GroupErasure,
-) -> Result<(Erased, Vec<Device>, Vec<String>)> {
+) -> Result<(Erased, Vec<Device>, Vec<(String, Vec<String>)>)> {
     let mut erased = Erased::default();
-    let touched: Vec<String> = c
+    // The conversations whose messages change, with their members, in one round trip.
+    let touched: Vec<(String, Vec<String>)> = c
         .query(
-            "SELECT DISTINCT c.key FROM messages m JOIN conversations c ON c.id = m.conv_id
-             WHERE m.sender = $1",
+            "SELECT c.key, array_agg(mb.uid) FROM conversations c
+             JOIN members mb ON mb.conv_id = c.id
+             WHERE c.id IN (SELECT DISTINCT conv_id FROM messages WHERE sender = $1)
+             GROUP BY c.key",
             &[&uid],
         )
         .await
         .map_err(pg_error)?
         .iter()
-        .map(|row| row.cell(0))
+        .map(|row| Ok((row.cell(0)?, row.cell(1)?)))
         .collect::<Result<_>>()?;
-    let mine: Vec<Device> = devices(c, uid)
-        .await?
-        .into_iter()
-        .map(|d| Device {
-            uid: uid.to_owned(),
-            client_id: d.client_id,
-        })
-        .collect();
+    let sql = "SELECT uid, client_id FROM devices WHERE uid = $1";
+    let mine = device_rows(c, sql, &[&uid]).await?;
     erased.devices = forget_devices(c, &mine).await?;
     erased.messages_deleted += run(
         c,

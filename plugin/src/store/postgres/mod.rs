@@ -525,12 +525,7 @@ impl Store for PostgresStore {
         tx.commit().await.map_err(pg_error)?;
         if let Some(cache) = &self.cache {
             cache.forget_devices(&mine).await;
-            let mut members = Vec::with_capacity(touched.len());
-            for key in touched {
-                let uids = groups::members(&*client, &key).await?;
-                members.push((key, uids.into_iter().map(|m| m.uid).collect()));
-            }
-            cache.forget_conversations(&members).await;
+            cache.forget_conversations(&touched).await;
         }
         Ok(erased)
     }
