@@ -7,6 +7,8 @@
 //!   clients to rumqttd in MQTT 5 and serves IM topics itself.
 //! - [`im`]: users, devices, conversations, digests and pulls; no packets, no SQL.
 //! - [`store`]: persistence behind one trait; knows nothing of MQTT.
+//! - [`hook`]: the MQTT lifecycle as a trait: the Lua policy and an embedder's own hooks
+//!   decide on connects, subscriptions and publishes, and hear of connections and deliveries.
 //! - [`policy`]: the Lua policy host (sandboxed scripts for messages, connects, subscribes,
 //!   pass-through publishes and logins).
 //! - [`auth`]: who may connect (the provider chain) and the topic ACL for non-IM topics;
@@ -22,6 +24,7 @@ mod accept;
 pub mod auth;
 pub mod config;
 mod edge;
+pub mod hook;
 pub mod im;
 pub mod metrics;
 pub mod policy;
@@ -33,6 +36,7 @@ mod throttle;
 mod watch;
 pub mod wire;
 
+pub use async_trait::async_trait;
 pub use config::Config;
 pub use server::Server;
 

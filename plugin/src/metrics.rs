@@ -50,6 +50,13 @@ pub(crate) struct VerdictLabels {
     pub(crate) verdict: &'static str,
 }
 
+/// A hook (its name) and the point at which a call of it failed.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub(crate) struct HookFailureLabels {
+    pub(crate) hook: String,
+    pub(crate) point: &'static str,
+}
+
 /// A policy script (its file name) and what went wrong with it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub(crate) struct PolicyErrorLabels {
@@ -102,6 +109,7 @@ pub struct Metrics {
     pub(crate) pull_page: Histogram,
     pub(crate) verdicts: Family<VerdictLabels, Counter>,
     pub(crate) policy_errors: Family<PolicyErrorLabels, Counter>,
+    pub(crate) hook_failures: Family<HookFailureLabels, Counter>,
     pub(crate) store_seconds: StoreHistograms,
     pub(crate) store_errors: Family<OperationLabels, Counter>,
     pub(crate) redis_errors: Counter,
@@ -142,6 +150,7 @@ impl Default for Metrics {
             pull_page: Histogram::new(page_buckets),
             verdicts: Family::default(),
             policy_errors: Family::default(),
+            hook_failures: Family::default(),
             store_seconds,
             store_errors: Family::default(),
             redis_errors: Counter::default(),
@@ -236,8 +245,13 @@ impl Metrics {
         );
         r.register(
             "policy_verdicts",
-            "Lua policy decisions by hook (connect, subscribe, message) and verdict",
+            "Decisions by point (connect, subscribe, publish: the hook chain; message: the Lua policy) and verdict",
             self.verdicts.clone(),
+        );
+        r.register(
+            "hook_failures",
+            "Hook calls that overran their deadline or panicked (decisions then followed the hook's on_error), by hook and point; point dropped counts notifications a connection's queue could not take",
+            self.hook_failures.clone(),
         );
         r.register(
             "policy_errors",
@@ -377,6 +391,15 @@ impl Metrics {
         self.verdicts
             .get_or_create(&VerdictLabels { hook, verdict })
             .inc();
+    }
+
+    /// Counts a hook call that failed at `point`.
+    pub(crate) fn count_hook_failure(&self, hook: &str, point: &'static str) {
+        let labels = HookFailureLabels {
+            hook: crate::text::clean(hook, 64),
+            point,
+        };
+        self.hook_failures.get_or_create(&labels).inc();
     }
 
     /// Counts one client held back by `limit` (see [`LimitLabels`]).

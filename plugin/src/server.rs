@@ -15,9 +15,10 @@ use crate::auth::Authenticator;
 use crate::config::{Backend, ClusterSettings, Config};
 pub use crate::edge::ListenerKind;
 use crate::edge::{self, EdgeContext, Transport, Upgrade, EDGE_USER};
+use crate::hook::{Hook, Hooks};
 use crate::im::ImService;
 use crate::metrics::Metrics;
-use crate::policy::{self, LuaPolicy, PolicyError};
+use crate::policy::{self, LuaPolicy, PolicyError, PolicyHook};
 use crate::status::{self, StatusSource};
 use crate::store::{
     Bounded, DigestCache, EmbeddedStore, PostgresStore, RedisBus, Store, StoreError,
@@ -103,7 +104,7 @@ impl Server {
                 let listener = crate::accept::bind(addr)
                     .map_err(|source| ServerError::Bind { addr, source })?;
                 let source = StatusSource {
-                    metrics,
+                    metrics: Arc::clone(&metrics),
                     im: im.clone(),
                     store: Arc::clone(&store),
                     policy: Arc::clone(&policy),
@@ -116,10 +117,12 @@ impl Server {
             }
             None => None,
         };
+        let lua: Arc<dyn Hook> = Arc::new(PolicyHook::new(policy.clone(), config.policy.on_error));
+        let hooks = Hooks::new(vec![lua], Arc::clone(&metrics));
         let context = Arc::new(EdgeContext::new(
             &config,
             im.clone(),
-            policy.clone(),
+            hooks,
             Arc::clone(&auth),
             broker,
             secret,
@@ -249,6 +252,7 @@ async fn bind_listeners(config: &Config) -> Result<Vec<(TcpListener, Upgrade)>, 
         let listener =
             crate::accept::bind(addr).map_err(|source| ServerError::Bind { addr, source })?;
         let upgrade = Upgrade {
+            name: transport.kind().as_str().into(),
             transport,
             ws_path: settings.ws_path.as_str().into(),
             // Room for a largest packet with its header, and a small one sent along with it.

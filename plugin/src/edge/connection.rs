@@ -85,7 +85,12 @@ pub(super) async fn serve(
             Ok(Err(e)) => return tracing::debug!(error = %e, "transport handshake failed"),
             Err(_) => return tracing::debug!("transport handshake timed out"),
         };
-        let arrival = Arrival { id, peer, listener };
+        let arrival = Arrival {
+            id,
+            peer,
+            listener,
+            listener_name: Arc::clone(&upgrade.name),
+        };
         match Box::pin(handshake(upgraded, Arc::clone(&ctx), &arrival)).await {
             Ok(established) => {
                 let connection = Connection::new(ctx, id, listener, established);

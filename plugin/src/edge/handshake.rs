@@ -1,5 +1,5 @@
-//! The CONNECT handshake: decode, client id, the broker's own auth, the policy's
-//! `on_connect`, the client id's take-over, the private MQTT 5 link to rumqttd when the
+//! The CONNECT handshake: decode, client id, the broker's own auth, the hooks' `admit`
+//! (the policy's `on_connect` among them), the client id's take-over, the private MQTT 5 link to rumqttd when the
 //! client needs it from the start, and the CONNACK to the client.
 
 use std::sync::Arc;
@@ -22,8 +22,8 @@ use super::upstream::{LinkRequest, Upstream};
 use super::{EdgeContext, EdgeError};
 use crate::auth::acl::{self, Access, Client};
 use crate::auth::{Credentials, Identity, Refusal};
-use crate::policy::{ClientView, Decision};
-use crate::store::Device;
+use crate::hook::{self, Verdict};
+use crate::im::Device;
 
 /// A client admitted, with its link to rumqttd if it needs one from the start.
 pub(super) struct Established {
@@ -73,6 +73,8 @@ struct Admitted {
     device: Device,
     identity: Identity,
     device_slot: DeviceSlot,
+    /// The client as hooks see it.
+    client: Arc<hook::Client>,
     /// A client id the server made up for an empty one (told to MQTT 5 clients).
     assigned: Option<String>,
 }
@@ -82,6 +84,8 @@ pub(super) struct Arrival {
     pub(super) id: u64,
     pub(super) peer: std::net::SocketAddr,
     pub(super) listener: super::ListenerKind,
+    /// The listener's name, for hooks.
+    pub(super) listener_name: Arc<str>,
 }
 
 /// Runs the handshake on a new client stream.
@@ -155,6 +159,7 @@ pub(super) async fn handshake(
     )?;
     let terms = Terms {
         version,
+        client: admitted.client,
         device: admitted.device,
         im,
         username,
@@ -289,23 +294,18 @@ async fn admit(
         uid: identity.uid.clone(),
         client_id,
     };
-    let client = ClientView {
+    let client = Arc::new(hook::Client {
         uid: device.uid.clone(),
         client_id: device.client_id.clone(),
-        username: packet.login.as_ref().map(|l| l.username.clone()),
+        username: credentials.username.clone(),
         protocol: packet.version.name(),
+        listener: Arc::clone(&arrival.listener_name),
+        peer: arrival.peer,
         clean_session: connect.clean_session,
         keep_alive: connect.keep_alive,
-    };
-    let decision = ctx.policy.on_connect(client).await;
-    let verdict = if matches!(decision, Decision::Deny(_)) {
-        "deny"
-    } else {
-        "allow"
-    };
-    ctx.im.metrics().verdict("connect", verdict);
-    if let Decision::Deny(reason) = decision {
-        tracing::debug!(%reason, "connect denied by policy");
+    });
+    if let Verdict::Deny(reason) = ctx.hooks.admit(&client).await {
+        tracing::debug!(reason = %crate::text::LoggedId(&reason), "connect denied by a hook");
         return Err(Refused {
             code: ConnectReturnCode::NotAuthorized,
             reason: Some(reason),
@@ -326,6 +326,7 @@ async fn admit(
         device,
         identity,
         device_slot,
+        client,
         assigned,
     })
 }

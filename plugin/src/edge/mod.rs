@@ -32,9 +32,8 @@ use tokio_util::task::TaskTracker;
 use crate::accept::accept_until;
 use crate::auth::Authenticator;
 use crate::config::Config;
-use crate::im::{DeviceEvent, DeviceSink, ImService};
-use crate::policy::Policy;
-use crate::store::Device;
+use crate::hook::Hooks;
+use crate::im::{Device, DeviceEvent, DeviceSink, ImService};
 pub(crate) use codec::CodecError;
 use topics::Topics;
 pub use transport::ListenerKind;
@@ -64,7 +63,8 @@ pub(crate) enum EdgeError {
 #[derive(Debug)]
 pub(crate) struct EdgeContext {
     pub(crate) im: ImService,
-    pub(crate) policy: Arc<dyn Policy>,
+    /// The hook chain: the Lua policy, then the embedder's hooks.
+    pub(crate) hooks: Hooks,
     pub(crate) topics: Topics,
     pub(crate) auth: Arc<Authenticator>,
     /// rumqttd's private listeners; connections are spread over them.
@@ -147,14 +147,14 @@ impl EdgeContext {
     pub(crate) fn new(
         config: &Config,
         im: ImService,
-        policy: Arc<dyn Policy>,
+        hooks: Hooks,
         auth: Arc<Authenticator>,
         brokers: Vec<SocketAddr>,
         secret: String,
     ) -> Self {
         Self {
             im,
-            policy,
+            hooks,
             topics: Topics::new(&config.im.prefix),
             auth,
             brokers,

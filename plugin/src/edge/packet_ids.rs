@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 
-use crate::store::Conversation;
+use crate::im::Conversation;
 
 /// Who a client-side packet id belongs to.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -11,7 +11,7 @@ use super::session::Session;
 use super::upstream_acks;
 use super::EdgeError;
 use crate::auth::acl::Access;
-use crate::policy::PublishView;
+use crate::hook::{Message, Verdict};
 use tokio::time::Instant;
 
 impl Session {
@@ -135,7 +135,7 @@ impl Session {
                     );
                     return Ok(());
                 }
-                let judged = self.ctx.policy.checks_publishes();
+                let judged = self.ctx.hooks.interests().publish;
                 if !judged && !self.busy() {
                     match self.version {
                         Version::V5 => self.rumqttd_out().extend_from_slice(&frame.bytes),
@@ -143,7 +143,7 @@ impl Session {
                     }
                     return Ok(());
                 }
-                // In arrival order with this connection's other work: judged by the policy,
+                // In arrival order with this connection's other work: judged by the hooks,
                 // or passed on behind a SUBSCRIBE still being checked.
                 let upstream = match self.version {
                     Version::V5 => frame.bytes.clone(),
@@ -165,23 +165,25 @@ impl Session {
                     self.start(std::future::ready(relay));
                     return Ok(());
                 }
-                let view = PublishView {
-                    uid: self.device.uid.clone(),
-                    client_id: self.device.client_id.clone(),
+                let message = Message {
                     topic: topic.clone(),
                     qos,
                     retain: publish.flags & 1 == 1,
                     payload: publish.payload.clone(),
                 };
-                let policy = std::sync::Arc::clone(&self.ctx.policy);
+                let (hooks, client) = (self.ctx.hooks.clone(), self.client.clone());
+                let max_packet = self.ctx.max_packet;
                 self.start(async move {
-                    let decision = Some(policy.on_publish(view).await);
+                    let (upstream, decision) = match hooks.publish(&client, message).await {
+                        Verdict::Rewrite(payload) => rewritten(publish, pkid, payload, max_packet),
+                        verdict => (upstream, verdict),
+                    };
                     Outcome::Relay {
                         pkid,
                         qos,
                         topic,
                         upstream,
-                        decision,
+                        decision: Some(decision),
                     }
                 });
                 Ok(())
@@ -293,6 +295,14 @@ impl Session {
                 if let Some(answer) = answer {
                     self.upstream_acks.forwarded(publish.pkid, answer);
                 }
+                if let Some(notifier) = &self.notifier {
+                    notifier.delivered(Message {
+                        topic: publish.topic_str().to_owned(),
+                        qos: publish.qos(),
+                        retain: publish.flags & 1 == 1,
+                        payload: publish.payload.clone(),
+                    });
+                }
                 self.forward_upstream_publish(frame)
             }
             kind::PUBACK | kind::PUBREC | kind::PUBCOMP => {
@@ -356,4 +366,22 @@ fn suback_code(code: &SubscribeReasonCode) -> u8 {
         SubscribeReasonCode::QoS2 => 2,
         _ => 0x80,
     }
+}
+
+/// The publish for rumqttd with the payload a hook rewrote, unless the rewrite outgrew the
+/// largest packet rumqttd takes (then it is refused, as a client's own would be).
+fn rewritten(
+    mut publish: Publish,
+    pkid: u16,
+    payload: bytes::Bytes,
+    max_packet: usize,
+) -> (bytes::Bytes, Verdict) {
+    publish.payload = payload;
+    let mut out = bytes::BytesMut::new();
+    publish.write(Version::V5, pkid, &mut out);
+    if out.len() > max_packet {
+        let refusal = Verdict::Deny("rewritten publish too large".into());
+        return (bytes::Bytes::new(), refusal);
+    }
+    (out.freeze(), Verdict::Allow)
 }

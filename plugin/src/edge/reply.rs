@@ -14,8 +14,8 @@ use super::fit;
 use super::session::Session;
 use super::subscribe::Subscription;
 use super::EdgeError;
+use crate::hook::Verdict;
 use crate::im::{Accepted, ImError};
-use crate::policy::Decision;
 use crate::wire::pb;
 use rumqttd::protocol::{Unsubscribe, UnsubscribeProperties};
 
@@ -52,8 +52,9 @@ pub(super) enum Outcome {
         topic: String,
         /// The publish as rumqttd gets it (MQTT 5).
         upstream: bytes::Bytes,
-        /// What the policy's `on_publish` decided, if it judges publishes.
-        decision: Option<crate::policy::Decision>,
+        /// What the hooks decided, if any judges publishes (a rewrite is already in
+        /// `upstream`).
+        decision: Option<crate::hook::Verdict>,
     },
     /// A SUBSCRIBE checked, ready to take effect.
     Subscribed(Subscription),
@@ -119,19 +120,13 @@ impl Session {
                 upstream,
                 decision,
             } => {
-                if let Some(decision) = &decision {
-                    let verdict = match decision {
-                        Decision::Allow(_) => "allow",
-                        Decision::Deny(_) => "deny",
-                    };
-                    self.ctx.im.metrics().verdict("publish", verdict);
-                }
                 match decision {
-                    None | Some(Decision::Allow(_)) => {
+                    None | Some(Verdict::Allow | Verdict::Rewrite(_)) => {
                         self.rumqttd_out().extend_from_slice(&upstream)
                     }
-                    Some(Decision::Deny(reason)) => {
-                        tracing::debug!(topic, %reason, "publish denied by policy");
+                    Some(Verdict::Deny(reason)) => {
+                        let logged = crate::text::LoggedId(&reason);
+                        tracing::debug!(topic, reason = %logged, "publish denied by a hook");
                         self.refuse_plain(qos, pkid, &topic, &reason);
                     }
                 }

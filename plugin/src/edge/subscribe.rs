@@ -18,8 +18,8 @@ use super::session::{recorded, PendingAck, Session};
 use super::topics::Route;
 use super::EdgeError;
 use crate::auth::acl::Access;
+use crate::hook::{self, Hooks, Verdict};
 use crate::im::ImService;
-use crate::policy::{Decision, Policy, SubscribeView};
 
 /// SUBACK code for a refused filter (0x87 in MQTT 5, 0x80 in 3.1.1).
 pub(super) const NOT_AUTHORIZED: u8 = 0x87;
@@ -48,8 +48,8 @@ pub(super) enum Granted {
 /// What is still to check about one filter.
 enum Check {
     Decided(Granted),
-    /// The policy's `on_subscribe`, then rumqttd.
-    Policy(Filter, SubscribeView),
+    /// The hooks' `subscribe`, then rumqttd.
+    Hooks(Filter, hook::Subscription),
     /// Membership of the group.
     Member {
         filter: String,
@@ -115,13 +115,11 @@ impl Session {
                 Check::Decided(Granted::Refused(NOT_AUTHORIZED))
             }
             FilterAccess::PassThrough => {
-                let view = SubscribeView {
-                    uid: self.device.uid.clone(),
-                    client_id: self.device.client_id.clone(),
+                let subscription = hook::Subscription {
                     filter: filter.path.clone(),
                     qos: filter.qos as u8,
                 };
-                Check::Policy(filter, view)
+                Check::Hooks(filter, subscription)
             }
             FilterAccess::Im => Check::Decided(Granted::Im {
                 filter: filter.path,
@@ -145,12 +143,12 @@ impl Session {
         properties: Option<SubscribeProperties>,
         checks: Vec<Check>,
     ) {
-        let policy = Arc::clone(&self.ctx.policy);
-        let (im, uid) = (self.ctx.im.clone(), self.device.uid.clone());
+        let (hooks, im) = (self.ctx.hooks.clone(), self.ctx.im.clone());
+        let client = Arc::clone(&self.client);
         self.start(async move {
             let mut granted = Vec::with_capacity(checks.len());
             for check in checks {
-                granted.push(settle(check, policy.as_ref(), &im, &uid).await);
+                granted.push(settle(check, &hooks, &client, &im).await);
             }
             Outcome::Subscribed(Subscription {
                 pkid,
@@ -342,23 +340,18 @@ impl Session {
 }
 
 /// Runs what is left to check of one filter.
-async fn settle(check: Check, policy: &dyn Policy, im: &ImService, uid: &str) -> Granted {
+async fn settle(check: Check, hooks: &Hooks, client: &hook::Client, im: &ImService) -> Granted {
+    let uid = client.uid.as_str();
     match check {
         Check::Decided(granted) => granted,
-        Check::Policy(filter, view) => {
-            let metrics = im.metrics();
-            match policy.on_subscribe(view).await {
-                Decision::Deny(reason) => {
-                    metrics.verdict("subscribe", "deny");
-                    tracing::debug!(filter = filter.path, %reason, "subscribe denied by policy");
-                    Granted::Refused(NOT_AUTHORIZED)
-                }
-                Decision::Allow(_) => {
-                    metrics.verdict("subscribe", "allow");
-                    Granted::Relay(filter)
-                }
+        Check::Hooks(filter, subscription) => match hooks.subscribe(client, &subscription).await {
+            Verdict::Deny(reason) => {
+                let reason = crate::text::LoggedId(&reason);
+                tracing::debug!(filter = filter.path, %reason, "subscribe denied by a hook");
+                Granted::Refused(NOT_AUTHORIZED)
             }
-        }
+            Verdict::Allow | Verdict::Rewrite(_) => Granted::Relay(filter),
+        },
         Check::Member { filter, qos, gid } => match im.group_role(uid, &gid).await {
             Ok(Some(_)) => Granted::Group { filter, qos, gid },
             Ok(None) => {

@@ -66,6 +66,8 @@ pub(crate) enum Transport {
 /// How a listener turns accepted sockets into MQTT byte streams.
 #[derive(Clone)]
 pub(crate) struct Upgrade {
+    /// The listener's name (its `[v4.N]`-style key, or its kind), for hooks and logs.
+    pub(crate) name: Arc<str>,
     pub(crate) transport: Transport,
     /// The HTTP path WebSocket clients must ask for.
     pub(crate) ws_path: Arc<str>,
@@ -89,15 +91,22 @@ pub(crate) struct Upgraded {
     pub(crate) certified_uid: Option<String>,
 }
 
-impl Upgrade {
-    /// The listener kind, for spans and metrics.
+impl Transport {
+    /// Which kind of listener carries this transport.
     pub(crate) fn kind(&self) -> ListenerKind {
-        match self.transport {
+        match self {
             Transport::Tcp => ListenerKind::Tcp,
             Transport::Tls(_) => ListenerKind::Tls,
             Transport::Ws => ListenerKind::Ws,
             Transport::Wss(_) => ListenerKind::Wss,
         }
+    }
+}
+
+impl Upgrade {
+    /// The listener kind, for spans and metrics.
+    pub(crate) fn kind(&self) -> ListenerKind {
+        self.transport.kind()
     }
 
     /// TLS handshake and/or WebSocket upgrade of an accepted socket.

@@ -20,6 +20,8 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::mpsc;
 
+/// A device and a conversation as the IM service and its callers name them.
+pub use crate::store::{Conversation, Device};
 pub use answer::{ClientError, MAX_MESSAGE};
 pub use inbox::Accepted;
 pub use order::{SendOrder, Turn};
@@ -28,7 +30,7 @@ pub use sink::{DeviceEvent, DeviceSink};
 use crate::config::ImSettings;
 use crate::metrics::Metrics;
 use crate::policy::Policy;
-use crate::store::{Conversation, Device, RedisBus, Store, StoreError};
+use crate::store::{RedisBus, Store, StoreError};
 use crate::wire::WireError;
 use presence::Presence;
 

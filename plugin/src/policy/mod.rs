@@ -19,6 +19,8 @@ mod tests;
 
 use async_trait::async_trait;
 
+use crate::hook::{Client, Hook, Interests, Message, Subscription, Verdict};
+
 pub use pool::{FailureKind, LuaPolicy, PolicyStats, MAX_REASON};
 pub(crate) use reload::watch;
 pub use words::WordList;
@@ -163,6 +165,90 @@ pub enum PolicyError {
     /// The Lua runtime itself failed (allocation of a state, a limit that cannot be set).
     #[error("lua: {0}")]
     Lua(String),
+}
+
+/// A [`Policy`] at the hook points: its `on_connect`, `on_subscribe` and `on_publish` decide
+/// there (its `on_message` stays with the IM service). The policy bounds its own calls
+/// (`policy.queue_timeout_ms`, `policy.call_timeout_ms`) and follows `policy.on_error`
+/// itself; the hook's deadline is only a backstop.
+#[derive(Debug, Clone)]
+pub struct PolicyHook {
+    policy: std::sync::Arc<dyn Policy>,
+    on_error: crate::config::OnError,
+}
+
+impl PolicyHook {
+    /// `policy` as a hook that, should even the backstop fire, follows `on_error`.
+    pub fn new(policy: std::sync::Arc<dyn Policy>, on_error: crate::config::OnError) -> Self {
+        Self { policy, on_error }
+    }
+}
+
+impl From<Decision> for Verdict {
+    fn from(decision: Decision) -> Self {
+        match decision {
+            Decision::Allow(_) => Verdict::Allow,
+            Decision::Deny(reason) => Verdict::Deny(reason),
+        }
+    }
+}
+
+#[async_trait]
+impl Hook for PolicyHook {
+    fn name(&self) -> &str {
+        "lua"
+    }
+
+    fn interests(&self) -> Interests {
+        Interests {
+            admit: true,
+            subscribe: true,
+            publish: self.policy.checks_publishes(),
+            notifications: false,
+        }
+    }
+
+    fn deadline(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(60)
+    }
+
+    fn on_error(&self) -> crate::config::OnError {
+        self.on_error
+    }
+
+    async fn admit(&self, client: &Client) -> Verdict {
+        let view = ClientView {
+            uid: client.uid.clone(),
+            client_id: client.client_id.clone(),
+            username: client.username.clone(),
+            protocol: client.protocol,
+            clean_session: client.clean_session,
+            keep_alive: client.keep_alive,
+        };
+        self.policy.on_connect(view).await.into()
+    }
+
+    async fn subscribe(&self, client: &Client, subscription: &Subscription) -> Verdict {
+        let view = SubscribeView {
+            uid: client.uid.clone(),
+            client_id: client.client_id.clone(),
+            filter: subscription.filter.clone(),
+            qos: subscription.qos,
+        };
+        self.policy.on_subscribe(view).await.into()
+    }
+
+    async fn publish(&self, client: &Client, message: &Message) -> Verdict {
+        let view = PublishView {
+            uid: client.uid.clone(),
+            client_id: client.client_id.clone(),
+            topic: message.topic.clone(),
+            qos: message.qos,
+            retain: message.retain,
+            payload: message.payload.clone(),
+        };
+        self.policy.on_publish(view).await.into()
+    }
 }
 
 /// A message, connection and subscription policy; implementations are called concurrently.

@@ -21,8 +21,8 @@ use super::upstream_acks::UpstreamAcks;
 use super::{ConnectionSink, EdgeContext, EdgeError};
 use crate::auth::acl::{Access, Client as AclClient};
 use crate::auth::Identity;
+use crate::im::{Conversation, Device};
 use crate::im::{DeviceEvent, SendOrder};
-use crate::store::{Conversation, Device};
 
 /// Unacknowledged publishes towards a client beyond which live chat deliveries wait in the
 /// backlog (keeps packet-id allocation cheap and memory bounded).
@@ -50,6 +50,8 @@ pub(super) type Op = BoxFuture<'static, Outcome>;
 /// What the handshake settled about a client, which its session starts from.
 pub(super) struct Terms {
     pub(super) version: Version,
+    /// The client as hooks see it.
+    pub(super) client: Arc<crate::hook::Client>,
     /// The client id and the identity the client authenticated as.
     pub(super) device: Device,
     /// Whether that identity is a valid IM uid: without one, IM topics are refused and the
@@ -116,6 +118,11 @@ pub(super) struct Session {
     pub(super) id: u64,
     pub(super) version: Version,
     pub(super) device: Device,
+    /// The client as hooks see it.
+    pub(super) client: Arc<crate::hook::Client>,
+    /// The hooks' `connected`, `delivered` and `disconnected` (when the session ends), if
+    /// any hook wants them.
+    pub(super) notifier: Option<crate::hook::Notifier>,
     im: bool,
     username: Option<String>,
     identity: Identity,
@@ -181,6 +188,7 @@ impl Session {
     ) -> Self {
         let Terms {
             version,
+            client,
             device,
             im,
             username,
@@ -197,11 +205,14 @@ impl Session {
             ctx.restore_session(&device)
         };
         let publish_limits = PublishLimits::new(&ctx.limits);
+        let notifier = ctx.hooks.notifier(Arc::clone(&client));
         let mut session = Self {
             ctx,
             id,
             version,
             device,
+            client,
+            notifier,
             im,
             username,
             identity,

@@ -14,10 +14,11 @@ use crate::auth::{Authenticator, Identity};
 use crate::config::Config;
 use crate::edge::codec::{self, kind, Frame, PublishView, Version};
 use crate::edge::{ConnectionSink, EdgeContext};
+use crate::im::{Conversation, Device};
 use crate::im::{DeviceEvent, ImService};
 use crate::metrics::Metrics;
 use crate::policy::LuaPolicy;
-use crate::store::{Conversation, Device, EmbeddedStore};
+use crate::store::EmbeddedStore;
 
 /// A session of `alice` on a context over a fresh embedded store.
 struct Fixture {
@@ -44,10 +45,15 @@ fn fixture(client: Client) -> Fixture {
     let policy = Arc::new(LuaPolicy::load(config.policy.clone()).unwrap());
     let auth = Arc::new(Authenticator::new(&config.auth, None).unwrap());
     let im = ImService::new(store, policy.clone(), config.im.clone(), None, metrics);
+    let lua: Arc<dyn crate::hook::Hook> = Arc::new(crate::policy::PolicyHook::new(
+        policy,
+        config.policy.on_error,
+    ));
+    let hooks = crate::hook::Hooks::new(vec![lua], Arc::new(Metrics::default()));
     let ctx = Arc::new(EdgeContext::new(
         &config,
         im,
-        policy,
+        hooks,
         auth,
         Vec::new(),
         "secret".into(),
@@ -60,6 +66,16 @@ fn fixture(client: Client) -> Fixture {
     });
     let terms = Terms {
         version: if client.v4 { Version::V4 } else { Version::V5 },
+        client: Arc::new(crate::hook::Client {
+            uid: "alice".into(),
+            client_id: "phone".into(),
+            username: Some("alice".into()),
+            protocol: if client.v4 { "3.1.1" } else { "5" },
+            listener: "mqtt".into(),
+            peer: std::net::SocketAddr::from(([127, 0, 0, 1], 50000)),
+            clean_session: client.clean,
+            keep_alive: client.keep_alive,
+        }),
         device: Device {
             uid: "alice".into(),
             client_id: "phone".into(),
