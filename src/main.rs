@@ -11,7 +11,7 @@ use mqtt_im::policy::trial::{self, Verdict};
 use mqtt_im::policy::LuaPolicy;
 use mqtt_im::server::{check_certificates, open_store, CancellationToken, ListenerKind};
 use mqtt_im::store::{now_ms, Conversation, Device, EmbeddedStore, PostgresStore, Role, Store};
-use mqtt_im::{Config, Server};
+use mqtt_im::{Builder, Config};
 
 /// Offline messaging for MQTT.
 #[derive(Debug, Parser)]
@@ -21,6 +21,10 @@ struct Cli {
     /// without one.
     #[arg(long, short, global = true)]
     config: Option<PathBuf>,
+    /// A rumqttd configuration file (`rumqttd.toml`), served unchanged: its listeners,
+    /// router, bridge and `[prometheus]`; IM settings then come from `--config`.
+    #[arg(long, global = true)]
+    rumqttd_config: Option<PathBuf>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -150,8 +154,18 @@ async fn main() -> anyhow::Result<()> {
             std::process::exit(2);
         }
     };
+    let builder = match cli.rumqttd_config.as_deref().map(rumqttd_builder) {
+        Some(Ok(builder)) => builder.im(config.clone()),
+        Some(Err(e)) => {
+            for problem in &e.problems {
+                eprintln!("config error: {problem}");
+            }
+            std::process::exit(2);
+        }
+        None => Builder::from_config(config.clone()),
+    };
     match cli.command.unwrap_or(Command::Run) {
-        Command::Run => run(config).await,
+        Command::Run => run(builder, cli.rumqttd_config.is_some(), &config).await,
         Command::Migrate => {
             let version = match config.store.backend {
                 Backend::Embedded => EmbeddedStore::migrate(&config.store.path)
@@ -164,7 +178,10 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::CheckConfig => {
-            check_certificates(&config)?;
+            for note in builder.notes() {
+                println!("note: {note}");
+            }
+            check_certificates(builder.listeners())?;
             mqtt_im::auth::Authenticator::new(&config.auth, None).context("auth")?;
             let policy = config.policy.clone();
             // Loading runs the scripts' top-level code: off the async workers.
@@ -413,18 +430,28 @@ async fn erase_user(config: &Config, uid: &str) -> anyhow::Result<()> {
     result
 }
 
-async fn run(config: Config) -> anyhow::Result<()> {
+/// The builder for a `rumqttd.toml`.
+fn rumqttd_builder(path: &std::path::Path) -> Result<Builder, mqtt_im::config::ConfigError> {
+    Builder::new(mqtt_im::rumqttd_config::load(path)?)
+}
+
+async fn run(builder: Builder, adopted: bool, config: &Config) -> anyhow::Result<()> {
     let auth = &config.auth;
-    if auth.users.is_empty() && auth.providers.is_empty() && !auth.allow_anonymous {
+    if !adopted && auth.users.is_empty() && auth.providers.is_empty() && !auth.allow_anonymous {
         tracing::warn!("no users configured and anonymous access is off: nobody can connect");
     }
-    let server = Server::bind(config).await.context("starting mqtt-im")?;
+    let server = builder.bind().await.context("starting mqtt-im")?;
     // Tests and scripts read the real addresses from these lines.
-    println!("mqtt-im listening on {}", server.local_addr()?);
+    if let Ok(addr) = server.local_addr() {
+        println!("mqtt-im listening on {addr}");
+    }
     for kind in [ListenerKind::Tls, ListenerKind::Ws, ListenerKind::Wss] {
         if let Some(addr) = server.listener_addr(kind) {
             println!("mqtt-im {kind} listening on {}", addr?);
         }
+    }
+    for (name, kind, addr) in server.addresses() {
+        println!("mqtt-im listener {name} ({kind}) on {addr}");
     }
     if let Some(addr) = server.metrics_addr() {
         println!("mqtt-im metrics on http://{}/metrics", addr?);

@@ -197,6 +197,42 @@ pub trait Hook: Send + Sync + std::fmt::Debug {
     async fn disconnected(&self, _client: &Client) {}
 }
 
+/// A shared hook is a hook, so a service can keep its own handle on the state its hook
+/// fills (counters, caches).
+#[async_trait]
+impl<H: Hook + ?Sized> Hook for Arc<H> {
+    fn name(&self) -> &str {
+        (**self).name()
+    }
+    fn interests(&self) -> Interests {
+        (**self).interests()
+    }
+    fn deadline(&self) -> Duration {
+        (**self).deadline()
+    }
+    fn on_error(&self) -> OnError {
+        (**self).on_error()
+    }
+    async fn admit(&self, client: &Client) -> Verdict {
+        (**self).admit(client).await
+    }
+    async fn connected(&self, client: &Client) {
+        (**self).connected(client).await;
+    }
+    async fn subscribe(&self, client: &Client, subscription: &Subscription) -> Verdict {
+        (**self).subscribe(client, subscription).await
+    }
+    async fn publish(&self, client: &Client, message: &Message) -> Verdict {
+        (**self).publish(client, message).await
+    }
+    async fn delivered(&self, client: &Client, message: &Message) {
+        (**self).delivered(client, message).await;
+    }
+    async fn disconnected(&self, client: &Client) {
+        (**self).disconnected(client).await;
+    }
+}
+
 /// The registered hooks, in order, with what together they take part in.
 #[derive(Debug, Clone)]
 pub(crate) struct Hooks {

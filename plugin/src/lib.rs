@@ -1,8 +1,11 @@
 //! mqtt-im: offline messaging for MQTT, as a library around an embedded rumqttd.
 //!
 //! # Layout
-//! - [`server`]: wiring — store, IM service, rumqttd on a private loopback listener, and the
-//!   public listeners.
+//! - [`server`]: wiring — store, IM service, rumqttd on private loopback listeners, and the
+//!   public listeners; [`Builder`] embeds all of it in a service around its own
+//!   `rumqttd::Config`.
+//! - [`listener`]: the public listeners, from mqtt-im's own `[listeners]` or, through
+//!   [`rumqttd_config`], from a team's unchanged `rumqttd.toml`.
 //! - `edge`: the hook layer; the only code that sees MQTT packets. It authenticates, relays
 //!   clients to rumqttd in MQTT 5 and serves IM topics itself.
 //! - [`im`]: users, devices, conversations, digests and pulls; no packets, no SQL.
@@ -26,8 +29,10 @@ pub mod config;
 mod edge;
 pub mod hook;
 pub mod im;
+pub mod listener;
 pub mod metrics;
 pub mod policy;
+pub mod rumqttd_config;
 pub mod server;
 mod status;
 pub mod store;
@@ -38,7 +43,7 @@ pub mod wire;
 
 pub use async_trait::async_trait;
 pub use config::Config;
-pub use server::Server;
+pub use server::{Builder, Handle, Server};
 
 /// Uids and client ids become topic levels and conversation keys, so they are restricted to
 /// 1–64 characters of letters, digits, `_`, `-`, `.` and `@`.

@@ -1,5 +1,5 @@
-//! Wiring: the store, the IM service, the embedded rumqttd on a private loopback listener,
-//! and the public listeners of the hook layer.
+//! Wiring: the store, the IM service, the embedded rumqttd on private loopback listeners,
+//! and the public listeners of the hook layer; [`Builder`] for services that embed it.
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener as StdListener};
@@ -7,18 +7,19 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio_rustls::TlsAcceptor;
 pub use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::Authenticator;
-use crate::config::{Backend, ClusterSettings, Config};
-pub use crate::edge::ListenerKind;
-use crate::edge::{self, EdgeContext, Transport, Upgrade, EDGE_USER};
+use crate::config::{Backend, ClusterSettings, Config, ConfigError};
+use crate::edge::{self, Admission, EdgeContext, Listener, Transport, EDGE_USER};
 use crate::hook::{Hook, Hooks};
 use crate::im::ImService;
+pub use crate::listener::ListenerKind;
+use crate::listener::{ListenerAuth, ListenerSpec, Protocol};
 use crate::metrics::Metrics;
 use crate::policy::{self, LuaPolicy, PolicyError, PolicyHook};
+use crate::rumqttd_config;
 use crate::status::{self, StatusSource};
 use crate::store::{
     Bounded, DigestCache, EmbeddedStore, PostgresStore, RedisBus, Store, StoreError,
@@ -52,31 +53,152 @@ pub enum ServerError {
     Broker(String),
 }
 
-/// A bound, ready-to-run mqtt-im.
+/// Builds mqtt-im around a rumqttd configuration: the public listeners it describes are
+/// served by the hook layer, and the rest of it (router, bridge, console) runs in an
+/// embedded rumqttd behind them.
+///
+/// ```no_run
+/// # async fn embed() -> Result<(), Box<dyn std::error::Error>> {
+/// use mqtt_im::hook::{Client, Hook, Verdict};
+///
+/// #[derive(Debug)]
+/// struct NoGuests;
+///
+/// #[mqtt_im::async_trait]
+/// impl Hook for NoGuests {
+///     fn name(&self) -> &str {
+///         "no-guests"
+///     }
+///     async fn admit(&self, client: &Client) -> Verdict {
+///         if client.uid.starts_with("guest") {
+///             return Verdict::Deny("no guests".into());
+///         }
+///         Verdict::Allow
+///     }
+/// }
+///
+/// // The service's own broker configuration, as it would give it to `rumqttd::Broker`.
+/// let rumqttd_config = mqtt_im::rumqttd_config::load("rumqttd.toml".as_ref())?;
+/// let handle = mqtt_im::Builder::new(rumqttd_config)?
+///     .im(mqtt_im::Config::load(Some("mqtt-im.toml".as_ref()))?)
+///     .hook(NoGuests)
+///     .link("service")
+///     .start()
+///     .await?;
+/// let (_tx, _rx) = handle.take_link("service").expect("asked for above");
+/// handle.shutdown().await;
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug)]
-pub struct Server {
-    /// The public listeners, the plain MQTT one first.
-    listeners: Vec<(TcpListener, Upgrade)>,
-    /// The metrics and status endpoint, if configured.
-    status: Option<(TcpListener, StatusSource)>,
-    context: Arc<EdgeContext>,
-    store: Arc<dyn Store>,
-    im: ImService,
-    policy: Arc<LuaPolicy>,
-    auth: Arc<Authenticator>,
-    /// How often password files are checked for changes.
-    auth_reload_ms: u64,
-    heartbeat: Duration,
+pub struct Builder {
+    listeners: Vec<ListenerSpec>,
+    broker: rumqttd::Config,
+    metrics_addr: Option<SocketAddr>,
+    /// From a `rumqttd.toml`: the mqtt-im file's `[listeners]` do not apply.
+    adopted: bool,
+    notes: Vec<String>,
+    config: Config,
+    store: Option<Arc<dyn Store>>,
+    hooks: Vec<Arc<dyn Hook>>,
+    links: Vec<String>,
 }
 
-impl Server {
-    /// Opens the store, starts rumqttd and binds the public listener.
+impl Builder {
+    /// mqtt-im around a team's rumqttd configuration (see [`rumqttd_config::adopt`]), with
+    /// the built-in mqtt-im settings until [`Builder::im`].
     ///
     /// # Errors
-    /// The store, rumqttd or a listener could not be started.
-    pub async fn bind(config: Config) -> Result<Self, ServerError> {
+    /// A listener mqtt-im cannot serve, or none at all.
+    pub fn new(rumqttd: rumqttd::Config) -> Result<Self, ConfigError> {
+        let adopted = rumqttd_config::adopt(rumqttd)?;
+        let mut builder = Self::from_config(Config::default());
+        builder.listeners = adopted.listeners;
+        builder.broker = adopted.broker;
+        builder.metrics_addr = adopted.metrics;
+        builder.adopted = true;
+        builder.notes = adopted.notes;
+        Ok(builder)
+    }
+
+    /// mqtt-im as its own configuration file describes it, listeners included.
+    pub fn from_config(config: Config) -> Self {
+        Self {
+            listeners: crate::listener::from_config(&config),
+            broker: rumqttd::Config::default(),
+            metrics_addr: config.listeners.metrics,
+            adopted: false,
+            notes: Vec::new(),
+            config,
+            store: None,
+            hooks: Vec::new(),
+            links: Vec::new(),
+        }
+    }
+
+    /// The mqtt-im settings: IM, store, policy, auth, cluster and limits. With a rumqttd
+    /// configuration its `[listeners]` do not apply (its `metrics` address does unless
+    /// `[prometheus]` names one).
+    pub fn im(mut self, config: Config) -> Self {
+        if self.adopted {
+            self.metrics_addr = self.metrics_addr.or(config.listeners.metrics);
+        } else {
+            self.listeners = crate::listener::from_config(&config);
+            self.metrics_addr = config.listeners.metrics;
+        }
+        self.config = config;
+        self
+    }
+
+    /// A store the service opened itself, instead of the one `[store]` names.
+    pub fn store(mut self, store: Arc<dyn Store>) -> Self {
+        self.store = Some(store);
+        self
+    }
+
+    /// The Lua policy's settings (scripts, limits), instead of the `[policy]` section.
+    pub fn policy(mut self, settings: crate::config::PolicySettings) -> Self {
+        self.config.policy = settings;
+        self
+    }
+
+    /// Adds a hook, called after the Lua policy and the hooks added before it.
+    pub fn hook(mut self, hook: impl Hook + 'static) -> Self {
+        self.hooks.push(Arc::new(hook));
+        self
+    }
+
+    /// Asks for a local link into rumqttd under `client_id`, as `rumqttd::Broker::link`
+    /// gives (for the service's own non-IM topics; IM topics are the hook layer's).
+    pub fn link(mut self, client_id: impl Into<String>) -> Self {
+        self.links.push(client_id.into());
+        self
+    }
+
+    /// What mqtt-im treats differently from the rumqttd configuration, one line each.
+    pub fn notes(&self) -> &[String] {
+        &self.notes
+    }
+
+    /// The public listeners it will serve.
+    pub fn listeners(&self) -> &[ListenerSpec] {
+        &self.listeners
+    }
+
+    /// Opens the store, starts rumqttd and binds every listener; serve with [`Server::run`].
+    ///
+    /// # Errors
+    /// The store, the policy, rumqttd or a listener could not be started.
+    pub async fn bind(self) -> Result<Server, ServerError> {
+        for note in &self.notes {
+            tracing::warn!(note = note.as_str(), "rumqttd configuration");
+        }
+        let config = self.config;
         let metrics = Arc::new(Metrics::default());
-        let store = open_store(&config, &metrics).await?;
+        let store = match self.store {
+            Some(store) => store,
+            None => open_store(&config, &metrics).await?,
+        };
         // Loading runs the scripts' top-level code: on a blocking thread, not a worker.
         let settings = config.policy.clone();
         let policy = tokio::task::spawn_blocking(move || LuaPolicy::load(settings))
@@ -97,9 +219,16 @@ impl Server {
             Arc::clone(&metrics),
         );
         let secret = format!("{:032x}", rand::random::<u128>());
-        let broker = start_broker(&config, &secret).await?;
-        let listeners = bind_listeners(&config).await?;
-        let status = match config.listeners.metrics {
+        let max_packet = self
+            .listeners
+            .iter()
+            .map(|spec| spec.max_packet)
+            .max()
+            .unwrap_or(config.broker.max_packet_size);
+        let (brokers, links) =
+            start_broker(&config, self.broker, &secret, max_packet, &self.links).await?;
+        let listeners = bind_listeners(&config, &self.listeners)?;
+        let status = match self.metrics_addr {
             Some(addr) => {
                 let listener = crate::accept::bind(addr)
                     .map_err(|source| ServerError::Bind { addr, source })?;
@@ -118,16 +247,18 @@ impl Server {
             None => None,
         };
         let lua: Arc<dyn Hook> = Arc::new(PolicyHook::new(policy.clone(), config.policy.on_error));
-        let hooks = Hooks::new(vec![lua], Arc::clone(&metrics));
+        let chain = std::iter::once(lua).chain(self.hooks).collect();
+        let hooks = Hooks::new(chain, Arc::clone(&metrics));
         let context = Arc::new(EdgeContext::new(
             &config,
             im.clone(),
             hooks,
             Arc::clone(&auth),
-            broker,
+            brokers,
             secret,
+            max_packet,
         ));
-        Ok(Self {
+        Ok(Server {
             listeners,
             status,
             context,
@@ -135,12 +266,123 @@ impl Server {
             im,
             policy,
             auth,
+            metrics,
+            links,
             auth_reload_ms: config.auth.reload_interval_ms,
             heartbeat: Duration::from_millis(config.cluster.heartbeat_ms),
         })
     }
 
-    /// The public MQTT address (with the real port when 0 was configured).
+    /// Binds and serves in the background until [`Handle::shutdown`].
+    ///
+    /// # Errors
+    /// As [`Builder::bind`].
+    pub async fn start(self) -> Result<Handle, ServerError> {
+        let mut server = self.bind().await?;
+        let links = std::mem::take(&mut server.links);
+        let addrs = server.addresses();
+        let metrics_addr = server.metrics_addr().and_then(Result::ok);
+        let (im, metrics) = (server.im(), Arc::clone(&server.metrics));
+        let shutdown = CancellationToken::new();
+        let running = tokio::spawn(server.run(shutdown.clone()));
+        Ok(Handle {
+            shutdown,
+            running,
+            addrs,
+            metrics_addr,
+            im,
+            metrics,
+            links: std::sync::Mutex::new(links),
+        })
+    }
+}
+
+/// A running mqtt-im, started by [`Builder::start`].
+#[derive(Debug)]
+pub struct Handle {
+    shutdown: CancellationToken,
+    running: tokio::task::JoinHandle<()>,
+    addrs: Vec<(String, ListenerKind, SocketAddr)>,
+    metrics_addr: Option<SocketAddr>,
+    im: ImService,
+    metrics: Arc<Metrics>,
+    links: std::sync::Mutex<LocalLinks>,
+}
+
+impl Handle {
+    /// The address of the listener named `name` (`v4.1`-style, or `mqtt`/`tls`/`ws`/`wss`),
+    /// with the real port when 0 was configured.
+    pub fn listener_addr(&self, name: &str) -> Option<SocketAddr> {
+        self.addrs
+            .iter()
+            .find(|(listener, _, _)| listener == name)
+            .map(|(_, _, addr)| *addr)
+    }
+
+    /// Every listener: name, kind and bound address.
+    pub fn listeners(&self) -> &[(String, ListenerKind, SocketAddr)] {
+        &self.addrs
+    }
+
+    /// Where `/metrics` and `/status` are served, if configured.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
+    }
+
+    /// The metrics registry (also served at the metrics address, if one is configured).
+    pub fn metrics(&self) -> Arc<Metrics> {
+        Arc::clone(&self.metrics)
+    }
+
+    /// The IM service, for server-side sends and presence.
+    pub fn im(&self) -> ImService {
+        self.im.clone()
+    }
+
+    /// The local link asked for with [`Builder::link`] (once).
+    pub fn take_link(&self, client_id: &str) -> Option<LocalLink> {
+        self.links.lock().ok()?.0.remove(client_id)
+    }
+
+    /// Stops accepting, lets every connection finish its in-flight stores, closes the store.
+    pub async fn shutdown(self) {
+        self.shutdown.cancel();
+        if let Err(e) = self.running.await {
+            tracing::error!(error = %e, "mqtt-im stopped abnormally");
+        }
+    }
+}
+
+/// A bound, ready-to-run mqtt-im.
+#[derive(Debug)]
+pub struct Server {
+    /// The public listeners, in configuration order.
+    listeners: Vec<(TcpListener, Arc<Listener>)>,
+    /// The metrics and status endpoint, if configured.
+    status: Option<(TcpListener, StatusSource)>,
+    context: Arc<EdgeContext>,
+    store: Arc<dyn Store>,
+    im: ImService,
+    policy: Arc<LuaPolicy>,
+    auth: Arc<Authenticator>,
+    metrics: Arc<Metrics>,
+    links: LocalLinks,
+    /// How often password files are checked for changes.
+    auth_reload_ms: u64,
+    heartbeat: Duration,
+}
+
+impl Server {
+    /// Opens the store, starts rumqttd and binds the listeners of mqtt-im's own
+    /// configuration.
+    ///
+    /// # Errors
+    /// The store, rumqttd or a listener could not be started.
+    pub async fn bind(config: Config) -> Result<Self, ServerError> {
+        Builder::from_config(config).bind().await
+    }
+
+    /// The first plain MQTT address (with the real port when 0 was configured).
     ///
     /// # Errors
     /// The socket has no local address.
@@ -149,12 +391,24 @@ impl Server {
             .unwrap_or_else(|| Err(std::io::ErrorKind::NotFound.into()))
     }
 
-    /// The address of the `kind` listener, if configured (with the real port when 0 was).
+    /// The address of the first `kind` listener, if configured (with the real port when 0
+    /// was).
     pub fn listener_addr(&self, kind: ListenerKind) -> Option<std::io::Result<SocketAddr>> {
         self.listeners
             .iter()
-            .find(|(_, upgrade)| upgrade.kind() == kind)
-            .map(|(listener, _)| listener.local_addr())
+            .find(|(_, listener)| listener.kind() == kind)
+            .map(|(socket, _)| socket.local_addr())
+    }
+
+    /// Every listener: name, kind and bound address.
+    pub fn addresses(&self) -> Vec<(String, ListenerKind, SocketAddr)> {
+        self.listeners
+            .iter()
+            .filter_map(|(socket, listener)| {
+                let addr = socket.local_addr().ok()?;
+                Some((listener.name.to_string(), listener.kind(), addr))
+            })
+            .collect()
     }
 
     /// The address of the metrics and status endpoint, if configured.
@@ -202,9 +456,9 @@ impl Server {
                 shutdown.clone(),
             ));
         }
-        let accepting = self.listeners.into_iter().map(|(listener, upgrade)| {
+        let accepting = self.listeners.into_iter().map(|(socket, listener)| {
             let context = Arc::clone(&self.context);
-            edge::serve(listener, upgrade, context, tasks.clone(), shutdown.clone())
+            edge::serve(socket, listener, context, tasks.clone(), shutdown.clone())
         });
         futures::future::join_all(accepting).await;
         tasks.close();
@@ -214,53 +468,90 @@ impl Server {
     }
 }
 
-/// Loads the TLS certificate and key (and client CA) the way start-up does, so that
+/// Loads every TLS certificate and key (and client CA) the way start-up does, so that
 /// `check-config` catches unusable files, not only missing ones.
 ///
 /// # Errors
 /// A file does not parse or the key does not fit the certificate.
-pub fn check_certificates(config: &Config) -> Result<(), ServerError> {
-    tls_if_used(config).map(drop)
-}
-
-/// The TLS configuration, when a listener uses it.
-fn tls_if_used(config: &Config) -> Result<Option<TlsAcceptor>, ServerError> {
-    if !config.listeners.use_tls() {
-        return Ok(None);
+pub fn check_certificates(listeners: &[ListenerSpec]) -> Result<(), ServerError> {
+    for spec in listeners {
+        transport(spec)?;
     }
-    edge::tls_acceptor(&config.tls)
-        .map(Some)
-        .map_err(ServerError::Tls)
+    Ok(())
 }
 
-/// Binds every configured public listener with its transport.
-async fn bind_listeners(config: &Config) -> Result<Vec<(TcpListener, Upgrade)>, ServerError> {
-    let settings = &config.listeners;
-    let tls = tls_if_used(config)?;
-    let with_tls = |wrap: fn(TlsAcceptor) -> Transport| tls.clone().map(wrap);
-    let wanted = [
-        (Some(settings.mqtt), Some(Transport::Tcp)),
-        (settings.tls, with_tls(Transport::Tls)),
-        (settings.ws, Some(Transport::Ws)),
-        (settings.wss, with_tls(Transport::Wss)),
-    ];
-    let mut listeners = Vec::new();
-    for (addr, transport) in wanted {
-        let (Some(addr), Some(transport)) = (addr, transport) else {
-            continue;
+/// What carries MQTT on `spec`'s listener, with its TLS configuration loaded.
+fn transport(spec: &ListenerSpec) -> Result<Transport, ServerError> {
+    let tls = || {
+        let settings = spec
+            .tls
+            .as_ref()
+            .ok_or_else(|| ServerError::Tls(format!("{}: no certificate configured", spec.name)))?;
+        edge::tls_acceptor(settings).map_err(|e| ServerError::Tls(format!("{}: {e}", spec.name)))
+    };
+    Ok(match spec.kind {
+        ListenerKind::Tcp => Transport::Tcp,
+        ListenerKind::Ws => Transport::Ws,
+        ListenerKind::Tls => Transport::Tls(tls()?),
+        ListenerKind::Wss => Transport::Wss(tls()?),
+    })
+}
+
+/// Binds every listener with its transport, limits and credentials.
+fn bind_listeners(
+    config: &Config,
+    specs: &[ListenerSpec],
+) -> Result<Vec<(TcpListener, Arc<Listener>)>, ServerError> {
+    let mut listeners = Vec::with_capacity(specs.len());
+    for spec in specs {
+        let admission = match &spec.auth {
+            ListenerAuth::Chain => Admission::Chain,
+            // A team that gives mqtt-im credentials means them for its listeners too.
+            ListenerAuth::Open if chain_configured(&config.auth) => Admission::Chain,
+            ListenerAuth::Open => Admission::Open,
+            ListenerAuth::Table(users) => Admission::Table(Arc::new(table_auth(config, users)?)),
         };
-        let listener =
+        let listener = Listener {
+            name: spec.name.as_str().into(),
+            transport: transport(spec)?,
+            ws_path: spec.ws_path.as_deref().map(Arc::from),
+            max_packet: spec.max_packet,
+            connect_timeout: Duration::from_millis(spec.connect_timeout_ms),
+            admission,
+            version: spec.protocol.map(|protocol| match protocol {
+                Protocol::V4 => edge::Version::V4,
+                Protocol::V5 => edge::Version::V5,
+            }),
+            max_inflight: spec.max_inflight,
+        };
+        let addr = spec.addr;
+        let socket =
             crate::accept::bind(addr).map_err(|source| ServerError::Bind { addr, source })?;
-        let upgrade = Upgrade {
-            name: transport.kind().as_str().into(),
-            transport,
-            ws_path: settings.ws_path.as_str().into(),
-            // Room for a largest packet with its header, and a small one sent along with it.
-            max_message: config.broker.max_packet_size.saturating_mul(2),
-        };
-        listeners.push((listener, upgrade));
+        listeners.push((socket, Arc::new(listener)));
     }
     Ok(listeners)
+}
+
+/// Whether the `[auth]` section names any credentials (users or providers).
+fn chain_configured(auth: &crate::config::AuthSettings) -> bool {
+    !auth.users.is_empty() || !auth.providers.is_empty()
+}
+
+/// A rumqttd `auth` table as a provider chain of its own: clear-text passwords, the
+/// username as the uid, the `[auth]` ACL file still applying.
+fn table_auth(
+    config: &Config,
+    users: &std::collections::BTreeMap<String, String>,
+) -> Result<Authenticator, ServerError> {
+    let settings = crate::config::AuthSettings {
+        users: users.clone(),
+        plaintext: true,
+        allow_anonymous: false,
+        uid_from: crate::config::UidSource::Username,
+        providers: Vec::new(),
+        ..config.auth.clone()
+    };
+    Ok(Authenticator::new(&settings, None)?)
 }
 
 /// Opens (and migrates) the configured store, with the digest cache when PostgreSQL has a
@@ -328,15 +619,39 @@ async fn connect_cluster(settings: &ClusterSettings) -> Result<Option<RedisBus>,
     Ok(Some(bus))
 }
 
-/// Starts rumqttd with `broker.private_listeners` MQTT 5 listeners on loopback that only the
-/// hook layer can use (they require the per-process secret), and waits until they accept
-/// connections. rumqttd 0.20 paces each listener's accept loop to about one connection per
-/// millisecond, so several listeners (each its own thread) multiply the reconnect rate.
-async fn start_broker(config: &Config, secret: &str) -> Result<Vec<SocketAddr>, ServerError> {
+/// A local client link into rumqttd, as `rumqttd::Broker::link` gives.
+pub type LocalLink = (rumqttd::local::LinkTx, rumqttd::local::LinkRx);
+
+/// The local links asked for, by client id, until taken.
+#[derive(Default)]
+struct LocalLinks(HashMap<String, LocalLink>);
+
+impl std::fmt::Debug for LocalLinks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_set().entries(self.0.keys()).finish()
+    }
+}
+
+/// Private listeners and the local links asked for, once rumqttd is up.
+type Started = (Vec<SocketAddr>, LocalLinks);
+
+/// Starts rumqttd — `behind` with its listeners replaced by `broker.private_listeners` MQTT 5
+/// listeners on loopback that only the hook layer can use (they require the per-process
+/// secret) — and waits until they accept connections. rumqttd 0.20 paces each listener's
+/// accept loop to about one connection per millisecond, so several listeners (each its own
+/// thread) multiply the reconnect rate. With mqtt-im's own configuration, `behind` is empty
+/// and `[broker]` sizes the router.
+async fn start_broker(
+    config: &Config,
+    behind: rumqttd::Config,
+    secret: &str,
+    max_packet: usize,
+    local_links: &[String],
+) -> Result<Started, ServerError> {
     let settings = &config.broker;
     let connections = rumqttd::ConnectionSettings {
         connection_timeout_ms: u16::try_from(settings.connect_timeout_ms).unwrap_or(u16::MAX),
-        max_payload_size: settings.max_packet_size,
+        max_payload_size: max_packet,
         max_inflight_count: settings.max_inflight_count,
         auth: Some(HashMap::from([(EDGE_USER.to_owned(), secret.to_owned())])),
         external_auth: None,
@@ -356,22 +671,34 @@ async fn start_broker(config: &Config, secret: &str) -> Result<Vec<SocketAddr>, 
         listeners.insert(format!("private-{index}"), server);
         addrs.push(addr);
     }
-    let broker_config = rumqttd::Config {
-        id: 0,
-        router: rumqttd::RouterConfig {
+    let own_router = behind.router.max_segment_size == 0;
+    let router = if own_router {
+        rumqttd::RouterConfig {
             max_connections: settings.max_connections,
             max_outgoing_packet_count: settings.max_inflight_count as u64,
             max_segment_size: settings.max_segment_size,
             max_segment_count: settings.max_segment_count,
             ..Default::default()
-        },
-        v5: Some(listeners),
-        ..Default::default()
+        }
+    } else {
+        behind.router.clone()
     };
+    let broker_config = rumqttd::Config {
+        router,
+        v5: Some(listeners),
+        ..behind
+    };
+    let mut broker = rumqttd::Broker::new(broker_config);
+    let mut links = LocalLinks::default();
+    for client_id in local_links {
+        let link = broker
+            .link(client_id)
+            .map_err(|e| ServerError::Broker(format!("local link {client_id:?}: {e}")))?;
+        links.0.insert(client_id.clone(), link);
+    }
     std::thread::Builder::new()
         .name("rumqttd".into())
         .spawn(move || {
-            let mut broker = rumqttd::Broker::new(broker_config);
             if let Err(e) = broker.start() {
                 tracing::error!(error = %e, "embedded rumqttd stopped");
             }
@@ -380,7 +707,7 @@ async fn start_broker(config: &Config, secret: &str) -> Result<Vec<SocketAddr>, 
     for addr in &addrs {
         wait_ready(*addr, secret).await?;
     }
-    Ok(addrs)
+    Ok((addrs, links))
 }
 
 async fn wait_ready(addr: SocketAddr, secret: &str) -> Result<(), ServerError> {

@@ -30,6 +30,20 @@ pub async fn raw_connect(
     clean_session: bool,
     login: Option<(&str, &str)>,
 ) -> RawConnAck {
+    try_connect(addr, v5, client_id, clean_session, login)
+        .await
+        .expect("no CONNACK")
+}
+
+/// Sends one CONNECT (`v5` or 3.1.1) and reads the CONNACK; `None` if the server closed the
+/// connection (or stayed silent) instead of answering.
+pub async fn try_connect(
+    addr: SocketAddr,
+    v5: bool,
+    client_id: &str,
+    clean_session: bool,
+    login: Option<(&str, &str)>,
+) -> Option<RawConnAck> {
     let connect = Connect {
         keep_alive: 30,
         client_id: client_id.into(),
@@ -52,18 +66,44 @@ pub async fn raw_connect(
     let mut header = [0u8; 2];
     tokio::time::timeout(WAIT, stream.read_exact(&mut header))
         .await
-        .expect("no CONNACK")
-        .expect("closed before CONNACK");
+        .ok()?
+        .ok()?;
     assert_eq!(header[0], 0x20, "not a CONNACK");
     // CONNACKs here are short: one length byte.
     let mut body = vec![0u8; usize::from(header[1])];
-    stream.read_exact(&mut body).await.unwrap();
+    stream.read_exact(&mut body).await.ok()?;
     let assigned = if v5 { assigned_id(&body[2..]) } else { None };
-    RawConnAck {
+    Some(RawConnAck {
         code: body[1],
         assigned,
         stream,
+    })
+}
+
+/// Writes one QoS 1 3.1.1 PUBLISH of `size` bytes on an accepted connection; whether a
+/// PUBACK came back (`false`: the server closed the connection instead).
+pub async fn raw_publish_acked(stream: &mut TcpStream, topic: &str, size: usize) -> bool {
+    // Fixed header (QoS 1), remaining length, topic, packet id 1, payload.
+    let mut remaining = 2 + topic.len() + 2 + size;
+    let mut out = vec![0x32];
+    loop {
+        let byte = (remaining % 128) as u8;
+        remaining /= 128;
+        out.push(if remaining > 0 { byte | 0x80 } else { byte });
+        if remaining == 0 {
+            break;
+        }
     }
+    out.extend_from_slice(&(topic.len() as u16).to_be_bytes());
+    out.extend_from_slice(topic.as_bytes());
+    out.extend_from_slice(&1u16.to_be_bytes());
+    out.resize(out.len() + size, 7);
+    if stream.write_all(&out).await.is_err() {
+        return false;
+    }
+    let mut header = [0u8; 1];
+    let read = tokio::time::timeout(WAIT, stream.read_exact(&mut header)).await;
+    matches!(read, Ok(Ok(_))) && header[0] == 0x40
 }
 
 /// The Assigned Client Identifier (0x12) among CONNACK properties (length byte first).
@@ -71,14 +111,14 @@ fn assigned_id(properties: &[u8]) -> Option<String> {
     let mut at = 1;
     while at < properties.len() {
         let id = properties[at];
+        // Only string properties are expected before it; anything else ends the search.
+        if !matches!(id, 0x12 | 0x1A | 0x1C | 0x1F) {
+            return None;
+        }
         let len = usize::from(u16::from_be_bytes([properties[at + 1], properties[at + 2]]));
         let value = &properties[at + 3..at + 3 + len];
         if id == 0x12 {
             return Some(String::from_utf8(value.to_vec()).unwrap());
-        }
-        // Only string properties are expected before it; anything else ends the search.
-        if !matches!(id, 0x12 | 0x1A | 0x1C | 0x1F) {
-            return None;
         }
         at += 3 + len;
     }

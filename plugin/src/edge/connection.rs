@@ -20,7 +20,7 @@ use super::handshake::{handshake, Arrival, Established};
 use super::limits::DeviceSlot;
 use super::links::LinkClaim;
 use super::session::{End, Op, Session};
-use super::transport::{ClientStream, ListenerKind, Upgrade};
+use super::transport::{ClientStream, Listener, ListenerKind};
 use super::upstream::{Upstream, UpstreamEvent};
 use super::{ConnectionSink, EdgeContext, EdgeError};
 use crate::im::DeviceEvent;
@@ -69,18 +69,18 @@ pub(super) struct Connection {
 pub(super) async fn serve(
     tcp: TcpStream,
     peer: SocketAddr,
-    upgrade: Upgrade,
+    profile: Arc<Listener>,
     ctx: Arc<EdgeContext>,
     id: u64,
     shutdown: CancellationToken,
 ) {
-    let listener = upgrade.kind();
+    let listener = profile.kind();
     let span = tracing::info_span!("connection", id, %peer, %listener, client_id = tracing::field::Empty, uid = tracing::field::Empty);
     async move {
         // Each stage in a box of its own: a connection's task then holds only the stage it
         // is in (an idle connection does not keep room for the handshake's futures).
-        let upgrading = Box::pin(upgrade.upgrade(tcp));
-        let upgraded = match timeout(ctx.connect_timeout, upgrading).await {
+        let upgrading = Box::pin(profile.upgrade(tcp));
+        let upgraded = match timeout(profile.connect_timeout, upgrading).await {
             Ok(Ok(upgraded)) => upgraded,
             Ok(Err(e)) => return tracing::debug!(error = %e, "transport handshake failed"),
             Err(_) => return tracing::debug!("transport handshake timed out"),
@@ -88,8 +88,7 @@ pub(super) async fn serve(
         let arrival = Arrival {
             id,
             peer,
-            listener,
-            listener_name: Arc::clone(&upgrade.name),
+            listener: profile,
         };
         match Box::pin(handshake(upgraded, Arc::clone(&ctx), &arrival)).await {
             Ok(established) => {
@@ -306,7 +305,7 @@ impl Connection {
     }
 
     fn on_client_bytes(&mut self) -> Result<(), EdgeError> {
-        let max = self.session.ctx.max_packet;
+        let max = self.session.listener.max_packet;
         while let Some(frame) = codec::next_frame(&mut self.client_in, max)? {
             self.session.on_client_frame(frame, Instant::now())?;
             // A client over its limits waits, even for what it already sent.

@@ -19,7 +19,7 @@ use super::links::LinkClaim;
 use super::session::Terms;
 use super::transport::{ClientStream, Upgraded};
 use super::upstream::{LinkRequest, Upstream};
-use super::{EdgeContext, EdgeError};
+use super::{Admission, EdgeContext, EdgeError};
 use crate::auth::acl::{self, Access, Client};
 use crate::auth::{Credentials, Identity, Refusal};
 use crate::hook::{self, Verdict};
@@ -83,9 +83,7 @@ struct Admitted {
 pub(super) struct Arrival {
     pub(super) id: u64,
     pub(super) peer: std::net::SocketAddr,
-    pub(super) listener: super::ListenerKind,
-    /// The listener's name, for hooks.
-    pub(super) listener_name: Arc<str>,
+    pub(super) listener: Arc<super::Listener>,
 }
 
 /// Runs the handshake on a new client stream.
@@ -100,7 +98,7 @@ pub(super) async fn handshake(
         certified_uid,
     } = upgraded;
     let mut client_in = BytesMut::with_capacity(READ_SMALL);
-    let packet = read_connect(&mut stream, &mut client_in, &ctx).await?;
+    let packet = read_connect(&mut stream, &mut client_in, &arrival.listener).await?;
     let version = packet.version;
     let admitted = match admit(&ctx, &packet, arrival, certified_uid.as_deref()).await {
         Ok(admitted) => admitted,
@@ -117,6 +115,12 @@ pub(super) async fn handshake(
         .and_then(|p| p.max_packet_size)
         .and_then(|size| usize::try_from(size).ok());
     let receive_max = packet.properties.as_ref().and_then(|p| p.receive_maximum);
+    let max_inflight = arrival.listener.max_inflight;
+    let max_inflight = max_inflight.map(|max| u16::try_from(max.max(1)).unwrap_or(u16::MAX));
+    let receive_max = match (receive_max, max_inflight) {
+        (Some(client), Some(listener)) => Some(client.min(listener)),
+        (client, listener) => client.or(listener),
+    };
     let link = ctx.links.claim(&admitted.device.client_id, id).await?;
     // rumqttd is needed from the start for a will, and for a session it keeps (persistent:
     // resumed; clean: discarded).
@@ -160,6 +164,7 @@ pub(super) async fn handshake(
     let terms = Terms {
         version,
         client: admitted.client,
+        listener: Arc::clone(&arrival.listener),
         device: admitted.device,
         im,
         username,
@@ -199,17 +204,33 @@ pub(super) async fn read_frame(
 async fn read_connect(
     stream: &mut ClientStream,
     buf: &mut BytesMut,
-    ctx: &EdgeContext,
+    listener: &super::Listener,
 ) -> Result<ConnectPacket, EdgeError> {
-    let frame = timeout(ctx.connect_timeout, read_frame(stream, buf, ctx.max_packet))
-        .await
-        .map_err(|_| EdgeError::Timeout("CONNECT"))??;
+    let max_packet = listener.max_packet;
+    let frame = timeout(
+        listener.connect_timeout,
+        read_frame(stream, buf, max_packet),
+    )
+    .await
+    .map_err(|_| EdgeError::Timeout("CONNECT"))??;
     if frame.kind() != kind::CONNECT {
         return Err(EdgeError::Protocol("first packet is not CONNECT"));
     }
     let version = codec::connect_version(&frame)?;
+    if listener.version.is_some_and(|only| only != version) {
+        refuse(
+            stream,
+            version,
+            ConnectReturnCode::UnsupportedProtocolVersion,
+            None,
+        )
+        .await;
+        return Err(EdgeError::Refused(
+            "MQTT version not served on this listener",
+        ));
+    }
     let Packet::Connect(connect, properties, will, will_properties, login) =
-        frame.decode(version, ctx.max_packet)?
+        frame.decode(version, max_packet)?
     else {
         return Err(EdgeError::Protocol("first packet is not CONNECT"));
     };
@@ -254,19 +275,20 @@ async fn admit(
             .map(|l| l.password.clone().into_bytes()),
         peer: arrival.peer,
         protocol: packet.version.name(),
-        transport: arrival.listener.as_str(),
+        transport: arrival.listener.kind().as_str(),
     };
-    let identity = ctx
-        .auth
-        .authenticate(&credentials, certified_uid)
-        .await
-        .map_err(|refusal| {
-            let labels = crate::metrics::RefusalLabels {
-                reason: refusal.label(),
-            };
-            ctx.im.metrics().auth_failures.get_or_create(&labels).inc();
-            Refused::new(connack_code(refusal), "authentication failed")
-        })?;
+    let identity = match &arrival.listener.admission {
+        Admission::Chain => ctx.auth.authenticate(&credentials, certified_uid).await,
+        Admission::Table(table) => table.authenticate(&credentials, certified_uid).await,
+        Admission::Open => Ok(ctx.auth.admit_anyone(&credentials, certified_uid)),
+    };
+    let identity = identity.map_err(|refusal| {
+        let labels = crate::metrics::RefusalLabels {
+            reason: refusal.label(),
+        };
+        ctx.im.metrics().auth_failures.get_or_create(&labels).inc();
+        Refused::new(connack_code(refusal), "authentication failed")
+    })?;
     if let Some(will) = &packet.will {
         let topic = String::from_utf8_lossy(&will.topic);
         let client = Client {
@@ -299,7 +321,7 @@ async fn admit(
         client_id: device.client_id.clone(),
         username: credentials.username.clone(),
         protocol: packet.version.name(),
-        listener: Arc::clone(&arrival.listener_name),
+        listener: Arc::clone(&arrival.listener.name),
         peer: arrival.peer,
         clean_session: connect.clean_session,
         keep_alive: connect.keep_alive,

@@ -34,10 +34,10 @@ use crate::auth::Authenticator;
 use crate::config::Config;
 use crate::hook::Hooks;
 use crate::im::{Device, DeviceEvent, DeviceSink, ImService};
-pub(crate) use codec::CodecError;
+pub(crate) use codec::{CodecError, Version};
 use topics::Topics;
 pub use transport::ListenerKind;
-pub(crate) use transport::{tls_acceptor, Transport, Upgrade};
+pub(crate) use transport::{tls_acceptor, Admission, Listener, Transport};
 
 /// Username the hook layer presents to rumqttd; the password is the per-process secret.
 pub(crate) const EDGE_USER: &str = "mqtt-im-edge";
@@ -70,7 +70,9 @@ pub(crate) struct EdgeContext {
     /// rumqttd's private listeners; connections are spread over them.
     brokers: Vec<SocketAddr>,
     pub(crate) secret: String,
+    /// The largest packet any listener takes (rumqttd's links take as much).
     pub(crate) max_packet: usize,
+    /// How long rumqttd may take to accept a link.
     pub(crate) connect_timeout: Duration,
     next_connection: AtomicU64,
     /// Persistent sessions, by (uid, client id): their IM subscriptions, restored when the
@@ -151,6 +153,7 @@ impl EdgeContext {
         auth: Arc<Authenticator>,
         brokers: Vec<SocketAddr>,
         secret: String,
+        max_packet: usize,
     ) -> Self {
         Self {
             im,
@@ -159,7 +162,7 @@ impl EdgeContext {
             auth,
             brokers,
             secret,
-            max_packet: config.broker.max_packet_size,
+            max_packet,
             connect_timeout: Duration::from_millis(config.broker.connect_timeout_ms),
             next_connection: AtomicU64::new(1),
             persistent: Mutex::new(HashMap::new()),
@@ -175,7 +178,7 @@ impl EdgeContext {
 /// upgraded to the listener's transport in its own task.
 pub(crate) async fn serve(
     listener: TcpListener,
-    upgrade: Upgrade,
+    profile: Arc<Listener>,
     context: Arc<EdgeContext>,
     tasks: TaskTracker,
     shutdown: CancellationToken,
@@ -196,9 +199,9 @@ pub(crate) async fn serve(
         let id = context.next_connection.fetch_add(1, Ordering::Relaxed);
         let context = Arc::clone(&context);
         let shutdown = shutdown.clone();
-        let upgrade = upgrade.clone();
+        let profile = Arc::clone(&profile);
         tasks.spawn(async move {
-            connection::serve(stream, peer, upgrade, context, id, shutdown).await;
+            connection::serve(stream, peer, profile, context, id, shutdown).await;
             drop(slot);
         });
     })

@@ -56,14 +56,14 @@ impl Session {
                 }
                 self.release_held()
             }
-            kind::SUBSCRIBE => match frame.decode(self.version, self.ctx.max_packet)? {
+            kind::SUBSCRIBE => match frame.decode(self.version, self.listener.max_packet)? {
                 Packet::Subscribe(subscribe, properties) => {
                     self.on_subscribe(subscribe, properties);
                     Ok(())
                 }
                 _ => Err(EdgeError::Protocol("malformed SUBSCRIBE")),
             },
-            kind::UNSUBSCRIBE => match frame.decode(self.version, self.ctx.max_packet)? {
+            kind::UNSUBSCRIBE => match frame.decode(self.version, self.listener.max_packet)? {
                 Packet::Unsubscribe(unsubscribe, properties) => {
                     self.on_unsubscribe(unsubscribe, properties);
                     Ok(())

@@ -4,6 +4,7 @@
 
 use std::fmt;
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use async_tungstenite::tungstenite::http::{HeaderValue, StatusCode};
@@ -13,6 +14,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 use ws_stream_tungstenite::WsStream;
 
+use super::codec::Version;
 use super::EdgeError;
 use crate::config::{ClientAuth, TlsSettings};
 
@@ -63,23 +65,47 @@ pub(crate) enum Transport {
     Wss(TlsAcceptor),
 }
 
-/// How a listener turns accepted sockets into MQTT byte streams.
-#[derive(Clone)]
-pub(crate) struct Upgrade {
-    /// The listener's name (its `[v4.N]`-style key, or its kind), for hooks and logs.
+/// A public listener: how it turns accepted sockets into MQTT byte streams, and what it
+/// admits (each of rumqttd's `[v4.N]`, `[v5.N]` and `[ws.N]` listeners has its own).
+pub(crate) struct Listener {
+    /// The listener's name (`v4.1`-style, or its kind), for hooks and logs.
     pub(crate) name: Arc<str>,
     pub(crate) transport: Transport,
-    /// The HTTP path WebSocket clients must ask for.
-    pub(crate) ws_path: Arc<str>,
-    /// Largest WebSocket message: one MQTT packet of the largest allowed size.
-    pub(crate) max_message: usize,
+    /// The HTTP path WebSocket clients must ask for; any path when `None` (as rumqttd).
+    pub(crate) ws_path: Option<Arc<str>>,
+    /// Largest packet a client may send, in bytes.
+    pub(crate) max_packet: usize,
+    /// Time a new connection has for its transport handshake, then again for CONNECT.
+    pub(crate) connect_timeout: Duration,
+    /// Who may connect.
+    pub(crate) admission: Admission,
+    /// The only MQTT version served, if the listener is version-bound (rumqttd's `v4`/`v5`).
+    pub(crate) version: Option<Version>,
+    /// Unacknowledged publishes towards a client at most (below its own Receive Maximum).
+    pub(crate) max_inflight: Option<usize>,
 }
 
-impl fmt::Debug for Upgrade {
+/// Who a listener admits.
+#[derive(Debug)]
+pub(crate) enum Admission {
+    /// The `[auth]` provider chain.
+    Chain,
+    /// Only these usernames with these passwords (a rumqttd `connections.auth` table); the
+    /// username is the uid.
+    Table(Arc<crate::auth::Authenticator>),
+    /// Everyone, as a rumqttd listener without an `auth` table; the uid follows
+    /// `auth.uid_from`.
+    Open,
+}
+
+impl fmt::Debug for Listener {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Upgrade")
+        f.debug_struct("Listener")
+            .field("name", &self.name)
             .field("kind", &self.kind())
             .field("ws_path", &self.ws_path)
+            .field("max_packet", &self.max_packet)
+            .field("admission", &self.admission)
             .finish_non_exhaustive()
     }
 }
@@ -103,7 +129,7 @@ impl Transport {
     }
 }
 
-impl Upgrade {
+impl Listener {
     /// The listener kind, for spans and metrics.
     pub(crate) fn kind(&self) -> ListenerKind {
         self.transport.kind()
@@ -141,9 +167,12 @@ impl Upgrade {
     where
         S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     {
-        let path = Arc::clone(&self.ws_path);
+        let path = self.ws_path.clone();
         let check = move |request: &Request, mut response: Response| {
-            if request.uri().path() != &*path {
+            if path
+                .as_deref()
+                .is_some_and(|path| request.uri().path() != path)
+            {
                 return Err(refusal(StatusCode::NOT_FOUND));
             }
             let offers_mqtt = request
@@ -161,9 +190,11 @@ impl Upgrade {
                 .insert("Sec-WebSocket-Protocol", HeaderValue::from_static("mqtt"));
             Ok(response)
         };
+        // Room for a largest packet with its header, and a small one sent along with it.
+        let max_message = self.max_packet.saturating_mul(2);
         let config = WebSocketConfig::default()
-            .max_message_size(Some(self.max_message))
-            .max_frame_size(Some(self.max_message));
+            .max_message_size(Some(max_message))
+            .max_frame_size(Some(max_message));
         let socket =
             async_tungstenite::tokio::accept_hdr_async_with_config(stream, check, Some(config))
                 .await

@@ -52,6 +52,8 @@ pub(super) struct Terms {
     pub(super) version: Version,
     /// The client as hooks see it.
     pub(super) client: Arc<crate::hook::Client>,
+    /// The listener it came in on.
+    pub(super) listener: Arc<super::Listener>,
     /// The client id and the identity the client authenticated as.
     pub(super) device: Device,
     /// Whether that identity is a valid IM uid: without one, IM topics are refused and the
@@ -120,6 +122,8 @@ pub(super) struct Session {
     pub(super) device: Device,
     /// The client as hooks see it.
     pub(super) client: Arc<crate::hook::Client>,
+    /// The listener it came in on (its packet size limit).
+    pub(super) listener: Arc<super::Listener>,
     /// The hooks' `connected`, `delivered` and `disconnected` (when the session ends), if
     /// any hook wants them.
     pub(super) notifier: Option<crate::hook::Notifier>,
@@ -189,6 +193,7 @@ impl Session {
         let Terms {
             version,
             client,
+            listener,
             device,
             im,
             username,
@@ -212,6 +217,7 @@ impl Session {
             version,
             device,
             client,
+            listener,
             notifier,
             im,
             username,

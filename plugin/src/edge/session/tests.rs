@@ -57,6 +57,7 @@ fn fixture(client: Client) -> Fixture {
         auth,
         Vec::new(),
         "secret".into(),
+        config.broker.max_packet_size,
     ));
     let (events, _) = mpsc::channel(8);
     let sink = Arc::new(ConnectionSink {
@@ -75,6 +76,16 @@ fn fixture(client: Client) -> Fixture {
             peer: std::net::SocketAddr::from(([127, 0, 0, 1], 50000)),
             clean_session: client.clean,
             keep_alive: client.keep_alive,
+        }),
+        listener: Arc::new(crate::edge::Listener {
+            name: "mqtt".into(),
+            transport: crate::edge::Transport::Tcp,
+            ws_path: None,
+            max_packet: config.broker.max_packet_size,
+            connect_timeout: Duration::from_secs(5),
+            admission: crate::edge::Admission::Chain,
+            version: None,
+            max_inflight: None,
         }),
         device: Device {
             uid: "alice".into(),
