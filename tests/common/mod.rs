@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use mqtt_im::server::CancellationToken;
 use mqtt_im::wire::pb;
-use mqtt_im::{Config, Server};
+use mqtt_im::Config;
 use prost::Message;
 
 mod client;
@@ -159,6 +159,19 @@ impl TestBroker {
         Self::launch(config, dir, backend).await
     }
 
+    /// Starts with `build` adding to the builder (hooks, links) and `adjust` to the
+    /// configuration.
+    pub async fn start_built(
+        adjust: impl FnOnce(&mut Config),
+        build: impl FnOnce(mqtt_im::Builder) -> mqtt_im::Builder,
+    ) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = config(dir.path(), &TestBackend::Embedded);
+        adjust(&mut config);
+        let builder = build(mqtt_im::Builder::from_config(config));
+        Self::launch_built(builder, dir, TestBackend::Embedded).await
+    }
+
     /// Starts on an existing data folder / schema (a restart).
     pub async fn start_in(dir: tempfile::TempDir, backend: TestBackend) -> Self {
         let config = config(dir.path(), &backend);
@@ -166,12 +179,20 @@ impl TestBroker {
     }
 
     async fn launch(config: Config, dir: tempfile::TempDir, backend: TestBackend) -> Self {
+        Self::launch_built(mqtt_im::Builder::from_config(config), dir, backend).await
+    }
+
+    async fn launch_built(
+        builder: mqtt_im::Builder,
+        dir: tempfile::TempDir,
+        backend: TestBackend,
+    ) -> Self {
         // RUST_LOG=mqtt_im=debug shows the server's side of a failing test.
         let _ = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
             .with_test_writer()
             .try_init();
-        let server = Server::bind(config).await.unwrap();
+        let server = builder.bind().await.unwrap();
         let addr = server.local_addr().unwrap();
         let listeners = all_listeners()
             .into_iter()

@@ -15,15 +15,15 @@ pub(crate) struct Migration {
 pub(crate) const SQLITE: &[Migration] = &[
     Migration {
         version: 1,
-        sql: include_str!("../../../migrations/sqlite/0001_init.sql"),
+        sql: include_str!("../../migrations/sqlite/0001_init.sql"),
     },
     Migration {
         version: 2,
-        sql: include_str!("../../../migrations/sqlite/0002_groups.sql"),
+        sql: include_str!("../../migrations/sqlite/0002_groups.sql"),
     },
     Migration {
         version: 3,
-        sql: include_str!("../../../migrations/sqlite/0003_bounded.sql"),
+        sql: include_str!("../../migrations/sqlite/0003_bounded.sql"),
     },
 ];
 
@@ -31,15 +31,15 @@ pub(crate) const SQLITE: &[Migration] = &[
 pub(crate) const POSTGRES: &[Migration] = &[
     Migration {
         version: 1,
-        sql: include_str!("../../../migrations/postgres/0001_init.sql"),
+        sql: include_str!("../../migrations/postgres/0001_init.sql"),
     },
     Migration {
         version: 2,
-        sql: include_str!("../../../migrations/postgres/0002_groups.sql"),
+        sql: include_str!("../../migrations/postgres/0002_groups.sql"),
     },
     Migration {
         version: 3,
-        sql: include_str!("../../../migrations/postgres/0003_bounded.sql"),
+        sql: include_str!("../../migrations/postgres/0003_bounded.sql"),
     },
 ];
 
