@@ -154,7 +154,11 @@ async fn main() -> anyhow::Result<()> {
             std::process::exit(2);
         }
     };
-    let builder = match cli.rumqttd_config.as_deref().map(rumqttd_builder) {
+    let builder = match cli
+        .rumqttd_config
+        .as_deref()
+        .map(Builder::from_rumqttd_file)
+    {
         Some(Ok(builder)) => builder.im(config.clone()),
         Some(Err(e)) => {
             for problem in &e.problems {
@@ -428,11 +432,6 @@ async fn erase_user(config: &Config, uid: &str) -> anyhow::Result<()> {
     .await;
     store.close().await;
     result
-}
-
-/// The builder for a `rumqttd.toml`.
-fn rumqttd_builder(path: &std::path::Path) -> Result<Builder, mqtt_im::config::ConfigError> {
-    Builder::new(mqtt_im::rumqttd_config::load(path)?)
 }
 
 async fn run(builder: Builder, adopted: bool, config: &Config) -> anyhow::Result<()> {

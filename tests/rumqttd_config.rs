@@ -6,6 +6,7 @@ mod common;
 
 use std::net::SocketAddr;
 use std::path::Path;
+use std::time::Duration;
 
 use common::*;
 use mqtt_im::{Builder, Config, Handle};
@@ -64,6 +65,24 @@ fn with_v4_auth(sample: &str) -> String {
         commented,
         "    auth = { user1 = \"p@ssw0rd\", user2 = \"password\" }",
     )
+}
+
+/// The sample's commented-out lines from `from` up to (not including) `until`, switched on.
+fn uncomment(sample: &str, from: &str, until: &str) -> String {
+    assert!(
+        sample.contains(from) && sample.contains(until),
+        "the sample changed"
+    );
+    let mut on = false;
+    let lines = sample.lines().map(|line| {
+        on = (on || line == from) && line != until;
+        let uncommented = line.strip_prefix("# ").or_else(|| line.strip_prefix('#'));
+        match uncommented {
+            Some(uncommented) if on => uncommented.to_owned(),
+            _ => line.to_owned(),
+        }
+    });
+    lines.collect::<Vec<_>>().join("\n")
 }
 
 fn free_port() -> u16 {
@@ -258,4 +277,148 @@ async fn a_listener_auth_table_admits_exactly_its_users_and_they_chat() {
     assert_eq!(text_of(&page.messages[0]), "hello");
     assert_eq!(page.messages[0].from, "user1");
     handle.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_samples_tls_listener_requires_client_certificates_signed_by_its_capath() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = TestPki::new(dir.path());
+    let sample = uncomment(&shipped_sample(), "# [v4.2]", "[v5.1]")
+        .replace("/etc/tls/ca.cert.pem", pki.ca_file.to_str().unwrap())
+        .replace("/etc/tls/server.cert.pem", pki.cert.to_str().unwrap())
+        .replace("/etc/tls/server.key.pem", pki.key.to_str().unwrap());
+    let handle = mqtt_im(dir.path(), &sample).await;
+    let tls = handle.listener_addr("v4.2").unwrap();
+    let options = |id: &str, client: Option<&str>| {
+        let mut options = rumqttc::MqttOptions::new(id, "localhost", tls.port());
+        let config = rumqttc::TlsConfiguration::Rustls(pki.client(client));
+        options.set_transport(rumqttc::Transport::tls_with_config(config));
+        options
+    };
+    assert!(
+        refused(options("anonymous", None)).await,
+        "a certificate is required"
+    );
+    // The certificate's common name is the uid: alice reads her own inbox.
+    let mut alice = Client::v4_with(options("alice-tls", Some("alice"))).await;
+    assert_eq!(alice.subscribe("im/u/alice/#", 1).await, vec![1]);
+    let digest = alice.digest("alice").await;
+    assert!(digest.sessions.is_empty());
+    handle.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_samples_bridge_brings_a_remote_brokers_topics_to_local_clients() {
+    let dir = tempfile::tempdir().unwrap();
+    let sample = shipped_sample();
+    // The remote end: bare rumqttd on the sample.
+    let (remote, _) = bare_rumqttd(dir.path(), &sample).await;
+    let bridged = uncomment(&sample, "# [bridge]", "#     [bridge.transport.tls]")
+        .replace("localhost:1883", &remote.to_string());
+    let handle = mqtt_im(dir.path(), &bridged).await;
+    let local = handle.listener_addr("v4.1").unwrap();
+    let mut subscriber = Client::v4_with(rumqttc::MqttOptions::new(
+        "local-subscriber",
+        local.ip().to_string(),
+        local.port(),
+    ))
+    .await;
+    assert_eq!(subscriber.subscribe("remote/#", 0).await, vec![0]);
+    let publisher = Client::v4_with(rumqttc::MqttOptions::new(
+        "remote-publisher",
+        remote.ip().to_string(),
+        remote.port(),
+    ))
+    .await;
+    // The bridge connects in the background: publish until one gets across.
+    let crossed = tokio::time::timeout(WAIT, async {
+        loop {
+            publisher
+                .publish("remote/news", 0, b"across".to_vec())
+                .await;
+            if let Some(Seen::Publish { topic, payload, .. }) = subscriber
+                .quiet_for(std::time::Duration::from_millis(200))
+                .await
+            {
+                return (topic, payload);
+            }
+        }
+    })
+    .await
+    .expect("nothing crossed the bridge");
+    assert_eq!(crossed, ("remote/news".to_owned(), b"across".to_vec()));
+    handle.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_silent_connection_is_closed_after_the_listeners_connection_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let sample = shipped_sample().replace(
+        "connection_timeout_ms = 60000",
+        "connection_timeout_ms = 300",
+    );
+    let (bare_v4, _) = bare_rumqttd(dir.path(), &sample).await;
+    let handle = mqtt_im(dir.path(), &sample).await;
+    for addr in [bare_v4, handle.listener_addr("v4.1").unwrap()] {
+        use tokio::io::AsyncReadExt;
+        let mut silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut byte = [0u8; 1];
+        // Well within mqtt-im's own default (5 s), far beyond the listener's 300 ms.
+        let read = tokio::time::timeout(Duration::from_secs(3), silent.read(&mut byte)).await;
+        assert!(matches!(read, Ok(Ok(0) | Err(_))), "{addr}: {read:?}");
+    }
+    handle.shutdown().await;
+}
+
+/// `check-config` reads both files, names what mqtt-im treats differently, and refuses a
+/// listener it cannot serve.
+#[test]
+fn check_config_validates_both_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let rumqttd = write(
+        dir.path(),
+        "rumqttd.toml",
+        &on_loopback(&shipped_sample(), || 0),
+    );
+    let im = write(dir.path(), "im.toml", "[im]\nmax_backlog = 100\n");
+    let check = |rumqttd: &Path, im: &Path| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_mqtt-im"))
+            .arg("check-config")
+            .arg("--rumqttd-config")
+            .arg(rumqttd)
+            .arg("--config")
+            .arg(im)
+            .output()
+            .unwrap()
+    };
+    let valid = check(&rumqttd, &im);
+    let printed = String::from_utf8_lossy(&valid.stdout);
+    assert!(valid.status.success(), "{printed}");
+    for note in [
+        "router: 104857600 × 10 segments",
+        "capped to 4194304 × 4",
+        "ws.1.connections.throttle_delay_ms: not a rumqttd 0.20 setting",
+        "prometheus: mqtt-im's metrics",
+        "configuration is valid",
+    ] {
+        assert!(printed.contains(note), "{note:?} in {printed}");
+    }
+
+    let bad_im = write(dir.path(), "bad.toml", "[im]\nmax_backlog = \"lots\"\n");
+    let refused = check(&rumqttd, &bad_im);
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("config error") && stderr.contains("\"lots\""),
+        "{stderr}"
+    );
+
+    let pkcs12 = format!(
+        "{}\n[v4.9]\nname = \"legacy\"\nlisten = \"127.0.0.1:0\"\nnext_connection_delay_ms = 0\n[v4.9.tls]\npkcs12path = \"x.p12\"\npkcs12pass = \"\"\n[v4.9.connections]\nconnection_timeout_ms = 1000\nmax_payload_size = 1024\nmax_inflight_count = 10\n",
+        on_loopback(&shipped_sample(), || 0)
+    );
+    let native = check(&write(dir.path(), "native.toml", &pkcs12), &im);
+    assert!(!native.status.success());
+    let stderr = String::from_utf8_lossy(&native.stderr);
+    assert!(stderr.contains("v4.9.tls: native-tls"), "{stderr}");
 }

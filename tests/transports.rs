@@ -78,25 +78,6 @@ fn v5_options(
     options
 }
 
-/// Whether the connection attempt ends without a successful CONNACK.
-#[allow(clippy::expect_used)]
-async fn refused(options: rumqttc::MqttOptions) -> bool {
-    let (_client, mut events) = rumqttc::AsyncClient::new(options, 10);
-    let outcome = tokio::time::timeout(WAIT, async {
-        loop {
-            match events.poll().await {
-                Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(ack))) => {
-                    return ack.code != rumqttc::ConnectReturnCode::Success;
-                }
-                Ok(_) => {}
-                Err(_) => return true,
-            }
-        }
-    })
-    .await;
-    outcome.expect("neither accepted nor refused")
-}
-
 backend_tests! {
 /// Alice on TLS (3.1.1) writes to offline bob, who comes back over WSS (5), gets his digest
 /// and pulls; carol on WebSocket gets a message live and a pass-through topic; the ACL holds

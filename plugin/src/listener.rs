@@ -49,9 +49,6 @@ pub struct ListenerSpec {
     pub max_packet: usize,
     /// Time a new connection has for its transport handshake, then again for CONNECT.
     pub connect_timeout_ms: u64,
-    /// Unacknowledged publishes towards a client at most; the client's Receive Maximum only
-    /// when `None`.
-    pub max_inflight: Option<usize>,
     /// Who may connect.
     pub auth: ListenerAuth,
 }
@@ -79,7 +76,6 @@ pub fn from_config(config: &Config) -> Vec<ListenerSpec> {
                 protocol: None,
                 max_packet: config.broker.max_packet_size,
                 connect_timeout_ms: config.broker.connect_timeout_ms,
-                max_inflight: None,
                 auth: ListenerAuth::Chain,
             })
         })

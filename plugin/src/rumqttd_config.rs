@@ -48,6 +48,129 @@ pub fn load(path: &Path) -> Result<rumqttd::Config, ConfigError> {
         .map_err(problem)
 }
 
+/// Keys of `path` that rumqttd 0.20 does not know (the shipped sample has some, such as
+/// `throttle_delay_ms`): rumqttd ignores them silently, mqtt-im names them.
+///
+/// # Errors
+/// The file cannot be read as TOML.
+pub fn unknown_keys(path: &Path) -> Result<Vec<String>, ConfigError> {
+    let raw: serde_json::Value = config::Config::builder()
+        .add_source(config::File::from(path).format(config::FileFormat::Toml))
+        .build()
+        .and_then(config::Config::try_deserialize)
+        .map_err(|e| ConfigError {
+            problems: vec![format!("{}: {e}", path.display())],
+        })?;
+    let mut unknown = Vec::new();
+    walk(&raw, "", &SCHEMA, &mut unknown);
+    Ok(unknown
+        .into_iter()
+        .map(|key| format!("{key}: not a rumqttd 0.20 setting; ignored, as rumqttd ignores it"))
+        .collect())
+}
+
+/// What a table of rumqttd's configuration may hold.
+enum Keys {
+    /// These keys, each with what its value may hold.
+    Fixed(&'static [(&'static str, Keys)]),
+    /// Any keys (listener numbers, filters, users), each holding this.
+    Any(&'static Keys),
+    /// A value that is not checked further.
+    Leaf,
+}
+
+const CONNECTIONS: Keys = Keys::Fixed(&[
+    ("connection_timeout_ms", Keys::Leaf),
+    ("max_payload_size", Keys::Leaf),
+    ("max_inflight_count", Keys::Leaf),
+    ("auth", Keys::Leaf),
+    ("dynamic_filters", Keys::Leaf),
+]);
+
+const SERVER: Keys = Keys::Fixed(&[
+    ("name", Keys::Leaf),
+    ("listen", Keys::Leaf),
+    (
+        "tls",
+        Keys::Fixed(&[
+            ("capath", Keys::Leaf),
+            ("certpath", Keys::Leaf),
+            ("keypath", Keys::Leaf),
+            ("pkcs12path", Keys::Leaf),
+            ("pkcs12pass", Keys::Leaf),
+        ]),
+    ),
+    ("next_connection_delay_ms", Keys::Leaf),
+    ("connections", CONNECTIONS),
+]);
+
+const SCHEMA: Keys = Keys::Fixed(&[
+    ("id", Keys::Leaf),
+    (
+        "router",
+        Keys::Fixed(&[
+            ("max_connections", Keys::Leaf),
+            ("max_outgoing_packet_count", Keys::Leaf),
+            ("max_segment_size", Keys::Leaf),
+            ("max_segment_count", Keys::Leaf),
+            ("custom_segment", Keys::Leaf),
+            ("initialized_filters", Keys::Leaf),
+            ("shared_subscriptions_strategy", Keys::Leaf),
+        ]),
+    ),
+    ("v4", Keys::Any(&SERVER)),
+    ("v5", Keys::Any(&SERVER)),
+    ("ws", Keys::Any(&SERVER)),
+    ("cluster", Keys::Leaf),
+    ("console", Keys::Fixed(&[("listen", Keys::Leaf)])),
+    (
+        "bridge",
+        Keys::Fixed(&[
+            ("name", Keys::Leaf),
+            ("addr", Keys::Leaf),
+            ("qos", Keys::Leaf),
+            ("sub_path", Keys::Leaf),
+            ("reconnection_delay", Keys::Leaf),
+            ("ping_delay", Keys::Leaf),
+            ("connections", CONNECTIONS),
+            ("transport", Keys::Leaf),
+        ]),
+    ),
+    (
+        "prometheus",
+        Keys::Fixed(&[
+            ("port", Keys::Leaf),
+            ("listen", Keys::Leaf),
+            ("interval", Keys::Leaf),
+        ]),
+    ),
+    ("metrics", Keys::Leaf),
+]);
+
+/// Collects the keys under `value` that `keys` does not allow, named from `at`.
+fn walk(value: &serde_json::Value, at: &str, keys: &Keys, unknown: &mut Vec<String>) {
+    let Some(table) = value.as_object() else {
+        return;
+    };
+    let mut entries: Vec<_> = table.iter().collect();
+    entries.sort_by(|a, b| a.0.cmp(b.0));
+    for (key, inner) in entries {
+        let path = if at.is_empty() {
+            key.clone()
+        } else {
+            format!("{at}.{key}")
+        };
+        match keys {
+            Keys::Leaf => {}
+            Keys::Any(each) => walk(inner, &path, each, unknown),
+            Keys::Fixed(known) => match known.iter().find(|(name, _)| name == key) {
+                Some((_, each)) => walk(inner, &path, each, unknown),
+                None => unknown.push(crate::text::clean(&path, 128)),
+            },
+        }
+    }
+}
+
 /// Maps a rumqttd configuration onto the hook layer and the embedded rumqttd.
 ///
 /// # Errors
@@ -138,9 +261,12 @@ fn listener(
             "{name}.next_connection_delay_ms: not applied; the hook layer accepts without delay (limits.max_connections_per_listener bounds a listener)"
         ));
     }
+    notes.push(format!(
+        "{name}.connections.max_inflight_count: a read-batch size in rumqttd, not applied; the hook layer bounds each connection's unfinished work itself, and router.max_outgoing_packet_count bounds publishes in flight to each client"
+    ));
     if !connections.dynamic_filters {
         notes.push(format!(
-            "{name}.connections.dynamic_filters: always on behind the hook layer"
+            "{name}.connections.dynamic_filters = false: not applied; a publish to a topic no subscription has created is accepted, where rumqttd would disconnect the client"
         ));
     }
     let auth = match &connections.auth {
@@ -156,7 +282,6 @@ fn listener(
         protocol: Some(protocol),
         max_packet: connections.max_payload_size,
         connect_timeout_ms: u64::from(connections.connection_timeout_ms),
-        max_inflight: Some(connections.max_inflight_count),
         auth,
     })
 }
@@ -197,6 +322,9 @@ fn behind_the_hook_layer(config: rumqttd::Config, notes: &mut Vec<String>) -> ru
                 notes,
             );
         }
+    }
+    if config.console.is_some() {
+        notes.push("console: served by rumqttd behind the hook layer; it lists one link per client (the hook layer's, under the client's id) and no IM traffic".into());
     }
     if config.cluster.is_some() {
         notes.push("cluster: not used (rumqttd 0.20 does not run it either); mqtt-im nodes cluster through [cluster] in the mqtt-im file".into());

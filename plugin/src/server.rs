@@ -121,6 +121,19 @@ impl Builder {
         Ok(builder)
     }
 
+    /// mqtt-im around the rumqttd configuration file at `path` (`rumqttd.toml`), read as
+    /// rumqttd reads it; keys rumqttd does not know are among the [`Builder::notes`].
+    ///
+    /// # Errors
+    /// The file cannot be read, does not fit rumqttd's configuration, or has a listener
+    /// mqtt-im cannot serve.
+    pub fn from_rumqttd_file(path: &std::path::Path) -> Result<Self, ConfigError> {
+        let unknown = rumqttd_config::unknown_keys(path)?;
+        let mut builder = Self::new(rumqttd_config::load(path)?)?;
+        builder.notes.extend(unknown);
+        Ok(builder)
+    }
+
     /// mqtt-im as its own configuration file describes it, listeners included.
     pub fn from_config(config: Config) -> Self {
         Self {
@@ -522,7 +535,6 @@ fn bind_listeners(
                 Protocol::V4 => edge::Version::V4,
                 Protocol::V5 => edge::Version::V5,
             }),
-            max_inflight: spec.max_inflight,
         };
         let addr = spec.addr;
         let socket =

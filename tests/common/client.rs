@@ -505,3 +505,21 @@ fn v5_ack_code(reason: rumqttc::v5::mqttbytes::v5::PubAckReason) -> u8 {
         R::PayloadFormatInvalid => 0x99,
     }
 }
+
+/// Whether the connection attempt ends without a successful CONNACK.
+pub async fn refused(options: rumqttc::MqttOptions) -> bool {
+    let (_client, mut events) = rumqttc::AsyncClient::new(options, 10);
+    let outcome = tokio::time::timeout(WAIT, async {
+        loop {
+            match events.poll().await {
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(ack))) => {
+                    return ack.code != rumqttc::ConnectReturnCode::Success;
+                }
+                Ok(_) => {}
+                Err(_) => return true,
+            }
+        }
+    })
+    .await;
+    outcome.expect("neither accepted nor refused")
+}

@@ -115,12 +115,6 @@ pub(super) async fn handshake(
         .and_then(|p| p.max_packet_size)
         .and_then(|size| usize::try_from(size).ok());
     let receive_max = packet.properties.as_ref().and_then(|p| p.receive_maximum);
-    let max_inflight = arrival.listener.max_inflight;
-    let max_inflight = max_inflight.map(|max| u16::try_from(max.max(1)).unwrap_or(u16::MAX));
-    let receive_max = match (receive_max, max_inflight) {
-        (Some(client), Some(listener)) => Some(client.min(listener)),
-        (client, listener) => client.or(listener),
-    };
     let link = ctx.links.claim(&admitted.device.client_id, id).await?;
     // rumqttd is needed from the start for a will, and for a session it keeps (persistent:
     // resumed; clean: discarded).

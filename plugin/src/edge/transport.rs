@@ -81,8 +81,6 @@ pub(crate) struct Listener {
     pub(crate) admission: Admission,
     /// The only MQTT version served, if the listener is version-bound (rumqttd's `v4`/`v5`).
     pub(crate) version: Option<Version>,
-    /// Unacknowledged publishes towards a client at most (below its own Receive Maximum).
-    pub(crate) max_inflight: Option<usize>,
 }
 
 /// Who a listener admits.

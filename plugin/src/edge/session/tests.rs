@@ -85,7 +85,6 @@ fn fixture(client: Client) -> Fixture {
             connect_timeout: Duration::from_secs(5),
             admission: crate::edge::Admission::Chain,
             version: None,
-            max_inflight: None,
         }),
         device: Device {
             uid: "alice".into(),
