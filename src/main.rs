@@ -197,7 +197,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Policy(PolicyCommand::Test { messages }) => policy_test(config, &messages).await,
         Command::Group(command) => group(config, command).await,
-        Command::Stats => stats(&config).await,
+        Command::Stats => stats(builder.metrics_addr()).await,
         Command::Store(StoreCommand::Gc) => store_gc(&config).await,
         Command::Device(command) => device(&config, command).await,
         Command::User(UserCommand::Erase { uid }) => erase_user(&config, &uid).await,
@@ -463,15 +463,14 @@ async fn run(builder: Builder, adopted: bool, config: &Config) -> anyhow::Result
 }
 
 /// Fetches and prints the running node's `/status`.
-async fn stats(config: &Config) -> anyhow::Result<()> {
+async fn stats(metrics: Option<std::net::SocketAddr>) -> anyhow::Result<()> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let addr = config
-        .listeners
-        .metrics
-        .context("listeners.metrics is not set: stats asks the running node's /status endpoint")?;
+    let addr = metrics.context(
+        "no metrics address (listeners.metrics, or [prometheus] listen): stats asks the running node's /status endpoint",
+    )?;
     let mut stream = tokio::net::TcpStream::connect(addr)
         .await
-        .with_context(|| format!("no mqtt-im answers at {addr} (listeners.metrics)"))?;
+        .with_context(|| format!("no mqtt-im answers at {addr} (its metrics address)"))?;
     let request = format!("GET /status HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
     stream.write_all(request.as_bytes()).await?;
     let mut response = String::new();

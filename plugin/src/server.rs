@@ -193,6 +193,11 @@ impl Builder {
         &self.notes
     }
 
+    /// Where `/metrics` and `/status` will be served, if anywhere.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
+    }
+
     /// The public listeners it will serve.
     pub fn listeners(&self) -> &[ListenerSpec] {
         &self.listeners
