@@ -224,6 +224,12 @@ async fn the_shipped_sample_serves_every_listener_as_bare_rumqttd_does() {
     publisher.publish("plant/line-1", 1, b"on".to_vec()).await;
     assert_eq!(subscriber.next_on("plant/line-1").await, b"on");
 
+    // Open listeners admit everyone, but a username nobody checked is no IM identity.
+    let mut options = rumqttc::MqttOptions::new("claims-alice", v4.ip().to_string(), v4.port());
+    options.set_credentials("alice", "anything");
+    let mut claimant = Client::v4_with(options).await;
+    assert_eq!(claimant.subscribe("im/u/alice/#", 1).await, vec![0x80]);
+
     // [prometheus] listen is where mqtt-im's metrics are.
     let metrics = handle.metrics_addr().expect("[prometheus] listen");
     let (status, body) = http_get(metrics, "/metrics").await;

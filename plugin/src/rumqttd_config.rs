@@ -271,7 +271,12 @@ fn listener(
     }
     let auth = match &connections.auth {
         Some(table) => ListenerAuth::Table(table.clone().into_iter().collect()),
-        None => ListenerAuth::Open,
+        None => {
+            notes.push(format!(
+                "{name}: no connections.auth table: open to every client, as in rumqttd; IM topics need a checked identity there (an auth table, a client certificate, or users or providers in [auth] of the mqtt-im file)"
+            ));
+            ListenerAuth::Open
+        }
     };
     Ok(ListenerSpec {
         name: name.to_owned(),

@@ -93,10 +93,11 @@ pub enum ServerError {
 #[derive(Debug)]
 pub struct Builder {
     listeners: Vec<ListenerSpec>,
-    broker: rumqttd::Config,
+    /// What runs behind the hook layer, from a rumqttd configuration (whose listeners are
+    /// then the public ones, not the mqtt-im file's `[listeners]`); `[broker]` sizes it
+    /// otherwise.
+    behind: Option<rumqttd::Config>,
     metrics_addr: Option<SocketAddr>,
-    /// From a `rumqttd.toml`: the mqtt-im file's `[listeners]` do not apply.
-    adopted: bool,
     notes: Vec<String>,
     config: Config,
     store: Option<Arc<dyn Store>>,
@@ -114,9 +115,8 @@ impl Builder {
         let adopted = rumqttd_config::adopt(rumqttd)?;
         let mut builder = Self::from_config(Config::default());
         builder.listeners = adopted.listeners;
-        builder.broker = adopted.broker;
+        builder.behind = Some(adopted.broker);
         builder.metrics_addr = adopted.metrics;
-        builder.adopted = true;
         builder.notes = adopted.notes;
         Ok(builder)
     }
@@ -138,9 +138,8 @@ impl Builder {
     pub fn from_config(config: Config) -> Self {
         Self {
             listeners: crate::listener::from_config(&config),
-            broker: rumqttd::Config::default(),
+            behind: None,
             metrics_addr: config.listeners.metrics,
-            adopted: false,
             notes: Vec::new(),
             config,
             store: None,
@@ -153,7 +152,7 @@ impl Builder {
     /// configuration its `[listeners]` do not apply (its `metrics` address does unless
     /// `[prometheus]` names one).
     pub fn im(mut self, config: Config) -> Self {
-        if self.adopted {
+        if self.behind.is_some() {
             self.metrics_addr = self.metrics_addr.or(config.listeners.metrics);
         } else {
             self.listeners = crate::listener::from_config(&config);
@@ -243,8 +242,9 @@ impl Builder {
             .map(|spec| spec.max_packet)
             .max()
             .unwrap_or(config.broker.max_packet_size);
+        let behind = self.behind.unwrap_or_else(|| own_broker(&config.broker));
         let (brokers, links) =
-            start_broker(&config, self.broker, &secret, max_packet, &self.links).await?;
+            start_broker(&config, behind, &secret, max_packet, &self.links).await?;
         let listeners = bind_listeners(&config, &self.listeners)?;
         let status = match self.metrics_addr {
             Some(addr) => {
@@ -649,6 +649,21 @@ impl std::fmt::Debug for LocalLinks {
     }
 }
 
+/// What runs behind the hook layer with mqtt-im's own configuration: a router `[broker]`
+/// sizes, nothing else.
+fn own_broker(settings: &crate::config::BrokerSettings) -> rumqttd::Config {
+    rumqttd::Config {
+        router: rumqttd::RouterConfig {
+            max_connections: settings.max_connections,
+            max_outgoing_packet_count: settings.max_inflight_count as u64,
+            max_segment_size: settings.max_segment_size,
+            max_segment_count: settings.max_segment_count,
+            ..Default::default()
+        },
+        ..Default::default()
+    }
+}
+
 /// Private listeners and the local links asked for, once rumqttd is up.
 type Started = (Vec<SocketAddr>, LocalLinks);
 
@@ -656,8 +671,7 @@ type Started = (Vec<SocketAddr>, LocalLinks);
 /// listeners on loopback that only the hook layer can use (they require the per-process
 /// secret) — and waits until they accept connections. rumqttd 0.20 paces each listener's
 /// accept loop to about one connection per millisecond, so several listeners (each its own
-/// thread) multiply the reconnect rate. With mqtt-im's own configuration, `behind` is empty
-/// and `[broker]` sizes the router.
+/// thread) multiply the reconnect rate.
 async fn start_broker(
     config: &Config,
     behind: rumqttd::Config,
@@ -688,20 +702,7 @@ async fn start_broker(
         listeners.insert(format!("private-{index}"), server);
         addrs.push(addr);
     }
-    let own_router = behind.router.max_segment_size == 0;
-    let router = if own_router {
-        rumqttd::RouterConfig {
-            max_connections: settings.max_connections,
-            max_outgoing_packet_count: settings.max_inflight_count as u64,
-            max_segment_size: settings.max_segment_size,
-            max_segment_count: settings.max_segment_count,
-            ..Default::default()
-        }
-    } else {
-        behind.router.clone()
-    };
     let broker_config = rumqttd::Config {
-        router,
         v5: Some(listeners),
         ..behind
     };

@@ -75,6 +75,8 @@ struct Admitted {
     device_slot: DeviceSlot,
     /// The client as hooks see it.
     client: Arc<hook::Client>,
+    /// Whether its uid was checked (credentials or a certificate), not merely claimed.
+    vouched: bool,
     /// A client id the server made up for an empty one (told to MQTT 5 clients).
     assigned: Option<String>,
 }
@@ -141,7 +143,9 @@ pub(super) async fn handshake(
         (Upstream::Unneeded(Box::new(request)), false)
     };
     let session_present = !clean_session && (upstream_session || ctx.has_session(&admitted.device));
-    let im = crate::valid_uid(&admitted.device.uid);
+    // IM topics name their user: only an identity something vouched for may use them (on an
+    // open listener, the username is only the client's word).
+    let im = admitted.vouched && crate::valid_uid(&admitted.device.uid);
     // Outgoing buffers start empty and grow when needed.
     let mut client_out = BytesMut::new();
     let properties = admitted.assigned.map(|id| ConnAckProperties {
@@ -343,6 +347,7 @@ async fn admit(
         identity,
         device_slot,
         client,
+        vouched: !matches!(arrival.listener.admission, Admission::Open) || certified_uid.is_some(),
         assigned,
     })
 }
