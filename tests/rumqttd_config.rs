@@ -428,3 +428,71 @@ fn check_config_validates_both_files() {
     let stderr = String::from_utf8_lossy(&native.stderr);
     assert!(stderr.contains("v4.9.tls: native-tls"), "{stderr}");
 }
+
+/// A service's own rumqttd auth handler (`set_auth_handler`) decides on its listener, as it
+/// does in bare rumqttd, and its users are IM users.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_embedders_auth_handler_decides_as_in_bare_rumqttd() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(
+        dir.path(),
+        "rumqttd.toml",
+        &on_loopback(&shipped_sample(), free_port),
+    );
+    let mut config = mqtt_im::rumqttd_config::load(&path).unwrap();
+    config.console = None;
+    config.prometheus = None;
+    config.ws = None;
+    // The password is the username backwards.
+    let v4 = config.v4.as_mut().unwrap().get_mut("1").unwrap();
+    v4.set_auth_handler(|_client_id, user: String, password: String| async move {
+        user.chars().rev().collect::<String>() == password
+    });
+    let bare_v4 = v4.listen;
+    let bare = config.clone();
+    std::thread::spawn(move || {
+        if let Err(e) = rumqttd::Broker::new(bare).start() {
+            panic!("bare rumqttd stopped: {e}");
+        }
+    });
+    eventually(|| async { tokio::net::TcpStream::connect(bare_v4).await.is_ok() }).await;
+    for server in config
+        .v4
+        .iter_mut()
+        .chain(config.v5.iter_mut())
+        .flat_map(|s| s.values_mut())
+    {
+        server.listen.set_port(0);
+    }
+    let mut settings = Config::default();
+    settings.store.path = dir.path().join("im.db");
+    let handle = Builder::new(config)
+        .unwrap()
+        .im(settings)
+        .start()
+        .await
+        .unwrap();
+    let v4 = handle.listener_addr("v4.1").unwrap();
+    for (login, admitted) in [
+        (Some(("alice", "ecila")), true),
+        (Some(("alice", "alice")), false),
+        (None, false),
+    ] {
+        assert_eq!(
+            accepted(bare_v4, false, login).await,
+            admitted,
+            "bare {login:?}"
+        );
+        assert_eq!(
+            accepted(v4, false, login).await,
+            admitted,
+            "mqtt-im {login:?}"
+        );
+    }
+    let mut options = rumqttc::MqttOptions::new("alice-phone", v4.ip().to_string(), v4.port());
+    options.set_credentials("alice", "ecila");
+    let mut alice = Client::v4_with(options).await;
+    assert_eq!(alice.subscribe("im/u/alice/#", 1).await, vec![1]);
+    let _ = alice.digest("alice").await;
+    handle.shutdown().await;
+}

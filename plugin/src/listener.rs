@@ -19,15 +19,29 @@ pub enum Protocol {
 }
 
 /// Who a listener admits.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone)]
 pub enum ListenerAuth {
     /// The `[auth]` provider chain of the mqtt-im configuration.
     Chain,
     /// Exactly these usernames with these clear-text passwords (a rumqttd
     /// `connections.auth` table); the username is the uid.
     Table(BTreeMap<String, String>),
+    /// Whoever the embedding service's rumqttd auth handler (`set_auth_handler`) accepts;
+    /// the username is the uid. As in rumqttd, it takes precedence over a table.
+    External(rumqttd::AuthHandler),
     /// Everyone, as a rumqttd listener without an `auth` table.
     Open,
+}
+
+impl std::fmt::Debug for ListenerAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Chain => f.write_str("Chain"),
+            Self::Table(users) => f.debug_tuple("Table").field(&users.keys()).finish(),
+            Self::External(_) => f.write_str("External"),
+            Self::Open => f.write_str("Open"),
+        }
+    }
 }
 
 /// One public listener.

@@ -269,9 +269,10 @@ fn listener(
             "{name}.connections.dynamic_filters = false: not applied; a publish to a topic no subscription has created is accepted, where rumqttd would disconnect the client"
         ));
     }
-    let auth = match &connections.auth {
-        Some(table) => ListenerAuth::Table(table.clone().into_iter().collect()),
-        None => {
+    let auth = match (&connections.external_auth, &connections.auth) {
+        (Some(handler), _) => ListenerAuth::External(std::sync::Arc::clone(handler)),
+        (None, Some(table)) => ListenerAuth::Table(table.clone().into_iter().collect()),
+        (None, None) => {
             notes.push(format!(
                 "{name}: no connections.auth table: open to every client, as in rumqttd; IM topics need a checked identity there (an auth table, a client certificate, or users or providers in [auth] of the mqtt-im file)"
             ));

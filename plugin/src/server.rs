@@ -528,6 +528,7 @@ fn bind_listeners(
             ListenerAuth::Open if chain_configured(&config.auth) => Admission::Chain,
             ListenerAuth::Open => Admission::Open,
             ListenerAuth::Table(users) => Admission::Table(Arc::new(table_auth(config, users)?)),
+            ListenerAuth::External(handler) => Admission::External(Arc::clone(handler)),
         };
         let listener = Listener {
             name: spec.name.as_str().into(),

@@ -278,6 +278,10 @@ async fn admit(
     let identity = match &arrival.listener.admission {
         Admission::Chain => ctx.auth.authenticate(&credentials, certified_uid).await,
         Admission::Table(table) => table.authenticate(&credentials, certified_uid).await,
+        Admission::External(handler) => {
+            let deadline = arrival.listener.connect_timeout;
+            external(handler, &credentials, deadline).await
+        }
         Admission::Open => Ok(ctx.auth.admit_anyone(&credentials, certified_uid)),
     };
     let identity = identity.map_err(|refusal| {
@@ -350,6 +354,36 @@ async fn admit(
         vouched: !matches!(arrival.listener.admission, Admission::Open) || certified_uid.is_some(),
         assigned,
     })
+}
+
+/// Asks an embedding service's rumqttd auth handler, as rumqttd would (credentials required),
+/// within `deadline` and with a panic caught: a handler that fails refuses.
+async fn external(
+    handler: &rumqttd::AuthHandler,
+    credentials: &Credentials,
+    deadline: std::time::Duration,
+) -> Result<Identity, Refusal> {
+    use futures::FutureExt;
+
+    let (Some(username), Some(password)) = (&credentials.username, &credentials.password) else {
+        return Err(Refusal::NotAuthorized);
+    };
+    let password = String::from_utf8_lossy(password).into_owned();
+    let check = handler(credentials.client_id.clone(), username.clone(), password);
+    let answer = timeout(deadline, std::panic::AssertUnwindSafe(check).catch_unwind()).await;
+    match answer {
+        Ok(Ok(true)) => Ok(Identity {
+            uid: username.clone(),
+            superuser: false,
+            acl: None,
+            expires: None,
+        }),
+        Ok(Ok(false)) => Err(Refusal::BadCredentials),
+        Ok(Err(_)) | Err(_) => {
+            tracing::warn!("the service's auth handler failed or overran; client refused");
+            Err(Refusal::Unavailable)
+        }
+    }
 }
 
 /// Whether a client may have `access` to a non-IM `topic` (a filter, when `subscribing`):

@@ -84,16 +84,28 @@ pub(crate) struct Listener {
 }
 
 /// Who a listener admits.
-#[derive(Debug)]
 pub(crate) enum Admission {
     /// The `[auth]` provider chain.
     Chain,
     /// Only these usernames with these passwords (a rumqttd `connections.auth` table); the
     /// username is the uid.
     Table(Arc<crate::auth::Authenticator>),
+    /// Whoever the embedding service's rumqttd auth handler accepts; the username is the uid.
+    External(rumqttd::AuthHandler),
     /// Everyone, as a rumqttd listener without an `auth` table; the uid follows
     /// `auth.uid_from`.
     Open,
+}
+
+impl fmt::Debug for Admission {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Chain => "Chain",
+            Self::Table(_) => "Table",
+            Self::External(_) => "External",
+            Self::Open => "Open",
+        })
+    }
 }
 
 impl fmt::Debug for Listener {
