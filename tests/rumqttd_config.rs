@@ -100,12 +100,23 @@ fn write(dir: &Path, name: &str, text: &str) -> std::path::PathBuf {
 /// Prometheus exporter (process-wide in rumqttd, and not what is compared); the v4 and v5
 /// listeners' addresses once they accept connections.
 async fn bare_rumqttd(dir: &Path, text: &str) -> (SocketAddr, SocketAddr) {
+    start_bare(bare_config(dir, text)).await
+}
+
+/// `text` as bare rumqttd runs it here: on fixed free ports, without the console and the
+/// Prometheus exporter (process-wide in rumqttd, and not what is compared), and without
+/// WebSocket (this build of rumqttd has none).
+fn bare_config(dir: &Path, text: &str) -> rumqttd::Config {
     let path = write(dir, "bare.toml", &on_loopback(text, free_port));
     let mut config = mqtt_im::rumqttd_config::load(&path).unwrap();
     config.console = None;
     config.prometheus = None;
-    // This build of rumqttd has no WebSocket listener.
     config.ws = None;
+    config
+}
+
+/// Runs bare rumqttd on `config`; its v4 and v5 listeners once they accept connections.
+async fn start_bare(config: rumqttd::Config) -> (SocketAddr, SocketAddr) {
     let v4 = config.v4.as_ref().unwrap()["1"].listen;
     let v5 = config.v5.as_ref().unwrap()["1"].listen;
     std::thread::spawn(move || {
@@ -122,7 +133,11 @@ async fn bare_rumqttd(dir: &Path, text: &str) -> (SocketAddr, SocketAddr) {
 /// mqtt-im on `text` (every listener on port 0) with the built-in IM settings.
 async fn mqtt_im(dir: &Path, text: &str) -> Handle {
     let path = write(dir, "rumqttd.toml", &on_loopback(text, || 0));
-    let rumqttd = mqtt_im::rumqttd_config::load(&path).unwrap();
+    start_mqtt_im(dir, mqtt_im::rumqttd_config::load(&path).unwrap()).await
+}
+
+/// mqtt-im around `rumqttd` with the built-in IM settings.
+async fn start_mqtt_im(dir: &Path, rumqttd: rumqttd::Config) -> Handle {
     let mut settings = Config::default();
     settings.store.path = dir.join("im.db");
     Builder::new(rumqttd)
@@ -151,6 +166,26 @@ async fn accepted(addr: SocketAddr, v5: bool, login: Option<(&str, &str)>) -> bo
     try_connect(addr, v5, &id, true, login)
         .await
         .is_some_and(|ack| ack.code == 0)
+}
+
+/// Each login meets the expected admission on bare rumqttd's `bare` and mqtt-im's `ours`.
+async fn same_admissions(
+    bare: SocketAddr,
+    ours: SocketAddr,
+    cases: &[(Option<(&str, &str)>, bool)],
+) {
+    for &(login, admitted) in cases {
+        assert_eq!(
+            accepted(bare, false, login).await,
+            admitted,
+            "bare {login:?}"
+        );
+        assert_eq!(
+            accepted(ours, false, login).await,
+            admitted,
+            "mqtt-im {login:?}"
+        );
+    }
 }
 
 async fn acked(addr: SocketAddr, login: Option<(&str, &str)>, size: usize) -> bool {
@@ -245,24 +280,18 @@ async fn a_listener_auth_table_admits_exactly_its_users_and_they_chat() {
     let (bare_v4, _) = bare_rumqttd(dir.path(), &sample).await;
     let handle = mqtt_im(dir.path(), &sample).await;
     let v4 = handle.listener_addr("v4.1").unwrap();
-    for (login, admitted) in [
-        (Some(("user1", "p@ssw0rd")), true),
-        (Some(("user2", "password")), true),
-        (Some(("user1", "password")), false),
-        (Some(("nobody", "p@ssw0rd")), false),
-        (None, false),
-    ] {
-        assert_eq!(
-            accepted(bare_v4, false, login).await,
-            admitted,
-            "bare {login:?}"
-        );
-        assert_eq!(
-            accepted(v4, false, login).await,
-            admitted,
-            "mqtt-im {login:?}"
-        );
-    }
+    same_admissions(
+        bare_v4,
+        v4,
+        &[
+            (Some(("user1", "p@ssw0rd")), true),
+            (Some(("user2", "password")), true),
+            (Some(("user1", "password")), false),
+            (Some(("nobody", "p@ssw0rd")), false),
+            (None, false),
+        ],
+    )
+    .await;
 
     // The table's users are IM users: user1 writes to user2, who is offline, then reads it.
     let login = |user: &str, password: &str, id: &str| {
@@ -434,28 +463,13 @@ fn check_config_validates_both_files() {
 #[tokio::test(flavor = "multi_thread")]
 async fn an_embedders_auth_handler_decides_as_in_bare_rumqttd() {
     let dir = tempfile::tempdir().unwrap();
-    let path = write(
-        dir.path(),
-        "rumqttd.toml",
-        &on_loopback(&shipped_sample(), free_port),
-    );
-    let mut config = mqtt_im::rumqttd_config::load(&path).unwrap();
-    config.console = None;
-    config.prometheus = None;
-    config.ws = None;
+    let mut config = bare_config(dir.path(), &shipped_sample());
     // The password is the username backwards.
     let v4 = config.v4.as_mut().unwrap().get_mut("1").unwrap();
     v4.set_auth_handler(|_client_id, user: String, password: String| async move {
         user.chars().rev().collect::<String>() == password
     });
-    let bare_v4 = v4.listen;
-    let bare = config.clone();
-    std::thread::spawn(move || {
-        if let Err(e) = rumqttd::Broker::new(bare).start() {
-            panic!("bare rumqttd stopped: {e}");
-        }
-    });
-    eventually(|| async { tokio::net::TcpStream::connect(bare_v4).await.is_ok() }).await;
+    let (bare_v4, _) = start_bare(config.clone()).await;
     for server in config
         .v4
         .iter_mut()
@@ -464,31 +478,18 @@ async fn an_embedders_auth_handler_decides_as_in_bare_rumqttd() {
     {
         server.listen.set_port(0);
     }
-    let mut settings = Config::default();
-    settings.store.path = dir.path().join("im.db");
-    let handle = Builder::new(config)
-        .unwrap()
-        .im(settings)
-        .start()
-        .await
-        .unwrap();
+    let handle = start_mqtt_im(dir.path(), config).await;
     let v4 = handle.listener_addr("v4.1").unwrap();
-    for (login, admitted) in [
-        (Some(("alice", "ecila")), true),
-        (Some(("alice", "alice")), false),
-        (None, false),
-    ] {
-        assert_eq!(
-            accepted(bare_v4, false, login).await,
-            admitted,
-            "bare {login:?}"
-        );
-        assert_eq!(
-            accepted(v4, false, login).await,
-            admitted,
-            "mqtt-im {login:?}"
-        );
-    }
+    same_admissions(
+        bare_v4,
+        v4,
+        &[
+            (Some(("alice", "ecila")), true),
+            (Some(("alice", "alice")), false),
+            (None, false),
+        ],
+    )
+    .await;
     let mut options = rumqttc::MqttOptions::new("alice-phone", v4.ip().to_string(), v4.port());
     options.set_credentials("alice", "ecila");
     let mut alice = Client::v4_with(options).await;
