@@ -21,7 +21,8 @@
 //! - [`text`]: bounding and cleaning text from clients and scripts.
 //! - [`metrics`]: Prometheus metrics; `status` serves them and the operator status over HTTP.
 //!
-//! Dependencies point one way: edge → im → store; edge → auth → policy.
+//! Dependencies point one way: edge → im → store; edge → auth → policy; edge → hook ← policy
+//! (the Lua policy is one hook of the chain); server wires them together.
 #![deny(rustdoc::broken_intra_doc_links)]
 mod accept;
 pub mod auth;

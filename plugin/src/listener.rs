@@ -63,6 +63,10 @@ pub struct ListenerSpec {
     pub max_packet: usize,
     /// Time a new connection has for its transport handshake, then again for CONNECT.
     pub connect_timeout_ms: u64,
+    /// Packets of one connection the hook layer works on at once (waiting for the store, a
+    /// hook or the policy) before it stops reading from the client, as rumqttd reads at most
+    /// `max_inflight_count` packets before handing them on; 1,024 when `None`.
+    pub max_pending: Option<usize>,
     /// Who may connect.
     pub auth: ListenerAuth,
 }
@@ -90,6 +94,7 @@ pub fn from_config(config: &Config) -> Vec<ListenerSpec> {
                 protocol: None,
                 max_packet: config.broker.max_packet_size,
                 connect_timeout_ms: config.broker.connect_timeout_ms,
+                max_pending: None,
                 auth: ListenerAuth::Chain,
             })
         })

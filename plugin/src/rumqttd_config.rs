@@ -261,9 +261,6 @@ fn listener(
             "{name}.next_connection_delay_ms: not applied; the hook layer accepts without delay (limits.max_connections_per_listener bounds a listener)"
         ));
     }
-    notes.push(format!(
-        "{name}.connections.max_inflight_count: a read-batch size in rumqttd, not applied; the hook layer bounds each connection's unfinished work itself, and router.max_outgoing_packet_count bounds publishes in flight to each client"
-    ));
     if !connections.dynamic_filters {
         notes.push(format!(
             "{name}.connections.dynamic_filters = false: not applied; a publish to a topic no subscription has created is accepted, where rumqttd would disconnect the client"
@@ -288,6 +285,7 @@ fn listener(
         protocol: Some(protocol),
         max_packet: connections.max_payload_size,
         connect_timeout_ms: u64::from(connections.connection_timeout_ms),
+        max_pending: Some(connections.max_inflight_count.max(1)),
         auth,
     })
 }

@@ -537,6 +537,7 @@ fn bind_listeners(
             max_packet: spec.max_packet,
             connect_timeout: Duration::from_millis(spec.connect_timeout_ms),
             admission,
+            max_pending: spec.max_pending,
             version: spec.protocol.map(|protocol| match protocol {
                 Protocol::V4 => edge::Version::V4,
                 Protocol::V5 => edge::Version::V5,

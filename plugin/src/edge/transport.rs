@@ -81,6 +81,8 @@ pub(crate) struct Listener {
     pub(crate) admission: Admission,
     /// The only MQTT version served, if the listener is version-bound (rumqttd's `v4`/`v5`).
     pub(crate) version: Option<Version>,
+    /// A connection's packets the hook layer works on at once before it stops reading.
+    pub(crate) max_pending: Option<usize>,
 }
 
 /// Who a listener admits.

@@ -29,7 +29,7 @@ use crate::im::{DeviceEvent, SendOrder};
 const MAX_LIVE_IN_FLIGHT: usize = 1024;
 /// IM publishes and requests of one connection waiting for the store, or publishes waiting
 /// for the client's Receive Maximum; beyond this the connection stops reading from the
-/// client until some complete (backpressure).
+/// client until some complete (backpressure). A listener may bound the former lower.
 const MAX_PENDING: usize = 1024;
 
 /// A device's recording in the store, awaited by whichever operation needs it first.
@@ -290,7 +290,8 @@ impl Session {
 
     /// Whether the connection may read more from the client: not while too much waits.
     pub(super) fn accepts_input(&self) -> bool {
-        self.running < MAX_PENDING && self.held.len() < MAX_PENDING && self.read_resume.is_none()
+        let max_running = self.listener.max_pending.unwrap_or(MAX_PENDING);
+        self.running < max_running && self.held.len() < MAX_PENDING && self.read_resume.is_none()
     }
 
     /// Effect: whether the rumqttd link is to be opened now (asked once).

@@ -35,6 +35,7 @@ struct Client {
     max_packet: Option<usize>,
     receive_max: Option<u16>,
     acl: Option<serde_json::Value>,
+    max_pending: Option<usize>,
 }
 
 fn fixture(client: Client) -> Fixture {
@@ -85,6 +86,7 @@ fn fixture(client: Client) -> Fixture {
             connect_timeout: Duration::from_secs(5),
             admission: crate::edge::Admission::Chain,
             version: None,
+            max_pending: client.max_pending,
         }),
         device: Device {
             uid: "alice".into(),
@@ -469,4 +471,32 @@ async fn a_persistent_session_keeps_what_was_subscribed_before_it_ended() {
     let device = s.device.clone();
     let kept = s.ctx.restore_session(&device);
     assert_eq!(kept.get("im/u/alice"), Some(&1));
+}
+
+#[tokio::test]
+async fn a_listener_bounds_the_packets_a_connection_has_in_progress() {
+    let mut f = fixture(Client {
+        max_pending: Some(2),
+        ..Client::default()
+    });
+    let s = &mut f.session;
+    let mut requests = BytesMut::new();
+    for pkid in 1..=2 {
+        codec::write_publish(
+            &mut requests,
+            Version::V5,
+            0b0010,
+            b"im/u/alice/req",
+            pkid,
+            &[],
+            b"?",
+        );
+    }
+    from_client(s, &requests[..]);
+    assert!(
+        !s.accepts_input(),
+        "two requests in progress: no more reading"
+    );
+    settle(s).await;
+    assert!(s.accepts_input(), "answered: reading resumes");
 }
