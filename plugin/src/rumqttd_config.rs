@@ -37,15 +37,18 @@ pub struct Adopted {
 /// # Errors
 /// The file cannot be read or does not fit rumqttd's configuration, one line per problem.
 pub fn load(path: &Path) -> Result<rumqttd::Config, ConfigError> {
-    let problem = |e: config::ConfigError| ConfigError {
-        problems: vec![format!("{}: {e}", path.display())],
-    };
+    read(path)
+}
+
+/// `path` as TOML, deserialized into `T`.
+fn read<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
     config::Config::builder()
         .add_source(config::File::from(path).format(config::FileFormat::Toml))
         .build()
-        .map_err(problem)?
-        .try_deserialize()
-        .map_err(problem)
+        .and_then(config::Config::try_deserialize)
+        .map_err(|e| ConfigError {
+            problems: vec![format!("{}: {e}", path.display())],
+        })
 }
 
 /// Keys of `path` that rumqttd 0.20 does not know (the shipped sample has some, such as
@@ -54,13 +57,7 @@ pub fn load(path: &Path) -> Result<rumqttd::Config, ConfigError> {
 /// # Errors
 /// The file cannot be read as TOML.
 pub fn unknown_keys(path: &Path) -> Result<Vec<String>, ConfigError> {
-    let raw: serde_json::Value = config::Config::builder()
-        .add_source(config::File::from(path).format(config::FileFormat::Toml))
-        .build()
-        .and_then(config::Config::try_deserialize)
-        .map_err(|e| ConfigError {
-            problems: vec![format!("{}: {e}", path.display())],
-        })?;
+    let raw: serde_json::Value = read(path)?;
     let mut unknown = Vec::new();
     walk(&raw, "", &SCHEMA, &mut unknown);
     Ok(unknown
