@@ -322,6 +322,12 @@ impl Metrics {
         );
     }
 
+    /// The registry itself (prometheus-client), for a service that encodes it with its own
+    /// metrics.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
     /// The Prometheus text exposition (OpenMetrics) of every metric.
     pub fn render(&self) -> String {
         let mut text = String::new();
