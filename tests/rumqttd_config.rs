@@ -426,6 +426,16 @@ fn check_config_validates_both_files() {
             .output()
             .unwrap()
     };
+    // The repository's example is honoured as written (Prometheus is read on request).
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/rumqttd.toml");
+    let clean = check(&example, &im);
+    let printed = String::from_utf8_lossy(&clean.stdout);
+    assert!(clean.status.success(), "{printed}");
+    let lines: Vec<&str> = printed.lines().collect();
+    assert_eq!(lines.len(), 2, "{printed}");
+    assert!(lines[0].starts_with("note: prometheus:"), "{printed}");
+    assert_eq!(lines[1], "configuration is valid");
+
     let valid = check(&rumqttd, &im);
     let printed = String::from_utf8_lossy(&valid.stdout);
     assert!(valid.status.success(), "{printed}");
