@@ -315,7 +315,8 @@ impl Builder {
     }
 }
 
-/// A running mqtt-im, started by [`Builder::start`].
+/// A running mqtt-im, started by [`Builder::start`]. Dropping it leaves mqtt-im serving
+/// until the runtime ends; [`Handle::shutdown`] stops it cleanly.
 #[derive(Debug)]
 pub struct Handle {
     shutdown: CancellationToken,
