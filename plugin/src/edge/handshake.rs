@@ -1,6 +1,6 @@
-//! The CONNECT handshake: decode, client id, the broker's own auth, the hooks' `admit`
-//! (the policy's `on_connect` among them), the client id's take-over, the private MQTT 5 link to rumqttd when the
-//! client needs it from the start, and the CONNACK to the client.
+//! The CONNECT handshake: decode, client id, the listener's own auth, the hooks' `admit`
+//! (the policy's `on_connect` among them), the client id's take-over, the private MQTT 5
+//! link to rumqttd when the client needs it from the start, and the CONNACK to the client.
 
 use std::sync::Arc;
 
