@@ -296,3 +296,34 @@ async fn a_failing_hook_with_on_error_deny_refuses() {
     assert_eq!(code, 0x87);
     broker.stop().await;
 }
+
+/// A service hands the builder a store it opened and the Lua settings: chat messages land in
+/// the service's own store, and the scripts judge beside the service's hooks.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_service_gives_the_builder_its_own_store_and_policy() {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn mqtt_im::store::Store> =
+        Arc::new(mqtt_im::store::EmbeddedStore::open(&dir.path().join("service.db"), 64).unwrap());
+    let mut policy = mqtt_im::Config::default().policy;
+    policy.scripts = vec![script(dir.path(), "hooks.lua", LUA)];
+    let broker = TestBroker::start_built(
+        |_| {},
+        |builder| builder.store(Arc::clone(&store)).policy(policy),
+    )
+    .await;
+    let mut alice = Client::v5(broker.addr, "alice-phone", "alice").await;
+    let (code, reason) = alice.publish_answered("lua/x", b"1".to_vec()).await;
+    assert_eq!(
+        (code, reason.as_deref()),
+        (0x87, Some("the script said no"))
+    );
+    let stored = alice
+        .publish_acked("im/u/bob", chat("m1", "bob", "kept here", false))
+        .await;
+    assert_eq!(stored, 0);
+    let conversation = mqtt_im::store::Conversation::direct("alice", "bob");
+    let page = store.history(&conversation, None, 10).await.unwrap();
+    assert_eq!(page.messages.len(), 1);
+    assert_eq!(page.messages[0].sender, "alice");
+    broker.stop().await;
+}

@@ -507,3 +507,45 @@ async fn an_embedders_auth_handler_decides_as_in_bare_rumqttd() {
     let _ = alice.digest("alice").await;
     handle.shutdown().await;
 }
+
+/// The binary on a `rumqttd.toml` (the repository's example, on port 0): it prints each
+/// listener's address, and the file's users chat over IM through it.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_binary_serves_a_rumqttd_toml() {
+    let dir = tempfile::tempdir().unwrap();
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/rumqttd.toml");
+    let text = on_loopback(&std::fs::read_to_string(example).unwrap(), || 0);
+    let path = write(dir.path(), "rumqttd.toml", &text);
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_mqtt-im"));
+    command
+        .arg("--rumqttd-config")
+        .arg(&path)
+        .env("MQTT_IM__STORE__PATH", dir.path().join("im.db"));
+    // The first plain listener, the WebSocket one, then every listener by name.
+    let (_node, lines) = spawn_reading(command, 5);
+    let listener = |name: &str| -> SocketAddr {
+        let prefix = format!("mqtt-im listener {name} ");
+        let line = lines.iter().find(|l| l.starts_with(&prefix));
+        let addr = line.and_then(|l| l.rsplit(' ').next());
+        addr.unwrap_or_else(|| panic!("{name} in {lines:?}"))
+            .parse()
+            .unwrap()
+    };
+    let (v4, v5) = (listener("v4.1"), listener("v5.1"));
+    assert!(lines
+        .iter()
+        .any(|l| l.starts_with("mqtt-im listener ws.1 (ws) on ")));
+
+    let mut alice = rumqttc::MqttOptions::new("alice-phone", v4.ip().to_string(), v4.port());
+    alice.set_credentials("alice", "alice-pw");
+    let mut alice = Client::v4_with(alice).await;
+    let stored = alice
+        .publish_acked("im/u/bob", chat("m1", "bob", "through rumqttd.toml", false))
+        .await;
+    assert_eq!(stored, 0);
+    let mut bob = rumqttc::v5::MqttOptions::new("bob-phone", v5.ip().to_string(), v5.port());
+    bob.set_credentials("bob", "bob-pw");
+    let mut bob = Client::v5_with(bob).await;
+    assert_eq!(bob.subscribe("im/u/bob/#", 1).await, vec![1]);
+    assert_eq!(bob.digest("bob").await.sessions["u/alice"].unacked, 1);
+}

@@ -712,6 +712,10 @@ async fn start_broker(
     let mut broker = rumqttd::Broker::new(broker_config);
     let mut links = LocalLinks::default();
     for client_id in local_links {
+        if links.0.contains_key(client_id) {
+            let why = format!("local link {client_id:?} asked for twice");
+            return Err(ServerError::Broker(why));
+        }
         let link = broker
             .link(client_id)
             .map_err(|e| ServerError::Broker(format!("local link {client_id:?}: {e}")))?;

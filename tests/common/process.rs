@@ -119,31 +119,45 @@ impl Drop for Node {
 
 /// Runs the `mqtt-im` binary on `dir` with extra environment; returns it and its address.
 pub fn spawn_with(dir: &std::path::Path, env: &[(&str, String)]) -> (Node, SocketAddr) {
-    use std::io::BufRead;
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_mqtt-im"))
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_mqtt-im"));
+    command
         .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
         .env("MQTT_IM__LISTENERS__MQTT", "127.0.0.1:0")
         .env("MQTT_IM__STORE__PATH", dir.join("im.db"))
         .env("MQTT_IM__AUTH__USERS__ALICE", "pw")
         .env("MQTT_IM__AUTH__USERS__BOB", "pw")
-        .env("MQTT_IM__AUTH__PLAINTEXT", "true")
+        .env("MQTT_IM__AUTH__PLAINTEXT", "true");
+    let (node, lines) = spawn_reading(command, 1);
+    let line = &lines[0];
+    let addr = line
+        .strip_prefix("mqtt-im listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .parse()
+        .unwrap();
+    (node, addr)
+}
+
+/// Runs `command` (the binary) and reads its first `count` lines of output; the rest is
+/// drained for as long as it lives.
+pub fn spawn_reading(mut command: std::process::Command, count: usize) -> (Node, Vec<String>) {
+    use std::io::BufRead;
+    let mut child = command
         .env_remove("RUST_LOG")
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
     let stdout = child.stdout.take().unwrap();
-    let mut line = String::new();
+    let node = Node(child);
     let mut stdout = std::io::BufReader::new(stdout);
-    stdout.read_line(&mut line).unwrap();
+    let mut lines = Vec::with_capacity(count);
+    for _ in 0..count {
+        let mut line = String::new();
+        stdout.read_line(&mut line).unwrap();
+        lines.push(line.trim().to_owned());
+    }
     // Keep the pipe open and drained for as long as the child lives.
     std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
-    let addr = line
-        .trim()
-        .strip_prefix("mqtt-im listening on ")
-        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-        .parse()
-        .unwrap();
-    (Node(child), addr)
+    (node, lines)
 }
 
 /// Redis for cluster tests: MQTT_IM_TEST_REDIS_URL, or the local CI service when services are
