@@ -49,6 +49,8 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures::FutureExt;
 use tokio::sync::mpsc;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 pub use crate::config::OnError;
 use crate::metrics::Metrics;
@@ -239,6 +241,8 @@ pub(crate) struct Hooks {
     chain: Arc<[Arc<dyn Hook>]>,
     interests: Interests,
     metrics: Arc<Metrics>,
+    /// The connections' notifier tasks, waited for by [`Hooks::close`].
+    notifiers: TaskTracker,
 }
 
 /// Notifications queued per connection before new ones are dropped (and counted).
@@ -283,6 +287,7 @@ impl Hooks {
             chain: chain.into(),
             interests,
             metrics,
+            notifiers: TaskTracker::new(),
         }
     }
 
@@ -351,18 +356,27 @@ impl Hooks {
         }
         let (queue, mut notifications) = mpsc::channel(NOTIFICATION_QUEUE);
         let hooks = self.clone();
-        tokio::spawn(async move {
+        let span = tracing::Span::current();
+        let notifying = async move {
             while let Some(notification) = notifications.recv().await {
                 hooks.notify(&client, &notification).await;
             }
             hooks.notify(&client, &Notification::Disconnected).await;
-        });
+        };
+        self.notifiers.spawn(notifying.instrument(span));
         let notifier = Notifier {
             queue,
             metrics: Arc::clone(&self.metrics),
         };
         notifier.send(Notification::Connected);
         Some(notifier)
+    }
+
+    /// Once every connection has ended: waits until the hooks heard the last notifications
+    /// (each call bounded by its hook's deadline).
+    pub(crate) async fn close(&self) {
+        self.notifiers.close();
+        self.notifiers.wait().await;
     }
 
     async fn notify(&self, client: &Client, notification: &Notification) {

@@ -76,6 +76,21 @@ pub(crate) struct GcLabels {
     pub(crate) what: &'static str,
 }
 
+/// A background task of the IM service: `live_acks`, `receipts`, `removals`, `evictions`,
+/// `gc` or `heartbeat`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub(crate) struct TaskLabels {
+    pub(crate) task: &'static str,
+}
+
+/// Files re-read while running (`policy`, `password_file`, `acl_file`, `jwks_file`) and
+/// how it went: `loaded`, or `kept` (the new version failed; the last good one stays).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub(crate) struct ReloadLabels {
+    pub(crate) file: &'static str,
+    pub(crate) result: &'static str,
+}
+
 /// `sent` or `received`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub(crate) struct DirectionLabels {
@@ -122,6 +137,8 @@ pub struct Metrics {
     pub(crate) backlog_skipped: Counter,
     pub(crate) gc_deleted: Family<GcLabels, Counter>,
     pub(crate) gc_lag: Gauge,
+    pub(crate) background_rounds: Family<TaskLabels, Counter>,
+    pub(crate) reloads: Family<ReloadLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -163,6 +180,8 @@ impl Default for Metrics {
             backlog_skipped: Counter::default(),
             gc_deleted: Family::default(),
             gc_lag: Gauge::default(),
+            background_rounds: Family::default(),
+            reloads: Family::default(),
         };
         metrics.register();
         metrics
@@ -320,6 +339,29 @@ impl Metrics {
             Unit::Seconds,
             self.gc_lag.clone(),
         );
+        r.register(
+            "background_rounds",
+            "Rounds the IM service's background tasks finished, by task (live_acks, receipts, removals, evictions, gc, heartbeat): a count that stops rising is a stalled task",
+            self.background_rounds.clone(),
+        );
+        r.register(
+            "reloads",
+            "Files re-read while running (on change or SIGHUP) by file (policy, password_file, acl_file, jwks_file) and result: loaded, or kept (the new version failed to load; the last good one stays)",
+            self.reloads.clone(),
+        );
+    }
+
+    /// The counters of how reloads of `file` went.
+    pub(crate) fn reload_outcomes(&self, file: &'static str) -> crate::watch::Outcomes {
+        let counter = |result| {
+            self.reloads
+                .get_or_create(&ReloadLabels { file, result })
+                .clone()
+        };
+        crate::watch::Outcomes {
+            loaded: counter("loaded"),
+            kept: counter("kept"),
+        }
     }
 
     /// The registry itself (prometheus-client), for a service that encodes it with its own

@@ -24,6 +24,7 @@ use crate::status::{self, StatusSource};
 use crate::store::{
     Bounded, DigestCache, EmbeddedStore, PostgresStore, RedisBus, Store, StoreError,
 };
+use crate::watch;
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -456,13 +457,23 @@ impl Server {
     /// finish its in-flight stores and closes the store.
     pub async fn run(self, shutdown: CancellationToken) {
         let tasks = TaskTracker::new();
-        tasks.spawn(policy::watch(self.policy, shutdown.clone()));
-        for (path, reload) in self.auth.reloads() {
-            let interval = self.auth_reload_ms;
-            tasks.spawn(crate::watch::on_change(
-                vec![path.clone()],
+        let metrics = self.im.metrics();
+        let (policy_files, policy_interval) = policy::watched(self.policy);
+        let outcomes = metrics.reload_outcomes(policy_files.what);
+        tasks.spawn(watch::on_change(
+            policy_files,
+            policy_interval,
+            outcomes,
+            shutdown.clone(),
+        ));
+        for watched in self.auth.reloads() {
+            let outcomes = metrics.reload_outcomes(watched.what);
+            let interval = Duration::from_millis(self.auth_reload_ms);
+            let watched = Arc::clone(watched);
+            tasks.spawn(watch::on_change(
+                watched,
                 interval,
-                Arc::clone(reload),
+                outcomes,
                 shutdown.clone(),
             ));
         }
@@ -482,6 +493,7 @@ impl Server {
         futures::future::join_all(accepting).await;
         tasks.close();
         tasks.wait().await;
+        self.context.hooks.close().await;
         self.im.close().await;
         self.store.close().await;
     }

@@ -193,7 +193,8 @@ async fn mosquitto_password_file_after_the_users_table() {
     assert_eq!(codes(&broker, "dave", "dave pw").await, BAD_PASSWORD);
     assert_eq!(codes(&broker, "erin", "erin:pw").await, BAD_PASSWORD);
     std::fs::write(&file, "garbage without a colon\n").unwrap();
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let kept = r#"mqtt_im_reloads_total{file="password_file",result="kept"}"#;
+    wait_for(|| metric(&broker, kept) == 1.0).await;
     assert_eq!(
         codes(&broker, "fay", "fay pw").await,
         ACCEPTED,
@@ -215,6 +216,7 @@ async fn sighup_rereads_the_password_file() {
     .await;
     assert_eq!(codes(&broker, "dave", "one").await, ACCEPTED);
     write_password_file(&file, &[("dave", "two")]);
+    // A window for nothing to happen: no change checks run, so nothing may re-read the file.
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     assert_eq!(
         codes(&broker, "dave", "two").await,

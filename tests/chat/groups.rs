@@ -442,15 +442,17 @@ async fn ten_thousand_members_one_post(backend: TestBackend) {
     let mut alice = Client::v5(broker.addr, "alice-phone", "alice").await;
     assert_eq!(alice.publish_acked("im/g/big", group_chat("warm-up", "big")).await, 0);
     let _ = live.next_on("im/g/big").await;
+    // The warm-up's delivery acknowledgement written before counting starts.
+    wait_for(|| store_calls(&broker, "ack") >= 1.0).await;
 
     let before = rows(&broker).await;
     let started = std::time::Instant::now();
     assert_eq!(alice.publish_acked("im/g/big", group_chat("hello", "big")).await, 0);
     let post = started.elapsed();
     assert_eq!(chat_seq(&live.next_on("im/g/big").await), 2);
-    // Let the live member's delivery ack be written, then count: one message row, plus at
-    // most that ack (an acked range of an existing device is rewritten, not added).
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Once the live member's delivery ack is written, count: one message row, plus at most
+    // that ack (an acked range of an existing device is rewritten, not added).
+    wait_for(|| store_calls(&broker, "ack") >= 2.0).await;
     let written = rows(&broker).await - before;
     assert!(written <= 2, "one post wrote {written} rows");
 
@@ -502,7 +504,7 @@ async fn operator_commands(backend: TestBackend) {
     assert_eq!(chat_seq(&bob.next_on("im/g/ops").await), 1);
 
     assert_eq!(operator(&broker, &["group", "remove", "ops", "bob"]), "removed bob\n");
-    tokio::time::sleep(Duration::from_millis(1200)).await;
+    after_round(&broker, "removals").await;
     assert_eq!(alice.publish_acked("im/g/ops", group_chat("o2", "ops")).await, 0);
     while let Some(seen) = bob.quiet_for(Duration::from_millis(500)).await {
         if let Seen::Publish { topic, .. } = seen {

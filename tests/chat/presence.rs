@@ -128,8 +128,10 @@ async fn persistent_session_resumes_im_subscriptions(backend: TestBackend) {
     assert!(!tablet.next_on("im/u/bob").await.is_empty());
     // Another user reusing the client id does not inherit bob's IM subscriptions.
     tablet.disconnect().await;
-    let _carol = Client::v4_session(broker.addr, "bob-tablet", "carol", 30, false).await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    wait_presence(&broker, "bob", &[]).await;
+    let mut carol = Client::v4_session(broker.addr, "bob-tablet", "carol", 30, false).await;
+    // Whatever the session resumed has taken effect once a later packet is answered.
+    carol.round_trip().await;
     assert!(broker.im.online_devices("carol").is_empty());
     assert!(broker.im.online_devices("bob").is_empty());
 }

@@ -11,7 +11,7 @@ use super::WAIT;
 
 /// A filter in every other user's IM tree: mqtt-im refuses it in its SUBACK without opening
 /// a rumqttd link or changing anything, so subscribing to it is a round trip with no effect.
-const QUIET_PROBE: &str = "im/u/+/quiet-probe";
+pub const QUIET_PROBE: &str = "im/u/+/quiet-probe";
 
 /// What a client saw.
 #[derive(Debug, Clone)]
@@ -94,11 +94,11 @@ trait EventSource: Send + 'static {
 
 impl EventSource for rumqttc::EventLoop {
     async fn step(&mut self) -> Option<Step> {
-        use rumqttc::{Event, Outgoing, Packet, SubscribeReasonCode as C};
+        use rumqttc::{Event, Packet, SubscribeReasonCode as C};
         let packet = match self.poll().await.ok()? {
             Event::Incoming(packet) => packet,
-            // After a clean DISCONNECT the loop stops: polling on would reconnect.
-            Event::Outgoing(Outgoing::Disconnect) => return None,
+            // After a DISCONNECT the loop polls on until the server closes the connection
+            // (an error ends it: polling after that would reconnect).
             Event::Outgoing(_) => return Some(Step::Skip),
         };
         Some(match packet {
@@ -136,7 +136,6 @@ impl EventSource for rumqttc::v5::EventLoop {
     async fn step(&mut self) -> Option<Step> {
         use rumqttc::v5::mqttbytes::v5::Packet;
         use rumqttc::v5::{ConnectionError, Event, StateError};
-        use rumqttc::Outgoing;
         let event = match self.poll().await {
             Ok(event) => event,
             Err(ConnectionError::MqttState(StateError::ServerDisconnect {
@@ -149,8 +148,8 @@ impl EventSource for rumqttc::v5::EventLoop {
         };
         let packet = match event {
             Event::Incoming(packet) => packet,
-            // After a clean DISCONNECT the loop stops: polling on would reconnect.
-            Event::Outgoing(Outgoing::Disconnect) => return None,
+            // After a DISCONNECT the loop polls on until the server closes the connection
+            // (an error ends it: polling after that would reconnect).
             Event::Outgoing(_) => return Some(Step::Skip),
         };
         Some(match packet {
@@ -365,6 +364,18 @@ impl Client {
         payload: Vec<u8>,
     ) -> (u8, Option<String>) {
         self.publish(topic, 1, payload).await;
+        self.puback().await
+    }
+
+    /// Publishes a retained message at QoS 1 and returns the PUBACK reason code, once the
+    /// broker has taken it (retained from then on).
+    pub async fn retain_acked(&mut self, topic: &str, payload: Vec<u8>) -> u8 {
+        self.publish_retain(topic, 1, true, payload).await;
+        self.puback().await.0
+    }
+
+    /// The next PUBACK's reason code and reason string, skipping other packets.
+    async fn puback(&mut self) -> (u8, Option<String>) {
         loop {
             if let Seen::PubAck {
                 reason,
@@ -448,12 +459,19 @@ impl Client {
         if let Some(seen) = self.within(wait).await {
             return Some(seen);
         }
+        self.round_trip().await;
+        self.held.pop_front()
+    }
+
+    /// A round trip to mqtt-im that changes nothing (a SUBSCRIBE it refuses): everything the
+    /// connection sent before has been handled once it returns, and anything the server
+    /// wrote before its answer is held for `next`.
+    pub async fn round_trip(&mut self) {
         let codes = self.subscribe(QUIET_PROBE, 1).await;
         assert!(
             codes.iter().all(|code| *code >= 0x80),
             "probe granted: {codes:?}"
         );
-        self.held.pop_front()
     }
 
     /// The next packet if one arrives within `wait`; a connection that ended fails the test.
@@ -483,13 +501,19 @@ impl Client {
         self.response(uid).await
     }
 
-    pub async fn disconnect(self) {
+    /// Disconnects and waits until the server has closed the connection: by then it has
+    /// ended the session's presence and let go of its client id.
+    pub async fn disconnect(mut self) {
         if let Some(c) = &self.v4 {
             let _ = c.disconnect().await;
         } else if let Some(c) = &self.v5 {
             let _ = c.disconnect().await;
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        let closed = tokio::time::timeout(WAIT, &mut self.task).await;
+        assert!(
+            closed.is_ok(),
+            "the server kept the connection after DISCONNECT"
+        );
     }
 }
 

@@ -351,6 +351,45 @@ where
     }
 }
 
+/// The value of one series (`name{labels}`) in the broker's metrics; 0 for a labelled
+/// series nothing has counted under yet.
+pub fn metric(broker: &TestBroker, series: &str) -> f64 {
+    samples(&broker.im.metrics().render())
+        .get(series)
+        .copied()
+        .unwrap_or(0.0)
+}
+
+/// Rounds `task` (a background task of the IM service) has finished.
+pub fn rounds(broker: &TestBroker, task: &str) -> f64 {
+    metric(
+        broker,
+        &format!("mqtt_im_background_rounds_total{{task=\"{task}\"}}"),
+    )
+}
+
+/// Store calls of operation `op` so far: each written batch of acknowledged live deliveries
+/// is one `ack` call.
+pub fn store_calls(broker: &TestBroker, op: &str) -> f64 {
+    metric(
+        broker,
+        &format!("mqtt_im_store_seconds_count{{op=\"{op}\"}}"),
+    )
+}
+
+/// Waits until the broker holds `expected` links to its rumqttd: a link goes once rumqttd
+/// has closed it too, so a session rumqttd keeps is in place from then on.
+pub async fn wait_links(broker: &TestBroker, expected: f64) {
+    wait_for(|| metric(broker, "mqtt_im_upstream_links") == expected).await;
+}
+
+/// Waits until `task` has run a whole round that started after this call: two more rounds
+/// finished (the first may have been under way already).
+pub async fn after_round(broker: &TestBroker, task: &str) {
+    let start = rounds(broker, task);
+    wait_for(|| rounds(broker, task) >= start + 2.0).await;
+}
+
 /// The policy scripts and word lists the project ships, as `examples/mqtt-im.toml` loads them.
 pub fn shipped_policy(config: &mut Config) {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts");

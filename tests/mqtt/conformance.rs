@@ -20,10 +20,20 @@ use tokio::sync::mpsc;
 
 const QUIET: Duration = Duration::from_millis(400);
 
-/// An MQTT 5 client whose received PUBLISH packets arrive whole (properties included).
+/// An MQTT 5 client whose received PUBLISH packets arrive whole (properties included), and
+/// whose acknowledgements are awaited rather than slept over.
 struct Peer {
     client: AsyncClient,
-    publishes: mpsc::UnboundedReceiver<Publish>,
+    events: mpsc::UnboundedReceiver<Arrival>,
+    /// Publishes that came while an acknowledgement was awaited, in order.
+    held: std::collections::VecDeque<Publish>,
+}
+
+/// What the broker sent a [`Peer`].
+enum Arrival {
+    Publish(Box<Publish>),
+    /// SUBACK, UNSUBACK or PUBACK.
+    Ack,
 }
 
 impl Peer {
@@ -39,60 +49,116 @@ impl Peer {
 
     async fn with(options: MqttOptions) -> Self {
         let (client, mut events) = AsyncClient::new(options, 100);
-        let (tx, publishes) = mpsc::unbounded_channel();
+        let (tx, arrivals) = mpsc::unbounded_channel();
         let (ready_tx, ready) = tokio::sync::oneshot::channel();
         tokio::spawn(async move {
             let mut ready_tx = Some(ready_tx);
             loop {
-                match events.poll().await {
+                let arrival = match events.poll().await {
                     Ok(Event::Incoming(Packet::ConnAck(_))) => {
                         if let Some(r) = ready_tx.take() {
                             let _ = r.send(());
                         }
+                        continue;
                     }
                     Ok(Event::Incoming(Packet::Publish(publish))) => {
-                        let _ = tx.send(publish);
+                        Arrival::Publish(Box::new(publish))
                     }
-                    Ok(_) => {}
-                    Err(_) => return,
-                }
+                    Ok(Event::Incoming(
+                        Packet::SubAck(_) | Packet::UnsubAck(_) | Packet::PubAck(_),
+                    )) => Arrival::Ack,
+                    Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) | Err(_) => return,
+                    Ok(_) => continue,
+                };
+                let _ = tx.send(arrival);
             }
         });
         tokio::time::timeout(WAIT, ready).await.unwrap().unwrap();
-        Self { client, publishes }
+        Self {
+            client,
+            events: arrivals,
+            held: Default::default(),
+        }
     }
 
-    async fn subscribe(&self, filter: Filter) {
+    /// Waits for the broker's next acknowledgement; publishes before it stay for `next`.
+    async fn acked(&mut self) {
+        loop {
+            match self.arrival(WAIT).await.expect("no acknowledgement came") {
+                Arrival::Ack => return,
+                Arrival::Publish(publish) => self.held.push_back(*publish),
+            }
+        }
+    }
+
+    /// The next arrival within `wait`; a connection that ended fails the test.
+    async fn arrival(&mut self, wait: Duration) -> Option<Arrival> {
+        match tokio::time::timeout(wait, self.events.recv()).await {
+            Ok(Some(arrival)) => Some(arrival),
+            Ok(None) => panic!("connection ended"),
+            Err(_) => None,
+        }
+    }
+
+    /// Subscribes and waits for the SUBACK.
+    async fn subscribe(&mut self, filter: Filter) {
         self.client.subscribe_many([filter]).await.unwrap();
-        // The SUBACK is not surfaced here: give the subscription a moment to take effect.
-        tokio::time::sleep(Duration::from_millis(150)).await;
+        self.acked().await;
     }
 
-    async fn publish(&self, topic: &str, qos: QoS, retain: bool, payload: &[u8]) {
+    /// Unsubscribes and waits for the UNSUBACK.
+    async fn unsubscribe(&mut self, filter: &str) {
+        self.client.unsubscribe(filter).await.unwrap();
+        self.acked().await;
+    }
+
+    /// Publishes; at QoS 1 waits for the PUBACK (the broker has the message from then on).
+    async fn publish(&mut self, topic: &str, qos: QoS, retain: bool, payload: &[u8]) {
         self.client
             .publish(topic, qos, retain, payload.to_vec())
             .await
             .unwrap();
+        if qos == QoS::AtLeastOnce {
+            self.acked().await;
+        }
+    }
+
+    /// Disconnects and waits until the broker has closed the link behind it, so that what
+    /// comes next meets the session the broker keeps.
+    async fn leave(self, broker: &TestBroker) {
+        self.client.disconnect().await.unwrap();
+        wait_links(broker, 0.0).await;
     }
 
     async fn next(&mut self) -> Publish {
-        tokio::time::timeout(WAIT, self.publishes.recv())
+        self.maybe_next_within(WAIT)
             .await
             .expect("no publish arrived")
-            .expect("connection ended")
     }
 
     /// The next publish if one arrives within [`QUIET`].
     async fn maybe_next(&mut self) -> Option<Publish> {
-        let next = tokio::time::timeout(QUIET, self.publishes.recv()).await;
-        next.ok().map(|publish| publish.expect("connection ended"))
+        self.maybe_next_within(QUIET).await
     }
 
-    /// Nothing arrives within [`QUIET`] (a connection that ended is not quiet).
+    async fn maybe_next_within(&mut self, wait: Duration) -> Option<Publish> {
+        if let Some(publish) = self.held.pop_front() {
+            return Some(publish);
+        }
+        loop {
+            match self.arrival(wait).await? {
+                Arrival::Publish(publish) => return Some(*publish),
+                Arrival::Ack => {}
+            }
+        }
+    }
+
+    /// Nothing arrives within [`QUIET`] on a connection that is still alive (a SUBSCRIBE
+    /// mqtt-im refuses is answered after the wait).
     async fn quiet(&mut self) -> bool {
-        tokio::time::timeout(QUIET, self.publishes.recv())
-            .await
-            .is_err()
+        let quiet = self.maybe_next().await.is_none();
+        self.subscribe(filter(QUIET_PROBE, QoS::AtLeastOnce)).await;
+        quiet && self.held.is_empty()
     }
 }
 
@@ -129,7 +195,7 @@ async fn dollar_topics_are_not_matched_by_wildcards() {
     all.subscribe(filter("#", QoS::AtLeastOnce)).await;
     let mut plus = Peer::connect(&broker, "plus", true).await;
     plus.subscribe(filter("+/x", QoS::AtLeastOnce)).await;
-    let sender = Peer::connect(&broker, "sender", true).await;
+    let mut sender = Peer::connect(&broker, "sender", true).await;
     sender
         .publish("$app/x", QoS::AtLeastOnce, false, b"d")
         .await;
@@ -154,7 +220,7 @@ async fn dollar_topics_are_not_matched_by_wildcards() {
 #[tokio::test]
 async fn retained_messages_and_their_clearing() {
     let broker = TestBroker::start().await;
-    let sender = Peer::connect(&broker, "sender", true).await;
+    let mut sender = Peer::connect(&broker, "sender", true).await;
     sender
         .publish("paho/retained/a", QoS::AtLeastOnce, true, b"one")
         .await;
@@ -164,7 +230,6 @@ async fn retained_messages_and_their_clearing() {
     sender
         .publish("paho/retained/b", QoS::AtLeastOnce, true, b"b")
         .await;
-    tokio::time::sleep(QUIET).await;
     let mut late = Peer::connect(&broker, "late", true).await;
     late.subscribe(filter("paho/retained/a", QoS::AtLeastOnce))
         .await;
@@ -176,7 +241,6 @@ async fn retained_messages_and_their_clearing() {
     sender
         .publish("paho/retained/b", QoS::AtLeastOnce, true, b"")
         .await;
-    tokio::time::sleep(QUIET).await;
     let mut later = Peer::connect(&broker, "later", true).await;
     later
         .subscribe(filter("paho/retained/#", QoS::AtLeastOnce))
@@ -213,17 +277,15 @@ async fn overlapping_subscriptions() {
 #[tokio::test]
 async fn redelivery_on_reconnect() {
     let broker = TestBroker::start().await;
-    let peer = Peer::connect(&broker, "persistent", false).await;
+    let mut peer = Peer::connect(&broker, "persistent", false).await;
     peer.subscribe(filter("paho/queue", QoS::AtLeastOnce)).await;
-    peer.client.disconnect().await.unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let sender = Peer::connect(&broker, "sender", true).await;
+    peer.leave(&broker).await;
+    let mut sender = Peer::connect(&broker, "sender", true).await;
     for i in 0..3u8 {
         sender
             .publish("paho/queue", QoS::AtLeastOnce, false, &[i])
             .await;
     }
-    tokio::time::sleep(Duration::from_millis(200)).await;
     let mut back = Peer::connect(&broker, "persistent", false).await;
     for i in 0..3u8 {
         assert_eq!(back.next().await.payload.as_ref(), &[i]);
@@ -239,8 +301,7 @@ async fn unsubscribe_stops_delivery() {
     peer.publish("paho/unsub", QoS::AtLeastOnce, false, b"1")
         .await;
     assert_eq!(peer.next().await.payload.as_ref(), b"1");
-    peer.client.unsubscribe("paho/unsub").await.unwrap();
-    tokio::time::sleep(Duration::from_millis(150)).await;
+    peer.unsubscribe("paho/unsub").await;
     peer.publish("paho/unsub", QoS::AtLeastOnce, false, b"2")
         .await;
     assert!(peer.quiet().await);
@@ -282,12 +343,11 @@ async fn mqtt5_publish_properties_pass_through() {
 #[tokio::test]
 async fn expired_messages_are_not_delivered() {
     let broker = TestBroker::start().await;
-    let away = Peer::connect(&broker, "away", false).await;
+    let mut away = Peer::connect(&broker, "away", false).await;
     away.subscribe(filter("paho/expiry", QoS::AtLeastOnce))
         .await;
-    away.client.disconnect().await.unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let sender = Peer::connect(&broker, "sender", true).await;
+    away.leave(&broker).await;
+    let mut sender = Peer::connect(&broker, "sender", true).await;
     let properties = PublishProperties {
         message_expiry_interval: Some(1),
         ..Default::default()
@@ -300,6 +360,7 @@ async fn expired_messages_are_not_delivered() {
     sender
         .publish("paho/expiry", QoS::AtLeastOnce, false, b"kept")
         .await;
+    // Time, not synchronisation: the first message's expiry interval (1 s) passes.
     tokio::time::sleep(Duration::from_millis(2200)).await;
     let mut back = Peer::connect(&broker, "away", false).await;
     assert_eq!(back.next().await.payload.as_ref(), b"kept");

@@ -2,8 +2,6 @@
 //! never have one; the first plain subscribe or publish opens it, with nothing lost.
 #![allow(clippy::unwrap_used)]
 
-use std::time::Duration;
-
 use crate::common::*;
 
 /// A broker with its metrics endpoint.
@@ -17,16 +15,10 @@ async fn links(broker: &TestBroker) -> f64 {
     sample(&samples(&text), "mqtt_im_upstream_links")
 }
 
-/// Waits until `mqtt_im_upstream_links` reads `expected` (a closing link goes a little
-/// after its client).
+/// Waits until the endpoint's `mqtt_im_upstream_links` reads `expected` (a closing link goes
+/// a little after its client).
 async fn wait_links(broker: &TestBroker, expected: f64) {
-    for _ in 0..100 {
-        if links(broker).await == expected {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert_eq!(links(broker).await, expected);
+    eventually(|| async { links(broker).await == expected }).await;
 }
 
 /// Phones that only chat (3.1.1 and 5, persistent sessions too) hold no rumqttd link

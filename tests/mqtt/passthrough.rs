@@ -1,7 +1,5 @@
 //! Non-IM topics behave as on bare rumqttd, shielded from its known defects.
 
-use std::time::Duration;
-
 use crate::common::*;
 
 /// QoS 0/1/2 between mixed 3.1.1 and 5 clients, and retained messages.
@@ -19,15 +17,13 @@ async fn mixed_versions_pub_sub_all_qos_and_retain() {
         assert_eq!(sub4.next_on(&topic).await, vec![qos]);
         assert_eq!(sub5.next_on(&topic).await, vec![qos]);
     }
-    let publisher4 = Client::v4(broker.addr, "pub-4", "carol", 30).await;
-    publisher4
-        .v4
-        .as_ref()
-        .unwrap()
-        .publish("state/door", rumqttc::QoS::AtLeastOnce, true, "open")
-        .await
-        .unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut publisher4 = Client::v4(broker.addr, "pub-4", "carol", 30).await;
+    assert_eq!(
+        publisher4
+            .retain_acked("state/door", b"open".to_vec())
+            .await,
+        0
+    );
     let mut late = Client::v4(broker.addr, "late", "alice", 30).await;
     late.subscribe("state/#", 1).await;
     assert_eq!(late.next_on("state/door").await, b"open".to_vec());
@@ -104,7 +100,7 @@ async fn im_and_broker_packet_ids_never_collide() {
         }
     }
     assert_eq!((chats, readings), (n, n));
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Every PUBACK went out before this Pull on the same connection.
     let left = page(&bob.ask("bob", pull("p", "u/alice", 10, None)).await);
     assert!(
         left.messages.is_empty(),

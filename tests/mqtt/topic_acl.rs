@@ -110,17 +110,19 @@ async fn publishes_and_subscriptions_follow_the_file() {
 async fn retained_messages_follow_the_file() {
     let dir = tempfile::tempdir().unwrap();
     let broker = broker_with_acl(dir.path()).await;
-    let alice = Client::v5(broker.addr, "alice-1", "alice").await;
-    alice
-        .publish_retain("fleet/alice/status", 1, true, b"up".to_vec())
-        .await;
-    alice
-        .publish_retain("fleet/alice/secret", 1, true, b"s".to_vec())
-        .await;
-    alice
-        .publish_retain("fleet/carol/status", 1, true, b"forged".to_vec())
-        .await;
-    tokio::time::sleep(QUIET).await;
+    let mut alice = Client::v5(broker.addr, "alice-1", "alice").await;
+    let answers = [
+        alice
+            .retain_acked("fleet/alice/status", b"up".to_vec())
+            .await,
+        alice
+            .retain_acked("fleet/alice/secret", b"s".to_vec())
+            .await,
+        alice
+            .retain_acked("fleet/carol/status", b"forged".to_vec())
+            .await,
+    ];
+    assert_eq!(answers, [0, 0, 0x87]);
     let mut bob = Client::v5(broker.addr, "bob-1", "bob").await;
     assert_eq!(bob.subscribe("fleet/#", 1).await, vec![1]);
     assert_eq!(bob.next_on("fleet/alice/status").await, b"up".to_vec());

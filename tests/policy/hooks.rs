@@ -84,10 +84,21 @@ impl Hook for Recorder {
     }
 }
 
-/// Blocks `slow/…` publishes far past its deadline, and panics on subscriptions.
+/// Blocks `slow/…` publishes far past its deadline (saying when one starts), and panics on
+/// subscriptions.
 #[derive(Debug)]
 struct Broken {
     on_error: OnError,
+    slow_started: Arc<tokio::sync::Notify>,
+}
+
+impl Broken {
+    fn new(on_error: OnError) -> Self {
+        Self {
+            on_error,
+            slow_started: Arc::default(),
+        }
+    }
 }
 
 #[mqtt_im::async_trait]
@@ -121,6 +132,7 @@ impl Hook for Broken {
 
     async fn publish(&self, _client: &HookClient, message: &Message) -> Verdict {
         if message.topic.starts_with("slow/") {
+            self.slow_started.notify_one();
             tokio::time::sleep(Duration::from_secs(3600)).await;
         }
         Verdict::Allow
@@ -240,15 +252,9 @@ async fn every_point_reaches_the_hooks_in_order_beside_im() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_hook_that_overruns_or_panics_follows_on_error_and_stalls_nobody_else() {
-    let broker = TestBroker::start_built(
-        |_| {},
-        |builder| {
-            builder.hook(Broken {
-                on_error: OnError::Allow,
-            })
-        },
-    )
-    .await;
+    let broken = Broken::new(OnError::Allow);
+    let slow_started = Arc::clone(&broken.slow_started);
+    let broker = TestBroker::start_built(|_| {}, |builder| builder.hook(broken)).await;
     let mut watcher = Client::v5(broker.addr, "watcher", "carol").await;
     assert_eq!(watcher.subscribe("#", 1).await, vec![1]);
     let alice = Client::v5(broker.addr, "alice-phone", "alice").await;
@@ -256,7 +262,9 @@ async fn a_hook_that_overruns_or_panics_follows_on_error_and_stalls_nobody_else(
 
     // alice's publish waits for the hook's deadline; bob's, sent after it, does not wait.
     alice.publish("slow/x", 1, b"slow".to_vec()).await;
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    tokio::time::timeout(WAIT, slow_started.notified())
+        .await
+        .expect("the slow publish never reached the hook");
     assert_eq!(bob.publish_acked("fast/x", b"fast".to_vec()).await, 0);
     let first = watcher.next().await;
     assert!(
@@ -280,15 +288,8 @@ async fn a_hook_that_overruns_or_panics_follows_on_error_and_stalls_nobody_else(
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_failing_hook_with_on_error_deny_refuses() {
-    let broker = TestBroker::start_built(
-        |_| {},
-        |builder| {
-            builder.hook(Broken {
-                on_error: OnError::Deny,
-            })
-        },
-    )
-    .await;
+    let broker =
+        TestBroker::start_built(|_| {}, |builder| builder.hook(Broken::new(OnError::Deny))).await;
     let mut alice = Client::v5(broker.addr, "alice-phone", "alice").await;
     assert_eq!(alice.subscribe("boom/x", 1).await, vec![0x87]);
     let (code, _) = alice.publish_answered("slow/x", b"1".to_vec()).await;

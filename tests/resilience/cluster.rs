@@ -166,7 +166,7 @@ async fn killed_node_users_become_offline() {
         0
     );
     // The undelivered hand-over is counted.
-    wait_for(|| metric(&n1, "mqtt_im_handovers_failed_total") >= 1).await;
+    wait_for(|| metric(&n1, "mqtt_im_handovers_failed_total") >= 1.0).await;
     wait_located(&n1, "bob", &[]).await;
     assert_eq!(
         alice
@@ -177,17 +177,6 @@ async fn killed_node_users_become_offline() {
     let mut bob = Client::v4(n1.addr, "bob-phone", "bob", 30).await;
     bob.subscribe("im/u/bob/#", 1).await;
     assert_eq!(bob.digest("bob").await.sessions["u/alice"].count, 2);
-}
-
-/// The value of an unlabelled counter or gauge in a node's metrics.
-fn metric(broker: &TestBroker, name: &str) -> i64 {
-    broker
-        .im
-        .metrics()
-        .render()
-        .lines()
-        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or(0)
 }
 
 /// With Redis unreachable, messages are still stored, delivered on the local node and counted
@@ -245,11 +234,11 @@ async fn redis_outage_keeps_storing() {
         carol.disconnect().await;
     }
     // The node says it is degraded, and stops saying so when Redis is back.
-    wait_for(|| metric(&n1, "mqtt_im_redis_up") == 0).await;
+    wait_for(|| metric(&n1, "mqtt_im_redis_up") == 0.0).await;
 
     proxy.up();
     wait_located(&n1, "bob", &[("bob-phone", "n1")]).await;
-    wait_for(|| metric(&n1, "mqtt_im_redis_up") == 1).await;
+    wait_for(|| metric(&n1, "mqtt_im_redis_up") == 1.0).await;
 }
 
 /// Deletes every Redis key of this deployment: what FLUSHALL does to it, without disturbing
@@ -386,8 +375,8 @@ async fn groups_span_nodes() {
         alice.ask("alice", request("r", remove)).await.status,
         pb::Status::Ok as i32
     );
-    // Node 2 reads the removal log every removal_poll_ms (500 ms by default).
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Node 2 reads the removal log every removal_poll_ms.
+    after_round(&n2, "removals").await;
     assert_eq!(
         alice
             .publish_acked("im/g/crew", group_chat("c2", "crew"))
@@ -444,7 +433,7 @@ async fn a_client_id_connected_twice_across_nodes_is_taken_over() {
     let mut alice = Client::v5(n1.addr, "alice-phone", "alice").await;
     all_live(&mut alice, &mut new, 1, 40).await;
     // Heartbeats of node 1 do not take the device back.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    after_round(&n1, "heartbeat").await;
     wait_located(&n1, "bob", &[("bob-phone", "n2")]).await;
     all_live(&mut alice, &mut new, 41, 10).await;
 }

@@ -183,8 +183,9 @@ async fn acks_and_removals_go_on_while_redis_is_stalled() {
 
     proxy.stall();
     // A live delivery's acknowledgement is written: a new device of bob's starts past it.
+    let acks = store_calls(&broker, "ack");
     chat_live(&mut alice, &mut bob, "acked-live").await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    wait_for(|| store_calls(&broker, "ack") > acks).await;
     let mut tablet = Client::v5(broker.addr, "bob-tablet", "bob").await;
     let unacked = page(&tablet.ask("bob", pull("p", "u/alice", 10, None)).await);
     assert!(
@@ -200,7 +201,7 @@ async fn acks_and_removals_go_on_while_redis_is_stalled() {
         .await
         .unwrap();
     assert_eq!(removed, vec!["bob".to_string()]);
-    tokio::time::sleep(Duration::from_millis(1200)).await;
+    after_round(&broker, "removals").await;
     assert_eq!(
         alice
             .publish_acked("im/g/ops", group_chat("g1", "ops"))

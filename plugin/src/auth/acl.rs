@@ -255,15 +255,18 @@ impl AclFile {
         &self.path
     }
 
-    /// Re-reads the file, keeping the old rules if it no longer parses.
-    pub fn reload(&self) {
+    /// Re-reads the file, keeping the old rules if it no longer parses; `true` when the new
+    /// rules are in use.
+    pub fn reload(&self) -> bool {
         match read(&self.path) {
             Ok(parsed) => {
                 *self.parsed.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(parsed);
                 tracing::info!(file = %self.path.display(), "ACL file loaded");
+                true
             }
             Err(e) => {
-                tracing::warn!(error = %e, "ACL file not reloaded; keeping the last good one")
+                tracing::warn!(error = %e, "ACL file not reloaded; keeping the last good one");
+                false
             }
         }
     }

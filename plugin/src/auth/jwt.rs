@@ -72,15 +72,18 @@ impl Jwt {
         self.settings.jwks_file.as_ref()
     }
 
-    /// Re-reads the JWKS file, keeping the old keys if it no longer parses.
-    pub(super) fn reload(&self) {
+    /// Re-reads the JWKS file, keeping the old keys if it no longer parses; `true` when the
+    /// new keys are in use.
+    pub(super) fn reload(&self) -> bool {
         match load_keys(&self.settings, self.algorithm) {
             Ok(keys) => {
                 *self.keys.write().unwrap_or_else(PoisonError::into_inner) = keys;
                 tracing::info!("JWKS file loaded");
+                true
             }
             Err(e) => {
-                tracing::warn!(error = %e, "JWKS file not reloaded; keeping the last good one")
+                tracing::warn!(error = %e, "JWKS file not reloaded; keeping the last good one");
+                false
             }
         }
     }

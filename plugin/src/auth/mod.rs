@@ -22,6 +22,7 @@ use std::time::Duration;
 use tokio::sync::Semaphore;
 
 use crate::config::{AuthSettings, ProviderOutage, ProviderSettings, UidSource};
+use crate::watch::Watched;
 use hash::StoredHash;
 pub use password_file::PasswordFile;
 
@@ -192,13 +193,10 @@ impl Hashing {
     }
 }
 
-/// A file and the function that re-reads it.
-pub type Reload = (std::path::PathBuf, Arc<dyn Fn() + Send + Sync>);
-
 /// The configured chain.
 pub struct Authenticator {
     providers: Vec<Arc<dyn Provider>>,
-    reloads: Vec<Reload>,
+    reloads: Vec<Arc<Watched>>,
     acl: Option<Arc<acl::AclFile>>,
     allow_anonymous: bool,
     uid_from: UidSource,
@@ -212,6 +210,19 @@ impl std::fmt::Debug for Authenticator {
             .field("acl", &self.acl.as_ref().map(|acl| acl.path()))
             .finish_non_exhaustive()
     }
+}
+
+/// `path` as a watched file of kind `what`, re-read by `reload`.
+fn watched(
+    path: &std::path::Path,
+    what: &'static str,
+    reload: impl Fn() -> bool + Send + Sync + 'static,
+) -> Arc<Watched> {
+    Arc::new(Watched {
+        files: vec![path.to_owned()],
+        what,
+        reload: Arc::new(reload),
+    })
 }
 
 /// Provider failures are logged once per burst (an outage is one line, not one per CONNECT).
@@ -233,7 +244,7 @@ impl Authenticator {
         } else {
             settings.providers.clone()
         };
-        let mut reloads: Vec<Reload> = Vec::new();
+        let mut reloads: Vec<Arc<Watched>> = Vec::new();
         let mut providers: Vec<Arc<dyn Provider>> = Vec::with_capacity(configured.len());
         for provider in &configured {
             match provider {
@@ -243,7 +254,7 @@ impl Authenticator {
                 ProviderSettings::PasswordFile { path } => {
                     let file = Arc::new(PasswordFile::open(path, Arc::clone(&hashing))?);
                     let reloaded = Arc::clone(&file);
-                    reloads.push((path.clone(), Arc::new(move || reloaded.reload())));
+                    reloads.push(watched(path, "password_file", move || reloaded.reload()));
                     providers.push(file);
                 }
                 ProviderSettings::Lua => {
@@ -260,7 +271,7 @@ impl Authenticator {
                     let jwt = Arc::new(jwt::Jwt::new(jwt)?);
                     if let Some(path) = jwt.jwks_file() {
                         let reloaded = Arc::clone(&jwt);
-                        reloads.push((path.clone(), Arc::new(move || reloaded.reload())));
+                        reloads.push(watched(path, "jwks_file", move || reloaded.reload()));
                     }
                     providers.push(jwt);
                 }
@@ -270,7 +281,7 @@ impl Authenticator {
             Some(path) => {
                 let file = Arc::new(acl::AclFile::open(path)?);
                 let reloaded = Arc::clone(&file);
-                reloads.push((path.clone(), Arc::new(move || reloaded.reload())));
+                reloads.push(watched(path, "acl_file", move || reloaded.reload()));
                 Some(file)
             }
             None => None,
@@ -286,7 +297,7 @@ impl Authenticator {
 
     /// The files the chain reads (password, ACL and JWKS files), each with what re-reads it
     /// when it changes.
-    pub fn reloads(&self) -> &[Reload] {
+    pub(crate) fn reloads(&self) -> &[Arc<Watched>] {
         &self.reloads
     }
 

@@ -32,16 +32,19 @@ impl PasswordFile {
         &self.path
     }
 
-    /// Re-reads the file; on a problem the old users stay and the problem is logged.
-    pub fn reload(&self) {
+    /// Re-reads the file; on a problem the old users stay and the problem is logged. `true`
+    /// when the new users are in use.
+    pub fn reload(&self) -> bool {
         match read(&self.path) {
             Ok(users) => {
                 let count = users.len();
                 *self.users.write().unwrap_or_else(PoisonError::into_inner) = users;
                 tracing::info!(file = %self.path.display(), users = count, "password file loaded");
+                true
             }
             Err(e) => {
-                tracing::warn!(error = %e, "password file not reloaded; keeping the last good one")
+                tracing::warn!(error = %e, "password file not reloaded; keeping the last good one");
+                false
             }
         }
     }

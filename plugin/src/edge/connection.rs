@@ -358,6 +358,9 @@ impl Connection {
             self.apply_effects();
         }
         self.session.leave(&end);
+        if self.session.im_uid().is_some() {
+            self.session.ctx.im.left(&self.session.device).await;
+        }
         let _ = self.flush().await;
         match &end {
             End::Failed(e) => tracing::info!(error = %e, "connection closed on error"),

@@ -9,17 +9,20 @@ use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::Arc;
 use std::time::Duration;
 
+use prometheus_client::metrics::counter::Counter;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 
 use super::ImService;
+use crate::metrics::TaskLabels;
 use crate::throttle::Throttle;
 
-/// Runs `work` every `period` (the first time at once) until `shutdown`; a round that takes
-/// longer than the period delays the next instead of bunching them up.
-async fn every<F, W>(period: Duration, shutdown: CancellationToken, mut work: W)
+/// Runs `work` every `period` (the first time at once) until `shutdown`, counting each round
+/// in `rounds` once it is done; a round that takes longer than the period delays the next
+/// instead of bunching them up.
+async fn every<F, W>(period: Duration, rounds: Counter, shutdown: CancellationToken, mut work: W)
 where
     W: FnMut() -> F,
     F: Future<Output = ()>,
@@ -29,7 +32,10 @@ where
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return,
-            _ = ticks.tick() => work().await,
+            _ = ticks.tick() => {
+                work().await;
+                rounds.inc();
+            }
         }
     }
 }
@@ -55,10 +61,15 @@ impl ImService {
         if let Some(bus) = self.inner.cluster.clone() {
             tasks.spawn(bus.listen(inbox, shutdown.clone()));
             let (service, failures) = (self.clone(), Arc::new(Throttle::default()));
-            tasks.spawn(every(heartbeat, shutdown.clone(), move || {
-                let (service, failures) = (service.clone(), Arc::clone(&failures));
-                async move { service.heartbeat(&failures).await }
-            }));
+            tasks.spawn(every(
+                heartbeat,
+                self.rounds("heartbeat"),
+                shutdown.clone(),
+                move || {
+                    let (service, failures) = (service.clone(), Arc::clone(&failures));
+                    async move { service.heartbeat(&failures).await }
+                },
+            ));
         }
         tasks.spawn(
             self.clone()
@@ -66,39 +77,72 @@ impl ImService {
         );
         let service = self.clone();
         let flush = Duration::from_millis(settings.live_ack_flush_ms);
-        tasks.spawn(every(flush, shutdown.clone(), move || {
-            let service = service.clone();
-            async move { service.flush_live_acks().await }
-        }));
+        tasks.spawn(every(
+            flush,
+            self.rounds("live_acks"),
+            shutdown.clone(),
+            move || {
+                let service = service.clone();
+                async move { service.flush_live_acks().await }
+            },
+        ));
         let service = self.clone();
         let receipts = Duration::from_millis(settings.receipt_interval_ms);
-        tasks.spawn(every(receipts, shutdown.clone(), move || {
-            let service = service.clone();
-            async move { service.send_receipt_updates().await }
-        }));
+        tasks.spawn(every(
+            receipts,
+            self.rounds("receipts"),
+            shutdown.clone(),
+            move || {
+                let service = service.clone();
+                async move { service.send_receipt_updates().await }
+            },
+        ));
         let (service, last_removal) = (self.clone(), Arc::new(AtomicU64::new(0)));
         let removals = Duration::from_millis(settings.removal_poll_ms);
-        tasks.spawn(every(removals, shutdown.clone(), move || {
-            let (service, last_removal) = (service.clone(), Arc::clone(&last_removal));
-            async move { service.apply_removals(&last_removal).await }
-        }));
+        tasks.spawn(every(
+            removals,
+            self.rounds("removals"),
+            shutdown.clone(),
+            move || {
+                let (service, last_removal) = (service.clone(), Arc::clone(&last_removal));
+                async move { service.apply_removals(&last_removal).await }
+            },
+        ));
         let (service, last_eviction) = (self.clone(), Arc::new(AtomicU64::new(0)));
         let primed = Arc::new(AtomicBool::new(false));
-        tasks.spawn(every(removals, shutdown.clone(), move || {
-            let (service, last, primed) = (
-                service.clone(),
-                Arc::clone(&last_eviction),
-                Arc::clone(&primed),
-            );
-            async move { service.apply_evictions(&last, &primed).await }
-        }));
+        tasks.spawn(every(
+            removals,
+            self.rounds("evictions"),
+            shutdown.clone(),
+            move || {
+                let (service, last, primed) = (
+                    service.clone(),
+                    Arc::clone(&last_eviction),
+                    Arc::clone(&primed),
+                );
+                async move { service.apply_evictions(&last, &primed).await }
+            },
+        ));
         let service = self.clone();
         let stop = shutdown.clone();
-        tasks.spawn(every(settings.gc_interval.0, shutdown.clone(), move || {
-            let (service, stop) = (service.clone(), stop.clone());
-            async move { service.garbage_round(&stop).await }
-        }));
+        tasks.spawn(every(
+            settings.gc_interval.0,
+            self.rounds("gc"),
+            shutdown.clone(),
+            move || {
+                let (service, stop) = (service.clone(), stop.clone());
+                async move { service.garbage_round(&stop).await }
+            },
+        ));
         while tasks.join_next().await.is_some() {}
+    }
+
+    /// The counter of `task`'s finished rounds.
+    fn rounds(&self, task: &'static str) -> Counter {
+        self.metrics()
+            .background_rounds
+            .get_or_create(&TaskLabels { task })
+            .clone()
     }
 
     /// Once every connection has ended: writes the live deliveries they acknowledged last,
@@ -181,7 +225,13 @@ mod tests {
         let rounds = Arc::new(AtomicU64::new(0));
         let shutdown = CancellationToken::new();
         let period = Duration::from_secs(10);
-        let task = tokio::spawn(every(period, shutdown.clone(), counting(&rounds)));
+        let counted = Counter::default();
+        let task = tokio::spawn(every(
+            period,
+            counted.clone(),
+            shutdown.clone(),
+            counting(&rounds),
+        ));
         tokio::task::yield_now().await;
         assert_eq!(rounds.load(Ordering::SeqCst), 1, "the first round at once");
         tokio::time::advance(period).await;
@@ -195,6 +245,7 @@ mod tests {
         task.await.unwrap();
         tokio::time::advance(period * 10).await;
         assert_eq!(rounds.load(Ordering::SeqCst), 3, "nothing after shutdown");
+        assert_eq!(counted.get(), 3, "each finished round counted");
     }
 
     #[tokio::test]

@@ -92,6 +92,12 @@ impl ImService {
         self.inner.live_acks.add(device, conversation, seq);
     }
 
+    /// A connection of `device` ended: writes the live deliveries it acknowledged before it
+    /// goes, so that its next connection, on this node or another, starts past them.
+    pub async fn left(&self, device: &Device) {
+        self.commit_live_acks(device, None).await;
+    }
+
     /// Writes every acknowledgement merged so far.
     pub(super) async fn flush_live_acks(&self) {
         let acks = self.inner.live_acks.start_flush();

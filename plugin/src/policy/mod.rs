@@ -22,7 +22,7 @@ use async_trait::async_trait;
 use crate::hook::{Client, Hook, Interests, Message, Subscription, Verdict};
 
 pub use pool::{FailureKind, LuaPolicy, PolicyStats, MAX_REASON};
-pub(crate) use reload::watch;
+pub(crate) use reload::watched;
 pub use words::WordList;
 
 /// What the policy sees of a chat message.

@@ -3,22 +3,27 @@
 //! to load, the old one stays.
 
 use std::sync::Arc;
-
-use tokio_util::sync::CancellationToken;
+use std::time::Duration;
 
 use super::LuaPolicy;
+use crate::watch::Watched;
 
-/// Watches the policy's files until `shutdown`.
-pub(crate) async fn watch(policy: Arc<LuaPolicy>, shutdown: CancellationToken) {
+/// The policy's scripts and word lists, reloaded together, and how often to look at them.
+pub(crate) fn watched(policy: Arc<LuaPolicy>) -> (Arc<Watched>, Duration) {
     let settings = policy.settings();
-    let paths = settings
+    let files = settings
         .scripts
         .iter()
         .chain(settings.words.values())
         .cloned()
         .collect();
-    let interval = settings.reload_interval_ms;
+    let interval = Duration::from_millis(settings.reload_interval_ms);
     // A failed reload is logged by `reload` and keeps the old scripts.
-    let reload = Arc::new(move || drop(policy.reload()));
-    crate::watch::on_change(paths, interval, reload, shutdown).await;
+    let reload = Arc::new(move || policy.reload().is_ok());
+    let watched = Arc::new(Watched {
+        files,
+        what: "policy",
+        reload,
+    });
+    (watched, interval)
 }
