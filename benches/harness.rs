@@ -1452,7 +1452,7 @@ fn providers() -> Result<Vec<Provider>, Error> {
                     uid_claim: "sub".into(),
                     acl_claim: None,
                     superuser_claim: None,
-                    leeway_s: 0,
+                    leeway: mqtt_im::config::Period::default(),
                 };
                 config.auth.providers = vec![mqtt_im::config::ProviderSettings::Jwt(Box::new(jwt))];
             }),

@@ -44,14 +44,14 @@ enum Command {
     #[command(subcommand)]
     Policy(PolicyCommand),
     /// Manage groups as an operator (no role checks); running nodes apply removals to live
-    /// connections within `im.removal_poll_ms`.
+    /// connections within `im.removal_poll`.
     #[command(subcommand)]
     Group(GroupCommand),
     /// Storage maintenance.
     #[command(subcommand)]
     Store(StoreCommand),
     /// List or forget a user's devices; running nodes close a forgotten device's connections
-    /// within `im.removal_poll_ms`.
+    /// within `im.removal_poll`.
     #[command(subcommand)]
     Device(DeviceCommand),
     /// Erase users.
@@ -415,10 +415,7 @@ async fn erase_user(config: &Config, uid: &str) -> anyhow::Result<()> {
     let store = operator_store(config).await?;
     let result = async {
         store.evict(uid, None).await?;
-        tokio::time::sleep(std::time::Duration::from_millis(
-            2 * config.im.removal_poll_ms,
-        ))
-        .await;
+        tokio::time::sleep(config.im.removal_poll.0.saturating_mul(2)).await;
         let erased = store
             .erase_user(uid, config.im.erase_group_messages)
             .await?;

@@ -50,7 +50,7 @@ fn settings(dir: &Path, states: usize) -> PolicySettings {
         states,
         memory_limit: 32 << 20,
         instruction_limit: 1_000_000,
-        reload_interval_ms: 0,
+        reload_interval: mqtt_im::config::Period::millis(0),
         words: BTreeMap::from([
             ("default".to_string(), word_list(dir)),
             (

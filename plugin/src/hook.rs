@@ -52,8 +52,18 @@ use tokio::sync::mpsc;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-pub use crate::config::OnError;
 use crate::metrics::Metrics;
+
+/// What a hook, a script or a provider that fails (errs, overruns, panics) means for what it
+/// was judging.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnError {
+    /// Refuse (the default: a broken filter must not let everything through).
+    Deny,
+    /// Let it through.
+    Allow,
+}
 
 /// A connected client as hooks see it, after authentication.
 #[derive(Debug, Clone, PartialEq, Eq)]

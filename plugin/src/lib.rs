@@ -26,6 +26,7 @@
 #![deny(rustdoc::broken_intra_doc_links)]
 mod accept;
 pub mod auth;
+mod broker;
 pub mod config;
 mod edge;
 pub mod hook;
@@ -35,6 +36,7 @@ pub mod metrics;
 pub mod policy;
 pub mod rumqttd_config;
 pub mod server;
+mod settings;
 mod status;
 pub mod store;
 pub mod text;

@@ -4,10 +4,45 @@
 //! and credentials.
 
 use std::collections::BTreeMap;
+use std::fmt;
 use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
 
-use crate::config::{Config, TlsSettings};
-pub use crate::edge::ListenerKind;
+use serde::{Deserialize, Serialize};
+
+use crate::settings::Problems;
+
+/// Which kind of public listener a connection came in on (a metrics label too).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ListenerKind {
+    /// MQTT over TCP.
+    Tcp,
+    /// MQTT over TLS.
+    Tls,
+    /// MQTT over WebSocket.
+    Ws,
+    /// MQTT over WebSocket over TLS.
+    Wss,
+}
+
+impl ListenerKind {
+    /// The name used in configuration, logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Tcp => "mqtt",
+            Self::Tls => "tls",
+            Self::Ws => "ws",
+            Self::Wss => "wss",
+        }
+    }
+}
+
+impl fmt::Display for ListenerKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
 
 /// The MQTT version a listener is bound to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,7 +97,7 @@ pub struct ListenerSpec {
     /// Largest packet a client may send, in bytes.
     pub max_packet: usize,
     /// Time a new connection has for its transport handshake, then again for CONNECT.
-    pub connect_timeout_ms: u64,
+    pub connect_timeout: Duration,
     /// Packets of one connection the hook layer works on at once (waiting for the store, a
     /// hook or the policy) before it stops reading from the client, as rumqttd reads at most
     /// `max_inflight_count` packets before handing them on; 1,024 when `None`.
@@ -71,32 +106,121 @@ pub struct ListenerSpec {
     pub auth: ListenerAuth,
 }
 
-/// The listeners mqtt-im's own `[listeners]`, `[tls]` and `[broker]` describe.
-pub fn from_config(config: &Config) -> Vec<ListenerSpec> {
-    let settings = &config.listeners;
-    let wanted = [
-        (Some(settings.mqtt), ListenerKind::Tcp),
-        (settings.tls, ListenerKind::Tls),
-        (settings.ws, ListenerKind::Ws),
-        (settings.wss, ListenerKind::Wss),
-    ];
-    wanted
-        .into_iter()
-        .filter_map(|(addr, kind)| {
-            let secure = matches!(kind, ListenerKind::Tls | ListenerKind::Wss);
-            let web = matches!(kind, ListenerKind::Ws | ListenerKind::Wss);
-            Some(ListenerSpec {
-                name: kind.as_str().to_owned(),
-                addr: addr?,
-                kind,
-                tls: secure.then(|| config.tls.clone()),
-                ws_path: web.then(|| settings.ws_path.clone()),
-                protocol: None,
-                max_packet: config.broker.max_packet_size,
-                connect_timeout_ms: config.broker.connect_timeout_ms,
-                max_pending: None,
-                auth: ListenerAuth::Chain,
+impl Settings {
+    /// The listeners this `[listeners]` section describes, with the `[tls]` certificates and
+    /// the `[broker]` packet size and connect timeout.
+    pub fn specs(&self, tls: &TlsSettings, broker: &crate::broker::Settings) -> Vec<ListenerSpec> {
+        let settings = self;
+        let wanted = [
+            (Some(settings.mqtt), ListenerKind::Tcp),
+            (settings.tls, ListenerKind::Tls),
+            (settings.ws, ListenerKind::Ws),
+            (settings.wss, ListenerKind::Wss),
+        ];
+        wanted
+            .into_iter()
+            .filter_map(|(addr, kind)| {
+                let secure = matches!(kind, ListenerKind::Tls | ListenerKind::Wss);
+                let web = matches!(kind, ListenerKind::Ws | ListenerKind::Wss);
+                Some(ListenerSpec {
+                    name: kind.as_str().to_owned(),
+                    addr: addr?,
+                    kind,
+                    tls: secure.then(|| tls.clone()),
+                    ws_path: web.then(|| settings.ws_path.clone()),
+                    protocol: None,
+                    max_packet: broker.max_packet_size,
+                    connect_timeout: broker.connect_timeout.0,
+                    max_pending: None,
+                    auth: ListenerAuth::Chain,
+                })
             })
-        })
-        .collect()
+            .collect()
+    }
+}
+
+/// Public listeners; one port serves MQTT 3.1.1 and MQTT 5 (the CONNECT tells them apart).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// Plain TCP address; port 0 picks a free port.
+    pub mqtt: SocketAddr,
+    /// MQTT over TLS (needs `tls.cert` and `tls.key`).
+    #[serde(default)]
+    pub tls: Option<SocketAddr>,
+    /// MQTT over WebSocket, for browsers.
+    #[serde(default)]
+    pub ws: Option<SocketAddr>,
+    /// MQTT over WebSocket over TLS (needs `tls.cert` and `tls.key`).
+    #[serde(default)]
+    pub wss: Option<SocketAddr>,
+    /// The HTTP path of the WebSocket listeners (mqtt.js and Paho use `/mqtt`).
+    pub ws_path: String,
+    /// HTTP address of Prometheus `/metrics` and the `/status` JSON.
+    #[serde(default)]
+    pub metrics: Option<SocketAddr>,
+}
+
+impl Settings {
+    /// Whether a listener needs the `[tls]` certificate.
+    pub fn use_tls(&self) -> bool {
+        self.tls.is_some() || self.wss.is_some()
+    }
+}
+
+/// Whether TLS clients present certificates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientAuth {
+    /// Clients authenticate with username and password only.
+    None,
+    /// A client may present a certificate signed by `tls.client_ca`; its subject's common
+    /// name is then its uid, without a password.
+    Optional,
+    /// Every TLS client must present such a certificate.
+    Required,
+}
+
+/// Certificates of the `tls` and `wss` listeners (PEM files).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSettings {
+    /// The server's certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// The server's private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+    /// CA certificates that sign client certificates.
+    pub client_ca: PathBuf,
+    /// Whether clients present certificates.
+    pub client_auth: ClientAuth,
+}
+
+impl Settings {
+    /// Values that parse but cannot work, and certificate files that are not there.
+    pub fn check(&self, tls: &TlsSettings, problems: &mut Problems) {
+        problems.check(
+            self.ws_path.starts_with('/'),
+            "listeners.ws_path: must start with '/'",
+        );
+        if self.use_tls() {
+            for (key, path) in [("tls.cert", &tls.cert), ("tls.key", &tls.key)] {
+                problems.check(
+                    path.is_file(),
+                    &format!(
+                        "{key}: {:?} is not a readable file (needed by listeners.tls/wss)",
+                        path.display().to_string()
+                    ),
+                );
+            }
+        }
+        if tls.client_auth != ClientAuth::None {
+            problems.check(
+                tls.client_ca.is_file(),
+                &format!(
+                    "tls.client_ca: {:?} is not a readable file (needed by tls.client_auth)",
+                    tls.client_ca.display().to_string()
+                ),
+            );
+        }
+    }
 }

@@ -7,8 +7,10 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
-use crate::config::{ClientAuth, ConfigError, TlsSettings};
+use crate::config::ConfigError;
+use crate::listener::{ClientAuth, TlsSettings};
 use crate::listener::{ListenerAuth, ListenerKind, ListenerSpec, Protocol};
 
 /// Bytes of one commit-log segment of rumqttd's router at most. rumqttd ships 100 MiB × 10
@@ -281,7 +283,7 @@ fn listener(
         ws_path: None,
         protocol: Some(protocol),
         max_packet: connections.max_payload_size,
-        connect_timeout_ms: u64::from(connections.connection_timeout_ms),
+        connect_timeout: Duration::from_millis(u64::from(connections.connection_timeout_ms)),
         max_pending: Some(connections.max_inflight_count.max(1)),
         auth,
     })

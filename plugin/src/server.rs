@@ -12,7 +12,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::auth::Authenticator;
 use crate::config::{Backend, ClusterSettings, Config, ConfigError};
-use crate::edge::{self, Admission, EdgeContext, Listener, Transport, EDGE_USER};
+use crate::edge::{self, Admission, EdgeContext, Listener, PrivateBroker, Transport, EDGE_USER};
 use crate::hook::{Hook, Hooks};
 use crate::im::ImService;
 pub use crate::listener::ListenerKind;
@@ -138,7 +138,7 @@ impl Builder {
     /// mqtt-im as its own configuration file describes it, listeners included.
     pub fn from_config(config: Config) -> Self {
         Self {
-            listeners: crate::listener::from_config(&config),
+            listeners: config.listeners.specs(&config.tls, &config.broker),
             behind: None,
             metrics_addr: config.listeners.metrics,
             notes: Vec::new(),
@@ -156,7 +156,7 @@ impl Builder {
         if self.behind.is_some() {
             self.metrics_addr = self.metrics_addr.or(config.listeners.metrics);
         } else {
-            self.listeners = crate::listener::from_config(&config);
+            self.listeners = config.listeners.specs(&config.tls, &config.broker);
             self.metrics_addr = config.listeners.metrics;
         }
         self.config = config;
@@ -268,14 +268,19 @@ impl Builder {
         let lua: Arc<dyn Hook> = Arc::new(PolicyHook::new(policy.clone(), config.policy.on_error));
         let chain = std::iter::once(lua).chain(self.hooks).collect();
         let hooks = Hooks::new(chain, Arc::clone(&metrics));
+        let broker = PrivateBroker {
+            listeners: brokers,
+            secret,
+            max_packet,
+            connect_timeout: config.broker.connect_timeout.0,
+        };
         let context = Arc::new(EdgeContext::new(
-            &config,
             im.clone(),
             hooks,
             Arc::clone(&auth),
-            brokers,
-            secret,
-            max_packet,
+            broker,
+            &config.im.prefix,
+            config.limits.clone(),
         ));
         Ok(Server {
             listeners,
@@ -287,8 +292,8 @@ impl Builder {
             auth,
             metrics,
             links,
-            auth_reload_ms: config.auth.reload_interval_ms,
-            heartbeat: Duration::from_millis(config.cluster.heartbeat_ms),
+            auth_reload: config.auth.reload_interval.0,
+            heartbeat: config.cluster.heartbeat.0,
         })
     }
 
@@ -387,8 +392,8 @@ pub struct Server {
     auth: Arc<Authenticator>,
     metrics: Arc<Metrics>,
     links: LocalLinks,
-    /// How often password files are checked for changes.
-    auth_reload_ms: u64,
+    /// How often password, ACL and JWKS files are checked for changes.
+    auth_reload: Duration,
     heartbeat: Duration,
 }
 
@@ -468,7 +473,7 @@ impl Server {
         ));
         for watched in self.auth.reloads() {
             let outcomes = metrics.reload_outcomes(watched.what);
-            let interval = Duration::from_millis(self.auth_reload_ms);
+            let interval = self.auth_reload;
             let watched = Arc::clone(watched);
             tasks.spawn(watch::on_change(
                 watched,
@@ -548,7 +553,7 @@ fn bind_listeners(
             transport: transport(spec)?,
             ws_path: spec.ws_path.as_deref().map(Arc::from),
             max_packet: spec.max_packet,
-            connect_timeout: Duration::from_millis(spec.connect_timeout_ms),
+            connect_timeout: spec.connect_timeout,
             admission,
             max_pending: spec.max_pending,
             version: spec.protocol.map(|protocol| match protocol {
@@ -602,7 +607,7 @@ pub async fn open_store(config: &Config, metrics: &Metrics) -> Result<Arc<dyn St
             let cache = digest_cache(config, metrics).await?;
             let settings = &config.store.postgres;
             let store = PostgresStore::open(settings, config.store.max_batch, cache).await?;
-            let limit = Duration::from_millis(settings.call_timeout_ms);
+            let limit = settings.call_timeout.0;
             Arc::new(Bounded::new(Arc::new(store), limit))
         }
     })
@@ -617,7 +622,7 @@ async fn digest_cache(
     if cluster.redis_url.is_empty() {
         return Ok(None);
     }
-    let timeout = Duration::from_millis(cluster.redis_timeout_ms);
+    let timeout = cluster.redis_timeout.0;
     let cache = DigestCache::new(
         &cluster.redis_url,
         &cluster.key_prefix,
@@ -638,8 +643,8 @@ async fn connect_cluster(settings: &ClusterSettings) -> Result<Option<RedisBus>,
     } else {
         settings.node_id.clone()
     };
-    let ttl = Duration::from_millis(settings.node_ttl_ms);
-    let timeout = Duration::from_millis(settings.redis_timeout_ms);
+    let ttl = settings.node_ttl.0;
+    let timeout = settings.redis_timeout.0;
     let bus = RedisBus::new(
         &settings.redis_url,
         &settings.key_prefix,
@@ -696,7 +701,8 @@ async fn start_broker(
 ) -> Result<Started, ServerError> {
     let settings = &config.broker;
     let connections = rumqttd::ConnectionSettings {
-        connection_timeout_ms: u16::try_from(settings.connect_timeout_ms).unwrap_or(u16::MAX),
+        connection_timeout_ms: u16::try_from(settings.connect_timeout.0.as_millis())
+            .unwrap_or(u16::MAX),
         max_payload_size: max_packet,
         max_inflight_count: settings.max_inflight_count,
         auth: Some(HashMap::from([(EDGE_USER.to_owned(), secret.to_owned())])),

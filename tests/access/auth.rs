@@ -176,7 +176,7 @@ async fn mosquitto_password_file_after_the_users_table() {
             ProviderSettings::Users,
             ProviderSettings::PasswordFile { path },
         ];
-        c.auth.reload_interval_ms = 50;
+        c.auth.reload_interval = mqtt_im::config::Period::millis(50);
     })
     .await;
     assert_eq!(codes(&broker, "alice", "pw").await, ACCEPTED);
@@ -211,7 +211,7 @@ async fn sighup_rereads_the_password_file() {
     let path = file.clone();
     let broker = TestBroker::start_with(move |c| {
         c.auth.providers = vec![ProviderSettings::PasswordFile { path }];
-        c.auth.reload_interval_ms = 0;
+        c.auth.reload_interval = mqtt_im::config::Period::millis(0);
     })
     .await;
     assert_eq!(codes(&broker, "dave", "one").await, ACCEPTED);

@@ -97,8 +97,8 @@ impl AuthService {
 fn provider(addr: SocketAddr, on_error: ProviderOutage, cache_ttl_ms: u64) -> ProviderSettings {
     ProviderSettings::Http(Box::new(HttpAuthSettings {
         url: format!("http://{addr}/mqtt/auth"),
-        timeout_ms: 300,
-        cache_ttl_ms,
+        timeout: mqtt_im::config::Period::millis(300),
+        cache_ttl: mqtt_im::config::Period::millis(cache_ttl_ms),
         headers: [("x-api-key".to_string(), "k".to_string())].into(),
         on_error,
     }))

@@ -43,7 +43,7 @@ fn settings(algorithm: &str) -> JwtSettings {
         uid_claim: "sub".into(),
         acl_claim: Some("acl".into()),
         superuser_claim: None,
-        leeway_s: 0,
+        leeway: mqtt_im::config::Period::default(),
     }
 }
 
@@ -176,7 +176,7 @@ async fn es256_keys_come_from_a_jwks_file_that_rotates() {
         let mut jwt = settings("ES256");
         jwt.jwks_file = Some(path);
         c.auth.providers = vec![ProviderSettings::Jwt(Box::new(jwt))];
-        c.auth.reload_interval_ms = 50;
+        c.auth.reload_interval = mqtt_im::config::Period::millis(50);
     })
     .await;
     assert_eq!(

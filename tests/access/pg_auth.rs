@@ -39,8 +39,8 @@ fn provider(
             "SELECT password_hash, uid, is_superuser, acl::text FROM {table} WHERE username = $1"
         ),
         pool_size: 2,
-        timeout_ms: 500,
-        cache_ttl_ms,
+        timeout: mqtt_im::config::Period::millis(500),
+        cache_ttl: mqtt_im::config::Period::millis(cache_ttl_ms),
         on_error,
     }))
 }

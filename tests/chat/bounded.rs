@@ -29,7 +29,7 @@ async fn history_len(broker: &TestBroker, uid: &str) -> usize {
 /// to her inbox, digest received): what an erasure must close.
 async fn broker_with_alice_online(backend: TestBackend) -> (TestBroker, Client) {
     let broker = TestBroker::start_with_on(backend, |config| {
-        config.im.removal_poll_ms = 50;
+        config.im.removal_poll = mqtt_im::config::Period::millis(50);
     })
     .await;
     let mut alice = Client::v5(broker.addr, "alice-phone", "alice").await;

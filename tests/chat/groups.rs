@@ -65,7 +65,7 @@ fn with_more_users(config: &mut mqtt_im::Config) {
     for user in ["dave", "erin"] {
         config.auth.users.insert(user.into(), "pw".into());
     }
-    config.im.receipt_interval_ms = 300;
+    config.im.receipt_interval = mqtt_im::config::Period::millis(300);
 }
 
 /// A connected client subscribed to its own tree, its digest read.

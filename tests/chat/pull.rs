@@ -245,7 +245,10 @@ backend_tests! {
 async fn live_acknowledged_messages_stay_out_of_the_next_pull(backend: TestBackend) {
     // Written in the background only after the test: the Pull must write them itself.
     let broker =
-        TestBroker::start_with_on(backend.clone(), |c| c.im.live_ack_flush_ms = 60_000).await;
+        TestBroker::start_with_on(backend.clone(), |c| {
+            c.im.live_ack_flush = mqtt_im::config::Period::millis(60_000)
+        })
+        .await;
     let mut alice = Client::v4(broker.addr, "alice-phone", "alice", 30).await;
     let create = pb::request::Kind::GroupCreate(pb::GroupCreate {
         gid: "team".into(),

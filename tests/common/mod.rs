@@ -67,8 +67,8 @@ impl TestBackend {
             url,
             schema: format!("t_{:016x}", rand_u64()),
             pool_size: 8,
-            connect_timeout_ms: 3000,
-            call_timeout_ms: 5000,
+            connect_timeout: mqtt_im::config::Period::millis(3000),
+            call_timeout: mqtt_im::config::Period::millis(5000),
         }))
     }
 }

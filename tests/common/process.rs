@@ -183,7 +183,7 @@ pub async fn postgres_behind_proxy() -> Option<(Proxy, mqtt_im::config::Postgres
     settings.url = settings
         .url
         .replace("127.0.0.1:5432", &proxy.addr.to_string());
-    settings.connect_timeout_ms = 500;
+    settings.connect_timeout = mqtt_im::config::Period::millis(500);
     Some((proxy, settings))
 }
 

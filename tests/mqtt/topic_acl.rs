@@ -32,7 +32,7 @@ async fn broker_with_acl(dir: &std::path::Path) -> TestBroker {
     std::fs::write(&path, ACL).unwrap();
     TestBroker::start_with(move |c| {
         c.auth.acl_file = Some(path);
-        c.auth.reload_interval_ms = 50;
+        c.auth.reload_interval = mqtt_im::config::Period::millis(50);
         c.listeners.metrics = Some("127.0.0.1:0".parse().unwrap());
     })
     .await

@@ -96,3 +96,31 @@ fn tls_listener_needs_usable_certificates() {
         "{stderr}"
     );
 }
+
+/// `Config::default()` is the built-in defaults and reads nothing: a stray `MQTT_IM__*`
+/// variable in an embedding process (here one that `load` refuses) changes nothing in it.
+/// The test runs itself again in a child process with the variable set.
+#[test]
+fn default_reads_nothing_from_the_environment() {
+    const STRAY: &str = "MQTT_IM__IM__PREFIX";
+    if std::env::var_os(STRAY).is_some() {
+        assert_eq!(mqtt_im::Config::default().im.prefix, "im");
+        let refused = mqtt_im::Config::load(None).unwrap_err();
+        assert!(refused.problems[0].starts_with("im.prefix"), "{refused}");
+        return;
+    }
+    let output = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "config::default_reads_nothing_from_the_environment",
+        ])
+        .env(STRAY, "a/b")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("1 passed"),
+        "the child ran no test: {stdout}"
+    );
+}

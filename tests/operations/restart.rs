@@ -89,7 +89,7 @@ async fn sighup_reloads_the_policy() {
         dir.path(),
         &[
             ("MQTT_IM__POLICY__SCRIPTS", gate.display().to_string()),
-            ("MQTT_IM__POLICY__RELOAD_INTERVAL_MS", "0".into()),
+            ("MQTT_IM__POLICY__RELOAD_INTERVAL", "0".into()),
         ],
     );
     let mut alice = Client::v5(addr, "alice-phone", "alice").await;

@@ -115,7 +115,7 @@ async fn a_slow_on_subscribe_never_stops_the_connection() {
     let broker = TestBroker::start_with(move |c| {
         c.policy.scripts = vec![path];
         c.policy.instruction_limit = 1_000_000_000;
-        c.policy.call_timeout_ms = 10_000;
+        c.policy.call_timeout = mqtt_im::config::Period::millis(10_000);
     })
     .await;
     let mut stream = raw_connect(broker.addr, false, "slow-sub", true, Some(("bob", "pw")))

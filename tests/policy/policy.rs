@@ -183,7 +183,7 @@ async fn hot_reload_switches_and_survives_a_broken_edit(backend: TestBackend) {
     let watched = path.clone();
     let broker = TestBroker::start_with_on(backend.clone(), |c| {
         c.policy.scripts = vec![watched];
-        c.policy.reload_interval_ms = 50;
+        c.policy.reload_interval = mqtt_im::config::Period::millis(50);
     })
     .await;
     let mut alice = Client::v5(broker.addr, "alice-5", "alice").await;

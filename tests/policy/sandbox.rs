@@ -57,7 +57,7 @@ fn with_scripts(paths: Vec<PathBuf>, on_error: OnError) -> impl FnOnce(&mut Conf
     move |config| {
         config.policy.scripts = paths;
         config.policy.on_error = on_error;
-        config.policy.call_timeout_ms = 50;
+        config.policy.call_timeout = mqtt_im::config::Period::millis(50);
     }
 }
 

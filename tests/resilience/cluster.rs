@@ -38,8 +38,8 @@ fn node(services: &Services, id: &str) -> impl FnOnce(&mut Config) {
         config.cluster.redis_url = redis;
         config.cluster.key_prefix = prefix;
         config.cluster.node_id = id;
-        config.cluster.heartbeat_ms = 100;
-        config.cluster.node_ttl_ms = 600;
+        config.cluster.heartbeat = mqtt_im::config::Period::millis(100);
+        config.cluster.node_ttl = mqtt_im::config::Period::millis(600);
     }
 }
 
@@ -147,8 +147,8 @@ async fn killed_node_users_become_offline() {
         ("MQTT_IM__CLUSTER__REDIS_URL", services.redis.clone()),
         ("MQTT_IM__CLUSTER__KEY_PREFIX", services.prefix.clone()),
         ("MQTT_IM__CLUSTER__NODE_ID", "doomed".to_string()),
-        ("MQTT_IM__CLUSTER__HEARTBEAT_MS", "100".to_string()),
-        ("MQTT_IM__CLUSTER__NODE_TTL_MS", "600".to_string()),
+        ("MQTT_IM__CLUSTER__HEARTBEAT", "100ms".to_string()),
+        ("MQTT_IM__CLUSTER__NODE_TTL", "600ms".to_string()),
     ];
     let (mut child, addr) = spawn_with(dir.path(), &env);
     let mut bob = Client::v4(addr, "bob-phone", "bob", 30).await;

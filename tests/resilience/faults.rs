@@ -14,7 +14,7 @@ const SLACK: Duration = Duration::from_millis(1500);
 /// PostgreSQL through a proxy, with a short call deadline.
 async fn postgres_behind() -> Option<(Proxy, TestBackend)> {
     let (proxy, mut settings) = postgres_behind_proxy().await?;
-    settings.call_timeout_ms = CALL_TIMEOUT.as_millis() as u64;
+    settings.call_timeout = mqtt_im::config::Period(CALL_TIMEOUT);
     Some((proxy, TestBackend::Postgres(settings)))
 }
 
@@ -91,9 +91,9 @@ fn with_redis(proxy: &Proxy, node: &str) -> impl FnOnce(&mut mqtt_im::config::Co
     move |config| {
         config.cluster.redis_url = url;
         config.cluster.node_id = node;
-        config.cluster.heartbeat_ms = 100;
-        config.cluster.node_ttl_ms = 600;
-        config.cluster.redis_timeout_ms = 300;
+        config.cluster.heartbeat = mqtt_im::config::Period::millis(100);
+        config.cluster.node_ttl = mqtt_im::config::Period::millis(600);
+        config.cluster.redis_timeout = mqtt_im::config::Period::millis(300);
     }
 }
 
@@ -233,6 +233,7 @@ async fn operator_commands_run_while_redis_is_down() {
             "MQTT_IM__CLUSTER__REDIS_URL",
             format!("redis://{}", proxy.addr),
         )
+        // The old millisecond spelling of cluster.redis_timeout, still read.
         .env("MQTT_IM__CLUSTER__REDIS_TIMEOUT_MS", "300")
         .env_remove("RUST_LOG")
         .output()

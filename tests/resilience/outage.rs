@@ -152,8 +152,8 @@ async fn a_stalled_store_never_holds_connects_or_plain_topics() {
     let Some((proxy, mut settings)) = postgres_behind_proxy().await else {
         return;
     };
-    settings.call_timeout_ms = 60_000;
-    settings.connect_timeout_ms = 60_000;
+    settings.call_timeout = mqtt_im::config::Period::millis(60_000);
+    settings.connect_timeout = mqtt_im::config::Period::millis(60_000);
     let broker = TestBroker::start_on(TestBackend::Postgres(settings)).await;
     proxy.stall();
     for (uid, v5) in [("alice", true), ("bob", false)] {

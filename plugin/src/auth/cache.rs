@@ -17,9 +17,9 @@ pub(super) struct TtlCache<K, V> {
 }
 
 impl<K: Eq + Hash, V: Clone> TtlCache<K, V> {
-    pub(super) fn new(ttl_ms: u64) -> Self {
+    pub(super) fn new(ttl: Duration) -> Self {
         Self {
-            ttl: Duration::from_millis(ttl_ms),
+            ttl,
             entries: Mutex::new(HashMap::new()),
         }
     }
@@ -52,11 +52,11 @@ mod tests {
 
     #[test]
     fn keeps_for_the_ttl_only() {
-        let cache = TtlCache::new(60_000);
+        let cache = TtlCache::new(Duration::from_secs(60));
         cache.put("a", 1);
         assert_eq!(cache.get(&"a"), Some(1));
         assert_eq!(cache.get(&"b"), None);
-        let off = TtlCache::new(0);
+        let off = TtlCache::new(Duration::ZERO);
         off.put("a", 1);
         assert_eq!(off.get(&"a"), None);
     }

@@ -2,7 +2,7 @@
 //! (`client_id`, `username`, `password`, `peer`, `protocol`, `transport`) over pooled
 //! keep-alive connections with a deadline; the answer is `{"result": "allow" | "deny" |
 //! "next", "uid"?, "is_superuser"?, "acl"?}` (HTTP 204 alone means allow). Answers are cached
-//! for `cache_ttl_ms` per client id, username and password. When the service cannot answer,
+//! for `cache_ttl` per client id, username and password. When the service cannot answer,
 //! `on_error` decides: `deny` (the default) or `next`.
 
 use std::time::Duration;
@@ -14,8 +14,8 @@ use hyper_util::rt::TokioExecutor;
 use serde::Deserialize;
 
 use super::cache::TtlCache;
+use super::settings::{HttpAuthSettings, ProviderOutage};
 use super::{AuthError, Credentials, Grant, Provider, Refusal, Verdict};
-use crate::config::{HttpAuthSettings, ProviderOutage};
 
 /// Largest answer read from the service.
 const MAX_ANSWER: usize = 64 * 1024;
@@ -59,7 +59,7 @@ impl Http {
             ));
         }
         let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(Duration::from_millis(settings.timeout_ms)));
+        connector.set_connect_timeout(Some(settings.timeout.0));
         connector.set_nodelay(true);
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(30))
@@ -67,7 +67,7 @@ impl Http {
         Ok(Self {
             settings: settings.clone(),
             client,
-            cache: TtlCache::new(settings.cache_ttl_ms),
+            cache: TtlCache::new(settings.cache_ttl.0),
         })
     }
 
@@ -122,7 +122,7 @@ impl Http {
                 .to_bytes();
             Ok::<_, AuthError>((status, body))
         };
-        let deadline = Duration::from_millis(self.settings.timeout_ms);
+        let deadline = self.settings.timeout.0;
         let (status, body) = tokio::time::timeout(deadline, exchange)
             .await
             .map_err(|_| AuthError::Timeout(deadline))??;

@@ -14,8 +14,8 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde_json::Value;
 
 use super::acl;
+use super::settings::{JwtFrom, JwtSettings};
 use super::{AuthError, Credentials, Grant, Provider, Refusal, Verdict};
-use crate::config::{JwtFrom, JwtSettings};
 
 /// Keys to check signatures with.
 enum Keys {
@@ -90,7 +90,7 @@ impl Jwt {
 
     fn validation(&self) -> Validation {
         let mut validation = Validation::new(self.algorithm);
-        validation.leeway = self.settings.leeway_s;
+        validation.leeway = self.settings.leeway.0.as_secs();
         validation.validate_nbf = true;
         validation.required_spec_claims = ["exp".to_owned()].into();
         match &self.settings.issuer {

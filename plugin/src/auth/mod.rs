@@ -13,6 +13,7 @@ mod jwt;
 mod password_file;
 mod postgres;
 mod script;
+pub mod settings;
 mod users;
 
 use std::net::SocketAddr;
@@ -21,10 +22,10 @@ use std::time::Duration;
 
 use tokio::sync::Semaphore;
 
-use crate::config::{AuthSettings, ProviderOutage, ProviderSettings, UidSource};
 use crate::watch::Watched;
 use hash::StoredHash;
 pub use password_file::PasswordFile;
+use settings::{ProviderOutage, ProviderSettings, Settings as AuthSettings, UidSource};
 
 /// What a client presented in its CONNECT, and where from.
 #[derive(Debug, Clone)]

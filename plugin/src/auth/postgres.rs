@@ -1,21 +1,20 @@
 //! The `postgres` provider: the team's own users table. A configured query gets the username
 //! (`$1`, and the client id as `$2` if it asks for it) and returns the password hash, then
 //! optionally the uid, a superuser flag and topic rules (JSON, as [`super::acl::rules_from_json`]
-//! reads them). Rows, and the absence of one, are cached for `cache_ttl_ms` (bounded), so a
+//! reads them). Rows, and the absence of one, are cached for `cache_ttl` (bounded), so a
 //! reconnect storm does not become a query storm; passwords are never cached, only checked
 //! against the cached hash. Every query has a deadline; a failure follows `on_error`.
 
 use std::str::FromStr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokio_postgres::NoTls;
 
 use super::cache::TtlCache;
 use super::hash::StoredHash;
+use super::settings::{PostgresAuthSettings, ProviderOutage};
 use super::{AuthError, Credentials, Grant, Hashing, Provider, Refusal, Verdict};
-use crate::config::{PostgresAuthSettings, ProviderOutage};
 
 /// One user's row.
 #[derive(Debug, Clone)]
@@ -50,7 +49,7 @@ impl Postgres {
             |what: &str| AuthError::Unavailable(format!("auth.providers postgres: {what}"));
         let mut config = tokio_postgres::Config::from_str(&settings.url)
             .map_err(|_| problem("url does not parse"))?;
-        let timeout = Duration::from_millis(settings.timeout_ms);
+        let timeout = settings.timeout.0;
         config.connect_timeout(timeout);
         config.keepalives(true);
         config.tcp_user_timeout(timeout);
@@ -72,7 +71,7 @@ impl Postgres {
             settings: settings.clone(),
             pool,
             hashing,
-            cache: TtlCache::new(settings.cache_ttl_ms),
+            cache: TtlCache::new(settings.cache_ttl.0),
         })
     }
 
@@ -95,7 +94,7 @@ impl Postgres {
             .map_err(|e| unavailable(&e))?;
             rows.first().map(row_from).transpose()
         };
-        let deadline = Duration::from_millis(self.settings.timeout_ms);
+        let deadline = self.settings.timeout.0;
         match tokio::time::timeout(deadline, query).await {
             Ok(answer) => answer,
             Err(_) => {

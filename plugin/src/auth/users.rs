@@ -5,8 +5,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::hash::StoredHash;
+use super::settings::Settings as AuthSettings;
 use super::{judge, AuthError, Credentials, Hashing, Provider, Verdict};
-use crate::config::AuthSettings;
 
 /// The configured users; an unknown username is the next provider's.
 #[derive(Debug)]

@@ -20,10 +20,11 @@ use super::handshake::{handshake, Arrival, Established};
 use super::limits::DeviceSlot;
 use super::links::LinkClaim;
 use super::session::{End, Op, Session};
-use super::transport::{ClientStream, Listener, ListenerKind};
+use super::transport::{ClientStream, Listener};
 use super::upstream::{Upstream, UpstreamEvent};
 use super::{ConnectionSink, EdgeContext, EdgeError};
 use crate::im::DeviceEvent;
+use crate::listener::ListenerKind;
 use crate::metrics::ConnectionLabels;
 
 /// How often the link to rumqttd is pinged when idle.

@@ -5,9 +5,36 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{DeviceOverflow, LimitSettings};
+/// What a client exceeding the per-user device limit meets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeviceOverflow {
+    /// The new connection is refused (CONNACK quota exceeded).
+    RefuseNewest,
+    /// The user's oldest connection is closed (MQTT 5: DISCONNECT quota exceeded).
+    DisconnectOldest,
+}
+
+/// Per-client, per-user and per-listener limits; 0 means unlimited.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitSettings {
+    /// PUBLISH packets per second per connection (token bucket).
+    pub publish_rate: u32,
+    /// Publishes a connection may send at once above the rate (0: the rate).
+    pub publish_burst: u32,
+    /// PUBLISH bytes per second per connection (token bucket, one second of burst).
+    pub publish_bytes_per_s: u64,
+    /// Connections one user (identity) may hold at once.
+    pub max_devices_per_user: u32,
+    /// Which connection gives way when a user has too many.
+    pub device_overflow: DeviceOverflow,
+    /// Connections each public listener holds at once (checked before TLS or WebSocket).
+    pub max_connections_per_listener: usize,
+}
 
 /// A token bucket: `rate` tokens a second, at most `burst` saved up. Taking more than there
 /// is leaves a debt, which says how long the taker should wait.

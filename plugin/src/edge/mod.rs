@@ -31,12 +31,11 @@ use tokio_util::task::TaskTracker;
 
 use crate::accept::accept_until;
 use crate::auth::Authenticator;
-use crate::config::Config;
 use crate::hook::Hooks;
 use crate::im::{Device, DeviceEvent, DeviceSink, ImService};
 pub(crate) use codec::{CodecError, Version};
+pub use limits::{DeviceOverflow, LimitSettings};
 use topics::Topics;
-pub use transport::ListenerKind;
 pub(crate) use transport::{tls_acceptor, Admission, Listener, Transport};
 
 /// Username the hook layer presents to rumqttd; the password is the per-process secret.
@@ -59,6 +58,19 @@ pub(crate) enum EdgeError {
     WebSocket(String),
 }
 
+/// The embedded rumqttd as the hook layer reaches it.
+#[derive(Debug)]
+pub(crate) struct PrivateBroker {
+    /// Its private listeners; connections are spread over them.
+    pub(crate) listeners: Vec<SocketAddr>,
+    /// The per-process secret that opens them.
+    pub(crate) secret: String,
+    /// The largest packet any public listener takes (rumqttd's links take as much).
+    pub(crate) max_packet: usize,
+    /// How long rumqttd may take to accept a link.
+    pub(crate) connect_timeout: Duration,
+}
+
 /// What every connection needs, shared.
 #[derive(Debug)]
 pub(crate) struct EdgeContext {
@@ -67,13 +79,8 @@ pub(crate) struct EdgeContext {
     pub(crate) hooks: Hooks,
     pub(crate) topics: Topics,
     pub(crate) auth: Arc<Authenticator>,
-    /// rumqttd's private listeners; connections are spread over them.
-    brokers: Vec<SocketAddr>,
-    pub(crate) secret: String,
-    /// The largest packet any listener takes (rumqttd's links take as much).
-    pub(crate) max_packet: usize,
-    /// How long rumqttd may take to accept a link.
-    pub(crate) connect_timeout: Duration,
+    /// The embedded rumqttd behind the hook layer.
+    pub(crate) broker: PrivateBroker,
     next_connection: AtomicU64,
     /// Persistent sessions, by (uid, client id): their IM subscriptions, restored when the
     /// device reconnects without a clean session (rumqttd keeps only the non-IM ones).
@@ -84,7 +91,7 @@ pub(crate) struct EdgeContext {
     /// One rumqttd link per client id at a time (the hook layer does session take-over).
     pub(crate) links: Arc<links::Links>,
     /// Per-client, per-user and per-listener limits.
-    pub(crate) limits: crate::config::LimitSettings,
+    pub(crate) limits: LimitSettings,
     /// Connections per user, for `limits.max_devices_per_user`.
     pub(crate) devices: Arc<limits::Devices>,
 }
@@ -92,9 +99,10 @@ pub(crate) struct EdgeContext {
 impl EdgeContext {
     /// The private rumqttd listener for connection `id` (round robin).
     pub(crate) fn broker_for(&self, id: u64) -> Option<SocketAddr> {
-        let count = u64::try_from(self.brokers.len()).ok().filter(|n| *n > 0)?;
+        let listeners = &self.broker.listeners;
+        let count = u64::try_from(listeners.len()).ok().filter(|n| *n > 0)?;
         let index = usize::try_from(id % count).ok()?;
-        self.brokers.get(index).copied()
+        listeners.get(index).copied()
     }
 
     /// Takes the IM subscriptions a persistent session of `device` left behind.
@@ -146,29 +154,27 @@ impl EdgeContext {
         }
     }
 
+    /// The shared part of every connection: IM topics under `prefix`, clients held to
+    /// `limits`, relayed to `broker`.
     pub(crate) fn new(
-        config: &Config,
         im: ImService,
         hooks: Hooks,
         auth: Arc<Authenticator>,
-        brokers: Vec<SocketAddr>,
-        secret: String,
-        max_packet: usize,
+        broker: PrivateBroker,
+        prefix: &str,
+        limits: LimitSettings,
     ) -> Self {
         Self {
             im,
             hooks,
-            topics: Topics::new(&config.im.prefix),
+            topics: Topics::new(prefix),
             auth,
-            brokers,
-            secret,
-            max_packet,
-            connect_timeout: Duration::from_millis(config.broker.connect_timeout_ms),
+            broker,
             next_connection: AtomicU64::new(1),
             persistent: Mutex::new(HashMap::new()),
             upstream_sessions: Mutex::new(HashSet::new()),
             links: Arc::default(),
-            limits: config.limits.clone(),
+            limits,
             devices: Arc::default(),
         }
     }

@@ -172,7 +172,7 @@ impl Session {
                     payload: publish.payload.clone(),
                 };
                 let (hooks, client) = (self.ctx.hooks.clone(), self.client.clone());
-                let max_packet = self.ctx.max_packet;
+                let max_packet = self.ctx.broker.max_packet;
                 self.start(async move {
                     let (upstream, decision) = match hooks.publish(&client, message).await {
                         Verdict::Rewrite(payload) => rewritten(publish, pkid, payload, max_packet),
@@ -258,7 +258,9 @@ impl Session {
         if self.version == Version::V4 {
             return Ok(Ok(self.default_target()));
         }
-        let Packet::Publish(_, properties) = frame.decode(Version::V5, self.ctx.max_packet)? else {
+        let Packet::Publish(_, properties) =
+            frame.decode(Version::V5, self.ctx.broker.max_packet)?
+        else {
             return Err(EdgeError::Protocol("malformed PUBLISH"));
         };
         let properties = properties.unwrap_or_default();

@@ -16,7 +16,7 @@ use ws_stream_tungstenite::WsStream;
 
 use super::codec::Version;
 use super::EdgeError;
-use crate::config::{ClientAuth, TlsSettings};
+use crate::listener::{ClientAuth, ListenerKind, TlsSettings};
 
 /// A client's byte stream, whatever carries it.
 pub(crate) trait ClientIo: AsyncRead + AsyncWrite + Send + Unpin {}
@@ -24,37 +24,6 @@ impl<T: AsyncRead + AsyncWrite + Send + Unpin> ClientIo for T {}
 
 /// An upgraded client connection.
 pub(crate) type ClientStream = Box<dyn ClientIo>;
-
-/// Which kind of public listener a connection came in on (a metrics label too).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum ListenerKind {
-    /// MQTT over TCP.
-    Tcp,
-    /// MQTT over TLS.
-    Tls,
-    /// MQTT over WebSocket.
-    Ws,
-    /// MQTT over WebSocket over TLS.
-    Wss,
-}
-
-impl ListenerKind {
-    /// The name used in configuration, logs and metrics.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Tcp => "mqtt",
-            Self::Tls => "tls",
-            Self::Ws => "ws",
-            Self::Wss => "wss",
-        }
-    }
-}
-
-impl fmt::Display for ListenerKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
 
 /// What carries MQTT on a listener; the TLS ones hold their TLS configuration.
 #[derive(Clone)]

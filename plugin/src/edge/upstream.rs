@@ -228,7 +228,7 @@ async fn connect(
     let broker = ctx
         .broker_for(connection)
         .ok_or(EdgeError::Protocol("no private rumqttd listener"))?;
-    let stream = timeout(ctx.connect_timeout, TcpStream::connect(broker))
+    let stream = timeout(ctx.broker.connect_timeout, TcpStream::connect(broker))
         .await
         .map_err(|_| EdgeError::Timeout("a link to rumqttd"))??;
     stream.set_nodelay(true)?;
@@ -240,7 +240,7 @@ async fn connect(
     };
     let login = Login {
         username: EDGE_USER.into(),
-        password: ctx.secret.clone(),
+        password: ctx.broker.secret.clone(),
     };
     let packet = Packet::Connect(
         connect,
@@ -254,7 +254,7 @@ async fn connect(
     wr.write_all(&out).await?;
     let mut input = BytesMut::with_capacity(READ_SMALL);
     let frame = timeout(
-        ctx.connect_timeout,
+        ctx.broker.connect_timeout,
         read_frame(&mut rd, &mut input, UPSTREAM_MAX_FRAME),
     )
     .await

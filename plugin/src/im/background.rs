@@ -76,7 +76,7 @@ impl ImService {
                 .deliver_handovers(handovers_in, shutdown.clone()),
         );
         let service = self.clone();
-        let flush = Duration::from_millis(settings.live_ack_flush_ms);
+        let flush = settings.live_ack_flush.0;
         tasks.spawn(every(
             flush,
             self.rounds("live_acks"),
@@ -87,7 +87,7 @@ impl ImService {
             },
         ));
         let service = self.clone();
-        let receipts = Duration::from_millis(settings.receipt_interval_ms);
+        let receipts = settings.receipt_interval.0;
         tasks.spawn(every(
             receipts,
             self.rounds("receipts"),
@@ -98,7 +98,7 @@ impl ImService {
             },
         ));
         let (service, last_removal) = (self.clone(), Arc::new(AtomicU64::new(0)));
-        let removals = Duration::from_millis(settings.removal_poll_ms);
+        let removals = settings.removal_poll.0;
         tasks.spawn(every(
             removals,
             self.rounds("removals"),

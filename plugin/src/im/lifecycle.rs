@@ -6,9 +6,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use tokio_util::sync::CancellationToken;
 
+use super::settings::Settings as ImSettings;
 use super::sink::DeviceEvent;
 use super::{ImError, ImService};
-use crate::config::ImSettings;
 use crate::metrics::{GcLabels, Metrics};
 use crate::store::{now_ms, Collected, Cutoffs, Device, Store, StoreError};
 use crate::text::LoggedId;
@@ -18,7 +18,7 @@ use crate::wire::pb;
 const MAX_CLIENT_ID_BYTES: usize = 65_535;
 
 /// How long removal and eviction log entries are kept: every node reads them within
-/// `im.removal_poll_ms`.
+/// `im.removal_poll`.
 const LOG_TTL_MS: i64 = 24 * 3600 * 1000;
 
 /// Evictions read per store call.
@@ -26,7 +26,7 @@ const EVICTIONS_PER_POLL: usize = 256;
 
 /// Where retention and device expiry cut at `now_ms`, from the settings.
 pub fn cutoffs(settings: &ImSettings, now_ms: i64) -> Cutoffs {
-    let before = |period: crate::config::Period| {
+    let before = |period: crate::settings::Period| {
         period
             .get()
             .map(|age| now_ms.saturating_sub(i64::try_from(age.as_millis()).unwrap_or(i64::MAX)))

@@ -14,6 +14,7 @@ mod order;
 mod presence;
 mod pull;
 mod receipts;
+pub mod settings;
 mod sink;
 
 use std::sync::{Arc, Mutex};
@@ -27,12 +28,12 @@ pub use inbox::Accepted;
 pub use order::{SendOrder, Turn};
 pub use sink::{DeviceEvent, DeviceSink};
 
-use crate::config::ImSettings;
 use crate::metrics::Metrics;
 use crate::policy::Policy;
 use crate::store::{RedisBus, Store, StoreError};
 use crate::wire::WireError;
 use presence::Presence;
+use settings::Settings as ImSettings;
 
 /// Why an IM operation was refused or failed; the edge turns it into what the client sees.
 #[derive(Debug, thiserror::Error)]

@@ -7,8 +7,8 @@ use std::sync::Arc;
 
 use mlua::{Lua, LuaString, Table, Value};
 
+use super::settings::ConfigValue;
 use super::words::WordList;
-use crate::config::ConfigValue;
 
 /// The word list a helper uses when the script names none.
 pub(super) const DEFAULT_LIST: &str = "default";

@@ -11,6 +11,7 @@ mod patterns;
 mod pool;
 mod reload;
 mod sandbox;
+pub mod settings;
 pub mod trial;
 mod words;
 
@@ -169,17 +170,17 @@ pub enum PolicyError {
 
 /// A [`Policy`] at the hook points: its `on_connect`, `on_subscribe` and `on_publish` decide
 /// there (its `on_message` stays with the IM service). The policy bounds its own calls
-/// (`policy.queue_timeout_ms`, `policy.call_timeout_ms`) and follows `policy.on_error`
+/// (`policy.queue_timeout`, `policy.call_timeout`) and follows `policy.on_error`
 /// itself; the hook's deadline is only a backstop.
 #[derive(Debug, Clone)]
 pub struct PolicyHook {
     policy: std::sync::Arc<dyn Policy>,
-    on_error: crate::config::OnError,
+    on_error: crate::hook::OnError,
 }
 
 impl PolicyHook {
     /// `policy` as a hook that, should even the backstop fire, follows `on_error`.
-    pub fn new(policy: std::sync::Arc<dyn Policy>, on_error: crate::config::OnError) -> Self {
+    pub fn new(policy: std::sync::Arc<dyn Policy>, on_error: crate::hook::OnError) -> Self {
         Self { policy, on_error }
     }
 }
@@ -212,7 +213,7 @@ impl Hook for PolicyHook {
         std::time::Duration::from_secs(60)
     }
 
-    fn on_error(&self) -> crate::config::OnError {
+    fn on_error(&self) -> crate::hook::OnError {
         self.on_error
     }
 

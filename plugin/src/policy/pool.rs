@@ -1,6 +1,6 @@
 //! Lua runs on threads of its own, never on the async workers: one thread per state, taking
-//! calls from a bounded queue. A call waits at most `policy.queue_timeout_ms` for a state and
-//! runs under its state's meter (`policy.instruction_limit`, `policy.call_timeout_ms`); the
+//! calls from a bounded queue. A call waits at most `policy.queue_timeout` for a state and
+//! runs under its state's meter (`policy.instruction_limit`, `policy.call_timeout`); the
 //! caller never waits longer than that, whatever a script does. A state whose call ran out is
 //! rebuilt. The verdict chain, `on_error`, and the counters an operator watches live here.
 
@@ -14,11 +14,12 @@ use mlua::{MultiValue, Table, Value};
 use tokio::sync::oneshot;
 
 use super::sandbox::{Exhausted, Hook, Script, Sources, State, HOOKS};
+use super::settings::Settings as PolicySettings;
 use super::{
     AuthDecision, AuthView, ClientView, Decision, MessageView, Policy, PolicyError, PublishView,
     SubscribeView,
 };
-use crate::config::{OnError, PolicySettings};
+use crate::hook::OnError;
 
 /// Longest deny reason a client gets (also the MQTT reason string it travels in).
 pub const MAX_REASON: usize = 256;
@@ -303,9 +304,8 @@ impl LuaPolicy {
             reply,
         };
         let settings = &self.settings;
-        let waited = Duration::from_millis(
-            settings.queue_timeout_ms + settings.call_timeout_ms * workers.scripts.max(1),
-        );
+        let scripts = u32::try_from(workers.scripts.max(1)).unwrap_or(u32::MAX);
+        let waited = settings.queue_timeout.0 + settings.call_timeout.0.saturating_mul(scripts);
         let outcome = match workers.jobs.try_send(job) {
             Ok(()) => match tokio::time::timeout(waited + GRACE, answer).await {
                 Ok(Ok(outcome)) => outcome,
@@ -429,7 +429,7 @@ impl Worker {
                 return;
             };
             let waited = job.queued.elapsed();
-            let outcome = if waited > Duration::from_millis(self.settings.queue_timeout_ms) {
+            let outcome = if waited > self.settings.queue_timeout.0 {
                 let error = format!("waited {} ms for a Lua state", waited.as_millis());
                 unanswered(self.settings.on_error, FailureKind::Busy, error)
             } else {

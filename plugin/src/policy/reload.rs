@@ -1,5 +1,5 @@
 //! Hot reload: when a script or word list changes on disk (checked every
-//! `policy.reload_interval_ms`) or on SIGHUP, the policy loads the new version; if it fails
+//! `policy.reload_interval`) or on SIGHUP, the policy loads the new version; if it fails
 //! to load, the old one stays.
 
 use std::sync::Arc;
@@ -17,7 +17,7 @@ pub(crate) fn watched(policy: Arc<LuaPolicy>) -> (Arc<Watched>, Duration) {
         .chain(settings.words.values())
         .cloned()
         .collect();
-    let interval = Duration::from_millis(settings.reload_interval_ms);
+    let interval = settings.reload_interval.0;
     // A failed reload is logged by `reload` and keeps the old scripts.
     let reload = Arc::new(move || policy.reload().is_ok());
     let watched = Arc::new(Watched {

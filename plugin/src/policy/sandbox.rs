@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 use mlua::chunk::ChunkMode;
 use mlua::{Function, HookTriggers, Lua, LuaOptions, StdLib, Table, Value, VmState};
 
+use super::settings::Settings as PolicySettings;
 use super::{api, patterns, words::WordList, PolicyError};
-use crate::config::PolicySettings;
 
 /// Instructions between two checks of the meter.
 const METER_STEP: u32 = 1000;
@@ -353,10 +353,7 @@ impl State {
         let lua_error = |e: mlua::Error| PolicyError::Lua(e.to_string());
         let libs = StdLib::TABLE | StdLib::STRING | StdLib::MATH | StdLib::UTF8;
         let lua = Lua::new_with(libs, LuaOptions::default()).map_err(lua_error)?;
-        let meter = Meter::new(
-            settings.instruction_limit,
-            Duration::from_millis(settings.call_timeout_ms),
-        );
+        let meter = Meter::new(settings.instruction_limit, settings.call_timeout.0);
         let hook_meter = meter.clone();
         lua.set_hook(
             HookTriggers::new().every_nth_instruction(METER_STEP),

@@ -27,7 +27,7 @@ fn settings(dir: &tempfile::TempDir, scripts: &[&str]) -> PolicySettings {
         states: 2,
         memory_limit: 4 << 20,
         instruction_limit: 200_000,
-        reload_interval_ms: 0,
+        reload_interval: crate::config::Period::millis(0),
         words: BTreeMap::from([("default".to_string(), words)]),
         config: BTreeMap::from([(
             "greeting".to_string(),
@@ -243,7 +243,7 @@ async fn shipped_scripts() {
         states: 1,
         memory_limit: 8 << 20,
         instruction_limit: 1_000_000,
-        reload_interval_ms: 0,
+        reload_interval: crate::config::Period::millis(0),
         words: BTreeMap::from([
             ("default".to_string(), root.join("words/sensitive.txt")),
             ("blocked".to_string(), root.join("words/blocked.txt")),
@@ -336,7 +336,7 @@ async fn calls_after_a_pause_are_not_charged_for_it() {
         "hooks = { on_message = function(m) local n = 0 for i = 1, 37 do n = n + i end end }";
     let mut config = settings(&dir, &[script]);
     config.states = 1;
-    config.call_timeout_ms = 2;
+    config.call_timeout = crate::config::Period::millis(2);
     let policy = LuaPolicy::load(config).unwrap();
     for _ in 0..300 {
         tokio::time::sleep(std::time::Duration::from_millis(3)).await;

@@ -12,6 +12,7 @@ mod migrate;
 mod postgres;
 pub(crate) mod ranges;
 mod redis;
+pub mod settings;
 
 #[cfg(test)]
 pub(crate) mod conformance;

@@ -51,14 +51,19 @@ fn fixture(client: Client) -> Fixture {
         config.policy.on_error,
     ));
     let hooks = crate::hook::Hooks::new(vec![lua], Arc::new(Metrics::default()));
+    let broker = super::super::PrivateBroker {
+        listeners: Vec::new(),
+        secret: "secret".into(),
+        max_packet: config.broker.max_packet_size,
+        connect_timeout: config.broker.connect_timeout.0,
+    };
     let ctx = Arc::new(EdgeContext::new(
-        &config,
         im,
         hooks,
         auth,
-        Vec::new(),
-        "secret".into(),
-        config.broker.max_packet_size,
+        broker,
+        &config.im.prefix,
+        config.limits.clone(),
     ));
     let (events, _) = mpsc::channel(8);
     let sink = Arc::new(ConnectionSink {

@@ -19,13 +19,13 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::NoTls;
 
+use super::settings::PostgresSettings;
 use super::{
     bounded, migrate, now_ms, Collected, Conversation, ConversationKind, ConversationState,
     Cutoffs, Device, DeviceInfo, DigestEntry, DigestFit, DigestShape, DigestSnapshot, Erased,
     Eviction, GroupErasure, Member, NewMessage, OnCommit, Page, QueuedAppend, Receipt, Removal,
     Role, SeqRange, Store, StoreError, StoreSizes, SIZES_QUERY,
 };
-use crate::config::PostgresSettings;
 pub use cache::DigestCache;
 use error::PostgresError;
 use error::{pg_error, pool_error};
@@ -75,7 +75,7 @@ impl PostgresStore {
         migrate::apply_postgres(&mut setup).await?;
         let (tx, rx) = mpsc::channel(APPEND_QUEUE);
         let updates = cache.as_ref().map(DigestCache::spawn_updater);
-        let limit = Duration::from_millis(settings.call_timeout_ms);
+        let limit = settings.call_timeout.0;
         let writer = append::Writer {
             pool: pool.clone(),
             max_batch: max_batch.max(1),
@@ -179,20 +179,20 @@ fn pg_config(settings: &PostgresSettings) -> Result<tokio_postgres::Config, Stor
     let mut config: tokio_postgres::Config = settings.url.parse().map_err(PostgresError::Url)?;
     // The schema name is validated by the configuration (letters, digits, '_'). The server
     // ends a statement or an idle transaction that outlives the client's deadline.
-    let call = settings.call_timeout_ms;
+    let call = settings.call_timeout.0.as_millis();
     config.options(format!(
         "{} -c statement_timeout={call} -c idle_in_transaction_session_timeout={}",
         search_path(settings),
         call.saturating_mul(2)
     ));
-    config.connect_timeout(Duration::from_millis(settings.connect_timeout_ms));
+    config.connect_timeout(settings.connect_timeout.0);
     // A dead peer is noticed by probes, and unacknowledged writes give up, long before the
     // kernel's defaults (hours; ~15 minutes).
     config.keepalives(true);
     config.keepalives_idle(KEEPALIVE);
     config.keepalives_interval(KEEPALIVE);
     config.keepalives_retries(3);
-    config.tcp_user_timeout(Duration::from_millis(call));
+    config.tcp_user_timeout(settings.call_timeout.0);
     Ok(config)
 }
 
@@ -204,7 +204,7 @@ fn pool(settings: &PostgresSettings) -> Result<Pool, StoreError> {
             recycling_method: RecyclingMethod::Fast,
         },
     );
-    let timeout = Some(Duration::from_millis(settings.connect_timeout_ms));
+    let timeout = Some(settings.connect_timeout.0);
     Pool::builder(manager)
         .max_size(settings.pool_size)
         .runtime(Runtime::Tokio1)
@@ -562,8 +562,8 @@ mod tests {
             url,
             schema: format!("t_{:016x}", rand::random::<u64>()),
             pool_size: 4,
-            connect_timeout_ms: 3000,
-            call_timeout_ms: 5000,
+            connect_timeout: crate::settings::Period::millis(3000),
+            call_timeout: crate::settings::Period::millis(5000),
         })
     }
 
