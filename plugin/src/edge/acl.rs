@@ -1,6 +1,35 @@
-//! Who may subscribe and publish where under the IM prefix: pure functions.
+//! Who may subscribe and publish where: under the IM prefix by the IM rules, elsewhere by the
+//! client's own rules and the ACL file. Pure functions.
 
 use super::topics::{Route, Topics};
+use crate::auth::acl::{self as rules, Access, AclFile, Client};
+use crate::auth::Identity;
+
+/// Whether a client may have `access` to a non-IM `topic` (a filter, when `subscribing`):
+/// superusers may; then the provider's rules for it decide if one speaks; then the ACL
+/// `file`; with neither, every non-IM topic is open, but a client that got rules of its own
+/// has only what they grant.
+pub(super) fn topic_allowed(
+    identity: &Identity,
+    client: &Client<'_>,
+    topic: &str,
+    access: Access,
+    subscribing: bool,
+    file: Option<&AclFile>,
+) -> bool {
+    if identity.superuser {
+        return true;
+    }
+    let own = identity
+        .acl
+        .as_ref()
+        .and_then(|granted| rules::decide(granted.iter(), client, topic, access, subscribing));
+    match (own, file) {
+        (Some(decided), _) => decided,
+        (None, Some(file)) => file.allows(client, topic, access, subscribing),
+        (None, None) => identity.acl.is_none(),
+    }
+}
 
 /// What to do with one subscription filter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

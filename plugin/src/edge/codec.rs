@@ -7,6 +7,7 @@
 
 use bytes::{BufMut, Bytes, BytesMut};
 use rumqttd::protocol::{self, Packet, Protocol};
+use tokio::io::AsyncReadExt;
 
 /// MQTT packet types the edge tells apart.
 pub(crate) mod kind {
@@ -56,6 +57,10 @@ pub(crate) enum CodecError {
     UnexpectedType(u8),
     #[error(transparent)]
     Protocol(#[from] protocol::Error),
+    #[error("closed before a whole packet arrived")]
+    Closed,
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
 }
 
 /// One complete packet.
@@ -155,6 +160,40 @@ fn fixed_header(bytes: &[u8]) -> Option<(usize, usize)> {
         }
     }
     None
+}
+
+/// Spare read buffer of a quiet connection side, and of a busy one.
+pub(crate) const READ_SMALL: usize = 512;
+const READ_LARGE: usize = 64 << 10;
+/// Makes room for the next read into `buf` and returns it, given what the last read got
+/// (`read`) of the room it had (`room`): large after a read filled all the room (a burst gets
+/// its bytes in few system calls), small again once a small read finds it drained (an idle
+/// connection stays small), else as it is with at least a little room.
+pub(crate) fn make_room(buf: &mut BytesMut, read: usize, room: usize) -> usize {
+    if read > 0 && read >= room {
+        buf.reserve(READ_LARGE);
+    } else if read < READ_SMALL && buf.is_empty() && buf.capacity() > 2 * READ_SMALL {
+        *buf = BytesMut::with_capacity(READ_SMALL);
+    } else {
+        buf.reserve(READ_SMALL);
+    }
+    buf.capacity() - buf.len()
+}
+
+/// Reads until one whole frame is in `buf`.
+pub(crate) async fn read_frame(
+    stream: &mut (impl AsyncReadExt + Unpin),
+    buf: &mut BytesMut,
+    max: usize,
+) -> Result<Frame, CodecError> {
+    loop {
+        if let Some(frame) = next_frame(buf, max)? {
+            return Ok(frame);
+        }
+        if stream.read_buf(buf).await? == 0 {
+            return Err(CodecError::Closed);
+        }
+    }
 }
 
 /// Takes the next complete packet off `buf`, or `None` if more bytes are needed.
@@ -422,5 +461,26 @@ mod tests {
         let mut buf = BytesMut::from(&[0x32u8, 0x03, 0x00, 0x05, b'a'][..]);
         let frame = next_frame(&mut buf, 1024).unwrap().unwrap();
         assert!(PublishView::parse(&frame, Version::V4).is_err());
+    }
+
+    #[test]
+    fn read_buffers_grow_for_bursts_and_shrink_back_when_quiet() {
+        let mut buf = BytesMut::new();
+        let room = make_room(&mut buf, 0, 0);
+        assert!((READ_SMALL..2 * READ_SMALL).contains(&room), "{room}");
+        // A read that filled the room: the next one gets a large buffer.
+        let room = make_room(&mut buf, room, room);
+        assert!(room >= READ_LARGE);
+        // A busy stream (reads larger than small, not filling) keeps it.
+        let kept = make_room(&mut buf, 4 * READ_SMALL, room);
+        assert!(kept >= READ_LARGE);
+        // A small read that leaves nothing pending: back to small.
+        let room = make_room(&mut buf, 2, kept);
+        assert!(buf.capacity() < 2 * READ_SMALL && room >= READ_SMALL);
+        // Not while a partial frame waits in it.
+        buf.extend_from_slice(&[0x30; 10]);
+        let _ = make_room(&mut buf, room, room);
+        let room = make_room(&mut buf, 2, READ_LARGE);
+        assert!(room >= READ_LARGE - 10);
     }
 }

@@ -1,6 +1,7 @@
-//! One client connection: CONNECT handshake (auth, take-over), then a loop relaying packets
-//! both ways (to rumqttd once the client needs it) and serving IM topics at packet
-//! boundaries.
+//! One client connection: CONNECT handshake (auth, take-over), then a loop that feeds the
+//! client's [`Session`] what arrives (frames from the client and from rumqttd, finished IM
+//! operations, device events, clock ticks) and carries out the effects it returns: writing
+//! bytes both ways, starting IM operations in order, opening the rumqttd link.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -15,14 +16,15 @@ use tokio::time::{timeout, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use super::codec::{self, kind, Version};
+use super::codec::{self, kind, make_room, Version};
 use super::handshake::{handshake, Arrival, Established};
 use super::limits::DeviceSlot;
 use super::links::LinkClaim;
-use super::session::{End, Op, Session};
+use super::session::{Effects, End, Op, Session};
+use super::sink::ConnectionSink;
 use super::transport::{ClientStream, Listener};
 use super::upstream::{Upstream, UpstreamEvent};
-use super::{ConnectionSink, EdgeContext, EdgeError};
+use super::{EdgeContext, EdgeError};
 use crate::im::DeviceEvent;
 use crate::listener::ListenerKind;
 use crate::metrics::ConnectionLabels;
@@ -31,11 +33,6 @@ use crate::metrics::ConnectionLabels;
 const UPSTREAM_PING: Duration = Duration::from_secs(20);
 /// How long a connection the server ends waits for the client to hang up first.
 const LINGER: Duration = Duration::from_millis(500);
-/// Spare read buffer of a quiet connection side, and of a busy one.
-pub(super) const READ_SMALL: usize = 512;
-const READ_LARGE: usize = 64 << 10;
-/// Outgoing buffers larger than this are given back once written (after a burst).
-const WRITE_KEEP: usize = 4 << 10;
 /// Live deliveries queued per connection before the device counts as busy.
 const EVENT_QUEUE: usize = 1024;
 
@@ -43,6 +40,10 @@ const EVENT_QUEUE: usize = 1024;
 /// ordered IM operations around its [`Session`].
 pub(super) struct Connection {
     session: Session,
+    ctx: Arc<EdgeContext>,
+    id: u64,
+    /// The largest packet the client may send on its listener.
+    max_packet: usize,
     /// This connection's place in its user's device count (given back when it ends).
     device_slot: DeviceSlot,
     /// The listener and protocol the connection is counted under.
@@ -53,6 +54,11 @@ pub(super) struct Connection {
     /// Room the last read from the client had, and what it read.
     client_room: usize,
     client_read: usize,
+    /// When the client last sent something.
+    last_read: Instant,
+    /// Bytes for the client, and for rumqttd (they wait here while the link opens).
+    to_client: BytesMut,
+    to_rumqttd: BytesMut,
     /// The link to rumqttd, opened when the session asks for it.
     upstream: Upstream,
     /// Held until rumqttd has closed this connection's link.
@@ -62,8 +68,10 @@ pub(super) struct Connection {
     /// connection's first block then stays small.
     events_rx: mpsc::Receiver<Box<DeviceEvent>>,
     /// Cancelled when an operator evicts the connection.
-    evicted: tokio_util::sync::CancellationToken,
+    evicted: CancellationToken,
     last_upstream_write: Instant,
+    /// Why the connection ends, once something said so.
+    end: Option<End>,
 }
 
 /// Serves one accepted socket to its end: transport upgrade (TLS, WebSocket), CONNECT, loop.
@@ -93,19 +101,8 @@ pub(super) async fn serve(
         };
         match Box::pin(handshake(upgraded, Arc::clone(&ctx), &arrival)).await {
             Ok(established) => {
+                record_identity(&established);
                 let connection = Connection::new(ctx, id, listener, established);
-                let span = tracing::Span::current();
-                // Any UTF-8 up to 64 KiB: log lines get a short, clean form.
-                let client_id = crate::text::clean(
-                    &connection.session.device.client_id,
-                    crate::text::LOGGED_ID,
-                );
-                span.record("client_id", client_id.as_str());
-                span.record(
-                    "uid",
-                    crate::text::clean(&connection.session.device.uid, crate::text::LOGGED_ID)
-                        .as_str(),
-                );
                 let run = Box::pin(connection.run(shutdown));
                 run.await;
             }
@@ -114,6 +111,16 @@ pub(super) async fn serve(
     }
     .instrument(span)
     .await
+}
+
+/// The connection's span gains the client id and uid (any UTF-8 up to 64 KiB: log lines get a
+/// short, clean form).
+fn record_identity(established: &Established) {
+    let span = tracing::Span::current();
+    let device = &established.terms.device;
+    let logged = |id: &str| crate::text::clean(id, crate::text::LOGGED_ID);
+    span.record("client_id", logged(&device.client_id).as_str());
+    span.record("uid", logged(&device.uid).as_str());
 }
 
 impl Connection {
@@ -139,16 +146,20 @@ impl Connection {
         let labels = connection_labels(listener, terms.version);
         ctx.im.metrics().connects.get_or_create(&labels).inc();
         ctx.im.metrics().connections.get_or_create(&labels).inc();
-        let evicted = tokio_util::sync::CancellationToken::new();
+        let evicted = CancellationToken::new();
         let sink = Arc::new(ConnectionSink {
             events: events_tx,
             kick: link.kick.clone(),
             evict: evicted.clone(),
         });
+        let max_packet = terms.listener.max_packet;
         let linked = upstream.is_linked();
-        let session = Session::new(ctx, id, terms, client_out, linked, sink);
+        let session = Session::new(Arc::clone(&ctx), id, terms, linked, sink);
         Self {
             session,
+            ctx,
+            id,
+            max_packet,
             device_slot,
             labels,
             client_rd,
@@ -156,12 +167,17 @@ impl Connection {
             client_in,
             client_room: 0,
             client_read: 0,
+            last_read: Instant::now(),
+            // The CONNACK, first of all.
+            to_client: client_out,
+            to_rumqttd: BytesMut::new(),
             upstream,
             link,
             ops: FuturesOrdered::new(),
             events_rx,
             evicted,
             last_upstream_write: Instant::now(),
+            end: None,
         }
     }
 }
@@ -171,21 +187,6 @@ fn connection_labels(listener: ListenerKind, version: Version) -> ConnectionLabe
         listener: listener.as_str(),
         protocol: version.name(),
     }
-}
-
-/// Makes room for the next read into `buf` and returns it, given what the last read got
-/// (`read`) of the room it had (`room`): large after a read filled all the room (a burst gets
-/// its bytes in few system calls), small again once a small read finds it drained (an idle
-/// connection stays small), else as it is with at least a little room.
-pub(super) fn make_room(buf: &mut BytesMut, read: usize, room: usize) -> usize {
-    if read > 0 && read >= room {
-        buf.reserve(READ_LARGE);
-    } else if read < READ_SMALL && buf.is_empty() && buf.capacity() > 2 * READ_SMALL {
-        *buf = BytesMut::with_capacity(READ_SMALL);
-    } else {
-        buf.reserve(READ_SMALL);
-    }
-    buf.capacity() - buf.len()
 }
 
 /// Completes at `at`, never without one.
@@ -210,12 +211,14 @@ impl Connection {
         });
         // Packets that arrived together with the CONNECT, and with rumqttd's CONNACK (a
         // resumed session's queued messages).
-        let mut end = self.on_upstream_bytes().err().map(End::Failed);
-        if end.is_none() {
-            end = self.on_client_bytes().err().map(End::Failed);
+        if let Err(e) = self
+            .on_upstream_bytes()
+            .and_then(|()| self.on_client_bytes())
+        {
+            self.end.get_or_insert(End::Failed(e));
         }
-        while end.is_none() {
-            self.apply_effects();
+        while self.end.is_none() {
+            self.carry_out_effects();
             self.reserve_reads();
             let reading = self.session.accepts_input();
             let step = tokio::select! {
@@ -223,7 +226,8 @@ impl Connection {
                     Ok(0) | Err(_) => Err(End::ClientGone),
                     Ok(read) => {
                         self.client_read = read;
-                        self.session.seen(Instant::now());
+                        self.last_read = Instant::now();
+                        self.session.seen(self.last_read);
                         self.on_client_bytes().map_err(End::Failed)
                     }
                 },
@@ -246,38 +250,45 @@ impl Connection {
                 () = self.link.kick.cancelled() => Err(End::TakenOver),
                 () = self.evicted.cancelled() => Err(End::Evicted),
                 () = until(expiry) => Err(End::CredentialsExpired),
-                () = until(self.session.read_resume) => {
-                    self.session.read_resume = None;
+                () = until(self.session.reads_paused_until()) => {
+                    self.session.resume_reads();
                     self.on_client_bytes().map_err(End::Failed)
                 }
                 () = self.device_slot.close.cancelled() => Err(End::TooManyDevices),
             };
             if let Err(stop) = step {
-                end = Some(stop);
+                self.end.get_or_insert(stop);
             }
-            self.apply_effects();
+            self.carry_out_effects();
             if let Err(e) = self.flush().await {
-                end.get_or_insert(End::Failed(e));
-            }
-            if self.session.client_disconnected {
-                end.get_or_insert(End::ClientDisconnected);
-            }
-            if self.session.unstored {
-                end.get_or_insert(End::Unstored);
+                self.end.get_or_insert(End::Failed(e));
             }
         }
+        let end = self.end.take().unwrap_or(End::ClientGone);
         // Boxed: only an ending connection needs room for the goodbye.
-        Box::pin(self.finish(end.unwrap_or(End::ClientGone))).await;
+        Box::pin(self.finish(end)).await;
     }
 
-    /// Carries out what the session asked for besides bytes: operations to start, the link
-    /// to open.
-    fn apply_effects(&mut self) {
-        for op in self.session.take_started() {
+    /// Carries out what the session asked for: bytes to send, operations to start, the
+    /// link to open, the end of the connection.
+    fn carry_out_effects(&mut self) {
+        let Effects {
+            to_client,
+            to_rumqttd,
+            started,
+            open_link,
+            end,
+        } = self.session.take_effects();
+        self.to_client.unsplit(to_client);
+        self.to_rumqttd.unsplit(to_rumqttd);
+        for op in started {
             self.ops.push_back(op);
         }
-        if self.session.take_open_link() {
-            self.upstream.open(&self.session.ctx, self.session.id);
+        if open_link {
+            self.upstream.open(&self.ctx, self.id);
+        }
+        if let Some(end) = end {
+            self.end.get_or_insert(end);
         }
     }
 
@@ -291,26 +302,23 @@ impl Connection {
         let now = Instant::now();
         // Quiet since the last tick: a buffer left large by a burst is given back (a client
         // without keep-alive may never send the small read that would do it).
-        if now.saturating_duration_since(self.session.last_seen()) >= UPSTREAM_PING
+        if now.saturating_duration_since(self.last_read) >= UPSTREAM_PING
             && self.client_in.is_empty()
         {
             self.client_read = 0;
         }
         self.session.on_tick(now)?;
         if self.upstream.is_open() && self.last_upstream_write.elapsed() >= UPSTREAM_PING {
-            self.session
-                .up_out
-                .extend_from_slice(&[kind::PINGREQ << 4, 0]);
+            self.to_rumqttd.extend_from_slice(&[kind::PINGREQ << 4, 0]);
         }
         Ok(())
     }
 
     fn on_client_bytes(&mut self) -> Result<(), EdgeError> {
-        let max = self.session.listener.max_packet;
-        while let Some(frame) = codec::next_frame(&mut self.client_in, max)? {
+        while let Some(frame) = codec::next_frame(&mut self.client_in, self.max_packet)? {
             self.session.on_client_frame(frame, Instant::now())?;
             // A client over its limits waits, even for what it already sent.
-            if self.session.client_disconnected || self.session.read_resume.is_some() {
+            if self.session.reading_stopped() {
                 break;
             }
         }
@@ -325,43 +333,35 @@ impl Connection {
     }
 
     async fn flush(&mut self) -> Result<(), EdgeError> {
-        let up_out = &mut self.session.up_out;
-        if !up_out.is_empty() && self.upstream.write(up_out).await? {
+        if !self.to_rumqttd.is_empty() && self.upstream.write(&mut self.to_rumqttd).await? {
             self.last_upstream_write = Instant::now();
         }
-        let client_out = &mut self.session.client_out;
-        if !client_out.is_empty() {
-            self.client_wr.write_all(client_out).await?;
+        if !self.to_client.is_empty() {
+            self.client_wr.write_all(&self.to_client).await?;
             // TLS and WebSocket buffer what is written.
             self.client_wr.flush().await?;
-            client_out.clear();
-            if client_out.capacity() > WRITE_KEEP {
-                *client_out = BytesMut::new();
-            }
-        }
-        let up_out = &mut self.session.up_out;
-        if up_out.is_empty() && up_out.capacity() > WRITE_KEEP {
-            *up_out = BytesMut::new();
+            self.to_client.clear();
         }
         Ok(())
     }
 
     async fn finish(mut self, end: End) {
-        let connections = &self.session.ctx.im.metrics().connections;
+        let connections = &self.ctx.im.metrics().connections;
         connections.get_or_create(&self.labels).dec();
         // Answer what was already accepted before the socket goes (e.g. on shutdown); a
         // SUBSCRIBE among them still counts for the session kept below.
-        self.apply_effects();
+        self.carry_out_effects();
         while let Some(outcome) = self.ops.next().await {
             if self.session.on_outcome(outcome).is_err() {
                 break;
             }
-            self.apply_effects();
+            self.carry_out_effects();
         }
         self.session.leave(&end);
-        if self.session.im_uid().is_some() {
-            self.session.ctx.im.left(&self.session.device).await;
+        if let Some(device) = self.session.im_device() {
+            self.ctx.im.left(device).await;
         }
+        self.carry_out_effects();
         let _ = self.flush().await;
         match &end {
             End::Failed(e) => tracing::info!(error = %e, "connection closed on error"),
@@ -372,13 +372,8 @@ impl Connection {
         // gone yet; so the link is closed (without DISCONNECT, rumqttd publishes the will)
         // and this waits until rumqttd has closed it too, before the client id is released.
         let graceful = matches!(end, End::ClientDisconnected);
-        let linked = self
-            .upstream
-            .close(&mut self.session.up_out, graceful)
-            .await;
-        if linked && !self.session.clean_session {
-            let ctx = &self.session.ctx;
-            ctx.keep_upstream_session(&self.session.device.client_id);
+        if self.upstream.close(&mut self.to_rumqttd, graceful).await {
+            self.session.link_closed();
         }
         let Self {
             mut client_rd,
@@ -399,31 +394,5 @@ impl Connection {
             .await;
         }
         let _ = client_wr.shutdown().await;
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn read_buffers_grow_for_bursts_and_shrink_back_when_quiet() {
-        let mut buf = BytesMut::new();
-        let room = make_room(&mut buf, 0, 0);
-        assert!((READ_SMALL..2 * READ_SMALL).contains(&room), "{room}");
-        // A read that filled the room: the next one gets a large buffer.
-        let room = make_room(&mut buf, room, room);
-        assert!(room >= READ_LARGE);
-        // A busy stream (reads larger than small, not filling) keeps it.
-        let kept = make_room(&mut buf, 4 * READ_SMALL, room);
-        assert!(kept >= READ_LARGE);
-        // A small read that leaves nothing pending: back to small.
-        let room = make_room(&mut buf, 2, kept);
-        assert!(buf.capacity() < 2 * READ_SMALL && room >= READ_SMALL);
-        // Not while a partial frame waits in it.
-        buf.extend_from_slice(&[0x30; 10]);
-        let _ = make_room(&mut buf, room, room);
-        let room = make_room(&mut buf, 2, READ_LARGE);
-        assert!(room >= READ_LARGE - 10);
     }
 }

@@ -9,18 +9,18 @@ use rumqttd::protocol::{
     ConnAck, ConnAckProperties, Connect, ConnectProperties, ConnectReturnCode, LastWill,
     LastWillProperties, Login, Packet,
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::time::timeout;
 
-use super::codec::{self, kind, Frame, Version};
-use super::connection::READ_SMALL;
+use super::acl::topic_allowed;
+use super::codec::{self, kind, read_frame, Version, READ_SMALL};
 use super::limits::DeviceSlot;
 use super::links::LinkClaim;
 use super::session::Terms;
 use super::transport::{ClientStream, Upgraded};
 use super::upstream::{LinkRequest, Upstream};
 use super::{Admission, EdgeContext, EdgeError};
-use crate::auth::acl::{self, Access, Client};
+use crate::auth::acl::{Access, Client};
 use crate::auth::{Credentials, Identity, Refusal};
 use crate::hook::{self, Verdict};
 use crate::im::Device;
@@ -183,22 +183,6 @@ pub(super) async fn handshake(
     })
 }
 
-/// Reads until one whole frame is in `buf`.
-pub(super) async fn read_frame(
-    stream: &mut (impl AsyncReadExt + Unpin),
-    buf: &mut BytesMut,
-    max: usize,
-) -> Result<Frame, EdgeError> {
-    loop {
-        if let Some(frame) = codec::next_frame(buf, max)? {
-            return Ok(frame);
-        }
-        if stream.read_buf(buf).await? == 0 {
-            return Err(EdgeError::Protocol("closed during handshake"));
-        }
-    }
-}
-
 async fn read_connect(
     stream: &mut ClientStream,
     buf: &mut BytesMut,
@@ -297,7 +281,8 @@ async fn admit(
             username: credentials.username.as_deref(),
             client_id: &client_id,
         };
-        if !topic_allowed(ctx, &identity, &client, &topic, Access::Write, false) {
+        let file = ctx.auth.acl().map(AsRef::as_ref);
+        if !topic_allowed(&identity, &client, &topic, Access::Write, false, file) {
             ctx.im.metrics().count_acl_denial("will");
             return Err(Refused::new(
                 ConnectReturnCode::NotAuthorized,
@@ -386,32 +371,6 @@ async fn external(
     }
 }
 
-/// Whether a client may have `access` to a non-IM `topic` (a filter, when `subscribing`):
-/// superusers may; then the provider's rules for it decide if one speaks; then the ACL
-/// file; with neither, every non-IM topic is open, but a client that got rules of its own
-/// has only what they grant.
-pub(super) fn topic_allowed(
-    ctx: &EdgeContext,
-    identity: &Identity,
-    client: &Client<'_>,
-    topic: &str,
-    access: Access,
-    subscribing: bool,
-) -> bool {
-    if identity.superuser {
-        return true;
-    }
-    let own = identity
-        .acl
-        .as_ref()
-        .and_then(|rules| acl::decide(rules.iter(), client, topic, access, subscribing));
-    match (own, ctx.auth.acl()) {
-        (Some(decided), _) => decided,
-        (None, Some(file)) => file.allows(client, topic, access, subscribing),
-        (None, None) => identity.acl.is_none(),
-    }
-}
-
 /// The CONNECT rumqttd gets for this client, whenever the link opens: the client's
 /// session flag, will and MQTT 5 properties (3.1.1 clients have none).
 fn link_request(packet: ConnectPacket, device: &Device) -> LinkRequest {
@@ -426,30 +385,6 @@ fn link_request(packet: ConnectPacket, device: &Device) -> LinkRequest {
         will: packet.will,
         will_properties,
     }
-}
-
-/// Longest client id passed to rumqttd as it is (escaped); longer ones are hashed.
-const UPSTREAM_ID_MAX: usize = 256;
-
-/// The client id rumqttd knows a client by: rumqttd refuses ids containing `+`, `#`, `/` or
-/// `$`, which MQTT allows, so those (and `%`, the escape) are percent-encoded; an id that
-/// would be longer than [`UPSTREAM_ID_MAX`] becomes `%h` and its SHA-256 (never an escape's
-/// output, as `h` is no hex digit). Either way one client id always maps to the same link,
-/// so rumqttd's persistent sessions and take-over work, and two ids never share one.
-pub(super) fn upstream_client_id(client_id: &str) -> String {
-    let mut escaped = String::with_capacity(client_id.len());
-    for c in client_id.chars() {
-        match c {
-            '%' | '+' | '#' | '/' | '$' => escaped.push_str(&format!("%{:02X}", c as u32)),
-            c => escaped.push(c),
-        }
-    }
-    if escaped.len() <= UPSTREAM_ID_MAX {
-        return escaped;
-    }
-    let digest = ring::digest::digest(&ring::digest::SHA256, client_id.as_bytes());
-    let hex: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
-    format!("%h{hex}")
 }
 
 async fn refuse(
@@ -508,26 +443,5 @@ fn v4_connack_code(code: ConnectReturnCode) -> ConnectReturnCode {
         C::ClientIdentifierNotValid => C::ClientIdentifierNotValid,
         C::RefusedProtocolVersion | C::UnsupportedProtocolVersion => C::RefusedProtocolVersion,
         _ => C::ServiceUnavailable,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn upstream_ids_are_ones_rumqttd_accepts_and_never_shared() {
-        assert_eq!(upstream_client_id("phone-1"), "phone-1");
-        assert_eq!(upstream_client_id("clean retained"), "clean retained");
-        assert_eq!(upstream_client_id("a/b+#$"), "a%2Fb%2B%23%24");
-        // The escape itself is escaped: "a%2F" and "a/" stay apart.
-        assert_eq!(upstream_client_id("a%2F"), "a%252F");
-        let long = "x".repeat(65_535);
-        let hashed = upstream_client_id(&long);
-        assert!(hashed.starts_with("%h") && hashed.len() == 66);
-        assert_ne!(hashed, upstream_client_id(&"x".repeat(65_534)));
-        for id in ["a/b", &long, "#", "$SYS"] {
-            assert!(!"+#/$".chars().any(|c| upstream_client_id(id).contains(c)));
-        }
     }
 }

@@ -17,10 +17,9 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
 
-use super::codec::{self, Version};
-use super::connection::{make_room, READ_SMALL};
-use super::handshake::{read_frame, upstream_client_id};
-use super::{EdgeContext, EdgeError, EDGE_USER};
+use super::codec::{self, make_room, read_frame, Version, READ_SMALL};
+use super::context::{EdgeContext, EDGE_USER};
+use super::EdgeError;
 
 /// Keep-alive of the private link to rumqttd; the hook layer pings it itself, so clients
 /// may use any keep-alive, including 0.
@@ -273,4 +272,49 @@ async fn connect(
         _counted: Counted::new(&ctx.im.metrics().upstream_links),
     };
     Ok((link, ack))
+}
+
+/// Longest client id passed to rumqttd as it is (escaped); longer ones are hashed.
+const UPSTREAM_ID_MAX: usize = 256;
+
+/// The client id rumqttd knows a client by: rumqttd refuses ids containing `+`, `#`, `/` or
+/// `$`, which MQTT allows, so those (and `%`, the escape) are percent-encoded; an id that
+/// would be longer than [`UPSTREAM_ID_MAX`] becomes `%h` and its SHA-256 (never an escape's
+/// output, as `h` is no hex digit). Either way one client id always maps to the same link,
+/// so rumqttd's persistent sessions and take-over work, and two ids never share one.
+pub(super) fn upstream_client_id(client_id: &str) -> String {
+    let mut escaped = String::with_capacity(client_id.len());
+    for c in client_id.chars() {
+        match c {
+            '%' | '+' | '#' | '/' | '$' => escaped.push_str(&format!("%{:02X}", c as u32)),
+            c => escaped.push(c),
+        }
+    }
+    if escaped.len() <= UPSTREAM_ID_MAX {
+        return escaped;
+    }
+    let digest = ring::digest::digest(&ring::digest::SHA256, client_id.as_bytes());
+    let hex: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+    format!("%h{hex}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upstream_ids_are_ones_rumqttd_accepts_and_never_shared() {
+        assert_eq!(upstream_client_id("phone-1"), "phone-1");
+        assert_eq!(upstream_client_id("clean retained"), "clean retained");
+        assert_eq!(upstream_client_id("a/b+#$"), "a%2Fb%2B%23%24");
+        // The escape itself is escaped: "a%2F" and "a/" stay apart.
+        assert_eq!(upstream_client_id("a%2F"), "a%252F");
+        let long = "x".repeat(65_535);
+        let hashed = upstream_client_id(&long);
+        assert!(hashed.starts_with("%h") && hashed.len() == 66);
+        assert_ne!(hashed, upstream_client_id(&"x".repeat(65_534)));
+        for id in ["a/b", &long, "#", "$SYS"] {
+            assert!(!"+#/$".chars().any(|c| upstream_client_id(id).contains(c)));
+        }
+    }
 }

@@ -9,21 +9,69 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::{End, Session, Terms};
+use super::{End, Op, Session, Terms};
 use crate::auth::{Authenticator, Identity};
 use crate::config::Config;
 use crate::edge::codec::{self, kind, Frame, PublishView, Version};
-use crate::edge::{ConnectionSink, EdgeContext};
+use crate::edge::sink::ConnectionSink;
+use crate::edge::EdgeContext;
 use crate::im::{Conversation, Device};
 use crate::im::{DeviceEvent, ImService};
 use crate::metrics::Metrics;
 use crate::policy::LuaPolicy;
 use crate::store::EmbeddedStore;
 
-/// A session of `alice` on a context over a fresh embedded store.
+/// A session of `alice` on a context over a fresh embedded store, and what its effects
+/// asked for so far, as the connection would carry them out.
 struct Fixture {
     session: Session,
+    /// Bytes written to the client, and to rumqttd, not read by the test yet.
+    client: BytesMut,
+    rumqttd: BytesMut,
+    /// Operations started and not run yet.
+    started: Vec<Op>,
+    /// Times the session asked for the rumqttd link.
+    links_asked: usize,
+    /// Why the session said it is over, if it did.
+    end: Option<End>,
     _dir: tempfile::TempDir,
+}
+
+impl Fixture {
+    /// Takes the session's effects, as the connection loop does after each input.
+    fn collect(&mut self) {
+        let effects = self.session.take_effects();
+        self.client.unsplit(effects.to_client);
+        self.rumqttd.unsplit(effects.to_rumqttd);
+        self.started.extend(effects.started);
+        self.links_asked += usize::from(effects.open_link);
+        if let Some(end) = effects.end {
+            self.end = Some(end);
+        }
+    }
+
+    /// Whether the session asked for the rumqttd link since the last call.
+    fn take_open_link(&mut self) -> bool {
+        self.collect();
+        std::mem::take(&mut self.links_asked) > 0
+    }
+
+    fn on_event(&mut self, event: DeviceEvent) {
+        self.session.on_event(event);
+        self.collect();
+    }
+
+    fn leave(&mut self, end: &End) {
+        self.session.leave(end);
+        self.collect();
+    }
+
+    /// The session now has a link to rumqttd, as if the client had needed it earlier.
+    fn link(&mut self) {
+        let _ = self.session.rumqttd_out();
+        self.collect();
+        self.links_asked = 0;
+    }
 }
 
 /// What a test changes about the client.
@@ -112,44 +160,53 @@ fn fixture(client: Client) -> Fixture {
         max_packet: client.max_packet,
         receive_max: client.receive_max,
     };
-    let session = Session::new(ctx, 1, terms, BytesMut::new(), false, sink);
-    Fixture { session, _dir: dir }
+    let session = Session::new(ctx, 1, terms, false, sink);
+    Fixture {
+        session,
+        client: BytesMut::new(),
+        rumqttd: BytesMut::new(),
+        started: Vec::new(),
+        links_asked: 0,
+        end: None,
+        _dir: dir,
+    }
 }
 
 /// Feeds raw client bytes, frame by frame.
-fn from_client(session: &mut Session, bytes: &[u8]) {
+fn from_client(f: &mut Fixture, bytes: &[u8]) {
     let mut input = BytesMut::from(bytes);
     while let Some(frame) = codec::next_frame(&mut input, 1 << 20).unwrap() {
-        session.on_client_frame(frame, Instant::now()).unwrap();
+        f.session.on_client_frame(frame, Instant::now()).unwrap();
+        f.collect();
     }
     assert!(input.is_empty(), "a partial frame in the fixture");
 }
 
 /// Feeds raw bytes from rumqttd, frame by frame.
-fn from_rumqttd(session: &mut Session, bytes: &[u8]) {
+fn from_rumqttd(f: &mut Fixture, bytes: &[u8]) {
     let mut input = BytesMut::from(bytes);
     while let Some(frame) = codec::next_frame(&mut input, 1 << 20).unwrap() {
-        session.on_upstream_frame(frame).unwrap();
+        f.session.on_upstream_frame(frame).unwrap();
+        f.collect();
     }
 }
 
 /// Runs the started operations, and those they start, applying each in order.
-async fn settle(session: &mut Session) {
-    loop {
-        let started: Vec<_> = session.take_started().collect();
-        if started.is_empty() {
-            return;
-        }
-        for op in started {
-            let outcome = op.await;
-            session.on_outcome(outcome).unwrap();
+async fn settle(f: &mut Fixture) {
+    f.collect();
+    while !f.started.is_empty() {
+        for op in std::mem::take(&mut f.started) {
+            let finished = op.await;
+            f.session.on_outcome(finished).unwrap();
+            f.collect();
         }
     }
 }
 
 /// Takes the bytes written to the client, split into frames.
-fn to_client(session: &mut Session) -> Vec<Frame> {
-    split_frames(&mut session.client_out)
+fn to_client(f: &mut Fixture) -> Vec<Frame> {
+    f.collect();
+    split_frames(&mut f.client)
 }
 
 fn split_frames(out: &mut BytesMut) -> Vec<Frame> {
@@ -186,8 +243,8 @@ fn publishes_on(frames: &[Frame], version: Version, topic: &str) -> Vec<PublishV
         .collect()
 }
 
-fn notice(session: &mut Session, text: &'static str) {
-    session.on_event(DeviceEvent::Notice(Bytes::from_static(text.as_bytes())));
+fn notice(f: &mut Fixture, text: &'static str) {
+    f.on_event(DeviceEvent::Notice(Bytes::from_static(text.as_bytes())));
 }
 
 #[tokio::test]
@@ -196,19 +253,19 @@ async fn a_v4_publish_reaches_rumqttd_as_v5_and_asks_for_the_link_once() {
         v4: true,
         ..Client::default()
     });
-    let s = &mut f.session;
+    let s = &mut f;
     // 3.1.1 PUBLISH QoS 1, topic "a/b", packet id 5, payload "hi".
     from_client(s, &[0x32, 9, 0, 3, b'a', b'/', b'b', 0, 5, b'h', b'i']);
     assert!(s.take_open_link());
     // MQTT 5: the same, with an empty property length.
     assert_eq!(
-        &s.up_out[..],
+        &s.rumqttd[..],
         &[0x32, 10, 0, 3, b'a', b'/', b'b', 0, 5, 0, b'h', b'i']
     );
     from_client(s, &[0x30, 5, 0, 1, b'c', b'x', b'y']);
     assert!(!s.take_open_link(), "the link is asked for once");
-    assert!(s.linked());
-    assert!(s.client_out.is_empty(), "rumqttd answers pass-through");
+    assert!(s.session.linked);
+    assert!(s.client.is_empty(), "rumqttd answers pass-through");
 }
 
 #[tokio::test]
@@ -217,8 +274,8 @@ async fn rumqttd_publishes_get_client_packet_ids_and_acks_map_back() {
         v4: true,
         ..Client::default()
     });
-    let s = &mut f.session;
-    let _ = s.rumqttd_out();
+    let s = &mut f;
+    s.link();
     // MQTT 5 PUBLISH QoS 1 from rumqttd with its packet id 300.
     from_rumqttd(
         s,
@@ -226,13 +283,13 @@ async fn rumqttd_publishes_get_client_packet_ids_and_acks_map_back() {
     );
     // To the 3.1.1 client: without properties, under the client-side id 1.
     assert_eq!(
-        &s.client_out[..],
+        &s.client[..],
         &[0x32, 9, 0, 3, b'a', b'/', b'b', 0, 1, b'h', b'i']
     );
-    s.client_out.clear();
+    s.client.clear();
     from_client(s, &[0x40, 2, 0, 1]);
     assert_eq!(
-        &s.up_out[..],
+        &s.rumqttd[..],
         &[0x40, 2, 0x01, 0x2c],
         "PUBACK under rumqttd's id"
     );
@@ -253,7 +310,7 @@ async fn rumqttd_publishes_get_client_packet_ids_and_acks_map_back() {
 }
 
 /// Subscribes to the user's response topic and pushes one notice to it.
-async fn notice_after_subscribing(s: &mut Session, version: Version) {
+async fn notice_after_subscribing(s: &mut Fixture, version: Version) {
     from_client(s, &subscribe(version, 9, &["im/u/alice/resp"]));
     settle(s).await;
     notice(s, "receipt");
@@ -269,7 +326,7 @@ async fn the_topic_acl_answers_in_each_protocols_terms() {
             acl: Some(acl.clone()),
             ..Client::default()
         });
-        let s = &mut f.session;
+        let s = &mut f;
         let mut publish = BytesMut::new();
         codec::write_publish(&mut publish, version, 1 << 1, b"other", 7, &[], b"x");
         from_client(s, &publish);
@@ -287,7 +344,7 @@ async fn the_topic_acl_answers_in_each_protocols_terms() {
         }
         // The allowed filter goes to rumqttd, whose SUBACK completes the answer.
         assert!(suback.is_none());
-        let asked = split_frames(&mut s.up_out);
+        let asked = split_frames(&mut s.rumqttd);
         assert_eq!(asked.len(), 1);
         assert_eq!(asked[0].kind(), kind::SUBSCRIBE);
         from_rumqttd(s, &[0x90, 4, 0, 8, 0, 1]);
@@ -317,7 +374,7 @@ fn suback_byte(code: &rumqttd::protocol::SubscribeReasonCode) -> u8 {
 #[tokio::test]
 async fn the_digest_comes_once_per_connection() {
     let mut f = fixture(Client::default());
-    let s = &mut f.session;
+    let s = &mut f;
     from_client(s, &subscribe(Version::V5, 1, &["im/u/alice/digest"]));
     from_client(s, &subscribe(Version::V5, 2, &["im/u/alice/#"]));
     settle(s).await;
@@ -332,15 +389,15 @@ async fn the_digest_comes_once_per_connection() {
         publishes_on(&frames, Version::V5, "im/u/alice/digest").len(),
         1
     );
-    assert!(!s.linked(), "IM topics never need rumqttd");
+    assert!(!s.session.linked, "IM topics never need rumqttd");
 }
 
 #[tokio::test]
 async fn take_over_and_keep_alive_tell_a_v5_client_why() {
     for (end, code) in [(End::TakenOver, 0x8e), (End::KeepAliveExpired, 0x8d)] {
         let mut f = fixture(Client::default());
-        f.session.leave(&end);
-        let frames = to_client(&mut f.session);
+        f.leave(&end);
+        let frames = to_client(&mut f);
         assert_eq!(frames.len(), 1);
         assert_eq!(frames[0].kind(), kind::DISCONNECT);
         assert_eq!(frames[0].bytes[2], code);
@@ -349,8 +406,8 @@ async fn take_over_and_keep_alive_tell_a_v5_client_why() {
         v4: true,
         ..Client::default()
     });
-    f.session.leave(&End::TakenOver);
-    assert!(f.session.client_out.is_empty(), "3.1.1 has no DISCONNECT");
+    f.leave(&End::TakenOver);
+    assert!(f.client.is_empty(), "3.1.1 has no DISCONNECT");
 }
 
 #[tokio::test]
@@ -380,7 +437,7 @@ async fn hook_layer_publishes_respect_the_maximum_packet_size() {
         max_packet: Some(64),
         ..Client::default()
     });
-    let s = &mut f.session;
+    let s = &mut f;
     from_client(s, &subscribe(Version::V5, 1, &["im/u/alice"]));
     settle(s).await;
     let _ = to_client(s);
@@ -408,7 +465,7 @@ async fn receive_maximum_bounds_hook_layer_publishes_in_flight() {
         receive_max: Some(2),
         ..Client::default()
     });
-    let s = &mut f.session;
+    let s = &mut f;
     from_client(
         s,
         &subscribe(Version::V5, 1, &["im/u/alice/resp", "im/u/alice"]),
@@ -439,12 +496,12 @@ async fn receive_maximum_bounds_hook_layer_publishes_in_flight() {
     assert_eq!(next.len(), 1);
     assert_eq!(&next[0].payload[..], b"three");
     // rumqttd's publishes wait in the same line.
-    let _ = s.rumqttd_out();
+    s.link();
     from_rumqttd(
         s,
         &[0x32, 10, 0, 3, b'a', b'/', b'b', 0x01, 0x2c, 0, b'h', b'i'],
     );
-    assert!(s.client_out.is_empty());
+    assert!(s.client.is_empty());
     for publish in [&first[1], &next[0]] {
         let mut ack = BytesMut::new();
         codec::write_ack(&mut ack, kind::PUBACK, publish.pkid);
@@ -466,15 +523,15 @@ async fn receive_maximum_bounds_hook_layer_publishes_in_flight() {
 #[tokio::test]
 async fn a_persistent_session_keeps_what_was_subscribed_before_it_ended() {
     let mut f = fixture(Client::default());
-    let s = &mut f.session;
+    let s = &mut f;
     from_client(s, &subscribe(Version::V5, 1, &["im/u/alice"]));
     from_client(s, &[kind::DISCONNECT << 4, 0]);
-    assert!(s.client_disconnected);
+    assert!(matches!(s.end, Some(End::ClientDisconnected)));
     // The connection applies what was started before it leaves.
     settle(s).await;
     s.leave(&End::ClientDisconnected);
-    let device = s.device.clone();
-    let kept = s.ctx.restore_session(&device);
+    let device = s.session.device.clone();
+    let kept = s.session.ctx.restore_session(&device);
     assert_eq!(kept.get("im/u/alice"), Some(&1));
 }
 
@@ -484,7 +541,7 @@ async fn a_listener_bounds_the_packets_a_connection_has_in_progress() {
         max_pending: Some(2),
         ..Client::default()
     });
-    let s = &mut f.session;
+    let s = &mut f;
     let mut requests = BytesMut::new();
     for pkid in 1..=2 {
         codec::write_publish(
@@ -499,9 +556,9 @@ async fn a_listener_bounds_the_packets_a_connection_has_in_progress() {
     }
     from_client(s, &requests[..]);
     assert!(
-        !s.accepts_input(),
+        !s.session.accepts_input(),
         "two requests in progress: no more reading"
     );
     settle(s).await;
-    assert!(s.accepts_input(), "answered: reading resumes");
+    assert!(s.session.accepts_input(), "answered: reading resumes");
 }

@@ -7,7 +7,7 @@ use std::collections::VecDeque;
 
 use bytes::BytesMut;
 
-use super::codec::{self, kind};
+use crate::edge::codec::{self, kind};
 
 /// One publish rumqttd sent at QoS 1 or 2.
 #[derive(Debug)]

@@ -11,39 +11,22 @@ use rumqttd::protocol::{
     UnsubAck, UnsubAckReason, Unsubscribe, UnsubscribeProperties,
 };
 
-use super::acl::{self, FilterAccess};
-use super::codec::{self, Version};
-use super::reply::Outcome;
-use super::session::{recorded, PendingAck, Session};
-use super::topics::Route;
-use super::EdgeError;
+use super::outcome::{Granted, Outcome, PendingAck, Subscription};
+use super::{recorded, Session};
 use crate::auth::acl::Access;
+use crate::edge::acl::{self, FilterAccess};
+use crate::edge::codec::{self, Version};
+use crate::edge::topics::Route;
+use crate::edge::EdgeError;
 use crate::hook::{self, Hooks, Verdict};
 use crate::im::ImService;
 
 /// SUBACK code for a refused filter (0x87 in MQTT 5, 0x80 in 3.1.1).
-pub(super) const NOT_AUTHORIZED: u8 = 0x87;
+const NOT_AUTHORIZED: u8 = 0x87;
 /// SUBACK code for a filter that is not a valid one (or one rumqttd cannot take).
 const FILTER_INVALID: u8 = 0x8f;
 /// UNSUBACK code for a filter the client had not subscribed to.
 const NO_SUBSCRIPTION: u8 = 0x11;
-
-/// One filter of a SUBSCRIBE, decided.
-#[derive(Debug)]
-pub(super) enum Granted {
-    /// Refused by the hook layer with this code.
-    Refused(u8),
-    /// An IM topic of the client's own, at this QoS.
-    Im { filter: String, qos: u8 },
-    /// A group's topic, for a member.
-    Group {
-        filter: String,
-        qos: u8,
-        gid: String,
-    },
-    /// For rumqttd to answer.
-    Relay(Filter),
-}
 
 /// What is still to check about one filter.
 enum Check {
@@ -56,15 +39,6 @@ enum Check {
         qos: u8,
         gid: String,
     },
-}
-
-/// A SUBSCRIBE, or the IM filters of a resumed persistent session (no packet id: no
-/// SUBACK), checked and ready to take effect.
-#[derive(Debug)]
-pub(super) struct Subscription {
-    pkid: Option<u16>,
-    properties: Option<SubscribeProperties>,
-    granted: Vec<Granted>,
 }
 
 impl Session {
@@ -176,7 +150,7 @@ impl Session {
                     Some(qos)
                 }
                 Granted::Group { filter, qos, gid } => {
-                    let sink = self.sink();
+                    let sink = std::sync::Arc::clone(&self.sink);
                     self.ctx.im.watch_group(&gid, &self.device, self.id, sink);
                     self.im_filters.insert(filter, qos);
                     Some(qos)
@@ -228,11 +202,7 @@ impl Session {
             })
             .collect();
         let suback = SubAck { pkid, return_codes };
-        codec::write_packet(
-            &mut self.client_out,
-            self.version,
-            Packet::SubAck(suback, None),
-        )?;
+        self.outbox.write_packet(Packet::SubAck(suback, None))?;
         self.after_subscribe();
         Ok(())
     }
@@ -247,8 +217,8 @@ impl Session {
         if !self.digest_sent && self.granted_qos(&digest).is_some() {
             self.digest_sent = true;
             let (im, device) = (self.ctx.im.clone(), self.device.clone());
-            let registration = self.registration();
-            let budget = self.payload_budget(&digest, 0);
+            let registration = self.registration.clone();
+            let budget = self.outbox.payload_budget(&digest, 0);
             self.start(async move {
                 if !recorded(registration).await {
                     if let Err(e) = im.connected(&device).await {
@@ -287,7 +257,7 @@ impl Session {
                 }
                 let existed = self.im_filters.remove(&filter).is_some();
                 codes.push(Some(if existed { 0 } else { NO_SUBSCRIPTION }));
-            } else if self.linked() {
+            } else if self.linked {
                 codes.push(None);
                 relayed.push(filter);
             } else {
@@ -319,11 +289,7 @@ impl Session {
             })
             .collect();
         let unsuback = UnsubAck { pkid, reasons };
-        codec::write_packet(
-            &mut self.client_out,
-            self.version,
-            Packet::UnsubAck(unsuback, None),
-        )?;
+        self.outbox.write_packet(Packet::UnsubAck(unsuback, None))?;
         Ok(())
     }
 

@@ -1,0 +1,96 @@
+//! What the client sends besides PUBLISH: acknowledgements of what it was sent (mapped back
+//! to rumqttd's ids, or recorded as delivered), SUBSCRIBE and UNSUBSCRIBE, pings, DISCONNECT.
+
+use rumqttd::protocol::Packet;
+use tokio::time::Instant;
+
+use super::outcome::Outcome;
+use super::packet_ids::Origin;
+use super::{End, Session};
+use crate::edge::codec::{kind, Frame, Version};
+use crate::edge::EdgeError;
+
+impl Session {
+    /// Handles one frame from the client, which arrived at `now`.
+    pub(in crate::edge) fn on_client_frame(
+        &mut self,
+        frame: Frame,
+        now: Instant,
+    ) -> Result<(), EdgeError> {
+        match frame.kind() {
+            kind::PUBLISH => self.on_client_publish(&frame, now),
+            kind::PUBACK => {
+                match self.outbox.release(frame.ack_pkid()?)? {
+                    Some(Origin::Upstream(pkid)) => {
+                        self.upstream_acks
+                            .answered(pkid, kind::PUBACK, &mut self.to_rumqttd);
+                    }
+                    Some(Origin::Chat { conversation, seq }) => {
+                        self.ctx.im.delivered(&self.device, &conversation, seq);
+                    }
+                    Some(Origin::Own) | None => {}
+                }
+                Ok(())
+            }
+            kind::PUBREC => {
+                if let Some(Origin::Upstream(pkid)) = self.outbox.owner(frame.ack_pkid()?) {
+                    let pkid = *pkid;
+                    self.upstream_acks
+                        .answered(pkid, kind::PUBREC, &mut self.to_rumqttd);
+                }
+                Ok(())
+            }
+            kind::PUBREL => {
+                let pkid = frame.ack_pkid()?;
+                if self.im_qos2.remove(&pkid) || !self.linked {
+                    // Ours, or unknown to anyone (rumqttd never had this client).
+                    self.outbox.ack(kind::PUBCOMP, pkid);
+                } else {
+                    crate::edge::codec::write_ack(&mut self.to_rumqttd, kind::PUBREL, pkid);
+                }
+                Ok(())
+            }
+            kind::PUBCOMP => {
+                if let Some(Origin::Upstream(pkid)) = self.outbox.release(frame.ack_pkid()?)? {
+                    crate::edge::codec::write_ack(&mut self.to_rumqttd, kind::PUBCOMP, pkid);
+                }
+                Ok(())
+            }
+            kind::SUBSCRIBE => match frame.decode(self.version, self.listener.max_packet)? {
+                Packet::Subscribe(subscribe, properties) => {
+                    self.on_subscribe(subscribe, properties);
+                    Ok(())
+                }
+                _ => Err(EdgeError::Protocol("malformed SUBSCRIBE")),
+            },
+            kind::UNSUBSCRIBE => match frame.decode(self.version, self.listener.max_packet)? {
+                Packet::Unsubscribe(unsubscribe, properties) => {
+                    self.on_unsubscribe(unsubscribe, properties);
+                    Ok(())
+                }
+                _ => Err(EdgeError::Protocol("malformed UNSUBSCRIBE")),
+            },
+            kind::PINGREQ => {
+                self.outbox.raw(&[kind::PINGRESP << 4, 0]);
+                Ok(())
+            }
+            kind::DISCONNECT => {
+                self.on_disconnect(frame);
+                Ok(())
+            }
+            _ => Err(EdgeError::Protocol("unexpected packet type from client")),
+        }
+    }
+
+    /// The client says goodbye: rumqttd hears it after what the client sent before (still
+    /// in the ordered operations), so that it drops the will; nothing more is read.
+    fn on_disconnect(&mut self, frame: Frame) {
+        let farewell = match self.version {
+            Version::V5 => frame.bytes,
+            Version::V4 => bytes::Bytes::from_static(&[kind::DISCONNECT << 4, 0]),
+        };
+        self.start(std::future::ready(Outcome::Farewell(farewell)));
+        self.disconnected = true;
+        self.end.get_or_insert(End::ClientDisconnected);
+    }
+}
