@@ -31,6 +31,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use mqtt_im::domain::Uid;
 use mqtt_im::server::CancellationToken;
 use mqtt_im::store::{Conversation, Device, NewMessage};
 use mqtt_im::wire::pb;
@@ -807,10 +808,10 @@ async fn pull(cli: &Cli, args: &PullArgs) -> Result<(), Error> {
                     if n >= total {
                         return Ok::<_, Error>(());
                     }
-                    let peer = format!("peer{}", n % conversations);
+                    let peer = bench_uid(&format!("peer{}", n % conversations));
                     store
                         .append(NewMessage {
-                            conversation: Conversation::direct(&peer, "puller"),
+                            conversation: Conversation::direct(&peer, &bench_uid("puller")),
                             sender: peer,
                             sender_device: "bench".into(),
                             msg_id: format!("m{n}"),
@@ -834,7 +835,7 @@ async fn pull(cli: &Cli, args: &PullArgs) -> Result<(), Error> {
     );
     store
         .register_device(&Device {
-            uid: "puller".into(),
+            uid: bench_uid("puller"),
             client_id: "puller".into(),
         })
         .await?;
@@ -1593,8 +1594,13 @@ impl Latencies {
 }
 
 /// The uid of soak user `u`.
-fn soak_user(u: usize) -> String {
-    format!("s{u}")
+fn soak_user(u: usize) -> Uid {
+    bench_uid(&format!("s{u}"))
+}
+
+/// A uid the harness makes up (always a valid one).
+fn bench_uid(text: &str) -> Uid {
+    Uid::parse(text).unwrap_or_else(|e| panic!("{e}"))
 }
 
 async fn soak(cli: &Cli, args: &SoakArgs) -> Result<(), Error> {

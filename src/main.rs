@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use mqtt_im::config::Backend;
+use mqtt_im::domain::{Gid, Uid};
 use mqtt_im::im::lifecycle;
 use mqtt_im::metrics::Metrics;
 use mqtt_im::policy::trial::{self, Verdict};
@@ -88,13 +89,10 @@ enum StoreCommand {
 #[derive(Debug, Subcommand)]
 enum DeviceCommand {
     /// A user's devices with when each last connected.
-    List { uid: String },
+    List { uid: Uid },
     /// Forget one device (or, without CLIENT_ID, every device) of a user: its offline state
     /// is deleted and its next connection starts as a new device.
-    Forget {
-        uid: String,
-        client_id: Option<String>,
-    },
+    Forget { uid: Uid, client_id: Option<String> },
 }
 
 #[derive(Debug, Subcommand)]
@@ -102,32 +100,32 @@ enum UserCommand {
     /// Erase a user: connections closed, devices, read cursors and group memberships
     /// removed, 1:1 messages deleted and group messages redacted or deleted
     /// (`im.erase_group_messages`). Idempotent.
-    Erase { uid: String },
+    Erase { uid: Uid },
 }
 
 #[derive(Debug, Subcommand)]
 enum GroupCommand {
     /// Create a group owned by `owner`.
     Create {
-        gid: String,
+        gid: Gid,
         #[arg(long)]
-        owner: String,
+        owner: Uid,
         /// Members besides the owner.
-        members: Vec<String>,
+        members: Vec<Uid>,
     },
     /// Add members (as admins with --admin).
     Add {
-        gid: String,
-        members: Vec<String>,
+        gid: Gid,
+        members: Vec<Uid>,
         #[arg(long)]
         admin: bool,
     },
     /// Remove members.
-    Remove { gid: String, members: Vec<String> },
+    Remove { gid: Gid, members: Vec<Uid> },
     /// List a group's members with their roles and read cursors.
-    Members { gid: String },
+    Members { gid: Gid },
     /// List the groups of a user.
-    Of { uid: String },
+    Of { uid: Uid },
 }
 
 #[tokio::main]
@@ -253,23 +251,8 @@ async fn policy_test(config: Config, messages: &std::path::Path) -> anyhow::Resu
     Ok(())
 }
 
+/// Ids arrive parsed (clap refuses one no user or group can have, before the store opens).
 async fn group(config: Config, command: GroupCommand) -> anyhow::Result<()> {
-    let named = match &command {
-        GroupCommand::Create {
-            gid,
-            owner,
-            members,
-            ..
-        } => [vec![gid.clone(), owner.clone()], members.clone()].concat(),
-        GroupCommand::Add { gid, members, .. } | GroupCommand::Remove { gid, members } => {
-            [vec![gid.clone()], members.clone()].concat()
-        }
-        GroupCommand::Members { gid } => vec![gid.clone()],
-        GroupCommand::Of { uid } => vec![uid.clone()],
-    };
-    if let Some(bad) = named.iter().find(|id| !mqtt_im::valid_uid(id)) {
-        anyhow::bail!("invalid id {bad:?}: 1 to 64 letters, digits, '-', '_' or '.'");
-    }
     let store = open_store(&config, &Metrics::default())
         .await
         .context("opening the store")?;
@@ -299,13 +282,13 @@ async fn group_command(store: &dyn Store, command: GroupCommand) -> anyhow::Resu
             let added = store
                 .add_members(&Conversation::group(&gid), &members, role)
                 .await?;
-            println!("added {}", added.join(" "));
+            println!("added {}", joined(&added));
         }
         GroupCommand::Remove { gid, members } => {
             let removed = store
                 .remove_members(&Conversation::group(&gid), &members)
                 .await?;
-            println!("removed {}", removed.join(" "));
+            println!("removed {}", joined(&removed));
         }
         GroupCommand::Members { gid } => {
             for member in store.members(&Conversation::group(&gid)).await? {
@@ -314,7 +297,9 @@ async fn group_command(store: &dyn Store, command: GroupCommand) -> anyhow::Resu
         }
         GroupCommand::Of { uid } => {
             for (group, role) in store.group_memberships(&uid).await? {
-                println!("{} {role:?}", group.gid().unwrap_or_default());
+                if let Some(gid) = group.gid() {
+                    println!("{gid} {role:?}");
+                }
             }
         }
     }
@@ -328,13 +313,10 @@ async fn operator_store(config: &Config) -> anyhow::Result<std::sync::Arc<dyn St
         .context("opening the store")
 }
 
-/// Refuses a uid that no user can have, before the store is opened.
-fn valid_uid(uid: &str) -> anyhow::Result<()> {
-    anyhow::ensure!(
-        mqtt_im::valid_uid(uid),
-        "invalid uid {uid:?}: 1 to 64 letters, digits, '-', '_', '.' or '@'"
-    );
-    Ok(())
+/// Users as one line names them.
+fn joined(uids: &[Uid]) -> String {
+    let names: Vec<&str> = uids.iter().map(Uid::as_str).collect();
+    names.join(" ")
 }
 
 async fn store_gc(config: &Config) -> anyhow::Result<()> {
@@ -360,8 +342,6 @@ async fn store_gc(config: &Config) -> anyhow::Result<()> {
 }
 
 async fn device(config: &Config, command: DeviceCommand) -> anyhow::Result<()> {
-    let (DeviceCommand::List { uid } | DeviceCommand::Forget { uid, .. }) = &command;
-    valid_uid(uid)?;
     let store = operator_store(config).await?;
     let result = device_command(store.as_ref(), command).await;
     store.close().await;
@@ -392,7 +372,7 @@ async fn device_command(store: &dyn Store, command: DeviceCommand) -> anyhow::Re
                 };
                 let known = store.forget_device(&device).await?;
                 tracing::info!(
-                    uid,
+                    %uid,
                     client_id = ?device.client_id,
                     known,
                     "device forgotten by an operator"
@@ -410,8 +390,7 @@ async fn device_command(store: &dyn Store, command: DeviceCommand) -> anyhow::Re
 
 /// Evicts the user's connections, gives running nodes time to close them, erases, and
 /// evicts again (a device that reconnected meanwhile is closed as well).
-async fn erase_user(config: &Config, uid: &str) -> anyhow::Result<()> {
-    valid_uid(uid)?;
+async fn erase_user(config: &Config, uid: &Uid) -> anyhow::Result<()> {
     let store = operator_store(config).await?;
     let result = async {
         store.evict(uid, None).await?;
@@ -419,7 +398,7 @@ async fn erase_user(config: &Config, uid: &str) -> anyhow::Result<()> {
         let erased = store
             .erase_user(uid, config.im.erase_group_messages)
             .await?;
-        tracing::info!(uid, ?erased, "user erased by an operator");
+        tracing::info!(%uid, ?erased, "user erased by an operator");
         println!(
             "erased {uid}: {} devices, {} group memberships, {} messages deleted, {} redacted",
             erased.devices, erased.groups, erased.messages_deleted, erased.messages_redacted

@@ -8,12 +8,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use mqtt_im::domain::Uid;
 use mqtt_im::store::{Conversation, EmbeddedStore, NewMessage, Store};
 
 fn message(n: u64) -> NewMessage {
-    let peer = format!("p{}", n % 100);
+    let peer = Uid::parse(&format!("p{}", n % 100)).unwrap();
+    let bob = Uid::parse("bob").unwrap();
     NewMessage {
-        conversation: Conversation::direct("bob", &peer),
+        conversation: Conversation::direct(&bob, &peer),
         sender: peer,
         sender_device: "d".into(),
         msg_id: format!("m{n}"),

@@ -52,6 +52,8 @@ use tokio::sync::mpsc;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+pub use crate::domain::Protocol;
+
 use crate::metrics::Metrics;
 
 /// What a hook, a script or a provider that fails (errs, overruns, panics) means for what it
@@ -75,7 +77,7 @@ pub struct Client {
     /// The CONNECT's username, if any.
     pub username: Option<String>,
     /// `"3.1.1"` or `"5"`.
-    pub protocol: &'static str,
+    pub protocol: Protocol,
     /// The name of the listener it came through.
     pub listener: Arc<str>,
     /// The client's address.

@@ -8,6 +8,8 @@
 //!   [`rumqttd_config`], from a team's unchanged `rumqttd.toml`.
 //! - `edge`: the hook layer; the only code that sees MQTT packets. It authenticates, relays
 //!   clients to rumqttd in MQTT 5 and serves IM topics itself.
+//! - [`domain`]: the shared nouns (users, groups, devices, conversations, recipients, the
+//!   MQTT protocol and listener kinds), parsed once where they enter.
 //! - [`im`]: users, devices, conversations, digests and pulls; no packets, no SQL.
 //! - [`store`]: persistence behind one trait; knows nothing of MQTT.
 //! - [`hook`]: the MQTT lifecycle as a trait: the Lua policy and an embedder's own hooks
@@ -28,6 +30,7 @@ mod accept;
 pub mod auth;
 mod broker;
 pub mod config;
+pub mod domain;
 mod edge;
 pub mod hook;
 pub mod im;
@@ -47,12 +50,3 @@ pub mod wire;
 pub use async_trait::async_trait;
 pub use config::Config;
 pub use server::{Builder, Handle, Server};
-
-/// Uids and client ids become topic levels and conversation keys, so they are restricted to
-/// 1–64 characters of letters, digits, `_`, `-`, `.` and `@`.
-pub fn valid_uid(uid: &str) -> bool {
-    (1..=64).contains(&uid.len())
-        && uid
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | '@'))
-}

@@ -4,54 +4,14 @@
 //! and credentials.
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::domain::{ListenerKind, Protocol};
 use crate::settings::Problems;
-
-/// Which kind of public listener a connection came in on (a metrics label too).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum ListenerKind {
-    /// MQTT over TCP.
-    Tcp,
-    /// MQTT over TLS.
-    Tls,
-    /// MQTT over WebSocket.
-    Ws,
-    /// MQTT over WebSocket over TLS.
-    Wss,
-}
-
-impl ListenerKind {
-    /// The name used in configuration, logs and metrics.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Tcp => "mqtt",
-            Self::Tls => "tls",
-            Self::Ws => "ws",
-            Self::Wss => "wss",
-        }
-    }
-}
-
-impl fmt::Display for ListenerKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// The MQTT version a listener is bound to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Protocol {
-    /// MQTT 3.1.1 only (rumqttd's `v4` and `ws` listeners).
-    V4,
-    /// MQTT 5 only (rumqttd's `v5` listeners).
-    V5,
-}
 
 /// Who a listener admits.
 #[derive(Clone)]

@@ -16,7 +16,7 @@ use crate::edge::{self, Admission, EdgeContext, Listener, PrivateBroker, Transpo
 use crate::hook::{Hook, Hooks};
 use crate::im::ImService;
 pub use crate::listener::ListenerKind;
-use crate::listener::{ListenerAuth, ListenerSpec, Protocol};
+use crate::listener::{ListenerAuth, ListenerSpec};
 use crate::metrics::Metrics;
 use crate::policy::{self, LuaPolicy, PolicyError, PolicyHook};
 use crate::rumqttd_config;
@@ -556,10 +556,7 @@ fn bind_listeners(
             connect_timeout: spec.connect_timeout,
             admission,
             max_pending: spec.max_pending,
-            version: spec.protocol.map(|protocol| match protocol {
-                Protocol::V4 => edge::Version::V4,
-                Protocol::V5 => edge::Version::V5,
-            }),
+            version: spec.protocol,
         };
         let addr = spec.addr;
         let socket =

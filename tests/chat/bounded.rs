@@ -14,8 +14,8 @@ fn period(text: &str) -> Period {
 }
 
 /// How many messages the store holds of `uid`'s 1:1 chat with alice.
-async fn history_len(broker: &TestBroker, uid: &str) -> usize {
-    let chat = mqtt_im::store::Conversation::direct("alice", uid);
+async fn history_len(broker: &TestBroker, peer: &str) -> usize {
+    let chat = direct("alice", peer);
     broker
         .store
         .history(&chat, None, 100)
@@ -129,7 +129,7 @@ async fn device_forget_request_closes_and_resets_the_device(backend: TestBackend
     let answer = phone.ask("bob", forget("bob-laptop")).await;
     assert_eq!(answer.status, pb::Status::Ok as i32, "{answer:?}");
     assert_eq!(laptop.disconnect_reason().await, 0x98);
-    let ids: Vec<String> = broker.store.devices("bob").await.unwrap().into_iter().map(|d| d.client_id).collect();
+    let ids: Vec<String> = broker.store.devices(&uid("bob")).await.unwrap().into_iter().map(|d| d.client_id).collect();
     assert_eq!(ids, vec!["bob-phone".to_owned()]);
     let unknown = phone.ask("bob", forget("bob-laptop")).await;
     assert_eq!(unknown.error.unwrap().code, pb::ErrorCode::NotFound as i32);
@@ -152,14 +152,14 @@ async fn unseen_devices_expire_connected_ones_stay(backend: TestBackend) {
     let _ = tablet.digest("bob").await;
     tablet.disconnect().await;
     eventually(|| async {
-        let devices = broker.store.devices("bob").await.unwrap();
+        let devices = broker.store.devices(&uid("bob")).await.unwrap();
         devices.len() == 1 && devices[0].client_id == "bob-phone"
     })
     .await;
     // Past the phone's time to live (the configured interval), then a whole round.
     tokio::time::sleep(Duration::from_secs(1)).await;
     after_round(&broker, "gc").await;
-    let devices = broker.store.devices("bob").await.unwrap();
+    let devices = broker.store.devices(&uid("bob")).await.unwrap();
     assert_eq!(devices.len(), 1, "the connected phone is kept: {devices:?}");
     wait_for(|| metric(&broker, r#"mqtt_im_gc_deleted_total{what="devices"}"#) >= 1.0).await;
 }
@@ -185,7 +185,7 @@ async fn operator_commands_bound_the_store(backend: TestBackend) {
     let erased = operator(&broker, &["user", "erase", "alice"]);
     assert_eq!(erased, "erased alice: 1 devices, 0 group memberships, 2 messages deleted, 0 redacted\n");
     assert_eq!(alice.disconnect_reason().await, 0x98);
-    let chat = mqtt_im::store::Conversation::direct("alice", "bob");
+    let chat = direct("alice", "bob");
     let left = broker.store.history(&chat, None, 10).await.unwrap();
     assert_eq!(left.messages.iter().map(|m| m.sender.as_str()).collect::<Vec<_>>(), vec!["bob"]);
     let again = operator(&broker, &["user", "erase", "alice"]);

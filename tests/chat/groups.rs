@@ -431,10 +431,10 @@ async fn ten_thousand_members_one_post(backend: TestBackend) {
         }
     })
     .await;
-    let members: Vec<String> = (0..BIG).map(big_member).collect();
+    let members: Vec<_> = (0..BIG).map(|i| uid(&big_member(i))).collect();
     let started = std::time::Instant::now();
-    let big = mqtt_im::store::Conversation::group("big");
-    broker.store.create_group(&big, "alice", &members).await.unwrap();
+    let big = group("big");
+    broker.store.create_group(&big, &uid("alice"), &members).await.unwrap();
     eprintln!("created a group of {BIG} members in {:?}", started.elapsed());
     let live_member = big_member(sampled[0]);
     let mut live = Client::v5(broker.addr, "live-phone", &live_member).await;
@@ -470,7 +470,7 @@ async fn ten_thousand_members_one_post(backend: TestBackend) {
     // Every 50th member, through the store.
     for i in (0..BIG).step_by(50) {
         let device = mqtt_im::store::Device {
-            uid: big_member(i),
+            uid: uid(&big_member(i)),
             client_id: "probe".into(),
         };
         let digest = broker.store.digest(&device, 3).await.unwrap();

@@ -240,6 +240,34 @@ fn all_listeners() -> [mqtt_im::server::ListenerKind; 4] {
     [K::Tcp, K::Tls, K::Ws, K::Wss]
 }
 
+/// A user id from a literal.
+pub fn uid(text: &str) -> mqtt_im::domain::Uid {
+    mqtt_im::domain::Uid::parse(text).unwrap()
+}
+
+/// A group id from a literal.
+pub fn gid(text: &str) -> mqtt_im::domain::Gid {
+    mqtt_im::domain::Gid::parse(text).unwrap()
+}
+
+/// The 1:1 conversation of `a` and `b`.
+pub fn direct(a: &str, b: &str) -> mqtt_im::domain::Conversation {
+    mqtt_im::domain::Conversation::direct(&uid(a), &uid(b))
+}
+
+/// Group `id`'s conversation.
+pub fn group(id: &str) -> mqtt_im::domain::Conversation {
+    mqtt_im::domain::Conversation::group(&gid(id))
+}
+
+/// Device `client_id` of `user`.
+pub fn device(user: &str, client_id: &str) -> mqtt_im::domain::Device {
+    mqtt_im::domain::Device {
+        uid: uid(user),
+        client_id: client_id.into(),
+    }
+}
+
 /// An envelope with one text chat message to group `gid`.
 pub fn group_chat(msg_id: &str, gid: &str) -> Vec<u8> {
     let mut envelope = pb::Envelope::text(msg_id, gid, msg_id);

@@ -321,7 +321,7 @@ async fn a_service_gives_the_builder_its_own_store_and_policy() {
         .publish_acked("im/u/bob", chat("m1", "bob", "kept here", false))
         .await;
     assert_eq!(stored, 0);
-    let conversation = mqtt_im::store::Conversation::direct("alice", "bob");
+    let conversation = direct("alice", "bob");
     let page = store.history(&conversation, None, 10).await.unwrap();
     assert_eq!(page.messages.len(), 1);
     assert_eq!(page.messages[0].sender, "alice");

@@ -197,10 +197,10 @@ async fn acks_and_removals_go_on_while_redis_is_stalled() {
     // A removal made in the store is applied by the node within its poll interval.
     let removed = broker
         .store
-        .remove_members(&mqtt_im::store::Conversation::group("ops"), &["bob".into()])
+        .remove_members(&crate::common::group("ops"), &[uid("bob")])
         .await
         .unwrap();
-    assert_eq!(removed, vec!["bob".to_string()]);
+    assert_eq!(removed, vec![uid("bob")]);
     after_round(&broker, "removals").await;
     assert_eq!(
         alice

@@ -97,8 +97,8 @@ impl Http {
             "username": credentials.username,
             "password": credentials.password.as_deref().map(String::from_utf8_lossy),
             "peer": credentials.peer.to_string(),
-            "protocol": credentials.protocol,
-            "transport": credentials.transport,
+            "protocol": credentials.protocol.name(),
+            "transport": credentials.transport.as_str(),
         });
         let mut request = hyper::Request::post(&self.settings.url)
             .header(hyper::header::CONTENT_TYPE, "application/json");

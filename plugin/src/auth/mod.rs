@@ -22,6 +22,8 @@ use std::time::Duration;
 
 use tokio::sync::Semaphore;
 
+use crate::domain::{ListenerKind, Protocol};
+
 use crate::watch::Watched;
 use hash::StoredHash;
 pub use password_file::PasswordFile;
@@ -39,9 +41,9 @@ pub struct Credentials {
     /// The client's address.
     pub peer: SocketAddr,
     /// `3.1.1` or `5`.
-    pub protocol: &'static str,
+    pub protocol: Protocol,
     /// The listener kind: `mqtt`, `tls`, `ws`, `wss`.
-    pub transport: &'static str,
+    pub transport: ListenerKind,
 }
 
 /// What a provider grants an allowed client.
@@ -408,8 +410,8 @@ mod tests {
             username: username.map(str::to_owned),
             password: Some(password.as_bytes().to_vec()),
             peer: "127.0.0.1:1".parse().unwrap_or_else(|_| unreachable!()),
-            protocol: "5",
-            transport: "mqtt",
+            protocol: Protocol::V5,
+            transport: ListenerKind::Tcp,
         }
     }
 

@@ -26,8 +26,8 @@ impl Provider for Script {
             username: credentials.username.clone(),
             password: credentials.password.clone(),
             peer: credentials.peer.to_string(),
-            protocol: credentials.protocol,
-            transport: credentials.transport,
+            protocol: credentials.protocol.name(),
+            transport: credentials.transport.as_str(),
         };
         Ok(match self.policy.on_auth(view).await {
             AuthDecision::Allow { uid } => Verdict::Allow(Grant {

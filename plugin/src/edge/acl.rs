@@ -4,6 +4,7 @@
 use super::topics::{Route, Topics};
 use crate::auth::acl::{self as rules, Access, AclFile, Client};
 use crate::auth::Identity;
+use crate::domain::{Gid, Recipient, Uid};
 
 /// Whether a client may have `access` to a non-IM `topic` (a filter, when `subscribing`):
 /// superusers may; then the provider's rules for it decide if one speaks; then the ACL
@@ -32,14 +33,14 @@ pub(super) fn topic_allowed(
 }
 
 /// What to do with one subscription filter.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum FilterAccess<'a> {
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum FilterAccess {
     /// Not IM: relay to rumqttd.
     PassThrough,
     /// Inside the user's own IM tree: served by the hook layer.
     Im,
     /// A group's topic: served by the hook layer if the user is a member.
-    Group(&'a str),
+    Group(Gid),
     /// Refused.
     Denied,
 }
@@ -51,11 +52,7 @@ pub(crate) const NO_IM_IDENTITY: &str =
 /// A user may subscribe inside its own `{prefix}/u/{uid}` tree (never to `req`), and to a
 /// group's exact topic (membership is checked by the caller); a client whose identity is no
 /// IM uid (`None`) may not subscribe under the IM prefix at all.
-pub(crate) fn subscribe<'a>(
-    topics: &Topics,
-    uid: Option<&str>,
-    filter: &'a str,
-) -> FilterAccess<'a> {
+pub(crate) fn subscribe(topics: &Topics, uid: Option<&Uid>, filter: &str) -> FilterAccess {
     let Some(rest) = topics.strip_prefix(filter) else {
         return FilterAccess::PassThrough;
     };
@@ -66,7 +63,7 @@ pub(crate) fn subscribe<'a>(
         return FilterAccess::Group(gid);
     }
     let mut levels = rest.split('/');
-    if levels.next() != Some("u") || levels.next() != Some(uid) {
+    if levels.next() != Some("u") || levels.next() != Some(uid.as_str()) {
         return FilterAccess::Denied;
     }
     let tail: Vec<&str> = levels.collect();
@@ -77,14 +74,13 @@ pub(crate) fn subscribe<'a>(
 }
 
 /// What a publish under the IM prefix may do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum PublishAccess<'a> {
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum PublishAccess {
     /// Not IM: relay to rumqttd.
     PassThrough,
-    /// A chat message to this user's inbox.
-    Chat(&'a str),
-    /// A chat message to this group (membership is checked when it is accepted).
-    GroupChat(&'a str),
+    /// A chat message to a user's inbox, or to a group (membership is checked when it is
+    /// accepted).
+    Chat(Recipient),
     /// A request on the publisher's own `req`.
     Request,
     /// Refused, with the reason the client is told.
@@ -93,7 +89,7 @@ pub(crate) enum PublishAccess<'a> {
 
 /// Any user may send to any inbox; only the owner may publish on its `req`; nobody may
 /// publish on `digest`, `resp` or an unknown IM topic, nor a client without an IM uid on any.
-pub(crate) fn publish<'a>(topics: &Topics, uid: Option<&str>, topic: &'a str) -> PublishAccess<'a> {
+pub(crate) fn publish(topics: &Topics, uid: Option<&Uid>, topic: &str) -> PublishAccess {
     let route = topics.route(topic);
     let Some(uid) = uid else {
         return match route {
@@ -103,9 +99,9 @@ pub(crate) fn publish<'a>(topics: &Topics, uid: Option<&str>, topic: &'a str) ->
     };
     match route {
         Route::PassThrough => PublishAccess::PassThrough,
-        Route::Inbox(to) => PublishAccess::Chat(to),
-        Route::Group(gid) => PublishAccess::GroupChat(gid),
-        Route::Request(owner) if owner == uid => PublishAccess::Request,
+        Route::Inbox(to) => PublishAccess::Chat(Recipient::User(to)),
+        Route::Group(gid) => PublishAccess::Chat(Recipient::Group(gid)),
+        Route::Request(owner) if &owner == uid => PublishAccess::Request,
         Route::Request(_) => {
             PublishAccess::Denied("requests may only be published on your own req topic")
         }
@@ -120,73 +116,92 @@ pub(crate) fn publish<'a>(topics: &Topics, uid: Option<&str>, topic: &'a str) ->
 mod tests {
     use super::*;
 
+    fn uid(text: &str) -> Uid {
+        Uid::parse(text).unwrap()
+    }
+
     #[test]
     fn subscriptions_stay_in_the_own_tree() {
         let t = Topics::new("im");
         assert_eq!(
-            subscribe(&t, Some("alice"), "im/u/alice/#"),
-            FilterAccess::Im
-        );
-        assert_eq!(subscribe(&t, Some("alice"), "im/u/alice"), FilterAccess::Im);
-        assert_eq!(
-            subscribe(&t, Some("alice"), "im/u/alice/resp"),
+            subscribe(&t, Some(&uid("alice")), "im/u/alice/#"),
             FilterAccess::Im
         );
         assert_eq!(
-            subscribe(&t, Some("alice"), "im/u/bob/#"),
+            subscribe(&t, Some(&uid("alice")), "im/u/alice"),
+            FilterAccess::Im
+        );
+        assert_eq!(
+            subscribe(&t, Some(&uid("alice")), "im/u/alice/resp"),
+            FilterAccess::Im
+        );
+        assert_eq!(
+            subscribe(&t, Some(&uid("alice")), "im/u/bob/#"),
             FilterAccess::Denied
         );
         assert_eq!(
-            subscribe(&t, Some("alice"), "im/u/+/#"),
-            FilterAccess::Denied
-        );
-        assert_eq!(subscribe(&t, Some("alice"), "im/#"), FilterAccess::Denied);
-        assert_eq!(
-            subscribe(&t, Some("alice"), "im/g/team"),
-            FilterAccess::Group("team")
-        );
-        assert_eq!(subscribe(&t, Some("alice"), "im/g/+"), FilterAccess::Denied);
-        assert_eq!(subscribe(&t, Some("alice"), "im/g/#"), FilterAccess::Denied);
-        assert_eq!(
-            subscribe(&t, Some("alice"), "im/u/alice/req"),
+            subscribe(&t, Some(&uid("alice")), "im/u/+/#"),
             FilterAccess::Denied
         );
         assert_eq!(
-            subscribe(&t, Some("alice"), "sensors/#"),
+            subscribe(&t, Some(&uid("alice")), "im/#"),
+            FilterAccess::Denied
+        );
+        assert_eq!(
+            subscribe(&t, Some(&uid("alice")), "im/g/team"),
+            FilterAccess::Group(Gid::parse("team").unwrap())
+        );
+        assert_eq!(
+            subscribe(&t, Some(&uid("alice")), "im/g/+"),
+            FilterAccess::Denied
+        );
+        assert_eq!(
+            subscribe(&t, Some(&uid("alice")), "im/g/#"),
+            FilterAccess::Denied
+        );
+        assert_eq!(
+            subscribe(&t, Some(&uid("alice")), "im/u/alice/req"),
+            FilterAccess::Denied
+        );
+        assert_eq!(
+            subscribe(&t, Some(&uid("alice")), "sensors/#"),
             FilterAccess::PassThrough
         );
-        assert_eq!(subscribe(&t, Some("alice"), "#"), FilterAccess::PassThrough);
+        assert_eq!(
+            subscribe(&t, Some(&uid("alice")), "#"),
+            FilterAccess::PassThrough
+        );
     }
 
     #[test]
     fn publishes() {
         let t = Topics::new("im");
         assert_eq!(
-            publish(&t, Some("alice"), "im/u/bob"),
-            PublishAccess::Chat("bob")
+            publish(&t, Some(&uid("alice")), "im/u/bob"),
+            PublishAccess::Chat(Recipient::User(uid("bob")))
         );
         assert_eq!(
-            publish(&t, Some("alice"), "im/g/team"),
-            PublishAccess::GroupChat("team")
+            publish(&t, Some(&uid("alice")), "im/g/team"),
+            PublishAccess::Chat(Recipient::Group(Gid::parse("team").unwrap()))
         );
         assert_eq!(
-            publish(&t, Some("alice"), "im/u/alice/req"),
+            publish(&t, Some(&uid("alice")), "im/u/alice/req"),
             PublishAccess::Request
         );
         assert!(matches!(
-            publish(&t, Some("alice"), "im/u/bob/req"),
+            publish(&t, Some(&uid("alice")), "im/u/bob/req"),
             PublishAccess::Denied(_)
         ));
         assert!(matches!(
-            publish(&t, Some("alice"), "im/u/bob/resp"),
+            publish(&t, Some(&uid("alice")), "im/u/bob/resp"),
             PublishAccess::Denied(_)
         ));
         assert!(matches!(
-            publish(&t, Some("alice"), "im/other"),
+            publish(&t, Some(&uid("alice")), "im/other"),
             PublishAccess::Denied(_)
         ));
         assert_eq!(
-            publish(&t, Some("alice"), "a/b"),
+            publish(&t, Some(&uid("alice")), "a/b"),
             PublishAccess::PassThrough
         );
     }

@@ -6,7 +6,9 @@
 //! costs no more than a copy.
 
 use bytes::{BufMut, Bytes, BytesMut};
-use rumqttd::protocol::{self, Packet, Protocol};
+use rumqttd::protocol::{self, Packet, Protocol as _};
+
+pub(crate) use crate::domain::Protocol;
 use tokio::io::AsyncReadExt;
 
 /// MQTT packet types the edge tells apart.
@@ -25,25 +27,6 @@ pub(crate) mod kind {
     pub(crate) const PINGREQ: u8 = 12;
     pub(crate) const PINGRESP: u8 = 13;
     pub(crate) const DISCONNECT: u8 = 14;
-}
-
-/// The protocol version a client speaks (rumqttd is always spoken to in MQTT 5).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Version {
-    /// MQTT 3.1.1.
-    V4,
-    /// MQTT 5.
-    V5,
-}
-
-impl Version {
-    /// As scripts and metrics name it.
-    pub(crate) fn name(self) -> &'static str {
-        match self {
-            Version::V4 => "3.1.1",
-            Version::V5 => "5",
-        }
-    }
 }
 
 /// Why bytes could not be turned into packets; the connection is closed.
@@ -84,15 +67,15 @@ impl Frame {
     }
 
     /// Decodes with rumqttd's codec (control packets only).
-    pub(crate) fn decode(&self, version: Version, max: usize) -> Result<Packet, CodecError> {
+    pub(crate) fn decode(&self, version: Protocol, max: usize) -> Result<Packet, CodecError> {
         // rumqttd's readers hit `unreachable!` on packet types a server never receives.
         if matches!(self.kind(), kind::CONNACK | kind::UNSUBACK) || self.kind() == 0 {
             return Err(CodecError::UnexpectedType(self.kind()));
         }
         let mut bytes = BytesMut::from(&self.bytes[..]);
         let packet = match version {
-            Version::V4 => protocol::v4::V4.read_mut(&mut bytes, max)?,
-            Version::V5 => protocol::v5::V5.read_mut(&mut bytes, max)?,
+            Protocol::V4 => protocol::v4::V4.read_mut(&mut bytes, max)?,
+            Protocol::V5 => protocol::v5::V5.read_mut(&mut bytes, max)?,
         };
         Ok(packet)
     }
@@ -266,7 +249,7 @@ pub(crate) struct PublishView {
 
 impl PublishView {
     /// Parses a PUBLISH frame of `version`.
-    pub(crate) fn parse(frame: &Frame, version: Version) -> Result<Self, CodecError> {
+    pub(crate) fn parse(frame: &Frame, version: Protocol) -> Result<Self, CodecError> {
         let bytes = &frame.bytes;
         let flags = bytes[0] & 0x0f;
         if (flags >> 1) & 0b11 == 3 {
@@ -289,7 +272,7 @@ impl PublishView {
             at += 2;
         }
         let mut properties = Bytes::new();
-        if version == Version::V5 {
+        if version == Protocol::V5 {
             let (len, used) =
                 read_varint(bytes, at).ok_or(CodecError::Malformed("properties length"))?;
             at += used;
@@ -322,10 +305,10 @@ impl PublishView {
     }
 
     /// Writes this publish for `version` with packet id `pkid` (ignored for QoS 0).
-    pub(crate) fn write(&self, version: Version, pkid: u16, out: &mut BytesMut) {
+    pub(crate) fn write(&self, version: Protocol, pkid: u16, out: &mut BytesMut) {
         let properties: &[u8] = match version {
-            Version::V4 => &[],
-            Version::V5 => &self.properties,
+            Protocol::V4 => &[],
+            Protocol::V5 => &self.properties,
         };
         write_publish(
             out,
@@ -342,7 +325,7 @@ impl PublishView {
 /// Encodes a PUBLISH. `flags` holds dup/QoS/retain; `properties` are raw MQTT 5 properties.
 pub(crate) fn write_publish(
     out: &mut BytesMut,
-    version: Version,
+    version: Protocol,
     flags: u8,
     topic: &[u8],
     pkid: u16,
@@ -352,7 +335,7 @@ pub(crate) fn write_publish(
     let has_pkid = (flags >> 1) & 0b11 > 0;
     let mut remaining = 2 + topic.len() + payload.len() + if has_pkid { 2 } else { 0 };
     let mut props_len_bytes = BytesMut::new();
-    if version == Version::V5 {
+    if version == Protocol::V5 {
         write_varint(&mut props_len_bytes, properties.len());
         remaining += props_len_bytes.len() + properties.len();
     }
@@ -364,7 +347,7 @@ pub(crate) fn write_publish(
     if has_pkid {
         out.put_u16(pkid);
     }
-    if version == Version::V5 {
+    if version == Protocol::V5 {
         out.put_slice(&props_len_bytes);
         out.put_slice(properties);
     }
@@ -391,23 +374,23 @@ pub(crate) fn write_ack(out: &mut BytesMut, ack_kind: u8, pkid: u16) {
 /// Encodes a control packet for `version` with rumqttd's codec.
 pub(crate) fn write_packet(
     out: &mut BytesMut,
-    version: Version,
+    version: Protocol,
     packet: Packet,
 ) -> Result<(), CodecError> {
     match version {
-        Version::V4 => protocol::v4::V4.write(packet, out)?,
-        Version::V5 => protocol::v5::V5.write(packet, out)?,
+        Protocol::V4 => protocol::v4::V4.write(packet, out)?,
+        Protocol::V5 => protocol::v5::V5.write(packet, out)?,
     };
     Ok(())
 }
 
 /// The protocol level byte of a CONNECT frame.
-pub(crate) fn connect_version(frame: &Frame) -> Result<Version, CodecError> {
+pub(crate) fn connect_version(frame: &Frame) -> Result<Protocol, CodecError> {
     let name_len =
         usize::from(read_u16(&frame.bytes, frame.body).ok_or(CodecError::Malformed("connect"))?);
     match frame.bytes.get(frame.body + 2 + name_len) {
-        Some(4) => Ok(Version::V4),
-        Some(5) => Ok(Version::V5),
+        Some(4) => Ok(Protocol::V4),
+        Some(5) => Ok(Protocol::V5),
         _ => Err(CodecError::Malformed("unsupported protocol level")),
     }
 }
@@ -421,7 +404,7 @@ mod tests {
         let mut out = BytesMut::new();
         write_publish(
             &mut out,
-            Version::V5,
+            Protocol::V5,
             0b0010,
             b"a/b",
             7,
@@ -430,13 +413,13 @@ mod tests {
         );
         let frame = next_frame(&mut out, 1024).unwrap().unwrap();
         assert_eq!(frame.kind(), kind::PUBLISH);
-        let publish = PublishView::parse(&frame, Version::V5).unwrap();
+        let publish = PublishView::parse(&frame, Protocol::V5).unwrap();
         assert_eq!((publish.qos(), publish.pkid), (1, 7));
         assert_eq!(&publish.properties[..], &[0x01, 0x01]);
         let mut v4 = BytesMut::new();
-        publish.write(Version::V4, 9, &mut v4);
+        publish.write(Protocol::V4, 9, &mut v4);
         let frame = next_frame(&mut v4, 1024).unwrap().unwrap();
-        let back = PublishView::parse(&frame, Version::V4).unwrap();
+        let back = PublishView::parse(&frame, Protocol::V4).unwrap();
         assert_eq!(
             (back.topic_str(), back.pkid, &back.payload[..]),
             ("a/b", 9, &b"hi"[..])
@@ -460,7 +443,7 @@ mod tests {
     fn truncated_publish_is_an_error_not_a_panic() {
         let mut buf = BytesMut::from(&[0x32u8, 0x03, 0x00, 0x05, b'a'][..]);
         let frame = next_frame(&mut buf, 1024).unwrap().unwrap();
-        assert!(PublishView::parse(&frame, Version::V4).is_err());
+        assert!(PublishView::parse(&frame, Protocol::V4).is_err());
     }
 
     #[test]

@@ -16,7 +16,7 @@ use tokio::time::{timeout, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use super::codec::{self, kind, make_room, Version};
+use super::codec::{self, kind, make_room, Protocol};
 use super::handshake::{handshake, Arrival, Established};
 use super::limits::DeviceSlot;
 use super::links::LinkClaim;
@@ -117,10 +117,10 @@ pub(super) async fn serve(
 /// short, clean form).
 fn record_identity(established: &Established) {
     let span = tracing::Span::current();
-    let device = &established.terms.device;
+    let terms = &established.terms;
     let logged = |id: &str| crate::text::clean(id, crate::text::LOGGED_ID);
-    span.record("client_id", logged(&device.client_id).as_str());
-    span.record("uid", logged(&device.uid).as_str());
+    span.record("client_id", logged(&terms.client_id).as_str());
+    span.record("uid", logged(&terms.client.uid).as_str());
 }
 
 impl Connection {
@@ -182,7 +182,7 @@ impl Connection {
     }
 }
 
-fn connection_labels(listener: ListenerKind, version: Version) -> ConnectionLabels {
+fn connection_labels(listener: ListenerKind, version: Protocol) -> ConnectionLabels {
     ConnectionLabels {
         listener: listener.as_str(),
         protocol: version.name(),

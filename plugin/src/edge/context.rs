@@ -44,7 +44,7 @@ pub(crate) struct EdgeContext {
     next_connection: AtomicU64,
     /// Persistent sessions, by (uid, client id): their IM subscriptions, restored when the
     /// device reconnects without a clean session (rumqttd keeps only the non-IM ones).
-    persistent: Mutex<HashMap<(String, String), HashMap<String, u8>>>,
+    persistent: Mutex<HashMap<Device, HashMap<String, u8>>>,
     /// Client ids whose persistent session rumqttd keeps (their link was open when they
     /// left): their next connection links to rumqttd at once, to resume or discard it.
     upstream_sessions: Mutex<HashSet<String>>,
@@ -67,35 +67,32 @@ impl EdgeContext {
 
     /// Takes the IM subscriptions a persistent session of `device` left behind.
     pub(crate) fn restore_session(&self, device: &Device) -> HashMap<String, u8> {
-        let key = (device.uid.clone(), device.client_id.clone());
         self.persistent
             .lock()
             .ok()
-            .and_then(|mut sessions| sessions.remove(&key))
+            .and_then(|mut sessions| sessions.remove(device))
             .unwrap_or_default()
     }
 
     /// Whether `device` left a persistent session (for CONNACK's session present).
     pub(crate) fn has_session(&self, device: &Device) -> bool {
-        let key = (device.uid.clone(), device.client_id.clone());
         self.persistent
             .lock()
-            .is_ok_and(|sessions| sessions.contains_key(&key))
+            .is_ok_and(|sessions| sessions.contains_key(device))
     }
 
     /// Keeps a persistent session, with its IM subscriptions, for the device's next
     /// connection.
     pub(crate) fn keep_session(&self, device: &Device, filters: HashMap<String, u8>) {
         if let Ok(mut sessions) = self.persistent.lock() {
-            let key = (device.uid.clone(), device.client_id.clone());
-            sessions.insert(key, filters);
+            sessions.insert(device.clone(), filters);
         }
     }
 
     /// Ends the session of a device that connected with a clean session.
     pub(crate) fn drop_session(&self, device: &Device) {
         if let Ok(mut sessions) = self.persistent.lock() {
-            sessions.remove(&(device.uid.clone(), device.client_id.clone()));
+            sessions.remove(device);
         }
     }
 

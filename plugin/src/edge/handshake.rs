@@ -13,7 +13,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::time::timeout;
 
 use super::acl::topic_allowed;
-use super::codec::{self, kind, read_frame, Version, READ_SMALL};
+use super::codec::{self, kind, read_frame, Protocol, READ_SMALL};
 use super::limits::DeviceSlot;
 use super::links::LinkClaim;
 use super::session::Terms;
@@ -22,8 +22,8 @@ use super::upstream::{LinkRequest, Upstream};
 use super::{Admission, EdgeContext, EdgeError};
 use crate::auth::acl::{Access, Client};
 use crate::auth::{Credentials, Identity, Refusal};
+use crate::domain::{Device, Uid};
 use crate::hook::{self, Verdict};
-use crate::im::Device;
 
 /// A client admitted, with its link to rumqttd if it needs one from the start.
 pub(super) struct Established {
@@ -43,7 +43,7 @@ pub(super) struct Established {
 
 /// A decoded CONNECT.
 struct ConnectPacket {
-    version: Version,
+    version: Protocol,
     connect: Connect,
     properties: Option<ConnectProperties>,
     will: Option<LastWill>,
@@ -70,7 +70,8 @@ impl Refused {
 
 /// Who the client is, once admitted.
 struct Admitted {
-    device: Device,
+    /// Its client id (assigned, if it sent an empty one).
+    client_id: String,
     identity: Identity,
     device_slot: DeviceSlot,
     /// The client as hooks see it.
@@ -117,12 +118,12 @@ pub(super) async fn handshake(
         .and_then(|p| p.max_packet_size)
         .and_then(|size| usize::try_from(size).ok());
     let receive_max = packet.properties.as_ref().and_then(|p| p.receive_maximum);
-    let link = ctx.links.claim(&admitted.device.client_id, id).await?;
+    let link = ctx.links.claim(&admitted.client_id, id).await?;
     // rumqttd is needed from the start for a will, and for a session it keeps (persistent:
     // resumed; clean: discarded).
-    let kept_upstream = ctx.take_upstream_session(&admitted.device.client_id);
+    let kept_upstream = ctx.take_upstream_session(&admitted.client_id);
     let link_now = packet.will.is_some() || kept_upstream;
-    let request = link_request(packet, &admitted.device);
+    let request = link_request(packet, &admitted.client_id);
     let (upstream, upstream_session) = if link_now {
         let opened = Upstream::open_now(&ctx, id, request).await;
         let refused = match &opened {
@@ -131,7 +132,7 @@ pub(super) async fn handshake(
         };
         if kept_upstream && (opened.is_err() || refused.is_some()) {
             // rumqttd still keeps the session: the next connection resumes it.
-            ctx.keep_upstream_session(&admitted.device.client_id);
+            ctx.keep_upstream_session(&admitted.client_id);
         }
         if let Some(code) = refused {
             refuse(&mut stream, version, code, None).await;
@@ -142,10 +143,18 @@ pub(super) async fn handshake(
     } else {
         (Upstream::Unneeded(Box::new(request)), false)
     };
-    let session_present = !clean_session && (upstream_session || ctx.has_session(&admitted.device));
-    // IM topics name their user: only an identity something vouched for may use them (on an
-    // open listener, the username is only the client's word).
-    let im = admitted.vouched && crate::valid_uid(&admitted.device.uid);
+    // IM topics name their user: only an identity something vouched for, and that is a uid,
+    // may use them (on an open listener, the username is only the client's word).
+    let im = admitted
+        .vouched
+        .then(|| Uid::parse(&admitted.identity.uid).ok())
+        .flatten();
+    let im = im.map(|uid| Device {
+        uid,
+        client_id: admitted.client_id.clone(),
+    });
+    let kept_im = im.as_ref().is_some_and(|device| ctx.has_session(device));
+    let session_present = !clean_session && (upstream_session || kept_im);
     // Outgoing buffers start empty and grow when needed.
     let mut client_out = BytesMut::new();
     let properties = admitted.assigned.map(|id| ConnAckProperties {
@@ -163,7 +172,7 @@ pub(super) async fn handshake(
         version,
         client: admitted.client,
         listener: Arc::clone(&arrival.listener),
-        device: admitted.device,
+        client_id: admitted.client_id,
         im,
         username,
         identity: admitted.identity,
@@ -256,8 +265,8 @@ async fn admit(
             .as_ref()
             .map(|l| l.password.clone().into_bytes()),
         peer: arrival.peer,
-        protocol: packet.version.name(),
-        transport: arrival.listener.kind().as_str(),
+        protocol: packet.version,
+        transport: arrival.listener.kind(),
     };
     let identity = match &arrival.listener.admission {
         Admission::Chain => ctx.auth.authenticate(&credentials, certified_uid).await,
@@ -299,15 +308,11 @@ async fn admit(
             "will message on an IM topic",
         ));
     }
-    let device = Device {
-        uid: identity.uid.clone(),
-        client_id,
-    };
     let client = Arc::new(hook::Client {
-        uid: device.uid.clone(),
-        client_id: device.client_id.clone(),
+        uid: identity.uid.clone(),
+        client_id: client_id.clone(),
         username: credentials.username.clone(),
-        protocol: packet.version.name(),
+        protocol: packet.version,
         listener: Arc::clone(&arrival.listener.name),
         peer: arrival.peer,
         clean_session: connect.clean_session,
@@ -323,7 +328,7 @@ async fn admit(
     }
     let device_slot = ctx
         .devices
-        .admit(&ctx.limits, &device.uid, &device.client_id, arrival.id)
+        .admit(&ctx.limits, &identity.uid, &client_id, arrival.id)
         .map_err(|_| {
             ctx.im.metrics().count_limited("devices");
             Refused::new(
@@ -332,7 +337,7 @@ async fn admit(
             )
         })?;
     Ok(Admitted {
-        device,
+        client_id,
         identity,
         device_slot,
         client,
@@ -373,13 +378,13 @@ async fn external(
 
 /// The CONNECT rumqttd gets for this client, whenever the link opens: the client's
 /// session flag, will and MQTT 5 properties (3.1.1 clients have none).
-fn link_request(packet: ConnectPacket, device: &Device) -> LinkRequest {
+fn link_request(packet: ConnectPacket, client_id: &str) -> LinkRequest {
     let (properties, will_properties) = match packet.version {
-        Version::V5 => (packet.properties, packet.will_properties),
-        Version::V4 => (None, None),
+        Protocol::V5 => (packet.properties, packet.will_properties),
+        Protocol::V4 => (None, None),
     };
     LinkRequest {
-        client_id: device.client_id.clone(),
+        client_id: client_id.to_owned(),
         clean_session: packet.connect.clean_session,
         properties,
         will: packet.will,
@@ -389,7 +394,7 @@ fn link_request(packet: ConnectPacket, device: &Device) -> LinkRequest {
 
 async fn refuse(
     stream: &mut ClientStream,
-    version: Version,
+    version: Protocol,
     code: ConnectReturnCode,
     reason: Option<String>,
 ) {
@@ -407,14 +412,14 @@ async fn refuse(
 
 fn write_connack(
     out: &mut BytesMut,
-    version: Version,
+    version: Protocol,
     session_present: bool,
     code: ConnectReturnCode,
     properties: Option<ConnAckProperties>,
 ) -> Result<(), EdgeError> {
     let (code, properties) = match version {
-        Version::V4 => (v4_connack_code(code), None),
-        Version::V5 => (code, properties),
+        Protocol::V4 => (v4_connack_code(code), None),
+        Protocol::V5 => (code, properties),
     };
     let ack = ConnAck {
         session_present,

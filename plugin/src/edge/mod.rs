@@ -36,7 +36,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::accept::accept_until;
-pub(crate) use codec::Version;
+
 pub(crate) use context::{EdgeContext, PrivateBroker, EDGE_USER};
 pub(crate) use error::EdgeError;
 pub use limits::{DeviceOverflow, LimitSettings};
@@ -96,7 +96,7 @@ pub(crate) async fn broker_ready(addr: SocketAddr, secret: &str) -> bool {
     };
     let mut out = bytes::BytesMut::new();
     let packet = Packet::Connect(connect, None, None, None, Some(login));
-    if codec::write_packet(&mut out, codec::Version::V5, packet).is_err()
+    if codec::write_packet(&mut out, codec::Protocol::V5, packet).is_err()
         || stream.write_all(&out).await.is_err()
     {
         return false;

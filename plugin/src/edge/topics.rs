@@ -1,21 +1,24 @@
 //! The IM topic namespace: `{prefix}/u/{uid}` with its `digest`, `req` and `resp` children,
-//! and `{prefix}/g/{gid}`.
+//! and `{prefix}/g/{gid}`. Topics are where ids enter from the network: they are parsed
+//! here, into the typed ids the rest of the hook layer uses.
+
+use crate::domain::{Gid, Uid};
 
 /// What a topic name means to the hook layer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Route<'a> {
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Route {
     /// Not under the IM prefix: relayed to rumqttd.
     PassThrough,
     /// A user's inbox.
-    Inbox(&'a str),
+    Inbox(Uid),
     /// A user's digest topic.
-    Digest(&'a str),
+    Digest(Uid),
     /// A user's request topic.
-    Request(&'a str),
+    Request(Uid),
     /// A user's response topic.
-    Response(&'a str),
+    Response(Uid),
     /// A group's topic.
-    Group(&'a str),
+    Group(Gid),
     /// Under the IM prefix but not a topic the plugin serves.
     Unknown,
 }
@@ -34,18 +37,23 @@ impl Topics {
     }
 
     /// Classifies a topic name.
-    pub(crate) fn route<'a>(&self, topic: &'a str) -> Route<'a> {
+    pub(crate) fn route(&self, topic: &str) -> Route {
         let Some(rest) = self.strip_prefix(topic) else {
             return Route::PassThrough;
         };
         let mut levels = rest.split('/');
-        match (levels.next(), levels.next(), levels.next(), levels.next()) {
-            (Some("u"), Some(uid), None, None) if crate::valid_uid(uid) => Route::Inbox(uid),
-            (Some("g"), Some(gid), None, None) if crate::valid_uid(gid) => Route::Group(gid),
-            (Some("u"), Some(uid), Some(leaf), None) if crate::valid_uid(uid) => match leaf {
-                "digest" => Route::Digest(uid),
-                "req" => Route::Request(uid),
-                "resp" => Route::Response(uid),
+        let levels = (levels.next(), levels.next(), levels.next(), levels.next());
+        let (kind, id, leaf) = match levels {
+            (Some(kind), Some(id), leaf, None) => (kind, id, leaf),
+            _ => return Route::Unknown,
+        };
+        match (kind, leaf) {
+            ("g", None) => Gid::parse(id).map_or(Route::Unknown, Route::Group),
+            ("u", leaf) => match (Uid::parse(id), leaf) {
+                (Ok(uid), None) => Route::Inbox(uid),
+                (Ok(uid), Some("digest")) => Route::Digest(uid),
+                (Ok(uid), Some("req")) => Route::Request(uid),
+                (Ok(uid), Some("resp")) => Route::Response(uid),
                 _ => Route::Unknown,
             },
             _ => Route::Unknown,
@@ -63,22 +71,22 @@ impl Topics {
     }
 
     /// `{prefix}/u/{uid}`.
-    pub(crate) fn inbox(&self, uid: &str) -> String {
+    pub(crate) fn inbox(&self, uid: &Uid) -> String {
         format!("{}/u/{uid}", self.prefix)
     }
 
     /// `{prefix}/g/{gid}`.
-    pub(crate) fn group(&self, gid: &str) -> String {
+    pub(crate) fn group(&self, gid: &Gid) -> String {
         format!("{}/g/{gid}", self.prefix)
     }
 
     /// `{prefix}/u/{uid}/digest`.
-    pub(crate) fn digest(&self, uid: &str) -> String {
+    pub(crate) fn digest(&self, uid: &Uid) -> String {
         format!("{}/u/{uid}/digest", self.prefix)
     }
 
     /// `{prefix}/u/{uid}/resp`.
-    pub(crate) fn response(&self, uid: &str) -> String {
+    pub(crate) fn response(&self, uid: &Uid) -> String {
         format!("{}/u/{uid}/resp", self.prefix)
     }
 }
@@ -90,12 +98,20 @@ mod tests {
     #[test]
     fn routes() {
         let topics = Topics::new("im");
-        assert_eq!(topics.route("im/u/alice"), Route::Inbox("alice"));
-        assert_eq!(topics.route("im/u/alice/req"), Route::Request("alice"));
-        assert_eq!(topics.route("im/u/alice/digest"), Route::Digest("alice"));
-        assert_eq!(topics.route("im/u/alice/resp"), Route::Response("alice"));
+        let alice = Uid::parse("alice").unwrap();
+        assert_eq!(topics.route("im/u/alice"), Route::Inbox(alice.clone()));
+        assert_eq!(
+            topics.route("im/u/alice/req"),
+            Route::Request(alice.clone())
+        );
+        assert_eq!(
+            topics.route("im/u/alice/digest"),
+            Route::Digest(alice.clone())
+        );
+        assert_eq!(topics.route("im/u/alice/resp"), Route::Response(alice));
         assert_eq!(topics.route("im/u/alice/x"), Route::Unknown);
-        assert_eq!(topics.route("im/g/team"), Route::Group("team"));
+        let team = Gid::parse("team").unwrap();
+        assert_eq!(topics.route("im/g/team"), Route::Group(team));
         assert_eq!(topics.route("im/g/team/x"), Route::Unknown);
         assert_eq!(topics.route("im/u/a:b"), Route::Unknown);
         assert_eq!(topics.route("im"), Route::Unknown);

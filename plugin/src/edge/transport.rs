@@ -14,7 +14,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 use ws_stream_tungstenite::WsStream;
 
-use super::codec::Version;
+use super::codec::Protocol;
 use super::EdgeError;
 use crate::listener::{ClientAuth, ListenerKind, TlsSettings};
 
@@ -49,7 +49,7 @@ pub(crate) struct Listener {
     /// Who may connect.
     pub(crate) admission: Admission,
     /// The only MQTT version served, if the listener is version-bound (rumqttd's `v4`/`v5`).
-    pub(crate) version: Option<Version>,
+    pub(crate) version: Option<Protocol>,
     /// A connection's packets the hook layer works on at once before it stops reading.
     pub(crate) max_pending: Option<usize>,
 }

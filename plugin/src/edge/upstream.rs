@@ -17,7 +17,7 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
 
-use super::codec::{self, make_room, read_frame, Version, READ_SMALL};
+use super::codec::{self, make_room, read_frame, Protocol, READ_SMALL};
 use super::context::{EdgeContext, EDGE_USER};
 use super::EdgeError;
 
@@ -249,7 +249,7 @@ async fn connect(
         Some(login),
     );
     let mut out = BytesMut::new();
-    codec::write_packet(&mut out, Version::V5, packet)?;
+    codec::write_packet(&mut out, Protocol::V5, packet)?;
     wr.write_all(&out).await?;
     let mut input = BytesMut::with_capacity(READ_SMALL);
     let frame = timeout(

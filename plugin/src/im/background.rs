@@ -209,7 +209,8 @@ mod tests {
 
     use super::*;
     use crate::config::Config;
-    use crate::store::{Conversation, Device, EmbeddedStore};
+    use crate::domain::testing::*;
+    use crate::store::{Device, EmbeddedStore};
 
     /// Counts the rounds of an `every` loop.
     fn counting(rounds: &Arc<AtomicU64>) -> impl FnMut() -> std::future::Ready<()> {
@@ -269,10 +270,10 @@ mod tests {
             .unwrap();
         // A connection that ends after the background work stopped still acknowledges.
         let device = Device {
-            uid: "bob".into(),
+            uid: uid("bob"),
             client_id: "phone".into(),
         };
-        let chat = Conversation::direct("alice", "bob");
+        let chat = direct("alice", "bob");
         service.delivered(&device, &chat, 1);
         service.close().await;
         assert!(service.inner.live_acks.of_device(&device, None).is_empty());

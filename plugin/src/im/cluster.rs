@@ -11,8 +11,9 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::{DeviceEvent, ImService};
+use crate::domain::{Conversation, Device, Gid, Uid};
 use crate::metrics::{DirectionLabels, Metrics};
-use crate::store::{Conversation, Device, RedisBus, StoreError};
+use crate::store::{RedisBus, StoreError};
 use crate::throttle::Throttle;
 use crate::wire::{self, pb};
 
@@ -47,7 +48,7 @@ impl ImService {
                     return;
                 };
                 let take_over = pb::Handover {
-                    uid: device.uid.clone(),
+                    uid: device.uid.to_string(),
                     client_id: device.client_id.clone(),
                     take_over: true,
                     origin: bus.node().to_owned(),
@@ -80,13 +81,13 @@ impl ImService {
     /// leaves it in the backlog.
     pub(super) fn hand_over(
         &self,
-        uid: &str,
+        uid: &Uid,
         conversation: &Conversation,
         seq: u64,
         payload: &Bytes,
     ) {
         self.queue_handover(pb::Handover {
-            uid: uid.to_owned(),
+            uid: uid.to_string(),
             conversation: conversation.key(),
             seq,
             payload: payload.to_vec(),
@@ -97,7 +98,7 @@ impl ImService {
     /// Queues a group message for every other node's subscribers of the group.
     pub(super) fn hand_over_group(
         &self,
-        gid: &str,
+        gid: &Gid,
         conversation: &Conversation,
         seq: u64,
         payload: &Bytes,
@@ -106,15 +107,15 @@ impl ImService {
             conversation: conversation.key(),
             seq,
             payload: payload.to_vec(),
-            group: gid.to_owned(),
+            group: gid.to_string(),
             ..pb::Handover::default()
         });
     }
 
     /// Queues a `Response` for the `resp` topic of `uid`'s devices on other nodes.
-    pub(super) fn hand_over_notice(&self, uid: &str, payload: &Bytes) {
+    pub(super) fn hand_over_notice(&self, uid: &Uid, payload: &Bytes) {
         self.queue_handover(pb::Handover {
-            uid: uid.to_owned(),
+            uid: uid.to_string(),
             payload: payload.to_vec(),
             notice: true,
             ..pb::Handover::default()
@@ -189,8 +190,12 @@ impl ImService {
         };
         self.metrics().handovers.get_or_create(&RECEIVED).inc();
         if handover.take_over {
+            let Ok(uid) = Uid::parse(&handover.uid) else {
+                tracing::warn!("take-over names no user; ignored");
+                return;
+            };
             let device = Device {
-                uid: handover.uid,
+                uid,
                 client_id: handover.client_id,
             };
             tracing::debug!(node = handover.origin, "device taken over by another node");
@@ -210,8 +215,8 @@ impl ImService {
             tracing::warn!("hand-over names no conversation; dropped");
             return;
         };
-        let (sinks, group) = if handover.group.is_empty() {
-            (self.inner.presence.sinks(&handover.uid), None)
+        let sinks = if handover.group.is_empty() {
+            self.inner.presence.sinks(&handover.uid)
         } else {
             let own = self
                 .inner
@@ -221,14 +226,16 @@ impl ImService {
             if own {
                 return;
             }
-            let sinks = self.inner.watchers.sinks(&handover.group, None);
-            (sinks, Some(handover.group))
+            let Some(gid) = conversation.gid() else {
+                tracing::warn!("group hand-over names no group; dropped");
+                return;
+            };
+            self.inner.watchers.sinks(gid, None)
         };
         let event = DeviceEvent::Chat {
             conversation,
             seq: handover.seq,
             payload,
-            group,
         };
         self.push_live(&sinks, &event);
     }

@@ -133,16 +133,17 @@ impl ImService {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::testing::*;
 
     fn device(client_id: &str) -> Device {
         Device {
-            uid: "b".into(),
+            uid: uid("b"),
             client_id: client_id.into(),
         }
     }
 
     fn chat() -> Conversation {
-        Conversation::direct("a", "b")
+        direct("a", "b")
     }
 
     #[test]
@@ -162,7 +163,7 @@ mod tests {
     fn a_device_sees_its_acks_until_the_flush_has_committed_them() {
         let acks = LiveAcks::default();
         acks.add(&device("p"), &chat(), 1);
-        acks.add(&device("p"), &Conversation::group("team"), 4);
+        acks.add(&device("p"), &group("team"), 4);
         acks.add(&device("laptop"), &chat(), 2);
         let _writing = acks.start_flush();
         acks.add(&device("p"), &chat(), 2);

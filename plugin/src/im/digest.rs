@@ -2,6 +2,7 @@
 //! unacked, the badge increment, absolute cursors and the newest few messages — never the
 //! backlog itself.
 
+use crate::domain::Uid;
 use std::sync::{Mutex, PoisonError};
 
 use prost::Message;
@@ -166,7 +167,7 @@ impl ImService {
 /// The `Digest` that `uid` gets for `states`.
 fn digest_message(
     states: &[ConversationState],
-    uid: &str,
+    uid: &Uid,
     version: u64,
     server_time: i64,
 ) -> pb::Digest {
@@ -196,7 +197,7 @@ fn digest_message(
 
 /// Keeps what fits `budget` bytes: previews go first, then the conversations with the
 /// oldest news.
-fn fit(states: &mut Vec<ConversationState>, uid: &str, budget: usize) {
+fn fit(states: &mut Vec<ConversationState>, uid: &Uid, budget: usize) {
     // The largest version and time, so that the real ones fit wherever these do.
     let encoded = |states: &[ConversationState]| {
         digest_message(states, uid, u64::MAX, i64::MAX).encoded_len()
@@ -224,6 +225,7 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
+    use crate::domain::testing::*;
     use crate::metrics::Metrics;
     use crate::store::{Conversation, EmbeddedStore, NewMessage, Store, StoredMessage};
 
@@ -243,7 +245,7 @@ mod tests {
         let metrics = Arc::new(Metrics::default());
         let devices: Vec<Device> = (0..40)
             .map(|i| Device {
-                uid: format!("user{i}"),
+                uid: uid(&format!("user{i}")),
                 client_id: "phone".into(),
             })
             .collect();
@@ -251,8 +253,8 @@ mod tests {
             store.register_device(device).await.unwrap();
             let body = pb::ChatMessage::default().encode_to_vec();
             let message = NewMessage {
-                conversation: Conversation::direct("sender", &device.uid),
-                sender: "sender".into(),
+                conversation: Conversation::direct(&uid("sender"), &device.uid),
+                sender: uid("sender"),
                 sender_device: "laptop".into(),
                 msg_id: format!("m{i}"),
                 server_time: 1,
@@ -278,7 +280,7 @@ mod tests {
 
     fn state(peer: &str, last_time: i64) -> ConversationState {
         ConversationState {
-            conversation: Conversation::direct("me", peer),
+            conversation: direct("me", peer),
             count: 1,
             unacked: 1,
             max_seq: 1,
@@ -291,7 +293,7 @@ mod tests {
             missed_total: 0,
             last: vec![StoredMessage {
                 seq: 1,
-                sender: peer.into(),
+                sender: uid(peer),
                 server_time: last_time,
                 body: pb::ChatMessage {
                     msg: Some(pb::Content {
@@ -307,22 +309,22 @@ mod tests {
     #[test]
     fn digests_drop_previews_then_old_conversations() {
         let mut states = vec![state("a", 1), state("b", 2)];
-        fit(&mut states, "me", 2000);
+        fit(&mut states, &uid("me"), 2000);
         assert_eq!(states.len(), 2);
         assert!(states.iter().all(|s| s.last.len() == 1), "everything fits");
-        fit(&mut states, "me", 100);
+        fit(&mut states, &uid("me"), 100);
         assert_eq!(states.len(), 2);
         assert!(
             states.iter().all(|s| s.last.is_empty()),
             "previews go first"
         );
-        let one = digest_message(&states[..1], "me", u64::MAX, i64::MAX).encoded_len();
-        fit(&mut states, "me", one);
+        let one = digest_message(&states[..1], &uid("me"), u64::MAX, i64::MAX).encoded_len();
+        fit(&mut states, &uid("me"), one);
         let kept: Vec<String> = states.iter().map(|s| s.conversation.key()).collect();
         assert_eq!(kept, vec!["dm:b:me"], "the newest news stays");
-        let exact = digest_message(&states, "me", u64::MAX, i64::MAX).encoded_len();
+        let exact = digest_message(&states, &uid("me"), u64::MAX, i64::MAX).encoded_len();
         assert!(exact <= one);
-        fit(&mut states, "me", 5);
+        fit(&mut states, &uid("me"), 5);
         assert!(states.is_empty());
     }
 }

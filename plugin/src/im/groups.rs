@@ -7,7 +7,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use super::{DeviceEvent, DeviceSink, ImError, ImService};
-use crate::store::{Conversation, Device, Role, StoreError};
+use crate::domain::{Conversation, Device, Gid, Uid};
+use crate::store::{Role, StoreError};
 use crate::wire::pb;
 
 /// Users named in one management request.
@@ -25,13 +26,13 @@ struct Watcher {
 /// The connections on this node subscribed to each group (only members get in).
 #[derive(Debug, Default)]
 pub(crate) struct Watchers {
-    groups: Mutex<HashMap<String, Vec<Watcher>>>,
+    groups: Mutex<HashMap<Gid, Vec<Watcher>>>,
 }
 
 impl Watchers {
-    fn watch(&self, gid: &str, device: &Device, connection: u64, sink: Arc<dyn DeviceSink>) {
+    fn watch(&self, gid: &Gid, device: &Device, connection: u64, sink: Arc<dyn DeviceSink>) {
         if let Ok(mut groups) = self.groups.lock() {
-            let watchers = groups.entry(gid.to_owned()).or_default();
+            let watchers = groups.entry(gid.clone()).or_default();
             watchers.retain(|w| w.connection != connection);
             watchers.push(Watcher {
                 device: device.clone(),
@@ -41,7 +42,7 @@ impl Watchers {
         }
     }
 
-    fn unwatch(&self, gid: &str, connection: u64) {
+    fn unwatch(&self, gid: &Gid, connection: u64) {
         if let Ok(mut groups) = self.groups.lock() {
             if let Some(watchers) = groups.get_mut(gid) {
                 watchers.retain(|w| w.connection != connection);
@@ -53,7 +54,7 @@ impl Watchers {
     }
 
     /// The connections to deliver a group message to, the sending device's excepted.
-    pub(crate) fn sinks(&self, gid: &str, except: Option<&Device>) -> Vec<Arc<dyn DeviceSink>> {
+    pub(crate) fn sinks(&self, gid: &Gid, except: Option<&Device>) -> Vec<Arc<dyn DeviceSink>> {
         self.groups
             .lock()
             .map(|groups| {
@@ -72,7 +73,7 @@ impl Watchers {
     }
 
     /// Takes `uid`'s connections out of the group and returns them.
-    fn revoke(&self, gid: &str, uid: &str) -> Vec<Arc<dyn DeviceSink>> {
+    fn revoke(&self, gid: &Gid, uid: &Uid) -> Vec<Arc<dyn DeviceSink>> {
         let Ok(mut groups) = self.groups.lock() else {
             return Vec::new();
         };
@@ -80,7 +81,7 @@ impl Watchers {
             return Vec::new();
         };
         let (gone, kept): (Vec<Watcher>, Vec<Watcher>) =
-            watchers.drain(..).partition(|w| w.device.uid == uid);
+            watchers.drain(..).partition(|w| &w.device.uid == uid);
         *watchers = kept;
         if watchers.is_empty() {
             groups.remove(gid);
@@ -89,26 +90,21 @@ impl Watchers {
     }
 }
 
-fn valid_users(uids: &[String]) -> Result<(), ImError> {
+/// The users a request names, each a valid uid.
+fn parse_users(uids: &[String]) -> Result<Vec<Uid>, ImError> {
     if uids.len() > MAX_USERS_PER_REQUEST {
         return Err(ImError::Invalid(format!(
             "at most {MAX_USERS_PER_REQUEST} users per request"
         )));
     }
-    match uids.iter().find(|uid| !crate::valid_uid(uid)) {
-        Some(bad) => Err(ImError::Invalid(format!("invalid uid {bad:?}"))),
-        None => Ok(()),
-    }
+    uids.iter()
+        .map(|uid| Uid::parse(uid).map_err(|e| ImError::Invalid(e.to_string())))
+        .collect()
 }
 
-fn valid_gid(gid: &str) -> Result<(), ImError> {
-    if crate::valid_uid(gid) {
-        Ok(())
-    } else {
-        Err(ImError::Invalid(format!(
-            "invalid group id {gid:?}: 1 to 64 letters, digits, '-', '_' or '.'"
-        )))
-    }
+/// The group a request names.
+fn parse_gid(gid: &str) -> Result<Gid, ImError> {
+    Gid::parse(gid).map_err(|e| ImError::Invalid(e.to_string()))
 }
 
 fn wire_role(role: Role) -> pb::Role {
@@ -124,14 +120,14 @@ impl ImService {
     ///
     /// # Errors
     /// The store failed.
-    pub async fn group_role(&self, uid: &str, gid: &str) -> Result<Option<Role>, ImError> {
+    pub async fn group_role(&self, uid: &Uid, gid: &Gid) -> Result<Option<Role>, ImError> {
         let group = Conversation::group(gid);
         let role = self.inner.store.role(uid, &group);
         Ok(self.metrics().store_call("role", role).await?)
     }
 
     /// `uid`'s role, refusing non-members (and telling a group that does not exist apart).
-    pub(crate) async fn require_member(&self, uid: &str, gid: &str) -> Result<Role, ImError> {
+    pub(crate) async fn require_member(&self, uid: &Uid, gid: &Gid) -> Result<Role, ImError> {
         if let Some(role) = self.group_role(uid, gid).await? {
             return Ok(role);
         }
@@ -147,7 +143,7 @@ impl ImService {
     /// A member's connection subscribed to the group: it gets the group's messages live.
     pub fn watch_group(
         &self,
-        gid: &str,
+        gid: &Gid,
         device: &Device,
         connection: u64,
         sink: Arc<dyn DeviceSink>,
@@ -156,21 +152,19 @@ impl ImService {
     }
 
     /// The connection unsubscribed from the group or ended.
-    pub fn unwatch_group(&self, gid: &str, connection: u64) {
+    pub fn unwatch_group(&self, gid: &Gid, connection: u64) {
         self.inner.watchers.unwatch(gid, connection);
     }
 
-    pub(super) fn group_sinks(&self, gid: &str, except: &Device) -> Vec<Arc<dyn DeviceSink>> {
+    pub(super) fn group_sinks(&self, gid: &Gid, except: &Device) -> Vec<Arc<dyn DeviceSink>> {
         self.inner.watchers.sinks(gid, Some(except))
     }
 
     /// Stops delivering the group to `uid`'s connections on this node and has them drop
     /// their subscription.
-    pub(super) fn cut_off(&self, gid: &str, uid: &str) {
+    pub(super) fn cut_off(&self, gid: &Gid, uid: &Uid) {
         for sink in self.inner.watchers.revoke(gid, uid) {
-            sink.push(DeviceEvent::Revoked {
-                group: gid.to_owned(),
-            });
+            sink.push(DeviceEvent::Revoked { group: gid.clone() });
         }
     }
 
@@ -207,7 +201,7 @@ impl ImService {
     /// The group management requests.
     pub(super) async fn group_request(
         &self,
-        uid: &str,
+        uid: &Uid,
         kind: pb::request::Kind,
     ) -> Result<pb::response::Result, ImError> {
         use pb::request::Kind;
@@ -215,24 +209,24 @@ impl ImService {
         let store = &self.inner.store;
         match kind {
             Kind::GroupCreate(create) => {
-                valid_gid(&create.gid)?;
-                valid_users(&create.members)?;
-                let others: Vec<String> = create.members.into_iter().filter(|m| m != uid).collect();
+                let gid = parse_gid(&create.gid)?;
+                let mut others = parse_users(&create.members)?;
+                others.retain(|member| member != uid);
                 store
-                    .create_group(&Conversation::group(&create.gid), uid, &others)
+                    .create_group(&Conversation::group(&gid), uid, &others)
                     .await
                     .map_err(|e| match e {
-                        crate::store::StoreError::Conflict(_) => {
-                            ImError::Invalid(format!("group {} exists already", create.gid))
+                        StoreError::Conflict(_) => {
+                            ImError::Invalid(format!("group {gid} exists already"))
                         }
                         other => ImError::Store(other),
                     })?;
-                self.group_info(&create.gid).await
+                self.group_info(&gid).await
             }
             Kind::GroupAdd(add) => {
-                valid_gid(&add.gid)?;
-                valid_users(&add.members)?;
-                let mine = self.require_member(uid, &add.gid).await?;
+                let gid = parse_gid(&add.gid)?;
+                let members = parse_users(&add.members)?;
+                let mine = self.require_member(uid, &gid).await?;
                 let role = match pb::Role::try_from(add.role) {
                     Ok(pb::Role::Unspecified | pb::Role::Member) => Role::Member,
                     Ok(pb::Role::Admin) => Role::Admin,
@@ -244,21 +238,20 @@ impl ImService {
                 };
                 if !allowed {
                     return Err(ImError::NotAuthorized(format!(
-                        "only the owner adds admins, and owners or admins add members of {}",
-                        add.gid
+                        "only the owner adds admins, and owners or admins add members of {gid}"
                     )));
                 }
                 store
-                    .add_members(&Conversation::group(&add.gid), &add.members, role)
+                    .add_members(&Conversation::group(&gid), &members, role)
                     .await?;
-                self.group_info(&add.gid).await
+                self.group_info(&gid).await
             }
             Kind::GroupRemove(remove) => {
-                valid_gid(&remove.gid)?;
-                valid_users(&remove.members)?;
-                let mine = self.require_member(uid, &remove.gid).await?;
-                for target in &remove.members {
-                    let theirs = self.group_role(target, &remove.gid).await?;
+                let gid = parse_gid(&remove.gid)?;
+                let members = parse_users(&remove.members)?;
+                let mine = self.require_member(uid, &gid).await?;
+                for target in &members {
+                    let theirs = self.group_role(target, &gid).await?;
                     let allowed = target != uid
                         && match theirs {
                             None => mine >= Role::Admin,
@@ -269,22 +262,21 @@ impl ImService {
                         };
                     if !allowed {
                         return Err(ImError::NotAuthorized(format!(
-                            "you may not remove {target} from {} (owners remove anyone but \
-                             themselves, admins remove members; use GroupLeave to leave)",
-                            remove.gid
+                            "you may not remove {target} from {gid} (owners remove anyone but \
+                             themselves, admins remove members; use GroupLeave to leave)"
                         )));
                     }
                 }
-                self.remove_from_group(&remove.gid, &remove.members).await?;
-                self.group_info(&remove.gid).await
+                self.remove_from_group(&gid, &members).await?;
+                self.group_info(&gid).await
             }
             Kind::GroupLeave(leave) => {
-                valid_gid(&leave.gid)?;
-                let mine = self.require_member(uid, &leave.gid).await?;
+                let gid = parse_gid(&leave.gid)?;
+                let mine = self.require_member(uid, &gid).await?;
                 if mine == Role::Owner {
-                    self.hand_group_over(&leave.gid, uid).await?;
+                    self.hand_group_over(&gid, uid).await?;
                 }
-                self.remove_from_group(&leave.gid, &[uid.to_owned()])
+                self.remove_from_group(&gid, std::slice::from_ref(uid))
                     .await?;
                 Ok(Reply::Group(pb::GroupInfo {
                     gid: leave.gid,
@@ -292,9 +284,9 @@ impl ImService {
                 }))
             }
             Kind::GroupMembers(members) => {
-                valid_gid(&members.gid)?;
-                self.require_member(uid, &members.gid).await?;
-                self.group_info(&members.gid).await
+                let gid = parse_gid(&members.gid)?;
+                self.require_member(uid, &gid).await?;
+                self.group_info(&gid).await
             }
             Kind::MyGroups(_) => {
                 let groups = store
@@ -302,7 +294,7 @@ impl ImService {
                     .await?
                     .into_iter()
                     .filter_map(|(group, role)| {
-                        Some((group.gid()?.to_owned(), wire_role(role) as i32))
+                        Some((group.gid()?.to_string(), wire_role(role) as i32))
                     })
                     .collect();
                 Ok(Reply::Groups(pb::GroupList { groups }))
@@ -313,7 +305,7 @@ impl ImService {
 
     /// Removes members from a group and cuts them off on this node at once (other nodes
     /// follow from the removal log).
-    pub async fn remove_from_group(&self, gid: &str, uids: &[String]) -> Result<(), ImError> {
+    pub async fn remove_from_group(&self, gid: &Gid, uids: &[Uid]) -> Result<(), ImError> {
         let removed = self
             .inner
             .store
@@ -327,9 +319,9 @@ impl ImService {
 
     /// The owner leaves: the first admin, else the first other member, becomes owner
     /// (members come highest role first, then by uid).
-    async fn hand_group_over(&self, gid: &str, owner: &str) -> Result<(), ImError> {
+    async fn hand_group_over(&self, gid: &Gid, owner: &Uid) -> Result<(), ImError> {
         let members = self.inner.store.members(&Conversation::group(gid)).await?;
-        let successor = members.iter().find(|m| m.uid != owner);
+        let successor = members.iter().find(|m| &m.uid != owner);
         if let Some(successor) = successor {
             self.inner
                 .store
@@ -343,14 +335,14 @@ impl ImService {
         Ok(())
     }
 
-    async fn group_info(&self, gid: &str) -> Result<pb::response::Result, ImError> {
+    async fn group_info(&self, gid: &Gid) -> Result<pb::response::Result, ImError> {
         let members = self.inner.store.members(&Conversation::group(gid)).await?;
         Ok(pb::response::Result::Group(pb::GroupInfo {
-            gid: gid.to_owned(),
+            gid: gid.to_string(),
             members: members
                 .into_iter()
                 .map(|m| pb::Member {
-                    uid: m.uid,
+                    uid: m.uid.into(),
                     role: wire_role(m.role) as i32,
                     read_seq: m.read_seq,
                 })

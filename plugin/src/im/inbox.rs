@@ -6,9 +6,10 @@ use prost::Message;
 
 use super::order::Turn;
 use super::{DeviceEvent, DeviceSink, ImError, ImService};
+use crate::domain::{Conversation, ConversationKind, Device, Gid, Recipient, Uid};
 use crate::metrics::{ChatLabels, RefusalLabels};
 use crate::policy::{Decision, MessageView};
-use crate::store::{Appended, Conversation, Device, NewMessage, OnCommit, StoredMessage};
+use crate::store::{Appended, NewMessage, OnCommit, StoredMessage};
 use crate::wire::{self, pb, WireError};
 
 /// Longest client-made message id.
@@ -56,33 +57,16 @@ struct Checked {
     chat: pb::ChatMessage,
     /// The client's time of the envelope.
     time: i64,
-    to: Target,
+    to: Recipient,
 }
 
-/// Where a chat message is published.
-#[derive(Debug, Clone)]
-enum Target {
-    /// A user's inbox: a 1:1 conversation.
-    User(String),
-    /// A group's topic.
-    Group(String),
-}
-
-impl Target {
-    fn id(&self) -> &str {
-        match self {
-            Target::User(id) | Target::Group(id) => id,
-        }
-    }
-
-    /// The `chat` label of the message metrics.
-    fn labels(&self) -> ChatLabels {
-        let chat = match self {
-            Target::User(_) => "direct",
-            Target::Group(_) => "group",
-        };
-        ChatLabels { chat }
-    }
+/// The `chat` label of the message metrics.
+fn labels(to: &Recipient) -> ChatLabels {
+    let chat = match to.kind() {
+        ConversationKind::Direct => "direct",
+        ConversationKind::Group => "group",
+    };
+    ChatLabels { chat }
 }
 
 impl ImError {
@@ -99,52 +83,36 @@ impl ImError {
 }
 
 impl ImService {
-    /// Accepts a chat publish from `sender` to the inbox of `to`. Returns only once the
-    /// message is durably stored (or was already). `turn` is the message's place in its
+    /// Accepts a chat publish from `sender` to `to`: a user's inbox, or a group the sender
+    /// must belong to (one copy is stored whatever the group's size; the members' online
+    /// devices get it live and the others count it from their cursors). Returns only once
+    /// the message is durably stored (or was already). `turn` is the message's place in its
     /// connection's arrival order, which its seq follows.
     ///
     /// # Errors
-    /// Bad payload, invalid fields, a policy denial, or a store failure (nothing stored).
+    /// Bad payload, invalid fields, not a member of the group, a policy denial, or a store
+    /// failure (nothing stored).
     #[tracing::instrument(skip(self, payload, turn), fields(uid = %sender.uid, client_id = %crate::text::LoggedId(&sender.client_id)))]
     pub async fn send(
         &self,
         sender: &Device,
-        to: &str,
+        to: &Recipient,
         payload: &[u8],
         turn: Turn,
     ) -> Result<Accepted, ImError> {
-        self.accept(sender, Target::User(to.to_owned()), payload, turn)
-            .await
-    }
-
-    /// Accepts a chat publish from `sender` to group `gid`, which the sender must belong to.
-    /// One copy is stored, whatever the group's size; the members' online devices get it
-    /// live and the others count it from their cursors.
-    ///
-    /// # Errors
-    /// As [`ImService::send`], and not a member.
-    #[tracing::instrument(skip(self, payload, turn), fields(uid = %sender.uid, client_id = %crate::text::LoggedId(&sender.client_id)))]
-    pub async fn send_group(
-        &self,
-        sender: &Device,
-        gid: &str,
-        payload: &[u8],
-        turn: Turn,
-    ) -> Result<Accepted, ImError> {
-        self.accept(sender, Target::Group(gid.to_owned()), payload, turn)
-            .await
+        self.accept(sender, to.clone(), payload, turn).await
     }
 
     /// Stores a message and counts what became of it.
     async fn accept(
         &self,
         sender: &Device,
-        target: Target,
+        target: Recipient,
         payload: &[u8],
         turn: Turn,
     ) -> Result<Accepted, ImError> {
         let metrics = self.metrics();
-        let labels = target.labels();
+        let labels = labels(&target);
         metrics.messages_received.get_or_create(&labels).inc();
         let accepted = self.store_message(sender, target, payload, turn).await;
         match &accepted {
@@ -160,7 +128,7 @@ impl ImService {
     async fn store_message(
         &self,
         sender: &Device,
-        target: Target,
+        target: Recipient,
         payload: &[u8],
         turn: Turn,
     ) -> Result<Accepted, ImError> {
@@ -202,27 +170,22 @@ impl ImService {
     async fn check(
         &self,
         sender: &Device,
-        target: Target,
+        target: Recipient,
         payload: &[u8],
     ) -> Result<Checked, ImError> {
-        if let Target::Group(gid) = &target {
+        if let Recipient::Group(gid) = &target {
             self.require_member(&sender.uid, gid).await?;
         }
         let limit = self.inner.settings.max_message_bytes;
         let envelope: pb::Envelope = wire::decode(payload, limit, "Envelope")?;
         let (mut chat, time) = validate(envelope, &target)?;
-        chat.from = sender.uid.clone();
+        chat.from = sender.uid.to_string();
         chat.to = target.id().to_owned();
-        let conversation = match &target {
-            Target::User(to) => {
-                chat.chat_type = pb::ChatType::Single as i32;
-                Conversation::direct(&sender.uid, to)
-            }
-            Target::Group(gid) => {
-                chat.chat_type = pb::ChatType::Group as i32;
-                Conversation::group(gid)
-            }
-        };
+        chat.chat_type = match target.kind() {
+            ConversationKind::Direct => pb::ChatType::Single,
+            ConversationKind::Group => pb::ChatType::Group,
+        } as i32;
+        let conversation = target.conversation(&sender.uid);
         self.apply_policy(sender, &conversation, &mut chat).await?;
         Ok(Checked {
             conversation,
@@ -250,10 +213,10 @@ impl ImService {
             chat.server_time = appended.server_time;
             let payload = envelope_bytes(chat, time);
             match to {
-                Target::User(to) => {
+                Recipient::User(to) => {
                     service.deliver_live(&to, &conversation, appended.seq, &payload);
                 }
-                Target::Group(gid) => {
+                Recipient::Group(gid) => {
                     service.deliver_group(&sender, &gid, &conversation, appended.seq, &payload);
                 }
             }
@@ -271,7 +234,7 @@ impl ImService {
             Some(pb::content::Kind::Media(media)) => (None, Some(media.url.clone())),
             None => (None, None),
         };
-        let group = conversation.gid().map(str::to_owned);
+        let group = conversation.gid().map(Gid::to_string);
         let view = MessageView {
             from: chat.from.clone(),
             to: chat.to.clone(),
@@ -306,7 +269,7 @@ impl ImService {
         }
     }
 
-    fn deliver_live(&self, to: &str, conversation: &Conversation, seq: u64, payload: &Bytes) {
+    fn deliver_live(&self, to: &Uid, conversation: &Conversation, seq: u64, payload: &Bytes) {
         self.hand_over(to, conversation, seq, payload);
         let sinks = self.inner.presence.sinks(to);
         if sinks.is_empty() {
@@ -320,10 +283,9 @@ impl ImService {
             conversation: conversation.clone(),
             seq,
             payload: payload.clone(),
-            group: None,
         };
         if self.push_live(&sinks, &event) < sinks.len() {
-            tracing::debug!(to, seq, "device busy; left in its backlog");
+            tracing::debug!(%to, seq, "device busy; left in its backlog");
         }
     }
 
@@ -344,7 +306,7 @@ impl ImService {
     fn deliver_group(
         &self,
         sender: &Device,
-        gid: &str,
+        gid: &Gid,
         conversation: &Conversation,
         seq: u64,
         payload: &Bytes,
@@ -354,7 +316,6 @@ impl ImService {
             conversation: conversation.clone(),
             seq,
             payload: payload.clone(),
-            group: Some(gid.to_owned()),
         };
         self.push_live(&self.group_sinks(gid, sender), &event);
     }
@@ -373,7 +334,7 @@ fn envelope_bytes(chat: pb::ChatMessage, time: i64) -> Bytes {
 }
 
 /// Checks an inbound envelope and returns its chat message and client time.
-fn validate(envelope: pb::Envelope, target: &Target) -> Result<(pb::ChatMessage, i64), ImError> {
+fn validate(envelope: pb::Envelope, target: &Recipient) -> Result<(pb::ChatMessage, i64), ImError> {
     if envelope.cmd != pb::Cmd::Chat as i32 {
         return Err(ImError::Invalid(format!(
             "envelope cmd must be CMD_CHAT ({}), got {}",
@@ -389,9 +350,9 @@ fn validate(envelope: pb::Envelope, target: &Target) -> Result<(pb::ChatMessage,
             "msg_id must be 1 to {MAX_MSG_ID} bytes"
         )));
     }
-    let (expected, what) = match target {
-        Target::User(_) => (pb::ChatType::Single, "CHAT_TYPE_SINGLE on a user inbox"),
-        Target::Group(_) => (pb::ChatType::Group, "CHAT_TYPE_GROUP on a group topic"),
+    let (expected, what) = match target.kind() {
+        ConversationKind::Direct => (pb::ChatType::Single, "CHAT_TYPE_SINGLE on a user inbox"),
+        ConversationKind::Group => (pb::ChatType::Group, "CHAT_TYPE_GROUP on a group topic"),
     };
     if chat.chat_type != pb::ChatType::Unspecified as i32 && chat.chat_type != expected as i32 {
         return Err(ImError::Invalid(format!("chat_type must be {what}")));
@@ -422,7 +383,7 @@ pub(crate) fn rehydrate(stored: &StoredMessage) -> pb::ChatMessage {
     });
     chat.seq = stored.seq;
     chat.server_time = stored.server_time;
-    chat.from = stored.sender.clone();
+    chat.from = stored.sender.to_string();
     chat
 }
 

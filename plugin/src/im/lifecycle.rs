@@ -2,6 +2,7 @@
 //! bounded steps, keeping connected devices from expiring, and closing the connections that
 //! an operator's `device forget` or `user erase` (on any node) evicted.
 
+use crate::domain::Uid;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use tokio_util::sync::CancellationToken;
@@ -79,13 +80,7 @@ impl ImService {
         let store = self.inner.store.as_ref();
         let now = now_ms();
         if settings.device_ttl.get().is_some() {
-            let online: Vec<Device> = self
-                .inner
-                .presence
-                .all()
-                .into_iter()
-                .map(|(uid, client_id)| Device { uid, client_id })
-                .collect();
+            let online: Vec<Device> = self.inner.presence.all();
             if let Err(e) = store.touch_devices(&online, now).await {
                 // Expiry would take connected devices: skip the round.
                 tracing::warn!(error = %e, "garbage collection skipped: connected devices could not be marked");
@@ -142,7 +137,7 @@ impl ImService {
     /// connections (here at once, on other nodes through the eviction log).
     pub(super) async fn forget_device(
         &self,
-        uid: &str,
+        uid: &Uid,
         forget: pb::DeviceForget,
     ) -> Result<pb::response::Result, ImError> {
         if forget.client_id.is_empty() || forget.client_id.len() > MAX_CLIENT_ID_BYTES {
@@ -151,7 +146,7 @@ impl ImService {
             )));
         }
         let device = Device {
-            uid: uid.to_owned(),
+            uid: uid.clone(),
             client_id: forget.client_id,
         };
         let known = self
@@ -172,7 +167,7 @@ impl ImService {
     }
 
     /// Closes the connections of `uid` (of one device, with `client_id`) on this node.
-    fn evict_here(&self, uid: &str, client_id: Option<&str>) {
+    fn evict_here(&self, uid: &Uid, client_id: Option<&str>) {
         let presence = &self.inner.presence;
         let sinks = match client_id {
             Some(client_id) => presence.device_sinks(&Device {
@@ -183,7 +178,7 @@ impl ImService {
         };
         if !sinks.is_empty() {
             let device = LoggedId(client_id.unwrap_or("(every device)"));
-            tracing::info!(uid, client_id = %device, connections = sinks.len(), "closing evicted connections");
+            tracing::info!(%uid, client_id = %device, connections = sinks.len(), "closing evicted connections");
         }
         for sink in sinks {
             sink.push(DeviceEvent::Evicted);

@@ -17,6 +17,7 @@ mod receipts;
 pub mod settings;
 mod sink;
 
+use crate::domain::Uid;
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::mpsc;
@@ -194,7 +195,7 @@ impl ImService {
     ///
     /// # Errors
     /// A malformed name, a group that does not exist, not a member, or the store failed.
-    pub(crate) async fn authorized(&self, name: &str, uid: &str) -> Result<Conversation, ImError> {
+    pub(crate) async fn authorized(&self, name: &str, uid: &Uid) -> Result<Conversation, ImError> {
         let conversation = Conversation::from_name(name, uid).ok_or_else(|| {
             ImError::Invalid(format!(
                 "unknown conversation {name:?}: expected \"u/{{uid}}\" or \"g/{{gid}}\""

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use super::sink::DeviceSink;
-use crate::store::Device;
+use crate::domain::{Device, Uid};
 
 #[derive(Debug)]
 struct OnlineDevice {
@@ -17,7 +17,7 @@ struct OnlineDevice {
 /// The online devices of every user on this node.
 #[derive(Debug, Default)]
 pub(crate) struct Presence {
-    users: Mutex<HashMap<String, Vec<OnlineDevice>>>,
+    users: Mutex<HashMap<Uid, Vec<OnlineDevice>>>,
 }
 
 impl Presence {
@@ -54,14 +54,17 @@ impl Presence {
     }
 
     /// Every online device on this node: (uid, client id).
-    pub(crate) fn all(&self) -> Vec<(String, String)> {
+    pub(crate) fn all(&self) -> Vec<Device> {
         self.users
             .lock()
             .map(|users| {
                 users
                     .iter()
                     .flat_map(|(uid, devices)| {
-                        devices.iter().map(|d| (uid.clone(), d.client_id.clone()))
+                        devices.iter().map(|d| Device {
+                            uid: uid.clone(),
+                            client_id: d.client_id.clone(),
+                        })
                     })
                     .collect()
             })
@@ -122,6 +125,7 @@ impl Presence {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::testing::*;
     use crate::im::sink::DeviceEvent;
 
     #[derive(Debug)]
@@ -136,7 +140,7 @@ mod tests {
     fn takeover_survives_the_old_connection_closing() {
         let presence = Presence::default();
         let phone = Device {
-            uid: "a".into(),
+            uid: uid("a"),
             client_id: "phone".into(),
         };
         presence.online(&phone, 1, Arc::new(Nowhere));

@@ -2,6 +2,7 @@
 //! reader), and pushed to online senders as batched updates — per interval, per sender and
 //! conversation, one `ReceiptList` naming whose cursor moved, never one per reader per message.
 
+use crate::domain::Uid;
 use std::collections::HashMap;
 use std::sync::Mutex;
 
@@ -20,7 +21,7 @@ const MAX_READERS: usize = 100;
 /// One member's read cursor moved from `before` to `after`.
 #[derive(Debug, Clone)]
 struct Move {
-    reader: String,
+    reader: Uid,
     before: u64,
     after: u64,
 }
@@ -35,7 +36,7 @@ impl ImService {
     /// Answers `Receipts`.
     pub(super) async fn receipts(
         &self,
-        uid: &str,
+        uid: &Uid,
         request: pb::Receipts,
     ) -> Result<pb::response::Result, ImError> {
         if request.seqs.len() > MAX_SEQS {
@@ -53,8 +54,8 @@ impl ImService {
             .map(|r| pb::Receipt {
                 seq: r.seq,
                 read_count: u32::try_from(r.read_count).unwrap_or(u32::MAX),
-                readers: r.readers,
-                sender: r.sender,
+                readers: r.readers.into_iter().map(String::from).collect(),
+                sender: r.sender.into(),
             })
             .collect();
         Ok(pb::response::Result::Receipts(pb::ReceiptList {
@@ -67,7 +68,7 @@ impl ImService {
     /// Moves `uid`'s read cursor and queues the move for the senders' next receipt update.
     pub(super) async fn mark_read(
         &self,
-        uid: &str,
+        uid: &Uid,
         request: pb::MarkRead,
     ) -> Result<pb::response::Result, ImError> {
         let conversation = self.authorized(&request.conversation, uid).await?;
@@ -76,7 +77,7 @@ impl ImService {
         if after > before {
             if let Ok(mut moves) = self.inner.read_moves.moves.lock() {
                 moves.entry(conversation).or_default().push(Move {
-                    reader: uid.to_owned(),
+                    reader: uid.clone(),
                     before,
                     after,
                 });
@@ -112,17 +113,17 @@ impl ImService {
         let Some(range) = SeqRange::new(lo, hi) else {
             return Ok(());
         };
-        let mut latest: HashMap<&str, u64> = HashMap::new();
+        let mut latest: HashMap<&Uid, u64> = HashMap::new();
         for m in moves {
-            let read = latest.entry(m.reader.as_str()).or_default();
+            let read = latest.entry(&m.reader).or_default();
             *read = (*read).max(m.after);
         }
         for sender in self.inner.store.senders(conversation, range).await? {
             let reads: Vec<pb::ReadCursorOf> = latest
                 .iter()
-                .filter(|(reader, _)| **reader != sender)
+                .filter(|(reader, _)| **reader != &sender)
                 .map(|(reader, read_seq)| pb::ReadCursorOf {
-                    uid: (*reader).to_owned(),
+                    uid: reader.to_string(),
                     read_seq: *read_seq,
                 })
                 .collect();

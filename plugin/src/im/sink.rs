@@ -3,7 +3,7 @@
 
 use bytes::Bytes;
 
-use crate::store::Conversation;
+use crate::domain::{Conversation, Gid};
 
 /// Something the IM service wants written into one device's connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -15,10 +15,8 @@ pub enum DeviceEvent {
         conversation: Conversation,
         /// Seq, for the acknowledgement.
         seq: u64,
-        /// Encoded `Envelope`.
+        /// Encoded `Envelope`; a group's message goes to the group's topic, not the inbox.
         payload: Bytes,
-        /// For a group message, the group: it goes to the group's topic, not the inbox.
-        group: Option<String>,
     },
     /// An encoded `Response` pushed to the device's `resp` topic (receipt updates).
     Notice(Bytes),
@@ -26,7 +24,7 @@ pub enum DeviceEvent {
     /// that nothing of the group reaches it any more.
     Revoked {
         /// The group.
-        group: String,
+        group: Gid,
     },
     /// The same client id connected to another node: this connection is stale and ends,
     /// as in a session take-over within one node.

@@ -222,7 +222,7 @@ impl Hook for PolicyHook {
             uid: client.uid.clone(),
             client_id: client.client_id.clone(),
             username: client.username.clone(),
-            protocol: client.protocol,
+            protocol: client.protocol.name(),
             clean_session: client.clean_session,
             keep_alive: client.keep_alive,
         };

@@ -3,6 +3,7 @@
 //! deadline instead of when the kernel gives up on a dead link. An append abandoned this way
 //! may still commit; its retransmission is then recognized as a duplicate.
 
+use crate::domain::Uid;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -139,7 +140,7 @@ impl Store for Bounded {
 
     async fn mark_read(
         &self,
-        uid: &str,
+        uid: &Uid,
         conversation: &Conversation,
         seq: u64,
     ) -> Result<(u64, u64), StoreError> {
@@ -150,8 +151,8 @@ impl Store for Bounded {
     async fn create_group(
         &self,
         conversation: &Conversation,
-        owner: &str,
-        members: &[String],
+        owner: &Uid,
+        members: &[Uid],
     ) -> Result<(), StoreError> {
         self.call(self.inner.create_group(conversation, owner, members))
             .await
@@ -160,9 +161,9 @@ impl Store for Bounded {
     async fn add_members(
         &self,
         conversation: &Conversation,
-        uids: &[String],
+        uids: &[Uid],
         role: Role,
-    ) -> Result<Vec<String>, StoreError> {
+    ) -> Result<Vec<Uid>, StoreError> {
         self.call(self.inner.add_members(conversation, uids, role))
             .await
     }
@@ -170,8 +171,8 @@ impl Store for Bounded {
     async fn remove_members(
         &self,
         conversation: &Conversation,
-        uids: &[String],
-    ) -> Result<Vec<String>, StoreError> {
+        uids: &[Uid],
+    ) -> Result<Vec<Uid>, StoreError> {
         self.call(self.inner.remove_members(conversation, uids))
             .await
     }
@@ -182,13 +183,13 @@ impl Store for Bounded {
 
     async fn role(
         &self,
-        uid: &str,
+        uid: &Uid,
         conversation: &Conversation,
     ) -> Result<Option<Role>, StoreError> {
         self.call(self.inner.role(uid, conversation)).await
     }
 
-    async fn group_memberships(&self, uid: &str) -> Result<Vec<(Conversation, Role)>, StoreError> {
+    async fn group_memberships(&self, uid: &Uid) -> Result<Vec<(Conversation, Role)>, StoreError> {
         self.call(self.inner.group_memberships(uid)).await
     }
 
@@ -206,7 +207,7 @@ impl Store for Bounded {
         &self,
         conversation: &Conversation,
         range: SeqRange,
-    ) -> Result<Vec<String>, StoreError> {
+    ) -> Result<Vec<Uid>, StoreError> {
         self.call(self.inner.senders(conversation, range)).await
     }
 
@@ -230,7 +231,7 @@ impl Store for Bounded {
         self.call(self.inner.touch_devices(devices, now_ms)).await
     }
 
-    async fn devices(&self, uid: &str) -> Result<Vec<DeviceInfo>, StoreError> {
+    async fn devices(&self, uid: &Uid) -> Result<Vec<DeviceInfo>, StoreError> {
         self.call(self.inner.devices(uid)).await
     }
 
@@ -238,7 +239,7 @@ impl Store for Bounded {
         self.call(self.inner.forget_device(device)).await
     }
 
-    async fn evict(&self, uid: &str, client_id: Option<&str>) -> Result<(), StoreError> {
+    async fn evict(&self, uid: &Uid, client_id: Option<&str>) -> Result<(), StoreError> {
         self.call(self.inner.evict(uid, client_id)).await
     }
 
@@ -248,7 +249,7 @@ impl Store for Bounded {
 
     /// Not bounded: erasing a prolific user takes as long as it takes, and an operator
     /// waits for it.
-    async fn erase_user(&self, uid: &str, groups: GroupErasure) -> Result<Erased, StoreError> {
+    async fn erase_user(&self, uid: &Uid, groups: GroupErasure) -> Result<Erased, StoreError> {
         self.inner.erase_user(uid, groups).await
     }
 

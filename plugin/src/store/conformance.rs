@@ -1,6 +1,7 @@
 //! The behaviour every backend must show, run against each of them: every method of
 //! [`Store`], its results and its documented errors.
 
+use crate::domain::Uid;
 use std::sync::{Arc, Mutex};
 
 use super::{
@@ -31,21 +32,33 @@ pub(crate) async fn run_all(store: &dyn Store) {
     closed_store_refuses_calls(store).await;
 }
 
-fn device(uid: &str, client_id: &str) -> Device {
+fn uid(text: &str) -> Uid {
+    Uid::parse(text).unwrap()
+}
+
+fn uids(list: &[&str]) -> Vec<Uid> {
+    list.iter().map(|text| uid(text)).collect()
+}
+
+fn device(user: &str, client_id: &str) -> Device {
     Device {
-        uid: uid.into(),
+        uid: uid(user),
         client_id: client_id.into(),
     }
 }
 
 fn direct(a: &str, b: &str) -> Conversation {
-    Conversation::direct(a, b)
+    Conversation::direct(&uid(a), &uid(b))
+}
+
+fn group(gid: &str) -> Conversation {
+    Conversation::group(&crate::domain::Gid::parse(gid).unwrap())
 }
 
 pub(crate) fn message(conversation: &Conversation, sender: &str, msg_id: &str) -> NewMessage {
     NewMessage {
         conversation: conversation.clone(),
-        sender: sender.into(),
+        sender: uid(sender),
         sender_device: format!("{sender}-phone"),
         msg_id: msg_id.into(),
         server_time: 1_000,
@@ -68,10 +81,6 @@ fn seqs(page: &super::Page) -> Vec<u64> {
     page.messages.iter().map(|m| m.seq).collect()
 }
 
-fn strings(list: &[&str]) -> Vec<String> {
-    list.iter().map(|s| (*s).to_owned()).collect()
-}
-
 async fn seqs_are_gap_free_and_duplicates_absorbed(store: &dyn Store) {
     let chat = direct("s1", "s2");
     let first = store.append(message(&chat, "s1", "m1")).await.unwrap();
@@ -83,14 +92,14 @@ async fn seqs_are_gap_free_and_duplicates_absorbed(store: &dyn Store) {
     let all = store.history(&chat, None, 10).await.unwrap();
     assert_eq!(seqs(&all), vec![2, 1]);
     // The two users of a 1:1 chat are its members from its first message on.
-    let members: Vec<String> = store
+    let members: Vec<Uid> = store
         .members(&chat)
         .await
         .unwrap()
         .into_iter()
         .map(|m| m.uid)
         .collect();
-    assert_eq!(members, strings(&["s1", "s2"]));
+    assert_eq!(members, uids(&["s1", "s2"]));
 }
 
 /// Appends queued one after another get increasing seqs, and their commit hooks run in seq
@@ -334,40 +343,46 @@ async fn history_and_read_cursor(store: &dyn Store) {
     assert!(oldest.end);
     let nothing = store.history(&direct("h1", "h9"), None, 2).await.unwrap();
     assert!(nothing.messages.is_empty() && nothing.end);
-    assert_eq!(store.mark_read("h2", &chat, 4).await.unwrap(), (0, 4));
-    assert_eq!(store.mark_read("h2", &chat, 2).await.unwrap(), (4, 4));
+    assert_eq!(store.mark_read(&uid("h2"), &chat, 4).await.unwrap(), (0, 4));
+    assert_eq!(store.mark_read(&uid("h2"), &chat, 2).await.unwrap(), (4, 4));
     let reader = device("h1", "phone");
     store.register_device(&reader).await.unwrap();
     append_n(store, &chat, "h2", 1).await;
     let digest = store.digest(&reader, 1).await.unwrap();
     assert_eq!(digest.conversations[0].peer_read_seq, 4);
-    assert!(store.mark_read("zz", &chat, 1).await.is_err());
-    let beyond = store.mark_read("h2", &chat, 99).await;
+    assert!(store.mark_read(&uid("zz"), &chat, 1).await.is_err());
+    let beyond = store.mark_read(&uid("h2"), &chat, 99).await;
     assert!(matches!(beyond, Err(StoreError::Invalid(_))), "{beyond:?}");
 }
 
 async fn groups_roles_and_membership(store: &dyn Store) {
-    let team = Conversation::group("gr-team");
+    let team = group("gr-team");
     store
-        .create_group(&team, "gr-owner", &strings(&["gr-a", "gr-b"]))
+        .create_group(&team, &uid("gr-owner"), &uids(&["gr-a", "gr-b"]))
         .await
         .unwrap();
-    let again = store.create_group(&team, "gr-a", &[]).await;
+    let again = store.create_group(&team, &uid("gr-a"), &[]).await;
     assert!(matches!(again, Err(StoreError::Conflict(_))), "{again:?}");
     assert_eq!(
-        store.role("gr-owner", &team).await.unwrap(),
+        store.role(&uid("gr-owner"), &team).await.unwrap(),
         Some(Role::Owner)
     );
-    assert_eq!(store.role("gr-a", &team).await.unwrap(), Some(Role::Member));
-    assert_eq!(store.role("gr-z", &team).await.unwrap(), None);
+    assert_eq!(
+        store.role(&uid("gr-a"), &team).await.unwrap(),
+        Some(Role::Member)
+    );
+    assert_eq!(store.role(&uid("gr-z"), &team).await.unwrap(), None);
     // Added members start after what was said before they joined.
     append_n(store, &team, "gr-a", 2).await;
     let added = store
-        .add_members(&team, &strings(&["gr-c", "gr-a"]), Role::Admin)
+        .add_members(&team, &uids(&["gr-c", "gr-a"]), Role::Admin)
         .await
         .unwrap();
-    assert_eq!(added, strings(&["gr-c"]), "only new members are reported");
-    assert_eq!(store.role("gr-a", &team).await.unwrap(), Some(Role::Admin));
+    assert_eq!(added, uids(&["gr-c"]), "only new members are reported");
+    assert_eq!(
+        store.role(&uid("gr-a"), &team).await.unwrap(),
+        Some(Role::Admin)
+    );
     let newcomer = device("gr-c", "phone");
     store.register_device(&newcomer).await.unwrap();
     let page = store.pull(&newcomer, &team, None, 10).await.unwrap();
@@ -381,7 +396,7 @@ async fn groups_roles_and_membership(store: &dyn Store) {
         .await
         .unwrap()
         .into_iter()
-        .map(|m| (m.uid, m.role))
+        .map(|m| (m.uid.to_string(), m.role))
         .collect();
     let expected = [
         ("gr-owner", Role::Owner),
@@ -394,50 +409,47 @@ async fn groups_roles_and_membership(store: &dyn Store) {
         .map(|(uid, role)| ((*uid).to_owned(), *role))
         .collect();
     assert_eq!(members, expected);
-    let nowhere = Conversation::group("gr-none");
+    let nowhere = group("gr-none");
     let missing = store.members(&nowhere).await;
     assert!(
         matches!(missing, Err(StoreError::NotFound(_))),
         "{missing:?}"
     );
     let missing = store
-        .add_members(&nowhere, &strings(&["x"]), Role::Member)
+        .add_members(&nowhere, &uids(&["x"]), Role::Member)
         .await;
     assert!(
         matches!(missing, Err(StoreError::NotFound(_))),
         "{missing:?}"
     );
     // Groups only, with roles; 1:1 chats are not listed.
-    let other = Conversation::group("gr-other");
-    store.create_group(&other, "gr-a", &[]).await.unwrap();
+    let other = group("gr-other");
+    store.create_group(&other, &uid("gr-a"), &[]).await.unwrap();
     append_n(store, &direct("gr-a", "gr-b"), "gr-a", 1).await;
-    let mine = store.group_memberships("gr-a").await.unwrap();
+    let mine = store.group_memberships(&uid("gr-a")).await.unwrap();
     assert_eq!(mine, vec![(other, Role::Owner), (team, Role::Admin)]);
 }
 
 async fn removals_are_logged_in_order(store: &dyn Store) {
-    let club = Conversation::group("rm-club");
-    let members = strings(&["rm-a", "rm-b", "rm-c"]);
+    let club = group("rm-club");
+    let members = uids(&["rm-a", "rm-b", "rm-c"]);
     store
-        .create_group(&club, "rm-owner", &members)
+        .create_group(&club, &uid("rm-owner"), &members)
         .await
         .unwrap();
     let before = store.removals_since(0, 1000).await.unwrap();
     let last = before.last().map_or(0, |r| r.id);
     let removed = store
-        .remove_members(&club, &strings(&["rm-b", "rm-x"]))
+        .remove_members(&club, &uids(&["rm-b", "rm-x"]))
         .await
         .unwrap();
-    assert_eq!(removed, strings(&["rm-b"]), "only members are removed");
-    store
-        .remove_members(&club, &strings(&["rm-a"]))
-        .await
-        .unwrap();
-    assert_eq!(store.role("rm-b", &club).await.unwrap(), None);
+    assert_eq!(removed, uids(&["rm-b"]), "only members are removed");
+    store.remove_members(&club, &uids(&["rm-a"])).await.unwrap();
+    assert_eq!(store.role(&uid("rm-b"), &club).await.unwrap(), None);
     let logged = store.removals_since(last, 1000).await.unwrap();
     let seen: Vec<(Conversation, String)> = logged
         .iter()
-        .map(|r| (r.conversation.clone(), r.uid.clone()))
+        .map(|r| (r.conversation.clone(), r.uid.to_string()))
         .collect();
     let expected = vec![(club.clone(), "rm-b".to_owned()), (club, "rm-a".to_owned())];
     assert_eq!(seen, expected);
@@ -452,16 +464,16 @@ async fn removals_are_logged_in_order(store: &dyn Store) {
 }
 
 async fn receipts_and_senders(store: &dyn Store) {
-    let room = Conversation::group("rc-room");
-    let members = strings(&["rc-a", "rc-b", "rc-c"]);
+    let room = group("rc-room");
+    let members = uids(&["rc-a", "rc-b", "rc-c"]);
     store
-        .create_group(&room, "rc-a", &members[1..])
+        .create_group(&room, &uid("rc-a"), &members[1..])
         .await
         .unwrap();
     append_n(store, &room, "rc-a", 2).await;
     append_n(store, &room, "rc-b", 1).await;
-    store.mark_read("rc-b", &room, 2).await.unwrap();
-    store.mark_read("rc-c", &room, 3).await.unwrap();
+    store.mark_read(&uid("rc-b"), &room, 2).await.unwrap();
+    store.mark_read(&uid("rc-c"), &room, 3).await.unwrap();
     let receipts = store.receipts(&room, &[1, 3, 9], 1).await.unwrap();
     let summary: Vec<(u64, &str, u64, usize)> = receipts
         .iter()
@@ -469,25 +481,25 @@ async fn receipts_and_senders(store: &dyn Store) {
         .collect();
     // Seq 9 does not exist; a sender never counts as a reader; names are limited.
     assert_eq!(summary, vec![(1, "rc-a", 2, 1), (3, "rc-b", 1, 1)]);
-    assert_eq!(receipts[1].readers, strings(&["rc-c"]));
+    assert_eq!(receipts[1].readers, uids(&["rc-c"]));
     let mut senders = store
         .senders(&room, SeqRange { lo: 1, hi: 3 })
         .await
         .unwrap();
     senders.sort();
-    assert_eq!(senders, strings(&["rc-a", "rc-b"]));
+    assert_eq!(senders, uids(&["rc-a", "rc-b"]));
     let first = store
         .senders(&room, SeqRange { lo: 1, hi: 2 })
         .await
         .unwrap();
-    assert_eq!(first, strings(&["rc-a"]));
+    assert_eq!(first, uids(&["rc-a"]));
 }
 
 async fn sizes_count_what_was_written(store: &dyn Store) {
     let before = store.sizes().await.unwrap();
     append_n(store, &direct("sz1", "sz2"), "sz1", 4).await;
     store
-        .create_group(&Conversation::group("sz-g"), "sz1", &[])
+        .create_group(&group("sz-g"), &uid("sz1"), &[])
         .await
         .unwrap();
     store
@@ -547,9 +559,9 @@ async fn last_eviction(store: &dyn Store) -> u64 {
 async fn retention_deletes_a_prefix_that_pulls_report(store: &dyn Store) {
     const OLD: i64 = -9_000_000;
     let chat = direct("rt1", "rt2");
-    let group = Conversation::group("rt-g");
+    let group = group("rt-g");
     store
-        .create_group(&group, "rt2", &strings(&["rt1"]))
+        .create_group(&group, &uid("rt2"), &uids(&["rt1"]))
         .await
         .unwrap();
     let (phone, laptop) = (device("rt1", "phone"), device("rt1", "laptop"));
@@ -657,7 +669,7 @@ async fn devices_are_listed_expired_and_forgotten(store: &dyn Store) {
         .ack(&phone, &chat, SeqRange::new(1, 3).unwrap())
         .await
         .unwrap();
-    let listed = store.devices("dv1").await.unwrap();
+    let listed = store.devices(&uid("dv1")).await.unwrap();
     let ids: Vec<&str> = listed.iter().map(|d| d.client_id.as_str()).collect();
     assert_eq!(ids, vec!["laptop", "phone"]);
     assert!(listed.iter().all(|d| d.last_seen > 1_000_000_000_000));
@@ -672,7 +684,7 @@ async fn devices_are_listed_expired_and_forgotten(store: &dyn Store) {
     };
     assert_eq!(collect_all(store, cutoffs, 1).await.devices, 1);
     let ids: Vec<String> = store
-        .devices("dv1")
+        .devices(&uid("dv1"))
         .await
         .unwrap()
         .into_iter()
@@ -709,9 +721,9 @@ async fn devices_are_listed_expired_and_forgotten(store: &dyn Store) {
 /// (or deleted), an owned group passes on, an eviction is logged; again, nothing is left.
 async fn erasing_a_user_removes_its_traces(store: &dyn Store) {
     let chat = direct("er1", "er2");
-    let group = Conversation::group("er-g");
+    let group = group("er-g");
     store
-        .create_group(&group, "er1", &strings(&["er2"]))
+        .create_group(&group, &uid("er1"), &uids(&["er2"]))
         .await
         .unwrap();
     store
@@ -735,7 +747,10 @@ async fn erasing_a_user_removes_its_traces(store: &dyn Store) {
     let before = store.digest(&peer, 1).await.unwrap();
     assert_eq!((unacked(&before, &chat), unacked(&before, &group)), (2, 2));
     let last = last_eviction(store).await;
-    let erased = store.erase_user("er1", GroupErasure::Redact).await.unwrap();
+    let erased = store
+        .erase_user(&uid("er1"), GroupErasure::Redact)
+        .await
+        .unwrap();
     assert_eq!(
         (
             erased.devices,
@@ -768,7 +783,7 @@ async fn erasing_a_user_removes_its_traces(store: &dyn Store) {
         (members[0].uid.as_str(), members[0].role),
         ("er2", Role::Owner)
     );
-    assert!(store.devices("er1").await.unwrap().is_empty());
+    assert!(store.devices(&uid("er1")).await.unwrap().is_empty());
     let evictions = store.evictions_since(last, 10).await.unwrap();
     assert_eq!(evictions.len(), 1);
     assert_eq!(
@@ -778,10 +793,16 @@ async fn erasing_a_user_removes_its_traces(store: &dyn Store) {
     // The erased 1:1 messages no longer count for the peer; redacted ones still do.
     let after = store.digest(&peer, 1).await.unwrap();
     assert_eq!((unacked(&after, &chat), unacked(&after, &group)), (0, 2));
-    let again = store.erase_user("er1", GroupErasure::Redact).await.unwrap();
+    let again = store
+        .erase_user(&uid("er1"), GroupErasure::Redact)
+        .await
+        .unwrap();
     assert_eq!(again, super::Erased::default());
     // Deleting instead: er2's group message goes.
-    let erased = store.erase_user("er2", GroupErasure::Delete).await.unwrap();
+    let erased = store
+        .erase_user(&uid("er2"), GroupErasure::Delete)
+        .await
+        .unwrap();
     assert_eq!(
         (
             erased.devices,

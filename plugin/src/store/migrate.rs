@@ -25,9 +25,15 @@ pub(crate) const SQLITE: &[Migration] = &[
         version: 3,
         sql: include_str!("../../migrations/sqlite/0003_bounded.sql"),
     },
+    Migration {
+        version: 4,
+        sql: include_str!("../../migrations/sqlite/0004_conversation_kind.sql"),
+    },
 ];
 
-/// The PostgreSQL migrations, `migrations/postgres/NNNN_*.sql` (same numbering).
+/// The PostgreSQL migrations, `migrations/postgres/NNNN_*.sql` (same numbering; a number
+/// only one backend needs is missing from the other: PostgreSQL has had `conversations.kind`
+/// since 0003, SQLite gains it in 0004).
 pub(crate) const POSTGRES: &[Migration] = &[
     Migration {
         version: 1,
@@ -126,8 +132,19 @@ mod tests {
     #[test]
     fn applies_once_and_refuses_a_newer_schema() {
         let mut conn = Connection::open_in_memory().unwrap();
-        assert_eq!(apply_sqlite(&mut conn).unwrap(), 3);
-        assert_eq!(apply_sqlite(&mut conn).unwrap(), 3);
+        assert_eq!(apply_sqlite(&mut conn).unwrap(), 4);
+        assert_eq!(apply_sqlite(&mut conn).unwrap(), 4);
+        // Conversations know their kind, as PostgreSQL's do.
+        conn.execute_batch("INSERT INTO conversations (key) VALUES ('g:team'), ('dm:a:b')")
+            .unwrap();
+        let kinds: Vec<(String, i64)> = conn
+            .prepare("SELECT key, kind FROM conversations ORDER BY key")
+            .unwrap()
+            .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(kinds, vec![("dm:a:b".into(), 0), ("g:team".into(), 1)]);
         conn.pragma_update(None, "user_version", 99).unwrap();
         let err = apply_sqlite(&mut conn).unwrap_err();
         assert!(matches!(err, StoreError::SchemaTooNew { found: 99, .. }));

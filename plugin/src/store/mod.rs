@@ -6,8 +6,8 @@
 //! wrote.
 
 mod bounded;
-mod conversation;
 mod embedded;
+mod ids;
 mod migrate;
 mod postgres;
 pub(crate) mod ranges;
@@ -23,20 +23,11 @@ use async_trait::async_trait;
 use tokio::sync::oneshot;
 
 pub use self::redis::RedisBus;
+pub use crate::domain::{Conversation, ConversationKind, Device, Gid, Uid};
 pub use bounded::Bounded;
-pub use conversation::{Conversation, ConversationKind};
 pub use embedded::EmbeddedStore;
 pub use postgres::{DigestCache, PostgresStore};
 pub use ranges::SeqRange;
-
-/// A device is one client id of one user; offline state (acks, counters) is kept per device.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct Device {
-    /// The authenticated user.
-    pub uid: String,
-    /// The MQTT client id of this device.
-    pub client_id: String,
-}
 
 /// A message to append to a conversation.
 #[derive(Debug, Clone)]
@@ -44,7 +35,7 @@ pub struct NewMessage {
     /// The conversation; a 1:1 chat is created with its two members on first use.
     pub conversation: Conversation,
     /// The authenticated sender.
-    pub sender: String,
+    pub sender: Uid,
     /// The sender's client id: the sending device never gets its own message back in a pull.
     pub sender_device: String,
     /// Client-made id; `(sender, msg_id)` is stored at most once.
@@ -118,7 +109,7 @@ pub struct StoredMessage {
     /// Seq in its conversation.
     pub seq: u64,
     /// The authenticated sender.
-    pub sender: String,
+    pub sender: Uid,
     /// When it was stored, milliseconds.
     pub server_time: i64,
     /// Opaque payload.
@@ -307,7 +298,7 @@ pub struct Eviction {
     /// Increasing id.
     pub id: u64,
     /// The user.
-    pub uid: String,
+    pub uid: Uid,
     /// The device; `None` for every device of the user.
     pub client_id: Option<String>,
 }
@@ -371,7 +362,7 @@ impl Role {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Member {
     /// The user.
-    pub uid: String,
+    pub uid: Uid,
     /// What the member may do.
     pub role: Role,
     /// The member's read cursor.
@@ -384,11 +375,11 @@ pub struct Receipt {
     /// The message.
     pub seq: u64,
     /// Its sender (never counted as a reader).
-    pub sender: String,
+    pub sender: Uid,
     /// How many other members' read cursors reached it.
     pub read_count: u64,
     /// Some of them (at most the limit asked for), most recent readers first.
-    pub readers: Vec<String>,
+    pub readers: Vec<Uid>,
 }
 
 /// A member removed from a conversation, in the order removals happened.
@@ -399,7 +390,7 @@ pub struct Removal {
     /// The conversation.
     pub conversation: Conversation,
     /// The removed user.
-    pub uid: String,
+    pub uid: Uid,
 }
 
 /// How much a store holds, for operators.
@@ -423,7 +414,7 @@ pub struct StoreSizes {
 /// messages, so it stays cheap on a large store.
 pub(crate) const SIZES_QUERY: &str = "SELECT \
     CAST(COALESCE(SUM(max_seq - gone_seq), 0) AS BIGINT), COUNT(*), \
-    COUNT(*) FILTER (WHERE key LIKE 'g:%'), \
+    COUNT(*) FILTER (WHERE kind = 1), \
     (SELECT COUNT(DISTINCT uid) FROM devices), (SELECT COUNT(*) FROM devices) \
     FROM conversations";
 
@@ -453,8 +444,8 @@ pub fn now_ms() -> i64 {
 /// Receipts for `seqs` from the senders of those messages and the members whose cursor is
 /// at least the smallest of them (shared by the backends).
 pub(crate) fn receipts_from(
-    senders: &[(u64, String)],
-    readers: &[(String, u64)],
+    senders: &[(u64, Uid)],
+    readers: &[(Uid, u64)],
     max_readers: usize,
 ) -> Vec<Receipt> {
     senders
@@ -464,7 +455,7 @@ pub(crate) fn receipts_from(
                 .iter()
                 .filter(|(uid, read)| read >= seq && uid != sender)
                 .map(|(uid, _)| uid);
-            let listed: Vec<String> = who.by_ref().take(max_readers).cloned().collect();
+            let listed: Vec<Uid> = who.by_ref().take(max_readers).cloned().collect();
             let read_count = (listed.len() + who.count()) as u64;
             Receipt {
                 seq: *seq,
@@ -671,7 +662,7 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// Moves a member's read cursor forward (never back); returns the cursor before and after.
     async fn mark_read(
         &self,
-        uid: &str,
+        uid: &Uid,
         conversation: &Conversation,
         seq: u64,
     ) -> Result<(u64, u64), StoreError>;
@@ -683,8 +674,8 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     async fn create_group(
         &self,
         conversation: &Conversation,
-        owner: &str,
-        members: &[String],
+        owner: &Uid,
+        members: &[Uid],
     ) -> Result<(), StoreError>;
 
     /// Adds users to an existing conversation, starting after its current last seq (what was
@@ -696,16 +687,16 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     async fn add_members(
         &self,
         conversation: &Conversation,
-        uids: &[String],
+        uids: &[Uid],
         role: Role,
-    ) -> Result<Vec<String>, StoreError>;
+    ) -> Result<Vec<Uid>, StoreError>;
 
     /// Removes members (logged for [`Store::removals_since`]); returns those that were.
     async fn remove_members(
         &self,
         conversation: &Conversation,
-        uids: &[String],
-    ) -> Result<Vec<String>, StoreError>;
+        uids: &[Uid],
+    ) -> Result<Vec<Uid>, StoreError>;
 
     /// The members of a conversation.
     ///
@@ -716,12 +707,12 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// A user's role in a conversation; `None` if not a member.
     async fn role(
         &self,
-        uid: &str,
+        uid: &Uid,
         conversation: &Conversation,
     ) -> Result<Option<Role>, StoreError>;
 
     /// The groups `uid` belongs to, with its roles.
-    async fn group_memberships(&self, uid: &str) -> Result<Vec<(Conversation, Role)>, StoreError>;
+    async fn group_memberships(&self, uid: &Uid) -> Result<Vec<(Conversation, Role)>, StoreError>;
 
     /// Who has read each of `seqs` (listing at most `max_readers` names per message);
     /// seqs that do not exist are left out.
@@ -737,7 +728,7 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         &self,
         conversation: &Conversation,
         range: SeqRange,
-    ) -> Result<Vec<String>, StoreError>;
+    ) -> Result<Vec<Uid>, StoreError>;
 
     /// Removals with an id above `after`, oldest first (at most `limit`).
     async fn removals_since(&self, after: u64, limit: usize) -> Result<Vec<Removal>, StoreError>;
@@ -760,14 +751,14 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     async fn touch_devices(&self, devices: &[Device], now_ms: i64) -> Result<(), StoreError>;
 
     /// A user's devices, by client id.
-    async fn devices(&self, uid: &str) -> Result<Vec<DeviceInfo>, StoreError>;
+    async fn devices(&self, uid: &Uid) -> Result<Vec<DeviceInfo>, StoreError>;
 
     /// Deletes a device's offline state (its next connection starts as a new device) and
     /// logs an eviction of its connections; whether the device was known.
     async fn forget_device(&self, device: &Device) -> Result<bool, StoreError>;
 
     /// Logs an eviction: every node closes the connections of the user (or of one device).
-    async fn evict(&self, uid: &str, client_id: Option<&str>) -> Result<(), StoreError>;
+    async fn evict(&self, uid: &Uid, client_id: Option<&str>) -> Result<(), StoreError>;
 
     /// Evictions with an id above `after`, oldest first (at most `limit`).
     async fn evictions_since(&self, after: u64, limit: usize) -> Result<Vec<Eviction>, StoreError>;
@@ -775,7 +766,7 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// Erases a user: its devices and their state, its group memberships (a group it owned
     /// passes to its next member), its read cursors, the 1:1 messages it sent and, as
     /// `groups` says, its group messages; logs an eviction. Running it again finds nothing.
-    async fn erase_user(&self, uid: &str, groups: GroupErasure) -> Result<Erased, StoreError>;
+    async fn erase_user(&self, uid: &Uid, groups: GroupErasure) -> Result<Erased, StoreError>;
 
     /// Flushes pending writes and stops background work; later calls fail as unavailable.
     async fn close(&self);

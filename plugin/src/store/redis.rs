@@ -12,7 +12,7 @@ use redis::AsyncCommands;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::StoreError;
+use super::{Device, StoreError};
 
 /// A Redis failure, keeping its cause.
 #[derive(Debug, thiserror::Error)]
@@ -293,7 +293,7 @@ impl RedisBus {
     ///
     /// # Errors
     /// Redis failed.
-    pub async fn heartbeat(&self, devices: &[(String, String)]) -> Result<(), StoreError> {
+    pub async fn heartbeat(&self, devices: &[Device]) -> Result<(), StoreError> {
         let mut pipe = redis::pipe();
         let ttl = u64::try_from(self.node_ttl.as_millis()).unwrap_or(u64::MAX);
         pipe.cmd("SET")
@@ -302,12 +302,12 @@ impl RedisBus {
             .arg("PX")
             .arg(ttl)
             .ignore();
-        for (uid, client_id) in devices {
+        for device in devices {
             pipe.cmd("EVAL")
                 .arg(REFRESH)
                 .arg(1)
-                .arg(self.presence_key(uid))
-                .arg(client_id)
+                .arg(self.presence_key(&device.uid))
+                .arg(&device.client_id)
                 .arg(&self.node)
                 .ignore();
         }

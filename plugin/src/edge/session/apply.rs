@@ -6,7 +6,8 @@ use prost::Message;
 
 use super::outcome::{Outcome, Refusal};
 use super::{End, Session};
-use crate::edge::codec::Version;
+use crate::edge::codec::Protocol;
+use crate::edge::topics::Topics;
 use crate::edge::EdgeError;
 use crate::hook::Verdict;
 use crate::im::{Accepted, ImError};
@@ -89,8 +90,9 @@ impl Session {
                 error: None,
                 result: Some(pb::response::Result::SendResult(accepted.send_result())),
             };
-            let target = self.default_target();
-            self.write_reply(&target, response);
+            if let Some(target) = self.default_target() {
+                self.write_reply(&target, response);
+            }
         }
         tracing::trace!(topic, seq = accepted.seq, "chat acknowledged");
     }
@@ -101,7 +103,7 @@ impl Session {
     fn chat_refused(&mut self, pkid: u16, qos: u8, topic: &str, error: &ImError) {
         tracing::debug!(topic, %error, "chat refused");
         let refusal = Refusal::from_im(error);
-        if error.is_retryable() && self.version == Version::V4 {
+        if error.is_retryable() && self.version == Protocol::V4 {
             self.write_error_frame(topic, &refusal);
             self.end.get_or_insert(End::Unstored);
             return;
@@ -111,7 +113,9 @@ impl Session {
 
     /// The digest, if it fits the client's Maximum Packet Size; an error frame if it failed.
     fn digest_ready(&mut self, digest: Result<pb::Digest, ImError>) {
-        let topic = self.ctx.topics.digest(&self.device.uid);
+        let Some(topic) = self.own_topic(Topics::digest) else {
+            return;
+        };
         match digest {
             Ok(digest) => {
                 let budget = self.outbox.payload_budget(&topic, 0);

@@ -7,7 +7,7 @@ use tokio::time::Instant;
 use super::outcome::Outcome;
 use super::packet_ids::Origin;
 use super::{End, Session};
-use crate::edge::codec::{kind, Frame, Version};
+use crate::edge::codec::{kind, Frame, Protocol};
 use crate::edge::EdgeError;
 
 impl Session {
@@ -26,7 +26,9 @@ impl Session {
                             .answered(pkid, kind::PUBACK, &mut self.to_rumqttd);
                     }
                     Some(Origin::Chat { conversation, seq }) => {
-                        self.ctx.im.delivered(&self.device, &conversation, seq);
+                        if let Some(device) = &self.im {
+                            self.ctx.im.delivered(device, &conversation, seq);
+                        }
                     }
                     Some(Origin::Own) | None => {}
                 }
@@ -86,8 +88,8 @@ impl Session {
     /// in the ordered operations), so that it drops the will; nothing more is read.
     fn on_disconnect(&mut self, frame: Frame) {
         let farewell = match self.version {
-            Version::V5 => frame.bytes,
-            Version::V4 => bytes::Bytes::from_static(&[kind::DISCONNECT << 4, 0]),
+            Protocol::V5 => frame.bytes,
+            Protocol::V4 => bytes::Bytes::from_static(&[kind::DISCONNECT << 4, 0]),
         };
         self.start(std::future::ready(Outcome::Farewell(farewell)));
         self.disconnected = true;

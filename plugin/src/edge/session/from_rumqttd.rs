@@ -6,7 +6,7 @@ use rumqttd::protocol::{Packet, SubscribeReasonCode};
 
 use super::{upstream_acks, Session};
 use crate::auth::acl::Access;
-use crate::edge::codec::{self, kind, Frame, PublishView as Publish, Version};
+use crate::edge::codec::{self, kind, Frame, Protocol, PublishView as Publish};
 use crate::edge::EdgeError;
 use crate::hook::Message;
 
@@ -17,8 +17,8 @@ impl Session {
             kind::PUBLISH => self.on_upstream_publish(frame),
             kind::PUBACK | kind::PUBREC | kind::PUBCOMP => {
                 match self.version {
-                    Version::V5 => self.outbox.raw(&frame.bytes),
-                    Version::V4 => self.outbox.ack(frame.kind(), frame.ack_pkid()?),
+                    Protocol::V5 => self.outbox.raw(&frame.bytes),
+                    Protocol::V4 => self.outbox.ack(frame.kind(), frame.ack_pkid()?),
                 }
                 Ok(())
             }
@@ -44,7 +44,7 @@ impl Session {
                 self.write_unsuback(pkid, codes)
             }
             kind::DISCONNECT => {
-                if self.version == Version::V5 {
+                if self.version == Protocol::V5 {
                     self.outbox.raw(&frame.bytes);
                 }
                 Ok(())
@@ -56,7 +56,7 @@ impl Session {
     /// A publish for the client, unless the topic ACL keeps it from the client (then it is
     /// taken off rumqttd's hands, so rumqttd does not resend it).
     fn on_upstream_publish(&mut self, frame: Frame) -> Result<(), EdgeError> {
-        let publish = Publish::parse(&frame, Version::V5)?;
+        let publish = Publish::parse(&frame, Protocol::V5)?;
         let answer = upstream_acks::answer_for(publish.qos());
         if !self.acl_allows(publish.topic_str(), Access::Read, false, "deliver") {
             if let Some(answer) = answer {

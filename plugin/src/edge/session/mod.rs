@@ -37,13 +37,15 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use super::acl::topic_allowed;
-use super::codec::Version;
+use super::codec::Protocol;
 use super::limits::PublishLimits;
 use super::sink::ConnectionSink;
+use super::topics::Topics;
 use super::{EdgeContext, EdgeError, Listener};
 use crate::auth::acl::{Access, Client as AclClient};
 use crate::auth::Identity;
-use crate::im::{Device, SendOrder};
+use crate::domain::{Device, Uid};
+use crate::im::SendOrder;
 use outbox::{take_bytes, Outbox};
 use outcome::{Outcome, PendingAck};
 use upstream_acks::UpstreamAcks;
@@ -73,16 +75,15 @@ pub(super) struct Finished(Outcome);
 
 /// What the handshake settled about a client, which its session starts from.
 pub(super) struct Terms {
-    pub(super) version: Version,
+    pub(super) version: Protocol,
     /// The client as hooks see it.
     pub(super) client: Arc<crate::hook::Client>,
     /// The listener it came in on.
     pub(super) listener: Arc<Listener>,
-    /// The client id and the identity the client authenticated as.
-    pub(super) device: Device,
-    /// Whether that identity is a valid IM uid: without one, IM topics are refused and the
-    /// client uses pass-through topics only.
-    pub(super) im: bool,
+    pub(super) client_id: String,
+    /// The client as an IM device, if the identity it authenticated as is a uid something
+    /// vouched for: without one, IM topics are refused and it uses pass-through topics only.
+    pub(super) im: Option<Device>,
     /// The CONNECT's username, which ACL rules name.
     pub(super) username: Option<String>,
     /// What authentication granted: superuser, topic rules, expiry.
@@ -136,8 +137,8 @@ pub(super) struct Effects {
 pub(super) struct Session {
     ctx: Arc<EdgeContext>,
     id: u64,
-    version: Version,
-    device: Device,
+    version: Protocol,
+    client_id: String,
     /// The client as hooks see it.
     client: Arc<crate::hook::Client>,
     /// The listener it came in on (its limits).
@@ -145,7 +146,8 @@ pub(super) struct Session {
     /// The hooks' `connected`, `delivered` and `disconnected` (when the session ends), if
     /// any hook wants them.
     notifier: Option<crate::hook::Notifier>,
-    im: bool,
+    /// The client as an IM device, when it is one.
+    im: Option<Device>,
     username: Option<String>,
     identity: Identity,
     /// Publish rate and bandwidth of this connection.
@@ -201,23 +203,28 @@ impl Session {
         linked: bool,
         sink: Arc<ConnectionSink>,
     ) -> Self {
-        let im_filters = if terms.clean_session {
-            ctx.drop_session(&terms.device);
-            HashMap::new()
-        } else {
-            ctx.restore_session(&terms.device)
+        let im_filters = match &terms.im {
+            Some(device) if terms.clean_session => {
+                ctx.drop_session(device);
+                HashMap::new()
+            }
+            Some(device) => ctx.restore_session(device),
+            None => HashMap::new(),
         };
         let publish_limits = PublishLimits::new(&ctx.limits);
         let notifier = ctx.hooks.notifier(Arc::clone(&terms.client));
         let outbox = Outbox::new(terms.version, terms.receive_max, terms.max_packet);
-        let registration = terms.im.then(|| ctx.im.register(&terms.device).shared());
+        let registration = terms
+            .im
+            .as_ref()
+            .map(|device| ctx.im.register(device).shared());
         let keep_alive = (terms.keep_alive > 0)
             .then(|| Duration::from_millis(u64::from(terms.keep_alive) * 1500));
         let mut session = Self {
             ctx,
             id,
             version: terms.version,
-            device: terms.device,
+            client_id: terms.client_id,
             client: terms.client,
             listener: terms.listener,
             notifier,
@@ -322,7 +329,7 @@ impl Session {
 
     /// The device, if it uses IM topics (its acknowledgements are written as it leaves).
     pub(super) fn im_device(&self) -> Option<&Device> {
-        self.im.then_some(&self.device)
+        self.im.as_ref()
     }
 
     /// Starts `op` behind the connection's earlier operations.
@@ -357,7 +364,7 @@ impl Session {
     ) -> bool {
         let client = AclClient {
             username: self.username.as_deref(),
-            client_id: &self.device.client_id,
+            client_id: &self.client_id,
         };
         let file = self.ctx.auth.acl().map(AsRef::as_ref);
         let allowed = topic_allowed(&self.identity, &client, topic, access, subscribing, file);
@@ -374,8 +381,13 @@ impl Session {
     }
 
     /// The IM uid, if the client's identity is one.
-    fn im_uid(&self) -> Option<&str> {
-        self.im.then_some(self.device.uid.as_str())
+    fn im_uid(&self) -> Option<&Uid> {
+        self.im.as_ref().map(|device| &device.uid)
+    }
+
+    /// One of the client's own IM topics (its inbox, digest or `resp`), if it has any.
+    fn own_topic(&self, topic: fn(&Topics, &Uid) -> String) -> Option<String> {
+        self.im_uid().map(|uid| topic(&self.ctx.topics, uid))
     }
 }
 

@@ -9,7 +9,7 @@ use rumqttd::protocol::Packet;
 
 use super::fit;
 use super::packet_ids::{Origin, PacketIds};
-use crate::edge::codec::{self, CodecError, Frame, PublishView, Version};
+use crate::edge::codec::{self, CodecError, Frame, Protocol, PublishView};
 use crate::edge::EdgeError;
 use crate::im::Conversation;
 
@@ -46,7 +46,7 @@ enum Held {
 /// The client's side of the connection, as the session writes to it.
 #[derive(Debug)]
 pub(super) struct Outbox {
-    version: Version,
+    version: Protocol,
     /// Bytes for the client, taken by the connection.
     out: BytesMut,
     ids: PacketIds,
@@ -61,7 +61,7 @@ pub(super) struct Outbox {
 impl Outbox {
     /// The outbox of a client speaking `version`, with the limits its CONNECT announced.
     pub(super) fn new(
-        version: Version,
+        version: Protocol,
         receive_max: Option<u16>,
         max_packet: Option<usize>,
     ) -> Self {
@@ -151,7 +151,7 @@ impl Outbox {
     /// rumqttd's publish under a client-side packet id, now or once the client's Receive
     /// Maximum lets it go (a retransmission goes at once).
     pub(super) fn upstream_publish(&mut self, frame: Frame) -> Result<(), EdgeError> {
-        let publish = PublishView::parse(&frame, Version::V5)?;
+        let publish = PublishView::parse(&frame, Protocol::V5)?;
         if publish.qos() == 0 {
             publish.write(self.version, 0, &mut self.out);
             return Ok(());
@@ -259,7 +259,7 @@ impl Outbox {
                     payload,
                 } => self.write_publish_now(&topic, 1, Origin::Own, &properties, &payload),
                 Held::Upstream(frame) => {
-                    self.write_upstream_now(&PublishView::parse(&frame, Version::V5)?)?;
+                    self.write_upstream_now(&PublishView::parse(&frame, Protocol::V5)?)?;
                 }
             }
         }

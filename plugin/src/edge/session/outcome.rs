@@ -7,6 +7,7 @@ use rumqttd::protocol::{
     Filter, PubAckReason, SubscribeProperties, Unsubscribe, UnsubscribeProperties,
 };
 
+use crate::domain::Gid;
 use crate::hook::Verdict;
 use crate::im::{Accepted, ImError};
 use crate::wire::pb;
@@ -108,11 +109,7 @@ pub(super) enum Granted {
     /// An IM topic of the client's own, at this QoS.
     Im { filter: String, qos: u8 },
     /// A group's topic, for a member.
-    Group {
-        filter: String,
-        qos: u8,
-        gid: String,
-    },
+    Group { filter: String, qos: u8, gid: Gid },
     /// For rumqttd to answer.
     Relay(Filter),
 }

@@ -7,8 +7,10 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use super::{End, Session};
-use crate::edge::codec::Version;
-use crate::im::{Conversation, DeviceEvent};
+use crate::domain::Conversation;
+use crate::edge::codec::Protocol;
+use crate::edge::topics::Topics;
+use crate::im::DeviceEvent;
 
 impl Session {
     /// The connection ends for `end`: presence and group watches end, a persistent session
@@ -19,9 +21,9 @@ impl Session {
         for (_, gid) in self.group_filters() {
             self.ctx.im.unwatch_group(&gid, self.id);
         }
-        if !self.clean_session {
+        if let (false, Some(device)) = (self.clean_session, &self.im) {
             let filters = std::mem::take(&mut self.im_filters);
-            self.ctx.keep_session(&self.device, filters);
+            self.ctx.keep_session(device, filters);
         }
         self.say_why(end);
     }
@@ -30,24 +32,24 @@ impl Session {
     /// the client's next connection links at once to resume it.
     pub(in crate::edge) fn link_closed(&mut self) {
         if !self.clean_session {
-            self.ctx.keep_upstream_session(&self.device.client_id);
+            self.ctx.keep_upstream_session(&self.client_id);
         }
     }
 
     /// Marks the device online for live delivery.
     pub(super) fn go_online(&mut self) {
-        if !self.online {
+        if let (false, Some(device)) = (self.online, &self.im) {
             self.online = true;
             let sink = Arc::clone(&self.sink);
-            self.ctx.im.online(&self.device, self.id, sink);
+            self.ctx.im.online(device, self.id, sink);
         }
     }
 
     /// Marks the device offline (unsubscribed or gone).
     pub(super) fn go_offline(&mut self) {
-        if self.online {
+        if let (true, Some(device)) = (self.online, &self.im) {
             self.online = false;
-            self.ctx.im.offline(&self.device, self.id);
+            self.ctx.im.offline(device, self.id);
         }
     }
 
@@ -74,7 +76,7 @@ impl Session {
             ),
             _ => return,
         };
-        if self.version == Version::V5 {
+        if self.version == Protocol::V5 {
             // With properties: rumqttd 0.20 miscounts the length of a DISCONNECT without them.
             let properties = DisconnectProperties {
                 session_expiry_interval: None,
@@ -96,16 +98,19 @@ impl Session {
                 conversation,
                 seq,
                 payload,
-                group,
             } => {
-                let topic = match &group {
-                    Some(gid) => self.ctx.topics.group(gid),
-                    None => self.ctx.topics.inbox(&self.device.uid),
+                let topic = match conversation.gid() {
+                    Some(gid) => Some(self.ctx.topics.group(gid)),
+                    None => self.own_topic(Topics::inbox),
                 };
-                self.deliver(&topic, conversation, seq, &payload);
+                if let Some(topic) = topic {
+                    self.deliver(&topic, conversation, seq, &payload);
+                }
             }
             DeviceEvent::Notice(payload) => {
-                let resp = self.ctx.topics.response(&self.device.uid);
+                let Some(resp) = self.own_topic(Topics::response) else {
+                    return;
+                };
                 if let Some(qos) = self.granted_qos(&resp) {
                     self.outbox.own_publish(&resp, qos.min(1), &[], &payload);
                 }
@@ -114,7 +119,7 @@ impl Session {
                 let topic = self.ctx.topics.group(&group);
                 self.im_filters.remove(&topic);
                 self.ctx.im.unwatch_group(&group, self.id);
-                tracing::debug!(group, "removed from the group: subscription dropped");
+                tracing::debug!(%group, "removed from the group: subscription dropped");
             }
             // Never queued: the sink cancels a token that ends the connection.
             DeviceEvent::TakenOver | DeviceEvent::Evicted => {}

@@ -10,8 +10,9 @@ use tokio::time::Instant;
 use super::outcome::{Outcome, Refusal, ReplyTarget};
 use super::Session;
 use crate::auth::acl::Access;
+use crate::domain::{Device, Recipient};
 use crate::edge::acl::{self, PublishAccess};
-use crate::edge::codec::{Frame, PublishView as Publish, Version};
+use crate::edge::codec::{Frame, Protocol, PublishView as Publish};
 use crate::edge::limits::Throttled;
 use crate::edge::EdgeError;
 use crate::hook::{Message, Verdict};
@@ -33,23 +34,30 @@ impl Session {
         if !self.within_limits(&publish, frame.bytes.len(), now) {
             return Ok(());
         }
-        match acl::publish(&self.ctx.topics, self.im_uid(), publish.topic_str()) {
-            PublishAccess::PassThrough => self.publish_plain(frame, publish),
-            PublishAccess::Chat(uid) => {
-                let to = uid.to_owned();
-                self.publish_chat(&publish, to, false);
+        let access = acl::publish(&self.ctx.topics, self.im_uid(), publish.topic_str());
+        // Chat and requests come only from a client with an IM identity.
+        let denied = match (access, self.im.clone()) {
+            (PublishAccess::PassThrough, _) => {
+                self.publish_plain(frame, publish);
+                return Ok(());
             }
-            PublishAccess::GroupChat(gid) => {
-                let to = gid.to_owned();
-                self.publish_chat(&publish, to, true);
+            (PublishAccess::Chat(to), Some(device)) => {
+                self.publish_chat(device, &publish, to);
+                return Ok(());
             }
-            PublishAccess::Request => self.publish_request(frame, &publish)?,
-            PublishAccess::Denied(reason) => {
-                tracing::debug!(topic = publish.topic_str(), reason, "publish denied");
-                let refusal = Refusal::not_authorized(reason);
-                self.refuse(publish.qos(), publish.pkid, publish.topic_str(), &refusal);
+            (PublishAccess::Request, Some(device)) => {
+                return self.publish_request(device, frame, &publish)
             }
-        }
+            (PublishAccess::Denied(reason), _) => reason,
+            (PublishAccess::Chat(_) | PublishAccess::Request, None) => acl::NO_IM_IDENTITY,
+        };
+        tracing::debug!(
+            topic = publish.topic_str(),
+            reason = denied,
+            "publish denied"
+        );
+        let refusal = Refusal::not_authorized(denied);
+        self.refuse(publish.qos(), publish.pkid, publish.topic_str(), &refusal);
         Ok(())
     }
 
@@ -60,7 +68,7 @@ impl Session {
         let (qos, pkid) = (publish.qos(), publish.pkid);
         match self.publish_limits.charge(bytes) {
             Throttled::No => true,
-            Throttled::Rate(_) if self.version == Version::V5 => {
+            Throttled::Rate(_) if self.version == Protocol::V5 => {
                 // PUBACK has no "message rate too high" (0x96 is a DISCONNECT code): quota
                 // exceeded, with the reason in words.
                 self.ctx.im.metrics().count_limited("rate");
@@ -99,16 +107,16 @@ impl Session {
         let judged = self.ctx.hooks.interests().publish;
         if !judged && !self.busy() {
             match self.version {
-                Version::V5 => self.rumqttd_out().extend_from_slice(&frame.bytes),
-                Version::V4 => publish.write(Version::V5, pkid, self.rumqttd_out()),
+                Protocol::V5 => self.rumqttd_out().extend_from_slice(&frame.bytes),
+                Protocol::V4 => publish.write(Protocol::V5, pkid, self.rumqttd_out()),
             }
             return;
         }
         let upstream = match self.version {
-            Version::V5 => frame.bytes.clone(),
-            Version::V4 => {
+            Protocol::V5 => frame.bytes.clone(),
+            Protocol::V4 => {
                 let mut out = BytesMut::new();
-                publish.write(Version::V5, pkid, &mut out);
+                publish.write(Protocol::V5, pkid, &mut out);
                 out.freeze()
             }
         };
@@ -147,20 +155,16 @@ impl Session {
         });
     }
 
-    /// A chat message to user or group `to`: its place in the connection's order is pinned
-    /// now, as the packet arrives, and its seqs follow that order.
-    fn publish_chat(&mut self, publish: &Publish, to: String, group: bool) {
-        let (im, device) = (self.ctx.im.clone(), self.device.clone());
+    /// A chat message from `device` to user or group `to`: its place in the connection's
+    /// order is pinned now, as the packet arrives, and its seqs follow that order.
+    fn publish_chat(&mut self, device: Device, publish: &Publish, to: Recipient) {
+        let im = self.ctx.im.clone();
         let (pkid, qos) = (publish.pkid, publish.qos());
         let topic = publish.topic_str().to_owned();
         let payload = publish.payload.clone();
         let turn = self.send_order.next_turn();
         self.start(async move {
-            let result = if group {
-                im.send_group(&device, &to, &payload, turn).await
-            } else {
-                im.send(&device, &to, &payload, turn).await
-            };
+            let result = im.send(&device, &to, &payload, turn).await;
             Outcome::Chat {
                 pkid,
                 qos,
@@ -172,16 +176,21 @@ impl Session {
 
     /// A request on the client's own `req`, answered where it asked (or refused when it
     /// asked for a reply outside its own tree).
-    fn publish_request(&mut self, frame: &Frame, publish: &Publish) -> Result<(), EdgeError> {
+    fn publish_request(
+        &mut self,
+        device: Device,
+        frame: &Frame,
+        publish: &Publish,
+    ) -> Result<(), EdgeError> {
         let (pkid, qos) = (publish.pkid, publish.qos());
-        let target = match self.reply_target(frame)? {
+        let target = match self.reply_target(frame, &device)? {
             Ok(target) => target,
             Err(refusal) => {
                 self.refuse(qos, pkid, publish.topic_str(), &refusal);
                 return Ok(());
             }
         };
-        let (im, device) = (self.ctx.im.clone(), self.device.clone());
+        let im = self.ctx.im.clone();
         let payload = publish.payload.clone();
         let registration = self.registration.clone();
         self.start(async move {
@@ -201,20 +210,27 @@ impl Session {
     }
 
     /// MQTT 5 Response Topic (inside the user's own tree) and Correlation Data; 3.1.1 `resp`.
-    fn reply_target(&self, frame: &Frame) -> Result<Result<ReplyTarget, Refusal>, EdgeError> {
-        if self.version == Version::V4 {
-            return Ok(Ok(self.default_target()));
+    fn reply_target(
+        &self,
+        frame: &Frame,
+        device: &Device,
+    ) -> Result<Result<ReplyTarget, Refusal>, EdgeError> {
+        let mut target = ReplyTarget {
+            topic: self.ctx.topics.response(&device.uid),
+            correlation: None,
+        };
+        if self.version == Protocol::V4 {
+            return Ok(Ok(target));
         }
         let Packet::Publish(_, properties) =
-            frame.decode(Version::V5, self.ctx.broker.max_packet)?
+            frame.decode(Protocol::V5, self.ctx.broker.max_packet)?
         else {
             return Err(EdgeError::Protocol("malformed PUBLISH"));
         };
         let properties = properties.unwrap_or_default();
-        let mut target = self.default_target();
         target.correlation = properties.correlation_data;
         if let Some(topic) = properties.response_topic {
-            let own = format!("{}/", self.ctx.topics.inbox(&self.device.uid));
+            let own = format!("{}/", self.ctx.topics.inbox(&device.uid));
             let allowed = topic.starts_with(&own)
                 && protocol::valid_topic(&topic)
                 && !topic.ends_with("/req");
@@ -239,7 +255,7 @@ fn rewritten(
 ) -> (Bytes, Verdict) {
     publish.payload = payload;
     let mut out = BytesMut::new();
-    publish.write(Version::V5, pkid, &mut out);
+    publish.write(Protocol::V5, pkid, &mut out);
     if out.len() > max_packet {
         let refusal = Verdict::Deny("rewritten publish too large".into());
         return (Bytes::new(), refusal);

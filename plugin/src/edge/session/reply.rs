@@ -9,7 +9,8 @@ use rumqttd::protocol::{
 
 use super::outcome::{Refusal, ReplyTarget};
 use super::{fit, Session};
-use crate::edge::codec::{self, kind, Version};
+use crate::edge::codec::{self, kind, Protocol};
+use crate::edge::topics::Topics;
 use crate::throttle::Throttle;
 use crate::wire::pb;
 
@@ -40,7 +41,7 @@ impl Session {
     pub(super) fn refuse(&mut self, qos: u8, pkid: u16, topic: &str, refusal: &Refusal) {
         let properties = Some(refusal.message.clone());
         let written = match (self.version, qos) {
-            (Version::V5, 1) => self
+            (Protocol::V5, 1) => self
                 .outbox
                 .write_packet(Packet::PubAck(
                     PubAck {
@@ -53,7 +54,7 @@ impl Session {
                     }),
                 ))
                 .is_ok(),
-            (Version::V5, 2) => self
+            (Protocol::V5, 2) => self
                 .outbox
                 .write_packet(Packet::PubRec(
                     PubRec {
@@ -71,7 +72,7 @@ impl Session {
                 false
             }
         };
-        if qos == 2 && self.version == Version::V5 {
+        if qos == 2 && self.version == Protocol::V5 {
             // An error PUBREC ends the exchange; a PUBREL may still come and gets PUBCOMP.
             self.im_qos2.insert(pkid);
         }
@@ -84,7 +85,7 @@ impl Session {
     /// MQTT 5 PUBACK/PUBREC 0x87 with `reason`; 3.1.1 (and QoS 0) acknowledged and dropped,
     /// logged once per burst.
     pub(super) fn refuse_plain(&mut self, qos: u8, pkid: u16, topic: &str, reason: &str) {
-        if self.version == Version::V5 && qos > 0 {
+        if self.version == Protocol::V5 && qos > 0 {
             let reason = crate::text::clean(reason, crate::policy::MAX_REASON);
             return self.refuse(qos, pkid, topic, &Refusal::not_authorized(&reason));
         }
@@ -112,23 +113,25 @@ impl Session {
             }),
             result: None,
         };
-        let target = self.default_target();
-        self.write_reply(&target, response);
+        // A client without an IM identity has no `resp` to be told on.
+        if let Some(target) = self.default_target() {
+            self.write_reply(&target, response);
+        }
     }
 
-    /// The 3.1.1 reply target: the user's own `resp`.
-    pub(super) fn default_target(&self) -> ReplyTarget {
-        ReplyTarget {
-            topic: self.ctx.topics.response(&self.device.uid),
+    /// The 3.1.1 reply target: the user's own `resp`, if it has IM topics.
+    pub(super) fn default_target(&self) -> Option<ReplyTarget> {
+        Some(ReplyTarget {
+            topic: self.own_topic(Topics::response)?,
             correlation: None,
-        }
+        })
     }
 
     /// A response where the request asked for it, shrunk to the client's Maximum Packet
     /// Size (or replaced by an error that fits).
     pub(super) fn write_reply(&mut self, target: &ReplyTarget, mut response: pb::Response) {
         let properties = match (&target.correlation, self.version) {
-            (Some(data), Version::V5) => codec::correlation_property(data),
+            (Some(data), Protocol::V5) => codec::correlation_property(data),
             _ => Vec::new(),
         };
         let budget = self.outbox.payload_budget(&target.topic, properties.len());

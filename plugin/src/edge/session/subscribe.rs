@@ -14,9 +14,10 @@ use rumqttd::protocol::{
 use super::outcome::{Granted, Outcome, PendingAck, Subscription};
 use super::{recorded, Session};
 use crate::auth::acl::Access;
+use crate::domain::{Gid, Uid};
 use crate::edge::acl::{self, FilterAccess};
-use crate::edge::codec::{self, Version};
-use crate::edge::topics::Route;
+use crate::edge::codec::{self, Protocol};
+use crate::edge::topics::{Route, Topics};
 use crate::edge::EdgeError;
 use crate::hook::{self, Hooks, Verdict};
 use crate::im::ImService;
@@ -37,7 +38,7 @@ enum Check {
     Member {
         filter: String,
         qos: u8,
-        gid: String,
+        gid: Gid,
     },
 }
 
@@ -63,11 +64,7 @@ impl Session {
         let checks = filters
             .into_iter()
             .map(|(filter, qos)| match self.ctx.topics.route(&filter) {
-                Route::Group(gid) => Check::Member {
-                    gid: gid.to_owned(),
-                    filter,
-                    qos,
-                },
+                Route::Group(gid) => Check::Member { gid, filter, qos },
                 _ => Check::Decided(Granted::Im { filter, qos }),
             })
             .collect();
@@ -100,7 +97,7 @@ impl Session {
                 qos,
             }),
             FilterAccess::Group(gid) => Check::Member {
-                gid: gid.to_owned(),
+                gid,
                 filter: filter.path,
                 qos,
             },
@@ -119,10 +116,11 @@ impl Session {
     ) {
         let (hooks, im) = (self.ctx.hooks.clone(), self.ctx.im.clone());
         let client = Arc::clone(&self.client);
+        let member = self.im_uid().cloned();
         self.start(async move {
             let mut granted = Vec::with_capacity(checks.len());
             for check in checks {
-                granted.push(settle(check, &hooks, &client, &im).await);
+                granted.push(settle(check, &hooks, &client, member.as_ref(), &im).await);
             }
             Outcome::Subscribed(Subscription {
                 pkid,
@@ -150,9 +148,11 @@ impl Session {
                     Some(qos)
                 }
                 Granted::Group { filter, qos, gid } => {
-                    let sink = std::sync::Arc::clone(&self.sink);
-                    self.ctx.im.watch_group(&gid, &self.device, self.id, sink);
-                    self.im_filters.insert(filter, qos);
+                    if let Some(device) = &self.im {
+                        let sink = Arc::clone(&self.sink);
+                        self.ctx.im.watch_group(&gid, device, self.id, sink);
+                        self.im_filters.insert(filter, qos);
+                    }
                     Some(qos)
                 }
                 Granted::Relay(filter) => {
@@ -184,7 +184,7 @@ impl Session {
         packet: Packet,
     ) -> Result<(), EdgeError> {
         self.pending.insert(pkid, PendingAck { codes });
-        codec::write_packet(self.rumqttd_out(), Version::V5, packet)?;
+        codec::write_packet(self.rumqttd_out(), Protocol::V5, packet)?;
         Ok(())
     }
 
@@ -195,10 +195,10 @@ impl Session {
                 (0, _) => SubscribeReasonCode::Success(QoS::AtMostOnce),
                 (1, _) => SubscribeReasonCode::Success(QoS::AtLeastOnce),
                 (2, _) => SubscribeReasonCode::Success(QoS::ExactlyOnce),
-                (_, Version::V4) => SubscribeReasonCode::Failure,
-                (NOT_AUTHORIZED, Version::V5) => SubscribeReasonCode::NotAuthorized,
-                (FILTER_INVALID, Version::V5) => SubscribeReasonCode::TopicFilterInvalid,
-                (_, Version::V5) => SubscribeReasonCode::Unspecified,
+                (_, Protocol::V4) => SubscribeReasonCode::Failure,
+                (NOT_AUTHORIZED, Protocol::V5) => SubscribeReasonCode::NotAuthorized,
+                (FILTER_INVALID, Protocol::V5) => SubscribeReasonCode::TopicFilterInvalid,
+                (_, Protocol::V5) => SubscribeReasonCode::Unspecified,
             })
             .collect();
         let suback = SubAck { pkid, return_codes };
@@ -209,14 +209,17 @@ impl Session {
 
     /// Presence and the once-per-connection digest follow the SUBACK.
     pub(super) fn after_subscribe(&mut self) {
-        let inbox = self.ctx.topics.inbox(&self.device.uid);
+        let Some(device) = self.im.clone() else {
+            return;
+        };
+        let inbox = self.ctx.topics.inbox(&device.uid);
         if self.granted_qos(&inbox).is_some() {
             self.go_online();
         }
-        let digest = self.ctx.topics.digest(&self.device.uid);
+        let digest = self.ctx.topics.digest(&device.uid);
         if !self.digest_sent && self.granted_qos(&digest).is_some() {
             self.digest_sent = true;
-            let (im, device) = (self.ctx.im.clone(), self.device.clone());
+            let im = self.ctx.im.clone();
             let registration = self.registration.clone();
             let budget = self.outbox.payload_budget(&digest, 0);
             self.start(async move {
@@ -253,7 +256,7 @@ impl Session {
         for filter in unsubscribe.filters {
             if self.ctx.topics.strip_prefix(&filter).is_some() {
                 if let Route::Group(gid) = self.ctx.topics.route(&filter) {
-                    self.ctx.im.unwatch_group(gid, self.id);
+                    self.ctx.im.unwatch_group(&gid, self.id);
                 }
                 let existed = self.im_filters.remove(&filter).is_some();
                 codes.push(Some(if existed { 0 } else { NO_SUBSCRIPTION }));
@@ -265,8 +268,8 @@ impl Session {
                 codes.push(Some(NO_SUBSCRIPTION));
             }
         }
-        let inbox = self.ctx.topics.inbox(&self.device.uid);
-        if self.granted_qos(&inbox).is_none() {
+        let subscribed = self.own_topic(Topics::inbox);
+        if subscribed.is_some_and(|inbox| self.granted_qos(&inbox).is_none()) {
             self.go_offline();
         }
         let pkid = unsubscribe.pkid;
@@ -294,11 +297,11 @@ impl Session {
     }
 
     /// The groups this connection's filters name.
-    pub(super) fn group_filters(&self) -> Vec<(String, String)> {
+    pub(super) fn group_filters(&self) -> Vec<(String, Gid)> {
         self.im_filters
             .keys()
             .filter_map(|filter| match self.ctx.topics.route(filter) {
-                Route::Group(gid) => Some((filter.clone(), gid.to_owned())),
+                Route::Group(gid) => Some((filter.clone(), gid)),
                 _ => None,
             })
             .collect()
@@ -306,8 +309,13 @@ impl Session {
 }
 
 /// Runs what is left to check of one filter.
-async fn settle(check: Check, hooks: &Hooks, client: &hook::Client, im: &ImService) -> Granted {
-    let uid = client.uid.as_str();
+async fn settle(
+    check: Check,
+    hooks: &Hooks,
+    client: &hook::Client,
+    member: Option<&Uid>,
+    im: &ImService,
+) -> Granted {
     match check {
         Check::Decided(granted) => granted,
         Check::Hooks(filter, subscription) => match hooks.subscribe(client, &subscription).await {
@@ -318,16 +326,21 @@ async fn settle(check: Check, hooks: &Hooks, client: &hook::Client, im: &ImServi
             }
             Verdict::Allow | Verdict::Rewrite(_) => Granted::Relay(filter),
         },
-        Check::Member { filter, qos, gid } => match im.group_role(uid, &gid).await {
-            Ok(Some(_)) => Granted::Group { filter, qos, gid },
-            Ok(None) => {
-                tracing::debug!(gid, "group subscribe by a non-member denied");
-                Granted::Refused(NOT_AUTHORIZED)
+        Check::Member { filter, qos, gid } => {
+            let Some(uid) = member else {
+                return Granted::Refused(NOT_AUTHORIZED);
+            };
+            match im.group_role(uid, &gid).await {
+                Ok(Some(_)) => Granted::Group { filter, qos, gid },
+                Ok(None) => {
+                    tracing::debug!(%gid, "group subscribe by a non-member denied");
+                    Granted::Refused(NOT_AUTHORIZED)
+                }
+                Err(e) => {
+                    tracing::warn!(%gid, error = %e, "group membership not checkable; subscribe refused");
+                    Granted::Refused(NOT_AUTHORIZED)
+                }
             }
-            Err(e) => {
-                tracing::warn!(gid, error = %e, "group membership not checkable; subscribe refused");
-                Granted::Refused(NOT_AUTHORIZED)
-            }
-        },
+        }
     }
 }

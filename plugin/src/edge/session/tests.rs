@@ -12,10 +12,10 @@ use tokio_util::sync::CancellationToken;
 use super::{End, Op, Session, Terms};
 use crate::auth::{Authenticator, Identity};
 use crate::config::Config;
-use crate::edge::codec::{self, kind, Frame, PublishView, Version};
+use crate::domain::testing::{device, direct};
+use crate::edge::codec::{self, kind, Frame, Protocol, PublishView};
 use crate::edge::sink::ConnectionSink;
 use crate::edge::EdgeContext;
-use crate::im::{Conversation, Device};
 use crate::im::{DeviceEvent, ImService};
 use crate::metrics::Metrics;
 use crate::policy::LuaPolicy;
@@ -120,12 +120,20 @@ fn fixture(client: Client) -> Fixture {
         evict: CancellationToken::new(),
     });
     let terms = Terms {
-        version: if client.v4 { Version::V4 } else { Version::V5 },
+        version: if client.v4 {
+            Protocol::V4
+        } else {
+            Protocol::V5
+        },
         client: Arc::new(crate::hook::Client {
             uid: "alice".into(),
             client_id: "phone".into(),
             username: Some("alice".into()),
-            protocol: if client.v4 { "3.1.1" } else { "5" },
+            protocol: if client.v4 {
+                Protocol::V4
+            } else {
+                Protocol::V5
+            },
             listener: "mqtt".into(),
             peer: std::net::SocketAddr::from(([127, 0, 0, 1], 50000)),
             clean_session: client.clean,
@@ -141,11 +149,8 @@ fn fixture(client: Client) -> Fixture {
             version: None,
             max_pending: client.max_pending,
         }),
-        device: Device {
-            uid: "alice".into(),
-            client_id: "phone".into(),
-        },
-        im: true,
+        client_id: "phone".into(),
+        im: Some(device("alice", "phone")),
         username: Some("alice".into()),
         identity: Identity {
             uid: "alice".into(),
@@ -217,7 +222,7 @@ fn split_frames(out: &mut BytesMut) -> Vec<Frame> {
     all
 }
 
-fn subscribe(version: Version, pkid: u16, filters: &[&str]) -> BytesMut {
+fn subscribe(version: Protocol, pkid: u16, filters: &[&str]) -> BytesMut {
     let filters = filters
         .iter()
         .map(|path| Filter {
@@ -234,7 +239,7 @@ fn subscribe(version: Version, pkid: u16, filters: &[&str]) -> BytesMut {
     out
 }
 
-fn publishes_on(frames: &[Frame], version: Version, topic: &str) -> Vec<PublishView> {
+fn publishes_on(frames: &[Frame], version: Protocol, topic: &str) -> Vec<PublishView> {
     frames
         .iter()
         .filter(|f| f.kind() == kind::PUBLISH)
@@ -298,19 +303,19 @@ async fn rumqttd_publishes_get_client_packet_ids_and_acks_map_back() {
         s,
         &[0x32, 10, 0, 3, b'a', b'/', b'b', 0x01, 0x2d, 0, b'h', b'i'],
     );
-    notice_after_subscribing(s, Version::V4).await;
+    notice_after_subscribing(s, Protocol::V4).await;
     let frames = to_client(s);
     let ids: Vec<u16> = frames
         .iter()
         .filter(|f| f.kind() == kind::PUBLISH)
-        .map(|f| PublishView::parse(f, Version::V4).unwrap().pkid)
+        .map(|f| PublishView::parse(f, Protocol::V4).unwrap().pkid)
         .collect();
     assert_eq!(ids.len(), 2);
     assert_ne!(ids[0], ids[1]);
 }
 
 /// Subscribes to the user's response topic and pushes one notice to it.
-async fn notice_after_subscribing(s: &mut Fixture, version: Version) {
+async fn notice_after_subscribing(s: &mut Fixture, version: Protocol) {
     from_client(s, &subscribe(version, 9, &["im/u/alice/resp"]));
     settle(s).await;
     notice(s, "receipt");
@@ -320,7 +325,7 @@ async fn notice_after_subscribing(s: &mut Fixture, version: Version) {
 async fn the_topic_acl_answers_in_each_protocols_terms() {
     let acl = serde_json::json!({"all": ["allowed/#"]});
     for v4 in [false, true] {
-        let version = if v4 { Version::V4 } else { Version::V5 };
+        let version = if v4 { Protocol::V4 } else { Protocol::V5 };
         let mut f = fixture(Client {
             v4,
             acl: Some(acl.clone()),
@@ -375,10 +380,10 @@ fn suback_byte(code: &rumqttd::protocol::SubscribeReasonCode) -> u8 {
 async fn the_digest_comes_once_per_connection() {
     let mut f = fixture(Client::default());
     let s = &mut f;
-    from_client(s, &subscribe(Version::V5, 1, &["im/u/alice/digest"]));
-    from_client(s, &subscribe(Version::V5, 2, &["im/u/alice/#"]));
+    from_client(s, &subscribe(Protocol::V5, 1, &["im/u/alice/digest"]));
+    from_client(s, &subscribe(Protocol::V5, 2, &["im/u/alice/#"]));
     settle(s).await;
-    from_client(s, &subscribe(Version::V5, 3, &["im/u/alice/digest"]));
+    from_client(s, &subscribe(Protocol::V5, 3, &["im/u/alice/digest"]));
     settle(s).await;
     let frames = to_client(s);
     assert_eq!(
@@ -386,7 +391,7 @@ async fn the_digest_comes_once_per_connection() {
         3
     );
     assert_eq!(
-        publishes_on(&frames, Version::V5, "im/u/alice/digest").len(),
+        publishes_on(&frames, Protocol::V5, "im/u/alice/digest").len(),
         1
     );
     assert!(!s.session.linked, "IM topics never need rumqttd");
@@ -438,20 +443,19 @@ async fn hook_layer_publishes_respect_the_maximum_packet_size() {
         ..Client::default()
     });
     let s = &mut f;
-    from_client(s, &subscribe(Version::V5, 1, &["im/u/alice"]));
+    from_client(s, &subscribe(Protocol::V5, 1, &["im/u/alice"]));
     settle(s).await;
     let _ = to_client(s);
-    let conversation = Conversation::direct("alice", "bob");
+    let conversation = direct("alice", "bob");
     for (seq, size) in [(1, 10), (2, 100), (3, 20)] {
         s.on_event(DeviceEvent::Chat {
             conversation: conversation.clone(),
             seq,
             payload: Bytes::from(vec![b'x'; size]),
-            group: None,
         });
     }
     let frames = to_client(s);
-    let sizes: Vec<usize> = publishes_on(&frames, Version::V5, "im/u/alice")
+    let sizes: Vec<usize> = publishes_on(&frames, Protocol::V5, "im/u/alice")
         .iter()
         .map(|p| p.payload.len())
         .collect();
@@ -468,7 +472,7 @@ async fn receive_maximum_bounds_hook_layer_publishes_in_flight() {
     let s = &mut f;
     from_client(
         s,
-        &subscribe(Version::V5, 1, &["im/u/alice/resp", "im/u/alice"]),
+        &subscribe(Protocol::V5, 1, &["im/u/alice/resp", "im/u/alice"]),
     );
     settle(s).await;
     let _ = to_client(s);
@@ -477,22 +481,21 @@ async fn receive_maximum_bounds_hook_layer_publishes_in_flight() {
     }
     // A live chat message while the client is at its maximum stays in the backlog.
     s.on_event(DeviceEvent::Chat {
-        conversation: Conversation::direct("alice", "bob"),
+        conversation: direct("alice", "bob"),
         seq: 1,
         payload: Bytes::from_static(b"chat"),
-        group: None,
     });
     let sent = to_client(s);
-    let first = publishes_on(&sent, Version::V5, "im/u/alice/resp");
+    let first = publishes_on(&sent, Protocol::V5, "im/u/alice/resp");
     let payloads: Vec<&[u8]> = first.iter().map(|p| &p.payload[..]).collect();
     assert_eq!(payloads, vec![&b"one"[..], b"two"]);
-    assert!(publishes_on(&sent, Version::V5, "im/u/alice").is_empty());
+    assert!(publishes_on(&sent, Protocol::V5, "im/u/alice").is_empty());
     // Each acknowledgement lets one more go, in order.
     let mut ack = BytesMut::new();
     codec::write_ack(&mut ack, kind::PUBACK, first[0].pkid);
     from_client(s, &ack);
     let next = to_client(s);
-    let next = publishes_on(&next, Version::V5, "im/u/alice/resp");
+    let next = publishes_on(&next, Protocol::V5, "im/u/alice/resp");
     assert_eq!(next.len(), 1);
     assert_eq!(&next[0].payload[..], b"three");
     // rumqttd's publishes wait in the same line.
@@ -511,7 +514,7 @@ async fn receive_maximum_bounds_hook_layer_publishes_in_flight() {
     let topics: Vec<String> = rest
         .iter()
         .map(|f| {
-            PublishView::parse(f, Version::V5)
+            PublishView::parse(f, Protocol::V5)
                 .unwrap()
                 .topic_str()
                 .to_owned()
@@ -524,13 +527,13 @@ async fn receive_maximum_bounds_hook_layer_publishes_in_flight() {
 async fn a_persistent_session_keeps_what_was_subscribed_before_it_ended() {
     let mut f = fixture(Client::default());
     let s = &mut f;
-    from_client(s, &subscribe(Version::V5, 1, &["im/u/alice"]));
+    from_client(s, &subscribe(Protocol::V5, 1, &["im/u/alice"]));
     from_client(s, &[kind::DISCONNECT << 4, 0]);
     assert!(matches!(s.end, Some(End::ClientDisconnected)));
     // The connection applies what was started before it leaves.
     settle(s).await;
     s.leave(&End::ClientDisconnected);
-    let device = s.session.device.clone();
+    let device = s.session.im.clone().unwrap();
     let kept = s.session.ctx.restore_session(&device);
     assert_eq!(kept.get("im/u/alice"), Some(&1));
 }
@@ -546,7 +549,7 @@ async fn a_listener_bounds_the_packets_a_connection_has_in_progress() {
     for pkid in 1..=2 {
         codec::write_publish(
             &mut requests,
-            Version::V5,
+            Protocol::V5,
             0b0010,
             b"im/u/alice/req",
             pkid,

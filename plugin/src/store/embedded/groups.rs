@@ -1,5 +1,6 @@
 //! Members, roles, receipts and the removal log of the embedded backend.
 
+use crate::domain::Uid;
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::queries::{conversation, sql_error, Result};
@@ -10,8 +11,8 @@ use crate::store::{
 pub(super) fn create_group(
     conn: &Connection,
     key: &str,
-    owner: &str,
-    members: &[String],
+    owner: &Uid,
+    members: &[Uid],
 ) -> Result<()> {
     let created = conn
         .prepare_cached("INSERT OR IGNORE INTO conversations (key) VALUES (?1)")
@@ -30,9 +31,9 @@ pub(super) fn create_group(
 pub(super) fn add_members(
     conn: &Connection,
     key: &str,
-    uids: &[String],
+    uids: &[Uid],
     role: Role,
-) -> Result<Vec<String>> {
+) -> Result<Vec<Uid>> {
     let conv = conversation(conn, key)?.ok_or_else(StoreError::no_conversation)?;
     let mut add = conn
         .prepare_cached(
@@ -59,7 +60,7 @@ pub(super) fn add_members(
     Ok(added)
 }
 
-pub(super) fn remove_members(conn: &Connection, key: &str, uids: &[String]) -> Result<Vec<String>> {
+pub(super) fn remove_members(conn: &Connection, key: &str, uids: &[Uid]) -> Result<Vec<Uid>> {
     let Some(conv) = conversation(conn, key)? else {
         return Ok(Vec::new());
     };
@@ -102,7 +103,7 @@ pub(super) fn members(conn: &Connection, key: &str) -> Result<Vec<Member>> {
         .map_err(sql_error)
 }
 
-pub(super) fn role(conn: &Connection, uid: &str, key: &str) -> Result<Option<Role>> {
+pub(super) fn role(conn: &Connection, uid: &Uid, key: &str) -> Result<Option<Role>> {
     conn.prepare_cached(
         "SELECT m.role FROM members m JOIN conversations c ON c.id = m.conv_id
          WHERE c.key = ?1 AND m.uid = ?2",
@@ -115,11 +116,11 @@ pub(super) fn role(conn: &Connection, uid: &str, key: &str) -> Result<Option<Rol
     .map_err(sql_error)
 }
 
-pub(super) fn group_memberships(conn: &Connection, uid: &str) -> Result<Vec<(Conversation, Role)>> {
+pub(super) fn group_memberships(conn: &Connection, uid: &Uid) -> Result<Vec<(Conversation, Role)>> {
     let mut stmt = conn
         .prepare_cached(
             "SELECT c.key, m.role FROM members m JOIN conversations c ON c.id = m.conv_id
-             WHERE m.uid = ?1 AND substr(c.key, 1, 2) = 'g:' ORDER BY c.key",
+             WHERE m.uid = ?1 AND c.kind = 1 ORDER BY c.key",
         )
         .map_err(sql_error)?;
     let rows = stmt
@@ -146,7 +147,7 @@ pub(super) fn receipts(
     let mut senders = Vec::new();
     for seq in seqs {
         if let Some(sender) = sender_of
-            .query_row(params![conv.id, seq], |row| row.get::<_, String>(0))
+            .query_row(params![conv.id, seq], |row| row.get::<_, Uid>(0))
             .optional()
             .map_err(sql_error)?
         {
@@ -167,12 +168,12 @@ pub(super) fn receipts(
             Ok((row.get(0)?, row.get(1)?))
         })
         .map_err(sql_error)?
-        .collect::<rusqlite::Result<Vec<(String, u64)>>>()
+        .collect::<rusqlite::Result<Vec<(Uid, u64)>>>()
         .map_err(sql_error)?;
     Ok(receipts_from(&senders, &readers, max_readers))
 }
 
-pub(super) fn senders(conn: &Connection, key: &str, range: SeqRange) -> Result<Vec<String>> {
+pub(super) fn senders(conn: &Connection, key: &str, range: SeqRange) -> Result<Vec<Uid>> {
     let Some(conv) = conversation(conn, key)? else {
         return Ok(Vec::new());
     };
@@ -184,7 +185,7 @@ pub(super) fn senders(conn: &Connection, key: &str, range: SeqRange) -> Result<V
     let rows = stmt
         .query_map(params![conv.id, range.lo, range.hi], |row| row.get(0))
         .map_err(sql_error)?;
-    rows.collect::<rusqlite::Result<Vec<String>>>()
+    rows.collect::<rusqlite::Result<Vec<Uid>>>()
         .map_err(sql_error)
 }
 

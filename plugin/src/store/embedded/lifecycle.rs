@@ -1,6 +1,7 @@
 //! What keeps the embedded store bounded: retention, device expiry, forgetting devices,
 //! erasing users and the eviction log that has nodes close their connections.
 
+use crate::domain::Uid;
 use rusqlite::{params, Connection};
 
 use super::queries::{sql_error, Result};
@@ -145,7 +146,7 @@ pub(super) fn touch_devices(conn: &Connection, devices: &[Device], now_ms: i64) 
     Ok(())
 }
 
-pub(super) fn devices(conn: &Connection, uid: &str) -> Result<Vec<DeviceInfo>> {
+pub(super) fn devices(conn: &Connection, uid: &Uid) -> Result<Vec<DeviceInfo>> {
     let mut stmt = conn
         .prepare_cached(
             "SELECT client_id, last_seen FROM devices WHERE uid = ?1 ORDER BY client_id",
@@ -163,7 +164,7 @@ pub(super) fn devices(conn: &Connection, uid: &str) -> Result<Vec<DeviceInfo>> {
         .map_err(sql_error)
 }
 
-pub(super) fn evict(conn: &Connection, uid: &str, client_id: Option<&str>) -> Result<()> {
+pub(super) fn evict(conn: &Connection, uid: &Uid, client_id: Option<&str>) -> Result<()> {
     conn.prepare_cached("INSERT INTO evictions (uid, client_id, logged_at) VALUES (?1, ?2, ?3)")
         .and_then(|mut stmt| stmt.execute(params![uid, client_id.unwrap_or_default(), now_ms()]))
         .map_err(sql_error)?;
@@ -195,14 +196,14 @@ pub(super) fn evictions_since(
 }
 
 /// Runs `sql` with the user's uid and returns how many rows it changed.
-fn run(conn: &Connection, sql: &str, uid: &str) -> Result<u64> {
+fn run(conn: &Connection, sql: &str, uid: &Uid) -> Result<u64> {
     conn.prepare_cached(sql)
         .and_then(|mut stmt| stmt.execute([uid]))
         .map(|n| n as u64)
         .map_err(sql_error)
 }
 
-pub(super) fn erase_user(conn: &Connection, uid: &str, groups: GroupErasure) -> Result<Erased> {
+pub(super) fn erase_user(conn: &Connection, uid: &Uid, groups: GroupErasure) -> Result<Erased> {
     let mut erased = Erased {
         devices: delete_device_state(conn, "uid = ?1", params![uid])?,
         ..Erased::default()
@@ -230,7 +231,7 @@ pub(super) fn erase_user(conn: &Connection, uid: &str, groups: GroupErasure) -> 
     conn.prepare_cached(
         "INSERT INTO member_removals (conv_key, uid, logged_at)
          SELECT c.key, m.uid, ?2 FROM members m JOIN conversations c ON c.id = m.conv_id
-         WHERE m.uid = ?1 AND c.key LIKE 'g:%'",
+         WHERE m.uid = ?1 AND c.kind = 1",
     )
     .and_then(|mut stmt| stmt.execute(params![uid, now_ms()]))
     .map_err(sql_error)?;
@@ -238,7 +239,7 @@ pub(super) fn erase_user(conn: &Connection, uid: &str, groups: GroupErasure) -> 
         let mut stmt = conn
             .prepare_cached(
                 "SELECT m.conv_id FROM members m JOIN conversations c ON c.id = m.conv_id
-                 WHERE m.uid = ?1 AND c.key LIKE 'g:%' AND m.role = 3",
+                 WHERE m.uid = ?1 AND c.kind = 1 AND m.role = 3",
             )
             .map_err(sql_error)?;
         let rows = stmt.query_map([uid], |row| row.get(0)).map_err(sql_error)?;
@@ -248,7 +249,7 @@ pub(super) fn erase_user(conn: &Connection, uid: &str, groups: GroupErasure) -> 
     erased.groups += run(
         conn,
         "DELETE FROM members WHERE uid = ?1
-           AND conv_id IN (SELECT id FROM conversations WHERE key LIKE 'g:%')",
+           AND conv_id IN (SELECT id FROM conversations WHERE kind = 1)",
         uid,
     )?;
     for conv_id in owned {

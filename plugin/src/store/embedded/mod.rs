@@ -8,6 +8,7 @@ mod lifecycle;
 mod queries;
 mod writer;
 
+use crate::domain::Uid;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -289,7 +290,7 @@ impl Store for EmbeddedStore {
 
     async fn mark_read(
         &self,
-        uid: &str,
+        uid: &Uid,
         conversation: &Conversation,
         seq: u64,
     ) -> Result<(u64, u64), StoreError> {
@@ -301,8 +302,8 @@ impl Store for EmbeddedStore {
     async fn create_group(
         &self,
         conversation: &Conversation,
-        owner: &str,
-        members: &[String],
+        owner: &Uid,
+        members: &[Uid],
     ) -> Result<(), StoreError> {
         let (key, owner, members) = (conversation.key(), owner.to_owned(), members.to_vec());
         self.write(move |conn| groups::create_group(conn, &key, &owner, &members))
@@ -312,9 +313,9 @@ impl Store for EmbeddedStore {
     async fn add_members(
         &self,
         conversation: &Conversation,
-        uids: &[String],
+        uids: &[Uid],
         role: Role,
-    ) -> Result<Vec<String>, StoreError> {
+    ) -> Result<Vec<Uid>, StoreError> {
         let (key, uids) = (conversation.key(), uids.to_vec());
         self.write(move |conn| groups::add_members(conn, &key, &uids, role))
             .await
@@ -323,8 +324,8 @@ impl Store for EmbeddedStore {
     async fn remove_members(
         &self,
         conversation: &Conversation,
-        uids: &[String],
-    ) -> Result<Vec<String>, StoreError> {
+        uids: &[Uid],
+    ) -> Result<Vec<Uid>, StoreError> {
         let (key, uids) = (conversation.key(), uids.to_vec());
         self.write(move |conn| groups::remove_members(conn, &key, &uids))
             .await
@@ -337,14 +338,14 @@ impl Store for EmbeddedStore {
 
     async fn role(
         &self,
-        uid: &str,
+        uid: &Uid,
         conversation: &Conversation,
     ) -> Result<Option<Role>, StoreError> {
         let (uid, key) = (uid.to_owned(), conversation.key());
         self.read(move |conn| groups::role(conn, &uid, &key)).await
     }
 
-    async fn group_memberships(&self, uid: &str) -> Result<Vec<(Conversation, Role)>, StoreError> {
+    async fn group_memberships(&self, uid: &Uid) -> Result<Vec<(Conversation, Role)>, StoreError> {
         let uid = uid.to_owned();
         self.read(move |conn| groups::group_memberships(conn, &uid))
             .await
@@ -365,7 +366,7 @@ impl Store for EmbeddedStore {
         &self,
         conversation: &Conversation,
         range: SeqRange,
-    ) -> Result<Vec<String>, StoreError> {
+    ) -> Result<Vec<Uid>, StoreError> {
         let key = conversation.key();
         self.read(move |conn| groups::senders(conn, &key, range))
             .await
@@ -429,7 +430,7 @@ impl Store for EmbeddedStore {
             .await
     }
 
-    async fn devices(&self, uid: &str) -> Result<Vec<DeviceInfo>, StoreError> {
+    async fn devices(&self, uid: &Uid) -> Result<Vec<DeviceInfo>, StoreError> {
         let uid = uid.to_owned();
         self.read(move |conn| lifecycle::devices(conn, &uid)).await
     }
@@ -444,7 +445,7 @@ impl Store for EmbeddedStore {
         .await
     }
 
-    async fn evict(&self, uid: &str, client_id: Option<&str>) -> Result<(), StoreError> {
+    async fn evict(&self, uid: &Uid, client_id: Option<&str>) -> Result<(), StoreError> {
         let (uid, client_id) = (uid.to_owned(), client_id.map(str::to_owned));
         self.write(move |conn| lifecycle::evict(conn, &uid, client_id.as_deref()))
             .await
@@ -455,7 +456,7 @@ impl Store for EmbeddedStore {
             .await
     }
 
-    async fn erase_user(&self, uid: &str, groups: GroupErasure) -> Result<Erased, StoreError> {
+    async fn erase_user(&self, uid: &Uid, groups: GroupErasure) -> Result<Erased, StoreError> {
         let uid = uid.to_owned();
         self.write(move |conn| lifecycle::erase_user(conn, &uid, groups))
             .await
@@ -476,6 +477,7 @@ impl Store for EmbeddedStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::testing::*;
     use crate::store::conformance;
 
     fn open(dir: &tempfile::TempDir) -> EmbeddedStore {
@@ -492,7 +494,7 @@ mod tests {
     async fn reopening_keeps_every_committed_message() {
         let dir = tempfile::tempdir().unwrap();
         let store = open(&dir);
-        let chat = Conversation::direct("a", "b");
+        let chat = direct("a", "b");
         conformance::append_n(&store, &chat, "a", 10).await;
         store.close().await;
         let store = open(&dir);

@@ -1,6 +1,7 @@
 //! The SQL of the embedded backend: plain functions over a connection, called inside the
 //! writer's transaction or on a read connection.
 
+use crate::domain::Uid;
 use rusqlite::{params, Connection, OptionalExtension, Row};
 
 use crate::store::ranges::{self, SeqRange};
@@ -332,7 +333,7 @@ pub(super) fn history(
     })
 }
 
-pub(super) fn mark_read(conn: &Connection, uid: &str, key: &str, seq: u64) -> Result<(u64, u64)> {
+pub(super) fn mark_read(conn: &Connection, uid: &Uid, key: &str, seq: u64) -> Result<(u64, u64)> {
     let conv = conversation(conn, key)?.ok_or_else(StoreError::no_messages)?;
     if seq > conv.max_seq {
         return Err(StoreError::past_end(seq, conv.max_seq));

@@ -8,6 +8,7 @@
 //! lost, late, reordered or flushed Redis write can make the digest slower (it recounts that
 //! conversation from PostgreSQL and writes the result back), never wrong.
 
+use crate::domain::Uid;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -318,7 +319,7 @@ impl DigestCache {
         format!("{}:cnt:{}:{}", self.prefix, device.uid, device.client_id)
     }
 
-    fn devices_key(&self, uid: &str) -> String {
+    fn devices_key(&self, uid: &Uid) -> String {
         format!("{}:devs:{uid}", self.prefix)
     }
 
@@ -359,11 +360,11 @@ impl DigestCache {
             let members: Vec<&str> = message
                 .conversation
                 .direct_members()
-                .map_or_else(Vec::new, Vec::from);
+                .map_or_else(Vec::new, |pair| pair.map(Uid::as_str).to_vec());
             invocation
                 .arg(message.conversation.key())
                 .arg(committed.seq)
-                .arg(&message.sender)
+                .arg(message.sender.as_str())
                 .arg(&message.sender_device)
                 .arg(encode_preview(committed.seq, message))
                 .arg(members.len())
@@ -628,7 +629,7 @@ fn decode(entry: &[u8]) -> Option<StoredMessage> {
     let sender = std::str::from_utf8(entry.get(18..18 + sender_len)?).ok()?;
     Some(StoredMessage {
         seq,
-        sender: sender.to_owned(),
+        sender: Uid::parse(sender).ok()?,
         server_time,
         body: entry.get(18 + sender_len..)?.to_vec(),
     })
@@ -651,11 +652,12 @@ fn newest_exactly(entries: &[Vec<u8>], max_seq: u64, n: usize) -> Option<Vec<Sto
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::testing::uid;
 
     fn message(seq: u64) -> StoredMessage {
         StoredMessage {
             seq,
-            sender: "alice".into(),
+            sender: uid("alice"),
             server_time: 7,
             body: vec![1, 2, 3],
         }

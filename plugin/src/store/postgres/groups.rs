@@ -1,5 +1,6 @@
 //! Members, roles, receipts and the removal log of the PostgreSQL backend.
 
+use crate::domain::Uid;
 use deadpool_postgres::GenericClient;
 use tokio_postgres::types::ToSql;
 
@@ -17,7 +18,7 @@ async fn texts(
     c: &impl GenericClient,
     sql: &str,
     params: &[&(dyn ToSql + Sync)],
-) -> Result<Vec<String>> {
+) -> Result<Vec<Uid>> {
     let rows = c.query(sql, params).await.map_err(pg_error)?;
     rows.iter()
         .map(|row| row.try_get(0).map_err(pg_error))
@@ -27,8 +28,8 @@ async fn texts(
 pub(super) async fn create_group(
     c: &impl GenericClient,
     key: &str,
-    owner: &str,
-    members: &[String],
+    owner: &Uid,
+    members: &[Uid],
 ) -> Result<()> {
     let created = c
         .execute(
@@ -50,9 +51,9 @@ pub(super) async fn create_group(
 pub(super) async fn add_members(
     c: &impl GenericClient,
     key: &str,
-    uids: &[String],
+    uids: &[Uid],
     role: Role,
-) -> Result<Vec<String>> {
+) -> Result<Vec<Uid>> {
     let conv = conversation(c, key)
         .await?
         .ok_or_else(StoreError::no_conversation)?;
@@ -83,8 +84,8 @@ pub(super) async fn add_members(
 pub(super) async fn remove_members(
     c: &impl GenericClient,
     key: &str,
-    uids: &[String],
-) -> Result<Vec<String>> {
+    uids: &[Uid],
+) -> Result<Vec<Uid>> {
     let Some(conv) = conversation(c, key).await? else {
         return Ok(Vec::new());
     };
@@ -124,7 +125,7 @@ pub(super) async fn members(c: &impl GenericClient, key: &str) -> Result<Vec<Mem
     .collect::<Result<_>>()
 }
 
-pub(super) async fn role(c: &impl GenericClient, uid: &str, key: &str) -> Result<Option<Role>> {
+pub(super) async fn role(c: &impl GenericClient, uid: &Uid, key: &str) -> Result<Option<Role>> {
     c.query_opt(
         "SELECT m.role FROM members m JOIN conversations c ON c.id = m.conv_id
              WHERE c.key = $1 AND m.uid = $2",
@@ -138,11 +139,11 @@ pub(super) async fn role(c: &impl GenericClient, uid: &str, key: &str) -> Result
 
 pub(super) async fn group_memberships(
     c: &impl GenericClient,
-    uid: &str,
+    uid: &Uid,
 ) -> Result<Vec<(Conversation, Role)>> {
     c.query(
         "SELECT c.key, m.role FROM members m JOIN conversations c ON c.id = m.conv_id
-             WHERE m.uid = $1 AND left(c.key, 2) = 'g:' ORDER BY c.key",
+             WHERE m.uid = $1 AND c.kind = 1 ORDER BY c.key",
         &[&uid],
     )
     .await
@@ -167,7 +168,7 @@ pub(super) async fn receipts(
         return Ok(Vec::new());
     };
     let wanted: Vec<i64> = seqs.iter().map(|s| int(*s)).collect();
-    let senders: Vec<(u64, String)> = c
+    let senders: Vec<(u64, Uid)> = c
         .query(
             "SELECT seq, sender FROM messages WHERE conv_id = $1 AND seq = ANY($2) ORDER BY seq",
             &[&conv.id, &wanted],
@@ -180,7 +181,7 @@ pub(super) async fn receipts(
     let Some(lowest) = senders.iter().map(|(seq, _)| *seq).min() else {
         return Ok(Vec::new());
     };
-    let readers: Vec<(String, u64)> = c
+    let readers: Vec<(Uid, u64)> = c
         .query(
             "SELECT uid, read_seq FROM members WHERE conv_id = $1 AND read_seq >= $2
              ORDER BY read_seq DESC, uid",
@@ -198,7 +199,7 @@ pub(super) async fn senders(
     c: &impl GenericClient,
     key: &str,
     range: SeqRange,
-) -> Result<Vec<String>> {
+) -> Result<Vec<Uid>> {
     let Some(conv) = conversation(c, key).await? else {
         return Ok(Vec::new());
     };

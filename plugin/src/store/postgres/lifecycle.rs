@@ -1,6 +1,7 @@
 //! What keeps the PostgreSQL store bounded, mirroring the embedded backend: retention, device
 //! expiry, forgetting devices, erasing users and the eviction log.
 
+use crate::domain::Uid;
 use deadpool_postgres::GenericClient;
 
 use super::error::Cells;
@@ -182,7 +183,7 @@ pub(super) async fn touch_devices(
     Ok(())
 }
 
-pub(super) async fn devices(c: &impl GenericClient, uid: &str) -> Result<Vec<DeviceInfo>> {
+pub(super) async fn devices(c: &impl GenericClient, uid: &Uid) -> Result<Vec<DeviceInfo>> {
     c.query(
         "SELECT client_id, last_seen FROM devices WHERE uid = $1 ORDER BY client_id",
         &[&uid],
@@ -201,7 +202,7 @@ pub(super) async fn devices(c: &impl GenericClient, uid: &str) -> Result<Vec<Dev
 
 pub(super) async fn evict(
     c: &impl GenericClient,
-    uid: &str,
+    uid: &Uid,
     client_id: Option<&str>,
 ) -> Result<()> {
     c.execute(
@@ -237,7 +238,7 @@ pub(super) async fn evictions_since(
 }
 
 /// Runs `sql` with the user's uid and returns how many rows it changed.
-async fn run(c: &impl GenericClient, sql: &str, uid: &str) -> Result<u64> {
+async fn run(c: &impl GenericClient, sql: &str, uid: &Uid) -> Result<u64> {
     c.execute(sql, &[&uid]).await.map_err(pg_error)
 }
 
@@ -246,7 +247,7 @@ async fn run(c: &impl GenericClient, sql: &str, uid: &str) -> Result<u64> {
 /// its members.
 pub(super) async fn erase_user(
     c: &impl GenericClient,
-    uid: &str,
+    uid: &Uid,
     groups: GroupErasure,
 ) -> Result<(Erased, Vec<Device>, Vec<(String, Vec<String>)>)> {
     let mut erased = Erased::default();
@@ -297,14 +298,14 @@ pub(super) async fn erase_user(
         c,
         "INSERT INTO member_removals (conv_key, uid)
          SELECT c.key, m.uid FROM members m JOIN conversations c ON c.id = m.conv_id
-         WHERE m.uid = $1 AND c.key LIKE 'g:%'",
+         WHERE m.uid = $1 AND c.kind = 1",
         uid,
     )
     .await?;
     let owned: Vec<i64> = c
         .query(
             "SELECT m.conv_id FROM members m JOIN conversations c ON c.id = m.conv_id
-             WHERE m.uid = $1 AND c.key LIKE 'g:%' AND m.role = 3",
+             WHERE m.uid = $1 AND c.kind = 1 AND m.role = 3",
             &[&uid],
         )
         .await
@@ -315,7 +316,7 @@ pub(super) async fn erase_user(
     erased.groups = run(
         c,
         "DELETE FROM members WHERE uid = $1
-           AND conv_id IN (SELECT id FROM conversations WHERE key LIKE 'g:%')",
+           AND conv_id IN (SELECT id FROM conversations WHERE kind = 1)",
         uid,
     )
     .await?;

@@ -9,6 +9,7 @@ mod groups;
 mod lifecycle;
 mod queries;
 
+use crate::domain::Uid;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -362,7 +363,7 @@ impl Store for PostgresStore {
 
     async fn mark_read(
         &self,
-        uid: &str,
+        uid: &Uid,
         conversation: &Conversation,
         seq: u64,
     ) -> Result<(u64, u64), StoreError> {
@@ -373,8 +374,8 @@ impl Store for PostgresStore {
     async fn create_group(
         &self,
         conversation: &Conversation,
-        owner: &str,
-        members: &[String],
+        owner: &Uid,
+        members: &[Uid],
     ) -> Result<(), StoreError> {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(pg_error)?;
@@ -385,9 +386,9 @@ impl Store for PostgresStore {
     async fn add_members(
         &self,
         conversation: &Conversation,
-        uids: &[String],
+        uids: &[Uid],
         role: Role,
-    ) -> Result<Vec<String>, StoreError> {
+    ) -> Result<Vec<Uid>, StoreError> {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(pg_error)?;
         let added = groups::add_members(&tx, &conversation.key(), uids, role).await?;
@@ -398,8 +399,8 @@ impl Store for PostgresStore {
     async fn remove_members(
         &self,
         conversation: &Conversation,
-        uids: &[String],
-    ) -> Result<Vec<String>, StoreError> {
+        uids: &[Uid],
+    ) -> Result<Vec<Uid>, StoreError> {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(pg_error)?;
         let removed = groups::remove_members(&tx, &conversation.key(), uids).await?;
@@ -413,13 +414,13 @@ impl Store for PostgresStore {
 
     async fn role(
         &self,
-        uid: &str,
+        uid: &Uid,
         conversation: &Conversation,
     ) -> Result<Option<Role>, StoreError> {
         groups::role(&*self.client().await?, uid, &conversation.key()).await
     }
 
-    async fn group_memberships(&self, uid: &str) -> Result<Vec<(Conversation, Role)>, StoreError> {
+    async fn group_memberships(&self, uid: &Uid) -> Result<Vec<(Conversation, Role)>, StoreError> {
         groups::group_memberships(&*self.client().await?, uid).await
     }
 
@@ -442,7 +443,7 @@ impl Store for PostgresStore {
         &self,
         conversation: &Conversation,
         range: SeqRange,
-    ) -> Result<Vec<String>, StoreError> {
+    ) -> Result<Vec<Uid>, StoreError> {
         groups::senders(&*self.client().await?, &conversation.key(), range).await
     }
 
@@ -494,7 +495,7 @@ impl Store for PostgresStore {
         lifecycle::touch_devices(&*self.client().await?, devices, now_ms).await
     }
 
-    async fn devices(&self, uid: &str) -> Result<Vec<DeviceInfo>, StoreError> {
+    async fn devices(&self, uid: &Uid) -> Result<Vec<DeviceInfo>, StoreError> {
         lifecycle::devices(&*self.client().await?, uid).await
     }
 
@@ -510,7 +511,7 @@ impl Store for PostgresStore {
         Ok(known)
     }
 
-    async fn evict(&self, uid: &str, client_id: Option<&str>) -> Result<(), StoreError> {
+    async fn evict(&self, uid: &Uid, client_id: Option<&str>) -> Result<(), StoreError> {
         lifecycle::evict(&*self.client().await?, uid, client_id).await
     }
 
@@ -518,7 +519,7 @@ impl Store for PostgresStore {
         lifecycle::evictions_since(&*self.client().await?, after, limit).await
     }
 
-    async fn erase_user(&self, uid: &str, groups: GroupErasure) -> Result<Erased, StoreError> {
+    async fn erase_user(&self, uid: &Uid, groups: GroupErasure) -> Result<Erased, StoreError> {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(pg_error)?;
         let (erased, mine, touched) = lifecycle::erase_user(&tx, uid, groups).await?;
@@ -546,6 +547,7 @@ impl Store for PostgresStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::testing::*;
     use crate::store::conformance;
     use prometheus_client::metrics::counter::Counter;
 
@@ -663,9 +665,9 @@ mod tests {
         let plain = PostgresStore::open(&settings, 64, None).await.unwrap();
         let devices = [("a", "a-1"), ("a", "a-2"), ("b", "b-1"), ("c", "c-1")];
         let conversations = [
-            (Conversation::direct("a", "b"), ["a", "b"]),
-            (Conversation::direct("a", "c"), ["a", "c"]),
-            (Conversation::direct("b", "c"), ["b", "c"]),
+            (direct("a", "b"), ["a", "b"]),
+            (direct("a", "c"), ["a", "c"]),
+            (direct("b", "c"), ["b", "c"]),
         ];
         let mut steps = Steps(7);
         let mut last_page: std::collections::HashMap<(usize, usize), SeqRange> =
@@ -674,7 +676,7 @@ mod tests {
         for step in 0..600u64 {
             let d = steps.below(devices.len() as u64) as usize;
             let device = Device {
-                uid: devices[d].0.into(),
+                uid: uid(devices[d].0),
                 client_id: devices[d].1.into(),
             };
             let mine: Vec<usize> = (0..conversations.len())
@@ -772,10 +774,10 @@ mod tests {
             .unwrap();
         let lost = PostgresStore::open(&settings, 64, None).await.unwrap();
         let bob = Device {
-            uid: "bob".into(),
+            uid: uid("bob"),
             client_id: "bob-phone".into(),
         };
-        let chat = Conversation::direct("alice", "bob");
+        let chat = direct("alice", "bob");
         conformance::append_n(&cached, &chat, "alice", 5).await;
         let _ = cached.digest(&bob, 3).await.unwrap();
         let send = |id: &str| conformance::message(&chat, "alice", id);
@@ -806,14 +808,14 @@ mod tests {
             .await
             .unwrap();
         let bob = Device {
-            uid: "bob".into(),
+            uid: uid("bob"),
             client_id: "bob-phone".into(),
         };
         store.register_device(&bob).await.unwrap();
         let (alice, carol, dave) = (
-            Conversation::direct("alice", "bob"),
-            Conversation::direct("bob", "carol"),
-            Conversation::direct("bob", "dave"),
+            direct("alice", "bob"),
+            direct("bob", "carol"),
+            direct("bob", "dave"),
         );
         conformance::append_n(&store, &alice, "alice", 1).await;
         conformance::append_n(&store, &carol, "carol", 1).await;
@@ -881,8 +883,8 @@ mod tests {
                 let id = format!("m{}", i % 150);
                 store
                     .append(NewMessage {
-                        conversation: Conversation::direct("a", "b"),
-                        sender: "a".into(),
+                        conversation: direct("a", "b"),
+                        sender: uid("a"),
                         sender_device: "a-1".into(),
                         msg_id: id,
                         server_time: 1,

@@ -1,5 +1,6 @@
 //! The SQL of the PostgreSQL backend other than appends, mirroring the embedded backend.
 
+use crate::domain::Uid;
 use std::collections::HashMap;
 
 use deadpool_postgres::GenericClient;
@@ -291,7 +292,7 @@ pub(super) async fn history(
 
 pub(super) async fn mark_read(
     c: &impl GenericClient,
-    uid: &str,
+    uid: &Uid,
     key: &str,
     seq: u64,
 ) -> Result<(u64, u64)> {
@@ -325,7 +326,7 @@ struct Membership {
     read_seq: u64,
 }
 
-async fn memberships(c: &impl GenericClient, uid: &str) -> Result<Vec<Membership>> {
+async fn memberships(c: &impl GenericClient, uid: &Uid) -> Result<Vec<Membership>> {
     let rows = c
         .query(
             "SELECT c.id, c.max_seq, c.last_time, c.gone_seq, c.key, m.read_seq

@@ -4,6 +4,8 @@
 
 use std::fmt;
 
+use super::{Gid, Uid};
+
 /// A 1:1 chat or a group; the same value whoever of its members names it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Conversation(Kind);
@@ -12,10 +14,10 @@ pub struct Conversation(Kind);
 enum Kind {
     /// Two users, `lo <= hi`.
     Direct {
-        lo: String,
-        hi: String,
+        lo: Uid,
+        hi: Uid,
     },
-    Group(String),
+    Group(Gid),
 }
 
 /// The two kinds of conversation, which may be kept for different retention periods.
@@ -50,21 +52,21 @@ impl Conversation {
     }
 
     /// The 1:1 chat of `a` and `b`.
-    pub fn direct(a: &str, b: &str) -> Self {
+    pub fn direct(a: &Uid, b: &Uid) -> Self {
         let (lo, hi) = if a <= b { (a, b) } else { (b, a) };
         Self(Kind::Direct {
-            lo: lo.to_owned(),
-            hi: hi.to_owned(),
+            lo: lo.clone(),
+            hi: hi.clone(),
         })
     }
 
     /// Group `gid`.
-    pub fn group(gid: &str) -> Self {
-        Self(Kind::Group(gid.to_owned()))
+    pub fn group(gid: &Gid) -> Self {
+        Self(Kind::Group(gid.clone()))
     }
 
     /// The group's id, for a group.
-    pub fn gid(&self) -> Option<&str> {
+    pub fn gid(&self) -> Option<&Gid> {
         match &self.0 {
             Kind::Group(gid) => Some(gid),
             Kind::Direct { .. } => None,
@@ -72,7 +74,7 @@ impl Conversation {
     }
 
     /// The two users of a 1:1 chat (a group's members are kept by the store).
-    pub fn direct_members(&self) -> Option<[&str; 2]> {
+    pub fn direct_members(&self) -> Option<[&Uid; 2]> {
         match &self.0 {
             Kind::Direct { lo, hi } => Some([lo, hi]),
             Kind::Group(_) => None,
@@ -87,14 +89,14 @@ impl Conversation {
     /// From a store's key; `None` for anything this module did not write.
     pub fn from_key(key: &str) -> Option<Self> {
         if let Some(gid) = key.strip_prefix("g:") {
-            return crate::valid_uid(gid).then(|| Self::group(gid));
+            return Gid::parse(gid).ok().map(|gid| Self(Kind::Group(gid)));
         }
         let (a, b) = key.strip_prefix("dm:")?.split_once(':')?;
-        (crate::valid_uid(a) && crate::valid_uid(b)).then(|| Self::direct(a, b))
+        Some(Self::direct(&Uid::parse(a).ok()?, &Uid::parse(b).ok()?))
     }
 
     /// The name member `me` uses: `u/{peer}` or `g/{gid}`.
-    pub fn name_for(&self, me: &str) -> String {
+    pub fn name_for(&self, me: &Uid) -> String {
         match &self.0 {
             Kind::Direct { lo, hi } => format!("u/{}", if lo == me { hi } else { lo }),
             Kind::Group(gid) => format!("g/{gid}"),
@@ -102,10 +104,10 @@ impl Conversation {
     }
 
     /// The conversation `me` names `name` (`u/{peer}` or `g/{gid}`); `None` if malformed.
-    pub fn from_name(name: &str, me: &str) -> Option<Self> {
+    pub fn from_name(name: &str, me: &Uid) -> Option<Self> {
         match name.split_once('/')? {
-            ("u", peer) if crate::valid_uid(peer) => Some(Self::direct(me, peer)),
-            ("g", gid) if crate::valid_uid(gid) => Some(Self::group(gid)),
+            ("u", peer) => Some(Self::direct(me, &Uid::parse(peer).ok()?)),
+            ("g", gid) => Some(Self(Kind::Group(Gid::parse(gid).ok()?))),
             _ => None,
         }
     }
@@ -125,36 +127,46 @@ impl fmt::Display for Conversation {
 mod tests {
     use super::*;
 
+    fn uid(text: &str) -> Uid {
+        Uid::parse(text).unwrap()
+    }
+
     #[test]
     fn keys_and_names_round_trip() {
-        let direct = Conversation::direct("bob", "alice");
-        assert_eq!(direct, Conversation::direct("alice", "bob"));
+        let (alice, bob) = (uid("alice"), uid("bob"));
+        let direct = Conversation::direct(&bob, &alice);
+        assert_eq!(direct, Conversation::direct(&alice, &bob));
         assert_eq!(direct.key(), "dm:alice:bob");
         assert_eq!(Conversation::from_key("dm:alice:bob"), Some(direct.clone()));
-        assert_eq!(direct.name_for("alice"), "u/bob");
-        assert_eq!(direct.name_for("bob"), "u/alice");
+        assert_eq!(direct.name_for(&alice), "u/bob");
+        assert_eq!(direct.name_for(&bob), "u/alice");
         assert_eq!(
-            Conversation::from_name("u/bob", "alice"),
+            Conversation::from_name("u/bob", &alice),
             Some(direct.clone())
         );
-        assert_eq!(direct.direct_members(), Some(["alice", "bob"]));
+        assert_eq!(direct.direct_members(), Some([&alice, &bob]));
         assert_eq!(direct.gid(), None);
 
-        let group = Conversation::group("team");
+        let team = Gid::parse("team").unwrap();
+        let group = Conversation::group(&team);
         assert_eq!(group.key(), "g:team");
         assert_eq!(Conversation::from_key("g:team"), Some(group.clone()));
-        assert_eq!(group.name_for("alice"), "g/team");
+        assert_eq!(group.name_for(&alice), "g/team");
         assert_eq!(
-            Conversation::from_name("g/team", "alice"),
+            Conversation::from_name("g/team", &alice),
             Some(group.clone())
         );
-        assert_eq!(group.gid(), Some("team"));
+        assert_eq!(group.gid(), Some(&team));
     }
 
     #[test]
     fn malformed_names_and_keys_are_refused() {
         for name in ["u/b:c", "x/bob", "u/", "g/", "bob", "u/a/b", ""] {
-            assert_eq!(Conversation::from_name(name, "alice"), None, "{name:?}");
+            assert_eq!(
+                Conversation::from_name(name, &uid("alice")),
+                None,
+                "{name:?}"
+            );
         }
         for key in ["dm:a", "dm:a:b:c", "g:", "x:a", "g:a b", ""] {
             assert_eq!(Conversation::from_key(key), None, "{key:?}");
