@@ -19,12 +19,15 @@
 //! - [`auth`]: who may connect (the provider chain) and the topic ACL for non-IM topics;
 //!   `watch` re-reads their files, and the policy's, on change and SIGHUP.
 //! - [`wire`]: protobuf wire types.
-//! - [`config`]: the configuration tree.
+//! - [`config`]: the configuration tree: defaults, loading, the list of sections; each
+//!   layer defines and checks its own section (`settings` has what they share: periods and
+//!   problem lists), and `broker` sizes the embedded rumqttd.
 //! - [`text`]: bounding and cleaning text from clients and scripts.
 //! - [`metrics`]: Prometheus metrics; `status` serves them and the operator status over HTTP.
 //!
-//! Dependencies point one way: edge → im → store; edge → auth → policy; edge → hook ← policy
-//! (the Lua policy is one hook of the chain); server wires them together.
+//! Dependencies point one way: edge → im → store → domain; edge → auth → policy; edge → hook
+//! ← policy (the Lua policy is one hook of the chain); config → each layer's settings;
+//! server wires them together.
 #![deny(rustdoc::broken_intra_doc_links)]
 mod accept;
 pub mod auth;
