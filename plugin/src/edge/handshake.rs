@@ -119,40 +119,17 @@ pub(super) async fn handshake(
         .and_then(|size| usize::try_from(size).ok());
     let receive_max = packet.properties.as_ref().and_then(|p| p.receive_maximum);
     let link = ctx.links.claim(&admitted.client_id, id).await?;
-    // rumqttd is needed from the start for a will, and for a session it keeps (persistent:
-    // resumed; clean: discarded).
-    let kept_upstream = ctx.take_upstream_session(&admitted.client_id);
-    let link_now = packet.will.is_some() || kept_upstream;
     let request = link_request(packet, &admitted.client_id);
-    let (upstream, upstream_session) = if link_now {
-        let opened = Upstream::open_now(&ctx, id, request).await;
-        let refused = match &opened {
-            Ok((_, ack)) => (ack.code != ConnectReturnCode::Success).then_some(ack.code),
-            Err(_) => None,
+    let (upstream, upstream_session) =
+        match link_at_connect(&ctx, id, request, &admitted.client_id).await {
+            Ok(linked) => linked,
+            Err(LinkRefused(code)) => {
+                refuse(&mut stream, version, code, None).await;
+                return Err(EdgeError::Refused("rumqttd refused the connection"));
+            }
+            Err(LinkFailed(e)) => return Err(e),
         };
-        if kept_upstream && (opened.is_err() || refused.is_some()) {
-            // rumqttd still keeps the session: the next connection resumes it.
-            ctx.keep_upstream_session(&admitted.client_id);
-        }
-        if let Some(code) = refused {
-            refuse(&mut stream, version, code, None).await;
-            return Err(EdgeError::Refused("rumqttd refused the connection"));
-        }
-        let (upstream, ack) = opened?;
-        (upstream, ack.session_present)
-    } else {
-        (Upstream::Unneeded(Box::new(request)), false)
-    };
-    // IM topics name their user: only an identity something vouched for, and that is a uid,
-    // may use them (on an open listener, the username is only the client's word).
-    let im = admitted
-        .vouched
-        .then(|| Uid::parse(&admitted.identity.uid).ok())
-        .flatten();
-    let im = im.map(|uid| Device {
-        uid,
-        client_id: admitted.client_id.clone(),
-    });
+    let im = im_device(&admitted);
     let kept_im = im.as_ref().is_some_and(|device| ctx.has_session(device));
     let session_present = !clean_session && (upstream_session || kept_im);
     // Outgoing buffers start empty and grow when needed.
@@ -189,6 +166,58 @@ pub(super) async fn handshake(
         client_out,
         upstream,
         link,
+    })
+}
+
+/// Why the link to rumqttd did not open at CONNECT.
+enum LinkError {
+    /// rumqttd answered with this code (the client gets it too).
+    LinkRefused(ConnectReturnCode),
+    /// The link failed.
+    LinkFailed(EdgeError),
+}
+use LinkError::{LinkFailed, LinkRefused};
+
+/// Opens the link to rumqttd at once when the client needs it from the start — for a will,
+/// and for a session rumqttd keeps (persistent: resumed; clean: discarded) — and returns
+/// it with whether rumqttd had a session; otherwise it stays to open on first need.
+async fn link_at_connect(
+    ctx: &Arc<EdgeContext>,
+    id: u64,
+    request: LinkRequest,
+    client_id: &str,
+) -> Result<(Upstream, bool), LinkError> {
+    let kept_upstream = ctx.take_upstream_session(client_id);
+    if request.will.is_none() && !kept_upstream {
+        return Ok((Upstream::Unneeded(Box::new(request)), false));
+    }
+    let opened = Upstream::open_now(ctx, id, request).await;
+    let refused = match &opened {
+        Ok((_, ack)) => (ack.code != ConnectReturnCode::Success).then_some(ack.code),
+        Err(_) => None,
+    };
+    if kept_upstream && (opened.is_err() || refused.is_some()) {
+        // rumqttd still keeps the session: the next connection resumes it.
+        ctx.keep_upstream_session(client_id);
+    }
+    if let Some(code) = refused {
+        return Err(LinkRefused(code));
+    }
+    let (upstream, ack) = opened.map_err(LinkFailed)?;
+    Ok((upstream, ack.session_present))
+}
+
+/// The client as an IM device: IM topics name their user, so only an identity something
+/// vouched for, and that is a uid, may use them (on an open listener, the username is only
+/// the client's word).
+fn im_device(admitted: &Admitted) -> Option<Device> {
+    if !admitted.vouched {
+        return None;
+    }
+    let uid = Uid::parse(&admitted.identity.uid).ok()?;
+    Some(Device {
+        uid,
+        client_id: admitted.client_id.clone(),
     })
 }
 
@@ -243,20 +272,7 @@ async fn admit(
     certified_uid: Option<&str>,
 ) -> Result<Admitted, Refused> {
     let connect = &packet.connect;
-    let mut assigned = None;
-    let client_id = if connect.client_id.is_empty() {
-        if !connect.clean_session {
-            return Err(Refused::new(
-                ConnectReturnCode::ClientIdentifierNotValid,
-                "empty client id with a persistent session",
-            ));
-        }
-        let generated = format!("mqtt-im-{:016x}", rand::random::<u64>());
-        assigned = Some(generated.clone());
-        generated
-    } else {
-        connect.client_id.clone()
-    };
+    let (client_id, assigned) = client_id(connect)?;
     let credentials = Credentials {
         client_id: client_id.clone(),
         username: packet.login.as_ref().map(|l| l.username.clone()),
@@ -268,45 +284,9 @@ async fn admit(
         protocol: packet.version,
         transport: arrival.listener.kind(),
     };
-    let identity = match &arrival.listener.admission {
-        Admission::Chain => ctx.auth.authenticate(&credentials, certified_uid).await,
-        Admission::Table(table) => table.authenticate(&credentials, certified_uid).await,
-        Admission::External(handler) => {
-            let deadline = arrival.listener.connect_timeout;
-            external(handler, &credentials, deadline).await
-        }
-        Admission::Open => Ok(ctx.auth.admit_anyone(&credentials, certified_uid)),
-    };
-    let identity = identity.map_err(|refusal| {
-        let labels = crate::metrics::RefusalLabels {
-            reason: refusal.label(),
-        };
-        ctx.im.metrics().auth_failures.get_or_create(&labels).inc();
-        Refused::new(connack_code(refusal), "authentication failed")
-    })?;
+    let identity = authenticate(ctx, &credentials, arrival, certified_uid).await?;
     if let Some(will) = &packet.will {
-        let topic = String::from_utf8_lossy(&will.topic);
-        let client = Client {
-            username: credentials.username.as_deref(),
-            client_id: &client_id,
-        };
-        let file = ctx.auth.acl().map(AsRef::as_ref);
-        if !topic_allowed(&identity, &client, &topic, Access::Write, false, file) {
-            ctx.im.metrics().count_acl_denial("will");
-            return Err(Refused::new(
-                ConnectReturnCode::NotAuthorized,
-                "will topic not allowed by the ACL",
-            ));
-        }
-    }
-    let will_topic_is_im = packet.will.as_ref().is_some_and(|w| {
-        std::str::from_utf8(&w.topic).map_or(true, |t| ctx.topics.strip_prefix(t).is_some())
-    });
-    if will_topic_is_im {
-        return Err(Refused::new(
-            ConnectReturnCode::NotAuthorized,
-            "will message on an IM topic",
-        ));
+        check_will(ctx, will, &identity, &credentials)?;
     }
     let client = Arc::new(hook::Client {
         uid: identity.uid.clone(),
@@ -344,6 +324,82 @@ async fn admit(
         vouched: !matches!(arrival.listener.admission, Admission::Open) || certified_uid.is_some(),
         assigned,
     })
+}
+
+/// The client's id, or one made up for an empty one (then also returned to be told to an
+/// MQTT 5 client); an empty id with a persistent session is refused, as MQTT says.
+fn client_id(connect: &Connect) -> Result<(String, Option<String>), Refused> {
+    if !connect.client_id.is_empty() {
+        return Ok((connect.client_id.clone(), None));
+    }
+    if !connect.clean_session {
+        return Err(Refused::new(
+            ConnectReturnCode::ClientIdentifierNotValid,
+            "empty client id with a persistent session",
+        ));
+    }
+    let generated = format!("mqtt-im-{:016x}", rand::random::<u64>());
+    Ok((generated.clone(), Some(generated)))
+}
+
+/// The listener's own authentication of `credentials`; a refusal is counted by its reason.
+async fn authenticate(
+    ctx: &EdgeContext,
+    credentials: &Credentials,
+    arrival: &Arrival,
+    certified_uid: Option<&str>,
+) -> Result<Identity, Refused> {
+    let identity = match &arrival.listener.admission {
+        Admission::Chain => ctx.auth.authenticate(credentials, certified_uid).await,
+        Admission::Table(table) => table.authenticate(credentials, certified_uid).await,
+        Admission::External(handler) => {
+            let deadline = arrival.listener.connect_timeout;
+            external(handler, credentials, deadline).await
+        }
+        Admission::Open => Ok(ctx.auth.admit_anyone(credentials, certified_uid)),
+    };
+    identity.map_err(|refusal| {
+        let labels = crate::metrics::RefusalLabels {
+            reason: refusal.label(),
+        };
+        ctx.im.metrics().auth_failures.get_or_create(&labels).inc();
+        Refused::new(connack_code(refusal), "authentication failed")
+    })
+}
+
+/// A will goes only where the topic ACL lets the client write, and never on an IM topic
+/// (rumqttd would publish it into a tree the hook layer owns).
+fn check_will(
+    ctx: &EdgeContext,
+    will: &LastWill,
+    identity: &Identity,
+    credentials: &Credentials,
+) -> Result<(), Refused> {
+    let Ok(topic) = std::str::from_utf8(&will.topic) else {
+        return Err(Refused::new(
+            ConnectReturnCode::NotAuthorized,
+            "will message on an IM topic",
+        ));
+    };
+    let client = Client {
+        username: credentials.username.as_deref(),
+        client_id: &credentials.client_id,
+    };
+    let file = ctx.auth.acl().map(AsRef::as_ref);
+    if !topic_allowed(identity, &client, topic, Access::Write, false, file) {
+        ctx.im.metrics().count_acl_denial("will");
+        return Err(Refused::new(
+            ConnectReturnCode::NotAuthorized,
+            "will topic not allowed by the ACL",
+        ));
+    }
+    if ctx.topics.strip_prefix(topic).is_some() {
+        return Err(Refused::new(
+            ConnectReturnCode::NotAuthorized,
+            "will message on an IM topic",
+        ));
+    }
+    Ok(())
 }
 
 /// Asks an embedding service's rumqttd auth handler, as rumqttd would (credentials required),
