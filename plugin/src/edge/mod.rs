@@ -5,7 +5,8 @@
 //! Files import one way, from the accept loop down to the leaves:
 //! - `connection`: a connection's I/O loop (sockets, timers, the ordered IM operations); it
 //!   feeds the [`session`](session) and carries out the effects it returns.
-//! - `handshake`: CONNECT, the listener's auth, the hooks' `admit`, take-over.
+//! - `handshake`: CONNECT and take-over, after `admit` (the listener's auth, the hooks'
+//!   `admit`, the device count).
 //! - `session/`: the protocol state machine of one client, without sockets: publishes by
 //!   route, subscriptions, rumqttd's frames, answers, and what goes to the client.
 //! - `upstream`: the private MQTT 5 link to rumqttd.
@@ -14,6 +15,7 @@
 //!   `transport`, `error`.
 
 mod acl;
+mod admit;
 mod codec;
 mod connection;
 mod context;
