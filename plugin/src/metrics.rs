@@ -91,6 +91,13 @@ pub(crate) struct ReloadLabels {
     pub(crate) result: &'static str,
 }
 
+/// Why a publish for another node did not get there: `queue_full`, `redis`, `no_listener`,
+/// `inject_queue_full` or `injector`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub(crate) struct ForwardFailureLabels {
+    pub(crate) reason: &'static str,
+}
+
 /// `sent` or `received`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub(crate) struct DirectionLabels {
@@ -139,6 +146,11 @@ pub struct Metrics {
     pub(crate) gc_lag: Gauge,
     pub(crate) background_rounds: Family<TaskLabels, Counter>,
     pub(crate) reloads: Family<ReloadLabels, Counter>,
+    pub(crate) forwards_sent: Counter,
+    pub(crate) forwards_received: Counter,
+    pub(crate) forwards_failed: Family<ForwardFailureLabels, Counter>,
+    pub(crate) cluster_routes_local: Gauge,
+    pub(crate) cluster_routes_remote: Gauge,
 }
 
 impl Default for Metrics {
@@ -182,6 +194,11 @@ impl Default for Metrics {
             gc_lag: Gauge::default(),
             background_rounds: Family::default(),
             reloads: Family::default(),
+            forwards_sent: Counter::default(),
+            forwards_received: Counter::default(),
+            forwards_failed: Family::default(),
+            cluster_routes_local: Gauge::default(),
+            cluster_routes_remote: Gauge::default(),
         };
         metrics.register();
         metrics
@@ -349,6 +366,45 @@ impl Metrics {
             "Files re-read while running (on change or SIGHUP) by file (policy, password_file, acl_file, jwks_file) and result: loaded, or kept (the new version failed to load; the last good one stays)",
             self.reloads.clone(),
         );
+        r.register(
+            "forwards_sent",
+            "Plain-topic publishes this node handed to Redis for other nodes with a matching route (at most once: the publisher's PUBACK does not wait for them)",
+            self.forwards_sent.clone(),
+        );
+        r.register(
+            "forwards_received",
+            "Plain-topic publishes other nodes forwarded here, injected into this node's rumqttd",
+            self.forwards_received.clone(),
+        );
+        r.register(
+            "forwards_failed",
+            "Plain-topic publishes for other nodes that did not get there, by reason: queue_full (this node's forward queue), redis (Redis failed), no_listener (the node died before its routes expired), inject_queue_full, injector (the link into rumqttd broke with them in flight)",
+            self.forwards_failed.clone(),
+        );
+        r.register(
+            "cluster_routes_local",
+            "Plain-topic filters this node's clients hold and advertise to the other nodes",
+            self.cluster_routes_local.clone(),
+        );
+        r.register(
+            "cluster_routes_remote",
+            "Plain-topic filters the other live nodes advertise, which this node forwards to",
+            self.cluster_routes_remote.clone(),
+        );
+    }
+
+    /// The counter of background task `task`'s finished rounds.
+    pub(crate) fn rounds(&self, task: &'static str) -> Counter {
+        self.background_rounds
+            .get_or_create(&TaskLabels { task })
+            .clone()
+    }
+
+    /// Counts a publish for another node that did not get there.
+    pub(crate) fn count_forward_failed(&self, reason: &'static str) {
+        self.forwards_failed
+            .get_or_create(&ForwardFailureLabels { reason })
+            .inc();
     }
 
     /// The counters of how reloads of `file` went.

@@ -12,7 +12,9 @@ use tokio_util::task::TaskTracker;
 
 use crate::auth::Authenticator;
 use crate::config::{Backend, ClusterSettings, Config, ConfigError};
-use crate::edge::{self, Admission, EdgeContext, Listener, PrivateBroker, Transport, EDGE_USER};
+use crate::edge::{
+    self, Admission, Cluster, EdgeContext, Injector, Listener, PrivateBroker, Transport, EDGE_USER,
+};
 use crate::hook::{Hook, Hooks};
 use crate::im::ImService;
 pub use crate::listener::ListenerKind;
@@ -228,12 +230,15 @@ impl Builder {
         if config.auth.plaintext {
             tracing::warn!("auth.plaintext is on: [auth.users] may hold clear-text passwords; store hashes made with `mqtt-im passwd`");
         }
-        let cluster = connect_cluster(&config.cluster).await?;
+        let bus = connect_cluster(&config.cluster).await?;
+        let cluster = bus
+            .clone()
+            .map(|bus| Arc::new(Cluster::new(bus, Arc::clone(&metrics))));
         let im = ImService::new(
             Arc::clone(&store),
             policy.clone(),
             config.im.clone(),
-            cluster,
+            bus,
             Arc::clone(&metrics),
         );
         let secret = format!("{:032x}", rand::random::<u128>());
@@ -281,6 +286,7 @@ impl Builder {
             broker,
             &config.im.prefix,
             config.limits.clone(),
+            cluster,
         ));
         Ok(Server {
             listeners,
@@ -483,6 +489,10 @@ impl Server {
             ));
         }
         tasks.spawn(self.im.clone().run(self.heartbeat, shutdown.clone()));
+        if let Some(cluster) = self.context.cluster.clone() {
+            let injector = Injector::new(Arc::clone(&self.context), cluster.node());
+            tasks.spawn(cluster.run(injector, self.heartbeat, shutdown.clone()));
+        }
         if let Some((listener, source)) = self.status {
             tasks.spawn(status::serve(
                 listener,

@@ -21,6 +21,10 @@ pub enum Seen {
         payload: Vec<u8>,
         /// MQTT 5 Correlation Data, if any.
         correlation: Option<Vec<u8>>,
+        qos: u8,
+        retain: bool,
+        /// MQTT 5 properties as delivered (3.1.1: none).
+        properties: Option<Box<rumqttc::v5::mqttbytes::v5::PublishProperties>>,
     },
     PubAck {
         pkid: u16,
@@ -109,6 +113,9 @@ impl EventSource for rumqttc::EventLoop {
                 topic: p.topic,
                 payload: p.payload.to_vec(),
                 correlation: None,
+                qos: p.qos as u8,
+                retain: p.retain,
+                properties: None,
             }),
             Packet::PubAck(a) => Step::Seen(Seen::PubAck {
                 pkid: a.pkid,
@@ -159,8 +166,12 @@ impl EventSource for rumqttc::v5::EventLoop {
                 payload: p.payload.to_vec(),
                 correlation: p
                     .properties
-                    .and_then(|props| props.correlation_data)
+                    .as_ref()
+                    .and_then(|props| props.correlation_data.as_ref())
                     .map(|data| data.to_vec()),
+                qos: p.qos as u8,
+                retain: p.retain,
+                properties: p.properties.map(Box::new),
             }),
             Packet::PubAck(a) => Step::Seen(Seen::PubAck {
                 pkid: a.pkid,
@@ -418,6 +429,17 @@ impl Client {
         self.next_with_correlation(topic).await.0
     }
 
+    /// The next publish (topic, payload, QoS, retain flag, properties), skipping other
+    /// packets.
+    pub async fn next_publish(&mut self) -> Seen {
+        loop {
+            let seen = self.next().await;
+            if matches!(seen, Seen::Publish { .. }) {
+                return seen;
+            }
+        }
+    }
+
     /// The next publish on `topic` with its Correlation Data.
     pub async fn next_with_correlation(&mut self, topic: &str) -> (Vec<u8>, Option<Vec<u8>>) {
         loop {
@@ -425,6 +447,7 @@ impl Client {
                 topic: t,
                 payload,
                 correlation,
+                ..
             } = self.next().await
             {
                 if t == topic {

@@ -58,7 +58,7 @@ fn migrate_command_applies_the_schema() {
         );
         assert_eq!(
             String::from_utf8_lossy(&output.stdout).trim(),
-            "schema at version 4"
+            "schema at version 5"
         );
     }
     assert!(dir.path().join("im.db").exists());

@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use super::cluster::Cluster;
 use super::limits::{self, LimitSettings};
 use super::links;
 use super::topics::Topics;
@@ -52,6 +53,10 @@ pub(crate) struct EdgeContext {
     pub(crate) links: Arc<links::Links>,
     /// Per-client, per-user and per-listener limits.
     pub(crate) limits: LimitSettings,
+    /// Plain-topic routing across nodes, with a cluster.
+    pub(crate) cluster: Option<Arc<Cluster>>,
+    /// The routes of persistent sessions waiting at rumqttd, by client id.
+    kept_routes: Mutex<HashMap<String, Vec<String>>>,
     /// Connections per user, for `limits.max_devices_per_user`.
     pub(crate) devices: Arc<limits::Devices>,
 }
@@ -96,6 +101,22 @@ impl EdgeContext {
         }
     }
 
+    /// Keeps the routes of `client_id`'s persistent session for its next connection.
+    pub(crate) fn keep_routes(&self, client_id: &str, routes: Vec<String>) {
+        if let Ok(mut kept) = self.kept_routes.lock() {
+            kept.insert(client_id.to_owned(), routes);
+        }
+    }
+
+    /// The routes `client_id`'s persistent session left, if any.
+    pub(crate) fn take_routes(&self, client_id: &str) -> Vec<String> {
+        self.kept_routes
+            .lock()
+            .ok()
+            .and_then(|mut kept| kept.remove(client_id))
+            .unwrap_or_default()
+    }
+
     /// Whether rumqttd keeps a session of `client_id`; forgets it (the link that opens now
     /// resumes or discards it, and records it again as it closes).
     pub(crate) fn take_upstream_session(&self, client_id: &str) -> bool {
@@ -120,6 +141,7 @@ impl EdgeContext {
         broker: PrivateBroker,
         prefix: &str,
         limits: LimitSettings,
+        cluster: Option<Arc<Cluster>>,
     ) -> Self {
         Self {
             im,
@@ -132,6 +154,8 @@ impl EdgeContext {
             upstream_sessions: Mutex::new(HashSet::new()),
             links: Arc::default(),
             limits,
+            cluster,
+            kept_routes: Mutex::default(),
             devices: Arc::default(),
         }
     }

@@ -16,7 +16,7 @@ use super::limits::DeviceSlot;
 use super::links::LinkClaim;
 use super::session::Terms;
 use super::transport::{ClientStream, Upgraded};
-use super::upstream::{LinkRequest, Upstream};
+use super::upstream::{upstream_client_id, LinkRequest, Upstream};
 use super::{EdgeContext, EdgeError};
 use crate::domain::{Device, Uid};
 
@@ -219,7 +219,7 @@ fn link_request(packet: ConnectPacket, client_id: &str) -> LinkRequest {
         Protocol::V4 => (None, None),
     };
     LinkRequest {
-        client_id: client_id.to_owned(),
+        client_id: upstream_client_id(client_id),
         clean_session: packet.connect.clean_session,
         properties,
         will: packet.will,

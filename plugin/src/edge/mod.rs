@@ -16,6 +16,7 @@
 
 mod acl;
 mod admit;
+mod cluster;
 mod codec;
 mod connection;
 mod context;
@@ -39,6 +40,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::accept::accept_until;
 
+pub(crate) use cluster::{Cluster, Injector};
 pub(crate) use context::{EdgeContext, PrivateBroker, EDGE_USER};
 pub(crate) use error::EdgeError;
 pub use limits::{DeviceOverflow, LimitSettings};

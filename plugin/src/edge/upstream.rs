@@ -32,6 +32,7 @@ const UPSTREAM_MAX_FRAME: usize = usize::MAX >> 4;
 /// What the link's CONNECT carries: the client's session flag and MQTT 5 properties (a
 /// will makes the link open at CONNECT, so rumqttd can publish it).
 pub(super) struct LinkRequest {
+    /// The client id rumqttd knows the link by (see [`upstream_client_id`]).
     pub(super) client_id: String,
     pub(super) clean_session: bool,
     pub(super) properties: Option<ConnectProperties>,
@@ -234,7 +235,7 @@ async fn connect(
     let (mut rd, mut wr) = stream.into_split();
     let connect = Connect {
         keep_alive: UPSTREAM_KEEP_ALIVE,
-        client_id: upstream_client_id(&request.client_id),
+        client_id: request.client_id,
         clean_session: request.clean_session,
     };
     let login = Login {
@@ -272,6 +273,20 @@ async fn connect(
         _counted: Counted::new(&ctx.im.metrics().upstream_links),
     };
     Ok((link, ack))
+}
+
+impl LinkRequest {
+    /// A link of the hook layer's own, named `name` (a client id no client's link can
+    /// have: escaped ids use `%` only before two hex digits, hashed ones `%h`).
+    pub(super) fn internal(name: &str) -> Self {
+        Self {
+            client_id: format!("%i{name}"),
+            clean_session: true,
+            properties: None,
+            will: None,
+            will_properties: None,
+        }
+    }
 }
 
 /// Longest client id passed to rumqttd as it is (escaped); longer ones are hashed.

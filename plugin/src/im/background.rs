@@ -16,7 +16,6 @@ use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 
 use super::ImService;
-use crate::metrics::TaskLabels;
 use crate::throttle::Throttle;
 
 /// Runs `work` every `period` (the first time at once) until `shutdown`, counting each round
@@ -139,10 +138,7 @@ impl ImService {
 
     /// The counter of `task`'s finished rounds.
     fn rounds(&self, task: &'static str) -> Counter {
-        self.metrics()
-            .background_rounds
-            .get_or_create(&TaskLabels { task })
-            .clone()
+        self.metrics().rounds(task)
     }
 
     /// Once every connection has ended: writes the live deliveries they acknowledged last,

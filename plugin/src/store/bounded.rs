@@ -14,7 +14,7 @@ use async_trait::async_trait;
 use super::{
     Collected, Conversation, Cutoffs, Device, DeviceInfo, DigestFit, DigestShape, DigestSnapshot,
     Erased, Eviction, GroupErasure, Member, NewMessage, OnCommit, Page, QueuedAppend, Receipt,
-    Removal, Role, SeqRange, Store, StoreError, StoreSizes,
+    Removal, Retained, Role, SeqRange, Store, StoreError, StoreSizes,
 };
 
 /// A call that went unanswered.
@@ -251,6 +251,14 @@ impl Store for Bounded {
     /// waits for it.
     async fn erase_user(&self, uid: &Uid, groups: GroupErasure) -> Result<Erased, StoreError> {
         self.inner.erase_user(uid, groups).await
+    }
+
+    async fn put_retained(&self, topic: &str, message: Option<Vec<u8>>) -> Result<(), StoreError> {
+        self.call(self.inner.put_retained(topic, message)).await
+    }
+
+    async fn retained(&self) -> Result<Vec<Retained>, StoreError> {
+        self.call(self.inner.retained()).await
     }
 
     async fn close(&self) {

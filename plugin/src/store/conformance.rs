@@ -29,6 +29,7 @@ pub(crate) async fn run_all(store: &dyn Store) {
     backlog_cap_skips_the_oldest_and_reports_them(store).await;
     devices_are_listed_expired_and_forgotten(store).await;
     erasing_a_user_removes_its_traces(store).await;
+    retained_messages_are_replaced_and_removed(store).await;
     closed_store_refuses_calls(store).await;
 }
 
@@ -815,6 +816,33 @@ async fn erasing_a_user_removes_its_traces(store: &dyn Store) {
 }
 
 /// After `close`, what was committed stays and every call fails as unavailable.
+async fn retained_messages_are_replaced_and_removed(store: &dyn Store) {
+    let put = |topic: &'static str, message: Option<&[u8]>| {
+        store.put_retained(topic, message.map(<[u8]>::to_vec))
+    };
+    put("plant/config", Some(b"v1")).await.unwrap();
+    put("plant/7/state", Some(&[0, 255])).await.unwrap();
+    put("plant/config", Some(b"v2")).await.unwrap();
+    put("never/set", None).await.unwrap();
+    let held = |list: Vec<super::Retained>| -> Vec<(String, Vec<u8>)> {
+        list.into_iter().map(|r| (r.topic, r.message)).collect()
+    };
+    assert_eq!(
+        held(store.retained().await.unwrap()),
+        vec![
+            ("plant/7/state".to_owned(), vec![0, 255]),
+            ("plant/config".to_owned(), b"v2".to_vec()),
+        ]
+    );
+    put("plant/7/state", None).await.unwrap();
+    assert_eq!(
+        held(store.retained().await.unwrap()),
+        vec![("plant/config".to_owned(), b"v2".to_vec())]
+    );
+    put("plant/config", None).await.unwrap();
+    assert!(store.retained().await.unwrap().is_empty());
+}
+
 async fn closed_store_refuses_calls(store: &dyn Store) {
     let chat = direct("c1", "c2");
     let queued = store

@@ -29,6 +29,10 @@ pub(crate) const SQLITE: &[Migration] = &[
         version: 4,
         sql: include_str!("../../migrations/sqlite/0004_conversation_kind.sql"),
     },
+    Migration {
+        version: 5,
+        sql: include_str!("../../migrations/sqlite/0005_retained.sql"),
+    },
 ];
 
 /// The PostgreSQL migrations, `migrations/postgres/NNNN_*.sql` (same numbering; a number
@@ -46,6 +50,10 @@ pub(crate) const POSTGRES: &[Migration] = &[
     Migration {
         version: 3,
         sql: include_str!("../../migrations/postgres/0003_bounded.sql"),
+    },
+    Migration {
+        version: 5,
+        sql: include_str!("../../migrations/postgres/0005_retained.sql"),
     },
 ];
 
@@ -132,8 +140,8 @@ mod tests {
     #[test]
     fn applies_once_and_refuses_a_newer_schema() {
         let mut conn = Connection::open_in_memory().unwrap();
-        assert_eq!(apply_sqlite(&mut conn).unwrap(), 4);
-        assert_eq!(apply_sqlite(&mut conn).unwrap(), 4);
+        assert_eq!(apply_sqlite(&mut conn).unwrap(), 5);
+        assert_eq!(apply_sqlite(&mut conn).unwrap(), 5);
         // Conversations know their kind, as PostgreSQL's do.
         conn.execute_batch("INSERT INTO conversations (key) VALUES ('g:team'), ('dm:a:b')")
             .unwrap();

@@ -22,7 +22,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use tokio::sync::oneshot;
 
-pub use self::redis::RedisBus;
+pub use self::redis::{ClusterMessage, RedisBus, RemoteRoutes};
 pub use crate::domain::{Conversation, ConversationKind, Device, Gid, Uid};
 pub use bounded::Bounded;
 pub use embedded::EmbeddedStore;
@@ -301,6 +301,16 @@ pub struct Eviction {
     pub uid: Uid,
     /// The device; `None` for every device of the user.
     pub client_id: Option<String>,
+}
+
+/// A retained message of a plain topic, shared by a cluster's nodes: `message` is kept whole
+/// as its owner encoded it (the store does not read it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Retained {
+    /// The topic it is retained for.
+    pub topic: String,
+    /// The encoded message.
+    pub message: Vec<u8>,
 }
 
 /// What erasing a user does to the messages it sent in groups.
@@ -767,6 +777,13 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// passes to its next member), its read cursors, the 1:1 messages it sent and, as
     /// `groups` says, its group messages; logs an eviction. Running it again finds nothing.
     async fn erase_user(&self, uid: &Uid, groups: GroupErasure) -> Result<Erased, StoreError>;
+
+    /// Keeps `message` as what future subscribers of `topic` get on every node, replacing
+    /// the one before; `None` removes it.
+    async fn put_retained(&self, topic: &str, message: Option<Vec<u8>>) -> Result<(), StoreError>;
+
+    /// Every retained message, for a node that starts.
+    async fn retained(&self) -> Result<Vec<Retained>, StoreError>;
 
     /// Flushes pending writes and stops background work; later calls fail as unavailable.
     async fn close(&self);

@@ -6,7 +6,7 @@ use prost::Message;
 
 use super::outcome::{Outcome, Refusal};
 use super::{End, Session};
-use crate::edge::codec::Protocol;
+use crate::edge::codec::{self, Protocol, PublishView};
 use crate::edge::topics::Topics;
 use crate::edge::EdgeError;
 use crate::hook::Verdict;
@@ -55,6 +55,7 @@ impl Session {
                 self.write_reply(&target, response);
             }
             Outcome::Digest(digest) => self.digest_ready(digest),
+            Outcome::Advertised { pkid, codes } => return self.write_suback(pkid, codes),
         }
         Ok(())
     }
@@ -71,11 +72,25 @@ impl Session {
         match decision {
             None | Some(Verdict::Allow | Verdict::Rewrite(_)) => {
                 self.rumqttd_out().extend_from_slice(upstream);
+                let wanted = self.ctx.cluster.as_ref();
+                if wanted.is_some_and(|cluster| cluster.wanted_elsewhere(topic)) {
+                    self.forward_relayed(upstream);
+                }
             }
             Some(Verdict::Deny(reason)) => {
                 let logged = crate::text::LoggedId(&reason);
                 tracing::debug!(topic, reason = %logged, "publish denied by a hook");
                 self.refuse_plain(qos, pkid, topic, &reason);
+            }
+        }
+    }
+
+    /// A relayed publish (MQTT 5 bytes, as rumqttd got them) for the other nodes too.
+    fn forward_relayed(&mut self, upstream: &[u8]) {
+        let mut bytes = bytes::BytesMut::from(upstream);
+        if let Ok(Some(frame)) = codec::next_frame(&mut bytes, usize::MAX) {
+            if let Ok(publish) = PublishView::parse(&frame, Protocol::V5) {
+                self.forward_elsewhere(&publish);
             }
         }
     }

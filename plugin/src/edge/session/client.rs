@@ -44,6 +44,7 @@ impl Session {
             }
             kind::PUBREL => {
                 let pkid = frame.ack_pkid()?;
+                self.forwarded_qos2.remove(&pkid);
                 if self.im_qos2.remove(&pkid) || !self.linked {
                     // Ours, or unknown to anyone (rumqttd never had this client).
                     self.outbox.ack(kind::PUBCOMP, pkid);

@@ -35,12 +35,19 @@ impl Session {
                 let Packet::SubAck(suback, _) = frame.decode_upstream()? else {
                     return Err(EdgeError::Protocol("malformed SUBACK from rumqttd"));
                 };
-                let codes = self.merge(suback.pkid, suback.return_codes.iter().map(suback_code));
-                self.write_suback(suback.pkid, codes)
+                let granted: Vec<u8> = suback.return_codes.iter().map(suback_code).collect();
+                let (codes, relayed) = self.merge(suback.pkid, granted.iter().copied());
+                let held = relayed
+                    .into_iter()
+                    .zip(granted)
+                    .filter(|(_, code)| *code < 0x80)
+                    .map(|(filter, _)| filter);
+                self.answer_subscribe(suback.pkid, codes, held.collect())
             }
             kind::UNSUBACK => {
                 let pkid = frame.ack_pkid()?;
-                let codes = self.merge(pkid, std::iter::repeat(0));
+                let (codes, relayed) = self.merge(pkid, std::iter::repeat(0));
+                self.release_routes(&relayed);
                 self.write_unsuback(pkid, codes)
             }
             kind::DISCONNECT => {
@@ -79,15 +86,23 @@ impl Session {
         self.outbox.upstream_publish(frame)
     }
 
-    /// Fills rumqttd's codes into the pending answer for `pkid`.
-    fn merge(&mut self, pkid: u16, mut upstream: impl Iterator<Item = u8>) -> Vec<u8> {
+    /// Fills rumqttd's codes into the pending answer for `pkid`; also returns the filters
+    /// rumqttd was asked about.
+    fn merge(
+        &mut self,
+        pkid: u16,
+        mut upstream: impl Iterator<Item = u8>,
+    ) -> (Vec<u8>, Vec<String>) {
         match self.pending.remove(&pkid) {
-            Some(pending) => pending
-                .codes
-                .into_iter()
-                .map(|code| code.unwrap_or_else(|| upstream.next().unwrap_or(0x80)))
-                .collect(),
-            None => upstream.collect(),
+            Some(pending) => {
+                let codes = pending
+                    .codes
+                    .into_iter()
+                    .map(|code| code.unwrap_or_else(|| upstream.next().unwrap_or(0x80)))
+                    .collect();
+                (codes, pending.relayed)
+            }
+            None => (upstream.collect(), Vec::new()),
         }
     }
 }

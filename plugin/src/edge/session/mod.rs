@@ -8,6 +8,8 @@
 //!   PUBLISH, by route (pass-through, chat, request, refused).
 //! - `from_rumqttd`: what rumqttd sends the client.
 //! - `presence`: online and offline, live events from the IM service, leaving.
+//! - `routes`: the plain-topic filters held at rumqttd as routes of the cluster, and the
+//!   client's publishes forwarded to the nodes that want them.
 //! - `subscribe`: SUBSCRIBE and UNSUBSCRIBE, split between the hook layer and rumqttd.
 //! - `outcome`: what finished IM operations carry (plain data); `apply`: applying them in
 //!   arrival order; `reply`: acknowledgements, refusals and replies in each protocol's terms.
@@ -24,6 +26,7 @@ mod packet_ids;
 mod presence;
 mod publish;
 mod reply;
+mod routes;
 mod subscribe;
 mod upstream_acks;
 
@@ -180,6 +183,11 @@ pub(super) struct Session {
     pending: HashMap<u16, PendingAck>,
     /// Client QoS 2 publishes the hook layer answered, awaiting PUBREL.
     im_qos2: HashSet<u16>,
+    /// Plain-topic filters this client holds at rumqttd (routes of the cluster).
+    routes: HashSet<String>,
+    /// Client QoS 2 publishes forwarded to other nodes, awaiting PUBREL (a retransmission
+    /// is not forwarded again).
+    forwarded_qos2: HashSet<u16>,
     /// Arrival order of this connection's chat publishes, which their seqs follow.
     send_order: SendOrder,
     /// How the IM service reaches this connection.
@@ -246,6 +254,8 @@ impl Session {
             im_filters,
             pending: HashMap::new(),
             im_qos2: HashSet::new(),
+            routes: HashSet::new(),
+            forwarded_qos2: HashSet::new(),
             send_order: SendOrder::default(),
             sink,
             online: false,
@@ -254,6 +264,7 @@ impl Session {
             end: None,
             last_seen: Instant::now(),
         };
+        session.take_kept_routes();
         if !session.im_filters.is_empty() {
             // A resumed persistent session: groups it still belongs to, online again, and a
             // fresh digest.

@@ -46,6 +46,8 @@ pub(super) enum Outcome {
     Subscribed(Subscription),
     /// An UNSUBSCRIBE in its turn.
     Unsubscribed(Unsubscribe, Option<UnsubscribeProperties>),
+    /// A SUBACK that waited until the routes it grants were advertised to the other nodes.
+    Advertised { pkid: u16, codes: Vec<u8> },
     /// The client's DISCONNECT, for rumqttd if it has this client (so that it drops the
     /// will).
     Farewell(bytes::Bytes),
@@ -99,6 +101,8 @@ impl Refusal {
 pub(super) struct PendingAck {
     /// One entry per filter: the hook layer's code, or `None` for rumqttd's.
     pub(super) codes: Vec<Option<u8>>,
+    /// The filters rumqttd was asked about, in order.
+    pub(super) relayed: Vec<String>,
 }
 
 /// One filter of a SUBSCRIBE, decided.

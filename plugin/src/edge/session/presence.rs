@@ -25,6 +25,7 @@ impl Session {
             let filters = std::mem::take(&mut self.im_filters);
             self.ctx.keep_session(device, filters);
         }
+        self.leave_routes();
         self.say_why(end);
     }
 

@@ -110,6 +110,7 @@ impl Session {
                 Protocol::V5 => self.rumqttd_out().extend_from_slice(&frame.bytes),
                 Protocol::V4 => publish.write(Protocol::V5, pkid, self.rumqttd_out()),
             }
+            self.forward_elsewhere(&publish);
             return;
         }
         let upstream = match self.version {

@@ -168,11 +168,12 @@ impl Session {
         if relayed.is_empty() {
             return self.write_suback(pkid, codes.into_iter().flatten().collect());
         }
+        let asked = relayed.iter().map(|filter| filter.path.clone()).collect();
         let subscribe = Subscribe {
             pkid,
             filters: relayed,
         };
-        self.ask_rumqttd(pkid, codes, Packet::Subscribe(subscribe, properties))
+        self.ask_rumqttd(pkid, codes, asked, Packet::Subscribe(subscribe, properties))
     }
 
     /// Sends rumqttd its part of a SUBSCRIBE or UNSUBSCRIBE; the answer to the client waits
@@ -181,9 +182,10 @@ impl Session {
         &mut self,
         pkid: u16,
         codes: Vec<Option<u8>>,
+        relayed: Vec<String>,
         packet: Packet,
     ) -> Result<(), EdgeError> {
-        self.pending.insert(pkid, PendingAck { codes });
+        self.pending.insert(pkid, PendingAck { codes, relayed });
         codec::write_packet(self.rumqttd_out(), Protocol::V5, packet)?;
         Ok(())
     }
@@ -278,9 +280,14 @@ impl Session {
         }
         let unsubscribe = Unsubscribe {
             pkid,
-            filters: relayed,
+            filters: relayed.clone(),
         };
-        self.ask_rumqttd(pkid, codes, Packet::Unsubscribe(unsubscribe, properties))
+        self.ask_rumqttd(
+            pkid,
+            codes,
+            relayed,
+            Packet::Unsubscribe(unsubscribe, properties),
+        )
     }
 
     pub(super) fn write_unsuback(&mut self, pkid: u16, codes: Vec<u8>) -> Result<(), EdgeError> {

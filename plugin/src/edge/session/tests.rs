@@ -112,6 +112,7 @@ fn fixture(client: Client) -> Fixture {
         broker,
         &config.im.prefix,
         config.limits.clone(),
+        None,
     ));
     let (events, _) = mpsc::channel(8);
     let sink = Arc::new(ConnectionSink {

@@ -6,6 +6,7 @@ mod error;
 mod groups;
 mod lifecycle;
 mod queries;
+mod retained;
 mod writer;
 
 use crate::domain::Uid;
@@ -21,7 +22,7 @@ use super::{
     now_ms, Collected, Conversation, ConversationKind, ConversationState, Cutoffs, Device,
     DeviceInfo, DigestEntry, DigestFit, DigestRequest, DigestShape, DigestSnapshot, Erased,
     Eviction, GroupErasure, Member, NewMessage, OnCommit, Page, QueuedAppend, Receipt, Removal,
-    Role, SeqRange, Store, StoreError, StoreSizes, SIZES_QUERY,
+    Retained, Role, SeqRange, Store, StoreError, StoreSizes, SIZES_QUERY,
 };
 use error::{sql_error, SqliteError};
 use writer::{AfterCommit, Call, Job};
@@ -460,6 +461,16 @@ impl Store for EmbeddedStore {
         let uid = uid.to_owned();
         self.write(move |conn| lifecycle::erase_user(conn, &uid, groups))
             .await
+    }
+
+    async fn put_retained(&self, topic: &str, message: Option<Vec<u8>>) -> Result<(), StoreError> {
+        let topic = topic.to_owned();
+        self.write(move |conn| retained::put(conn, &topic, message.as_deref()))
+            .await
+    }
+
+    async fn retained(&self) -> Result<Vec<Retained>, StoreError> {
+        self.read(retained::all).await
     }
 
     async fn close(&self) {

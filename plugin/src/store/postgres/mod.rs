@@ -8,6 +8,7 @@ mod error;
 mod groups;
 mod lifecycle;
 mod queries;
+mod retained;
 
 use crate::domain::Uid;
 use std::collections::HashMap;
@@ -25,7 +26,7 @@ use super::{
     bounded, migrate, now_ms, Collected, Conversation, ConversationKind, ConversationState,
     Cutoffs, Device, DeviceInfo, DigestEntry, DigestFit, DigestShape, DigestSnapshot, Erased,
     Eviction, GroupErasure, Member, NewMessage, OnCommit, Page, QueuedAppend, Receipt, Removal,
-    Role, SeqRange, Store, StoreError, StoreSizes, SIZES_QUERY,
+    Retained, Role, SeqRange, Store, StoreError, StoreSizes, SIZES_QUERY,
 };
 pub use cache::DigestCache;
 use error::PostgresError;
@@ -517,6 +518,14 @@ impl Store for PostgresStore {
 
     async fn evictions_since(&self, after: u64, limit: usize) -> Result<Vec<Eviction>, StoreError> {
         lifecycle::evictions_since(&*self.client().await?, after, limit).await
+    }
+
+    async fn put_retained(&self, topic: &str, message: Option<Vec<u8>>) -> Result<(), StoreError> {
+        retained::put(&*self.client().await?, topic, message.as_deref()).await
+    }
+
+    async fn retained(&self) -> Result<Vec<Retained>, StoreError> {
+        retained::all(&*self.client().await?).await
     }
 
     async fn erase_user(&self, uid: &Uid, groups: GroupErasure) -> Result<Erased, StoreError> {

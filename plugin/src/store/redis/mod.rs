@@ -14,6 +14,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Device, StoreError};
 
+mod routes;
+pub use routes::{ClusterMessage, RemoteRoutes};
+
 /// A Redis failure, keeping its cause.
 #[derive(Debug, thiserror::Error)]
 enum RedisFailure {
@@ -351,7 +354,27 @@ impl RedisBus {
     /// Delivers what other nodes send to this one into `inbox` until `shutdown`, resubscribing
     /// after a Redis failure.
     pub async fn listen(self, inbox: mpsc::Sender<Vec<u8>>, shutdown: CancellationToken) {
-        let channels = [self.channel(&self.node), self.broadcast_channel()];
+        let channels = vec![self.channel(&self.node), self.broadcast_channel()];
+        let forward = |_: String, payload: Vec<u8>| {
+            let inbox = inbox.clone();
+            async move { inbox.send(payload).await.is_ok() }
+        };
+        self.subscribed(channels, "hand-overs", forward, shutdown)
+            .await;
+    }
+
+    /// Hands every message on `channels` to `deliver` (its channel and payload) until
+    /// `shutdown` or until `deliver` says no more, resubscribing after a Redis failure.
+    async fn subscribed<F, D>(
+        &self,
+        channels: Vec<String>,
+        what: &'static str,
+        mut deliver: D,
+        shutdown: CancellationToken,
+    ) where
+        D: FnMut(String, Vec<u8>) -> F,
+        F: std::future::Future<Output = bool>,
+    {
         let mut backoff = Duration::from_millis(100);
         while !shutdown.is_cancelled() {
             let subscribed = async {
@@ -362,7 +385,7 @@ impl RedisBus {
             let mut pubsub = match self.redis.within(subscribed).await {
                 Ok(pubsub) => pubsub,
                 Err(e) => {
-                    tracing::warn!(error = %e, "cannot subscribe to hand-overs; retrying");
+                    tracing::warn!(error = %e, what, "cannot subscribe; retrying");
                     tokio::select! {
                         () = tokio::time::sleep(backoff) => {}
                         () = shutdown.cancelled() => return,
@@ -377,8 +400,9 @@ impl RedisBus {
                 tokio::select! {
                     message = messages.next() => match message {
                         Some(message) => {
-                            let payload: Vec<u8> = message.get_payload_bytes().to_vec();
-                            if inbox.send(payload).await.is_err() {
+                            let channel = message.get_channel_name().to_owned();
+                            let payload = message.get_payload_bytes().to_vec();
+                            if !deliver(channel, payload).await {
                                 return;
                             }
                         }
@@ -389,7 +413,7 @@ impl RedisBus {
                     () = self.redis.replaced() => break,
                 }
             }
-            tracing::warn!("hand-over subscription lost; resubscribing");
+            tracing::warn!(what, "subscription lost; resubscribing");
         }
     }
 }

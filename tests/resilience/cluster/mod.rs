@@ -1,6 +1,10 @@
 //! Several mqtt-im nodes on one PostgreSQL and one Redis: live hand-over between nodes,
-//! moving devices, a node killed with SIGKILL, and a flushed Redis.
+//! moving devices, a node killed with SIGKILL, and a flushed Redis; plain topics across
+//! nodes in `plain`.
 
+mod plain;
+
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use crate::common::*;
@@ -48,6 +52,27 @@ async fn two_nodes(services: &Services) -> (TestBroker, TestBroker) {
     let n1 = TestBroker::start_with_on(services.backend.clone(), node(services, "n1")).await;
     let n2 = TestBroker::start_with_on(services.backend.clone(), node(services, "n2")).await;
     (n1, n2)
+}
+
+/// A node in a process of its own (to be killed), on the test's PostgreSQL and Redis; with
+/// its data folder.
+fn spawn_node(services: &Services, id: &str) -> (Node, SocketAddr, tempfile::TempDir) {
+    let TestBackend::Postgres(settings) = &services.backend else {
+        unreachable!("cluster tests run on PostgreSQL");
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let env = [
+        ("MQTT_IM__STORE__BACKEND", "postgres".to_string()),
+        ("MQTT_IM__STORE__POSTGRES__URL", settings.url.clone()),
+        ("MQTT_IM__STORE__POSTGRES__SCHEMA", settings.schema.clone()),
+        ("MQTT_IM__CLUSTER__REDIS_URL", services.redis.clone()),
+        ("MQTT_IM__CLUSTER__KEY_PREFIX", services.prefix.clone()),
+        ("MQTT_IM__CLUSTER__NODE_ID", id.to_string()),
+        ("MQTT_IM__CLUSTER__HEARTBEAT", "100ms".to_string()),
+        ("MQTT_IM__CLUSTER__NODE_TTL", "600ms".to_string()),
+    ];
+    let (node, addr) = spawn_with(dir.path(), &env);
+    (node, addr, dir)
 }
 
 async fn wait_located(broker: &TestBroker, uid: &str, expected: &[(&str, &str)]) {
@@ -135,22 +160,8 @@ async fn killed_node_users_become_offline() {
         eprintln!("skipped: PostgreSQL or Redis not configured");
         return;
     };
-    let TestBackend::Postgres(settings) = &services.backend else {
-        return;
-    };
     let n1 = TestBroker::start_with_on(services.backend.clone(), node(&services, "n1")).await;
-    let dir = tempfile::tempdir().unwrap();
-    let env = [
-        ("MQTT_IM__STORE__BACKEND", "postgres".to_string()),
-        ("MQTT_IM__STORE__POSTGRES__URL", settings.url.clone()),
-        ("MQTT_IM__STORE__POSTGRES__SCHEMA", settings.schema.clone()),
-        ("MQTT_IM__CLUSTER__REDIS_URL", services.redis.clone()),
-        ("MQTT_IM__CLUSTER__KEY_PREFIX", services.prefix.clone()),
-        ("MQTT_IM__CLUSTER__NODE_ID", "doomed".to_string()),
-        ("MQTT_IM__CLUSTER__HEARTBEAT", "100ms".to_string()),
-        ("MQTT_IM__CLUSTER__NODE_TTL", "600ms".to_string()),
-    ];
-    let (mut child, addr) = spawn_with(dir.path(), &env);
+    let (mut child, addr, _dir) = spawn_node(&services, "doomed");
     let mut bob = Client::v4(addr, "bob-phone", "bob", 30).await;
     bob.subscribe("im/u/bob/#", 1).await;
     wait_located(&n1, "bob", &[("bob-phone", "doomed")]).await;

@@ -1,0 +1,100 @@
+//! The plain-topic filters this client holds at rumqttd, as routes of the cluster: other
+//! nodes forward matching publishes here while anyone holds one (a persistent session keeps
+//! them while it waits at rumqttd), and the client's own publishes go to the nodes whose
+//! clients want them.
+
+use super::outcome::Outcome;
+use super::Session;
+use crate::edge::codec::PublishView;
+use crate::edge::EdgeError;
+
+impl Session {
+    /// rumqttd granted `held` filters of a SUBSCRIBE: they become routes, and when some are
+    /// new to this node the SUBACK waits until the other nodes were told, so a publish
+    /// anywhere that follows the SUBACK reaches the client.
+    pub(super) fn answer_subscribe(
+        &mut self,
+        pkid: u16,
+        codes: Vec<u8>,
+        held: Vec<String>,
+    ) -> Result<(), EdgeError> {
+        let fresh: Vec<String> = held
+            .into_iter()
+            .filter(|filter| routable(filter) && self.routes.insert(filter.clone()))
+            .collect();
+        let change = match &self.ctx.cluster {
+            Some(cluster) if !fresh.is_empty() => cluster.subscribed(&fresh),
+            _ => None,
+        };
+        match (change, self.ctx.cluster.clone()) {
+            (Some(change), Some(cluster)) => {
+                self.start(async move {
+                    cluster.advertise(&change).await;
+                    Outcome::Advertised { pkid, codes }
+                });
+                Ok(())
+            }
+            _ => self.write_suback(pkid, codes),
+        }
+    }
+
+    /// The client no longer holds `filters` at rumqttd.
+    pub(super) fn release_routes(&mut self, filters: &[String]) {
+        let released: Vec<String> = filters
+            .iter()
+            .filter(|filter| self.routes.remove(*filter))
+            .cloned()
+            .collect();
+        if let (Some(cluster), false) = (&self.ctx.cluster, released.is_empty()) {
+            cluster.unsubscribed(&released);
+        }
+    }
+
+    /// The routes a connection ending leaves: a persistent session keeps them for the
+    /// client's next connection; otherwise rumqttd drops its subscriptions, and so do they.
+    pub(super) fn leave_routes(&mut self) {
+        let routes: Vec<String> = self.routes.drain().collect();
+        if self.clean_session {
+            if let Some(cluster) = &self.ctx.cluster {
+                cluster.unsubscribed(&routes);
+            }
+        } else if !routes.is_empty() {
+            self.ctx.keep_routes(&self.client_id, routes);
+        }
+    }
+
+    /// At CONNECT: the routes a persistent session left become this connection's (rumqttd
+    /// resumes its subscriptions), or are withdrawn with it (a clean session discards them).
+    pub(super) fn take_kept_routes(&mut self) {
+        let kept = self.ctx.take_routes(&self.client_id);
+        if kept.is_empty() {
+            return;
+        }
+        if self.clean_session {
+            if let Some(cluster) = &self.ctx.cluster {
+                cluster.unsubscribed(&kept);
+            }
+        } else {
+            self.routes.extend(kept);
+        }
+    }
+
+    /// A client's publish that went to this node's rumqttd goes to the other nodes whose
+    /// clients want it too; a QoS 2 publish the client retransmits before PUBREL is not
+    /// forwarded twice.
+    pub(super) fn forward_elsewhere(&mut self, publish: &PublishView) {
+        let Some(cluster) = &self.ctx.cluster else {
+            return;
+        };
+        if publish.qos() == 2 && !self.forwarded_qos2.insert(publish.pkid) {
+            return;
+        }
+        cluster.forward(publish);
+    }
+}
+
+/// Whether a filter routes publishes by itself (a shared subscription's members are served
+/// by their own node only).
+fn routable(filter: &str) -> bool {
+    !filter.starts_with("$share/")
+}
