@@ -148,9 +148,12 @@ pub struct Metrics {
     pub(crate) reloads: Family<ReloadLabels, Counter>,
     pub(crate) forwards_sent: Counter,
     pub(crate) forwards_received: Counter,
+    pub(crate) forwards_injected: Counter,
     pub(crate) forwards_failed: Family<ForwardFailureLabels, Counter>,
     pub(crate) cluster_routes_local: Gauge,
     pub(crate) cluster_routes_remote: Gauge,
+    pub(crate) retained_writes_failed: Counter,
+    pub(crate) shared_undelivered: Counter,
 }
 
 impl Default for Metrics {
@@ -196,9 +199,12 @@ impl Default for Metrics {
             reloads: Family::default(),
             forwards_sent: Counter::default(),
             forwards_received: Counter::default(),
+            forwards_injected: Counter::default(),
             forwards_failed: Family::default(),
             cluster_routes_local: Gauge::default(),
             cluster_routes_remote: Gauge::default(),
+            retained_writes_failed: Counter::default(),
+            shared_undelivered: Counter::default(),
         };
         metrics.register();
         metrics
@@ -368,13 +374,18 @@ impl Metrics {
         );
         r.register(
             "forwards_sent",
-            "Plain-topic publishes this node handed to Redis for other nodes with a matching route (at most once: the publisher's PUBACK does not wait for them)",
+            "Plain-topic publishes this node handed to Redis for other nodes with a matching route, and retained ones for every node (at most once: the publisher's PUBACK does not wait for them)",
             self.forwards_sent.clone(),
         );
         r.register(
             "forwards_received",
             "Plain-topic publishes other nodes forwarded here, injected into this node's rumqttd",
             self.forwards_received.clone(),
+        );
+        r.register(
+            "forwards_injected",
+            "Publishes of other nodes this node's rumqttd has taken (QoS 1/2: acknowledged by it; QoS 0: written to it)",
+            self.forwards_injected.clone(),
         );
         r.register(
             "forwards_failed",
@@ -390,6 +401,16 @@ impl Metrics {
             "cluster_routes_remote",
             "Plain-topic filters the other live nodes advertise, which this node forwards to",
             self.cluster_routes_remote.clone(),
+        );
+        r.register(
+            "retained_writes_failed",
+            "Retained messages (or clearings) set through this node that the store did not keep: every node has them now, but a node that starts later will not",
+            self.retained_writes_failed.clone(),
+        );
+        r.register(
+            "shared_undelivered",
+            "Publishes for a shared subscription (in a cluster) that no member took: every member's queue was full, or the members on the node chosen had just left",
+            self.shared_undelivered.clone(),
         );
     }
 

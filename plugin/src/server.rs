@@ -233,7 +233,10 @@ impl Builder {
         let bus = connect_cluster(&config.cluster).await?;
         let cluster = bus
             .clone()
-            .map(|bus| Arc::new(Cluster::new(bus, Arc::clone(&metrics))));
+            .map(|bus| Arc::new(Cluster::new(bus, Arc::clone(&store), Arc::clone(&metrics))));
+        if let Some(cluster) = &cluster {
+            cluster.read_retained().await;
+        }
         let im = ImService::new(
             Arc::clone(&store),
             policy.clone(),
@@ -384,6 +387,10 @@ impl Handle {
     }
 }
 
+/// How long a starting node of a cluster waits for its rumqttd to take the retained
+/// messages (read from the store at bind) before it serves clients without them.
+const RETAINED_LOAD_LIMIT: Duration = Duration::from_secs(5);
+
 /// A bound, ready-to-run mqtt-im.
 #[derive(Debug)]
 pub struct Server {
@@ -491,7 +498,9 @@ impl Server {
         tasks.spawn(self.im.clone().run(self.heartbeat, shutdown.clone()));
         if let Some(cluster) = self.context.cluster.clone() {
             let injector = Injector::new(Arc::clone(&self.context), cluster.node());
-            tasks.spawn(cluster.run(injector, self.heartbeat, shutdown.clone()));
+            tasks.spawn(Arc::clone(&cluster).run(injector, self.heartbeat, shutdown.clone()));
+            // The first subscribers get the cluster's retained messages.
+            cluster.retained_loaded(RETAINED_LOAD_LIMIT).await;
         }
         if let Some((listener, source)) = self.status {
             tasks.spawn(status::serve(

@@ -191,3 +191,31 @@ async fn v5_properties_pass_through_to_v5_subscribers() {
     assert_eq!(payload, b"p".to_vec());
     assert_eq!(correlation.as_deref(), Some(&b"abc"[..]));
 }
+
+/// On one node (no cluster) rumqttd keeps shared subscriptions: each message reaches one
+/// member of the group, and a plain subscriber gets them all.
+#[tokio::test]
+async fn shared_subscription_on_one_node() {
+    let broker = TestBroker::start().await;
+    let mut first = Client::v4(broker.addr, "worker-1", "alice", 30).await;
+    assert_eq!(first.subscribe("$share/w/jobs/#", 1).await, vec![1]);
+    let mut second = Client::v5(broker.addr, "worker-2", "bob").await;
+    assert_eq!(second.subscribe("$share/w/jobs/#", 1).await, vec![1]);
+    let mut producer = Client::v4(broker.addr, "producer", "carol", 30).await;
+    for n in 0..10u8 {
+        producer.publish_acked("jobs/a", vec![n]).await;
+    }
+    let mut got = Vec::new();
+    for member in [&mut first, &mut second] {
+        while let Some(seen) = member
+            .quiet_for(std::time::Duration::from_millis(300))
+            .await
+        {
+            if let Seen::Publish { payload, .. } = seen {
+                got.push(payload);
+            }
+        }
+    }
+    got.sort();
+    assert_eq!(got, (0..10u8).map(|n| vec![n]).collect::<Vec<_>>());
+}

@@ -21,11 +21,10 @@ use super::handshake::{handshake, Arrival, Established};
 use super::limits::DeviceSlot;
 use super::links::LinkClaim;
 use super::session::{Effects, End, Op, Session};
-use super::sink::ConnectionSink;
+use super::sink::{ConnectionSink, SessionEvent};
 use super::transport::{ClientStream, Listener};
 use super::upstream::{Upstream, UpstreamEvent};
 use super::{EdgeContext, EdgeError};
-use crate::im::DeviceEvent;
 use crate::listener::ListenerKind;
 use crate::metrics::ConnectionLabels;
 
@@ -66,7 +65,7 @@ pub(super) struct Connection {
     ops: FuturesOrdered<Op>,
     /// Boxed: the queue's storage is allocated in blocks of slots, and an idle
     /// connection's first block then stays small.
-    events_rx: mpsc::Receiver<Box<DeviceEvent>>,
+    events_rx: mpsc::Receiver<Box<SessionEvent>>,
     /// Cancelled when an operator evicts the connection.
     evicted: CancellationToken,
     last_upstream_write: Instant,

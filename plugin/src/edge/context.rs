@@ -56,9 +56,19 @@ pub(crate) struct EdgeContext {
     /// Plain-topic routing across nodes, with a cluster.
     pub(crate) cluster: Option<Arc<Cluster>>,
     /// The routes of persistent sessions waiting at rumqttd, by client id.
-    kept_routes: Mutex<HashMap<String, Vec<String>>>,
+    kept_routes: Mutex<HashMap<String, KeptRoutes>>,
     /// Connections per user, for `limits.max_devices_per_user`.
     pub(crate) devices: Arc<limits::Devices>,
+}
+
+/// What a persistent session away from this node holds in the cluster.
+#[derive(Debug, Default)]
+pub(crate) struct KeptRoutes {
+    /// Plain-topic filters held at rumqttd, advertised meanwhile.
+    pub(crate) plain: Vec<String>,
+    /// Shared subscriptions (`$share/...`) with their granted QoS, rejoined at the next
+    /// connection (meanwhile their messages go to the members that are connected).
+    pub(crate) shared: Vec<(String, u8)>,
 }
 
 impl EdgeContext {
@@ -102,14 +112,14 @@ impl EdgeContext {
     }
 
     /// Keeps the routes of `client_id`'s persistent session for its next connection.
-    pub(crate) fn keep_routes(&self, client_id: &str, routes: Vec<String>) {
+    pub(crate) fn keep_routes(&self, client_id: &str, routes: KeptRoutes) {
         if let Ok(mut kept) = self.kept_routes.lock() {
             kept.insert(client_id.to_owned(), routes);
         }
     }
 
     /// The routes `client_id`'s persistent session left, if any.
-    pub(crate) fn take_routes(&self, client_id: &str) -> Vec<String> {
+    pub(crate) fn take_routes(&self, client_id: &str) -> KeptRoutes {
         self.kept_routes
             .lock()
             .ok()

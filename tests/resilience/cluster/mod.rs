@@ -3,6 +3,8 @@
 //! nodes in `plain`.
 
 mod plain;
+mod retained;
+mod shared;
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -47,11 +49,19 @@ fn node(services: &Services, id: &str) -> impl FnOnce(&mut Config) {
     }
 }
 
-/// Nodes n1 and n2 on the same PostgreSQL and Redis.
+/// Nodes n1 and n2 on the same PostgreSQL and Redis, each following the cluster's channels.
 async fn two_nodes(services: &Services) -> (TestBroker, TestBroker) {
     let n1 = TestBroker::start_with_on(services.backend.clone(), node(services, "n1")).await;
     let n2 = TestBroker::start_with_on(services.backend.clone(), node(services, "n2")).await;
+    following(&n1).await;
+    following(&n2).await;
     (n1, n2)
+}
+
+/// Waits until `broker` follows the cluster's channels: it loads the retained messages at
+/// start and again once it follows them.
+async fn following(broker: &TestBroker) {
+    wait_for(|| rounds(broker, "retained_loads") >= 2.0).await;
 }
 
 /// A node in a process of its own (to be killed), on the test's PostgreSQL and Redis; with

@@ -4,13 +4,14 @@
 //! subscribers as it would a local client's. Reconnects by itself; what was in flight when
 //! the link broke is lost (counted).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
+use prometheus_client::metrics::counter::Counter;
 use rumqttd::protocol::ConnectReturnCode;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::edge::codec::{self, kind, Frame, Protocol};
@@ -22,6 +23,18 @@ use crate::wire::pb;
 const WINDOW: usize = 64;
 /// How often the idle link is pinged.
 const PING: Duration = Duration::from_secs(20);
+/// A topic no subscription matches (rumqttd matches no filter to a `$` topic): its PUBACK
+/// says rumqttd has handled every publish written before it on the link.
+const FLUSH_TOPIC: &[u8] = b"$mqtt-im/flush";
+
+/// What the injector is asked to do.
+#[derive(Debug)]
+pub(super) enum Injection {
+    /// Write a publish into rumqttd.
+    Publish(pb::Forward),
+    /// Answer once rumqttd has handled everything injected before.
+    Flush(oneshot::Sender<()>),
+}
 
 /// Injects forwarded publishes into this node's rumqttd.
 #[derive(Debug)]
@@ -42,7 +55,7 @@ impl Injector {
     /// Injects what `queue` brings until `shutdown`, relinking after a failure.
     pub(super) async fn run(
         self,
-        mut queue: mpsc::Receiver<pb::Forward>,
+        mut queue: mpsc::Receiver<Injection>,
         shutdown: CancellationToken,
     ) {
         let mut backoff = Duration::from_millis(100);
@@ -76,19 +89,23 @@ impl Injector {
     async fn serve(
         &self,
         mut upstream: Upstream,
-        queue: &mut mpsc::Receiver<pb::Forward>,
+        queue: &mut mpsc::Receiver<Injection>,
         shutdown: &CancellationToken,
     ) -> bool {
-        let mut window = Window::default();
+        let mut window = Window::new(self.ctx.im.metrics().forwards_injected.clone());
         let mut out = BytesMut::new();
         let mut ping = tokio::time::interval(PING);
         loop {
             upstream.make_room();
             let go_on = tokio::select! {
                 () = shutdown.cancelled() => return false,
-                publish = queue.recv(), if window.has_room() => match publish {
-                    Some(publish) => {
+                injection = queue.recv(), if window.has_room() => match injection {
+                    Some(Injection::Publish(publish)) => {
                         window.write(&publish, &mut out);
+                        true
+                    }
+                    Some(Injection::Flush(done)) => {
+                        window.flush(done, &mut out);
                         true
                     }
                     None => return false,
@@ -111,7 +128,7 @@ impl Injector {
                 break;
             }
         }
-        let lost = window.in_flight.len();
+        let lost = window.in_flight.len() - window.flushes.len();
         for _ in 0..lost {
             self.ctx.im.metrics().count_forward_failed("injector");
         }
@@ -131,20 +148,38 @@ impl Injector {
 }
 
 /// Packet ids of the injected publishes rumqttd has not answered yet.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Window {
+    /// Publishes rumqttd has taken (QoS 0 once written).
+    injected: Counter,
     next: u16,
     in_flight: HashSet<u16>,
+    /// Flushes waiting for the PUBACK of their marker.
+    flushes: HashMap<u16, oneshot::Sender<()>>,
 }
 
 impl Window {
+    fn new(injected: Counter) -> Self {
+        Self {
+            injected,
+            next: 0,
+            in_flight: HashSet::new(),
+            flushes: HashMap::new(),
+        }
+    }
+
     fn has_room(&self) -> bool {
         self.in_flight.len() < WINDOW
     }
 
     fn write(&mut self, publish: &pb::Forward, out: &mut BytesMut) {
         let qos = u8::try_from(publish.qos.min(2)).unwrap_or(0);
-        let pkid = if qos > 0 { self.allocate() } else { 0 };
+        let pkid = if qos > 0 {
+            self.allocate()
+        } else {
+            self.injected.inc();
+            0
+        };
         let flags = (qos << 1) | u8::from(publish.retain);
         codec::write_publish(
             out,
@@ -155,6 +190,13 @@ impl Window {
             &publish.properties,
             &publish.payload,
         );
+    }
+
+    /// A QoS 1 marker whose PUBACK answers `done`.
+    fn flush(&mut self, done: oneshot::Sender<()>, out: &mut BytesMut) {
+        let pkid = self.allocate();
+        self.flushes.insert(pkid, done);
+        codec::write_publish(out, Protocol::V5, 1 << 1, FLUSH_TOPIC, pkid, &[], &[]);
     }
 
     fn allocate(&mut self) -> u16 {
@@ -174,6 +216,14 @@ impl Window {
         match frame.kind() {
             kind::PUBACK | kind::PUBCOMP => {
                 self.in_flight.remove(&pkid);
+                match self.flushes.remove(&pkid) {
+                    Some(done) => {
+                        let _ = done.send(());
+                    }
+                    None => {
+                        self.injected.inc();
+                    }
+                }
             }
             kind::PUBREC => codec::write_ack(out, kind::PUBREL, pkid),
             _ => {}

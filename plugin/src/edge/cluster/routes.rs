@@ -50,11 +50,13 @@ impl LocalRoutes {
     }
 }
 
-/// One other node's filters: exact ones looked up, wildcard ones matched.
+/// One other node's filters: exact ones looked up, wildcard ones matched, and the shared
+/// subscriptions it holds members of.
 #[derive(Debug, Default)]
 pub(super) struct NodeRoutes {
     exact: HashSet<String>,
     wildcard: Vec<String>,
+    shared: Vec<String>,
 }
 
 impl NodeRoutes {
@@ -68,12 +70,16 @@ impl NodeRoutes {
     /// Adds filters (once each).
     pub(super) fn add(&mut self, filters: impl IntoIterator<Item = String>) {
         for filter in filters {
-            if filter.contains(['+', '#']) {
-                if !self.wildcard.contains(&filter) {
-                    self.wildcard.push(filter);
-                }
+            let list = if filter.starts_with("$share/") {
+                &mut self.shared
+            } else if filter.contains(['+', '#']) {
+                &mut self.wildcard
             } else {
                 self.exact.insert(filter);
+                continue;
+            };
+            if !list.contains(&filter) {
+                list.push(filter);
             }
         }
     }
@@ -83,6 +89,7 @@ impl NodeRoutes {
         for filter in filters {
             self.exact.remove(filter);
             self.wildcard.retain(|held| held != filter);
+            self.shared.retain(|held| held != filter);
         }
     }
 
@@ -95,14 +102,22 @@ impl NodeRoutes {
                 .any(|filter| rumqttd::protocol::matches(topic, filter))
     }
 
-    /// How many filters.
-    pub(super) fn len(&self) -> usize {
-        self.exact.len() + self.wildcard.len()
+    /// The shared subscriptions with members there whose filter matches `topic`.
+    pub(super) fn shared_matching<'a>(&'a self, topic: &'a str) -> impl Iterator<Item = &'a str> {
+        self.shared
+            .iter()
+            .filter(move |shared| super::shared::matches(shared, topic))
+            .map(String::as_str)
     }
 
-    /// Whether it holds none.
-    pub(super) fn is_empty(&self) -> bool {
-        self.len() == 0
+    /// Whether it holds members of `shared`.
+    pub(super) fn holds_shared(&self, shared: &str) -> bool {
+        self.shared.iter().any(|held| held == shared)
+    }
+
+    /// How many filters.
+    pub(super) fn len(&self) -> usize {
+        self.exact.len() + self.wildcard.len() + self.shared.len()
     }
 }
 
@@ -132,5 +147,15 @@ mod tests {
         node.remove(&strings(&["fleet/#"]));
         assert!(!node.matches("fleet/a/b"));
         assert_eq!(node.len(), 2);
+    }
+
+    #[test]
+    fn shared_subscriptions_are_not_plain_routes() {
+        let node = NodeRoutes::of(strings(&["$share/w/jobs/#", "$share/v/jobs/+"]));
+        assert!(!node.matches("jobs/1"));
+        let matching: Vec<&str> = node.shared_matching("jobs/1").collect();
+        assert_eq!(matching, vec!["$share/w/jobs/#", "$share/v/jobs/+"]);
+        assert_eq!(node.shared_matching("jobs/1/x").count(), 1);
+        assert!(node.holds_shared("$share/w/jobs/#"));
     }
 }

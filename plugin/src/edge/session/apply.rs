@@ -72,8 +72,7 @@ impl Session {
         match decision {
             None | Some(Verdict::Allow | Verdict::Rewrite(_)) => {
                 self.rumqttd_out().extend_from_slice(upstream);
-                let wanted = self.ctx.cluster.as_ref();
-                if wanted.is_some_and(|cluster| cluster.wanted_elsewhere(topic)) {
+                if self.ctx.cluster.is_some() {
                     self.forward_relayed(upstream);
                 }
             }

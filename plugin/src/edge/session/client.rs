@@ -35,10 +35,16 @@ impl Session {
                 Ok(())
             }
             kind::PUBREC => {
-                if let Some(Origin::Upstream(pkid)) = self.outbox.owner(frame.ack_pkid()?) {
-                    let pkid = *pkid;
-                    self.upstream_acks
-                        .answered(pkid, kind::PUBREC, &mut self.to_rumqttd);
+                let pkid = frame.ack_pkid()?;
+                match self.outbox.owner(pkid) {
+                    Some(Origin::Upstream(upstream)) => {
+                        let upstream = *upstream;
+                        self.upstream_acks
+                            .answered(upstream, kind::PUBREC, &mut self.to_rumqttd);
+                    }
+                    // A QoS 2 publish of the hook layer's own: released at PUBCOMP.
+                    Some(Origin::Own) => self.outbox.ack(kind::PUBREL, pkid),
+                    Some(Origin::Chat { .. }) | None => {}
                 }
                 Ok(())
             }

@@ -4,6 +4,7 @@
 
 use rumqttd::protocol::{Packet, SubscribeReasonCode};
 
+use super::outcome::PendingAck;
 use super::{upstream_acks, Session};
 use crate::auth::acl::Access;
 use crate::edge::codec::{self, kind, Frame, Protocol, PublishView as Publish};
@@ -36,18 +37,20 @@ impl Session {
                     return Err(EdgeError::Protocol("malformed SUBACK from rumqttd"));
                 };
                 let granted: Vec<u8> = suback.return_codes.iter().map(suback_code).collect();
-                let (codes, relayed) = self.merge(suback.pkid, granted.iter().copied());
-                let held = relayed
+                let (codes, pending) = self.merge(suback.pkid, granted.iter().copied());
+                let held = pending
+                    .relayed
                     .into_iter()
                     .zip(granted)
                     .filter(|(_, code)| *code < 0x80)
-                    .map(|(filter, _)| filter);
+                    .map(|(filter, _)| filter)
+                    .chain(pending.joined);
                 self.answer_subscribe(suback.pkid, codes, held.collect())
             }
             kind::UNSUBACK => {
                 let pkid = frame.ack_pkid()?;
-                let (codes, relayed) = self.merge(pkid, std::iter::repeat(0));
-                self.release_routes(&relayed);
+                let (codes, pending) = self.merge(pkid, std::iter::repeat(0));
+                self.release_routes(&pending.relayed);
                 self.write_unsuback(pkid, codes)
             }
             kind::DISCONNECT => {
@@ -86,23 +89,22 @@ impl Session {
         self.outbox.upstream_publish(frame)
     }
 
-    /// Fills rumqttd's codes into the pending answer for `pkid`; also returns the filters
-    /// rumqttd was asked about.
+    /// Fills rumqttd's codes into the pending answer for `pkid`; also returns what was
+    /// pending besides the codes.
     fn merge(
         &mut self,
         pkid: u16,
         mut upstream: impl Iterator<Item = u8>,
-    ) -> (Vec<u8>, Vec<String>) {
+    ) -> (Vec<u8>, PendingAck) {
         match self.pending.remove(&pkid) {
-            Some(pending) => {
-                let codes = pending
-                    .codes
+            Some(mut pending) => {
+                let codes = std::mem::take(&mut pending.codes)
                     .into_iter()
                     .map(|code| code.unwrap_or_else(|| upstream.next().unwrap_or(0x80)))
                     .collect();
-                (codes, pending.relayed)
+                (codes, pending)
             }
-            None => (upstream.collect(), Vec::new()),
+            None => (upstream.collect(), PendingAck::default()),
         }
     }
 }

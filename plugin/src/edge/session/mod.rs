@@ -27,6 +27,7 @@ mod presence;
 mod publish;
 mod reply;
 mod routes;
+mod shared;
 mod subscribe;
 mod upstream_acks;
 
@@ -183,8 +184,12 @@ pub(super) struct Session {
     pending: HashMap<u16, PendingAck>,
     /// Client QoS 2 publishes the hook layer answered, awaiting PUBREL.
     im_qos2: HashSet<u16>,
-    /// Plain-topic filters this client holds at rumqttd (routes of the cluster).
+    /// Plain-topic filters this client holds at rumqttd, and its shared subscriptions in a
+    /// cluster (routes of the cluster).
     routes: HashSet<String>,
+    /// Shared subscriptions the hook layer holds for this client (in a cluster): filter →
+    /// granted QoS.
+    shared: HashMap<String, u8>,
     /// Client QoS 2 publishes forwarded to other nodes, awaiting PUBREL (a retransmission
     /// is not forwarded again).
     forwarded_qos2: HashSet<u16>,
@@ -255,6 +260,7 @@ impl Session {
             pending: HashMap::new(),
             im_qos2: HashSet::new(),
             routes: HashSet::new(),
+            shared: HashMap::new(),
             forwarded_qos2: HashSet::new(),
             send_order: SendOrder::default(),
             sink,

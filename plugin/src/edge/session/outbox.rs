@@ -33,9 +33,10 @@ pub(super) fn take_bytes(buf: &mut BytesMut) -> BytesMut {
 /// A QoS 1/2 publish for the client that waits for a free place under its Receive Maximum.
 #[derive(Debug)]
 enum Held {
-    /// A digest or reply of the hook layer's own.
+    /// A digest, reply or shared subscription's publish of the hook layer's own.
     Own {
         topic: String,
+        qos: u8,
         properties: Vec<u8>,
         payload: Vec<u8>,
     },
@@ -107,8 +108,9 @@ impl Outbox {
         })
     }
 
-    /// A hook-layer publish (digest, reply) now, or once the client's Receive Maximum lets
-    /// it go; dropped if it cannot fit the client's Maximum Packet Size.
+    /// A hook-layer publish (digest, reply, a shared subscription's) now, or once the
+    /// client's Receive Maximum lets it go; dropped if it cannot fit the client's Maximum
+    /// Packet Size.
     pub(super) fn own_publish(&mut self, topic: &str, qos: u8, properties: &[u8], payload: &[u8]) {
         if !self.fits(topic, properties.len() + payload.len()) {
             return;
@@ -116,6 +118,7 @@ impl Outbox {
         if qos > 0 && self.must_hold() {
             self.held.push_back(Held::Own {
                 topic: topic.to_owned(),
+                qos,
                 properties: properties.to_vec(),
                 payload: payload.to_vec(),
             });
@@ -255,9 +258,10 @@ impl Outbox {
             match held {
                 Held::Own {
                     topic,
+                    qos,
                     properties,
                     payload,
-                } => self.write_publish_now(&topic, 1, Origin::Own, &properties, &payload),
+                } => self.write_publish_now(&topic, qos, Origin::Own, &properties, &payload),
                 Held::Upstream(frame) => {
                     self.write_upstream_now(&PublishView::parse(&frame, Protocol::V5)?)?;
                 }

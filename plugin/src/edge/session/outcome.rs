@@ -97,12 +97,15 @@ impl Refusal {
 
 /// A subscribe or unsubscribe split between the hook layer and rumqttd, waiting for
 /// rumqttd's half of the answer.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub(super) struct PendingAck {
     /// One entry per filter: the hook layer's code, or `None` for rumqttd's.
     pub(super) codes: Vec<Option<u8>>,
     /// The filters rumqttd was asked about, in order.
     pub(super) relayed: Vec<String>,
+    /// Shared subscriptions the hook layer took (in a cluster), routes to advertise before
+    /// the SUBACK.
+    pub(super) joined: Vec<String>,
 }
 
 /// One filter of a SUBSCRIBE, decided.

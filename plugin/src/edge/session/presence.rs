@@ -93,7 +93,7 @@ impl Session {
     }
 
     /// Applies what the IM service pushed to this connection.
-    pub(in crate::edge) fn on_event(&mut self, event: DeviceEvent) {
+    pub(super) fn on_device_event(&mut self, event: DeviceEvent) {
         match event {
             DeviceEvent::Chat {
                 conversation,

@@ -1,17 +1,18 @@
-//! The plain-topic filters this client holds at rumqttd, as routes of the cluster: other
-//! nodes forward matching publishes here while anyone holds one (a persistent session keeps
-//! them while it waits at rumqttd), and the client's own publishes go to the nodes whose
-//! clients want them.
+//! The plain-topic filters this client holds, as routes of the cluster: other nodes forward
+//! matching publishes here while anyone holds one (a persistent session keeps them while it
+//! waits at rumqttd), and the client's own publishes go to the nodes whose clients want
+//! them. Shared subscriptions are routes too (see `shared`).
 
 use super::outcome::Outcome;
 use super::Session;
 use crate::edge::codec::PublishView;
-use crate::edge::EdgeError;
+use crate::edge::{EdgeError, KeptRoutes};
 
 impl Session {
-    /// rumqttd granted `held` filters of a SUBSCRIBE: they become routes, and when some are
-    /// new to this node the SUBACK waits until the other nodes were told, so a publish
-    /// anywhere that follows the SUBACK reaches the client.
+    /// `held` filters of a SUBSCRIBE took effect (at rumqttd, or shared subscriptions
+    /// here): they become routes, and when some are new to this node the SUBACK waits until
+    /// the other nodes were told, so a publish anywhere that follows the SUBACK reaches the
+    /// client.
     pub(super) fn answer_subscribe(
         &mut self,
         pkid: u16,
@@ -20,7 +21,7 @@ impl Session {
     ) -> Result<(), EdgeError> {
         let fresh: Vec<String> = held
             .into_iter()
-            .filter(|filter| routable(filter) && self.routes.insert(filter.clone()))
+            .filter(|filter| self.routes.insert(filter.clone()))
             .collect();
         let change = match &self.ctx.cluster {
             Some(cluster) if !fresh.is_empty() => cluster.subscribed(&fresh),
@@ -38,7 +39,7 @@ impl Session {
         }
     }
 
-    /// The client no longer holds `filters` at rumqttd.
+    /// The client no longer holds `filters`.
     pub(super) fn release_routes(&mut self, filters: &[String]) {
         let released: Vec<String> = filters
             .iter()
@@ -51,37 +52,39 @@ impl Session {
     }
 
     /// The routes a connection ending leaves: a persistent session keeps them for the
-    /// client's next connection; otherwise rumqttd drops its subscriptions, and so do they.
+    /// client's next connection (its shared subscriptions are left meanwhile); otherwise
+    /// rumqttd drops its subscriptions, and so do they.
     pub(super) fn leave_routes(&mut self) {
-        let routes: Vec<String> = self.routes.drain().collect();
+        let shared = self.leave_all_shared();
+        let plain: Vec<String> = self.routes.drain().collect();
         if self.clean_session {
             if let Some(cluster) = &self.ctx.cluster {
-                cluster.unsubscribed(&routes);
+                cluster.unsubscribed(&plain);
             }
-        } else if !routes.is_empty() {
-            self.ctx.keep_routes(&self.client_id, routes);
+        } else if !plain.is_empty() || !shared.is_empty() {
+            self.ctx
+                .keep_routes(&self.client_id, KeptRoutes { plain, shared });
         }
     }
 
     /// At CONNECT: the routes a persistent session left become this connection's (rumqttd
-    /// resumes its subscriptions), or are withdrawn with it (a clean session discards them).
+    /// resumes its subscriptions, and the shared ones are joined again), or are withdrawn
+    /// with it (a clean session discards them).
     pub(super) fn take_kept_routes(&mut self) {
-        let kept = self.ctx.take_routes(&self.client_id);
-        if kept.is_empty() {
-            return;
-        }
+        let KeptRoutes { plain, shared } = self.ctx.take_routes(&self.client_id);
         if self.clean_session {
             if let Some(cluster) = &self.ctx.cluster {
-                cluster.unsubscribed(&kept);
+                cluster.unsubscribed(&plain);
             }
-        } else {
-            self.routes.extend(kept);
+            return;
         }
+        self.routes.extend(plain);
+        self.rejoin_shared(shared);
     }
 
     /// A client's publish that went to this node's rumqttd goes to the other nodes whose
-    /// clients want it too; a QoS 2 publish the client retransmits before PUBREL is not
-    /// forwarded twice.
+    /// clients want it too (and to shared subscriptions); a QoS 2 publish the client
+    /// retransmits before PUBREL is not forwarded twice.
     pub(super) fn forward_elsewhere(&mut self, publish: &PublishView) {
         let Some(cluster) = &self.ctx.cluster else {
             return;
@@ -91,10 +94,4 @@ impl Session {
         }
         cluster.forward(publish);
     }
-}
-
-/// Whether a filter routes publishes by itself (a shared subscription's members are served
-/// by their own node only).
-fn routable(filter: &str) -> bool {
-    !filter.starts_with("$share/")
 }

@@ -16,6 +16,7 @@ use super::{recorded, Session};
 use crate::auth::acl::Access;
 use crate::domain::{Gid, Uid};
 use crate::edge::acl::{self, FilterAccess};
+use crate::edge::cluster::shared::split as split_shared;
 use crate::edge::codec::{self, Protocol};
 use crate::edge::topics::{Route, Topics};
 use crate::edge::EdgeError;
@@ -72,15 +73,22 @@ impl Session {
     }
 
     fn check_filter(&self, filter: Filter) -> Check {
+        let shared = filter.path.starts_with("$share/");
         // rumqttd 0.20 ends the whole link on a `$` filter other than `$share/...`.
-        let dollar = filter.path.starts_with('$') && !filter.path.starts_with("$share/");
-        if !protocol::valid_filter(&filter.path) || dollar {
+        let dollar = filter.path.starts_with('$') && !shared;
+        // A shared subscription is checked by its filter, which must be a plain one.
+        let checked = match split_shared(&filter.path) {
+            Some((_, inner)) => inner,
+            None if shared => return Check::Decided(Granted::Refused(FILTER_INVALID)),
+            None => &filter.path,
+        };
+        if !protocol::valid_filter(checked) || dollar {
             return Check::Decided(Granted::Refused(FILTER_INVALID));
         }
         let qos = (filter.qos as u8).min(1);
-        match acl::subscribe(&self.ctx.topics, self.im_uid(), &filter.path) {
+        match acl::subscribe(&self.ctx.topics, self.im_uid(), checked) {
             FilterAccess::PassThrough
-                if !self.acl_allows(&filter.path, Access::Read, true, "subscribe") =>
+                if !self.acl_allows(checked, Access::Read, true, "subscribe") =>
             {
                 tracing::debug!(filter = filter.path, "subscribe denied by the ACL");
                 Check::Decided(Granted::Refused(NOT_AUTHORIZED))
@@ -91,6 +99,13 @@ impl Session {
                     qos: filter.qos as u8,
                 };
                 Check::Hooks(filter, subscription)
+            }
+            _ if shared => {
+                tracing::debug!(
+                    filter = filter.path,
+                    "shared subscription of IM topics denied"
+                );
+                Check::Decided(Granted::Refused(NOT_AUTHORIZED))
             }
             FilterAccess::Im => Check::Decided(Granted::Im {
                 filter: filter.path,
@@ -140,6 +155,7 @@ impl Session {
         } = subscription;
         let mut codes = Vec::with_capacity(granted.len());
         let mut relayed = Vec::new();
+        let mut joined = Vec::new();
         for grant in granted {
             codes.push(match grant {
                 Granted::Refused(code) => Some(code),
@@ -155,6 +171,11 @@ impl Session {
                     }
                     Some(qos)
                 }
+                Granted::Relay(filter) if self.shared_here(&filter.path) => {
+                    let qos = self.join_shared(&filter.path, filter.qos as u8);
+                    joined.push(filter.path);
+                    Some(qos)
+                }
                 Granted::Relay(filter) => {
                     relayed.push(filter);
                     None
@@ -166,14 +187,18 @@ impl Session {
             return Ok(());
         };
         if relayed.is_empty() {
-            return self.write_suback(pkid, codes.into_iter().flatten().collect());
+            return self.answer_subscribe(pkid, codes.into_iter().flatten().collect(), joined);
         }
-        let asked = relayed.iter().map(|filter| filter.path.clone()).collect();
+        let pending = PendingAck {
+            codes,
+            relayed: relayed.iter().map(|filter| filter.path.clone()).collect(),
+            joined,
+        };
         let subscribe = Subscribe {
             pkid,
             filters: relayed,
         };
-        self.ask_rumqttd(pkid, codes, asked, Packet::Subscribe(subscribe, properties))
+        self.ask_rumqttd(pkid, pending, Packet::Subscribe(subscribe, properties))
     }
 
     /// Sends rumqttd its part of a SUBSCRIBE or UNSUBSCRIBE; the answer to the client waits
@@ -181,11 +206,10 @@ impl Session {
     fn ask_rumqttd(
         &mut self,
         pkid: u16,
-        codes: Vec<Option<u8>>,
-        relayed: Vec<String>,
+        pending: PendingAck,
         packet: Packet,
     ) -> Result<(), EdgeError> {
-        self.pending.insert(pkid, PendingAck { codes, relayed });
+        self.pending.insert(pkid, pending);
         codec::write_packet(self.rumqttd_out(), Protocol::V5, packet)?;
         Ok(())
     }
@@ -262,6 +286,9 @@ impl Session {
                 }
                 let existed = self.im_filters.remove(&filter).is_some();
                 codes.push(Some(if existed { 0 } else { NO_SUBSCRIPTION }));
+            } else if self.shared_here(&filter) {
+                let existed = self.leave_shared(&filter);
+                codes.push(Some(if existed { 0 } else { NO_SUBSCRIPTION }));
             } else if self.linked {
                 codes.push(None);
                 relayed.push(filter);
@@ -278,16 +305,16 @@ impl Session {
         if relayed.is_empty() {
             return self.write_unsuback(pkid, codes.into_iter().flatten().collect());
         }
+        let pending = PendingAck {
+            codes,
+            relayed: relayed.clone(),
+            joined: Vec::new(),
+        };
         let unsubscribe = Unsubscribe {
             pkid,
-            filters: relayed.clone(),
+            filters: relayed,
         };
-        self.ask_rumqttd(
-            pkid,
-            codes,
-            relayed,
-            Packet::Unsubscribe(unsubscribe, properties),
-        )
+        self.ask_rumqttd(pkid, pending, Packet::Unsubscribe(unsubscribe, properties))
     }
 
     pub(super) fn write_unsuback(&mut self, pkid: u16, codes: Vec<u8>) -> Result<(), EdgeError> {

@@ -57,7 +57,7 @@ impl Fixture {
     }
 
     fn on_event(&mut self, event: DeviceEvent) {
-        self.session.on_event(event);
+        self.session.on_device_event(event);
         self.collect();
     }
 

@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use super::{Device, StoreError};
 
 mod routes;
-pub use routes::{ClusterMessage, RemoteRoutes};
+pub use routes::{ClusterMessage, Destination, RemoteRoutes};
 
 /// A Redis failure, keeping its cause.
 #[derive(Debug, thiserror::Error)]
@@ -148,6 +148,14 @@ if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
   return redis.call('HDEL', KEYS[1], ARGV[1])
 end
 return 0";
+
+/// What a subscription to Redis channels hears.
+enum Heard {
+    /// The subscription is (again) in place: what was published before was missed.
+    Subscribed,
+    /// A message on `channel`.
+    Message { channel: String, payload: Vec<u8> },
+}
 
 /// Presence and hand-over through Redis for one node.
 #[derive(Clone)]
@@ -355,16 +363,23 @@ impl RedisBus {
     /// after a Redis failure.
     pub async fn listen(self, inbox: mpsc::Sender<Vec<u8>>, shutdown: CancellationToken) {
         let channels = vec![self.channel(&self.node), self.broadcast_channel()];
-        let forward = |_: String, payload: Vec<u8>| {
+        let forward = |heard: Heard| {
             let inbox = inbox.clone();
-            async move { inbox.send(payload).await.is_ok() }
+            async move {
+                match heard {
+                    Heard::Message { payload, .. } => inbox.send(payload).await.is_ok(),
+                    // Hand-overs missed meanwhile are in the receivers' backlogs.
+                    Heard::Subscribed => true,
+                }
+            }
         };
         self.subscribed(channels, "hand-overs", forward, shutdown)
             .await;
     }
 
-    /// Hands every message on `channels` to `deliver` (its channel and payload) until
-    /// `shutdown` or until `deliver` says no more, resubscribing after a Redis failure.
+    /// Hands every message on `channels` to `deliver` until `shutdown` or until `deliver`
+    /// says no more, resubscribing after a Redis failure; each (re)subscription is heard too,
+    /// since what was published before it was missed.
     async fn subscribed<F, D>(
         &self,
         channels: Vec<String>,
@@ -372,7 +387,7 @@ impl RedisBus {
         mut deliver: D,
         shutdown: CancellationToken,
     ) where
-        D: FnMut(String, Vec<u8>) -> F,
+        D: FnMut(Heard) -> F,
         F: std::future::Future<Output = bool>,
     {
         let mut backoff = Duration::from_millis(100);
@@ -395,6 +410,9 @@ impl RedisBus {
                 }
             };
             backoff = Duration::from_millis(100);
+            if !deliver(Heard::Subscribed).await {
+                return;
+            }
             let mut messages = pubsub.on_message();
             loop {
                 tokio::select! {
@@ -402,7 +420,7 @@ impl RedisBus {
                         Some(message) => {
                             let channel = message.get_channel_name().to_owned();
                             let payload = message.get_payload_bytes().to_vec();
-                            if !deliver(channel, payload).await {
+                            if !deliver(Heard::Message { channel, payload }).await {
                                 return;
                             }
                         }

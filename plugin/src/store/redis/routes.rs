@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::RedisBus;
+use super::{Heard, RedisBus};
 use crate::store::{now_ms, StoreError};
 
 /// Every other live node's routes: node id → filters.
@@ -17,10 +17,22 @@ pub type RemoteRoutes = HashMap<String, Vec<String>>;
 /// What arrives for this node's plain-topic routing.
 #[derive(Debug)]
 pub enum ClusterMessage {
+    /// The node follows the cluster's channels (again): what was announced before, it
+    /// missed.
+    Following,
     /// A node's routes changed (an encoded `RouteChange`).
     Routes(Vec<u8>),
     /// Publishes another node forwards here (an encoded `ForwardBatch`).
     Forwards(Vec<u8>),
+}
+
+/// Where forwarded publishes go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Destination {
+    /// One node.
+    Node(std::sync::Arc<str>),
+    /// Every node (retained messages).
+    All,
 }
 
 impl RedisBus {
@@ -39,6 +51,10 @@ impl RedisBus {
 
     fn forward_channel(&self, node: &str) -> String {
         format!("{}:forward:{node}", self.prefix)
+    }
+
+    fn forward_all_channel(&self) -> String {
+        format!("{}:forward-all", self.prefix)
     }
 
     fn ttl_ms(&self) -> u64 {
@@ -131,15 +147,22 @@ impl RedisBus {
         Ok(others.into_iter().zip(routes).collect())
     }
 
-    /// Sends each encoded `ForwardBatch` to its node in one round trip; per batch, whether a
-    /// node was listening there.
+    /// Sends each encoded `ForwardBatch` to its destination in one round trip; per batch,
+    /// whether a node was listening there.
     ///
     /// # Errors
     /// Redis failed.
-    pub async fn forward(&self, batches: &[(String, Vec<u8>)]) -> Result<Vec<bool>, StoreError> {
+    pub async fn forward(
+        &self,
+        batches: &[(Destination, Vec<u8>)],
+    ) -> Result<Vec<bool>, StoreError> {
         let mut pipe = redis::pipe();
-        for (node, batch) in batches {
-            pipe.publish(self.forward_channel(node), batch);
+        for (destination, batch) in batches {
+            let channel = match destination {
+                Destination::Node(node) => self.forward_channel(node),
+                Destination::All => self.forward_all_channel(),
+            };
+            pipe.publish(channel, batch);
         }
         self.publish(pipe).await
     }
@@ -151,14 +174,20 @@ impl RedisBus {
         inbox: mpsc::Sender<ClusterMessage>,
         shutdown: CancellationToken,
     ) {
-        let (routes, forwards) = (self.routes_channel(), self.forward_channel(&self.node));
-        let channels = vec![routes.clone(), forwards];
-        let deliver = |channel: String, payload: Vec<u8>| {
+        let routes = self.routes_channel();
+        let channels = vec![
+            routes.clone(),
+            self.forward_channel(&self.node),
+            self.forward_all_channel(),
+        ];
+        let deliver = |heard: Heard| {
             let inbox = inbox.clone();
-            let message = if channel == routes {
-                ClusterMessage::Routes(payload)
-            } else {
-                ClusterMessage::Forwards(payload)
+            let message = match heard {
+                Heard::Subscribed => ClusterMessage::Following,
+                Heard::Message { channel, payload } if channel == routes => {
+                    ClusterMessage::Routes(payload)
+                }
+                Heard::Message { payload, .. } => ClusterMessage::Forwards(payload),
             };
             async move { inbox.send(message).await.is_ok() }
         };
