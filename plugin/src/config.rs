@@ -101,6 +101,7 @@ max_connections_per_listener = 0
 
 [cluster]
 redis_url = ""
+redis_cluster = false
 node_id = ""
 key_prefix = "mqtt-im"
 heartbeat = "1s"

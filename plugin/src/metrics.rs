@@ -83,6 +83,12 @@ pub(crate) struct TaskLabels {
     pub(crate) task: &'static str,
 }
 
+/// How a session move went.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub(crate) struct MoveLabels {
+    pub(crate) outcome: &'static str,
+}
+
 /// Files re-read while running (`policy`, `password_file`, `acl_file`, `jwks_file`) and
 /// how it went: `loaded`, or `kept` (the new version failed; the last good one stays).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -154,6 +160,7 @@ pub struct Metrics {
     pub(crate) cluster_routes_remote: Gauge,
     pub(crate) retained_writes_failed: Counter,
     pub(crate) shared_undelivered: Counter,
+    pub(crate) session_moves: Family<MoveLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -205,6 +212,7 @@ impl Default for Metrics {
             cluster_routes_remote: Gauge::default(),
             retained_writes_failed: Counter::default(),
             shared_undelivered: Counter::default(),
+            session_moves: Family::default(),
         };
         metrics.register();
         metrics
@@ -412,6 +420,11 @@ impl Metrics {
             "Publishes for a shared subscription (in a cluster) that no member took: every member's queue was full, or the members on the node chosen had just left",
             self.shared_undelivered.clone(),
         );
+        r.register(
+            "session_moves",
+            "Client ids that connected through another node than the one holding their session, by outcome: resumed (this node got the session), unanswered (the old node did not hand it over in time; a new session started), given (this node handed one over), dropped (this node dropped one for a clean connect elsewhere)",
+            self.session_moves.clone(),
+        );
     }
 
     /// The counter of background task `task`'s finished rounds.
@@ -419,6 +432,13 @@ impl Metrics {
         self.background_rounds
             .get_or_create(&TaskLabels { task })
             .clone()
+    }
+
+    /// Counts a session move by outcome.
+    pub(crate) fn count_session_move(&self, outcome: &'static str) {
+        self.session_moves
+            .get_or_create(&MoveLabels { outcome })
+            .inc();
     }
 
     /// Counts a publish for another node that did not get there.

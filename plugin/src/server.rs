@@ -13,7 +13,8 @@ use tokio_util::task::TaskTracker;
 use crate::auth::Authenticator;
 use crate::config::{Backend, ClusterSettings, Config, ConfigError};
 use crate::edge::{
-    self, Admission, Cluster, EdgeContext, Injector, Listener, PrivateBroker, Transport, EDGE_USER,
+    self, Admission, Cluster, EdgeContext, Injector, Listener, PrivateBroker, SessionMover,
+    Transport, EDGE_USER,
 };
 use crate::hook::{Hook, Hooks};
 use crate::im::ImService;
@@ -498,7 +499,10 @@ impl Server {
         tasks.spawn(self.im.clone().run(self.heartbeat, shutdown.clone()));
         if let Some(cluster) = self.context.cluster.clone() {
             let injector = Injector::new(Arc::clone(&self.context), cluster.node());
-            tasks.spawn(Arc::clone(&cluster).run(injector, self.heartbeat, shutdown.clone()));
+            let mover = SessionMover::new(Arc::clone(&self.context));
+            let running =
+                Arc::clone(&cluster).run(injector, mover, self.heartbeat, shutdown.clone());
+            tasks.spawn(running);
             // The first subscribers get the cluster's retained messages.
             cluster.retained_loaded(RETAINED_LOAD_LIMIT).await;
         }
@@ -638,12 +642,9 @@ async fn digest_cache(
     if cluster.redis_url.is_empty() {
         return Ok(None);
     }
-    let timeout = cluster.redis_timeout.0;
     let cache = DigestCache::new(
-        &cluster.redis_url,
-        &cluster.key_prefix,
+        &cluster.redis(),
         config.im.digest_last_n,
-        timeout,
         metrics.redis_errors.clone(),
     )?;
     Ok(Some(cache))
@@ -659,15 +660,7 @@ async fn connect_cluster(settings: &ClusterSettings) -> Result<Option<RedisBus>,
     } else {
         settings.node_id.clone()
     };
-    let ttl = settings.node_ttl.0;
-    let timeout = settings.redis_timeout.0;
-    let bus = RedisBus::new(
-        &settings.redis_url,
-        &settings.key_prefix,
-        &node,
-        ttl,
-        timeout,
-    )?;
+    let bus = RedisBus::new(&settings.redis(), &node, settings.node_ttl.0)?;
     tracing::info!(node, "cluster node");
     Ok(Some(bus))
 }

@@ -75,6 +75,8 @@ pub struct Client {
     /// handed out first by `next`.
     held: std::collections::VecDeque<Seen>,
     task: tokio::task::JoinHandle<()>,
+    /// The CONNACK's session present flag.
+    pub session_present: bool,
 }
 
 impl Drop for Client {
@@ -85,7 +87,8 @@ impl Drop for Client {
 
 /// One step of a client's event loop, as the tests see it.
 enum Step {
-    Connected(bool),
+    /// The CONNACK: `Some(session present)` if accepted.
+    Connected(Option<bool>),
     Seen(Seen),
     Skip,
 }
@@ -107,7 +110,8 @@ impl EventSource for rumqttc::EventLoop {
         };
         Some(match packet {
             Packet::ConnAck(ack) => {
-                Step::Connected(ack.code == rumqttc::ConnectReturnCode::Success)
+                let ok = ack.code == rumqttc::ConnectReturnCode::Success;
+                Step::Connected(ok.then_some(ack.session_present))
             }
             Packet::Publish(p) => Step::Seen(Seen::Publish {
                 topic: p.topic,
@@ -160,7 +164,7 @@ impl EventSource for rumqttc::v5::EventLoop {
             Event::Outgoing(_) => return Some(Step::Skip),
         };
         Some(match packet {
-            Packet::ConnAck(_) => Step::Connected(true),
+            Packet::ConnAck(ack) => Step::Connected(Some(ack.session_present)),
             Packet::Publish(p) => Step::Seen(Seen::Publish {
                 topic: String::from_utf8_lossy(&p.topic).into_owned(),
                 payload: p.payload.to_vec(),
@@ -191,9 +195,14 @@ impl EventSource for rumqttc::v5::EventLoop {
 }
 
 /// Drives `events` in a task until the CONNACK, then forwards what the client sees.
+/// Returns what the client sees, the task, and the CONNACK's session present flag.
 async fn pump(
     mut events: impl EventSource,
-) -> (mpsc::UnboundedReceiver<Seen>, tokio::task::JoinHandle<()>) {
+) -> (
+    mpsc::UnboundedReceiver<Seen>,
+    tokio::task::JoinHandle<()>,
+    bool,
+) {
     let (tx, seen) = mpsc::unbounded_channel();
     let (ready_tx, ready) = tokio::sync::oneshot::channel();
     let task = tokio::spawn(async move {
@@ -217,14 +226,12 @@ async fn pump(
             }
         }
         if let Some(r) = ready_tx.take() {
-            let _ = r.send(false);
+            let _ = r.send(None);
         }
     });
-    assert!(
-        tokio::time::timeout(WAIT, ready).await.unwrap().unwrap(),
-        "connect failed"
-    );
-    (seen, task)
+    let connected = tokio::time::timeout(WAIT, ready).await.unwrap().unwrap();
+    let session_present = connected.expect("connect failed");
+    (seen, task, session_present)
 }
 
 impl Client {
@@ -252,13 +259,14 @@ impl Client {
     /// CONNACK.
     pub async fn v4_with(options: rumqttc::MqttOptions) -> Self {
         let (client, events) = rumqttc::AsyncClient::new(options, 100);
-        let (seen, task) = pump(events).await;
+        let (seen, task, session_present) = pump(events).await;
         Self {
             v4: Some(client),
             v5: None,
             seen,
             held: Default::default(),
             task,
+            session_present,
         }
     }
 
@@ -285,13 +293,14 @@ impl Client {
     /// Connects with MQTT 5 with these options and waits for the CONNACK.
     pub async fn v5_with(options: rumqttc::v5::MqttOptions) -> Self {
         let (client, events) = rumqttc::v5::AsyncClient::new(options, 100);
-        let (seen, task) = pump(events).await;
+        let (seen, task, session_present) = pump(events).await;
         Self {
             v4: None,
             v5: Some(client),
             seen,
             held: Default::default(),
             task,
+            session_present,
         }
     }
 

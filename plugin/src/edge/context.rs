@@ -8,6 +8,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use rumqttd::protocol::Filter;
+
 use super::cluster::Cluster;
 use super::limits::{self, LimitSettings};
 use super::links;
@@ -65,10 +67,10 @@ pub(crate) struct EdgeContext {
 #[derive(Debug, Default)]
 pub(crate) struct KeptRoutes {
     /// Plain-topic filters held at rumqttd, advertised meanwhile.
-    pub(crate) plain: Vec<String>,
-    /// Shared subscriptions (`$share/...`) with their granted QoS, rejoined at the next
-    /// connection (meanwhile their messages go to the members that are connected).
-    pub(crate) shared: Vec<(String, u8)>,
+    pub(crate) plain: Vec<Filter>,
+    /// Shared subscriptions (`$share/...`), rejoined at the next connection (meanwhile
+    /// their messages go to the members that are connected).
+    pub(crate) shared: Vec<Filter>,
 }
 
 impl EdgeContext {

@@ -11,6 +11,7 @@ use tokio::time::timeout;
 
 pub(super) use super::admit::Arrival;
 use super::admit::{admit, Admitted, ConnectPacket};
+use super::cluster::{Cluster, Moved};
 use super::codec::{self, kind, read_frame, Protocol, READ_SMALL};
 use super::limits::DeviceSlot;
 use super::links::LinkClaim;
@@ -66,19 +67,27 @@ pub(super) async fn handshake(
         .and_then(|size| usize::try_from(size).ok());
     let receive_max = packet.properties.as_ref().and_then(|p| p.receive_maximum);
     let link = ctx.links.claim(&admitted.client_id, id).await?;
-    let request = link_request(packet, &admitted.client_id);
-    let (upstream, upstream_session) =
-        match link_at_connect(&ctx, id, request, &admitted.client_id).await {
-            Ok(linked) => linked,
-            Err(LinkRefused(code)) => {
-                refuse(&mut stream, version, code, None).await;
-                return Err(EdgeError::Refused("rumqttd refused the connection"));
-            }
-            Err(LinkFailed(e)) => return Err(e),
-        };
     let im = im_device(&admitted);
+    let moved = match &ctx.cluster {
+        Some(cluster) => {
+            let uid = im.as_ref().map(|device| &device.uid);
+            let claimed = cluster.claim_client(&admitted.client_id, uid, !clean_session);
+            claimed.await
+        }
+        None => None,
+    };
+    let request = link_request(packet, &admitted.client_id);
+    let linked = link_at_connect(&ctx, id, request, &admitted.client_id, moved.as_ref()).await;
+    let (upstream, upstream_session) = match linked {
+        Ok(linked) => linked,
+        Err(LinkRefused(code)) => {
+            refuse(&mut stream, version, code, None).await;
+            return Err(EdgeError::Refused("rumqttd refused the connection"));
+        }
+        Err(LinkFailed(e)) => return Err(e),
+    };
     let kept_im = im.as_ref().is_some_and(|device| ctx.has_session(device));
-    let session_present = !clean_session && (upstream_session || kept_im);
+    let session_present = !clean_session && (upstream_session || kept_im || moved.is_some());
     // Outgoing buffers start empty and grow when needed.
     let mut client_out = BytesMut::new();
     let properties = admitted.assigned.map(|id| ConnAckProperties {
@@ -104,6 +113,7 @@ pub(super) async fn handshake(
         clean_session,
         max_packet,
         receive_max,
+        moved,
     };
     Ok(Established {
         terms,
@@ -126,17 +136,28 @@ enum LinkError {
 use LinkError::{LinkFailed, LinkRefused};
 
 /// Opens the link to rumqttd at once when the client needs it from the start — for a will,
-/// and for a session rumqttd keeps (persistent: resumed; clean: discarded) — and returns
-/// it with whether rumqttd had a session; otherwise it stays to open on first need.
+/// for a session rumqttd keeps (persistent: resumed; clean: discarded), and for a session
+/// `moved` here from another node (its subscriptions are made and advertised before the
+/// CONNACK) — and returns it with whether rumqttd had a session; otherwise it stays to
+/// open on first need.
 async fn link_at_connect(
     ctx: &Arc<EdgeContext>,
     id: u64,
     request: LinkRequest,
     client_id: &str,
+    moved: Option<&Moved>,
 ) -> Result<(Upstream, bool), LinkError> {
     let kept_upstream = ctx.take_upstream_session(client_id);
-    if request.will.is_none() && !kept_upstream {
+    if request.will.is_none() && !kept_upstream && moved.is_none() {
         return Ok((Upstream::Unneeded(Box::new(request)), false));
+    }
+    if let (Some(_), true) = (moved, kept_upstream) {
+        // What rumqttd kept here is older than the session that moved in.
+        let stale = LinkRequest::as_client(client_id, true);
+        if let Ok((mut upstream, _)) = Upstream::open_now(ctx, id, stale).await {
+            let mut goodbye = BytesMut::from(&[kind::DISCONNECT << 4, 0][..]);
+            upstream.close(&mut goodbye, true).await;
+        }
     }
     let opened = Upstream::open_now(ctx, id, request).await;
     let refused = match &opened {
@@ -150,8 +171,31 @@ async fn link_at_connect(
     if let Some(code) = refused {
         return Err(LinkRefused(code));
     }
-    let (upstream, ack) = opened.map_err(LinkFailed)?;
+    let (mut upstream, ack) = opened.map_err(LinkFailed)?;
+    if let (Some(moved), Some(cluster)) = (moved, &ctx.cluster) {
+        take_subscriptions(ctx, cluster, &mut upstream, moved, client_id)
+            .await
+            .map_err(LinkFailed)?;
+    }
     Ok((upstream, ack.session_present))
+}
+
+/// A session moved here: its plain subscriptions are made at this node's rumqttd and their
+/// routes advertised, then the node it came from sends what it had queued.
+async fn take_subscriptions(
+    ctx: &Arc<EdgeContext>,
+    cluster: &Cluster,
+    upstream: &mut Upstream,
+    moved: &Moved,
+    client_id: &str,
+) -> Result<(), EdgeError> {
+    upstream.subscribe_now(ctx, moved.plain.clone()).await?;
+    let paths: Vec<String> = moved.plain.iter().map(|f| f.path.clone()).collect();
+    if let Some(change) = cluster.subscribed(&paths) {
+        cluster.advertise(&change).await;
+    }
+    cluster.release(moved, client_id).await;
+    Ok(())
 }
 
 /// The client as an IM device: IM topics name their user, so only an identity something

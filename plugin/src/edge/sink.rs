@@ -19,6 +19,8 @@ pub(crate) enum SessionEvent {
         filter: Arc<str>,
         publish: Arc<pb::Forward>,
     },
+    /// What the connection's session had queued on the node it moved from.
+    Restored(Vec<pb::Forward>),
 }
 
 /// A connection as a [`DeviceSink`]: a bounded queue drained by the connection task.
@@ -39,6 +41,15 @@ impl ConnectionSink {
             filter: Arc::clone(filter),
             publish: Arc::clone(publish),
         };
+        self.events.try_send(Box::new(event)).is_ok()
+    }
+}
+
+impl ConnectionSink {
+    /// Queues what a session moved from another node had queued there; `false` if the
+    /// connection is gone or saturated.
+    pub(crate) fn restored(&self, messages: Vec<pb::Forward>) -> bool {
+        let event = SessionEvent::Restored(messages);
         self.events.try_send(Box::new(event)).is_ok()
     }
 }

@@ -9,8 +9,8 @@ use bytes::BytesMut;
 use futures::future::BoxFuture;
 use prometheus_client::metrics::gauge::Gauge;
 use rumqttd::protocol::{
-    ConnAck, Connect, ConnectProperties, ConnectReturnCode, LastWill, LastWillProperties, Login,
-    Packet,
+    ConnAck, Connect, ConnectProperties, ConnectReturnCode, Filter, LastWill, LastWillProperties,
+    Login, Packet, Subscribe,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -189,6 +189,39 @@ impl Upstream {
         }
     }
 
+    /// Subscribes the open link to `filters` (a session moved here from another node) and
+    /// returns once rumqttd's SUBACK came; what rumqttd sends after it stays for the
+    /// connection.
+    pub(super) async fn subscribe_now(
+        &mut self,
+        ctx: &EdgeContext,
+        filters: Vec<Filter>,
+    ) -> Result<(), EdgeError> {
+        if filters.is_empty() {
+            return Ok(());
+        }
+        let Self::Open(link) = self else {
+            return Err(EdgeError::Protocol("no link to subscribe on"));
+        };
+        let mut out = BytesMut::new();
+        let subscribe = Subscribe { pkid: 1, filters };
+        codec::write_packet(&mut out, Protocol::V5, Packet::Subscribe(subscribe, None))?;
+        link.wr.write_all(&out).await?;
+        // A fresh link: rumqttd answers the SUBSCRIBE before it sends anything else.
+        let frame = timeout(
+            ctx.broker.connect_timeout,
+            read_frame(&mut link.rd, &mut link.input, UPSTREAM_MAX_FRAME),
+        )
+        .await
+        .map_err(|_| EdgeError::Timeout("SUBACK from rumqttd"))??;
+        if frame.kind() != codec::kind::SUBACK {
+            return Err(EdgeError::Protocol(
+                "rumqttd did not answer SUBSCRIBE first",
+            ));
+        }
+        Ok(())
+    }
+
     /// Closes the link, if there is one, and returns once rumqttd has closed it too (rumqttd
     /// 0.20 mishandles a new link of a client id whose old link is not gone yet). `pending`
     /// is what the client sent rumqttd last, such as its DISCONNECT; without a DISCONNECT
@@ -276,6 +309,18 @@ async fn connect(
 }
 
 impl LinkRequest {
+    /// A link of the hook layer's own as `client_id`, to take or drop the session rumqttd
+    /// keeps of it.
+    pub(super) fn as_client(client_id: &str, clean_session: bool) -> Self {
+        Self {
+            client_id: upstream_client_id(client_id),
+            clean_session,
+            properties: None,
+            will: None,
+            will_properties: None,
+        }
+    }
+
     /// A link of the hook layer's own, named `name` (a client id no client's link can
     /// have: escaped ids use `%` only before two hex digits, hashed ones `%h`).
     pub(super) fn internal(name: &str) -> Self {

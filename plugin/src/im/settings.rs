@@ -6,7 +6,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::settings::{Period, Problems, DAY};
-use crate::store::GroupErasure;
+use crate::store::{GroupErasure, RedisSettings};
 
 /// IM behaviour.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -88,8 +88,11 @@ impl TryFrom<RetentionForm> for RetentionSettings {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClusterSettings {
-    /// Redis URL; empty runs a single node without Redis.
+    /// Redis URL; empty runs a single node without Redis. With `redis_cluster`, the
+    /// comma-separated seed URLs of a Redis Cluster.
     pub redis_url: String,
+    /// Whether `redis_url` names a Redis Cluster (keys spread by hash slot, sharded pub/sub).
+    pub redis_cluster: bool,
     /// This node's id; empty generates one at start.
     pub node_id: String,
     /// Prefix of every Redis key and channel (several deployments or tests can share Redis).
@@ -146,6 +149,16 @@ impl Settings {
 }
 
 impl ClusterSettings {
+    /// How to reach the cluster's Redis.
+    pub fn redis(&self) -> RedisSettings<'_> {
+        RedisSettings {
+            url: &self.redis_url,
+            cluster: self.redis_cluster,
+            prefix: &self.key_prefix,
+            timeout: self.redis_timeout.0,
+        }
+    }
+
     /// Values that parse but cannot work.
     pub fn check(&self, problems: &mut Problems) {
         let fifty_ms = Duration::from_millis(50);

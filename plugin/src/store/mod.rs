@@ -22,7 +22,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use tokio::sync::oneshot;
 
-pub use self::redis::{ClusterMessage, Destination, RedisBus, RemoteRoutes};
+pub use self::redis::{ClusterMessage, Destination, RedisBus, RedisSettings, RemoteRoutes};
 pub use crate::domain::{Conversation, ConversationKind, Device, Gid, Uid};
 pub use bounded::Bounded;
 pub use embedded::EmbeddedStore;

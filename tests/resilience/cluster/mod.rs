@@ -2,10 +2,6 @@
 //! moving devices, a node killed with SIGKILL, and a flushed Redis; plain topics across
 //! nodes in `plain`.
 
-mod plain;
-mod retained;
-mod shared;
-
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -17,12 +13,29 @@ use mqtt_im::wire::pb;
 struct Services {
     backend: TestBackend,
     redis: String,
+    /// Whether `redis` names a Redis Cluster.
+    redis_cluster: bool,
     prefix: String,
 }
 
+/// PostgreSQL and one Redis.
 fn services() -> Option<Services> {
+    with_redis(redis_url()?, false)
+}
+
+/// PostgreSQL and a Redis Cluster (MQTT_IM_TEST_REDIS_CLUSTER_URL: its seed URLs,
+/// comma-separated; `.ci/run` starts one). Required when services are.
+fn cluster_services() -> Option<Services> {
+    let required = std::env::var("MQTT_IM_REQUIRE_SERVICES").as_deref() == Ok("1");
+    match std::env::var("MQTT_IM_TEST_REDIS_CLUSTER_URL") {
+        Ok(seeds) => with_redis(seeds, true),
+        Err(_) if required => panic!("MQTT_IM_TEST_REDIS_CLUSTER_URL is not set"),
+        Err(_) => None,
+    }
+}
+
+fn with_redis(redis: String, redis_cluster: bool) -> Option<Services> {
     let backend = TestBackend::postgres()?;
-    let redis = redis_url()?;
     let TestBackend::Postgres(settings) = &backend else {
         return None;
     };
@@ -30,11 +43,48 @@ fn services() -> Option<Services> {
     Some(Services {
         backend,
         redis,
+        redis_cluster,
         prefix,
     })
 }
 
+/// A cluster scenario run twice: on one Redis (`redis`) and on a Redis Cluster
+/// (`redis_cluster`).
+macro_rules! on_each_redis {
+    ($(#[$doc:meta])* async fn $name:ident($services:ident: Services) $body:block) => {
+        $(#[$doc])*
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+
+            async fn scenario($services: crate::cluster::Services) $body
+
+            #[tokio::test]
+            async fn redis() {
+                match crate::cluster::services() {
+                    Some(services) => scenario(services).await,
+                    None => eprintln!("skipped: PostgreSQL or Redis not configured"),
+                }
+            }
+
+            #[tokio::test]
+            async fn redis_cluster() {
+                match crate::cluster::cluster_services() {
+                    Some(services) => scenario(services).await,
+                    None => eprintln!("skipped: PostgreSQL or a Redis Cluster not configured"),
+                }
+            }
+        }
+    };
+}
+
+mod plain;
+mod retained;
+mod sessions;
+mod shared;
+
 fn node(services: &Services, id: &str) -> impl FnOnce(&mut Config) {
+    let redis_cluster = services.redis_cluster;
     let (redis, prefix, id) = (
         services.redis.clone(),
         services.prefix.clone(),
@@ -42,6 +92,7 @@ fn node(services: &Services, id: &str) -> impl FnOnce(&mut Config) {
     );
     move |config: &mut Config| {
         config.cluster.redis_url = redis;
+        config.cluster.redis_cluster = redis_cluster;
         config.cluster.key_prefix = prefix;
         config.cluster.node_id = id;
         config.cluster.heartbeat = mqtt_im::config::Period::millis(100);
@@ -76,6 +127,10 @@ fn spawn_node(services: &Services, id: &str) -> (Node, SocketAddr, tempfile::Tem
         ("MQTT_IM__STORE__POSTGRES__URL", settings.url.clone()),
         ("MQTT_IM__STORE__POSTGRES__SCHEMA", settings.schema.clone()),
         ("MQTT_IM__CLUSTER__REDIS_URL", services.redis.clone()),
+        (
+            "MQTT_IM__CLUSTER__REDIS_CLUSTER",
+            services.redis_cluster.to_string(),
+        ),
         ("MQTT_IM__CLUSTER__KEY_PREFIX", services.prefix.clone()),
         ("MQTT_IM__CLUSTER__NODE_ID", id.to_string()),
         ("MQTT_IM__CLUSTER__HEARTBEAT", "100ms".to_string()),
@@ -105,61 +160,58 @@ async fn wait_located(broker: &TestBroker, uid: &str, expected: &[(&str, &str)])
     }
 }
 
-/// A on node 1 sends to B on node 2: delivered live there; B moves to node 1 and its digest
-/// is right; a flushed Redis heals with the next heartbeat.
-#[tokio::test]
-async fn two_nodes_hand_over_and_share_state() {
-    let Some(services) = services() else {
-        eprintln!("skipped: PostgreSQL or Redis not configured");
-        return;
-    };
-    let (n1, n2) = two_nodes(&services).await;
-    let mut bob = Client::v4(n2.addr, "bob-phone", "bob", 30).await;
-    bob.subscribe("im/u/bob/#", 1).await;
-    let _ = bob.digest("bob").await;
-    wait_located(&n1, "bob", &[("bob-phone", "n2")]).await;
+on_each_redis! {
+    /// A on node 1 sends to B on node 2: delivered live there; B moves to node 1 and its digest
+    /// is right; a flushed Redis heals with the next heartbeat.
+    async fn two_nodes_hand_over_and_share_state(services: Services) {
+        let (n1, n2) = two_nodes(&services).await;
+        let mut bob = Client::v4(n2.addr, "bob-phone", "bob", 30).await;
+        bob.subscribe("im/u/bob/#", 1).await;
+        let _ = bob.digest("bob").await;
+        wait_located(&n1, "bob", &[("bob-phone", "n2")]).await;
 
-    let mut alice = Client::v5(n1.addr, "alice-phone", "alice").await;
-    assert_eq!(
-        alice
-            .publish_acked("im/u/bob", chat("x1", "bob", "across", false))
-            .await,
-        0
-    );
-    assert_eq!(chat_seq(&bob.next_on("im/u/bob").await), 1);
+        let mut alice = Client::v5(n1.addr, "alice-phone", "alice").await;
+        assert_eq!(
+            alice
+                .publish_acked("im/u/bob", chat("x1", "bob", "across", false))
+                .await,
+            0
+        );
+        assert_eq!(chat_seq(&bob.next_on("im/u/bob").await), 1);
 
-    // Redis loses everything of this deployment: presence comes back with the heartbeat.
-    flush_deployment(&services).await;
-    wait_located(&n1, "bob", &[("bob-phone", "n2")]).await;
-    assert_eq!(
-        alice
-            .publish_acked("im/u/bob", chat("x2", "bob", "again", false))
-            .await,
-        0
-    );
-    assert_eq!(chat_seq(&bob.next_on("im/u/bob").await), 2);
+        // Redis loses everything of this deployment: presence comes back with the heartbeat.
+        flush_deployment(&services).await;
+        wait_located(&n1, "bob", &[("bob-phone", "n2")]).await;
+        assert_eq!(
+            alice
+                .publish_acked("im/u/bob", chat("x2", "bob", "again", false))
+                .await,
+            0
+        );
+        assert_eq!(chat_seq(&bob.next_on("im/u/bob").await), 2);
 
-    // B moves to node 1 while two messages arrive offline; its digest there is right.
-    bob.disconnect().await;
-    wait_located(&n1, "bob", &[]).await;
-    assert_eq!(
-        alice
-            .publish_acked("im/u/bob", chat("x3", "bob", "3", false))
-            .await,
-        0
-    );
-    assert_eq!(
-        alice
-            .publish_acked("im/u/bob", chat("x4", "bob", "4", false))
-            .await,
-        0
-    );
-    let mut bob = Client::v4(n1.addr, "bob-phone", "bob", 30).await;
-    bob.subscribe("im/u/bob/#", 1).await;
-    let session = bob.digest("bob").await.sessions["u/alice"].clone();
-    assert_eq!((session.count, session.unacked, session.max_seq), (2, 2, 4));
-    let page = page(&bob.ask("bob", pull("p", "u/alice", 10, None)).await);
-    assert_eq!(seqs(&page), vec![4, 3]);
+        // B moves to node 1 while two messages arrive offline; its digest there is right.
+        bob.disconnect().await;
+        wait_located(&n1, "bob", &[]).await;
+        assert_eq!(
+            alice
+                .publish_acked("im/u/bob", chat("x3", "bob", "3", false))
+                .await,
+            0
+        );
+        assert_eq!(
+            alice
+                .publish_acked("im/u/bob", chat("x4", "bob", "4", false))
+                .await,
+            0
+        );
+        let mut bob = Client::v4(n1.addr, "bob-phone", "bob", 30).await;
+        bob.subscribe("im/u/bob/#", 1).await;
+        let session = bob.digest("bob").await.sessions["u/alice"].clone();
+        assert_eq!((session.count, session.unacked, session.max_seq), (2, 2, 4));
+        let page = page(&bob.ask("bob", pull("p", "u/alice", 10, None)).await);
+        assert_eq!(seqs(&page), vec![4, 3]);
+    }
 }
 
 /// A node killed with SIGKILL stops counting as holding its users within the node TTL;
@@ -265,20 +317,35 @@ async fn redis_outage_keeps_storing() {
 /// Deletes every Redis key of this deployment: what FLUSHALL does to it, without disturbing
 /// other tests that share the Redis server.
 #[allow(clippy::unwrap_used)]
+/// Deletes every key of the deployment; on a Redis Cluster also checks that its keys were
+/// spread over more than one shard (the seeds are all of the test cluster's masters).
 async fn flush_deployment(services: &Services) {
-    let client = redis::Client::open(services.redis.as_str()).unwrap();
-    let mut connection = client.get_multiplexed_async_connection().await.unwrap();
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{}:*", services.prefix))
-        .query_async(&mut connection)
-        .await
-        .unwrap();
-    assert!(!keys.is_empty(), "the deployment wrote nothing to Redis");
-    let _: () = redis::cmd("DEL")
-        .arg(&keys)
-        .query_async(&mut connection)
-        .await
-        .unwrap();
+    let mut shards_used = 0;
+    for url in services.redis.split(',') {
+        let client = redis::Client::open(url).unwrap();
+        let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{}:*", services.prefix))
+            .query_async(&mut connection)
+            .await
+            .unwrap();
+        shards_used += usize::from(!keys.is_empty());
+        // One key per DEL: on a cluster, keys of several slots cannot go in one.
+        for key in keys {
+            let _: () = redis::cmd("DEL")
+                .arg(key)
+                .query_async(&mut connection)
+                .await
+                .unwrap();
+        }
+    }
+    assert!(shards_used > 0, "the deployment wrote nothing to Redis");
+    if services.redis_cluster {
+        assert!(
+            shards_used > 1,
+            "every key of the deployment is on one shard"
+        );
+    }
 }
 
 async fn send_to_bob(from: &mut Client, id: &str) {
@@ -289,73 +356,70 @@ async fn send_to_bob(from: &mut Client, id: &str) {
     );
 }
 
-/// Counters and previews cached in Redis are lost mid-run (after a digest and its clear,
-/// between offline messages): the next digest is rebuilt from PostgreSQL and is exactly right.
-#[tokio::test]
-async fn flushed_cache_gives_a_correct_digest() {
-    let Some(services) = services() else {
-        eprintln!("skipped: PostgreSQL or Redis not configured");
-        return;
-    };
-    let broker = TestBroker::start_with_on(services.backend.clone(), node(&services, "n1")).await;
-    let mut alice = Client::v5(broker.addr, "alice-phone", "alice").await;
-    let mut carol = Client::v5(broker.addr, "carol-phone", "carol").await;
-    for id in ["a1", "a2", "a3"] {
-        send_to_bob(&mut alice, id).await;
+on_each_redis! {
+    /// Counters and previews cached in Redis are lost mid-run (after a digest and its clear,
+    /// between offline messages): the next digest is rebuilt from PostgreSQL and is exactly right.
+    async fn flushed_cache_gives_a_correct_digest(services: Services) {
+        let broker = TestBroker::start_with_on(services.backend.clone(), node(&services, "n1")).await;
+        let mut alice = Client::v5(broker.addr, "alice-phone", "alice").await;
+        let mut carol = Client::v5(broker.addr, "carol-phone", "carol").await;
+        for id in ["a1", "a2", "a3"] {
+            send_to_bob(&mut alice, id).await;
+        }
+        send_to_bob(&mut carol, "c1").await;
+        let mut bob = Client::v4(broker.addr, "bob-phone", "bob", 30).await;
+        bob.subscribe("im/u/bob/#", 1).await;
+        let first = bob.digest("bob").await;
+        assert_eq!(first.sessions["u/alice"].count, 3);
+        let clear = pb::request::Kind::ClearCounters(pb::ClearCounters {
+            version: first.version,
+        });
+        assert_eq!(
+            bob.ask("bob", request("c", clear)).await.status,
+            pb::Status::Ok as i32
+        );
+        bob.disconnect().await;
+
+        send_to_bob(&mut alice, "a4").await;
+        send_to_bob(&mut alice, "a5").await;
+        flush_deployment(&services).await;
+        send_to_bob(&mut alice, "a6").await;
+
+        let mut bob = Client::v4(broker.addr, "bob-phone", "bob", 30).await;
+        bob.subscribe("im/u/bob/#", 1).await;
+        let digest = bob.digest("bob").await;
+        let from_alice = &digest.sessions["u/alice"];
+        assert_eq!(
+            (from_alice.count, from_alice.unacked, from_alice.max_seq),
+            (3, 6, 6)
+        );
+        let previews: Vec<u64> = from_alice.last_msgs.iter().map(|m| m.seq).collect();
+        assert_eq!(previews, vec![6, 5, 4]);
+        let from_carol = &digest.sessions["u/carol"];
+        assert_eq!((from_carol.count, from_carol.unacked), (0, 1));
+        bob.disconnect().await;
+
+        // Flushed again with nothing new: the rebuilt digest is the same.
+        flush_deployment(&services).await;
+        let mut bob = Client::v4(broker.addr, "bob-phone", "bob", 30).await;
+        bob.subscribe("im/u/bob/#", 1).await;
+        let again = bob.digest("bob").await;
+        assert_eq!(again.sessions, digest.sessions);
+
+        // Pages acknowledged after that: the cached counters no longer apply, and are not used.
+        let newest = page(&bob.ask("bob", pull("p1", "u/alice", 2, None)).await);
+        assert_eq!(seqs(&newest), vec![6, 5]);
+        let older = page(
+            &bob.ask("bob", pull("p2", "u/alice", 2, newest.cursor))
+                .await,
+        );
+        assert_eq!(seqs(&older), vec![4, 3]);
+        bob.disconnect().await;
+        let mut bob = Client::v4(broker.addr, "bob-phone", "bob", 30).await;
+        bob.subscribe("im/u/bob/#", 1).await;
+        let from_alice = bob.digest("bob").await.sessions["u/alice"].clone();
+        assert_eq!((from_alice.count, from_alice.unacked), (1, 4));
     }
-    send_to_bob(&mut carol, "c1").await;
-    let mut bob = Client::v4(broker.addr, "bob-phone", "bob", 30).await;
-    bob.subscribe("im/u/bob/#", 1).await;
-    let first = bob.digest("bob").await;
-    assert_eq!(first.sessions["u/alice"].count, 3);
-    let clear = pb::request::Kind::ClearCounters(pb::ClearCounters {
-        version: first.version,
-    });
-    assert_eq!(
-        bob.ask("bob", request("c", clear)).await.status,
-        pb::Status::Ok as i32
-    );
-    bob.disconnect().await;
-
-    send_to_bob(&mut alice, "a4").await;
-    send_to_bob(&mut alice, "a5").await;
-    flush_deployment(&services).await;
-    send_to_bob(&mut alice, "a6").await;
-
-    let mut bob = Client::v4(broker.addr, "bob-phone", "bob", 30).await;
-    bob.subscribe("im/u/bob/#", 1).await;
-    let digest = bob.digest("bob").await;
-    let from_alice = &digest.sessions["u/alice"];
-    assert_eq!(
-        (from_alice.count, from_alice.unacked, from_alice.max_seq),
-        (3, 6, 6)
-    );
-    let previews: Vec<u64> = from_alice.last_msgs.iter().map(|m| m.seq).collect();
-    assert_eq!(previews, vec![6, 5, 4]);
-    let from_carol = &digest.sessions["u/carol"];
-    assert_eq!((from_carol.count, from_carol.unacked), (0, 1));
-    bob.disconnect().await;
-
-    // Flushed again with nothing new: the rebuilt digest is the same.
-    flush_deployment(&services).await;
-    let mut bob = Client::v4(broker.addr, "bob-phone", "bob", 30).await;
-    bob.subscribe("im/u/bob/#", 1).await;
-    let again = bob.digest("bob").await;
-    assert_eq!(again.sessions, digest.sessions);
-
-    // Pages acknowledged after that: the cached counters no longer apply, and are not used.
-    let newest = page(&bob.ask("bob", pull("p1", "u/alice", 2, None)).await);
-    assert_eq!(seqs(&newest), vec![6, 5]);
-    let older = page(
-        &bob.ask("bob", pull("p2", "u/alice", 2, newest.cursor))
-            .await,
-    );
-    assert_eq!(seqs(&older), vec![4, 3]);
-    bob.disconnect().await;
-    let mut bob = Client::v4(broker.addr, "bob-phone", "bob", 30).await;
-    bob.subscribe("im/u/bob/#", 1).await;
-    let from_alice = bob.digest("bob").await.sessions["u/alice"].clone();
-    assert_eq!((from_alice.count, from_alice.unacked), (1, 4));
 }
 
 /// A group message posted on node 1 reaches a member subscribed on node 2 live; removed on

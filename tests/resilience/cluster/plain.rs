@@ -30,37 +30,34 @@ async fn next_topic_payload(client: &mut Client) -> (String, Vec<u8>) {
     }
 }
 
-/// The first row: 50 QoS 1 publishes of a 3.1.1 device on node 1 to
-/// `plant/{n}/temp` reach a dashboard on node 2 subscribed to `plant/+/temp`, all of them and
-/// in order, as they reach a subscriber on node 1.
-#[tokio::test]
-async fn a_dashboard_on_another_node_gets_every_publish_in_order() {
-    let Some(services) = services() else {
-        eprintln!("skipped: PostgreSQL or Redis not configured");
-        return;
-    };
-    let (n1, n2) = two_nodes(&services).await;
-    let mut remote = Client::v5(n2.addr, "dashboard", "bob").await;
-    assert_eq!(remote.subscribe("plant/+/temp", 1).await, vec![1]);
-    let mut local = Client::v4(n1.addr, "local-dashboard", "carol", 30).await;
-    assert_eq!(local.subscribe("plant/+/temp", 1).await, vec![1]);
-    wait_remote_routes(&n1, 1.0).await;
+on_each_redis! {
+    /// The first row: 50 QoS 1 publishes of a 3.1.1 device on node 1 to
+    /// `plant/{n}/temp` reach a dashboard on node 2 subscribed to `plant/+/temp`, all of them and
+    /// in order, as they reach a subscriber on node 1.
+    async fn a_dashboard_on_another_node_gets_every_publish_in_order(services: Services) {
+        let (n1, n2) = two_nodes(&services).await;
+        let mut remote = Client::v5(n2.addr, "dashboard", "bob").await;
+        assert_eq!(remote.subscribe("plant/+/temp", 1).await, vec![1]);
+        let mut local = Client::v4(n1.addr, "local-dashboard", "carol", 30).await;
+        assert_eq!(local.subscribe("plant/+/temp", 1).await, vec![1]);
+        wait_remote_routes(&n1, 1.0).await;
 
-    let mut device = Client::v4(n1.addr, "device-7", "alice", 30).await;
-    for n in 0..50u32 {
-        let topic = format!("plant/{}/temp", n % 5);
-        assert_eq!(
-            device.publish_acked(&topic, n.to_be_bytes().to_vec()).await,
-            0
-        );
-    }
-    for subscriber in [&mut remote, &mut local] {
+        let mut device = Client::v4(n1.addr, "device-7", "alice", 30).await;
         for n in 0..50u32 {
-            let expected = (format!("plant/{}/temp", n % 5), n.to_be_bytes().to_vec());
-            assert_eq!(next_topic_payload(subscriber).await, expected);
+            let topic = format!("plant/{}/temp", n % 5);
+            assert_eq!(
+                device.publish_acked(&topic, n.to_be_bytes().to_vec()).await,
+                0
+            );
         }
+        for subscriber in [&mut remote, &mut local] {
+            for n in 0..50u32 {
+                let expected = (format!("plant/{}/temp", n % 5), n.to_be_bytes().to_vec());
+                assert_eq!(next_topic_payload(subscriber).await, expected);
+            }
+        }
+        assert_eq!(forwarded(&n1), 50.0);
     }
-    assert_eq!(forwarded(&n1), 50.0);
 }
 
 /// Each QoS arrives at most at the QoS of the subscription, an MQTT 5
@@ -245,44 +242,41 @@ async fn a_persistent_session_keeps_its_routes_while_away() {
     }
 }
 
-/// A node killed with SIGKILL under load: the publishers on the other node keep being
-/// answered and their local subscriber misses nothing, and the dead node's routes are gone
-/// within its time to live, after which nothing is forwarded to it.
-#[tokio::test]
-async fn a_killed_node_loses_its_routes_and_the_rest_carries_on() {
-    let Some(services) = services() else {
-        eprintln!("skipped: PostgreSQL or Redis not configured");
-        return;
-    };
-    let n1 = TestBroker::start_with_on(services.backend.clone(), node(&services, "n1")).await;
-    let (mut doomed, addr, _dir) = spawn_node(&services, "doomed");
-    let mut far = Client::v4(addr, "far-sub", "bob", 30).await;
-    far.subscribe("load/#", 1).await;
-    let mut near = Client::v4(n1.addr, "near-sub", "alice", 30).await;
-    near.subscribe("load/#", 1).await;
-    wait_remote_routes(&n1, 1.0).await;
+on_each_redis! {
+    /// A node killed with SIGKILL under load: the publishers on the other node keep being
+    /// answered and their local subscriber misses nothing, and the dead node's routes are gone
+    /// within its time to live, after which nothing is forwarded to it.
+    async fn a_killed_node_loses_its_routes_and_the_rest_carries_on(services: Services) {
+        let n1 = TestBroker::start_with_on(services.backend.clone(), node(&services, "n1")).await;
+        let (mut doomed, addr, _dir) = spawn_node(&services, "doomed");
+        let mut far = Client::v4(addr, "far-sub", "bob", 30).await;
+        far.subscribe("load/#", 1).await;
+        let mut near = Client::v4(n1.addr, "near-sub", "alice", 30).await;
+        near.subscribe("load/#", 1).await;
+        wait_remote_routes(&n1, 1.0).await;
 
-    let mut publisher = Client::v4(n1.addr, "loader", "alice", 30).await;
-    for n in 0..400u16 {
-        if n == 100 {
-            // Proof that forwarding works before the kill.
-            assert_eq!(far.next_on("load/x").await, 0u16.to_be_bytes().to_vec());
-            doomed.kill().unwrap();
-            doomed.wait().unwrap();
+        let mut publisher = Client::v4(n1.addr, "loader", "alice", 30).await;
+        for n in 0..400u16 {
+            if n == 100 {
+                // Proof that forwarding works before the kill.
+                assert_eq!(far.next_on("load/x").await, 0u16.to_be_bytes().to_vec());
+                doomed.kill().unwrap();
+                doomed.wait().unwrap();
+            }
+            assert_eq!(
+                publisher
+                    .publish_acked("load/x", n.to_be_bytes().to_vec())
+                    .await,
+                0
+            );
         }
-        assert_eq!(
-            publisher
-                .publish_acked("load/x", n.to_be_bytes().to_vec())
-                .await,
-            0
-        );
+        for n in 0..400u16 {
+            assert_eq!(near.next_on("load/x").await, n.to_be_bytes().to_vec());
+        }
+        wait_remote_routes(&n1, 0.0).await;
+        let before = forwarded(&n1);
+        publisher.publish_acked("load/x", b"after".to_vec()).await;
+        assert_eq!(near.next_on("load/x").await, b"after".to_vec());
+        assert_eq!(forwarded(&n1), before);
     }
-    for n in 0..400u16 {
-        assert_eq!(near.next_on("load/x").await, n.to_be_bytes().to_vec());
-    }
-    wait_remote_routes(&n1, 0.0).await;
-    let before = forwarded(&n1);
-    publisher.publish_acked("load/x", b"after".to_vec()).await;
-    assert_eq!(near.next_on("load/x").await, b"after".to_vec());
-    assert_eq!(forwarded(&n1), before);
 }

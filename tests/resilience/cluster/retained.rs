@@ -29,61 +29,58 @@ async fn next_retained(client: &mut Client) -> (String, Vec<u8>, bool) {
     }
 }
 
-/// The second row, and its clearing: `plant/config` retained through node 1 is what
-/// a new subscriber on node 2 gets; cleared through node 2, a new subscriber on node 1 gets
-/// nothing; a node started later loads what is retained from the store.
-#[tokio::test]
-async fn a_retained_message_is_the_same_on_every_node() {
-    let Some(services) = services() else {
-        eprintln!("skipped: PostgreSQL or Redis not configured");
-        return;
-    };
-    let (n1, n2) = two_nodes(&services).await;
-    let mut setter = Client::v4(n1.addr, "configurator", "alice", 30).await;
-    assert_eq!(setter.retain_acked("plant/config", b"v1".to_vec()).await, 0);
-    assert_eq!(setter.retain_acked("plant/mode", b"auto".to_vec()).await, 0);
-    wait_for(|| injected(&n2) == 2.0).await;
+on_each_redis! {
+    /// The second row, and its clearing: `plant/config` retained through node 1 is what
+    /// a new subscriber on node 2 gets; cleared through node 2, a new subscriber on node 1 gets
+    /// nothing; a node started later loads what is retained from the store.
+    async fn a_retained_message_is_the_same_on_every_node(services: Services) {
+        let (n1, n2) = two_nodes(&services).await;
+        let mut setter = Client::v4(n1.addr, "configurator", "alice", 30).await;
+        assert_eq!(setter.retain_acked("plant/config", b"v1".to_vec()).await, 0);
+        assert_eq!(setter.retain_acked("plant/mode", b"auto".to_vec()).await, 0);
+        wait_for(|| injected(&n2) == 2.0).await;
 
-    let mut dashboard = Client::v5(n2.addr, "dashboard", "bob").await;
-    dashboard.subscribe("plant/#", 1).await;
-    let mut got = vec![
-        next_retained(&mut dashboard).await,
-        next_retained(&mut dashboard).await,
-    ];
-    got.sort();
-    assert_eq!(
-        got,
-        vec![
-            ("plant/config".to_owned(), b"v1".to_vec(), true),
-            ("plant/mode".to_owned(), b"auto".to_vec(), true),
-        ]
-    );
+        let mut dashboard = Client::v5(n2.addr, "dashboard", "bob").await;
+        dashboard.subscribe("plant/#", 1).await;
+        let mut got = vec![
+            next_retained(&mut dashboard).await,
+            next_retained(&mut dashboard).await,
+        ];
+        got.sort();
+        assert_eq!(
+            got,
+            vec![
+                ("plant/config".to_owned(), b"v1".to_vec(), true),
+                ("plant/mode".to_owned(), b"auto".to_vec(), true),
+            ]
+        );
 
-    // Cleared through node 2 (an empty retained payload), replaced through node 1.
-    let mut clearer = Client::v5(n2.addr, "clearer", "carol").await;
-    assert_eq!(clearer.retain_acked("plant/mode", Vec::new()).await, 0);
-    assert_eq!(setter.retain_acked("plant/config", b"v2".to_vec()).await, 0);
-    wait_for(|| injected(&n1) == 1.0 && injected(&n2) == 3.0).await;
-    let mut late = Client::v4(n1.addr, "late-dashboard", "carol", 30).await;
-    late.subscribe("plant/#", 1).await;
-    assert_eq!(
-        next_retained(&mut late).await,
-        ("plant/config".to_owned(), b"v2".to_vec(), true)
-    );
-    assert!(
-        late.quiet_for(QUIET).await.is_none(),
-        "plant/mode was cleared"
-    );
+        // Cleared through node 2 (an empty retained payload), replaced through node 1.
+        let mut clearer = Client::v5(n2.addr, "clearer", "carol").await;
+        assert_eq!(clearer.retain_acked("plant/mode", Vec::new()).await, 0);
+        assert_eq!(setter.retain_acked("plant/config", b"v2".to_vec()).await, 0);
+        wait_for(|| injected(&n1) == 1.0 && injected(&n2) == 3.0).await;
+        let mut late = Client::v4(n1.addr, "late-dashboard", "carol", 30).await;
+        late.subscribe("plant/#", 1).await;
+        assert_eq!(
+            next_retained(&mut late).await,
+            ("plant/config".to_owned(), b"v2".to_vec(), true)
+        );
+        assert!(
+            late.quiet_for(QUIET).await.is_none(),
+            "plant/mode was cleared"
+        );
 
-    // A node that starts now has them from the store before it serves anyone.
-    let n3 = TestBroker::start_with_on(services.backend.clone(), node(&services, "n3")).await;
-    let mut newcomer = Client::v4(n3.addr, "newcomer", "alice", 30).await;
-    newcomer.subscribe("plant/+", 1).await;
-    assert_eq!(
-        next_retained(&mut newcomer).await,
-        ("plant/config".to_owned(), b"v2".to_vec(), true)
-    );
-    assert!(newcomer.quiet_for(QUIET).await.is_none());
+        // A node that starts now has them from the store before it serves anyone.
+        let n3 = TestBroker::start_with_on(services.backend.clone(), node(&services, "n3")).await;
+        let mut newcomer = Client::v4(n3.addr, "newcomer", "alice", 30).await;
+        newcomer.subscribe("plant/+", 1).await;
+        assert_eq!(
+            next_retained(&mut newcomer).await,
+            ("plant/config".to_owned(), b"v2".to_vec(), true)
+        );
+        assert!(newcomer.quiet_for(QUIET).await.is_none());
+    }
 }
 
 /// A node cut from Redis misses the broadcasts; when it follows the cluster's channels again

@@ -30,46 +30,43 @@ fn payloads(got: &[(String, Vec<u8>, u8)]) -> Vec<Vec<u8>> {
     got.iter().map(|(_, payload, _)| payload.clone()).collect()
 }
 
-/// The third row: `$share/workers/jobs/#` with one member on each node, 40 jobs
-/// published on node 1: each job reaches exactly one member, both members get their share,
-/// and a plain subscriber of `jobs/#` still gets all 40.
-#[tokio::test]
-async fn a_group_spans_nodes_and_each_job_goes_to_one_member() {
-    let Some(services) = services() else {
-        eprintln!("skipped: PostgreSQL or Redis not configured");
-        return;
-    };
-    let (n1, n2) = two_nodes(&services).await;
-    let mut near = Client::v4(n1.addr, "worker-near", "alice", 30).await;
-    assert_eq!(near.subscribe("$share/workers/jobs/#", 1).await, vec![1]);
-    let mut far = Client::v5(n2.addr, "worker-far", "bob").await;
-    assert_eq!(far.subscribe("$share/workers/jobs/#", 1).await, vec![1]);
-    let mut auditor = Client::v5(n2.addr, "auditor", "carol").await;
-    auditor.subscribe("jobs/#", 1).await;
-    wait_for(|| metric(&n1, "mqtt_im_cluster_routes_remote") == 2.0).await;
+on_each_redis! {
+    /// The third row: `$share/workers/jobs/#` with one member on each node, 40 jobs
+    /// published on node 1: each job reaches exactly one member, both members get their share,
+    /// and a plain subscriber of `jobs/#` still gets all 40.
+    async fn a_group_spans_nodes_and_each_job_goes_to_one_member(services: Services) {
+        let (n1, n2) = two_nodes(&services).await;
+        let mut near = Client::v4(n1.addr, "worker-near", "alice", 30).await;
+        assert_eq!(near.subscribe("$share/workers/jobs/#", 1).await, vec![1]);
+        let mut far = Client::v5(n2.addr, "worker-far", "bob").await;
+        assert_eq!(far.subscribe("$share/workers/jobs/#", 1).await, vec![1]);
+        let mut auditor = Client::v5(n2.addr, "auditor", "carol").await;
+        auditor.subscribe("jobs/#", 1).await;
+        wait_for(|| metric(&n1, "mqtt_im_cluster_routes_remote") == 2.0).await;
 
-    let mut producer = Client::v4(n1.addr, "producer", "carol", 30).await;
-    for n in 0..40u8 {
-        assert_eq!(
-            producer.publish_acked(&format!("jobs/{n}"), vec![n]).await,
-            0
-        );
+        let mut producer = Client::v4(n1.addr, "producer", "carol", 30).await;
+        for n in 0..40u8 {
+            assert_eq!(
+                producer.publish_acked(&format!("jobs/{n}"), vec![n]).await,
+                0
+            );
+        }
+        let (near_got, far_got) = (drain(&mut near).await, drain(&mut far).await);
+        let mut all: Vec<Vec<u8>> = payloads(&near_got);
+        all.extend(payloads(&far_got));
+        all.sort();
+        assert_eq!(all, (0..40u8).map(|n| vec![n]).collect::<Vec<_>>());
+        // Taken in turn: half each.
+        assert_eq!((near_got.len(), far_got.len()), (20, 20));
+        // Each member's share comes in the publisher's order.
+        for got in [&near_got, &far_got] {
+            let order = payloads(got);
+            let mut sorted = order.clone();
+            sorted.sort();
+            assert_eq!(order, sorted);
+        }
+        assert_eq!(payloads(&drain(&mut auditor).await).len(), 40);
     }
-    let (near_got, far_got) = (drain(&mut near).await, drain(&mut far).await);
-    let mut all: Vec<Vec<u8>> = payloads(&near_got);
-    all.extend(payloads(&far_got));
-    all.sort();
-    assert_eq!(all, (0..40u8).map(|n| vec![n]).collect::<Vec<_>>());
-    // Taken in turn: half each.
-    assert_eq!((near_got.len(), far_got.len()), (20, 20));
-    // Each member's share comes in the publisher's order.
-    for got in [&near_got, &far_got] {
-        let order = payloads(got);
-        let mut sorted = order.clone();
-        sorted.sort();
-        assert_eq!(order, sorted);
-    }
-    assert_eq!(payloads(&drain(&mut auditor).await).len(), 40);
 }
 
 /// Two members on node 2 and one on node 1, jobs published on node 2 and on node 1, QoS 2

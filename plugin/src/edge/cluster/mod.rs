@@ -10,6 +10,7 @@
 //! forward that Redis or the receiving node loses is counted, not retried.
 
 mod inject;
+mod moves;
 mod retained;
 mod routes;
 pub(crate) mod shared;
@@ -31,6 +32,7 @@ use crate::store::{Destination, RedisBus, Store};
 use crate::wire::pb;
 use inject::Injection;
 pub(crate) use inject::Injector;
+pub(crate) use moves::{Moved, SessionMover};
 use retained::RetainedCopies;
 use routes::{LocalRoutes, NodeRoutes};
 use shared::{LocalMembers, Rotation};
@@ -73,6 +75,8 @@ pub(crate) struct Cluster {
     /// This node's members of shared subscriptions.
     members: LocalMembers,
     rotation: Rotation,
+    /// Sessions moving to or from this node.
+    moves: moves::Moves,
     queues: Mutex<Option<Queues>>,
     metrics: Arc<Metrics>,
     /// Route changes being written in the background.
@@ -97,6 +101,7 @@ impl Cluster {
             preloaded: Mutex::default(),
             members: LocalMembers::default(),
             rotation: Rotation::default(),
+            moves: moves::Moves::default(),
             queues: Mutex::new(Some(Queues {
                 outgoing: outgoing_rx,
                 inject: inject_rx,
@@ -313,6 +318,7 @@ impl Cluster {
     pub(crate) async fn run(
         self: Arc<Self>,
         injector: Injector,
+        mover: SessionMover,
         heartbeat: Duration,
         shutdown: CancellationToken,
     ) {
@@ -335,7 +341,8 @@ impl Cluster {
             Arc::clone(&self.metrics),
             shutdown.clone(),
         ));
-        tasks.spawn(Arc::clone(&self).receive(arrivals, shutdown.clone()));
+        let mover = Arc::new(mover);
+        tasks.spawn(Arc::clone(&self).receive(arrivals, mover, shutdown.clone()));
         tasks.spawn(Arc::clone(&self).refresh(heartbeat, shutdown.clone()));
         tasks.close();
         tasks.wait().await;

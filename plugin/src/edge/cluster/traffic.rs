@@ -9,7 +9,7 @@ use prost::Message;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::{Cluster, Injection, NodeRoutes, Outgoing};
+use super::{Cluster, Injection, NodeRoutes, Outgoing, SessionMover};
 use crate::store::{ClusterMessage, Destination};
 use crate::throttle::Throttle;
 use crate::wire::{self, pb};
@@ -88,11 +88,13 @@ impl Cluster {
     }
 
     /// Applies what the cluster's channels bring until `shutdown`: route changes, publishes
-    /// to inject, and, whenever the node (again) follows the channels, the retained messages
+    /// to inject, steps of sessions moving (the old node's side through `mover`), and,
+    /// whenever the node (again) follows the channels, the retained messages
     /// from the store (the broadcasts it missed meanwhile included).
     pub(super) async fn receive(
         self: Arc<Self>,
         mut arrivals: mpsc::Receiver<ClusterMessage>,
+        mover: Arc<SessionMover>,
         shutdown: CancellationToken,
     ) {
         // What was read at start goes in first, even when Redis is down; the store is read
@@ -120,6 +122,7 @@ impl Cluster {
                 ClusterMessage::Following => self.load_retained().await,
                 ClusterMessage::Routes(bytes) => self.apply_change(&bytes),
                 ClusterMessage::Forwards(bytes) => self.inject_batch(&bytes),
+                ClusterMessage::Session(bytes) => self.on_move(&bytes, &mover),
             }
         }
     }

@@ -50,7 +50,7 @@ impl Session {
             kind::UNSUBACK => {
                 let pkid = frame.ack_pkid()?;
                 let (codes, pending) = self.merge(pkid, std::iter::repeat(0));
-                self.release_routes(&pending.relayed);
+                self.release_routes(&super::routes::paths(&pending.relayed));
                 self.write_unsuback(pkid, codes)
             }
             kind::DISCONNECT => {

@@ -20,6 +20,7 @@ mod apply;
 mod client;
 mod fit;
 mod from_rumqttd;
+mod moved;
 mod outbox;
 mod outcome;
 mod packet_ids;
@@ -37,10 +38,12 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use futures::future::{BoxFuture, FutureExt, Shared};
+use rumqttd::protocol::Filter;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use super::acl::topic_allowed;
+use super::cluster::Moved;
 use super::codec::Protocol;
 use super::limits::PublishLimits;
 use super::sink::ConnectionSink;
@@ -99,6 +102,8 @@ pub(super) struct Terms {
     pub(super) max_packet: Option<usize>,
     /// The MQTT 5 client's Receive Maximum, if it set one.
     pub(super) receive_max: Option<u16>,
+    /// The session, when it moved here from another node.
+    pub(super) moved: Option<Moved>,
 }
 
 /// Why a connection ends.
@@ -186,7 +191,7 @@ pub(super) struct Session {
     im_qos2: HashSet<u16>,
     /// Plain-topic filters this client holds at rumqttd, and its shared subscriptions in a
     /// cluster (routes of the cluster).
-    routes: HashSet<String>,
+    routes: HashMap<String, Filter>,
     /// Shared subscriptions the hook layer holds for this client (in a cluster): filter →
     /// granted QoS.
     shared: HashMap<String, u8>,
@@ -216,10 +221,14 @@ impl Session {
         linked: bool,
         sink: Arc<ConnectionSink>,
     ) -> Self {
+        let moved = terms.moved;
         let im_filters = match &terms.im {
             Some(device) if terms.clean_session => {
                 ctx.drop_session(device);
                 HashMap::new()
+            }
+            Some(_) if moved.as_ref().is_some_and(|m| !m.im.is_empty()) => {
+                moved.as_ref().map(|m| m.im.clone()).unwrap_or_default()
             }
             Some(device) => ctx.restore_session(device),
             None => HashMap::new(),
@@ -259,7 +268,7 @@ impl Session {
             im_filters,
             pending: HashMap::new(),
             im_qos2: HashSet::new(),
-            routes: HashSet::new(),
+            routes: HashMap::new(),
             shared: HashMap::new(),
             forwarded_qos2: HashSet::new(),
             send_order: SendOrder::default(),
@@ -271,6 +280,9 @@ impl Session {
             last_seen: Instant::now(),
         };
         session.take_kept_routes();
+        if let Some(moved) = moved {
+            session.start_moved(moved);
+        }
         if !session.im_filters.is_empty() {
             // A resumed persistent session: groups it still belongs to, online again, and a
             // fresh digest.

@@ -102,10 +102,10 @@ pub(super) struct PendingAck {
     /// One entry per filter: the hook layer's code, or `None` for rumqttd's.
     pub(super) codes: Vec<Option<u8>>,
     /// The filters rumqttd was asked about, in order.
-    pub(super) relayed: Vec<String>,
+    pub(super) relayed: Vec<Filter>,
     /// Shared subscriptions the hook layer took (in a cluster), routes to advertise before
     /// the SUBACK.
-    pub(super) joined: Vec<String>,
+    pub(super) joined: Vec<Filter>,
 }
 
 /// One filter of a SUBSCRIBE, decided.

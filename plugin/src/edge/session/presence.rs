@@ -26,6 +26,9 @@ impl Session {
             self.ctx.keep_session(device, filters);
         }
         self.leave_routes();
+        if let Some(cluster) = &self.ctx.cluster {
+            cluster.client_left(&self.client_id, self.clean_session);
+        }
         self.say_why(end);
     }
 

@@ -3,6 +3,8 @@
 //! waits at rumqttd), and the client's own publishes go to the nodes whose clients want
 //! them. Shared subscriptions are routes too (see `shared`).
 
+use rumqttd::protocol::Filter;
+
 use super::outcome::Outcome;
 use super::Session;
 use crate::edge::codec::PublishView;
@@ -17,11 +19,17 @@ impl Session {
         &mut self,
         pkid: u16,
         codes: Vec<u8>,
-        held: Vec<String>,
+        held: Vec<Filter>,
     ) -> Result<(), EdgeError> {
         let fresh: Vec<String> = held
             .into_iter()
-            .filter(|filter| self.routes.insert(filter.clone()))
+            .filter_map(|filter| {
+                let path = filter.path.clone();
+                self.routes
+                    .insert(path.clone(), filter)
+                    .is_none()
+                    .then_some(path)
+            })
             .collect();
         let change = match &self.ctx.cluster {
             Some(cluster) if !fresh.is_empty() => cluster.subscribed(&fresh),
@@ -43,7 +51,7 @@ impl Session {
     pub(super) fn release_routes(&mut self, filters: &[String]) {
         let released: Vec<String> = filters
             .iter()
-            .filter(|filter| self.routes.remove(*filter))
+            .filter(|filter| self.routes.remove(*filter).is_some())
             .cloned()
             .collect();
         if let (Some(cluster), false) = (&self.ctx.cluster, released.is_empty()) {
@@ -56,10 +64,10 @@ impl Session {
     /// rumqttd drops its subscriptions, and so do they.
     pub(super) fn leave_routes(&mut self) {
         let shared = self.leave_all_shared();
-        let plain: Vec<String> = self.routes.drain().collect();
+        let plain: Vec<Filter> = self.routes.drain().map(|(_, filter)| filter).collect();
         if self.clean_session {
             if let Some(cluster) = &self.ctx.cluster {
-                cluster.unsubscribed(&plain);
+                cluster.unsubscribed(&paths(&plain));
             }
         } else if !plain.is_empty() || !shared.is_empty() {
             self.ctx
@@ -74,11 +82,15 @@ impl Session {
         let KeptRoutes { plain, shared } = self.ctx.take_routes(&self.client_id);
         if self.clean_session {
             if let Some(cluster) = &self.ctx.cluster {
-                cluster.unsubscribed(&plain);
+                cluster.unsubscribed(&paths(&plain));
             }
             return;
         }
-        self.routes.extend(plain);
+        self.routes.extend(
+            plain
+                .into_iter()
+                .map(|filter| (filter.path.clone(), filter)),
+        );
         self.rejoin_shared(shared);
     }
 
@@ -94,4 +106,9 @@ impl Session {
         }
         cluster.forward(publish);
     }
+}
+
+/// The paths of `filters`.
+pub(super) fn paths(filters: &[Filter]) -> Vec<String> {
+    filters.iter().map(|filter| filter.path.clone()).collect()
 }

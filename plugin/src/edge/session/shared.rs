@@ -3,31 +3,25 @@
 //! nodes (the cluster picks the member; see `cluster::shared`). Without a cluster rumqttd
 //! keeps them as before.
 
+use rumqttd::protocol::Filter;
+
 use super::Session;
 use crate::edge::codec::Protocol;
-use crate::edge::sink::SessionEvent;
 use crate::wire::pb;
 
 impl Session {
-    /// Applies what reached this connection from outside it.
-    pub(in crate::edge) fn on_event(&mut self, event: SessionEvent) {
-        match event {
-            SessionEvent::Device(event) => self.on_device_event(event),
-            SessionEvent::Shared { filter, publish } => self.on_shared(&filter, &publish),
-        }
-    }
-
     /// Whether the hook layer (not rumqttd) holds `filter`: a shared subscription in a
     /// cluster.
     pub(super) fn shared_here(&self, filter: &str) -> bool {
         self.ctx.cluster.is_some() && filter.starts_with("$share/")
     }
 
-    /// Joins the group of `shared` at `qos` (the SUBACK's code).
-    pub(super) fn join_shared(&mut self, shared: &str, qos: u8) -> u8 {
+    /// Joins the group of `shared` at its QoS (the SUBACK's code).
+    pub(super) fn join_shared(&mut self, shared: &Filter) -> u8 {
+        let qos = shared.qos as u8;
         if let Some(cluster) = &self.ctx.cluster {
-            cluster.join_shared(shared, self.id, std::sync::Arc::clone(&self.sink));
-            self.shared.insert(shared.to_owned(), qos);
+            cluster.join_shared(&shared.path, self.id, std::sync::Arc::clone(&self.sink));
+            self.shared.insert(shared.path.clone(), qos);
         }
         qos
     }
@@ -43,43 +37,48 @@ impl Session {
     }
 
     /// The connection ends: it leaves every group; returns them for a persistent session.
-    pub(super) fn leave_all_shared(&mut self) -> Vec<(String, u8)> {
-        let shared: Vec<(String, u8)> = self.shared.drain().collect();
-        if let Some(cluster) = &self.ctx.cluster {
-            let filters: Vec<String> = shared.iter().map(|(filter, _)| filter.clone()).collect();
-            for filter in &filters {
-                cluster.leave_shared(filter, self.id);
-                self.routes.remove(filter);
-            }
-            cluster.unsubscribed(&filters);
+    pub(super) fn leave_all_shared(&mut self) -> Vec<Filter> {
+        let paths: Vec<String> = self.shared.drain().map(|(path, _)| path).collect();
+        let Some(cluster) = &self.ctx.cluster else {
+            return Vec::new();
+        };
+        for path in &paths {
+            cluster.leave_shared(path, self.id);
         }
-        shared
+        cluster.unsubscribed(&paths);
+        paths
+            .iter()
+            .filter_map(|path| self.routes.remove(path))
+            .collect()
     }
 
     /// A persistent session's shared subscriptions, joined again as it resumes.
-    pub(super) fn rejoin_shared(&mut self, shared: Vec<(String, u8)>) {
+    pub(super) fn rejoin_shared(&mut self, shared: Vec<Filter>) {
         let Some(cluster) = self.ctx.cluster.clone() else {
             return;
         };
-        let filters: Vec<String> = shared
-            .into_iter()
-            .map(|(filter, qos)| {
-                self.join_shared(&filter, qos);
-                self.routes.insert(filter.clone());
-                filter
-            })
-            .collect();
-        cluster.subscribed_soon(&filters);
+        let paths = super::routes::paths(&shared);
+        for filter in shared {
+            self.join_shared(&filter);
+            self.routes.insert(filter.path.clone(), filter);
+        }
+        cluster.subscribed_soon(&paths);
     }
 
     /// A message of a group this connection is the chosen member of, at most at the QoS
     /// granted (gone if the client left the group meanwhile).
-    fn on_shared(&mut self, filter: &str, publish: &pb::Forward) {
+    pub(super) fn on_shared(&mut self, filter: &str, publish: &pb::Forward) {
         let Some(granted) = self.shared.get(filter).copied() else {
             self.ctx.im.metrics().shared_undelivered.inc();
             return;
         };
-        let qos = u8::try_from(publish.qos).unwrap_or(2).min(granted);
+        self.write_forwarded(publish, granted);
+    }
+
+    /// A publish that came through the cluster, written to the client at most at `qos`
+    /// (its MQTT 5 properties only to an MQTT 5 client).
+    pub(super) fn write_forwarded(&mut self, publish: &pb::Forward, qos: u8) {
+        let qos = u8::try_from(publish.qos).unwrap_or(2).min(qos);
         let properties: &[u8] = match self.version {
             Protocol::V5 => &publish.properties,
             Protocol::V4 => &[],

@@ -172,8 +172,8 @@ impl Session {
                     Some(qos)
                 }
                 Granted::Relay(filter) if self.shared_here(&filter.path) => {
-                    let qos = self.join_shared(&filter.path, filter.qos as u8);
-                    joined.push(filter.path);
+                    let qos = self.join_shared(&filter);
+                    joined.push(filter);
                     Some(qos)
                 }
                 Granted::Relay(filter) => {
@@ -191,7 +191,7 @@ impl Session {
         }
         let pending = PendingAck {
             codes,
-            relayed: relayed.iter().map(|filter| filter.path.clone()).collect(),
+            relayed: relayed.clone(),
             joined,
         };
         let subscribe = Subscribe {
@@ -307,7 +307,7 @@ impl Session {
         }
         let pending = PendingAck {
             codes,
-            relayed: relayed.clone(),
+            relayed: relayed.iter().map(|path| path_only(path)).collect(),
             joined: Vec::new(),
         };
         let unsubscribe = Unsubscribe {
@@ -339,6 +339,17 @@ impl Session {
                 _ => None,
             })
             .collect()
+    }
+}
+
+/// An UNSUBSCRIBE's filter (only the path matters).
+fn path_only(path: &str) -> Filter {
+    Filter {
+        path: path.to_owned(),
+        qos: QoS::AtMostOnce,
+        nolocal: false,
+        preserve_retain: false,
+        retain_forward_rule: protocol::RetainForwardRule::OnEverySubscribe,
     }
 }
 

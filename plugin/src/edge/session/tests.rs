@@ -151,6 +151,7 @@ fn fixture(client: Client) -> Fixture {
             max_pending: client.max_pending,
         }),
         client_id: "phone".into(),
+        moved: None,
         im: Some(device("alice", "phone")),
         username: Some("alice".into()),
         identity: Identity {

@@ -18,7 +18,8 @@ use tokio::time::Instant;
 
 use prometheus_client::metrics::counter::Counter;
 
-use crate::store::redis::BoundedRedis;
+use crate::store::redis::{user_key, BoundedRedis};
+use crate::store::RedisSettings;
 use crate::store::{Device, NewMessage, StoreError, StoredMessage};
 
 /// Cached keys of devices and conversations unused this long disappear.
@@ -36,14 +37,16 @@ const UPDATE_QUEUE: usize = 256;
 /// recounted), and adds the message to the conversation's previews if they are cached (or
 /// start with it).
 ///
-/// ARGV: prefix, previews kept, ttl, then per message: conversation, seq, sender, sender's
-/// device, preview, member count, members.
+/// Called once per hash slot on a Redis Cluster (once on one server), with what of each
+/// message lives there. KEYS[1]: a key of the slot. ARGV: prefix, previews kept, ttl, then
+/// per message: conversation, seq, sender, sender's device, preview ('' when the previews
+/// live elsewhere), member count, members (those whose keys live here).
 const APPENDED: &str = r"
 local p, keep, ttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local devices, counters, dirty, previews = {}, {}, {}, {}
 local function devices_of(uid)
   if not devices[uid] then
-    devices[uid] = redis.call('SMEMBERS', p .. ':devs:' .. uid)
+    devices[uid] = redis.call('SMEMBERS', p .. ':{u:' .. uid .. '}:devs')
   end
   return devices[uid]
 end
@@ -68,7 +71,7 @@ local i = 4
 while i <= #ARGV do
   local conv, seq, sender, sdev = ARGV[i], tonumber(ARGV[i + 1]), ARGV[i + 2], ARGV[i + 3]
   local n = tonumber(ARGV[i + 5])
-  if keep > 0 then
+  if keep > 0 and ARGV[i + 4] ~= '' then
     local entries = previews[conv]
     if entries == nil then
       local last = p .. ':last:' .. conv
@@ -83,7 +86,7 @@ while i <= #ARGV do
   for m = i + 6, i + 5 + n do
     local uid = ARGV[m]
     for _, client in ipairs(devices_of(uid)) do
-      local c = counter(p .. ':cnt:' .. uid .. ':' .. client, conv, seq)
+      local c = counter(p .. ':{u:' .. uid .. '}:cnt:' .. client, conv, seq)
       if c and seq == c[1] + 1 then
         c[1] = seq
         if uid ~= sender then c[4] = c[4] + 1 end
@@ -161,20 +164,24 @@ return 0";
 /// Drops what the cache holds of conversations whose stored messages changed other than by
 /// appends (an erasure): their previews, and their counters in every member's devices.
 ///
-/// ARGV: prefix, then per conversation: conversation, member count, members.
+/// Called per hash slot like [`APPENDED`]. KEYS[1]: a key of the slot. ARGV: prefix, then
+/// per conversation: conversation, '1' if its previews live here (else ''), member count,
+/// members (those whose keys live here).
 const FORGET_CONVERSATIONS: &str = r"
 local p = ARGV[1]
 local i = 2
 while i <= #ARGV do
-  local conv, n = ARGV[i], tonumber(ARGV[i + 1])
-  redis.call('DEL', p .. ':last:' .. conv)
-  for m = i + 2, i + 1 + n do
+  local conv, n = ARGV[i], tonumber(ARGV[i + 2])
+  if ARGV[i + 1] ~= '' then
+    redis.call('DEL', p .. ':last:' .. conv)
+  end
+  for m = i + 3, i + 2 + n do
     local uid = ARGV[m]
-    for _, client in ipairs(redis.call('SMEMBERS', p .. ':devs:' .. uid)) do
-      redis.call('HDEL', p .. ':cnt:' .. uid .. ':' .. client, conv)
+    for _, client in ipairs(redis.call('SMEMBERS', p .. ':{u:' .. uid .. '}:devs')) do
+      redis.call('HDEL', p .. ':{u:' .. uid .. '}:cnt:' .. client, conv)
     end
   end
-  i = i + 2 + n
+  i = i + 3 + n
 end
 return 0";
 
@@ -264,15 +271,13 @@ impl DigestCache {
     /// # Errors
     /// The URL is invalid.
     pub fn new(
-        url: &str,
-        prefix: &str,
+        redis: &RedisSettings<'_>,
         keep: usize,
-        timeout: Duration,
         errors: Counter,
     ) -> Result<Self, StoreError> {
         Ok(Self {
-            redis: BoundedRedis::new(url, timeout)?,
-            prefix: prefix.to_owned(),
+            redis: BoundedRedis::new(redis.url, redis.cluster, redis.timeout)?,
+            prefix: redis.prefix.to_owned(),
             keep,
             skip_until: std::sync::Arc::new(Mutex::new(Instant::now())),
             stats: std::sync::Arc::default(),
@@ -290,7 +295,7 @@ impl DigestCache {
     async fn call<T>(
         &self,
         what: &str,
-        request: impl Future<Output = redis::RedisResult<T>>,
+        request: impl Future<Output = Result<T, StoreError>>,
     ) -> Option<T> {
         let skip_until = self
             .skip_until
@@ -300,7 +305,7 @@ impl DigestCache {
         if Instant::now() < skip_until {
             return None;
         }
-        let error = match self.redis.within(request).await {
+        let error = match request.await {
             Ok(value) => return Some(value),
             Err(e) => e.to_string(),
         };
@@ -316,19 +321,18 @@ impl DigestCache {
     }
 
     fn counters_key(&self, device: &Device) -> String {
-        format!("{}:cnt:{}:{}", self.prefix, device.uid, device.client_id)
+        let what = format!("cnt:{}", device.client_id);
+        user_key(&self.prefix, &device.uid, &what)
     }
 
-    fn devices_key(&self, uid: &Uid) -> String {
-        format!("{}:devs:{uid}", self.prefix)
+    fn devices_key(&self, uid: &str) -> String {
+        user_key(&self.prefix, uid, "devs")
     }
 
     fn carried_key(&self, device: &Device, version: u64) -> String {
-        // uid and version hold no ':', so the client id can be anything.
-        format!(
-            "{}:dv:{}:{version}:{}",
-            self.prefix, device.uid, device.client_id
-        )
+        // The version holds no ':', so the client id can be anything.
+        let what = format!("dv:{version}:{}", device.client_id);
+        user_key(&self.prefix, &device.uid, &what)
     }
 
     fn previews_key(&self, conversation: &str) -> String {
@@ -349,30 +353,54 @@ impl DigestCache {
     }
 
     async fn appended(&self, batch: &[Committed]) {
-        let script = redis::Script::new(APPENDED);
-        let mut invocation = script.prepare_invoke();
-        invocation
-            .arg(&self.prefix)
-            .arg(self.keep)
-            .arg(IDLE_TTL_SECS);
-        for committed in batch {
+        let touched = batch.iter().enumerate().flat_map(|(at, committed)| {
             let message = &committed.message;
-            let members: Vec<&str> = message
-                .conversation
-                .direct_members()
-                .map_or_else(Vec::new, |pair| pair.map(Uid::as_str).to_vec());
-            invocation
-                .arg(message.conversation.key())
-                .arg(committed.seq)
-                .arg(message.sender.as_str())
-                .arg(&message.sender_device)
-                .arg(encode_preview(committed.seq, message))
-                .arg(members.len())
-                .arg(&members);
-        }
-        let mut connection = self.redis.connection();
-        let update = invocation.invoke_async::<i64>(&mut connection);
-        self.call("update after commit", update).await;
+            let previews = (self.keep > 0)
+                .then(|| (self.previews_key(&message.conversation.key()), (at, None)));
+            let members = message.conversation.direct_members().into_iter().flatten();
+            let members = members.map(move |uid| (self.devices_key(uid.as_str()), (at, Some(uid))));
+            previews.into_iter().chain(members)
+        });
+        let script = redis::Script::new(APPENDED);
+        let calls = self
+            .redis
+            .by_slot(touched)
+            .into_iter()
+            .map(|(key, touched)| {
+                let mut invocation = script.key(key);
+                invocation
+                    .arg(&self.prefix)
+                    .arg(self.keep)
+                    .arg(IDLE_TTL_SECS);
+                for (at, touched) in by_record(touched) {
+                    let (committed, message) = (&batch[at], &batch[at].message);
+                    let mut previews = false;
+                    let members: Vec<&str> = touched
+                        .into_iter()
+                        .filter_map(|member| {
+                            previews |= member.is_none();
+                            member.map(Uid::as_str)
+                        })
+                        .collect();
+                    let preview = if previews {
+                        encode_preview(committed.seq, message)
+                    } else {
+                        Vec::new()
+                    };
+                    invocation
+                        .arg(message.conversation.key())
+                        .arg(committed.seq)
+                        .arg(message.sender.as_str())
+                        .arg(&message.sender_device)
+                        .arg(preview)
+                        .arg(members.len())
+                        .arg(&members);
+                }
+                invocation
+            });
+        let calls: Vec<_> = calls.collect();
+        self.call("update after commit", self.redis.invoke_all(&calls))
+            .await;
     }
 
     /// The cached counters of `device` for each conversation key, where they were counted
@@ -393,7 +421,7 @@ impl DigestCache {
         }
         let mut connection = self.redis.connection();
         let read = command.query_async::<Vec<Option<String>>>(&mut connection);
-        let Some(cached) = self.call("reading counters", read).await else {
+        let Some(cached) = self.call("reading counters", self.redis.within(read)).await else {
             return misses();
         };
         let found: Vec<Option<Counted>> = cached
@@ -434,7 +462,7 @@ impl DigestCache {
         }
         let mut connection = self.redis.connection();
         let save = invocation.invoke_async::<i64>(&mut connection);
-        self.call("saving counters", save).await;
+        self.call("saving counters", self.redis.within(save)).await;
     }
 
     /// Remembers what digest `version` carried, for [`DigestCache::cleared`].
@@ -462,7 +490,8 @@ impl DigestCache {
             .ignore();
         let mut connection = self.redis.connection();
         let record = pipe.query_async::<()>(&mut connection);
-        self.call("recording a digest", record).await;
+        self.call("recording a digest", self.redis.within(record))
+            .await;
     }
 
     /// Drops the counters of forgotten devices, so a device that comes back under the same
@@ -471,16 +500,13 @@ impl DigestCache {
         if devices.is_empty() {
             return;
         }
-        let mut pipe = redis::pipe();
+        let mut batch = self.redis.batch();
         for device in devices {
-            pipe.del(self.counters_key(device))
-                .ignore()
-                .srem(self.devices_key(&device.uid), &device.client_id)
-                .ignore();
+            let (counters, devices) = (self.counters_key(device), self.devices_key(&device.uid));
+            batch.add(&counters, redis::Cmd::del(&counters));
+            batch.add(&devices, redis::Cmd::srem(&devices, &device.client_id));
         }
-        let mut connection = self.redis.connection();
-        let forget = pipe.query_async::<()>(&mut connection);
-        self.call("forgetting devices", forget).await;
+        self.call("forgetting devices", self.redis.run(batch)).await;
     }
 
     /// Drops the previews and counters of conversations an erasure changed; `members` are
@@ -489,15 +515,44 @@ impl DigestCache {
         if members.is_empty() {
             return;
         }
+        let touched = members
+            .iter()
+            .enumerate()
+            .flat_map(|(at, (conversation, uids))| {
+                let previews = (self.previews_key(conversation), (at, None));
+                let members = uids
+                    .iter()
+                    .map(move |uid| (self.devices_key(uid), (at, Some(uid))));
+                std::iter::once(previews).chain(members)
+            });
         let script = redis::Script::new(FORGET_CONVERSATIONS);
-        let mut invocation = script.prepare_invoke();
-        invocation.arg(&self.prefix);
-        for (conversation, uids) in members {
-            invocation.arg(conversation).arg(uids.len()).arg(uids);
-        }
-        let mut connection = self.redis.connection();
-        let forget = invocation.invoke_async::<i64>(&mut connection);
-        self.call("forgetting conversations", forget).await;
+        let calls = self
+            .redis
+            .by_slot(touched)
+            .into_iter()
+            .map(|(key, touched)| {
+                let mut invocation = script.key(key);
+                invocation.arg(&self.prefix);
+                for (at, touched) in by_record(touched) {
+                    let mut previews = false;
+                    let uids: Vec<&String> = touched
+                        .into_iter()
+                        .filter_map(|uid| {
+                            previews |= uid.is_none();
+                            uid
+                        })
+                        .collect();
+                    invocation
+                        .arg(&members[at].0)
+                        .arg(if previews { "1" } else { "" })
+                        .arg(uids.len())
+                        .arg(uids);
+                }
+                invocation
+            });
+        let calls: Vec<_> = calls.collect();
+        self.call("forgetting conversations", self.redis.invoke_all(&calls))
+            .await;
     }
 
     /// Applies a committed `ClearCounters` of digest `version` to the cached counters.
@@ -509,7 +564,8 @@ impl DigestCache {
             .key(self.carried_key(device, version));
         let mut connection = self.redis.connection();
         let clear = invocation.invoke_async::<i64>(&mut connection);
-        self.call("clearing counters", clear).await;
+        self.call("clearing counters", self.redis.within(clear))
+            .await;
     }
 
     /// The cached newest `n` messages of each conversation, where they are exactly the
@@ -523,19 +579,21 @@ impl DigestCache {
         if conversations.is_empty() || n == 0 || n > self.keep {
             return misses();
         }
-        let mut pipe = redis::pipe();
-        for (key, _) in conversations {
-            pipe.zrevrange(self.previews_key(key), 0, n as isize - 1);
+        let mut batch = self.redis.batch();
+        for (conversation, _) in conversations {
+            let key = self.previews_key(conversation);
+            batch.add(&key, redis::Cmd::zrevrange(&key, 0, n as isize - 1));
         }
-        let mut connection = self.redis.connection();
-        let read = pipe.query_async::<Vec<Vec<Vec<u8>>>>(&mut connection);
-        let Some(cached) = self.call("reading previews", read).await else {
+        let Some(cached) = self.call("reading previews", self.redis.run(batch)).await else {
             return misses();
         };
         let found: Vec<Option<Vec<StoredMessage>>> = cached
             .into_iter()
             .zip(conversations)
-            .map(|(entries, (_, max_seq))| newest_exactly(&entries, *max_seq, n))
+            .map(|(entries, (_, max_seq))| {
+                let entries: Vec<Vec<u8>> = redis::from_redis_value(entries).ok()?;
+                newest_exactly(&entries, *max_seq, n)
+            })
             .collect();
         let hits = found.iter().filter(|p| p.is_some()).count() as u64;
         self.stats.preview_hits.fetch_add(hits, Ordering::Relaxed);
@@ -550,22 +608,31 @@ impl DigestCache {
         if read.is_empty() || self.keep == 0 {
             return;
         }
-        let mut pipe = redis::pipe();
+        let mut batch = self.redis.batch();
         for (conversation, messages) in read {
             let key = self.previews_key(conversation);
             for message in messages.iter() {
-                pipe.zadd(&key, stored_preview(message), message.seq)
-                    .ignore();
+                let entry = stored_preview(message);
+                batch.add(&key, redis::Cmd::zadd(&key, entry, message.seq));
             }
-            pipe.zremrangebyrank(&key, 0, -(self.keep as isize + 1))
-                .ignore()
-                .expire(&key, IDLE_TTL_SECS as i64)
-                .ignore();
+            let oldest_kept = -(self.keep as isize + 1);
+            batch.add(&key, redis::Cmd::zremrangebyrank(&key, 0, oldest_kept));
+            batch.add(&key, redis::Cmd::expire(&key, IDLE_TTL_SECS as i64));
         }
-        let mut connection = self.redis.connection();
-        let save = pipe.query_async::<()>(&mut connection);
-        self.call("saving previews", save).await;
+        self.call("saving previews", self.redis.run(batch)).await;
     }
+}
+
+/// What one script call touches, as (record, what) in record order, gathered per record.
+fn by_record<T>(touched: Vec<(usize, T)>) -> Vec<(usize, Vec<T>)> {
+    let mut records: Vec<(usize, Vec<T>)> = Vec::new();
+    for (at, what) in touched {
+        match records.last_mut() {
+            Some((last, whats)) if *last == at => whats.push(what),
+            _ => records.push((at, vec![what])),
+        }
+    }
+    records
 }
 
 /// Hands committed batches to the cache's updater without waiting for Redis.

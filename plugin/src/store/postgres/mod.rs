@@ -590,9 +590,18 @@ mod tests {
     }
 
     /// Redis of the tests: MQTT_IM_TEST_REDIS_URL, or the local CI service when services are
-    /// required.
-    fn test_redis() -> Option<String> {
+    /// required; with `cluster`, the seeds of a Redis Cluster (MQTT_IM_TEST_REDIS_CLUSTER_URL,
+    /// which `.ci/run` sets).
+    fn test_redis(cluster: bool) -> Option<String> {
         let required = std::env::var("MQTT_IM_REQUIRE_SERVICES").as_deref() == Ok("1");
+        if cluster {
+            let seeds = std::env::var("MQTT_IM_TEST_REDIS_CLUSTER_URL").ok();
+            assert!(
+                seeds.is_some() || !required,
+                "MQTT_IM_TEST_REDIS_CLUSTER_URL is not set"
+            );
+            return seeds;
+        }
         match std::env::var("MQTT_IM_TEST_REDIS_URL") {
             Ok(url) => Some(url),
             Err(_) if required => Some("redis://127.0.0.1:6379".into()),
@@ -600,21 +609,38 @@ mod tests {
         }
     }
 
-    async fn test_cache(settings: &PostgresSettings) -> Option<(DigestCache, String)> {
-        let url = test_redis()?;
+    async fn test_cache(
+        settings: &PostgresSettings,
+        cluster: bool,
+    ) -> Option<(DigestCache, String)> {
+        let url = test_redis(cluster)?;
         let prefix = format!("test-{}", settings.schema);
-        let timeout = Duration::from_millis(500);
-        let cache = DigestCache::new(&url, &prefix, 3, timeout, Counter::default()).unwrap();
+        let redis = crate::store::RedisSettings {
+            url: &url,
+            cluster,
+            prefix: &prefix,
+            timeout: Duration::from_millis(500),
+        };
+        let cache = DigestCache::new(&redis, 3, Counter::default()).unwrap();
         Some((cache, url))
     }
 
     #[tokio::test]
     async fn conformance_suite_with_digest_cache() {
+        conformance_suite_with_cache_on(false).await;
+    }
+
+    #[tokio::test]
+    async fn conformance_suite_with_digest_cache_on_a_redis_cluster() {
+        conformance_suite_with_cache_on(true).await;
+    }
+
+    async fn conformance_suite_with_cache_on(cluster: bool) {
         let Some(settings) = test_settings() else {
             return;
         };
-        let Some((cache, _)) = test_cache(&settings).await else {
-            eprintln!("skipped: MQTT_IM_TEST_REDIS_URL is not set");
+        let Some((cache, _)) = test_cache(&settings, cluster).await else {
+            eprintln!("skipped: Redis is not configured");
             return;
         };
         let store = PostgresStore::open(&settings, 64, Some(cache))
@@ -626,20 +652,24 @@ mod tests {
 
     /// Deletes every key of the test's prefix (what FLUSHALL does to a deployment, without
     /// disturbing other tests sharing the server).
+    /// `url` may be a Redis Cluster's seeds: each is flushed (one key per DEL, as keys of
+    /// several slots cannot go in one).
     async fn flush(url: &str, prefix: &str) {
-        let client = redis::Client::open(url).unwrap();
-        let mut connection = client.get_multiplexed_async_connection().await.unwrap();
-        let keys: Vec<String> = redis::cmd("KEYS")
-            .arg(format!("{prefix}:*"))
-            .query_async(&mut connection)
-            .await
-            .unwrap();
-        if !keys.is_empty() {
-            let _: () = redis::cmd("DEL")
-                .arg(&keys)
+        for url in url.split(',') {
+            let client = redis::Client::open(url).unwrap();
+            let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+            let keys: Vec<String> = redis::cmd("KEYS")
+                .arg(format!("{prefix}:*"))
                 .query_async(&mut connection)
                 .await
                 .unwrap();
+            for key in keys {
+                let _: () = redis::cmd("DEL")
+                    .arg(key)
+                    .query_async(&mut connection)
+                    .await
+                    .unwrap();
+            }
         }
     }
 
@@ -661,10 +691,19 @@ mod tests {
     /// says; the cache must also have answered, not only been bypassed.
     #[tokio::test]
     async fn digest_cache_always_agrees_with_postgres() {
+        digest_cache_agrees_on(false).await;
+    }
+
+    #[tokio::test]
+    async fn digest_cache_on_a_redis_cluster_always_agrees_with_postgres() {
+        digest_cache_agrees_on(true).await;
+    }
+
+    async fn digest_cache_agrees_on(cluster: bool) {
         let Some(settings) = test_settings() else {
             return;
         };
-        let Some((cache, url)) = test_cache(&settings).await else {
+        let Some((cache, url)) = test_cache(&settings, cluster).await else {
             return;
         };
         let prefix = format!("test-{}", settings.schema);
@@ -775,7 +814,7 @@ mod tests {
         let Some(settings) = test_settings() else {
             return;
         };
-        let Some((cache, url)) = test_cache(&settings).await else {
+        let Some((cache, url)) = test_cache(&settings, false).await else {
             return;
         };
         let cached = PostgresStore::open(&settings, 64, Some(cache))
@@ -810,7 +849,7 @@ mod tests {
         let Some(settings) = test_settings() else {
             return;
         };
-        let Some((cache, url)) = test_cache(&settings).await else {
+        let Some((cache, url)) = test_cache(&settings, false).await else {
             return;
         };
         let store = PostgresStore::open(&settings, 64, Some(cache.clone()))

@@ -3,19 +3,21 @@
 //! re-publish their devices on every heartbeat, so a flushed or restarted Redis heals itself.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use futures::StreamExt;
-use redis::aio::ConnectionManager;
 use redis::AsyncCommands;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::{Device, StoreError};
 
+mod connection;
 mod routes;
+mod sessions;
+mod subscription;
+pub(super) use connection::BoundedRedis;
 pub use routes::{ClusterMessage, Destination, RemoteRoutes};
+use subscription::Heard;
 
 /// A Redis failure, keeping its cause.
 #[derive(Debug, thiserror::Error)]
@@ -32,99 +34,30 @@ pub(super) fn redis_error(e: redis::RedisError) -> StoreError {
     StoreError::Unavailable(Box::new(RedisFailure::Failed(e)))
 }
 
-/// How long a silent Redis connection waits before the kernel starts probing it.
-const KEEPALIVE: Duration = Duration::from_secs(10);
-
-/// A Redis connection whose every call is bounded by `timeout`. It connects on first use (so
-/// a node starts while Redis is down) and reconnects by itself; a call that gets no answer in
-/// time replaces the connection, since a silently dead socket would hold every later call
-/// too, and tells the subscribers ([`BoundedRedis::replaced`]) to subscribe again.
-#[derive(Clone)]
-pub(super) struct BoundedRedis {
-    client: redis::Client,
-    current: Arc<Mutex<ConnectionManager>>,
-    replaced: Arc<tokio::sync::Notify>,
-    timeout: Duration,
+/// An answer of a [`connection::Batch`] as `T` (a missing one is an error).
+fn value<T: redis::FromRedisValue>(answer: Option<redis::Value>) -> Result<T, StoreError> {
+    let answer = answer.unwrap_or(redis::Value::Nil);
+    redis::from_redis_value(answer).map_err(|e| redis_error(e.into()))
 }
 
-impl BoundedRedis {
-    /// A connection to `url` (probing idle sockets, so a dead peer is noticed).
-    ///
-    /// # Errors
-    /// The URL is invalid.
-    pub(super) fn new(url: &str, timeout: Duration) -> Result<Self, StoreError> {
-        use redis::io::tcp::{socket2::TcpKeepalive, TcpSettings};
-        use redis::IntoConnectionInfo;
-        let keepalive = TcpKeepalive::new()
-            .with_time(KEEPALIVE)
-            .with_interval(KEEPALIVE);
-        let info = url
-            .into_connection_info()
-            .map_err(redis_error)?
-            .set_tcp_settings(TcpSettings::default().set_keepalive(keepalive));
-        let client = redis::Client::open(info).map_err(redis_error)?;
-        let connection = manager(&client, timeout)?;
-        Ok(Self {
-            client,
-            current: Arc::new(Mutex::new(connection)),
-            replaced: Arc::default(),
-            timeout,
-        })
-    }
-
-    /// The connection to issue a call on.
-    pub(super) fn connection(&self) -> ConnectionManager {
-        self.current
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
-    }
-
-    /// Runs one request (made on [`BoundedRedis::connection`]), failing like an outage when
-    /// it is not answered within the timeout.
-    pub(super) async fn within<T>(
-        &self,
-        request: impl std::future::Future<Output = redis::RedisResult<T>>,
-    ) -> Result<T, StoreError> {
-        match tokio::time::timeout(self.timeout, request).await {
-            // The client's own response timeout can win the race against this one; either
-            // way the socket may be silently dead, and the manager would keep it.
-            Ok(Err(e)) if !e.is_timeout() => Err(redis_error(e)),
-            Ok(answer @ Ok(_)) => answer.map_err(redis_error),
-            Ok(Err(_)) | Err(_) => {
-                self.replace();
-                let waited = self.timeout.as_millis();
-                Err(StoreError::Unavailable(Box::new(RedisFailure::TimedOut(
-                    waited,
-                ))))
-            }
-        }
-    }
-
-    fn replace(&self) {
-        match manager(&self.client, self.timeout) {
-            Ok(fresh) => {
-                *self.current.lock().unwrap_or_else(PoisonError::into_inner) = fresh;
-                self.replaced.notify_waiters();
-            }
-            Err(e) => tracing::debug!(error = %e, "cannot replace a stalled redis connection"),
-        }
-    }
-
-    /// Completes when a stalled connection was replaced.
-    pub(super) async fn replaced(&self) {
-        self.replaced.notified().await;
-    }
+/// How to reach the nodes' Redis.
+#[derive(Debug, Clone, Copy)]
+pub struct RedisSettings<'a> {
+    /// `redis://…` of one server, or with `cluster` the comma-separated seed URLs of a
+    /// Redis Cluster.
+    pub url: &'a str,
+    /// Whether `url` names a Redis Cluster.
+    pub cluster: bool,
+    /// Prefix of every key and channel (several deployments can share a Redis).
+    pub prefix: &'a str,
+    /// Longest wait for an answer.
+    pub timeout: Duration,
 }
 
-/// A lazily connecting manager whose connection attempts and answers give up after `timeout`.
-fn manager(client: &redis::Client, timeout: Duration) -> Result<ConnectionManager, StoreError> {
-    let config = redis::aio::ConnectionManagerConfig::new()
-        .set_response_timeout(Some(timeout))
-        .set_connection_timeout(Some(timeout))
-        .set_number_of_retries(1)
-        .set_max_delay(timeout);
-    ConnectionManager::new_lazy_with_config(client.clone(), config).map_err(redis_error)
+/// A key of one user's: every key of a user shares the hash tag `{u:<uid>}`, so that on a
+/// Redis Cluster a script can touch them together (user ids hold no braces).
+pub(super) fn user_key(prefix: &str, uid: &str, what: &str) -> String {
+    format!("{prefix}:{{u:{uid}}}:{what}")
 }
 
 /// Records a device on a node and returns the node it was recorded on before, if any.
@@ -148,14 +81,6 @@ if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
   return redis.call('HDEL', KEYS[1], ARGV[1])
 end
 return 0";
-
-/// What a subscription to Redis channels hears.
-enum Heard {
-    /// The subscription is (again) in place: what was published before was missed.
-    Subscribed,
-    /// A message on `channel`.
-    Message { channel: String, payload: Vec<u8> },
-}
 
 /// Presence and hand-over through Redis for one node.
 #[derive(Clone)]
@@ -183,15 +108,13 @@ impl RedisBus {
     /// # Errors
     /// The URL is invalid.
     pub fn new(
-        url: &str,
-        prefix: &str,
+        redis: &RedisSettings<'_>,
         node: &str,
         node_ttl: Duration,
-        timeout: Duration,
     ) -> Result<Self, StoreError> {
         Ok(Self {
-            redis: BoundedRedis::new(url, timeout)?,
-            prefix: prefix.to_owned(),
+            redis: BoundedRedis::new(redis.url, redis.cluster, redis.timeout)?,
+            prefix: redis.prefix.to_owned(),
             node: node.to_owned(),
             node_ttl,
         })
@@ -203,7 +126,7 @@ impl RedisBus {
     }
 
     fn presence_key(&self, uid: &str) -> String {
-        format!("{}:presence:{uid}", self.prefix)
+        user_key(&self.prefix, uid, "presence")
     }
 
     fn node_key(&self, node: &str) -> String {
@@ -268,13 +191,19 @@ impl RedisBus {
         &self,
         uids: &[&str],
     ) -> Result<Vec<HashMap<String, String>>, StoreError> {
-        let mut connection = self.redis.connection();
-        let mut pipe = redis::pipe();
+        let mut batch = self.redis.batch();
         for uid in uids {
-            pipe.hgetall(self.presence_key(uid));
+            let key = self.presence_key(uid);
+            batch.add(&key, redis::Cmd::hgetall(&key));
         }
-        let devices: Vec<HashMap<String, String>> =
-            self.redis.within(pipe.query_async(&mut connection)).await?;
+        let devices: Vec<HashMap<String, String>> = self
+            .redis
+            .run(batch)
+            .await?
+            .into_iter()
+            .map(|answer| value(Some(answer)))
+            .collect::<Result<_, _>>()?;
+        let mut connection = self.redis.connection();
         let mut nodes: Vec<&String> = devices.iter().flat_map(HashMap::values).collect();
         nodes.sort();
         nodes.dedup();
@@ -305,27 +234,24 @@ impl RedisBus {
     /// # Errors
     /// Redis failed.
     pub async fn heartbeat(&self, devices: &[Device]) -> Result<(), StoreError> {
-        let mut pipe = redis::pipe();
         let ttl = u64::try_from(self.node_ttl.as_millis()).unwrap_or(u64::MAX);
-        pipe.cmd("SET")
-            .arg(self.node_key(&self.node))
-            .arg(1)
-            .arg("PX")
-            .arg(ttl)
-            .ignore();
+        let mut batch = self.redis.batch();
+        let alive = self.node_key(&self.node);
+        let mut set = redis::cmd("SET");
+        set.arg(&alive).arg(1).arg("PX").arg(ttl);
+        batch.add(&alive, set);
         for device in devices {
-            pipe.cmd("EVAL")
+            let key = self.presence_key(&device.uid);
+            let mut refresh = redis::cmd("EVAL");
+            refresh
                 .arg(REFRESH)
                 .arg(1)
-                .arg(self.presence_key(&device.uid))
+                .arg(&key)
                 .arg(&device.client_id)
-                .arg(&self.node)
-                .ignore();
+                .arg(&self.node);
+            batch.add(&key, refresh);
         }
-        let mut connection = self.redis.connection();
-        self.redis
-            .within(pipe.query_async::<()>(&mut connection))
-            .await
+        self.redis.run(batch).await.map(|_| ())
     }
 
     /// Sends each payload to its node in one round trip; per message, whether a node was
@@ -334,11 +260,10 @@ impl RedisBus {
     /// # Errors
     /// Redis failed.
     pub async fn send_many(&self, messages: &[(String, Vec<u8>)]) -> Result<Vec<bool>, StoreError> {
-        let mut pipe = redis::pipe();
-        for (node, payload) in messages {
-            pipe.publish(self.channel(node), payload);
-        }
-        self.publish(pipe).await
+        let channels = messages
+            .iter()
+            .map(|(node, payload)| (self.channel(node), payload));
+        self.publish(channels).await
     }
 
     /// Sends each payload to every node (this one included) in one round trip.
@@ -346,17 +271,26 @@ impl RedisBus {
     /// # Errors
     /// Redis failed.
     pub async fn broadcast(&self, payloads: &[Vec<u8>]) -> Result<Vec<bool>, StoreError> {
-        let mut pipe = redis::pipe();
-        for payload in payloads {
-            pipe.publish(self.broadcast_channel(), payload);
-        }
-        self.publish(pipe).await
+        let channel = self.broadcast_channel();
+        self.publish(payloads.iter().map(|payload| (channel.clone(), payload)))
+            .await
     }
 
-    async fn publish(&self, pipe: redis::Pipeline) -> Result<Vec<bool>, StoreError> {
-        let mut connection = self.redis.connection();
-        let receivers: Vec<i64> = self.redis.within(pipe.query_async(&mut connection)).await?;
-        Ok(receivers.into_iter().map(|n| n > 0).collect())
+    /// Publishes each payload on its channel, in order per channel; per payload, whether a
+    /// node was listening.
+    async fn publish<'a>(
+        &self,
+        messages: impl IntoIterator<Item = (String, &'a Vec<u8>)>,
+    ) -> Result<Vec<bool>, StoreError> {
+        let mut batch = self.redis.batch();
+        for (channel, payload) in messages {
+            batch.add(&channel, self.redis.publish(&channel, payload));
+        }
+        let receivers = self.redis.run(batch).await?;
+        Ok(receivers
+            .iter()
+            .map(|n| redis::from_redis_value_ref::<i64>(n).is_ok_and(|n| n > 0))
+            .collect())
     }
 
     /// Delivers what other nodes send to this one into `inbox` until `shutdown`, resubscribing
@@ -375,63 +309,5 @@ impl RedisBus {
         };
         self.subscribed(channels, "hand-overs", forward, shutdown)
             .await;
-    }
-
-    /// Hands every message on `channels` to `deliver` until `shutdown` or until `deliver`
-    /// says no more, resubscribing after a Redis failure; each (re)subscription is heard too,
-    /// since what was published before it was missed.
-    async fn subscribed<F, D>(
-        &self,
-        channels: Vec<String>,
-        what: &'static str,
-        mut deliver: D,
-        shutdown: CancellationToken,
-    ) where
-        D: FnMut(Heard) -> F,
-        F: std::future::Future<Output = bool>,
-    {
-        let mut backoff = Duration::from_millis(100);
-        while !shutdown.is_cancelled() {
-            let subscribed = async {
-                let mut pubsub = self.redis.client.get_async_pubsub().await?;
-                pubsub.subscribe(&channels).await?;
-                Ok::<_, redis::RedisError>(pubsub)
-            };
-            let mut pubsub = match self.redis.within(subscribed).await {
-                Ok(pubsub) => pubsub,
-                Err(e) => {
-                    tracing::warn!(error = %e, what, "cannot subscribe; retrying");
-                    tokio::select! {
-                        () = tokio::time::sleep(backoff) => {}
-                        () = shutdown.cancelled() => return,
-                    }
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                    continue;
-                }
-            };
-            backoff = Duration::from_millis(100);
-            if !deliver(Heard::Subscribed).await {
-                return;
-            }
-            let mut messages = pubsub.on_message();
-            loop {
-                tokio::select! {
-                    message = messages.next() => match message {
-                        Some(message) => {
-                            let channel = message.get_channel_name().to_owned();
-                            let payload = message.get_payload_bytes().to_vec();
-                            if !deliver(Heard::Message { channel, payload }).await {
-                                return;
-                            }
-                        }
-                        None => break,
-                    },
-                    () = shutdown.cancelled() => return,
-                    // Redis stalled: this subscription's socket may be just as dead.
-                    () = self.redis.replaced() => break,
-                }
-            }
-            tracing::warn!(what, "subscription lost; resubscribing");
-        }
     }
 }

@@ -8,7 +8,8 @@ use std::collections::HashMap;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::{Heard, RedisBus};
+use super::connection::Batch;
+use super::{value, Heard, RedisBus};
 use crate::store::{now_ms, StoreError};
 
 /// Every other live node's routes: node id → filters.
@@ -24,6 +25,8 @@ pub enum ClusterMessage {
     Routes(Vec<u8>),
     /// Publishes another node forwards here (an encoded `ForwardBatch`).
     Forwards(Vec<u8>),
+    /// A step of a session moving to or from this node (an encoded `SessionMove`).
+    Session(Vec<u8>),
 }
 
 /// Where forwarded publishes go.
@@ -41,7 +44,7 @@ impl RedisBus {
     }
 
     /// Live nodes with routes: node → when its routes expire (ms).
-    fn route_nodes_key(&self) -> String {
+    pub(super) fn route_nodes_key(&self) -> String {
         format!("{}:route-nodes", self.prefix)
     }
 
@@ -73,21 +76,18 @@ impl RedisBus {
         change: &[u8],
     ) -> Result<(), StoreError> {
         let key = self.routes_key(&self.node);
-        let mut pipe = redis::pipe();
+        let mut batch = self.redis.batch();
         if !added.is_empty() {
-            pipe.sadd(&key, added).ignore();
+            batch.add(&key, redis::Cmd::sadd(&key, added));
         }
         if !removed.is_empty() {
-            pipe.srem(&key, removed).ignore();
+            batch.add(&key, redis::Cmd::srem(&key, removed));
         }
-        pipe.pexpire(&key, i64::try_from(self.ttl_ms()).unwrap_or(i64::MAX))
-            .ignore();
-        self.mark_alive(&mut pipe);
-        pipe.publish(self.routes_channel(), change).ignore();
-        let mut connection = self.redis.connection();
-        self.redis
-            .within(pipe.query_async::<()>(&mut connection))
-            .await
+        batch.add(&key, redis::Cmd::pexpire(&key, self.ttl()));
+        self.mark_alive(&mut batch);
+        let channel = self.routes_channel();
+        batch.add(&channel, self.redis.publish(&channel, change));
+        self.redis.run(batch).await.map(|_| ())
     }
 
     /// Keeps this node's routes alive, and writes them whole if Redis lost or changed them
@@ -97,33 +97,35 @@ impl RedisBus {
     /// Redis failed.
     pub async fn refresh_routes(&self, all: &[String]) -> Result<(), StoreError> {
         let key = self.routes_key(&self.node);
-        let mut pipe = redis::pipe();
-        self.mark_alive(&mut pipe);
-        pipe.scard(&key);
-        let mut connection = self.redis.connection();
-        let (held,): (usize,) = self.redis.within(pipe.query_async(&mut connection)).await?;
-        let ttl = i64::try_from(self.ttl_ms()).unwrap_or(i64::MAX);
-        let mut pipe = redis::pipe();
+        let mut batch = self.redis.batch();
+        batch.add(&key, redis::Cmd::scard(&key));
+        self.mark_alive(&mut batch);
+        let answers = self.redis.run(batch).await?;
+        let held: usize = value(answers.into_iter().next())?;
+        let mut batch = self.redis.batch();
         if held != all.len() {
-            pipe.del(&key).ignore();
+            batch.add(&key, redis::Cmd::del(&key));
             if !all.is_empty() {
-                pipe.sadd(&key, all).ignore();
+                batch.add(&key, redis::Cmd::sadd(&key, all));
             }
         }
-        pipe.pexpire(&key, ttl).ignore();
-        self.redis
-            .within(pipe.query_async::<()>(&mut connection))
-            .await
+        batch.add(&key, redis::Cmd::pexpire(&key, self.ttl()));
+        self.redis.run(batch).await.map(|_| ())
+    }
+
+    /// This node's time to live, for PEXPIRE.
+    fn ttl(&self) -> i64 {
+        i64::try_from(self.ttl_ms()).unwrap_or(i64::MAX)
     }
 
     /// Records this node as holding routes until its time to live passes, and forgets the
     /// nodes whose time passed.
-    fn mark_alive(&self, pipe: &mut redis::Pipeline) {
+    fn mark_alive(&self, batch: &mut Batch) {
         let now = now_ms();
-        let until = now.saturating_add(i64::try_from(self.ttl_ms()).unwrap_or(i64::MAX));
+        let until = now.saturating_add(self.ttl());
         let nodes = self.route_nodes_key();
-        pipe.zadd(&nodes, &self.node, until).ignore();
-        pipe.zrembyscore(&nodes, "-inf", now).ignore();
+        batch.add(&nodes, redis::Cmd::zadd(&nodes, &self.node, until));
+        batch.add(&nodes, redis::Cmd::zrembyscore(&nodes, "-inf", now));
     }
 
     /// Every other live node's routes, in two round trips.
@@ -136,15 +138,20 @@ impl RedisBus {
         live.arg(self.route_nodes_key()).arg(now_ms()).arg("+inf");
         let nodes: Vec<String> = self.redis.within(live.query_async(&mut connection)).await?;
         let others: Vec<String> = nodes.into_iter().filter(|n| *n != self.node).collect();
-        if others.is_empty() {
+        let mut batch = self.redis.batch();
+        for node in &others {
+            let key = self.routes_key(node);
+            batch.add(&key, redis::Cmd::smembers(&key));
+        }
+        if batch.is_empty() {
             return Ok(RemoteRoutes::new());
         }
-        let mut pipe = redis::pipe();
-        for node in &others {
-            pipe.smembers(self.routes_key(node));
-        }
-        let routes: Vec<Vec<String>> = self.redis.within(pipe.query_async(&mut connection)).await?;
-        Ok(others.into_iter().zip(routes).collect())
+        let routes = self.redis.run(batch).await?;
+        others
+            .into_iter()
+            .zip(routes)
+            .map(|(node, filters)| Ok((node, value(Some(filters))?)))
+            .collect()
     }
 
     /// Sends each encoded `ForwardBatch` to its destination in one round trip; per batch,
@@ -156,27 +163,28 @@ impl RedisBus {
         &self,
         batches: &[(Destination, Vec<u8>)],
     ) -> Result<Vec<bool>, StoreError> {
-        let mut pipe = redis::pipe();
-        for (destination, batch) in batches {
+        let channels = batches.iter().map(|(destination, batch)| {
             let channel = match destination {
                 Destination::Node(node) => self.forward_channel(node),
                 Destination::All => self.forward_all_channel(),
             };
-            pipe.publish(channel, batch);
-        }
-        self.publish(pipe).await
+            (channel, batch)
+        });
+        self.publish(channels).await
     }
 
-    /// Delivers route changes of every node and the publishes forwarded to this one into
-    /// `inbox` until `shutdown`, resubscribing after a Redis failure.
+    /// Delivers route changes of every node, the publishes forwarded to this one and the
+    /// steps of sessions moving to or from it into `inbox` until `shutdown`, resubscribing
+    /// after a Redis failure.
     pub async fn listen_routes(
         self,
         inbox: mpsc::Sender<ClusterMessage>,
         shutdown: CancellationToken,
     ) {
-        let routes = self.routes_channel();
+        let (routes, sessions) = (self.routes_channel(), self.sessions_channel(&self.node));
         let channels = vec![
             routes.clone(),
+            sessions.clone(),
             self.forward_channel(&self.node),
             self.forward_all_channel(),
         ];
@@ -186,6 +194,9 @@ impl RedisBus {
                 Heard::Subscribed => ClusterMessage::Following,
                 Heard::Message { channel, payload } if channel == routes => {
                     ClusterMessage::Routes(payload)
+                }
+                Heard::Message { channel, payload } if channel == sessions => {
+                    ClusterMessage::Session(payload)
                 }
                 Heard::Message { payload, .. } => ClusterMessage::Forwards(payload),
             };
