@@ -20,6 +20,9 @@
 //! - `soak`: a day of chat at an accelerated clock (2,000,000 messages among 10,000 users
 //!   with a short retention), in ten windows: stored rows and database size, append, digest
 //!   and pull latency, and what retention deleted, window by window.
+//! - `cluster`: plain topics on two or three nodes (PostgreSQL and Redis): one node alone,
+//!   then subscribers on the publishers' node and on the others, and a node's death (see
+//!   `harness/cluster.rs`).
 //!
 //! Every scenario runs mqtt-im on the embedded store; `--postgres URL` (and `--redis URL`)
 //! runs it on PostgreSQL (and Redis) in a fresh schema `bench_<pid>` left for inspection.
@@ -38,6 +41,9 @@ use mqtt_im::wire::pb;
 use mqtt_im::{Config, Server};
 use prost::Message;
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
+
+#[path = "harness/cluster.rs"]
+mod cluster;
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
 
@@ -80,6 +86,9 @@ enum Scenario {
     /// A day of traffic at an accelerated clock with a short retention: does the store
     /// level off while its latencies hold?
     Soak(SoakArgs),
+    /// Plain topics on two or three nodes (needs --postgres and --redis): one node against
+    /// subscribers on the same node and on another, then what a node's death costs.
+    Cluster(cluster::ClusterArgs),
     /// Runs bare rumqttd on `--listen` until killed (for `idle` and `storm`).
     #[command(hide = true)]
     ServeBare {
@@ -214,6 +223,7 @@ fn main() -> Result<(), Error> {
             Scenario::Connect(args) => connect_rate(&cli, args).await,
             Scenario::Storm(args) => storm(args).await,
             Scenario::Soak(args) => soak(&cli, args).await,
+            Scenario::Cluster(args) => cluster::run(&cli, args).await,
             Scenario::ServeBare { listen } => {
                 bare_rumqttd_on(*listen, false)?;
                 std::future::pending::<()>().await;
@@ -296,18 +306,9 @@ async fn mqtt_im(
     mqtt_im_with(cli, |_| {}).await
 }
 
-/// mqtt-im as [`mqtt_im`] starts it, with `adjust` applied to its configuration.
-async fn mqtt_im_with(
-    cli: &Cli,
-    adjust: impl FnOnce(&mut Config),
-) -> Result<
-    (
-        SocketAddr,
-        Arc<dyn mqtt_im::store::Store>,
-        CancellationToken,
-    ),
-    Error,
-> {
+/// The configuration every mqtt-im of the harness starts from: anonymous clients whose
+/// uid is their client id, on a fresh store (`--postgres`, `--redis`, `--policy` applied).
+fn mqtt_im_config(cli: &Cli) -> Result<Config, Error> {
     let dir = tempfile::tempdir()?.keep();
     let mut config = Config::default();
     config.listeners.mqtt = "127.0.0.1:0".parse()?;
@@ -329,6 +330,22 @@ async fn mqtt_im_with(
         let (name, file) = list.split_once('=').ok_or("--words takes NAME=FILE")?;
         config.policy.words.insert(name.to_owned(), file.into());
     }
+    Ok(config)
+}
+
+/// mqtt-im as [`mqtt_im`] starts it, with `adjust` applied to its configuration.
+async fn mqtt_im_with(
+    cli: &Cli,
+    adjust: impl FnOnce(&mut Config),
+) -> Result<
+    (
+        SocketAddr,
+        Arc<dyn mqtt_im::store::Store>,
+        CancellationToken,
+    ),
+    Error,
+> {
+    let mut config = mqtt_im_config(cli)?;
     adjust(&mut config);
     let server = Server::bind(config).await?;
     let addr = server.local_addr()?;
@@ -454,6 +471,18 @@ fn topic(topics: Topics, uid: &str) -> String {
 }
 
 async fn run_pubsub(addr: SocketAddr, args: &PubsubArgs, side: &str) -> Result<Measured, Error> {
+    run_pubsub_across(addr, &[addr], args, side).await
+}
+
+/// [`run_pubsub`] with the publishers on `publish_at` and the subscribers spread over
+/// `subscribe_at` (nodes of a cluster).
+async fn run_pubsub_across(
+    publish_at: SocketAddr,
+    subscribe_at: &[SocketAddr],
+    args: &PubsubArgs,
+    side: &str,
+) -> Result<Measured, Error> {
+    let addr = publish_at;
     let qos = if args.qos == 0 {
         QoS::AtMostOnce
     } else {
@@ -465,7 +494,8 @@ async fn run_pubsub(addr: SocketAddr, args: &PubsubArgs, side: &str) -> Result<M
     let mut subscribers = Vec::new();
     for s in 0..args.subscribers {
         let uid = format!("{side}s{s}");
-        let (client, mut events) = connected(addr, &uid, true, 100).await?;
+        let at = subscribe_at[s % subscribe_at.len()];
+        let (client, mut events) = connected(at, &uid, true, 100).await?;
         let filter = match args.topics {
             Topics::Chat => format!("im/u/{uid}/#"),
             Topics::Plain => topic(args.topics, &uid),

@@ -20,7 +20,7 @@ use crate::edge::EdgeContext;
 use crate::wire::pb;
 
 /// Publishes at QoS 1 or 2 waiting for rumqttd's answer at most.
-const WINDOW: usize = 64;
+const WINDOW: usize = 1024;
 /// How often the idle link is pinged.
 const PING: Duration = Duration::from_secs(20);
 /// A topic no subscription matches (rumqttd matches no filter to a `$` topic): its PUBACK
