@@ -15,8 +15,9 @@ case "$command" in
 start)
   mkdir -p "$dir"
   ports=()
-  # A node also listens on its port + 10000 (the cluster bus): both must be free.
-  for port in $(shuf -i 20000-50000 -n 200); do
+  # A node also listens on its port + 10000 (the cluster bus): both must be free, and below
+  # the kernel's ephemeral range, where an outgoing connection may hold the port.
+  for port in $(shuf -i 20000-22700 -n 200); do
     if ! listening "$port" && ! listening $((port + 10000)); then
       ports+=("$port")
     fi
@@ -30,9 +31,12 @@ start)
   done
   for port in "${ports[@]}"; do
     for _ in $(seq 50); do
-      redis-cli -p "$port" ping >/dev/null 2>&1 && break
+      redis-cli -p "$port" ping >/dev/null 2>&1 && continue 2
       sleep 0.1
     done
+    echo "Redis Cluster node on port $port did not start:" >&2
+    tail -5 "$dir/redis-$port.log" >&2
+    exit 1
   done
   seeds=()
   for port in "${ports[@]}"; do seeds+=("127.0.0.1:$port"); done

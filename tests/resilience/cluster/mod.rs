@@ -48,6 +48,10 @@ fn with_redis(redis: String, redis_cluster: bool) -> Option<Services> {
     })
 }
 
+/// Held shared by the scenarios on the test Redis Cluster, and alone by the one that cuts
+/// every subscriber's connection there.
+static REDIS_CLUSTER: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
 /// A cluster scenario run twice: on one Redis (`redis`) and on a Redis Cluster
 /// (`redis_cluster`).
 macro_rules! on_each_redis {
@@ -70,7 +74,10 @@ macro_rules! on_each_redis {
             #[tokio::test]
             async fn redis_cluster() {
                 match crate::cluster::cluster_services() {
-                    Some(services) => scenario(services).await,
+                    Some(services) => {
+                        let _shared = crate::cluster::REDIS_CLUSTER.read().await;
+                        scenario(services).await
+                    }
                     None => eprintln!("skipped: PostgreSQL or a Redis Cluster not configured"),
                 }
             }
@@ -79,6 +86,7 @@ macro_rules! on_each_redis {
 }
 
 mod plain;
+mod redis_cluster;
 mod retained;
 mod sessions;
 mod shared;

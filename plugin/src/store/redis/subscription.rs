@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use futures::StreamExt;
+use redis::cluster_routing::Slot;
 use redis::{PushInfo, PushKind, Value};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -127,20 +128,33 @@ impl RedisBus {
         F: std::future::Future<Output = bool>,
     {
         let (pushes, mut heard) = mpsc::unbounded_channel::<PushInfo>();
-        let subscribed = async {
-            let client = Server::cluster_builder(seeds, self.redis.timeout())
-                .use_protocol(redis::ProtocolVersion::RESP3)
-                .push_sender(pushes)
-                .build()?;
-            let mut connection = client.get_async_connection().await?;
-            // One channel per call: channels of different slots live on different shards.
-            for channel in channels {
-                connection.ssubscribe(channel).await?;
+        // One connection per hash slot: the client subscribes a connection again with one
+        // SSUBSCRIBE of all its channels, which Redis refuses for channels of several slots.
+        let mut by_slot: Vec<(Slot, Vec<&String>)> = Vec::new();
+        for channel in channels {
+            let slot = Slot::for_key(channel);
+            match by_slot.iter_mut().find(|(s, _)| *s == slot) {
+                Some((_, of_slot)) => of_slot.push(channel),
+                None => by_slot.push((slot, vec![channel])),
             }
-            Ok::<_, redis::RedisError>(connection)
+        }
+        let subscribed = async {
+            let mut connections = Vec::with_capacity(by_slot.len());
+            for (_, of_slot) in &by_slot {
+                let client = Server::cluster_builder(seeds, self.redis.timeout())
+                    .use_protocol(redis::ProtocolVersion::RESP3)
+                    .push_sender(pushes.clone())
+                    .build()?;
+                let mut connection = client.get_async_connection().await?;
+                for channel in of_slot {
+                    connection.ssubscribe(channel.as_str()).await?;
+                }
+                connections.push(connection);
+            }
+            Ok::<_, redis::RedisError>(connections)
         };
         // Held for as long as the subscriptions are wanted.
-        let _connection = self.redis.within(subscribed).await?;
+        let _connections = self.redis.within(subscribed).await?;
         if !deliver(Heard::Subscribed).await {
             return Ok(Stopped::Done);
         }
