@@ -24,6 +24,8 @@ start)
     [ "${#ports[@]}" -eq 3 ] && break
   done
   [ "${#ports[@]}" -eq 3 ] || { echo "no free ports for a Redis Cluster" >&2; exit 1; }
+  # Written first, so that `stop` ends whatever started even if the rest fails.
+  printf '%s\n' "${ports[@]}" > "$dir/ports"
   for port in "${ports[@]}"; do
     redis-server --daemonize yes --bind 127.0.0.1 --port "$port" --cluster-enabled yes \
       --cluster-config-file "nodes-$port.conf" --dir "$dir" --save "" --appendonly no \
@@ -45,7 +47,6 @@ start)
     redis-cli -p "${ports[0]}" cluster info | grep -q '^cluster_state:ok' && break
     sleep 0.1
   done
-  printf '%s\n' "${ports[@]}" > "$dir/ports"
   (IFS=,; echo "${seeds[*]/#/redis://}")
   ;;
 stop)
