@@ -168,3 +168,30 @@ async fn a_stalled_store_never_holds_connects_or_plain_topics() {
         assert_eq!(client.next_on("plain/status").await, b"up");
     }
 }
+
+/// A 3.1.1 sender whose chat meets a silent PostgreSQL (no error, just no answer) gets the
+/// same as on a cut one once the store's deadline passes: its error frame on `resp`, no
+/// PUBACK, and the connection closed so that it retransmits after reconnecting.
+#[tokio::test]
+async fn v311_sender_gets_its_error_frame_when_the_store_stalls() {
+    let Some((proxy, mut settings)) = postgres_behind_proxy().await else {
+        return;
+    };
+    // Answers stop on the open connections: the store's own deadline ends the call.
+    settings.call_timeout = mqtt_im::config::Period::millis(1_000);
+    settings.connect_timeout = mqtt_im::config::Period::millis(10_000);
+    let broker = TestBroker::start_on(TestBackend::Postgres(settings)).await;
+    let mut v4 = Client::v4(broker.addr, "alice-4", "alice", 30).await;
+    v4.subscribe("im/u/alice/resp", 1).await;
+    assert_eq!(
+        v4.publish_acked("im/u/bob", chat("before", "bob", "1", false))
+            .await,
+        0
+    );
+    proxy.stall();
+    v4.publish("im/u/bob", 1, chat("stalled", "bob", "2", false))
+        .await;
+    let error = v4.response("alice").await.error.unwrap();
+    assert_eq!(error.code, pb::ErrorCode::Unavailable as i32);
+    v4.closed().await;
+}
