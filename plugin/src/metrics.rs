@@ -422,7 +422,7 @@ impl Metrics {
         );
         r.register(
             "session_moves",
-            "Client ids that connected through another node than the one holding their session, by outcome: resumed (this node got the session), unanswered (the old node did not hand it over in time; a new session started), given (this node handed one over), dropped (this node dropped one for a clean connect elsewhere)",
+            "Client ids that connected through another node than the one holding their session, by outcome: resumed (this node got the session), unanswered (the old node did not hand it over in time; a new session started), lost (the node that had it is gone, and the session with it), given (this node handed one over), dropped (this node dropped one for a clean connect elsewhere)",
             self.session_moves.clone(),
         );
     }

@@ -144,3 +144,28 @@ async fn a_session_moves_around_three_nodes() {
     }
     assert!(worker.quiet_for(Duration::from_millis(300)).await.is_none());
 }
+
+/// A persistent session on a node that is killed is gone with it: the client connecting
+/// through another node starts a new session at once, without waiting for the dead node's
+/// answer, and is served there.
+#[tokio::test]
+async fn a_session_on_a_killed_node_is_lost_and_the_client_starts_anew_elsewhere() {
+    let Some(services) = services() else {
+        eprintln!("skipped: PostgreSQL or Redis not configured");
+        return;
+    };
+    let n2 = TestBroker::start_with_on(services.backend.clone(), node(&services, "n2")).await;
+    let (mut doomed, addr, _dir) = super::spawn_node(&services, "doomed");
+    let mut worker = persistent(addr, "worker-11").await;
+    assert_eq!(worker.subscribe("jobs/#", 1).await, vec![1]);
+    doomed.kill().unwrap();
+    doomed.wait().unwrap();
+
+    let mut worker = persistent(n2.addr, "worker-11").await;
+    assert!(!worker.session_present);
+    assert_eq!((moves(&n2, "lost"), moves(&n2, "unanswered")), (1.0, 0.0));
+    assert_eq!(worker.subscribe("jobs/#", 1).await, vec![1]);
+    let mut producer = Client::v4(n2.addr, "producer", "alice", 30).await;
+    assert_eq!(producer.publish_acked("jobs/a", b"a".to_vec()).await, 0);
+    assert_eq!(worker.next_on("jobs/a").await, b"a".to_vec());
+}

@@ -94,8 +94,11 @@ impl Cluster {
                 return None;
             }
         };
-        if previous == self.node() || !self.bus.node_alive(&previous).await.unwrap_or(false) {
+        if previous == self.node() {
             return None;
+        }
+        if !self.bus.node_alive(&previous).await.unwrap_or(false) {
+            return self.lost(resume);
         }
         let take = pb::SessionTake {
             resume,
@@ -106,8 +109,13 @@ impl Cluster {
             lock(&self.moves.states).insert(client_id.to_owned(), tx);
             rx
         });
-        self.send_move(&previous, client_id, pb::session_move::Step::Take(take))
+        let heard = self
+            .send_move(&previous, client_id, pb::session_move::Step::Take(take))
             .await;
+        if !heard {
+            lock(&self.moves.states).remove(client_id);
+            return self.lost(resume);
+        }
         let state = tokio::time::timeout(STATE_WAIT, answer?).await;
         lock(&self.moves.states).remove(client_id);
         match state {
@@ -122,6 +130,15 @@ impl Cluster {
                 None
             }
         }
+    }
+
+    /// The node that had the client id is gone, and a session it had with it (its rumqttd
+    /// kept it in memory): the client starts anew here.
+    fn lost(&self, resume: bool) -> Option<Moved> {
+        if resume {
+            self.metrics.count_session_move("lost");
+        }
+        None
     }
 
     /// The subscriptions of a session taken over are in place here: the old node is to
@@ -206,7 +223,9 @@ impl Cluster {
         }
     }
 
-    async fn send_move(&self, node: &str, client_id: &str, step: pb::session_move::Step) {
+    /// Sends a step of a move to `node`; whether a node was listening there (a failed send
+    /// counts as heard: the answer's deadline decides then).
+    async fn send_move(&self, node: &str, client_id: &str, step: pb::session_move::Step) -> bool {
         let message = pb::SessionMove {
             client_id: client_id.to_owned(),
             node: self.node().to_owned(),
@@ -217,11 +236,15 @@ impl Cluster {
             .send_session_move(node, &message.encode_to_vec())
             .await
         {
-            Ok(true) => {}
-            Ok(false) => tracing::debug!(node, "session move sent to a node that is not listening"),
+            Ok(true) => true,
+            Ok(false) => {
+                tracing::debug!(node, "session move sent to a node that is not listening");
+                false
+            }
             Err(e) => {
                 self.metrics.redis_errors.inc();
                 tracing::warn!(error = %e, "session move not sent");
+                true
             }
         }
     }
