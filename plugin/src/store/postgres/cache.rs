@@ -339,6 +339,19 @@ impl DigestCache {
         format!("{}:last:{conversation}", self.prefix)
     }
 
+    /// What the keys of `touched` (key, (record, previews or member)), in record order, come
+    /// to per hash slot: a key of the slot, to call a script there, and each record's part.
+    fn per_slot<T>(
+        &self,
+        touched: impl IntoIterator<Item = (String, (usize, Option<T>))>,
+    ) -> Vec<(String, Vec<Touched<T>>)> {
+        self.redis
+            .by_slot(touched)
+            .into_iter()
+            .map(|(key, touched)| (key, by_record(touched)))
+            .collect()
+    }
+
     /// Starts the task that applies committed messages to the cache in commit order, off the
     /// append path; the returned sender never blocks.
     pub(super) fn spawn_updater(&self) -> CacheUpdates {
@@ -362,43 +375,37 @@ impl DigestCache {
             previews.into_iter().chain(members)
         });
         let script = redis::Script::new(APPENDED);
-        let calls = self
-            .redis
-            .by_slot(touched)
-            .into_iter()
-            .map(|(key, touched)| {
-                let mut invocation = script.key(key);
+        let mut calls = Vec::new();
+        for (key, records) in self.per_slot(touched) {
+            let mut invocation = script.key(key);
+            invocation
+                .arg(&self.prefix)
+                .arg(self.keep)
+                .arg(IDLE_TTL_SECS);
+            for Touched {
+                record,
+                previews,
+                members,
+            } in records
+            {
+                let (committed, message) = (&batch[record], &batch[record].message);
+                let preview = if previews {
+                    encode_preview(committed.seq, message)
+                } else {
+                    Vec::new()
+                };
+                let members: Vec<&str> = members.into_iter().map(Uid::as_str).collect();
                 invocation
-                    .arg(&self.prefix)
-                    .arg(self.keep)
-                    .arg(IDLE_TTL_SECS);
-                for (at, touched) in by_record(touched) {
-                    let (committed, message) = (&batch[at], &batch[at].message);
-                    let mut previews = false;
-                    let members: Vec<&str> = touched
-                        .into_iter()
-                        .filter_map(|member| {
-                            previews |= member.is_none();
-                            member.map(Uid::as_str)
-                        })
-                        .collect();
-                    let preview = if previews {
-                        encode_preview(committed.seq, message)
-                    } else {
-                        Vec::new()
-                    };
-                    invocation
-                        .arg(message.conversation.key())
-                        .arg(committed.seq)
-                        .arg(message.sender.as_str())
-                        .arg(&message.sender_device)
-                        .arg(preview)
-                        .arg(members.len())
-                        .arg(&members);
-                }
-                invocation
-            });
-        let calls: Vec<_> = calls.collect();
+                    .arg(message.conversation.key())
+                    .arg(committed.seq)
+                    .arg(message.sender.as_str())
+                    .arg(&message.sender_device)
+                    .arg(preview)
+                    .arg(members.len())
+                    .arg(&members);
+            }
+            calls.push(invocation);
+        }
         self.call("update after commit", self.redis.invoke_all(&calls))
             .await;
     }
@@ -526,31 +533,24 @@ impl DigestCache {
                 std::iter::once(previews).chain(members)
             });
         let script = redis::Script::new(FORGET_CONVERSATIONS);
-        let calls = self
-            .redis
-            .by_slot(touched)
-            .into_iter()
-            .map(|(key, touched)| {
-                let mut invocation = script.key(key);
-                invocation.arg(&self.prefix);
-                for (at, touched) in by_record(touched) {
-                    let mut previews = false;
-                    let uids: Vec<&String> = touched
-                        .into_iter()
-                        .filter_map(|uid| {
-                            previews |= uid.is_none();
-                            uid
-                        })
-                        .collect();
-                    invocation
-                        .arg(&members[at].0)
-                        .arg(if previews { "1" } else { "" })
-                        .arg(uids.len())
-                        .arg(uids);
-                }
+        let mut calls = Vec::new();
+        for (key, records) in self.per_slot(touched) {
+            let mut invocation = script.key(key);
+            invocation.arg(&self.prefix);
+            for Touched {
+                record,
+                previews,
+                members: uids,
+            } in records
+            {
                 invocation
-            });
-        let calls: Vec<_> = calls.collect();
+                    .arg(&members[record].0)
+                    .arg(if previews { "1" } else { "" })
+                    .arg(uids.len())
+                    .arg(uids);
+            }
+            calls.push(invocation);
+        }
         self.call("forgetting conversations", self.redis.invoke_all(&calls))
             .await;
     }
@@ -623,13 +623,30 @@ impl DigestCache {
     }
 }
 
-/// What one script call touches, as (record, what) in record order, gathered per record.
-fn by_record<T>(touched: Vec<(usize, T)>) -> Vec<(usize, Vec<T>)> {
-    let mut records: Vec<(usize, Vec<T>)> = Vec::new();
-    for (at, what) in touched {
-        match records.last_mut() {
-            Some((last, whats)) if *last == at => whats.push(what),
-            _ => records.push((at, vec![what])),
+/// What one script call does for one record (a message, a conversation): whether the
+/// record's previews live in the call's hash slot, and its members whose keys do.
+struct Touched<T> {
+    record: usize,
+    previews: bool,
+    members: Vec<T>,
+}
+
+/// Gathers consecutive touches of one record (`None`: its previews; `Some`: a member).
+fn by_record<T>(touched: Vec<(usize, Option<T>)>) -> Vec<Touched<T>> {
+    let mut records: Vec<Touched<T>> = Vec::new();
+    for (record, what) in touched {
+        if records.last().is_none_or(|last| last.record != record) {
+            records.push(Touched {
+                record,
+                previews: false,
+                members: Vec::new(),
+            });
+        }
+        if let Some(last) = records.last_mut() {
+            match what {
+                None => last.previews = true,
+                Some(member) => last.members.push(member),
+            }
         }
     }
     records

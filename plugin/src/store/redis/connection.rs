@@ -166,8 +166,10 @@ impl ConnectionLike for Connection {
 #[derive(Default)]
 pub(in crate::store) struct Batch {
     cluster: bool,
-    /// Slot (none on one server) → its pipeline and the positions of its commands.
-    groups: Vec<(Option<Slot>, Pipeline, Vec<usize>)>,
+    /// Per slot (none on one server): its pipeline and the positions of its commands.
+    groups: Vec<(Pipeline, Vec<usize>)>,
+    /// Where each slot's group is in `groups`.
+    slots: HashMap<Option<Slot>, usize>,
     added: usize,
 }
 
@@ -175,14 +177,12 @@ impl Batch {
     /// Adds `command`, which acts on `key` (its channel, for a publish).
     pub(in crate::store) fn add(&mut self, key: &str, command: Cmd) -> &mut Self {
         let slot = self.cluster.then(|| Slot::for_key(key));
-        let at = match self.groups.iter().position(|(s, _, _)| *s == slot) {
-            Some(at) => at,
-            None => {
-                self.groups.push((slot, redis::pipe(), Vec::new()));
-                self.groups.len() - 1
-            }
-        };
-        let (_, pipeline, positions) = &mut self.groups[at];
+        let groups = &mut self.groups;
+        let at = *self.slots.entry(slot).or_insert_with(|| {
+            groups.push((redis::pipe(), Vec::new()));
+            groups.len() - 1
+        });
+        let (pipeline, positions) = &mut self.groups[at];
         pipeline.add_command(command);
         positions.push(self.added);
         self.added += 1;
@@ -259,7 +259,7 @@ impl BoundedRedis {
     /// Redis failed or did not answer in time.
     pub(in crate::store) async fn run(&self, batch: Batch) -> Result<Vec<Value>, StoreError> {
         let connection = self.connection();
-        let sent = batch.groups.iter().map(|(_, pipeline, _)| {
+        let sent = batch.groups.iter().map(|(pipeline, _)| {
             let mut connection = connection.clone();
             let sent: BoxFuture<'_, redis::RedisResult<Vec<Value>>> =
                 Box::pin(async move { pipeline.query_async(&mut connection).await });
@@ -267,7 +267,7 @@ impl BoundedRedis {
         });
         let answers = self.within(futures::future::try_join_all(sent)).await?;
         let mut ordered = vec![Value::Nil; batch.added];
-        for ((_, _, positions), answers) in batch.groups.iter().zip(answers) {
+        for ((_, positions), answers) in batch.groups.iter().zip(answers) {
             for (at, answer) in positions.iter().zip(answers) {
                 ordered[*at] = answer;
             }

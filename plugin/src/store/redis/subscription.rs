@@ -5,7 +5,6 @@
 use std::time::Duration;
 
 use futures::StreamExt;
-use redis::cluster_routing::Slot;
 use redis::{PushInfo, PushKind, Value};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -130,14 +129,9 @@ impl RedisBus {
         let (pushes, mut heard) = mpsc::unbounded_channel::<PushInfo>();
         // One connection per hash slot: the client subscribes a connection again with one
         // SSUBSCRIBE of all its channels, which Redis refuses for channels of several slots.
-        let mut by_slot: Vec<(Slot, Vec<&String>)> = Vec::new();
-        for channel in channels {
-            let slot = Slot::for_key(channel);
-            match by_slot.iter_mut().find(|(s, _)| *s == slot) {
-                Some((_, of_slot)) => of_slot.push(channel),
-                None => by_slot.push((slot, vec![channel])),
-            }
-        }
+        let by_slot = self
+            .redis
+            .by_slot(channels.iter().map(|channel| (channel.clone(), channel)));
         let subscribed = async {
             let mut connections = Vec::with_capacity(by_slot.len());
             for (_, of_slot) in &by_slot {
