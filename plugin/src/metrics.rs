@@ -43,6 +43,12 @@ pub(crate) struct LimitLabels {
     pub(crate) limit: &'static str,
 }
 
+/// Why a publish did not go to a subscriber: `too_large` (over its Maximum Packet Size).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub(crate) struct UndeliveredLabels {
+    pub(crate) reason: &'static str,
+}
+
 /// A policy hook and what it decided.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub(crate) struct VerdictLabels {
@@ -129,6 +135,7 @@ pub struct Metrics {
     pub(crate) auth_failures: Family<RefusalLabels, Counter>,
     pub(crate) acl_denied: Family<AclLabels, Counter>,
     pub(crate) limited: Family<LimitLabels, Counter>,
+    pub(crate) undelivered: Family<UndeliveredLabels, Counter>,
     pub(crate) delivered_live: Counter,
     pub(crate) counted_offline: Counter,
     pub(crate) digests: Counter,
@@ -181,6 +188,7 @@ impl Default for Metrics {
             auth_failures: Family::default(),
             acl_denied: Family::default(),
             limited: Family::default(),
+            undelivered: Family::default(),
             delivered_live: Counter::default(),
             counted_offline: Counter::default(),
             digests: Counter::default(),
@@ -266,6 +274,11 @@ impl Metrics {
             "limited",
             "Clients held back by a limit: rate, bytes (publishes slowed or refused), devices, connections (refused)",
             self.limited.clone(),
+        );
+        r.register(
+            "publishes_undelivered",
+            "Pass-through publishes a subscriber did not get: too_large (over its Maximum Packet Size)",
+            self.undelivered.clone(),
         );
         r.register(
             "deliveries_live",
@@ -550,6 +563,13 @@ impl Metrics {
     /// Counts one client held back by `limit` (see [`LimitLabels`]).
     pub(crate) fn count_limited(&self, limit: &'static str) {
         self.limited.get_or_create(&LimitLabels { limit }).inc();
+    }
+
+    /// Counts one publish a subscriber did not get (see [`UndeliveredLabels`]).
+    pub(crate) fn count_undelivered(&self, reason: &'static str) {
+        self.undelivered
+            .get_or_create(&UndeliveredLabels { reason })
+            .inc();
     }
 
     /// Counts one refusal by the topic ACL (`action`: see [`AclLabels`]).

@@ -2,7 +2,7 @@
 //! and the public listeners of the hook layer; [`Builder`] for services that embed it.
 
 use std::collections::HashMap;
-use std::net::{SocketAddr, TcpListener as StdListener};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -720,8 +720,13 @@ async fn start_broker(
     };
     let mut listeners = HashMap::new();
     let mut addrs = Vec::new();
+    let mut reserved = Vec::new();
     for index in 0..settings.private_listeners {
-        let addr = free_loopback_port().map_err(|e| ServerError::Broker(e.to_string()))?;
+        let reservation = reserve_loopback_port().map_err(|e| ServerError::Broker(e.to_string()))?;
+        let addr = reservation
+            .local_addr()
+            .map_err(|e| ServerError::Broker(e.to_string()))?;
+        reserved.push(reservation);
         let server = rumqttd::ServerSettings {
             name: format!("mqtt-im-private-{index}"),
             listen: addr,
@@ -759,6 +764,8 @@ async fn start_broker(
     for addr in &addrs {
         wait_ready(*addr, secret).await?;
     }
+    // rumqttd listens on them now: the reservations may go.
+    drop(reserved);
     Ok((addrs, links))
 }
 
@@ -774,6 +781,14 @@ async fn wait_ready(addr: SocketAddr, secret: &str) -> Result<(), ServerError> {
     )))
 }
 
-fn free_loopback_port() -> std::io::Result<SocketAddr> {
-    StdListener::bind("127.0.0.1:0")?.local_addr()
+/// A loopback port for a private rumqttd listener, held until rumqttd listens on it: a
+/// socket bound with SO_REUSEADDR and not listening keeps every other bind (port 0 and
+/// outgoing connections included) off the port, while rumqttd's own bind, which sets
+/// SO_REUSEADDR too, still succeeds. (Binding port 0 and letting go before rumqttd binds
+/// left a window in which another process could take the port.)
+fn reserve_loopback_port() -> std::io::Result<tokio::net::TcpSocket> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.set_reuseaddr(true)?;
+    socket.bind(SocketAddr::from(([127, 0, 0, 1], 0)))?;
+    Ok(socket)
 }

@@ -1,11 +1,14 @@
 //! A Mosquitto `acl_file` for non-IM topics, over real connections: publishes refused with
 //! 0x87 (MQTT 5) or acknowledged and dropped (3.1.1), subscriptions outside the rules
-//! refused, `deny` holding inside a subscribed tree and for retained messages, `%c`/`%u`
+//! granted and filtered message by message as Mosquitto does (or refused under
+//! `auth.acl_subscribe = "refuse"`), `deny` holding inside a subscribed tree and for retained messages, `%c`/`%u`
 //! patterns that hostile names cannot widen, wills checked at CONNECT, the file re-read on
 //! change; IM topics keep their own ACL.
 #![allow(clippy::unwrap_used)]
 
 use std::time::Duration;
+
+use mqtt_im::config::AclSubscribe;
 
 use crate::common::*;
 
@@ -27,11 +30,17 @@ pattern readwrite devices/%c/#
 
 const QUIET: Duration = Duration::from_millis(300);
 
+/// The file under `auth.acl_subscribe = "refuse"` (the EMQX way).
 async fn broker_with_acl(dir: &std::path::Path) -> TestBroker {
+    broker_with_acl_as(dir, Some(AclSubscribe::Refuse)).await
+}
+
+async fn broker_with_acl_as(dir: &std::path::Path, mode: Option<AclSubscribe>) -> TestBroker {
     let path = dir.join("acl");
     std::fs::write(&path, ACL).unwrap();
     TestBroker::start_with(move |c| {
         c.auth.acl_file = Some(path);
+        c.auth.acl_subscribe = mode;
         c.auth.reload_interval = mqtt_im::config::Period::millis(50);
         c.listeners.metrics = Some("127.0.0.1:0".parse().unwrap());
     })
@@ -103,6 +112,36 @@ async fn publishes_and_subscriptions_follow_the_file() {
     ] {
         assert!(metrics.contains(line), "{line} in {metrics}");
     }
+}
+
+/// By default an `acl_file` answers as Mosquitto does: a wide SUBSCRIBE is granted, and
+/// only what the client may read arrives, live or retained.
+#[tokio::test]
+async fn by_default_a_wide_subscription_is_granted_and_filtered_as_mosquitto_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = broker_with_acl_as(dir.path(), None).await;
+    let mut alice = Client::v5(broker.addr, "alice-1", "alice").await;
+    assert_eq!(
+        alice.retain_acked("fleet/alice/status", b"up".to_vec()).await,
+        0
+    );
+    let mut carol = Client::v5(broker.addr, "carol-1", "carol").await;
+    // carol may read nothing of the fleet: granted all the same, and nothing arrives.
+    assert_eq!(carol.subscribe("#", 1).await, vec![1]);
+    let mut bob = Client::v5(broker.addr, "bob-1", "bob").await;
+    assert_eq!(bob.subscribe("#", 1).await, vec![1]);
+    assert_eq!(bob.next_on("fleet/alice/status").await, b"up".to_vec());
+    for (topic, payload) in [("fleet/alice/secret", "s"), ("other/x", "o"), ("fleet/alice/gps", "1")] {
+        assert_eq!(alice.publish_acked(topic, payload.as_bytes().to_vec()).await, 0);
+    }
+    // bob reads the fleet but not alice's secret nor `other/`: only the gps comes.
+    assert_eq!(bob.next_on("fleet/alice/gps").await, b"1".to_vec());
+    assert!(bob.quiet_for(QUIET).await.is_none(), "an unreadable topic was delivered");
+    assert!(carol.quiet_for(QUIET).await.is_none(), "carol got a fleet message");
+    // 3.1.1 alike.
+    let mut bob4 = Client::v4(broker.addr, "bob-4", "bob", 30).await;
+    assert_eq!(bob4.subscribe("fleet/#", 1).await, vec![1]);
+    assert_eq!(bob4.next_on("fleet/alice/status").await, b"up".to_vec());
 }
 
 /// Retained messages: written only where allowed, delivered only where readable.

@@ -28,6 +28,7 @@ use crate::watch::Watched;
 use hash::StoredHash;
 pub use password_file::PasswordFile;
 use settings::{ProviderOutage, ProviderSettings, Settings as AuthSettings, UidSource};
+pub use settings::AclSubscribe;
 
 /// What a client presented in its CONNECT, and where from.
 #[derive(Debug, Clone)]
@@ -201,6 +202,7 @@ pub struct Authenticator {
     providers: Vec<Arc<dyn Provider>>,
     reloads: Vec<Arc<Watched>>,
     acl: Option<Arc<acl::AclFile>>,
+    acl_subscribe: Option<AclSubscribe>,
     allow_anonymous: bool,
     uid_from: UidSource,
 }
@@ -293,6 +295,7 @@ impl Authenticator {
             providers,
             reloads,
             acl,
+            acl_subscribe: settings.acl_subscribe,
             allow_anonymous: settings.allow_anonymous,
             uid_from: settings.uid_from,
         })
@@ -307,6 +310,11 @@ impl Authenticator {
     /// The topic ACL for non-IM topics, if one is configured.
     pub fn acl(&self) -> Option<&Arc<acl::AclFile>> {
         self.acl.as_ref()
+    }
+
+    /// `auth.acl_subscribe`, if set.
+    pub fn acl_subscribe(&self) -> Option<AclSubscribe> {
+        self.acl_subscribe
     }
 
     /// Runs the chain. A verified client certificate's common name is the identity and needs

@@ -39,6 +39,22 @@ pub struct Settings {
     /// topic.
     #[serde(default)]
     pub acl_file: Option<PathBuf>,
+    /// How a SUBSCRIBE the topic ACL does not wholly grant is answered; none: as the rules'
+    /// origin expects (`filter` under an `acl_file`, as Mosquitto does; `refuse` under rules
+    /// an identity brings, as EMQX and VerneMQ do).
+    #[serde(default)]
+    pub acl_subscribe: Option<AclSubscribe>,
+}
+
+/// What a SUBSCRIBE to a filter the topic ACL does not wholly grant gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AclSubscribe {
+    /// Granted; only the messages the client may read are delivered (retained ones too),
+    /// as Mosquitto does with its `acl_file`.
+    Filter,
+    /// Refused (SUBACK 0x87 / 0x80), as EMQX and VerneMQ do.
+    Refuse,
 }
 
 /// One link of the authentication chain.

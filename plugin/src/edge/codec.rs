@@ -208,7 +208,7 @@ fn read_u16(bytes: &[u8], at: usize) -> Option<u16> {
 }
 
 /// Reads a variable byte integer at `at`: `(value, bytes used)`.
-fn read_varint(bytes: &[u8], at: usize) -> Option<(usize, usize)> {
+pub(crate) fn read_varint(bytes: &[u8], at: usize) -> Option<(usize, usize)> {
     let mut value = 0usize;
     for i in 0..4 {
         let byte = *bytes.get(at + i)?;
@@ -220,7 +220,17 @@ fn read_varint(bytes: &[u8], at: usize) -> Option<(usize, usize)> {
     None
 }
 
-fn write_varint(out: &mut BytesMut, mut value: usize) {
+/// The bytes a variable byte integer of `value` takes.
+fn varint_len(value: usize) -> usize {
+    match value {
+        0..=127 => 1,
+        128..=16_383 => 2,
+        16_384..=2_097_151 => 3,
+        _ => 4,
+    }
+}
+
+pub(crate) fn write_varint(out: &mut BytesMut, mut value: usize) {
     loop {
         let mut byte = (value % 128) as u8;
         value /= 128;
@@ -302,6 +312,16 @@ impl PublishView {
     /// The topic (checked UTF-8 at parse time).
     pub(crate) fn topic_str(&self) -> &str {
         std::str::from_utf8(&self.topic).unwrap_or_default()
+    }
+
+    /// The bytes this publish takes when written for `version`.
+    pub(crate) fn encoded_len(&self, version: Protocol) -> usize {
+        let pkid = if self.qos() > 0 { 2 } else { 0 };
+        let mut remaining = 2 + self.topic.len() + pkid + self.payload.len();
+        if version == Protocol::V5 {
+            remaining += varint_len(self.properties.len()) + self.properties.len();
+        }
+        1 + varint_len(remaining) + remaining
     }
 
     /// Writes this publish for `version` with packet id `pkid` (ignored for QoS 0).

@@ -57,6 +57,8 @@ pub(crate) struct EdgeContext {
     pub(crate) limits: LimitSettings,
     /// Plain-topic routing across nodes, with a cluster.
     pub(crate) cluster: Option<Arc<Cluster>>,
+    /// Sessions kept for a while after their connection (MQTT 5 session expiry).
+    pub(crate) expiring: super::expiry::Expiring,
     /// The routes of persistent sessions waiting at rumqttd, by client id.
     kept_routes: Mutex<HashMap<String, KeptRoutes>>,
     /// Connections per user, for `limits.max_devices_per_user`.
@@ -164,6 +166,7 @@ impl EdgeContext {
             next_connection: AtomicU64::new(1),
             persistent: Mutex::new(HashMap::new()),
             upstream_sessions: Mutex::new(HashSet::new()),
+            expiring: super::expiry::Expiring::default(),
             links: Arc::default(),
             limits,
             cluster,

@@ -5,17 +5,21 @@
 use std::sync::Arc;
 
 use bytes::BytesMut;
-use rumqttd::protocol::{ConnAck, ConnAckProperties, ConnectReturnCode, Packet};
+use rumqttd::protocol::{
+    ConnAck, ConnAckProperties, ConnectReturnCode, LastWillProperties, Packet,
+};
 use tokio::io::AsyncWriteExt;
-use tokio::time::timeout;
+use tokio::time::{timeout, Instant};
 
 pub(super) use super::admit::Arrival;
 use super::admit::{admit, Admitted, ConnectPacket};
+use super::carry::{self, Carried};
 use super::cluster::{Cluster, Moved};
 use super::codec::{self, kind, read_frame, Protocol, READ_SMALL};
+use super::expiry::Lifetime;
 use super::limits::DeviceSlot;
 use super::links::LinkClaim;
-use super::session::Terms;
+use super::session::{receive_maximum, ClientLimits, Terms};
 use super::transport::{ClientStream, Upgraded};
 use super::upstream::{upstream_client_id, LinkRequest, Upstream};
 use super::{EdgeContext, EdgeError};
@@ -58,7 +62,9 @@ pub(super) async fn handshake(
             return Err(EdgeError::Refused(refused.why));
         }
     };
-    let (keep_alive, clean_session) = (packet.connect.keep_alive, packet.connect.clean_session);
+    let keep_alive = packet.connect.keep_alive;
+    let interval = packet.properties.as_ref().and_then(|p| p.session_expiry_interval);
+    let lifetime = Lifetime::of(version, packet.connect.clean_session, interval);
     let username = packet.login.as_ref().map(|l| l.username.clone());
     let max_packet = packet
         .properties
@@ -66,18 +72,23 @@ pub(super) async fn handshake(
         .and_then(|p| p.max_packet_size)
         .and_then(|size| usize::try_from(size).ok());
     let receive_max = packet.properties.as_ref().and_then(|p| p.receive_maximum);
+    let packet_alias_max = packet.properties.as_ref().and_then(|p| p.topic_alias_max);
     let link = ctx.links.claim(&admitted.client_id, id).await?;
+    // A session that expired since its connection ended is gone: this one starts anew.
+    let expired = ctx.expiring.expired(&admitted.client_id, Instant::now());
+    let clean_start = packet.connect.clean_session || expired;
     let im = im_device(&admitted);
     let moved = match &ctx.cluster {
         Some(cluster) => {
             let uid = im.as_ref().map(|device| &device.uid);
-            let claimed = cluster.claim_client(&admitted.client_id, uid, !clean_session);
+            let claimed = cluster.claim_client(&admitted.client_id, uid, !clean_start);
             claimed.await
         }
         None => None,
     };
-    let request = link_request(packet, &admitted.client_id);
-    let linked = link_at_connect(&ctx, id, request, &admitted.client_id, moved.as_ref()).await;
+    let request = link_request(packet, &admitted.client_id, clean_start, lifetime);
+    let linked = link_at_connect(&ctx, id, request, &admitted.client_id, clean_start, moved.as_ref());
+    let linked = linked.await;
     let (upstream, upstream_session) = match linked {
         Ok(linked) => linked,
         Err(LinkRefused(code)) => {
@@ -87,11 +98,13 @@ pub(super) async fn handshake(
         Err(LinkFailed(e)) => return Err(e),
     };
     let kept_im = im.as_ref().is_some_and(|device| ctx.has_session(device));
-    let session_present = !clean_session && (upstream_session || kept_im || moved.is_some());
+    let session_present = !clean_start && (upstream_session || kept_im || moved.is_some());
     // Outgoing buffers start empty and grow when needed.
     let mut client_out = BytesMut::new();
-    let properties = admitted.assigned.map(|id| ConnAckProperties {
-        assigned_client_identifier: Some(id),
+    let inbound_max = receive_maximum(&arrival.listener);
+    let properties = (version == Protocol::V5).then(|| ConnAckProperties {
+        assigned_client_identifier: admitted.assigned,
+        receive_max: Some(inbound_max),
         ..Default::default()
     });
     write_connack(
@@ -110,9 +123,14 @@ pub(super) async fn handshake(
         username,
         identity: admitted.identity,
         keep_alive,
-        clean_session,
-        max_packet,
-        receive_max,
+        clean_start,
+        lifetime,
+        limits: ClientLimits {
+            receive_max,
+            max_packet,
+            topic_alias_max: packet_alias_max,
+            inbound_max,
+        },
         moved,
     };
     Ok(Established {
@@ -145,14 +163,18 @@ async fn link_at_connect(
     id: u64,
     request: LinkRequest,
     client_id: &str,
+    clean_start: bool,
     moved: Option<&Moved>,
 ) -> Result<(Upstream, bool), LinkError> {
     let kept_upstream = ctx.take_upstream_session(client_id);
     if request.will.is_none() && !kept_upstream && moved.is_none() {
         return Ok((Upstream::Unneeded(Box::new(request)), false));
     }
-    if let (Some(_), true) = (moved, kept_upstream) {
-        // What rumqttd kept here is older than the session that moved in.
+    // A session that starts anew but outlives its connection links without a clean
+    // session (rumqttd knows no other way to keep one): what rumqttd kept is dropped first,
+    // as it is when the session moved in from another node.
+    let stale_kept = moved.is_some() || (clean_start && !request.clean_session);
+    if kept_upstream && stale_kept {
         let stale = LinkRequest::as_client(client_id, true);
         if let Ok((mut upstream, _)) = Upstream::open_now(ctx, id, stale).await {
             let mut goodbye = BytesMut::from(&[kind::DISCONNECT << 4, 0][..]);
@@ -257,14 +279,40 @@ async fn read_connect(
 
 /// The CONNECT rumqttd gets for this client, whenever the link opens: the client's
 /// session flag, will and MQTT 5 properties (3.1.1 clients have none).
-fn link_request(packet: ConnectPacket, client_id: &str) -> LinkRequest {
-    let (properties, will_properties) = match packet.version {
+/// The link for a client: its session resumed unless it starts anew and ends with its
+/// connection (rumqttd then keeps none).
+fn link_request(
+    packet: ConnectPacket,
+    client_id: &str,
+    clean_start: bool,
+    lifetime: Lifetime,
+) -> LinkRequest {
+    let (mut properties, mut will_properties) = match packet.version {
         Protocol::V5 => (packet.properties, packet.will_properties),
         Protocol::V4 => (None, None),
     };
+    if let Some(properties) = &mut properties {
+        // The hook layer applies both to what it writes: rumqttd would measure packets
+        // with the carried property in them, and alias by filter rather than by topic.
+        properties.max_packet_size = None;
+        properties.topic_alias_max = None;
+    }
+    if let Some(will) = &packet.will {
+        let carried = Carried::new(will.qos as u8, will.retain, carry::publisher(client_id));
+        let properties = will_properties.get_or_insert_with(|| LastWillProperties {
+            delay_interval: None,
+            payload_format_indicator: None,
+            message_expiry_interval: None,
+            content_type: None,
+            response_topic: None,
+            correlation_data: None,
+            user_properties: Vec::new(),
+        });
+        carry::attach_to_will(&mut properties.user_properties, &carried);
+    }
     LinkRequest {
         client_id: upstream_client_id(client_id),
-        clean_session: packet.connect.clean_session,
+        clean_session: clean_start && !lifetime.persists(),
         properties,
         will: packet.will,
         will_properties,

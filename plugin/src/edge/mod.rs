@@ -16,11 +16,13 @@
 
 mod acl;
 mod admit;
+mod carry;
 mod cluster;
 mod codec;
 mod connection;
 mod context;
 mod error;
+mod expiry;
 mod handshake;
 mod limits;
 mod links;

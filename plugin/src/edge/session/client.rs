@@ -6,7 +6,7 @@ use tokio::time::Instant;
 
 use super::outcome::Outcome;
 use super::packet_ids::Origin;
-use super::{End, Session};
+use super::{End, Lifetime, Session};
 use crate::edge::codec::{kind, Frame, Protocol};
 use crate::edge::EdgeError;
 
@@ -94,6 +94,18 @@ impl Session {
     /// The client says goodbye: rumqttd hears it after what the client sent before (still
     /// in the ordered operations), so that it drops the will; nothing more is read.
     fn on_disconnect(&mut self, frame: Frame) {
+        if let Ok(Packet::Disconnect(_, Some(properties))) =
+            frame.decode(self.version, self.listener.max_packet)
+        {
+            // MQTT 5 lets DISCONNECT change the session's expiry, but not from 0 (a session
+            // already to end with the connection stays so).
+            if let (Some(seconds), true) = (
+                properties.session_expiry_interval,
+                self.lifetime.persists(),
+            ) {
+                self.lifetime = Lifetime::interval(seconds);
+            }
+        }
         let farewell = match self.version {
             Protocol::V5 => frame.bytes,
             Protocol::V4 => bytes::Bytes::from_static(&[kind::DISCONNECT << 4, 0]),

@@ -5,8 +5,9 @@
 use rumqttd::protocol::{Packet, SubscribeReasonCode};
 
 use super::outcome::PendingAck;
-use super::{upstream_acks, Session};
+use super::{deliver, upstream_acks, Session};
 use crate::auth::acl::Access;
+use crate::edge::carry;
 use crate::edge::codec::{self, kind, Frame, Protocol, PublishView as Publish};
 use crate::edge::EdgeError;
 use crate::hook::Message;
@@ -38,14 +39,16 @@ impl Session {
                 };
                 let granted: Vec<u8> = suback.return_codes.iter().map(suback_code).collect();
                 let (codes, pending) = self.merge(suback.pkid, granted.iter().copied());
-                let held = pending
-                    .relayed
-                    .into_iter()
-                    .zip(granted)
-                    .filter(|(_, code)| *code < 0x80)
-                    .map(|(filter, _)| filter)
-                    .chain(pending.joined);
-                self.answer_subscribe(suback.pkid, codes, held.collect())
+                let mut held = Vec::with_capacity(pending.relayed.len());
+                for (filter, code) in pending.relayed.into_iter().zip(granted) {
+                    if code < 0x80 {
+                        held.push(filter);
+                    } else if !self.routes.contains_key(&filter.path) {
+                        self.subscriptions.remove(&filter.path);
+                    }
+                }
+                held.extend(pending.joined);
+                self.answer_subscribe(suback.pkid, codes, held)
             }
             kind::UNSUBACK => {
                 let pkid = frame.ack_pkid()?;
@@ -63,30 +66,81 @@ impl Session {
         }
     }
 
-    /// A publish for the client, unless the topic ACL keeps it from the client (then it is
-    /// taken off rumqttd's hands, so rumqttd does not resend it).
+    /// A publish for the client as MQTT says it gets it (see `deliver`), unless the topic
+    /// ACL, no-local or Retain Handling keeps it from the client, or it is a second copy for
+    /// overlapping subscriptions, or too large for the client: then it is taken off
+    /// rumqttd's hands, so rumqttd does not resend it.
     fn on_upstream_publish(&mut self, frame: Frame) -> Result<(), EdgeError> {
-        let publish = Publish::parse(&frame, Protocol::V5)?;
-        let answer = upstream_acks::answer_for(publish.qos());
-        if !self.acl_allows(publish.topic_str(), Access::Read, false, "deliver") {
-            if let Some(answer) = answer {
-                self.upstream_acks
-                    .dropped(publish.pkid, answer, &mut self.to_rumqttd);
-            }
+        let mut publish = Publish::parse(&frame, Protocol::V5)?;
+        let sent_qos = publish.qos();
+        let answer = upstream_acks::answer_for(sent_qos);
+        let retained = publish.flags & 1 == 1;
+        let (carried, mut properties) = carry::take(&publish.properties);
+        let copy = !retained && carried.is_some_and(|c| !self.recent.first(c.message));
+        let delivery = match copy {
+            true => None,
+            false => deliver::decide(
+                &self.subscriptions,
+                publish.topic_str(),
+                carried.as_ref(),
+                sent_qos,
+                retained,
+                self.publisher,
+            ),
+        };
+        let allowed = || self.acl_allows(publish.topic_str(), Access::Read, false, "deliver");
+        let Some(delivery) = delivery.filter(|_| allowed()) else {
+            self.taken_off_rumqttd(publish.pkid, answer);
             return Ok(());
-        }
-        if let Some(answer) = answer {
-            self.upstream_acks.forwarded(publish.pkid, answer);
+        };
+        carry::push_subscription_ids(&mut properties, &delivery.ids);
+        publish.properties = properties.into();
+        publish.flags = (publish.flags & 0b1000) | (delivery.qos << 1) | u8::from(delivery.retain);
+        if !self.outbox.fits_publish(&publish) {
+            tracing::debug!(
+                topic = publish.topic_str(),
+                "publish exceeds the client's maximum packet size; not sent"
+            );
+            self.ctx.im.metrics().count_undelivered("too_large");
+            self.taken_off_rumqttd(publish.pkid, answer);
+            return Ok(());
         }
         if let Some(notifier) = &self.notifier {
             notifier.delivered(Message {
                 topic: publish.topic_str().to_owned(),
-                qos: publish.qos(),
-                retain: publish.flags & 1 == 1,
+                qos: delivery.qos,
+                retain: delivery.retain,
                 payload: publish.payload.clone(),
             });
         }
-        self.outbox.upstream_publish(frame)
+        match answer {
+            // rumqttd keeps it until the client's answer (its PUBACK may stand for PUBREC).
+            Some(answer) if delivery.qos > 0 => {
+                self.upstream_acks.forwarded(publish.pkid, answer);
+                self.outbox.upstream_publish(publish)
+            }
+            // rumqttd sent less than the client gets (one copy of overlapping ones), or more
+            // (QoS 0 published): the hook layer delivers it on its own.
+            _ => {
+                self.taken_off_rumqttd(publish.pkid, answer);
+                let (topic, qos) = (publish.topic_str().to_owned(), delivery.qos);
+                let properties = match self.version {
+                    Protocol::V5 => &publish.properties[..],
+                    Protocol::V4 => &[],
+                };
+                self.outbox
+                    .own_publish(&topic, qos, properties, &publish.payload);
+                Ok(())
+            }
+        }
+    }
+
+    /// Answers rumqttd's publish `pkid` now (in its turn), the client never seeing it.
+    fn taken_off_rumqttd(&mut self, pkid: u16, answer: Option<u8>) {
+        if let Some(answer) = answer {
+            self.upstream_acks
+                .dropped(pkid, answer, &mut self.to_rumqttd);
+        }
     }
 
     /// Fills rumqttd's codes into the pending answer for `pkid`; also returns what was

@@ -18,6 +18,7 @@
 
 mod apply;
 mod client;
+mod deliver;
 mod fit;
 mod from_rumqttd;
 mod moved;
@@ -45,6 +46,7 @@ use tokio::time::Instant;
 use super::acl::topic_allowed;
 use super::cluster::Moved;
 use super::codec::Protocol;
+use super::expiry::Lifetime;
 use super::limits::PublishLimits;
 use super::sink::ConnectionSink;
 use super::topics::Topics;
@@ -53,6 +55,7 @@ use crate::auth::acl::{Access, Client as AclClient};
 use crate::auth::Identity;
 use crate::domain::{Device, Uid};
 use crate::im::SendOrder;
+pub(super) use outbox::ClientLimits;
 use outbox::{take_bytes, Outbox};
 use outcome::{Outcome, PendingAck};
 use upstream_acks::UpstreamAcks;
@@ -61,6 +64,13 @@ use upstream_acks::UpstreamAcks;
 /// for the client's Receive Maximum; beyond this the connection stops reading from the
 /// client until some complete (backpressure). A listener may bound the former lower.
 const MAX_PENDING: usize = 1024;
+
+/// The Receive Maximum the CONNACK announces on `listener`: the operations a connection
+/// keeps running before it stops reading (see [`MAX_PENDING`]).
+pub(super) fn receive_maximum(listener: &Listener) -> u16 {
+    let pending = listener.max_pending.unwrap_or(MAX_PENDING);
+    u16::try_from(pending.max(1)).unwrap_or(u16::MAX)
+}
 
 /// A device's recording in the store, awaited by whichever operation needs it first.
 type Registration = Shared<oneshot::Receiver<bool>>;
@@ -97,11 +107,12 @@ pub(super) struct Terms {
     pub(super) identity: Identity,
     /// The client's keep-alive in seconds (0: none).
     pub(super) keep_alive: u16,
-    pub(super) clean_session: bool,
-    /// The MQTT 5 client's Maximum Packet Size, if it set one.
-    pub(super) max_packet: Option<usize>,
-    /// The MQTT 5 client's Receive Maximum, if it set one.
-    pub(super) receive_max: Option<u16>,
+    /// The session starts anew (clean start, or what was kept has expired).
+    pub(super) clean_start: bool,
+    /// How long the session outlives the connection.
+    pub(super) lifetime: Lifetime,
+    /// What the MQTT 5 client's CONNECT said it takes.
+    pub(super) limits: ClientLimits,
     /// The session, when it moved here from another node.
     pub(super) moved: Option<Moved>,
 }
@@ -115,6 +126,9 @@ pub(super) enum End {
     TakenOver,
     /// A 3.1.1 chat publish could not be stored (see `Outcome::Chat`).
     Unstored,
+    /// An MQTT 5 client sent more unanswered QoS 1/2 publishes than the CONNACK's Receive
+    /// Maximum allowed.
+    ReceiveMaximumExceeded,
     UpstreamGone,
     KeepAliveExpired,
     /// The credentials (a JWT) expired.
@@ -148,6 +162,8 @@ pub(super) struct Session {
     id: u64,
     version: Protocol,
     client_id: String,
+    /// The client id as publishes carry it across rumqttd (see `carry`): no-local.
+    publisher: u64,
     /// The client as hooks see it.
     client: Arc<crate::hook::Client>,
     /// The listener it came in on (its limits).
@@ -162,7 +178,9 @@ pub(super) struct Session {
     /// Publish rate and bandwidth of this connection.
     publish_limits: PublishLimits,
     keep_alive: Option<Duration>,
-    clean_session: bool,
+    clean_start: bool,
+    /// How long the session outlives the connection (a DISCONNECT may change it).
+    lifetime: Lifetime,
     /// The store recording this device, started at CONNECT and not awaited there: IM
     /// requests and the digest wait for it (the digest records the device itself if it
     /// failed); nothing else does.
@@ -192,6 +210,11 @@ pub(super) struct Session {
     /// Plain-topic filters this client holds at rumqttd, and its shared subscriptions in a
     /// cluster (routes of the cluster).
     routes: HashMap<String, Filter>,
+    /// Plain subscriptions relayed to rumqttd, with the options the hook layer applies to
+    /// what rumqttd delivers (from the SUBSCRIBE on, before rumqttd's SUBACK).
+    subscriptions: HashMap<String, deliver::Subscribed>,
+    /// Live messages delivered lately (one copy for overlapping subscriptions).
+    recent: deliver::Recent,
     /// Shared subscriptions the hook layer holds for this client (in a cluster): filter →
     /// granted QoS.
     shared: HashMap<String, u8>,
@@ -223,7 +246,7 @@ impl Session {
     ) -> Self {
         let moved = terms.moved;
         let im_filters = match &terms.im {
-            Some(device) if terms.clean_session => {
+            Some(device) if terms.clean_start => {
                 ctx.drop_session(device);
                 HashMap::new()
             }
@@ -235,7 +258,7 @@ impl Session {
         };
         let publish_limits = PublishLimits::new(&ctx.limits);
         let notifier = ctx.hooks.notifier(Arc::clone(&terms.client));
-        let outbox = Outbox::new(terms.version, terms.receive_max, terms.max_packet);
+        let outbox = Outbox::new(terms.version, terms.limits);
         let registration = terms
             .im
             .as_ref()
@@ -246,6 +269,7 @@ impl Session {
             ctx,
             id,
             version: terms.version,
+            publisher: crate::edge::carry::publisher(&terms.client_id),
             client_id: terms.client_id,
             client: terms.client,
             listener: terms.listener,
@@ -255,7 +279,8 @@ impl Session {
             identity: terms.identity,
             publish_limits,
             keep_alive,
-            clean_session: terms.clean_session,
+            clean_start: terms.clean_start,
+            lifetime: terms.lifetime,
             registration,
             outbox,
             to_rumqttd: BytesMut::new(),
@@ -269,6 +294,8 @@ impl Session {
             pending: HashMap::new(),
             im_qos2: HashSet::new(),
             routes: HashMap::new(),
+            subscriptions: HashMap::new(),
+            recent: deliver::Recent::default(),
             shared: HashMap::new(),
             forwarded_qos2: HashSet::new(),
             send_order: SendOrder::default(),

@@ -26,12 +26,7 @@ impl Session {
         let Some(cluster) = self.ctx.cluster.clone() else {
             return;
         };
-        self.routes.extend(
-            moved
-                .plain
-                .into_iter()
-                .map(|filter| (filter.path.clone(), filter)),
-        );
+        self.hold_resumed(moved.plain);
         self.rejoin_shared(moved.shared);
         cluster.await_rest(&self.client_id, Arc::clone(&self.sink));
     }

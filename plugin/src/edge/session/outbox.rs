@@ -2,14 +2,14 @@
 //! hook layer's own (digests, replies), live chat and rumqttd's — under the client's Receive
 //! Maximum and Maximum Packet Size, with packet ids that never collide.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, HashSet, VecDeque};
 
 use bytes::{Bytes, BytesMut};
-use rumqttd::protocol::Packet;
+use rumqttd::protocol::{Packet, PubRecReason};
 
 use super::fit;
 use super::packet_ids::{Origin, PacketIds};
-use crate::edge::codec::{self, CodecError, Frame, Protocol, PublishView};
+use crate::edge::codec::{self, kind, CodecError, Protocol, PublishView};
 use crate::edge::EdgeError;
 use crate::im::Conversation;
 
@@ -30,6 +30,19 @@ pub(super) fn take_bytes(buf: &mut BytesMut) -> BytesMut {
     taken
 }
 
+/// MQTT 5's Topic Alias property.
+const TOPIC_ALIAS: u8 = 0x23;
+
+/// What a client's CONNECT said it takes (MQTT 5).
+#[derive(Debug, Clone, Copy)]
+pub(in crate::edge) struct ClientLimits {
+    pub(in crate::edge) receive_max: Option<u16>,
+    pub(in crate::edge) max_packet: Option<usize>,
+    pub(in crate::edge) topic_alias_max: Option<u16>,
+    /// The Receive Maximum the CONNACK announced to the client.
+    pub(in crate::edge) inbound_max: u16,
+}
+
 /// A QoS 1/2 publish for the client that waits for a free place under its Receive Maximum.
 #[derive(Debug)]
 enum Held {
@@ -40,8 +53,8 @@ enum Held {
         properties: Vec<u8>,
         payload: Vec<u8>,
     },
-    /// A publish from rumqttd, as rumqttd sent it.
-    Upstream(Frame),
+    /// A publish from rumqttd, as the client gets it (under rumqttd's packet id).
+    Upstream(PublishView),
 }
 
 /// The client's side of the connection, as the session writes to it.
@@ -57,15 +70,24 @@ pub(super) struct Outbox {
     receive_max: usize,
     /// The client's Maximum Packet Size (MQTT 5).
     max_packet: Option<usize>,
+    /// Topic aliases the client takes (its Topic Alias Maximum), and those given so far.
+    alias_max: u16,
+    aliases: HashMap<Bytes, u16>,
+    /// The client's QoS 1 and 2 publishes not answered yet (PUBACK, PUBCOMP, or a PUBREC
+    /// refusing it), under the Receive Maximum the CONNACK announced (MQTT 5).
+    inbound: HashSet<u16>,
+    inbound_max: usize,
 }
 
 impl Outbox {
     /// The outbox of a client speaking `version`, with the limits its CONNECT announced.
-    pub(super) fn new(
-        version: Protocol,
-        receive_max: Option<u16>,
-        max_packet: Option<usize>,
-    ) -> Self {
+    pub(super) fn new(version: Protocol, limits: ClientLimits) -> Self {
+        let ClientLimits {
+            receive_max,
+            max_packet,
+            topic_alias_max,
+            ..
+        } = limits;
         Self {
             version,
             out: BytesMut::new(),
@@ -73,6 +95,10 @@ impl Outbox {
             held: VecDeque::new(),
             receive_max: receive_max.map_or(usize::MAX, |max| usize::from(max.max(1))),
             max_packet,
+            alias_max: topic_alias_max.unwrap_or(0),
+            aliases: HashMap::new(),
+            inbound: HashSet::new(),
+            inbound_max: usize::from(limits.inbound_max),
         }
     }
 
@@ -88,17 +114,49 @@ impl Outbox {
 
     /// A control packet (SUBACK, DISCONNECT, an ack with properties) in the client's version.
     pub(super) fn write_packet(&mut self, packet: Packet) -> Result<(), CodecError> {
+        match &packet {
+            Packet::PubAck(ack, _) => self.answered(kind::PUBACK, ack.pkid, false),
+            Packet::PubRec(rec, _) => {
+                let refused = !matches!(rec.reason, PubRecReason::Success);
+                self.answered(kind::PUBREC, rec.pkid, refused);
+            }
+            _ => {}
+        }
         codec::write_packet(&mut self.out, self.version, packet)
     }
 
     /// A 4-byte publish ack (or PUBREL), valid in both versions.
     pub(super) fn ack(&mut self, kind: u8, pkid: u16) {
+        self.answered(kind, pkid, false);
         codec::write_ack(&mut self.out, kind, pkid);
     }
 
     /// Bytes that are already a packet for the client (an ack rumqttd wrote, PINGRESP).
     pub(super) fn raw(&mut self, bytes: &[u8]) {
+        if let (Some(first), Some(pkid)) = (bytes.first(), bytes.get(2..4)) {
+            let refused = bytes.get(4).is_some_and(|code| *code >= 0x80);
+            self.answered(first >> 4, u16::from_be_bytes([pkid[0], pkid[1]]), refused);
+        }
         self.out.extend_from_slice(bytes);
+    }
+
+    /// A QoS 1 or 2 publish of the client came in as `pkid`: `false` when the client has
+    /// more unanswered than the Receive Maximum the CONNACK announced (MQTT 5: the
+    /// connection then ends with 0x93).
+    pub(super) fn received(&mut self, pkid: u16) -> bool {
+        if self.version == Protocol::V4 {
+            return true;
+        }
+        self.inbound.insert(pkid);
+        self.inbound.len() <= self.inbound_max
+    }
+
+    /// An answer to the client's publish `pkid` is written: PUBACK and PUBCOMP end it, as
+    /// does a PUBREC that refuses it.
+    fn answered(&mut self, ack_kind: u8, pkid: u16, refused: bool) {
+        if ack_kind == kind::PUBACK || ack_kind == kind::PUBCOMP || ack_kind == kind::PUBREC && refused {
+            self.inbound.remove(&pkid);
+        }
     }
 
     /// Payload bytes a publish on `topic` with `properties` bytes of properties may carry.
@@ -151,23 +209,29 @@ impl Outbox {
         }
     }
 
-    /// rumqttd's publish under a client-side packet id, now or once the client's Receive
-    /// Maximum lets it go (a retransmission goes at once).
-    pub(super) fn upstream_publish(&mut self, frame: Frame) -> Result<(), EdgeError> {
-        let publish = PublishView::parse(&frame, Protocol::V5)?;
+    /// Whether `publish` fits the client's Maximum Packet Size as it would be written (a
+    /// server must not send a larger one).
+    pub(super) fn fits_publish(&self, publish: &PublishView) -> bool {
+        self.max_packet
+            .is_none_or(|max| publish.encoded_len(self.version) <= max)
+    }
+
+    /// rumqttd's publish (under rumqttd's packet id) under a client-side packet id, now or
+    /// once the client's Receive Maximum lets it go (a retransmission goes at once).
+    pub(super) fn upstream_publish(&mut self, publish: PublishView) -> Result<(), EdgeError> {
         if publish.qos() == 0 {
-            publish.write(self.version, 0, &mut self.out);
+            self.write_aliased(&publish, 0);
             return Ok(());
         }
         let pkid = match self.ids.mapped(publish.pkid) {
             Some(pkid) => pkid,
             None if self.must_hold() => {
-                self.held.push_back(Held::Upstream(frame));
+                self.held.push_back(Held::Upstream(publish));
                 return Ok(());
             }
             None => return self.write_upstream_now(&publish),
         };
-        publish.write(self.version, pkid, &mut self.out);
+        self.write_aliased(&publish, pkid);
         Ok(())
     }
 
@@ -239,13 +303,39 @@ impl Outbox {
         );
     }
 
+    /// Writes a pass-through publish, under a topic alias when the client takes them: the
+    /// first publish on a topic names the topic and its alias, later ones the alias alone
+    /// (rumqttd's own aliases go by subscription filter, so the hook layer gives them).
+    fn write_aliased(&mut self, publish: &PublishView, pkid: u16) {
+        if self.version == Protocol::V4 || self.alias_max == 0 {
+            return publish.write(self.version, pkid, &mut self.out);
+        }
+        let known = self.aliases.get(&publish.topic).copied();
+        let alias = known.or_else(|| {
+            let next = u16::try_from(self.aliases.len() + 1).ok()?;
+            (next <= self.alias_max).then(|| {
+                self.aliases.insert(publish.topic.clone(), next);
+                next
+            })
+        });
+        let Some(alias) = alias else {
+            return publish.write(self.version, pkid, &mut self.out);
+        };
+        let mut properties = publish.properties.to_vec();
+        properties.push(TOPIC_ALIAS);
+        properties.extend_from_slice(&alias.to_be_bytes());
+        let topic: &[u8] = if known.is_some() { &[] } else { &publish.topic };
+        let flags = publish.flags;
+        codec::write_publish(&mut self.out, self.version, flags, topic, pkid, &properties, &publish.payload);
+    }
+
     /// Writes rumqttd's publish to the client under a newly allocated client-side id.
     fn write_upstream_now(&mut self, publish: &PublishView) -> Result<(), EdgeError> {
         let pkid = self
             .ids
             .for_upstream(publish.pkid)
             .ok_or(EdgeError::Protocol("client packet ids exhausted"))?;
-        publish.write(self.version, pkid, &mut self.out);
+        self.write_aliased(publish, pkid);
         Ok(())
     }
 
@@ -262,9 +352,7 @@ impl Outbox {
                     properties,
                     payload,
                 } => self.write_publish_now(&topic, qos, Origin::Own, &properties, &payload),
-                Held::Upstream(frame) => {
-                    self.write_upstream_now(&PublishView::parse(&frame, Protocol::V5)?)?;
-                }
+                Held::Upstream(publish) => self.write_upstream_now(&publish)?,
             }
         }
         Ok(())

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use super::{End, Session};
+use super::{End, Lifetime, Session};
 use crate::domain::Conversation;
 use crate::edge::codec::Protocol;
 use crate::edge::topics::Topics;
@@ -21,22 +21,34 @@ impl Session {
         for (_, gid) in self.group_filters() {
             self.ctx.im.unwatch_group(&gid, self.id);
         }
-        if let (false, Some(device)) = (self.clean_session, &self.im) {
+        let persists = self.lifetime.persists();
+        if let (true, Some(device)) = (persists, &self.im) {
             let filters = std::mem::take(&mut self.im_filters);
             self.ctx.keep_session(device, filters);
         }
+        if let Lifetime::For(interval) = self.lifetime {
+            let at = tokio::time::Instant::now() + interval;
+            self.ctx.expiring.expire_at(&self.client_id, at);
+        }
         self.leave_routes();
         if let Some(cluster) = &self.ctx.cluster {
-            cluster.client_left(&self.client_id, self.clean_session);
+            cluster.client_left(&self.client_id, !persists);
         }
         self.say_why(end);
     }
 
-    /// rumqttd has closed this client's link: a persistent session stays with rumqttd, and
-    /// the client's next connection links at once to resume it.
+    /// rumqttd has closed this client's link: a session linked without a clean session
+    /// stays with rumqttd, and the client's next connection links at once to resume it —
+    /// or to discard it, when it was to end with the connection (MQTT 5 Session Expiry
+    /// Interval 0 on a resumed session: rumqttd knows no expiry).
     pub(in crate::edge) fn link_closed(&mut self) {
-        if !self.clean_session {
+        let persists = self.lifetime.persists();
+        if persists || !self.clean_start {
             self.ctx.keep_upstream_session(&self.client_id);
+        }
+        if !persists && !self.clean_start {
+            let now = tokio::time::Instant::now();
+            self.ctx.expiring.expire_at(&self.client_id, now);
         }
     }
 
@@ -73,6 +85,10 @@ impl Session {
             End::TooManyDevices => (
                 Reason::QuotaExceeded,
                 "a newer device of this user took this connection's place",
+            ),
+            End::ReceiveMaximumExceeded => (
+                Reason::ReceiveMaximumExceeded,
+                "more unacknowledged QoS 1 and 2 publishes than Receive Maximum",
             ),
             End::Evicted => (
                 Reason::AdministrativeAction,

@@ -12,6 +12,7 @@ use super::Session;
 use crate::auth::acl::Access;
 use crate::domain::{Device, Recipient};
 use crate::edge::acl::{self, PublishAccess};
+use crate::edge::carry::{self, Carried};
 use crate::edge::codec::{Frame, Protocol, PublishView as Publish};
 use crate::edge::limits::Throttled;
 use crate::edge::EdgeError;
@@ -31,6 +32,11 @@ impl Session {
         if !protocol::valid_topic(publish.topic_str()) {
             return Err(EdgeError::Protocol("wildcard in a publish topic"));
         }
+        if publish.qos() > 0 && !self.outbox.received(publish.pkid) {
+            self.disconnected = true;
+            self.end.get_or_insert(super::End::ReceiveMaximumExceeded);
+            return Ok(());
+        }
         if !self.within_limits(&publish, frame.bytes.len(), now) {
             return Ok(());
         }
@@ -38,7 +44,7 @@ impl Session {
         // Chat and requests come only from a client with an IM identity.
         let denied = match (access, self.im.clone()) {
             (PublishAccess::PassThrough, _) => {
-                self.publish_plain(frame, publish);
+                self.publish_plain(publish);
                 return Ok(());
             }
             (PublishAccess::Chat(to), Some(device)) => {
@@ -97,30 +103,24 @@ impl Session {
     /// A non-IM publish: the topic ACL decides now; then it goes straight to rumqttd, or in
     /// its turn behind this connection's earlier work when the hooks judge publishes or a
     /// SUBSCRIBE is still being checked.
-    fn publish_plain(&mut self, frame: &Frame, publish: Publish) {
+    fn publish_plain(&mut self, mut publish: Publish) {
         let (qos, pkid) = (publish.qos(), publish.pkid);
         if !self.acl_allows(publish.topic_str(), Access::Write, false, "publish") {
             let reason = "not allowed by the topic ACL";
             self.refuse_plain(qos, pkid, publish.topic_str(), reason);
             return;
         }
+        let carried = Carried::new(qos, publish.flags & 1 == 1, self.publisher);
+        publish.properties = carry::attach(&publish.properties, &carried).into();
         let judged = self.ctx.hooks.interests().publish;
         if !judged && !self.busy() {
-            match self.version {
-                Protocol::V5 => self.rumqttd_out().extend_from_slice(&frame.bytes),
-                Protocol::V4 => publish.write(Protocol::V5, pkid, self.rumqttd_out()),
-            }
+            publish.write(Protocol::V5, pkid, self.rumqttd_out());
             self.forward_elsewhere(&publish);
             return;
         }
-        let upstream = match self.version {
-            Protocol::V5 => frame.bytes.clone(),
-            Protocol::V4 => {
-                let mut out = BytesMut::new();
-                publish.write(Protocol::V5, pkid, &mut out);
-                out.freeze()
-            }
-        };
+        let mut out = BytesMut::new();
+        publish.write(Protocol::V5, pkid, &mut out);
+        let upstream = out.freeze();
         let topic = publish.topic_str().to_owned();
         if !judged {
             let relay = Outcome::Relay {

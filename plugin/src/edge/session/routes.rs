@@ -65,7 +65,7 @@ impl Session {
     pub(super) fn leave_routes(&mut self) {
         let shared = self.leave_all_shared();
         let plain: Vec<Filter> = self.routes.drain().map(|(_, filter)| filter).collect();
-        if self.clean_session {
+        if !self.lifetime.persists() {
             if let Some(cluster) = &self.ctx.cluster {
                 cluster.unsubscribed(&paths(&plain));
             }
@@ -80,18 +80,23 @@ impl Session {
     /// with it (a clean session discards them).
     pub(super) fn take_kept_routes(&mut self) {
         let KeptRoutes { plain, shared } = self.ctx.take_routes(&self.client_id);
-        if self.clean_session {
+        if self.clean_start {
             if let Some(cluster) = &self.ctx.cluster {
                 cluster.unsubscribed(&paths(&plain));
             }
             return;
         }
-        self.routes.extend(
-            plain
-                .into_iter()
-                .map(|filter| (filter.path.clone(), filter)),
-        );
+        self.hold_resumed(plain);
         self.rejoin_shared(shared);
+    }
+
+    /// Plain subscriptions a session brought along, in place at rumqttd already.
+    pub(super) fn hold_resumed(&mut self, plain: Vec<Filter>) {
+        for filter in plain {
+            let resumed = super::deliver::Subscribed::resumed(&filter);
+            self.subscriptions.insert(filter.path.clone(), resumed);
+            self.routes.insert(filter.path.clone(), filter);
+        }
     }
 
     /// A client's publish that went to this node's rumqttd goes to the other nodes whose

@@ -79,11 +79,11 @@ impl Session {
     /// (its MQTT 5 properties only to an MQTT 5 client).
     pub(super) fn write_forwarded(&mut self, publish: &pb::Forward, qos: u8) {
         let qos = u8::try_from(publish.qos).unwrap_or(2).min(qos);
-        let properties: &[u8] = match self.version {
-            Protocol::V5 => &publish.properties,
-            Protocol::V4 => &[],
+        let properties = match self.version {
+            Protocol::V5 => crate::edge::carry::strip(&publish.properties),
+            Protocol::V4 => Vec::new(),
         };
         self.outbox
-            .own_publish(&publish.topic, qos, properties, &publish.payload);
+            .own_publish(&publish.topic, qos, &properties, &publish.payload);
     }
 }

@@ -11,9 +11,11 @@ use rumqttd::protocol::{
     UnsubAck, UnsubAckReason, Unsubscribe, UnsubscribeProperties,
 };
 
+use super::deliver::Subscribed;
 use super::outcome::{Granted, Outcome, PendingAck, Subscription};
 use super::{recorded, Session};
 use crate::auth::acl::Access;
+use crate::auth::AclSubscribe;
 use crate::domain::{Gid, Uid};
 use crate::edge::acl::{self, FilterAccess};
 use crate::edge::cluster::shared::split as split_shared;
@@ -87,9 +89,7 @@ impl Session {
         }
         let qos = (filter.qos as u8).min(1);
         match acl::subscribe(&self.ctx.topics, self.im_uid(), checked) {
-            FilterAccess::PassThrough
-                if !self.acl_allows(checked, Access::Read, true, "subscribe") =>
-            {
+            FilterAccess::PassThrough if self.acl_refuses_subscription(checked) => {
                 tracing::debug!(filter = filter.path, "subscribe denied by the ACL");
                 Check::Decided(Granted::Refused(NOT_AUTHORIZED))
             }
@@ -121,6 +121,19 @@ impl Session {
                 Check::Decided(Granted::Refused(NOT_AUTHORIZED))
             }
         }
+    }
+
+    /// Whether the topic ACL refuses a SUBSCRIBE to `filter` it does not wholly grant: not
+    /// under `auth.acl_subscribe = "filter"` (each delivery is checked instead), nor by
+    /// default under an `acl_file`, as with Mosquitto; by default under rules the client's
+    /// identity brought, as with EMQX.
+    fn acl_refuses_subscription(&self, filter: &str) -> bool {
+        let refuse = match self.ctx.auth.acl_subscribe() {
+            Some(AclSubscribe::Refuse) => true,
+            Some(AclSubscribe::Filter) => false,
+            None => self.identity.acl.is_some(),
+        };
+        refuse && !self.acl_allows(filter, Access::Read, true, "subscribe")
     }
 
     fn queue_subscription(
@@ -177,6 +190,10 @@ impl Session {
                     Some(qos)
                 }
                 Granted::Relay(filter) => {
+                    let id = properties.as_ref().and_then(|p| p.id);
+                    let existed = self.subscriptions.contains_key(&filter.path);
+                    let subscribed = Subscribed::new(&filter, id, existed);
+                    self.subscriptions.insert(filter.path.clone(), subscribed);
                     relayed.push(filter);
                     None
                 }
@@ -289,11 +306,12 @@ impl Session {
             } else if self.shared_here(&filter) {
                 let existed = self.leave_shared(&filter);
                 codes.push(Some(if existed { 0 } else { NO_SUBSCRIPTION }));
-            } else if self.linked {
+            } else if self.linked && self.holds_at_rumqttd(&filter) {
                 codes.push(None);
                 relayed.push(filter);
             } else {
-                // rumqttd never had this client, so it has none of its subscriptions.
+                // Not held at rumqttd (which never answers an UNSUBSCRIBE of a filter it
+                // does not hold for the link).
                 codes.push(Some(NO_SUBSCRIPTION));
             }
         }
@@ -315,6 +333,13 @@ impl Session {
             filters: relayed,
         };
         self.ask_rumqttd(pkid, pending, Packet::Unsubscribe(unsubscribe, properties))
+    }
+
+    /// Whether rumqttd holds `filter` for this client (forgotten here as it is asked to
+    /// drop it).
+    fn holds_at_rumqttd(&mut self, filter: &str) -> bool {
+        let subscribed = self.subscriptions.remove(filter).is_some();
+        subscribed || self.routes.contains_key(filter)
     }
 
     pub(super) fn write_unsuback(&mut self, pkid: u16, codes: Vec<u8>) -> Result<(), EdgeError> {

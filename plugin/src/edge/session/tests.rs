@@ -163,9 +163,18 @@ fn fixture(client: Client) -> Fixture {
             expires: None,
         },
         keep_alive: client.keep_alive,
-        clean_session: client.clean,
-        max_packet: client.max_packet,
-        receive_max: client.receive_max,
+        clean_start: client.clean,
+        lifetime: crate::edge::expiry::Lifetime::of(
+            if client.v4 { Protocol::V4 } else { Protocol::V5 },
+            client.clean,
+            (!client.clean).then_some(u32::MAX),
+        ),
+        limits: super::ClientLimits {
+            max_packet: client.max_packet,
+            receive_max: client.receive_max,
+            topic_alias_max: None,
+            inbound_max: u16::MAX,
+        },
     };
     let session = Session::new(ctx, 1, terms, false, sink);
     Fixture {

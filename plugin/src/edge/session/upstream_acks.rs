@@ -47,12 +47,14 @@ impl UpstreamAcks {
         self.flush(out);
     }
 
-    /// The client answered `pkid`; writes every answer now in order.
+    /// The client answered `pkid`; writes every answer now in order. The answer is the one
+    /// rumqttd expects, whatever the client's was: a QoS 2 publish may reach the client at
+    /// QoS 1 (its publisher sent QoS 1), and the client's PUBACK is then rumqttd's PUBREC.
     pub(crate) fn answered(&mut self, pkid: u16, answer: u8, out: &mut BytesMut) {
         match self
             .in_flight
             .iter_mut()
-            .find(|f| f.pkid == pkid && f.answer == answer && !f.answered)
+            .find(|f| f.pkid == pkid && !f.answered)
         {
             Some(in_flight) => in_flight.answered = true,
             // Not tracked (sent before this connection): pass it on as it is.
