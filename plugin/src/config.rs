@@ -9,8 +9,8 @@ use std::path::Path;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 pub use crate::auth::settings::{
-    HttpAuthSettings, JwtFrom, JwtSettings, PostgresAuthSettings, ProviderOutage, ProviderSettings,
-    AclSubscribe, Settings as AuthSettings, UidSource,
+    AclSubscribe, HttpAuthSettings, JwtFrom, JwtSettings, PostgresAuthSettings, ProviderOutage,
+    ProviderSettings, Settings as AuthSettings, UidSource,
 };
 pub use crate::broker::Settings as BrokerSettings;
 pub use crate::edge::{DeviceOverflow, LimitSettings};

@@ -722,7 +722,8 @@ async fn start_broker(
     let mut addrs = Vec::new();
     let mut reserved = Vec::new();
     for index in 0..settings.private_listeners {
-        let reservation = reserve_loopback_port().map_err(|e| ServerError::Broker(e.to_string()))?;
+        let reservation =
+            reserve_loopback_port().map_err(|e| ServerError::Broker(e.to_string()))?;
         let addr = reservation
             .local_addr()
             .map_err(|e| ServerError::Broker(e.to_string()))?;
@@ -791,4 +792,33 @@ fn reserve_loopback_port() -> std::io::Result<tokio::net::TcpSocket> {
     socket.set_reuseaddr(true)?;
     socket.bind(SocketAddr::from(([127, 0, 0, 1], 0)))?;
     Ok(socket)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A reserved port is not handed out again (binding port 0, as other programs and
+    /// tests do) nor bound by anyone else, and rumqttd's own bind to it still succeeds.
+    #[tokio::test]
+    async fn a_reserved_port_is_kept_for_rumqttd() -> std::io::Result<()> {
+        let reservation = reserve_loopback_port()?;
+        let addr = reservation.local_addr()?;
+        for _ in 0..2000 {
+            let other = std::net::TcpListener::bind("127.0.0.1:0")?;
+            assert_ne!(
+                other.local_addr()?,
+                addr,
+                "the reserved port was handed out"
+            );
+        }
+        assert!(
+            std::net::TcpListener::bind(addr).is_err(),
+            "bound over the reservation"
+        );
+        // rumqttd binds with tokio, which sets SO_REUSEADDR as the reservation does.
+        let rumqttd = tokio::net::TcpListener::bind(addr).await?;
+        assert_eq!(rumqttd.local_addr()?, addr);
+        Ok(())
+    }
 }

@@ -321,6 +321,29 @@ impl Client {
         .await
     }
 
+    /// Subscribes (MQTT 5) with a filter's options and a Subscription Identifier; the
+    /// SUBACK's codes.
+    pub async fn subscribe_with(
+        &mut self,
+        filter: rumqttc::v5::mqttbytes::v5::Filter,
+        id: Option<usize>,
+    ) -> Vec<u8> {
+        let client = self.v5.as_ref().expect("an MQTT 5 client");
+        let properties = rumqttc::v5::mqttbytes::v5::SubscribeProperties {
+            id,
+            user_properties: Vec::new(),
+        };
+        client
+            .subscribe_many_with_properties(vec![filter], properties)
+            .await
+            .expect("the connection ended");
+        self.next_holding(|seen| match seen {
+            Seen::SubAck { codes } => Ok(codes),
+            other => Err(other),
+        })
+        .await
+    }
+
     /// Unsubscribes from `filter` and returns the UNSUBACK's reason codes (MQTT 5).
     pub async fn unsubscribe(&mut self, filter: &str) -> Vec<u8> {
         if let Some(c) = &self.v4 {

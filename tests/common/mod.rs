@@ -10,12 +10,15 @@ use mqtt_im::wire::pb;
 use mqtt_im::Config;
 use prost::Message;
 
+mod bare;
 mod client;
 mod http;
 mod pki;
 mod process;
 mod raw;
 
+#[allow(unused_imports)]
+pub use bare::*;
 #[allow(unused_imports)]
 pub use client::*;
 #[allow(unused_imports)]

@@ -111,9 +111,17 @@ fn assigned_id(properties: &[u8]) -> Option<String> {
     let mut at = 1;
     while at < properties.len() {
         let id = properties[at];
-        // Only string properties are expected before it; anything else ends the search.
-        if !matches!(id, 0x12 | 0x1A | 0x1C | 0x1F) {
-            return None;
+        let fixed = match id {
+            0x24 | 0x25 | 0x28 | 0x29 | 0x2A => Some(1),
+            0x13 | 0x21 | 0x22 => Some(2),
+            0x11 | 0x27 => Some(4),
+            0x12 | 0x1A | 0x1C | 0x1F => None,
+            // Anything else ends the search.
+            _ => return None,
+        };
+        if let Some(size) = fixed {
+            at += 1 + size;
+            continue;
         }
         let len = usize::from(u16::from_be_bytes([properties[at + 1], properties[at + 2]]));
         let value = &properties[at + 3..at + 3 + len];

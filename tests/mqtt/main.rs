@@ -16,6 +16,7 @@ mod limits;
 mod links;
 mod passthrough;
 mod silence;
+mod spec;
 mod topic_acl;
 mod transports;
 mod web;

@@ -27,8 +27,8 @@ use crate::domain::{ListenerKind, Protocol};
 use crate::watch::Watched;
 use hash::StoredHash;
 pub use password_file::PasswordFile;
-use settings::{ProviderOutage, ProviderSettings, Settings as AuthSettings, UidSource};
 pub use settings::AclSubscribe;
+use settings::{ProviderOutage, ProviderSettings, Settings as AuthSettings, UidSource};
 
 /// What a client presented in its CONNECT, and where from.
 #[derive(Debug, Clone)]

@@ -81,7 +81,10 @@ mod tests {
         assert_eq!(Lifetime::of(Protocol::V4, true, Some(9)), Lifetime::Ends);
         assert_eq!(Lifetime::of(Protocol::V4, false, None), Lifetime::Forever);
         assert_eq!(Lifetime::of(Protocol::V5, false, None), Lifetime::Ends);
-        assert_eq!(Lifetime::of(Protocol::V5, true, Some(u32::MAX)), Lifetime::Forever);
+        assert_eq!(
+            Lifetime::of(Protocol::V5, true, Some(u32::MAX)),
+            Lifetime::Forever
+        );
         let five = Lifetime::of(Protocol::V5, true, Some(5));
         assert_eq!(five, Lifetime::For(Duration::from_secs(5)));
         assert!(five.persists() && !Lifetime::Ends.persists());

@@ -63,7 +63,10 @@ pub(super) async fn handshake(
         }
     };
     let keep_alive = packet.connect.keep_alive;
-    let interval = packet.properties.as_ref().and_then(|p| p.session_expiry_interval);
+    let interval = packet
+        .properties
+        .as_ref()
+        .and_then(|p| p.session_expiry_interval);
     let lifetime = Lifetime::of(version, packet.connect.clean_session, interval);
     let username = packet.login.as_ref().map(|l| l.username.clone());
     let max_packet = packet
@@ -87,7 +90,14 @@ pub(super) async fn handshake(
         None => None,
     };
     let request = link_request(packet, &admitted.client_id, clean_start, lifetime);
-    let linked = link_at_connect(&ctx, id, request, &admitted.client_id, clean_start, moved.as_ref());
+    let linked = link_at_connect(
+        &ctx,
+        id,
+        request,
+        &admitted.client_id,
+        clean_start,
+        moved.as_ref(),
+    );
     let linked = linked.await;
     let (upstream, upstream_session) = match linked {
         Ok(linked) => linked,

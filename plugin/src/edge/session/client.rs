@@ -99,10 +99,9 @@ impl Session {
         {
             // MQTT 5 lets DISCONNECT change the session's expiry, but not from 0 (a session
             // already to end with the connection stays so).
-            if let (Some(seconds), true) = (
-                properties.session_expiry_interval,
-                self.lifetime.persists(),
-            ) {
+            if let (Some(seconds), true) =
+                (properties.session_expiry_interval, self.lifetime.persists())
+            {
                 self.lifetime = Lifetime::interval(seconds);
             }
         }

@@ -150,11 +150,11 @@ mod tests {
 
     #[test]
     fn qos_is_the_lower_of_publish_and_subscription_and_overlaps_join() {
-        let every = RetainForwardRule::OnEverySubscribe;
+        let every = || RetainForwardRule::OnEverySubscribe;
         let mut subs = HashMap::new();
-        let a = filter("a/b", QoS::ExactlyOnce, false, false, every);
+        let a = filter("a/b", QoS::ExactlyOnce, false, false, every());
         subs.insert("a/b".to_string(), Subscribed::new(&a, Some(2), false));
-        let hash = filter("a/#", QoS::AtMostOnce, false, true, every);
+        let hash = filter("a/#", QoS::AtMostOnce, false, true, every());
         subs.insert("a/#".to_string(), Subscribed::new(&hash, Some(3), false));
         let carried = Carried::new(1, true, 7);
         let delivery = decide(&subs, "a/b", Some(&carried), 2, false, 9);

@@ -72,7 +72,7 @@ pub(super) struct Outbox {
     max_packet: Option<usize>,
     /// Topic aliases the client takes (its Topic Alias Maximum), and those given so far.
     alias_max: u16,
-    aliases: HashMap<Bytes, u16>,
+    aliases: HashMap<Vec<u8>, u16>,
     /// The client's QoS 1 and 2 publishes not answered yet (PUBACK, PUBCOMP, or a PUBREC
     /// refusing it), under the Receive Maximum the CONNACK announced (MQTT 5).
     inbound: HashSet<u16>,
@@ -154,7 +154,10 @@ impl Outbox {
     /// An answer to the client's publish `pkid` is written: PUBACK and PUBCOMP end it, as
     /// does a PUBREC that refuses it.
     fn answered(&mut self, ack_kind: u8, pkid: u16, refused: bool) {
-        if ack_kind == kind::PUBACK || ack_kind == kind::PUBCOMP || ack_kind == kind::PUBREC && refused {
+        if ack_kind == kind::PUBACK
+            || ack_kind == kind::PUBCOMP
+            || ack_kind == kind::PUBREC && refused
+        {
             self.inbound.remove(&pkid);
         }
     }
@@ -212,8 +215,10 @@ impl Outbox {
     /// Whether `publish` fits the client's Maximum Packet Size as it would be written (a
     /// server must not send a larger one).
     pub(super) fn fits_publish(&self, publish: &PublishView) -> bool {
+        // A topic alias may add its 3 bytes.
+        let alias = if self.alias_max > 0 { 3 } else { 0 };
         self.max_packet
-            .is_none_or(|max| publish.encoded_len(self.version) <= max)
+            .is_none_or(|max| publish.encoded_len(self.version) + alias <= max)
     }
 
     /// rumqttd's publish (under rumqttd's packet id) under a client-side packet id, now or
@@ -292,41 +297,69 @@ impl Outbox {
         } else {
             0
         };
-        codec::write_publish(
-            &mut self.out,
-            self.version,
-            qos << 1,
-            topic.as_bytes(),
-            pkid,
-            properties,
-            payload,
-        );
+        self.write_publish(qos << 1, topic.as_bytes(), pkid, properties, payload);
     }
 
-    /// Writes a pass-through publish, under a topic alias when the client takes them: the
-    /// first publish on a topic names the topic and its alias, later ones the alias alone
-    /// (rumqttd's own aliases go by subscription filter, so the hook layer gives them).
+    /// Writes rumqttd's publish to the client (see [`Outbox::write_publish`]).
     fn write_aliased(&mut self, publish: &PublishView, pkid: u16) {
+        let PublishView {
+            flags,
+            topic,
+            properties,
+            payload,
+            ..
+        } = publish;
+        self.write_publish(*flags, topic, pkid, properties, payload);
+    }
+
+    /// Writes a publish, under a topic alias when the client takes them: the first publish
+    /// on a topic names the topic and its alias, later ones the alias alone (rumqttd's own
+    /// aliases go by subscription filter, so the hook layer gives them).
+    fn write_publish(
+        &mut self,
+        flags: u8,
+        topic: &[u8],
+        pkid: u16,
+        properties: &[u8],
+        payload: &[u8],
+    ) {
+        let out = &mut self.out;
         if self.version == Protocol::V4 || self.alias_max == 0 {
-            return publish.write(self.version, pkid, &mut self.out);
+            return codec::write_publish(
+                out,
+                self.version,
+                flags,
+                topic,
+                pkid,
+                properties,
+                payload,
+            );
         }
-        let known = self.aliases.get(&publish.topic).copied();
+        let known = self.aliases.get(topic).copied();
         let alias = known.or_else(|| {
             let next = u16::try_from(self.aliases.len() + 1).ok()?;
             (next <= self.alias_max).then(|| {
-                self.aliases.insert(publish.topic.clone(), next);
+                self.aliases.insert(topic.to_vec(), next);
                 next
             })
         });
         let Some(alias) = alias else {
-            return publish.write(self.version, pkid, &mut self.out);
+            return codec::write_publish(
+                out,
+                self.version,
+                flags,
+                topic,
+                pkid,
+                properties,
+                payload,
+            );
         };
-        let mut properties = publish.properties.to_vec();
-        properties.push(TOPIC_ALIAS);
-        properties.extend_from_slice(&alias.to_be_bytes());
-        let topic: &[u8] = if known.is_some() { &[] } else { &publish.topic };
-        let flags = publish.flags;
-        codec::write_publish(&mut self.out, self.version, flags, topic, pkid, &properties, &publish.payload);
+        let mut aliased = Vec::with_capacity(properties.len() + 3);
+        aliased.extend_from_slice(properties);
+        aliased.push(TOPIC_ALIAS);
+        aliased.extend_from_slice(&alias.to_be_bytes());
+        let topic: &[u8] = if known.is_some() { &[] } else { topic };
+        codec::write_publish(out, self.version, flags, topic, pkid, &aliased, payload);
     }
 
     /// Writes rumqttd's publish to the client under a newly allocated client-side id.

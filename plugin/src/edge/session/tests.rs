@@ -165,7 +165,11 @@ fn fixture(client: Client) -> Fixture {
         keep_alive: client.keep_alive,
         clean_start: client.clean,
         lifetime: crate::edge::expiry::Lifetime::of(
-            if client.v4 { Protocol::V4 } else { Protocol::V5 },
+            if client.v4 {
+                Protocol::V4
+            } else {
+                Protocol::V5
+            },
             client.clean,
             (!client.clean).then_some(u32::MAX),
         ),
@@ -273,11 +277,18 @@ async fn a_v4_publish_reaches_rumqttd_as_v5_and_asks_for_the_link_once() {
     // 3.1.1 PUBLISH QoS 1, topic "a/b", packet id 5, payload "hi".
     from_client(s, &[0x32, 9, 0, 3, b'a', b'/', b'b', 0, 5, b'h', b'i']);
     assert!(s.take_open_link());
-    // MQTT 5: the same, with an empty property length.
+    // MQTT 5: the same, carrying the publisher's QoS and retain flag for the way out.
+    let frame = codec::next_frame(&mut s.rumqttd, 1 << 20).unwrap().unwrap();
+    let upstream = PublishView::parse(&frame, Protocol::V5).unwrap();
     assert_eq!(
-        &s.rumqttd[..],
-        &[0x32, 10, 0, 3, b'a', b'/', b'b', 0, 5, 0, b'h', b'i']
+        (upstream.topic_str(), upstream.pkid, upstream.qos()),
+        ("a/b", 5, 1)
     );
+    assert_eq!(&upstream.payload[..], b"hi");
+    let (carried, rest) = crate::edge::carry::take(&upstream.properties);
+    let carried = carried.unwrap();
+    assert_eq!((carried.qos, carried.retain, rest.len()), (1, false, 0));
+    assert_eq!(carried.publisher, crate::edge::carry::publisher("phone"));
     from_client(s, &[0x30, 5, 0, 1, b'c', b'x', b'y']);
     assert!(!s.take_open_link(), "the link is asked for once");
     assert!(s.session.linked);
