@@ -798,8 +798,8 @@ fn reserve_loopback_port() -> std::io::Result<tokio::net::TcpSocket> {
 mod tests {
     use super::*;
 
-    /// A reserved port is not handed out again (binding port 0, as other programs and
-    /// tests do) nor bound by anyone else, and rumqttd's own bind to it still succeeds.
+    /// A reserved port is not handed out again to a bind of port 0 (as other programs and
+    /// tests pick theirs), and rumqttd's own bind to it succeeds.
     #[tokio::test]
     async fn a_reserved_port_is_kept_for_rumqttd() -> std::io::Result<()> {
         let reservation = reserve_loopback_port()?;
@@ -812,10 +812,6 @@ mod tests {
                 "the reserved port was handed out"
             );
         }
-        assert!(
-            std::net::TcpListener::bind(addr).is_err(),
-            "bound over the reservation"
-        );
         // rumqttd binds with tokio, which sets SO_REUSEADDR as the reservation does.
         let rumqttd = tokio::net::TcpListener::bind(addr).await?;
         assert_eq!(rumqttd.local_addr()?, addr);
