@@ -62,7 +62,7 @@ fi
 run_suite() {
   local file=$1 label=$2 passed=0 total=0
   echo "== Paho $label ($file) against 127.0.0.1:$port"
-  for test in $(grep -o 'def test_[a-z_0-9]*' "$suites/$file" | cut -c5-); do
+  for test in $(grep -o 'def test[A-Za-z_0-9]*' "$suites/$file" | cut -c5-); do
     total=$((total + 1))
     # The 3.1.1 suite hands its own options on to unittest: name the test to unittest
     # directly.

@@ -314,11 +314,7 @@ impl Client {
                 .await
                 .expect("the connection ended");
         }
-        self.next_holding(|seen| match seen {
-            Seen::SubAck { codes } => Ok(codes),
-            other => Err(other),
-        })
-        .await
+        self.suback().await
     }
 
     /// Subscribes (MQTT 5) with a filter's options and a Subscription Identifier; the
@@ -337,6 +333,11 @@ impl Client {
             .subscribe_many_with_properties(vec![filter], properties)
             .await
             .expect("the connection ended");
+        self.suback().await
+    }
+
+    /// The next SUBACK's codes (what arrives before it is held for `next`).
+    async fn suback(&mut self) -> Vec<u8> {
         self.next_holding(|seen| match seen {
             Seen::SubAck { codes } => Ok(codes),
             other => Err(other),

@@ -361,6 +361,21 @@ async fn mqtt5_sessions_last_for_their_expiry_interval() {
         bob.quiet_for(QUIET).await.is_none(),
         "the old subscription lived on"
     );
+    // A session with expiry 0 ends with its connection, but not when a newer connection
+    // takes it over: that one is the session's latest.
+    let mut resumed = im.options("spec-se-carol", "carol");
+    resumed.set_clean_start(false);
+    let mut old = Client::v5_with(resumed.clone()).await;
+    old.subscribe_with(filter("spec/se/c", QoS::AtLeastOnce), None)
+        .await;
+    let mut new = Client::v5_with(resumed.clone()).await;
+    assert!(new.session_present, "a take-over lost the session");
+    assert_eq!(old.disconnect_reason().await, 0x8E);
+    alice.publish("spec/se/c", 1, b"kept".to_vec()).await;
+    assert_eq!(new.next_on("spec/se/c").await, b"kept".to_vec());
+    new.disconnect().await;
+    let after = Client::v5_with(resumed).await;
+    assert!(!after.session_present, "expiry 0 outlived its connection");
     drop(broker);
 }
 

@@ -323,43 +323,43 @@ impl Outbox {
         properties: &[u8],
         payload: &[u8],
     ) {
-        let out = &mut self.out;
-        if self.version == Protocol::V4 || self.alias_max == 0 {
-            return codec::write_publish(
-                out,
-                self.version,
-                flags,
-                topic,
-                pkid,
-                properties,
-                payload,
-            );
-        }
-        let known = self.aliases.get(topic).copied();
-        let alias = known.or_else(|| {
-            let next = u16::try_from(self.aliases.len() + 1).ok()?;
-            (next <= self.alias_max).then(|| {
-                self.aliases.insert(topic.to_vec(), next);
-                next
-            })
-        });
-        let Some(alias) = alias else {
-            return codec::write_publish(
-                out,
-                self.version,
-                flags,
-                topic,
-                pkid,
-                properties,
-                payload,
-            );
+        let mut aliased = Vec::new();
+        let (topic, properties) = match self.alias_for(topic) {
+            None => (topic, properties),
+            Some((alias, known)) => {
+                aliased.reserve(properties.len() + 3);
+                aliased.extend_from_slice(properties);
+                aliased.push(TOPIC_ALIAS);
+                aliased.extend_from_slice(&alias.to_be_bytes());
+                (if known { &[][..] } else { topic }, &aliased[..])
+            }
         };
-        let mut aliased = Vec::with_capacity(properties.len() + 3);
-        aliased.extend_from_slice(properties);
-        aliased.push(TOPIC_ALIAS);
-        aliased.extend_from_slice(&alias.to_be_bytes());
-        let topic: &[u8] = if known.is_some() { &[] } else { topic };
-        codec::write_publish(out, self.version, flags, topic, pkid, &aliased, payload);
+        let version = self.version;
+        codec::write_publish(
+            &mut self.out,
+            version,
+            flags,
+            topic,
+            pkid,
+            properties,
+            payload,
+        );
+    }
+
+    /// The alias of `topic` for this client, and whether the client knows it already; none
+    /// when the client takes no aliases or all are given.
+    fn alias_for(&mut self, topic: &[u8]) -> Option<(u16, bool)> {
+        if self.version == Protocol::V4 || self.alias_max == 0 {
+            return None;
+        }
+        if let Some(alias) = self.aliases.get(topic) {
+            return Some((*alias, true));
+        }
+        let next = u16::try_from(self.aliases.len() + 1).ok()?;
+        (next <= self.alias_max).then(|| {
+            self.aliases.insert(topic.to_vec(), next);
+            (next, false)
+        })
     }
 
     /// Writes rumqttd's publish to the client under a newly allocated client-side id.

@@ -17,6 +17,11 @@ impl Session {
     /// keeps its IM subscriptions, and an MQTT 5 client is told why the server closes.
     /// Called once every started operation has been applied.
     pub(in crate::edge) fn leave(&mut self, end: &End) {
+        if matches!(end, End::TakenOver) {
+            // The session lives on in the newer connection, whatever this one's expiry: it
+            // is the latest connection the session lasts as long as.
+            self.lifetime = Lifetime::Forever;
+        }
         self.go_offline();
         for (_, gid) in self.group_filters() {
             self.ctx.im.unwatch_group(&gid, self.id);
