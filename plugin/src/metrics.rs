@@ -136,6 +136,7 @@ pub struct Metrics {
     pub(crate) acl_denied: Family<AclLabels, Counter>,
     pub(crate) limited: Family<LimitLabels, Counter>,
     pub(crate) undelivered: Family<UndeliveredLabels, Counter>,
+    pub(crate) sessions_expired: Counter,
     pub(crate) delivered_live: Counter,
     pub(crate) counted_offline: Counter,
     pub(crate) digests: Counter,
@@ -189,6 +190,7 @@ impl Default for Metrics {
             acl_denied: Family::default(),
             limited: Family::default(),
             undelivered: Family::default(),
+            sessions_expired: Counter::default(),
             delivered_live: Counter::default(),
             counted_offline: Counter::default(),
             digests: Counter::default(),
@@ -279,6 +281,11 @@ impl Metrics {
             "publishes_undelivered",
             "Pass-through publishes a subscriber did not get: too_large (over its Maximum Packet Size)",
             self.undelivered.clone(),
+        );
+        r.register(
+            "sessions_expired",
+            "MQTT 5 sessions ended by their Session Expiry Interval while their client stayed away",
+            self.sessions_expired.clone(),
         );
         r.register(
             "deliveries_live",

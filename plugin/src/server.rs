@@ -497,6 +497,8 @@ impl Server {
             ));
         }
         tasks.spawn(self.im.clone().run(self.heartbeat, shutdown.clone()));
+        let expiry = edge::expire_sessions(Arc::clone(&self.context), shutdown.clone());
+        tasks.spawn(expiry);
         if let Some(cluster) = self.context.cluster.clone() {
             let injector = Injector::new(Arc::clone(&self.context), cluster.node());
             let mover = SessionMover::new(Arc::clone(&self.context));

@@ -10,6 +10,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::codec::Protocol;
+use crate::domain::Device;
 
 /// MQTT 5's Session Expiry Interval meaning "never".
 const NEVER: u32 = u32::MAX;
@@ -50,25 +51,36 @@ impl Lifetime {
     }
 }
 
-/// Sessions whose connection ended and that expire at a known time, by client id.
+/// Sessions whose connection ended and that expire at a known time, by client id (with
+/// the IM device they belong to, if any).
 #[derive(Debug, Default)]
 pub(crate) struct Expiring {
-    at: Mutex<HashMap<String, Instant>>,
+    at: Mutex<HashMap<String, (Instant, Option<Device>)>>,
 }
 
 impl Expiring {
     /// The session of `client_id` ends at `at` unless its client comes back before.
-    pub(crate) fn expire_at(&self, client_id: &str, at: Instant) {
+    pub(crate) fn expire_at(&self, client_id: &str, at: Instant, device: Option<&Device>) {
         if let Ok(mut expiring) = self.at.lock() {
-            expiring.insert(client_id.to_owned(), at);
+            expiring.insert(client_id.to_owned(), (at, device.cloned()));
         }
     }
 
-    /// At a CONNECT of `client_id`: whether its session expired meanwhile (a session that
-    /// did not is the connection's again, and no longer expires).
-    pub(crate) fn expired(&self, client_id: &str, now: Instant) -> bool {
-        let at = self.at.lock().ok().and_then(|mut e| e.remove(client_id));
-        at.is_some_and(|at| at <= now)
+    /// Whether the session of `client_id` expired by `now`: then it is forgotten here (and
+    /// the caller ends it) with its device; a session that did not is the caller's again
+    /// (a CONNECT resuming it), and no longer expires.
+    pub(crate) fn expired(&self, client_id: &str, now: Instant) -> Option<Option<Device>> {
+        let taken = self.at.lock().ok().and_then(|mut e| e.remove(client_id));
+        taken.and_then(|(at, device)| (at <= now).then_some(device))
+    }
+
+    /// The client ids whose sessions are due by `now`.
+    pub(crate) fn due(&self, now: Instant) -> Vec<String> {
+        let Ok(expiring) = self.at.lock() else {
+            return Vec::new();
+        };
+        let due = expiring.iter().filter(|(_, (at, _))| *at <= now);
+        due.map(|(client_id, _)| client_id.clone()).collect()
     }
 }
 
@@ -94,11 +106,14 @@ mod tests {
     fn a_session_expires_only_once_its_time_passed() {
         let expiring = Expiring::default();
         let now = Instant::now();
-        expiring.expire_at("a", now + Duration::from_secs(5));
-        assert!(!expiring.expired("a", now));
+        expiring.expire_at("a", now + Duration::from_secs(5), None);
+        assert!(expiring.due(now).is_empty());
+        assert_eq!(expiring.expired("a", now), None);
         // Taken back by that connection: nothing expires any more.
-        assert!(!expiring.expired("a", now + Duration::from_secs(9)));
-        expiring.expire_at("a", now);
-        assert!(expiring.expired("a", now));
+        assert_eq!(expiring.expired("a", now + Duration::from_secs(9)), None);
+        expiring.expire_at("a", now, None);
+        assert_eq!(expiring.due(now), vec!["a".to_string()]);
+        assert_eq!(expiring.expired("a", now), Some(None));
+        assert!(expiring.due(now).is_empty());
     }
 }

@@ -78,7 +78,10 @@ pub(super) async fn handshake(
     let packet_alias_max = packet.properties.as_ref().and_then(|p| p.topic_alias_max);
     let link = ctx.links.claim(&admitted.client_id, id).await?;
     // A session that expired since its connection ended is gone: this one starts anew.
-    let expired = ctx.expiring.expired(&admitted.client_id, Instant::now());
+    let expired = ctx
+        .expiring
+        .expired(&admitted.client_id, Instant::now())
+        .is_some();
     let clean_start = packet.connect.clean_session || expired;
     let im = im_device(&admitted);
     let moved = match &ctx.cluster {
@@ -185,11 +188,7 @@ async fn link_at_connect(
     // as it is when the session moved in from another node.
     let stale_kept = moved.is_some() || (clean_start && !request.clean_session);
     if kept_upstream && stale_kept {
-        let stale = LinkRequest::as_client(client_id, true);
-        if let Ok((mut upstream, _)) = Upstream::open_now(ctx, id, stale).await {
-            let mut goodbye = BytesMut::from(&[kind::DISCONNECT << 4, 0][..]);
-            upstream.close(&mut goodbye, true).await;
-        }
+        Upstream::discard_session(ctx, id, client_id).await;
     }
     let opened = Upstream::open_now(ctx, id, request).await;
     let refused = match &opened {

@@ -82,6 +82,31 @@ impl Links {
             _permit: permit,
         })
     }
+
+    /// Claims `client_id` for `owner` only if no connection holds or wants it (nobody is
+    /// asked to end): for the hook layer's own housekeeping of a session left behind.
+    pub(crate) fn try_claim(self: &Arc<Self>, client_id: &str, owner: u64) -> Option<LinkClaim> {
+        let mut slots = self.slots.lock().ok()?;
+        if slots.contains_key(client_id) {
+            return None;
+        }
+        let gate = Arc::new(Semaphore::new(1));
+        let permit = Arc::clone(&gate).try_acquire_owned().ok()?;
+        let kick = CancellationToken::new();
+        let slot = Slot {
+            gate,
+            owner,
+            kick: kick.clone(),
+        };
+        slots.insert(client_id.to_owned(), slot);
+        Some(LinkClaim {
+            links: Arc::clone(self),
+            client_id: client_id.to_owned(),
+            owner,
+            kick,
+            _permit: permit,
+        })
+    }
 }
 
 impl Drop for LinkClaim {
@@ -117,5 +142,9 @@ mod tests {
         assert!(links.slots.lock().unwrap().is_empty());
         let other = links.claim("laptop", 3).await.unwrap();
         assert!(!other.kick.is_cancelled());
+        assert!(links.try_claim("laptop", 4).is_none(), "held: not taken");
+        drop(other);
+        let housekeeping = links.try_claim("laptop", 4).unwrap();
+        assert!(!housekeeping.kick.is_cancelled());
     }
 }

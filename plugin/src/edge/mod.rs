@@ -82,6 +82,52 @@ pub(crate) async fn serve(
     .await;
 }
 
+/// How often sessions past their expiry are looked for.
+const EXPIRY_SWEEP: Duration = Duration::from_secs(1);
+
+/// Ends, until `shutdown`, the sessions whose MQTT 5 expiry passed while their client stayed
+/// away: rumqttd forgets its half, the IM subscriptions go, and so do the session's routes in
+/// a cluster (a CONNECT before the sweep finds its session expired by itself).
+pub(crate) async fn expire_sessions(ctx: Arc<EdgeContext>, shutdown: CancellationToken) {
+    let mut sweep = tokio::time::interval(EXPIRY_SWEEP);
+    loop {
+        tokio::select! {
+            _ = sweep.tick() => {}
+            () = shutdown.cancelled() => return,
+        }
+        let now = tokio::time::Instant::now();
+        for client_id in ctx.expiring.due(now) {
+            end_expired(&ctx, &client_id, now).await;
+        }
+    }
+}
+
+/// Ends the expired session of `client_id`, unless a connection of that client id is
+/// around: that one finds it expired itself.
+async fn end_expired(ctx: &Arc<EdgeContext>, client_id: &str, now: tokio::time::Instant) {
+    let owner = ctx.next_connection();
+    let Some(_claim) = ctx.links.try_claim(client_id, owner) else {
+        return;
+    };
+    let Some(device) = ctx.expiring.expired(client_id, now) else {
+        return;
+    };
+    if let Some(device) = &device {
+        ctx.drop_session(device);
+    }
+    let kept = ctx.take_routes(client_id);
+    if let Some(cluster) = &ctx.cluster {
+        let paths: Vec<String> = kept.plain.iter().map(|f| f.path.clone()).collect();
+        cluster.unsubscribed(&paths);
+        cluster.client_left(client_id, true);
+    }
+    if ctx.take_upstream_session(client_id) {
+        upstream::Upstream::discard_session(ctx, owner, client_id).await;
+    }
+    ctx.im.metrics().sessions_expired.inc();
+    tracing::debug!(client_id = %crate::text::LoggedId(client_id), "session expired");
+}
+
 /// Whether rumqttd at `addr` is up and accepts the hook layer's credentials: a real
 /// CONNECT/CONNACK/DISCONNECT, so the probe never looks like a broken client to rumqttd.
 pub(crate) async fn broker_ready(addr: SocketAddr, secret: &str) -> bool {

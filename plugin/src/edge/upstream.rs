@@ -95,6 +95,16 @@ pub(super) enum UpstreamEvent {
 }
 
 impl Upstream {
+    /// Makes rumqttd forget its session of `client_id`: a clean link of connection
+    /// `owner` opened and closed with a DISCONNECT (the caller holds the client id's claim).
+    pub(super) async fn discard_session(ctx: &Arc<EdgeContext>, owner: u64, client_id: &str) {
+        let request = LinkRequest::as_client(client_id, true);
+        if let Ok((mut upstream, _)) = Self::open_now(ctx, owner, request).await {
+            let mut goodbye = BytesMut::from(&[codec::kind::DISCONNECT << 4, 0][..]);
+            upstream.close(&mut goodbye, true).await;
+        }
+    }
+
     /// Opens the link now (a CONNECT with a will, or a session rumqttd keeps) and returns
     /// rumqttd's CONNACK, which may refuse.
     pub(super) async fn open_now(

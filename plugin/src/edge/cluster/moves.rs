@@ -373,10 +373,7 @@ impl SessionMover {
 
     /// Makes rumqttd forget its session of `client_id` (a clean link opened and closed).
     async fn drop_at_rumqttd(&self, client_id: &str, owner: u64) {
-        let request = LinkRequest::as_client(client_id, true);
-        if let Ok((mut upstream, _)) = Upstream::open_now(&self.ctx, owner, request).await {
-            close(&mut upstream, BytesMut::new()).await;
-        }
+        Upstream::discard_session(&self.ctx, owner, client_id).await;
     }
 }
 

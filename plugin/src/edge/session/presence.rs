@@ -33,7 +33,9 @@ impl Session {
         }
         if let Lifetime::For(interval) = self.lifetime {
             let at = tokio::time::Instant::now() + interval;
-            self.ctx.expiring.expire_at(&self.client_id, at);
+            self.ctx
+                .expiring
+                .expire_at(&self.client_id, at, self.im.as_ref());
         }
         self.leave_routes();
         if let Some(cluster) = &self.ctx.cluster {
@@ -53,7 +55,9 @@ impl Session {
         }
         if !persists && !self.clean_start {
             let now = tokio::time::Instant::now();
-            self.ctx.expiring.expire_at(&self.client_id, now);
+            self.ctx
+                .expiring
+                .expire_at(&self.client_id, now, self.im.as_ref());
         }
     }
 
