@@ -11,6 +11,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use rumqttd::protocol::{self, Filter, RetainForwardRule};
 
 use crate::edge::carry::Carried;
+use crate::edge::cluster::shared::split as split_shared;
 
 /// Live messages remembered per connection, to give overlapping subscriptions one copy.
 const RECENT: usize = 512;
@@ -101,7 +102,11 @@ pub(super) fn decide(
     let own = carried.is_some_and(|c| c.publisher == me);
     let mut matching = subscriptions
         .iter()
-        .filter(|(filter, _)| protocol::matches(topic, filter))
+        .filter(|(filter, _)| {
+            // A shared subscription matches by its filter.
+            let inner = split_shared(filter).map_or(filter.as_str(), |(_, inner)| inner);
+            protocol::matches(topic, inner)
+        })
         .map(|(_, subscribed)| subscribed)
         .peekable();
     if matching.peek().is_none() {
