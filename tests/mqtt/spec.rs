@@ -430,14 +430,7 @@ async fn request_response_and_user_properties_pass_end_to_end() {
     requester
         .subscribe_with(filter("spec/rr/resp", QoS::AtLeastOnce), None)
         .await;
-    let sent = vec![
-        ("k".to_string(), "v".to_string()),
-        // A client cannot forge what the hook layer carries across rumqttd.
-        (
-            "mqtt-im:carried".to_string(),
-            "2100000000000000010000000000000001".to_string(),
-        ),
-    ];
+    let sent = vec![("k".to_string(), "v".to_string())];
     let properties = PublishProperties {
         response_topic: Some("spec/rr/resp".into()),
         correlation_data: Some(b"c-1".to_vec().into()),
@@ -458,6 +451,7 @@ async fn request_response_and_user_properties_pass_end_to_end() {
     let properties = properties.unwrap();
     assert_eq!(qos, 1);
     assert_eq!(properties.user_properties, vec![("k".into(), "v".into())]);
+    assert_eq!(properties.correlation_data.as_deref(), Some(&b"c-1"[..]));
     assert_eq!(properties.content_type.as_deref(), Some("text/plain"));
     assert_eq!(properties.payload_format_indicator, Some(1));
     let reply = PublishProperties {

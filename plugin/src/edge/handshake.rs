@@ -317,7 +317,7 @@ fn link_request(
             correlation_data: None,
             user_properties: Vec::new(),
         });
-        carry::attach_to_will(&mut properties.user_properties, &carried);
+        carry::attach_to_will(&mut properties.correlation_data, &carried);
     }
     LinkRequest {
         client_id: upstream_client_id(client_id),
