@@ -714,7 +714,8 @@ async fn start_broker(
     let connections = rumqttd::ConnectionSettings {
         connection_timeout_ms: u16::try_from(settings.connect_timeout.0.as_millis())
             .unwrap_or(u16::MAX),
-        max_payload_size: max_packet,
+        // What the hook layer carries in each publish comes on top of the client's limit.
+        max_payload_size: max_packet + edge::CARRIED_GROWTH,
         max_inflight_count: settings.max_inflight_count,
         auth: Some(HashMap::from([(EDGE_USER.to_owned(), secret.to_owned())])),
         external_auth: None,

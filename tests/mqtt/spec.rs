@@ -512,3 +512,17 @@ async fn unsubscribing_what_was_never_subscribed_is_answered() {
         "bare rumqttd answered after all"
     );
 }
+
+/// A publish exactly at the listener's packet limit still passes, although the hook layer
+/// carries a header in it through rumqttd.
+#[tokio::test]
+async fn a_publish_at_the_packet_limit_passes_with_what_is_carried() {
+    let broker = TestBroker::start_with(|c| c.broker.max_packet_size = 4096).await;
+    let mut bob = Client::v5(broker.addr, "spec-lim-bob", "bob").await;
+    bob.subscribe("spec/max", 1).await;
+    let mut alice = Client::v5(broker.addr, "spec-lim-alice", "alice").await;
+    // 1 + 2 (remaining length) + 2 + 8 (topic) + 2 (packet id) + 1 (properties) = 16 bytes.
+    let payload = vec![b'x'; 4096 - 16];
+    assert_eq!(alice.publish_acked("spec/max", payload.clone()).await, 0);
+    assert_eq!(bob.next_on("spec/max").await, payload);
+}

@@ -20,6 +20,10 @@ use super::codec::{read_varint, write_varint};
 const MAGIC: [u8; 3] = [0xff, b'm', b'i'];
 /// The header: magic, flags, publisher, message.
 const HEADER: usize = MAGIC.len() + 1 + 8 + 8;
+/// The most a publish grows by on its way into rumqttd: the header, a Correlation Data
+/// property of its own, and longer length fields. rumqttd's links take this much more than
+/// any client may send, so that a publish at a listener's limit still goes through.
+pub(crate) const GROWTH: usize = HEADER + 3 + 4;
 /// Flags: the publisher's retain flag, and whether it sent Correlation Data of its own.
 const RETAIN: u8 = 0b100;
 const HAD_CORRELATION: u8 = 0b1000;

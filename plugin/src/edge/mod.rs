@@ -42,6 +42,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::accept::accept_until;
 
+pub(crate) use carry::GROWTH as CARRIED_GROWTH;
 pub(crate) use cluster::{Cluster, Injector, SessionMover};
 pub(crate) use context::{EdgeContext, KeptRoutes, PrivateBroker, EDGE_USER};
 pub(crate) use error::EdgeError;
