@@ -526,3 +526,52 @@ async fn a_publish_at_the_packet_limit_passes_with_what_is_carried() {
     assert_eq!(alice.publish_acked("spec/max", payload.clone()).await, 0);
     assert_eq!(bob.next_on("spec/max").await, payload);
 }
+
+/// A client with more unanswered QoS 2 publishes than the CONNACK's Receive Maximum
+/// (1,024) is disconnected with 0x93, as MQTT 5 says (raw bytes: client libraries respect
+/// the maximum).
+#[tokio::test]
+async fn more_unanswered_publishes_than_receive_maximum_end_the_connection() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let broker = TestBroker::start().await;
+    let connected = raw_connect(broker.addr, true, "spec-rm", true, Some(("alice", "pw"))).await;
+    assert_eq!(connected.code, 0);
+    let mut stream = connected.stream;
+    let mut out = Vec::new();
+    for pkid in 1..=1025u16 {
+        // PUBLISH QoS 2, topic "spec/rm", the packet id, no properties, payload "x".
+        out.extend_from_slice(&[0x34, 13, 0, 7]);
+        out.extend_from_slice(b"spec/rm");
+        out.extend_from_slice(&pkid.to_be_bytes());
+        out.extend_from_slice(&[0, b'x']);
+    }
+    stream.write_all(&out).await.unwrap();
+    // PUBRECs come (nobody sends PUBREL), then the DISCONNECT.
+    let reason = tokio::time::timeout(WAIT, async {
+        loop {
+            let mut first = [0u8; 1];
+            stream
+                .read_exact(&mut first)
+                .await
+                .expect("closed without DISCONNECT");
+            let (mut len, mut shift) = (0usize, 0);
+            loop {
+                let mut byte = [0u8; 1];
+                stream.read_exact(&mut byte).await.unwrap();
+                len |= usize::from(byte[0] & 0x7f) << shift;
+                shift += 7;
+                if byte[0] & 0x80 == 0 {
+                    break;
+                }
+            }
+            let mut body = vec![0u8; len];
+            stream.read_exact(&mut body).await.unwrap();
+            if first[0] >> 4 == 14 {
+                return body[0];
+            }
+        }
+    })
+    .await
+    .expect("no DISCONNECT");
+    assert_eq!(reason, 0x93);
+}
