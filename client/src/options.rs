@@ -218,7 +218,9 @@ impl ClientOptions {
             .set_keep_alive(self.keep_alive)
             .set_clean_start(true)
             .set_manual_acks(true)
-            .set_request_channel_capacity(4096);
+            .set_request_channel_capacity(4096)
+            // A digest of many conversations, with previews, is one packet.
+            .set_max_packet_size(Some(MAX_PACKET));
         if let Some(password) = &self.password {
             options.set_credentials(self.username.clone(), password.clone());
         } else {
@@ -227,6 +229,10 @@ impl ClientOptions {
         Ok(options)
     }
 }
+
+/// Largest packet this client accepts (rumqttc's default, 10 KiB, is less than a digest of
+/// a hundred conversations with previews).
+const MAX_PACKET: u32 = 4 * 1024 * 1024;
 
 /// The port of a WebSocket URL (rumqttc takes it separately).
 fn url_port(url: &str, default: u16) -> u16 {

@@ -2,22 +2,78 @@
 
 use std::net::SocketAddr;
 
-/// A TCP proxy a test can cut, stall and restore, to take a service "down" without touching
-/// the shared server other tests use.
+/// A TCP proxy a test can cut, stall, deafen and point elsewhere, to take a service "down"
+/// without touching the shared server other tests use.
 pub struct Proxy {
     pub addr: SocketAddr,
-    state: std::sync::Arc<std::sync::atomic::AtomicU8>,
-    cut: std::sync::Arc<tokio::sync::Notify>,
+    shared: std::sync::Arc<Shared>,
     task: tokio::task::JoinHandle<()>,
+}
+
+/// What the proxy's connections read on every turn.
+struct Shared {
+    state: std::sync::atomic::AtomicU8,
+    cut: tokio::sync::Notify,
+    target: std::sync::Mutex<SocketAddr>,
+    /// Bytes passed from the target to the clients.
+    downstream: std::sync::atomic::AtomicU64,
 }
 
 const UP: u8 = 0;
 const DOWN: u8 = 1;
 const STALLED: u8 = 2;
+/// What clients send is dropped; what the target sends still reaches them.
+const DEAF: u8 = 3;
+/// What the target sends is dropped; what clients send still reaches it.
+const MUTE: u8 = 4;
 
 impl Drop for Proxy {
     fn drop(&mut self) {
         self.task.abort();
+    }
+}
+
+/// Copies `from` to `to` until either side ends or the proxy is cut (a stalled proxy holds
+/// both halves open and silent); while it is deaf, what clients send is dropped.
+async fn pass(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    shared: std::sync::Arc<Shared>,
+    upstream: bool,
+) {
+    use std::sync::atomic::Ordering;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buffer = vec![0u8; 64 * 1024];
+    loop {
+        let read = tokio::select! {
+            read = from.read(&mut buffer) => Some(read),
+            () = shared.cut.notified() => None,
+        };
+        match shared.state.load(Ordering::SeqCst) {
+            DOWN => return,
+            STALLED => {
+                // A link that died without a word.
+                let _held = (from, to);
+                std::future::pending::<()>().await;
+                return;
+            }
+            _ => {}
+        }
+        let n = match read {
+            Some(Ok(0) | Err(_)) => return,
+            Some(Ok(n)) => n,
+            None => continue,
+        };
+        let state = shared.state.load(Ordering::SeqCst);
+        if (upstream && state == DEAF) || (!upstream && state == MUTE) {
+            continue;
+        }
+        if !upstream {
+            shared.downstream.fetch_add(n as u64, Ordering::SeqCst);
+        }
+        if to.write_all(&buffer[..n]).await.is_err() {
+            return;
+        }
     }
 }
 
@@ -26,12 +82,16 @@ impl Proxy {
         use std::sync::atomic::Ordering;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let state = std::sync::Arc::new(std::sync::atomic::AtomicU8::new(UP));
-        let cut = std::sync::Arc::new(tokio::sync::Notify::new());
-        let (flag, notify) = (state.clone(), cut.clone());
+        let shared = std::sync::Arc::new(Shared {
+            state: std::sync::atomic::AtomicU8::new(UP),
+            cut: tokio::sync::Notify::new(),
+            target: std::sync::Mutex::new(target),
+            downstream: std::sync::atomic::AtomicU64::new(0),
+        });
+        let each = shared.clone();
         let task = tokio::spawn(async move {
-            while let Ok((mut inbound, _)) = listener.accept().await {
-                match flag.load(Ordering::SeqCst) {
+            while let Ok((inbound, _)) = listener.accept().await {
+                match each.state.load(Ordering::SeqCst) {
                     DOWN => continue, // dropped: the connection is refused
                     STALLED => {
                         // Accepted, and nothing ever passes.
@@ -43,34 +103,28 @@ impl Proxy {
                     }
                     _ => {}
                 }
-                let (notify, flag) = (notify.clone(), flag.clone());
+                let shared = each.clone();
                 tokio::spawn(async move {
-                    let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await else {
+                    let target = *shared.target.lock().unwrap();
+                    let Ok(outbound) = tokio::net::TcpStream::connect(target).await else {
                         return;
                     };
-                    tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
-                        () = notify.notified() => {}
-                    }
-                    if flag.load(Ordering::SeqCst) == STALLED {
-                        // Both ends stay open and silent: a link that died without a word.
-                        let _held = (inbound, outbound);
-                        std::future::pending::<()>().await;
-                    }
+                    let _ = (inbound.set_nodelay(true), outbound.set_nodelay(true));
+                    let (client_read, client_write) = inbound.into_split();
+                    let (server_read, server_write) = outbound.into_split();
+                    tokio::spawn(pass(client_read, server_write, shared.clone(), true));
+                    pass(server_read, client_write, shared, false).await;
                 });
             }
         });
-        Self {
-            addr,
-            state,
-            cut,
-            task,
-        }
+        Self { addr, shared, task }
     }
 
     fn set(&self, state: u8) {
-        self.state.store(state, std::sync::atomic::Ordering::SeqCst);
-        self.cut.notify_waiters();
+        self.shared
+            .state
+            .store(state, std::sync::atomic::Ordering::SeqCst);
+        self.shared.cut.notify_waiters();
     }
 
     /// Drops every proxied connection and refuses new ones.
@@ -84,9 +138,39 @@ impl Proxy {
         self.set(STALLED);
     }
 
+    /// Connections stay open, but what clients send is lost (a half-dead uplink): the
+    /// target's packets still arrive, the clients' answers never do.
+    pub fn deafen(&self) {
+        self.shared
+            .state
+            .store(DEAF, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Connections stay open, but what the target sends is lost: the clients' packets
+    /// arrive, its answers never do.
+    pub fn mute(&self) {
+        self.shared
+            .state
+            .store(MUTE, std::sync::atomic::Ordering::SeqCst);
+    }
+
     /// New connections pass again (stalled ones stay dead).
     pub fn up(&self) {
-        self.state.store(UP, std::sync::atomic::Ordering::SeqCst);
+        self.shared
+            .state
+            .store(UP, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// New connections go to `target` (a restarted node on another port).
+    pub fn retarget(&self, target: SocketAddr) {
+        *self.shared.target.lock().unwrap() = target;
+    }
+
+    /// Bytes the target sent to the clients so far.
+    pub fn downstream_bytes(&self) -> u64 {
+        self.shared
+            .downstream
+            .load(std::sync::atomic::Ordering::SeqCst)
     }
 }
 
