@@ -21,6 +21,7 @@ pub(crate) async fn run_all(store: &dyn Store) {
     fitted_digest_records_only_what_it_kept(store).await;
     digests_of_many_devices_come_in_request_order(store).await;
     history_and_read_cursor(store).await;
+    a_read_on_another_device_is_in_the_next_digest(store).await;
     groups_roles_and_membership(store).await;
     removals_are_logged_in_order(store).await;
     receipts_and_senders(store).await;
@@ -354,6 +355,37 @@ async fn history_and_read_cursor(store: &dyn Store) {
     assert!(store.mark_read(&uid("zz"), &chat, 1).await.is_err());
     let beyond = store.mark_read(&uid("h2"), &chat, 99).await;
     assert!(matches!(beyond, Err(StoreError::Invalid(_))), "{beyond:?}");
+}
+
+/// A device that acked everything still hears of a read made on another device of its user:
+/// its next digest lists the conversation with the user's cursor, once.
+async fn a_read_on_another_device_is_in_the_next_digest(store: &dyn Store) {
+    let chat = direct("rd1", "rd2");
+    let laptop = device("rd2", "laptop");
+    store.register_device(&laptop).await.unwrap();
+    append_n(store, &chat, "rd1", 3).await;
+    store
+        .ack(&laptop, &chat, SeqRange { lo: 1, hi: 3 })
+        .await
+        .unwrap();
+    let before = store.digest(&laptop, 1).await.unwrap();
+    let listed = |digest: &super::DigestSnapshot| {
+        digest
+            .conversations
+            .iter()
+            .find(|c| c.conversation == chat)
+            .map(|c| c.read_seq)
+    };
+    assert_eq!(listed(&before), None, "nothing new for the laptop");
+    store.mark_read(&uid("rd2"), &chat, 3).await.unwrap();
+    let after = store.digest(&laptop, 1).await.unwrap();
+    assert_eq!(
+        listed(&after),
+        Some(3),
+        "the phone's read reaches the laptop"
+    );
+    let again = store.digest(&laptop, 1).await.unwrap();
+    assert_eq!(listed(&again), None, "reported once");
 }
 
 async fn groups_roles_and_membership(store: &dyn Store) {

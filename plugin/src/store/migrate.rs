@@ -33,6 +33,10 @@ pub(crate) const SQLITE: &[Migration] = &[
         version: 5,
         sql: include_str!("../../migrations/sqlite/0005_retained.sql"),
     },
+    Migration {
+        version: 6,
+        sql: include_str!("../../migrations/sqlite/0006_own_read_seen.sql"),
+    },
 ];
 
 /// The PostgreSQL migrations, `migrations/postgres/NNNN_*.sql` (same numbering; a number
@@ -54,6 +58,10 @@ pub(crate) const POSTGRES: &[Migration] = &[
     Migration {
         version: 5,
         sql: include_str!("../../migrations/postgres/0005_retained.sql"),
+    },
+    Migration {
+        version: 6,
+        sql: include_str!("../../migrations/postgres/0006_own_read_seen.sql"),
     },
 ];
 

@@ -187,6 +187,8 @@ pub(crate) struct DigestEntry {
     pub(crate) max_seq: u64,
     /// The others' read cursor it reported.
     pub(crate) peer_read_seq: u64,
+    /// The user's own read cursor it reported.
+    pub(crate) read_seq: u64,
     /// The skipped total it reported (what `ClearCounters` clears `missed` up to).
     pub(crate) missed_total: u64,
     /// What it skips for the device.
@@ -199,6 +201,7 @@ impl From<&ConversationState> for DigestEntry {
             conversation: state.conversation.clone(),
             max_seq: state.max_seq,
             peer_read_seq: state.peer_read_seq,
+            read_seq: state.read_seq,
             missed_total: state.missed_total,
             skipped: state.skipped,
         }

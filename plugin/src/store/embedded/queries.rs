@@ -370,6 +370,8 @@ pub(super) struct Membership {
     missed_cleared: u64,
     /// The others' read cursor the device's last digest reported.
     seen: u64,
+    /// The user's own read cursor the device's last digest reported.
+    read_seen: u64,
     /// The others' read cursor now.
     peer_read_seq: u64,
     /// The device's acknowledged ranges (what was sent before the user joined and what
@@ -396,7 +398,7 @@ pub(super) fn memberships(conn: &Connection, device: &Device) -> Result<Vec<Memb
             "SELECT c.id, c.max_seq, c.last_time, c.gone_seq, c.key, m.read_seq,
                     COALESCE(cl.cleared_seq, 0), COALESCE(cl.missed, 0),
                     COALESCE(cl.missed_cleared, 0),
-                    COALESCE(rs.peer_read_seq, 0),
+                    COALESCE(rs.peer_read_seq, 0), COALESCE(rs.read_seq, 0),
                     (SELECT COALESCE(MAX(o.read_seq), 0) FROM members o
                      WHERE o.conv_id = c.id AND o.uid != m.uid)
              FROM members m JOIN conversations c ON c.id = m.conv_id
@@ -423,7 +425,8 @@ pub(super) fn memberships(conn: &Connection, device: &Device) -> Result<Vec<Memb
                 missed_total: row.get(7)?,
                 missed_cleared: row.get(8)?,
                 seen: row.get(9)?,
-                peer_read_seq: row.get(10)?,
+                read_seen: row.get(10)?,
+                peer_read_seq: row.get(11)?,
                 acked: Vec::new(),
             })
         })
@@ -462,7 +465,12 @@ pub(super) fn conversation_state(
     let missed_total = member.missed_total + skipped.map_or(0, |cut| cut.count);
     let missed = missed_total.saturating_sub(member.missed_cleared);
     let (unacked, count) = count_unacked(conn, device, member, &acked, conv.max_seq)?;
-    if unacked == 0 && count == 0 && missed == 0 && member.peer_read_seq <= member.seen {
+    if unacked == 0
+        && count == 0
+        && missed == 0
+        && member.peer_read_seq <= member.seen
+        && member.read_seq <= member.read_seen
+    {
         return Ok(None);
     }
     Ok(Some(ConversationState {
@@ -546,9 +554,10 @@ pub(super) fn record_digest(
         .map_err(sql_error)?;
     let mut seen = conn
         .prepare_cached(
-            "INSERT INTO read_seen (uid, client_id, conv_id, peer_read_seq)
-             SELECT ?1, ?2, id, ?4 FROM conversations WHERE key = ?3
-             ON CONFLICT (uid, client_id, conv_id) DO UPDATE SET peer_read_seq = excluded.peer_read_seq",
+            "INSERT INTO read_seen (uid, client_id, conv_id, peer_read_seq, read_seq)
+             SELECT ?1, ?2, id, ?4, ?5 FROM conversations WHERE key = ?3
+             ON CONFLICT (uid, client_id, conv_id) DO UPDATE
+             SET peer_read_seq = excluded.peer_read_seq, read_seq = excluded.read_seq",
         )
         .map_err(sql_error)?;
     for entry in entries {
@@ -566,7 +575,8 @@ pub(super) fn record_digest(
             device.uid,
             device.client_id,
             entry.conversation.key(),
-            entry.peer_read_seq
+            entry.peer_read_seq,
+            entry.read_seq
         ])
         .map_err(sql_error)?;
         if let Some(skipped) = entry.skipped {

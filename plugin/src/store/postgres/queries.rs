@@ -446,7 +446,8 @@ pub(super) async fn digest_states(
                 || counted.count > 0
                 || floor_of(id).missed_total + skips.get(&id).map_or(0, |s| s.count)
                     > floor_of(id).missed_cleared
-                || peer_of(id) > seen.get(&id).copied().unwrap_or(0)
+                || peer_of(id) > seen.get(&id).map_or(0, |s| s.0)
+                || member.read_seq > seen.get(&id).map_or(0, |s| s.1)
         })
         .collect();
     let mut previews = previews(c, &listed, shape.last_n, cache).await?;
@@ -503,21 +504,6 @@ async fn acked_by_conversation(
             .collect::<Result<Vec<_>>>()?,
     );
     Ok(merged.into_iter().collect())
-}
-
-/// A per-conversation number of the device: `sql` selects `(conv_id, value)` for the
-/// device's uid and client id.
-async fn per_conversation(
-    c: &impl GenericClient,
-    sql: &str,
-    device: &Device,
-) -> Result<HashMap<i64, u64>> {
-    c.query(sql, &[&device.uid, &device.client_id])
-        .await
-        .map_err(pg_error)?
-        .iter()
-        .map(|row| Ok((row.cell(0)?, uint(row.cell(1)?))))
-        .collect::<Result<_>>()
 }
 
 /// What each backlog cut skips, counted in messages not sent by this device (as `unacked`
@@ -624,10 +610,18 @@ async fn count_unacked<'a>(
     .collect::<Result<_>>()
 }
 
-/// The others' read cursor each conversation's last digest reported to the device.
-async fn reads_seen(c: &impl GenericClient, device: &Device) -> Result<HashMap<i64, u64>> {
-    let sql = "SELECT conv_id, peer_read_seq FROM read_seen WHERE uid = $1 AND client_id = $2";
-    per_conversation(c, sql, device).await
+/// The others' and the user's own read cursor each conversation's last digest reported to
+/// the device.
+async fn reads_seen(c: &impl GenericClient, device: &Device) -> Result<HashMap<i64, (u64, u64)>> {
+    c.query(
+        "SELECT conv_id, peer_read_seq, read_seq FROM read_seen WHERE uid = $1 AND client_id = $2",
+        &[&device.uid, &device.client_id],
+    )
+    .await
+    .map_err(pg_error)?
+    .iter()
+    .map(|row| Ok((row.cell(0)?, (uint(row.cell(1)?), uint(row.cell(2)?)))))
+    .collect::<Result<_>>()
 }
 
 /// Highest read cursor of the other members, per conversation.
@@ -736,13 +730,16 @@ pub(super) async fn record_digest(
     let keys: Vec<String> = entries.iter().map(|e| e.conversation.key()).collect();
     let seqs: Vec<i64> = entries.iter().map(|e| int(e.max_seq)).collect();
     let reads: Vec<i64> = entries.iter().map(|e| int(e.peer_read_seq)).collect();
+    let own_reads: Vec<i64> = entries.iter().map(|e| int(e.read_seq)).collect();
     let missed: Vec<i64> = entries.iter().map(|e| int(e.missed_total)).collect();
     c.execute(
-        "INSERT INTO read_seen (uid, client_id, conv_id, peer_read_seq)
-         SELECT $1, $2, c.id, e.read FROM unnest($3::text[], $4::bigint[]) AS e(key, read)
+        "INSERT INTO read_seen (uid, client_id, conv_id, peer_read_seq, read_seq)
+         SELECT $1, $2, c.id, e.read, e.own
+         FROM unnest($3::text[], $4::bigint[], $5::bigint[]) AS e(key, read, own)
          JOIN conversations c ON c.key = e.key
-         ON CONFLICT (uid, client_id, conv_id) DO UPDATE SET peer_read_seq = excluded.peer_read_seq",
-        &[&device.uid, &device.client_id, &keys, &reads],
+         ON CONFLICT (uid, client_id, conv_id) DO UPDATE
+         SET peer_read_seq = excluded.peer_read_seq, read_seq = excluded.read_seq",
+        &[&device.uid, &device.client_id, &keys, &reads, &own_reads],
     )
     .await
     .map_err(pg_error)?;
