@@ -1,139 +1,92 @@
-//! Walk-through against a running mqtt-im (see README): alice sends bob three messages while
-//! bob is offline; bob connects, reads the digest, clears its counters and pulls the backlog
-//! page by page, each Pull acknowledging the page before it.
+//! Walk-through on the Rust SDK (`mqtt-im-client`) against a running mqtt-im (see README):
+//! alice sends bob three messages while bob is offline; bob's device starts, its badge comes
+//! from the digest (no backlog is pushed), it fetches the backlog page by page (each Pull
+//! acknowledging the page before it) and marks it read; alice sees the read receipt.
 //!
 //! `cargo run --example walkthrough` (address from MQTT_IM_ADDR, default 127.0.0.1:11883).
-//!
-//! A publish the server cannot store now (its database is down) gets MQTT 5 PUBACK 0x80; an
-//! MQTT 3.1.1 connection gets an error on `resp` and is closed, and an event loop that keeps
-//! polling reconnects and retransmits it (rumqttc: into a `clean_session = false` session).
 
-use std::time::Duration;
+use std::sync::Arc;
 
-use mqtt_im::wire::pb;
-use prost::Message;
-use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
+use mqtt_im_client::{
+    Client, ClientOptions, ConnectionState, ConversationId, Delivery, Event, MemoryStore,
+};
 
 type Error = Box<dyn std::error::Error>;
 
-fn connect(client_id: &str, user: &str, password: &str) -> Result<(AsyncClient, EventLoop), Error> {
+async fn start(uid: &str, password: &str) -> Result<Client, Error> {
     let addr = std::env::var("MQTT_IM_ADDR").unwrap_or_else(|_| "127.0.0.1:11883".into());
-    let (host, port) = addr
-        .rsplit_once(':')
-        .ok_or("MQTT_IM_ADDR must be host:port")?;
-    let mut options = MqttOptions::new(client_id, host, port.parse()?);
-    options.set_credentials(user, password);
-    options.set_keep_alive(Duration::from_secs(30));
-    Ok(AsyncClient::new(options, 100))
+    let server = ClientOptions::server_from_url(&format!("mqtt://{addr}"), None)?;
+    let device = format!("{uid}-walkthrough-{}", std::process::id());
+    let options = ClientOptions::new(server, uid, device).with_password(password);
+    Ok(Client::start(options, Arc::new(MemoryStore::default())).await?)
 }
 
-/// Polls until a publish on `topic` arrives.
-async fn next_on(events: &mut EventLoop, topic: &str) -> Result<Vec<u8>, Error> {
-    loop {
-        let event = tokio::time::timeout(Duration::from_secs(10), events.poll()).await??;
-        if let Event::Incoming(Packet::Publish(publish)) = event {
-            if publish.topic == topic {
-                return Ok(publish.payload.to_vec());
+/// Waits (up to 10 s) for the first event `pick` accepts.
+async fn until<T>(
+    events: &mut tokio::sync::broadcast::Receiver<Event>,
+    mut pick: impl FnMut(Event) -> Option<T>,
+) -> Result<T, Error> {
+    let wait = async {
+        loop {
+            if let Some(found) = pick(events.recv().await?) {
+                return Ok::<T, Error>(found);
             }
         }
-    }
-}
-
-/// Polls until `n` PUBACKs arrived (the messages are then stored).
-async fn acks(events: &mut EventLoop, mut n: usize) -> Result<(), Error> {
-    while n > 0 {
-        let event = tokio::time::timeout(Duration::from_secs(10), events.poll()).await??;
-        if let Event::Incoming(Packet::PubAck(_)) = event {
-            n -= 1;
-        }
-    }
-    Ok(())
-}
-
-async fn ask(
-    client: &AsyncClient,
-    events: &mut EventLoop,
-    kind: pb::request::Kind,
-) -> Result<pb::Response, Error> {
-    let request = pb::Request {
-        request_id: "walkthrough".into(),
-        kind: Some(kind),
     };
-    client
-        .publish(
-            "im/u/bob/req",
-            QoS::AtLeastOnce,
-            false,
-            request.encode_to_vec(),
-        )
-        .await?;
-    Ok(pb::Response::decode(
-        next_on(events, "im/u/bob/resp").await?.as_slice(),
-    )?)
+    tokio::time::timeout(std::time::Duration::from_secs(10), wait).await?
 }
 
 #[tokio::main]
 async fn main() -> Result<(), Error> {
-    let run = std::process::id();
-    let (alice, mut alice_events) = connect("alice-walkthrough", "alice", "alice-pw")?;
+    let alice = start("alice", "alice-pw").await?;
+    let bob_chat = ConversationId::direct("bob");
+    let mut sent = 0;
+    let mut alice_events = alice.events();
     for i in 1..=3 {
-        let text = format!("hello bob #{i}");
         alice
-            .publish(
-                "im/u/bob",
-                QoS::AtLeastOnce,
-                false,
-                pb::Envelope::text(format!("{run}-{i}"), "bob", text).encode_to_vec(),
-            )
+            .send_text(&bob_chat, format!("hello bob #{i}"))
             .await?;
     }
-    acks(&mut alice_events, 3).await?;
-    println!("alice: 3 messages stored (PUBACKed) while bob is offline");
+    until(&mut alice_events, |e| match e {
+        Event::Updated(m) if m.delivery == Delivery::Sent => {
+            sent += 1;
+            (sent == 3).then_some(())
+        }
+        _ => None,
+    })
+    .await?;
+    println!("alice: 3 messages stored by the server while bob is offline");
 
-    let (bob, mut bob_events) = connect("bob-walkthrough", "bob", "bob-pw")?;
-    bob.subscribe("im/u/bob/#", QoS::AtLeastOnce).await?;
-    let digest = pb::Digest::decode(
-        next_on(&mut bob_events, "im/u/bob/digest")
-            .await?
-            .as_slice(),
-    )?;
-    for (conversation, session) in &digest.sessions {
+    let bob = start("bob", "bob-pw").await?;
+    let mut bob_events = bob.events();
+    until(&mut bob_events, |e| {
+        (e == Event::Connection(ConnectionState::Online)).then_some(())
+    })
+    .await?;
+    let alice_chat = ConversationId::direct("alice");
+    let unread = bob.unread().await?;
+    println!("bob: digest says {} unread", unread.total);
+    while !bob.fetch_older(&alice_chat, 2).await?.end {}
+    let mut history = bob.messages(&alice_chat, None, 100).await?;
+    history.reverse();
+    for message in &history {
+        let text = message.content.text().unwrap_or("(media)");
+        println!("bob: seq {:?} from {}: {text}", message.seq, message.from);
+    }
+    if let Some(newest) = history.last().and_then(|m| m.seq) {
+        bob.mark_read(&alice_chat, newest).await?;
         println!(
-            "bob: digest v{}: {conversation}: {} new, {} unacked, newest seq {}",
-            digest.version, session.count, session.unacked, session.max_seq
+            "bob: read up to seq {newest}; unread now {}",
+            bob.unread().await?.total
         );
+        let (reader, read_seq) = until(&mut alice_events, |e| match e {
+            Event::Read { uid, read_seq, .. } if read_seq >= newest => Some((uid, read_seq)),
+            _ => None,
+        })
+        .await?;
+        println!("alice: {reader} has read up to seq {read_seq}");
     }
-    let clear = pb::request::Kind::ClearCounters(pb::ClearCounters {
-        version: digest.version,
-    });
-    ask(&bob, &mut bob_events, clear).await?;
-    println!("bob: badge counters cleared for digest v{}", digest.version);
-
-    let mut ack = None;
-    loop {
-        let pull = pb::request::Kind::Pull(pb::Pull {
-            conversation: "u/alice".into(),
-            page_size: 2,
-            ack,
-        });
-        let response = ask(&bob, &mut bob_events, pull).await?;
-        let Some(pb::response::Result::Page(page)) = response.result else {
-            return Err(format!("pull failed: {:?}", response.error).into());
-        };
-        for message in &page.messages {
-            if let Some(pb::content::Kind::Text(text)) =
-                message.msg.as_ref().and_then(|c| c.kind.as_ref())
-            {
-                println!("bob: seq {} from {}: {text}", message.seq, message.from);
-            }
-        }
-        if page.messages.is_empty() && page.end {
-            println!("bob: end of backlog; everything acknowledged");
-            break;
-        }
-        ack = page.cursor;
-    }
-    alice.disconnect().await?;
-    bob.disconnect().await?;
+    alice.close().await?;
+    bob.close().await?;
     Ok(())
 }
