@@ -10,3 +10,4 @@ mod common;
 mod recovery;
 mod sdk;
 mod sync;
+mod typescript;

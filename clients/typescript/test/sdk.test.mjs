@@ -1,0 +1,201 @@
+// @mqtt-im/client against a real mqtt-im (started by the Rust suite, tests/client/typescript.rs,
+// which sets BROKER_URL and creates users t1..t20 with password "pw", digest previews of 1).
+// A TCP proxy of the test's own drops the network or loses the server's answers.
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import net from "node:net";
+import "fake-indexeddb/auto";
+import { Client, MemoryStore, IndexedDbStore } from "../dist/index.js";
+
+const broker = new URL(process.env.BROKER_URL ?? "mqtt://127.0.0.1:1883");
+const WAIT = 10_000;
+
+async function start(uid, device, { url = broker.href, store = new MemoryStore() } = {}) {
+  const client = await Client.start({ url, uid, deviceId: device, password: "pw", store, backoffMinMs: 50, backoffMaxMs: 400 });
+  const seen = [];
+  const waiters = new Set();
+  client.on((event) => {
+    seen.push(event);
+    for (const waiter of waiters) waiter(event);
+  });
+  /** Resolves with the first event (seen from now on, or already) that `pick` accepts. */
+  client.waitFor = (what, pick, { past = false } = {}) =>
+    new Promise((resolve, reject) => {
+      if (past) {
+        const found = seen.find(pick);
+        if (found) return resolve(found);
+      }
+      const timer = setTimeout(() => reject(new Error(`no event: ${what}`)), WAIT);
+      const waiter = (event) => {
+        if (!pick(event)) return;
+        clearTimeout(timer);
+        waiters.delete(waiter);
+        resolve(event);
+      };
+      waiters.add(waiter);
+    });
+  client.seen = seen;
+  return client;
+}
+
+const online = (event) => event.type === "connection" && event.state === "online";
+const offline = (event) => event.type === "connection" && event.state === "offline";
+const sent = (msgId) => (e) => e.type === "updated" && e.message.msgId === msgId && e.message.delivery.state === "sent";
+const arrived = (text) => (e) => e.type === "message" && e.message.content.text === text;
+
+async function texts(client, conversation) {
+  return (await client.messages(conversation, undefined, 10_000)).reverse().map((m) => m.content.text);
+}
+
+async function eventually(condition) {
+  const deadline = Date.now() + WAIT;
+  while (!(await condition())) {
+    if (Date.now() > deadline) throw new Error("condition not reached");
+    await new Promise((r) => setTimeout(r, 20));
+  }
+}
+
+/** A proxy to the broker: "up", "mute" (the broker's bytes are dropped) or "down". */
+async function proxy() {
+  const sockets = new Set();
+  let mode = "up";
+  const server = net.createServer((inbound) => {
+    if (mode === "down") return inbound.destroy();
+    const outbound = net.connect(Number(broker.port), broker.hostname);
+    sockets.add(inbound).add(outbound);
+    inbound.on("data", (chunk) => outbound.write(chunk));
+    outbound.on("data", (chunk) => mode !== "mute" && inbound.write(chunk));
+    const end = () => { inbound.destroy(); outbound.destroy(); };
+    inbound.on("close", end).on("error", end);
+    outbound.on("close", end).on("error", end);
+  });
+  await new Promise((resolve) => server.listen(0, "127.0.0.1", resolve));
+  return {
+    url: `mqtt://127.0.0.1:${server.address().port}`,
+    set(next) {
+      mode = next;
+      if (next === "down") for (const socket of sockets) socket.destroy();
+    },
+    close: () => { for (const socket of sockets) socket.destroy(); server.close(); },
+  };
+}
+
+test("a send is echoed at once, sent with its seq, received live, unread, then read", async () => {
+  const alice = await start("t1", "t1-web");
+  const bob = await start("t2", "t2-web");
+  await alice.waitFor("online", online, { past: true });
+  await bob.waitFor("online", online, { past: true });
+  const echo = await alice.sendText("u/t2", "hello");
+  assert.equal(echo.delivery.state, "sending");
+  assert.deepEqual(await texts(alice, "u/t2"), ["hello"]);
+  const done = await alice.waitFor("sent", sent(echo.msgId), { past: true });
+  assert.equal(done.message.seq, 1);
+  const got = await bob.waitFor("live", arrived("hello"), { past: true });
+  assert.equal(got.message.from, "t1");
+  assert.equal((await bob.conversation("u/t1")).unread, 1);
+  assert.equal((await alice.conversation("u/t2")).unread, 0);
+  await bob.markRead("u/t1", 1);
+  assert.equal((await bob.unread()).total, 0);
+  const read = await alice.waitFor("read", (e) => e.type === "read" && e.uid === "t2");
+  assert.equal(read.readSeq, 1);
+  await Promise.all([alice.close(), bob.close()]);
+});
+
+test("a lost answer and a dropped network still deliver each message once", async () => {
+  const link = await proxy();
+  const alice = await start("t3", "t3-web", { url: link.url });
+  const bob = await start("t4", "t4-web");
+  await alice.waitFor("online", online, { past: true });
+  await bob.waitFor("online", online, { past: true });
+  link.set("mute");
+  const first = await alice.sendText("u/t4", "answer lost");
+  await bob.waitFor("stored", arrived("answer lost"), { past: true });
+  link.set("down");
+  await alice.waitFor("offline", offline, { past: true });
+  const second = await alice.sendText("u/t4", "network down");
+  link.set("up");
+  await alice.waitFor("first sent", sent(first.msgId), { past: true });
+  await alice.waitFor("second sent", sent(second.msgId), { past: true });
+  await bob.waitFor("second", arrived("network down"), { past: true });
+  const mine = await alice.messages("u/t4");
+  assert.deepEqual(mine.map((m) => [m.content.text, m.seq]), [["network down", 2], ["answer lost", 1]]);
+  assert.deepEqual(await texts(bob, "u/t3"), ["answer lost", "network down"]);
+  await Promise.all([alice.close(), bob.close()]);
+  link.close();
+});
+
+test("a hole left by a reconnect is filled from History; paging acknowledges", async () => {
+  const link = await proxy();
+  const alice = await start("t5", "t5-web");
+  const bob = await start("t6", "t6-web", { url: link.url });
+  await bob.waitFor("online", online, { past: true });
+  for (const n of [1, 2, 3]) await alice.waitFor("sent", sent((await alice.sendText("u/t6", `m${n}`)).msgId), { past: true });
+  await bob.waitFor("m3", arrived("m3"), { past: true });
+  link.set("down");
+  await bob.waitFor("offline", offline, { past: true });
+  for (const n of [4, 5, 6, 7, 8, 9, 10]) await alice.waitFor("sent", sent((await alice.sendText("u/t6", `m${n}`)).msgId), { past: true });
+  link.set("up");
+  const expected = Array.from({ length: 10 }, (_, i) => `m${i + 1}`);
+  await eventually(async () => JSON.stringify(await texts(bob, "u/t5")) === JSON.stringify(expected));
+  // Paging to the end leaves nothing unacknowledged and shows nothing twice.
+  while (!(await bob.fetchOlder("u/t5", 4)).end);
+  assert.deepEqual(await texts(bob, "u/t5"), expected);
+  assert.equal(bob.seen.filter((e) => e.type === "message").length, 10);
+  await Promise.all([alice.close(), bob.close()]);
+  link.close();
+});
+
+test("an offline device catches up to exact badges from the digest alone", async () => {
+  const senders = ["t7", "t8", "t9"];
+  for (const [i, uid] of senders.entries()) {
+    const sender = await start(uid, `${uid}-web`);
+    for (let n = 0; n <= i; n++) await sender.waitFor("sent", sent((await sender.sendText("u/t10", `${uid}-${n}`)).msgId), { past: true });
+    await sender.close();
+  }
+  const bob = await start("t10", "t10-web");
+  await bob.waitFor("online", online, { past: true });
+  const unread = await bob.unread();
+  assert.equal(unread.total, 6);
+  assert.deepEqual(Object.fromEntries(unread.conversations), { "u/t7": 1, "u/t8": 2, "u/t9": 3 });
+  assert.ok((await bob.messages("u/t9")).length < 3, "only previews came");
+  await bob.close();
+});
+
+test("two devices of one user hold the same messages and read state", async () => {
+  const alice = await start("t11", "t11-web");
+  const phone = await start("t12", "t12-phone");
+  const laptopStore = new MemoryStore();
+  let laptop = await start("t12", "t12-laptop", { store: laptopStore });
+  await Promise.all([alice, phone, laptop].map((c) => c.waitFor("online", online, { past: true })));
+  await alice.sendText("u/t12", "a1");
+  await phone.waitFor("a1", arrived("a1"), { past: true });
+  await laptop.waitFor("a1", arrived("a1"), { past: true });
+  const reply = await phone.sendText("u/t11", "p1");
+  await phone.waitFor("sent", sent(reply.msgId), { past: true });
+  await phone.markRead("u/t11", 1);
+  while (!(await laptop.fetchOlder("u/t11")).end);
+  assert.deepEqual(await texts(laptop, "u/t11"), ["a1", "p1"]);
+  await laptop.close();
+  laptop = await start("t12", "t12-laptop", { store: laptopStore });
+  await laptop.waitFor("online", online, { past: true });
+  assert.equal((await laptop.conversation("u/t11")).unread, 0);
+  await Promise.all([alice.close(), phone.close(), laptop.close()]);
+});
+
+test("the outbox survives a restart of the app (IndexedDB) and is sent once", async () => {
+  const link = await proxy();
+  link.set("down");
+  const store = await IndexedDbStore.open("t13-web");
+  const first = await start("t13", "t13-web", { url: link.url, store });
+  const message = await first.sendText("u/t14", "written offline");
+  await first.close();
+  link.set("up");
+  const again = await start("t13", "t13-web", { url: link.url, store: await IndexedDbStore.open("t13-web") });
+  await eventually(async () => (await again.messages("u/t14")).some((m) => m.msgId === message.msgId && m.delivery.state === "sent"));
+  const bob = await start("t14", "t14-web");
+  await bob.waitFor("online", online, { past: true });
+  while (!(await bob.fetchOlder("u/t13")).end);
+  assert.deepEqual(await texts(bob, "u/t13"), ["written offline"]);
+  await Promise.all([again.close(), bob.close()]);
+  link.close();
+});
