@@ -148,8 +148,8 @@ mod tests {
     #[test]
     fn applies_once_and_refuses_a_newer_schema() {
         let mut conn = Connection::open_in_memory().unwrap();
-        assert_eq!(apply_sqlite(&mut conn).unwrap(), 5);
-        assert_eq!(apply_sqlite(&mut conn).unwrap(), 5);
+        assert_eq!(apply_sqlite(&mut conn).unwrap(), 6);
+        assert_eq!(apply_sqlite(&mut conn).unwrap(), 6);
         // Conversations know their kind, as PostgreSQL's do.
         conn.execute_batch("INSERT INTO conversations (key) VALUES ('g:team'), ('dm:a:b')")
             .unwrap();
