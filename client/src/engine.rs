@@ -850,7 +850,12 @@ impl Engine {
             }
             record.last_time = record.last_time.max(message.server_time.unwrap_or(0));
         }
-        let before = self.unread_of(&record).await;
+        // The badge as stored before this change (callers hand over a record they moved).
+        let stored = self
+            .record(&record.id)
+            .await
+            .unwrap_or_else(|| ConversationRecord::new(record.id.clone()));
+        let before = self.unread_of(&stored).await;
         let (saved, batch) = (record.clone(), messages.clone());
         let new = blocking(&self.store, move |store| store.insert(&saved, &batch)).await?;
         let mut added = 0;

@@ -32,6 +32,16 @@ async fn a_send_is_echoed_at_once_then_sent_and_the_peer_sees_it_live_unread_the
     assert_eq!(sent.seq, Some(1));
 
     let received = bob.wait_message("hello bob").await;
+    let badge = bob
+        .wait_for("unread", |e| match e {
+            Event::Unread {
+                conversation,
+                unread,
+            } if conversation == &with("alice") => Some(*unread),
+            _ => None,
+        })
+        .await;
+    assert_eq!(badge, 1, "the badge moves with the live message");
     assert_eq!((received.from.as_str(), received.seq), ("alice", Some(1)));
     assert_eq!(received.delivery, Delivery::Received);
     assert_eq!(bob.unread_of(&with("alice")).await, 1);

@@ -102,11 +102,22 @@ fn parse_held(text: &str) -> Vec<SeqRange> {
         .collect()
 }
 
+/// The conversation name in column `index`; a row no client wrote is an error, not a guess.
+fn conversation_at(row: &Row<'_>, index: usize) -> rusqlite::Result<ConversationId> {
+    let name: String = row.get(index)?;
+    ConversationId::parse(&name).ok_or_else(|| {
+        rusqlite::Error::FromSqlConversionFailure(
+            index,
+            rusqlite::types::Type::Text,
+            format!("{name:?} is not a conversation").into(),
+        )
+    })
+}
+
 fn record_from(row: &Row<'_>) -> rusqlite::Result<ConversationRecord> {
-    let id: String = row.get(0)?;
     let pull: (Option<u64>, Option<u64>) = (row.get(8)?, row.get(9)?);
     Ok(ConversationRecord {
-        id: ConversationId::parse(&id).unwrap_or_else(|| ConversationId::direct("invalid")),
+        id: conversation_at(row, 0)?,
         max_seq: row.get(1)?,
         read_seq: row.get(2)?,
         peer_read_seq: row.get(3)?,
@@ -123,7 +134,6 @@ fn record_from(row: &Row<'_>) -> rusqlite::Result<ConversationRecord> {
 }
 
 fn message_from(row: &Row<'_>) -> rusqlite::Result<Message> {
-    let conversation: String = row.get(0)?;
     let content: Vec<u8> = row.get(6)?;
     let delivery = match row.get::<_, i64>(7)? {
         SENDING => Delivery::Sending {
@@ -138,8 +148,7 @@ fn message_from(row: &Row<'_>) -> rusqlite::Result<Message> {
         _ => Delivery::Received,
     };
     Ok(Message {
-        conversation: ConversationId::parse(&conversation)
-            .unwrap_or_else(|| ConversationId::direct("invalid")),
+        conversation: conversation_at(row, 0)?,
         from: row.get(1)?,
         msg_id: row.get(2)?,
         seq: row.get(3)?,
@@ -369,11 +378,9 @@ impl LocalStore for SqliteStore {
             .map_err(db)?;
         let rows = stmt
             .query_map([], |row| {
-                let conversation: String = row.get(1)?;
                 Ok(OutboxItem {
                     msg_id: row.get(0)?,
-                    conversation: ConversationId::parse(&conversation)
-                        .unwrap_or_else(|| ConversationId::direct("invalid")),
+                    conversation: conversation_at(row, 1)?,
                     topic: row.get(2)?,
                     payload: row.get(3)?,
                 })

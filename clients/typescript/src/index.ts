@@ -368,8 +368,7 @@ export class Client {
   }
 
   private async unreadOf(record: ConversationRecord): Promise<number> {
-    const all = await this.options.store.messages(record.id, undefined, Number.MAX_SAFE_INTEGER);
-    const own = all.filter((m) => m.from === this.uid && (m.seq ?? 0) > record.readSeq).length;
+    const own = await this.options.store.countFrom(record.id, this.uid, record.readSeq);
     return Math.max(0, record.maxSeq - record.readSeq - own);
   }
 

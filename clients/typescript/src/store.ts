@@ -63,6 +63,8 @@ export interface LocalStore {
   message(from: string, msgId: string): Promise<Message | undefined>;
   /** Newest first: without seq (sending, failed) first, then by seq below `before`. */
   messages(conversation: string, before: number | undefined, limit: number): Promise<Message[]>;
+  /** Messages from `uid` with a seq above `after` (own messages are never unread). */
+  countFrom(conversation: string, uid: string, after: number): Promise<number>;
   outbox(): Promise<OutboxItem[]>;
   setReader(conversation: string, uid: string, readSeq: number): Promise<void>;
   readers(conversation: string): Promise<Array<[string, number]>>;
@@ -106,6 +108,10 @@ function newestFirst(all: Message[], before: number | undefined, limit: number):
     .filter((m) => m.seq !== undefined && (before === undefined || m.seq < before))
     .sort((a, b) => (b.seq ?? 0) - (a.seq ?? 0));
   return [...sending, ...stored].slice(0, limit);
+}
+
+function countFrom(all: Message[], uid: string, after: number): number {
+  return all.filter((m) => m.from === uid && (m.seq ?? 0) > after).length;
 }
 
 /** Everything in memory (Node, tests). */
@@ -160,6 +166,9 @@ export class MemoryStore implements LocalStore {
   }
   async messages(conversation: string, before: number | undefined, limit: number) {
     return newestFirst(this.byConversation.get(conversation) ?? [], before, limit).map(clone);
+  }
+  async countFrom(conversation: string, uid: string, after: number) {
+    return countFrom(this.byConversation.get(conversation) ?? [], uid, after);
   }
   async outbox() {
     return this.queue.map(clone);
@@ -259,6 +268,12 @@ export class IndexedDbStore implements LocalStore {
     return this.run(["messages"], "readonly", async (tx) => {
       const rows = await req<Array<{ message: Message }>>(tx.objectStore("messages").index("conversation").getAll(conversation));
       return newestFirst(rows.map((r) => r.message), before, limit);
+    });
+  }
+  countFrom(conversation: string, uid: string, after: number) {
+    return this.run(["messages"], "readonly", async (tx) => {
+      const rows = await req<Array<{ message: Message }>>(tx.objectStore("messages").index("conversation").getAll(conversation));
+      return countFrom(rows.map((r) => r.message), uid, after);
     });
   }
   outbox() {

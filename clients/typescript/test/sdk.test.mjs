@@ -92,6 +92,8 @@ test("a send is echoed at once, sent with its seq, received live, unread, then r
   assert.equal(done.message.seq, 1);
   const got = await bob.waitFor("live", arrived("hello"), { past: true });
   assert.equal(got.message.from, "t1");
+  const badge = await bob.waitFor("unread", (e) => e.type === "unread" && e.conversation === "u/t1", { past: true });
+  assert.equal(badge.unread, 1);
   assert.equal((await bob.conversation("u/t1")).unread, 1);
   assert.equal((await alice.conversation("u/t2")).unread, 0);
   await bob.markRead("u/t1", 1);
