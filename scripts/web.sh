@@ -1,17 +1,16 @@
 #!/usr/bin/env bash
-# The browser chat demo (examples/web).
-#   scripts/web.sh [PORT]   vendor the JavaScript libraries, then serve the page on PORT (8080)
-#   scripts/web.sh setup    only vendor them, and install Chromium for the browser test
+# The browser chat demo (examples/web), built on the TypeScript SDK.
+#   scripts/web.sh [PORT]   build the SDK, vendor its browser bundle, then serve the page on PORT (8080)
+#   scripts/web.sh setup    only build and vendor it, and install what the browser test needs
+#                           (playwright-core from package-lock.json, Debian's Chromium)
 set -euo pipefail
-cd "$(dirname "$0")/../examples/web"
+here="$(cd "$(dirname "$0")" && pwd)"
+cd "$here/../examples/web"
 
 vendor() {
-  if [ ! -d node_modules ] || [ package-lock.json -nt node_modules ]; then
-    npm ci --no-audit --no-fund --loglevel=error
-  fi
+  "$here/sdk-ts.sh"
   mkdir -p vendor
-  cp node_modules/mqtt/dist/mqtt.min.js node_modules/protobufjs/dist/protobuf.min.js vendor/
-  cp ../../proto/mqtt_im/v1/im.proto vendor/
+  cp ../../clients/typescript/dist/browser.js vendor/mqtt-im-client.js
 }
 
 chromium() {
@@ -24,6 +23,9 @@ chromium() {
 case "${1:-8080}" in
   setup)
     vendor
+    if [ ! -d node_modules ] || [ package-lock.json -nt node_modules ]; then
+      npm ci --no-audit --no-fund --loglevel=error
+    fi
     chromium
     ;;
   *)

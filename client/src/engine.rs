@@ -68,6 +68,12 @@ enum PageKind {
 }
 
 /// What an answer is for.
+/// What one of our QoS 1 publishes was, to know what its PUBACK answers.
+enum Published {
+    Chat(String),
+    Request(String),
+}
+
 enum Waiting {
     App(oneshot::Sender<Result<pb::Response, ClientError>>),
     /// Nothing to do with the answer (ClearCounters, Ack).
@@ -101,11 +107,10 @@ pub(crate) struct Engine {
     pub(crate) events: broadcast::Sender<Event>,
     online: bool,
     failures: u32,
-    /// Our QoS 1 publishes not numbered by rumqttc yet, oldest first: a chat's msg_id, or
-    /// `None` for a request.
-    unnumbered: VecDeque<Option<String>>,
-    /// Chat publishes waiting for their PUBACK, by packet id.
-    chats: HashMap<u16, String>,
+    /// Our QoS 1 publishes not numbered by rumqttc yet, oldest first.
+    unnumbered: VecDeque<Published>,
+    /// Publishes waiting for their PUBACK, by packet id.
+    awaiting_ack: HashMap<u16, Published>,
     requests: HashMap<String, Pending>,
     next_request: u64,
     /// Per client instance, so request ids of an earlier run never match.
@@ -178,7 +183,7 @@ impl Engine {
             online: false,
             failures: 0,
             unnumbered: VecDeque::new(),
-            chats: HashMap::new(),
+            awaiting_ack: HashMap::new(),
             requests: HashMap::new(),
             next_request: 0,
             run: rand::thread_rng().gen(),
@@ -266,7 +271,7 @@ impl Engine {
         tracing::debug!(%reason, "connection lost");
         self.online = false;
         self.unnumbered.clear();
-        self.chats.clear();
+        self.awaiting_ack.clear();
         self.in_flight.clear();
         self.filling.clear();
         for (_, pending) in self.requests.drain() {
@@ -296,7 +301,7 @@ impl Engine {
             .collect();
         for id in expired {
             if let Some(pending) = self.requests.remove(&id) {
-                fail(pending.waiting, ClientError::Timeout(self.request_timeout));
+                self.give_up(pending.waiting, ClientError::Timeout(self.request_timeout));
             }
         }
         let due: Vec<ConversationId> = self
@@ -452,7 +457,8 @@ impl Engine {
             self.retry_later(conversation, 1);
             return;
         }
-        self.unnumbered.push_back(Some(item.msg_id.clone()));
+        self.unnumbered
+            .push_back(Published::Chat(item.msg_id.clone()));
         self.in_flight
             .insert(conversation.clone(), item.msg_id.clone());
         let uid = self.uid.clone();
@@ -483,17 +489,29 @@ impl Engine {
     }
 
     async fn pub_ack(&mut self, ack: PubAck) {
-        let Some(msg_id) = self.chats.remove(&ack.pkid) else {
+        let Some(published) = self.awaiting_ack.remove(&ack.pkid) else {
             return;
         };
         let code = reason_code(&ack.reason);
         if code < 0x80 {
-            return; // stored: its SendResult brings the seq
+            return; // taken: the SendResult or the Response follows
         }
         let reason = ack
             .properties
             .and_then(|p| p.reason_string)
             .unwrap_or_else(|| format!("refused with reason code {code:#04x}"));
+        match published {
+            Published::Chat(msg_id) => self.chat_refused(msg_id, code, reason).await,
+            // A refused request gets no answer: its caller learns why now.
+            Published::Request(request_id) => {
+                if let Some(pending) = self.requests.remove(&request_id) {
+                    self.give_up(pending.waiting, ClientError::Refused { code, reason });
+                }
+            }
+        }
+    }
+
+    async fn chat_refused(&mut self, msg_id: String, code: u8, reason: String) {
         let Some(mut message) = self.own_message(&msg_id).await else {
             return;
         };
@@ -587,7 +605,8 @@ impl Engine {
             fail(waiting, ClientError::Offline);
             return;
         }
-        self.unnumbered.push_back(None);
+        self.unnumbered
+            .push_back(Published::Request(request_id.clone()));
         self.requests.insert(
             request_id,
             Pending {
@@ -595,6 +614,19 @@ impl Engine {
                 deadline: Instant::now() + self.request_timeout,
             },
         );
+    }
+
+    /// A request that will get no answer: a hole fill may be tried again, the caller learns why.
+    fn give_up(&mut self, waiting: Waiting, error: ClientError) {
+        if let Waiting::Page {
+            conversation,
+            kind: PageKind::Hole,
+            ..
+        } = &waiting
+        {
+            self.filling.remove(conversation);
+        }
+        fail(waiting, error);
     }
 
     async fn response(&mut self, response: pb::Response) {
@@ -1072,8 +1104,8 @@ impl Engine {
                 tracing::debug!(reason = ?disconnect.reason_code, "server disconnected");
             }
             MqttEvent::Outgoing(Outgoing::Publish(pkid)) => {
-                if let Some(Some(msg_id)) = self.unnumbered.pop_front() {
-                    self.chats.insert(pkid, msg_id);
+                if let Some(published) = self.unnumbered.pop_front() {
+                    self.awaiting_ack.insert(pkid, published);
                 }
             }
             _ => {}

@@ -26,6 +26,14 @@ pub enum ClientError {
     /// No answer within the request timeout.
     #[error("no answer within {0:?}")]
     Timeout(Duration),
+    /// The broker did not take the request (its PUBACK reason code; over the publish rate, say).
+    #[error("the broker refused the request ({code:#04x}): {reason}")]
+    Refused {
+        /// The PUBACK reason code.
+        code: u8,
+        /// The broker's reason string.
+        reason: String,
+    },
     /// The server answered with an error.
     #[error("the server refused ({code:?}): {message}")]
     Server {

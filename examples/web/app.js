@@ -1,39 +1,30 @@
-// mqtt-im in a browser: MQTT over WebSocket (mqtt.js) with the protobuf wire types
-// (protobufjs, loading proto/mqtt_im/v1/im.proto). Logs in, shows the conversation list with
-// unread badges from the digest, pages a conversation's backlog with Pull (each Pull
-// acknowledging the page before it), and sends messages.
-"use strict";
+// mqtt-im in a browser, on the TypeScript SDK (@mqtt-im/client, vendored as a bundle by
+// scripts/web.sh). The SDK keeps the local store (IndexedDB), the outbox and the sync; this
+// page only draws what it holds and forwards the person's clicks.
+import { Client, IndexedDbStore } from "./vendor/mqtt-im-client.js";
 
 const params = new URLSearchParams(location.search);
 const PAGE_SIZE = Number(params.get("page")) || 20;
 const $ = (id) => document.getElementById(id);
 
-const state = {
-  client: null,
-  uid: "",
-  types: null,
-  nextRequest: 1,
-  pending: new Map(), // request_id -> resolve
-  conversations: new Map(), // "u/peer" -> { unacked, preview }
-  open: null, // { name, cursor, end }
-};
+let client = null;
+// The conversation on screen: how many of its messages are shown, whether the server has
+// older ones, and the newest seq drawn.
+let open = null;
+// Conversations whose read cursor is being moved (one request at a time each).
+const marking = new Set();
 
 if (params.get("broker")) $("broker").value = params.get("broker");
 
-async function loadTypes() {
-  const root = await protobuf.load("vendor/im.proto");
-  const type = (name) => root.lookupType(`mqtt_im.v1.${name}`);
-  return {
-    Envelope: type("Envelope"),
-    Request: type("Request"),
-    Response: type("Response"),
-    Digest: type("Digest"),
-    CMD_CHAT: root.lookupEnum("mqtt_im.v1.Cmd").values.CMD_CHAT,
-  };
-}
-
-function decode(type, bytes) {
-  return type.toObject(type.decode(bytes), { longs: Number, defaults: true, oneofs: true });
+/** One stable MQTT client id per user in this browser: the server keeps offline state per device. */
+function deviceId(uid) {
+  const key = `mqtt-im-device/${uid}`;
+  let id = localStorage.getItem(key);
+  if (!id) {
+    id = `web-${uid}-${crypto.randomUUID().slice(0, 8)}`;
+    localStorage.setItem(key, id);
+  }
+  return id;
 }
 
 function showError(text) {
@@ -43,206 +34,184 @@ function showError(text) {
 $("login-form").addEventListener("submit", async (event) => {
   event.preventDefault();
   showError("");
-  state.types = state.types || (await loadTypes());
-  state.uid = $("user").value.trim();
-  const client = mqtt.connect($("broker").value, {
-    username: state.uid,
-    password: $("password").value,
-    clientId: `web-${state.uid}-${Math.random().toString(16).slice(2, 10)}`,
-    protocolVersion: 4,
-    reconnectPeriod: 0,
-  });
-  state.client = client;
-  client.on("connect", () => {
-    $("login-form").hidden = true;
-    $("chat").hidden = false;
-    $("me").textContent = state.uid;
-    $("status").textContent = "online";
-    client.subscribe(`im/u/${state.uid}/#`, { qos: 1 });
-  });
-  client.on("message", (topic, payload) => onMessage(topic, payload));
-  client.on("error", (error) => showError(`MQTT: ${error.message}`));
-  client.on("close", () => ($("status").textContent = "offline"));
+  const uid = $("user").value.trim();
+  try {
+    $("login").disabled = true;
+    client = await Client.start({
+      url: $("broker").value,
+      uid,
+      deviceId: deviceId(uid),
+      password: $("password").value,
+      store: await IndexedDbStore.open(`mqtt-im/${uid}`),
+      pageSize: PAGE_SIZE,
+    });
+  } catch (error) {
+    $("login").disabled = false;
+    return showError(error.message);
+  }
+  client.on(onEvent);
+  $("login-form").hidden = true;
+  $("chat").hidden = false;
+  $("me").textContent = uid;
+  redraw();
 });
 
-function onMessage(topic, payload) {
-  const base = `im/u/${state.uid}`;
-  if (topic === `${base}/digest`) return onDigest(decode(state.types.Digest, payload));
-  if (topic === `${base}/resp`) return onResponse(decode(state.types.Response, payload));
-  if (topic === base) return onLive(decode(state.types.Envelope, payload).chat);
-}
-
-// One digest per connection: badges and previews, then the counters it carried are cleared.
-function onDigest(digest) {
-  for (const [name, session] of Object.entries(digest.sessions)) {
-    const preview = session.lastMsgs.length ? textOf(session.lastMsgs[0]) : "";
-    state.conversations.set(name, { unacked: session.unacked, preview });
+function onEvent(event) {
+  if (event.type === "connection") $("status").textContent = event.state;
+  // A message newer than the screen's (a local echo, a live one) is shown in addition.
+  if (event.type === "message" && event.message.conversation === open?.id && !(event.message.seq <= open.newest)) open.limit++;
+  if (event.type === "missed" || event.type === "gone") {
+    showError(`${event.count} message(s) in ${event.conversation} ${event.type === "gone" ? "expired" : "were dropped"} before you fetched them`);
   }
-  renderConversations();
-  request({ clearCounters: { version: digest.version } });
+  redraw();
 }
 
-function onResponse(response) {
-  const resolve = state.pending.get(response.requestId);
-  if (resolve) {
-    state.pending.delete(response.requestId);
-    return resolve(response);
-  }
-  if (response.sendResult) markSent(response.sendResult);
-}
-
-// A live message: shown if its conversation is open (and marked read), else counted.
-function onLive(chat) {
-  const name = `u/${chat.from}`;
-  const entry = conversation(name);
-  entry.preview = textOf(chat);
-  if (state.open && state.open.name === name) {
-    appendMessage(chat, false);
-    request({ markRead: { conversation: name, seq: chat.seq } });
-  } else {
-    entry.unacked += 1;
-  }
-  renderConversations();
-}
-
-function request(kind) {
-  const requestId = `r${state.nextRequest++}`;
-  const message = state.types.Request.fromObject({ requestId, ...kind });
-  const bytes = state.types.Request.encode(message).finish();
-  return new Promise((resolve) => {
-    state.pending.set(requestId, resolve);
-    state.client.publish(`im/u/${state.uid}/req`, bytes, { qos: 1 });
+// Events come in bursts (a digest, a page): draw once per frame.
+let drawing = null;
+function redraw() {
+  drawing ??= requestAnimationFrame(async () => {
+    drawing = null;
+    try {
+      await drawConversations();
+      if (open) await drawMessages();
+    } catch (error) {
+      showError(error.message);
+    }
   });
 }
 
-function conversation(name) {
-  if (!state.conversations.has(name)) state.conversations.set(name, { unacked: 0, preview: "" });
-  return state.conversations.get(name);
-}
-
-function renderConversations() {
+async function drawConversations() {
   const list = $("conversations");
-  list.replaceChildren();
-  for (const [name, entry] of state.conversations) {
+  const items = [];
+  for (const conversation of await client.conversations()) {
     const item = document.createElement("li");
-    item.dataset.conversation = name;
-    item.classList.toggle("open", state.open?.name === name);
-    const label = document.createElement("span");
-    label.textContent = name.slice(2);
+    item.dataset.conversation = conversation.id;
+    item.classList.toggle("open", conversation.id === open?.id);
+    const name = document.createElement("span");
+    name.className = "name";
+    name.textContent = conversation.id.slice(2);
     const preview = document.createElement("span");
     preview.className = "preview";
-    preview.textContent = entry.preview;
-    label.append(preview);
+    preview.textContent = conversation.lastMessage?.content.text ?? "";
+    name.append(preview);
     const badge = document.createElement("span");
     badge.className = "badge";
-    badge.textContent = entry.unacked > 0 ? String(entry.unacked) : "";
-    item.append(label, badge);
-    item.addEventListener("click", () => openConversation(name));
-    list.append(item);
+    badge.textContent = conversation.unread > 0 ? String(conversation.unread) : "";
+    item.append(name, badge);
+    item.addEventListener("click", () => openConversation(conversation.id));
+    items.push(item);
   }
+  list.replaceChildren(...items);
 }
 
-async function openConversation(name) {
-  state.open = { name, cursor: null, end: false, newest: 0 };
-  conversation(name);
-  $("title").textContent = name.slice(2);
-  $("messages").replaceChildren();
+async function openConversation(id) {
+  open = { id, limit: PAGE_SIZE, end: false, newest: 0 };
+  $("title").textContent = id.slice(2);
   $("send-form").hidden = false;
-  renderConversations();
-  await pullPage();
+  // A conversation with less than a page held locally gets its newest page at once.
+  if ((await client.messages(id, undefined, PAGE_SIZE)).length < PAGE_SIZE) await loadOlder(false);
+  redraw();
 }
 
-// The newest page not acknowledged yet; its Pull acknowledges the page shown before it.
-async function pullPage() {
-  const open = state.open;
-  const ack = open.cursor || undefined;
-  const response = await request({
-    pull: { conversation: open.name, pageSize: PAGE_SIZE, ack },
+async function loadOlder(more = true) {
+  const id = open.id;
+  try {
+    // Pages of messages already held (digest previews, live ones) are taken to acknowledge
+    // them and are not a step back for the person: fetch until something older comes.
+    let page;
+    do page = await client.fetchOlder(id, PAGE_SIZE);
+    while (!page.end && page.added === 0 && open?.id === id);
+    if (open?.id !== id) return;
+    open.end = page.end;
+    if (more) open.limit += PAGE_SIZE;
+  } catch (error) {
+    showError(error.message);
+  }
+  redraw();
+}
+
+/** What a person sees of an own message's delivery: a label and a class to style it. */
+function deliveryOf(message, readers) {
+  const delivery = message.delivery;
+  switch (delivery.state) {
+    case "sending":
+      return delivery.error ? ["retrying", `retrying: ${delivery.error}`] : ["sending", "sending…"];
+    case "failed":
+      return ["failed", `failed: ${delivery.reason}`];
+    default: {
+      const read = readers.filter(([uid, seq]) => uid !== client.uid && seq >= message.seq).length;
+      if (read === 0) return ["sent", "sent ✓"];
+      return ["read", open.id.startsWith("g/") ? `read by ${read} ✓✓` : "read ✓✓"];
+    }
+  }
+}
+
+async function drawMessages() {
+  const { id } = open;
+  const conversation = await client.conversation(id);
+  // One more than shown says whether older messages are held locally.
+  const held = await client.messages(id, undefined, open.limit + 1);
+  const shown = held.slice(0, open.limit).reverse();
+  open.newest = Math.max(open.newest, ...shown.map((m) => m.seq ?? 0));
+  const readers = await client.readers(id);
+  if (conversation && !id.startsWith("g/")) readers.push([id.slice(2), conversation.peerReadSeq]);
+  if (open?.id !== id) return;
+  const items = shown.map((message) => {
+    const item = document.createElement("li");
+    item.className = "message";
+    item.dataset.msgId = message.msgId;
+    if (message.seq) item.dataset.seq = String(message.seq);
+    const text = document.createElement("div");
+    text.className = "text";
+    text.textContent = message.content.text ?? `[${message.content.media?.mime ?? "media"}]`;
+    const meta = document.createElement("div");
+    meta.className = "meta";
+    const when = new Date(message.serverTime || message.time).toLocaleTimeString();
+    meta.textContent = `${message.from} · ${when}`;
+    if (message.from === client.uid) {
+      const [state, label] = deliveryOf(message, readers);
+      item.classList.add("mine", state);
+      const status = document.createElement("span");
+      status.className = "state";
+      status.textContent = ` · ${label}`;
+      meta.append(status);
+    }
+    item.append(text, meta);
+    return item;
   });
-  if (response.error) return showError(response.error.message);
-  const page = response.page;
-  for (const chat of page.messages) prependMessage(chat);
-  const entry = conversation(open.name);
-  entry.unacked = Math.max(0, entry.unacked - page.messages.length);
-  open.cursor = page.cursor;
-  open.end = page.end;
-  const newest = page.messages.length ? page.messages[0].seq : 0;
-  if (newest > open.newest) {
-    open.newest = newest;
-    request({ markRead: { conversation: open.name, seq: newest } });
+  const list = $("messages");
+  const atBottom = list.scrollTop + list.clientHeight >= list.scrollHeight - 4;
+  list.replaceChildren(...items);
+  if (atBottom) list.scrollTop = list.scrollHeight;
+  $("older").hidden = open.end && held.length <= open.limit;
+  // What is on screen is read.
+  if (conversation && conversation.unread > 0 && document.visibilityState === "visible" && !marking.has(id)) {
+    marking.add(id);
+    client
+      .markRead(id, conversation.maxSeq)
+      .catch((error) => showError(error.message))
+      .finally(() => marking.delete(id));
   }
-  if (open.end && open.cursor) {
-    // The last page has no Pull after it to acknowledge it.
-    request({ ack: { conversation: open.name, upTo: open.cursor.toSeq } });
-  }
-  $("older").hidden = open.end;
-  renderConversations();
 }
 
-$("older").addEventListener("click", () => pullPage());
+$("older").addEventListener("click", () => loadOlder());
 
 $("new-form").addEventListener("submit", (event) => {
   event.preventDefault();
   const peer = $("new-peer").value.trim();
-  if (peer) openConversation(`u/${peer}`);
+  if (!/^[A-Za-z0-9_.@-]{1,64}$/.test(peer)) return showError(`${JSON.stringify(peer)} is not a user id`);
   $("new-peer").value = "";
+  openConversation(`u/${peer}`);
 });
 
 $("send-form").addEventListener("submit", (event) => {
   event.preventDefault();
   const text = $("text").value;
-  if (!text || !state.open) return;
-  const peer = state.open.name.slice(2);
-  const chat = {
-    msgId: `${Date.now().toString(36)}-${Math.random().toString(36).slice(2, 10)}`,
-    to: peer,
-    ackFlg: true,
-    time: Date.now(),
-    msg: { text },
-  };
-  const envelope = state.types.Envelope.fromObject({ cmd: state.types.CMD_CHAT, time: chat.time, chat });
-  const bytes = state.types.Envelope.encode(envelope).finish();
-  appendMessage({ ...chat, from: state.uid, seq: 0 }, true);
-  state.client.publish(`im/u/${peer}`, bytes, { qos: 1 }, (error) => {
-    if (error) showError(`not sent: ${error.message}`);
-  });
-  conversation(state.open.name).preview = text;
+  if (!text || !open) return;
   $("text").value = "";
-  renderConversations();
+  // Shown at once (local echo); the SDK sends it, resends it after a reconnect or a reload,
+  // and reports each change of its state.
+  client.sendText(open.id, text).catch((error) => showError(error.message));
 });
 
-function markSent(result) {
-  const item = document.querySelector(`[data-msg-id="${CSS.escape(result.msgId)}"]`);
-  if (!item) return;
-  item.classList.add("sent");
-  item.querySelector(".meta").textContent = `✓ #${result.seq}`;
-}
-
-function textOf(chat) {
-  return chat.msg?.text ?? (chat.msg?.media ? "[media]" : "");
-}
-
-function messageItem(chat, pending) {
-  const item = document.createElement("li");
-  item.className = "message";
-  item.classList.toggle("mine", chat.from === state.uid);
-  item.dataset.msgId = chat.msgId;
-  item.dataset.seq = String(chat.seq);
-  const text = document.createElement("div");
-  text.textContent = textOf(chat);
-  const meta = document.createElement("div");
-  meta.className = "meta";
-  meta.textContent = pending ? "sending…" : `${chat.from} #${chat.seq}`;
-  item.append(text, meta);
-  return item;
-}
-
-function prependMessage(chat) {
-  $("messages").prepend(messageItem(chat, false));
-}
-
-function appendMessage(chat, pending) {
-  const list = $("messages");
-  list.append(messageItem(chat, pending));
-  list.scrollTop = list.scrollHeight;
-}
+document.addEventListener("visibilitychange", redraw);

@@ -5,32 +5,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use mqtt_im_client::{ConversationId, Delivery, Event, MemoryStore, SqliteStore};
+use mqtt_im_client::{ConversationId, Event, MemoryStore, SqliteStore};
 use rumqttc::{AsyncClient, Event as MqttEvent, MqttOptions, Packet, QoS};
 
 use crate::common::*;
 use crate::sdk::*;
-
-impl App {
-    /// Waits until each of these messages of this user is stored by the server.
-    async fn wait_all_sent(&self, msg_ids: &[&str]) {
-        eventually(|| async {
-            let mut all = true;
-            for id in msg_ids {
-                let message = self
-                    .client
-                    .messages(&with("bob"), None, 1000)
-                    .await
-                    .unwrap();
-                all &= message
-                    .iter()
-                    .any(|m| m.msg_id == *id && m.delivery == Delivery::Sent);
-            }
-            all
-        })
-        .await;
-    }
-}
 
 #[tokio::test]
 async fn a_send_through_a_broker_sigkill_and_an_app_restart_is_delivered_exactly_once() {

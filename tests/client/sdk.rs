@@ -11,7 +11,7 @@ use mqtt_im_client::{
 };
 use tokio::sync::broadcast;
 
-use crate::common::WAIT;
+use crate::common::{eventually, WAIT};
 
 /// An SDK client for `uid` (password "pw") on device `device`, with its events.
 pub struct App {
@@ -85,6 +85,25 @@ impl App {
             _ => None,
         })
         .await
+    }
+
+    /// Waits until each of these messages of this user to bob is stored by the server.
+    pub async fn wait_all_sent(&self, msg_ids: &[&str]) {
+        eventually(|| async {
+            let mut all = true;
+            for id in msg_ids {
+                let message = self
+                    .client
+                    .messages(&with("bob"), None, 1000)
+                    .await
+                    .unwrap();
+                all &= message
+                    .iter()
+                    .any(|m| m.msg_id == *id && m.delivery == Delivery::Sent);
+            }
+            all
+        })
+        .await;
     }
 
     /// Waits for a new message whose text is `text`.

@@ -4,7 +4,7 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use mqtt_im_client::{Delivery, Event, MemoryStore};
+use mqtt_im_client::{pb, ClientError, Delivery, Event, MemoryStore};
 
 use crate::common::*;
 use crate::sdk::*;
@@ -213,4 +213,54 @@ async fn a_refused_message_fails_for_good_and_the_next_one_still_goes() {
     assert_eq!(failed, 0x97, "too large: quota exceeded");
     let small = alice.client.send_text(&with("bob"), "small").await.unwrap();
     assert_eq!(alice.wait_sent(&small.msg_id).await.seq, Some(1));
+}
+
+#[tokio::test]
+async fn over_the_publish_rate_a_request_is_refused_and_messages_are_retried_until_sent() {
+    let broker = TestBroker::start_with(|config| {
+        config.limits.publish_rate = 5;
+        config.limits.publish_burst = 3;
+    })
+    .await;
+    // Connecting spends two of the three (MyGroups, ClearCounters), the first message the third.
+    // A refused publish is charged too, so retries must be slower than the rate (the test's
+    // backoff tops out at 400 ms, 2.5 a second).
+    let mut alice = online(broker.addr, "alice", "alice-phone").await;
+    // Bob, under the same limit, takes them live (receiving is not publishing).
+    let mut bob = online(broker.addr, "bob", "bob-phone").await;
+    let mut sent = Vec::new();
+    for n in 1..=4 {
+        let message = alice
+            .client
+            .send_text(&with("bob"), format!("m{n}"))
+            .await
+            .unwrap();
+        sent.push(message.msg_id);
+    }
+    let refused = alice
+        .client
+        .request(pb::request::Kind::MyGroups(pb::MyGroups {}))
+        .await;
+    assert!(
+        matches!(&refused, Err(ClientError::Refused { code: 0x97, reason }) if reason.contains("rate")),
+        "{refused:?}"
+    );
+    alice
+        .wait_for("a message retried over the rate", |e| match e {
+            Event::Updated(m) => match &m.delivery {
+                Delivery::Sending {
+                    error: Some(error), ..
+                } => error.contains("rate").then_some(()),
+                _ => None,
+            },
+            _ => None,
+        })
+        .await;
+    let ids: Vec<&str> = sent.iter().map(String::as_str).collect();
+    alice.wait_all_sent(&ids).await;
+    let mine = alice.client.messages(&with("bob"), None, 10).await.unwrap();
+    let seqs: Vec<Option<u64>> = mine.iter().map(|m| m.seq).collect();
+    assert_eq!(seqs, [4, 3, 2, 1].map(Some), "in order, each once");
+    bob.wait_message("m4").await;
+    assert_eq!(bob.texts(&with("alice")).await, ["m1", "m2", "m3", "m4"]);
 }

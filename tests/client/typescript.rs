@@ -1,6 +1,7 @@
 //! The TypeScript SDK (`clients/typescript`) against a real mqtt-im: its own test file, run
 //! with Node's test runner, talks to this broker over MQTT (and through a proxy of its own
-//! that drops the network or loses answers). `scripts/sdk-ts.sh` installs and builds it.
+//! that drops the network or loses answers, and SIGKILLs an mqtt-im process of its own).
+//! `scripts/sdk-ts.sh` installs and builds it.
 
 use std::path::Path;
 use std::process::Command;
@@ -26,6 +27,7 @@ async fn the_typescript_sdk_passes_its_suite_against_a_real_broker() {
         .args(["--test", "--test-reporter=spec", "test/"])
         .current_dir(project.join("clients/typescript"))
         .env("BROKER_URL", format!("mqtt://{}", broker.addr))
+        .env("MQTT_IM_BIN", env!("CARGO_BIN_EXE_mqtt-im"))
         .output()
         .await
         .unwrap();
@@ -35,5 +37,5 @@ async fn the_typescript_sdk_passes_its_suite_against_a_real_broker() {
         output.status.success(),
         "node --test failed:\n{printed}\n{errors}"
     );
-    assert!(printed.contains("pass 6"), "{printed}");
+    assert!(printed.contains("pass 7"), "{printed}");
 }

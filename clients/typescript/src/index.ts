@@ -68,6 +68,19 @@ interface Pending {
 }
 
 const HOLE_PAGE = 100;
+
+/** Why the broker did not take a publish: its PUBACK reason code (0: the link dropped) and words. */
+interface Refusal {
+  code: number;
+  reason: string;
+}
+
+function refusalOf(error: Error | undefined, packet: unknown): Refusal {
+  const code = (error as (Error & { code?: number }) | undefined)?.code ?? 0;
+  // The server's reason string says more than MQTT.js's name for the code.
+  const said = (packet as { properties?: { reasonString?: string } } | undefined)?.properties?.reasonString;
+  return { code, reason: said || (error?.message ?? "").replace(/^Publish error: /, "") };
+}
 const randomId = () => Array.from(crypto.getRandomValues(new Uint8Array(16)), (b) => b.toString(16).padStart(2, "0")).join("");
 
 export class Client {
@@ -206,7 +219,13 @@ export class Client {
       // A request waiting for its answer does not keep a Node process alive.
       (timer as { unref?: () => void }).unref?.();
       this.requests.set(requestId, { resolve, reject, timer });
-      this.mqtt.publish(`${this.inbox}/req`, Buffer.from(payload), { qos: 1 });
+      this.mqtt.publish(`${this.inbox}/req`, Buffer.from(payload), { qos: 1 }, (error, packet) => {
+        // A request the broker refused (over the publish rate, say) will get no answer.
+        const refusal = refusalOf(error, packet);
+        if (!refusal.code || !this.requests.delete(requestId)) return;
+        clearTimeout(timer);
+        reject(new ClientError(refusal.reason, "REFUSED"));
+      });
     });
   }
 
@@ -272,17 +291,15 @@ export class Client {
       await this.options.store.update(message);
       if (attempts > 1) this.emit({ type: "updated", message });
     }
-    this.mqtt.publish(item.topic, Buffer.from(item.payload), { qos: 1 }, (error) => {
-      if (error) this.serial(() => this.refused(item, error as Error & { code?: number }, attempts));
+    this.mqtt.publish(item.topic, Buffer.from(item.payload), { qos: 1 }, (error, packet) => {
+      if (error) this.serial(() => this.refused(item, refusalOf(error, packet), attempts));
     });
   }
 
-  private async refused(item: OutboxItem, error: Error & { code?: number }, attempts: number) {
+  private async refused(item: OutboxItem, { code, reason }: Refusal, attempts: number) {
     if (this.inFlight.get(item.conversation) === item.msgId) this.inFlight.delete(item.conversation);
     const message = await this.options.store.message(this.uid, item.msgId);
     if (!message || message.delivery.state !== "sending") return;
-    const code = error.code ?? 0;
-    const reason = error.message.replace(/^Publish error: /, "");
     // No code: the connection dropped (resent at the next connect). 0x80: the store is
     // unavailable; 0x97 with "rate": too fast. Both are retried later.
     if (code === 0) return;

@@ -1,11 +1,17 @@
 // @mqtt-im/client against a real mqtt-im (started by the Rust suite, tests/client/typescript.rs,
-// which sets BROKER_URL and creates users t1..t20 with password "pw", digest previews of 1).
+// which sets BROKER_URL and creates users t1..t20 with password "pw", digest previews of 1,
+// and names the mqtt-im binary in MQTT_IM_BIN for the test that SIGKILLs a broker of its own).
 // A TCP proxy of the test's own drops the network or loses the server's answers.
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import net from "node:net";
+import { spawn } from "node:child_process";
+import { mkdtemp, rm } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { createInterface } from "node:readline";
 import "fake-indexeddb/auto";
 import { Client, MemoryStore, IndexedDbStore } from "../dist/index.js";
+import { proxy as tcpProxy } from "../testing/proxy.mjs";
 
 const broker = new URL(process.env.BROKER_URL ?? "mqtt://127.0.0.1:1883");
 const WAIT = 10_000;
@@ -55,29 +61,32 @@ async function eventually(condition) {
   }
 }
 
-/** A proxy to the broker: "up", "mute" (the broker's bytes are dropped) or "down". */
+/** A proxy to the suite's broker, with a `url` for clients. */
 async function proxy() {
-  const sockets = new Set();
-  let mode = "up";
-  const server = net.createServer((inbound) => {
-    if (mode === "down") return inbound.destroy();
-    const outbound = net.connect(Number(broker.port), broker.hostname);
-    sockets.add(inbound).add(outbound);
-    inbound.on("data", (chunk) => outbound.write(chunk));
-    outbound.on("data", (chunk) => mode !== "mute" && inbound.write(chunk));
-    const end = () => { inbound.destroy(); outbound.destroy(); };
-    inbound.on("close", end).on("error", end);
-    outbound.on("close", end).on("error", end);
+  const link = await tcpProxy(broker.port, broker.hostname);
+  return Object.assign(link, { url: `mqtt://127.0.0.1:${link.port}` });
+}
+
+/** Runs the mqtt-im binary on `dir` (its SQLite store survives a restart); resolves once it listens. */
+function spawnBroker(dir) {
+  const binary = process.env.MQTT_IM_BIN;
+  if (!binary) throw new Error("MQTT_IM_BIN does not name the mqtt-im binary");
+  const env = { ...process.env, MQTT_IM__LISTENERS__MQTT: "127.0.0.1:0", MQTT_IM__STORE__PATH: join(dir, "im.db"), MQTT_IM__AUTH__PLAINTEXT: "true" };
+  delete env.RUST_LOG;
+  for (const uid of ["T21", "T22"]) env[`MQTT_IM__AUTH__USERS__${uid}`] = "pw";
+  const child = spawn(binary, [], { env, stdio: ["ignore", "pipe", "inherit"] });
+  return new Promise((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error("mqtt-im did not start")), WAIT);
+    const lines = createInterface({ input: child.stdout });
+    lines.once("line", (line) => {
+      clearTimeout(timer);
+      const port = /^mqtt-im listening on 127\.0\.0\.1:(\d+)$/.exec(line)?.[1];
+      if (!port) return reject(new Error(`unexpected first line ${JSON.stringify(line)}`));
+      lines.on("line", () => undefined); // drained for as long as it lives
+      resolve({ port, exited: new Promise((done) => child.once("exit", done)), kill: () => child.kill("SIGKILL") });
+    });
+    child.once("error", reject);
   });
-  await new Promise((resolve) => server.listen(0, "127.0.0.1", resolve));
-  return {
-    url: `mqtt://127.0.0.1:${server.address().port}`,
-    set(next) {
-      mode = next;
-      if (next === "down") for (const socket of sockets) socket.destroy();
-    },
-    close: () => { for (const socket of sockets) socket.destroy(); server.close(); },
-  };
 }
 
 test("a send is echoed at once, sent with its seq, received live, unread, then read", async () => {
@@ -200,4 +209,40 @@ test("the outbox survives a restart of the app (IndexedDB) and is sent once", as
   assert.deepEqual(await texts(bob, "u/t13"), ["written offline"]);
   await Promise.all([again.close(), bob.close()]);
   link.close();
+});
+
+test("a send through a broker SIGKILL and an app restart is delivered exactly once", async () => {
+  const dir = await mkdtemp(join(tmpdir(), "mqtt-im-sigkill-"));
+  let node = await spawnBroker(dir);
+  const link = await tcpProxy(node.port);
+  const url = `mqtt://127.0.0.1:${link.port}`;
+  const alice = await start("t21", "t21-web", { url, store: await IndexedDbStore.open("t21-web") });
+  await alice.waitFor("online", online, { past: true });
+  const first = await alice.sendText("u/t22", "before the kill");
+  node.kill();
+  await node.exited;
+  await alice.waitFor("offline", offline, { past: true });
+  const second = await alice.sendText("u/t22", "while it is down");
+  // The app's process ends too; it starts again on the same IndexedDB database.
+  await alice.close();
+  node = await spawnBroker(dir);
+  link.retarget(node.port);
+  try {
+    const again = await start("t21", "t21-web", { url, store: await IndexedDbStore.open("t21-web") });
+    await eventually(async () => {
+      const held = await again.messages("u/t22");
+      return held.length === 2 && held.every((m) => m.delivery.state === "sent");
+    });
+    const mine = await again.messages("u/t22");
+    assert.deepEqual(mine.map((m) => [m.msgId, m.seq]), [[second.msgId, 2], [first.msgId, 1]], "sent in order, each once");
+    const bob = await start("t22", "t22-web", { url: `mqtt://127.0.0.1:${node.port}` });
+    await bob.waitFor("online", online, { past: true });
+    while (!(await bob.fetchOlder("u/t21")).end);
+    assert.deepEqual(await texts(bob, "u/t21"), ["before the kill", "while it is down"]);
+    await Promise.all([again.close(), bob.close()]);
+  } finally {
+    node.kill();
+    link.close();
+    await rm(dir, { recursive: true, force: true });
+  }
 });
