@@ -8,6 +8,9 @@
 //! - `reconnect`: N messages into one user's inbox from C senders while it is offline (the
 //!   offline store's throughput, PUBACK after commit), then SUBSCRIBE → digest on mqtt-im,
 //!   against bare rumqttd pushing the same backlog to a persistent session.
+//! - `catchup`: a device away for N messages in C conversations (10,000 in 100): time and
+//!   bytes until an app on the Rust SDK shows exact badges, against bare rumqttd pushing the
+//!   same backlog to a persistent session (`--link-bytes-per-s` paces a slow link).
 //! - `pull`: Pull latency (pages of 50, each acknowledging the one before) with M stored
 //!   messages.
 //! - `idle`: resident memory per idle connection (20,000 by default, as many as the
@@ -42,6 +45,8 @@ use mqtt_im::{Config, Server};
 use prost::Message;
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
 
+#[path = "harness/catchup.rs"]
+mod catchup;
 #[path = "harness/cluster.rs"]
 mod cluster;
 
@@ -75,6 +80,9 @@ enum Scenario {
     Pubsub(PubsubArgs),
     /// Offline store throughput, then the digest against a pushed backlog.
     Reconnect(ReconnectArgs),
+    /// A device away for 10,000 messages in 100 conversations: time and bytes until an app on
+    /// the SDK shows the badges, against the same backlog pushed by bare rumqttd.
+    Catchup(catchup::CatchupArgs),
     /// Pull latency over a large store.
     Pull(PullArgs),
     /// Memory per idle connection of mqtt-im and of bare rumqttd, each its own process.
@@ -218,6 +226,7 @@ fn main() -> Result<(), Error> {
         match &cli.scenario {
             Scenario::Pubsub(args) => pubsub(&cli, args).await,
             Scenario::Reconnect(args) => reconnect(&cli, args).await,
+            Scenario::Catchup(args) => catchup::run(&cli, args).await,
             Scenario::Pull(args) => pull(&cli, args).await,
             Scenario::Idle(args) => idle(args).await,
             Scenario::Connect(args) => connect_rate(&cli, args).await,
