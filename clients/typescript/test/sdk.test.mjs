@@ -1,5 +1,6 @@
 // @mqtt-im/client against a real mqtt-im (started by the Rust suite, tests/client/typescript.rs,
-// which sets BROKER_URL and creates users t1..t20 with password "pw", digest previews of 1,
+// which sets BROKER_URL and creates users t1..t20 and s1..s100 with password "pw", digest
+// previews of 1,
 // and names the mqtt-im binary in MQTT_IM_BIN for the test that SIGKILLs a broker of its own).
 // A TCP proxy of the test's own drops the network or loses the server's answers.
 import { test } from "node:test";
@@ -10,7 +11,8 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { createInterface } from "node:readline";
 import "fake-indexeddb/auto";
-import { Client, MemoryStore, IndexedDbStore } from "../dist/index.js";
+import mqtt from "mqtt";
+import { Client, MemoryStore, IndexedDbStore, pb } from "../dist/index.js";
 import { proxy as tcpProxy } from "../testing/proxy.mjs";
 
 const broker = new URL(process.env.BROKER_URL ?? "mqtt://127.0.0.1:1883");
@@ -169,6 +171,37 @@ test("an offline device catches up to exact badges from the digest alone", async
   assert.equal(unread.total, 6);
   assert.deepEqual(Object.fromEntries(unread.conversations), { "u/t7": 1, "u/t8": 2, "u/t9": 3 });
   assert.ok((await bob.messages("u/t9")).length < 3, "only previews came");
+  await bob.close();
+});
+
+/** `each` chat messages from `sender` (a plain MQTT.js client, publishes pipelined) to `to`. */
+async function flood(sender, to, each) {
+  const client = await mqtt.connectAsync(broker.href, { clientId: `${sender}-flood`, username: sender, password: "pw", protocolVersion: 5 });
+  const publishes = Array.from({ length: each }, (_, n) => {
+    const envelope = pb.Envelope.encode({
+      cmd: pb.Cmd.CMD_CHAT,
+      chat: { v: 1, msgId: `${sender}-${n}`, to, chatType: pb.ChatType.CHAT_TYPE_SINGLE, msg: { text: `${sender} ${n}` } },
+    }).finish();
+    return client.publishAsync(`im/u/${to}`, Buffer.from(envelope), { qos: 1 });
+  });
+  await Promise.all(publishes);
+  await client.endAsync();
+}
+
+test("a device away for 10,000 messages in 100 conversations catches up to exact badges", async () => {
+  const store = new MemoryStore();
+  const before = await start("t15", "t15-web", { store });
+  await before.waitFor("online", online, { past: true });
+  await before.close();
+  const senders = Array.from({ length: 100 }, (_, n) => `s${n + 1}`);
+  await Promise.all(senders.map((sender) => flood(sender, "t15", 100)));
+  const bob = await start("t15", "t15-web", { store });
+  await bob.waitFor("online", online, { past: true });
+  const unread = await bob.unread();
+  assert.equal(unread.total, 10_000);
+  assert.equal(unread.conversations.length, 100);
+  assert.ok(unread.conversations.every(([, count]) => count === 100), JSON.stringify(unread.conversations));
+  assert.equal((await bob.messages("u/s1")).length, 1, "only the digest's preview came");
   await bob.close();
 });
 
