@@ -754,18 +754,7 @@ async fn reconnect(cli: &Cli, args: &ReconnectArgs) -> Result<(), Error> {
     );
     shutdown.cancel();
 
-    // Bare rumqttd: a persistent session gets the whole backlog pushed at reconnect.
-    let bare_addr = bare_rumqttd(true)?;
-    let (bob, mut events) = connected(bare_addr, "bob", false, 10).await?;
-    bob.subscribe("im/u/bob", QoS::AtLeastOnce).await?;
-    loop {
-        if let Event::Incoming(Packet::SubAck(_)) = events.poll().await? {
-            break;
-        }
-    }
-    bob.disconnect().await?;
-    while events.poll().await.is_ok() {}
-    let filled = fill_inbox(bare_addr, args, "s").await?;
+    let (bare_addr, filled) = bare_backlog(args).await?;
     println!(
         "{:>22}: {:.0} msg/s accepted (PUBACK, nothing stored), {total} in {:.2} s",
         "bare rumqttd",
@@ -798,6 +787,23 @@ async fn reconnect(cli: &Cli, args: &ReconnectArgs) -> Result<(), Error> {
     );
     print_rss();
     Ok(())
+}
+
+/// Bare rumqttd with bob's persistent session holding the backlog of `args` (pushed to him
+/// at his next CONNECT); returns its address and how long filling took.
+async fn bare_backlog(args: &ReconnectArgs) -> Result<(SocketAddr, Duration), Error> {
+    let addr = bare_rumqttd(true)?;
+    let (bob, mut events) = connected(addr, "bob", false, 10).await?;
+    bob.subscribe("im/u/bob", QoS::AtLeastOnce).await?;
+    loop {
+        if let Event::Incoming(Packet::SubAck(_)) = events.poll().await? {
+            break;
+        }
+    }
+    bob.disconnect().await?;
+    while events.poll().await.is_ok() {}
+    let filled = fill_inbox(addr, args, "s").await?;
+    Ok((addr, filled))
 }
 
 async fn wait_digest(events: &mut EventLoop) -> Result<(pb::Digest, usize), Error> {

@@ -14,11 +14,13 @@ use clap::Args;
 use mqtt_im_client::{
     Client, ClientOptions, ConnectionState, Event as ClientEvent, LocalStore, Server, SqliteStore,
 };
-use rumqttc::{Event, Packet, QoS};
+use rumqttc::{Event, Packet};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use super::{backend_name, bare_rumqttd, connected, fill_inbox, mqtt_im_with, Cli, Error, ReconnectArgs};
+use super::{
+    backend_name, bare_backlog, connected, fill_inbox, mqtt_im_with, Cli, Error, ReconnectArgs,
+};
 
 #[derive(Debug, Clone, Args)]
 pub(crate) struct CatchupArgs {
@@ -69,7 +71,10 @@ pub(crate) async fn run(cli: &Cli, args: &CatchupArgs) -> Result<(), Error> {
         backend_name(cli)
     );
     let app = sdk_side(cli, &backlog, total, args.link_bytes_per_s).await?;
-    app.print("mqtt-im + SDK", &format!("{total} unread shown in {} badges", args.conversations));
+    app.print(
+        "mqtt-im + SDK",
+        &format!("{total} unread shown in {} badges", args.conversations),
+    );
     let pushed = bare_side(&backlog, total, args.link_bytes_per_s).await?;
     pushed.print("bare rumqttd", &format!("{total} messages pushed"));
     println!(
@@ -135,18 +140,7 @@ async fn sdk_side(
 }
 
 async fn bare_side(backlog: &ReconnectArgs, total: usize, link: u64) -> Result<CaughtUp, Error> {
-    let addr = bare_rumqttd(true)?;
-    let (bob, mut events) = connected(addr, "bob", false, 10).await?;
-    bob.subscribe("im/u/bob", QoS::AtLeastOnce).await?;
-    loop {
-        if let Event::Incoming(Packet::SubAck(_)) = events.poll().await? {
-            break;
-        }
-    }
-    bob.disconnect().await?;
-    while events.poll().await.is_ok() {}
-    fill_inbox(addr, backlog, "s").await?;
-
+    let (addr, _) = bare_backlog(backlog).await?;
     let relay = Relay::start(addr, link).await?;
     let started = Instant::now();
     let (_bob, mut events) = connected(relay.addr, "bob", false, 10).await?;
@@ -155,7 +149,9 @@ async fn bare_side(backlog: &ReconnectArgs, total: usize, link: u64) -> Result<C
         match tokio::time::timeout(Duration::from_secs(30), events.poll()).await {
             Ok(Ok(Event::Incoming(Packet::Publish(_)))) => received += 1,
             Ok(Ok(_)) => {}
-            Ok(Err(e)) => return Err(format!("bare rumqttd: {e} after {received} of {total}").into()),
+            Ok(Err(e)) => {
+                return Err(format!("bare rumqttd: {e} after {received} of {total}").into())
+            }
             Err(_) => return Err(format!("bare rumqttd pushed {received} of {total}").into()),
         }
     }
