@@ -131,6 +131,15 @@ pub(crate) struct Engine {
 type Result<T, E = ClientError> = std::result::Result<T, E>;
 
 /// Runs a store call off the async workers.
+/// A conversation's badge: messages after the read cursor, less `uid`'s own.
+fn unread_in(
+    store: &dyn LocalStore,
+    record: &ConversationRecord,
+    uid: &str,
+) -> Result<u64, crate::store::StoreError> {
+    Ok(record.unread(store.count_from(&record.id, uid, record.read_seq)?))
+}
+
 async fn blocking<T: Send + 'static>(
     store: &Arc<dyn LocalStore>,
     call: impl FnOnce(&dyn LocalStore) -> Result<T, crate::store::StoreError> + Send + 'static,
@@ -871,42 +880,63 @@ impl Engine {
 
     /// Stores `messages` (new ones only) with `record`, confirms own messages found among
     /// them, and tells the app. Returns how many were new.
-    async fn apply(
+    async fn apply(&mut self, record: ConversationRecord, messages: Vec<Message>) -> Result<usize> {
+        let added = self.apply_all(vec![(record, messages)]).await?;
+        Ok(added.into_iter().sum())
+    }
+
+    /// [`apply`](Self::apply) for several conversations in one store transaction (a
+    /// digest); returns how many messages were new in each.
+    async fn apply_all(
         &mut self,
-        mut record: ConversationRecord,
-        messages: Vec<Message>,
-    ) -> Result<usize> {
-        for message in &messages {
-            if let Some(seq) = message.seq {
-                record.hold(seq);
-            }
-            record.last_time = record.last_time.max(message.server_time.unwrap_or(0));
-        }
-        // The badge as stored before this change (callers hand over a record they moved).
-        let stored = self
-            .record(&record.id)
-            .await
-            .unwrap_or_else(|| ConversationRecord::new(record.id.clone()));
-        let before = self.unread_of(&stored).await;
-        let (saved, batch) = (record.clone(), messages.clone());
-        let new = blocking(&self.store, move |store| store.insert(&saved, &batch)).await?;
-        let mut added = 0;
-        for (message, new) in messages.into_iter().zip(new) {
-            if new {
-                added += 1;
-                self.emit(Event::Message(message));
-            } else if message.from == self.uid {
-                self.confirm_own(message, &record).await;
+        mut batch: Vec<(ConversationRecord, Vec<Message>)>,
+    ) -> Result<Vec<usize>> {
+        for (record, messages) in &mut batch {
+            for message in messages.iter() {
+                if let Some(seq) = message.seq {
+                    record.hold(seq);
+                }
+                record.last_time = record.last_time.max(message.server_time.unwrap_or(0));
             }
         }
-        let after = self.unread_of(&record).await;
-        if after != before {
-            self.emit(Event::Unread {
-                conversation: record.id.clone(),
-                unread: after,
-            });
+        let (saved, uid) = (batch.clone(), self.uid.clone());
+        let (new, badges) = blocking(&self.store, move |store| {
+            // Each badge as stored before this change (callers hand over records they moved).
+            let mut before = Vec::with_capacity(saved.len());
+            for (record, _) in &saved {
+                let stored = store
+                    .conversation(&record.id)?
+                    .unwrap_or_else(|| ConversationRecord::new(record.id.clone()));
+                before.push(unread_in(store, &stored, &uid)?);
+            }
+            let new = store.insert_all(&saved)?;
+            let mut badges = Vec::with_capacity(saved.len());
+            for ((record, _), before) in saved.iter().zip(before) {
+                badges.push((before, unread_in(store, record, &uid)?));
+            }
+            Ok((new, badges))
+        })
+        .await?;
+        let mut added_per_conversation = Vec::with_capacity(batch.len());
+        for (((record, messages), new), (before, after)) in batch.into_iter().zip(new).zip(badges) {
+            let mut added = 0;
+            for (message, new) in messages.into_iter().zip(new) {
+                if new {
+                    added += 1;
+                    self.emit(Event::Message(message));
+                } else if message.from == self.uid {
+                    self.confirm_own(message, &record).await;
+                }
+            }
+            if after != before {
+                self.emit(Event::Unread {
+                    conversation: record.id.clone(),
+                    unread: after,
+                });
+            }
+            added_per_conversation.push(added);
         }
-        Ok(added)
+        Ok(added_per_conversation)
     }
 
     /// An own message that came back from the server (History, a digest) while this device
@@ -929,15 +959,6 @@ impl Engine {
         self.save_message(local, Some(record.clone())).await;
     }
 
-    /// Unread = messages after the read cursor, less this user's own.
-    async fn unread_of(&self, record: &ConversationRecord) -> u64 {
-        let (id, uid, after) = (record.id.clone(), self.uid.clone(), record.read_seq);
-        let own = blocking(&self.store, move |store| store.count_from(&id, &uid, after))
-            .await
-            .unwrap_or(0);
-        record.unread(own)
-    }
-
     async fn live(&mut self, conversation: ConversationId, envelope: pb::Envelope) {
         let Some(pb::envelope::Body::Chat(chat)) = envelope.body else {
             return;
@@ -954,17 +975,39 @@ impl Engine {
         self.fill_holes(&conversation).await;
     }
 
+    /// Applies the digest; it is confirmed (`ClearCounters`) only once stored, so a digest
+    /// the local store could not take comes again at the next connect.
     async fn digest(&mut self, digest: pb::Digest) {
-        for (name, session) in digest.sessions {
+        let version = digest.version;
+        match self.store_digest(digest.sessions).await {
+            Ok(()) => {
+                let clear = pb::ClearCounters { version };
+                self.request(pb::request::Kind::ClearCounters(clear), Waiting::Nothing);
+            }
+            Err(error) => tracing::warn!(%error, "digest not stored"),
+        }
+        self.emit(Event::Connection(ConnectionState::Online));
+    }
+
+    async fn store_digest(&mut self, sessions: HashMap<String, pb::Session>) -> Result<()> {
+        let known: HashMap<ConversationId, ConversationRecord> =
+            blocking(&self.store, |store| store.conversations())
+                .await?
+                .into_iter()
+                .map(|r| (r.id.clone(), r))
+                .collect();
+        let mut batch = Vec::with_capacity(sessions.len());
+        let mut readers_moved = Vec::new();
+        for (name, session) in sessions {
             let Some(conversation) = ConversationId::parse(&name) else {
                 continue;
             };
             if let Some(gid) = conversation.gid() {
                 self.group_changed(gid.to_owned(), true).await;
             }
-            let mut record = self
-                .record(&conversation)
-                .await
+            let mut record = known
+                .get(&conversation)
+                .cloned()
                 .unwrap_or_else(|| ConversationRecord::new(conversation.clone()));
             record.max_seq = record.max_seq.max(session.max_seq);
             record.read_seq = record.read_seq.max(session.read_seq);
@@ -979,30 +1022,32 @@ impl Engine {
                     count: session.missed,
                 });
             }
-            let moved = session.peer_read_seq > record.peer_read_seq;
+            if session.peer_read_seq > record.peer_read_seq {
+                if let Some(peer) = conversation.peer() {
+                    readers_moved.push((
+                        conversation.clone(),
+                        peer.to_owned(),
+                        session.peer_read_seq,
+                    ));
+                }
+            }
             record.peer_read_seq = record.peer_read_seq.max(session.peer_read_seq);
             let previews: Vec<Message> = session
                 .last_msgs
                 .into_iter()
                 .map(|chat| Message::from_wire(conversation.clone(), chat, &self.uid))
                 .collect();
-            if let Err(error) = self.apply(record.clone(), previews).await {
-                tracing::warn!(%error, "digest not stored");
-                continue;
-            }
-            if moved {
-                if let Some(peer) = conversation.peer() {
-                    self.reader_moved(&conversation, peer.to_owned(), session.peer_read_seq)
-                        .await;
-                }
-            }
-            self.fill_holes(&conversation).await;
+            batch.push((record, previews));
         }
-        let clear = pb::ClearCounters {
-            version: digest.version,
-        };
-        self.request(pb::request::Kind::ClearCounters(clear), Waiting::Nothing);
-        self.emit(Event::Connection(ConnectionState::Online));
+        let conversations: Vec<ConversationId> = batch.iter().map(|(r, _)| r.id.clone()).collect();
+        self.apply_all(batch).await?;
+        for (conversation, peer, read_seq) in readers_moved {
+            self.reader_moved(&conversation, peer, read_seq).await;
+        }
+        for conversation in &conversations {
+            self.fill_holes(conversation).await;
+        }
+        Ok(())
     }
 
     async fn read_moved(&mut self, conversation: &ConversationId, read_seq: u64) {

@@ -75,16 +75,21 @@ impl LocalStore for MemoryStore {
         Ok(self.lock().conversations.values().cloned().collect())
     }
 
-    fn insert(
+    fn insert_all(
         &self,
-        conversation: &ConversationRecord,
-        messages: &[Message],
-    ) -> Result<Vec<bool>, StoreError> {
+        batch: &[(ConversationRecord, Vec<Message>)],
+    ) -> Result<Vec<Vec<bool>>, StoreError> {
         let mut state = self.lock();
-        state
-            .conversations
-            .insert(conversation.id.clone(), conversation.clone());
-        Ok(messages.iter().map(|m| state.add(m)).collect())
+        let new = batch
+            .iter()
+            .map(|(conversation, messages)| {
+                state
+                    .conversations
+                    .insert(conversation.id.clone(), conversation.clone());
+                messages.iter().map(|m| state.add(m)).collect()
+            })
+            .collect();
+        Ok(new)
     }
 
     fn enqueue(&self, message: &Message, item: &OutboxItem) -> Result<(), StoreError> {

@@ -148,13 +148,22 @@ pub trait LocalStore: Send + Sync + 'static {
     fn conversation(&self, id: &ConversationId) -> Result<Option<ConversationRecord>, StoreError>;
     /// Every conversation.
     fn conversations(&self) -> Result<Vec<ConversationRecord>, StoreError>;
-    /// Saves `conversation` and inserts the messages not held yet (by sender and `msg_id`);
-    /// returns which were new.
+    /// Saves each conversation and inserts its messages not held yet (by sender and
+    /// `msg_id`), all in one transaction (a digest touches every conversation at once);
+    /// returns, per conversation, which messages were new.
+    fn insert_all(
+        &self,
+        batch: &[(ConversationRecord, Vec<Message>)],
+    ) -> Result<Vec<Vec<bool>>, StoreError>;
+    /// [`insert_all`](Self::insert_all) for one conversation.
     fn insert(
         &self,
         conversation: &ConversationRecord,
         messages: &[Message],
-    ) -> Result<Vec<bool>, StoreError>;
+    ) -> Result<Vec<bool>, StoreError> {
+        let mut new = self.insert_all(&[(conversation.clone(), messages.to_vec())])?;
+        Ok(new.pop().unwrap_or_default())
+    }
     /// Saves a message written here and its outbox entry (local echo and outbox at once).
     fn enqueue(&self, message: &Message, item: &OutboxItem) -> Result<(), StoreError>;
     /// Replaces a message (by sender and `msg_id`); with `done`, its outbox entry is removed
@@ -260,6 +269,22 @@ mod tests {
         record.hold(2);
         assert_eq!(store.insert(&record, &again).unwrap(), vec![false, true]);
         assert_eq!(store.conversation(&bob).unwrap().unwrap(), record);
+        // Several conversations at once (a digest), each with its own answer.
+        let carol = ConversationId::direct("carol");
+        let mut carols = ConversationRecord::new(carol.clone());
+        carols.hold(1);
+        let batch = [
+            (record.clone(), vec![message(&bob, "bob", "m2", Some(2))]),
+            (
+                carols.clone(),
+                vec![message(&carol, "carol", "c1", Some(1))],
+            ),
+        ];
+        assert_eq!(
+            store.insert_all(&batch).unwrap(),
+            vec![vec![false], vec![true]]
+        );
+        assert_eq!(store.conversation(&carol).unwrap().unwrap(), carols);
 
         let mine = message(&bob, "alice", "a1", None);
         let item = OutboxItem {
@@ -289,7 +314,7 @@ mod tests {
         store.set_reader(&bob, "bob", 3).unwrap();
         store.set_reader(&bob, "bob", 2).unwrap();
         assert_eq!(store.readers(&bob).unwrap(), vec![("bob".to_owned(), 3)]);
-        assert_eq!(store.conversations().unwrap().len(), 1);
+        assert_eq!(store.conversations().unwrap().len(), 2);
     }
 
     #[test]

@@ -253,18 +253,19 @@ impl LocalStore for SqliteStore {
         rows.collect::<rusqlite::Result<_>>().map_err(db)
     }
 
-    fn insert(
+    fn insert_all(
         &self,
-        conversation: &ConversationRecord,
-        messages: &[Message],
-    ) -> Result<Vec<bool>, StoreError> {
+        batch: &[(ConversationRecord, Vec<Message>)],
+    ) -> Result<Vec<Vec<bool>>, StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction().map_err(db)?;
-        save_record(&tx, conversation).map_err(db)?;
-        let new = messages
+        let new = batch
             .iter()
-            .map(|m| insert_message(&tx, m))
-            .collect::<rusqlite::Result<Vec<_>>>()
+            .map(|(conversation, messages)| {
+                save_record(&tx, conversation)?;
+                messages.iter().map(|m| insert_message(&tx, m)).collect()
+            })
+            .collect::<rusqlite::Result<Vec<Vec<bool>>>>()
             .map_err(db)?;
         tx.commit().map_err(db)?;
         Ok(new)
