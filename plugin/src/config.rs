@@ -18,6 +18,7 @@ pub use crate::hook::OnError;
 pub use crate::im::settings::{ClusterSettings, RetentionSettings, Settings as ImSettings};
 pub use crate::listener::{ClientAuth, Settings as Listeners, TlsSettings};
 pub use crate::policy::settings::{ConfigValue, Settings as PolicySettings};
+pub use crate::push::settings::Settings as PushSettings;
 pub use crate::settings::{Period, Problems};
 pub use crate::store::settings::{Backend, PostgresSettings, Settings as StoreSettings};
 
@@ -122,6 +123,14 @@ reload_interval = "1s"
 [policy.words]
 
 [policy.config]
+
+# Offline push through gateways speaking the Matrix Push Gateway API: the notify URLs pushers
+# may name, each compared whole (e.g. "http://sygnal:5000/_matrix/push/v1/notify"; empty: push
+# is off); whether pushers may ask for the sender and text in notifications; pushers per device.
+[push]
+allowed_urls = []
+allow_content = false
+max_pushers_per_device = 5
 "#;
 
 /// Everything mqtt-im reads at start-up, one section per layer.
@@ -145,6 +154,8 @@ pub struct Config {
     pub cluster: ClusterSettings,
     /// What one client, one user and one listener may use.
     pub limits: LimitSettings,
+    /// Offline push through the teams' push gateways.
+    pub push: PushSettings,
 }
 
 /// A configuration that cannot be used; one line per problem, each naming its key.
@@ -182,7 +193,8 @@ impl Config {
             .try_parsing(true)
             // MQTT_IM__POLICY__SCRIPTS=a.lua,b.lua
             .list_separator(",")
-            .with_list_parse_key("policy.scripts");
+            .with_list_parse_key("policy.scripts")
+            .with_list_parse_key("push.allowed_urls");
         let raw = builder
             .add_source(legacy::Renamed(env))
             .build()
@@ -215,6 +227,7 @@ impl Config {
             section(raw, "policy", &mut problems),
             section(raw, "cluster", &mut problems),
             section(raw, "limits", &mut problems),
+            section(raw, "push", &mut problems),
         );
         match sections {
             (
@@ -227,6 +240,7 @@ impl Config {
                 Some(policy),
                 Some(cluster),
                 Some(limits),
+                Some(push),
             ) if problems.is_empty() => Ok(Config {
                 listeners,
                 tls,
@@ -237,6 +251,7 @@ impl Config {
                 policy,
                 cluster,
                 limits,
+                push,
             }),
             _ => Err(problems.into()),
         }
@@ -256,6 +271,7 @@ impl Config {
         self.im.check(&mut problems);
         self.policy.check(&mut problems);
         self.cluster.check(&mut problems);
+        self.push.check(&mut problems);
         problems.check(
             self.im.max_message_bytes <= self.broker.max_packet_size,
             "im.max_message_bytes: must not exceed broker.max_packet_size",
@@ -268,7 +284,7 @@ impl Config {
     }
 }
 
-const SECTIONS: [&str; 9] = [
+const SECTIONS: [&str; 10] = [
     "listeners",
     "tls",
     "broker",
@@ -278,6 +294,7 @@ const SECTIONS: [&str; 9] = [
     "policy",
     "cluster",
     "limits",
+    "push",
 ];
 
 fn section<T: DeserializeOwned>(

@@ -40,6 +40,7 @@ pub mod im;
 pub mod listener;
 pub mod metrics;
 pub mod policy;
+pub mod push;
 pub mod rumqttd_config;
 pub mod server;
 mod settings;

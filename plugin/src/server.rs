@@ -242,6 +242,7 @@ impl Builder {
             Arc::clone(&store),
             policy.clone(),
             config.im.clone(),
+            config.push.clone(),
             bus,
             Arc::clone(&metrics),
         );

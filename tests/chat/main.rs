@@ -1,5 +1,5 @@
 //! Chat semantics end to end: offline delivery, presence, digests and pulls, order, groups,
-//! answers, errors, IM topic ACLs, bounded storage.
+//! answers, errors, IM topic ACLs, bounded storage, pushers.
 //!
 //! One test binary per area (each binary links the library once); shared helpers in
 //! `tests/common`.
@@ -18,4 +18,5 @@ mod offline;
 mod order;
 mod presence;
 mod pull;
+mod pushers;
 mod reconnect_race;

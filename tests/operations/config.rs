@@ -58,7 +58,7 @@ fn migrate_command_applies_the_schema() {
         );
         assert_eq!(
             String::from_utf8_lossy(&output.stdout).trim(),
-            "schema at version 6"
+            "schema at version 7"
         );
     }
     assert!(dir.path().join("im.db").exists());

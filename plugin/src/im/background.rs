@@ -252,7 +252,14 @@ mod tests {
         let store = Arc::new(EmbeddedStore::open(&dir.path().join("im.db"), 64).unwrap());
         let policy = Arc::new(crate::policy::LuaPolicy::load(config.policy.clone()).unwrap());
         let metrics = Arc::default();
-        let service = ImService::new(store, policy, config.im.clone(), None, metrics);
+        let service = ImService::new(
+            store,
+            policy,
+            config.im.clone(),
+            config.push.clone(),
+            None,
+            metrics,
+        );
         let shutdown = CancellationToken::new();
         let running = tokio::spawn(
             service

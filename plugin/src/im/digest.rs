@@ -263,7 +263,14 @@ mod tests {
             store.append(message).await.unwrap();
         }
         let store: Arc<dyn Store> = store;
-        let im = ImService::new(store, policy, config.im.clone(), None, Arc::clone(&metrics));
+        let im = ImService::new(
+            store,
+            policy,
+            config.im.clone(),
+            config.push.clone(),
+            None,
+            Arc::clone(&metrics),
+        );
         let digests = devices.iter().map(|device| im.digest(device, usize::MAX));
         let digests = futures::future::join_all(digests).await;
         for (device, digest) in devices.iter().zip(digests) {

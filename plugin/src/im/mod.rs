@@ -13,6 +13,7 @@ pub mod lifecycle;
 mod order;
 mod presence;
 mod pull;
+mod pushers;
 mod receipts;
 pub mod settings;
 mod sink;
@@ -31,6 +32,7 @@ pub use sink::{DeviceEvent, DeviceSink};
 
 use crate::metrics::Metrics;
 use crate::policy::Policy;
+use crate::push::settings::Settings as PushSettings;
 use crate::store::{RedisBus, Store, StoreError};
 use crate::wire::WireError;
 use presence::Presence;
@@ -69,6 +71,7 @@ struct Inner {
     /// Read cursors that moved since the last receipt updates were sent.
     read_moves: receipts::ReadMoves,
     settings: ImSettings,
+    push: PushSettings,
     cluster: Option<RedisBus>,
     metrics: Arc<Metrics>,
     /// Live deliveries acknowledged and not written yet.
@@ -91,12 +94,14 @@ pub struct ImService {
 }
 
 impl ImService {
-    /// A service over `store`, checking every message with `policy`; with `cluster`, one node
-    /// of several sharing the store. Counts what it does in `metrics`.
+    /// A service over `store`, checking every message with `policy`, taking pushers as `push`
+    /// allows; with `cluster`, one node of several sharing the store. Counts what it does in
+    /// `metrics`.
     pub fn new(
         store: Arc<dyn Store>,
         policy: Arc<dyn Policy>,
         settings: ImSettings,
+        push: PushSettings,
         cluster: Option<RedisBus>,
         metrics: Arc<Metrics>,
     ) -> Self {
@@ -115,6 +120,7 @@ impl ImService {
                 watchers: groups::Watchers::default(),
                 read_moves: receipts::ReadMoves::default(),
                 settings,
+                push,
                 cluster,
                 metrics,
                 live_acks: deliveries::LiveAcks::default(),

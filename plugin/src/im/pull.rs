@@ -1,6 +1,6 @@
 //! Requests on `req`: Pull (newest unacked page, the previous page's cursor acknowledges it),
-//! Ack, ClearCounters, MarkRead, Receipts, History, DeviceForget and group management. Every
-//! request gets exactly one Response.
+//! Ack, ClearCounters, MarkRead, Receipts, History, DeviceForget, pushers and group
+//! management. Every request gets exactly one Response.
 
 use super::inbox::rehydrate;
 use super::{ImError, ImService};
@@ -98,6 +98,9 @@ impl ImService {
                 | Kind::MyGroups(_)),
             ) => self.group_request(&device.uid, group).await,
             Some(Kind::DeviceForget(forget)) => self.forget_device(&device.uid, forget).await,
+            Some(Kind::PusherSet(set)) => self.set_pusher(device, set).await,
+            Some(Kind::PusherRemove(remove)) => self.remove_pusher(&device.uid, remove).await,
+            Some(Kind::PusherList(_)) => self.list_pushers(&device.uid).await,
             None => Err(ImError::Invalid("request has no kind".into())),
         }
     }

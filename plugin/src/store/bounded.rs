@@ -13,8 +13,8 @@ use async_trait::async_trait;
 
 use super::{
     Collected, Conversation, Cutoffs, Device, DeviceInfo, DigestFit, DigestShape, DigestSnapshot,
-    Erased, Eviction, GroupErasure, Member, NewMessage, OnCommit, Page, QueuedAppend, Receipt,
-    Removal, Retained, Role, SeqRange, Store, StoreError, StoreSizes,
+    Erased, Eviction, GroupErasure, Member, NewMessage, OnCommit, Page, Pusher, PusherSaved,
+    QueuedAppend, Receipt, Removal, Retained, Role, SeqRange, Store, StoreError, StoreSizes,
 };
 
 /// A call that went unanswered.
@@ -259,6 +259,28 @@ impl Store for Bounded {
 
     async fn retained(&self) -> Result<Vec<Retained>, StoreError> {
         self.call(self.inner.retained()).await
+    }
+
+    async fn set_pusher(
+        &self,
+        pusher: &Pusher,
+        per_device: usize,
+    ) -> Result<PusherSaved, StoreError> {
+        self.call(self.inner.set_pusher(pusher, per_device)).await
+    }
+
+    async fn remove_pusher(
+        &self,
+        uid: &Uid,
+        app_id: &str,
+        pushkey: &str,
+    ) -> Result<Option<Pusher>, StoreError> {
+        self.call(self.inner.remove_pusher(uid, app_id, pushkey))
+            .await
+    }
+
+    async fn pushers(&self, uid: &Uid) -> Result<Vec<Pusher>, StoreError> {
+        self.call(self.inner.pushers(uid)).await
     }
 
     async fn close(&self) {

@@ -31,6 +31,7 @@ pub(crate) async fn run_all(store: &dyn Store) {
     devices_are_listed_expired_and_forgotten(store).await;
     erasing_a_user_removes_its_traces(store).await;
     retained_messages_are_replaced_and_removed(store).await;
+    pushers_are_unique_per_key_bounded_per_device_and_forgotten_with_it(store).await;
     closed_store_refuses_calls(store).await;
 }
 
@@ -359,6 +360,90 @@ async fn history_and_read_cursor(store: &dyn Store) {
 
 /// A device that acked everything still hears of a read made on another device of its user:
 /// its next digest lists the conversation with the user's cursor, once.
+fn pusher(owner: &Device, pushkey: &str, created_ms: i64) -> super::Pusher {
+    super::Pusher {
+        device: owner.clone(),
+        app_id: "com.example.chat".into(),
+        pushkey: pushkey.into(),
+        url: "http://gateway/_matrix/push/v1/notify".into(),
+        format: "event_id_only".into(),
+        lang: "en".into(),
+        data_json: "{}".into(),
+        created_ms,
+    }
+}
+
+async fn pushers_are_unique_per_key_bounded_per_device_and_forgotten_with_it(store: &dyn Store) {
+    use super::PusherSaved;
+    let (phone, tablet) = (device("pu1", "phone"), device("pu1", "tablet"));
+    let other = device("pu2", "phone");
+    for owner in [&phone, &tablet, &other] {
+        store.register_device(owner).await.unwrap();
+    }
+    let saved = |displaced| PusherSaved::Saved { displaced };
+    assert_eq!(
+        store.set_pusher(&pusher(&phone, "k1", 1), 2).await.unwrap(),
+        saved(None)
+    );
+    assert_eq!(
+        store.set_pusher(&pusher(&phone, "k2", 2), 2).await.unwrap(),
+        saved(None)
+    );
+    // Setting one it holds again is no new pusher; a third is refused.
+    assert_eq!(
+        store.set_pusher(&pusher(&phone, "k2", 3), 2).await.unwrap(),
+        saved(None)
+    );
+    assert_eq!(
+        store.set_pusher(&pusher(&phone, "k3", 4), 2).await.unwrap(),
+        PusherSaved::Full
+    );
+    assert_eq!(
+        store
+            .set_pusher(&pusher(&tablet, "k3", 5), 2)
+            .await
+            .unwrap(),
+        saved(None)
+    );
+    let keys = |list: Vec<super::Pusher>| -> Vec<(String, String, i64)> {
+        list.into_iter()
+            .map(|p| (p.device.client_id, p.pushkey, p.created_ms))
+            .collect()
+    };
+    assert_eq!(
+        keys(store.pushers(&uid("pu1")).await.unwrap()),
+        [
+            ("phone".into(), "k1".into(), 1),
+            ("phone".into(), "k2".into(), 3),
+            ("tablet".into(), "k3".into(), 5)
+        ]
+    );
+    // Another user's device that sets the same key takes it over.
+    assert_eq!(
+        store.set_pusher(&pusher(&other, "k1", 6), 2).await.unwrap(),
+        saved(Some(phone.clone()))
+    );
+    assert_eq!(store.pushers(&uid("pu1")).await.unwrap().len(), 2);
+    assert_eq!(
+        keys(store.pushers(&uid("pu2")).await.unwrap()),
+        [("phone".into(), "k1".into(), 6)]
+    );
+    // Only its owner removes it.
+    let app = "com.example.chat";
+    assert_eq!(
+        store.remove_pusher(&uid("pu1"), app, "k1").await.unwrap(),
+        None
+    );
+    let removed = store.remove_pusher(&uid("pu2"), app, "k1").await.unwrap();
+    assert_eq!(removed.map(|p| p.device), Some(other.clone()));
+    // A forgotten device's pushers go with it.
+    store.forget_device(&phone).await.unwrap();
+    assert_eq!(
+        keys(store.pushers(&uid("pu1")).await.unwrap()),
+        [("tablet".into(), "k3".into(), 5)]
+    );
+}
+
 async fn a_read_on_another_device_is_in_the_next_digest(store: &dyn Store) {
     let chat = direct("rd1", "rd2");
     let laptop = device("rd2", "laptop");

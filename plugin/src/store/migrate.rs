@@ -37,6 +37,10 @@ pub(crate) const SQLITE: &[Migration] = &[
         version: 6,
         sql: include_str!("../../migrations/sqlite/0006_own_read_seen.sql"),
     },
+    Migration {
+        version: 7,
+        sql: include_str!("../../migrations/sqlite/0007_pushers.sql"),
+    },
 ];
 
 /// The PostgreSQL migrations, `migrations/postgres/NNNN_*.sql` (same numbering; a number
@@ -62,6 +66,10 @@ pub(crate) const POSTGRES: &[Migration] = &[
     Migration {
         version: 6,
         sql: include_str!("../../migrations/postgres/0006_own_read_seen.sql"),
+    },
+    Migration {
+        version: 7,
+        sql: include_str!("../../migrations/postgres/0007_pushers.sql"),
     },
 ];
 
@@ -148,8 +156,8 @@ mod tests {
     #[test]
     fn applies_once_and_refuses_a_newer_schema() {
         let mut conn = Connection::open_in_memory().unwrap();
-        assert_eq!(apply_sqlite(&mut conn).unwrap(), 6);
-        assert_eq!(apply_sqlite(&mut conn).unwrap(), 6);
+        assert_eq!(apply_sqlite(&mut conn).unwrap(), 7);
+        assert_eq!(apply_sqlite(&mut conn).unwrap(), 7);
         // Conversations know their kind, as PostgreSQL's do.
         conn.execute_batch("INSERT INTO conversations (key) VALUES ('g:team'), ('dm:a:b')")
             .unwrap();

@@ -316,6 +316,41 @@ pub struct Retained {
     pub message: Vec<u8>,
 }
 
+/// A device's registration with a push gateway (the Matrix Push Gateway API): unique by
+/// `app_id` and `pushkey` on the whole server. The store keeps what it is given; the
+/// service validates it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pusher {
+    /// The device it notifies.
+    pub device: Device,
+    /// The app, as the gateway knows it.
+    pub app_id: String,
+    /// The platform's token for the app on that device.
+    pub pushkey: String,
+    /// The gateway's notify URL.
+    pub url: String,
+    /// `event_id_only` or `full`.
+    pub format: String,
+    /// The app's language.
+    pub lang: String,
+    /// A JSON object handed to the gateway with each notification.
+    pub data_json: String,
+    /// When it was set (ms since the epoch).
+    pub created_ms: i64,
+}
+
+/// What saving a pusher did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PusherSaved {
+    /// Saved; it had belonged to this other device, which no longer has it.
+    Saved {
+        /// The device that held the same app and pushkey before (not this one).
+        displaced: Option<Device>,
+    },
+    /// Not saved: the device already has as many other pushers as it may.
+    Full,
+}
+
 /// What erasing a user does to the messages it sent in groups.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -787,6 +822,25 @@ pub trait Store: Send + Sync + std::fmt::Debug {
 
     /// Every retained message, for a node that starts.
     async fn retained(&self) -> Result<Vec<Retained>, StoreError>;
+
+    /// Saves `pusher` (replacing the one with the same app and pushkey, whoever held it)
+    /// unless its device already holds `per_device` others.
+    async fn set_pusher(
+        &self,
+        pusher: &Pusher,
+        per_device: usize,
+    ) -> Result<PusherSaved, StoreError>;
+
+    /// Removes the pusher of `uid` with this app and pushkey; the one removed, if any.
+    async fn remove_pusher(
+        &self,
+        uid: &Uid,
+        app_id: &str,
+        pushkey: &str,
+    ) -> Result<Option<Pusher>, StoreError>;
+
+    /// A user's pushers, on all of its devices, oldest first.
+    async fn pushers(&self, uid: &Uid) -> Result<Vec<Pusher>, StoreError>;
 
     /// Flushes pending writes and stops background work; later calls fail as unavailable.
     async fn close(&self);

@@ -93,7 +93,14 @@ fn fixture(client: Client) -> Fixture {
     let store = Arc::new(EmbeddedStore::open(&dir.path().join("im.db"), 64).unwrap());
     let policy = Arc::new(LuaPolicy::load(config.policy.clone()).unwrap());
     let auth = Arc::new(Authenticator::new(&config.auth, None).unwrap());
-    let im = ImService::new(store, policy.clone(), config.im.clone(), None, metrics);
+    let im = ImService::new(
+        store,
+        policy.clone(),
+        config.im.clone(),
+        config.push.clone(),
+        None,
+        metrics,
+    );
     let lua: Arc<dyn crate::hook::Hook> = Arc::new(crate::policy::PolicyHook::new(
         policy,
         config.policy.on_error,

@@ -104,8 +104,15 @@ pub(super) fn prune_logs(conn: &Connection, cutoff: i64, batch: usize) -> Result
     })
 }
 
-/// Tables holding state per device, all keyed by `(uid, client_id, ...)`.
-const DEVICE_TABLES: [&str; 5] = ["devices", "acked", "cleared", "digest_entries", "read_seen"];
+/// Tables holding state per device, all with `uid` and `client_id` columns.
+const DEVICE_TABLES: [&str; 6] = [
+    "devices",
+    "acked",
+    "cleared",
+    "digest_entries",
+    "read_seen",
+    "pushers",
+];
 
 /// Deletes a device's state; whether it was known.
 pub(super) fn forget_device(conn: &Connection, device: &Device) -> Result<bool> {

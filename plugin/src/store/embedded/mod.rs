@@ -5,6 +5,7 @@
 mod error;
 mod groups;
 mod lifecycle;
+mod pushers;
 mod queries;
 mod retained;
 mod writer;
@@ -21,8 +22,8 @@ use super::migrate;
 use super::{
     now_ms, Collected, Conversation, ConversationKind, ConversationState, Cutoffs, Device,
     DeviceInfo, DigestEntry, DigestFit, DigestRequest, DigestShape, DigestSnapshot, Erased,
-    Eviction, GroupErasure, Member, NewMessage, OnCommit, Page, QueuedAppend, Receipt, Removal,
-    Retained, Role, SeqRange, Store, StoreError, StoreSizes, SIZES_QUERY,
+    Eviction, GroupErasure, Member, NewMessage, OnCommit, Page, Pusher, PusherSaved, QueuedAppend,
+    Receipt, Removal, Retained, Role, SeqRange, Store, StoreError, StoreSizes, SIZES_QUERY,
 };
 use error::{sql_error, SqliteError};
 use writer::{AfterCommit, Call, Job};
@@ -471,6 +472,32 @@ impl Store for EmbeddedStore {
 
     async fn retained(&self) -> Result<Vec<Retained>, StoreError> {
         self.read(retained::all).await
+    }
+
+    async fn set_pusher(
+        &self,
+        pusher: &Pusher,
+        per_device: usize,
+    ) -> Result<PusherSaved, StoreError> {
+        let pusher = pusher.clone();
+        self.write(move |conn| pushers::set(conn, &pusher, per_device))
+            .await
+    }
+
+    async fn remove_pusher(
+        &self,
+        uid: &Uid,
+        app_id: &str,
+        pushkey: &str,
+    ) -> Result<Option<Pusher>, StoreError> {
+        let (uid, app_id, pushkey) = (uid.to_owned(), app_id.to_owned(), pushkey.to_owned());
+        self.write(move |conn| pushers::remove(conn, &uid, &app_id, &pushkey))
+            .await
+    }
+
+    async fn pushers(&self, uid: &Uid) -> Result<Vec<Pusher>, StoreError> {
+        let uid = uid.to_owned();
+        self.read(move |conn| pushers::of_user(conn, &uid)).await
     }
 
     async fn close(&self) {

@@ -139,8 +139,15 @@ pub(super) async fn prune_logs(
     })
 }
 
-/// Tables holding state per device, all keyed by `(uid, client_id, ...)`.
-const DEVICE_TABLES: [&str; 5] = ["devices", "acked", "cleared", "digest_entries", "read_seen"];
+/// Tables holding state per device, all with `uid` and `client_id` columns.
+const DEVICE_TABLES: [&str; 6] = [
+    "devices",
+    "acked",
+    "cleared",
+    "digest_entries",
+    "read_seen",
+    "pushers",
+];
 
 /// Deletes the state of `devices`; how many of them were known.
 pub(super) async fn forget_devices(c: &impl GenericClient, devices: &[Device]) -> Result<u64> {

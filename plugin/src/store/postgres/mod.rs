@@ -7,6 +7,7 @@ mod cache;
 mod error;
 mod groups;
 mod lifecycle;
+mod pushers;
 mod queries;
 mod retained;
 
@@ -25,8 +26,8 @@ use super::settings::PostgresSettings;
 use super::{
     bounded, migrate, now_ms, Collected, Conversation, ConversationKind, ConversationState,
     Cutoffs, Device, DeviceInfo, DigestEntry, DigestFit, DigestShape, DigestSnapshot, Erased,
-    Eviction, GroupErasure, Member, NewMessage, OnCommit, Page, QueuedAppend, Receipt, Removal,
-    Retained, Role, SeqRange, Store, StoreError, StoreSizes, SIZES_QUERY,
+    Eviction, GroupErasure, Member, NewMessage, OnCommit, Page, Pusher, PusherSaved, QueuedAppend,
+    Receipt, Removal, Retained, Role, SeqRange, Store, StoreError, StoreSizes, SIZES_QUERY,
 };
 pub use cache::DigestCache;
 use error::PostgresError;
@@ -526,6 +527,31 @@ impl Store for PostgresStore {
 
     async fn retained(&self) -> Result<Vec<Retained>, StoreError> {
         retained::all(&*self.client().await?).await
+    }
+
+    async fn set_pusher(
+        &self,
+        pusher: &Pusher,
+        per_device: usize,
+    ) -> Result<PusherSaved, StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(pg_error)?;
+        let saved = pushers::set(&tx, pusher, per_device).await?;
+        tx.commit().await.map_err(pg_error)?;
+        Ok(saved)
+    }
+
+    async fn remove_pusher(
+        &self,
+        uid: &Uid,
+        app_id: &str,
+        pushkey: &str,
+    ) -> Result<Option<Pusher>, StoreError> {
+        pushers::remove(&*self.client().await?, uid, app_id, pushkey).await
+    }
+
+    async fn pushers(&self, uid: &Uid) -> Result<Vec<Pusher>, StoreError> {
+        pushers::of_user(&*self.client().await?, uid).await
     }
 
     async fn erase_user(&self, uid: &Uid, groups: GroupErasure) -> Result<Erased, StoreError> {
