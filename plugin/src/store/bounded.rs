@@ -13,8 +13,9 @@ use async_trait::async_trait;
 
 use super::{
     Collected, Conversation, Cutoffs, Device, DeviceInfo, DigestFit, DigestShape, DigestSnapshot,
-    Erased, Eviction, GroupErasure, Member, NewMessage, OnCommit, Page, Pusher, PusherSaved,
-    QueuedAppend, Receipt, Removal, Retained, Role, SeqRange, Store, StoreError, StoreSizes,
+    Erased, Eviction, GroupErasure, Member, NewMessage, OnCommit, Page, PushDue, PushTiming,
+    Pusher, PusherSaved, QueuedAppend, Receipt, Removal, Retained, Role, SeqRange, Store,
+    StoreError, StoreSizes,
 };
 
 /// A call that went unanswered.
@@ -281,6 +282,36 @@ impl Store for Bounded {
 
     async fn pushers(&self, uid: &Uid) -> Result<Vec<Pusher>, StoreError> {
         self.call(self.inner.pushers(uid)).await
+    }
+
+    async fn claim_pushes(
+        &self,
+        node: &str,
+        timing: PushTiming,
+        limit: usize,
+    ) -> Result<Vec<PushDue>, StoreError> {
+        self.call(self.inner.claim_pushes(node, timing, limit))
+            .await
+    }
+
+    async fn push_sent(&self, due: &PushDue, now_ms: i64) -> Result<(), StoreError> {
+        self.call(self.inner.push_sent(due, now_ms)).await
+    }
+
+    async fn push_failed(&self, due: &PushDue, retry_at_ms: i64) -> Result<(), StoreError> {
+        self.call(self.inner.push_failed(due, retry_at_ms)).await
+    }
+
+    async fn push_handled(
+        &self,
+        uid: &Uid,
+        read: Option<(&Conversation, u64)>,
+    ) -> Result<(), StoreError> {
+        self.call(self.inner.push_handled(uid, read)).await
+    }
+
+    async fn unread_total(&self, uid: &Uid) -> Result<u64, StoreError> {
+        self.call(self.inner.unread_total(uid)).await
     }
 
     async fn close(&self) {

@@ -32,6 +32,7 @@ pub(crate) async fn run_all(store: &dyn Store) {
     erasing_a_user_removes_its_traces(store).await;
     retained_messages_are_replaced_and_removed(store).await;
     pushers_are_unique_per_key_bounded_per_device_and_forgotten_with_it(store).await;
+    the_push_queue_delays_coalesces_retries_and_cancels(store).await;
     closed_store_refuses_calls(store).await;
 }
 
@@ -442,6 +443,97 @@ async fn pushers_are_unique_per_key_bounded_per_device_and_forgotten_with_it(sto
         keys(store.pushers(&uid("pu1")).await.unwrap()),
         [("tablet".into(), "k3".into(), 5)]
     );
+}
+
+async fn the_push_queue_delays_coalesces_retries_and_cancels(store: &dyn Store) {
+    use super::{now_ms, PushDue, PushTiming};
+    let phone = device("pq2", "phone");
+    store.register_device(&phone).await.unwrap();
+    store
+        .set_pusher(&pusher(&phone, "pq2-key", 1), 5)
+        .await
+        .unwrap();
+    let chat = direct("pq1", "pq2");
+    append_n(store, &chat, "pq1", 2).await; // stored at 1,000
+                                            // Without a pusher nothing is owed.
+    append_n(store, &direct("pq1", "pq3"), "pq1", 1).await;
+    let at = |now_ms| PushTiming {
+        now_ms,
+        delay_ms: 2_000,
+        coalesce_ms: 10_000,
+        lease_ms: 30_000,
+    };
+    let mine = |all: Vec<PushDue>| -> Vec<PushDue> {
+        all.into_iter()
+            .filter(|d| d.uid.as_str().starts_with("pq"))
+            .collect()
+    };
+    let claim =
+        |now_ms| async move { mine(store.claim_pushes("node-a", at(now_ms), 100).await.unwrap()) };
+    assert!(claim(2_999).await.is_empty(), "not before the delay");
+    let due = claim(3_000).await;
+    let expected = PushDue {
+        uid: uid("pq2"),
+        conversation: Some(chat.clone()),
+        seq: 2,
+        attempts: 0,
+    };
+    assert_eq!(due, [expected.clone()]);
+    assert!(claim(3_000).await.is_empty(), "claimed once");
+    // A failure is retried at its time with the same seq (so the same id), even with a
+    // newer message in between.
+    store.push_failed(&due[0], 3_500).await.unwrap();
+    append_n(store, &chat, "pq1", 3).await;
+    assert!(claim(3_400).await.is_empty());
+    let retried = claim(3_500).await;
+    assert_eq!(
+        retried,
+        [PushDue {
+            attempts: 1,
+            ..expected
+        }]
+    );
+    store.push_sent(&retried[0], 3_600).await.unwrap();
+    // The third message waits for the coalescing window.
+    assert!(claim(13_599).await.is_empty());
+    assert_eq!(
+        claim(13_600)
+            .await
+            .iter()
+            .map(|d| d.seq)
+            .collect::<Vec<_>>(),
+        [3]
+    );
+    let third = PushDue {
+        uid: uid("pq2"),
+        conversation: Some(chat.clone()),
+        seq: 3,
+        attempts: 0,
+    };
+    store.push_sent(&third, 13_700).await.unwrap();
+    // A read cancels what it covers and queues a counts-only update; a connect cancels all.
+    append_n(store, &chat, "pq1", 4).await;
+    store
+        .push_handled(&uid("pq2"), Some((&chat, 4)))
+        .await
+        .unwrap();
+    let counts = claim(now_ms() + 2_000).await;
+    assert_eq!(
+        counts
+            .iter()
+            .map(|d| d.conversation.clone())
+            .collect::<Vec<_>>(),
+        [None]
+    );
+    store.push_sent(&counts[0], now_ms()).await.unwrap();
+    append_n(store, &chat, "pq1", 5).await;
+    store.push_handled(&uid("pq2"), None).await.unwrap();
+    assert!(claim(now_ms() + 60_000).await.is_empty());
+    // The badge: stored messages after the read cursor, never one's own.
+    assert_eq!(store.unread_total(&uid("pq2")).await.unwrap(), 5);
+    store.mark_read(&uid("pq2"), &chat, 3).await.unwrap();
+    assert_eq!(store.unread_total(&uid("pq2")).await.unwrap(), 2);
+    assert_eq!(store.unread_total(&uid("pq1")).await.unwrap(), 0);
 }
 
 async fn a_read_on_another_device_is_in_the_next_digest(store: &dyn Store) {

@@ -39,7 +39,7 @@ pub(crate) const SQLITE: &[Migration] = &[
     },
     Migration {
         version: 7,
-        sql: include_str!("../../migrations/sqlite/0007_pushers.sql"),
+        sql: include_str!("../../migrations/sqlite/0007_push.sql"),
     },
 ];
 
@@ -69,7 +69,7 @@ pub(crate) const POSTGRES: &[Migration] = &[
     },
     Migration {
         version: 7,
-        sql: include_str!("../../migrations/postgres/0007_pushers.sql"),
+        sql: include_str!("../../migrations/postgres/0007_push.sql"),
     },
 ];
 

@@ -339,6 +339,33 @@ pub struct Pusher {
     pub created_ms: i64,
 }
 
+/// A notification owed to a user's pushers, claimed by one node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PushDue {
+    /// Whose pushers.
+    pub uid: Uid,
+    /// The conversation with new messages; `None` for a counts-only update (a read).
+    pub conversation: Option<Conversation>,
+    /// The newest message it covers: the same across its retries.
+    pub seq: u64,
+    /// Earlier attempts that failed.
+    pub attempts: u32,
+}
+
+/// When owed notifications are due.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PushTiming {
+    /// Now, in ms since the epoch.
+    pub now_ms: i64,
+    /// How long after the oldest new message a notification waits (a read or a connect
+    /// in between cancels it).
+    pub delay_ms: i64,
+    /// At most one notification per user and conversation this often.
+    pub coalesce_ms: i64,
+    /// How long a claim keeps other nodes off.
+    pub lease_ms: i64,
+}
+
 /// What saving a pusher did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PusherSaved {
@@ -841,6 +868,35 @@ pub trait Store: Send + Sync + std::fmt::Debug {
 
     /// A user's pushers, on all of its devices, oldest first.
     async fn pushers(&self, uid: &Uid) -> Result<Vec<Pusher>, StoreError>;
+
+    /// Claims for `node` up to `limit` notifications that are due (stored messages are queued
+    /// for members with a pusher as they are committed); a claim another node holds is left
+    /// alone until its lease ends.
+    async fn claim_pushes(
+        &self,
+        node: &str,
+        timing: PushTiming,
+        limit: usize,
+    ) -> Result<Vec<PushDue>, StoreError>;
+
+    /// `due` went out (or is moot): its messages are handled, newer ones wait for the next
+    /// window.
+    async fn push_sent(&self, due: &PushDue, now_ms: i64) -> Result<(), StoreError>;
+
+    /// `due` failed: tried again (with the same seq, so the same id) at `retry_at_ms`.
+    async fn push_failed(&self, due: &PushDue, retry_at_ms: i64) -> Result<(), StoreError>;
+
+    /// Nothing is owed to `uid` for messages it has seen: up to `seq` in `conversation` (a
+    /// read, which also queues a counts-only update), or everything (a device connected).
+    async fn push_handled(
+        &self,
+        uid: &Uid,
+        read: Option<(&Conversation, u64)>,
+    ) -> Result<(), StoreError>;
+
+    /// The user's badge: stored messages after its read cursors, not its own, over all its
+    /// conversations (what the digest's counts add up to).
+    async fn unread_total(&self, uid: &Uid) -> Result<u64, StoreError>;
 
     /// Flushes pending writes and stops background work; later calls fail as unavailable.
     async fn close(&self);

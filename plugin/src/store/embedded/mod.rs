@@ -5,6 +5,7 @@
 mod error;
 mod groups;
 mod lifecycle;
+mod push;
 mod pushers;
 mod queries;
 mod retained;
@@ -22,8 +23,9 @@ use super::migrate;
 use super::{
     now_ms, Collected, Conversation, ConversationKind, ConversationState, Cutoffs, Device,
     DeviceInfo, DigestEntry, DigestFit, DigestRequest, DigestShape, DigestSnapshot, Erased,
-    Eviction, GroupErasure, Member, NewMessage, OnCommit, Page, Pusher, PusherSaved, QueuedAppend,
-    Receipt, Removal, Retained, Role, SeqRange, Store, StoreError, StoreSizes, SIZES_QUERY,
+    Eviction, GroupErasure, Member, NewMessage, OnCommit, Page, PushDue, PushTiming, Pusher,
+    PusherSaved, QueuedAppend, Receipt, Removal, Retained, Role, SeqRange, Store, StoreError,
+    StoreSizes, SIZES_QUERY,
 };
 use error::{sql_error, SqliteError};
 use writer::{AfterCommit, Call, Job};
@@ -498,6 +500,46 @@ impl Store for EmbeddedStore {
     async fn pushers(&self, uid: &Uid) -> Result<Vec<Pusher>, StoreError> {
         let uid = uid.to_owned();
         self.read(move |conn| pushers::of_user(conn, &uid)).await
+    }
+
+    async fn claim_pushes(
+        &self,
+        node: &str,
+        timing: PushTiming,
+        limit: usize,
+    ) -> Result<Vec<PushDue>, StoreError> {
+        let node = node.to_owned();
+        self.write(move |conn| push::claim(conn, &node, timing, limit))
+            .await
+    }
+
+    async fn push_sent(&self, due: &PushDue, now_ms: i64) -> Result<(), StoreError> {
+        let due = due.clone();
+        self.write(move |conn| push::sent(conn, &due, now_ms)).await
+    }
+
+    async fn push_failed(&self, due: &PushDue, retry_at_ms: i64) -> Result<(), StoreError> {
+        let due = due.clone();
+        self.write(move |conn| push::failed(conn, &due, retry_at_ms))
+            .await
+    }
+
+    async fn push_handled(
+        &self,
+        uid: &Uid,
+        read: Option<(&Conversation, u64)>,
+    ) -> Result<(), StoreError> {
+        let (uid, read) = (uid.to_owned(), read.map(|(c, seq)| (c.clone(), seq)));
+        self.write(move |conn| {
+            let read = read.as_ref().map(|(c, seq)| (c, *seq));
+            push::handled(conn, &uid, read, now_ms())
+        })
+        .await
+    }
+
+    async fn unread_total(&self, uid: &Uid) -> Result<u64, StoreError> {
+        let uid = uid.to_owned();
+        self.read(move |conn| push::unread_total(conn, &uid)).await
     }
 
     async fn close(&self) {

@@ -89,6 +89,7 @@ pub(super) fn append(conn: &Connection, message: &NewMessage) -> Result<Appended
         ])
     })
     .map_err(sql_error)?;
+    super::push::enqueue(conn, conv.id, seq, &message.sender, message.server_time)?;
     Ok(Appended {
         seq,
         server_time: message.server_time,

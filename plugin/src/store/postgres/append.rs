@@ -303,6 +303,6 @@ impl<'a> InsertRows<'a> {
         )
         .await
         .map_err(pg_error)?;
-        Ok(())
+        super::push::enqueue(tx, &self.conv_ids, &self.seqs, &self.senders, &self.times).await
     }
 }

@@ -7,6 +7,7 @@ mod cache;
 mod error;
 mod groups;
 mod lifecycle;
+mod push;
 mod pushers;
 mod queries;
 mod retained;
@@ -26,8 +27,9 @@ use super::settings::PostgresSettings;
 use super::{
     bounded, migrate, now_ms, Collected, Conversation, ConversationKind, ConversationState,
     Cutoffs, Device, DeviceInfo, DigestEntry, DigestFit, DigestShape, DigestSnapshot, Erased,
-    Eviction, GroupErasure, Member, NewMessage, OnCommit, Page, Pusher, PusherSaved, QueuedAppend,
-    Receipt, Removal, Retained, Role, SeqRange, Store, StoreError, StoreSizes, SIZES_QUERY,
+    Eviction, GroupErasure, Member, NewMessage, OnCommit, Page, PushDue, PushTiming, Pusher,
+    PusherSaved, QueuedAppend, Receipt, Removal, Retained, Role, SeqRange, Store, StoreError,
+    StoreSizes, SIZES_QUERY,
 };
 pub use cache::DigestCache;
 use error::PostgresError;
@@ -552,6 +554,38 @@ impl Store for PostgresStore {
 
     async fn pushers(&self, uid: &Uid) -> Result<Vec<Pusher>, StoreError> {
         pushers::of_user(&*self.client().await?, uid).await
+    }
+
+    async fn claim_pushes(
+        &self,
+        node: &str,
+        timing: PushTiming,
+        limit: usize,
+    ) -> Result<Vec<PushDue>, StoreError> {
+        push::claim(&*self.client().await?, node, timing, limit).await
+    }
+
+    async fn push_sent(&self, due: &PushDue, now_ms: i64) -> Result<(), StoreError> {
+        push::sent(&*self.client().await?, due, now_ms).await
+    }
+
+    async fn push_failed(&self, due: &PushDue, retry_at_ms: i64) -> Result<(), StoreError> {
+        push::failed(&*self.client().await?, due, retry_at_ms).await
+    }
+
+    async fn push_handled(
+        &self,
+        uid: &Uid,
+        read: Option<(&Conversation, u64)>,
+    ) -> Result<(), StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(pg_error)?;
+        push::handled(&tx, uid, read, now_ms()).await?;
+        tx.commit().await.map_err(pg_error)
+    }
+
+    async fn unread_total(&self, uid: &Uid) -> Result<u64, StoreError> {
+        push::unread_total(&*self.client().await?, uid).await
     }
 
     async fn erase_user(&self, uid: &Uid, groups: GroupErasure) -> Result<Erased, StoreError> {
