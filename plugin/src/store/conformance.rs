@@ -478,7 +478,7 @@ async fn the_push_queue_delays_coalesces_retries_and_cancels(store: &dyn Store) 
         seq: 2,
         attempts: 0,
     };
-    assert_eq!(due, [expected.clone()]);
+    assert_eq!(due, std::slice::from_ref(&expected));
     assert!(claim(3_000).await.is_empty(), "claimed once");
     // A failure is retried at its time with the same seq (so the same id), even with a
     // newer message in between.
