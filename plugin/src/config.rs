@@ -126,11 +126,16 @@ reload_interval = "1s"
 
 # Offline push through gateways speaking the Matrix Push Gateway API: the notify URLs pushers
 # may name, each compared whole (e.g. "http://sygnal:5000/_matrix/push/v1/notify"; empty: push
-# is off); whether pushers may ask for the sender and text in notifications; pushers per device.
+# is off); whether pushers may ask for the sender and text in notifications; pushers per device;
+# the wait a read or connect cancels; one notification per user and conversation per
+# coalescing window; a gateway call's deadline.
 [push]
 allowed_urls = []
 allow_content = false
 max_pushers_per_device = 5
+delay = "2s"
+coalesce = "30s"
+timeout = "5s"
 "#;
 
 /// Everything mqtt-im reads at start-up, one section per layer.

@@ -82,8 +82,16 @@ pub(crate) struct GcLabels {
     pub(crate) what: &'static str,
 }
 
+/// What became of an owed notification: `sent`, `retried` (a gateway failed; tried
+/// again later), `failed` (a gateway refused it for good), `skipped` (a device of the user
+/// was online, or no pusher is left) or `rejected` (pushkeys a gateway rejected, removed).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub(crate) struct PushLabels {
+    pub(crate) outcome: &'static str,
+}
+
 /// A background task of the IM service: `live_acks`, `receipts`, `removals`, `evictions`,
-/// `gc` or `heartbeat`.
+/// `gc`, `push` or `heartbeat`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub(crate) struct TaskLabels {
     pub(crate) task: &'static str,
@@ -158,6 +166,8 @@ pub struct Metrics {
     pub(crate) backlog_skipped: Counter,
     pub(crate) gc_deleted: Family<GcLabels, Counter>,
     pub(crate) gc_lag: Gauge,
+    pub(crate) pushes: Family<PushLabels, Counter>,
+    pub(crate) push_gateway_seconds: Histogram,
     pub(crate) background_rounds: Family<TaskLabels, Counter>,
     pub(crate) reloads: Family<ReloadLabels, Counter>,
     pub(crate) forwards_sent: Counter,
@@ -212,6 +222,9 @@ impl Default for Metrics {
             backlog_skipped: Counter::default(),
             gc_deleted: Family::default(),
             gc_lag: Gauge::default(),
+            pushes: Family::default(),
+            // 1 ms .. ~16 s.
+            push_gateway_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
             background_rounds: Family::default(),
             reloads: Family::default(),
             forwards_sent: Counter::default(),
@@ -383,6 +396,17 @@ impl Metrics {
             "gc_deleted",
             "Rows garbage collection deleted: messages past their retention, devices past im.device_ttl",
             self.gc_deleted.clone(),
+        );
+        r.register(
+            "pushes",
+            "Owed notifications by outcome: sent, retried, failed, skipped (a device online, no pusher), rejected (pushkeys removed)",
+            self.pushes.clone(),
+        );
+        r.register_with_unit(
+            "push_gateway",
+            "How long push gateway calls took",
+            Unit::Seconds,
+            self.push_gateway_seconds.clone(),
         );
         r.register_with_unit(
             "gc_lag",

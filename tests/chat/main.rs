@@ -1,5 +1,5 @@
 //! Chat semantics end to end: offline delivery, presence, digests and pulls, order, groups,
-//! answers, errors, IM topic ACLs, bounded storage, pushers.
+//! answers, errors, IM topic ACLs, bounded storage, pushers and offline push.
 //!
 //! One test binary per area (each binary links the library once); shared helpers in
 //! `tests/common`.
@@ -18,5 +18,6 @@ mod offline;
 mod order;
 mod presence;
 mod pull;
+mod push;
 mod pushers;
 mod reconnect_race;

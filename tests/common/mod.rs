@@ -12,6 +12,7 @@ use prost::Message;
 
 mod bare;
 mod client;
+mod gateway;
 mod http;
 mod pki;
 mod process;
@@ -21,6 +22,8 @@ mod raw;
 pub use bare::*;
 #[allow(unused_imports)]
 pub use client::*;
+#[allow(unused_imports)]
+pub use gateway::*;
 #[allow(unused_imports)]
 pub use http::*;
 #[allow(unused_imports)]

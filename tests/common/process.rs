@@ -174,9 +174,15 @@ impl Proxy {
     }
 }
 
-/// The `mqtt-im` binary as a child process, killed when dropped: a failing test never
-/// leaves a node running.
+/// A child process (the `mqtt-im` binary, the test push gateway), killed when dropped: a
+/// failing test never leaves one running.
 pub struct Node(std::process::Child);
+
+impl From<std::process::Child> for Node {
+    fn from(child: std::process::Child) -> Self {
+        Self(child)
+    }
+}
 
 impl std::ops::Deref for Node {
     type Target = std::process::Child;
@@ -231,7 +237,7 @@ pub fn spawn_reading(mut command: std::process::Command, count: usize) -> (Node,
         .spawn()
         .unwrap();
     let stdout = child.stdout.take().unwrap();
-    let node = Node(child);
+    let node = Node::from(child);
     let mut stdout = std::io::BufReader::new(stdout);
     let mut lines = Vec::with_capacity(count);
     for _ in 0..count {

@@ -1,6 +1,6 @@
 //! The IM service's background work: writing acknowledged live deliveries, batched receipt
-//! updates, applying the removal and eviction logs, garbage collection and, with a cluster,
-//! heartbeats and incoming hand-overs.
+//! updates, applying the removal and eviction logs, garbage collection, offline push and,
+//! with a cluster, heartbeats and incoming hand-overs.
 //! Each concern runs as its own task, so a slow backend delays only the work that needs it
 //! (a Redis outage never holds up acknowledgement writes or removals, nor the reverse).
 
@@ -17,6 +17,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::ImService;
 use crate::throttle::Throttle;
+
+/// How often the push queue is read for notifications that came due.
+const PUSH_POLL: Duration = Duration::from_millis(100);
 
 /// Runs `work` every `period` (the first time at once) until `shutdown`, counting each round
 /// in `rounds` once it is done; a round that takes longer than the period delays the next
@@ -122,6 +125,23 @@ impl ImService {
                 async move { service.apply_evictions(&last, &primed).await }
             },
         ));
+        if self.inner.push.enabled() {
+            let service = self.clone();
+            let gateways = Arc::new(crate::push::gateway::Gateways::new(
+                self.inner.push.timeout.0,
+            ));
+            let failures = Arc::new(Throttle::default());
+            tasks.spawn(every(
+                PUSH_POLL,
+                self.rounds("push"),
+                shutdown.clone(),
+                move || {
+                    let (service, gateways) = (service.clone(), Arc::clone(&gateways));
+                    let failures = Arc::clone(&failures);
+                    async move { service.push_round(&gateways, &failures).await }
+                },
+            ));
+        }
         let service = self.clone();
         let stop = shutdown.clone();
         tasks.spawn(every(

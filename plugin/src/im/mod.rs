@@ -13,6 +13,7 @@ pub mod lifecycle;
 mod order;
 mod presence;
 mod pull;
+mod push;
 mod pushers;
 mod receipts;
 pub mod settings;
@@ -180,6 +181,7 @@ impl ImService {
     pub fn online(&self, device: &Device, connection: u64, sink: Arc<dyn DeviceSink>) {
         self.inner.presence.online(device, connection, sink);
         self.cluster_join(device);
+        self.push_cancelled_by_connect(device);
     }
 
     /// The device's `connection` ended or dropped its inbox subscription.

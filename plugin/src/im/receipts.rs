@@ -75,6 +75,7 @@ impl ImService {
         let marked = self.inner.store.mark_read(uid, &conversation, request.seq);
         let (before, after) = self.metrics().store_call("mark_read", marked).await?;
         if after > before {
+            self.push_cancelled_by_read(uid, &conversation, after).await;
             if let Ok(mut moves) = self.inner.read_moves.moves.lock() {
                 moves.entry(conversation).or_default().push(Move {
                     reader: uid.clone(),

@@ -2,7 +2,9 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::settings::Problems;
+use std::time::Duration;
+
+use crate::settings::{Period, Problems, DAY};
 
 /// The path every Matrix push gateway serves notifications on.
 pub const NOTIFY_PATH: &str = "/_matrix/push/v1/notify";
@@ -20,11 +22,28 @@ pub struct Settings {
     pub allow_content: bool,
     /// Pushers one device may hold (one per app, usually).
     pub max_pushers_per_device: usize,
+    /// How long after a message a notification waits: a read or a connect of any of the
+    /// user's devices in between cancels it (the user is at a screen).
+    pub delay: Period,
+    /// At most one notification per user and conversation this often; messages in between
+    /// are covered by the next one.
+    pub coalesce: Period,
+    /// Deadline of one call to a gateway.
+    pub timeout: Period,
 }
 
 impl Settings {
-    /// Every URL an allowed gateway notify URL, the per-device limit sane.
+    /// Whether pushers are taken and notifications sent at all.
+    pub fn enabled(&self) -> bool {
+        !self.allowed_urls.is_empty()
+    }
+
+    /// Every URL an allowed gateway notify URL, the limits and times sane.
     pub fn check(&self, problems: &mut Problems) {
+        let (ms, second) = (Duration::from_millis(1), Duration::from_secs(1));
+        problems.within("push.delay", self.delay, Duration::ZERO, DAY);
+        problems.within("push.coalesce", self.coalesce, Duration::ZERO, DAY);
+        problems.within("push.timeout", self.timeout, ms, 60 * second);
         for url in &self.allowed_urls {
             if let Err(why) = check_url(url) {
                 problems.push(format!("push.allowed_urls: {url:?} {why}"));

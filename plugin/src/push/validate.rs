@@ -105,6 +105,9 @@ mod tests {
             allowed_urls: vec![GATEWAY.into()],
             allow_content,
             max_pushers_per_device: 5,
+            delay: crate::settings::Period::millis(2000),
+            coalesce: crate::settings::Period::millis(30_000),
+            timeout: crate::settings::Period::millis(5000),
         }
     }
 

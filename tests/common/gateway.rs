@@ -1,0 +1,110 @@
+//! A push gateway in a process of its own (`tests/fixtures/push_gateway.py`, speaking the
+//! Matrix Push Gateway API over HTTP), with the notifications it took.
+
+use std::io::BufRead;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
+
+use super::{Node, WAIT};
+
+/// The gateway process and what it printed.
+pub struct Gateway {
+    process: Node,
+    addr: SocketAddr,
+    taken: mpsc::UnboundedReceiver<serde_json::Value>,
+}
+
+impl Gateway {
+    pub fn start() -> Self {
+        let script = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/push_gateway.py"
+        );
+        let mut child = std::process::Command::new("python3")
+            .arg(script)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("python3 runs the test gateway");
+        let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+        let mut first = String::new();
+        stdout.read_line(&mut first).unwrap();
+        let port: u16 = first
+            .trim()
+            .strip_prefix("listening on ")
+            .and_then(|port| port.parse().ok())
+            .unwrap_or_else(|| panic!("unexpected first line {first:?}"));
+        let (sender, taken) = mpsc::unbounded_channel();
+        std::thread::spawn(move || {
+            for line in stdout.lines().map_while(Result::ok) {
+                if let Some(json) = line.strip_prefix("notify ") {
+                    let _ = sender.send(serde_json::from_str(json).unwrap());
+                }
+            }
+        });
+        Self {
+            process: Node::from(child),
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            taken,
+        }
+    }
+
+    /// The notify URL, for `push.allowed_urls`.
+    pub fn url(&self) -> String {
+        format!("http://{}/_matrix/push/v1/notify", self.addr)
+    }
+
+    /// The next notification the gateway took (its `notification` object).
+    pub async fn next(&mut self) -> serde_json::Value {
+        let taken = tokio::time::timeout(WAIT, self.taken.recv())
+            .await
+            .expect("no notification reached the gateway")
+            .expect("the gateway process ended");
+        taken["notification"].clone()
+    }
+
+    /// Fails if a notification reaches the gateway within `quiet`, or if it is not running.
+    pub async fn none_within(&mut self, quiet: Duration) {
+        assert!(
+            matches!(self.process.try_wait(), Ok(None)),
+            "the gateway process ended"
+        );
+        if let Ok(taken) = tokio::time::timeout(quiet, self.taken.recv()).await {
+            panic!("unexpected notification: {taken:?}");
+        }
+        assert!(
+            matches!(self.process.try_wait(), Ok(None)),
+            "the gateway process ended"
+        );
+    }
+
+    /// Makes the next `count` notifications fail with 503.
+    pub async fn fail_next(&self, count: u32) {
+        self.control(&serde_json::json!({ "fail": count })).await;
+    }
+
+    /// Rejects these pushkeys from now on.
+    pub async fn reject(&self, pushkeys: &[&str]) {
+        self.control(&serde_json::json!({ "reject": pushkeys }))
+            .await;
+    }
+
+    async fn control(&self, body: &serde_json::Value) {
+        let body = body.to_string();
+        let mut stream = tokio::net::TcpStream::connect(self.addr).await.unwrap();
+        let request = format!(
+            "POST /control HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut answer = String::new();
+        tokio::time::timeout(WAIT, stream.read_to_string(&mut answer))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    }
+}
