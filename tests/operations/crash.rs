@@ -1,6 +1,7 @@
 //! Crash safety and graceful shutdown under load: senders publish acknowledged QoS 1 chat
 //! messages while the broker process is killed with SIGKILL, or stopped with SIGTERM; after a
 //! restart, every message whose PUBACK a sender saw is in the receiver's backlog exactly once.
+//! A notification owed when the broker is killed is pushed once after the restart.
 #![allow(clippy::unwrap_used)] // test support
 
 use std::collections::HashSet;
@@ -167,5 +168,42 @@ async fn kill_under_load_loses_no_acknowledged_message(backend: TestBackend) {
 /// with success, and nothing acknowledged is lost or doubled.
 async fn sigterm_under_load_stops_cleanly(backend: TestBackend) {
     stop_under_load(backend, Stop::Terminate).await;
+}
+
+/// A message stored (PUBACK seen) for an offline user with a pusher, then SIGKILL before the
+/// push delay ran out: after the restart the notification goes out, once.
+async fn a_push_owed_at_a_sigkill_is_sent_once_after_the_restart(backend: TestBackend) {
+    let mut gateway = Gateway::start();
+    let dir = tempfile::tempdir().unwrap();
+    let mut env = backend_env(&backend);
+    env.extend([
+        ("MQTT_IM__PUSH__ALLOWED_URLS", gateway.url()),
+        ("MQTT_IM__PUSH__DELAY", "1s".to_owned()),
+        ("MQTT_IM__PUSH__COALESCE", "2s".to_owned()),
+    ]);
+    let (mut node, addr) = spawn_with(dir.path(), &env);
+    let mut phone = Client::v5(addr, "bob-phone", "bob").await;
+    phone.subscribe("im/u/bob/#", 1).await;
+    let _ = phone.digest("bob").await;
+    let set = mqtt_im::wire::pb::PusherSet {
+        app_id: "com.example.chat".into(),
+        pushkey: "bob-token".into(),
+        url: gateway.url(),
+        ..Default::default()
+    };
+    let set = request("p", mqtt_im::wire::pb::request::Kind::PusherSet(set));
+    assert_eq!(phone.ask("bob", set).await.status, mqtt_im::wire::pb::Status::Ok as i32);
+    phone.disconnect().await;
+    let mut alice = Client::v4(addr, "alice-phone", "alice", 30).await;
+    assert_eq!(alice.publish_acked("im/u/bob", chat("k1", "bob", "before the kill", false)).await, 0);
+    node.kill().unwrap();
+    node.wait().unwrap();
+    gateway.none_within(Duration::from_millis(1500)).await;
+
+    let (_node, _addr) = spawn_with(dir.path(), &env);
+    let pushed = gateway.next().await;
+    assert_eq!(pushed["counts"]["unread"], 1, "{pushed}");
+    assert_eq!(pushed["room_id"], "u/alice");
+    gateway.none_within(Duration::from_secs(3)).await;
 }
 }
