@@ -1,6 +1,6 @@
 //! Several mqtt-im nodes on one PostgreSQL and one Redis: live hand-over between nodes,
 //! moving devices, a node killed with SIGKILL, and a flushed Redis; plain topics across
-//! nodes in `plain`.
+//! nodes in `plain`; offline push sent once per notification in `push`.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -86,6 +86,7 @@ macro_rules! on_each_redis {
 }
 
 mod plain;
+mod push;
 mod redis_cluster;
 mod retained;
 mod sessions;
