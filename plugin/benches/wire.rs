@@ -37,6 +37,7 @@ fn digest(conversations: usize) -> pb::Digest {
             })
             .collect(),
         server_time: 1,
+        ..pb::Digest::default()
     }
 }
 

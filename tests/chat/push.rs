@@ -139,8 +139,16 @@ async fn a_gateway_outage_is_retried_with_the_same_id_and_rejected_keys_are_remo
     gateway.reject(&["bob-token"]).await;
     send(&mut alice, "to a dead token").await;
     let _ = gateway.next().await;
+    // The phone learns it at its next connect, and must register again.
     let mut phone = Client::v5(broker.addr, "bob-phone", "bob").await;
-    phone.subscribe("im/u/bob/resp", 1).await;
+    phone.subscribe("im/u/bob/#", 1).await;
+    let digest = phone.digest("bob").await;
+    let gone: Vec<(&str, &str)> = digest
+        .pushers_gone
+        .iter()
+        .map(|g| (g.pushkey.as_str(), g.reason.as_str()))
+        .collect();
+    assert_eq!(gone, [("bob-token", "rejected")]);
     let list = phone.ask("bob", request("l", pb::request::Kind::PusherList(pb::PusherList {}))).await;
     let Some(pb::response::Result::Pushers(list)) = list.result else {
         panic!("{list:?}");

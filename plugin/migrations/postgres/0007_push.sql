@@ -38,3 +38,14 @@ CREATE TABLE push_queue (
     PRIMARY KEY (uid, conv_id)
 );
 CREATE INDEX push_queue_pending ON push_queue (pending_since) WHERE last_seq > handled_seq;
+
+-- Pushers a device lost (rejected, moved, removed), told in its next digest.
+CREATE TABLE pushers_gone (
+    uid       TEXT NOT NULL,
+    client_id TEXT NOT NULL,
+    app_id    TEXT NOT NULL,
+    pushkey   TEXT NOT NULL,
+    reason    TEXT NOT NULL,
+    gone_at   BIGINT NOT NULL,
+    PRIMARY KEY (uid, client_id, app_id, pushkey)
+);

@@ -39,6 +39,9 @@ struct Waiting {
     building: bool,
 }
 
+/// Lost pushers told in one digest (a device holds a handful; the rest wait for the next).
+const PUSHERS_GONE_PER_DIGEST: usize = 20;
+
 impl std::fmt::Debug for DigestQueue {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let waiting = self.lock();
@@ -117,12 +120,40 @@ impl ImService {
         self.note_skipped(&snapshot);
         self.metrics().digests.inc();
         tracing::debug!(version = snapshot.version, "digest built");
-        Ok(digest_message(
+        let mut digest = digest_message(
             &snapshot.conversations,
             &device.uid,
             snapshot.version,
             now_ms(),
-        ))
+        );
+        digest.pushers_gone = self.pushers_gone(device).await;
+        Ok(digest)
+    }
+
+    /// The device's pushers that are gone since its last digest (so the app registers
+    /// again); a store that cannot say leaves them for the next digest.
+    async fn pushers_gone(&self, device: &Device) -> Vec<pb::PusherGone> {
+        if !self.inner.push.enabled() {
+            return Vec::new();
+        }
+        let taking = self
+            .inner
+            .store
+            .take_pushers_gone(device, PUSHERS_GONE_PER_DIGEST);
+        match self.metrics().store_call("take_pushers_gone", taking).await {
+            Ok(gone) => gone
+                .into_iter()
+                .map(|gone| pb::PusherGone {
+                    app_id: gone.app_id,
+                    pushkey: gone.pushkey,
+                    reason: gone.reason,
+                })
+                .collect(),
+            Err(e) => {
+                tracing::debug!(error = %e, "pushers gone not read");
+                Vec::new()
+            }
+        }
     }
 
     /// Logs and counts what backlog caps skipped in a digest just recorded.
@@ -192,6 +223,7 @@ fn digest_message(
         version,
         sessions,
         server_time,
+        pushers_gone: Vec::new(),
     }
 }
 

@@ -186,7 +186,7 @@ impl ImService {
             let removed = self
                 .inner
                 .store
-                .remove_pusher(uid, &pusher.app_id, &pusher.pushkey)
+                .remove_pusher(uid, &pusher.app_id, &pusher.pushkey, "rejected")
                 .await;
             match removed {
                 Ok(_) => {

@@ -49,10 +49,10 @@ impl ImService {
         uid: &Uid,
         remove: pb::PusherRemove,
     ) -> Result<pb::response::Result, ImError> {
-        let removing = self
-            .inner
-            .store
-            .remove_pusher(uid, &remove.app_id, &remove.pushkey);
+        let removing =
+            self.inner
+                .store
+                .remove_pusher(uid, &remove.app_id, &remove.pushkey, "removed");
         match self.metrics().store_call("remove_pusher", removing).await? {
             Some(pusher) => Ok(reply(vec![pusher])),
             None => Err(ImError::NotFound("no such pusher of this user".into())),

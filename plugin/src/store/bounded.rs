@@ -14,8 +14,8 @@ use async_trait::async_trait;
 use super::{
     Collected, Conversation, Cutoffs, Device, DeviceInfo, DigestFit, DigestShape, DigestSnapshot,
     Erased, Eviction, GroupErasure, Member, NewMessage, OnCommit, Page, PushDue, PushTiming,
-    Pusher, PusherSaved, QueuedAppend, Receipt, Removal, Retained, Role, SeqRange, Store,
-    StoreError, StoreSizes,
+    Pusher, PusherGone, PusherSaved, QueuedAppend, Receipt, Removal, Retained, Role, SeqRange,
+    Store, StoreError, StoreSizes,
 };
 
 /// A call that went unanswered.
@@ -275,9 +275,18 @@ impl Store for Bounded {
         uid: &Uid,
         app_id: &str,
         pushkey: &str,
+        reason: &str,
     ) -> Result<Option<Pusher>, StoreError> {
-        self.call(self.inner.remove_pusher(uid, app_id, pushkey))
+        self.call(self.inner.remove_pusher(uid, app_id, pushkey, reason))
             .await
+    }
+
+    async fn take_pushers_gone(
+        &self,
+        device: &Device,
+        limit: usize,
+    ) -> Result<Vec<PusherGone>, StoreError> {
+        self.call(self.inner.take_pushers_gone(device, limit)).await
     }
 
     async fn pushers(&self, uid: &Uid) -> Result<Vec<Pusher>, StoreError> {

@@ -429,14 +429,32 @@ async fn pushers_are_unique_per_key_bounded_per_device_and_forgotten_with_it(sto
         keys(store.pushers(&uid("pu2")).await.unwrap()),
         [("phone".into(), "k1".into(), 6)]
     );
+    // The device that lost it is told once, at its next digest.
+    let told = |device: &Device| {
+        let device = device.clone();
+        async move {
+            let gone = store.take_pushers_gone(&device, 10).await.unwrap();
+            gone.into_iter()
+                .map(|g| (g.pushkey, g.reason))
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(told(&phone).await, [("k1".to_owned(), "moved".to_owned())]);
+    assert!(told(&phone).await.is_empty());
     // Only its owner removes it.
     let app = "com.example.chat";
-    assert_eq!(
-        store.remove_pusher(&uid("pu1"), app, "k1").await.unwrap(),
-        None
-    );
-    let removed = store.remove_pusher(&uid("pu2"), app, "k1").await.unwrap();
+    let pu1 = uid("pu1");
+    let removing = store.remove_pusher(&pu1, app, "k1", "removed");
+    assert_eq!(removing.await.unwrap(), None);
+    let removed = store
+        .remove_pusher(&uid("pu2"), app, "k1", "rejected")
+        .await
+        .unwrap();
     assert_eq!(removed.map(|p| p.device), Some(other.clone()));
+    assert_eq!(
+        told(&other).await,
+        [("k1".to_owned(), "rejected".to_owned())]
+    );
     // A forgotten device's pushers go with it.
     store.forget_device(&phone).await.unwrap();
     assert_eq!(

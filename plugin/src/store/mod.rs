@@ -366,6 +366,17 @@ pub struct PushTiming {
     pub lease_ms: i64,
 }
 
+/// A pusher a device lost, to be told at its next connect.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PusherGone {
+    /// The app.
+    pub app_id: String,
+    /// The pushkey it no longer has.
+    pub pushkey: String,
+    /// `rejected`, `moved` or `removed`.
+    pub reason: String,
+}
+
 /// What saving a pusher did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PusherSaved {
@@ -850,21 +861,30 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// Every retained message, for a node that starts.
     async fn retained(&self) -> Result<Vec<Retained>, StoreError>;
 
-    /// Saves `pusher` (replacing the one with the same app and pushkey, whoever held it)
-    /// unless its device already holds `per_device` others.
+    /// Saves `pusher` (replacing the one with the same app and pushkey, whoever held it: that
+    /// device is told it `moved`) unless its device already holds `per_device` others.
     async fn set_pusher(
         &self,
         pusher: &Pusher,
         per_device: usize,
     ) -> Result<PusherSaved, StoreError>;
 
-    /// Removes the pusher of `uid` with this app and pushkey; the one removed, if any.
+    /// Removes the pusher of `uid` with this app and pushkey (its device is told why:
+    /// `reason`); the one removed, if any.
     async fn remove_pusher(
         &self,
         uid: &Uid,
         app_id: &str,
         pushkey: &str,
+        reason: &str,
     ) -> Result<Option<Pusher>, StoreError>;
+
+    /// The pushers `device` lost since it was last told (at most `limit`), now told.
+    async fn take_pushers_gone(
+        &self,
+        device: &Device,
+        limit: usize,
+    ) -> Result<Vec<PusherGone>, StoreError>;
 
     /// A user's pushers, on all of its devices, oldest first.
     async fn pushers(&self, uid: &Uid) -> Result<Vec<Pusher>, StoreError>;

@@ -105,13 +105,14 @@ pub(super) fn prune_logs(conn: &Connection, cutoff: i64, batch: usize) -> Result
 }
 
 /// Tables holding state per device, all with `uid` and `client_id` columns.
-const DEVICE_TABLES: [&str; 6] = [
+const DEVICE_TABLES: [&str; 7] = [
     "devices",
     "acked",
     "cleared",
     "digest_entries",
     "read_seen",
     "pushers",
+    "pushers_gone",
 ];
 
 /// Deletes a device's state; whether it was known.

@@ -24,8 +24,8 @@ use super::{
     now_ms, Collected, Conversation, ConversationKind, ConversationState, Cutoffs, Device,
     DeviceInfo, DigestEntry, DigestFit, DigestRequest, DigestShape, DigestSnapshot, Erased,
     Eviction, GroupErasure, Member, NewMessage, OnCommit, Page, PushDue, PushTiming, Pusher,
-    PusherSaved, QueuedAppend, Receipt, Removal, Retained, Role, SeqRange, Store, StoreError,
-    StoreSizes, SIZES_QUERY,
+    PusherGone, PusherSaved, QueuedAppend, Receipt, Removal, Retained, Role, SeqRange, Store,
+    StoreError, StoreSizes, SIZES_QUERY,
 };
 use error::{sql_error, SqliteError};
 use writer::{AfterCommit, Call, Job};
@@ -491,9 +491,21 @@ impl Store for EmbeddedStore {
         uid: &Uid,
         app_id: &str,
         pushkey: &str,
+        reason: &str,
     ) -> Result<Option<Pusher>, StoreError> {
         let (uid, app_id, pushkey) = (uid.to_owned(), app_id.to_owned(), pushkey.to_owned());
-        self.write(move |conn| pushers::remove(conn, &uid, &app_id, &pushkey))
+        let reason = reason.to_owned();
+        self.write(move |conn| pushers::remove(conn, &uid, &app_id, &pushkey, &reason))
+            .await
+    }
+
+    async fn take_pushers_gone(
+        &self,
+        device: &Device,
+        limit: usize,
+    ) -> Result<Vec<PusherGone>, StoreError> {
+        let device = device.clone();
+        self.write(move |conn| pushers::take_gone(conn, &device, limit))
             .await
     }
 

@@ -4,7 +4,7 @@ use rusqlite::{params, Connection, OptionalExtension, Row};
 
 use super::queries::{sql_error, Result};
 use crate::domain::Uid;
-use crate::store::{Device, Pusher, PusherSaved};
+use crate::store::{now_ms, Device, Pusher, PusherGone, PusherSaved};
 
 const COLUMNS: &str = "uid, client_id, app_id, pushkey, url, format, lang, data_json, created_at";
 
@@ -70,9 +70,61 @@ pub(super) fn set(conn: &Connection, pusher: &Pusher, per_device: usize) -> Resu
         ])
     })
     .map_err(sql_error)?;
-    Ok(PusherSaved::Saved {
-        displaced: holder.filter(|device| device != &pusher.device),
+    let displaced = holder.filter(|device| device != &pusher.device);
+    if let Some(previous) = &displaced {
+        gone(conn, previous, app_id, pushkey, "moved")?;
+    }
+    Ok(PusherSaved::Saved { displaced })
+}
+
+/// Notes that `device` lost a pusher, for its next digest.
+fn gone(
+    conn: &Connection,
+    device: &Device,
+    app_id: &str,
+    pushkey: &str,
+    reason: &str,
+) -> Result<()> {
+    conn.prepare_cached(
+        "INSERT OR REPLACE INTO pushers_gone (uid, client_id, app_id, pushkey, reason, gone_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )
+    .and_then(|mut note| {
+        note.execute(params![
+            device.uid,
+            device.client_id,
+            app_id,
+            pushkey,
+            reason,
+            now_ms()
+        ])
     })
+    .map_err(sql_error)?;
+    Ok(())
+}
+
+pub(super) fn take_gone(
+    conn: &Connection,
+    device: &Device,
+    limit: usize,
+) -> Result<Vec<PusherGone>> {
+    conn.prepare_cached(
+        "DELETE FROM pushers_gone WHERE (uid, client_id, app_id, pushkey) IN (
+           SELECT uid, client_id, app_id, pushkey FROM pushers_gone
+           WHERE uid = ?1 AND client_id = ?2 ORDER BY gone_at LIMIT ?3)
+         RETURNING app_id, pushkey, reason",
+    )
+    .and_then(|mut take| {
+        take.query_map(params![device.uid, device.client_id, limit as u64], |row| {
+            Ok(PusherGone {
+                app_id: row.get(0)?,
+                pushkey: row.get(1)?,
+                reason: row.get(2)?,
+            })
+        })?
+        .collect::<rusqlite::Result<Vec<_>>>()
+    })
+    .map_err(sql_error)
 }
 
 pub(super) fn remove(
@@ -80,16 +132,23 @@ pub(super) fn remove(
     uid: &Uid,
     app_id: &str,
     pushkey: &str,
+    reason: &str,
 ) -> Result<Option<Pusher>> {
-    conn.prepare_cached(&format!(
-        "DELETE FROM pushers WHERE uid = ?1 AND app_id = ?2 AND pushkey = ?3 RETURNING {COLUMNS}"
-    ))
-    .and_then(|mut delete| {
-        delete
-            .query_row(params![uid.as_str(), app_id, pushkey], pusher)
-            .optional()
-    })
-    .map_err(sql_error)
+    let removed = conn
+        .prepare_cached(&format!(
+            "DELETE FROM pushers WHERE uid = ?1 AND app_id = ?2 AND pushkey = ?3 \
+             RETURNING {COLUMNS}"
+        ))
+        .and_then(|mut delete| {
+            delete
+                .query_row(params![uid.as_str(), app_id, pushkey], pusher)
+                .optional()
+        })
+        .map_err(sql_error)?;
+    if let Some(removed) = &removed {
+        gone(conn, &removed.device, app_id, pushkey, reason)?;
+    }
+    Ok(removed)
 }
 
 pub(super) fn of_user(conn: &Connection, uid: &Uid) -> Result<Vec<Pusher>> {

@@ -140,13 +140,14 @@ pub(super) async fn prune_logs(
 }
 
 /// Tables holding state per device, all with `uid` and `client_id` columns.
-const DEVICE_TABLES: [&str; 6] = [
+const DEVICE_TABLES: [&str; 7] = [
     "devices",
     "acked",
     "cleared",
     "digest_entries",
     "read_seen",
     "pushers",
+    "pushers_gone",
 ];
 
 /// Deletes the state of `devices`; how many of them were known.

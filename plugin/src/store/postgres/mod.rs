@@ -28,8 +28,8 @@ use super::{
     bounded, migrate, now_ms, Collected, Conversation, ConversationKind, ConversationState,
     Cutoffs, Device, DeviceInfo, DigestEntry, DigestFit, DigestShape, DigestSnapshot, Erased,
     Eviction, GroupErasure, Member, NewMessage, OnCommit, Page, PushDue, PushTiming, Pusher,
-    PusherSaved, QueuedAppend, Receipt, Removal, Retained, Role, SeqRange, Store, StoreError,
-    StoreSizes, SIZES_QUERY,
+    PusherGone, PusherSaved, QueuedAppend, Receipt, Removal, Retained, Role, SeqRange, Store,
+    StoreError, StoreSizes, SIZES_QUERY,
 };
 pub use cache::DigestCache;
 use error::PostgresError;
@@ -548,8 +548,21 @@ impl Store for PostgresStore {
         uid: &Uid,
         app_id: &str,
         pushkey: &str,
+        reason: &str,
     ) -> Result<Option<Pusher>, StoreError> {
-        pushers::remove(&*self.client().await?, uid, app_id, pushkey).await
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(pg_error)?;
+        let removed = pushers::remove(&tx, uid, app_id, pushkey, reason).await?;
+        tx.commit().await.map_err(pg_error)?;
+        Ok(removed)
+    }
+
+    async fn take_pushers_gone(
+        &self,
+        device: &Device,
+        limit: usize,
+    ) -> Result<Vec<PusherGone>, StoreError> {
+        pushers::take_gone(&*self.client().await?, device, limit).await
     }
 
     async fn pushers(&self, uid: &Uid) -> Result<Vec<Pusher>, StoreError> {

@@ -6,7 +6,7 @@ use tokio_postgres::Row;
 use super::error::Cells;
 use super::pg_error;
 use crate::domain::Uid;
-use crate::store::{Device, Pusher, PusherSaved, StoreError};
+use crate::store::{now_ms, Device, Pusher, PusherGone, PusherSaved, StoreError};
 
 type Result<T> = std::result::Result<T, StoreError>;
 
@@ -96,29 +96,90 @@ pub(super) async fn set(
     )
     .await
     .map_err(pg_error)?;
-    Ok(PusherSaved::Saved {
-        displaced: holder.filter(|device| device != &pusher.device),
-    })
+    let displaced = holder.filter(|device| device != &pusher.device);
+    if let Some(previous) = &displaced {
+        gone(c, previous, app_id, pushkey, "moved").await?;
+    }
+    Ok(PusherSaved::Saved { displaced })
 }
 
+/// Notes that `device` lost a pusher, for its next digest.
+async fn gone(
+    c: &impl GenericClient,
+    device: &Device,
+    app_id: &str,
+    pushkey: &str,
+    reason: &str,
+) -> Result<()> {
+    c.execute(
+        "INSERT INTO pushers_gone (uid, client_id, app_id, pushkey, reason, gone_at)
+         VALUES ($1, $2, $3, $4, $5, $6)
+         ON CONFLICT (uid, client_id, app_id, pushkey) DO UPDATE SET reason = $5, gone_at = $6",
+        &[
+            &device.uid.as_str(),
+            &device.client_id,
+            &app_id,
+            &pushkey,
+            &reason,
+            &now_ms(),
+        ],
+    )
+    .await
+    .map_err(pg_error)?;
+    Ok(())
+}
+
+pub(super) async fn take_gone(
+    c: &impl GenericClient,
+    device: &Device,
+    limit: usize,
+) -> Result<Vec<PusherGone>> {
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    c.query(
+        "DELETE FROM pushers_gone WHERE (uid, client_id, app_id, pushkey) IN (
+           SELECT uid, client_id, app_id, pushkey FROM pushers_gone
+           WHERE uid = $1 AND client_id = $2 ORDER BY gone_at LIMIT $3)
+         RETURNING app_id, pushkey, reason",
+        &[&device.uid.as_str(), &device.client_id, &limit],
+    )
+    .await
+    .map_err(pg_error)?
+    .iter()
+    .map(|row| {
+        Ok(PusherGone {
+            app_id: row.cell(0)?,
+            pushkey: row.cell(1)?,
+            reason: row.cell(2)?,
+        })
+    })
+    .collect()
+}
+
+/// Call inside a transaction: the removal and its note go together.
 pub(super) async fn remove(
     c: &impl GenericClient,
     uid: &Uid,
     app_id: &str,
     pushkey: &str,
+    reason: &str,
 ) -> Result<Option<Pusher>> {
-    c.query_opt(
-        &format!(
-            "DELETE FROM pushers WHERE uid = $1 AND app_id = $2 AND pushkey = $3
+    let removed = c
+        .query_opt(
+            &format!(
+                "DELETE FROM pushers WHERE uid = $1 AND app_id = $2 AND pushkey = $3
              RETURNING {COLUMNS}"
-        ),
-        &[&uid.as_str(), &app_id, &pushkey],
-    )
-    .await
-    .map_err(pg_error)?
-    .as_ref()
-    .map(pusher)
-    .transpose()
+            ),
+            &[&uid.as_str(), &app_id, &pushkey],
+        )
+        .await
+        .map_err(pg_error)?
+        .as_ref()
+        .map(pusher)
+        .transpose()?;
+    if let Some(removed) = &removed {
+        gone(c, &removed.device, app_id, pushkey, reason).await?;
+    }
+    Ok(removed)
 }
 
 pub(super) async fn of_user(c: &impl GenericClient, uid: &Uid) -> Result<Vec<Pusher>> {
