@@ -174,3 +174,51 @@ async fn a_full_pusher_gets_sender_and_text_where_allowed() {
     );
     assert_eq!(shown["devices"][0]["data"]["format"], "full");
 }
+
+/// `on_push` in Lua skips a muted conversation and rewrites the text of a mention; the
+/// other notifications go as they are.
+#[tokio::test]
+async fn the_policy_skips_muted_conversations_and_rewrites_mentions() {
+    let mut gateway = Gateway::start();
+    let dir = tempfile::tempdir().unwrap();
+    let lua = script(
+        dir.path(),
+        "push.lua",
+        r#"
+hooks = {
+  on_push = function(push)
+    if push.conversation == "u/carol" then return false, "muted" end
+    if push.text and push.text:find("@bob", 1, true) then
+      return { text = "mentioned you: " .. push.text }
+    end
+  end,
+}
+"#,
+    );
+    let url = gateway.url();
+    let broker = TestBroker::start_with(move |config| {
+        config.push.allowed_urls = vec![url];
+        config.push.allow_content = true;
+        config.push.delay = Period(DELAY);
+        config.push.coalesce = Period(COALESCE);
+        config.policy.scripts = vec![lua];
+    })
+    .await;
+    bob_registers_and_leaves(&broker, &gateway, "full").await;
+    let mut carol = Client::v4(broker.addr, "carol-phone", "carol", 30).await;
+    assert_eq!(
+        carol
+            .publish_acked("im/u/bob", chat("c1", "bob", "from a muted chat", false))
+            .await,
+        0
+    );
+    let mut alice = Client::v4(broker.addr, "alice-phone", "alice", 30).await;
+    send(&mut alice, "hi @bob").await;
+    let shown = gateway.next().await;
+    assert_eq!(shown["room_id"], "u/alice");
+    assert_eq!(shown["content"]["body"], "mentioned you: hi @bob");
+    assert_eq!(unread(&shown), 2, "the badge still counts the muted chat");
+    gateway.none_within(DELAY * 3).await;
+    let skipped = metric(&broker, "mqtt_im_pushes_total{outcome=\"skipped\"}");
+    assert_eq!(skipped, 1.0);
+}

@@ -14,6 +14,7 @@ use super::inbox::rehydrate;
 use super::ImService;
 use crate::domain::{Conversation, Uid};
 use crate::metrics::PushLabels;
+use crate::policy::{Decision, PushView};
 use crate::push::gateway::{Counts, DeviceTarget, GatewayError, Gateways, Notification};
 use crate::store::{now_ms, Device, PushDue, PushTiming, Pusher};
 use crate::text::LoggedId;
@@ -114,9 +115,25 @@ impl ImService {
             Some(conversation) => self.pushed_message(conversation, due).await,
             None => None,
         };
+        let mut targets = Vec::with_capacity(pushers.len());
+        for pusher in &pushers {
+            if let Some(shown) = self
+                .push_policy(due, pusher, message.as_ref(), unread)
+                .await
+            {
+                targets.push((pusher, shown));
+            }
+        }
+        if targets.is_empty() {
+            return Outcome::Done("skipped");
+        }
         let mut outcome = Outcome::Done("sent");
-        for ((url, format), devices) in by_gateway(&pushers) {
-            let notification = notification(due, message.as_ref(), format, unread, devices);
+        for ((url, format, shown), devices) in by_gateway(&targets) {
+            let shown = message.as_ref().map(|m| Pushed {
+                sender: m.sender.clone(),
+                text: shown.unwrap_or_default().to_owned(),
+            });
+            let notification = notification(due, shown.as_ref(), format, unread, devices);
             let started = std::time::Instant::now();
             let answer = gateways.notify(url, &notification).await;
             self.metrics()
@@ -140,6 +157,43 @@ impl ImService {
             }
         }
         outcome
+    }
+
+    /// What the policy's `on_push` makes of the notification for one pusher's device: `None`
+    /// to skip it, or the text to show.
+    async fn push_policy(
+        &self,
+        due: &PushDue,
+        pusher: &Pusher,
+        message: Option<&Pushed>,
+        unread: u64,
+    ) -> Option<Option<String>> {
+        let text = message.map(|m| m.text.clone());
+        if !self.inner.policy.checks_pushes() {
+            return Some(text);
+        }
+        let view = PushView {
+            uid: due.uid.to_string(),
+            client_id: pusher.device.client_id.clone(),
+            app_id: pusher.app_id.clone(),
+            conversation: due
+                .conversation
+                .as_ref()
+                .map(|c| c.name_for(&due.uid))
+                .unwrap_or_default(),
+            from: message.map(|m| m.sender.clone()),
+            text: text.clone(),
+            unread,
+            format: pusher.format.clone(),
+        };
+        match self.inner.policy.on_push(view).await {
+            Decision::Allow(Some(rewritten)) => Some(Some(rewritten)),
+            Decision::Allow(None) => Some(text),
+            Decision::Deny(reason) => {
+                tracing::debug!(%reason, "push skipped by the policy");
+                None
+            }
+        }
     }
 
     /// Whether a device of `uid` holds an inbox subscription on any node (a Redis that
@@ -241,11 +295,18 @@ struct Pushed {
     text: String,
 }
 
-/// The user's pushers by gateway URL and format (one call each).
-fn by_gateway(pushers: &[Pusher]) -> Vec<((&str, &str), Vec<DeviceTarget>)> {
-    let mut groups: Vec<((&str, &str), Vec<DeviceTarget>)> = Vec::new();
-    for pusher in pushers {
-        let key = (pusher.url.as_str(), pusher.format.as_str());
+/// One call per gateway URL, format and text shown.
+type GatewayCall<'a> = ((&'a str, &'a str, Option<&'a str>), Vec<DeviceTarget>);
+
+/// The user's pushers (with the text each shows) grouped into gateway calls.
+fn by_gateway<'a>(targets: &'a [(&'a Pusher, Option<String>)]) -> Vec<GatewayCall<'a>> {
+    let mut groups: Vec<GatewayCall<'a>> = Vec::new();
+    for (pusher, shown) in targets {
+        let key = (
+            pusher.url.as_str(),
+            pusher.format.as_str(),
+            shown.as_deref(),
+        );
         let mut data = serde_json::from_str::<serde_json::Value>(&pusher.data_json)
             .ok()
             .filter(serde_json::Value::is_object)

@@ -96,6 +96,29 @@ pub struct PublishView {
     pub payload: bytes::Bytes,
 }
 
+/// A notification about to go to one device's push gateway, for `on_push`: a script may
+/// skip it (deny) or rewrite the text it shows (mentions, muted conversations).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PushView {
+    /// Whose device.
+    pub uid: String,
+    /// The device's client id.
+    pub client_id: String,
+    /// The pusher's app.
+    pub app_id: String,
+    /// The conversation as the user names it (`u/{peer}`, `g/{gid}`); empty for a
+    /// counts-only update.
+    pub conversation: String,
+    /// The sender of the newest message, if any.
+    pub from: Option<String>,
+    /// Its text, if it is text.
+    pub text: Option<String>,
+    /// The badge the notification carries.
+    pub unread: u64,
+    /// The pusher's format: `event_id_only` shows no text whatever the script says.
+    pub format: String,
+}
+
 /// What a client presented in its CONNECT, for a script acting as an auth provider.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AuthView {
@@ -274,5 +297,15 @@ pub trait Policy: Send + Sync + std::fmt::Debug {
     /// Decides on credentials as a link of the authentication chain.
     async fn on_auth(&self, _credentials: AuthView) -> AuthDecision {
         AuthDecision::Next
+    }
+    /// Whether [`Policy::on_push`] has anything to decide: if not, notifications never wait
+    /// for it.
+    fn checks_pushes(&self) -> bool {
+        false
+    }
+    /// Decides on a notification for one device: allow (with a text to show instead), or
+    /// deny to skip it.
+    async fn on_push(&self, _push: PushView) -> Decision {
+        Decision::Allow(None)
     }
 }

@@ -17,7 +17,7 @@ use super::sandbox::{Exhausted, Hook, Script, Sources, State, HOOKS};
 use super::settings::Settings as PolicySettings;
 use super::{
     AuthDecision, AuthView, ClientView, Decision, MessageView, Policy, PolicyError, PublishView,
-    SubscribeView,
+    PushView, SubscribeView,
 };
 use crate::hook::OnError;
 
@@ -147,6 +147,7 @@ enum Input {
     Subscribe(SubscribeView),
     Publish(PublishView),
     Auth(AuthView),
+    Push(PushView),
 }
 
 impl Input {
@@ -157,6 +158,7 @@ impl Input {
             Input::Subscribe(_) => Hook::Subscribe,
             Input::Publish(_) => Hook::Publish,
             Input::Auth(_) => Hook::Auth,
+            Input::Push(_) => Hook::Push,
         }
     }
 }
@@ -536,24 +538,30 @@ fn chain(state: &State, settings: &PolicySettings, input: &Input) -> Outcome {
                 return deny(Decision::Deny(reason), failures);
             }
             Value::Nil => {}
-            Value::Table(returned) if hook == Hook::Message => match rewrite(&returned) {
-                Ok(new) => match argument.raw_set("text", new.as_str()) {
-                    Ok(()) => rewritten = Some(new),
-                    Err(e) => {
-                        return unanswered(settings.on_error, FailureKind::Runtime, e.to_string())
-                    }
-                },
-                Err(error) => {
-                    failures.push(Failure {
-                        script: name.to_owned(),
-                        kind: FailureKind::BadReturn,
-                        error,
-                    });
-                    if settings.on_error == OnError::Deny {
-                        return deny(on_error(OnError::Deny, name), failures);
+            Value::Table(returned) if matches!(hook, Hook::Message | Hook::Push) => {
+                match rewrite(&returned) {
+                    Ok(new) => match argument.raw_set("text", new.as_str()) {
+                        Ok(()) => rewritten = Some(new),
+                        Err(e) => {
+                            return unanswered(
+                                settings.on_error,
+                                FailureKind::Runtime,
+                                e.to_string(),
+                            )
+                        }
+                    },
+                    Err(error) => {
+                        failures.push(Failure {
+                            script: name.to_owned(),
+                            kind: FailureKind::BadReturn,
+                            error,
+                        });
+                        if settings.on_error == OnError::Deny {
+                            return deny(on_error(OnError::Deny, name), failures);
+                        }
                     }
                 }
-            },
+            }
             other => {
                 failures.push(Failure {
                     script: name.to_owned(),
@@ -562,7 +570,7 @@ fn chain(state: &State, settings: &PolicySettings, input: &Input) -> Outcome {
                         "{} returned {}; expected true, false and a reason, nil{}",
                         hook.name(),
                         other.type_name(),
-                        if hook == Hook::Message {
+                        if matches!(hook, Hook::Message | Hook::Push) {
                             " or a table of fields"
                         } else {
                             ""
@@ -640,6 +648,18 @@ fn fields(state: &State, input: &Input) -> mlua::Result<Table> {
             table.set("payload", state.lua.create_string(&publish.payload)?)?;
             Ok(table)
         }
+        Input::Push(push) => {
+            let table = state.lua.create_table()?;
+            table.set("uid", push.uid.as_str())?;
+            table.set("client_id", push.client_id.as_str())?;
+            table.set("app_id", push.app_id.as_str())?;
+            table.set("conversation", push.conversation.as_str())?;
+            table.set("from", push.from.as_deref())?;
+            table.set("text", push.text.as_deref())?;
+            table.set("unread", push.unread)?;
+            table.set("format", push.format.as_str())?;
+            Ok(table)
+        }
         Input::Auth(auth) => {
             let table = state.lua.create_table()?;
             table.set("client_id", auth.client_id.as_str())?;
@@ -699,6 +719,15 @@ impl Policy for LuaPolicy {
 
     async fn on_publish(&self, publish: PublishView) -> Decision {
         self.run(Input::Publish(publish)).await
+    }
+
+    fn checks_pushes(&self) -> bool {
+        let workers = self.workers.read().unwrap_or_else(PoisonError::into_inner);
+        workers.serves[Hook::Push.index()]
+    }
+
+    async fn on_push(&self, push: PushView) -> Decision {
+        self.run(Input::Push(push)).await
     }
 
     async fn on_auth(&self, credentials: AuthView) -> AuthDecision {

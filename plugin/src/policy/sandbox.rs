@@ -29,10 +29,12 @@ pub(super) enum Hook {
     Publish,
     /// Credentials, as an authentication provider.
     Auth,
+    /// A notification about to go to a device's push gateway.
+    Push,
 }
 
 /// How many hooks there are.
-pub(super) const HOOKS: usize = 5;
+pub(super) const HOOKS: usize = 6;
 
 impl Hook {
     pub(super) const ALL: [Hook; HOOKS] = [
@@ -41,6 +43,7 @@ impl Hook {
         Hook::Subscribe,
         Hook::Publish,
         Hook::Auth,
+        Hook::Push,
     ];
 
     /// The field of `hooks` a script sets.
@@ -51,6 +54,7 @@ impl Hook {
             Hook::Subscribe => "on_subscribe",
             Hook::Publish => "on_publish",
             Hook::Auth => "on_auth",
+            Hook::Push => "on_push",
         }
     }
 
