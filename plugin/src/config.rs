@@ -128,7 +128,8 @@ reload_interval = "1s"
 # may name, each compared whole (e.g. "http://sygnal:5000/_matrix/push/v1/notify"; empty: push
 # is off); whether pushers may ask for the sender and text in notifications; pushers per device;
 # the wait a read or connect cancels; one notification per user and conversation per
-# coalescing window; a gateway call's deadline.
+# coalescing window; a gateway call's deadline; owed notifications kept while gateways are
+# down (beyond, the oldest are dropped and counted).
 [push]
 allowed_urls = []
 allow_content = false
@@ -136,6 +137,7 @@ max_pushers_per_device = 5
 delay = "2s"
 coalesce = "30s"
 timeout = "5s"
+max_pending = 100000
 "#;
 
 /// Everything mqtt-im reads at start-up, one section per layer.

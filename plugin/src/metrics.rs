@@ -84,14 +84,15 @@ pub(crate) struct GcLabels {
 
 /// What became of an owed notification: `sent`, `retried` (a gateway failed; tried
 /// again later), `failed` (a gateway refused it for good), `skipped` (a device of the user
-/// was online, or no pusher is left) or `rejected` (pushkeys a gateway rejected, removed).
+/// was online, no pusher is left, or the policy skipped it), `dropped` (beyond
+/// `push.max_pending`) or `rejected` (pushkeys a gateway rejected, removed).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub(crate) struct PushLabels {
     pub(crate) outcome: &'static str,
 }
 
 /// A background task of the IM service: `live_acks`, `receipts`, `removals`, `evictions`,
-/// `gc`, `push` or `heartbeat`.
+/// `gc`, `push`, `push_trim` or `heartbeat`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub(crate) struct TaskLabels {
     pub(crate) task: &'static str,
@@ -399,7 +400,7 @@ impl Metrics {
         );
         r.register(
             "pushes",
-            "Owed notifications by outcome: sent, retried, failed, skipped (a device online, no pusher), rejected (pushkeys removed)",
+            "Owed notifications by outcome: sent, retried, failed, skipped (a device online, no pusher, the policy), dropped (beyond push.max_pending), rejected (pushkeys removed)",
             self.pushes.clone(),
         );
         r.register_with_unit(

@@ -157,6 +157,30 @@ async fn a_gateway_outage_is_retried_with_the_same_id_and_rejected_keys_are_remo
 }
 }
 
+backend_tests! {
+/// Gateways down for good: owed notifications beyond `push.max_pending` are dropped, oldest
+/// first, and counted; what is left is in the store's sizes (`/status`).
+async fn a_queue_that_cannot_drain_keeps_the_newest_and_counts_the_rest(backend: TestBackend) {
+    let gateway = Gateway::start();
+    let url = gateway.url();
+    let broker = TestBroker::start_with_on(backend, move |config| {
+        config.push.allowed_urls = vec![url];
+        config.push.delay = Period::millis(0);
+        config.push.max_pending = 1;
+    })
+    .await;
+    bob_registers_and_leaves(&broker, &gateway, "").await;
+    gateway.fail_next(1_000_000).await;
+    let mut alice = Client::v4(broker.addr, "alice-phone", "alice", 30).await;
+    send(&mut alice, "older").await;
+    let mut carol = Client::v4(broker.addr, "carol-phone", "carol", 30).await;
+    assert_eq!(carol.publish_acked("im/u/bob", chat("c1", "bob", "newer", false)).await, 0);
+    wait_for(|| metric(&broker, "mqtt_im_pushes_total{outcome=\"dropped\"}") == 1.0).await;
+    let sizes = broker.store.sizes().await.unwrap();
+    assert_eq!((sizes.pushers, sizes.pushes_pending), (1, 1));
+}
+}
+
 /// With `push.allow_content`, a `full` pusher gets the sender and the text.
 #[tokio::test]
 async fn a_full_pusher_gets_sender_and_text_where_allowed() {

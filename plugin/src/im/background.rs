@@ -20,6 +20,8 @@ use crate::throttle::Throttle;
 
 /// How often the push queue is read for notifications that came due.
 const PUSH_POLL: Duration = Duration::from_millis(100);
+/// How often the push queue is held to `push.max_pending`.
+const PUSH_TRIM: Duration = Duration::from_secs(1);
 
 /// Runs `work` every `period` (the first time at once) until `shutdown`, counting each round
 /// in `rounds` once it is done; a round that takes longer than the period delays the next
@@ -139,6 +141,16 @@ impl ImService {
                     let (service, gateways) = (service.clone(), Arc::clone(&gateways));
                     let failures = Arc::clone(&failures);
                     async move { service.push_round(&gateways, &failures).await }
+                },
+            ));
+            let service = self.clone();
+            tasks.spawn(every(
+                PUSH_TRIM,
+                self.rounds("push_trim"),
+                shutdown.clone(),
+                move || {
+                    let service = service.clone();
+                    async move { service.trim_pushes().await }
                 },
             ));
         }

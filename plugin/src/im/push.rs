@@ -64,6 +64,24 @@ impl ImService {
             .await;
     }
 
+    /// Drops the oldest owed notifications beyond `push.max_pending`.
+    pub(super) async fn trim_pushes(&self) {
+        let keep = self.inner.push.max_pending;
+        let trimmed = self.inner.store.trim_push_queue(keep, now_ms());
+        match self.metrics().store_call("trim_push_queue", trimmed).await {
+            Ok(0) => {}
+            Ok(dropped) => {
+                self.count_push("dropped", dropped);
+                tracing::warn!(
+                    dropped,
+                    keep,
+                    "push queue full: the oldest notifications dropped"
+                );
+            }
+            Err(e) => tracing::debug!(error = %e, "push queue not trimmed"),
+        }
+    }
+
     async fn push_one(&self, gateways: &Gateways, due: PushDue) {
         let store = &self.inner.store;
         let recorded = match self.deliver(gateways, &due).await {

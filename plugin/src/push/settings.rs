@@ -30,6 +30,9 @@ pub struct Settings {
     pub coalesce: Period,
     /// Deadline of one call to a gateway.
     pub timeout: Period,
+    /// Owed notifications kept while gateways cannot take them; beyond, the oldest are
+    /// dropped (and counted).
+    pub max_pending: usize,
 }
 
 impl Settings {
@@ -49,6 +52,7 @@ impl Settings {
                 problems.push(format!("push.allowed_urls: {url:?} {why}"));
             }
         }
+        problems.check(self.max_pending >= 1, "push.max_pending: at least 1");
         problems.check(
             (1..=100).contains(&self.max_pushers_per_device),
             "push.max_pushers_per_device: between 1 and 100",

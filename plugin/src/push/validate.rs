@@ -108,6 +108,7 @@ mod tests {
             delay: crate::settings::Period::millis(2000),
             coalesce: crate::settings::Period::millis(30_000),
             timeout: crate::settings::Period::millis(5000),
+            max_pending: 100,
         }
     }
 

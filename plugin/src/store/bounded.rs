@@ -319,6 +319,10 @@ impl Store for Bounded {
         self.call(self.inner.push_handled(uid, read)).await
     }
 
+    async fn trim_push_queue(&self, keep: usize, now_ms: i64) -> Result<u64, StoreError> {
+        self.call(self.inner.trim_push_queue(keep, now_ms)).await
+    }
+
     async fn unread_total(&self, uid: &Uid) -> Result<u64, StoreError> {
         self.call(self.inner.unread_total(uid)).await
     }

@@ -494,6 +494,10 @@ pub struct StoreSizes {
     pub users: u64,
     /// Devices (client ids) that have connected at least once.
     pub devices: u64,
+    /// Registered pushers.
+    pub pushers: u64,
+    /// User and conversation pairs with a notification owed (the push queue's backlog).
+    pub pushes_pending: u64,
 }
 
 /// The sizes in one query both backends understand; counts conversations and devices, never
@@ -501,13 +505,15 @@ pub struct StoreSizes {
 pub(crate) const SIZES_QUERY: &str = "SELECT \
     CAST(COALESCE(SUM(max_seq - gone_seq), 0) AS BIGINT), COUNT(*), \
     COUNT(*) FILTER (WHERE kind = 1), \
-    (SELECT COUNT(DISTINCT uid) FROM devices), (SELECT COUNT(*) FROM devices) \
+    (SELECT COUNT(DISTINCT uid) FROM devices), (SELECT COUNT(*) FROM devices), \
+    (SELECT COUNT(*) FROM pushers), \
+    (SELECT COUNT(*) FROM push_queue WHERE last_seq > handled_seq) \
     FROM conversations";
 
 impl StoreSizes {
     /// The sizes from the row of [`SIZES_QUERY`].
-    pub(crate) fn from_counts(counts: [i64; 5]) -> Self {
-        let [messages, conversations, groups, users, devices] =
+    pub(crate) fn from_counts(counts: [i64; 7]) -> Self {
+        let [messages, conversations, groups, users, devices, pushers, pushes_pending] =
             counts.map(|n| u64::try_from(n).unwrap_or(0));
         Self {
             messages,
@@ -515,6 +521,8 @@ impl StoreSizes {
             groups,
             users,
             devices,
+            pushers,
+            pushes_pending,
         }
     }
 }
@@ -913,6 +921,10 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         uid: &Uid,
         read: Option<(&Conversation, u64)>,
     ) -> Result<(), StoreError>;
+
+    /// Drops the oldest owed notifications beyond the newest `keep` (a queue that cannot
+    /// drain, its gateways down for long); how many were dropped.
+    async fn trim_push_queue(&self, keep: usize, now_ms: i64) -> Result<u64, StoreError>;
 
     /// The user's badge: stored messages after its read cursors, not its own, over all its
     /// conversations (what the digest's counts add up to).

@@ -390,6 +390,8 @@ impl Store for EmbeddedStore {
                     row.get(2)?,
                     row.get(3)?,
                     row.get(4)?,
+                    row.get(5)?,
+                    row.get(6)?,
                 ])
             });
             let counts = counts.map_err(sql_error)?;
@@ -547,6 +549,10 @@ impl Store for EmbeddedStore {
             push::handled(conn, &uid, read, now_ms())
         })
         .await
+    }
+
+    async fn trim_push_queue(&self, keep: usize, now_ms: i64) -> Result<u64, StoreError> {
+        self.write(move |conn| push::trim(conn, keep, now_ms)).await
     }
 
     async fn unread_total(&self, uid: &Uid) -> Result<u64, StoreError> {

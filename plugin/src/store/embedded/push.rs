@@ -141,6 +141,20 @@ pub(super) fn handled(
     Ok(())
 }
 
+/// Oldest first beyond the newest `keep`; claimed ones are being sent and stay.
+pub(super) fn trim(conn: &Connection, keep: usize, now_ms: i64) -> Result<u64> {
+    let dropped = conn
+        .prepare_cached(
+            "UPDATE push_queue SET handled_seq = last_seq WHERE (uid, conv_id) IN (
+               SELECT uid, conv_id FROM push_queue
+               WHERE last_seq > handled_seq AND claimed_until <= ?2
+               ORDER BY pending_since DESC LIMIT -1 OFFSET ?1)",
+        )
+        .and_then(|mut trim| trim.execute(params![keep as u64, now_ms]))
+        .map_err(sql_error)?;
+    Ok(dropped as u64)
+}
+
 pub(super) fn unread_total(conn: &Connection, uid: &Uid) -> Result<u64> {
     conn.prepare_cached(
         "SELECT COUNT(*) FROM members m

@@ -459,7 +459,15 @@ impl Store for PostgresStore {
         let client = self.client().await?;
         let row = client.query_one(SIZES_QUERY, &[]).await.map_err(pg_error)?;
         let count = |i| row.try_get::<_, i64>(i).map_err(pg_error);
-        let counts = [count(0)?, count(1)?, count(2)?, count(3)?, count(4)?];
+        let counts = [
+            count(0)?,
+            count(1)?,
+            count(2)?,
+            count(3)?,
+            count(4)?,
+            count(5)?,
+            count(6)?,
+        ];
         Ok(StoreSizes::from_counts(counts))
     }
 
@@ -595,6 +603,10 @@ impl Store for PostgresStore {
         let tx = client.transaction().await.map_err(pg_error)?;
         push::handled(&tx, uid, read, now_ms()).await?;
         tx.commit().await.map_err(pg_error)
+    }
+
+    async fn trim_push_queue(&self, keep: usize, now_ms: i64) -> Result<u64, StoreError> {
+        push::trim(&*self.client().await?, keep, now_ms).await
     }
 
     async fn unread_total(&self, uid: &Uid) -> Result<u64, StoreError> {

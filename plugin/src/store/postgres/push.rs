@@ -170,6 +170,21 @@ pub(super) async fn handled(
     Ok(())
 }
 
+/// Oldest first beyond the newest `keep`; claimed ones are being sent and stay.
+pub(super) async fn trim(c: &impl GenericClient, keep: usize, now_ms: i64) -> Result<u64> {
+    let keep = i64::try_from(keep).unwrap_or(i64::MAX);
+    c.execute(
+        "UPDATE push_queue q SET handled_seq = q.last_seq
+         FROM (SELECT uid, conv_id FROM push_queue
+               WHERE last_seq > handled_seq AND claimed_until <= $2
+               ORDER BY pending_since DESC OFFSET $1) old
+         WHERE q.uid = old.uid AND q.conv_id = old.conv_id",
+        &[&keep, &now_ms],
+    )
+    .await
+    .map_err(pg_error)
+}
+
 pub(super) async fn unread_total(c: &impl GenericClient, uid: &Uid) -> Result<u64> {
     let count: i64 = c
         .query_one(
