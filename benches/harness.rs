@@ -192,6 +192,11 @@ struct PubsubArgs {
     /// policy), e.g. to see what a heavy script does to pass-through traffic.
     #[arg(long, default_value_t = 0)]
     chat_beside: u64,
+    /// Also run mqtt-im with offline push on and a pusher for every subscriber: what
+    /// queueing each stored message for push costs (the subscribers are online, so nothing
+    /// is sent).
+    #[arg(long)]
+    pushers: bool,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -626,7 +631,47 @@ async fn pubsub(cli: &Cli, args: &PubsubArgs) -> Result<(), Error> {
     );
     print_rss();
     shutdown.cancel();
+    if args.pushers {
+        let pushed = with_pushers(cli, args).await?;
+        pushed.print("mqtt-im + pushers");
+        println!(
+            "{:>22}: throughput {:.2} of mqtt-im without, p99 {:.2}x",
+            "pushers / none",
+            pushed.rate() / im.rate(),
+            pushed.percentile(0.99) / im.percentile(0.99)
+        );
+    }
     Ok(())
+}
+
+/// The mqtt-im side again, with push on and a pusher registered for every subscriber.
+async fn with_pushers(cli: &Cli, args: &PubsubArgs) -> Result<Measured, Error> {
+    // Never called: every subscriber is online, so each notification is skipped.
+    let gateway = "http://127.0.0.1:9/_matrix/push/v1/notify";
+    let (addr, store, shutdown) = mqtt_im_with(cli, |config| {
+        config.push.allowed_urls = vec![gateway.to_owned()];
+    })
+    .await?;
+    for s in 0..args.subscribers {
+        let device = mqtt_im::store::Device {
+            uid: bench_uid(&format!("ps{s}")),
+            client_id: format!("ps{s}"),
+        };
+        let pusher = mqtt_im::store::Pusher {
+            device,
+            app_id: "bench".into(),
+            pushkey: format!("key-{s}"),
+            url: gateway.to_owned(),
+            format: "event_id_only".into(),
+            lang: String::new(),
+            data_json: "{}".into(),
+            created_ms: 0,
+        };
+        store.set_pusher(&pusher, 5).await?;
+    }
+    let measured = run_pubsub(addr, args, "p").await?;
+    shutdown.cancel();
+    Ok(measured)
 }
 
 /// Sends chat messages to an offline user at `rate` per second until aborted.
