@@ -130,8 +130,15 @@ async fn a_gateway_outage_is_retried_with_the_same_id_and_rejected_keys_are_remo
     gateway.fail_next(2).await;
     let mut alice = Client::v4(broker.addr, "alice-phone", "alice", 30).await;
     send(&mut alice, "through an outage").await;
-    let delivered = gateway.next().await;
-    assert_eq!(unread(&delivered), 1);
+    let mut attempts = Vec::new();
+    for _ in 0..3 {
+        attempts.push(gateway.next_seen().await);
+    }
+    let handled: Vec<Handled> = attempts.iter().map(|(h, _)| *h).collect();
+    assert_eq!(handled, [Handled::Refused, Handled::Refused, Handled::Taken]);
+    let ids: Vec<&serde_json::Value> = attempts.iter().map(|(_, n)| &n["event_id"]).collect();
+    assert!(ids.iter().all(|id| *id == ids[0]), "one id across the retries: {ids:?}");
+    assert_eq!(unread(&attempts[2].1), 1);
     let retried = metric(&broker, "mqtt_im_pushes_total{outcome=\"retried\"}");
     assert_eq!(retried, 2.0);
     gateway.none_within(COALESCE).await;

@@ -10,11 +10,22 @@ use tokio::sync::mpsc;
 
 use super::{Node, WAIT};
 
+/// What the gateway did with one notification.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Handled {
+    /// Taken (200).
+    Taken,
+    /// Answered 503.
+    Refused,
+    /// Held unanswered.
+    Held,
+}
+
 /// The gateway process and what it printed.
 pub struct Gateway {
     process: Node,
     addr: SocketAddr,
-    taken: mpsc::UnboundedReceiver<serde_json::Value>,
+    seen: mpsc::UnboundedReceiver<(Handled, serde_json::Value)>,
 }
 
 impl Gateway {
@@ -36,18 +47,25 @@ impl Gateway {
             .strip_prefix("listening on ")
             .and_then(|port| port.parse().ok())
             .unwrap_or_else(|| panic!("unexpected first line {first:?}"));
-        let (sender, taken) = mpsc::unbounded_channel();
+        let (sender, seen) = mpsc::unbounded_channel();
         std::thread::spawn(move || {
             for line in stdout.lines().map_while(Result::ok) {
-                if let Some(json) = line.strip_prefix("notify ") {
-                    let _ = sender.send(serde_json::from_str(json).unwrap());
-                }
+                let Some((what, json)) = line.split_once(' ') else {
+                    continue;
+                };
+                let handled = match what {
+                    "notify" => Handled::Taken,
+                    "refused" => Handled::Refused,
+                    "held" => Handled::Held,
+                    _ => continue,
+                };
+                let _ = sender.send((handled, serde_json::from_str(json).unwrap()));
             }
         });
         Self {
             process: Node::from(child),
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
-            taken,
+            seen,
         }
     }
 
@@ -58,11 +76,21 @@ impl Gateway {
 
     /// The next notification the gateway took (its `notification` object).
     pub async fn next(&mut self) -> serde_json::Value {
-        let taken = tokio::time::timeout(WAIT, self.taken.recv())
+        loop {
+            let (handled, notification) = self.next_seen().await;
+            if handled == Handled::Taken {
+                return notification;
+            }
+        }
+    }
+
+    /// The next notification that reached the gateway, and what it did with it.
+    pub async fn next_seen(&mut self) -> (Handled, serde_json::Value) {
+        let (handled, body) = tokio::time::timeout(WAIT * 3, self.seen.recv())
             .await
             .expect("no notification reached the gateway")
             .expect("the gateway process ended");
-        taken["notification"].clone()
+        (handled, body["notification"].clone())
     }
 
     /// Fails if a notification reaches the gateway within `quiet`, or if it is not running.
@@ -71,7 +99,7 @@ impl Gateway {
             matches!(self.process.try_wait(), Ok(None)),
             "the gateway process ended"
         );
-        if let Ok(taken) = tokio::time::timeout(quiet, self.taken.recv()).await {
+        if let Ok(taken) = tokio::time::timeout(quiet, self.seen.recv()).await {
             panic!("unexpected notification: {taken:?}");
         }
         assert!(
@@ -83,6 +111,11 @@ impl Gateway {
     /// Makes the next `count` notifications fail with 503.
     pub async fn fail_next(&self, count: u32) {
         self.control(&serde_json::json!({ "fail": count })).await;
+    }
+
+    /// Keeps every notification unanswered (`true`) until released (`false`).
+    pub async fn hold(&self, hold: bool) {
+        self.control(&serde_json::json!({ "hold": hold })).await;
     }
 
     /// Rejects these pushkeys from now on.

@@ -182,18 +182,7 @@ async fn a_push_owed_at_a_sigkill_is_sent_once_after_the_restart(backend: TestBa
         ("MQTT_IM__PUSH__COALESCE", "2s".to_owned()),
     ]);
     let (mut node, addr) = spawn_with(dir.path(), &env);
-    let mut phone = Client::v5(addr, "bob-phone", "bob").await;
-    phone.subscribe("im/u/bob/#", 1).await;
-    let _ = phone.digest("bob").await;
-    let set = mqtt_im::wire::pb::PusherSet {
-        app_id: "com.example.chat".into(),
-        pushkey: "bob-token".into(),
-        url: gateway.url(),
-        ..Default::default()
-    };
-    let set = request("p", mqtt_im::wire::pb::request::Kind::PusherSet(set));
-    assert_eq!(phone.ask("bob", set).await.status, mqtt_im::wire::pb::Status::Ok as i32);
-    phone.disconnect().await;
+    register_bob(addr, &gateway).await;
     let mut alice = Client::v4(addr, "alice-phone", "alice", 30).await;
     assert_eq!(alice.publish_acked("im/u/bob", chat("k1", "bob", "before the kill", false)).await, 0);
     node.kill().unwrap();
@@ -206,4 +195,58 @@ async fn a_push_owed_at_a_sigkill_is_sent_once_after_the_restart(backend: TestBa
     assert_eq!(pushed["room_id"], "u/alice");
     gateway.none_within(Duration::from_secs(3)).await;
 }
+
+/// SIGKILL while a gateway call is under way: after the claim runs out the restarted node
+/// sends the notification again, with the same event id (a duplicate the gateway can
+/// recognise, never a second notification).
+async fn a_push_cut_off_by_a_sigkill_is_sent_again_with_its_id(backend: TestBackend) {
+    let mut gateway = Gateway::start();
+    let dir = tempfile::tempdir().unwrap();
+    let mut env = backend_env(&backend);
+    env.extend([
+        ("MQTT_IM__PUSH__ALLOWED_URLS", gateway.url()),
+        ("MQTT_IM__PUSH__DELAY", "0".to_owned()),
+        ("MQTT_IM__PUSH__TIMEOUT", "500ms".to_owned()),
+    ]);
+    let (mut node, addr) = spawn_with(dir.path(), &env);
+    register_bob(addr, &gateway).await;
+    gateway.hold(true).await;
+    let mut alice = Client::v4(addr, "alice-phone", "alice", 30).await;
+    assert_eq!(alice.publish_acked("im/u/bob", chat("k1", "bob", "cut off", false)).await, 0);
+    let (handled, first) = gateway.next_seen().await;
+    assert_eq!(handled, Handled::Held);
+    node.kill().unwrap();
+    node.wait().unwrap();
+    gateway.hold(false).await;
+    let (_node, _addr) = spawn_with(dir.path(), &env);
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let (handled, seen) = gateway.next_seen().await;
+        assert_eq!(handled, Handled::Taken, "{seen}");
+        ids.push(seen["event_id"].clone());
+    }
+    assert_eq!(ids, [first["event_id"].clone(), first["event_id"].clone()]);
+    gateway.none_within(Duration::from_secs(2)).await;
+}
+}
+
+/// Bob's phone registers a pusher for `gateway` and goes away.
+async fn register_bob(addr: std::net::SocketAddr, gateway: &Gateway) {
+    let mut phone = Client::v5(addr, "bob-phone", "bob").await;
+    phone.subscribe("im/u/bob/#", 1).await;
+    let _ = phone.digest("bob").await;
+    let set = mqtt_im::wire::pb::PusherSet {
+        app_id: "com.example.chat".into(),
+        pushkey: "bob-token".into(),
+        url: gateway.url(),
+        ..Default::default()
+    };
+    let set = request("p", mqtt_im::wire::pb::request::Kind::PusherSet(set));
+    let answer = phone.ask("bob", set).await;
+    assert_eq!(
+        answer.status,
+        mqtt_im::wire::pb::Status::Ok as i32,
+        "{answer:?}"
+    );
+    phone.disconnect().await;
 }
