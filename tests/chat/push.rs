@@ -29,22 +29,7 @@ async fn broker_with(backend: TestBackend, gateway: &Gateway, content: bool) -> 
 
 /// Bob's phone registers a pusher (with `format`), then goes away: bob has no device online.
 async fn bob_registers_and_leaves(broker: &TestBroker, gateway: &Gateway, format: &str) {
-    let mut phone = Client::v5(broker.addr, "bob-phone", "bob").await;
-    phone.subscribe("im/u/bob/#", 1).await;
-    let _ = phone.digest("bob").await;
-    let set = pb::PusherSet {
-        app_id: "com.example.chat".into(),
-        pushkey: "bob-token".into(),
-        url: gateway.url(),
-        format: format.into(),
-        data_json: r#"{"tag": "x"}"#.into(),
-        ..pb::PusherSet::default()
-    };
-    let answer = phone
-        .ask("bob", request("p", pb::request::Kind::PusherSet(set)))
-        .await;
-    assert_eq!(answer.status, pb::Status::Ok as i32, "{answer:?}");
-    phone.disconnect().await;
+    register_and_leave(broker.addr, "bob", "bob-phone", gateway, format).await;
 }
 
 async fn send(alice: &mut Client, text: &str) {

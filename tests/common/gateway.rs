@@ -8,7 +8,9 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 
-use super::{Node, WAIT};
+use mqtt_im::wire::pb;
+
+use super::{request, Client, Node, WAIT};
 
 /// What the gateway did with one notification.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -140,4 +142,31 @@ impl Gateway {
             .unwrap();
         assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     }
+}
+
+/// `uid`'s device `client_id` registers a pusher (`pushkey`, `format`) for `gateway`, then
+/// goes away: nothing of that user is online after it.
+pub async fn register_and_leave(
+    addr: SocketAddr,
+    uid: &str,
+    client_id: &str,
+    gateway: &Gateway,
+    format: &str,
+) {
+    let mut device = Client::v5(addr, client_id, uid).await;
+    device.subscribe(&format!("im/u/{uid}/#"), 1).await;
+    let _ = device.digest(uid).await;
+    let set = pb::PusherSet {
+        app_id: "com.example.chat".into(),
+        pushkey: format!("{uid}-token"),
+        url: gateway.url(),
+        format: format.into(),
+        data_json: r#"{"tag": "x"}"#.into(),
+        ..pb::PusherSet::default()
+    };
+    let answer = device
+        .ask(uid, request("p", pb::request::Kind::PusherSet(set)))
+        .await;
+    assert_eq!(answer.status, pb::Status::Ok as i32, "{answer:?}");
+    device.disconnect().await;
 }

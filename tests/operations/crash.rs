@@ -182,7 +182,7 @@ async fn a_push_owed_at_a_sigkill_is_sent_once_after_the_restart(backend: TestBa
         ("MQTT_IM__PUSH__COALESCE", "2s".to_owned()),
     ]);
     let (mut node, addr) = spawn_with(dir.path(), &env);
-    register_bob(addr, &gateway).await;
+    register_and_leave(addr, "bob", "bob-phone", &gateway, "").await;
     let mut alice = Client::v4(addr, "alice-phone", "alice", 30).await;
     assert_eq!(alice.publish_acked("im/u/bob", chat("k1", "bob", "before the kill", false)).await, 0);
     node.kill().unwrap();
@@ -209,7 +209,7 @@ async fn a_push_cut_off_by_a_sigkill_is_sent_again_with_its_id(backend: TestBack
         ("MQTT_IM__PUSH__TIMEOUT", "500ms".to_owned()),
     ]);
     let (mut node, addr) = spawn_with(dir.path(), &env);
-    register_bob(addr, &gateway).await;
+    register_and_leave(addr, "bob", "bob-phone", &gateway, "").await;
     gateway.hold(true).await;
     let mut alice = Client::v4(addr, "alice-phone", "alice", 30).await;
     assert_eq!(alice.publish_acked("im/u/bob", chat("k1", "bob", "cut off", false)).await, 0);
@@ -228,25 +228,4 @@ async fn a_push_cut_off_by_a_sigkill_is_sent_again_with_its_id(backend: TestBack
     assert_eq!(ids, [first["event_id"].clone(), first["event_id"].clone()]);
     gateway.none_within(Duration::from_secs(2)).await;
 }
-}
-
-/// Bob's phone registers a pusher for `gateway` and goes away.
-async fn register_bob(addr: std::net::SocketAddr, gateway: &Gateway) {
-    let mut phone = Client::v5(addr, "bob-phone", "bob").await;
-    phone.subscribe("im/u/bob/#", 1).await;
-    let _ = phone.digest("bob").await;
-    let set = mqtt_im::wire::pb::PusherSet {
-        app_id: "com.example.chat".into(),
-        pushkey: "bob-token".into(),
-        url: gateway.url(),
-        ..Default::default()
-    };
-    let set = request("p", mqtt_im::wire::pb::request::Kind::PusherSet(set));
-    let answer = phone.ask("bob", set).await;
-    assert_eq!(
-        answer.status,
-        mqtt_im::wire::pb::Status::Ok as i32,
-        "{answer:?}"
-    );
-    phone.disconnect().await;
 }

@@ -7,7 +7,6 @@ use std::time::Duration;
 use super::{following, node, Services};
 use crate::common::*;
 use mqtt_im::config::Period;
-use mqtt_im::wire::pb;
 
 const SENDERS: usize = 6;
 
@@ -35,18 +34,7 @@ on_each_redis! {
         let mut gateway = Gateway::start();
         let n1 = pushing_node(&services, "n1", &gateway).await;
         let n2 = pushing_node(&services, "n2", &gateway).await;
-        let mut phone = Client::v5(n1.addr, "bob-phone", "bob").await;
-        phone.subscribe("im/u/bob/#", 1).await;
-        let _ = phone.digest("bob").await;
-        let set = pb::PusherSet {
-            app_id: "com.example.chat".into(),
-            pushkey: "bob-token".into(),
-            url: gateway.url(),
-            ..pb::PusherSet::default()
-        };
-        let answer = phone.ask("bob", request("p", pb::request::Kind::PusherSet(set))).await;
-        assert_eq!(answer.status, pb::Status::Ok as i32, "{answer:?}");
-        phone.disconnect().await;
+        register_and_leave(n1.addr, "bob", "bob-phone", &gateway, "").await;
 
         for n in 0..SENDERS {
             let node = if n % 2 == 0 { &n1 } else { &n2 };
