@@ -522,6 +522,9 @@ impl Store for EmbeddedStore {
         timing: PushTiming,
         limit: usize,
     ) -> Result<Vec<PushDue>, StoreError> {
+        if !self.read(move |conn| push::any_due(conn, timing)).await? {
+            return Ok(Vec::new());
+        }
         let node = node.to_owned();
         self.write(move |conn| push::claim(conn, &node, timing, limit))
             .await

@@ -29,6 +29,24 @@ pub(super) fn enqueue(
     Ok(())
 }
 
+/// Whether anything is due: a read, so that an idle queue costs no write (and no commit)
+/// per round.
+pub(super) fn any_due(conn: &Connection, timing: PushTiming) -> Result<bool> {
+    let PushTiming {
+        now_ms,
+        delay_ms,
+        coalesce_ms,
+        ..
+    } = timing;
+    conn.prepare_cached(
+        "SELECT EXISTS (SELECT 1 FROM push_queue
+           WHERE last_seq > handled_seq AND pending_since <= ?1 - ?2
+             AND (sent_at = 0 OR sent_at <= ?1 - ?3) AND next_at <= ?1 AND claimed_until <= ?1)",
+    )
+    .and_then(|mut due| due.query_row(params![now_ms, delay_ms, coalesce_ms], |row| row.get(0)))
+    .map_err(sql_error)
+}
+
 pub(super) fn claim(
     conn: &Connection,
     node: &str,
