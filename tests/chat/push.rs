@@ -91,10 +91,12 @@ async fn no_push_while_online_and_a_read_sends_only_the_badge(backend: TestBacke
     gateway.none_within(DELAY * 3).await;
     laptop.disconnect().await;
 
-    // Bob reads on a device that is not subscribed (no IM presence) within the delay.
+    // Bob reads on his laptop, online again, within the delay: the message needs no
+    // notification, but the phone (away) gets the new badge.
     send(&mut alice, "read at once").await;
-    let mut reader = Client::v5(broker.addr, "bob-reader", "bob").await;
-    reader.subscribe("im/u/bob/resp", 1).await;
+    let mut reader = Client::v5(broker.addr, "bob-laptop", "bob").await;
+    reader.subscribe("im/u/bob/#", 1).await;
+    let _ = reader.digest("bob").await;
     let read = request("r", pb::request::Kind::MarkRead(pb::MarkRead {
         conversation: "u/alice".into(),
         seq: 2,

@@ -4,6 +4,7 @@
 //! computed. A failed call is tried again later with the same event id; pushkeys a gateway
 //! rejects are removed.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -110,7 +111,10 @@ impl ImService {
     }
 
     async fn deliver(&self, gateways: &Gateways, due: &PushDue) -> Outcome {
-        if self.online_anywhere(&due.uid).await {
+        let online = self.devices_online_anywhere(&due.uid).await;
+        // A message needs no notification while the user is at a screen; a new badge (after
+        // a read, typically on that screen) still goes to the devices that are away.
+        if due.conversation.is_some() && !online.is_empty() {
             return Outcome::Done("skipped");
         }
         let store = &self.inner.store;
@@ -126,6 +130,10 @@ impl ImService {
                 return Outcome::Retry;
             }
         };
+        let pushers: Vec<Pusher> = pushers
+            .into_iter()
+            .filter(|p| !online.contains(&p.device.client_id))
+            .collect();
         if pushers.is_empty() {
             return Outcome::Done("skipped");
         }
@@ -214,19 +222,16 @@ impl ImService {
         }
     }
 
-    /// Whether a device of `uid` holds an inbox subscription on any node (a Redis that
-    /// cannot say counts as no).
-    async fn online_anywhere(&self, uid: &Uid) -> bool {
-        if !self.inner.presence.devices(uid).is_empty() {
-            return true;
+    /// The client ids of `uid`'s devices holding an inbox subscription on any node (a
+    /// Redis that cannot say adds none).
+    async fn devices_online_anywhere(&self, uid: &Uid) -> HashSet<String> {
+        let mut online: HashSet<String> = self.online_devices(uid).into_iter().collect();
+        if let Some(bus) = &self.inner.cluster {
+            if let Ok(elsewhere) = bus.locate(uid.as_str()).await {
+                online.extend(elsewhere.into_keys());
+            }
         }
-        match &self.inner.cluster {
-            Some(bus) => bus
-                .locate(uid.as_str())
-                .await
-                .is_ok_and(|devices| !devices.is_empty()),
-            None => false,
-        }
+        online
     }
 
     /// The message a notification is about (for pushers that show content).
