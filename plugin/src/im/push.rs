@@ -88,7 +88,9 @@ impl ImService {
         let recorded = match self.deliver(gateways, &due).await {
             Outcome::Done(outcome) => {
                 self.count_push(outcome, 1);
-                store.push_sent(&due, now_ms()).await
+                // A skipped notification opens no coalescing window: the next message after
+                // the user goes away is not held back.
+                store.push_done(&due, now_ms(), outcome != "skipped").await
             }
             Outcome::Retry => {
                 self.count_push("retried", 1);

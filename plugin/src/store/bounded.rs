@@ -303,8 +303,8 @@ impl Store for Bounded {
             .await
     }
 
-    async fn push_sent(&self, due: &PushDue, now_ms: i64) -> Result<(), StoreError> {
-        self.call(self.inner.push_sent(due, now_ms)).await
+    async fn push_done(&self, due: &PushDue, now_ms: i64, sent: bool) -> Result<(), StoreError> {
+        self.call(self.inner.push_done(due, now_ms, sent)).await
     }
 
     async fn push_failed(&self, due: &PushDue, retry_at_ms: i64) -> Result<(), StoreError> {

@@ -511,7 +511,7 @@ async fn the_push_queue_delays_coalesces_retries_and_cancels(store: &dyn Store) 
             ..expected
         }]
     );
-    store.push_sent(&retried[0], 3_600).await.unwrap();
+    store.push_done(&retried[0], 3_600, true).await.unwrap();
     // The third message waits for the coalescing window.
     assert!(claim(13_599).await.is_empty());
     assert_eq!(
@@ -528,7 +528,7 @@ async fn the_push_queue_delays_coalesces_retries_and_cancels(store: &dyn Store) 
         seq: 3,
         attempts: 0,
     };
-    store.push_sent(&third, 13_700).await.unwrap();
+    store.push_done(&third, 13_700, true).await.unwrap();
     // A read cancels what it covers and queues a counts-only update; a connect cancels all.
     append_n(store, &chat, "pq1", 4).await;
     store
@@ -543,14 +543,29 @@ async fn the_push_queue_delays_coalesces_retries_and_cancels(store: &dyn Store) 
             .collect::<Vec<_>>(),
         [None]
     );
-    store.push_sent(&counts[0], now_ms()).await.unwrap();
+    store.push_done(&counts[0], now_ms(), true).await.unwrap();
     append_n(store, &chat, "pq1", 5).await;
     store.push_handled(&uid("pq2"), None).await.unwrap();
     assert!(claim(now_ms() + 60_000).await.is_empty());
+    // One skipped (the user was online) holds nothing back: the next is due after the delay.
+    append_n(store, &chat, "pq1", 6).await;
+    let moot = claim(now_ms() + 60_000).await;
+    assert_eq!(moot.iter().map(|d| d.seq).collect::<Vec<_>>(), [6]);
+    let skipped_at = now_ms() + 60_000;
+    store.push_done(&moot[0], skipped_at, false).await.unwrap();
+    append_n(store, &chat, "pq1", 7).await;
+    assert_eq!(
+        claim(skipped_at + 2_000)
+            .await
+            .iter()
+            .map(|d| d.seq)
+            .collect::<Vec<_>>(),
+        [7]
+    );
     // The badge: stored messages after the read cursor, never one's own.
-    assert_eq!(store.unread_total(&uid("pq2")).await.unwrap(), 5);
+    assert_eq!(store.unread_total(&uid("pq2")).await.unwrap(), 7);
     store.mark_read(&uid("pq2"), &chat, 3).await.unwrap();
-    assert_eq!(store.unread_total(&uid("pq2")).await.unwrap(), 2);
+    assert_eq!(store.unread_total(&uid("pq2")).await.unwrap(), 4);
     assert_eq!(store.unread_total(&uid("pq1")).await.unwrap(), 0);
 }
 

@@ -907,9 +907,9 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         limit: usize,
     ) -> Result<Vec<PushDue>, StoreError>;
 
-    /// `due` went out (or is moot): its messages are handled, newer ones wait for the next
-    /// window.
-    async fn push_sent(&self, due: &PushDue, now_ms: i64) -> Result<(), StoreError>;
+    /// `due` is done: its messages are handled. If it was `sent`, newer ones wait for the
+    /// next coalescing window; if it was moot (the user online), they do not.
+    async fn push_done(&self, due: &PushDue, now_ms: i64, sent: bool) -> Result<(), StoreError>;
 
     /// `due` failed: tried again (with the same seq, so the same id) at `retry_at_ms`.
     async fn push_failed(&self, due: &PushDue, retry_at_ms: i64) -> Result<(), StoreError>;

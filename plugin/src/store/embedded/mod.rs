@@ -530,9 +530,10 @@ impl Store for EmbeddedStore {
             .await
     }
 
-    async fn push_sent(&self, due: &PushDue, now_ms: i64) -> Result<(), StoreError> {
+    async fn push_done(&self, due: &PushDue, now_ms: i64, sent: bool) -> Result<(), StoreError> {
         let due = due.clone();
-        self.write(move |conn| push::sent(conn, &due, now_ms)).await
+        self.write(move |conn| push::done(conn, &due, now_ms, sent))
+            .await
     }
 
     async fn push_failed(&self, due: &PushDue, retry_at_ms: i64) -> Result<(), StoreError> {

@@ -100,13 +100,14 @@ fn key(due: &PushDue) -> String {
         .unwrap_or_default()
 }
 
-pub(super) fn sent(conn: &Connection, due: &PushDue, now_ms: i64) -> Result<()> {
+pub(super) fn done(conn: &Connection, due: &PushDue, now_ms: i64, sent: bool) -> Result<()> {
     conn.prepare_cached(&format!(
-        "UPDATE push_queue SET handled_seq = MAX(handled_seq, ?3), sent_at = ?4,
+        "UPDATE push_queue SET handled_seq = MAX(handled_seq, ?3),
+           sent_at = CASE WHEN ?5 THEN ?4 ELSE sent_at END,
            pending_since = ?4, attempts = 0, next_at = 0, claimed_by = '', claimed_until = 0
          WHERE uid = ?1 AND conv_id = {CONV_ID}"
     ))
-    .and_then(|mut stmt| stmt.execute(params![due.uid, key(due), due.seq, now_ms]))
+    .and_then(|mut stmt| stmt.execute(params![due.uid, key(due), due.seq, now_ms, sent]))
     .map_err(sql_error)?;
     Ok(())
 }

@@ -586,8 +586,8 @@ impl Store for PostgresStore {
         push::claim(&*self.client().await?, node, timing, limit).await
     }
 
-    async fn push_sent(&self, due: &PushDue, now_ms: i64) -> Result<(), StoreError> {
-        push::sent(&*self.client().await?, due, now_ms).await
+    async fn push_done(&self, due: &PushDue, now_ms: i64, sent: bool) -> Result<(), StoreError> {
+        push::done(&*self.client().await?, due, now_ms, sent).await
     }
 
     async fn push_failed(&self, due: &PushDue, retry_at_ms: i64) -> Result<(), StoreError> {

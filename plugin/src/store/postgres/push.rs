@@ -98,14 +98,20 @@ fn seq(value: u64) -> i64 {
     i64::try_from(value).unwrap_or(i64::MAX)
 }
 
-pub(super) async fn sent(c: &impl GenericClient, due: &PushDue, now_ms: i64) -> Result<()> {
+pub(super) async fn done(
+    c: &impl GenericClient,
+    due: &PushDue,
+    now_ms: i64,
+    sent: bool,
+) -> Result<()> {
     c.execute(
         &format!(
-            "UPDATE push_queue SET handled_seq = GREATEST(handled_seq, $3), sent_at = $4,
+            "UPDATE push_queue SET handled_seq = GREATEST(handled_seq, $3),
+               sent_at = CASE WHEN $5 THEN $4 ELSE sent_at END,
                pending_since = $4, attempts = 0, next_at = 0, claimed_by = '', claimed_until = 0
              WHERE uid = $1 AND conv_id = {CONV_ID}"
         ),
-        &[&due.uid.as_str(), &key(due), &seq(due.seq), &now_ms],
+        &[&due.uid.as_str(), &key(due), &seq(due.seq), &now_ms, &sent],
     )
     .await
     .map_err(pg_error)?;
