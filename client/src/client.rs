@@ -283,6 +283,51 @@ impl Client {
         self.request(kind).await.map(drop)
     }
 
+    /// Registers this device's pusher for offline push (the server's `push.allowed_urls`
+    /// names the gateways it may use); setting the same one again refreshes it. Returns the
+    /// pusher as stored.
+    ///
+    /// # Errors
+    /// As [`Client::request`] (NOT_AUTHORIZED for a gateway the server does not allow).
+    pub async fn set_pusher(&self, pusher: pb::PusherSet) -> Result<pb::Pusher, ClientError> {
+        let mut stored = self
+            .pushers_of(pb::request::Kind::PusherSet(pusher))
+            .await?;
+        stored
+            .pop()
+            .ok_or_else(|| ClientError::Protocol("PusherSet answered without the pusher".into()))
+    }
+
+    /// Removes one of this user's pushers.
+    ///
+    /// # Errors
+    /// As [`Client::request`] (NOT_FOUND if there is no such pusher).
+    pub async fn remove_pusher(&self, app_id: &str, pushkey: &str) -> Result<(), ClientError> {
+        let kind = pb::request::Kind::PusherRemove(pb::PusherRemove {
+            app_id: app_id.to_owned(),
+            pushkey: pushkey.to_owned(),
+        });
+        self.pushers_of(kind).await.map(drop)
+    }
+
+    /// This user's pushers, on all of its devices.
+    ///
+    /// # Errors
+    /// As [`Client::request`].
+    pub async fn pushers(&self) -> Result<Vec<pb::Pusher>, ClientError> {
+        self.pushers_of(pb::request::Kind::PusherList(pb::PusherList {}))
+            .await
+    }
+
+    async fn pushers_of(&self, kind: pb::request::Kind) -> Result<Vec<pb::Pusher>, ClientError> {
+        match self.request(kind).await?.result {
+            Some(pb::response::Result::Pushers(list)) => Ok(list.pushers),
+            _ => Err(ClientError::Protocol(
+                "a pusher request answered without pushers".into(),
+            )),
+        }
+    }
+
     async fn read<T: Send + 'static>(
         &self,
         call: impl FnOnce(&dyn LocalStore) -> Result<T, StoreError> + Send + 'static,

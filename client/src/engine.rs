@@ -979,6 +979,9 @@ impl Engine {
     /// the local store could not take comes again at the next connect.
     async fn digest(&mut self, digest: pb::Digest) {
         let version = digest.version;
+        if !digest.pushers_gone.is_empty() {
+            self.emit(Event::PushersGone(digest.pushers_gone));
+        }
         match self.store_digest(digest.sessions).await {
             Ok(()) => {
                 let clear = pb::ClearCounters { version };

@@ -250,6 +250,10 @@ pub enum Event {
         /// How many.
         count: u64,
     },
+    /// Pushers of this device the server no longer has (the gateway rejected the pushkey,
+    /// another device took it, or it was removed): register again with
+    /// [`Client::set_pusher`](crate::Client::set_pusher) if the app still wants pushes.
+    PushersGone(Vec<pb::PusherGone>),
     /// The connection changed.
     Connection(ConnectionState),
 }
