@@ -241,7 +241,7 @@ impl ImService {
         let page = self
             .inner
             .store
-            .history(conversation, Some(due.seq + 1), 1)
+            .history(conversation, Some(due.seq.saturating_add(1)), 1)
             .await
             .ok()?;
         let stored = page.messages.into_iter().find(|m| m.seq == due.seq)?;

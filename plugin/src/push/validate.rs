@@ -81,6 +81,10 @@ pub(crate) fn validate(
             _ => return Err(PusherError::Invalid("data_json must be a JSON object")),
         },
     };
+    // Re-serialising can grow it (`1e2` is written `100.0`): the bound holds for what is kept.
+    if data_json.len() > MAX_DATA {
+        return Err(PusherError::Invalid("data_json must be at most 1024 bytes"));
+    }
     Ok(Pusher {
         device: device.clone(),
         app_id: set.app_id,
@@ -187,6 +191,21 @@ mod tests {
         assert!(matches!(
             refused(|s| s.data_json = format!("{{\"a\":\"{}\"}}", "x".repeat(1100))),
             PusherError::Invalid(_)
+        ));
+        // Under the bound as sent, over it once re-serialised (each `1e2` becomes `100.0`).
+        let grows = format!("{{\"a\":[{}1e2]}}", "1e2,".repeat(200));
+        assert!(grows.len() <= MAX_DATA);
+        assert!(matches!(
+            validate(
+                &settings(false),
+                &phone(),
+                pb::PusherSet {
+                    data_json: grows,
+                    ..set()
+                },
+                0
+            ),
+            Err(PusherError::Invalid(_))
         ));
         let off = Settings {
             allowed_urls: Vec::new(),

@@ -527,6 +527,18 @@ impl StoreSizes {
     }
 }
 
+/// Tables holding state per device, all with `uid` and `client_id` columns: what forgetting
+/// a device deletes, on both backends.
+pub(crate) const DEVICE_TABLES: [&str; 7] = [
+    "devices",
+    "acked",
+    "cleared",
+    "digest_entries",
+    "read_seen",
+    "pushers",
+    "pushers_gone",
+];
+
 /// The server clock in milliseconds, as stores record when devices were seen.
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()

@@ -104,17 +104,6 @@ pub(super) fn prune_logs(conn: &Connection, cutoff: i64, batch: usize) -> Result
     })
 }
 
-/// Tables holding state per device, all with `uid` and `client_id` columns.
-const DEVICE_TABLES: [&str; 7] = [
-    "devices",
-    "acked",
-    "cleared",
-    "digest_entries",
-    "read_seen",
-    "pushers",
-    "pushers_gone",
-];
-
 /// Deletes a device's state; whether it was known.
 pub(super) fn forget_device(conn: &Connection, device: &Device) -> Result<bool> {
     let which = "uid = ?1 AND client_id = ?2";
@@ -130,7 +119,7 @@ fn delete_device_state(
     params: &[&dyn rusqlite::ToSql],
 ) -> Result<u64> {
     let mut devices = 0;
-    for table in DEVICE_TABLES {
+    for table in crate::store::DEVICE_TABLES {
         let deleted = conn
             .prepare_cached(&format!("DELETE FROM {table} WHERE {which}"))
             .and_then(|mut stmt| stmt.execute(params))

@@ -29,6 +29,11 @@ pub(super) fn enqueue(
     Ok(())
 }
 
+/// The rows due at `?1` (now) after the delay `?2` and the coalescing window `?3`, not
+/// claimed: one condition for [`any_due`] and [`claim`].
+const DUE: &str = "last_seq > handled_seq AND pending_since <= ?1 - ?2
+    AND (sent_at = 0 OR sent_at <= ?1 - ?3) AND next_at <= ?1 AND claimed_until <= ?1";
+
 /// Whether anything is due: a read, so that an idle queue costs no write (and no commit)
 /// per round.
 pub(super) fn any_due(conn: &Connection, timing: PushTiming) -> Result<bool> {
@@ -38,11 +43,9 @@ pub(super) fn any_due(conn: &Connection, timing: PushTiming) -> Result<bool> {
         coalesce_ms,
         ..
     } = timing;
-    conn.prepare_cached(
-        "SELECT EXISTS (SELECT 1 FROM push_queue
-           WHERE last_seq > handled_seq AND pending_since <= ?1 - ?2
-             AND (sent_at = 0 OR sent_at <= ?1 - ?3) AND next_at <= ?1 AND claimed_until <= ?1)",
-    )
+    conn.prepare_cached(&format!(
+        "SELECT EXISTS (SELECT 1 FROM push_queue WHERE {DUE})"
+    ))
     .and_then(|mut due| due.query_row(params![now_ms, delay_ms, coalesce_ms], |row| row.get(0)))
     .map_err(sql_error)
 }
@@ -60,21 +63,19 @@ pub(super) fn claim(
         lease_ms,
     } = timing;
     let mut stmt = conn
-        .prepare_cached(
-            "UPDATE push_queue SET claimed_by = ?1, claimed_until = ?2 + ?5,
+        .prepare_cached(&format!(
+            "UPDATE push_queue SET claimed_by = ?4, claimed_until = ?1 + ?5,
                sending_seq = CASE WHEN sending_seq > handled_seq THEN sending_seq ELSE last_seq END
              WHERE (uid, conv_id) IN (
-               SELECT uid, conv_id FROM push_queue
-               WHERE last_seq > handled_seq AND pending_since <= ?2 - ?3
-                 AND (sent_at = 0 OR sent_at <= ?2 - ?4) AND next_at <= ?2 AND claimed_until <= ?2
+               SELECT uid, conv_id FROM push_queue WHERE {DUE}
                ORDER BY pending_since LIMIT ?6)
              RETURNING uid, sending_seq, attempts,
-               (SELECT key FROM conversations c WHERE c.id = push_queue.conv_id)",
-        )
+               (SELECT key FROM conversations c WHERE c.id = push_queue.conv_id)"
+        ))
         .map_err(sql_error)?;
     let rows = stmt
         .query_map(
-            params![node, now_ms, delay_ms, coalesce_ms, lease_ms, limit as u64],
+            params![now_ms, delay_ms, coalesce_ms, node, lease_ms, limit as u64],
             |row| {
                 let key: Option<String> = row.get(3)?;
                 Ok(PushDue {

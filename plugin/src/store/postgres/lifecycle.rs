@@ -139,23 +139,12 @@ pub(super) async fn prune_logs(
     })
 }
 
-/// Tables holding state per device, all with `uid` and `client_id` columns.
-const DEVICE_TABLES: [&str; 7] = [
-    "devices",
-    "acked",
-    "cleared",
-    "digest_entries",
-    "read_seen",
-    "pushers",
-    "pushers_gone",
-];
-
 /// Deletes the state of `devices`; how many of them were known.
 pub(super) async fn forget_devices(c: &impl GenericClient, devices: &[Device]) -> Result<u64> {
     let uids: Vec<&str> = devices.iter().map(|d| d.uid.as_str()).collect();
     let clients: Vec<&str> = devices.iter().map(|d| d.client_id.as_str()).collect();
     let mut known = 0;
-    for table in DEVICE_TABLES {
+    for table in crate::store::DEVICE_TABLES {
         let deleted = c
             .execute(
                 &format!(
